@@ -1,0 +1,197 @@
+"""Public functional API: validate, build a :class:`DilatedCall`, pick a backend, dispatch.
+
+Backends live in ``attn_core.backends.<name>`` and are imported lazily (they never import each
+other). Each module defines ``NAME``, ``unsupported_reasons(call) -> list[str]`` (empty: it can
+take the call) and ``dilated_attention(call) -> out (B, N, H, D)``. ``backend="auto"`` tries
+:data:`AUTO_ORDER` and takes the first that accepts the call; :func:`explain` reports that choice
+and why every other backend was not taken; :func:`last_backend` names the backend the latest
+call in this thread ran.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from .config import DilatedCall, DilatedConfig
+from .validation import check_bool, check_dropout, check_qkv, resolve_softmax_scale
+
+__all__ = ["AUTO_ORDER", "BACKENDS", "BackendChoice", "dilated_attention", "explain", "last_backend"]
+
+# Preference order of "auto": the fused SDPA path first, the pure PyTorch path always last.
+AUTO_ORDER: tuple[str, ...] = ("sdpa", "reference")
+BACKENDS: tuple[str, ...] = AUTO_ORDER
+
+_MODULES: dict[str, ModuleType] = {}
+_MODULES_LOCK = threading.Lock()
+_LAST = threading.local()
+
+
+def _load(name: str) -> ModuleType | None:
+    """The backend module, or None when it is not part of this installation."""
+    with _MODULES_LOCK:
+        if name in _MODULES:
+            return _MODULES[name]
+    module_name = f"{__package__}.backends.{name}"
+    try:
+        mod = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise  # the backend exists but one of its own imports is broken: surface that
+        return None
+    with _MODULES_LOCK:
+        _MODULES[name] = mod
+    return mod
+
+
+def _reasons(name: str, call: DilatedCall) -> list[str]:
+    mod = _load(name)
+    if mod is None:
+        return [f"not installed (no module attn_core.backends.{name})"]
+    return list(mod.unsupported_reasons(call))
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """Which backend runs a call and why; ``rejected`` maps every other backend to its reasons."""
+
+    backend: str
+    why: str
+    rejected: dict[str, tuple[str, ...]]
+
+    def __str__(self) -> str:
+        lines = [f"backend: {self.backend} ({self.why})"]
+        for name, reasons in self.rejected.items():
+            lines.append(f"  not {name}: {'; '.join(reasons) if reasons else 'lower in the auto order'}")
+        return "\n".join(lines)
+
+
+def _make_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool,
+    key_padding_mask: torch.Tensor | None,
+    softmax_scale: float | None,
+    dropout_p: float,
+    head_mode: str,
+) -> DilatedCall:
+    _, _, _, _, D = check_qkv(q, k, v, key_padding_mask=key_padding_mask)
+    config = DilatedConfig(segment_lengths, dilation_rates, head_mode)
+    return DilatedCall(
+        q=q,
+        k=k,
+        v=v,
+        config=config,
+        is_causal=check_bool("is_causal", is_causal),
+        key_padding_mask=key_padding_mask,
+        softmax_scale=resolve_softmax_scale(softmax_scale, D),
+        dropout_p=check_dropout(dropout_p),
+    )
+
+
+def _choose(call: DilatedCall, backend: str) -> BackendChoice:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, one of {('auto', *BACKENDS)}, got {backend!r}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; allowed: {('auto', *BACKENDS)}")
+    reasons = {name: _reasons(name, call) for name in BACKENDS}
+    if backend != "auto":
+        if reasons[backend]:
+            raise ValueError(f"backend {backend!r} cannot take this input: {'; '.join(reasons[backend])}")
+        rejected = {n: tuple(r) for n, r in reasons.items() if n != backend}
+        return BackendChoice(backend, "pinned by backend=" + repr(backend), rejected)
+    for name in AUTO_ORDER:
+        if not reasons[name]:
+            rejected = {n: tuple(r) for n, r in reasons.items() if n != name}
+            return BackendChoice(name, "first backend in the auto order that takes this input", rejected)
+    # unreachable in practice: "reference" takes every validated call
+    raise ValueError("no backend can take this input: " + "; ".join(f"{n}: {', '.join(r)}" for n, r in reasons.items()))
+
+
+def explain(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    head_mode: str = "all",
+    backend: str = "auto",
+) -> BackendChoice:
+    """The backend :func:`dilated_attention` would run with these arguments, and why (runs nothing)."""
+    call = _make_call(
+        q,
+        k,
+        v,
+        segment_lengths,
+        dilation_rates,
+        is_causal=is_causal,
+        key_padding_mask=key_padding_mask,
+        softmax_scale=softmax_scale,
+        dropout_p=dropout_p,
+        head_mode=head_mode,
+    )
+    return _choose(call, backend)
+
+
+def last_backend() -> str | None:
+    """Name of the backend the most recent :func:`dilated_attention` call in this thread ran."""
+    return getattr(_LAST, "backend", None)
+
+
+def dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    head_mode: str = "all",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """LongNet dilated attention (DESIGN.md semantics), differentiable with exact gradients.
+
+    q: (B, N, H, D); k, v: (B, N, Hkv, D) with H % Hkv == 0; key_padding_mask: (B, N) bool,
+    True = padding. segment_lengths w_g and dilation_rates r_g with w_g % r_g == 0; N need not
+    be a multiple of any w_g. head_mode "all" (every head runs every group) or "split" (heads
+    partitioned into contiguous groups). Returns out (B, N, H, D) in q's dtype; a (position, head)
+    selected by no group or seeing only padding gives 0.
+
+    backend: "auto" or one of :data:`BACKENDS`; a pinned backend that cannot take the input
+    raises ValueError with its reasons (no fallback). See :func:`explain`, :func:`last_backend`.
+    """
+    call = _make_call(
+        q,
+        k,
+        v,
+        segment_lengths,
+        dilation_rates,
+        is_causal=is_causal,
+        key_padding_mask=key_padding_mask,
+        softmax_scale=softmax_scale,
+        dropout_p=dropout_p,
+        head_mode=head_mode,
+    )
+    choice = _choose(call, backend)
+    mod = _load(choice.backend)
+    if mod is None:  # _choose only picks installed backends
+        raise RuntimeError(f"backend {choice.backend!r} disappeared after selection")
+    _LAST.backend = choice.backend
+    return mod.dilated_attention(call)

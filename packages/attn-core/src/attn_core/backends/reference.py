@@ -1,0 +1,140 @@
+"""Pure PyTorch dilated attention: any device, any float dtype (float64 included), plain autograd.
+
+Per group g = (w, r) and per offset o in [0, r): the sequence is padded up to a multiple of w
+and viewed as (B, segments, w / r, r, H, D); rows ``[:, :, :, o]`` are the positions
+s + o + t*r that heads with offset o select. Those heads (sharing the offset, so one gather
+serves them all) attend within their segment with an explicit log-sum-exp; the results are
+placed back and the groups merged with :func:`attn_core.merge.merge_partials`. Every step is an
+ordinary autograd op, so gradients are exact, including through the merge weights.
+
+Memory per (group, offset) is O(B * segments * heads * (w / r)^2): it scales with the segment
+lengths, never with N^2. Positions past N (padding of a short last segment) are masked keys and
+their query rows are dropped.
+
+Dropout (``dropout_p > 0``) is applied to each group's attention probabilities before the merge;
+the merge uses the undropped lse. Since the merged probability of key k in group g is
+exp(lse_g - L) * p_g(k), this drops every (group, key) entry of the merged attention
+independently with probability p and rescales survivors by 1 / (1 - p), like dropout on the
+probabilities of ordinary attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..blocks import acc_dtype
+from ..config import DilatedCall
+from ..merge import merge_partials
+
+NAME = "reference"
+
+
+def unsupported_reasons(call: DilatedCall) -> list[str]:
+    """The reference path takes every validated call (any device, any float dtype)."""
+    return []
+
+
+def _pad_rows(t: torch.Tensor, padded_len: int, value: float | bool = 0) -> torch.Tensor:
+    # Pad dim 1 (the sequence) of a (B, N, ...) tensor up to padded_len.
+    extra = padded_len - t.shape[1]
+    if extra == 0:
+        return t
+    fill = torch.full((t.shape[0], extra, *t.shape[2:]), value, dtype=t.dtype, device=t.device)
+    return torch.cat([t, fill], dim=1)
+
+
+def _segment_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_masked: torch.Tensor,
+    *,
+    is_causal: bool,
+    scale: float,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention within dilated segments.
+
+    q, k, v: (B, S, h, T, D) in the accumulation dtype (S segments, h heads, T selected rows);
+    key_masked: (B, S, T) bool, True = key not attendable. Returns out (B, S, h, T, D) and
+    lse (B, S, h, T); rows with no attendable key give out 0, lse -inf.
+    """
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, S, h, T, T)
+    masked = key_masked[:, :, None, None, :]
+    if is_causal:
+        T = q.shape[-2]
+        # Selected rows are in position order, so causal on positions is causal on row index.
+        later = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        masked = masked | later
+    s = s.masked_fill(masked, float("-inf"))  # masked_fill's backward zeroes masked entries
+    lse = torch.logsumexp(s, dim=-1)
+    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.exp(s - lse_safe.unsqueeze(-1))  # exactly 0 on masked keys, no 0/0 on empty rows
+    if dropout_p > 0.0:
+        p = F.dropout(p, p=dropout_p, training=True)
+    return torch.matmul(p, v), lse
+
+
+def dilated_attention(call: DilatedCall) -> torch.Tensor:
+    """out (B, N, H, D) in q's dtype; see the module docstring for the algorithm."""
+    q, k, v = call.q, call.k, call.v
+    B, N, H, Hkv, D = call.shape
+    cfg = call.config
+    heads_per_kv = H // Hkv
+    ad = acc_dtype(q.dtype)
+    qa, ka, va = q.to(ad), k.to(ad), v.to(ad)
+    pad = call.key_padding_mask
+    if pad is None:
+        pad = torch.zeros(B, N, dtype=torch.bool, device=q.device)
+
+    outs: list[torch.Tensor] = []
+    lses: list[torch.Tensor] = []
+    for g, (w, r) in enumerate(zip(cfg.segment_lengths, cfg.dilation_rates)):
+        heads = cfg.heads_for_group(g, H)
+        if len(heads) == 0:
+            continue
+        segments = -(-N // w)
+        padded = segments * w
+        rows = w // r
+        # (B, segments, rows, r, H|Hkv, D): [:, s, t, o] is position s*w + t*r + o.
+        qg = _pad_rows(qa, padded).reshape(B, segments, rows, r, H, D)
+        kg = _pad_rows(ka, padded).reshape(B, segments, rows, r, Hkv, D)
+        vg = _pad_rows(va, padded).reshape(B, segments, rows, r, Hkv, D)
+        # Keys past N are masked like padding; their query rows are cut off below.
+        padg = _pad_rows(pad, padded, True).reshape(B, segments, rows, r)
+
+        out_slabs: list[torch.Tensor] = []  # one (B, segments, rows, H, D) slab per offset
+        lse_slabs: list[torch.Tensor] = []
+        for o in range(r):
+            slab_o = torch.zeros(B, segments, rows, H, D, dtype=ad, device=q.device)
+            slab_l = torch.full((B, segments, rows, H), float("-inf"), dtype=ad, device=q.device)
+            head_ids = [j for j in heads if cfg.head_offset(g, j) == o]
+            if head_ids:
+                hq = torch.tensor(head_ids, device=q.device)
+                hkv = torch.div(hq, heads_per_kv, rounding_mode="floor")  # GQA: kv head j // (H // Hkv)
+                # (B, segments, h, rows, D): the heads sharing offset o, gathered once
+                qs = qg[:, :, :, o].index_select(3, hq).transpose(2, 3)
+                ks = kg[:, :, :, o].index_select(3, hkv).transpose(2, 3)
+                vs = vg[:, :, :, o].index_select(3, hkv).transpose(2, 3)
+                o_s, lse_s = _segment_attention(
+                    qs,
+                    ks,
+                    vs,
+                    padg[:, :, :, o],
+                    is_causal=call.is_causal,
+                    scale=call.softmax_scale,
+                    dropout_p=call.dropout_p,
+                )
+                # out-of-place index_copy: heads of other offsets (or other head groups) stay 0 / -inf
+                slab_o = slab_o.index_copy(3, hq, o_s.transpose(2, 3))
+                slab_l = slab_l.index_copy(3, hq, lse_s.transpose(2, 3))
+            out_slabs.append(slab_o)
+            lse_slabs.append(slab_l)
+        out_g = torch.stack(out_slabs, dim=3)  # (B, segments, rows, r, H, D)
+        lse_g = torch.stack(lse_slabs, dim=3)
+        outs.append(out_g.reshape(B, padded, H, D)[:, :N])
+        lses.append(lse_g.reshape(B, padded, H)[:, :N].transpose(1, 2))  # (B, H, N)
+
+    out, _ = merge_partials(outs, lses)
+    return out.to(q.dtype)

@@ -1,0 +1,159 @@
+"""Attention block primitives with LSE: the per-step kernels ring attention and dilated groups use.
+
+``block_forward`` returns (out, lse) for one block of queries against one block of keys.
+``block_backward`` takes the *final* out and lse of the rows (after merging with other blocks)
+and returns this block's contribution to dq, dk, dv. Using the merged statistics makes the sum
+of the per-block gradients exactly the gradient of the merged output (the rows' probabilities
+are exp(s - L_merged), and D = rowsum(dout * out_merged)).
+
+Shapes: q (B, Nq, H, D), k/v (B, Nk, Hkv, D) with H % Hkv == 0 (any strides); out like q;
+lse (B, H, Nq) fp32. ``is_causal`` is top-left aligned (query i sees keys j <= i).
+This module holds the portable math path; device-specific fast paths register through
+:func:`register_block_impl` (kept out of the backends so ring and dilated share them).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+import torch
+
+__all__ = ["BlockImpl", "acc_dtype", "block_backward", "block_forward", "register_block_impl"]
+
+
+class BlockImpl(Protocol):
+    def supports(self, q: torch.Tensor, k: torch.Tensor, is_causal: bool, has_padding: bool) -> bool: ...
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        is_causal: bool,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+_IMPLS: list[BlockImpl] = []
+_IMPLS_LOCK = threading.Lock()
+
+
+def register_block_impl(impl: BlockImpl) -> None:
+    """Add a fast path (tried in registration order before the math path)."""
+    with _IMPLS_LOCK:
+        _IMPLS.append(impl)
+
+
+def _pick(q: torch.Tensor, k: torch.Tensor, is_causal: bool, has_padding: bool) -> BlockImpl | None:
+    with _IMPLS_LOCK:
+        impls = list(_IMPLS)
+    for impl in impls:
+        if impl.supports(q, k, is_causal, has_padding):
+            return impl
+    return None
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64 (reference path), everything else is fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grouped(q: torch.Tensor, hkv: int) -> torch.Tensor:
+    # (B, N, H, D) -> (B, Hkv, G, N, D): query heads grouped by the kv head they read
+    B, N, H, D = q.shape
+    return q.reshape(B, N, hkv, H // hkv, D).permute(0, 2, 3, 1, 4)
+
+
+def _masked_logits(
+    q: torch.Tensor, k: torch.Tensor, is_causal: bool, scale: float, key_padding_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """fp32 logits (B, Hkv, G, Nq, Nk) with -inf at masked keys."""
+    hkv = k.shape[2]
+    ad = acc_dtype(q.dtype)
+    qg = _grouped(q.to(ad), hkv)
+    kg = k.to(ad).permute(0, 2, 1, 3).unsqueeze(2)  # (B, Hkv, 1, Nk, D)
+    s = torch.matmul(qg, kg.transpose(-1, -2)) * scale
+    Nq, Nk = q.shape[1], k.shape[1]
+    if is_causal:
+        keep = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    if key_padding_mask is not None:
+        s = s.masked_fill(key_padding_mask[:, None, None, None, :], float("-inf"))
+    return s
+
+
+def _lse_grouped(lse: torch.Tensor, hkv: int) -> torch.Tensor:
+    # (B, H, Nq) -> (B, Hkv, G, Nq, 1)
+    B, H, Nq = lse.shape
+    return lse.reshape(B, hkv, H // hkv, Nq).unsqueeze(-1)
+
+
+def _ungroup(x: torch.Tensor) -> torch.Tensor:
+    # (B, Hkv, G, N, D) -> (B, N, H, D)
+    B, hkv, G, N, D = x.shape
+    return x.permute(0, 3, 1, 2, 4).reshape(B, N, hkv * G, D)
+
+
+def block_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    is_causal: bool = False,
+    softmax_scale: float,
+    key_padding_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, Nq, H, D) in q.dtype, lse (B, H, Nq) fp32, fp64 for fp64 q); empty rows: out 0, lse -inf."""
+    impl = _pick(q, k, is_causal, key_padding_mask is not None)
+    if impl is not None:
+        return impl.forward(q, k, v, is_causal, softmax_scale)
+    s = _masked_logits(q, k, is_causal, softmax_scale, key_padding_mask)
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)  # -inf for empty rows
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
+    vg = v.to(s.dtype).permute(0, 2, 1, 3).unsqueeze(2)
+    out = _ungroup(torch.matmul(p, vg))
+    B, H = q.shape[0], q.shape[2]
+    return out.to(q.dtype), lse.squeeze(-1).reshape(B, H, q.shape[1])
+
+
+def block_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    is_causal: bool = False,
+    softmax_scale: float,
+    key_padding_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This block's (dq, dk, dv) given the rows' final out and lse (in acc_dtype; dk/dv summed over GQA groups)."""
+    impl = _pick(q, k, is_causal, key_padding_mask is not None)
+    if impl is not None:
+        return impl.backward(dout, q, k, v, out, lse, is_causal, softmax_scale)
+    hkv = k.shape[2]
+    s = _masked_logits(q, k, is_causal, softmax_scale, key_padding_mask)
+    ad = s.dtype
+    L = _lse_grouped(lse.to(ad), hkv)
+    # Rows with L = -inf saw no key anywhere: their probabilities and gradients are 0.
+    p = torch.exp(s - torch.where(torch.isfinite(L), L, torch.full_like(L, float("inf"))))
+    do = _grouped(dout.to(ad), hkv)
+    o = _grouped(out.to(ad), hkv)
+    vg = v.to(ad).permute(0, 2, 1, 3).unsqueeze(2)
+    kg = k.to(ad).permute(0, 2, 1, 3).unsqueeze(2)
+    dv = torch.matmul(p.transpose(-1, -2), do).sum(dim=2)  # (B, Hkv, Nk, D)
+    dp = torch.matmul(do, vg.transpose(-1, -2))
+    delta = (do * o).sum(dim=-1, keepdim=True)
+    ds = p * (dp - delta) * softmax_scale
+    dq = _ungroup(torch.matmul(ds, kg))
+    dk = torch.matmul(ds.transpose(-1, -2), _grouped(q.to(ad), hkv)).sum(dim=2)
+    return dq, dk.permute(0, 2, 1, 3), dv.permute(0, 2, 1, 3)

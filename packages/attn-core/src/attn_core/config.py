@@ -1,0 +1,106 @@
+"""Dilated attention configuration: the one place that fixes which (position, head) pairs a group selects.
+
+Every backend and every reference derives its geometry from :class:`DilatedConfig`, so the
+semantics of ``../shared/DESIGN.md`` (segments, per-head offsets ``j mod r``, head modes) live once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+HEAD_MODES = ("all", "split")
+
+
+def _as_int_tuple(name: str, values: object) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a sequence of positive ints, got {values!r}")
+    out = []
+    for x in values:
+        # bool is an int subclass; a flag passed as a length is a bug, not a length.
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise TypeError(f"{name} must contain ints, got {x!r} of type {type(x).__name__} in {list(values)!r}")
+        out.append(int(x))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class DilatedConfig:
+    """Validated LongNet configuration.
+
+    segment_lengths: w_1..w_G; dilation_rates: r_1..r_G with w_g % r_g == 0.
+    head_mode: "all" (every head runs every group) or "split" (heads partitioned into G
+    contiguous groups, the first H % G groups one head larger).
+    """
+
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+    head_mode: str = "all"
+
+    def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int], head_mode: str = "all") -> None:
+        seg = _as_int_tuple("segment_lengths", segment_lengths)
+        rates = _as_int_tuple("dilation_rates", dilation_rates)
+        if len(seg) == 0:
+            raise ValueError("segment_lengths must name at least one segment length, got an empty sequence")
+        if len(seg) != len(rates):
+            raise ValueError(
+                f"segment_lengths and dilation_rates must have the same length, got {len(seg)} "
+                f"({list(seg)}) and {len(rates)} ({list(rates)})"
+            )
+        for w, r in zip(seg, rates):
+            if w <= 0:
+                raise ValueError(f"segment lengths must be positive, got {w} in {list(seg)}")
+            if r <= 0:
+                raise ValueError(f"dilation rates must be positive, got {r} in {list(rates)}")
+            if w % r != 0:
+                raise ValueError(
+                    f"segment length {w} is not divisible by its dilation rate {r}; each w_g % r_g must be 0"
+                )
+        if head_mode not in HEAD_MODES:
+            raise ValueError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}")
+        object.__setattr__(self, "segment_lengths", seg)
+        object.__setattr__(self, "dilation_rates", rates)
+        object.__setattr__(self, "head_mode", head_mode)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.segment_lengths)
+
+    def heads_for_group(self, group: int, num_heads: int) -> range:
+        """Query heads that run group ``group`` (a contiguous range; empty if none)."""
+        if self.head_mode == "all":
+            return range(num_heads)
+        groups = self.num_groups
+        base, extra = divmod(num_heads, groups)
+        start = group * base + min(group, extra)
+        size = base + (1 if group < extra else 0)
+        return range(start, start + size)
+
+    def head_offset(self, group: int, head: int) -> int:
+        """Offset o = j mod r_g of query head ``head`` (global head index) in group ``group``."""
+        return head % self.dilation_rates[group]
+
+
+@dataclass(frozen=True)
+class DilatedCall:
+    """A validated dilated-attention call, the one argument every backend receives.
+
+    q: (B, N, H, D); k, v: (B, N, Hkv, D); key_padding_mask: (B, N) bool (True = padding) or None.
+    softmax_scale is resolved (never None); dropout_p in [0, 1).
+    """
+
+    q: Any
+    k: Any
+    v: Any
+    config: DilatedConfig
+    is_causal: bool
+    key_padding_mask: Any
+    softmax_scale: float
+    dropout_p: float
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """(B, N, H, Hkv, D)."""
+        B, N, H, D = self.q.shape
+        return B, N, H, self.k.shape[2], D

@@ -1,0 +1,61 @@
+"""Test helpers shared by every package's tests: the project's tolerance rule.
+
+A low-precision result passes when its error against the float64 reference is at most
+``factor`` (2) times the error of a plain PyTorch computation in the same dtype against that
+reference. NaN never passes. A small floor (a few ulps of the reference's magnitude) keeps the
+rule meaningful when the baseline happens to be exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["assert_close_to_reference", "max_abs_error"]
+
+_FLOOR_ULPS = 8.0
+
+
+def max_abs_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """Max |actual - reference| in float64; inf if actual has a NaN/inf where the reference is finite."""
+    a = actual.detach().to(torch.float64).cpu()
+    r = reference.detach().to(torch.float64).cpu()
+    if a.shape != r.shape:
+        raise AssertionError(f"shape mismatch: {tuple(a.shape)} vs reference {tuple(r.shape)}")
+    if a.numel() == 0:
+        return 0.0
+    if torch.isnan(a).any():
+        return float("inf")
+    finite = torch.isfinite(r)
+    if (~torch.isfinite(a) & finite).any() or (a[~finite] != r[~finite]).any():
+        return float("inf")
+    return float((a[finite] - r[finite]).abs().max()) if finite.any() else 0.0
+
+
+def assert_close_to_reference(
+    name: str,
+    actual: torch.Tensor,
+    reference: torch.Tensor,
+    baseline: torch.Tensor | None = None,
+    *,
+    factor: float = 2.0,
+) -> None:
+    """Assert ``actual`` is within ``factor`` x the baseline's error (same dtype) of the float64 reference.
+
+    baseline: the same quantity computed by plain PyTorch in ``actual``'s dtype; None for
+    float64 inputs, where the tolerance is a few ulps of float64 scaled by the magnitude.
+    """
+    err = max_abs_error(actual, reference)
+    mag = float(reference.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()) if reference.numel() else 0.0
+    dtype = actual.dtype
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    floor = _FLOOR_ULPS * eps * max(mag, 1.0)
+    if dtype == torch.float64 and baseline is None:
+        # float64 vs float64: differences are rounding only; allow a generous ulp budget.
+        floor = 1e4 * eps * max(mag, 1.0)
+    base_err = max_abs_error(baseline, reference) if baseline is not None else 0.0
+    tol = max(factor * base_err, floor)
+    if not (err <= tol):
+        raise AssertionError(
+            f"{name}: max abs error {err:.3e} exceeds {tol:.3e} "
+            f"(= max({factor} x baseline error {base_err:.3e}, floor {floor:.3e}); dtype {dtype}, |ref| max {mag:.3e})"
+        )

@@ -1,0 +1,95 @@
+"""Input validation shared by every public entry point of every package.
+
+Errors name the bad value and what is allowed; nothing here uses assert for user input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_qkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    same_length: bool = True,
+) -> tuple[int, int, int, int, int]:
+    """Validate q (B, N, H, D), k/v (B, Nk, Hkv, D) and an optional key_padding_mask (B, Nk) bool.
+
+    Returns (B, N, H, Hkv, D). ``same_length`` requires Nk == N (self-attention layouts).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims (B, N, H, D), got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} must be a floating tensor of dtype {[str(d) for d in FLOAT_DTYPES]}, got {t.dtype}"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, N, H, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    Bk, Nk, Hkv, Dk = k.shape
+    if Bk != B:
+        raise ValueError(f"batch size of k/v ({Bk}) must equal that of q ({B})")
+    if same_length and Nk != N:
+        raise ValueError(f"sequence length of k/v ({Nk}) must equal that of q ({N})")
+    if Dk != D:
+        raise ValueError(f"head dim of k/v ({Dk}) must equal that of q ({D})")
+    if D == 0:
+        raise ValueError("head dim D must be positive, got 0")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"number of query heads H={H} must be a positive multiple of kv heads Hkv={Hkv} (GQA)")
+    if key_padding_mask is not None:
+        check_key_padding_mask(key_padding_mask, B, Nk, q.device)
+    return B, N, H, Hkv, D
+
+
+def check_key_padding_mask(mask: torch.Tensor, batch: int, length: int, device: torch.device) -> None:
+    """key_padding_mask: (B, N) bool, True = padding key to ignore."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a torch.Tensor of dtype bool, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must have dtype torch.bool (True = padding), got {mask.dtype}")
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(f"key_padding_mask must have shape (B, N) = {(batch, length)}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"key_padding_mask must be on {device} like q, got {mask.device}")
+
+
+def resolve_softmax_scale(softmax_scale: float | None, head_dim: int) -> float:
+    """Default 1/sqrt(D); an explicit scale must be a finite positive number."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
+    scale = float(softmax_scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"softmax_scale must be finite and > 0, got {softmax_scale!r}")
+    return scale
+
+
+def check_dropout(dropout_p: float) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    p = float(dropout_p)
+    if not (0.0 <= p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    return p
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value

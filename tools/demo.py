@@ -1,0 +1,122 @@
+"""The main job: run every capability against the float64 reference and report.
+
+On the machine it finds (CPU by default, all GPUs when present) each section in
+tools/demo_sections/ runs its capability, checks it against attn_core.reference, and returns
+rows (kind, backend chosen and why, max error, time). The table is printed; a markdown report,
+JSON and PNG plots go to --out (default demo-output/). Exit status 1 if any check failed.
+
+    python tools/demo.py [--out demo-output] [--only dilated,sparse]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+@dataclass
+class DemoRow:
+    kind: str
+    backend: str
+    why: str
+    max_error: float | None
+    tolerance: float | None
+    time_ms: float | None
+    ok: bool
+    note: str = ""
+
+
+@dataclass
+class DemoContext:
+    out_dir: Path
+    device: str
+    num_gpus: int
+    plots: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def save_plot(self, fig: object, name: str) -> Path:
+        path = self.out_dir / f"{name}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")  # type: ignore[attr-defined]
+        self.plots.append(path.name)
+        return path
+
+
+SECTIONS = ["dilated", "longnet", "sparse", "ring", "memory"]
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("demo-output"))
+    ap.add_argument("--only", default="", help="comma-separated section names")
+    args = ap.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import torch
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    n_gpus = torch.cuda.device_count()
+    ctx = DemoContext(args.out, "cuda" if n_gpus else "cpu", n_gpus)
+    wanted = [s for s in args.only.split(",") if s] or SECTIONS
+    rows: list[DemoRow] = []
+    section_status: dict[str, str] = {}
+    for name in wanted:
+        try:
+            mod = importlib.import_module(f"demo_sections.{name}")
+        except ModuleNotFoundError as exc:
+            section_status[name] = f"not available ({exc.name} missing)"
+            continue
+        t0 = time.perf_counter()
+        try:
+            rows.extend(mod.run(ctx))
+            section_status[name] = f"ran in {time.perf_counter() - t0:.1f} s"
+        except Exception as exc:  # a failing section is reported, and fails the demo
+            traceback.print_exc()
+            rows.append(DemoRow(name, "-", "-", None, None, None, False, f"{type(exc).__name__}: {exc}"))
+            section_status[name] = "FAILED"
+
+    header = f"{'kind':<34} {'backend':<14} {'max err':>10} {'tol':>10} {'ms':>9} {'ok':>4}  why"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r.kind:<34} {r.backend:<14} {_fmt(r.max_error, '.2e'):>10} {_fmt(r.tolerance, '.2e'):>10} "
+            f"{_fmt(r.time_ms, '.2f'):>9} {'yes' if r.ok else 'NO':>4}  {r.why}{' | ' + r.note if r.note else ''}"
+        )
+    table = "\n".join(lines)
+    print(table)
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if n_gpus else platform.processor() or "cpu",
+        "num_gpus": n_gpus,
+    }
+    (args.out / "results.json").write_text(
+        json.dumps({"env": env, "sections": section_status, "rows": [asdict(r) for r in rows]}, indent=2)
+    )
+    report = ["# dilated-attention-pytorch demo", "", f"Environment: `{json.dumps(env)}`", "", "## Sections", ""]
+    report += [f"- {k}: {v}" for k, v in section_status.items()]
+    report += ["", "## Checks against the float64 reference", "", "```", table, "```", ""]
+    report += [f"- {n}" for n in ctx.notes]
+    report += [f"![{p}]({p})" for p in ctx.plots]
+    (args.out / "report.md").write_text("\n".join(report) + "\n")
+    failed = [r for r in rows if not r.ok]
+    print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed; report: {args.out / 'report.md'}")
+    return 1 if failed or not rows else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
