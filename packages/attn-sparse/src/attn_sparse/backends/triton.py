@@ -1,0 +1,85 @@
+"""The "triton" backend: our block-sparse Triton kernels (CUDA; CPU under TRITON_INTERPRET=1).
+
+Forward and exact backward over the active tiles only (see :mod:`attn_sparse.kernels.block_sparse`).
+Takes fp16/bf16 on CUDA GPUs of compute capability >= 8.0, head dims 16/32/64/128, any layout
+block size the layout class allows (powers of two >= 16). With ``TRITON_INTERPRET=1`` it runs on
+CPU tensors in Triton's interpreter (fp16/fp32; bf16 is not supported there): slow, meant for tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from ..layout import BlockLayout
+
+__all__ = ["NAME", "block_sparse_attention", "unsupported_reasons"]
+
+NAME = "triton"
+HEAD_DIMS = (16, 32, 64, 128)
+GPU_DTYPES = (torch.float16, torch.bfloat16)
+INTERPRET_DTYPES = (torch.float16, torch.float32)
+
+
+def _interpret() -> bool:
+    # same rule as attn_sparse.kernels.interpret_mode, without importing triton here
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def unsupported_reasons(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, is_causal: bool
+) -> list[str]:
+    """Why the Triton kernels cannot take this call (empty list: they can). Launches nothing."""
+    reasons: list[str] = []
+    if importlib.util.find_spec("triton") is None:
+        reasons.append("triton is not installed (pip install 'attn-sparse[triton]')")
+    interpret = _interpret()
+    if interpret:
+        if q.device.type != "cpu":
+            reasons.append(f"TRITON_INTERPRET=1 runs kernels on CPU tensors only, got device {q.device}")
+        if q.dtype not in INTERPRET_DTYPES:
+            reasons.append(f"dtype {q.dtype} is not supported by the Triton interpreter; allowed: float16, float32")
+    else:
+        if q.device.type != "cuda":
+            reasons.append(f"needs a CUDA device (or TRITON_INTERPRET=1 for CPU tests), got {q.device}")
+        elif torch.cuda.get_device_capability(q.device) < (8, 0):
+            cap = torch.cuda.get_device_capability(q.device)
+            reasons.append(f"needs a GPU of compute capability >= 8.0, got {cap[0]}.{cap[1]}")
+        if q.dtype not in GPU_DTYPES:
+            reasons.append(f"dtype {q.dtype} is not supported on the GPU; allowed: float16, bfloat16")
+    if q.shape[-1] not in HEAD_DIMS:
+        reasons.append(f"head dim {q.shape[-1]} is not supported; allowed: {HEAD_DIMS}")
+    bq, bk = layout.block_size
+    for name, b in (("Bq", bq), ("Bk", bk)):
+        if b < 16 or b & (b - 1):
+            reasons.append(f"layout block size {name}={b} must be a power of two >= 16")
+    return reasons
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    is_causal: bool,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """out (B, Nq, H, D) in q.dtype; differentiable in q, k, v (exact gradients)."""
+    from ..kernels import CSR, block_sparse_attention_csr
+
+    ccol, row = layout.transposed_csr()
+    csr = CSR(
+        crow=layout.crow_indices.contiguous(),
+        col=layout.col_indices.contiguous(),
+        ccol=ccol.contiguous(),
+        row=row.contiguous(),
+        num_heads=layout.num_heads,
+        num_query_blocks=layout.num_query_blocks,
+        num_key_blocks=layout.num_key_blocks,
+        block_size=(int(layout.block_size[0]), int(layout.block_size[1])),
+    )
+    return block_sparse_attention_csr(q, k, v, csr, is_causal=is_causal, softmax_scale=softmax_scale)

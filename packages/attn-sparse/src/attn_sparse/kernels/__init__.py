@@ -1,0 +1,21 @@
+"""Triton kernels for block-sparse attention (import needs triton; see ``attn_sparse.backends.triton``)."""
+
+from .block_sparse import (
+    CSR,
+    KernelConfig,
+    block_sparse_attention_csr,
+    block_sparse_backward,
+    block_sparse_forward,
+    default_config,
+    interpret_mode,
+)
+
+__all__ = [
+    "CSR",
+    "KernelConfig",
+    "block_sparse_attention_csr",
+    "block_sparse_backward",
+    "block_sparse_forward",
+    "default_config",
+    "interpret_mode",
+]

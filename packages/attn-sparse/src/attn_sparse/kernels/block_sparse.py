@@ -1,0 +1,794 @@
+"""Triton block-sparse attention: forward with LSE and an exact two-kernel backward.
+
+Work is driven by a CSR block layout, passed as raw tensors so the kernels do not depend on the
+layout class:
+
+- ``crow`` (Hl * nqb + 1,) int32 and ``col`` (nnz,) int32: active key blocks of each query block,
+  sorted within each row (row ``lh * nqb + i``);
+- ``ccol`` (Hl * nkb + 1,) int32 and ``row`` (nnz,) int32: the same tiles grouped by key block
+  (the transposed CSR), used by the dk/dv kernel;
+- ``Hl`` is 1 (one layout shared by every head) or H (one layout per query head).
+
+Each program of the forward / dq kernel owns BLOCK_M query rows (inside one layout row block of
+Bq rows) and loops over that row's active key blocks, BLOCK_N keys at a time; the dk/dv kernel
+owns BLOCK_N keys of one kv head and loops over the active query blocks of that key block for
+every query head of its GQA group (so dk/dv are written once, with no atomics). Softmax runs in
+base 2 with fp32 accumulation. Because column (row) indices are sorted, the tiles that need a
+mask (causal diagonal tiles, the partial last key block) form a suffix (prefix) of each list:
+they are counted first and run in a separate masked loop, so the bulk loop has no masking.
+
+Shapes: q (B, Nq, H, D); k, v (B, Nk, Hkv, D); out like q; lse (B, H, Nq) fp32, natural log,
+``-inf`` for rows that see no key (whose output is 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "KernelConfig",
+    "block_sparse_attention_csr",
+    "block_sparse_backward",
+    "block_sparse_forward",
+    "default_config",
+    "interpret_mode",
+]
+
+LOG2E = 1.4426950408889634
+# Column/row indices are scanned this many at a time to find where the masked tiles start.
+COUNT_CHUNK = tl.constexpr(64)
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@triton.jit
+def _count_below(IDX, start, end, thr_a, thr_b, CHUNK: tl.constexpr):
+    """(#indices < thr_a, #indices < thr_b) among IDX[start:end] (sorted, so these are prefixes)."""
+    n_a = 0
+    n_b = 0
+    for i in range(start, end, CHUNK):
+        offs = i + tl.arange(0, CHUNK)
+        c = tl.load(IDX + offs, mask=offs < end, other=2147483647)
+        n_a += tl.sum((c < thr_a).to(tl.int32), axis=0)
+        n_b += tl.sum((c < thr_b).to(tl.int32), axis=0)
+    return n_a, n_b
+
+
+@triton.jit
+def _fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    K_head,
+    V_head,
+    COL,
+    it_lo,
+    it_hi,
+    offs_m,
+    N_K,
+    stride_kn,
+    stride_vn,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    LAYOUT_BK: tl.constexpr,
+    MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+):
+    SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for it in range(it_lo, it_hi):
+        col = tl.load(COL + it // SUB)
+        n0 = col * LAYOUT_BK + (it % SUB) * BLOCK_N
+        k_ptrs = K_head + n0.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
+        v_ptrs = V_head + n0.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            n_ok = (n0 + offs_n) < N_K
+            k_t = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+        else:
+            k_t = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        qk = tl.dot(q, k_t) * qk_scale
+        if MASKED:
+            keep = n_ok[None, :]
+            if IS_CAUSAL:
+                keep = keep & ((n0 + offs_n)[None, :] <= offs_m[:, None])
+            qk = tl.where(keep, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # a row with every key masked so far keeps m = -inf; use 0 as its reference point
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_ref = m_new
+        alpha = tl.math.exp2(m_i - m_ref)
+        p = tl.math.exp2(qk - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    CROW,
+    COL,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_ob,
+    stride_on,
+    stride_oh,
+    N_Q,
+    N_K,
+    H,
+    GROUP,
+    NUM_QB,
+    LAYOUT_HEAD_ROWS,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    LAYOUT_BQ: tl.constexpr,
+    LAYOUT_BK: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+):
+    SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    m_start = pid_m * BLOCK_M
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < N_Q
+
+    Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K_head = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V_head = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    q_ptrs = Q_head + m_start.to(tl.int64) * stride_qn + tl.arange(0, BLOCK_M)[:, None] * stride_qn + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
+
+    lrow = h * LAYOUT_HEAD_ROWS + m_start // LAYOUT_BQ
+    start = tl.load(CROW + lrow)
+    end = tl.load(CROW + lrow + 1)
+    # key blocks below c_full need no mask; blocks at or past c_stop are entirely causal-masked
+    c_full = N_K // LAYOUT_BK
+    c_stop = 2147483647
+    if IS_CAUSAL:
+        c_full = tl.minimum(c_full, (m_start + 1) // LAYOUT_BK)
+        c_stop = (tl.minimum(m_start + BLOCK_M, N_Q) - 1) // LAYOUT_BK + 1
+    n_full, n_use = _count_below(COL, start, end, c_full, c_stop, COUNT_CHUNK)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, K_head, V_head, COL, start * SUB, (start + n_full) * SUB, offs_m, N_K,
+        stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, False, IS_CAUSAL,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, K_head, V_head, COL, (start + n_full) * SUB, (start + n_use) * SUB, offs_m, N_K,
+        stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, True, IS_CAUSAL,
+    )  # fmt: skip
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    o_ptrs = (
+        O
+        + b.to(tl.int64) * stride_ob
+        + h.to(tl.int64) * stride_oh
+        + m_start.to(tl.int64) * stride_on
+        + tl.arange(0, BLOCK_M)[:, None] * stride_on
+        + offs_d[None, :]
+    )
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _delta_kernel(
+    O,
+    DO,
+    DELTA,
+    stride_ob,
+    stride_on,
+    stride_oh,
+    stride_db,
+    stride_dn,
+    stride_dh,
+    N_Q,
+    H,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """delta[b, h, i] = sum_d out[b, i, h, d] * dout[b, i, h, d] in fp32."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < N_Q
+    rows = offs_m.to(tl.int64)
+    o = tl.load(
+        O + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :],
+        mask=m_ok[:, None],
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b.to(tl.int64) * stride_db + h * stride_dh + rows[:, None] * stride_dn + offs_d[None, :],
+        mask=m_ok[:, None],
+        other=0.0,
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_ok)
+
+
+@triton.jit
+def _dq_inner(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    K_head,
+    V_head,
+    COL,
+    it_lo,
+    it_hi,
+    offs_m,
+    N_K,
+    stride_kn,
+    stride_vn,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    LAYOUT_BK: tl.constexpr,
+    MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+):
+    SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for it in range(it_lo, it_hi):
+        col = tl.load(COL + it // SUB)
+        n0 = col * LAYOUT_BK + (it % SUB) * BLOCK_N
+        kt_ptrs = K_head + n0.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
+        vt_ptrs = V_head + n0.to(tl.int64) * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None]
+        if MASKED:
+            n_ok = (n0 + offs_n) < N_K
+            k_t = tl.load(kt_ptrs, mask=n_ok[None, :], other=0.0)
+            v_t = tl.load(vt_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_t = tl.load(kt_ptrs)
+            v_t = tl.load(vt_ptrs)
+        qk = tl.dot(q, k_t) * qk_scale
+        p = tl.math.exp2(qk - lse2[:, None])
+        if MASKED:
+            keep = n_ok[None, :]
+            if IS_CAUSAL:
+                keep = keep & ((n0 + offs_n)[None, :] <= offs_m[:, None])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, v_t)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t))
+    return dq
+
+
+@triton.jit
+def _dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    LSE,
+    DELTA,
+    CROW,
+    COL,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_db,
+    stride_dn,
+    stride_dh,
+    stride_gb,
+    stride_gn,
+    stride_gh,
+    N_Q,
+    N_K,
+    H,
+    GROUP,
+    NUM_QB,
+    LAYOUT_HEAD_ROWS,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    LAYOUT_BQ: tl.constexpr,
+    LAYOUT_BK: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+):
+    SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    m_start = pid_m * BLOCK_M
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < N_Q
+    rows = m_start.to(tl.int64) + tl.arange(0, BLOCK_M)[:, None]
+
+    q = tl.load(
+        Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + rows * stride_qn + offs_d[None, :],
+        mask=m_ok[:, None],
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + rows * stride_dn + offs_d[None, :],
+        mask=m_ok[:, None],
+        other=0.0,
+    )
+    lse = tl.load(LSE + bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=float("inf"))
+    # rows that saw no key (lse = -inf) get p = exp2(s - inf) = 0: zero gradient, never NaN
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=0.0)
+    K_head = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V_head = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+
+    lrow = h * LAYOUT_HEAD_ROWS + m_start // LAYOUT_BQ
+    start = tl.load(CROW + lrow)
+    end = tl.load(CROW + lrow + 1)
+    c_full = N_K // LAYOUT_BK
+    c_stop = 2147483647
+    if IS_CAUSAL:
+        c_full = tl.minimum(c_full, (m_start + 1) // LAYOUT_BK)
+        c_stop = (tl.minimum(m_start + BLOCK_M, N_Q) - 1) // LAYOUT_BK + 1
+    n_full, n_use = _count_below(COL, start, end, c_full, c_stop, COUNT_CHUNK)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = _dq_inner(
+        dq, q, do, lse2, delta, K_head, V_head, COL, start * SUB, (start + n_full) * SUB, offs_m, N_K,
+        stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, False, IS_CAUSAL,
+    )  # fmt: skip
+    dq = _dq_inner(
+        dq, q, do, lse2, delta, K_head, V_head, COL, (start + n_full) * SUB, (start + n_use) * SUB, offs_m, N_K,
+        stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, True, IS_CAUSAL,
+    )  # fmt: skip
+    dq = dq * sm_scale
+    tl.store(
+        DQ + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh + rows * stride_gn + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=m_ok[:, None],
+    )
+
+
+@triton.jit
+def _dkv_inner(
+    dk,
+    dv,
+    k,
+    v,
+    Q_head,
+    DO_head,
+    LSE_head,
+    DELTA_head,
+    ROW,
+    it_lo,
+    it_hi,
+    offs_n,
+    N_Q,
+    stride_qn,
+    stride_dn,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    LAYOUT_BQ: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    SUB: tl.constexpr = LAYOUT_BQ // BLOCK_M
+    offs_mb = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for it in range(it_lo, it_hi):
+        r = tl.load(ROW + it // SUB)
+        m0 = r * LAYOUT_BQ + (it % SUB) * BLOCK_M
+        offs_m = m0 + offs_mb
+        m_ok = offs_m < N_Q
+        # rows past N_Q load q = do = 0 and lse = +inf, so they contribute p = 0: no mask needed
+        q_t = tl.load(
+            Q_head + m0.to(tl.int64) * stride_qn + offs_mb[None, :] * stride_qn + offs_d[:, None],
+            mask=m_ok[None, :],
+            other=0.0,
+        )
+        do = tl.load(
+            DO_head + m0.to(tl.int64) * stride_dn + offs_mb[:, None] * stride_dn + offs_d[None, :],
+            mask=m_ok[:, None],
+            other=0.0,
+        )
+        lse = tl.load(LSE_head + offs_m, mask=m_ok, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(DELTA_head + offs_m, mask=m_ok, other=0.0)
+        qk_t = tl.dot(k, q_t) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.math.exp2(qk_t - lse2[None, :])
+        if MASKED:
+            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t))
+    return dk, dv
+
+
+@triton.jit
+def _dkv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    LSE,
+    DELTA,
+    CCOL,
+    ROW,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_db,
+    stride_dn,
+    stride_dh,
+    stride_gkb,
+    stride_gkn,
+    stride_gkh,
+    stride_gvb,
+    stride_gvn,
+    stride_gvh,
+    N_Q,
+    N_K,
+    H,
+    HKV,
+    GROUP,
+    NUM_KB,
+    LAYOUT_HEAD_COLS,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    LAYOUT_BQ: tl.constexpr,
+    LAYOUT_BK: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+):
+    SUB: tl.constexpr = LAYOUT_BQ // BLOCK_M
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+    n_start = pid_n * BLOCK_N
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_ok = offs_n < N_K
+    keys = n_start.to(tl.int64) + tl.arange(0, BLOCK_N)[:, None]
+    k = tl.load(
+        K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + keys * stride_kn + offs_d[None, :],
+        mask=n_ok[:, None],
+        other=0.0,
+    )
+    v = tl.load(
+        V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + keys * stride_vn + offs_d[None, :],
+        mask=n_ok[:, None],
+        other=0.0,
+    )
+    # query blocks below r_skip lie entirely before these keys (causal: nothing to do); those below
+    # r_full cross the diagonal and need the mask; the rest are unmasked
+    r_skip = 0
+    r_full = 0
+    if IS_CAUSAL:
+        r_skip = n_start // LAYOUT_BQ
+        r_full = (n_start + BLOCK_N - 1 + LAYOUT_BQ - 1) // LAYOUT_BQ
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        lcol = h * LAYOUT_HEAD_COLS + n_start // LAYOUT_BK
+        start = tl.load(CCOL + lcol)
+        end = tl.load(CCOL + lcol + 1)
+        n_skip, n_mask = _count_below(ROW, start, end, r_skip, r_full, COUNT_CHUNK)
+        Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        DO_head = DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
+        bh = b * H + h
+        LSE_head = LSE + bh.to(tl.int64) * N_Q
+        DELTA_head = DELTA + bh.to(tl.int64) * N_Q
+        dk, dv = _dkv_inner(
+            dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, ROW, (start + n_skip) * SUB,
+            (start + n_mask) * SUB, offs_n, N_Q, stride_qn, stride_dn, qk_scale, HEAD_DIM, BLOCK_M, LAYOUT_BQ,
+            True,
+        )  # fmt: skip
+        dk, dv = _dkv_inner(
+            dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, ROW, (start + n_mask) * SUB, end * SUB, offs_n,
+            N_Q, stride_qn, stride_dn, qk_scale, HEAD_DIM, BLOCK_M, LAYOUT_BQ, False,
+        )  # fmt: skip
+    dk = dk * sm_scale
+    tl.store(
+        DK + b.to(tl.int64) * stride_gkb + hk.to(tl.int64) * stride_gkh + keys * stride_gkn + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=n_ok[:, None],
+    )
+    tl.store(
+        DV + b.to(tl.int64) * stride_gvb + hk.to(tl.int64) * stride_gvh + keys * stride_gvn + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=n_ok[:, None],
+    )
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch settings (all compile-time). Tiles must divide the layout block sizes.
+
+    fwd_m x fwd_n: forward query x key tile; dq_m x dq_n: dq kernel; dkv_m x dkv_n: dk/dv kernel
+    (query sub-tile x key tile).
+    """
+
+    fwd_m: int = 128
+    fwd_n: int = 64
+    fwd_warps: int = 8
+    fwd_stages: int = 3
+    dq_m: int = 128
+    dq_n: int = 32
+    dq_warps: int = 8
+    dq_stages: int = 2
+    dkv_m: int = 32
+    dkv_n: int = 128
+    dkv_warps: int = 8
+    dkv_stages: int = 2
+
+    def check(self, block_size: tuple[int, int]) -> list[str]:
+        """Reasons this config cannot run layouts of ``block_size`` (empty list: it can)."""
+        bq, bk = block_size
+        out = []
+        for name, tile, blk in (
+            ("fwd_m", self.fwd_m, bq),
+            ("fwd_n", self.fwd_n, bk),
+            ("dq_m", self.dq_m, bq),
+            ("dq_n", self.dq_n, bk),
+            ("dkv_m", self.dkv_m, bq),
+            ("dkv_n", self.dkv_n, bk),
+        ):
+            if tile < 16 or tile & (tile - 1) or blk % tile:
+                out.append(f"{name}={tile} must be a power of two >= 16 dividing the layout block {blk}")
+        return out
+
+
+def default_config(block_size: tuple[int, int], head_dim: int) -> KernelConfig:
+    """Tiles for a layout block size: the measured H100 choice, clipped to the block size.
+
+    Every tile is min(preferred, block) so 16x16 / 32x32 layouts (CPU tests) run too.
+    """
+    bq, bk = block_size
+    base = KernelConfig()
+    if head_dim <= 64:
+        base = KernelConfig(fwd_n=128, fwd_warps=4, dq_n=64, dq_warps=4, dkv_m=64, dkv_warps=4)
+    return KernelConfig(
+        fwd_m=min(base.fwd_m, bq),
+        fwd_n=min(base.fwd_n, bk),
+        fwd_warps=base.fwd_warps,
+        fwd_stages=base.fwd_stages,
+        dq_m=min(base.dq_m, bq),
+        dq_n=min(base.dq_n, bk),
+        dq_warps=base.dq_warps,
+        dq_stages=base.dq_stages,
+        dkv_m=min(base.dkv_m, bq),
+        dkv_n=min(base.dkv_n, bk),
+        dkv_warps=base.dkv_warps,
+        dkv_stages=base.dkv_stages,
+    )
+
+
+@dataclass(frozen=True)
+class CSR:
+    """Raw CSR tensors of a block layout (see the module docstring)."""
+
+    crow: torch.Tensor
+    col: torch.Tensor
+    ccol: torch.Tensor
+    row: torch.Tensor
+    num_heads: int
+    num_query_blocks: int
+    num_key_blocks: int
+    block_size: tuple[int, int]
+
+
+def _last_contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def block_sparse_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, csr: CSR, is_causal: bool, scale: float, cfg: KernelConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, Nq, H, D) in q.dtype and lse (B, H, Nq) fp32 (natural log, -inf for empty rows)."""
+    B, Nq, H, D = q.shape
+    Nk, Hkv = k.shape[1], k.shape[2]
+    q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
+    bq, bk = csr.block_size
+    grid = (triton.cdiv(Nq, cfg.fwd_m), B * H)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, csr.crow, csr.col,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        Nq, Nk, H, H // Hkv, csr.num_query_blocks, csr.num_query_blocks if csr.num_heads > 1 else 0,
+        scale * LOG2E,
+        HEAD_DIM=D, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
+        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def block_sparse_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    csr: CSR,
+    is_causal: bool,
+    scale: float,
+    cfg: KernelConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) shaped and typed like (q, k, v), from the forward's out and lse."""
+    B, Nq, H, D = q.shape
+    Nk, Hkv = k.shape[1], k.shape[2]
+    q, k, v, out, dout = (_last_contig(t) for t in (q, k, v, out, dout))
+    bq, bk = csr.block_size
+    delta = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
+    DELTA_BLOCK = 64
+    _delta_kernel[(triton.cdiv(Nq, DELTA_BLOCK), B * H)](
+        out, dout, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        Nq, H, HEAD_DIM=D, BLOCK_M=DELTA_BLOCK,
+    )  # fmt: skip
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    _dq_kernel[(triton.cdiv(Nq, cfg.dq_m), B * H)](
+        q, k, v, dout, dq, lse, delta, csr.crow, csr.col,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        Nq, Nk, H, H // Hkv, csr.num_query_blocks, csr.num_query_blocks if csr.num_heads > 1 else 0,
+        scale * LOG2E, scale,
+        HEAD_DIM=D, BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
+        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+    )  # fmt: skip
+    _dkv_kernel[(triton.cdiv(Nk, cfg.dkv_n), B * Hkv)](
+        q, k, v, dout, dk, dv, lse, delta, csr.ccol, csr.row,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        Nq, Nk, H, Hkv, H // Hkv, csr.num_key_blocks, csr.num_key_blocks if csr.num_heads > 1 else 0,
+        scale * LOG2E, scale,
+        HEAD_DIM=D, BLOCK_M=cfg.dkv_m, BLOCK_N=cfg.dkv_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
+        num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+class _BlockSparseFn(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        csr: CSR,
+        is_causal: bool,
+        scale: float,
+        cfg: KernelConfig,
+    ) -> torch.Tensor:
+        out, lse = block_sparse_forward(q, k, v, csr, is_causal, scale, cfg)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.csr = csr  # type: ignore[attr-defined]
+        ctx.is_causal = is_causal  # type: ignore[attr-defined]
+        ctx.scale = scale  # type: ignore[attr-defined]
+        ctx.cfg = cfg  # type: ignore[attr-defined]
+        return out
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, dout: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors  # type: ignore[attr-defined]
+        dq, dk, dv = block_sparse_backward(
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            ctx.csr,  # type: ignore[attr-defined]
+            ctx.is_causal,  # type: ignore[attr-defined]
+            ctx.scale,  # type: ignore[attr-defined]
+            ctx.cfg,  # type: ignore[attr-defined]
+        )
+        return dq, dk, dv, None, None, None, None
+
+
+def block_sparse_attention_csr(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    csr: CSR,
+    *,
+    is_causal: bool = False,
+    softmax_scale: float | None = None,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """Differentiable block-sparse attention over raw CSR tensors; out (B, Nq, H, D) in q.dtype.
+
+    Callers validate first (the ``triton`` backend does); ``config`` defaults to
+    :func:`default_config` for the layout's block size.
+    """
+    D = q.shape[-1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    cfg = config if config is not None else default_config(csr.block_size, D)
+    bad = cfg.check(csr.block_size)
+    if bad:
+        raise ValueError("kernel config does not fit the layout: " + "; ".join(bad))
+    with _device_guard(q):
+        return _BlockSparseFn.apply(q, k, v, csr, bool(is_causal), float(scale), cfg)  # type: ignore[no-any-return]
+
+
+def _device_guard(q: torch.Tensor) -> contextlib.AbstractContextManager[object]:
+    # kernels launch on the current CUDA device: make it q's
+    return torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
