@@ -1,0 +1,178 @@
+"""Ring dilated attention across real processes vs attn_core.reference.dilated_attention on the gathered sequence.
+
+Every rank builds the same global inputs from a shared seed, runs ring_dilated_attention on its
+shard, and compares its output shard and its q/k/v gradient shards with float64 autograd through
+the dense-masked reference. Cases cover segments shorter than, equal to and longer than a shard,
+shards not aligned with segments, a short last segment, causal and not, GQA, padding (including
+fully padded rows) and both head modes. Under gloo the ranks use the CPU; under NCCL
+(integration_tests/run_nccl.py) each rank uses its GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from attn_core import reference
+from attn_core.testing import assert_close_to_reference
+from attn_ring.exchange import last_stats, reset_stats
+from attn_ring.ring_dilated import plan_ring_dilated, ring_dilated_attention
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shard: int  # tokens per rank
+    segments: tuple[int, ...]
+    rates: tuple[int, ...]
+    heads: int = 4
+    kv_heads: int = 4
+    causal: bool = False
+    padding: bool = False
+    head_mode: str = "all"
+    dtype: torch.dtype = torch.float64
+    batch: int = 2
+    head_dim: int = 8
+
+
+def cases(world_size: int) -> list[Case]:
+    W = world_size
+    return [
+        # segments shorter than / equal to a shard, aligned: no communication at all
+        Case("short+equal segments", 8, (4, 8), (1, 2)),
+        Case("short segments causal gqa", 8, (2, 4), (1, 2), heads=4, kv_heads=2, causal=True),
+        # segments longer than a shard: spanning 2 ranks, and the whole sequence
+        Case("long segments", 6, (4, 12, 6 * W), (1, 2, 3 if (6 * W) % 3 == 0 else 1)),
+        Case("long segments causal", 6, (12, 6 * W), (2, 2 if (6 * W) % 2 == 0 else 1), causal=True),
+        # shards not aligned with segments, short last segment, GQA with per-head offsets
+        Case("unaligned gqa", 5, (3, 8), (1, 4), heads=6, kv_heads=3),
+        Case("unaligned gqa causal padded", 5, (3, 8), (1, 4), heads=6, kv_heads=2, causal=True, padding=True),
+        Case("padding", 7, (4, 9), (2, 3), padding=True),
+        # head_mode="split" with H not a multiple of the group count
+        Case("split heads", 6, (3, 8, 16), (1, 2, 4), heads=5, kv_heads=1, head_mode="split"),
+        Case("split heads causal", 6, (4, 10), (2, 2), heads=3, kv_heads=3, causal=True, head_mode="split"),
+        # a single token per rank
+        Case("one token per rank", 1, (2, 4), (1, 2), heads=2, kv_heads=1),
+        # float32 under the project's tolerance rule (2x plain PyTorch fp32 error)
+        Case("float32 long segments", 8, (4, 16), (1, 4), heads=4, kv_heads=2, dtype=torch.float32),
+    ]
+
+
+def _inputs(case: Case, world_size: int, device: torch.device, seed: int):
+    N = case.shard * world_size
+    g = torch.Generator().manual_seed(seed)
+    B, H, Hkv, D = case.batch, case.heads, case.kv_heads, case.head_dim
+    q = torch.randn(B, N, H, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, N, Hkv, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, N, Hkv, D, generator=g, dtype=torch.float64)
+    dout = torch.randn(B, N, H, D, generator=g, dtype=torch.float64)
+    mask = None
+    if case.padding:
+        mask = torch.rand(B, N, generator=g) < 0.3
+        mask[0] = True  # a batch row whose keys are all padding: every output 0, never NaN
+    return q, k, v, dout, mask
+
+
+def _reference(case: Case, q, k, v, dout, mask, dtype):
+    qr, kr, vr = (t.to(dtype).detach().requires_grad_() for t in (q, k, v))
+    out, _ = reference.dilated_attention(
+        qr,
+        kr,
+        vr,
+        case.segments,
+        case.rates,
+        is_causal=case.causal,
+        key_padding_mask=mask,
+        head_mode=case.head_mode,
+        dtype=dtype,
+    )
+    out.backward(dout.to(out.dtype))
+    return out.detach(), qr.grad, kr.grad, vr.grad
+
+
+def run_case(case: Case, rank: int, world_size: int, seed: int) -> int:
+    device = _device()
+    q, k, v, dout, mask = _inputs(case, world_size, device, seed)
+    lo, hi = rank * case.shard, (rank + 1) * case.shard
+    shard = [t[:, lo:hi].to(device=device, dtype=case.dtype).contiguous().requires_grad_() for t in (q, k, v)]
+    local_mask = None if mask is None else mask[:, lo:hi].to(device)
+    reset_stats()
+    out = ring_dilated_attention(
+        *shard,
+        case.segments,
+        case.rates,
+        is_causal=case.causal,
+        key_padding_mask=local_mask,
+        head_mode=case.head_mode,
+    )
+    stats = last_stats()
+    out.backward(dout[:, lo:hi].to(device=device, dtype=case.dtype))
+    if torch.isnan(out).any():
+        raise AssertionError(f"{case.name}: NaN in output")
+    ref = _reference(case, q, k, v, dout, mask, torch.float64)
+    base = _reference(case, q, k, v, dout, mask, case.dtype) if case.dtype != torch.float64 else None
+    names = ("out", "dq", "dk", "dv")
+    got = (out, shard[0].grad, shard[1].grad, shard[2].grad)
+    for i, (name, actual) in enumerate(zip(names, got)):
+        if actual is None:
+            raise AssertionError(f"{case.name}: no gradient for {name}")
+        assert_close_to_reference(
+            f"[{case.name}, W={world_size}, rank {rank}] {name}",
+            actual.cpu(),
+            ref[i][:, lo:hi],
+            None if base is None else base[i][:, lo:hi],
+        )
+    # Bytes on the wire equal the plan's dilated-row minimum (forward K/V + backward dK/dV in fp32).
+    plan = plan_ring_dilated(
+        case.shard * world_size,
+        world_size,
+        case.heads,
+        case.kv_heads,
+        case.segments,
+        case.rates,
+        is_causal=case.causal,
+        head_mode=case.head_mode,
+    )
+    elem = torch.empty(0, dtype=case.dtype).element_size()
+    acc = 8 if case.dtype == torch.float64 else 4  # dK/dV of received rows travel back in fp32 (fp64)
+    size = {"batch": case.batch, "head_dim": case.head_dim}
+    fwd = plan.bytes_received(rank, **size, element_size=elem)
+    want_received = fwd + plan.bytes_sent(rank, **size, element_size=acc)
+    want_sent = plan.bytes_sent(rank, **size, element_size=elem) + plan.bytes_received(rank, **size, element_size=acc)
+    if (stats.bytes_received, stats.bytes_sent) != (want_received, want_sent):
+        raise AssertionError(
+            f"{case.name}: moved (received, sent) = {(stats.bytes_received, stats.bytes_sent)} bytes, "
+            f"the plan's dilated-row minimum is {(want_received, want_sent)}"
+        )
+    return fwd
+
+
+def check_all_cases(rank: int, world_size: int) -> list[str]:
+    done = []
+    for i, case in enumerate(cases(world_size)):
+        run_case(case, rank, world_size, seed=1000 * world_size + i)
+        done.append(case.name)
+    return done
+
+
+def check_mismatched_config_raises(rank: int, world_size: int) -> str:
+    """A rank with a different segment length makes every rank raise ValueError (no hang)."""
+    device = _device()
+    q = torch.randn(1, 4, 2, 8, device=device)
+    segs = (4, 8) if rank != world_size - 1 else (4, 16)
+    try:
+        ring_dilated_attention(q, q, q, segs, (1, 2), timeout_s=60)
+    except ValueError as exc:
+        if "mismatched" not in str(exc):
+            raise
+        return "raised"
+    raise AssertionError("mismatched configuration was not detected")
+
+
+NCCL_CHECKS = [check_all_cases, check_mismatched_config_raises]

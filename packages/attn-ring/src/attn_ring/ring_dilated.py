@@ -1,0 +1,568 @@
+"""Ring dilated attention: LongNet dilated attention over a sequence sharded across ranks.
+
+Each rank of ``group`` (W ranks) holds a contiguous shard of n = N / W tokens: rank b holds the
+global positions [b*n, (b+1)*n). The result on every rank equals
+``attn_core.dilated_attention`` on the gathered sequence, sharded the same way, with exact
+gradients.
+
+Algorithm (see docs/ring_dilated.md for the derivation of the communicated bytes):
+
+- Geometry is global: group g = (w, r) cuts the *global* sequence into segments [s*w, (s+1)*w);
+  head j selects positions p with p mod r == j mod r. A rank's work for group g is a list of
+  *items*, one per (segment run, offset o): the rank's own selected rows of that segment are the
+  queries, and the same rows are the local keys (so ``is_causal`` inside the shard is the
+  top-left aligned causal of :func:`attn_core.blocks.block_forward`).
+- Segments wholly inside the shard are batched (a strided run of equal segments) and need no
+  communication. A segment that crosses a shard boundary (w > n, or shards not aligned with
+  segments) also needs the selected rows of that segment held by the other ranks it spans
+  (causal: only the earlier ones). Those rows are the only K/V that travels: every rank
+  derives from the global geometry which (position, kv head) rows every other rank needs, and
+  one batched point-to-point exchange (:mod:`attn_ring.exchange`) moves exactly that union,
+  deduplicated across groups and heads.
+- Per item, local and remote keys give two partial results merged by LSE; the groups are merged
+  by LSE into the final out and L (fp32).
+- Backward: every item's backward uses the final out and L (:func:`attn_core.blocks.block_backward`),
+  which makes the sum of the per-item gradients exact, including through the group merge. The
+  gradients of received K/V rows are accumulated in fp32 and sent back to their owners in the
+  reverse exchange.
+
+Shapes: q (B, n, H, D) and k, v (B, n, Hkv, D) per rank, H % Hkv == 0; key_padding_mask (B, n)
+bool, True = padding. Works on gloo (CPU) and NCCL (CUDA).
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from attn_core.blocks import acc_dtype, block_backward, block_forward
+from attn_core.config import DilatedConfig
+from attn_core.merge import merge_into_
+from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
+
+from .exchange import DEFAULT_TIMEOUT_S, comm_device, exchange_rows, group_rank_and_size, handshake, wait_all
+
+__all__ = ["RingDilatedPlan", "RingDilatedRankPlan", "plan_ring_dilated", "ring_dilated_attention"]
+
+# Upper bound on the logits one block call materialises on the portable math path
+# (B * segments * heads * T * T elements): runs of local segments are processed in chunks.
+MAX_BLOCK_LOGITS = 1 << 26
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One unit of work: ``count`` segments x ``rows`` selected rows, for the heads sharing one offset.
+
+    Query (and local key) rows, as local row indices: base + m * seg_stride + t * row_stride for
+    m < count, t < rows. ``remote`` lists the other ranks' selected rows of the segment as
+    arithmetic runs (first global position, length) with step ``row_stride``; only single
+    segments (count == 1) that cross a shard boundary have any.
+    """
+
+    group: int
+    heads: tuple[int, ...]
+    kv_heads: tuple[int, ...]
+    base: int
+    count: int
+    seg_stride: int
+    rows: int
+    row_stride: int
+    remote: tuple[tuple[int, int], ...] = ()
+
+    def remote_positions(self) -> list[int]:
+        return [start + i * self.row_stride for start, length in self.remote for i in range(length)]
+
+
+@dataclass(frozen=True)
+class RingDilatedRankPlan:
+    """What one rank computes, receives and sends.
+
+    needed: sorted global keys p * Hkv + u of the (position, kv head) K/V rows it receives
+    (exactly once each); recv_counts[a]: how many of them rank a sends; send_index[b]: local
+    flat indices (row * Hkv + u) of this rank's K/V rows rank b needs, in b's receive order.
+    """
+
+    rank: int
+    items: tuple[_Item, ...]
+    needed: torch.Tensor
+    recv_counts: tuple[int, ...]
+    send_index: dict[int, torch.Tensor] = field(default_factory=dict)
+    remote_index: dict[int, torch.Tensor] = field(default_factory=dict)  # item -> (Tk, h) into needed
+    remote_pos: dict[int, torch.Tensor] = field(default_factory=dict)  # item -> (Tk,) global positions
+
+    @property
+    def rows_received(self) -> int:
+        return int(self.needed.numel())
+
+    @property
+    def rows_sent(self) -> int:
+        return sum(int(t.numel()) for t in self.send_index.values())
+
+
+@dataclass(frozen=True)
+class RingDilatedPlan:
+    """The exchange and work plan of every rank for one (N, W, heads, config, causal) geometry."""
+
+    seq_len: int
+    world_size: int
+    num_heads: int
+    num_kv_heads: int
+    config: DilatedConfig
+    is_causal: bool
+    ranks: tuple[RingDilatedRankPlan, ...]
+
+    @property
+    def shard_len(self) -> int:
+        return self.seq_len // self.world_size
+
+    def communicating_segments(self, rank: int) -> list[tuple[int, int]]:
+        """(group, segment index) pairs for which ``rank`` receives rows from other ranks."""
+        n = self.shard_len
+        out = set()
+        for it in self.ranks[rank].items:
+            if it.remote:
+                w = self.config.segment_lengths[it.group]
+                out.add((it.group, (rank * n + it.base) // w))
+        return sorted(out)
+
+    def bytes_received(self, rank: int, *, batch: int, head_dim: int, element_size: int) -> int:
+        """Forward K/V payload bytes ``rank`` receives: rows x 2 (K and V) x B x D x element size."""
+        return self.ranks[rank].rows_received * 2 * batch * head_dim * element_size
+
+    def bytes_sent(self, rank: int, *, batch: int, head_dim: int, element_size: int) -> int:
+        return self.ranks[rank].rows_sent * 2 * batch * head_dim * element_size
+
+
+def _rank_items(
+    seq_len: int, world: int, rank: int, cfg: DilatedConfig, num_heads: int, num_kv_heads: int, causal: bool
+) -> list[_Item]:
+    n = seq_len // world
+    lo, hi = rank * n, (rank + 1) * n
+    per_kv = num_heads // num_kv_heads
+    items: list[_Item] = []
+    for g, (w, r) in enumerate(zip(cfg.segment_lengths, cfg.dilation_rates)):
+        by_offset: dict[int, list[int]] = {}
+        for j in cfg.heads_for_group(g, num_heads):
+            by_offset.setdefault(cfg.head_offset(g, j), []).append(j)
+        if not by_offset:
+            continue
+        # Segments wholly inside [lo, hi) and of full length: one strided run, no communication.
+        full_a, full_b = -(-lo // w), hi // w
+        others = [s for s in range(lo // w, (hi - 1) // w + 1) if not full_a <= s < full_b]
+        for o, heads in sorted(by_offset.items()):
+            kv = tuple(j // per_kv for j in heads)
+            if full_b > full_a:
+                items.append(_Item(g, tuple(heads), kv, full_a * w - lo + o, full_b - full_a, w, w // r, r))
+            for s in others:
+                seg_lo, seg_hi = s * w, min((s + 1) * w, seq_len)
+                mine_lo, mine_hi = max(seg_lo, lo), min(seg_hi, hi)
+                first = mine_lo + (o - mine_lo) % r  # segment starts are multiples of r (w % r == 0)
+                if first >= mine_hi:
+                    continue  # this offset selects none of our rows of the segment
+                count = (mine_hi - 1 - first) // r + 1
+                remote = []
+                if seg_lo + o < mine_lo:  # earlier ranks' rows of the segment
+                    remote.append((seg_lo + o, (mine_lo - 1 - seg_lo - o) // r + 1))
+                after = mine_hi + (o - mine_hi) % r
+                if not causal and after < seg_hi:  # later ranks' rows: invisible under causal masking
+                    remote.append((after, (seg_hi - 1 - after) // r + 1))
+                items.append(_Item(g, tuple(heads), kv, first - lo, 1, w, count, r, tuple(remote)))
+    return items
+
+
+@functools.lru_cache(maxsize=32)  # lru_cache is thread-safe; keyed on the whole geometry
+def _plan_cached(
+    seq_len: int,
+    world: int,
+    num_heads: int,
+    num_kv_heads: int,
+    segment_lengths: tuple[int, ...],
+    dilation_rates: tuple[int, ...],
+    head_mode: str,
+    causal: bool,
+) -> RingDilatedPlan:
+    cfg = DilatedConfig(segment_lengths, dilation_rates, head_mode)
+    n = seq_len // world
+    per_rank_items = [_rank_items(seq_len, world, b, cfg, num_heads, num_kv_heads, causal) for b in range(world)]
+    needed_all: list[torch.Tensor] = []
+    remote_idx_all: list[dict[int, torch.Tensor]] = []
+    remote_pos_all: list[dict[int, torch.Tensor]] = []
+    for items in per_rank_items:
+        keys: list[torch.Tensor] = []
+        pos_of: dict[int, torch.Tensor] = {}
+        for i, it in enumerate(items):
+            if it.remote:
+                pos = torch.tensor(it.remote_positions(), dtype=torch.int64)
+                pos_of[i] = pos
+                keys.append((pos[:, None] * num_kv_heads + torch.tensor(it.kv_heads)[None, :]).reshape(-1))
+        # The union over groups, offsets and heads: a row two groups need travels once.
+        needed = torch.unique(torch.cat(keys)) if keys else torch.empty(0, dtype=torch.int64)
+        idx_of = {
+            i: torch.searchsorted(needed, pos[:, None] * num_kv_heads + torch.tensor(items[i].kv_heads)[None, :])
+            for i, pos in pos_of.items()
+        }
+        needed_all.append(needed)
+        remote_idx_all.append(idx_of)
+        remote_pos_all.append(pos_of)
+    ranks = []
+    block = n * num_kv_heads
+    for b in range(world):
+        owners = torch.div(needed_all[b], block, rounding_mode="floor")
+        recv_counts = tuple(int((owners == a).sum()) for a in range(world))
+        send_index = {}
+        for dst in range(world):
+            if dst == b:
+                continue
+            theirs = needed_all[dst]
+            mine = theirs[torch.div(theirs, block, rounding_mode="floor") == b] - b * block
+            if mine.numel():
+                send_index[dst] = mine
+        ranks.append(
+            RingDilatedRankPlan(
+                b,
+                tuple(per_rank_items[b]),
+                needed_all[b],
+                recv_counts,
+                send_index,
+                remote_idx_all[b],
+                remote_pos_all[b],
+            )
+        )
+    return RingDilatedPlan(seq_len, world, num_heads, num_kv_heads, cfg, causal, tuple(ranks))
+
+
+def plan_ring_dilated(
+    seq_len: int,
+    world_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool = False,
+    head_mode: str = "all",
+) -> RingDilatedPlan:
+    """The work and exchange plan of every rank (pure geometry: no process group needed).
+
+    Raises ValueError for a sequence length not divisible by the world size, or invalid
+    heads / configuration.
+    """
+    for name, val in (
+        ("seq_len", seq_len),
+        ("world_size", world_size),
+        ("num_heads", num_heads),
+        ("num_kv_heads", num_kv_heads),
+    ):
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise TypeError(f"{name} must be an int, got {val!r}")
+        if val <= 0:
+            raise ValueError(f"{name} must be positive, got {val}")
+    if seq_len % world_size != 0:
+        raise ValueError(
+            f"sequence length {seq_len} must be divisible by the world size {world_size} (contiguous equal shards)"
+        )
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads} (GQA)")
+    cfg = DilatedConfig(segment_lengths, dilation_rates, head_mode)
+    return _plan_cached(
+        seq_len,
+        world_size,
+        num_heads,
+        num_kv_heads,
+        cfg.segment_lengths,
+        cfg.dilation_rates,
+        cfg.head_mode,
+        check_bool("is_causal", is_causal),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Index helpers: every gather/scatter goes through flat (row * heads + head) indices.
+
+
+def _item_chunks(item: _Item, batch: int) -> list[tuple[int, int]]:
+    per_segment = batch * len(item.heads) * item.rows * item.rows
+    step = max(1, MAX_BLOCK_LOGITS // max(per_segment, 1))
+    return [(m, min(m + step, item.count)) for m in range(0, item.count, step)]
+
+
+def _rows(item: _Item, m0: int, m1: int, device: torch.device) -> torch.Tensor:
+    """(M, T) local row indices of segments m0..m1 of the item."""
+    m = torch.arange(m0, m1, device=device)[:, None] * item.seg_stride
+    t = torch.arange(item.rows, device=device)[None, :] * item.row_stride
+    return item.base + m + t
+
+
+def _flat(rows: torch.Tensor, heads: Sequence[int], num_heads: int) -> torch.Tensor:
+    """(M, T, h) flat indices row * num_heads + head."""
+    h = torch.tensor(list(heads), device=rows.device)
+    return rows[..., None] * num_heads + h
+
+
+def _take(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """x (B, n, Hx, D) at flat (M, T, h) -> (B * M, T, h, D)."""
+    B, D = x.shape[0], x.shape[-1]
+    M, T, h = flat.shape
+    return x.reshape(B, -1, D).index_select(1, flat.reshape(-1)).reshape(B * M, T, h, D)
+
+
+def _lse_take(L: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """L (B, H, n) at flat (M, T, h) -> (B * M, h, T)."""
+    B = L.shape[0]
+    M, T, h = flat.shape
+    Lf = L.transpose(1, 2).reshape(B, -1)
+    return Lf.index_select(1, flat.reshape(-1)).reshape(B, M, T, h).permute(0, 1, 3, 2).reshape(B * M, h, T)
+
+
+@dataclass
+class _Call:
+    plan: RingDilatedRankPlan
+    world: int
+    group: Any
+    scale: float
+    causal: bool
+    num_kv_heads: int
+    timeout_s: float
+
+
+def _exchange_kv(k: torch.Tensor, v: torch.Tensor, call: _Call) -> torch.Tensor:
+    """Send the K/V rows others need; return the received rows (2, B, R, D) in ``needed`` order."""
+    B, n, Hkv, D = k.shape
+    plan = call.plan
+    dev = comm_device(call.group, k.device)
+    kf, vf = k.reshape(B, n * Hkv, D), v.reshape(B, n * Hkv, D)
+    sends = {}
+    for dst, idx in plan.send_index.items():
+        i = idx.to(k.device)
+        sends[dst] = torch.stack([kf.index_select(1, i), vf.index_select(1, i)]).to(dev).contiguous()
+    recvs = {
+        a: torch.empty(2, B, cnt, D, dtype=k.dtype, device=dev) for a, cnt in enumerate(plan.recv_counts) if cnt > 0
+    }
+    if sends or recvs:
+        exchange_rows(sends, recvs, call.group, timeout_s=call.timeout_s)
+    if not recvs:
+        return torch.empty(2, B, 0, D, dtype=k.dtype, device=k.device)
+    return torch.cat([recvs[a] for a in sorted(recvs)], dim=2).to(k.device)
+
+
+def _return_kv_grads(drecv: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, call: _Call) -> None:
+    """Reverse exchange: send the gradients of received rows to their owners; add ours into dk, dv (B, n*Hkv, D)."""
+    plan = call.plan
+    dev = comm_device(call.group, dk.device)
+    sends, start = {}, 0
+    for a, cnt in enumerate(plan.recv_counts):
+        if cnt > 0:
+            sends[a] = drecv[:, :, start : start + cnt].to(dev).contiguous()
+            start += cnt
+    B, D = dk.shape[0], dk.shape[-1]
+    recvs = {b: torch.empty(2, B, idx.numel(), D, dtype=dk.dtype, device=dev) for b, idx in plan.send_index.items()}
+    if sends or recvs:
+        exchange_rows(sends, recvs, call.group, timeout_s=call.timeout_s)
+    for b, buf in recvs.items():
+        i = plan.send_index[b].to(dk.device)
+        dk.index_add_(1, i, buf[0].to(dk.device))
+        dv.index_add_(1, i, buf[1].to(dk.device))
+
+
+class _RingDilatedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        local_mask: torch.Tensor | None,
+        global_mask: torch.Tensor | None,
+        call: _Call,
+    ) -> torch.Tensor:
+        B, n, H, D = q.shape
+        ad = acc_dtype(q.dtype)
+        plan = call.plan
+        recv = _exchange_kv(k, v, call)
+        out = torch.zeros(B, n, H, D, dtype=ad, device=q.device)
+        lse = torch.full((B, H, n), float("-inf"), dtype=ad, device=q.device)
+        groups = sorted({it.group for it in plan.items})
+        for g in groups:
+            out_g = torch.zeros(B, n * H, D, dtype=ad, device=q.device)
+            lse_g = torch.full((B, n * H), float("-inf"), dtype=ad, device=q.device)
+            for i, it in enumerate(plan.items):
+                if it.group != g:
+                    continue
+                for m0, m1 in _item_chunks(it, B):
+                    rows = _rows(it, m0, m1, q.device)
+                    qf, kvf = _flat(rows, it.heads, H), _flat(rows, it.kv_heads, call.num_kv_heads)
+                    qi, ki, vi = _take(q, qf), _take(k, kvf), _take(v, kvf)
+                    mi = None if local_mask is None else local_mask[:, rows].reshape(-1, it.rows)
+                    o, l = block_forward(
+                        qi, ki, vi, is_causal=call.causal, softmax_scale=call.scale, key_padding_mask=mi
+                    )
+                    o, l = o.to(ad), l.to(ad)
+                    if it.remote:
+                        kr, vr, mr = _remote_kv(recv, global_mask, plan, i, it, q.device)
+                        o2, l2 = block_forward(
+                            qi, kr, vr, is_causal=False, softmax_scale=call.scale, key_padding_mask=mr
+                        )
+                        merge_into_(o, l, o2, l2)
+                    Mc, h = m1 - m0, len(it.heads)
+                    out_g.index_copy_(1, qf.reshape(-1), o.reshape(B, Mc * it.rows * h, D))
+                    lse_g.index_copy_(1, qf.reshape(-1), l.reshape(B, Mc, h, it.rows).transpose(2, 3).reshape(B, -1))
+            merge_into_(out, lse, out_g.view(B, n, H, D), lse_g.view(B, n, H).transpose(1, 2))
+        ctx.save_for_backward(q, k, v, out, lse, recv, local_mask, global_mask)
+        ctx.call = call
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        q, k, v, out, lse, recv, local_mask, global_mask = ctx.saved_tensors
+        call: _Call = ctx.call
+        plan = call.plan
+        B, n, H, D = q.shape
+        Hkv = k.shape[2]
+        ad = acc_dtype(q.dtype)
+        dout = dout.contiguous()
+        dq = torch.zeros(B, n * H, D, dtype=ad, device=q.device)
+        dk = torch.zeros(B, n * Hkv, D, dtype=ad, device=q.device)
+        dv = torch.zeros_like(dk)
+        drecv = torch.zeros(recv.shape, dtype=ad, device=q.device)
+        for i, it in enumerate(plan.items):
+            for m0, m1 in _item_chunks(it, B):
+                rows = _rows(it, m0, m1, q.device)
+                qf, kvf = _flat(rows, it.heads, H), _flat(rows, it.kv_heads, Hkv)
+                qi, ki, vi = _take(q, qf), _take(k, kvf), _take(v, kvf)
+                oi, doi, li = _take(out, qf), _take(dout, qf), _lse_take(lse, qf)
+                mi = None if local_mask is None else local_mask[:, rows].reshape(-1, it.rows)
+                dq1, dk1, dv1 = block_backward(
+                    doi, qi, ki, vi, oi, li, is_causal=call.causal, softmax_scale=call.scale, key_padding_mask=mi
+                )
+                dq.index_add_(1, qf.reshape(-1), dq1.reshape(B, -1, D).to(ad))
+                dk.index_add_(1, kvf.reshape(-1), dk1.reshape(B, -1, D).to(ad))
+                dv.index_add_(1, kvf.reshape(-1), dv1.reshape(B, -1, D).to(ad))
+                if it.remote:
+                    kr, vr, mr = _remote_kv(recv, global_mask, plan, i, it, q.device)
+                    dq2, dk2, dv2 = block_backward(
+                        doi, qi, kr, vr, oi, li, is_causal=False, softmax_scale=call.scale, key_padding_mask=mr
+                    )
+                    dq.index_add_(1, qf.reshape(-1), dq2.reshape(B, -1, D).to(ad))
+                    ridx = plan.remote_index[i].to(q.device).reshape(-1)
+                    drecv[0].index_add_(1, ridx, dk2.reshape(B, -1, D).to(ad))
+                    drecv[1].index_add_(1, ridx, dv2.reshape(B, -1, D).to(ad))
+        if call.world > 1:
+            _return_kv_grads(drecv, dk, dv, call)
+        return (
+            dq.view(B, n, H, D).to(q.dtype),
+            dk.view(B, n, Hkv, D).to(k.dtype),
+            dv.view(B, n, Hkv, D).to(v.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def _remote_kv(
+    recv: torch.Tensor,
+    global_mask: torch.Tensor | None,
+    plan: RingDilatedRankPlan,
+    i: int,
+    it: _Item,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The received K, V rows of item i as (B, Tk, h, D) each, and their padding mask (B, Tk)."""
+    idx = plan.remote_index[i].to(device)
+    Tk, h = idx.shape
+    B, D = recv.shape[1], recv.shape[-1]
+    kv = recv.index_select(2, idx.reshape(-1)).reshape(2, B, Tk, h, D)
+    mask = None if global_mask is None else global_mask[:, plan.remote_pos[i].to(device)]
+    return kv[0], kv[1], mask
+
+
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+_SIGNATURE_NAMES = (
+    "batch",
+    "shard_len",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "dtype",
+    "is_causal",
+    "key_padding_mask",
+    "config",
+    "softmax_scale",
+)
+
+
+def _signature(
+    q: torch.Tensor, k: torch.Tensor, cfg: DilatedConfig, causal: bool, has_mask: bool, scale: float
+) -> list[int]:
+    B, n, H, D = q.shape
+    cfg_code = zlib.crc32(repr((cfg.segment_lengths, cfg.dilation_rates, cfg.head_mode)).encode())
+    scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
+    return [B, n, H, k.shape[2], D, _DTYPE_CODES[q.dtype], int(causal), int(has_mask), cfg_code, scale_bits]
+
+
+def _gather_mask(mask: torch.Tensor, group: Any, world: int, timeout_s: float) -> torch.Tensor:
+    """All-gather the (B, n) padding masks into (B, N): B * N bytes, tiny next to the K/V rows."""
+    dev = comm_device(group, mask.device)
+    mine = mask.to(device=dev, dtype=torch.uint8).contiguous()
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    work = dist.all_gather(parts, mine, group=group, async_op=True)
+    if work is None:
+        raise RuntimeError("all_gather(async_op=True) returned no work handle")
+    wait_all([work], timeout_s, "all_gather of key_padding_mask")
+    return torch.cat(parts, dim=1).to(device=mask.device, dtype=torch.bool)
+
+
+def ring_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    group: dist.ProcessGroup | None = None,
+    is_causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    head_mode: str = "all",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> torch.Tensor:
+    """LongNet dilated attention over a sequence sharded contiguously across the ranks of ``group``.
+
+    Every rank passes its shard: q (B, n, H, D), k and v (B, n, Hkv, D) with H % Hkv == 0, and
+    key_padding_mask (B, n) bool (True = padding) or None; rank b holds global positions
+    [b*n, (b+1)*n) of the N = n * W token sequence. Returns this rank's shard (B, n, H, D) of
+    ``attn_core.dilated_attention`` on the gathered sequence (same segments, rates, head_mode,
+    causal flag and padding), differentiable with exact gradients for q, k and v.
+
+    Segments wholly inside a shard are computed with no communication; segments crossing shard
+    boundaries exchange only their selected (dilated) K/V rows with the ranks they span. Every
+    rank must call with the same configuration and shard shape (checked: ValueError on all ranks
+    otherwise); a peer that never answers gives TimeoutError after ``timeout_s`` seconds.
+    """
+    check_qkv(q, k, v, key_padding_mask=key_padding_mask)
+    _, n, H, D = q.shape
+    Hkv = k.shape[2]
+    if n == 0:
+        raise ValueError("each rank's shard must hold at least one token, got q with sequence length 0")
+    cfg = DilatedConfig(segment_lengths, dilation_rates, head_mode)
+    causal = check_bool("is_causal", is_causal)
+    scale = resolve_softmax_scale(softmax_scale, D)
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    rank, world = group_rank_and_size(group)
+    handshake(_signature(q, k, cfg, causal, key_padding_mask is not None, scale), _SIGNATURE_NAMES, group, timeout_s)
+    plan = plan_ring_dilated(
+        n * world, world, H, Hkv, cfg.segment_lengths, cfg.dilation_rates, is_causal=causal, head_mode=cfg.head_mode
+    )
+    global_mask = None
+    if key_padding_mask is not None and world > 1 and any(r.needed.numel() for r in plan.ranks):
+        global_mask = _gather_mask(key_padding_mask, group, world, float(timeout_s))
+    call = _Call(plan.ranks[rank], world, group, scale, causal, Hkv, float(timeout_s))
+    out: torch.Tensor = _RingDilatedFunction.apply(q, k, v, key_padding_mask, global_mask, call)
+    return out
