@@ -1,0 +1,254 @@
+"""Single-process tests of ring dilated attention: shard/segment geometry, which segments communicate,
+the bytes the plan moves against a brute-force minimum, validation errors, and a world of size 1."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from attn_core import reference
+from attn_core.config import DilatedConfig
+from attn_core.testing import assert_close_to_reference
+from attn_ring.exchange import exchange_rows, last_stats, reset_stats
+from attn_ring.ring_dilated import plan_ring_dilated, ring_dilated_attention
+
+# (N, W, H, Hkv, segments, rates, causal, head_mode)
+GEOMETRIES = [
+    (16, 2, 4, 4, (4, 8), (1, 2), False, "all"),  # segments shorter than / equal to a shard
+    (24, 4, 4, 2, (4, 12, 24), (1, 2, 3), False, "all"),  # longer than a shard, spanning several ranks
+    (24, 4, 4, 2, (4, 12, 24), (1, 2, 3), True, "all"),
+    (15, 3, 6, 3, (3, 8), (1, 4), False, "all"),  # unaligned shards, short last segment
+    (15, 3, 6, 2, (3, 8), (1, 4), True, "all"),
+    (18, 3, 5, 1, (3, 8, 16), (1, 2, 4), False, "split"),
+    (4, 4, 2, 1, (2, 4), (1, 2), True, "all"),  # one token per rank
+]
+
+
+def _plan(N, W, H, Hkv, segs, rates, causal, mode):
+    return plan_ring_dilated(N, W, H, Hkv, segs, rates, is_causal=causal, head_mode=mode)
+
+
+def _item_pairs(it, rank: int, n: int) -> set[tuple[int, int]]:
+    pairs = set()
+    for m in range(it.count):
+        for t in range(it.rows):
+            p = rank * n + it.base + m * it.seg_stride + t * it.row_stride
+            pairs.update((p, j) for j in it.heads)
+    return pairs
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES)
+def test_items_cover_every_selected_position_and_head_exactly_once(geom) -> None:
+    N, W, H, _, segs, rates, _, mode = geom
+    plan = _plan(*geom)
+    cfg = DilatedConfig(segs, rates, mode)
+    n = N // W
+    for g, (w, r) in enumerate(zip(segs, rates)):
+        seen: list[tuple[int, int]] = []
+        for b, rp in enumerate(plan.ranks):
+            for it in rp.items:
+                if it.group == g:
+                    pairs = _item_pairs(it, b, n)
+                    assert all(b * n <= p < (b + 1) * n for p, _ in pairs), "an item's queries must be this rank's rows"
+                    # every row of one segment run lies inside one segment of length w
+                    assert all((p - it.base - b * n) % it.seg_stride < w for p, _ in pairs)
+                    seen.extend(pairs)
+        expected = [(p, j) for p in range(N) for j in cfg.heads_for_group(g, H) if p % r == j % r]
+        assert sorted(seen) == sorted(expected)
+
+
+def _brute_force_needed(N, W, H, Hkv, segs, rates, causal, mode, rank) -> set[tuple[int, int]]:
+    """(key position, kv head) pairs outside the shard that some query of the shard attends to."""
+    weights = reference.dilated_weights(N, H, segs, rates, is_causal=causal, head_mode=mode)  # (H, N, N)
+    n = N // W
+    lo, hi = rank * n, (rank + 1) * n
+    per_kv = H // Hkv
+    need = set()
+    for j, qpos, kpos in torch.nonzero(weights > 0).tolist():
+        if lo <= qpos < hi and not lo <= kpos < hi:
+            need.add((kpos, j // per_kv))
+    return need
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES)
+def test_received_rows_are_exactly_the_minimum(geom) -> None:
+    """The plan receives each needed (position, kv head) K/V row once, and nothing else."""
+    Hkv = geom[3]
+    plan = _plan(*geom)
+    for b, rp in enumerate(plan.ranks):
+        got = {(int(key) // Hkv, int(key) % Hkv) for key in rp.needed}
+        assert rp.needed.numel() == len(got)  # no duplicates
+        assert got == _brute_force_needed(*geom, b)
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES)
+def test_send_and_receive_sizes_agree(geom) -> None:
+    N, W, _, Hkv, *_ = geom
+    plan = _plan(*geom)
+    n = N // W
+    for a, b in itertools.permutations(range(W), 2):
+        sent = plan.ranks[a].send_index.get(b)
+        count = 0 if sent is None else sent.numel()
+        assert count == plan.ranks[b].recv_counts[a]
+        if sent is not None:  # local flat indices of a's rows, in b's receive order
+            glob = sent + a * n * Hkv
+            owned = plan.ranks[b].needed[(plan.ranks[b].needed // (n * Hkv)) == a]
+            assert torch.equal(glob, owned)
+    assert all(rp.recv_counts[b] == 0 for b, rp in enumerate(plan.ranks))  # nobody sends to itself
+
+
+def test_segments_within_shards_need_no_communication() -> None:
+    plan = plan_ring_dilated(64, 4, 8, 2, (4, 8, 16), (1, 2, 4), is_causal=False)
+    for b in range(4):
+        assert plan.communicating_segments(b) == []
+        assert plan.ranks[b].rows_received == 0 and plan.ranks[b].send_index == {}
+
+
+def test_which_segments_communicate() -> None:
+    # N=24, W=4, shards [0,6) [6,12) [12,18) [18,24). w=4 is unaligned: segments [4,8) and [16,20)
+    # cross shard edges, [8,12) and [12,16) and [20,24) sit inside one shard. w=12 spans ranks {0,1} and {2,3}.
+    plan = plan_ring_dilated(24, 4, 2, 2, (4, 12), (1, 2))
+    assert plan.communicating_segments(0) == [(0, 1), (1, 0)]
+    assert plan.communicating_segments(1) == [(0, 1), (1, 0)]
+    assert plan.communicating_segments(2) == [(0, 4), (1, 1)]
+    assert plan.communicating_segments(3) == [(0, 4), (1, 1)]
+
+
+@pytest.mark.parametrize(("N", "W", "r"), [(32, 4, 4), (64, 2, 8), (48, 3, 2)])
+def test_bytes_match_the_closed_form_minimum(N: int, W: int, r: int) -> None:
+    """One segment spanning the whole sequence, H = Hkv = r heads (one per offset), r | n:
+    every rank needs the other ranks' rows at every offset once: Hkv * (N - n) / r rows = (N - n)."""
+    H = Hkv = r
+    plan = plan_ring_dilated(N, W, H, Hkv, (N,), (r,))
+    n = N // W
+    for b in range(W):
+        assert plan.ranks[b].rows_received == Hkv * (N - n) // r
+        assert plan.bytes_received(b, batch=2, head_dim=64, element_size=2) == Hkv * (N - n) // r * 2 * 2 * 64 * 2
+    # causal: rank b needs only the earlier ranks' rows
+    causal = plan_ring_dilated(N, W, H, Hkv, (N,), (r,), is_causal=True)
+    assert [causal.ranks[b].rows_received for b in range(W)] == [Hkv * b * n // r for b in range(W)]
+
+
+def test_rows_shared_by_two_groups_travel_once() -> None:
+    # groups (8, 1) and (8, 2) select overlapping rows of the same segment: the union is sent, not the sum
+    plan = plan_ring_dilated(8, 2, 2, 1, (8, 8), (1, 2))
+    assert plan.ranks[0].rows_received == 4  # positions 4..7 of kv head 0, once
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"seq_len": 10, "world_size": 3}, ValueError, "divisible by the world size"),
+        ({"seq_len": 0}, ValueError, "seq_len must be positive"),
+        ({"world_size": 2.0}, TypeError, "world_size must be an int"),
+        ({"num_heads": 3, "num_kv_heads": 2}, ValueError, "multiple of num_kv_heads"),
+        ({"segment_lengths": (4, 6), "dilation_rates": (1, 4)}, ValueError, "not divisible by its dilation rate"),
+        ({"head_mode": "bad"}, ValueError, "head_mode"),
+        ({"is_causal": 1}, TypeError, "is_causal must be a bool"),
+    ],
+)
+def test_plan_validation(kwargs, exc, match) -> None:
+    args = {
+        "seq_len": 16,
+        "world_size": 2,
+        "num_heads": 2,
+        "num_kv_heads": 1,
+        "segment_lengths": (4, 8),
+        "dilation_rates": (1, 2),
+    }
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        plan_ring_dilated(
+            args.pop("seq_len"),
+            args.pop("world_size"),
+            args.pop("num_heads"),
+            args.pop("num_kv_heads"),
+            args.pop("segment_lengths"),
+            args.pop("dilation_rates"),
+            **args,
+        )
+
+
+def test_call_without_process_group_is_a_clear_error() -> None:
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="not initialised"):
+        ring_dilated_attention(q, q, q, (4,), (1,))
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=60))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"q": torch.randn(1, 4, 2)}, ValueError, "4 dims"),
+        (
+            {"q": torch.randn(1, 0, 2, 8), "k": torch.randn(1, 0, 2, 8), "v": torch.randn(1, 0, 2, 8)},
+            ValueError,
+            "at least one token",
+        ),
+        ({"dilation_rates": (3,)}, ValueError, "not divisible"),
+        ({"group": "world"}, TypeError, "ProcessGroup"),
+        ({"timeout_s": 0}, ValueError, "timeout_s"),
+        ({"key_padding_mask": torch.zeros(1, 4)}, TypeError, "torch.bool"),
+        ({"softmax_scale": -1.0}, ValueError, "softmax_scale"),
+    ],
+)
+def test_call_validation(world_of_one, kwargs, exc, match) -> None:
+    x = torch.randn(1, 4, 2, 8)
+    args = {"q": x, "k": x, "v": x, "segment_lengths": (4,), "dilation_rates": (2,)}
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        ring_dilated_attention(
+            args.pop("q"), args.pop("k"), args.pop("v"), args.pop("segment_lengths"), args.pop("dilation_rates"), **args
+        )
+
+
+def test_exchange_refuses_self_and_out_of_range_peers(world_of_one) -> None:
+    with pytest.raises(ValueError, match="another rank"):
+        exchange_rows({0: torch.zeros(2)}, {}, None)
+    with pytest.raises(ValueError, match="another rank"):
+        exchange_rows({}, {3: torch.zeros(2)}, None)
+
+
+@pytest.mark.parametrize(
+    ("causal", "mode", "Hkv", "padded"),
+    [(False, "all", 3, False), (True, "all", 1, True), (False, "split", 3, True), (True, "split", 1, False)],
+)
+def test_world_of_one_matches_reference(world_of_one, causal: bool, mode: str, Hkv: int, padded: bool) -> None:
+    """With W = 1 every segment is local: outputs and gradients equal the float64 reference, no bytes move."""
+    g = torch.Generator().manual_seed(7)
+    N, H, D, segs, rates = 11, 3, 8, (2, 4, 8), (1, 2, 4)
+    q = torch.randn(2, N, H, D, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, N, Hkv, D, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, N, Hkv, D, generator=g, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(2, N, H, D, generator=g, dtype=torch.float64)
+    mask = None
+    if padded:
+        mask = torch.rand(2, N, generator=g) < 0.4
+        mask[1] = True
+    reset_stats()
+    out = ring_dilated_attention(q, k, v, segs, rates, is_causal=causal, key_padding_mask=mask, head_mode=mode)
+    assert last_stats().bytes_sent == 0 and last_stats().bytes_received == 0
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ref, _ = reference.dilated_attention(
+        qr, kr, vr, segs, rates, is_causal=causal, key_padding_mask=mask, head_mode=mode
+    )
+    ref_grads = torch.autograd.grad(ref, (qr, kr, vr), dout)
+    assert_close_to_reference("out", out, ref)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close_to_reference(name, a, b)
