@@ -1,0 +1,303 @@
+"""Low-level attention with LSE on (possibly strided) batches of attention problems, via torch's ATen SDPA ops.
+
+One call computes softmax attention for a batch of independent problems laid out as
+
+    q: (B, h, n, D)    k, v: (B, hk, n, D) with h % hk == 0 (GQA: query head i reads kv head i // (h // hk))
+
+with *any* strides as long as the last dim is contiguous. A dilated segment batch is such a view
+(batch = segments with stride w*H*D, heads sharing an offset with stride r*D, rows with stride
+r*H*D), so dilated attention needs no gathered copies of q, k, v.
+
+* :func:`attention_forward` returns ``out`` (B, h, n, D) (fresh) and ``lse`` (B, h, n) (fp32;
+  fp64 for fp64 inputs). Rows with no attendable key give out 0 and lse -inf.
+* :func:`attention_backward` takes the rows' *final* out and lse (e.g. merged over several
+  dilation groups or ring steps) and returns this call's (dq, dk, dv); with the merged statistics
+  the sum of the per-call gradients is exactly the gradient of the merged output.
+
+Kernels (chosen by measurement on an H100, torch 2.11, bf16, N=256K, H=16, D=128 on dilated views;
+see docs/benchmarks/dilated_h100.md):
+
+* ``"cudnn"`` (CUDA, fp16/bf16, D % 8 == 0, D <= 128): ``aten._scaled_dot_product_cudnn_attention``.
+  Accepts strided views, GQA, an additive key bias and a strided LSE in backward; it gave
+  655 TFLOP/s forward on the (2048, 1) view batch against 346 for the flash op.
+* The CUDA flash op was rejected: 2x slower on these views, and its backward silently returns
+  wrong gradients when given a strided LSE. The memory-efficient op was rejected: no GQA and it
+  requires a contiguous LSE.
+* ``"cpu"`` (CPU, any float dtype): ``aten._scaled_dot_product_flash_attention_for_cpu`` and its
+  backward (GQA and a float mask supported).
+
+``key_bias``: (B, n) additive float in q's dtype, 0 = attend, -inf = padding key; it is broadcast
+to every head and row without materialising (B, h, n, n).
+
+The module also registers a :class:`attn_core.blocks.BlockImpl` for CUDA (:func:`ensure_block_impl`,
+idempotent and thread-safe, run at import) so ``block_forward`` / ``block_backward`` get the cuDNN path.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from . import blocks
+
+__all__ = [
+    "CUDNN_MAX_HEAD_DIM",
+    "attention_backward",
+    "attention_forward",
+    "ensure_block_impl",
+    "kernel_for",
+    "unsupported_reasons",
+]
+
+# cuDNN's fused attention (forward and backward) on sm80/sm90 covers head dims up to 128 in steps of 8.
+CUDNN_MAX_HEAD_DIM = 128
+CUDNN_HEAD_DIM_MULTIPLE = 8
+# Key bias rows are allocated with this many elements of slack so every row start is 16-byte aligned.
+BIAS_ALIGN = 8
+
+_ATEN = torch.ops.aten
+_CUDNN_STATE_LOCK = threading.Lock()
+_CUDNN_OK: dict[int, list[str]] = {}  # device index -> reasons (empty: usable); bounded by the GPU count
+_RNG_PLACEHOLDER: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _cudnn_device_reasons(device: torch.device) -> list[str]:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    with _CUDNN_STATE_LOCK:
+        if idx in _CUDNN_OK:
+            return list(_CUDNN_OK[idx])
+    reasons: list[str] = []
+    if not hasattr(_ATEN, "_scaled_dot_product_cudnn_attention_backward"):
+        reasons.append(f"torch {torch.__version__} has no aten._scaled_dot_product_cudnn_attention_backward")
+    if not torch.backends.cudnn.is_available():
+        reasons.append("cuDNN is not available")
+    else:
+        version = torch.backends.cudnn.version() or 0
+        if version < 90000:
+            reasons.append(f"cuDNN attention needs cuDNN >= 9.0, found {version}")
+    major, minor = torch.cuda.get_device_capability(idx)
+    if major < 8:
+        reasons.append(f"cuDNN attention needs compute capability >= 8.0, device {idx} has {major}.{minor}")
+    with _CUDNN_STATE_LOCK:
+        _CUDNN_OK[idx] = reasons
+    return list(reasons)
+
+
+def unsupported_reasons(
+    device: torch.device, dtype: torch.dtype, head_dim: int, *, dropout_p: float = 0.0
+) -> list[str]:
+    """Why no kernel of this module can take attention on ``device`` with ``dtype`` and ``head_dim`` (empty: one can)."""
+    reasons: list[str] = []
+    if dropout_p > 0.0:
+        reasons.append(f"dropout_p={dropout_p} > 0 is not supported by the sdpa kernels (only 0.0)")
+    if device.type == "cpu":
+        return reasons
+    if device.type != "cuda":
+        return [*reasons, f"device type {device.type!r} is not supported (cpu or cuda only)"]
+    if dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"cuDNN attention takes float16/bfloat16 on CUDA, got {dtype}")
+    if head_dim > CUDNN_MAX_HEAD_DIM or head_dim % CUDNN_HEAD_DIM_MULTIPLE != 0:
+        reasons.append(
+            f"cuDNN attention needs head dim D % {CUDNN_HEAD_DIM_MULTIPLE} == 0 and D <= {CUDNN_MAX_HEAD_DIM}, got {head_dim}"
+        )
+    return reasons + _cudnn_device_reasons(device)
+
+
+def kernel_for(device: torch.device) -> str:
+    """The kernel this module runs on ``device``: "cudnn" on CUDA, "cpu" on CPU."""
+    return "cudnn" if device.type == "cuda" else "cpu"
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _bias4(key_bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """(B, n) additive key bias -> (B, h, n, n) broadcast view (stride 0 on heads and rows)."""
+    if key_bias is None:
+        return None
+    B, h, n, _ = q.shape
+    if key_bias.shape != (B, n) or key_bias.dtype != q.dtype:
+        raise ValueError(
+            f"key_bias must be ({B}, {n}) of dtype {q.dtype}, got {tuple(key_bias.shape)} {key_bias.dtype}"
+        )
+    if key_bias.stride(-1) != 1 or key_bias.stride(0) % BIAS_ALIGN != 0:
+        padded = torch.zeros(B, -(-n // BIAS_ALIGN) * BIAS_ALIGN, dtype=q.dtype, device=q.device)
+        padded[:, :n] = key_bias
+        key_bias = padded[:, :n]
+    return key_bias[:, None, None, :].expand(B, h, n, n)
+
+
+def _empty_rows(key_bias: torch.Tensor, is_causal: bool) -> torch.Tensor:
+    """(B, n) bool: rows that see no attendable key (all keys, or all keys <= the row when causal, are -inf)."""
+    masked = torch.isneginf(key_bias)
+    if not is_causal:
+        return masked.all(dim=-1, keepdim=True).expand_as(masked)
+    # row t is empty iff keys 0..t are all masked: a running AND along the row index
+    return torch.cumprod(masked.to(torch.int8), dim=-1).bool()
+
+
+def _rng_placeholder(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cuDNN's backward signature wants the forward's philox seed/offset; without dropout they are unused."""
+    idx = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    with _CUDNN_STATE_LOCK:
+        cached = _RNG_PLACEHOLDER.get(idx)
+    if cached is not None:
+        return cached
+    tiny = torch.zeros(1, 1, 8, q.shape[-1], dtype=q.dtype, device=q.device)
+    res = _ATEN._scaled_dot_product_cudnn_attention(tiny, tiny, tiny, None, True, 0.0, False, False, scale=1.0)
+    pair = (res[6], res[7])
+    with _CUDNN_STATE_LOCK:
+        _RNG_PLACEHOLDER[idx] = pair
+    return pair
+
+
+def _check_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q (B, h, n, D) and k, v (B, hk, n, D); got {tuple(q.shape)}, {tuple(k.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads {q.shape[1]} must be a positive multiple of kv heads {k.shape[1]}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim, got strides {t.stride()}")
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    is_causal: bool,
+    scale: float,
+    key_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, h, n, D) in q's dtype and lse (B, h, n) fp32 (fp64 for fp64) for q (B, h, n, D), k/v (B, hk, n, D).
+
+    ``is_causal``: row t sees keys 0..t (q and k have the same n). Empty rows: out 0, lse -inf.
+    """
+    _check_layout(q, k, v)
+    if q.device.type == "cuda":
+        bias = _bias4(key_bias, q)
+        res = _ATEN._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, is_causal, False, scale=scale)
+        out, lse = res[0], res[1]
+        lse = lse.reshape(q.shape[:3])  # cuDNN returns (B, h, n, 1)
+        return out, lse  # cuDNN already gives out 0 / lse -inf for fully masked rows
+    mask = None if key_bias is None else key_bias[:, None, None, :]
+    out, lse = _ATEN._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+    lse = lse.to(_lse_dtype(q.dtype))
+    if key_bias is not None:
+        # the CPU kernel reports lse 0 for a row whose keys are all masked; the contract is -inf
+        empty = _empty_rows(key_bias, is_causal)[:, None, :]
+        lse = lse.masked_fill(empty, float("-inf"))
+        out = out.masked_fill(empty.unsqueeze(-1), 0.0)
+    return out, lse
+
+
+def attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    is_causal: bool,
+    scale: float,
+    key_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of this call given the rows' final ``out`` (B, h, n, D) and ``lse`` (B, h, n), any strides.
+
+    Rows whose final lse is -inf (no key anywhere) get zero gradients. dk, dv are summed over the
+    query heads that share a kv head (GQA).
+    """
+    _check_layout(q, k, v)
+    # exp(s - (+inf)) = 0: rows that saw no key anywhere contribute nothing (and never NaN)
+    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    if q.device.type == "cuda":
+        bias = _bias4(key_bias, q)
+        seed, offset = _rng_placeholder(q)
+        n = q.shape[2]
+        dq, dk, dv = _ATEN._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse.float().unsqueeze(-1), seed, offset, bias, None, None, n, n, 0.0, is_causal,
+            scale=scale,
+        )  # fmt: skip
+        return dq, dk, dv
+    mask = None if key_bias is None else key_bias[:, None, None, :]
+    dq, dk, dv = _ATEN._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse.float() if q.dtype != torch.float64 else lse,
+        0.0,
+        is_causal,
+        attn_mask=mask,
+        scale=scale,
+    )
+    return dq, dk, dv
+
+
+class _CudnnBlockImpl:
+    """blocks.BlockImpl over the cuDNN path: q (B, Nq, H, D) layouts are transposed views, never copies."""
+
+    def supports(self, q: torch.Tensor, k: torch.Tensor, is_causal: bool, has_padding: bool) -> bool:
+        if q.device.type != "cuda" or has_padding:
+            return False
+        if is_causal and q.shape[1] != k.shape[1]:
+            return False  # keep causal square: top-left and bottom-right alignment then agree
+        if q.stride(-1) != 1 or k.stride(-1) != 1:
+            return False
+        return not unsupported_reasons(q.device, q.dtype, q.shape[-1])
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = attention_forward(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=is_causal, scale=scale
+        )
+        return out.transpose(1, 2), lse
+
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        is_causal: bool,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dq, dk, dv = attention_backward(
+            dout.transpose(1, 2),
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            out.transpose(1, 2),
+            lse,
+            is_causal=is_causal,
+            scale=scale,
+        )
+        # block_backward returns gradients in the accumulation dtype (fp32)
+        return dq.transpose(1, 2).float(), dk.transpose(1, 2).float(), dv.transpose(1, 2).float()
+
+
+_BLOCK_IMPL = _CudnnBlockImpl()
+_REGISTER_LOCK = threading.Lock()
+_REGISTERED = False
+
+
+def ensure_block_impl() -> None:
+    """Register the cuDNN block impl with :mod:`attn_core.blocks` once (idempotent, thread-safe)."""
+    global _REGISTERED
+    with _REGISTER_LOCK:
+        if not _REGISTERED:
+            blocks.register_block_impl(_BLOCK_IMPL)
+            _REGISTERED = True
+
+
+ensure_block_impl()

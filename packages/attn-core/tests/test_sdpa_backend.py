@@ -1,0 +1,285 @@
+"""The "sdpa" dilated-attention backend and attn_core.sdpa_ops, against the float64 references.
+
+CPU: every path that runs on CPU (the CPU flash kernel on strided views, the in-place merge, the
+exact backward through the merge), the view/stride logic, call planning (chunking, GQA head sets,
+batch folding), the block impl registration. CUDA tests (marked gpu) check bf16/fp16 on the GPU
+against the 2x rule.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from attn_core import blocks, reference, sdpa_ops
+from attn_core.api import dilated_attention, explain
+from attn_core.backends import sdpa
+from attn_core.config import DilatedConfig
+from attn_core.testing import assert_close_to_reference
+
+CUDA = torch.cuda.is_available()
+
+
+def _inputs(B, N, H, Hkv, D, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, N, H, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, N, Hkv, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, N, Hkv, D, generator=g, dtype=torch.float64)
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
+
+
+def _check(q, k, v, seg, rates, *, causal=False, mask=None, mode="all", baseline=True):
+    """Outputs and q/k/v grads of backend "sdpa" vs the float64 reference (2x rule vs plain PyTorch in q's dtype)."""
+    out = dilated_attention(
+        q, k, v, seg, rates, is_causal=causal, key_padding_mask=mask, head_mode=mode, backend="sdpa"
+    )
+    assert out.dtype == q.dtype and out.shape == q.shape
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    grads = torch.autograd.grad(out, (q, k, v), go.to(out.dtype).to(out.device))
+
+    def ref(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        m = None if mask is None else mask
+        o, _ = reference.dilated_attention(
+            *leaves, seg, rates, is_causal=causal, key_padding_mask=m, head_mode=mode, dtype=dtype
+        )
+        gs = torch.autograd.grad(o, leaves, go.to(o.device, dtype))
+        return o, gs
+
+    r_out, r_grads = ref(torch.float64)
+    use_base = baseline and q.dtype != torch.float64
+    b_out, b_grads = ref(q.dtype) if use_base else (None, (None, None, None))
+    assert_close_to_reference("out", out, r_out, b_out)
+    for name, a, r, b in zip(("dq", "dk", "dv"), grads, r_grads, b_grads):
+        assert_close_to_reference(name, a, r, b)
+    return out, grads
+
+
+CONFIGS = [
+    # (B, N, H, Hkv, D, segments, rates)
+    (2, 64, 4, 4, 16, [16, 32], [1, 2]),
+    (1, 50, 6, 3, 8, [8, 16], [1, 4]),  # odd N (short last segments), GQA 2:1, uneven head groups
+    (2, 37, 8, 2, 8, [4, 12, 24], [1, 2, 4]),  # N not a multiple of any w, GQA 4:1
+    (1, 45, 5, 5, 8, [6, 9], [2, 3]),  # H not a multiple of the rates / group count
+    (2, 40, 6, 2, 8, [8, 24], [2, 6]),  # GQA where q heads of one offset map to kv heads irregularly
+]
+
+
+@pytest.mark.parametrize("mode", ["all", "split"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[f"cfg{i}" for i in range(len(CONFIGS))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_reference(mode, causal, cfg, dtype):
+    B, N, H, Hkv, D, seg, rates = cfg
+    q, k, v = _inputs(B, N, H, Hkv, D, dtype)
+    _check(q, k, v, seg, rates, causal=causal, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["all", "split"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_padding_and_empty_rows(mode, causal):
+    B, N, H, Hkv, D = 3, 41, 4, 2, 8
+    q, k, v = _inputs(B, N, H, Hkv, D, torch.float32, seed=3)
+    mask = torch.rand(B, N, generator=torch.Generator().manual_seed(1)) < 0.4
+    mask[1] = True  # a fully padded batch row: every output 0, every gradient 0, no NaN
+    mask[2, :10] = True  # causal: the first rows of batch 2 see only padding
+    out, grads = _check(q, k, v, [8, 16], [1, 2], causal=causal, mask=mask, mode=mode)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    for g in grads:
+        assert torch.isfinite(g).all()
+    assert torch.equal(grads[1][1], torch.zeros_like(grads[1][1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_cpu(dtype):
+    q, k, v = _inputs(1, 48, 4, 2, 16, dtype, seed=5)
+    _check(q, k, v, [16, 48], [1, 4], causal=True)
+
+
+def test_single_token_and_tiny():
+    q, k, v = _inputs(2, 1, 2, 1, 8, torch.float64)
+    out, _ = _check(q, k, v, [4, 8], [1, 2])
+    # N=1: the one position is selected by offset 0 only; head 1 (offset 1 in group r=2) still has group r=1
+    assert torch.isfinite(out).all()
+    q, k, v = _inputs(1, 3, 4, 4, 8, torch.float64)
+    _check(q, k, v, [4], [2], causal=True, mode="split")
+
+
+def test_gradcheck_float64():
+    q, k, v = _inputs(1, 10, 4, 2, 3, torch.float64, seed=11)
+    mask = torch.zeros(1, 10, dtype=torch.bool)
+    mask[0, 3] = True
+
+    def f(q, k, v):
+        return dilated_attention(q, k, v, [4, 8], [1, 2], is_causal=True, key_padding_mask=mask, backend="sdpa")
+
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_non_contiguous_inputs_and_grad_output():
+    # q, k, v as transposes of (B, H, N, D) tensors: batch cannot fold into segments -> per-batch calls
+    B, N, H, D = 2, 32, 4, 8
+    base = [torch.randn(B, H, N, D, dtype=torch.float64) for _ in range(3)]
+    q, k, v = (t.transpose(1, 2).requires_grad_() for t in base)
+    assert not sdpa.batch_mergeable(q)
+    out = dilated_attention(q, k, v, [8, 16], [1, 2], backend="sdpa")
+    r, _ = reference.dilated_attention(q, k, v, [8, 16], [1, 2])
+    assert_close_to_reference("out", out, r)
+    # an expanded (stride-0) grad_output, as from out.sum()
+    (gq,) = torch.autograd.grad(out.sum(), (q,))
+    (rq,) = torch.autograd.grad(r.sum(), (q,))
+    assert_close_to_reference("dq", gq, rq)
+
+
+def test_chunked_calls_match(monkeypatch):
+    # force many small calls (segment chunks, per-batch pieces): same result as one call per group
+    q, k, v = _inputs(2, 96, 4, 2, 8, torch.float64, seed=2)
+    big = dilated_attention(q, k, v, [8, 32], [1, 4], is_causal=True, backend="sdpa")
+    monkeypatch.setattr(sdpa, "MIN_CALL_ELEMS", 1)
+    monkeypatch.setattr(sdpa, "CALL_FRACTION", 64)
+    pieces = sdpa.plan_pieces((2, 96, 4, 2, 8), DilatedConfig([8, 32], [1, 4]), True)
+    assert any(p.batch is not None and p.nseg < 96 // p.w for p in pieces)
+    _check(q, k, v, [8, 32], [1, 4], causal=True)
+    small = dilated_attention(q, k, v, [8, 32], [1, 4], is_causal=True, backend="sdpa")
+    assert torch.allclose(big, small, atol=1e-12)
+
+
+def _gather(x, p, h0, hs, hn):
+    """Reference for piece_view by explicit indexing (a copy)."""
+    B = x.shape[0]
+    batches = range(B) if p.batch is None else [p.batch]
+    rows = []
+    for b in batches:
+        for s in range(p.seg0, p.seg0 + p.nseg):
+            pos = [s * p.w + p.o + t * p.r for t in range(p.rows)]
+            heads = [h0 + i * hs for i in range(hn)]
+            rows.append(x[b][pos][:, heads].transpose(0, 1))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 6, 3, 4), (1, 53, 4, 1, 4), (3, 40, 8, 4, 2)])
+@pytest.mark.parametrize("mode", ["all", "split"])
+def test_piece_views_are_views_and_cover_the_config(shape, mode):
+    B, N, H, Hkv, D = shape
+    cfg = DilatedConfig([8, 16, 40], [1, 2, 4], mode)
+    q = torch.randn(B, N, H, D)
+    k = torch.randn(B, N, Hkv, D)
+    weights = torch.zeros(H, N, N)
+    for p in sdpa.plan_pieces(shape, cfg, True):
+        qv = sdpa.piece_view(q, p, p.q_h0, p.q_hs, p.q_hn)
+        kv = sdpa.piece_view(k, p, p.kv_h0, p.kv_hs, p.kv_hn)
+        assert qv.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()  # a view, no copy
+        assert torch.equal(qv, _gather(q, p, p.q_h0, p.q_hs, p.q_hn))
+        assert torch.equal(kv, _gather(k, p, p.kv_h0, p.kv_hs, p.kv_hn))
+        assert p.q_hn % p.kv_hn == 0
+        for i in range(p.q_hn):  # GQA: query head i of the call reads kv head i // (hn / hk)
+            j = p.q_h0 + i * p.q_hs
+            assert p.kv_h0 + (i // (p.q_hn // p.kv_hn)) * p.kv_hs == j // (H // Hkv)
+            if p.batch not in (None, 0):
+                continue  # per-batch pieces repeat the same positions for every batch row
+            for s in range(p.seg0, p.seg0 + p.nseg):
+                pos = torch.tensor([s * p.w + p.o + t * p.r for t in range(p.rows)])
+                assert int(pos.max()) < N
+                weights[j][pos[:, None], pos[None, :]] += 1
+    # the pieces select exactly the dilated key multiset of the reference (per head, non-causal)
+    expected = reference.dilated_weights(N, H, [8, 16, 40], [1, 2, 4], head_mode=mode)
+    assert torch.equal(weights.double(), expected)
+
+
+def test_kv_sets_patterns():
+    # 1:1 with stride: H=16, Hkv=8 (2 q per kv), r=4, offset 1 -> q 1,5,9,13 -> kv 0,2,4,6
+    assert sdpa._kv_sets([1, 5, 9, 13], 2) == [(1, 4, 4, 0, 2, 4)]
+    # shared consecutive: H=16, Hkv=2 (8 q per kv), r=2, offset 1 -> q 1,3,..,15 -> kv 0x4, 1x4
+    assert sdpa._kv_sets(list(range(1, 16, 2)), 8) == [(1, 2, 8, 0, 1, 2)]
+    # irregular: q 0,3 (r=3) with 2 q per kv -> kv 0,1 (1:1, stride 1) ; q 0,3,6 -> kv 0,1,3 -> per kv head
+    assert sdpa._kv_sets([0, 3], 2) == [(0, 3, 2, 0, 1, 2)]
+    assert sdpa._kv_sets([0, 3, 6], 2) == [(0, 3, 1, 0, 1, 1), (3, 3, 1, 1, 1, 1), (6, 3, 1, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_ops_on_strided_views_with_bias(causal):
+    # sdpa_ops directly: strided q/k/v, GQA, a key bias with fully masked rows, backward with a given lse
+    x = torch.randn(3, 40, 6, 8, dtype=torch.float64)
+    kvx = torch.randn(3, 40, 3, 8, dtype=torch.float64)
+    q = x[:, 1::2, 0::2].transpose(1, 2)  # (3, 3, 20, 8) strided
+    k = kvx[:, 1::2].transpose(1, 2)  # (3, 3, 20, 8): 1:1
+    v = k.flip(-1).contiguous()
+    bias = torch.zeros(3, 20, dtype=torch.float64)
+    bias[0] = float("-inf")
+    bias[1, :5] = float("-inf")
+    out, lse = sdpa_ops.attention_forward(q, k, v, is_causal=causal, scale=0.3, key_bias=bias)
+    ro, rl = blocks.block_forward(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, softmax_scale=0.3,
+        key_padding_mask=torch.isinf(bias),
+    )  # fmt: skip
+    assert torch.allclose(out.transpose(1, 2), ro, atol=1e-12)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(rl))
+    assert torch.allclose(lse[torch.isfinite(lse)], rl[torch.isfinite(rl)], atol=1e-12)
+    do = torch.randn_like(out)
+    g = sdpa_ops.attention_backward(do, q, k, v, out, lse, is_causal=causal, scale=0.3, key_bias=bias)
+    rg = blocks.block_backward(
+        do.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ro, rl,
+        is_causal=causal, softmax_scale=0.3, key_padding_mask=torch.isinf(bias),
+    )  # fmt: skip
+    for a, r in zip(g, rg):
+        assert torch.isfinite(a).all()
+        assert torch.allclose(a.transpose(1, 2), r, atol=1e-10)
+
+
+def test_reasons_and_auto_choice():
+    q, k, v = _inputs(1, 16, 2, 2, 8, torch.float32)
+    choice = explain(q, k, v, [8], [1])
+    assert choice.backend == "sdpa"
+    reasons = sdpa_ops.unsupported_reasons(q.device, q.dtype, 8, dropout_p=0.1)
+    assert any("dropout" in r for r in reasons)
+    with pytest.raises(ValueError, match="dropout"):
+        dilated_attention(q, k, v, [8], [1], dropout_p=0.1, backend="sdpa")
+    assert explain(q, k, v, [8], [1], dropout_p=0.1).backend == "reference"
+    assert sdpa_ops.unsupported_reasons(torch.device("meta"), torch.float16, 64)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        sdpa_ops.attention_forward(q.transpose(1, 2), k[:, :, :0].transpose(1, 2), v[:, :, :0].transpose(1, 2),
+                                   is_causal=False, scale=1.0)  # fmt: skip
+
+
+def test_block_impl_registration_is_idempotent_and_thread_safe():
+    def count():
+        with blocks._IMPLS_LOCK:
+            return sum(1 for i in blocks._IMPLS if isinstance(i, sdpa_ops._CudnnBlockImpl))
+
+    assert count() == 1  # registered at import
+    threads = [threading.Thread(target=sdpa_ops.ensure_block_impl) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert count() == 1
+    impl = sdpa_ops._BLOCK_IMPL
+    q = torch.randn(1, 8, 2, 8)
+    assert not impl.supports(q, q, False, False)  # CPU inputs keep the math path
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["all", "split"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_matches_reference(dtype, mode, causal):
+    q, k, v = _inputs(2, 300, 8, 4, 64, dtype, device="cuda", seed=13)
+    mask = torch.rand(2, 300, device="cuda") < 0.2
+    mask[1, :40] = True
+    _check(q, k, v, [64, 128, 256], [1, 2, 4], causal=causal, mask=mask, mode=mode)
+    assert explain(q, k, v, [64], [1]).backend == "sdpa"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_block_impl_matches_math():
+    q, k, v = (torch.randn(2, 96, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    assert sdpa_ops._BLOCK_IMPL.supports(q, k, True, False)
+    out, lse = blocks.block_forward(q, k, v, is_causal=True, softmax_scale=0.125)
+    r, rl = reference.dense_attention(q, k, v, is_causal=True, softmax_scale=0.125)
+    b, _ = reference.dense_attention(q, k, v, is_causal=True, softmax_scale=0.125, dtype=torch.bfloat16)
+    assert_close_to_reference("block out", out, r, b)
+    assert torch.allclose(lse.double(), rl, atol=1e-3)
