@@ -21,7 +21,7 @@ probabilities of ordinary attention.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from torch.nn.functional import dropout
 
 from ..blocks import acc_dtype
 from ..config import DilatedCall
@@ -72,7 +72,7 @@ def _segment_attention(
     lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     p = torch.exp(s - lse_safe.unsqueeze(-1))  # exactly 0 on masked keys, no 0/0 on empty rows
     if dropout_p > 0.0:
-        p = F.dropout(p, p=dropout_p, training=True)
+        p = dropout(p, p=dropout_p, training=True)
     return torch.matmul(p, v), lse
 
 
