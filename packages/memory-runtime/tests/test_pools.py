@@ -1,0 +1,312 @@
+"""DeviceBufferPool on CPU: correctness under threads, stats, stream-aware reuse (fake streams), errors."""
+
+from __future__ import annotations
+
+import random
+import sys
+import threading
+
+import pytest
+import torch
+
+from memory_runtime import DeviceBufferPool, PoolExhaustedError, round_size
+from memory_runtime.pools import ALIGNMENT, _RangeAllocator
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.int32]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def test_round_size_bounded_waste_and_alignment():
+    rng = random.Random(0)
+    for n in [1, 511, 512, 513, 1000, 4097, 10**6 + 7] + [rng.randrange(1, 1 << 34) for _ in range(2000)]:
+        r = round_size(n)
+        assert r >= n and r % ALIGNMENT == 0
+        assert r - n < max(n / 16, ALIGNMENT)
+    assert round_size(0) == ALIGNMENT
+
+
+def test_range_allocator_best_fit_split_coalesce():
+    a = _RangeAllocator()
+    a.free(0, 0, 4096)
+    x = a.alloc(1024)
+    y = a.alloc(1024)
+    z = a.alloc(2048)
+    assert (x, y, z) == ((0, 0), (0, 1024), (0, 2048))
+    assert a.alloc(512) is None and a.free_bytes == 0
+    a.free(0, 1024, 1024)  # hole in the middle
+    a.free(0, 0, 1024)  # merges with the right neighbour
+    assert a.largest() == 2048 and len(a) == 1
+    a.free(0, 2048, 2048)  # merges with the left neighbour: whole region free again
+    assert a.whole_region_free(0, 4096)
+    # best fit: the smaller of two holes that fit
+    b = _RangeAllocator()
+    b.free(0, 0, 8192)
+    b.free(1, 0, 2048)
+    assert b.alloc(1536) == (1, 0)
+
+
+def test_acquire_shapes_dtypes_and_reuse():
+    pool = DeviceBufferPool("cpu", slab_bytes=1 << 20)
+    t = pool.acquire((3, 5, 7), torch.float16, "cpu")
+    assert t.shape == (3, 5, 7) and t.dtype == torch.float16 and t.is_contiguous() and t.device.type == "cpu"
+    assert t.data_ptr() % 64 == 0  # slab base: 64 B on CPU (512 on CUDA); offsets are multiples of 512
+    t.fill_(1.5)
+    assert torch.all(t == 1.5)
+    s = pool.stats()
+    assert s.bytes_requested == 3 * 5 * 7 * 2 and s.bytes_in_use == round_size(210) and s.live_blocks == 1
+    ptr = t.data_ptr()
+    pool.release(t)
+    t2 = pool.acquire([3, 5, 7], torch.float16)
+    assert t2.data_ptr() == ptr  # quick list: the same buffer back
+    pool.release(t2)
+    u = pool.acquire(100, torch.int64)  # int shape
+    assert u.shape == (100,)
+    pool.release(u)
+    s = pool.stats()
+    assert s.misses == 1 and s.hits == 2 and s.reservations == 1 and s.quick_hits == 1
+    assert s.bytes_in_use == 0 and s.bytes_requested == 0 and s.live_blocks == 0
+
+
+def test_zero_element_requests():
+    pool = DeviceBufferPool("cpu")
+    z = pool.acquire((0, 4), torch.float32)
+    assert z.shape == (0, 4)
+    pool.release(z)
+    with pytest.raises(ValueError, match="zero-element"):
+        pool.release(z)
+    assert pool.stats().live_blocks == 0
+
+
+def test_in_place_reshaped_tensor_takes_slow_path():
+    pool = DeviceBufferPool("cpu", slab_bytes=1 << 16)
+    t = pool.acquire((4, 8), torch.float32)
+    t.t_()  # caller changed the view in place
+    pool.release(t)
+    t2 = pool.acquire((4, 8), torch.float32)
+    assert t2.shape == (4, 8) and t2.is_contiguous()
+    pool.release(t2)
+
+
+def test_large_request_gets_own_slab_and_trim_returns_it():
+    pool = DeviceBufferPool("cpu", slab_bytes=1 << 16)
+    big = pool.acquire((2 << 20,), torch.uint8)  # > slab: a slab of its own (2 MiB granule, exact here)
+    small = pool.acquire((16,), torch.float32)
+    s = pool.stats()
+    assert s.num_slabs == 2 and s.bytes_reserved == (2 << 20) + (1 << 16)
+    pool.release(big)
+    freed = pool.trim()
+    assert freed == 2 << 20
+    s = pool.stats()
+    assert s.num_slabs == 1 and s.reservations_released == 1 and s.live_blocks == 1
+    pool.release(small)
+    assert pool.trim() == 1 << 16 and pool.stats().bytes_reserved == 0
+
+
+def test_bounded_pool_raises_clear_error_and_recovers_after_release():
+    pool = DeviceBufferPool("cpu", slab_bytes=1 << 16, max_bytes=1 << 17)
+    a = pool.acquire((1 << 16,), torch.uint8)
+    b = pool.acquire((1 << 16,), torch.uint8)
+    with pytest.raises(PoolExhaustedError, match="max_bytes"):
+        pool.acquire((1 << 16,), torch.uint8)
+    pool.release(a)
+    c = pool.acquire((1 << 10, 16), torch.float32)  # reuses a's memory, no growth
+    assert pool.stats().bytes_reserved <= 1 << 17
+    pool.release(b)
+    pool.release(c)
+    # a request that needs more than the bound: trims free slabs, then fits
+    d = pool.acquire((1 << 17,), torch.uint8)
+    assert pool.stats().bytes_reserved <= 1 << 17
+    pool.release(d)
+
+
+def test_errors_name_the_bad_value():
+    pool = DeviceBufferPool("cpu")
+    with pytest.raises(ValueError, match="-3"):
+        pool.acquire((2, -3), torch.float32)
+    with pytest.raises(TypeError, match=r"2\.5"):
+        pool.acquire((2, 2.5), torch.float32)
+    with pytest.raises(TypeError, match="shape"):
+        pool.acquire("abc", torch.float32)
+    with pytest.raises(TypeError, match="dtype"):
+        pool.acquire((2,), "float32")
+    with pytest.raises(TypeError, match="dtype"):
+        pool.acquire((2,), float)
+    with pytest.raises(ValueError, match="meta"):
+        pool.acquire((2,), torch.float32, "meta")
+    with pytest.raises(ValueError, match="slab_bytes"):
+        DeviceBufferPool("cpu", slab_bytes=0)
+    with pytest.raises(ValueError, match="max_bytes"):
+        DeviceBufferPool("cpu", max_bytes=-1)
+    with pytest.raises(ValueError, match="device"):
+        DeviceBufferPool("bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            DeviceBufferPool("cuda")
+    t = pool.acquire((8,), torch.float32)
+    pool.release(t)
+    with pytest.raises(ValueError, match="double release"):
+        pool.release(t)
+    with pytest.raises(ValueError, match="foreign"):
+        pool.release(torch.empty(8))
+    with pytest.raises(TypeError, match="Tensor"):
+        pool.release([1, 2])  # type: ignore[arg-type]
+
+
+class FakeStreams:
+    """Streams as names; fences complete only when the test says so (or someone waits on them)."""
+
+    def __init__(self) -> None:
+        self.current = "s0"
+        self.fences: list[dict] = []
+
+    def current_key(self):
+        return self.current
+
+    def fence(self, key):
+        f = {"stream": key, "done": False}
+        self.fences.append(f)
+        return f
+
+    def done(self, fence) -> bool:
+        return fence["done"]
+
+    def wait(self, fence) -> None:
+        fence["done"] = True
+
+    def complete(self) -> None:
+        for f in self.fences:
+            f["done"] = True
+
+
+def test_stream_aware_reuse_waits_for_the_releasing_stream():
+    streams = FakeStreams()
+    pool = DeviceBufferPool("cpu", slab_bytes=4096, stream_ops=streams)
+    a = pool.acquire((1024,), torch.float32)  # fills the only slab
+    a_ptr = a.data_ptr()
+    pool.release(a)  # released on s0
+    streams.current = "s1"
+    b = pool.acquire((1024,), torch.float32)
+    assert b.data_ptr() != a_ptr, "reused s0's block on s1 before s0's fence completed"
+    assert streams.fences and streams.fences[0]["stream"] == "s0"
+    assert pool.stats().reservations == 2
+    pool.release(b)
+    # same stream: immediate reuse, no fence needed
+    b2 = pool.acquire((1024,), torch.float32)
+    assert b2.data_ptr() == b.data_ptr()
+    pool.release(b2)
+    # once s0's fence completed, another stream may take its block without growing
+    streams.complete()
+    streams.current = "s2"
+    c = pool.acquire((1024,), torch.float32)
+    assert c.data_ptr() == a_ptr and pool.stats().reservations == 2
+    pool.release(c)
+
+
+def test_bounded_pool_waits_on_fences_instead_of_growing():
+    streams = FakeStreams()
+    pool = DeviceBufferPool("cpu", slab_bytes=4096, max_bytes=4096, stream_ops=streams)
+    a = pool.acquire((4096,), torch.uint8)
+    ptr = a.data_ptr()
+    pool.release(a)
+    streams.current = "s1"
+    b = pool.acquire((4096,), torch.uint8)  # bound reached: waits for s0's fence, then reuses
+    assert b.data_ptr() == ptr and pool.stats().reservations == 1
+    assert all(f["done"] for f in streams.fences)
+    pool.release(b)
+
+
+def test_threads_no_overlap_and_balanced_stats():
+    """8 threads x 50k random acquire/release in total; owners stamp and verify their buffers."""
+    pool = DeviceBufferPool("cpu", slab_bytes=1 << 20)
+    n_threads, total_ops = 8, 50_000
+    per_thread = total_ops // n_threads
+    errors: list[str] = []
+    live_ranges: dict[int, tuple[int, int]] = {}
+    ranges_lock = threading.Lock()
+    barrier = threading.Barrier(n_threads)
+
+    def check_and_add(t: torch.Tensor, owner: int) -> None:
+        lo, hi = t.data_ptr(), t.data_ptr() + _nbytes(t)
+        with ranges_lock:
+            for other, (olo, ohi) in live_ranges.items():
+                if lo < ohi and olo < hi:
+                    errors.append(f"overlap: {owner} [{lo},{hi}) with {other} [{olo},{ohi})")
+            live_ranges[owner] = (lo, hi)
+
+    def worker(tid: int) -> None:
+        rng = random.Random(tid)
+        held: list[tuple[torch.Tensor, int, int]] = []
+        serial = 0
+        barrier.wait()
+        try:
+            for _ in range(per_thread):
+                if held and (len(held) >= 6 or rng.random() < 0.5):
+                    t, stamp, key = held.pop(rng.randrange(len(held)))
+                    if not bool(torch.all(t == stamp)):
+                        errors.append(f"thread {tid}: buffer {key} was overwritten by another owner")
+                    with ranges_lock:
+                        del live_ranges[key]
+                    pool.release(t)
+                else:
+                    dtype = rng.choice([torch.int32, torch.int64, torch.float32])
+                    shape = (rng.randint(1, 64), rng.choice([1, 3, 8, 17]))
+                    t = pool.acquire(shape, dtype, "cpu")
+                    serial += 1
+                    key = tid * 10**7 + serial
+                    stamp = key % 2**24  # exact in every dtype used
+                    check_and_add(t, key)
+                    t.fill_(stamp)
+                    held.append((t, stamp, key))
+            for t, stamp, key in held:
+                if not bool(torch.all(t == stamp)):
+                    errors.append(f"thread {tid}: buffer {key} overwritten")
+                with ranges_lock:
+                    del live_ranges[key]
+                pool.release(t)
+        except Exception as exc:
+            errors.append(f"thread {tid}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_threads)]
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often: more interleavings inside acquire/release
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(old_interval)
+    assert not errors, errors[:5]
+    s = pool.stats()
+    assert s.acquires == s.releases and s.acquires > total_ops // 3
+    assert s.live_blocks == 0 and s.bytes_in_use == 0 and s.bytes_requested == 0
+    assert s.bytes_cached == s.bytes_reserved
+    assert s.hits + s.misses == s.acquires and s.misses == s.reservations
+    assert s.peak_bytes_in_use <= s.peak_bytes_reserved
+    # everything is free again: trim gives every slab back
+    assert pool.trim() == s.bytes_reserved and pool.stats().bytes_reserved == 0
+
+
+def test_variable_length_trace_stops_reserving_after_warmup():
+    """A repeated variable-N attention-like trace: no new slabs after the first pass."""
+    pool = DeviceBufferPool("cpu", slab_bytes=1 << 20)
+    rng = random.Random(3)
+    lengths = [rng.choice(range(64, 1025, 64)) for _ in range(40)]
+
+    def one_pass() -> None:
+        for n in lengths:
+            bufs = [pool.acquire((1, n, 4, 16), torch.float16) for _ in range(4)]  # q, k, v, out
+            bufs.append(pool.acquire((1, 4, n), torch.float32))  # lse
+            for b in bufs:
+                pool.release(b)
+
+    one_pass()
+    reserved = pool.stats().reservations
+    for _ in range(3):
+        one_pass()
+    s = pool.stats()
+    assert s.reservations == reserved and s.live_blocks == 0
+    assert s.peak_bytes_in_use >= s.peak_bytes_requested
