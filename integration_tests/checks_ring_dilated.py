@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from attn_core import reference
+from attn_core import MultiheadDilatedAttention, reference
 from attn_core.testing import assert_close_to_reference
 from attn_ring.exchange import last_stats, reset_stats
+from attn_ring.modules_dilated import RingMultiheadDilatedAttention
 from attn_ring.ring_dilated import plan_ring_dilated, ring_dilated_attention
 
 
@@ -158,6 +159,7 @@ def check_all_cases(rank: int, world_size: int) -> list[str]:
     for i, case in enumerate(cases(world_size)):
         run_case(case, rank, world_size, seed=1000 * world_size + i)
         done.append(case.name)
+    done.append(check_multihead_module(rank, world_size))
     return done
 
 
@@ -173,6 +175,35 @@ def check_mismatched_config_raises(rank: int, world_size: int) -> str:
             raise
         return "raised"
     raise AssertionError("mismatched configuration was not detected")
+
+
+def check_multihead_module(rank: int, world_size: int) -> str:
+    """RingMultiheadDilatedAttention on shards == attn_core's module on the whole sequence: outputs,
+    input gradients, and parameter gradients summed over ranks."""
+    device = _device()
+    n, E, H, Hkv, segs, rates = 6, 16, 4, 2, (4, 12), (1, 2)
+    N = n * world_size
+    torch.manual_seed(3)
+    ref = MultiheadDilatedAttention(E, H, segs, rates, num_kv_heads=Hkv, backend="reference", dtype=torch.float64)
+    ring = RingMultiheadDilatedAttention(E, H, segs, rates, num_kv_heads=Hkv, dtype=torch.float64)
+    ring.load_state_dict(ref.state_dict())
+    ring.to(device)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, N, E, generator=g, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(2, N, E, generator=g, dtype=torch.float64)
+    out_ref, _ = ref(x, x, x, is_causal=True)
+    out_ref.backward(dout)
+    lo, hi = rank * n, (rank + 1) * n
+    xs = x.detach()[:, lo:hi].to(device).requires_grad_()
+    out, _ = ring(xs, xs, xs, is_causal=True)
+    out.backward(dout[:, lo:hi].to(device))
+    assert_close_to_reference(f"module out rank {rank}", out.detach().cpu(), out_ref.detach()[:, lo:hi])
+    assert_close_to_reference(f"module dx rank {rank}", xs.grad.cpu(), x.grad[:, lo:hi])
+    for (name, p_ring), p_ref in zip(ring.named_parameters(), ref.parameters()):
+        grad = p_ring.grad.detach().clone()
+        dist.all_reduce(grad)  # per-rank parameter gradients sum to the full-sequence gradient
+        assert_close_to_reference(f"module d{name}", grad.cpu(), p_ref.grad)
+    return "multihead module"
 
 
 NCCL_CHECKS = [check_all_cases, check_mismatched_config_raises]

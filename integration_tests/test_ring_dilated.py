@@ -1,4 +1,5 @@
-"""Ring dilated attention in real gloo processes, world sizes 1-4 (one spawn per world size, many cases inside)."""
+"""Ring dilated attention and its multihead module in real gloo processes, world sizes 1-4
+(one spawn per world size, many cases inside)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from harness import assert_all_ok, run_world
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_ring_dilated_matches_reference(world_size: int) -> None:
     values = assert_all_ok(run_world(checks_ring_dilated.check_all_cases, world_size, timeout=150))
-    expected = [c.name for c in checks_ring_dilated.cases(world_size)]
+    expected = [c.name for c in checks_ring_dilated.cases(world_size)] + ["multihead module"]
     assert values == [expected] * world_size
 
 

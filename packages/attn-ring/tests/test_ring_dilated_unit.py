@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from attn_core import reference
+from attn_core import MultiheadDilatedAttention, reference
 from attn_core.config import DilatedConfig
 from attn_core.testing import assert_close_to_reference
 from attn_ring.exchange import exchange_rows, last_stats, reset_stats
+from attn_ring.modules_dilated import RingDilatedAttention, RingMultiheadDilatedAttention
 from attn_ring.ring_dilated import plan_ring_dilated, ring_dilated_attention
 
 # (N, W, H, Hkv, segments, rates, causal, head_mode)
@@ -252,3 +253,26 @@ def test_world_of_one_matches_reference(world_of_one, causal: bool, mode: str, H
     assert_close_to_reference("out", out, ref)
     for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close_to_reference(name, a, b)
+
+
+def test_modules_validate_at_construction() -> None:
+    with pytest.raises(ValueError, match="not divisible"):
+        RingDilatedAttention((4, 6), (1, 4))
+    with pytest.raises(TypeError, match="ProcessGroup"):
+        RingDilatedAttention((4,), (1,), group=0)
+    with pytest.raises(ValueError, match="timeout_s"):
+        RingMultiheadDilatedAttention(8, 2, (4,), (1,), timeout_s=-1)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        RingMultiheadDilatedAttention(10, 4, (4,), (1,))
+
+
+def test_multihead_module_is_a_drop_in_on_a_world_of_one(world_of_one) -> None:
+    torch.manual_seed(0)
+    ref = MultiheadDilatedAttention(12, 3, (2, 4), (1, 2), num_kv_heads=1, backend="reference", dtype=torch.float64)
+    ring = RingMultiheadDilatedAttention(12, 3, (2, 4), (1, 2), num_kv_heads=1, dtype=torch.float64)
+    assert isinstance(ring, MultiheadDilatedAttention)
+    ring.load_state_dict(ref.state_dict())  # same parameter names and shapes
+    x = torch.randn(2, 7, 12, dtype=torch.float64)
+    out, weights = ring(x, x, x, is_causal=True)
+    assert weights is None
+    torch.testing.assert_close(out, ref(x, x, x, is_causal=True)[0])
