@@ -151,8 +151,8 @@ def test_single_token_and_fully_empty_layout() -> None:
 
 
 def test_default_config_fits_small_blocks_and_bad_config_raises() -> None:
-    assert not default_config((16, 16), 16).check((16, 16))
-    assert not default_config((128, 64), 128).check((128, 64))
+    assert not default_config((16, 16)).check((16, 16))
+    assert not default_config((128, 64)).check((128, 64))
     mask = torch.ones(1, 1, 1, dtype=torch.bool)
     csr = csr_from_mask(mask, (16, 16))
     q = torch.randn(1, 16, 1, 16)

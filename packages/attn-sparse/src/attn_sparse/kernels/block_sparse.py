@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -62,6 +62,18 @@ def _count_below(IDX, start, end, thr_a, thr_b, CHUNK: tl.constexpr):
         n_a += tl.sum((c < thr_a).to(tl.int32), axis=0)
         n_b += tl.sum((c < thr_b).to(tl.int32), axis=0)
     return n_a, n_b
+
+
+@triton.jit
+def _ordered_start(ORDER, head_base, rank, TILE: tl.constexpr, LAYOUT_B: tl.constexpr):
+    """First token of the tile this program owns: ranks walk the layout blocks heaviest first.
+
+    ORDER[head_base + j] is the j-th busiest layout block of the head; each layout block holds
+    LAYOUT_B // TILE program tiles.
+    """
+    SUBT: tl.constexpr = LAYOUT_B // TILE
+    blk = tl.load(ORDER + head_base + rank // SUBT)
+    return blk * LAYOUT_B + (rank % SUBT) * TILE
 
 
 @triton.jit
@@ -121,7 +133,9 @@ def _fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.jit
+# Lengths and layout sizes are not specialised on (divisibility by 16, == 1): a new N or pattern
+# reuses the compiled kernels instead of compiling variants.
+@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_QB", "LAYOUT_HEAD_ROWS"])
 def _fwd_kernel(
     Q,
     K,
@@ -130,6 +144,7 @@ def _fwd_kernel(
     LSE,
     CROW,
     COL,
+    ROW_ORDER,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -157,12 +172,13 @@ def _fwd_kernel(
     IS_CAUSAL: tl.constexpr,
 ):
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    m_start = pid_m * BLOCK_M
+    m_start = _ordered_start(ROW_ORDER, h * LAYOUT_HEAD_ROWS, tl.program_id(1), BLOCK_M, LAYOUT_BQ)
+    if m_start >= N_Q:
+        return
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < N_Q
@@ -211,7 +227,7 @@ def _fwd_kernel(
     tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_Q"])
 def _delta_kernel(
     O,
     DO,
@@ -301,7 +317,7 @@ def _dq_inner(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_QB", "LAYOUT_HEAD_ROWS"])
 def _dq_kernel(
     Q,
     K,
@@ -312,6 +328,7 @@ def _dq_kernel(
     DELTA,
     CROW,
     COL,
+    ROW_ORDER,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -343,12 +360,13 @@ def _dq_kernel(
     IS_CAUSAL: tl.constexpr,
 ):
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    m_start = pid_m * BLOCK_M
+    m_start = _ordered_start(ROW_ORDER, h * LAYOUT_HEAD_ROWS, tl.program_id(1), BLOCK_M, LAYOUT_BQ)
+    if m_start >= N_Q:
+        return
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < N_Q
@@ -454,7 +472,7 @@ def _dkv_inner(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_KB", "LAYOUT_HEAD_COLS"])
 def _dkv_kernel(
     Q,
     K,
@@ -466,6 +484,7 @@ def _dkv_kernel(
     DELTA,
     CCOL,
     ROW,
+    COL_ORDER,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -501,11 +520,13 @@ def _dkv_kernel(
     IS_CAUSAL: tl.constexpr,
 ):
     SUB: tl.constexpr = LAYOUT_BQ // BLOCK_M
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
+    bhk = tl.program_id(0)
     b = bhk // HKV
     hk = bhk % HKV
-    n_start = pid_n * BLOCK_N
+    # key blocks ordered by the work of the group's first head (per-head layouts: a heuristic)
+    n_start = _ordered_start(COL_ORDER, hk * GROUP * LAYOUT_HEAD_COLS, tl.program_id(1), BLOCK_N, LAYOUT_BK)
+    if n_start >= N_K:
+        return
     offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     n_ok = offs_n < N_K
@@ -567,18 +588,19 @@ class KernelConfig:
     """Tile sizes and launch settings (all compile-time). Tiles must divide the layout block sizes.
 
     fwd_m x fwd_n: forward query x key tile; dq_m x dq_n: dq kernel; dkv_m x dkv_n: dk/dv kernel
-    (query sub-tile x key tile).
+    (query sub-tile x key tile). Defaults: the fastest measured on an H100 for 128x128 layout
+    blocks, D=128, bf16 (tools/bench_sparse.py --tune; docs/benchmarks/sparse_h100.md).
     """
 
     fwd_m: int = 128
-    fwd_n: int = 64
+    fwd_n: int = 128
     fwd_warps: int = 8
     fwd_stages: int = 3
-    dq_m: int = 128
-    dq_n: int = 32
-    dq_warps: int = 8
+    dq_m: int = 64
+    dq_n: int = 64
+    dq_warps: int = 4
     dq_stages: int = 2
-    dkv_m: int = 32
+    dkv_m: int = 64
     dkv_n: int = 128
     dkv_warps: int = 8
     dkv_stages: int = 2
@@ -600,28 +622,27 @@ class KernelConfig:
         return out
 
 
-def default_config(block_size: tuple[int, int], head_dim: int) -> KernelConfig:
-    """Tiles for a layout block size: the measured H100 choice, clipped to the block size.
+# Measured on an H100 (bf16, D=128, N=32K, densities 1.0 and 0.1) for 128x64 layout blocks.
+_CONFIG_BK64 = KernelConfig(
+    fwd_m=64, fwd_n=64, fwd_warps=4, fwd_stages=3, dkv_m=32, dkv_n=64, dkv_warps=4, dkv_stages=3
+)
 
-    Every tile is min(preferred, block) so 16x16 / 32x32 layouts (CPU tests) run too.
+
+def default_config(block_size: tuple[int, int]) -> KernelConfig:
+    """Tiles for a layout block size: the measured H100 choice, each tile clipped to the block.
+
+    Clipping (tile = min(preferred, block)) lets 16x16 / 32x32 layouts (CPU tests) run too.
     """
     bq, bk = block_size
-    base = KernelConfig()
-    if head_dim <= 64:
-        base = KernelConfig(fwd_n=128, fwd_warps=4, dq_n=64, dq_warps=4, dkv_m=64, dkv_warps=4)
-    return KernelConfig(
+    base = _CONFIG_BK64 if bk == 64 else KernelConfig()
+    return replace(
+        base,
         fwd_m=min(base.fwd_m, bq),
         fwd_n=min(base.fwd_n, bk),
-        fwd_warps=base.fwd_warps,
-        fwd_stages=base.fwd_stages,
         dq_m=min(base.dq_m, bq),
         dq_n=min(base.dq_n, bk),
-        dq_warps=base.dq_warps,
-        dq_stages=base.dq_stages,
         dkv_m=min(base.dkv_m, bq),
         dkv_n=min(base.dkv_n, bk),
-        dkv_warps=base.dkv_warps,
-        dkv_stages=base.dkv_stages,
     )
 
 
@@ -639,6 +660,16 @@ class CSR:
     block_size: tuple[int, int]
 
 
+def work_order(offsets: torch.Tensor, num_heads: int, num_blocks: int) -> torch.Tensor:
+    """(num_heads * num_blocks,) int32: per head, block indices sorted by active tiles, busiest first.
+
+    Programs are launched in this order so the longest rows (e.g. BigBird's global blocks) start
+    first instead of forming a tail; ties keep index order.
+    """
+    counts = (offsets[1:] - offsets[:-1]).view(num_heads, num_blocks)
+    return torch.argsort(counts, dim=1, descending=True, stable=True).to(torch.int32).reshape(-1)
+
+
 def _last_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -653,9 +684,10 @@ def block_sparse_forward(
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
     bq, bk = csr.block_size
-    grid = (triton.cdiv(Nq, cfg.fwd_m), B * H)
+    row_order = work_order(csr.crow, csr.num_heads, csr.num_query_blocks)
+    grid = (B * H, csr.num_query_blocks * (bq // cfg.fwd_m))
     _fwd_kernel[grid](
-        q, k, v, out, lse, csr.crow, csr.col,
+        q, k, v, out, lse, csr.crow, csr.col, row_order,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -696,8 +728,10 @@ def block_sparse_backward(
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    _dq_kernel[(triton.cdiv(Nq, cfg.dq_m), B * H)](
-        q, k, v, dout, dq, lse, delta, csr.crow, csr.col,
+    row_order = work_order(csr.crow, csr.num_heads, csr.num_query_blocks)
+    col_order = work_order(csr.ccol, csr.num_heads, csr.num_key_blocks)
+    _dq_kernel[(B * H, csr.num_query_blocks * (bq // cfg.dq_m))](
+        q, k, v, dout, dq, lse, delta, csr.crow, csr.col, row_order,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -708,8 +742,8 @@ def block_sparse_backward(
         HEAD_DIM=D, BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
         num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
     )  # fmt: skip
-    _dkv_kernel[(triton.cdiv(Nk, cfg.dkv_n), B * Hkv)](
-        q, k, v, dout, dk, dv, lse, delta, csr.ccol, csr.row,
+    _dkv_kernel[(B * Hkv, csr.num_key_blocks * (bk // cfg.dkv_n))](
+        q, k, v, dout, dk, dv, lse, delta, csr.ccol, csr.row, col_order,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -781,7 +815,7 @@ def block_sparse_attention_csr(
     """
     D = q.shape[-1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    cfg = config if config is not None else default_config(csr.block_size, D)
+    cfg = config if config is not None else default_config(csr.block_size)
     bad = cfg.check(csr.block_size)
     if bad:
         raise ValueError("kernel config does not fit the layout: " + "; ".join(bad))
