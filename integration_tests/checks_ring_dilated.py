@@ -10,6 +10,7 @@ fully padded rows) and both head modes. Under gloo the ranks use the CPU; under 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -206,4 +207,76 @@ def check_multihead_module(rank: int, world_size: int) -> str:
     return "multihead module"
 
 
-NCCL_CHECKS = [check_all_cases, check_mismatched_config_raises]
+# ----------------------------------------------------------------------------- ring block-sparse
+
+
+def _sparse_layouts(world_size: int, nblocks: int, heads: int):
+    """(name, block mask (Hl, nb, nb), causal) cases; block size 16."""
+    g = torch.Generator().manual_seed(11 + world_size)
+    idx = torch.arange(nblocks)
+    band = (idx[:, None] - idx[None, :] >= 0) & (idx[:, None] - idx[None, :] <= 1)  # local window of 2 blocks
+    rand = torch.rand(heads, nblocks, nblocks, generator=g) < 0.35
+    holes = rand.clone()
+    holes[:, 0] = False  # query block 0 sees no key at all: output 0, zero gradients
+    return [
+        ("random per-head", rand, False),
+        ("random per-head causal", rand, True),
+        ("local window shared causal", band[None], True),
+        ("local window shared", band[None], False),
+        ("empty rows", holes, False),
+    ]
+
+
+def check_ring_sparse(rank: int, world_size: int) -> list[str]:
+    from attn_ring.ring_sparse import plan_ring_sparse, ring_block_sparse_attention
+    from attn_sparse.layout import BlockLayout
+
+    device = _device()
+    B, H, Hkv, D, bs, per_rank_blocks = 2, 4, 2, 8, 16, 2
+    n = bs * per_rank_blocks
+    N = n * world_size
+    lo, hi = rank * n, (rank + 1) * n
+    done = []
+    for i, (name, mask, causal) in enumerate(_sparse_layouts(world_size, N // bs, H)):
+        layout = BlockLayout.from_dense(mask, block_size=bs)
+        g = torch.Generator().manual_seed(500 + i)
+        q = torch.randn(B, N, H, D, generator=g, dtype=torch.float64)
+        k = torch.randn(B, N, Hkv, D, generator=g, dtype=torch.float64)
+        v = torch.randn(B, N, Hkv, D, generator=g, dtype=torch.float64)
+        dout = torch.randn(B, N, H, D, generator=g, dtype=torch.float64)
+        qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+        ref, _ = reference.block_sparse_attention(qr, kr, vr, mask, (bs, bs), is_causal=causal)
+        ref.backward(dout)
+        shard = [t[:, lo:hi].to(device).contiguous().requires_grad_() for t in (q, k, v)]
+        reset_stats()
+        out = ring_block_sparse_attention(*shard, layout, is_causal=causal)
+        stats = last_stats()
+        out.backward(dout[:, lo:hi].to(device))
+        for label, actual, want in zip(
+            ("out", "dq", "dk", "dv"), (out, *(s.grad for s in shard)), (ref, qr.grad, kr.grad, vr.grad)
+        ):
+            assert_close_to_reference(
+                f"[sparse {name}, W={world_size}, rank {rank}] {label}", actual.cpu(), want[:, lo:hi]
+            )
+        plan = plan_ring_sparse(layout, N, world_size, is_causal=causal)
+        fwd = plan.bytes_received(rank, batch=B, num_kv_heads=Hkv, head_dim=D, element_size=8)
+        sent_back = sum(int(t.numel()) for (a, _), t in plan.blocks.items() if a == rank) * bs * 2 * B * Hkv * D * 8
+        if stats.bytes_received != fwd + sent_back:
+            raise AssertionError(f"sparse {name}: received {stats.bytes_received} bytes, plan says {fwd} + {sent_back}")
+        if name == "local window shared causal" and plan.skipped_steps(rank) != max(world_size - 2, 0) + (rank == 0) * (
+            world_size > 1
+        ):
+            raise AssertionError(f"sparse {name}: rank {rank} skipped {plan.skipped_steps(rank)} ring steps")
+        done.append(name)
+    return done
+
+
+def has_attn_sparse() -> bool:
+    """attn-sparse is an optional dependency of attn-ring: the sparse checks need it installed."""
+    return (
+        importlib.util.find_spec("attn_sparse") is not None
+        and importlib.util.find_spec("attn_sparse.layout") is not None
+    )
+
+
+NCCL_CHECKS = [check_all_cases, check_mismatched_config_raises] + ([check_ring_sparse] if has_attn_sparse() else [])

@@ -18,3 +18,11 @@ def test_ring_dilated_matches_reference(world_size: int) -> None:
 def test_mismatched_config_raises_on_every_rank() -> None:
     values = assert_all_ok(run_world(checks_ring_dilated.check_mismatched_config_raises, 2, timeout=90))
     assert values == ["raised", "raised"]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_ring_block_sparse_matches_reference(world_size: int) -> None:
+    if not checks_ring_dilated.has_attn_sparse():
+        pytest.skip("attn-sparse (the optional [sparse] extra of attn-ring) is not installed")
+    values = assert_all_ok(run_world(checks_ring_dilated.check_ring_sparse, world_size, timeout=120))
+    assert values == [[name for name, _, _ in checks_ring_dilated._sparse_layouts(world_size, 2, 1)]] * world_size

@@ -33,6 +33,7 @@ __all__ = [
     "group_rank_and_size",
     "handshake",
     "last_stats",
+    "post_exchange",
     "reset_stats",
     "wait_all",
 ]
@@ -130,17 +131,17 @@ def handshake(
         raise ValueError("ranks called with mismatched configurations: " + "; ".join(bad))
 
 
-def exchange_rows(
+def post_exchange(
     sends: Mapping[int, torch.Tensor],
     recvs: Mapping[int, torch.Tensor],
     group: dist.ProcessGroup | None,
-    *,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-) -> None:
-    """Send ``sends[peer]`` to each peer and fill ``recvs[peer]`` from each peer (group ranks), in one batch.
+) -> list[dist.Work]:
+    """Post the sends and receives of one exchange as one batch and return the pending works.
 
+    ``sends[peer]`` goes to each peer and ``recvs[peer]`` is filled from each peer (group ranks).
     Tensors must be contiguous and on the group's device; every receive buffer must have exactly
-    the size its sender sends (both sides derive it from the same plan). Empty tensors are not sent.
+    the size its sender sends (both sides derive it from the same plan). Empty tensors are not
+    sent. Wait for the result with :func:`wait_all`; :func:`exchange_rows` does both.
     """
     rank, world = group_rank_and_size(group)
     ops: list[dist.P2POp] = []
@@ -159,6 +160,19 @@ def exchange_rows(
             stats.bytes_sent += buf.numel() * buf.element_size()
             stats.messages_sent += 1
     if not ops:
-        return
-    works = dist.batch_isend_irecv(ops)
-    wait_all(works, timeout_s, f"rank {rank}: exchange with peers {sorted(set(sends) | set(recvs))}")
+        return []
+    return list(dist.batch_isend_irecv(ops))
+
+
+def exchange_rows(
+    sends: Mapping[int, torch.Tensor],
+    recvs: Mapping[int, torch.Tensor],
+    group: dist.ProcessGroup | None,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> None:
+    """:func:`post_exchange` and wait for it (TimeoutError naming the peers after ``timeout_s``)."""
+    works = post_exchange(sends, recvs, group)
+    if works:
+        rank = dist.get_rank(group)
+        wait_all(works, timeout_s, f"rank {rank}: exchange with peers {sorted(set(sends) | set(recvs))}")

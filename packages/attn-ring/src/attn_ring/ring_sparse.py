@@ -1,0 +1,375 @@
+"""Ring block-sparse attention: attn_sparse's block-sparse attention over a sequence sharded across ranks.
+
+Needs the optional attn-sparse package (``pip install attn-ring[sparse]``); importing this module
+without it raises ImportError naming the extra.
+
+Each rank of ``group`` (W ranks) holds a contiguous shard of n = N / W tokens (rank b: positions
+[b*n, (b+1)*n)), with n a multiple of both block sizes so shards own whole query and key
+blocks. ``layout`` is the *global* :class:`attn_sparse.BlockLayout` (ceil(N/Bq) x ceil(N/Bk)
+blocks), identical on every rank (checked).
+
+Schedule: the local step (this rank's queries against its own keys) runs first; then ring step
+s = 1..W-1 receives from rank (b - s) mod W and sends to (b + s) mod W, double buffered (step
+s + 1 is posted before step s is computed). A rank sends a peer only the key blocks that have
+an active tile in some row of the peer's query blocks (any head), so a step whose K/V block has
+no active tile for the receiver's queries moves nothing at all, and partially needed blocks move
+only their active key blocks. Causal: keys of later ranks are never needed. Partial results
+merge by LSE in fp32.
+
+Backward recomputes each step's partial (out_s, lse_s) with the reference tile kernel
+(``attn_sparse.backends.reference.gathered_attention``) and back-propagates the exact gradient of
+the merged output, out = sum_s exp(lse_s - L) out_s: d out_s = w_s dout and
+d lse_s = w_s <dout, out_s - out> with w_s = exp(lse_s - L). Gradients of received K/V blocks
+are returned to their owners in one batched exchange.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from attn_core.blocks import acc_dtype
+from attn_core.merge import merge_into_
+from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
+
+try:
+    from attn_sparse.backends.reference import gathered_attention
+    from attn_sparse.layout import BlockLayout
+except ModuleNotFoundError as exc:  # the optional extra is absent: say which one
+    raise ImportError("attn_ring.ring_sparse needs the attn-sparse package: pip install 'attn-ring[sparse]'") from exc
+
+from .exchange import (
+    DEFAULT_TIMEOUT_S,
+    comm_device,
+    exchange_rows,
+    group_rank_and_size,
+    handshake,
+    post_exchange,
+    wait_all,
+)
+
+__all__ = ["RingSparsePlan", "plan_ring_sparse", "ring_block_sparse_attention"]
+
+
+@dataclass(frozen=True)
+class RingSparsePlan:
+    """Which key blocks travel between which ranks, and each rank's per-step sub-layouts.
+
+    blocks[(a, b)]: sorted local key-block indices of rank a that rank b needs (absent: nothing).
+    """
+
+    seq_len: int
+    world_size: int
+    block_size: tuple[int, int]
+    is_causal: bool
+    blocks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def shard_len(self) -> int:
+        return self.seq_len // self.world_size
+
+    def ring_steps(self, rank: int) -> list[tuple[int, int, int]]:
+        """(step, source, destination) of the W - 1 ring steps of ``rank``."""
+        W = self.world_size
+        return [(s, (rank - s) % W, (rank + s) % W) for s in range(1, W)]
+
+    def skipped_steps(self, rank: int) -> int:
+        """Ring steps in which ``rank`` receives nothing (no active tile needs the source's keys)."""
+        return sum((src, rank) not in self.blocks for _, src, _ in self.ring_steps(rank))
+
+    def bytes_received(self, rank: int, *, batch: int, num_kv_heads: int, head_dim: int, element_size: int) -> int:
+        """Forward K/V payload bytes ``rank`` receives: key blocks x Bk x 2 (K and V) x B x Hkv x D x size."""
+        blocks = sum(int(t.numel()) for (a, b), t in self.blocks.items() if b == rank)
+        return blocks * self.block_size[1] * 2 * batch * num_kv_heads * head_dim * element_size
+
+
+def _tile_coords(layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(head, query block, key block) int64 of every active tile, in CSR order."""
+    crow = layout.crow_indices.long().cpu()
+    col = layout.col_indices.long().cpu()
+    rows = torch.repeat_interleave(torch.arange(crow.numel() - 1), crow[1:] - crow[:-1])
+    return rows // layout.num_query_blocks, rows % layout.num_query_blocks, col
+
+
+def plan_ring_sparse(layout: BlockLayout, seq_len: int, world_size: int, *, is_causal: bool = False) -> RingSparsePlan:
+    """The exchange plan: for every (source, receiver) pair, the source's key blocks the receiver needs.
+
+    Raises ValueError unless the layout covers ``seq_len`` tokens and the shard length
+    seq_len / world_size is a multiple of both block sizes.
+    """
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be an attn_sparse.BlockLayout, got {type(layout).__name__}")
+    for name, val in (("seq_len", seq_len), ("world_size", world_size)):
+        if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    causal = check_bool("is_causal", is_causal)
+    bq, bk = layout.block_size
+    if seq_len % world_size != 0:
+        raise ValueError(f"sequence length {seq_len} must be divisible by the world size {world_size}")
+    n = seq_len // world_size
+    if n % bq != 0 or n % bk != 0:
+        raise ValueError(
+            f"shard length {n} (= {seq_len} / {world_size}) must be a multiple of the block sizes {layout.block_size} "
+            "so every rank owns whole query and key blocks"
+        )
+    layout.check_fits(seq_len, seq_len, layout.num_heads)
+    _, qi, col = _tile_coords(layout)
+    q_rank, k_rank = qi // (n // bq), col // (n // bk)
+    keep = q_rank != k_rank
+    if causal:
+        keep &= k_rank < q_rank  # later ranks' keys are all after this rank's queries
+    nk = layout.num_key_blocks
+    # the union over heads and query rows: one key block travels once per receiver
+    pairs = torch.unique(q_rank[keep] * nk + col[keep])
+    recv_rank, blocks = pairs // nk, pairs % nk
+    src_rank = blocks // (n // bk)
+    plan: dict[tuple[int, int], torch.Tensor] = {}
+    for a in range(world_size):
+        for b in range(world_size):
+            sel = (src_rank == a) & (recv_rank == b)
+            if bool(sel.any()):
+                plan[(a, b)] = blocks[sel] - a * (n // bk)
+    return RingSparsePlan(seq_len, world_size, (bq, bk), causal, plan)
+
+
+def _sub_layout(layout: BlockLayout, q_blocks: range, key_blocks: torch.Tensor) -> BlockLayout | None:
+    """The tiles of query blocks ``q_blocks`` against global key blocks ``key_blocks`` (sorted), re-indexed
+    to (len(q_blocks), len(key_blocks)); None if no tile is active there."""
+    head, qi, col = _tile_coords(layout)
+    nql = len(q_blocks)
+    pos = torch.searchsorted(key_blocks, col).clamp(max=max(key_blocks.numel() - 1, 0))
+    sel = (qi >= q_blocks.start) & (qi < q_blocks.stop) & (key_blocks[pos] == col)
+    if not bool(sel.any()):
+        return None
+    rows = head[sel] * nql + (qi[sel] - q_blocks.start)
+    crow = torch.zeros(layout.num_heads * nql + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(rows, minlength=layout.num_heads * nql), 0, out=crow[1:])
+    return BlockLayout.from_csr(
+        crow,
+        pos[sel],
+        block_size=layout.block_size,
+        num_key_blocks=int(key_blocks.numel()),
+        num_heads=layout.num_heads,
+    )
+
+
+@dataclass
+class _Step:
+    source: int  # rank whose keys this step uses
+    layout: BlockLayout  # this rank's query blocks x the received key blocks
+    causal: bool
+
+
+@dataclass
+class _Call:
+    rank: int
+    world: int
+    group: Any
+    plan: RingSparsePlan
+    local: _Step | None
+    remote: dict[int, _Step]  # source rank -> step
+    scale: float
+    timeout_s: float
+
+
+def _post_step(k: torch.Tensor, v: torch.Tensor, call: _Call, step: int) -> tuple[list[Any], dict[int, torch.Tensor]]:
+    """Post ring step ``step``: send our needed key blocks forward, receive the ones we need from behind."""
+    B, n, Hkv, D = k.shape
+    bk = call.plan.block_size[1]
+    src, dst = (call.rank - step) % call.world, (call.rank + step) % call.world
+    dev = comm_device(call.group, k.device)
+    sends, recvs = {}, {}
+    mine = call.plan.blocks.get((call.rank, dst))
+    if mine is not None:
+        idx = mine.to(k.device)
+        kb, vb = k.reshape(B, n // bk, bk, Hkv, D), v.reshape(B, n // bk, bk, Hkv, D)
+        sends[dst] = torch.stack([kb.index_select(1, idx), vb.index_select(1, idx)]).to(dev).contiguous()
+    theirs = call.plan.blocks.get((src, call.rank))
+    if theirs is not None:
+        recvs[src] = torch.empty(2, B, theirs.numel(), bk, Hkv, D, dtype=k.dtype, device=dev)
+    if not sends and not recvs:
+        return [], recvs
+    return post_exchange(sends, recvs, call.group), recvs
+
+
+class _RingSparseFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: _Call) -> torch.Tensor:  # type: ignore[override]
+        B, n, H, D = q.shape
+        Hkv = k.shape[2]
+        ad = acc_dtype(q.dtype)
+        out = torch.zeros(B, n, H, D, dtype=ad, device=q.device)
+        lse = torch.full((B, H, n), float("-inf"), dtype=ad, device=q.device)
+        pending = _post_step(k, v, call, 1) if call.world > 1 else ([], {})
+        if call.local is not None:
+            o, l = gathered_attention(
+                q, k, v, call.local.layout.to(q.device), is_causal=call.local.causal, softmax_scale=call.scale
+            )
+            merge_into_(out, lse, o, l)
+        received: dict[int, torch.Tensor] = {}
+        for step in range(1, call.world):
+            works, recvs = pending
+            wait_all(works, call.timeout_s, f"rank {call.rank}: ring block-sparse step {step}")
+            if step + 1 < call.world:  # double buffering: the next block travels while this one is computed
+                pending = _post_step(k, v, call, step + 1)
+            for src, buf in recvs.items():
+                kv = buf.to(q.device).reshape(2, B, -1, Hkv, D)
+                received[src] = kv
+                st = call.remote[src]
+                o, l = gathered_attention(
+                    q, kv[0], kv[1], st.layout.to(q.device), is_causal=False, softmax_scale=call.scale
+                )
+                merge_into_(out, lse, o, l)
+        ctx.call = call
+        ctx.sources = sorted(received)
+        ctx.save_for_backward(q, k, v, out, lse, *[received[s] for s in ctx.sources])
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        q, k, v, out, lse, *recv = ctx.saved_tensors
+        call: _Call = ctx.call
+        B, n, H, D = q.shape
+        ad = acc_dtype(q.dtype)
+        dout_a = dout.to(ad)
+        finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+
+        def step_grads(
+            kk: torch.Tensor, vv: torch.Tensor, layout: BlockLayout, causal: bool
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            with torch.enable_grad():
+                qd, kd, vd = (t.detach().requires_grad_() for t in (q, kk, vv))
+                o_s, l_s = gathered_attention(
+                    qd, kd, vd, layout.to(q.device), is_causal=causal, softmax_scale=call.scale
+                )
+                w = torch.exp(l_s.to(ad) - finite)  # (B, H, n); 0 where this step saw no key
+                w_out = w.transpose(1, 2).unsqueeze(-1)
+                g_out = w_out * dout_a
+                g_lse = w * (dout_a * (o_s.to(ad) - out)).sum(-1).transpose(1, 2)
+                dq_s, dk_s, dv_s = torch.autograd.grad(
+                    (o_s, l_s), (qd, kd, vd), (g_out.to(o_s.dtype), g_lse.to(l_s.dtype))
+                )
+            return dq_s.to(ad), dk_s.to(ad), dv_s.to(ad)
+
+        dq = torch.zeros(B, n, H, D, dtype=ad, device=q.device)
+        dk = torch.zeros(k.shape, dtype=ad, device=q.device)
+        dv = torch.zeros_like(dk)
+        if call.local is not None:
+            a, b_, c = step_grads(k, v, call.local.layout, call.local.causal)
+            dq += a
+            dk += b_
+            dv += c
+        sends: dict[int, torch.Tensor] = {}
+        dev = comm_device(call.group, q.device)
+        for src, kv in zip(ctx.sources, recv):
+            a, dk_r, dv_r = step_grads(kv[0], kv[1], call.remote[src].layout, False)
+            dq += a
+            sends[src] = torch.stack([dk_r, dv_r]).to(dev).contiguous()
+        if call.world > 1:
+            Hkv = k.shape[2]
+            bk = call.plan.block_size[1]
+            recvs = {}
+            for dst in range(call.world):
+                blocks = call.plan.blocks.get((call.rank, dst))
+                if blocks is not None and dst != call.rank:
+                    recvs[dst] = torch.empty(2, B, blocks.numel() * bk, Hkv, D, dtype=ad, device=dev)
+            if sends or recvs:
+                exchange_rows(sends, recvs, call.group, timeout_s=call.timeout_s)
+            dkb, dvb = dk.view(B, n // bk, bk, Hkv, D), dv.view(B, n // bk, bk, Hkv, D)
+            for dst, buf in recvs.items():
+                idx = call.plan.blocks[(call.rank, dst)].to(q.device)
+                g = buf.to(q.device).reshape(2, B, -1, bk, Hkv, D)
+                dkb.index_add_(1, idx, g[0])
+                dvb.index_add_(1, idx, g[1])
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+
+
+def ring_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    group: dist.ProcessGroup | None = None,
+    is_causal: bool = False,
+    softmax_scale: float | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> torch.Tensor:
+    """Block-sparse attention over a sequence sharded contiguously across the ranks of ``group``.
+
+    Every rank passes its shard q (B, n, H, D), k and v (B, n, Hkv, D) (H % Hkv == 0) and the same
+    global ``layout`` (ceil(N/Bq) x ceil(N/Bk) blocks for N = n * W, 1 or H heads), with n a
+    multiple of both block sizes. Returns this rank's shard (B, n, H, D) of
+    ``attn_sparse.block_sparse_attention`` on the gathered sequence (``is_causal`` masks keys
+    after the query, top-left aligned on global positions), with exact gradients. Only key blocks
+    with an active tile for a receiver's queries are sent; a peer that never answers gives
+    TimeoutError after ``timeout_s`` seconds; ranks with different shapes/layouts raise ValueError.
+    """
+    check_qkv(q, k, v)
+    B, n, H, D = q.shape
+    if n == 0:
+        raise ValueError("each rank's shard must hold at least one token, got q with sequence length 0")
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be an attn_sparse.BlockLayout, got {type(layout).__name__}")
+    causal = check_bool("is_causal", is_causal)
+    scale = resolve_softmax_scale(softmax_scale, D)
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    rank, world = group_rank_and_size(group)
+    N = n * world
+    plan = plan_ring_sparse(layout, N, world, is_causal=causal)
+    layout.check_fits(N, N, H)
+    layout_code = zlib.crc32(layout.crow_indices.cpu().numpy().tobytes()) ^ zlib.crc32(
+        layout.col_indices.cpu().numpy().tobytes()
+    )
+    scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
+    signature = [
+        B,
+        n,
+        H,
+        k.shape[2],
+        D,
+        _DTYPE_CODES[q.dtype],
+        int(causal),
+        *layout.block_size,
+        layout_code,
+        scale_bits,
+    ]
+    names = (
+        "batch",
+        "shard_len",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "dtype",
+        "is_causal",
+        "Bq",
+        "Bk",
+        "layout",
+        "softmax_scale",
+    )
+    handshake(signature, names, group, float(timeout_s))
+    bq, bk = layout.block_size
+    q_blocks = range(rank * n // bq, (rank + 1) * n // bq)
+    own = torch.arange(rank * n // bk, (rank + 1) * n // bk)
+    local_layout = _sub_layout(layout, q_blocks, own)
+    local = None if local_layout is None else _Step(rank, local_layout, causal)
+    remote = {}
+    for a in range(world):
+        blocks = plan.blocks.get((a, rank))
+        if blocks is not None:
+            sub = _sub_layout(layout, q_blocks, blocks + a * (n // bk))
+            if sub is None:  # unreachable: the plan only lists blocks with an active tile here
+                raise RuntimeError(f"rank {rank}: planned blocks from rank {a} have no active tile")
+            remote[a] = _Step(a, sub, False)
+    call = _Call(rank, world, group, plan, local, remote, scale, float(timeout_s))
+    result: torch.Tensor = _RingSparseFunction.apply(q, k, v, call)
+    return result
