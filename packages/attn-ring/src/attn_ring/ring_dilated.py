@@ -51,9 +51,11 @@ from .exchange import DEFAULT_TIMEOUT_S, comm_device, exchange_rows, group_rank_
 
 __all__ = ["RingDilatedPlan", "RingDilatedRankPlan", "plan_ring_dilated", "ring_dilated_attention"]
 
-# Upper bound on the logits one block call materialises on the portable math path
-# (B * segments * heads * T * T elements): runs of local segments are processed in chunks.
+# Runs of local segments are processed in chunks: on the portable math path one block call
+# materialises B * segments * heads * T * T logits, bounded by MAX_BLOCK_LOGITS; a fused kernel
+# (cuDNN on CUDA) materialises none, and the gathered q/k/v rows are bounded by MAX_GATHER_ELEMENTS.
 MAX_BLOCK_LOGITS = 1 << 26
+MAX_GATHER_ELEMENTS = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -287,10 +289,25 @@ def plan_ring_dilated(
 # Index helpers: every gather/scatter goes through flat (row * heads + head) indices.
 
 
-def _item_chunks(item: _Item, batch: int) -> list[tuple[int, int]]:
-    per_segment = batch * len(item.heads) * item.rows * item.rows
-    step = max(1, MAX_BLOCK_LOGITS // max(per_segment, 1))
+def _item_chunks(item: _Item, batch: int, head_dim: int, fused: bool) -> list[tuple[int, int]]:
+    if fused:
+        step = MAX_GATHER_ELEMENTS // max(batch * len(item.heads) * item.rows * head_dim, 1)
+    else:
+        step = MAX_BLOCK_LOGITS // max(batch * len(item.heads) * item.rows * item.rows, 1)
+    step = max(step, 1)
     return [(m, min(m + step, item.count)) for m in range(0, item.count, step)]
+
+
+def _fused_kernel_available(q: torch.Tensor, has_padding: bool) -> bool:
+    """Whether block_forward/backward run a fused kernel here (attn_core's cuDNN BlockImpl on CUDA)."""
+    if q.device.type != "cuda" or has_padding:
+        return False
+    try:
+        from attn_core import sdpa_ops
+    except ImportError:  # an attn-core without the sdpa kernels: the math path runs
+        return False
+    sdpa_ops.ensure_block_impl()
+    return not sdpa_ops.unsupported_reasons(q.device, q.dtype, q.shape[-1])
 
 
 def _rows(item: _Item, m0: int, m1: int, device: torch.device) -> torch.Tensor:
@@ -325,6 +342,7 @@ def _lse_take(L: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
 class _Call:
     plan: RingDilatedRankPlan
     world: int
+    fused: bool
     group: Any
     scale: float
     causal: bool
@@ -395,7 +413,7 @@ class _RingDilatedFunction(torch.autograd.Function):
             for i, it in enumerate(plan.items):
                 if it.group != g:
                     continue
-                for m0, m1 in _item_chunks(it, B):
+                for m0, m1 in _item_chunks(it, B, D, call.fused):
                     rows = _rows(it, m0, m1, q.device)
                     qf, kvf = _flat(rows, it.heads, H), _flat(rows, it.kv_heads, call.num_kv_heads)
                     qi, ki, vi = _take(q, qf), _take(k, kvf), _take(v, kvf)
@@ -432,7 +450,7 @@ class _RingDilatedFunction(torch.autograd.Function):
         dv = torch.zeros_like(dk)
         drecv = torch.zeros(recv.shape, dtype=ad, device=q.device)
         for i, it in enumerate(plan.items):
-            for m0, m1 in _item_chunks(it, B):
+            for m0, m1 in _item_chunks(it, B, D, call.fused):
                 rows = _rows(it, m0, m1, q.device)
                 qf, kvf = _flat(rows, it.heads, H), _flat(rows, it.kv_heads, Hkv)
                 qi, ki, vi = _take(q, qf), _take(k, kvf), _take(v, kvf)
@@ -563,6 +581,15 @@ def ring_dilated_attention(
     global_mask = None
     if key_padding_mask is not None and world > 1 and any(r.needed.numel() for r in plan.ranks):
         global_mask = _gather_mask(key_padding_mask, group, world, float(timeout_s))
-    call = _Call(plan.ranks[rank], world, group, scale, causal, Hkv, float(timeout_s))
+    call = _Call(
+        plan.ranks[rank],
+        world,
+        _fused_kernel_available(q, key_padding_mask is not None),
+        group,
+        scale,
+        causal,
+        Hkv,
+        float(timeout_s),
+    )
     out: torch.Tensor = _RingDilatedFunction.apply(q, k, v, key_padding_mask, global_mask, call)
     return out
