@@ -1,0 +1,44 @@
+"""attn_ring: ring attention over torch.distributed.
+
+- :class:`RingComm` (comm.py): the ring communication layer (double-buffered batched P2P,
+  handshake, bounded waits, pluggable receive buffers).
+- :func:`shard_sequence` / :func:`unshard_sequence` (sharding.py): "contiguous" and "zigzag".
+- :func:`ring_dilated_attention`, :class:`RingDilatedAttention`,
+  :class:`RingMultiheadDilatedAttention`: LongNet dilated attention across ranks.
+- ``ring_block_sparse_attention`` when the optional attn-sparse package is installed
+  (imported on first use).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._version import __version__
+from .comm import BufferProvider, PendingTransfer, RingComm, TorchBuffers
+from .modules_dilated import RingDilatedAttention, RingMultiheadDilatedAttention
+from .ring_dilated import ring_dilated_attention
+from .sharding import shard_positions, shard_sequence, unshard_sequence
+
+__all__ = [
+    "BufferProvider",
+    "PendingTransfer",
+    "RingComm",
+    "RingDilatedAttention",
+    "RingMultiheadDilatedAttention",
+    "TorchBuffers",
+    "__version__",
+    "ring_dilated_attention",
+    "shard_positions",
+    "shard_sequence",
+    "unshard_sequence",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # ring_block_sparse_attention needs the optional attn-sparse extra: import it only when asked,
+    # so `import attn_ring` works without attn-sparse (ImportError naming the extra otherwise).
+    if name == "ring_block_sparse_attention":
+        from .ring_sparse import ring_block_sparse_attention
+
+        return ring_block_sparse_attention
+    raise AttributeError(f"module 'attn_ring' has no attribute {name!r}")

@@ -1,0 +1,231 @@
+"""RingComm: the ring communication layer of ring attention.
+
+Every rank of a process group (the world by default, or any subgroup) sends tensors to the next
+rank of the ring and receives same-shaped tensors from the previous one, with one batched
+``dist.batch_isend_irecv`` per transfer. Receive buffers are double buffered per *channel* (a
+name such as ``"kv"`` or ``"dkv"``): the transfer for step i+1 lands in one buffer set while the
+block of step i, in the other set, is being computed on, so communication overlaps compute::
+
+    comm = RingComm(group, timeout_s=60)
+    comm.handshake({"batch": B, "shard_len": n, ...})   # ValueError on every rank if any differs
+    blk = [kv]
+    for step in range(comm.world_size):
+        pending = comm.send_recv(blk, channel="kv") if step + 1 < comm.world_size else None
+        compute(blk)                                      # overlaps the transfer
+        if pending is not None:
+            blk = pending.wait()                          # TimeoutError naming step and peer
+    comm.close()                                          # returns the buffers to the provider
+
+Interface (other attn_ring modules build on it):
+
+- ``RingComm(group=None, *, timeout_s=DEFAULT_TIMEOUT_S, buffers=None)``: validates the group
+  (torch.distributed initialised, this process a member) and exposes ``rank``, ``world_size``,
+  ``next_rank``, ``prev_rank`` (group ranks) and ``device`` (where tensors on the wire live:
+  CUDA for NCCL, CPU for gloo).
+- ``handshake(descriptor)``: all-gathers a small {name: int} descriptor (shapes, dtype code,
+  flags, config hash); any mismatch raises ValueError on every rank instead of a later hang.
+- ``send_recv(tensors, channel=...) -> PendingTransfer``; ``PendingTransfer.wait() -> list[Tensor]``.
+- ``buffers``: an optional provider with ``acquire(shape, dtype, device) -> Tensor`` and
+  ``release(tensor) -> None`` (memory_runtime's buffer managers implement it); default
+  ``torch.empty``.
+- ``dtype_code(dtype)``, ``config_hash(obj)``, ``check_timeout(value)``: helpers to build descriptors
+  and validate arguments the same way everywhere.
+
+Timeouts: on gloo each wait is bounded by ``timeout_s`` (``Work.wait(timeout)``); on NCCL the wait
+is a stream dependency (it does not block the host, which keeps the overlap) and the process
+group's own timeout aborts a stuck transfer. A peer that exited or disagrees on sizes gives a
+TimeoutError/RuntimeError naming the step and the peer rank.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from .exchange import DEFAULT_TIMEOUT_S, comm_device, group_rank_and_size, handshake, wait_all
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "BufferProvider",
+    "PendingTransfer",
+    "RingComm",
+    "TorchBuffers",
+    "check_timeout",
+    "config_hash",
+    "dtype_code",
+]
+
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """A small stable integer for a floating dtype (0 for anything else), for handshake descriptors."""
+    return _DTYPE_CODES.get(dtype, 0)
+
+
+def config_hash(obj: object) -> int:
+    """A stable 31-bit hash of ``repr(obj)`` (not Python's per-process salted ``hash``)."""
+    return zlib.crc32(repr(obj).encode()) & 0x7FFFFFFF
+
+
+def check_timeout(timeout_s: object) -> float:
+    """A finite positive number of seconds; ValueError otherwise."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < float(timeout_s) < 1e9:
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    return float(timeout_s)
+
+
+class BufferProvider(Protocol):
+    """Where receive buffers come from; memory_runtime's ring buffer managers implement this."""
+
+    def acquire(self, shape: Sequence[int], dtype: torch.dtype, device: Any) -> torch.Tensor: ...
+
+    def release(self, tensor: torch.Tensor) -> None: ...
+
+
+class TorchBuffers:
+    """Default provider: plain ``torch.empty`` (the caching allocator recycles the memory)."""
+
+    def acquire(self, shape: Sequence[int], dtype: torch.dtype, device: Any) -> torch.Tensor:
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+    def release(self, tensor: torch.Tensor) -> None:
+        del tensor
+
+
+class PendingTransfer:
+    """One in-flight ring transfer; :meth:`wait` returns the received tensors (the comm's buffers)."""
+
+    def __init__(
+        self, comm: RingComm, works: list[dist.Work], received: list[torch.Tensor], channel: str, step: int
+    ) -> None:
+        self._comm = comm
+        self._works = works
+        self._received = received
+        self._channel = channel
+        self._step = step
+        self._done = not works
+
+    def wait(self) -> list[torch.Tensor]:
+        if not self._done:
+            c = self._comm
+            what = (
+                f"ring transfer '{self._channel}' step {self._step} on rank {c.rank} of {c.world_size} "
+                f"(receiving from rank {c.prev_rank}, sending to rank {c.next_rank})"
+            )
+            if c.backend == "nccl":
+                # A stream dependency, not a host block: keeps compute and transfer overlapped. The
+                # process group's timeout (watchdog) bounds a transfer that never completes.
+                for work in self._works:
+                    work.wait()
+            else:
+                wait_all(self._works, c.timeout_s, what)
+            self._done = True
+        return self._received
+
+
+class RingComm:
+    """Send to the next rank, receive from the previous one, double buffered; see the module doc.
+
+    group: a torch.distributed ProcessGroup (None = the default world). The ring is the group's
+    ranks in order: rank r sends to (r + 1) % W and receives from (r - 1) % W.
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        buffers: BufferProvider | None = None,
+    ) -> None:
+        self.rank, self.world_size = group_rank_and_size(group)
+        if self.world_size < 1:
+            raise ValueError(f"ring size must be >= 1, got a group of size {self.world_size}")
+        if buffers is not None and not (
+            callable(getattr(buffers, "acquire", None)) and callable(getattr(buffers, "release", None))
+        ):
+            raise TypeError(
+                f"buffers must provide acquire(shape, dtype, device) and release(tensor), got {type(buffers).__name__}"
+            )
+        self.group = group
+        self.timeout_s = check_timeout(timeout_s)
+        self.backend = str(dist.get_backend(group))
+        self.device = comm_device(group, torch.device("cpu"))
+        self.next_rank = (self.rank + 1) % self.world_size
+        self.prev_rank = (self.rank - 1) % self.world_size
+        self._next_global = self._global(self.next_rank)
+        self._prev_global = self._global(self.prev_rank)
+        self._buffers: BufferProvider = buffers if buffers is not None else TorchBuffers()
+        # channel -> (two buffer sets, each a list of tensors; the set the next transfer fills; step count)
+        self._slots: dict[str, tuple[list[list[torch.Tensor]], int, int]] = {}
+        self._lock = threading.Lock()
+
+    def _global(self, group_rank: int) -> int:
+        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
+
+    def handshake(self, descriptor: Mapping[str, int]) -> None:
+        """All-gather ``descriptor`` ({name: int}); ValueError on every rank if any rank's values differ."""
+        names = list(descriptor)
+        values = [int(descriptor[n]) for n in names]
+        handshake(values, names, self.group, self.timeout_s)
+
+    def _receive_buffers(self, tensors: Sequence[torch.Tensor], channel: str) -> tuple[list[torch.Tensor], int]:
+        spec = [(tuple(t.shape), t.dtype) for t in tensors]
+        with self._lock:
+            slot = self._slots.get(channel)
+            if slot is not None and [(tuple(b.shape), b.dtype) for b in slot[0][0]] != spec:
+                self._release_sets(slot[0])
+                slot = None
+            if slot is None:
+                sets = [[self._buffers.acquire(s, d, self.device) for s, d in spec] for _ in range(2)]
+                slot = (sets, 0, 0)
+            sets, nxt, step = slot
+            self._slots[channel] = (sets, 1 - nxt, step + 1)
+        return sets[nxt], step
+
+    def send_recv(self, tensors: Sequence[torch.Tensor], *, channel: str = "kv") -> PendingTransfer:
+        """Post: send ``tensors`` to the next rank, receive same-shaped tensors from the previous rank.
+
+        Tensors must be contiguous, on :attr:`device`, and shaped alike on every rank (check with
+        :meth:`handshake`). The received tensors live in this channel's double buffer: they stay
+        valid until the transfer after next on the same channel. A world of size 1 returns the
+        inputs themselves.
+        """
+        if self.world_size == 1:
+            return PendingTransfer(self, [], list(tensors), channel, 0)
+        for i, t in enumerate(tensors):
+            if t.device != self.device:
+                raise ValueError(f"tensor {i} for channel '{channel}' is on {t.device}; the ring needs {self.device}")
+        recv, step = self._receive_buffers(tensors, channel)
+        ops = []
+        # Receives first, then sends, in the same order on every rank: gloo and NCCL match
+        # point-to-point messages between a pair of ranks in posting order.
+        for buf in recv:
+            ops.append(dist.P2POp(dist.irecv, buf, self._prev_global, self.group))
+        for t in tensors:
+            ops.append(dist.P2POp(dist.isend, t.contiguous(), self._next_global, self.group))
+        works = list(dist.batch_isend_irecv(ops))
+        return PendingTransfer(self, works, recv, channel, step)
+
+    def _release_sets(self, sets: list[list[torch.Tensor]]) -> None:
+        for bufs in sets:
+            for b in bufs:
+                self._buffers.release(b)
+
+    def close(self) -> None:
+        """Give every receive buffer back to the provider (received tensors must no longer be used)."""
+        with self._lock:
+            slots, self._slots = self._slots, {}
+        for sets, _, _ in slots.values():
+            self._release_sets(sets)
+
+    def __enter__(self) -> RingComm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
