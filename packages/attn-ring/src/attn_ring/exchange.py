@@ -32,6 +32,7 @@ __all__ = [
     "exchange_rows",
     "group_rank_and_size",
     "handshake",
+    "is_nccl",
     "last_stats",
     "post_exchange",
     "reset_stats",
@@ -92,15 +93,26 @@ def comm_device(group: dist.ProcessGroup | None, fallback: torch.device) -> torc
     return torch.device("cpu")
 
 
-def wait_all(works: Sequence[dist.Work], timeout_s: float, what: str) -> None:
+def wait_all(works: Sequence[dist.Work], timeout_s: float, what: str, *, stream_only: bool = False) -> None:
+    """Wait for ``works``; TimeoutError naming ``what`` after ``timeout_s`` seconds.
+
+    stream_only (NCCL): make the current CUDA stream wait instead of blocking the host, so the
+    host keeps queueing compute; the process group's own timeout (watchdog) bounds a stuck transfer.
+    """
     for work in works:
+        if stream_only:
+            work.wait()
+            continue
         try:
-            # gloo honours the per-call timeout; NCCL's watchdog enforces the group's timeout.
             ok = work.wait(timedelta(seconds=timeout_s))
         except RuntimeError as exc:
             raise TimeoutError(f"{what} did not complete within {timeout_s:.0f} s: {exc}") from exc
         if ok is False:
             raise TimeoutError(f"{what} did not complete within {timeout_s:.0f} s")
+
+
+def is_nccl(group: dist.ProcessGroup | None) -> bool:
+    return str(dist.get_backend(group)) == "nccl"
 
 
 def handshake(
@@ -175,4 +187,5 @@ def exchange_rows(
     works = post_exchange(sends, recvs, group)
     if works:
         rank = dist.get_rank(group)
-        wait_all(works, timeout_s, f"rank {rank}: exchange with peers {sorted(set(sends) | set(recvs))}")
+        what = f"rank {rank}: exchange with peers {sorted(set(sends) | set(recvs))}"
+        wait_all(works, timeout_s, what, stream_only=is_nccl(group))

@@ -24,6 +24,7 @@ from attn_core.config import DilatedConfig
 from attn_core.modules import MultiheadDilatedAttention
 from attn_core.validation import resolve_softmax_scale
 
+from .comm import check_timeout
 from .exchange import DEFAULT_TIMEOUT_S
 from .ring_dilated import ring_dilated_attention
 
@@ -54,8 +55,7 @@ class RingDilatedAttention(nn.Module):
             resolve_softmax_scale(softmax_scale, 1)
         if group is not None and not isinstance(group, dist.ProcessGroup):
             raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
-            raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        timeout_s = check_timeout(timeout_s)
         self.softmax_scale = softmax_scale
         self.group = group
         self.timeout_s = float(timeout_s)

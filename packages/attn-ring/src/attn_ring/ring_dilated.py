@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +46,7 @@ from attn_core.config import DilatedConfig
 from attn_core.merge import merge_into_
 from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
 
+from .comm import check_timeout, config_hash, dtype_code
 from .exchange import DEFAULT_TIMEOUT_S, comm_device, exchange_rows, group_rank_and_size, handshake, wait_all
 
 __all__ = ["RingDilatedPlan", "RingDilatedRankPlan", "plan_ring_dilated", "ring_dilated_attention"]
@@ -500,7 +500,6 @@ def _remote_kv(
     return kv[0], kv[1], mask
 
 
-_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 _SIGNATURE_NAMES = (
     "batch",
     "shard_len",
@@ -519,9 +518,9 @@ def _signature(
     q: torch.Tensor, k: torch.Tensor, cfg: DilatedConfig, causal: bool, has_mask: bool, scale: float
 ) -> list[int]:
     B, n, H, D = q.shape
-    cfg_code = zlib.crc32(repr((cfg.segment_lengths, cfg.dilation_rates, cfg.head_mode)).encode())
+    cfg_code = config_hash((cfg.segment_lengths, cfg.dilation_rates, cfg.head_mode))
     scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
-    return [B, n, H, k.shape[2], D, _DTYPE_CODES[q.dtype], int(causal), int(has_mask), cfg_code, scale_bits]
+    return [B, n, H, k.shape[2], D, dtype_code(q.dtype), int(causal), int(has_mask), cfg_code, scale_bits]
 
 
 def _gather_mask(mask: torch.Tensor, group: Any, world: int, timeout_s: float) -> torch.Tensor:
@@ -571,8 +570,7 @@ def ring_dilated_attention(
     cfg = DilatedConfig(segment_lengths, dilation_rates, head_mode)
     causal = check_bool("is_causal", is_causal)
     scale = resolve_softmax_scale(softmax_scale, D)
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
-        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    timeout_s = check_timeout(timeout_s)
     rank, world = group_rank_and_size(group)
     handshake(_signature(q, k, cfg, causal, key_padding_mask is not None, scale), _SIGNATURE_NAMES, group, timeout_s)
     plan = plan_ring_dilated(

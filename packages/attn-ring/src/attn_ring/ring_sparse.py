@@ -26,7 +26,6 @@ are returned to their owners in one batched exchange.
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,12 +42,14 @@ try:
 except ModuleNotFoundError as exc:  # the optional extra is absent: say which one
     raise ImportError("attn_ring.ring_sparse needs the attn-sparse package: pip install 'attn-ring[sparse]'") from exc
 
+from .comm import check_timeout, config_hash, dtype_code
 from .exchange import (
     DEFAULT_TIMEOUT_S,
     comm_device,
     exchange_rows,
     group_rank_and_size,
     handshake,
+    is_nccl,
     post_exchange,
     wait_all,
 )
@@ -214,7 +215,12 @@ class _RingSparseFunction(torch.autograd.Function):
         received: dict[int, torch.Tensor] = {}
         for step in range(1, call.world):
             works, recvs = pending
-            wait_all(works, call.timeout_s, f"rank {call.rank}: ring block-sparse step {step}")
+            wait_all(
+                works,
+                call.timeout_s,
+                f"rank {call.rank}: ring block-sparse step {step}",
+                stream_only=is_nccl(call.group),
+            )
             if step + 1 < call.world:  # double buffering: the next block travels while this one is computed
                 pending = _post_step(k, v, call, step + 1)
             for src, buf in recvs.items():
@@ -289,7 +295,11 @@ class _RingSparseFunction(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
-_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+def _layout_checksum(layout: BlockLayout) -> int:
+    """A position-weighted checksum of the CSR arrays, so ranks with different layouts are told apart."""
+    crow, col = layout.crow_indices.long().cpu(), layout.col_indices.long().cpu()
+    weighted = [int((t * (torch.arange(t.numel()) % 65521 + 1)).sum()) for t in (crow, col)]
+    return config_hash((layout.shape, layout.block_size, *weighted))
 
 
 def ring_block_sparse_attention(
@@ -321,15 +331,12 @@ def ring_block_sparse_attention(
         raise TypeError(f"layout must be an attn_sparse.BlockLayout, got {type(layout).__name__}")
     causal = check_bool("is_causal", is_causal)
     scale = resolve_softmax_scale(softmax_scale, D)
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
-        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    timeout_s = check_timeout(timeout_s)
     rank, world = group_rank_and_size(group)
     N = n * world
     plan = plan_ring_sparse(layout, N, world, is_causal=causal)
     layout.check_fits(N, N, H)
-    layout_code = zlib.crc32(layout.crow_indices.cpu().numpy().tobytes()) ^ zlib.crc32(
-        layout.col_indices.cpu().numpy().tobytes()
-    )
+    layout_code = _layout_checksum(layout)
     scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
     signature = [
         B,
@@ -337,7 +344,7 @@ def ring_block_sparse_attention(
         H,
         k.shape[2],
         D,
-        _DTYPE_CODES[q.dtype],
+        dtype_code(q.dtype),
         int(causal),
         *layout.block_size,
         layout_code,
