@@ -12,6 +12,11 @@ Every backend module defines:
 ``NAME: str``
     The backend's name (equal to the module name).
 
+The module must import on every machine: optional dependencies (triton, a GPU toolchain) are
+imported lazily or guarded, and their absence is one of the ``unsupported_reasons``. (A
+ModuleNotFoundError raised while importing the backend module itself is only treated as "not
+installed" when the missing module is the backend module; anything else propagates.)
+
 ``unsupported_reasons(q, k, v, layout, is_causal) -> list[str]``
     Why this backend cannot take the call; an empty list means it can. Must be cheap (no kernel
     launches, no compilation, no device synchronisation) and must never raise for a validated

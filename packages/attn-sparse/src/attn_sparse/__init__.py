@@ -1,0 +1,46 @@
+"""attn_sparse: block-sparse attention with CSR block layouts, a safetensors pattern library and
+explainable backends (Triton kernel, FlexAttention, pure PyTorch reference)."""
+
+from ._version import __version__
+from .adaptive import AdaptiveBlockSparseAttention
+from .api import AUTO_ORDER, BACKENDS, BackendChoice, block_sparse_attention, explain, last_backend
+from .layout import BlockLayout
+from .library import FORMAT_VERSION, LayoutCache, PatternLibrary
+from .modules import BlockSparseAttention, MultiheadBlockSparseAttention
+from .patterns import (
+    PATTERNS,
+    bigbird,
+    build_pattern,
+    causal,
+    dilated,
+    global_local,
+    hierarchical,
+    local_window,
+    longnet,
+)
+
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "FORMAT_VERSION",
+    "PATTERNS",
+    "AdaptiveBlockSparseAttention",
+    "BackendChoice",
+    "BlockLayout",
+    "BlockSparseAttention",
+    "LayoutCache",
+    "MultiheadBlockSparseAttention",
+    "PatternLibrary",
+    "__version__",
+    "bigbird",
+    "block_sparse_attention",
+    "build_pattern",
+    "causal",
+    "dilated",
+    "explain",
+    "global_local",
+    "hierarchical",
+    "last_backend",
+    "local_window",
+    "longnet",
+]

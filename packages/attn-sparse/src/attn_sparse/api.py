@@ -1,0 +1,141 @@
+"""Public functional API: validate, pick a backend, dispatch.
+
+Backends live in ``attn_sparse.backends.<name>`` (contract in that package's docstring) and are
+imported lazily; they never import each other. ``backend="auto"`` tries :data:`AUTO_ORDER`
+(triton, then flex, then the pure PyTorch reference) and takes the first that accepts the call;
+:func:`explain` reports the choice and why every other backend was not taken; a pinned backend
+that cannot take the call raises ValueError with its reasons (never falls back).
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from types import ModuleType
+
+import torch
+
+from attn_core.api import BackendChoice
+from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
+
+from .layout import BlockLayout
+
+__all__ = ["AUTO_ORDER", "BACKENDS", "BackendChoice", "block_sparse_attention", "explain", "last_backend"]
+
+AUTO_ORDER: tuple[str, ...] = ("triton", "flex", "reference")
+BACKENDS: tuple[str, ...] = AUTO_ORDER
+
+_MODULES: dict[str, ModuleType] = {}
+_MODULES_LOCK = threading.Lock()
+_LAST = threading.local()
+
+
+def _load(name: str) -> ModuleType | None:
+    """The backend module, or None when it is not part of this installation."""
+    with _MODULES_LOCK:
+        if name in _MODULES:
+            return _MODULES[name]
+    module_name = f"{__package__}.backends.{name}"
+    try:
+        mod = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise  # the backend exists but one of its own imports is broken: surface that
+        return None
+    with _MODULES_LOCK:
+        _MODULES[name] = mod
+    return mod
+
+
+def _reasons(
+    name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, is_causal: bool
+) -> list[str]:
+    mod = _load(name)
+    if mod is None:
+        return [f"not installed (no module attn_sparse.backends.{name})"]
+    return list(mod.unsupported_reasons(q, k, v, layout, is_causal))
+
+
+def _validate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    is_causal: bool,
+    softmax_scale: float | None,
+) -> tuple[BlockLayout, bool, float]:
+    _, Nq, H, _, D = check_qkv(q, k, v, same_length=False)
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be an attn_sparse.BlockLayout, got {type(layout).__name__}")
+    layout.check_fits(Nq, k.shape[1], H)
+    causal = check_bool("is_causal", is_causal)
+    return layout.to(q.device), causal, resolve_softmax_scale(softmax_scale, D)
+
+
+def _choose(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, is_causal: bool, backend: str
+) -> BackendChoice:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, one of {('auto', *BACKENDS)}, got {backend!r}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; allowed: {('auto', *BACKENDS)}")
+    reasons = {name: _reasons(name, q, k, v, layout, is_causal) for name in BACKENDS}
+    if backend != "auto":
+        if reasons[backend]:
+            raise ValueError(f"backend {backend!r} cannot take this input: {'; '.join(reasons[backend])}")
+        rejected = {n: tuple(r) for n, r in reasons.items() if n != backend}
+        return BackendChoice(backend, "pinned by backend=" + repr(backend), rejected)
+    for name in AUTO_ORDER:
+        if not reasons[name]:
+            rejected = {n: tuple(r) for n, r in reasons.items() if n != name}
+            return BackendChoice(name, "first backend in the auto order that takes this input", rejected)
+    raise ValueError("no backend can take this input: " + "; ".join(f"{n}: {', '.join(r)}" for n, r in reasons.items()))
+
+
+def explain(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    is_causal: bool = False,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+) -> BackendChoice:
+    """The backend :func:`block_sparse_attention` would run with these arguments, and why (runs nothing)."""
+    layout, causal, _ = _validate(q, k, v, layout, is_causal, softmax_scale)
+    return _choose(q, k, v, layout, causal, backend)
+
+
+def last_backend() -> str | None:
+    """Name of the backend the most recent :func:`block_sparse_attention` call in this thread ran."""
+    return getattr(_LAST, "backend", None)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    is_causal: bool = False,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention over the active tiles of ``layout``, differentiable with exact gradients.
+
+    q: (B, Nq, H, D); k, v: (B, Nk, Hkv, D) with H % Hkv == 0 (GQA); one float dtype and device.
+    layout: a :class:`BlockLayout` with ceil(Nq/Bq) x ceil(Nk/Bk) blocks and 1 or H heads
+    (moved to q's device, cached). ``is_causal`` also masks keys after the query (top-left
+    aligned) inside the tiles. A query that sees no key gets 0. Returns (B, Nq, H, D).
+
+    backend: "auto" or one of :data:`BACKENDS`; see :func:`explain` and :func:`last_backend`.
+    """
+    layout, causal, scale = _validate(q, k, v, layout, is_causal, softmax_scale)
+    choice = _choose(q, k, v, layout, causal, backend)
+    mod = _load(choice.backend)
+    if mod is None:  # _choose only picks installed backends
+        raise RuntimeError(f"backend {choice.backend!r} disappeared after selection")
+    _LAST.backend = choice.backend
+    out: torch.Tensor = mod.block_sparse_attention(q, k, v, layout, causal, scale)
+    return out

@@ -1,0 +1,653 @@
+"""BlockLayout: which (query block, key block) tiles are active, per head or shared, in CSR form.
+
+A layout lives in *blocks*, not tokens: ``num_query_blocks`` rows of ``Bq`` tokens and
+``num_key_blocks`` columns of ``Bk`` tokens (the last row/column may be partial). The sequence
+lengths are checked when the layout is used (:meth:`BlockLayout.check_fits`).
+
+Storage (the contract every backend reads, see :mod:`attn_sparse.backends`):
+
+- ``crow_indices: (num_heads * num_query_blocks + 1,) int32`` row offsets; row
+  ``h * num_query_blocks + i`` lists the active key blocks of query block ``i`` of head ``h``;
+- ``col_indices: (nnz,) int32`` strictly increasing within each row, in ``[0, num_key_blocks)``;
+- ``num_heads`` 1 means one layout shared by every query head.
+
+Everything here is O(active blocks) and vectorised (no Python loop over blocks, never an
+N x N token mask); the dense bool view (:meth:`BlockLayout.to_dense`) is only built on request.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["BlockLayout", "check_block_size"]
+
+_INT32_MAX = 2**31 - 1
+
+
+def check_block_size(block_size: object) -> tuple[int, int]:
+    """Validate ``block_size``: an int or a pair (Bq, Bk) of powers of two >= 16."""
+    if isinstance(block_size, int) and not isinstance(block_size, bool):
+        pair: tuple[object, ...] = (block_size, block_size)
+    elif isinstance(block_size, (tuple, list)) and len(block_size) == 2:
+        pair = tuple(block_size)
+    else:
+        raise TypeError(f"block_size must be an int or a pair (Bq, Bk) of ints, got {block_size!r}")
+    out = []
+    for b in pair:
+        if isinstance(b, bool) or not isinstance(b, int):
+            raise TypeError(f"block_size entries must be ints, got {b!r} in {block_size!r}")
+        if b < 16 or b & (b - 1):
+            raise ValueError(
+                f"block sizes must be powers of two >= 16 (64 and 128 are typical), got {b} in {block_size!r}"
+            )
+        out.append(int(b))
+    return out[0], out[1]
+
+
+def _check_count(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > _INT32_MAX:
+        raise ValueError(f"{name} must fit in int32 (<= {_INT32_MAX}), got {value}")
+    return int(value)
+
+
+def _row_ids(crow: torch.Tensor, nnz: int) -> torch.Tensor:
+    """Row index (int64) of every stored tile, O(nnz)."""
+    counts = (crow[1:] - crow[:-1]).long()
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=crow.device), counts, output_size=nnz)
+
+
+def _expand_intervals(start: torch.Tensor, length: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR from per-row disjoint, increasing intervals ``[start, start + length)``.
+
+    start, length: (R, K) int64 with intervals of each row in increasing order (length 0 = none).
+    Returns (crow int32 (R + 1,), col int32 (nnz,)) in O(R * K + nnz) without sorting.
+    """
+    device = start.device
+    counts = length.sum(dim=1)
+    crow = torch.zeros(num_rows + 1, dtype=torch.int64, device=device)
+    torch.cumsum(counts, dim=0, out=crow[1:])
+    nnz = int(crow[-1])
+    if nnz > _INT32_MAX:
+        raise ValueError(f"pattern has {nnz} active tiles; at most {_INT32_MAX} (int32 indices) are supported")
+    if nnz == 0:
+        return crow.to(torch.int32), torch.zeros(0, dtype=torch.int32, device=device)
+    # col = interval start + (position in the flattened output - where the interval begins);
+    # int32 arithmetic (nnz and columns fit) halves the memory traffic of the O(nnz) part.
+    keep = length.reshape(-1) > 0
+    flat_len = length.reshape(-1)[keep]
+    begin = torch.cumsum(flat_len, dim=0) - flat_len
+    shift = (start.reshape(-1)[keep] - begin).to(torch.int32)
+    col = torch.repeat_interleave(shift, flat_len, output_size=nnz)
+    col += torch.arange(nnz, device=device, dtype=torch.int32)
+    return crow.to(torch.int32), col
+
+
+def _crow_from_rows(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    crow = torch.zeros(num_rows + 1, dtype=torch.int64, device=rows.device)
+    torch.cumsum(torch.bincount(rows, minlength=num_rows), dim=0, out=crow[1:])
+    return crow.to(torch.int32)
+
+
+class BlockLayout:
+    """Active (query block, key block) tiles of block-sparse attention, per head or shared.
+
+    Build one with :meth:`from_dense`, :meth:`from_csr`, :meth:`from_flex_block_mask` or the
+    functions of :mod:`attn_sparse.patterns`. Layouts are immutable; methods return new ones.
+
+    Attributes: ``crow_indices`` (num_heads * num_query_blocks + 1,) int32, ``col_indices``
+    (nnz,) int32, ``block_size`` (Bq, Bk), ``num_heads`` (1 = shared by all query heads),
+    ``num_query_blocks``, ``num_key_blocks``.
+    """
+
+    __slots__ = (
+        "_cache",
+        "_col",
+        "_crow",
+        "_lock",
+        "block_size",
+        "num_heads",
+        "num_key_blocks",
+        "num_query_blocks",
+    )
+
+    def __init__(
+        self,
+        crow_indices: torch.Tensor,
+        col_indices: torch.Tensor,
+        *,
+        block_size: int | tuple[int, int],
+        num_key_blocks: int,
+        num_heads: int = 1,
+    ) -> None:
+        """Same as :meth:`from_csr` (validates everything)."""
+        self.block_size = check_block_size(block_size)
+        self.num_heads = _check_count("num_heads", num_heads)
+        self.num_key_blocks = _check_count("num_key_blocks", num_key_blocks)
+        crow, col = self._checked_csr(crow_indices, col_indices, self.num_heads, self.num_key_blocks)
+        self.num_query_blocks = (crow.numel() - 1) // self.num_heads
+        self._crow, self._col = crow, col
+        self._cache: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def _trusted(
+        cls,
+        crow: torch.Tensor,
+        col: torch.Tensor,
+        block_size: tuple[int, int],
+        num_heads: int,
+        num_query_blocks: int,
+        num_key_blocks: int,
+    ) -> BlockLayout:
+        """Wrap CSR arrays that are valid by construction (internal builders only; no checks)."""
+        self = cls.__new__(cls)
+        self._crow, self._col = crow, col
+        self.block_size = block_size
+        self.num_heads = num_heads
+        self.num_query_blocks = num_query_blocks
+        self.num_key_blocks = num_key_blocks
+        self._cache = {}
+        self._lock = threading.Lock()
+        return self
+
+    @staticmethod
+    def _checked_csr(
+        crow: object, col: object, num_heads: int, num_key_blocks: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        for name, t in (("crow_indices", crow), ("col_indices", col)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor of dtype int32 or int64, got {type(t).__name__}")
+            if t.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"{name} must have dtype int32 or int64, got {t.dtype}")
+            if t.dim() != 1:
+                raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+        assert isinstance(crow, torch.Tensor) and isinstance(col, torch.Tensor)  # for mypy; checked above
+        if crow.device != col.device:
+            raise ValueError(f"crow_indices and col_indices must be on one device, got {crow.device} and {col.device}")
+        rows = crow.numel() - 1
+        if rows < num_heads or rows % num_heads:
+            raise ValueError(
+                f"crow_indices must have num_heads * num_query_blocks + 1 entries with num_query_blocks >= 1; "
+                f"got {crow.numel()} entries for num_heads={num_heads}"
+            )
+        if rows // num_heads > _INT32_MAX:
+            raise ValueError(f"num_query_blocks must fit in int32, got {rows // num_heads}")
+        c = crow.long()
+        if int(c[0]) != 0:
+            raise ValueError(f"crow_indices[0] must be 0, got {int(c[0])}")
+        if bool((c[1:] < c[:-1]).any()):
+            bad = int(torch.nonzero(c[1:] < c[:-1])[0, 0])
+            raise ValueError(
+                f"crow_indices must be non-decreasing, got crow_indices[{bad + 1}]={int(c[bad + 1])} "
+                f"< crow_indices[{bad}]={int(c[bad])}"
+            )
+        nnz = col.numel()
+        if int(c[-1]) != nnz:
+            raise ValueError(f"crow_indices[-1] must equal the number of column indices {nnz}, got {int(c[-1])}")
+        if nnz > _INT32_MAX:
+            raise ValueError(f"number of active tiles must fit in int32, got {nnz}")
+        k = col.long()
+        if nnz:
+            lo, hi = int(k.min()), int(k.max())
+            if lo < 0 or hi >= num_key_blocks:
+                raise ValueError(
+                    f"col_indices must lie in [0, num_key_blocks={num_key_blocks}), got values in [{lo}, {hi}]"
+                )
+            row = _row_ids(c, nnz)
+            same_row = row[1:] == row[:-1]
+            if bool((same_row & (k[1:] <= k[:-1])).any()):
+                bad = int(torch.nonzero(same_row & (k[1:] <= k[:-1]))[0, 0])
+                raise ValueError(
+                    f"col_indices must be strictly increasing within each row (sorted, no duplicates); "
+                    f"row {int(row[bad])} has {int(k[bad])} then {int(k[bad + 1])}"
+                )
+        return c.to(torch.int32), k.to(torch.int32)
+
+    @classmethod
+    def from_csr(
+        cls,
+        crow_indices: torch.Tensor,
+        col_indices: torch.Tensor,
+        *,
+        block_size: int | tuple[int, int],
+        num_key_blocks: int,
+        num_heads: int = 1,
+    ) -> BlockLayout:
+        """Layout from CSR arrays, validated: offsets start at 0, never decrease and end at nnz;
+        columns in range, strictly increasing per row; int32/int64 dtypes (stored as int32)."""
+        return cls(crow_indices, col_indices, block_size=block_size, num_key_blocks=num_key_blocks, num_heads=num_heads)
+
+    @classmethod
+    def from_dense(cls, block_mask: torch.Tensor, block_size: int | tuple[int, int] = (128, 128)) -> BlockLayout:
+        """Layout from a bool block mask (H or 1, nq, nk) (or (nq, nk), shared by all heads)."""
+        bs = check_block_size(block_size)
+        if not isinstance(block_mask, torch.Tensor):
+            raise TypeError(f"block_mask must be a bool torch.Tensor, got {type(block_mask).__name__}")
+        if block_mask.dtype != torch.bool:
+            raise TypeError(f"block_mask must have dtype torch.bool, got {block_mask.dtype}")
+        if block_mask.dim() == 2:
+            block_mask = block_mask[None]
+        if block_mask.dim() != 3 or min(block_mask.shape) == 0:
+            raise ValueError(
+                f"block_mask must have shape (H or 1, num_query_blocks, num_key_blocks) with no empty dim, "
+                f"got {tuple(block_mask.shape)}"
+            )
+        hl, nq, nk = (int(s) for s in block_mask.shape)
+        for name, value in (("num_heads", hl), ("num_query_blocks", nq), ("num_key_blocks", nk)):
+            _check_count(name, value)
+        idx = torch.nonzero(block_mask.reshape(hl * nq, nk))  # row-major: sorted by row, then column
+        crow = _crow_from_rows(idx[:, 0], hl * nq)
+        return cls._trusted(crow, idx[:, 1].to(torch.int32).contiguous(), bs, hl, nq, nk)
+
+    @classmethod
+    def _from_intervals(
+        cls,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        *,
+        block_size: tuple[int, int],
+        num_heads: int,
+        num_query_blocks: int,
+        num_key_blocks: int,
+        presorted: bool = False,
+    ) -> BlockLayout:
+        """Layout whose row r is the union of the column intervals ``[lo[r, t], hi[r, t])``.
+
+        lo, hi: (num_heads * num_query_blocks, K) int64, any order, may overlap; empty when
+        hi <= lo; clipped to [0, num_key_blocks). O(R * K log K + nnz): the pattern builders'
+        one path to CSR (every pattern is a union of per-row column intervals).
+        ``presorted``: the caller guarantees lo is non-decreasing along each row (skips the sort).
+        """
+        lo = lo.clamp(0, num_key_blocks)
+        hi = torch.maximum(hi.clamp(0, num_key_blocks), lo)
+        if not presorted and lo.shape[1] > 1:
+            lo, order = torch.sort(lo, dim=1)
+            hi = torch.gather(hi, 1, order)
+        # Coverage so far: since intervals are sorted by start, the columns of interval t not yet
+        # covered by intervals < t are exactly [max(lo_t, max(hi_<t)), hi_t).
+        reach = torch.cummax(hi, dim=1).values
+        prev = torch.cat([torch.zeros_like(reach[:, :1]), reach[:, :-1]], dim=1)
+        start = torch.maximum(lo, prev)
+        length = (hi - start).clamp(min=0)
+        crow, col = _expand_intervals(start, length, lo.shape[0])
+        return cls._trusted(crow, col, block_size, num_heads, num_query_blocks, num_key_blocks)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def crow_indices(self) -> torch.Tensor:
+        """(num_heads * num_query_blocks + 1,) int32 row offsets."""
+        return self._crow
+
+    @property
+    def col_indices(self) -> torch.Tensor:
+        """(nnz,) int32 active key blocks, strictly increasing within each row."""
+        return self._col
+
+    @property
+    def device(self) -> torch.device:
+        return self._crow.device
+
+    @property
+    def nnz(self) -> int:
+        """Number of active tiles (over all stored heads)."""
+        return self._col.numel()
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(num_heads, num_query_blocks, num_key_blocks)."""
+        return (self.num_heads, self.num_query_blocks, self.num_key_blocks)
+
+    @property
+    def density(self) -> float:
+        """Active fraction of all tiles (tiles above a causal diagonal count as given)."""
+        return self.nnz / (self.num_heads * self.num_query_blocks * self.num_key_blocks)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the CSR arrays (cached derived arrays not included)."""
+        return self._crow.numel() * self._crow.element_size() + self._col.numel() * self._col.element_size()
+
+    def _cached(self, key: Any, build: Any) -> Any:
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+        value = build()
+        with self._lock:
+            return self._cache.setdefault(key, value)
+
+    def row_counts(self) -> torch.Tensor:
+        """(num_heads, num_query_blocks) int32 number of active key blocks per query block."""
+        return (self._crow[1:] - self._crow[:-1]).reshape(self.num_heads, self.num_query_blocks)
+
+    @property
+    def max_blocks_per_row(self) -> int:
+        """Largest number of active key blocks of one query block (0 for an empty layout)."""
+        return int(self._cached("max_row", lambda: int(self.row_counts().max())))
+
+    @property
+    def max_blocks_per_col(self) -> int:
+        """Largest number of active query blocks of one key block (0 for an empty layout)."""
+        ccol, _ = self.transposed_csr()
+        return int(self._cached("max_col", lambda: int((ccol[1:] - ccol[:-1]).max())))
+
+    # ------------------------------------------------------------------ conversions
+    def transposed_csr(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tiles grouped by key block: (ccol_indices (num_heads * num_key_blocks + 1,) int32,
+        row_indices (nnz,) int32 query blocks, increasing within each column). Cached."""
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            nq, nk = self.num_query_blocks, self.num_key_blocks
+            row = _row_ids(self._crow, self.nnz)
+            head, qb = row // nq, row % nq
+            colkey = head * nk + self._col.long()
+            order = torch.argsort(colkey * nq + qb)
+            ccol = _crow_from_rows(colkey, self.num_heads * nk)
+            return ccol, qb[order].to(torch.int32)
+
+        result: tuple[torch.Tensor, torch.Tensor] = self._cached("transposed", build)
+        return result
+
+    def padded_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Active key blocks per row, padded: (cols (num_heads, nq, K) int64 with K = max blocks
+        per row (>= 1), valid (num_heads, nq, K) bool). Padding slots hold column 0. Cached."""
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            width = max(self.max_blocks_per_row, 1)
+            counts = self.row_counts().long()
+            valid = torch.arange(width, device=self.device) < counts[..., None]
+            cols = torch.zeros(valid.shape, dtype=torch.int64, device=self.device)
+            cols[valid] = self._col.long()  # boolean assignment fills row-major: CSR order
+            return cols, valid
+
+        result: tuple[torch.Tensor, torch.Tensor] = self._cached("padded", build)
+        return result
+
+    def to_dense(self) -> torch.Tensor:
+        """(num_heads, num_query_blocks, num_key_blocks) bool mask of the active tiles."""
+        dense = torch.zeros(
+            self.num_heads * self.num_query_blocks, self.num_key_blocks, dtype=torch.bool, device=self.device
+        )
+        dense[_row_ids(self._crow, self.nnz), self._col.long()] = True
+        return dense.reshape(self.shape)
+
+    def to(self, device: torch.device | str) -> BlockLayout:
+        """The layout on ``device`` (self if already there; copies are cached per device)."""
+        dev = torch.device(device)
+        if dev.type == self.device.type and (dev.index is None or dev == self.device):
+            return self
+
+        def build() -> BlockLayout:
+            out = BlockLayout._trusted(
+                self._crow.to(dev),
+                self._col.to(dev),
+                self.block_size,
+                self.num_heads,
+                self.num_query_blocks,
+                self.num_key_blocks,
+            )
+            for key in ("max_row", "max_col"):  # host-side ints stay valid
+                if key in self._cache:
+                    out._cache[key] = self._cache[key]
+            return out
+
+        result: BlockLayout = self._cached(("device", str(dev)), build)
+        return result
+
+    def expand_heads(self, num_heads: int) -> BlockLayout:
+        """A per-head layout with ``num_heads`` heads (a shared layout repeated; self if it matches)."""
+        n = _check_count("num_heads", num_heads)
+        if n == self.num_heads:
+            return self
+        if self.num_heads != 1:
+            raise ValueError(
+                f"cannot expand a layout with {self.num_heads} heads to {n}; only a shared (1-head) layout expands"
+            )
+        offsets = torch.arange(n, device=self.device, dtype=torch.int64)[:, None] * self.nnz
+        crow = torch.cat(
+            [torch.zeros(1, dtype=torch.int64, device=self.device), (self._crow[1:].long()[None] + offsets).reshape(-1)]
+        )
+        return BlockLayout._trusted(
+            crow.to(torch.int32), self._col.repeat(n), self.block_size, n, self.num_query_blocks, self.num_key_blocks
+        )
+
+    # ------------------------------------------------------------------ algebra
+    def _check_same_geometry(self, other: object, op: str) -> BlockLayout:
+        if not isinstance(other, BlockLayout):
+            raise TypeError(f"{op} needs another BlockLayout, got {type(other).__name__}")
+        mine = (self.block_size, self.num_query_blocks, self.num_key_blocks)
+        theirs = (other.block_size, other.num_query_blocks, other.num_key_blocks)
+        if mine != theirs:
+            raise ValueError(
+                f"{op} needs layouts of the same geometry (block_size, num_query_blocks, num_key_blocks); "
+                f"got {mine} and {theirs}"
+            )
+        if self.num_heads != other.num_heads and 1 not in (self.num_heads, other.num_heads):
+            raise ValueError(
+                f"{op} needs the same num_heads (or one shared layout), got {self.num_heads} and {other.num_heads}"
+            )
+        if other.device != self.device:
+            raise ValueError(f"{op} needs layouts on one device, got {self.device} and {other.device}")
+        return other
+
+    def _keys(self, num_heads: int) -> torch.Tensor:
+        lay = self.expand_heads(num_heads)
+        return _row_ids(lay._crow, lay.nnz) * self.num_key_blocks + lay._col.long()
+
+    def _from_keys(self, keys: torch.Tensor, num_heads: int) -> BlockLayout:
+        rows = keys // self.num_key_blocks
+        crow = _crow_from_rows(rows, num_heads * self.num_query_blocks)
+        col = (keys % self.num_key_blocks).to(torch.int32)
+        return BlockLayout._trusted(crow, col, self.block_size, num_heads, self.num_query_blocks, self.num_key_blocks)
+
+    def union(self, other: BlockLayout) -> BlockLayout:
+        """Tiles active in either layout (a shared layout broadcasts over the other's heads)."""
+        self._check_same_geometry(other, "union")
+        h = max(self.num_heads, other.num_heads)
+        keys = torch.unique(torch.cat([self._keys(h), other._keys(h)]), sorted=True)
+        return self._from_keys(keys, h)
+
+    def intersection(self, other: BlockLayout) -> BlockLayout:
+        """Tiles active in both layouts (a shared layout broadcasts over the other's heads)."""
+        self._check_same_geometry(other, "intersection")
+        h = max(self.num_heads, other.num_heads)
+        both = torch.sort(torch.cat([self._keys(h), other._keys(h)])).values
+        # each side has unique keys, so a key present in both appears exactly twice, adjacent
+        dup = both[1:] == both[:-1]
+        return self._from_keys(both[1:][dup], h)
+
+    __or__ = union
+    __and__ = intersection
+
+    # ------------------------------------------------------------------ use
+    def check_fits(self, seq_len_q: int, seq_len_k: int, num_heads: int) -> None:
+        """Raise ValueError unless the layout covers exactly these lengths and heads.
+
+        Needs num_query_blocks == ceil(seq_len_q / Bq), num_key_blocks == ceil(seq_len_k / Bk)
+        and num_heads in (1, H)."""
+        bq, bk = self.block_size
+        want = (-(-seq_len_q // bq), -(-seq_len_k // bk))
+        if (self.num_query_blocks, self.num_key_blocks) != want:
+            raise ValueError(
+                f"layout has {self.num_query_blocks} x {self.num_key_blocks} blocks of {self.block_size}, but "
+                f"Nq={seq_len_q}, Nk={seq_len_k} need ceil(Nq/Bq) x ceil(Nk/Bk) = {want[0]} x {want[1]}"
+            )
+        if self.num_heads not in (1, num_heads):
+            raise ValueError(
+                f"layout has num_heads={self.num_heads}; the call has H={num_heads} query heads (allowed: 1 or H)"
+            )
+
+    # ------------------------------------------------------------------ flex attention
+    def to_flex_block_mask(self, seq_len_q: int, seq_len_k: int, *, is_causal: bool = False) -> Any:
+        """torch FlexAttention ``BlockMask`` with these tiles (batch dim 1, heads = num_heads).
+
+        Built from kv_num_blocks/kv_indices directly (O(active blocks) work; the index arrays,
+        and the tile lookup its mask_mod reads, have flex's (1, heads, nq, nk) block shape). With ``is_causal`` the tiles entirely below the
+        diagonal become "full" blocks (no mask_mod call), the diagonal-crossing ones get a causal
+        mask_mod, and tiles entirely above the diagonal are dropped (they attend nothing).
+        Raises ValueError when the lengths do not fit or FlexAttention is unavailable.
+        """
+        bm_cls, reason = _flex_block_mask_class()
+        if bm_cls is None:
+            raise ValueError(f"FlexAttention BlockMask unavailable: {reason}")
+        self.check_fits(seq_len_q, seq_len_k, self.num_heads)
+        bq, bk = self.block_size
+        if is_causal:
+            row = _row_ids(self._crow, self.nnz) % self.num_query_blocks
+            col = self._col.long()
+            q_first = row * bq
+            k_last = (col + 1) * bk - 1
+            full = k_last <= q_first  # every key precedes every query of the tile
+            partial = ~full & (col * bk <= torch.clamp((row + 1) * bq - 1, max=seq_len_q - 1))
+            partial_l, full_l = self._subset(partial), self._subset(full)
+        else:
+            # no mask_mod needed: every active tile is attended whole (flex bounds-checks N itself)
+            partial_l, full_l = self._subset(torch.zeros(self.nnz, dtype=torch.bool, device=self.device)), self
+        kv_num, kv_idx = partial_l._flex_indices(transpose=False)
+        fkv_num, fkv_idx = full_l._flex_indices(transpose=False)
+        q_num, q_idx = partial_l._flex_indices(transpose=True)
+        fq_num, fq_idx = full_l._flex_indices(transpose=True)
+        return bm_cls(
+            seq_lengths=(seq_len_q, seq_len_k),
+            kv_num_blocks=kv_num,
+            kv_indices=kv_idx,
+            full_kv_num_blocks=fkv_num,
+            full_kv_indices=fkv_idx,
+            q_num_blocks=q_num,
+            q_indices=q_idx,
+            full_q_num_blocks=fq_num,
+            full_q_indices=fq_idx,
+            BLOCK_SIZE=(bq, bk),
+            mask_mod=_tile_mask_mod(self.to_dense(), self.block_size, is_causal),
+        )
+
+    def _subset(self, keep: torch.Tensor) -> BlockLayout:
+        row = _row_ids(self._crow, self.nnz)[keep]
+        crow = _crow_from_rows(row, self.num_heads * self.num_query_blocks)
+        return BlockLayout._trusted(
+            crow,
+            self._col[keep].contiguous(),
+            self.block_size,
+            self.num_heads,
+            self.num_query_blocks,
+            self.num_key_blocks,
+        )
+
+    def _flex_indices(self, *, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(num (1, Hl, R), idx (1, Hl, R, C)) int32 in flex's ordered format (R rows of C blocks)."""
+        hl, nq, nk = self.shape
+        if transpose:
+            crow, col = self.transposed_csr()
+            rows, width = nk, nq
+        else:
+            crow, col = self._crow, self._col
+            rows, width = nq, nk
+        counts = (crow[1:] - crow[:-1]).reshape(hl, rows)
+        row = _row_ids(crow, col.numel())
+        pos = torch.arange(col.numel(), device=self.device) - crow[:-1].long()[row]
+        idx = torch.zeros(hl * rows, width, dtype=torch.int32, device=self.device)
+        idx[row, pos] = col
+        return counts[None].contiguous(), idx.reshape(1, hl, rows, width)
+
+    @classmethod
+    def from_flex_block_mask(cls, block_mask: Any) -> BlockLayout:
+        """Layout of the tiles a FlexAttention ``BlockMask`` visits (partial and full blocks).
+
+        The batch dim must be 1. A mask_mod inside tiles is not representable (only its tile
+        structure is kept); pass ``is_causal=True`` at call time for a causal mask_mod.
+        """
+        names = ("kv_num_blocks", "kv_indices", "BLOCK_SIZE", "seq_lengths")
+        if not all(hasattr(block_mask, n) for n in names):
+            raise TypeError(f"expected a torch.nn.attention.flex_attention.BlockMask, got {type(block_mask).__name__}")
+        bq, bk = check_block_size(tuple(int(b) for b in block_mask.BLOCK_SIZE))
+        nqt, nkt = (int(s) for s in block_mask.seq_lengths)
+        nq, nk = -(-nqt // bq), -(-nkt // bk)
+        parts = [(block_mask.kv_num_blocks, block_mask.kv_indices)]
+        if getattr(block_mask, "full_kv_num_blocks", None) is not None:
+            parts.append((block_mask.full_kv_num_blocks, block_mask.full_kv_indices))
+        los, his = [], []
+        hl = int(block_mask.kv_num_blocks.shape[1])
+        for num, idx in parts:
+            if num.dim() != 3 or idx.dim() != 4 or num.shape[0] != 1 or idx.shape[:3] != num.shape:
+                raise ValueError(
+                    f"BlockMask must have batch dim 1 and kv_num_blocks (1, H, nq) / kv_indices (1, H, nq, K); "
+                    f"got {tuple(num.shape)} and {tuple(idx.shape)}"
+                )
+            if num.shape[2] < nq:
+                raise ValueError(f"BlockMask has {num.shape[2]} query blocks, its seq_lengths need {nq}")
+            num = num[0, :, :nq].reshape(hl * nq, 1).long()
+            idx = idx[0, :, :nq].reshape(hl * nq, -1).long()
+            valid = torch.arange(idx.shape[1], device=idx.device) < num
+            if bool((valid & ((idx < 0) | (idx >= nk))).any()):
+                raise ValueError(f"BlockMask kv_indices must lie in [0, {nk}) for seq_lengths {(nqt, nkt)}")
+            lo = torch.where(valid, idx, torch.zeros_like(idx))
+            los.append(lo)
+            his.append(torch.where(valid, idx + 1, torch.zeros_like(idx)))
+        return cls._from_intervals(
+            torch.cat(los, dim=1),
+            torch.cat(his, dim=1),
+            block_size=(bq, bk),
+            num_heads=hl,
+            num_query_blocks=nq,
+            num_key_blocks=nk,
+        )
+
+    # ------------------------------------------------------------------ dunder
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, BlockLayout):
+            return NotImplemented
+        if (self.block_size, self.shape, self.nnz) != (other.block_size, other.shape, other.nnz):
+            return False
+        return bool(torch.equal(self._crow.cpu(), other._crow.cpu()) and torch.equal(self._col.cpu(), other._col.cpu()))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-free but tensor-backed: compare, do not hash
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockLayout(num_heads={self.num_heads}, blocks={self.num_query_blocks}x{self.num_key_blocks}, "
+            f"block_size={self.block_size}, nnz={self.nnz}, density={self.density:.4f}, device={self.device})"
+        )
+
+
+def _flex_block_mask_class() -> tuple[Any, str]:
+    """(BlockMask class or None, reason it is unavailable)."""
+    try:
+        from torch.nn.attention import flex_attention as fa
+    except ImportError as exc:  # torch without FlexAttention
+        return None, f"torch {torch.__version__} has no torch.nn.attention.flex_attention ({exc})"
+    import inspect
+
+    params = inspect.signature(fa.BlockMask.__init__).parameters
+    needed: Sequence[str] = ("seq_lengths", "full_q_indices", "BLOCK_SIZE", "mask_mod")
+    missing = [n for n in needed if n not in params]
+    if missing:
+        return None, f"torch {torch.__version__} BlockMask lacks constructor arguments {missing} (needs torch >= 2.6)"
+    return fa.BlockMask, ""
+
+
+def _tile_mask_mod(tiles: torch.Tensor, block_size: tuple[int, int], is_causal: bool) -> Any:
+    """A mask_mod equal to the tile structure (and causal): flex's uncompiled path and its partial
+    blocks evaluate mask_mod, so it must agree with the block lists (full blocks never call it)."""
+    bq, bk = block_size
+    if tiles.shape[0] == 1:
+        shared = tiles[0]
+
+        def shared_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+            keep = shared[q_idx // bq, kv_idx // bk]
+            return keep & (q_idx >= kv_idx) if is_causal else keep
+
+        return shared_mod
+
+    def per_head_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        keep = tiles[h, q_idx // bq, kv_idx // bk]
+        return keep & (q_idx >= kv_idx) if is_causal else keep
+
+    return per_head_mod

@@ -1,0 +1,300 @@
+"""Block-sparse attention patterns, built in O(active blocks) with vectorised torch ops.
+
+Every pattern takes the sequence length in tokens and a block size (Bq, Bk) and returns a
+:class:`~attn_sparse.layout.BlockLayout` with ceil(N / Bq) x ceil(N / Bk) blocks. Distances
+(windows, global tokens) are in tokens: a tile is active when the token-level rule holds for at
+least one (query, key) pair in it, so the tile pattern covers the token pattern. Patterns compose
+with ``|`` (union) and ``&`` (intersection), e.g. ``local_window(N, 512) & causal(N)``.
+
+Internally each pattern is a set of column intervals per query block row, which
+:meth:`BlockLayout._from_intervals` turns into CSR without a global sort; no Python loop
+runs over blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from attn_core.config import DilatedConfig
+
+from .layout import BlockLayout, check_block_size
+
+__all__ = [
+    "PATTERNS",
+    "bigbird",
+    "build_pattern",
+    "causal",
+    "dilated",
+    "global_local",
+    "hierarchical",
+    "local_window",
+    "longnet",
+]
+
+
+def _int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+class _Grid:
+    """Token geometry of a pattern: block rows/columns and each query block's token span."""
+
+    def __init__(self, seq_len: object, block_size: object) -> None:
+        self.n = _int("seq_len", seq_len, 1)
+        self.bq, self.bk = check_block_size(block_size)
+        self.nq = -(-self.n // self.bq)
+        self.nk = -(-self.n // self.bk)
+        i = torch.arange(self.nq, dtype=torch.int64)
+        self.q_first = i * self.bq  # first token of each query block
+        self.q_last = torch.clamp((i + 1) * self.bq, max=self.n) - 1  # last token (partial last block)
+        self.diag = self.q_first // self.bk  # key block holding each query block's first token
+
+    def layout(self, lo: torch.Tensor, hi: torch.Tensor, num_heads: int = 1, presorted: bool = False) -> BlockLayout:
+        return BlockLayout._from_intervals(
+            lo,
+            hi,
+            block_size=(self.bq, self.bk),
+            num_heads=num_heads,
+            num_query_blocks=self.nq,
+            num_key_blocks=self.nk,
+            presorted=presorted,
+        )
+
+    def window(self, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nq, 1) key-block interval of keys within ``window`` tokens of some query of the block."""
+        lo = torch.clamp(self.q_first - window, min=0) // self.bk
+        hi = torch.clamp(self.q_last + window, max=self.n - 1) // self.bk + 1
+        return lo[:, None], hi[:, None]
+
+    def global_intervals(self, global_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nq, 2): every row reads the global key blocks; global query blocks read everything."""
+        gk = -(-min(global_tokens, self.n) // self.bk)
+        gq = -(-min(global_tokens, self.n) // self.bq)
+        zeros = torch.zeros(self.nq, dtype=torch.int64)
+        lo = torch.stack([zeros, zeros], dim=1)
+        full = torch.where(torch.arange(self.nq) < gq, self.nk, 0)
+        hi = torch.stack([torch.full_like(zeros, gk), full], dim=1)
+        return lo, hi
+
+    def lattice(self, stride: int, reach: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nq, K): key blocks j with (j - diag) % stride == 0, within ``reach`` tokens if given."""
+        if reach is None:
+            lo_w = torch.zeros(self.nq, dtype=torch.int64)
+            hi_w = torch.full((self.nq,), self.nk, dtype=torch.int64)
+        else:
+            lo_w, hi_w = (t[:, 0] for t in self.window(reach))
+        if stride == 1:
+            return lo_w[:, None], hi_w[:, None]
+        # the lattice points at or after lo_w, in increasing order (so rows come out sorted)
+        first = lo_w + torch.remainder(self.diag - lo_w, stride)
+        span = int((hi_w - lo_w).max())
+        m = torch.arange(-(-span // stride), dtype=torch.int64)
+        cols = first[:, None] + m[None, :] * stride
+        inside = (cols >= lo_w[:, None]) & (cols < hi_w[:, None])
+        lo = torch.where(inside, cols, torch.zeros_like(cols))
+        return lo, torch.where(inside, cols + 1, torch.zeros_like(cols))
+
+
+def local_window(seq_len: int, window: int, *, block_size: int | tuple[int, int] = (128, 128)) -> BlockLayout:
+    """Sliding window: query token i reads keys j with |i - j| <= ``window`` tokens (both sides).
+
+    Intersect with :func:`causal` for a causal window. window 0 keeps the diagonal tiles.
+    """
+    g = _Grid(seq_len, block_size)
+    w = _int("window", window, 0)
+    lo, hi = g.window(w)
+    return g.layout(lo, hi, presorted=True)
+
+
+def causal(seq_len: int, *, block_size: int | tuple[int, int] = (128, 128)) -> BlockLayout:
+    """Lower-triangular tiles: those holding at least one key j <= query i (pass is_causal=True
+    at call time to also mask inside the diagonal tiles)."""
+    g = _Grid(seq_len, block_size)
+    lo = torch.zeros(g.nq, 1, dtype=torch.int64)
+    return g.layout(lo, (g.q_last // g.bk + 1)[:, None])
+
+
+def dilated(seq_len: int, stride: int, *, block_size: int | tuple[int, int] = (128, 128)) -> BlockLayout:
+    """Strided key blocks: query block i reads key blocks j with (j - d(i)) % stride == 0, where
+    d(i) is the key block holding block i's first token (so the diagonal is always kept)."""
+    g = _Grid(seq_len, block_size)
+    lo, hi = g.lattice(_int("stride", stride, 1), None)
+    return g.layout(lo, hi, presorted=True)
+
+
+def global_local(
+    seq_len: int, window: int, global_tokens: int, *, block_size: int | tuple[int, int] = (128, 128)
+) -> BlockLayout:
+    """Longformer: a sliding ``window`` plus the first ``global_tokens`` tokens, which every query
+    reads and which read every key."""
+    g = _Grid(seq_len, block_size)
+    lo_w, hi_w = g.window(_int("window", window, 0))
+    lo_g, hi_g = g.global_intervals(_int("global_tokens", global_tokens, 0))
+    return g.layout(torch.cat([lo_w, lo_g], dim=1), torch.cat([hi_w, hi_g], dim=1))
+
+
+def bigbird(
+    seq_len: int,
+    window: int,
+    global_tokens: int,
+    random_blocks: int,
+    *,
+    seed: int = 0,
+    num_heads: int = 1,
+    block_size: int | tuple[int, int] = (128, 128),
+) -> BlockLayout:
+    """BigBird: :func:`global_local` plus ``random_blocks`` key blocks per query block row.
+
+    The random blocks come from a CPU ``torch.Generator`` seeded with ``seed``, so a pattern is
+    reproducible on any machine and device. Draws are with replacement and may coincide with
+    window/global blocks (a row then has fewer extra blocks). ``num_heads`` > 1 gives each
+    head its own random blocks (a per-head layout).
+    """
+    g = _Grid(seq_len, block_size)
+    heads = _int("num_heads", num_heads, 1)
+    r = _int("random_blocks", random_blocks, 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    lo_w, hi_w = g.window(_int("window", window, 0))
+    lo_g, hi_g = g.global_intervals(_int("global_tokens", global_tokens, 0))
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    rnd = torch.randint(0, g.nk, (heads, g.nq, r), generator=gen, dtype=torch.int64)
+    lo = torch.cat([lo_w.expand(heads, -1, -1), lo_g.expand(heads, -1, -1), rnd], dim=2)
+    hi = torch.cat([hi_w.expand(heads, -1, -1), hi_g.expand(heads, -1, -1), rnd + 1], dim=2)
+    return g.layout(lo.reshape(heads * g.nq, -1), hi.reshape(heads * g.nq, -1), num_heads=heads)
+
+
+def hierarchical(
+    seq_len: int,
+    windows: Sequence[int],
+    strides: Sequence[int],
+    *,
+    block_size: int | tuple[int, int] = (128, 128),
+) -> BlockLayout:
+    """Fine near, coarse far: level l reads every ``strides[l]``-th key block (counted from the
+    diagonal) within ``windows[l]`` tokens. E.g. windows (1024, 16384, N), strides (1, 4, 32):
+    every block within 1K tokens, every 4th within 16K, every 32nd beyond."""
+    g = _Grid(seq_len, block_size)
+    if isinstance(windows, (str, bytes)) or not isinstance(windows, Sequence):
+        raise TypeError(f"windows must be a sequence of ints, got {windows!r}")
+    if isinstance(strides, (str, bytes)) or not isinstance(strides, Sequence):
+        raise TypeError(f"strides must be a sequence of ints, got {strides!r}")
+    if len(windows) != len(strides) or not windows:
+        raise ValueError(
+            f"windows and strides must be non-empty and of equal length, got {list(windows)} and {list(strides)}"
+        )
+    los, his = [], []
+    for w, s in zip(windows, strides):
+        lo, hi = g.lattice(_int("stride", s, 1), min(_int("window", w, 0), g.n))
+        los.append(lo)
+        his.append(hi)
+    return g.layout(torch.cat(los, dim=1), torch.cat(his, dim=1))
+
+
+def _longnet_group(g: _Grid, w: int, r: int, o: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nq, K) key intervals of the tiles where offset-o rows of group (w, r) meet in a segment."""
+    slots = torch.arange(g.bq // w + 2 if w < g.bq else 2, dtype=torch.int64)
+    seg = (g.q_first // w)[:, None] + slots[None, :]  # (nq, S) candidate segments of each block
+    seg_first = seg * w
+    seg_last = torch.clamp(seg_first + w, max=g.n) - 1
+    # does the block hold a selected query (p % r == o) inside this segment?
+    a = torch.maximum(g.q_first[:, None], seg_first)
+    b = torch.minimum(g.q_last[:, None], seg_last)
+    first_sel = a + torch.remainder(o - a, r)
+    has_query = first_sel <= b
+    # selected keys of the segment: seg_first + o + t * r <= last_sel
+    k_first = seg_first + o
+    last_sel = seg_last - torch.remainder(seg_last - o, r)
+    has_key = (k_first <= seg_last) & has_query
+    if r <= g.bk:
+        # consecutive selected keys are at most one block apart: one contiguous interval
+        lo = torch.where(has_key, k_first // g.bk, torch.zeros_like(seg))
+        hi = torch.where(has_key, last_sel // g.bk + 1, torch.zeros_like(seg))
+        return lo, hi
+    t = torch.arange(w // r, dtype=torch.int64)
+    pos = k_first[:, :, None] + t * r  # (nq, S, w/r) key positions, each in its own block
+    ok = has_key[:, :, None] & (pos <= seg_last[:, :, None])
+    lo = torch.where(ok, pos // g.bk, torch.zeros_like(pos)).reshape(g.nq, -1)
+    return lo, torch.where(ok, pos // g.bk + 1, torch.zeros_like(pos)).reshape(g.nq, -1)
+
+
+def longnet(
+    seq_len: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    num_heads: int,
+    head_mode: str = "all",
+    per_head: bool = False,
+    block_size: int | tuple[int, int] = (128, 128),
+) -> BlockLayout:
+    """Block form of a LongNet dilated configuration (``attn_core`` semantics).
+
+    A tile is active when some head has, in some group g, a selected query (position % r_g ==
+    head offset) in the query block and a selected key of the same segment in the key block.
+    With ``per_head=False`` the layout is the union over heads (shared); ``per_head=True`` gives
+    each head its own tiles. Block-sparse attention over this layout is a *superset* of the
+    dilated pattern (whole tiles, every key of them, a single softmax): it is the tile set a
+    dilated kernel must visit, not a re-implementation of dilated attention.
+    """
+    g = _Grid(seq_len, block_size)
+    heads = _int("num_heads", num_heads, 1)
+    cfg = DilatedConfig(segment_lengths, dilation_rates, head_mode)
+    if not isinstance(per_head, bool):
+        raise TypeError(f"per_head must be a bool, got {per_head!r}")
+    per_head_sets: list[set[tuple[int, int, int]]] = [set() for _ in range(heads)]
+    for gi, (w, r) in enumerate(zip(cfg.segment_lengths, cfg.dilation_rates)):
+        for j in cfg.heads_for_group(gi, heads):
+            per_head_sets[j].add((w, r, cfg.head_offset(gi, j)))
+    cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def intervals(keys: set[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [cache.setdefault(key, _longnet_group(g, *key)) for key in sorted(keys)]
+        if not parts:
+            empty = torch.zeros(g.nq, 1, dtype=torch.int64)
+            return empty, empty
+        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+
+    if not per_head:
+        lo, hi = intervals(set().union(*per_head_sets))
+        return g.layout(lo, hi)
+    pairs = [intervals(s) for s in per_head_sets]
+    width = max(p[0].shape[1] for p in pairs)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+    lo = torch.cat([pad(p[0]) for p in pairs], dim=0)
+    hi = torch.cat([pad(p[1]) for p in pairs], dim=0)
+    return g.layout(lo, hi, num_heads=heads)
+
+
+PATTERNS: dict[str, Callable[..., BlockLayout]] = {
+    "bigbird": bigbird,
+    "causal": causal,
+    "dilated": dilated,
+    "global_local": global_local,
+    "hierarchical": hierarchical,
+    "local_window": local_window,
+    "longnet": longnet,
+}
+
+
+def build_pattern(kind: str, **params: Any) -> BlockLayout:
+    """Build pattern ``kind`` (a key of :data:`PATTERNS`) with keyword ``params``."""
+    if kind not in PATTERNS:
+        raise ValueError(f"unknown pattern {kind!r}; allowed: {sorted(PATTERNS)}")
+    try:
+        return PATTERNS[kind](**params)
+    except TypeError as exc:
+        if "argument" in str(exc):  # wrong/missing keyword: name the pattern in the message
+            raise TypeError(f"pattern {kind!r}: {exc}") from exc
+        raise

@@ -1,0 +1,207 @@
+"""BlockLayout: CSR invariants, conversions, algebra, validation, FlexAttention BlockMask round trips."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from attn_core.reference import block_sparse_attention as reference_bsa
+from attn_sparse import BlockLayout
+
+
+def _random_mask(heads: int, nq: int, nk: int, p: float = 0.4, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(heads, nq, nk, generator=g) < p
+
+
+def _check_invariants(layout: BlockLayout) -> None:
+    crow, col = layout.crow_indices, layout.col_indices
+    assert crow.dtype == col.dtype == torch.int32
+    assert crow.numel() == layout.num_heads * layout.num_query_blocks + 1
+    assert int(crow[0]) == 0 and int(crow[-1]) == col.numel() == layout.nnz
+    assert bool((crow[1:] >= crow[:-1]).all())
+    for r in range(crow.numel() - 1):
+        row = col[int(crow[r]) : int(crow[r + 1])]
+        assert bool((row[1:] > row[:-1]).all())
+        assert bool(((row >= 0) & (row < layout.num_key_blocks)).all())
+
+
+@pytest.mark.parametrize(
+    ("heads", "nq", "nk", "bs"), [(1, 5, 7, (16, 32)), (3, 4, 4, (64, 64)), (2, 1, 1, 128), (1, 6, 3, (32, 16))]
+)
+def test_dense_round_trip_and_properties(heads: int, nq: int, nk: int, bs: object) -> None:
+    m = _random_mask(heads, nq, nk, seed=heads * 100 + nq)
+    layout = BlockLayout.from_dense(m, bs)
+    _check_invariants(layout)
+    assert torch.equal(layout.to_dense(), m)
+    assert layout.shape == (heads, nq, nk)
+    assert layout.nnz == int(m.sum())
+    assert layout.density == pytest.approx(float(m.float().mean()))
+    assert layout.max_blocks_per_row == int(m.sum(-1).max())
+    assert layout.max_blocks_per_col == int(m.sum(-2).max())
+    assert layout == BlockLayout.from_csr(
+        layout.crow_indices.long(), layout.col_indices.long(), block_size=bs, num_key_blocks=nk, num_heads=heads
+    )
+    assert "nnz=" in repr(layout)
+
+
+def test_two_dim_mask_is_shared_and_empty_layout_works() -> None:
+    m = torch.zeros(3, 4, dtype=torch.bool)
+    layout = BlockLayout.from_dense(m, 16)
+    assert layout.num_heads == 1 and layout.nnz == 0 and layout.density == 0.0
+    assert layout.max_blocks_per_row == 0
+    cols, valid = layout.padded_columns()
+    assert cols.shape == (1, 3, 1) and not bool(valid.any())
+
+
+def test_transposed_csr_matches_dense_transpose() -> None:
+    m = _random_mask(2, 5, 6, seed=3)
+    layout = BlockLayout.from_dense(m, (16, 32))
+    ccol, rows = layout.transposed_csr()
+    want = BlockLayout.from_dense(m.transpose(1, 2).contiguous(), (32, 16))
+    assert torch.equal(ccol, want.crow_indices) and torch.equal(rows, want.col_indices)
+    assert layout.transposed_csr()[0] is ccol  # cached
+
+
+def test_padded_columns_follow_csr_order() -> None:
+    m = _random_mask(2, 4, 9, seed=5)
+    layout = BlockLayout.from_dense(m, 16)
+    cols, valid = layout.padded_columns()
+    for h in range(2):
+        for i in range(4):
+            assert cols[h, i][valid[h, i]].tolist() == torch.nonzero(m[h, i]).flatten().tolist()
+
+
+def test_union_intersection_and_broadcast_heads() -> None:
+    a_m, b_m, s_m = _random_mask(3, 4, 5, seed=1), _random_mask(3, 4, 5, seed=2), _random_mask(1, 4, 5, seed=4)
+    a, b, s = (BlockLayout.from_dense(x, 16) for x in (a_m, b_m, s_m))
+    assert torch.equal((a | b).to_dense(), a_m | b_m)
+    assert torch.equal((a & b).to_dense(), a_m & b_m)
+    assert torch.equal(a.union(s).to_dense(), a_m | s_m)
+    assert torch.equal(s.intersection(a).to_dense(), a_m & s_m)
+    _check_invariants(a | b)
+    _check_invariants(a & s)
+    assert torch.equal(s.expand_heads(3).to_dense(), s_m.expand(3, -1, -1))
+    assert s.expand_heads(1) is s
+
+
+def test_algebra_rejects_other_geometry() -> None:
+    a = BlockLayout.from_dense(_random_mask(1, 4, 5), 16)
+    with pytest.raises(ValueError, match="same geometry"):
+        a | BlockLayout.from_dense(_random_mask(1, 4, 6), 16)
+    with pytest.raises(ValueError, match="same geometry"):
+        a & BlockLayout.from_dense(_random_mask(1, 4, 5), 32)
+    with pytest.raises(ValueError, match="num_heads"):
+        BlockLayout.from_dense(_random_mask(2, 4, 5), 16) | BlockLayout.from_dense(_random_mask(3, 4, 5), 16)
+    with pytest.raises(TypeError, match="BlockLayout"):
+        a.union(torch.zeros(1))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="only a shared"):
+        BlockLayout.from_dense(_random_mask(2, 4, 5), 16).expand_heads(4)
+
+
+def _csr(crow: list[int], col: list[int], **kw: object) -> BlockLayout:
+    args = {"block_size": 16, "num_key_blocks": 4, "num_heads": 1}
+    args.update(kw)
+    return BlockLayout.from_csr(torch.tensor(crow, dtype=torch.int32), torch.tensor(col, dtype=torch.int32), **args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("crow", "col", "kw", "exc", "match"),
+    [
+        ([1, 2], [0], {}, ValueError, r"crow_indices\[0\]"),
+        ([0, 2, 1], [0, 1], {}, ValueError, "non-decreasing"),
+        ([0, 1, 3], [0, 1], {}, ValueError, "crow_indices\\[-1\\]"),
+        ([0, 2], [1, 1], {}, ValueError, "strictly increasing"),
+        ([0, 2], [2, 1], {}, ValueError, "strictly increasing"),
+        ([0, 1], [4], {}, ValueError, "num_key_blocks"),
+        ([0, 1], [-1], {}, ValueError, "num_key_blocks"),
+        ([0, 1, 1, 1], [0], {"num_heads": 2}, ValueError, "num_heads"),
+        ([0], [], {}, ValueError, "num_query_blocks >= 1"),
+        ([0, 1], [0], {"block_size": 24}, ValueError, "powers of two"),
+        ([0, 1], [0], {"block_size": 8}, ValueError, "powers of two"),
+        ([0, 1], [0], {"block_size": (16, 16, 16)}, TypeError, "pair"),
+        ([0, 1], [0], {"num_key_blocks": 0}, ValueError, "num_key_blocks must be >= 1"),
+        ([0, 1], [0], {"num_heads": True}, TypeError, "num_heads"),
+    ],
+)
+def test_from_csr_rejects_invalid(crow: list[int], col: list[int], kw: dict, exc: type, match: str) -> None:
+    with pytest.raises(exc, match=match):
+        _csr(crow, col, **kw)
+
+
+def test_from_csr_rejects_bad_dtypes_and_shapes() -> None:
+    with pytest.raises(TypeError, match="int32 or int64"):
+        BlockLayout.from_csr(torch.tensor([0.0, 1.0]), torch.tensor([0]), block_size=16, num_key_blocks=2)
+    with pytest.raises(ValueError, match="1-D"):
+        BlockLayout.from_csr(torch.tensor([[0, 1]]), torch.tensor([0]), block_size=16, num_key_blocks=2)
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
+        BlockLayout.from_csr([0, 1], torch.tensor([0]), block_size=16, num_key_blocks=2)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="bool"):
+        BlockLayout.from_dense(torch.ones(1, 2, 2), 16)
+    with pytest.raises(ValueError, match="shape"):
+        BlockLayout.from_dense(torch.ones(1, 1, 2, 2, dtype=torch.bool), 16)
+    with pytest.raises(ValueError, match="shape"):
+        BlockLayout.from_dense(torch.ones(1, 0, 2, dtype=torch.bool), 16)
+
+
+def test_check_fits() -> None:
+    layout = BlockLayout.from_dense(_random_mask(1, 3, 2), (16, 32))
+    layout.check_fits(33, 64, 5)
+    layout.check_fits(48, 33, 1)
+    with pytest.raises(ValueError, match="ceil"):
+        layout.check_fits(49, 64, 1)
+    with pytest.raises(ValueError, match="ceil"):
+        layout.check_fits(48, 65, 1)
+    with pytest.raises(ValueError, match="num_heads"):
+        BlockLayout.from_dense(_random_mask(2, 3, 2), (16, 32)).check_fits(48, 64, 3)
+
+
+def test_to_device_and_equality() -> None:
+    layout = BlockLayout.from_dense(_random_mask(1, 3, 3), 16)
+    assert layout.to("cpu") is layout
+    other = BlockLayout.from_dense(_random_mask(1, 3, 3, seed=9), 16)
+    assert (layout == other) == torch.equal(layout.to_dense(), other.to_dense())
+    assert layout != BlockLayout.from_dense(layout.to_dense(), 32)
+    assert layout != "layout"
+
+
+# ---------------------------------------------------------------- FlexAttention conversion
+flex = pytest.importorskip("torch.nn.attention.flex_attention")
+
+
+@pytest.mark.parametrize(("n", "heads", "is_causal"), [(64, 1, False), (77, 2, False), (64, 2, True), (50, 1, True)])
+def test_flex_block_mask_round_trip_and_attention(n: int, heads: int, is_causal: bool) -> None:
+    nb = -(-n // 16)
+    m = _random_mask(heads, nb, nb, p=0.5, seed=n)
+    m[0, 0, :] = False  # an empty query block row: output must be 0
+    layout = BlockLayout.from_dense(m, 16)
+    bm = layout.to_flex_block_mask(n, n, is_causal=is_causal)
+    back = BlockLayout.from_flex_block_mask(bm)
+    if is_causal:  # tiles entirely above the diagonal are dropped from the flex mask
+        tri = torch.ones(nb, nb, dtype=torch.bool).tril()
+        assert torch.equal(back.to_dense(), m & tri)
+    else:
+        assert back == layout
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, n, heads, 16, generator=g) for _ in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile"
+        out = flex.flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm).transpose(
+            1, 2
+        )
+    ref, _ = reference_bsa(q, k, v, m, (16, 16), is_causal=is_causal)
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_from_flex_block_mask_of_create_block_mask() -> None:
+    def band(b: object, h: object, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return (q_idx - kv_idx).abs() <= 20
+
+    bm = flex.create_block_mask(band, 1, 1, 96, 96, device="cpu", BLOCK_SIZE=16)
+    layout = BlockLayout.from_flex_block_mask(bm)
+    assert torch.equal(layout.to_dense()[0], bm.to_dense()[0, 0].bool())
+    with pytest.raises(TypeError, match="BlockMask"):
+        BlockLayout.from_flex_block_mask(object())
