@@ -125,6 +125,7 @@ def test_pinned_backend_that_cannot_take_input_raises_with_reasons(fake_backend)
     choice = explain(q, k, v, [4], [1])
     assert choice.backend != "fake"
     assert choice.rejected["fake"] == ("needs CUDA tensors, got cpu", "needs fp16/bf16, got torch.float64")
+    assert "skipped fake: needs CUDA tensors, got cpu; needs fp16/bf16" in choice.why
     out = dilated_attention(q, k, v, [4], [1])
     assert last_backend() == choice.backend
     assert not torch.all(out == 7.0)
@@ -163,3 +164,13 @@ def test_output_keeps_dtype_and_softmax_scale_is_used(dtype):
     assert_close_to_reference("scaled out", out, ref, base)
     default, _ = reference.dilated_attention(q, k, v, [4, 8], [1, 2])
     assert not torch.allclose(out.double(), default, atol=1e-3), "softmax_scale had no effect"
+
+
+def test_config_accepts_integer_arrays_and_ranges():
+    import numpy as np
+
+    q, k, v = _qkv()
+    a = dilated_attention(q, k, v, [4, 8], [1, 2], backend="reference")
+    b = dilated_attention(q, k, v, np.array([4, 8]), torch.tensor([1, 2]), backend="reference")
+    c = dilated_attention(q, k, v, range(4, 12, 4), (1, 2), backend="reference")
+    assert torch.equal(a, b) and torch.equal(a, c)

@@ -89,7 +89,7 @@ def test_reference_backend_matches_reference_on_random_configs(c):
     s = c["scale"] if c["scale"] is not None else D**-0.5
     # Size of the products a gradient is summed from (s * dout * k * v and the like): float32
     # rounding is relative to that, not to the gradient's own value, which may cancel to ~0.
-    qkv_max = float(torch.cat([q.flatten(), k.flatten(), v.flatten()]).abs().max())
+    qkv_max = float(torch.cat([q.flatten(), k.flatten(), v.flatten()]).detach().abs().max())
     natural = float(dout.abs().max()) * (1 + s * qkv_max**2)
     for name, got, want, base in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), bases):
         try:

@@ -95,6 +95,18 @@ BAD_CALLS = [
         TypeError,
         r"segment_lengths must be a sequence of positive ints, got 8",
     ),
+    (
+        "0-d tensor segments",
+        {"segment_lengths": torch.tensor(8)},
+        TypeError,
+        r"segment_lengths must be a sequence of positive ints, got tensor\(8\)",
+    ),
+    (
+        "float array rates",
+        {"dilation_rates": torch.tensor([1.0, 2.0])},
+        TypeError,
+        r"dilation_rates must contain ints, got tensor\(1\.\) of type Tensor",
+    ),
     ("string segments", {"segment_lengths": "48"}, TypeError, r"segment_lengths must be a sequence .* got '48'"),
     (
         "mask wrong shape",

@@ -6,7 +6,8 @@ semantics of ``../shared/DESIGN.md`` (segments, per-head offsets ``j mod r``, he
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,14 +15,22 @@ HEAD_MODES = ("all", "split")
 
 
 def _as_int_tuple(name: str, values: object) -> tuple[int, ...]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+    """Integers from a list/tuple/range (or a 1-D integer array/tensor); bools and floats are rejected."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise TypeError(f"{name} must be a sequence of positive ints, got {values!r}")
+    try:
+        items = list(values)
+    except TypeError:  # e.g. a 0-d tensor
+        raise TypeError(f"{name} must be a sequence of positive ints, got {values!r}") from None
     out = []
-    for x in values:
+    for x in items:
         # bool is an int subclass; a flag passed as a length is a bug, not a length.
-        if isinstance(x, bool) or not isinstance(x, int):
-            raise TypeError(f"{name} must contain ints, got {x!r} of type {type(x).__name__} in {list(values)!r}")
-        out.append(int(x))
+        if isinstance(x, bool):
+            raise TypeError(f"{name} must contain ints, got {x!r} of type bool in {items!r}")
+        try:
+            out.append(operator.index(x))  # int, numpy integer, 0-d integer tensor; not 4.0
+        except TypeError:
+            raise TypeError(f"{name} must contain ints, got {x!r} of type {type(x).__name__} in {items!r}") from None
     return tuple(out)
 
 
