@@ -71,15 +71,6 @@ def block_sparse_attention(
     """out (B, Nq, H, D) in q.dtype; differentiable in q, k, v (exact gradients)."""
     from ..kernels import CSR, block_sparse_attention_csr
 
-    ccol, row = layout.transposed_csr()
-    csr = CSR(
-        crow=layout.crow_indices.contiguous(),
-        col=layout.col_indices.contiguous(),
-        ccol=ccol.contiguous(),
-        row=row.contiguous(),
-        num_heads=layout.num_heads,
-        num_query_blocks=layout.num_query_blocks,
-        num_key_blocks=layout.num_key_blocks,
-        block_size=(int(layout.block_size[0]), int(layout.block_size[1])),
+    return block_sparse_attention_csr(
+        q, k, v, CSR.from_layout(layout), is_causal=is_causal, softmax_scale=softmax_scale
     )
-    return block_sparse_attention_csr(q, k, v, csr, is_causal=is_causal, softmax_scale=softmax_scale)

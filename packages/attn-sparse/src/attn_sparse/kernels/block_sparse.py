@@ -27,6 +27,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import triton
@@ -658,6 +659,21 @@ class CSR:
     num_query_blocks: int
     num_key_blocks: int
     block_size: tuple[int, int]
+
+    @classmethod
+    def from_layout(cls, layout: Any) -> CSR:
+        """The raw tensors of an :class:`attn_sparse.layout.BlockLayout` (its transposed CSR is cached there)."""
+        ccol, row = layout.transposed_csr()
+        return cls(
+            crow=layout.crow_indices.contiguous(),
+            col=layout.col_indices.contiguous(),
+            ccol=ccol.contiguous(),
+            row=row.contiguous(),
+            num_heads=int(layout.num_heads),
+            num_query_blocks=int(layout.num_query_blocks),
+            num_key_blocks=int(layout.num_key_blocks),
+            block_size=(int(layout.block_size[0]), int(layout.block_size[1])),
+        )
 
 
 def work_order(offsets: torch.Tensor, num_heads: int, num_blocks: int) -> torch.Tensor:
