@@ -46,10 +46,15 @@ __all__ = [
 
 # Every block starts on this byte boundary (covers every dtype and vectorised kernels' needs).
 ALIGNMENT = 512
-# 2**SUBCLASS_BITS size classes per power of two: rounding waste < 2**-SUBCLASS_BITS (6.25 %).
-SUBCLASS_BITS = 4
+# 2**SUBCLASS_BITS size classes per power of two: rounding waste < 2**-SUBCLASS_BITS (1.6 %).
+SUBCLASS_BITS = 6
 # Recently released blocks kept per (stream, shape, dtype) for the no-allocation fast path.
 QUICK_LIST_DEPTH = 4
+# ... for at most this many keys (oldest key evicted first): bounds memory held outside the free ranges.
+QUICK_LIST_KEYS = 16
+# Only blocks up to this size are quick-listed: a held-back large block splits the free ranges
+# around it (fragmentation), while for large buffers a view costs little next to their use.
+QUICK_LIST_MAX_BLOCK = 4 << 20
 # Large reservations are rounded like the CUDA caching allocator rounds them, so none is wasted.
 SLAB_GRANULE = 2 << 20
 
@@ -100,9 +105,18 @@ class _RangeAllocator:
         if i == len(self._sorted):
             return None
         fsize, region, offset = self._sorted[i]
-        self._remove(region, offset, fsize)
-        if fsize > size:
-            self._insert(region, offset + size, fsize - size)
+        rest = fsize - size
+        if rest and (i == 0 or self._sorted[i - 1] <= (rest, region, offset + size)):
+            # The remainder keeps this entry's place in the sorted order: update it in place
+            # (the common case when carving from a slab's large tail).
+            self._sorted[i] = (rest, region, offset + size)
+            del self._by_start[(region, offset)]
+            self._by_start[(region, offset + size)] = rest
+            self._by_end[(region, offset + fsize)] = offset + size
+        else:
+            self._remove(region, offset, fsize)
+            if rest:
+                self._insert(region, offset + size, rest)
         self.free_bytes -= size
         return region, offset
 
@@ -249,6 +263,12 @@ class PoolStats:
 
 
 def _as_shape(shape: Any) -> tuple[int, ...]:
+    if type(shape) is tuple:  # fast path: a tuple of non-negative Python ints
+        for d in shape:
+            if type(d) is not int or d < 0:
+                break
+        else:
+            return shape
     if isinstance(shape, int) and not isinstance(shape, bool):
         shape = (shape,)
     if not isinstance(shape, (tuple, list, torch.Size)):
@@ -262,13 +282,24 @@ def _as_shape(shape: Any) -> tuple[int, ...]:
     return out
 
 
+_STRIDES: dict[tuple[int, ...], tuple[int, ...]] = {}
+# Bounded: cleared when full (dict get/set are atomic under the GIL, so no lock is needed).
+STRIDE_CACHE_ENTRIES = 4096
+
+
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out = _STRIDES.get(shape)
+    if out is not None:
+        return out
     strides = [1] * len(shape)
     acc = 1
     for i in range(len(shape) - 1, -1, -1):
         strides[i] = acc
         acc *= max(shape[i], 1)
-    return tuple(strides)
+    if len(_STRIDES) >= STRIDE_CACHE_ENTRIES:
+        _STRIDES.clear()
+    out = _STRIDES[shape] = tuple(strides)
+    return out
 
 
 def _check_dtype(dtype: Any) -> torch.dtype:
@@ -354,6 +385,12 @@ class DeviceBufferPool:
         """
         if device is not None and device != self.device and device != self._device_str:
             self._check_device(device)
+        stream = self._streams.current_key()
+        if type(shape) is tuple:
+            # Quick path: a key only exists for a shape and dtype that were validated before.
+            hit = self._quick_take((stream, shape, dtype))
+            if hit is not None:
+                return hit
         shape_t = _as_shape(shape)
         dtype = _check_dtype(dtype)
         numel = 1
@@ -367,19 +404,12 @@ class DeviceBufferPool:
                 self._acquires += 1
                 self._hits += 1
             return t
+        if type(shape) is not tuple:
+            hit = self._quick_take((stream, shape_t, dtype))
+            if hit is not None:
+                return hit
         requested = numel * dtype.itemsize
-        stream = self._streams.current_key()
-        key = (stream, shape_t, dtype)
         with self._lock:
-            quick = self._quick.get(key)
-            if quick:
-                blk = quick.pop()
-                self._quick_bytes -= blk.nbytes
-                self._quick_hits += 1
-                self._hits += 1
-                self._acquires += 1
-                self._take(blk, requested)
-                return blk.tensor  # type: ignore[return-value]
             nbytes = round_size(requested)
             blk = self._alloc_locked(nbytes, stream)
             blk.shape = shape_t
@@ -424,15 +454,25 @@ class DeviceBufferPool:
             # Quick-list only the untouched tensor object we handed out (a caller may have
             # reshaped it in place or turned on requires_grad; such a block takes the slow path).
             if (
-                tensor is t
+                blk.nbytes <= QUICK_LIST_MAX_BLOCK
+                and tensor is t
                 and t.shape == blk.shape
                 and not t.requires_grad
                 and t.is_contiguous()
-                and len(self._quick.setdefault((stream, blk.shape, t.dtype), [])) < QUICK_LIST_DEPTH
             ):
-                self._quick[(stream, blk.shape, t.dtype)].append(blk)
-                self._quick_bytes += blk.nbytes
-                return
+                key = (stream, blk.shape, t.dtype)
+                quick = self._quick.get(key)
+                if quick is None:
+                    if len(self._quick) >= QUICK_LIST_KEYS:
+                        # Bounded: the oldest key's blocks go back to the free ranges.
+                        old_key = next(iter(self._quick))
+                        for old in self._quick.pop(old_key):
+                            self._unquick(old_key[0], old)
+                    quick = self._quick[key] = []
+                if len(quick) < QUICK_LIST_DEPTH:
+                    quick.append(blk)
+                    self._quick_bytes += blk.nbytes
+                    return
             blk.tensor = None
             self._free_range(stream, blk.region, blk.offset, blk.nbytes)
 
@@ -460,6 +500,35 @@ class DeviceBufferPool:
                     self._free[None].free(r, o, s)
             self._fenced.clear()
             return self._trim_free_slabs_locked()
+
+    def consolidate(self, *, headroom: float = 0.05, release_cached: bool = True) -> int:
+        """Replace every slab by one slab sized to the observed peak in use (times 1 + headroom).
+
+        Call it between iterations of a repeating workload (no buffer may be live), e.g. after a
+        warm-up iteration: later iterations then run from one reservation close to their real peak
+        instead of the several slabs the warm-up grew. Resets the high-water marks. On CUDA,
+        ``release_cached`` also empties torch's cache so the dropped slabs leave the device.
+        Returns the new reserved bytes.
+        """
+        if not isinstance(headroom, (int, float)) or isinstance(headroom, bool) or not 0 <= headroom <= 4:
+            raise ValueError(f"headroom must be a number in [0, 4], got {headroom!r}")
+        with self._lock:
+            if self._live or self._empty_live:
+                raise ValueError(
+                    f"consolidate() needs every buffer released; {len(self._live) + len(self._empty_live)} are live"
+                )
+            target = self._peak_in_use
+        self.trim()
+        if release_cached and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        with self._lock:
+            if target > 0:
+                size = (int(target * (1 + headroom)) + SLAB_GRANULE - 1) // SLAB_GRANULE * SLAB_GRANULE
+                self._new_slab_locked(size, exact=True)
+            self._peak_in_use = self._in_use
+            self._peak_requested = self._requested
+            self._peak_reserved = self._reserved
+            return self._reserved
 
     def stats(self) -> PoolStats:
         """Counters and high-water marks, read consistently under the lock."""
@@ -499,6 +568,21 @@ class DeviceBufferPool:
         )
 
     # ------------------------------------------------------------------ internals (lock held)
+    def _quick_take(self, key: tuple[Hashable, tuple[int, ...], torch.dtype]) -> torch.Tensor | None:
+        with self._lock:
+            quick = self._quick.get(key)
+            if not quick:
+                return None
+            blk = quick.pop()
+            if not quick:
+                del self._quick[key]
+            self._quick_bytes -= blk.nbytes
+            self._quick_hits += 1
+            self._hits += 1
+            self._acquires += 1
+            self._take(blk, blk.requested)
+            return blk.tensor
+
     def _check_device(self, device: Any) -> None:
         try:
             dev = torch.device(device)
@@ -591,13 +675,16 @@ class DeviceBufferPool:
             self._peak_reserved = self._reserved
         return region
 
+    def _unquick(self, stream: Hashable, blk: _Block) -> None:
+        blk.tensor = None
+        self._quick_bytes -= blk.nbytes
+        self._free_range(stream, blk.region, blk.offset, blk.nbytes)
+
     def _flush_quick_locked(self) -> None:
         for (stream, _, _), blocks in self._quick.items():
             for blk in blocks:
-                blk.tensor = None
-                self._free_range(stream, blk.region, blk.offset, blk.nbytes)
+                self._unquick(stream, blk)
         self._quick.clear()
-        self._quick_bytes = 0
 
     def _fence_stream_locked(self, key: Hashable) -> None:
         alloc = self._free.get(key)
