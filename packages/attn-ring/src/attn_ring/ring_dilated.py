@@ -331,10 +331,10 @@ def _take(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
 
 
 def _lse_take(L: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    """L (B, H, n) at flat (M, T, h) -> (B * M, h, T)."""
+    """L (B, n, H) at flat (M, T, h) -> (B * M, h, T)."""
     B = L.shape[0]
     M, T, h = flat.shape
-    Lf = L.transpose(1, 2).reshape(B, -1)
+    Lf = L.reshape(B, -1)
     return Lf.index_select(1, flat.reshape(-1)).reshape(B, M, T, h).permute(0, 1, 3, 2).reshape(B * M, h, T)
 
 
@@ -404,37 +404,33 @@ class _RingDilatedFunction(torch.autograd.Function):
         ad = acc_dtype(q.dtype)
         plan = call.plan
         recv = _exchange_kv(k, v, call)
+        # Accumulators; lse kept (B, n, H) so that flat index row * H + head addresses both.
         out = torch.zeros(B, n, H, D, dtype=ad, device=q.device)
-        lse = torch.full((B, H, n), float("-inf"), dtype=ad, device=q.device)
-        groups = sorted({it.group for it in plan.items})
-        for g in groups:
-            out_g = torch.zeros(B, n * H, D, dtype=ad, device=q.device)
-            lse_g = torch.full((B, n * H), float("-inf"), dtype=ad, device=q.device)
-            for i, it in enumerate(plan.items):
-                if it.group != g:
-                    continue
-                for m0, m1 in _item_chunks(it, B, D, call.fused):
-                    rows = _rows(it, m0, m1, q.device)
-                    qf, kvf = _flat(rows, it.heads, H), _flat(rows, it.kv_heads, call.num_kv_heads)
-                    qi, ki, vi = _take(q, qf), _take(k, kvf), _take(v, kvf)
-                    mi = None if local_mask is None else local_mask[:, rows].reshape(-1, it.rows)
-                    o, l = block_forward(
-                        qi, ki, vi, is_causal=call.causal, softmax_scale=call.scale, key_padding_mask=mi
-                    )
-                    o, l = o.to(ad), l.to(ad)
-                    if it.remote:
-                        kr, vr, mr = _remote_kv(recv, global_mask, plan, i, it, q.device)
-                        o2, l2 = block_forward(
-                            qi, kr, vr, is_causal=False, softmax_scale=call.scale, key_padding_mask=mr
-                        )
-                        merge_into_(o, l, o2, l2)
-                    Mc, h = m1 - m0, len(it.heads)
-                    out_g.index_copy_(1, qf.reshape(-1), o.reshape(B, Mc * it.rows * h, D))
-                    lse_g.index_copy_(1, qf.reshape(-1), l.reshape(B, Mc, h, it.rows).transpose(2, 3).reshape(B, -1))
-            merge_into_(out, lse, out_g.view(B, n, H, D), lse_g.view(B, n, H).transpose(1, 2))
-        ctx.save_for_backward(q, k, v, out, lse, recv, local_mask, global_mask)
+        lse = torch.full((B, n, H), float("-inf"), dtype=ad, device=q.device)
+        out_flat, lse_flat = out.view(B, n * H, D), lse.view(B, n * H)
+        for i, it in enumerate(plan.items):
+            for m0, m1 in _item_chunks(it, B, D, call.fused):
+                rows = _rows(it, m0, m1, q.device)
+                qf, kvf = _flat(rows, it.heads, H), _flat(rows, it.kv_heads, call.num_kv_heads)
+                qi, ki, vi = _take(q, qf), _take(k, kvf), _take(v, kvf)
+                mi = None if local_mask is None else local_mask[:, rows].reshape(-1, it.rows)
+                # Each (position, head) is in one item per group: merging items straight into the
+                # accumulators is the LSE merge of the groups.
+                o_acc, l_acc = _take(out, qf), _lse_take(lse, qf)
+                o, l = block_forward(qi, ki, vi, is_causal=call.causal, softmax_scale=call.scale, key_padding_mask=mi)
+                merge_into_(o_acc, l_acc, o, l)
+                if it.remote:
+                    kr, vr, mr = _remote_kv(recv, global_mask, plan, i, it, q.device)
+                    o2, l2 = block_forward(qi, kr, vr, is_causal=False, softmax_scale=call.scale, key_padding_mask=mr)
+                    merge_into_(o_acc, l_acc, o2, l2)
+                Mc, h = m1 - m0, len(it.heads)
+                out_flat.index_copy_(1, qf.reshape(-1), o_acc.reshape(B, -1, D))
+                lse_flat.index_copy_(1, qf.reshape(-1), l_acc.reshape(B, Mc, h, it.rows).transpose(2, 3).reshape(B, -1))
+        result = out.to(q.dtype)
+        # backward needs the final out (in q's dtype, as flash attention keeps it) and the merged L
+        ctx.save_for_backward(q, k, v, result, lse, recv, local_mask, global_mask)
         ctx.call = call
-        return out.to(q.dtype)
+        return result
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
