@@ -160,3 +160,24 @@ def test_default_config_fits_small_blocks_and_bad_config_raises() -> None:
         block_sparse_attention_csr(
             q, q, q, csr, config=KernelConfig(fwd_m=32, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16)
         )
+
+
+def test_torch_compile_traces_the_custom_ops_without_graph_breaks() -> None:
+    mask = random_mask(1, 2, 2, 0.7, seed=9)
+    mask[0, 0, 0] = True
+    csr = csr_from_mask(mask, (16, 16))
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 32, 2, 16, generator=g).requires_grad_() for _ in range(3))
+
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return block_sparse_attention_csr(q, k, v, csr, is_causal=True).sum(dim=-1)
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
+    got = compiled(q, k, v)
+    want = fn(q, k, v)
+    assert torch.equal(got, want)
+    g_got = torch.autograd.grad(got.sum(), (q, k, v))
+    g_want = torch.autograd.grad(want.sum(), (q, k, v))
+    for a, b in zip(g_got, g_want):
+        assert torch.equal(a, b)
+    assert torch.ops.attn_sparse.block_sparse_fwd.default is not None

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -774,44 +774,120 @@ def block_sparse_backward(
     return dq, dk, dv
 
 
-class _BlockSparseFn(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        csr: CSR,
-        is_causal: bool,
-        scale: float,
-        cfg: KernelConfig,
-    ) -> torch.Tensor:
-        out, lse = block_sparse_forward(q, k, v, csr, is_causal, scale, cfg)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.csr = csr  # type: ignore[attr-defined]
-        ctx.is_causal = is_causal  # type: ignore[attr-defined]
-        ctx.scale = scale  # type: ignore[attr-defined]
-        ctx.cfg = cfg  # type: ignore[attr-defined]
-        return out
+def _device_guard(q: torch.Tensor) -> contextlib.AbstractContextManager[object]:
+    # kernels launch on the current CUDA device: make it q's
+    return torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
 
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, dout: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, out, lse = ctx.saved_tensors  # type: ignore[attr-defined]
-        dq, dk, dv = block_sparse_backward(
-            dout,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            ctx.csr,  # type: ignore[attr-defined]
-            ctx.is_causal,  # type: ignore[attr-defined]
-            ctx.scale,  # type: ignore[attr-defined]
-            ctx.cfg,  # type: ignore[attr-defined]
+
+# The kernels are torch.library custom ops with a registered autograd formula, so torch.compile
+# traces through them (as opaque ops with fake implementations) instead of breaking the graph.
+# CSR geometry and tile configs travel as int lists (custom op schemas take no dataclasses).
+_CFG_FIELDS = tuple(f.name for f in fields(KernelConfig))
+
+
+def _csr_from_args(
+    crow: torch.Tensor, col: torch.Tensor, ccol: torch.Tensor, row: torch.Tensor, dims: list[int]
+) -> CSR:
+    heads, nqb, nkb, bq, bk = dims
+    return CSR(crow, col, ccol, row, heads, nqb, nkb, (bq, bk))
+
+
+@torch.library.custom_op("attn_sparse::block_sparse_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    ccol: torch.Tensor,
+    row: torch.Tensor,
+    dims: list[int],
+    is_causal: bool,
+    scale: float,
+    cfg: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    with _device_guard(q):
+        return block_sparse_forward(
+            q, k, v, _csr_from_args(crow, col, ccol, row, dims), is_causal, scale, KernelConfig(*cfg)
         )
-        return dq, dk, dv, None, None, None, None
+
+
+@_fwd_op.register_fake
+def _fwd_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    ccol: torch.Tensor,
+    row: torch.Tensor,
+    dims: list[int],
+    is_causal: bool,
+    scale: float,
+    cfg: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, Nq, H, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, Nq), dtype=torch.float32)
+
+
+@torch.library.custom_op("attn_sparse::block_sparse_bwd", mutates_args=())
+def _bwd_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    ccol: torch.Tensor,
+    row: torch.Tensor,
+    dims: list[int],
+    is_causal: bool,
+    scale: float,
+    cfg: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with _device_guard(q):
+        return block_sparse_backward(
+            dout, q, k, v, out, lse, _csr_from_args(crow, col, ccol, row, dims), is_causal, scale, KernelConfig(*cfg)
+        )
+
+
+@_bwd_op.register_fake
+def _bwd_fake(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    ccol: torch.Tensor,
+    row: torch.Tensor,
+    dims: list[int],
+    is_causal: bool,
+    scale: float,
+    cfg: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))  # type: ignore[return-value]
+
+
+def _fwd_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    q, k, v, crow, col, ccol, row, dims, is_causal, scale, cfg = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, crow, col, ccol, row)
+    ctx.args = (dims, is_causal, scale, cfg)
+
+
+def _fwd_backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    # lse is an auxiliary output (not exposed): its incoming gradient is ignored
+    q, k, v, out, lse, crow, col, ccol, row = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, crow, col, ccol, row, *ctx.args)
+    return (dq, dk, dv) + (None,) * 8
+
+
+torch.library.register_autograd("attn_sparse::block_sparse_fwd", _fwd_backward, setup_context=_fwd_setup_context)
 
 
 def block_sparse_attention_csr(
@@ -835,10 +911,9 @@ def block_sparse_attention_csr(
     bad = cfg.check(csr.block_size)
     if bad:
         raise ValueError("kernel config does not fit the layout: " + "; ".join(bad))
-    with _device_guard(q):
-        return _BlockSparseFn.apply(q, k, v, csr, bool(is_causal), float(scale), cfg)  # type: ignore[no-any-return]
-
-
-def _device_guard(q: torch.Tensor) -> contextlib.AbstractContextManager[object]:
-    # kernels launch on the current CUDA device: make it q's
-    return torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+    dims = [csr.num_heads, csr.num_query_blocks, csr.num_key_blocks, csr.block_size[0], csr.block_size[1]]
+    out, _ = _fwd_op(
+        q, k, v, csr.crow, csr.col, csr.ccol, csr.row, dims, bool(is_causal), float(scale),
+        [getattr(cfg, f) for f in _CFG_FIELDS],
+    )  # fmt: skip
+    return out
