@@ -2,6 +2,8 @@
 
 - :class:`RingComm` (comm.py): the ring communication layer (double-buffered batched P2P,
   handshake, bounded waits, pluggable receive buffers).
+- :func:`ring_attention`, :class:`RingAttention` (ring.py, modules.py): exact dense attention
+  over a sharded sequence, forward and backward, contiguous or zigzag (balanced causal) layout.
 - :func:`shard_sequence` / :func:`unshard_sequence` (sharding.py): "contiguous" and "zigzag".
 - :func:`ring_dilated_attention`, :class:`RingDilatedAttention`,
   :class:`RingMultiheadDilatedAttention`: LongNet dilated attention across ranks.
@@ -15,18 +17,22 @@ from typing import Any
 
 from ._version import __version__
 from .comm import BufferProvider, PendingTransfer, RingComm, TorchBuffers
+from .modules import RingAttention
 from .modules_dilated import RingDilatedAttention, RingMultiheadDilatedAttention
+from .ring import ring_attention
 from .ring_dilated import ring_dilated_attention
 from .sharding import shard_positions, shard_sequence, unshard_sequence
 
 __all__ = [
     "BufferProvider",
     "PendingTransfer",
+    "RingAttention",
     "RingComm",
     "RingDilatedAttention",
     "RingMultiheadDilatedAttention",
     "TorchBuffers",
     "__version__",
+    "ring_attention",
     "ring_dilated_attention",
     "shard_positions",
     "shard_sequence",

@@ -209,7 +209,13 @@ class RingComm:
             ops.append(dist.P2POp(dist.irecv, buf, self._prev_global, self.group))
         for t in tensors:
             ops.append(dist.P2POp(dist.isend, t.contiguous(), self._next_global, self.group))
-        works = list(dist.batch_isend_irecv(ops))
+        try:
+            works = list(dist.batch_isend_irecv(ops))
+        except RuntimeError as exc:  # e.g. gloo: the peer's connection is gone (it exited)
+            raise RuntimeError(
+                f"ring transfer '{channel}' step {step} on rank {self.rank} of {self.world_size} could not be posted "
+                f"(receiving from rank {self.prev_rank}, sending to rank {self.next_rank}): {exc}"
+            ) from exc
         return PendingTransfer(self, works, recv, channel, step)
 
     def _release_sets(self, sets: list[list[torch.Tensor]]) -> None:

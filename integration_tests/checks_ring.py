@@ -1,0 +1,205 @@
+"""Ring attention across real processes vs attn_core.reference.dense_attention on the gathered sequence.
+
+Every rank builds the same global inputs from a shared seed, runs ring_attention on its shard and
+compares its output shard and its q/k/v gradient shards with float64 autograd through the
+dense reference. Cases: causal and not, both layouts, GQA, odd shard lengths (contiguous),
+float64 (exact up to rounding) and float32/bf16 (project tolerance rule against a plain PyTorch
+computation in the same dtype). Under gloo the ranks use the CPU; under NCCL
+(integration_tests/run_nccl.py) each rank uses its GPU.
+
+Failure behaviour: mismatched shapes/dtypes/options raise ValueError on every rank (handshake);
+a zigzag shard of odd length raises ValueError naming n on every rank; a rank that leaves in the
+middle (after the forward, before the backward) makes the others raise within a bounded time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from attn_core import reference
+from attn_core.testing import assert_close_to_reference
+from attn_ring import RingAttention, ring_attention, shard_sequence
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shard: int  # tokens per rank
+    layout: str = "contiguous"
+    causal: bool = False
+    heads: int = 4
+    kv_heads: int = 4
+    dtype: torch.dtype = torch.float64
+    batch: int = 2
+    head_dim: int = 8
+    scale: float | None = None
+
+
+def cases(world_size: int, device: torch.device) -> list[Case]:
+    low = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out = [
+        Case("contiguous", 4),
+        Case("contiguous causal", 4, causal=True),
+        Case("zigzag", 4, layout="zigzag"),
+        Case("zigzag causal", 6, layout="zigzag", causal=True),
+        Case("contiguous odd shard causal gqa", 5, causal=True, heads=6, kv_heads=2),
+        Case("zigzag causal gqa mqa", 2, layout="zigzag", causal=True, heads=3, kv_heads=1, scale=0.3),
+        Case("single token per rank", 1, causal=True, batch=1),
+        Case("zigzag causal low precision", 8, layout="zigzag", causal=True, heads=4, kv_heads=2, dtype=low),
+        Case("contiguous low precision", 6, dtype=low, head_dim=16),
+    ]
+    if device.type == "cuda":  # a shape the fast cuDNN/flash block path takes
+        out.append(
+            Case(
+                "zigzag causal bf16 d64", 64, layout="zigzag", causal=True, heads=4, kv_heads=2, dtype=low, head_dim=64
+            )
+        )
+    return out
+
+
+def _global_inputs(case: Case, world_size: int, seed: int, device: torch.device) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    N = case.shard * world_size
+    shapes = [
+        (case.batch, N, case.heads, case.head_dim),
+        (case.batch, N, case.kv_heads, case.head_dim),
+        (case.batch, N, case.kv_heads, case.head_dim),
+        (case.batch, N, case.heads, case.head_dim),  # dout
+    ]
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(device) for s in shapes]
+
+
+def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case: Case, dtype: torch.dtype) -> torch.Tensor:
+    out, _ = reference.dense_attention(q, k, v, is_causal=case.causal, softmax_scale=case.scale, dtype=dtype)
+    return out
+
+
+def _grads(
+    inputs: list[torch.Tensor], case: Case, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, dout = (t.to(dtype) for t in inputs)
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out = _dense(q, k, v, case, dtype)
+    out.backward(dout)
+    assert q.grad is not None and k.grad is not None and v.grad is not None
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def run_case(rank: int, world_size: int, case: Case, seed: int, device: torch.device) -> None:
+    inputs = _global_inputs(case, world_size, seed, device)
+    ref = _grads(inputs, case, torch.float64)
+    base = _grads(inputs, case, case.dtype) if case.dtype != torch.float64 else None
+
+    def mine(t: torch.Tensor) -> torch.Tensor:
+        return shard_sequence(t, world_size, rank, layout=case.layout)
+
+    q, k, v, dout = (mine(t).to(case.dtype).contiguous() for t in inputs)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    out = ring_attention(q, k, v, is_causal=case.causal, layout=case.layout, softmax_scale=case.scale, timeout_s=60)
+    if out.shape != q.shape or out.dtype != q.dtype:
+        raise AssertionError(f"{case.name}: output {tuple(out.shape)} {out.dtype}, expected {tuple(q.shape)} {q.dtype}")
+    out.backward(dout)
+    got = [out, q.grad, k.grad, v.grad]
+    for i, what in enumerate(("out", "dq", "dk", "dv")):
+        g = got[i]
+        assert g is not None
+        assert_close_to_reference(
+            f"{case.name} (W={world_size}, rank {rank}) {what}",
+            g,
+            mine(ref[i]),
+            mine(base[i]) if base is not None else None,
+        )
+
+
+def check_all_cases(rank: int, world_size: int) -> list[str]:
+    """Every case's outputs and gradients on this rank vs the float64 reference; returns the case names."""
+    device = _device()
+    names = []
+    for i, case in enumerate(cases(world_size, device)):
+        run_case(rank, world_size, case, seed=1000 + i, device=device)
+        names.append(case.name)
+    # the module with the serialized (no-overlap) schedule must give the same result
+    case = Case("module serialized", 4, layout="zigzag", causal=True)
+    inputs = _global_inputs(case, world_size, 7, device)
+    q, k, v, _ = (shard_sequence(t, world_size, rank, layout="zigzag") for t in inputs)
+    mod = RingAttention(layout="zigzag", timeout_s=60)
+    a = mod(q, k, v, is_causal=True)
+    b = ring_attention(q, k, v, is_causal=True, layout="zigzag", overlap=False, timeout_s=60)
+    ref, _ = reference.dense_attention(*inputs[:3], is_causal=True)
+    assert_close_to_reference("module", a, shard_sequence(ref, world_size, rank, layout="zigzag"))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    names.append(case.name)
+    return names
+
+
+def _expect_value_error(fn: object, needle: str) -> None:
+    try:
+        fn()  # type: ignore[operator]
+    except ValueError as exc:
+        if needle not in str(exc):
+            raise AssertionError(f"ValueError without {needle!r}: {exc}") from exc
+        return
+    raise AssertionError(f"expected ValueError mentioning {needle!r}")
+
+
+def check_errors_raise_on_every_rank(rank: int, world_size: int) -> list[str]:
+    """Mismatched shape / dtype / option on one rank, and a zigzag shard of odd length: ValueError on every rank."""
+    device = _device()
+    t0 = time.monotonic()
+    done = []
+
+    def qkv(n: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        return [torch.randn(1, n, 2, 4, dtype=dtype, device=device) for _ in range(3)]
+
+    last = world_size - 1
+    _expect_value_error(lambda: ring_attention(*qkv(6 if rank == last else 4), timeout_s=30), "shard_len")
+    done.append("shape")
+    _expect_value_error(
+        lambda: ring_attention(*qkv(4, torch.float64 if rank == last else torch.float32), timeout_s=30), "dtype"
+    )
+    done.append("dtype")
+    _expect_value_error(
+        lambda: ring_attention(*qkv(4), is_causal=rank == last, layout="zigzag", timeout_s=30), "is_causal"
+    )
+    done.append("option")
+    _expect_value_error(lambda: ring_attention(*qkv(3), layout="zigzag", timeout_s=30), "n=3")
+    done.append("zigzag odd shard")
+    # the ring still works after all those errors
+    q, k, v = qkv(4)
+    out = ring_attention(q, k, v, timeout_s=30)
+    if not torch.isfinite(out).all():
+        raise AssertionError("ring produced non-finite values after the error cases")
+    done.append("still works")
+    if time.monotonic() - t0 > 60:
+        raise AssertionError(f"error cases took {time.monotonic() - t0:.0f} s: a mismatch must fail fast")
+    return done
+
+
+def check_rank_leaving_is_an_error(rank: int, world_size: int, timeout_s: float = 8.0) -> str:
+    """The last rank runs the forward and leaves; the others' backward must raise within about timeout_s."""
+    q, k, v = (torch.randn(1, 4, 2, 4, requires_grad=True) for _ in range(3))
+    out = ring_attention(q, k, v, is_causal=True, timeout_s=timeout_s)
+    if rank == world_size - 1:
+        return "left"
+    t0 = time.monotonic()
+    try:
+        out.sum().backward()
+    except (TimeoutError, RuntimeError) as exc:
+        elapsed = time.monotonic() - t0
+        if elapsed > 3 * timeout_s:
+            raise AssertionError(f"raised only after {elapsed:.0f} s (timeout {timeout_s} s)") from exc
+        if "rank" not in str(exc):
+            raise AssertionError(f"error does not name the ranks involved: {exc}") from exc
+        return "raised"
+    raise AssertionError("backward completed although a rank of the ring had left")
+
+
+NCCL_CHECKS = [check_all_cases, check_errors_raise_on_every_rank]

@@ -1,0 +1,216 @@
+"""Ring attention: exact dense attention over a sequence sharded across the ranks of a group.
+
+Each rank holds a shard of q, k, v along the sequence (layout "contiguous" or "zigzag", see
+:mod:`attn_ring.sharding`). K/V blocks travel the ring (:class:`attn_ring.comm.RingComm`): at
+step s rank r computes its queries against the block of rank (r - s) mod W while the next block
+is already in flight, and merges the partial (out, lse) by LSE in fp32 (attn_core.merge).
+
+Which (query rows, key rows) a step computes (c = n / 2 for zigzag; src = the block's owner):
+- not causal: everything, either layout.
+- contiguous, causal: src < r all x all; src == r causal; src > r nothing (the block is passed on).
+- zigzag, causal: rank r holds chunks r and 2W-1-r. src == r: causal over the shard (its two
+  chunks are in order); src < r: all queries x the block's first chunk; src > r: the shard's
+  second chunk x the whole block. Every step is n*c pairs: the causal work is balanced.
+
+Backward (exact): a second ring pass. K/V travel again and a dK/dV accumulator travels with its
+block (fp32), one hop behind it so the transfer overlaps the next step's compute; after W steps
+every accumulator is one hop from its owner, and a last hop delivers it. Every block's backward
+uses the *final* out and lse of the rows (attn_core.blocks.block_backward), so the per-block
+gradients sum exactly to the gradient of the merged output.
+
+The per-step kernels are attn_core.blocks.block_forward / block_backward: the portable math
+path on CPU, or whatever fast implementation attn_core registered for the device (cuDNN/flash SDPA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from attn_core.blocks import acc_dtype, block_backward, block_forward
+from attn_core.merge import merge_into_
+from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
+
+from .comm import DEFAULT_TIMEOUT_S, BufferProvider, RingComm, check_timeout, config_hash, dtype_code
+from .sharding import check_layout, check_shard_len
+
+__all__ = ["ring_attention", "ring_step_blocks"]
+
+# (query rows, key rows, causal) with rows as half-open ranges into the local shard / the block
+StepBlock = tuple[tuple[int, int], tuple[int, int], bool]
+
+LAYOUT_CODES = {"contiguous": 1, "zigzag": 2}
+
+
+def ring_step_blocks(
+    rank: int, src: int, world_size: int, shard_len: int, layout: str, is_causal: bool
+) -> list[StepBlock]:
+    """The (query rows, key rows, causal) pieces rank ``rank`` computes against the block of rank ``src``."""
+    n = shard_len
+    if not is_causal:
+        return [((0, n), (0, n), False)]
+    if src == rank:
+        return [((0, n), (0, n), True)]
+    if layout == "contiguous":
+        return [((0, n), (0, n), False)] if src < rank else []
+    c = n // 2
+    if src < rank:
+        return [((0, n), (0, c), False)]  # both local chunks come after the block's early chunk only
+    return [((c, n), (0, n), False)]  # only the late local chunk sees this block, and all of it
+
+
+@dataclass(frozen=True)
+class _Call:
+    group: dist.ProcessGroup | None
+    layout: str
+    causal: bool
+    scale: float
+    timeout_s: float
+    overlap: bool
+    buffers: BufferProvider | None
+
+
+def _to_wire(t: torch.Tensor, comm: RingComm) -> torch.Tensor:
+    return t.to(comm.device).contiguous()
+
+
+class _RingAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: _Call
+    ) -> torch.Tensor:
+        B, n, H, D = q.shape
+        ad = acc_dtype(q.dtype)
+        out_acc = torch.zeros(B, n, H, D, dtype=ad, device=q.device)
+        lse_acc = torch.full((B, H, n), float("-inf"), dtype=ad, device=q.device)
+        with RingComm(call.group, timeout_s=call.timeout_s, buffers=call.buffers) as comm:
+            W, r = comm.world_size, comm.rank
+            kv = _to_wire(torch.stack([k.detach(), v.detach()]), comm)  # one message per step: (2, B, n, Hkv, D)
+            for step in range(W):
+                pending = comm.send_recv([kv], channel="kv") if step + 1 < W else None
+                if pending is not None and not call.overlap:
+                    pending.wait()  # serialized mode: the transfer finishes before the compute starts
+                blk = kv.to(q.device)
+                for (q0, q1), (k0, k1), causal in ring_step_blocks(r, (r - step) % W, W, n, call.layout, call.causal):
+                    o, lse = block_forward(
+                        q[:, q0:q1], blk[0, :, k0:k1], blk[1, :, k0:k1], is_causal=causal, softmax_scale=call.scale
+                    )
+                    merge_into_(out_acc[:, q0:q1], lse_acc[:, :, q0:q1], o, lse)
+                if pending is not None:
+                    kv = pending.wait()[0]
+        out = out_acc.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse_acc)
+        ctx.call = call
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        call: _Call = ctx.call
+        n = q.shape[1]
+        ad = acc_dtype(q.dtype)
+        dout = dout.contiguous()
+        dq = torch.zeros(q.shape, dtype=ad, device=q.device)
+        with RingComm(call.group, timeout_s=call.timeout_s, buffers=call.buffers) as comm:
+            W, r = comm.world_size, comm.rank
+            kv = _to_wire(torch.stack([k, v]), comm)
+            pending_dkv = None
+            dkv = torch.zeros(0)
+            for step in range(W):
+                pending_kv = comm.send_recv([kv], channel="kv") if step + 1 < W else None
+                if pending_kv is not None and not call.overlap:
+                    pending_kv.wait()
+                blk = kv.to(q.device)
+                # this step's contribution to the travelling block's dK/dV, accumulated in fp32
+                dkv = torch.zeros((2, *k.shape), dtype=ad, device=q.device)
+                for (q0, q1), (k0, k1), causal in ring_step_blocks(r, (r - step) % W, W, n, call.layout, call.causal):
+                    dq_b, dk_b, dv_b = block_backward(
+                        dout[:, q0:q1],
+                        q[:, q0:q1],
+                        blk[0, :, k0:k1],
+                        blk[1, :, k0:k1],
+                        out[:, q0:q1],
+                        lse[:, :, q0:q1],
+                        is_causal=causal,
+                        softmax_scale=call.scale,
+                    )
+                    dq[:, q0:q1] += dq_b
+                    dkv[0, :, k0:k1] += dk_b
+                    dkv[1, :, k0:k1] += dv_b
+                if pending_dkv is not None:
+                    # what the previous ranks accumulated for this block (sent one hop behind it)
+                    dkv += pending_dkv.wait()[0].to(q.device)
+                if W > 1:
+                    # after the last step the accumulator is one hop from its owner: this send delivers it
+                    pending_dkv = comm.send_recv([_to_wire(dkv, comm)], channel="dkv")
+                    if not call.overlap:
+                        pending_dkv.wait()
+                if pending_kv is not None:
+                    kv = pending_kv.wait()[0]
+            if pending_dkv is not None:
+                # copy out of the comm's receive buffer before it goes back to the provider
+                dkv = pending_dkv.wait()[0].to(q.device, copy=True)
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    is_causal: bool = False,
+    layout: str = "contiguous",
+    softmax_scale: float | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    overlap: bool = True,
+    buffers: BufferProvider | None = None,
+) -> torch.Tensor:
+    """Dense attention over the sequence sharded across ``group``; returns this rank's output shard.
+
+    Every rank passes its shard (see :func:`attn_ring.shard_sequence`): q (B, n, H, D), k and v
+    (B, n, Hkv, D) with H % Hkv == 0 (GQA: only the Hkv heads travel). The result (B, n, H, D)
+    equals ``softmax(q k^T * scale) v`` over the whole N = n * W token sequence (causal: top-left
+    aligned in global positions), sharded the same way, with exact gradients for q, k and v.
+
+    layout: "contiguous" (any n >= 1) or "zigzag" (n even; balances causal work).
+    group: the process group (None = world); gloo (CPU tensors) or NCCL (CUDA tensors).
+    timeout_s: bound on every wait (gloo); NCCL relies on the process group's timeout.
+    overlap: False waits for each transfer before computing (to measure what overlap hides).
+    buffers: optional receive-buffer provider (``acquire(shape, dtype, device)``/``release(t)``).
+
+    Every rank must call with the same shapes, dtype and options: a mismatch raises ValueError on
+    every rank (handshake); a peer that exits or never calls gives a TimeoutError/RuntimeError.
+    """
+    B, n, H, Hkv, D = check_qkv(q, k, v)
+    causal = check_bool("is_causal", is_causal)
+    ov = check_bool("overlap", overlap)
+    check_layout(layout)
+    scale = resolve_softmax_scale(softmax_scale, D)
+    timeout = check_timeout(timeout_s)
+    comm = RingComm(group, timeout_s=timeout)
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    comm.handshake(
+        {
+            "batch": B,
+            "shard_len": n,
+            "heads": H,
+            "kv_heads": Hkv,
+            "head_dim": D,
+            "dtype": dtype_code(q.dtype),
+            "is_causal": int(causal),
+            "layout": LAYOUT_CODES[layout],
+            "softmax_scale": config_hash(float(scale).hex()),
+            "needs_grad": int(wants_grad),
+        }
+    )
+    # after the handshake every rank has the same n, so every rank raises the same error here
+    check_shard_len(n, layout)
+    if comm.backend == "nccl" and q.device.type != "cuda":
+        raise ValueError(f"an NCCL group needs CUDA tensors, got q on {q.device}")
+    call = _Call(group, layout, causal, scale, timeout, ov, buffers)
+    out: torch.Tensor = _RingAttentionFunction.apply(q, k, v, call)
+    return out
