@@ -181,3 +181,20 @@ def test_torch_compile_traces_the_custom_ops_without_graph_breaks() -> None:
     for a, b in zip(g_got, g_want):
         assert torch.equal(a, b)
     assert torch.ops.attn_sparse.block_sparse_fwd.default is not None
+
+
+def test_strided_inputs_match_contiguous() -> None:
+    # q/k/v as (B, H, N, D) storage viewed as (B, N, H, D): kernels read through the strides
+    mask = random_mask(1, 2, 2, 0.8, seed=12)
+    mask[0, 1, 1] = True
+    csr = csr_from_mask(mask, (16, 16))
+    g = torch.Generator().manual_seed(13)
+    qs, ks, vs = (torch.randn(1, 2, 32, 16, generator=g).transpose(1, 2).requires_grad_() for _ in range(3))
+    assert not qs.is_contiguous()
+    qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (qs, ks, vs))
+    out_s = block_sparse_attention_csr(qs, ks, vs, csr, is_causal=True)
+    out_c = block_sparse_attention_csr(qc, kc, vc, csr, is_causal=True)
+    assert torch.equal(out_s, out_c)
+    do = torch.randn(out_s.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(out_s, (qs, ks, vs), do), torch.autograd.grad(out_c, (qc, kc, vc), do)):
+        assert torch.equal(a, b)
