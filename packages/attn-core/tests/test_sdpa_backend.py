@@ -283,3 +283,37 @@ def test_gpu_block_impl_matches_math():
     b, _ = reference.dense_attention(q, k, v, is_causal=True, softmax_scale=0.125, dtype=torch.bfloat16)
     assert_close_to_reference("block out", out, r, b)
     assert torch.allclose(lse.double(), rl, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_merge_triton_interpreter(monkeypatch, dtype):
+    # the CUDA merge kernel's logic on CPU: same result as attn_core.merge.merge_into_ on strided views
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from attn_core.merge import merge_into_
+
+    g = torch.Generator().manual_seed(4)
+    O = torch.randn(2, 10, 6, 24, generator=g).to(dtype)  # (B, N, H, D) accumulator
+    L = torch.randn(2, 10, 6, generator=g)
+    o_v = O[:, 1::2, 0::2].transpose(1, 2)  # (2, 3, 5, 24) strided
+    l_v = L[:, 1::2, 0::2].transpose(1, 2)
+    l_v[0, 0, :2] = float("-inf")  # accumulator empty
+    c = torch.randn(2, 3, 5, 24, generator=g).to(dtype)
+    lc = torch.randn(2, 3, 5, generator=g)
+    lc[0, 0, 0] = float("-inf")  # both empty: stays 0 / -inf
+    lc[1, 1, :] = float("-inf")  # block empty
+    O[0, 1, 0] = 0.0  # the (0, 0, 0) row: empty accumulators hold 0
+    o_ref, l_ref = o_v.double().clone(), l_v.double().clone()
+    merge_into_(o_ref.transpose(1, 2), l_ref, c.double().transpose(1, 2), lc.double())
+    untouched = O.clone()
+    sdpa_ops.merge_strided_(o_v, l_v, c, lc)
+    assert torch.equal(torch.isneginf(l_v), torch.isneginf(l_ref))
+    fin = torch.isfinite(l_ref)
+    assert torch.allclose(l_v[fin].double(), l_ref[fin], atol=1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    assert torch.allclose(o_v.double(), o_ref, atol=tol)
+    assert torch.equal(o_v[0, 0, 0], torch.zeros_like(o_v[0, 0, 0]))
+    # rows outside the view are untouched
+    keep = torch.ones(2, 10, 6, dtype=torch.bool)
+    keep[:, 1::2, 0::2] = False
+    assert torch.equal(O[keep], untouched[keep])

@@ -47,6 +47,7 @@ __all__ = [
     "attention_forward",
     "ensure_block_impl",
     "kernel_for",
+    "merge_strided_",
     "unsupported_reasons",
 ]
 
@@ -239,6 +240,93 @@ def attention_backward(
         scale=scale,
     )
     return dq, dk, dv
+
+
+# Fused LSE merge (Triton): rows per program; the head dim is one power-of-two tile (D <= 256).
+MERGE_BLOCK_ROWS = 32
+_MERGE_KERNELS: dict[bool, object] = {}  # keyed on TRITON_INTERPRET (a compile-time setting): at most 2
+_MERGE_LOCK = threading.Lock()
+
+
+def _merge_kernel() -> object:
+    """The Triton merge kernel, built lazily (triton is optional; TRITON_INTERPRET is read at decoration)."""
+    import os
+
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    with _MERGE_LOCK:
+        kernel = _MERGE_KERNELS.get(interpret)
+        if kernel is not None:
+            return kernel
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _merge(
+            O, L, C, LC,  # accumulator out / lse (strided views), block out / lse
+            n_rows, nh, n,  # rows are (batch, head, t) flattened; nh heads, n rows per (batch, head)
+            s_ob, s_oh, s_on, s_lb, s_lh, s_ln, s_cb, s_ch, s_cn, s_kb, s_kh, s_kn,
+            D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+        ):  # fmt: skip
+            # int64 index math: element offsets exceed 2^31 at N >= 1M (batch stride w*H*D times segments)
+            rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+            rmask = rows < n_rows
+            t = rows % n
+            bh = rows // n
+            hh = bh % nh
+            b = bh // nh
+            l_acc = tl.load(L + b * s_lb + hh * s_lh + t * s_ln, mask=rmask, other=float("-inf"))
+            l_blk = tl.load(LC + b * s_kb + hh * s_kh + t * s_kn, mask=rmask, other=float("-inf"))
+            m = tl.maximum(l_acc, l_blk)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)  # both empty: weights 0, lse stays -inf
+            e_acc = tl.exp(l_acc - m_safe)
+            e_blk = tl.exp(l_blk - m_safe)
+            # tot >= 1 whenever either side is finite (the max contributes exp(0)); tot == 0 only when both are empty
+            tot = tl.maximum(e_acc + e_blk, 1.0)
+            new = tl.where(m == float("-inf"), float("-inf"), m_safe + tl.log(tot))
+            inv = 1.0 / tot
+            w_acc = (e_acc * inv)[:, None]
+            w_blk = (e_blk * inv)[:, None]
+            d = tl.arange(0, BLOCK_D)
+            m2 = rmask[:, None] & (d[None, :] < D)
+            o_ptr = O + (b * s_ob + hh * s_oh + t * s_on)[:, None] + d[None, :]
+            c_ptr = C + (b * s_cb + hh * s_ch + t * s_cn)[:, None] + d[None, :]
+            o = tl.load(o_ptr, mask=m2, other=0.0).to(tl.float32)
+            c = tl.load(c_ptr, mask=m2, other=0.0).to(tl.float32)
+            tl.store(o_ptr, (w_acc * o + w_blk * c).to(O.dtype.element_ty), mask=m2)
+            tl.store(L + b * s_lb + hh * s_lh + t * s_ln, new.to(L.dtype.element_ty), mask=rmask)
+
+        _MERGE_KERNELS[interpret] = _merge
+        return _merge
+
+
+def merge_strided_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor, lse_blk: torch.Tensor) -> None:
+    """Fused in-place LSE merge on strided views: (out_acc, lse_acc) <- merge(acc, blk), fp32 arithmetic.
+
+    out_acc, out_blk: (B, h, n, D) (any strides, last dim contiguous); lse_acc, lse_blk: (B, h, n).
+    One pass, one rounding of out_acc; the same math as :func:`attn_core.merge.merge_into_`
+    (weights exp(lse - L), empty rows stay 0 / -inf) without its full-size fp32 temporaries.
+    Needs triton (CUDA, or CPU tensors under TRITON_INTERPRET=1).
+    """
+    B, h, n, D = out_acc.shape
+    if out_blk.shape != out_acc.shape or lse_acc.shape != (B, h, n) or lse_blk.shape != (B, h, n):
+        raise ValueError(
+            f"merge_strided_: shapes out_acc {tuple(out_acc.shape)}, out_blk {tuple(out_blk.shape)}, "
+            f"lse_acc {tuple(lse_acc.shape)}, lse_blk {tuple(lse_blk.shape)} do not match"
+        )
+    if out_acc.stride(-1) != 1 or out_blk.stride(-1) != 1:
+        raise ValueError("merge_strided_ needs a contiguous last dim in out_acc and out_blk")
+    n_rows = B * h * n
+    if n_rows == 0:
+        return
+    import triton
+
+    kernel = _merge_kernel()
+    grid = (triton.cdiv(n_rows, MERGE_BLOCK_ROWS),)
+    kernel[grid](  # type: ignore[index]
+        out_acc, lse_acc, out_blk, lse_blk, n_rows, h, n,
+        *out_acc.stride()[:3], *lse_acc.stride(), *out_blk.stride()[:3], *lse_blk.stride(),
+        D=D, BLOCK_R=MERGE_BLOCK_ROWS, BLOCK_D=triton.next_power_of_2(D),
+    )  # fmt: skip
 
 
 class _CudnnBlockImpl:

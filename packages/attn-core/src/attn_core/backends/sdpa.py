@@ -10,9 +10,10 @@ positions s + o + t*r of every segment as one strided view (no gathered copies o
 Segment batches are cut into calls of bounded size so temporaries stay a small fraction of q.
 The short last segment (N not a multiple of w) is its own call per offset, never padded.
 
-Forward merges the groups into the output in place by their LSE in fp32 arithmetic
-(:func:`attn_core.merge.merge_into_` on strided views of the output and of a (B, N, H) fp32 LSE
-buffer). Backward is exact through the merge: every call's attention backward runs with the
+Forward merges the groups into the output in place by their LSE in fp32 arithmetic, on strided
+views of the output and of a (B, N, H) fp32 LSE buffer: the first group touching a head is stored,
+later ones merged (:func:`attn_core.sdpa_ops.merge_strided_`, one fused Triton pass, on CUDA;
+:func:`attn_core.merge.merge_into_` on CPU). Backward is exact through the merge: every call's attention backward runs with the
 *merged* output and *merged* LSE (the rows' final softmax statistics) and adds its dq, dk, dv
 straight into strided views of the gradient buffers.
 
@@ -213,6 +214,8 @@ class _DilatedSDPA(torch.autograd.Function):
             if p.first:
                 o_v.copy_(o_c)
                 l_v.copy_(l_c)
+            elif q.is_cuda:
+                sdpa_ops.merge_strided_(o_v, l_v, o_c, l_c)  # fused: one pass, no fp32 temporaries
             else:
                 # merge_into_ works on (batch, rows, heads, D) / (batch, heads, rows): transposed views
                 merge_into_(o_v.transpose(1, 2), l_v, o_c.transpose(1, 2), l_c)
