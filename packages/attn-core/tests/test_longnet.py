@@ -108,6 +108,16 @@ def test_gradient_checkpointing_gives_identical_gradients(dropout):
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5), n
 
 
+@pytest.fixture
+def one_thread():
+    # 120 steps of tiny ops: intra-op threads only add sync cost (and stall on a busy machine).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_lm_learns_a_copy_task():
     # Each sequence is 5 random tokens repeated: predicting token p+1 (p >= 5) means reading
     # position p-4, which the rate-4 group reaches (same residue mod 4, same 16-segment).
@@ -128,3 +138,25 @@ def test_lm_learns_a_copy_task():
         losses.append(loss.item())
     start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert end < 0.5, f"copy-task loss did not fall enough: {start:.3f} -> {end:.3f}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_lm_in_other_dtypes(dtype):
+    lm = _lm(dtype=dtype, num_kv_heads=1)
+    ids = torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(5))
+    logits = lm(ids)
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+    F.cross_entropy(logits.float().flatten(0, 1), ids.flatten()).backward()
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in lm.parameters())
+
+
+def test_sinusoidal_positions_are_exact_at_long_range():
+    from attn_core.longnet import sinusoidal_positions
+
+    pe = sinusoidal_positions(5, 6, device=torch.device("cpu"), dtype=torch.float32)
+    assert pe.shape == (5, 6)
+    assert torch.equal(pe[0], torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0]))
+    far = sinusoidal_positions(1_000_001, 4, device=torch.device("cpu"), dtype=torch.float32)[-1]
+    expected = torch.tensor([math.sin(1e6), math.cos(1e6), math.sin(1e6 / 100), math.cos(1e6 / 100)])
+    assert torch.allclose(far, expected, atol=1e-6)
+    assert sinusoidal_positions(3, 5, device=torch.device("cpu"), dtype=torch.float32).shape == (3, 5)  # odd dim

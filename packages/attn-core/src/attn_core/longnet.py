@@ -123,9 +123,10 @@ class LongNetDecoderLayer(_LongNetLayer):
 
 def sinusoidal_positions(seq_len: int, dim: int, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(seq_len, dim) sinusoidal position encoding (Vaswani et al.); no length limit, no parameters."""
-    pos = torch.arange(seq_len, device=device, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    pe = torch.zeros(seq_len, dim, device=device, dtype=torch.float32)
+    # Angles in float64: at a million positions float32 would round pos * freq by ~0.06 rad.
+    pos = torch.arange(seq_len, device=device, dtype=torch.float64)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float64) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(seq_len, dim, device=device, dtype=torch.float64)
     pe[:, 0::2] = torch.sin(pos * freq)
     pe[:, 1::2] = torch.cos(pos * freq[: dim // 2])
     return pe.to(dtype)
