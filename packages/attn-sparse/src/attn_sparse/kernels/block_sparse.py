@@ -161,6 +161,7 @@ def _fwd_kernel(
     N_Q,
     N_K,
     H,
+    NUM_BH,
     GROUP,
     NUM_QB,
     LAYOUT_HEAD_ROWS,
@@ -173,11 +174,12 @@ def _fwd_kernel(
     IS_CAUSAL: tl.constexpr,
 ):
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
-    bh = tl.program_id(0)
+    # 1-D grid, (batch, head) fastest: programs of equal rank (equal work) launch together
+    bh = tl.program_id(0) % NUM_BH
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    m_start = _ordered_start(ROW_ORDER, h * LAYOUT_HEAD_ROWS, tl.program_id(1), BLOCK_M, LAYOUT_BQ)
+    m_start = _ordered_start(ROW_ORDER, h * LAYOUT_HEAD_ROWS, tl.program_id(0) // NUM_BH, BLOCK_M, LAYOUT_BQ)
     if m_start >= N_Q:
         return
     offs_m = m_start + tl.arange(0, BLOCK_M)
@@ -241,12 +243,13 @@ def _delta_kernel(
     stride_dh,
     N_Q,
     H,
+    NUM_BH,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """delta[b, h, i] = sum_d out[b, i, h, d] * dout[b, i, h, d] in fp32."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0) % NUM_BH
+    pid_m = tl.program_id(0) // NUM_BH
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -348,6 +351,7 @@ def _dq_kernel(
     N_Q,
     N_K,
     H,
+    NUM_BH,
     GROUP,
     NUM_QB,
     LAYOUT_HEAD_ROWS,
@@ -361,11 +365,12 @@ def _dq_kernel(
     IS_CAUSAL: tl.constexpr,
 ):
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
-    bh = tl.program_id(0)
+    # 1-D grid, (batch, head) fastest: programs of equal rank (equal work) launch together
+    bh = tl.program_id(0) % NUM_BH
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    m_start = _ordered_start(ROW_ORDER, h * LAYOUT_HEAD_ROWS, tl.program_id(1), BLOCK_M, LAYOUT_BQ)
+    m_start = _ordered_start(ROW_ORDER, h * LAYOUT_HEAD_ROWS, tl.program_id(0) // NUM_BH, BLOCK_M, LAYOUT_BQ)
     if m_start >= N_Q:
         return
     offs_m = m_start + tl.arange(0, BLOCK_M)
@@ -508,6 +513,7 @@ def _dkv_kernel(
     N_K,
     H,
     HKV,
+    NUM_BH,
     GROUP,
     NUM_KB,
     LAYOUT_HEAD_COLS,
@@ -521,11 +527,11 @@ def _dkv_kernel(
     IS_CAUSAL: tl.constexpr,
 ):
     SUB: tl.constexpr = LAYOUT_BQ // BLOCK_M
-    bhk = tl.program_id(0)
+    bhk = tl.program_id(0) % NUM_BH
     b = bhk // HKV
     hk = bhk % HKV
     # key blocks ordered by the work of the group's first head (per-head layouts: a heuristic)
-    n_start = _ordered_start(COL_ORDER, hk * GROUP * LAYOUT_HEAD_COLS, tl.program_id(1), BLOCK_N, LAYOUT_BK)
+    n_start = _ordered_start(COL_ORDER, hk * GROUP * LAYOUT_HEAD_COLS, tl.program_id(0) // NUM_BH, BLOCK_N, LAYOUT_BK)
     if n_start >= N_K:
         return
     offs_n = n_start + tl.arange(0, BLOCK_N)
@@ -701,14 +707,14 @@ def block_sparse_forward(
     lse = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
     bq, bk = csr.block_size
     row_order = work_order(csr.crow, csr.num_heads, csr.num_query_blocks)
-    grid = (B * H, csr.num_query_blocks * (bq // cfg.fwd_m))
+    grid = (B * H * csr.num_query_blocks * (bq // cfg.fwd_m),)
     _fwd_kernel[grid](
         q, k, v, out, lse, csr.crow, csr.col, row_order,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        Nq, Nk, H, H // Hkv, csr.num_query_blocks, csr.num_query_blocks if csr.num_heads > 1 else 0,
+        Nq, Nk, H, B * H, H // Hkv, csr.num_query_blocks, csr.num_query_blocks if csr.num_heads > 1 else 0,
         scale * LOG2E,
         HEAD_DIM=D, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
@@ -735,30 +741,30 @@ def block_sparse_backward(
     bq, bk = csr.block_size
     delta = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
     DELTA_BLOCK = 64
-    _delta_kernel[(triton.cdiv(Nq, DELTA_BLOCK), B * H)](
+    _delta_kernel[(B * H * triton.cdiv(Nq, DELTA_BLOCK),)](
         out, dout, delta,
         out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
-        Nq, H, HEAD_DIM=D, BLOCK_M=DELTA_BLOCK,
+        Nq, H, B * H, HEAD_DIM=D, BLOCK_M=DELTA_BLOCK,
     )  # fmt: skip
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     row_order = work_order(csr.crow, csr.num_heads, csr.num_query_blocks)
     col_order = work_order(csr.ccol, csr.num_heads, csr.num_key_blocks)
-    _dq_kernel[(B * H, csr.num_query_blocks * (bq // cfg.dq_m))](
+    _dq_kernel[(B * H * csr.num_query_blocks * (bq // cfg.dq_m),)](
         q, k, v, dout, dq, lse, delta, csr.crow, csr.col, row_order,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        Nq, Nk, H, H // Hkv, csr.num_query_blocks, csr.num_query_blocks if csr.num_heads > 1 else 0,
+        Nq, Nk, H, B * H, H // Hkv, csr.num_query_blocks, csr.num_query_blocks if csr.num_heads > 1 else 0,
         scale * LOG2E, scale,
         HEAD_DIM=D, BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
         num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
     )  # fmt: skip
-    _dkv_kernel[(B * Hkv, csr.num_key_blocks * (bk // cfg.dkv_n))](
+    _dkv_kernel[(B * Hkv * csr.num_key_blocks * (bk // cfg.dkv_n),)](
         q, k, v, dout, dk, dv, lse, delta, csr.ccol, csr.row, col_order,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -766,7 +772,7 @@ def block_sparse_backward(
         dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        Nq, Nk, H, Hkv, H // Hkv, csr.num_key_blocks, csr.num_key_blocks if csr.num_heads > 1 else 0,
+        Nq, Nk, H, Hkv, B * Hkv, H // Hkv, csr.num_key_blocks, csr.num_key_blocks if csr.num_heads > 1 else 0,
         scale * LOG2E, scale,
         HEAD_DIM=D, BLOCK_M=cfg.dkv_m, BLOCK_N=cfg.dkv_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
         num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages,
