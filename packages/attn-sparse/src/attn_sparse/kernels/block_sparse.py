@@ -16,6 +16,10 @@ every query head of its GQA group (so dk/dv are written once, with no atomics). 
 base 2 with fp32 accumulation. Because column (row) indices are sorted, the tiles that need a
 mask (causal diagonal tiles, the partial last key block) form a suffix (prefix) of each list:
 they are counted first and run in a separate masked loop, so the bulk loop has no masking.
+Programs launch busiest layout row (column) first, (batch, head) fastest, so uneven rows such as
+BigBird's global blocks start early instead of forming a tail. Forward and backward are
+``torch.library`` custom ops (``attn_sparse::block_sparse_fwd`` / ``_bwd``) with a registered
+autograd formula, so ``torch.compile`` traces them without graph breaks.
 
 Shapes: q (B, Nq, H, D); k, v (B, Nk, Hkv, D); out like q; lse (B, H, Nq) fp32, natural log,
 ``-inf`` for rows that see no key (whose output is 0).
@@ -34,12 +38,14 @@ import triton
 import triton.language as tl
 
 __all__ = [
+    "CSR",
     "KernelConfig",
     "block_sparse_attention_csr",
     "block_sparse_backward",
     "block_sparse_forward",
     "default_config",
     "interpret_mode",
+    "work_order",
 ]
 
 LOG2E = 1.4426950408889634
@@ -908,7 +914,7 @@ def block_sparse_attention_csr(
 ) -> torch.Tensor:
     """Differentiable block-sparse attention over raw CSR tensors; out (B, Nq, H, D) in q.dtype.
 
-    Callers validate first (the ``triton`` backend does); ``config`` defaults to
+    Inputs are not validated here (:func:`attn_sparse.block_sparse_attention` validates); ``config`` defaults to
     :func:`default_config` for the layout's block size.
     """
     D = q.shape[-1]
