@@ -14,6 +14,7 @@ middle (after the forward, before the backward) makes the others raise within a 
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass
 
@@ -137,7 +138,34 @@ def check_all_cases(rank: int, world_size: int) -> list[str]:
     assert_close_to_reference("module", a, shard_sequence(ref, world_size, rank, layout="zigzag"))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     names.append(case.name)
+    if has_memory_runtime():
+        _check_pool_buffers(rank, world_size, device)
+        names.append("memory_runtime buffer pool")
     return names
+
+
+def has_memory_runtime() -> bool:
+    return importlib.util.find_spec("memory_runtime") is not None
+
+
+def _check_pool_buffers(rank: int, world_size: int, device: torch.device) -> None:
+    """Receive buffers from memory_runtime's DeviceBufferPool: same result, every buffer given back."""
+    from memory_runtime import DeviceBufferPool
+
+    pool = DeviceBufferPool(device)
+    inputs = _global_inputs(Case("pool", 4), world_size, 8, device)
+    q, k, v = (shard_sequence(t, world_size, rank).requires_grad_(True) for t in inputs[:3])
+    out = ring_attention(q, k, v, is_causal=True, buffers=pool, timeout_s=60)
+    grads = torch.autograd.grad(out, (q, k, v), shard_sequence(inputs[3], world_size, rank))
+    out2 = ring_attention(q, k, v, is_causal=True, timeout_s=60)
+    grads2 = torch.autograd.grad(out2, (q, k, v), shard_sequence(inputs[3], world_size, rank))
+    for a, b in zip((out, *grads), (out2, *grads2)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    stats = pool.stats()
+    if stats.bytes_in_use != 0:
+        raise AssertionError(f"ring attention left {stats.bytes_in_use} bytes of pool buffers unreleased")
+    if world_size > 1 and stats.hits + stats.misses == 0:
+        raise AssertionError("the ring never asked the pool for a receive buffer")
 
 
 def _expect_value_error(fn: object, needle: str) -> None:
