@@ -126,12 +126,13 @@ def bench_pinned(args) -> dict[str, Any]:
     del t
     host_cache_empty()
     timings["torch_free_s"] = time.perf_counter() - t0
-    for pretouch in (True, False):
+    for pretouch, huge in ((True, False), (False, False), (True, True), (False, True)):
+        suffix = ("" if pretouch else "_no_pretouch") + ("_hugepages" if huge else "")
         t0 = time.perf_counter()
-        arena = PinnedHostArena(nbytes, node=0 if args.numa_node0 else None, pretouch=pretouch)
+        arena = PinnedHostArena(nbytes, node=0 if args.numa_node0 else None, pretouch=pretouch, hugepages=huge)
         dt = time.perf_counter() - t0
-        timings[f"arena_pin_s{'' if pretouch else '_no_pretouch'}"] = dt
-        if pretouch:
+        timings[f"arena_pin_s{suffix}"] = dt
+        if pretouch and not huge:
             res["arena_notes"] = list(arena.notes)
             res["arena_placement"] = arena.verify_placement()
             probe = arena.acquire((1024,), torch.float32)
@@ -140,7 +141,7 @@ def bench_pinned(args) -> dict[str, Any]:
             del probe
         t0 = time.perf_counter()
         arena.close()
-        timings[f"arena_close_s{'' if pretouch else '_no_pretouch'}"] = time.perf_counter() - t0
+        timings[f"arena_close_s{suffix}"] = time.perf_counter() - t0
     res["pin"] = {"gib": args.pin_gib, **timings, "arena_over_torch": timings["arena_pin_s"] / timings["torch_pin_s"]}
 
     # H2D bandwidth
@@ -340,6 +341,23 @@ def bench_repeated(device: str, args, reps: int = 5000) -> dict[str, Any]:
             del t
             lat.append((pc() - t0) / 1e3)
         out[name] = {"p50_us": pct(lat[100:], 50), "p99_us": pct(lat[100:], 99)}
+    # where the time goes (median us per call)
+    slab = torch.empty(64 * MIB, dtype=torch.uint8, device=device).view(torch.bfloat16)
+    comps = {
+        "stream_key": lambda: pool._streams.current_key(),
+        "as_strided": lambda: torch.as_strided(
+            slab, shape, (shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1), 0
+        ),
+        "torch_empty_del": lambda: torch.empty(shape, dtype=torch.bfloat16, device=device),
+    }
+    out["components_us"] = {}
+    for name, fn in comps.items():
+        lat = []
+        for _ in range(2000):
+            t0 = pc()
+            fn()
+            lat.append((pc() - t0) / 1e3)
+        out["components_us"][name] = pct(lat[100:], 50)
     pool.trim()
     return out
 
@@ -452,7 +470,8 @@ def table(res: dict[str, Any]) -> str:
     if "pin" in p:
         pin = p["pin"]
         lines.append(
-            f"| time to pin {pin['gib']:g} GiB (s) | {pin['arena_pin_s']:.2f} (no pre-touch {pin['arena_pin_s_no_pretouch']:.2f}) | "
+            f"| time to pin {pin['gib']:g} GiB (s) | {pin['arena_pin_s']:.2f} (no pre-touch {pin['arena_pin_s_no_pretouch']:.2f}; "
+            f"THP {pin['arena_pin_s_hugepages']:.2f}, THP no pre-touch {pin['arena_pin_s_no_pretouch_hugepages']:.2f}) | "
             f"{pin['torch_pin_s']:.2f} | {pin['arena_over_torch']:.2f}x (target <= 0.5x) |"
         )
     if "h2d" in p:

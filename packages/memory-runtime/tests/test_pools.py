@@ -197,12 +197,21 @@ def test_stream_aware_reuse_waits_for_the_releasing_stream():
     b2 = pool.acquire((1024,), torch.float32)
     assert b2.data_ptr() == b.data_ptr()
     pool.release(b2)
-    # once s0's fence completed, another stream may take its block without growing
-    streams.complete()
+    # back on s0: its own (fenced, still pending) block is reusable at once by s0 itself
+    streams.current = "s0"
+    a2 = pool.acquire((1024,), torch.float32)
+    assert a2.data_ptr() == a_ptr and pool.stats().reservations == 2
+    pool.release(a2)
+    # s2: s0's and s1's blocks were released after every fence so far: not reusable yet
     streams.current = "s2"
     c = pool.acquire((1024,), torch.float32)
-    assert c.data_ptr() == a_ptr and pool.stats().reservations == 2
+    assert c.data_ptr() not in (a_ptr, b.data_ptr()) and pool.stats().reservations == 3
+    # once those fences completed, s2 takes a block released on another stream without growing
+    streams.complete()
+    d = pool.acquire((1024,), torch.float32)
+    assert d.data_ptr() in (a_ptr, b.data_ptr()) and pool.stats().reservations == 3
     pool.release(c)
+    pool.release(d)
 
 
 def test_bounded_pool_waits_on_fences_instead_of_growing():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -30,6 +31,11 @@ __all__ = ["ArenaStats", "PinnedHostArena"]
 CUDA_HOST_REGISTER_PORTABLE = 1
 # Pages sampled by placement() (move_pages in query mode) -- enough to catch a misplaced arena.
 PLACEMENT_SAMPLE_PAGES = 256
+# Pre-touch threads (page faults are per-thread work) and the smallest chunk worth a thread.
+PRETOUCH_THREADS = 8
+PRETOUCH_MIN_CHUNK = 64 << 20
+# Transparent huge pages only pay off for large arenas.
+HUGEPAGE_MIN_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,9 @@ class PinnedHostArena:
             ``sysfs_root``; binding needs libnuma (else a note explains why it is unbound).
         register: page-lock with cudaHostRegister when CUDA is available.
         pretouch: write every page once after binding, so pages are placed on ``node`` now
-            rather than at first use.
+            rather than at first use (in parallel threads: ctypes.memset releases the GIL).
+        hugepages: advise transparent huge pages for arenas of 64 MiB and more (off by default:
+            where memory must be compacted first, huge pages make pinning slower, not faster).
         sysfs_root: where to read the NUMA topology (tests pass a synthetic tree).
 
     ``acquire(shape, dtype)`` returns a tensor viewing the arena; ``release(tensor)`` returns it.
@@ -73,6 +81,7 @@ class PinnedHostArena:
         node: int | None = None,
         register: bool = True,
         pretouch: bool = True,
+        hugepages: bool = False,
         sysfs_root: str = "/sys",
     ) -> None:
         if isinstance(nbytes, bool) or not isinstance(nbytes, int):
@@ -109,8 +118,14 @@ class PinnedHostArena:
             else:
                 lib.mbind(self._addr, size, node)
                 self.bound = True
+        if hugepages and size >= HUGEPAGE_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
+            # Transparent huge pages: 512x fewer page faults to touch and fewer pages to pin.
+            try:
+                self._mm.madvise(mmap.MADV_HUGEPAGE)
+            except OSError as exc:
+                self.notes.append(f"no transparent huge pages: {exc}")
         if pretouch:
-            ctypes.memset(self._addr, 0, size)
+            self._pretouch(size)
         self.pinned = False
         if register:
             self.pinned = self._register()
@@ -270,6 +285,19 @@ class PinnedHostArena:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("PinnedHostArena is closed; create a new arena")
+
+    def _pretouch(self, size: int) -> None:
+        threads = max(1, min(PRETOUCH_THREADS, os.cpu_count() or 1, size // PRETOUCH_MIN_CHUNK))
+        if threads == 1:
+            ctypes.memset(self._addr, 0, size)
+            return
+        chunk = (size // threads + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        parts = [(self._addr + i * chunk, min(chunk, size - i * chunk)) for i in range(threads) if i * chunk < size]
+        workers = [threading.Thread(target=ctypes.memset, args=(a, 0, n)) for a, n in parts]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
 
     def _register(self) -> bool:
         if not torch.cuda.is_available():

@@ -366,7 +366,8 @@ class DeviceBufferPool:
         self._free: dict[Hashable, _RangeAllocator] = {None: _RangeAllocator()}
         self._quick: dict[tuple[Hashable, tuple[int, ...], torch.dtype], list[_Block]] = {}
         self._quick_bytes = 0
-        self._fenced: list[tuple[Any, list[tuple[int, int, int]]]] = []
+        # (stream the ranges were released on, fence recorded on it, ranges)
+        self._fenced: list[tuple[Hashable, Any, list[tuple[int, int, int]]]] = []
         self._live: dict[int, _Block] = {}
         self._empty_live: dict[int, torch.Tensor] = {}
         # counters
@@ -409,9 +410,16 @@ class DeviceBufferPool:
             if hit is not None:
                 return hit
         requested = numel * dtype.itemsize
+        nbytes = round_size(requested)
         with self._lock:
-            nbytes = round_size(requested)
-            blk = self._alloc_locked(nbytes, stream)
+            # Common case inline: a fit in this stream's free ranges; else the full search.
+            alloc = self._free.get(stream)
+            got = alloc.alloc(nbytes) if alloc is not None and alloc.free_bytes >= nbytes else None
+            if got is not None:
+                self._hits += 1
+                blk = _Block(got[0], got[1], nbytes)
+            else:
+                blk = self._alloc_locked(nbytes, stream)
             blk.shape = shape_t
             self._acquires += 1
             self._take(blk, requested)
@@ -480,8 +488,9 @@ class DeviceBufferPool:
         """Reserve one slab of at least ``nbytes`` now (e.g. the known peak of a workload)."""
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
             raise ValueError(f"reserve(nbytes): nbytes must be a positive int, got {nbytes!r}")
+        stream = self._streams.current_key()
         with self._lock:
-            self._new_slab_locked(round_size(nbytes), exact=True)
+            self._new_slab_locked(round_size(nbytes), exact=True, stream=stream)
 
     def trim(self) -> int:
         """Give fully free slabs back to torch's allocator; returns the bytes given back.
@@ -492,13 +501,7 @@ class DeviceBufferPool:
         """
         with self._lock:
             self._flush_quick_locked()
-            for key in [k for k in self._free if k is not None]:
-                self._fence_stream_locked(key)
-            for fence, ranges in self._fenced:
-                self._streams.wait(fence)
-                for r, o, s in ranges:
-                    self._free[None].free(r, o, s)
-            self._fenced.clear()
+            self._settle_all_locked()
             return self._trim_free_slabs_locked()
 
     def consolidate(self, *, headroom: float = 0.05, release_cached: bool = True) -> int:
@@ -521,10 +524,11 @@ class DeviceBufferPool:
         self.trim()
         if release_cached and self.device.type == "cuda":
             torch.cuda.empty_cache()
+        stream = self._streams.current_key()
         with self._lock:
             if target > 0:
                 size = (int(target * (1 + headroom)) + SLAB_GRANULE - 1) // SLAB_GRANULE * SLAB_GRANULE
-                self._new_slab_locked(size, exact=True)
+                self._new_slab_locked(size, exact=True, stream=stream)
             self._peak_in_use = self._in_use
             self._peak_requested = self._requested
             self._peak_reserved = self._reserved
@@ -584,6 +588,14 @@ class DeviceBufferPool:
             return blk.tensor
 
     def _check_device(self, device: Any) -> None:
+        if device == "cuda" and self.device.type == "cuda":
+            # "cuda" means the current device: cheap to check (no torch.device parse, no is_available).
+            if torch.cuda.current_device() == self.device.index:
+                return
+            raise ValueError(
+                f"this pool serves {self.device}, got device='cuda' while the current device is "
+                f"cuda:{torch.cuda.current_device()}"
+            )
         try:
             dev = torch.device(device)
         except (RuntimeError, TypeError) as exc:
@@ -637,10 +649,12 @@ class DeviceBufferPool:
                 if blk is not None:
                     self._hits += 1
                     return blk
+            # Still no fit: wait for every stream (this one included) and drop fully free slabs.
+            self._settle_all_locked()
             self._trim_free_slabs_locked()
         self._misses += 1
-        region = self._new_slab_locked(nbytes, exact=False)
-        got = self._free[None].alloc(nbytes)
+        region = self._new_slab_locked(nbytes, exact=False, stream=stream)
+        got = self._free[stream].alloc(nbytes)
         if got is None or got[0] != region:  # cannot happen: the new slab holds nbytes
             raise RuntimeError("DeviceBufferPool internal error: new slab does not fit the request")
         return _Block(got[0], got[1], nbytes)
@@ -655,7 +669,7 @@ class DeviceBufferPool:
             size = max(nbytes, min(size, self.max_bytes - self._reserved))
         return size
 
-    def _new_slab_locked(self, nbytes: int, *, exact: bool) -> int:
+    def _new_slab_locked(self, nbytes: int, *, exact: bool, stream: Hashable) -> int:
         size = nbytes if exact else self._new_slab_size(nbytes)
         if self.max_bytes is not None and self._reserved + size > self.max_bytes:
             raise PoolExhaustedError(
@@ -668,7 +682,9 @@ class DeviceBufferPool:
         self._next_region += 1
         self._slabs[region] = slab
         self._slab_base[region] = slab.data_ptr()
-        self._free[None].free(region, 0, size)
+        # Fresh memory goes to the requesting stream's free ranges, so it coalesces with the blocks
+        # that stream releases (free ranges of different streams never merge).
+        self._free_range(stream, region, 0, size)
         self._reserved += size
         self._reservations += 1
         if self._reserved > self._peak_reserved:
@@ -692,29 +708,44 @@ class DeviceBufferPool:
             return
         fence = self._streams.fence(key)
         self._fences += 1
-        self._fenced.append((fence, alloc.take_all()))
+        self._fenced.append((key, fence, alloc.take_all()))
 
     def _reclaim_other_streams_locked(self, stream: Hashable, *, wait: bool) -> bool:
         """Move other streams' free ranges whose fences completed into the shared pool.
 
         Ranges free on another stream get a fence (an event recorded on that stream now: it
-        completes after every use queued there before the release). Returns True if any moved.
+        completes after every use queued there before the release). Ranges fenced earlier from
+        ``stream`` itself go straight back to it (stream order suffices). Returns True if any moved.
         """
         for key in [k for k in self._free if k is not None and k != stream]:
             self._fence_stream_locked(key)
         moved = False
-        still: list[tuple[Any, list[tuple[int, int, int]]]] = []
-        for fence, ranges in self._fenced:
-            if wait:
-                self._streams.wait(fence)
-            if self._streams.done(fence):
-                for r, o, s in ranges:
-                    self._free[None].free(r, o, s)
-                moved = True
+        still: list[tuple[Hashable, Any, list[tuple[int, int, int]]]] = []
+        for key, fence, ranges in self._fenced:
+            if key == stream:
+                dest = stream
             else:
-                still.append((fence, ranges))
+                if wait:
+                    self._streams.wait(fence)
+                if not self._streams.done(fence):
+                    still.append((key, fence, ranges))
+                    continue
+                dest = None
+            for r, o, sz in ranges:
+                self._free_range(dest, r, o, sz)
+            moved = True
         self._fenced = still
         return moved
+
+    def _settle_all_locked(self) -> None:
+        """Wait for every stream's fence and put all free ranges in the shared pool (trim, bounds)."""
+        for key in [k for k in self._free if k is not None]:
+            self._fence_stream_locked(key)
+        for _, fence, ranges in self._fenced:
+            self._streams.wait(fence)
+            for r, o, sz in ranges:
+                self._free[None].free(r, o, sz)
+        self._fenced.clear()
 
     def _trim_free_slabs_locked(self) -> int:
         shared = self._free[None]
