@@ -280,3 +280,21 @@ def has_attn_sparse() -> bool:
 
 
 NCCL_CHECKS = [check_all_cases, check_mismatched_config_raises] + ([check_ring_sparse] if has_attn_sparse() else [])
+
+
+def check_missing_peer_times_out(rank: int, world_size: int) -> str:
+    """The last rank never calls: the others raise (TimeoutError, or the transport's RuntimeError) quickly."""
+    import time
+
+    if rank == world_size - 1:
+        return "absent"
+    q = torch.randn(1, 4, 2, 8, device=_device())
+    t0 = time.monotonic()
+    try:
+        ring_dilated_attention(q, q, q, (8,), (2,), timeout_s=5)
+    except (TimeoutError, RuntimeError) as exc:
+        elapsed = time.monotonic() - t0
+        if elapsed > 30:
+            raise AssertionError(f"took {elapsed:.0f} s to notice the missing peer") from exc
+        return "raised"
+    raise AssertionError("a call with a missing peer returned")

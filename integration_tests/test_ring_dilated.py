@@ -26,3 +26,8 @@ def test_ring_block_sparse_matches_reference(world_size: int) -> None:
         pytest.skip("attn-sparse (the optional [sparse] extra of attn-ring) is not installed")
     values = assert_all_ok(run_world(checks_ring_dilated.check_ring_sparse, world_size, timeout=120))
     assert values == [[name for name, _, _ in checks_ring_dilated._sparse_layouts(world_size, 2, 1)]] * world_size
+
+
+def test_missing_peer_raises_within_bounded_time() -> None:
+    values = assert_all_ok(run_world(checks_ring_dilated.check_missing_peer_times_out, 3, timeout=90))
+    assert values == ["raised", "raised", "absent"]
