@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -138,10 +139,70 @@ def check_all_cases(rank: int, world_size: int) -> list[str]:
     assert_close_to_reference("module", a, shard_sequence(ref, world_size, rank, layout="zigzag"))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     names.append(case.name)
+    if world_size > 1:
+        _check_schedule(rank, world_size, device)
+        names.append("transfers overlap compute, double buffered")
     if has_memory_runtime():
         _check_pool_buffers(rank, world_size, device)
         names.append("memory_runtime buffer pool")
     return names
+
+
+def _check_schedule(rank: int, world_size: int, device: torch.device) -> None:
+    """The next block's transfer is posted before the current block is computed, and waited for after;
+    a forward uses exactly two receive buffers (double buffering) whatever the ring size."""
+    import attn_ring.comm as comm_mod
+    import attn_ring.ring as ring_mod
+
+    events: list[str] = []
+    orig_fwd, orig_post, orig_wait = ring_mod.block_forward, comm_mod.RingComm.send_recv, comm_mod.PendingTransfer.wait
+
+    def fwd(*a: Any, **kw: Any) -> Any:
+        events.append("compute")
+        return orig_fwd(*a, **kw)
+
+    def post(self: Any, *a: Any, **kw: Any) -> Any:
+        events.append("post")
+        return orig_post(self, *a, **kw)
+
+    def wait(self: Any) -> Any:
+        events.append("wait")
+        return orig_wait(self)
+
+    class Counting:
+        acquired = 0
+        released = 0
+
+        def acquire(self, shape: Any, dtype: torch.dtype, device: Any) -> torch.Tensor:
+            Counting.acquired += 1
+            return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+        def release(self, tensor: torch.Tensor) -> None:
+            Counting.released += 1
+
+    q, k, v = (torch.randn(1, 4, 2, 8, device=device) for _ in range(3))
+    ring_mod.block_forward, comm_mod.RingComm.send_recv, comm_mod.PendingTransfer.wait = fwd, post, wait  # type: ignore[assignment,method-assign]
+    try:
+        ring_attention(q, k, v, buffers=Counting(), timeout_s=60)
+        overlapped = list(events)
+        events.clear()
+        ring_attention(q, k, v, overlap=False, timeout_s=60)
+        serialized = list(events)
+    finally:
+        ring_mod.block_forward, comm_mod.RingComm.send_recv, comm_mod.PendingTransfer.wait = (
+            orig_fwd,
+            orig_post,
+            orig_wait,
+        )  # type: ignore[method-assign]
+    want = ["post", "compute", "wait"] * (world_size - 1) + ["compute"]
+    if overlapped != want:
+        raise AssertionError(f"overlapped schedule {overlapped}, expected {want}")
+    if serialized[:3] != ["post", "wait", "compute"]:
+        raise AssertionError(f"serialized schedule starts {serialized[:3]}, expected post, wait, compute")
+    if (Counting.acquired, Counting.released) != (2, 2):
+        raise AssertionError(
+            f"forward acquired {Counting.acquired} / released {Counting.released} buffers, expected 2 / 2"
+        )
 
 
 def has_memory_runtime() -> bool:
