@@ -81,7 +81,9 @@ def _checkpointing(device: torch.device) -> DemoRow:
     seq = _batch(torch.Generator().manual_seed(2), device)
     for ckpt in (False, True):
         torch.manual_seed(0)
-        lm = LongNetLM(VOCAB, 32, 4, 2, SEG, RATES, dropout=0.1, gradient_checkpointing=ckpt, device=device)
+        lm = LongNetLM(
+            VOCAB, 32, 4, 2, SEG, RATES, dropout=0.1, attention_dropout=0.1, gradient_checkpointing=ckpt, device=device
+        )
         torch.manual_seed(3)
         _copy_loss(lm, seq).backward()
         grads.append(torch.cat([p.grad.flatten() for p in lm.parameters()]))

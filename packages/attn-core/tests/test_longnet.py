@@ -92,10 +92,10 @@ def test_tied_and_untied_heads():
     assert tied.embed.weight.grad is not None and tied.embed.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_gradient_checkpointing_gives_identical_gradients(dropout):
-    plain = _lm(dropout=dropout).train()
-    ckpt = _lm(dropout=dropout, gradient_checkpointing=True).train()
+@pytest.mark.parametrize(("dropout", "attention_dropout"), [(0.0, 0.0), (0.2, 0.0), (0.1, 0.3)])
+def test_gradient_checkpointing_gives_identical_gradients(dropout, attention_dropout):
+    plain = _lm(dropout=dropout, attention_dropout=attention_dropout).train()
+    ckpt = _lm(dropout=dropout, attention_dropout=attention_dropout, gradient_checkpointing=True).train()
     ckpt.load_state_dict(plain.state_dict())
     ids = torch.randint(0, 11, (2, 12), generator=torch.Generator().manual_seed(4))
     grads = []
@@ -160,3 +160,19 @@ def test_sinusoidal_positions_are_exact_at_long_range():
     expected = torch.tensor([math.sin(1e6), math.cos(1e6), math.sin(1e6 / 100), math.cos(1e6 / 100)])
     assert torch.allclose(far, expected, atol=1e-6)
     assert sinusoidal_positions(3, 5, device=torch.device("cpu"), dtype=torch.float32).shape == (3, 5)  # odd dim
+
+
+def test_attention_dropout_reaches_the_attention_and_residual_dropout_does_not():
+    lm = _lm(dropout=0.0, attention_dropout=0.5, backend="auto")
+    assert lm.layers[0].self_attn.attention.dropout == 0.5
+    assert lm.layers[0].dropout.p == 0.0
+    lm2 = _lm(dropout=0.3, backend="auto")
+    assert lm2.layers[0].self_attn.attention.dropout == 0.0 and lm2.layers[0].dropout.p == 0.3
+    ids = torch.randint(0, 11, (1, 8))
+    lm.eval()
+    assert torch.equal(lm(ids), lm(ids))
+    lm.train()
+    torch.manual_seed(0)
+    a = lm(ids)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, lm(ids))

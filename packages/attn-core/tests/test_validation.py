@@ -173,7 +173,7 @@ def test_good_call_passes():
 
 BAD_MODULE_CONFIGS = [
     (lambda: DilatedAttention([4, 6], [1, 4]), ValueError, "segment length 6 is not divisible by its dilation rate 4"),
-    (lambda: DilatedAttention([4], [1], dropout=1.5), ValueError, r"dropout_p must be in \[0, 1\), got 1.5"),
+    (lambda: DilatedAttention([4], [1], dropout=1.5), ValueError, r"dropout must be in \[0, 1\), got 1.5"),
     (
         lambda: DilatedAttention([4], [1], softmax_scale=0.0),
         ValueError,
@@ -211,6 +211,12 @@ BAD_MODULE_CONFIGS = [
         lambda: LongNetLM(10, 32, 4, 1, [4], [1], dim_feedforward=-8),
         ValueError,
         "dim_feedforward must be a positive int, got -8",
+    ),
+    (lambda: LongNetLM(10, 32, 4, 1, [4], [1], dropout=1.0), ValueError, r"dropout must be in \[0, 1\), got 1.0"),
+    (
+        lambda: LongNetLM(10, 32, 4, 1, [4], [1], attention_dropout=-0.5),
+        ValueError,
+        r"attention_dropout must be in \[0, 1\), got -0.5",
     ),
 ]
 

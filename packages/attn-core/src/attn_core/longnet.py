@@ -20,7 +20,7 @@ from torch.nn.functional import gelu, linear, relu
 from torch.utils.checkpoint import checkpoint
 
 from .modules import MultiheadDilatedAttention
-from .validation import FLOAT_DTYPES
+from .validation import FLOAT_DTYPES, check_dropout
 
 __all__ = ["LongNetDecoderLayer", "LongNetEncoderLayer", "LongNetLM", "magneto_gamma"]
 
@@ -41,7 +41,12 @@ def magneto_gamma(num_layers: int) -> float:
 
 
 class _LongNetLayer(nn.Module):
-    """Pre-LN block: x + Dropout(DilatedMHA(LN(x))); x + Dropout(W2(subLN(act(W1(LN(x))))))."""
+    """Pre-LN block: x + Dropout(DilatedMHA(LN(x))); x + Dropout(W2(subLN(act(W1(LN(x)))))).
+
+    ``dropout`` acts on the residual branches; ``attention_dropout`` on the attention
+    probabilities (default 0: the fused sdpa backend takes no dropout, so attention dropout > 0
+    runs the pure PyTorch reference backend, see :func:`attn_core.explain`).
+    """
 
     def __init__(
         self,
@@ -53,6 +58,7 @@ class _LongNetLayer(nn.Module):
         num_kv_heads: int | None = None,
         dim_feedforward: int | None = None,
         dropout: float = 0.1,
+        attention_dropout: float = 0.0,
         activation: str = "gelu",
         layer_norm_eps: float = 1e-5,
         gamma_init: float = 1.0,
@@ -64,6 +70,7 @@ class _LongNetLayer(nn.Module):
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        check_dropout(attention_dropout, "attention_dropout")
         ff = 4 * d_model if dim_feedforward is None else _positive_int("dim_feedforward", dim_feedforward)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         # MultiheadDilatedAttention validates d_model, nhead, the dilated config, dropout, dtype.
@@ -73,7 +80,7 @@ class _LongNetLayer(nn.Module):
             segment_lengths,
             dilation_rates,
             num_kv_heads=num_kv_heads,
-            dropout=dropout,
+            dropout=attention_dropout,
             layer_norm=True,
             layer_norm_eps=layer_norm_eps,
             gamma_init=gamma_init,
@@ -87,7 +94,7 @@ class _LongNetLayer(nn.Module):
         self.linear1 = nn.Linear(d_model, ff, **factory)
         self.ffn_norm = nn.LayerNorm(ff, eps=layer_norm_eps, **factory)
         self.linear2 = nn.Linear(ff, d_model, **factory)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(check_dropout(dropout, "dropout"))
         nn.init.xavier_normal_(self.linear1.weight, gain=gamma_init)
         nn.init.xavier_normal_(self.linear2.weight, gain=gamma_init)
         nn.init.zeros_(self.linear1.bias)
@@ -140,6 +147,7 @@ class LongNetLM(nn.Module):
     (tied to the embedding by default).
 
     forward(input_ids (B, N) int64, *, key_padding_mask (B, N) bool) -> logits (B, N, vocab_size).
+    ``dropout`` (embedding and residual branches) and ``attention_dropout`` as in the layers.
     ``gradient_checkpointing=True`` recomputes each layer in backward (torch.utils.checkpoint,
     non-reentrant, RNG state preserved so dropout masks match) when training with grad enabled.
     """
@@ -156,6 +164,7 @@ class LongNetLM(nn.Module):
         num_kv_heads: int | None = None,
         dim_feedforward: int | None = None,
         dropout: float = 0.1,
+        attention_dropout: float = 0.0,
         activation: str = "gelu",
         tie_weights: bool = True,
         gradient_checkpointing: bool = False,
@@ -188,6 +197,7 @@ class LongNetLM(nn.Module):
                 num_kv_heads=num_kv_heads,
                 dim_feedforward=dim_feedforward,
                 dropout=dropout,
+                attention_dropout=attention_dropout,
                 activation=activation,
                 gamma_init=gamma,
                 head_mode=head_mode,
@@ -196,7 +206,7 @@ class LongNetLM(nn.Module):
             )
             for _ in range(num_layers)
         )
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(check_dropout(dropout, "dropout"))
         self.norm = nn.LayerNorm(d_model, **factory)
         self.lm_head: nn.Linear | None = None
         if not tie_weights:

@@ -63,7 +63,7 @@ class DilatedAttention(nn.Module):
         if softmax_scale is not None:
             resolve_softmax_scale(softmax_scale, 1)
         self.softmax_scale = softmax_scale
-        self.dropout = check_dropout(dropout)
+        self.dropout = check_dropout(dropout, "dropout")
         self.backend = _check_backend(backend)
 
     @property

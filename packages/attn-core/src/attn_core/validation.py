@@ -80,12 +80,13 @@ def resolve_softmax_scale(softmax_scale: float | None, head_dim: int) -> float:
     return scale
 
 
-def check_dropout(dropout_p: float) -> float:
+def check_dropout(dropout_p: float, name: str = "dropout_p") -> float:
+    """A dropout probability in [0, 1); ``name`` is the argument named in the error."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+        raise TypeError(f"{name} must be a float in [0, 1), got {dropout_p!r}")
     p = float(dropout_p)
     if not (0.0 <= p < 1.0):
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+        raise ValueError(f"{name} must be in [0, 1), got {dropout_p!r}")
     return p
 
 
