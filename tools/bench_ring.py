@@ -159,13 +159,15 @@ def native_context_parallel(
             t.transpose(1, 2).contiguous()
             for t in make_qkv(1, n_total, args.heads, args.heads, args.head_dim, torch.bfloat16, dev, seed=5)
         )
-        leaves = [t.requires_grad_(True) for t in (q, k, v)]
 
         def run() -> None:
+            # context_parallel shards the full buffers in place and restores them on exit; the
+            # autograd leaves are made from the shards inside (a leaf that requires grad cannot be resized)
             with (
-                context_parallel(mesh, buffers=[*leaves, dout], buffer_seq_dims=[2, 2, 2, 2]),
+                context_parallel(mesh, buffers=[q, k, v, dout], buffer_seq_dims=[2, 2, 2, 2]),
                 sdpa_kernel([SDPBackend.CUDNN_ATTENTION]),
             ):
+                leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
                 out = torch.nn.functional.scaled_dot_product_attention(
                     leaves[0], leaves[1], leaves[2], is_causal=causal
                 )
