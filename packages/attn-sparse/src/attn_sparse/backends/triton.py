@@ -8,6 +8,7 @@ CPU tensors in Triton's interpreter (fp16/fp32; bf16 is not supported there): sl
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import TYPE_CHECKING
@@ -25,6 +26,12 @@ GPU_DTYPES = (torch.float16, torch.bfloat16)
 INTERPRET_DTYPES = (torch.float16, torch.float32)
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_installed() -> bool:
+    # find_spec scans sys.path when triton is not imported yet: once per process is enough
+    return importlib.util.find_spec("triton") is not None
+
+
 def _interpret() -> bool:
     # same rule as attn_sparse.kernels.interpret_mode, without importing triton here
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -35,7 +42,7 @@ def unsupported_reasons(
 ) -> list[str]:
     """Why the Triton kernels cannot take this call (empty list: they can). Launches nothing."""
     reasons: list[str] = []
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         reasons.append("triton is not installed (pip install 'attn-sparse[triton]')")
     interpret = _interpret()
     if interpret:

@@ -787,8 +787,10 @@ def block_sparse_backward(
 
 
 def _device_guard(q: torch.Tensor) -> contextlib.AbstractContextManager[object]:
-    # kernels launch on the current CUDA device: make it q's
-    return torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+    # kernels launch on the current CUDA device: make it q's (switching only when it differs)
+    if q.is_cuda and q.device.index != torch.cuda.current_device():
+        return torch.cuda.device(q.device)
+    return contextlib.nullcontext()
 
 
 # The kernels are torch.library custom ops with a registered autograd formula, so torch.compile
