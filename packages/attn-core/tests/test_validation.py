@@ -242,6 +242,10 @@ def test_bad_module_inputs():
         mha(x, x, x[:, :6])
     with pytest.raises(TypeError, match=r"value must be a torch\.Tensor, got NoneType"):
         mha(x, x, None)
+    with pytest.raises(TypeError, match=r"key must be a floating tensor, got torch\.int64"):
+        mha(x, x.long(), x)
+    with pytest.raises(ValueError, match=r"query is on meta but the module's parameters are on cpu"):
+        mha(x.to("meta"), x, x)
     with pytest.raises(ValueError, match=re.escape("key_padding_mask must have shape (B, N) = (2, 8), got (8,)")):
         mha(x, x, x, key_padding_mask=torch.zeros(8, dtype=torch.bool))
 

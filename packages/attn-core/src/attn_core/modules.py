@@ -188,6 +188,12 @@ class MultiheadDilatedAttention(nn.Module):
                 raise ValueError(f"{name} must have 3 dims (B, N, E) (batch first), got shape {tuple(t.shape)}")
             if t.shape[-1] != self.embed_dim:
                 raise ValueError(f"{name} last dim must be embed_dim={self.embed_dim}, got shape {tuple(t.shape)}")
+            if not t.dtype.is_floating_point:
+                raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+            if t.device != self.q_proj.weight.device:
+                raise ValueError(
+                    f"{name} is on {t.device} but the module's parameters are on {self.q_proj.weight.device}"
+                )
         if key.shape != value.shape:
             raise ValueError(f"key and value must have the same shape, got {tuple(key.shape)} and {tuple(value.shape)}")
         if key.shape[:2] != query.shape[:2]:
