@@ -482,6 +482,8 @@ def write_report(result: dict, out: Path) -> None:
             f"{c['dk_err']:.2e} ({c['dk_baseline_err']:.2e}) | {c['dv_err']:.2e} ({c['dv_baseline_err']:.2e}) | "
             f"{c['ok']} |"
         )
+    if result.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
     (out / "sparse_h100.md").write_text("\n".join(lines) + "\n")
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
