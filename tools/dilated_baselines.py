@@ -22,8 +22,13 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-LABEL = "common algorithm (heads split over groups, copies + SDPA + scatter; our re-implementation)"
+LABEL = "common algorithm (heads split over groups, copies + SDPA flash + scatter; our re-implementation)"
+# torch 2.11's cuDNN SDPA backward hit an illegal memory access inside this algorithm's autograd graph
+# on the H100 (twice, D=64, N=16K); SDPA is limited to flash / efficient here, which is also what the
+# ANCHORS.md figures (~340 TF/s forward on copied segment batches) correspond to.
+_COMMON_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 
 def common_dilated_attention(
@@ -55,7 +60,8 @@ def common_dilated_attention(
             .reshape(b * (n // s), g, s // r, d)
             for x in (q, k, v)
         )
-        x = F.scaled_dot_product_attention(qs, ks, vs, is_causal=is_causal)
+        with sdpa_kernel(_COMMON_BACKENDS):
+            x = F.scaled_dot_product_attention(qs, ks, vs, is_causal=is_causal)
         x = x.reshape(b, n // s, g, s // r, d).transpose(2, 3)
         x = x / x.sum(dim=(1, 2), keepdim=True)
         out = out.reshape(b, n // s, s, h, d)
