@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attn_core import DilatedAttention, MultiheadDilatedAttention, dilated_attention, reference
+from attn_core import DilatedAttention, MultiheadDilatedAttention, dilated_attention, explain, last_backend, reference
 from attn_core.testing import assert_close_to_reference
 
 SEG, RATES = [4, 8], [1, 2]
@@ -166,3 +166,15 @@ def test_dropout_in_module_training_only():
     torch.manual_seed(0)
     t1 = m(x, x, x)[0]
     assert not torch.allclose(t1, e1)
+
+
+def test_dilated_attention_module_explains_what_forward_runs():
+    q, k, v = _x(1, 8, 2, 4, seed=1), _x(1, 8, 2, 4, seed=2), _x(1, 8, 2, 4, seed=3)
+    mod = DilatedAttention(SEG, RATES, dropout=0.5, head_mode="split")
+    for training in (True, False):
+        mod.train(training)
+        choice = mod.explain(q, k, v, is_causal=True)
+        expected = explain(q, k, v, SEG, RATES, is_causal=True, dropout_p=0.5 if training else 0.0, head_mode="split")
+        assert choice == expected
+        mod(q, k, v, is_causal=True)
+        assert last_backend() == choice.backend

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import BACKENDS, dilated_attention
+from .api import BACKENDS, BackendChoice, dilated_attention, explain
 from .config import DilatedConfig
 from .validation import FLOAT_DTYPES, check_dropout, resolve_softmax_scale
 
@@ -78,6 +78,16 @@ class DilatedAttention(nn.Module):
     def head_mode(self) -> str:
         return self.config.head_mode
 
+    def _kwargs(self, is_causal: bool, key_padding_mask: torch.Tensor | None) -> dict[str, Any]:
+        return {
+            "is_causal": is_causal,
+            "key_padding_mask": key_padding_mask,
+            "softmax_scale": self.softmax_scale,
+            "dropout_p": self.dropout if self.training else 0.0,
+            "head_mode": self.config.head_mode,
+            "backend": self.backend,
+        }
+
     def forward(
         self,
         q: torch.Tensor,
@@ -87,19 +97,23 @@ class DilatedAttention(nn.Module):
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        cfg = self.config
         return dilated_attention(
-            q,
-            k,
-            v,
-            self.config.segment_lengths,
-            self.config.dilation_rates,
-            is_causal=is_causal,
-            key_padding_mask=key_padding_mask,
-            softmax_scale=self.softmax_scale,
-            dropout_p=self.dropout if self.training else 0.0,
-            head_mode=self.config.head_mode,
-            backend=self.backend,
+            q, k, v, cfg.segment_lengths, cfg.dilation_rates, **self._kwargs(is_causal, key_padding_mask)
         )
+
+    def explain(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        is_causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> BackendChoice:
+        """The backend :meth:`forward` would run on these inputs in the current train/eval mode, and why."""
+        cfg = self.config
+        return explain(q, k, v, cfg.segment_lengths, cfg.dilation_rates, **self._kwargs(is_causal, key_padding_mask))
 
     def extra_repr(self) -> str:
         return (
