@@ -273,11 +273,14 @@ def check_errors_raise_on_every_rank(rank: int, world_size: int) -> list[str]:
     return done
 
 
-def check_rank_leaving_is_an_error(rank: int, world_size: int, timeout_s: float = 8.0) -> str:
-    """The last rank runs the forward and leaves; the others' backward must raise within about timeout_s."""
+def check_rank_leaving_is_an_error(rank: int, world_size: int, mode: str = "exit", timeout_s: float = 5.0) -> str:
+    """The last rank runs the forward, then leaves (mode "exit") or stalls past the timeout (mode "stall");
+    the others' backward must raise within a bounded time, naming the ranks involved."""
     q, k, v = (torch.randn(1, 4, 2, 4, requires_grad=True) for _ in range(3))
     out = ring_attention(q, k, v, is_causal=True, timeout_s=timeout_s)
     if rank == world_size - 1:
+        if mode == "stall":
+            time.sleep(2.5 * timeout_s)
         return "left"
     t0 = time.monotonic()
     try:

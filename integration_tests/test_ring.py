@@ -25,6 +25,7 @@ def test_mismatches_raise_on_every_rank(world_size: int) -> None:
     assert values == [["shape", "dtype", "option", "zigzag odd shard", "still works"]] * world_size
 
 
-def test_rank_leaving_makes_the_others_raise() -> None:
-    values = assert_all_ok(run_world(checks_ring.check_rank_leaving_is_an_error, 3, timeout=90))
+@pytest.mark.parametrize("mode", ["exit", "stall"])
+def test_rank_leaving_makes_the_others_raise(mode: str) -> None:
+    values = assert_all_ok(run_world(checks_ring.check_rank_leaving_is_an_error, 3, mode, timeout=90))
     assert values == ["raised", "raised", "left"]
