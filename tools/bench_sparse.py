@@ -24,6 +24,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -350,7 +351,6 @@ def tune(args: argparse.Namespace) -> list[dict]:
     """Time tile configs for fwd, dq and dk/dv on local_window layouts; print the table."""
     from attn_sparse.kernels.block_sparse import (
         CSR,
-        KernelConfig,
         block_sparse_backward,
         block_sparse_forward,
         default_config,
@@ -372,7 +372,7 @@ def tune(args: argparse.Namespace) -> list[dict]:
             out, lse = block_sparse_forward(q, k, v, csr, False, D**-0.5, base)
             flops = 4.0 * attended_pairs(layout, n) * D * H
             for bm, bn, w, s in fwd_cands:
-                cfg = KernelConfig(**{**base.__dict__, "fwd_m": bm, "fwd_n": bn, "fwd_warps": w, "fwd_stages": s})
+                cfg = replace(base, fwd_m=bm, fwd_n=bn, fwd_warps=w, fwd_stages=s)
                 if cfg.check(block):
                     continue
                 try:
@@ -387,9 +387,7 @@ def tune(args: argparse.Namespace) -> list[dict]:
                                 tflops=flops / ms * 1e-9, err=err))  # fmt: skip
             for kind, cands in (("dq", dq_cands), ("dkv", dkv_cands)):
                 for bm, bn, w, s in cands:
-                    cfg = KernelConfig(
-                        **{**base.__dict__, f"{kind}_m": bm, f"{kind}_n": bn, f"{kind}_warps": w, f"{kind}_stages": s}
-                    )
+                    cfg = replace(base, **{f"{kind}_m": bm, f"{kind}_n": bn, f"{kind}_warps": w, f"{kind}_stages": s})
                     if cfg.check(block):
                         continue
                     try:
