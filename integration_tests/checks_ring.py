@@ -289,6 +289,8 @@ def check_rank_leaving_is_an_error(rank: int, world_size: int, mode: str = "exit
         elapsed = time.monotonic() - t0
         if elapsed > 3 * timeout_s:
             raise AssertionError(f"raised only after {elapsed:.0f} s (timeout {timeout_s} s)") from exc
+        if mode == "stall" and not isinstance(exc, TimeoutError):
+            raise AssertionError(f"a stalled peer should give TimeoutError, got {type(exc).__name__}: {exc}") from exc
         if "rank" not in str(exc):
             raise AssertionError(f"error does not name the ranks involved: {exc}") from exc
         return "raised"
