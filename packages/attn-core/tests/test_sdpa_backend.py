@@ -317,3 +317,32 @@ def test_fused_merge_triton_interpreter(monkeypatch, dtype):
     keep = torch.ones(2, 10, 6, dtype=torch.bool)
     keep[:, 1::2, 0::2] = False
     assert torch.equal(O[keep], untouched[keep])
+
+
+@pytest.mark.parametrize("mode", ["all", "split"])
+def test_call_size_budget_bounds_temporaries(monkeypatch, mode):
+    # every call reads at most max(q elements / CALL_FRACTION, MIN_CALL_ELEMS) query elements (or one segment):
+    # this is what bounds the per-call temporaries (out in forward; dq, dk, dv in backward)
+    monkeypatch.setattr(sdpa, "MIN_CALL_ELEMS", 256)
+    B, N, H, Hkv, D = 2, 1000, 8, 4, 8
+    cfg = DilatedConfig([64, 128, 256], [1, 2, 4], mode)
+    budget = max(B * N * H * D // sdpa.CALL_FRACTION, sdpa.MIN_CALL_ELEMS)
+    pieces = sdpa.plan_pieces((B, N, H, Hkv, D), cfg, True)
+    for p in pieces:
+        batch = (B if p.batch is None else 1) * p.nseg
+        elems = batch * p.q_hn * p.rows * D
+        assert elems <= budget or p.nseg == 1, (p, elems, budget)
+    # and together they cover every selected (position, head) exactly once per group
+    covered = torch.zeros(len(cfg.segment_lengths), N, H, dtype=torch.int64)
+    gidx = {w: g for g, w in enumerate(cfg.segment_lengths)}
+    for p in pieces:
+        if p.batch not in (None, 0):
+            continue
+        for s in range(p.seg0, p.seg0 + p.nseg):
+            pos = torch.arange(p.rows) * p.r + s * p.w + p.o
+            for i in range(p.q_hn):
+                covered[gidx[p.w], pos, p.q_h0 + i * p.q_hs] += 1
+    for g in range(cfg.num_groups):
+        for j in cfg.heads_for_group(g, H):
+            sel = (torch.arange(N) % cfg.dilation_rates[g]) == cfg.head_offset(g, j)
+            assert torch.equal(covered[g, :, j], sel.long())
