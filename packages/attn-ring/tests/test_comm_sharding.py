@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attn_ring import RingComm, shard_positions, shard_sequence, unshard_sequence
 from attn_ring.comm import check_timeout, config_hash, dtype_code
@@ -128,3 +130,23 @@ def test_ring_comm_bad_arguments(world1: None) -> None:
         RingComm(timeout_s=-1)
     with pytest.raises(TypeError, match="group must be"):
         RingComm(group="world")  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    world=st.integers(1, 6),
+    chunk=st.integers(1, 5),
+    layout=st.sampled_from(["contiguous", "zigzag"]),
+    extra=st.integers(0, 3),
+)
+def test_sharding_properties(world: int, chunk: int, layout: str, extra: int) -> None:
+    """Valid N round-trips exactly; N off the layout's rule raises ValueError naming N and W."""
+    parts = world if layout == "contiguous" else 2 * world
+    N = parts * chunk
+    x = torch.arange(2 * N).reshape(2, N)
+    shards = [shard_sequence(x, world, r, layout=layout) for r in range(world)]
+    assert torch.equal(unshard_sequence(shards, layout=layout), x)
+    bad = N + extra
+    if bad % parts:
+        with pytest.raises(ValueError, match=f"N={bad} .*W={world}"):
+            shard_sequence(torch.zeros(1, bad), world, 0, layout=layout)
