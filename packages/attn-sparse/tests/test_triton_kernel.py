@@ -204,3 +204,15 @@ def test_strided_inputs_match_contiguous() -> None:
     do = torch.randn(out_s.shape, generator=g)
     for a, b in zip(torch.autograd.grad(out_s, (qs, ks, vs), do), torch.autograd.grad(out_c, (qc, kc, vc), do)):
         assert torch.equal(a, b)
+
+
+def test_causal_wide_key_blocks_and_grouped_heads() -> None:
+    # Bk > Bq: a key block spans two query blocks, so the causal split points differ per row;
+    # H=6 over Hkv=2 (GROUP=3), per-head layouts, N not a multiple of either block size
+    H = 6
+    mask = random_mask(H, 5, 3, 0.6, seed=14)
+    mask[:, torch.arange(5), torch.arange(5) // 2] = True
+    run_case(
+        B=1, Nq=75, Nk=75, H=H, Hkv=2, D=16, block_size=(16, 32), mask=mask, is_causal=True,
+        dtype=torch.float32, seed=15,
+    )  # fmt: skip
