@@ -121,9 +121,20 @@ def run_case(rank: int, world_size: int, case: Case, seed: int, device: torch.de
         )
 
 
-def check_all_cases(rank: int, world_size: int) -> list[str]:
-    """Every case's outputs and gradients on this rank vs the float64 reference; returns the case names."""
-    device = _device()
+def check_all_cases(rank: int, world_size: int, device_type: str | None = None) -> list[str]:
+    """Every case's outputs and gradients on this rank vs the float64 reference; returns the case names.
+
+    device_type="cuda" under gloo runs the ranks' compute on CUDA (all ranks may share one GPU)
+    while the ring moves through host memory: the fast per-block kernels then see every piece
+    of the multi-rank schedule even on a single-GPU machine.
+    """
+    device = (
+        _device()
+        if device_type is None
+        else torch.device("cuda", 0)
+        if device_type == "cuda"
+        else torch.device(device_type)
+    )
     names = []
     for i, case in enumerate(cases(world_size, device)):
         run_case(rank, world_size, case, seed=1000 + i, device=device)
@@ -213,7 +224,7 @@ def _check_pool_buffers(rank: int, world_size: int, device: torch.device) -> Non
     """Receive buffers from memory_runtime's DeviceBufferPool: same result, every buffer given back."""
     from memory_runtime import DeviceBufferPool
 
-    pool = DeviceBufferPool(device)
+    pool = DeviceBufferPool(_device())  # receive buffers live where the wire is (CPU for gloo)
     inputs = _global_inputs(Case("pool", 4), world_size, 8, device)
     q, k, v = (shard_sequence(t, world_size, rank).requires_grad_(True) for t in inputs[:3])
     out = ring_attention(q, k, v, is_causal=True, buffers=pool, timeout_s=60)
