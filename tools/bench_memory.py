@@ -272,10 +272,28 @@ def mem_stats(device: str) -> dict[str, Any]:
     return torch.cuda.memory_stats(device) if device.startswith("cuda") else {}
 
 
+class OneStreamOps:
+    """CPU stand-in for one CUDA stream (a non-None stream key, fences always complete), so the
+    pool's per-stream free ranges behave on CPU as they do on a GPU's default stream."""
+
+    def current_key(self):
+        return (0, 0, 1)
+
+    def fence(self, key):
+        return None
+
+    def done(self, fence) -> bool:
+        return True
+
+    def wait(self, fence) -> None:
+        return None
+
+
 def bench_pool(ops_warm, ops, peak_req: int, device: str, args, consolidate: bool) -> dict[str, Any]:
     """DeviceBufferPool, fresh: warm-up trace, optionally consolidate() to its peak, measured trace."""
     cuda = device == "cuda"
-    pool = DeviceBufferPool(device, slab_bytes=args.slab_mib * MIB)
+    fake = OneStreamOps() if (args.cuda_like_stream and not cuda) else None
+    pool = DeviceBufferPool(device, slab_bytes=args.slab_mib * MIB, stream_ops=fake)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -324,8 +342,9 @@ def bench_pool(ops_warm, ops, peak_req: int, device: str, args, consolidate: boo
 
 
 def bench_repeated(device: str, args, reps: int = 5000) -> dict[str, Any]:
-    """Alloc+release of one fixed shape (a decode-style loop): the pool's same-shape quick path."""
-    shape = (1, 4096, args.heads, args.dim)
+    """Alloc+release of one fixed small shape (a decode-style loop): the pool's same-shape quick path
+    (blocks up to QUICK_LIST_MAX_BLOCK = 4 MiB)."""
+    shape = (1, 512, args.heads, args.dim)
     pool = DeviceBufferPool(device, slab_bytes=args.slab_mib * MIB)
     pc = time.perf_counter_ns
     out: dict[str, Any] = {"shape": list(shape)}
@@ -566,6 +585,12 @@ def main() -> int:
     ap.add_argument("--headroom", type=float, default=0.10, help="consolidate() headroom over the warm-up peak")
     ap.add_argument("--no-stamp", dest="stamp", action="store_false", help="skip the GPU content checks")
     ap.add_argument("--numa-node0", action="store_true", default=True)
+    ap.add_argument("--skip-pinned", action="store_true", help="device-pool trace only")
+    ap.add_argument(
+        "--cuda-like-stream",
+        action="store_true",
+        help="CPU only: give the pool a CUDA-like stream key (replays the GPU's free-range behaviour on CPU)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.pin_gib, args.h2d_gib, args.steps, args.n_max, args.reps = 0.25, 0.125, 60, 8192, 5
@@ -599,7 +624,7 @@ def main() -> int:
     if torch.cuda.is_available():
         res["streams"] = check_streams()
         print(f"streams: {res['streams']}", flush=True)
-    res["pinned"] = bench_pinned(args)
+    res["pinned"] = {} if args.skip_pinned else bench_pinned(args)
     print(f"pinned done in {time.perf_counter() - t0:.1f} s", flush=True)
     res["monitor"] = monitor_json()
     res["fragmentation_end"] = fragmentation_report().to_dict()

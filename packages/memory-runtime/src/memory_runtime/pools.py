@@ -29,6 +29,7 @@ The pool implements the buffer-provider protocol that attn-ring accepts::
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass
@@ -393,10 +394,9 @@ class DeviceBufferPool:
             if hit is not None:
                 return hit
         shape_t = _as_shape(shape)
-        dtype = _check_dtype(dtype)
-        numel = 1
-        for d in shape_t:
-            numel *= d
+        if type(dtype) is not torch.dtype:
+            dtype = _check_dtype(dtype)
+        numel = math.prod(shape_t)
         if numel == 0:
             # Zero-element tensors own no memory (their data_ptr is 0): tracked by identity.
             t = torch.empty(shape_t, dtype=dtype, device=self.device)
@@ -573,6 +573,8 @@ class DeviceBufferPool:
 
     # ------------------------------------------------------------------ internals (lock held)
     def _quick_take(self, key: tuple[Hashable, tuple[int, ...], torch.dtype]) -> torch.Tensor | None:
+        if key not in self._quick:  # lock-free miss (a dict lookup is atomic); re-checked under the lock
+            return None
         with self._lock:
             quick = self._quick.get(key)
             if not quick:
