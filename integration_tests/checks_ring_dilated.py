@@ -155,11 +155,27 @@ def run_case(case: Case, rank: int, world_size: int, seed: int) -> int:
     return fwd
 
 
+# Cases that also run on the portable gather path (the view path, attn_core.sdpa_ops on strided
+# views, takes every CPU call and bf16/fp16 CUDA calls; the gather path takes the rest).
+GATHER_PATH_CASES = ("long segments causal", "unaligned gqa causal padded", "split heads", "float32 long segments")
+
+
 def check_all_cases(rank: int, world_size: int) -> list[str]:
+    import attn_ring.ring_dilated as rd
+
     done = []
     for i, case in enumerate(cases(world_size)):
         run_case(case, rank, world_size, seed=1000 * world_size + i)
         done.append(case.name)
+    view_path = rd._view_path_available
+    rd._view_path_available = lambda q: False  # force the gather path for these cases
+    try:
+        for i, case in enumerate(cases(world_size)):
+            if case.name in GATHER_PATH_CASES:
+                run_case(case, rank, world_size, seed=2000 * world_size + i)
+                done.append(f"{case.name} (gather path)")
+    finally:
+        rd._view_path_available = view_path
     done.append(check_multihead_module(rank, world_size))
     return done
 

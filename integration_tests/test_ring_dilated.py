@@ -11,7 +11,9 @@ from harness import assert_all_ok, run_world
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_ring_dilated_matches_reference(world_size: int) -> None:
     values = assert_all_ok(run_world(checks_ring_dilated.check_all_cases, world_size, timeout=150))
-    expected = [c.name for c in checks_ring_dilated.cases(world_size)] + ["multihead module"]
+    names = [c.name for c in checks_ring_dilated.cases(world_size)]
+    gather = [f"{n} (gather path)" for n in names if n in checks_ring_dilated.GATHER_PATH_CASES]
+    expected = [*names, *gather, "multihead module"]
     assert values == [expected] * world_size
 
 

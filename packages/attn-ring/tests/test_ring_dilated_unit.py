@@ -225,12 +225,22 @@ def test_exchange_refuses_self_and_out_of_range_peers(world_of_one) -> None:
         exchange_rows({}, {3: torch.zeros(2)}, None)
 
 
+@pytest.mark.parametrize("views", [True, False], ids=["view-path", "gather-path"])
 @pytest.mark.parametrize(
     ("causal", "mode", "Hkv", "padded"),
     [(False, "all", 3, False), (True, "all", 1, True), (False, "split", 3, True), (True, "split", 1, False)],
 )
-def test_world_of_one_matches_reference(world_of_one, causal: bool, mode: str, Hkv: int, padded: bool) -> None:
-    """With W = 1 every segment is local: outputs and gradients equal the float64 reference, no bytes move."""
+def test_world_of_one_matches_reference(
+    world_of_one, monkeypatch, causal: bool, mode: str, Hkv: int, padded: bool, views: bool
+) -> None:
+    """With W = 1 every segment is local: outputs and gradients equal the float64 reference, no bytes move.
+    Both compute paths: strided views through attn_core.sdpa_ops, and the portable gather path."""
+    import attn_ring.ring_dilated as rd
+
+    if not views:
+        monkeypatch.setattr(rd, "_view_path_available", lambda q: False)
+    else:
+        assert rd._view_path_available(torch.zeros(1, 1, 1, 8, dtype=torch.float64))
     g = torch.Generator().manual_seed(7)
     N, H, D, segs, rates = 11, 3, 8, (2, 4, 8), (1, 2, 4)
     q = torch.randn(2, N, H, D, generator=g, dtype=torch.float64, requires_grad=True)

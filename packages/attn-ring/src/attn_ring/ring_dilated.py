@@ -298,6 +298,20 @@ def _item_chunks(item: _Item, batch: int, head_dim: int, fused: bool) -> list[tu
     return [(m, min(m + step, item.count)) for m in range(0, item.count, step)]
 
 
+def _view_path_available(q: torch.Tensor) -> bool:
+    """Whether attn_core.sdpa_ops takes this device, dtype and head dim (it reads strided views in place)."""
+    try:
+        from attn_core import sdpa_ops
+    except ImportError:  # an attn-core without the sdpa kernels: the gather path runs
+        return False
+    if q.device.type == "cuda":
+        try:
+            import triton  # noqa: F401  (the fused merge on strided views)
+        except ImportError:
+            return False
+    return not sdpa_ops.unsupported_reasons(q.device, q.dtype, q.shape[-1])
+
+
 def _fused_kernel_available(q: torch.Tensor, has_padding: bool) -> bool:
     """Whether block_forward/backward run a fused kernel here (attn_core's cuDNN BlockImpl on CUDA)."""
     if q.device.type != "cuda" or has_padding:
@@ -342,7 +356,8 @@ def _lse_take(L: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
 class _Call:
     plan: RingDilatedRankPlan
     world: int
-    fused: bool
+    fused: bool  # gather path: block_forward runs a fused kernel (chunk by rows, not logits)
+    views: bool  # the view path (attn_core.sdpa_ops on strided views) takes this call
     group: Any
     scale: float
     causal: bool
@@ -389,6 +404,259 @@ def _return_kv_grads(drecv: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, ca
         dv.index_add_(1, i, buf[1].to(dk.device))
 
 
+def _forward_gather(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    local_mask: torch.Tensor | None,
+    global_mask: torch.Tensor | None,
+    recv: torch.Tensor,
+    call: _Call,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Portable path: gather each item's rows, attn_core.blocks kernels. Returns out (q's dtype), lse (B, n, H)."""
+    B, n, H, D = q.shape
+    ad = acc_dtype(q.dtype)
+    plan = call.plan
+    # Accumulators; lse kept (B, n, H) so that flat index row * H + head addresses both.
+    out = torch.zeros(B, n, H, D, dtype=ad, device=q.device)
+    lse = torch.full((B, n, H), float("-inf"), dtype=ad, device=q.device)
+    out_flat, lse_flat = out.view(B, n * H, D), lse.view(B, n * H)
+    for i, it in enumerate(plan.items):
+        for m0, m1 in _item_chunks(it, B, D, call.fused):
+            rows = _rows(it, m0, m1, q.device)
+            qf, kvf = _flat(rows, it.heads, H), _flat(rows, it.kv_heads, call.num_kv_heads)
+            qi, ki, vi = _take(q, qf), _take(k, kvf), _take(v, kvf)
+            mi = None if local_mask is None else local_mask[:, rows].reshape(-1, it.rows)
+            # Each (position, head) is in one item per group: merging items straight into the
+            # accumulators is the LSE merge of the groups.
+            o_acc, l_acc = _take(out, qf), _lse_take(lse, qf)
+            o, l = block_forward(qi, ki, vi, is_causal=call.causal, softmax_scale=call.scale, key_padding_mask=mi)
+            merge_into_(o_acc, l_acc, o, l)
+            if it.remote:
+                kr, vr, mr = _remote_kv(recv, global_mask, plan, i, it, q.device)
+                o2, l2 = block_forward(qi, kr, vr, is_causal=False, softmax_scale=call.scale, key_padding_mask=mr)
+                merge_into_(o_acc, l_acc, o2, l2)
+            Mc, h = m1 - m0, len(it.heads)
+            out_flat.index_copy_(1, qf.reshape(-1), o_acc.reshape(B, -1, D))
+            lse_flat.index_copy_(1, qf.reshape(-1), l_acc.reshape(B, Mc, h, it.rows).transpose(2, 3).reshape(B, -1))
+    return out.to(q.dtype), lse
+
+
+def _backward_gather(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    local_mask: torch.Tensor | None,
+    global_mask: torch.Tensor | None,
+    recv: torch.Tensor,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    call: _Call,
+) -> None:
+    """Add every item's gradients into dq (B, n, H, D), dk, dv (B, n, Hkv, D) and drecv (2, B, R, D), fp32."""
+    B, _, H, D = q.shape
+    Hkv = k.shape[2]
+    plan = call.plan
+    dq, dk, dv = (g.view(B, -1, D) for g in grads[:3])  # flat (row * heads + head) views
+    drecv = grads[3]
+    for i, it in enumerate(plan.items):
+        for m0, m1 in _item_chunks(it, B, D, call.fused):
+            rows = _rows(it, m0, m1, q.device)
+            qf, kvf = _flat(rows, it.heads, H), _flat(rows, it.kv_heads, Hkv)
+            qi, ki, vi = _take(q, qf), _take(k, kvf), _take(v, kvf)
+            oi, doi, li = _take(out, qf), _take(dout, qf), _lse_take(lse, qf)
+            mi = None if local_mask is None else local_mask[:, rows].reshape(-1, it.rows)
+            dq1, dk1, dv1 = block_backward(
+                doi, qi, ki, vi, oi, li, is_causal=call.causal, softmax_scale=call.scale, key_padding_mask=mi
+            )
+            dq.index_add_(1, qf.reshape(-1), dq1.reshape(B, -1, D).to(dq.dtype))
+            dk.index_add_(1, kvf.reshape(-1), dk1.reshape(B, -1, D).to(dk.dtype))
+            dv.index_add_(1, kvf.reshape(-1), dv1.reshape(B, -1, D).to(dv.dtype))
+            if it.remote:
+                kr, vr, mr = _remote_kv(recv, global_mask, plan, i, it, q.device)
+                dq2, dk2, dv2 = block_backward(
+                    doi, qi, kr, vr, oi, li, is_causal=False, softmax_scale=call.scale, key_padding_mask=mr
+                )
+                dq.index_add_(1, qf.reshape(-1), dq2.reshape(B, -1, D).to(dq.dtype))
+                ridx = plan.remote_index[i].to(q.device).reshape(-1)
+                drecv[0].index_add_(1, ridx, dk2.reshape(B, -1, D).to(drecv.dtype))
+                drecv[1].index_add_(1, ridx, dv2.reshape(B, -1, D).to(drecv.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# View path: the item's rows are read in place through strides (no gathered copies) by
+# attn_core.sdpa_ops (cuDNN on CUDA, the CPU flash kernel on CPU); results merge into strided
+# views of the accumulators and gradients are added straight into strided views.
+
+
+def _kv_calls(heads: tuple[int, ...], kv_heads: tuple[int, ...]) -> list[tuple[int, int, int, int, int, int]]:
+    """Split an item's query heads (an arithmetic run) into calls whose kv heads are a strided run.
+
+    Returns (q_h0, q_hs, q_hn, kv_h0, kv_hs, kv_hn); query head i of a call reads kv head
+    i // (q_hn // kv_hn) of the call (native GQA, K/V never repeated).
+    """
+    n = len(heads)
+    q_hs = heads[1] - heads[0] if n > 1 else 1
+    distinct = sorted(set(kv_heads))
+    if len(distinct) == n:  # one kv head per query head: a strided run?
+        kv_hs = kv_heads[1] - kv_heads[0] if n > 1 else 1
+        if all(kv_heads[i] == kv_heads[0] + i * kv_hs for i in range(n)):
+            return [(heads[0], q_hs, n, kv_heads[0], kv_hs, n)]
+    per = n // len(distinct)
+    if (
+        per * len(distinct) == n
+        and distinct == list(range(distinct[0], distinct[0] + len(distinct)))
+        and all(kv_heads[i] == distinct[0] + i // per for i in range(n))
+    ):  # consecutive query heads share consecutive kv heads
+        return [(heads[0], q_hs, n, distinct[0], 1, len(distinct))]
+    calls = []  # otherwise one call per kv head (its query heads are a consecutive part of the run)
+    for c in distinct:
+        run = [j for j, u in zip(heads, kv_heads) if u == c]
+        calls.append((run[0], q_hs, len(run), c, 1, 1))
+    return calls
+
+
+def _batch_slices(batch: int, item: _Item) -> list[int | None]:
+    # None: batch and segments fold into one strided dim (one batch row, or one segment)
+    return [None] if batch == 1 or item.count == 1 else list(range(batch))
+
+
+def _view(x: torch.Tensor, it: _Item, b: int | None, h0: int, hs: int, hn: int) -> torch.Tensor:
+    """Strided view (batch', hn, rows, D) of x (B, n, Hx, D) at the item's rows and heads h0 + i*hs.
+
+    x may also be (B, n, Hx) (LSE buffers, masks as (B, n, 1)): the view is then (batch', hn, rows).
+    """
+    squeeze = x.dim() == 3
+    x4 = x.unsqueeze(-1) if squeeze else x
+    B, D = x4.shape[0], x4.shape[-1]
+    sB, sN, sH, sD = x4.stride()
+    offset = x4.storage_offset() + it.base * sN + h0 * sH
+    if b is None:
+        size0, stride0 = (B, sB) if it.count == 1 else (it.count, it.seg_stride * sN)
+    else:
+        size0, stride0 = it.count, it.seg_stride * sN
+        offset += b * sB
+    view = x4.as_strided((size0, hn, it.rows, D), (stride0, hs * sH, it.row_stride * sN, sD), offset)
+    return view[..., 0] if squeeze else view
+
+
+def _key_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(batch', rows) additive bias: -inf at padding keys, 0 elsewhere."""
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+
+
+def _merge_views(o_acc: torch.Tensor, l_acc: torch.Tensor, o: torch.Tensor, l: torch.Tensor) -> None:
+    """In-place LSE merge on strided (batch, h, rows, D) / (batch, h, rows) views."""
+    from attn_core import sdpa_ops
+
+    if o_acc.is_cuda:
+        sdpa_ops.merge_strided_(o_acc, l_acc, o, l)  # fused, one pass
+    else:
+        merge_into_(o_acc.transpose(1, 2), l_acc, o.transpose(1, 2), l)
+
+
+def _forward_views(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    local_mask: torch.Tensor | None,
+    global_mask: torch.Tensor | None,
+    recv: torch.Tensor,
+    call: _Call,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, n, H, D) in q's dtype (merged in fp32 arithmetic) and lse (B, n, H) fp32 (fp64 for fp64)."""
+    from attn_core import sdpa_ops
+
+    B, n, H, D = q.shape
+    out = torch.zeros(B, n, H, D, dtype=q.dtype, device=q.device)
+    lse = torch.full((B, n, H), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
+    mask3 = None if local_mask is None else local_mask.unsqueeze(-1)
+    for i, it in enumerate(call.plan.items):
+        h, hstep = len(it.heads), (it.heads[1] - it.heads[0] if len(it.heads) > 1 else 1)
+        for b in _batch_slices(B, it):
+            bias = None if mask3 is None else _key_bias(_view(mask3, it, b, 0, 1, 1)[:, 0], q.dtype)
+            for qh0, qhs, qhn, kh0, khs, khn in _kv_calls(it.heads, it.kv_heads):
+                o, l = sdpa_ops.attention_forward(
+                    _view(q, it, b, qh0, qhs, qhn),
+                    _view(k, it, b, kh0, khs, khn),
+                    _view(v, it, b, kh0, khs, khn),
+                    is_causal=call.causal,
+                    scale=call.scale,
+                    key_bias=bias,
+                )
+                _merge_views(_view(out, it, b, qh0, qhs, qhn), _view(lse, it, b, qh0, qhs, qhn), o, l)
+            if it.remote:  # single segment, b is None: all batch rows
+                # remote keys: attn_core.blocks (cuDNN BlockImpl on CUDA without padding, math path otherwise)
+                kr, vr, mr = _remote_kv(recv, global_mask, call.plan, i, it, q.device)
+                qv = _view(q, it, b, it.heads[0], hstep, h).transpose(1, 2)  # (B, T, h, D)
+                o, l = block_forward(qv, kr, vr, is_causal=False, softmax_scale=call.scale, key_padding_mask=mr)
+                o_acc, l_acc = _view(out, it, b, it.heads[0], hstep, h), _view(lse, it, b, it.heads[0], hstep, h)
+                _merge_views(o_acc, l_acc, o.transpose(1, 2), l)
+    return out, lse
+
+
+def _backward_views(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    local_mask: torch.Tensor | None,
+    global_mask: torch.Tensor | None,
+    recv: torch.Tensor,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    call: _Call,
+) -> None:
+    """Add every call's gradients (computed with the final out and lse) into strided views of the grads."""
+    from attn_core import sdpa_ops
+
+    B, D = q.shape[0], q.shape[-1]
+    dq, dk, dv, drecv = grads
+    mask3 = None if local_mask is None else local_mask.unsqueeze(-1)
+    for i, it in enumerate(call.plan.items):
+        h, hstep = len(it.heads), (it.heads[1] - it.heads[0] if len(it.heads) > 1 else 1)
+        for b in _batch_slices(B, it):
+            bias = None if mask3 is None else _key_bias(_view(mask3, it, b, 0, 1, 1)[:, 0], q.dtype)
+            for qh0, qhs, qhn, kh0, khs, khn in _kv_calls(it.heads, it.kv_heads):
+                dq_c, dk_c, dv_c = sdpa_ops.attention_backward(
+                    _view(dout, it, b, qh0, qhs, qhn),
+                    _view(q, it, b, qh0, qhs, qhn),
+                    _view(k, it, b, kh0, khs, khn),
+                    _view(v, it, b, kh0, khs, khn),
+                    _view(out, it, b, qh0, qhs, qhn),
+                    _view(lse, it, b, qh0, qhs, qhn),
+                    is_causal=call.causal,
+                    scale=call.scale,
+                    key_bias=bias,
+                )
+                _view(dq, it, b, qh0, qhs, qhn).add_(dq_c)
+                _view(dk, it, b, kh0, khs, khn).add_(dk_c)
+                _view(dv, it, b, kh0, khs, khn).add_(dv_c)
+            if it.remote:
+                kr, vr, mr = _remote_kv(recv, global_mask, call.plan, i, it, q.device)
+                hv = (it.heads[0], hstep, h)
+                dq_c, dk_c, dv_c = block_backward(
+                    _view(dout, it, b, *hv).transpose(1, 2),
+                    _view(q, it, b, *hv).transpose(1, 2),
+                    kr,
+                    vr,
+                    _view(out, it, b, *hv).transpose(1, 2),
+                    _view(lse, it, b, *hv),
+                    is_causal=False,
+                    softmax_scale=call.scale,
+                    key_padding_mask=mr,
+                )
+                _view(dq, it, b, *hv).add_(dq_c.transpose(1, 2))
+                ridx = call.plan.remote_index[i].to(q.device).reshape(-1)
+                drecv[0].index_add_(1, ridx, dk_c.reshape(B, -1, D).to(drecv.dtype))
+                drecv[1].index_add_(1, ridx, dv_c.reshape(B, -1, D).to(drecv.dtype))
+
+
 class _RingDilatedFunction(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -400,83 +668,32 @@ class _RingDilatedFunction(torch.autograd.Function):
         global_mask: torch.Tensor | None,
         call: _Call,
     ) -> torch.Tensor:
-        B, n, H, D = q.shape
-        ad = acc_dtype(q.dtype)
-        plan = call.plan
         recv = _exchange_kv(k, v, call)
-        # Accumulators; lse kept (B, n, H) so that flat index row * H + head addresses both.
-        out = torch.zeros(B, n, H, D, dtype=ad, device=q.device)
-        lse = torch.full((B, n, H), float("-inf"), dtype=ad, device=q.device)
-        out_flat, lse_flat = out.view(B, n * H, D), lse.view(B, n * H)
-        for i, it in enumerate(plan.items):
-            for m0, m1 in _item_chunks(it, B, D, call.fused):
-                rows = _rows(it, m0, m1, q.device)
-                qf, kvf = _flat(rows, it.heads, H), _flat(rows, it.kv_heads, call.num_kv_heads)
-                qi, ki, vi = _take(q, qf), _take(k, kvf), _take(v, kvf)
-                mi = None if local_mask is None else local_mask[:, rows].reshape(-1, it.rows)
-                # Each (position, head) is in one item per group: merging items straight into the
-                # accumulators is the LSE merge of the groups.
-                o_acc, l_acc = _take(out, qf), _lse_take(lse, qf)
-                o, l = block_forward(qi, ki, vi, is_causal=call.causal, softmax_scale=call.scale, key_padding_mask=mi)
-                merge_into_(o_acc, l_acc, o, l)
-                if it.remote:
-                    kr, vr, mr = _remote_kv(recv, global_mask, plan, i, it, q.device)
-                    o2, l2 = block_forward(qi, kr, vr, is_causal=False, softmax_scale=call.scale, key_padding_mask=mr)
-                    merge_into_(o_acc, l_acc, o2, l2)
-                Mc, h = m1 - m0, len(it.heads)
-                out_flat.index_copy_(1, qf.reshape(-1), o_acc.reshape(B, -1, D))
-                lse_flat.index_copy_(1, qf.reshape(-1), l_acc.reshape(B, Mc, h, it.rows).transpose(2, 3).reshape(B, -1))
-        result = out.to(q.dtype)
+        path = _forward_views if call.views else _forward_gather
+        out, lse = path(q, k, v, local_mask, global_mask, recv, call)
         # backward needs the final out (in q's dtype, as flash attention keeps it) and the merged L
-        ctx.save_for_backward(q, k, v, result, lse, recv, local_mask, global_mask)
+        ctx.save_for_backward(q, k, v, out, lse, recv, local_mask, global_mask)
         ctx.call = call
-        return result
+        return out
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         q, k, v, out, lse, recv, local_mask, global_mask = ctx.saved_tensors
         call: _Call = ctx.call
-        plan = call.plan
-        B, n, H, D = q.shape
-        Hkv = k.shape[2]
         ad = acc_dtype(q.dtype)
-        dout = dout.contiguous()
-        dq = torch.zeros(B, n * H, D, dtype=ad, device=q.device)
-        dk = torch.zeros(B, n * Hkv, D, dtype=ad, device=q.device)
-        dv = torch.zeros_like(dk)
-        drecv = torch.zeros(recv.shape, dtype=ad, device=q.device)
-        for i, it in enumerate(plan.items):
-            for m0, m1 in _item_chunks(it, B, D, call.fused):
-                rows = _rows(it, m0, m1, q.device)
-                qf, kvf = _flat(rows, it.heads, H), _flat(rows, it.kv_heads, Hkv)
-                qi, ki, vi = _take(q, qf), _take(k, kvf), _take(v, kvf)
-                oi, doi, li = _take(out, qf), _take(dout, qf), _lse_take(lse, qf)
-                mi = None if local_mask is None else local_mask[:, rows].reshape(-1, it.rows)
-                dq1, dk1, dv1 = block_backward(
-                    doi, qi, ki, vi, oi, li, is_causal=call.causal, softmax_scale=call.scale, key_padding_mask=mi
-                )
-                dq.index_add_(1, qf.reshape(-1), dq1.reshape(B, -1, D).to(ad))
-                dk.index_add_(1, kvf.reshape(-1), dk1.reshape(B, -1, D).to(ad))
-                dv.index_add_(1, kvf.reshape(-1), dv1.reshape(B, -1, D).to(ad))
-                if it.remote:
-                    kr, vr, mr = _remote_kv(recv, global_mask, plan, i, it, q.device)
-                    dq2, dk2, dv2 = block_backward(
-                        doi, qi, kr, vr, oi, li, is_causal=False, softmax_scale=call.scale, key_padding_mask=mr
-                    )
-                    dq.index_add_(1, qf.reshape(-1), dq2.reshape(B, -1, D).to(ad))
-                    ridx = plan.remote_index[i].to(q.device).reshape(-1)
-                    drecv[0].index_add_(1, ridx, dk2.reshape(B, -1, D).to(ad))
-                    drecv[1].index_add_(1, ridx, dv2.reshape(B, -1, D).to(ad))
-        if call.world > 1:
-            _return_kv_grads(drecv, dk, dv, call)
-        return (
-            dq.view(B, n, H, D).to(q.dtype),
-            dk.view(B, n, Hkv, D).to(k.dtype),
-            dv.view(B, n, Hkv, D).to(v.dtype),
-            None,
-            None,
-            None,
+        grads = (
+            torch.zeros(q.shape, dtype=ad, device=q.device),
+            torch.zeros(k.shape, dtype=ad, device=q.device),
+            torch.zeros(v.shape, dtype=ad, device=q.device),
+            torch.zeros(recv.shape, dtype=ad, device=q.device),
         )
+        path = _backward_views if call.views else _backward_gather
+        path(dout.contiguous(), q, k, v, out, lse, local_mask, global_mask, recv, grads, call)
+        dq, dk, dv, drecv = grads
+        if call.world > 1:
+            B, n, Hkv, D = k.shape
+            _return_kv_grads(drecv, dk.view(B, n * Hkv, D), dv.view(B, n * Hkv, D), call)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 def _remote_kv(
@@ -575,10 +792,13 @@ def ring_dilated_attention(
     global_mask = None
     if key_padding_mask is not None and world > 1 and any(r.needed.numel() for r in plan.ranks):
         global_mask = _gather_mask(key_padding_mask, group, world, float(timeout_s))
+    # the kernels read rows through strides but need a contiguous head dim
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     call = _Call(
         plan.ranks[rank],
         world,
         _fused_kernel_available(q, key_padding_mask is not None),
+        _view_path_available(q),
         group,
         scale,
         causal,
