@@ -173,3 +173,28 @@ def test_argument_errors() -> None:
         block_sparse_attention(q, k, v, layout, backend="cuda")
     with pytest.raises(TypeError, match="backend must be a str"):
         block_sparse_attention(q, k, v, layout, backend=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("num_heads", [1, 4])
+def test_unbalanced_rows_global_blocks(num_heads: int) -> None:
+    # global rows read every key block while window rows read a few: several row buckets
+    from attn_sparse import bigbird
+
+    layout = bigbird(200, 16, 20, 2, seed=2, num_heads=num_heads, block_size=16)
+    assert layout.max_blocks_per_row == layout.num_key_blocks
+    q, k, v = _inputs(1, 200, 200, 4, 2, 8, torch.float64, seed=11)
+    out = block_sparse_attention(q, k, v, layout, is_causal=True, backend="reference")
+    ref, _ = reference_bsa(q, k, v, layout.to_dense(), (16, 16), is_causal=True)
+    dout = torch.randn_like(ref)
+    for name, a, r in zip(
+        ("out", "dq", "dk", "dv"), (out, *_grads(out, (q, k, v), dout)), (ref, *_grads(ref, (q, k, v), dout))
+    ):
+        assert_close_to_reference(name, a, r)
+
+
+def test_all_empty_layout_gives_zeros_and_zero_gradients() -> None:
+    layout = BlockLayout.from_dense(torch.zeros(1, 2, 2, dtype=torch.bool), 16)
+    q, k, v = _inputs(1, 20, 20, 2, 1, 8, torch.float32, seed=1)
+    out = block_sparse_attention(q, k, v, layout, backend="reference")
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert bool((out == 0).all()) and all(bool((g == 0).all()) for g in grads)

@@ -52,8 +52,7 @@ def test_two_dim_mask_is_shared_and_empty_layout_works() -> None:
     layout = BlockLayout.from_dense(m, 16)
     assert layout.num_heads == 1 and layout.nnz == 0 and layout.density == 0.0
     assert layout.max_blocks_per_row == 0
-    cols, valid = layout.padded_columns()
-    assert cols.shape == (1, 3, 1) and not bool(valid.any())
+    assert layout.tile_rows().numel() == 0
 
 
 def test_transposed_csr_matches_dense_transpose() -> None:
@@ -65,13 +64,12 @@ def test_transposed_csr_matches_dense_transpose() -> None:
     assert layout.transposed_csr()[0] is ccol  # cached
 
 
-def test_padded_columns_follow_csr_order() -> None:
+def test_tile_rows_follow_csr_order() -> None:
     m = _random_mask(2, 4, 9, seed=5)
     layout = BlockLayout.from_dense(m, 16)
-    cols, valid = layout.padded_columns()
-    for h in range(2):
-        for i in range(4):
-            assert cols[h, i][valid[h, i]].tolist() == torch.nonzero(m[h, i]).flatten().tolist()
+    rows = layout.tile_rows()
+    want = torch.nonzero(m.reshape(8, 9))
+    assert torch.equal(rows, want[:, 0]) and torch.equal(layout.col_indices.long(), want[:, 1])
 
 
 def test_union_intersection_and_broadcast_heads() -> None:

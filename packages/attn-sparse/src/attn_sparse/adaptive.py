@@ -111,8 +111,9 @@ class AdaptiveBlockSparseAttention(nn.Module):
         layouts, scores = self.select(q, k, is_causal=causal)
         outs = []
         for b, layout in enumerate(layouts):
-            cols, _ = layout.padded_columns()  # (H, nb, K), padding slots are masked inside
-            bias = functional.logsigmoid(torch.gather(scores[b], -1, cols))
+            # each selected tile's score, in the layout's CSR order
+            tile_scores = scores[b].reshape(-1, scores.shape[-1])[layout.tile_rows(), layout.col_indices.long()]
+            bias = functional.logsigmoid(tile_scores)
             out, _ = gathered_attention(
                 q[b : b + 1],
                 k[b : b + 1],

@@ -328,6 +328,11 @@ class BlockLayout:
         """(num_heads, num_query_blocks) int32 number of active key blocks per query block."""
         return (self._crow[1:] - self._crow[:-1]).reshape(self.num_heads, self.num_query_blocks)
 
+    def tile_rows(self) -> torch.Tensor:
+        """(nnz,) int64 CSR row (head * num_query_blocks + query block) of every tile. Cached."""
+        result: torch.Tensor = self._cached("tile_rows", lambda: _row_ids(self._crow, self.nnz))
+        return result
+
     @property
     def max_blocks_per_row(self) -> int:
         """Largest number of active key blocks of one query block (0 for an empty layout)."""
@@ -354,21 +359,6 @@ class BlockLayout:
             return ccol, qb[order].to(torch.int32)
 
         result: tuple[torch.Tensor, torch.Tensor] = self._cached("transposed", build)
-        return result
-
-    def padded_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Active key blocks per row, padded: (cols (num_heads, nq, K) int64 with K = max blocks
-        per row (>= 1), valid (num_heads, nq, K) bool). Padding slots hold column 0. Cached."""
-
-        def build() -> tuple[torch.Tensor, torch.Tensor]:
-            width = max(self.max_blocks_per_row, 1)
-            counts = self.row_counts().long()
-            valid = torch.arange(width, device=self.device) < counts[..., None]
-            cols = torch.zeros(valid.shape, dtype=torch.int64, device=self.device)
-            cols[valid] = self._col.long()  # boolean assignment fills row-major: CSR order
-            return cols, valid
-
-        result: tuple[torch.Tensor, torch.Tensor] = self._cached("padded", build)
         return result
 
     def to_dense(self) -> torch.Tensor:

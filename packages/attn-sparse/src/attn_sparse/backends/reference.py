@@ -1,10 +1,11 @@
 """Pure PyTorch block-sparse attention over the active tiles only: any device, any float dtype.
 
-For every query block row the active key/value blocks are gathered (rows padded to the layout's
-largest row, padding slots masked), so the work and memory are O(active tiles x Bq x Bk), never
-N x N (a row with many active blocks, e.g. a global row, pads every row of its head to that
-width). Everything is ordinary autograd: gradients are exact (the gather's backward scatters
-dK/dV back with accumulation). Accumulates in float32 (float64 for float64 inputs).
+Query block rows are bucketed by their number of active key blocks (widths rounded up to a power
+of two); per bucket the rows' active key/value blocks are gathered and attended in one batched
+softmax. Work and memory are O(active tiles x Bq x Bk) (at most 2x for the rounding), never
+N x N, even when a few global rows read every key block. Everything is ordinary autograd, so
+gradients are exact (the gathers' backward scatters dK/dV back with accumulation). Accumulates in
+float32 (float64 for float64 inputs).
 """
 
 from __future__ import annotations
@@ -43,51 +44,89 @@ def gathered_attention(
     """Attention over the active tiles; returns out (B, Nq, H, D) in q's dtype and lse (B, H, Nq).
 
     q: (B, Nq, H, D); k, v: (B, Nk, Hkv, D); ``layout`` fits the call and is on q's device.
-    tile_bias: optional (B or 1, layout.num_heads, nq, K) added to every logit of the tile in
-    slot t of :meth:`BlockLayout.padded_columns` (K = its width); differentiable. Rows that
-    see no key give out 0 and lse -inf.
+    tile_bias: optional (B or 1, nnz), added to every logit of tile t (CSR order of
+    ``layout.col_indices``); differentiable. Rows that see no key give out 0 and lse -inf.
     """
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
     bq, bk = layout.block_size
     nq, nk = layout.num_query_blocks, layout.num_key_blocks
+    shared = layout.num_heads == 1
     ad = acc_dtype(q.dtype)
-    cols, valid = layout.padded_columns()  # (Hl, nq, K)
-    Kw = cols.shape[-1]
-    # (B, Hkv, G, nq, Bq, D): query heads grouped by the kv head they read (GQA without copies of K/V)
-    qg = _pad_seq(q, nq * bq).to(ad).reshape(B, nq, bq, Hkv, G, D).permute(0, 3, 4, 1, 2, 5)
-    kp = _pad_seq(k, nk * bk).to(ad).reshape(B, nk, bk, Hkv, D).permute(0, 3, 1, 2, 4)  # (B, Hkv, nk, Bk, D)
-    vp = _pad_seq(v, nk * bk).to(ad).reshape(B, nk, bk, Hkv, D).permute(0, 3, 1, 2, 4)
-    if layout.num_heads == 1:
-        idx = cols[0]  # (nq, K): one gather per kv head, shared by its G query heads
-        kg, vg = kp[:, :, idx].unsqueeze(2), vp[:, :, idx].unsqueeze(2)  # (B, Hkv, 1, nq, K, Bk, D)
-        ok = valid.reshape(1, 1, nq, Kw)
+    dev = q.device
+    qb = _pad_seq(q, nq * bq).to(ad).reshape(B, nq, bq, H, D)
+    kb = _pad_seq(k, nk * bk).to(ad).reshape(B, nk, bk, Hkv, D)
+    vb = _pad_seq(v, nk * bk).to(ad).reshape(B, nk, bk, Hkv, D)
+    crow = layout.crow_indices.long()
+    col = layout.col_indices.long()
+    counts = crow[1:] - crow[:-1]  # (Hl * nq,)
+    # bucket b holds the rows with 2^(b-1) < count <= 2^b (b = 0: exactly one block); empty rows stay 0
+    bucket = torch.ceil(torch.log2(counts.clamp(min=1).double())).long()
+    bucket = torch.where(counts > 0, bucket, torch.full_like(bucket, -1))
+    qpos_in_block = torch.arange(bq, device=dev)
+    kpos_in_block = torch.arange(bk, device=dev)
+    rows_done, outs, lses = [], [], []
+    for b in torch.unique(bucket[bucket >= 0]).tolist():
+        rr = torch.nonzero(bucket == b).flatten()  # CSR rows (head * nq + query block)
+        width = 1 << int(b)
+        slot = torch.arange(width, device=dev)
+        valid = slot < counts[rr, None]  # (R, W)
+        pos = torch.clamp(crow[rr, None] + slot, max=max(col.numel() - 1, 0))  # CSR position of each slot
+        cols = torch.where(valid, col[pos], torch.zeros_like(pos))
+        qblk = rr % nq
+        if shared:
+            # every query head of the row reads the same tiles: gather K/V once per kv head
+            qr = qb[:, qblk].reshape(B, -1, bq, Hkv, G, D).permute(0, 1, 3, 4, 2, 5)  # (B, R, Hkv, G, Bq, D)
+            kr = kb[:, cols].permute(0, 1, 4, 2, 3, 5).reshape(B, -1, Hkv, 1, width * bk, D)
+            vr = vb[:, cols].permute(0, 1, 4, 2, 3, 5).reshape(B, -1, Hkv, 1, width * bk, D)
+        else:
+            head = rr // nq
+            kvh = head // G
+            # (head, block) dims made adjacent so the advanced indices keep their place
+            qr = qb.transpose(2, 3)[:, qblk, head].reshape(B, -1, 1, 1, bq, D)  # (B, R, 1, 1, Bq, D)
+            kr = kb.transpose(2, 3)[:, cols, kvh[:, None]].reshape(B, -1, 1, 1, width * bk, D)
+            vr = vb.transpose(2, 3)[:, cols, kvh[:, None]].reshape(B, -1, 1, 1, width * bk, D)
+        s = torch.matmul(qr, kr.transpose(-1, -2)) * softmax_scale  # (B, R, h1, h2, Bq, W*Bk)
+        if tile_bias is not None:
+            tb = tile_bias.to(ad)[:, pos].reshape(tile_bias.shape[0], -1, 1, 1, 1, width, 1)
+            s = s + tb.expand(*tb.shape[:-1], bk).reshape(*tb.shape[:-2], width * bk)
+        # masked keys: padding slots, keys past Nk, and (causal) keys after the query
+        kpos = (cols[:, :, None] * bk + kpos_in_block).reshape(-1, 1, 1, 1, width * bk)
+        masked = ~valid[:, :, None].expand(-1, -1, bk).reshape(-1, 1, 1, 1, width * bk) | (kpos >= Nk)
+        if is_causal:
+            qpos = (qblk[:, None] * bq + qpos_in_block).reshape(-1, 1, 1, bq, 1)
+            masked = masked | (kpos > qpos)
+        s = s.masked_fill(masked, float("-inf"))  # its backward zeroes masked entries (no NaN from empty rows)
+        lse = torch.logsumexp(s, dim=-1, keepdim=True)
+        p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
+        outs.append(torch.matmul(p, vr))  # (B, R, h1, h2, Bq, D)
+        lses.append(lse.squeeze(-1))
+        rows_done.append(rr)
+    out = torch.zeros(B, nq, bq, H, D, dtype=ad, device=dev)
+    lse_all = torch.full((B, nq, bq, H), float("-inf"), dtype=ad, device=dev)
+    if rows_done:
+        rr = torch.cat(rows_done)
+        qblk = rr % nq
+        if shared:  # rows cover all heads: (B, R, Hkv, G, Bq, D) -> (B, R, Bq, H, D)
+            o = torch.cat(outs, dim=1).permute(0, 1, 4, 2, 3, 5).reshape(B, -1, bq, H, D)
+            l = torch.cat(lses, dim=1).permute(0, 1, 4, 2, 3).reshape(B, -1, bq, H)
+            out = out.index_put((torch.arange(B, device=dev)[:, None], qblk[None]), o)
+            lse_all = lse_all.index_put((torch.arange(B, device=dev)[:, None], qblk[None]), l)
+        else:  # one (query block, head) per row
+            head = rr // nq
+            o = torch.cat(outs, dim=1).reshape(B, -1, bq, D).transpose(1, 2)  # (B, Bq, R, D)
+            l = torch.cat(lses, dim=1).reshape(B, -1, bq).transpose(1, 2)
+            bidx = torch.arange(B, device=dev)[:, None, None]
+            sidx = qpos_in_block[None, :, None]
+            out = out.index_put((bidx, qblk[None, None], sidx, head[None, None]), o)
+            lse_all = lse_all.index_put((bidx, qblk[None, None], sidx, head[None, None]), l)
     else:
-        idx = cols.reshape(Hkv, G, nq, Kw)
-        head = torch.arange(Hkv, device=q.device).reshape(Hkv, 1, 1, 1)
-        kg, vg = kp[:, head, idx], vp[:, head, idx]  # (B, Hkv, G, nq, K, Bk, D)
-        ok = valid.reshape(Hkv, G, nq, Kw)
-    kg = kg.reshape(*kg.shape[:4], Kw * bk, D)
-    vg = vg.reshape(*vg.shape[:4], Kw * bk, D)
-    s = torch.matmul(qg, kg.transpose(-1, -2)) * softmax_scale  # (B, Hkv, G|1, nq, Bq, K*Bk)
-    if tile_bias is not None:
-        bias = tile_bias.to(ad).reshape(tile_bias.shape[0], *ok.shape[:2], nq, 1, Kw, 1)
-        s = s + bias.expand(*bias.shape[:5], Kw, bk).reshape(*bias.shape[:5], Kw * bk)
-    # masked keys: padding slots, keys past Nk, and (causal) keys after the query
-    kpos = (idx.unsqueeze(-1) * bk + torch.arange(bk, device=q.device)).reshape(*ok.shape[:-1], Kw * bk)
-    masked = ~ok.unsqueeze(-1).expand(*ok.shape, bk).reshape(kpos.shape) | (kpos >= Nk)
-    masked = masked.unsqueeze(-2)  # (.., nq, 1, K*Bk)
-    if is_causal:
-        qpos = torch.arange(nq * bq, device=q.device).reshape(nq, bq, 1)
-        masked = masked | (kpos.unsqueeze(-2) > qpos)
-    s = s.masked_fill(masked, float("-inf"))  # its backward zeroes the masked entries (no NaN from empty rows)
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
-    out = torch.matmul(p, vg)  # (B, Hkv, G, nq, Bq, D)
-    out = out.permute(0, 3, 4, 1, 2, 5).reshape(B, nq * bq, H, D)[:, :Nq]
-    lse = lse.reshape(B, H, nq * bq)[:, :, :Nq]
-    return out.to(q.dtype), lse
+        # no active tile at all: still part of the graph, so q, k, v get (exactly zero) gradients
+        out = out + (qb[:, :0].sum() + kb[:, :0].sum() + vb[:, :0].sum())
+    out = out.reshape(B, nq * bq, H, D)[:, :Nq]
+    lse_out = lse_all.reshape(B, nq * bq, H)[:, :Nq].transpose(1, 2)
+    return out.to(q.dtype), lse_out
 
 
 def block_sparse_attention(
