@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from ._version import __version__
@@ -38,6 +39,10 @@ __all__ = [
     "shard_sequence",
     "unshard_sequence",
 ]
+
+# Listed for `from attn_ring import *` and the umbrella's re-exports only where it can be imported.
+if importlib.util.find_spec("attn_sparse") is not None and importlib.util.find_spec(f"{__name__}.ring_sparse"):
+    __all__.append("ring_block_sparse_attention")
 
 
 def __getattr__(name: str) -> Any:
