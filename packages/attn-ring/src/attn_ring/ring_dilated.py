@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -518,9 +518,16 @@ def _kv_calls(heads: tuple[int, ...], kv_heads: tuple[int, ...]) -> list[tuple[i
     return calls
 
 
-def _batch_slices(batch: int, item: _Item) -> list[int | None]:
-    # None: batch and segments fold into one strided dim (one batch row, or one segment)
-    return [None] if batch == 1 or item.count == 1 else list(range(batch))
+def _view_calls(item: _Item, batch: int, head_dim: int) -> list[tuple[_Item, int | None]]:
+    """(run of segments, batch row) of each kernel call: runs are cut so a call reads at most
+    MAX_GATHER_ELEMENTS query elements (bounding its out / dq, dk, dv temporaries); batch row
+    None folds batch and segments into one strided dim (one batch row, or one segment)."""
+    fold = batch == 1 or item.count == 1
+    calls: list[tuple[_Item, int | None]] = []
+    for m0, m1 in _item_chunks(item, batch if fold else 1, head_dim, True):
+        run = replace(item, base=item.base + m0 * item.seg_stride, count=m1 - m0)
+        calls.extend((run, b) for b in ([None] if fold else range(batch)))
+    return calls
 
 
 def _view(x: torch.Tensor, it: _Item, b: int | None, h0: int, hs: int, hn: int) -> torch.Tensor:
@@ -575,9 +582,9 @@ def _forward_views(
     out = torch.zeros(B, n, H, D, dtype=q.dtype, device=q.device)
     lse = torch.full((B, n, H), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
     mask3 = None if local_mask is None else local_mask.unsqueeze(-1)
-    for i, it in enumerate(call.plan.items):
-        h, hstep = len(it.heads), (it.heads[1] - it.heads[0] if len(it.heads) > 1 else 1)
-        for b in _batch_slices(B, it):
+    for i, whole in enumerate(call.plan.items):
+        h, hstep = len(whole.heads), (whole.heads[1] - whole.heads[0] if len(whole.heads) > 1 else 1)
+        for it, b in _view_calls(whole, B, D):
             bias = None if mask3 is None else _key_bias(_view(mask3, it, b, 0, 1, 1)[:, 0], q.dtype)
             for qh0, qhs, qhn, kh0, khs, khn in _kv_calls(it.heads, it.kv_heads):
                 o, l = sdpa_ops.attention_forward(
@@ -618,9 +625,9 @@ def _backward_views(
     B, D = q.shape[0], q.shape[-1]
     dq, dk, dv, drecv = grads
     mask3 = None if local_mask is None else local_mask.unsqueeze(-1)
-    for i, it in enumerate(call.plan.items):
-        h, hstep = len(it.heads), (it.heads[1] - it.heads[0] if len(it.heads) > 1 else 1)
-        for b in _batch_slices(B, it):
+    for i, whole in enumerate(call.plan.items):
+        h, hstep = len(whole.heads), (whole.heads[1] - whole.heads[0] if len(whole.heads) > 1 else 1)
+        for it, b in _view_calls(whole, B, D):
             bias = None if mask3 is None else _key_bias(_view(mask3, it, b, 0, 1, 1)[:, 0], q.dtype)
             for qh0, qhs, qhn, kh0, khs, khn in _kv_calls(it.heads, it.kv_heads):
                 dq_c, dk_c, dv_c = sdpa_ops.attention_backward(
