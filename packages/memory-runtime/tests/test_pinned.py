@@ -123,3 +123,19 @@ def test_close_keeps_mapping_while_views_live():
     assert not arena._mm.closed and any("outlives" in n for n in arena.notes)
     t.fill_(2.0)  # still valid memory
     assert torch.all(t == 2.0)
+
+
+def test_node_in_topology_but_not_on_this_machine(tmp_path):
+    """A node the (synthetic) sysfs lists but libnuma does not have: a clear error, or an explained fallback."""
+    for n in range(2):
+        d = tmp_path / "devices" / "system" / "node" / f"node{n}"
+        d.mkdir(parents=True)
+        (d / "cpulist").write_text(f"{n}\n")
+    lib, _ = load_libnuma()
+    if lib is not None and lib.max_node() < 1:
+        with pytest.raises(ValueError, match="does not exist"):
+            PinnedHostArena(4096, node=1, sysfs_root=str(tmp_path))
+    else:
+        arena = PinnedHostArena(4096, node=1, sysfs_root=str(tmp_path))
+        assert arena.bound or any("not bound" in n for n in arena.notes)
+        arena.close()

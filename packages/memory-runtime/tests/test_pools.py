@@ -8,6 +8,8 @@ import threading
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memory_runtime import DeviceBufferPool, PoolExhaustedError, round_size
 from memory_runtime.pools import ALIGNMENT, _RangeAllocator
@@ -319,3 +321,33 @@ def test_variable_length_trace_stops_reserving_after_warmup():
     s = pool.stats()
     assert s.reservations == reserved and s.live_blocks == 0
     assert s.peak_bytes_in_use >= s.peak_bytes_requested
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 40), st.integers(0, 10**6)), min_size=1, max_size=120))
+def test_range_allocator_invariants(ops):
+    """Random alloc/free sequences over two regions: no overlap, exact accounting, full coalescing."""
+    unit = 512
+    sizes = {0: 64 * unit, 1: 16 * unit}
+    a = _RangeAllocator()
+    for r, n in sizes.items():
+        a.free(r, 0, n)
+    live: list[tuple[int, int, int]] = []
+    for is_alloc, units, pick in ops:
+        if is_alloc or not live:
+            got = a.alloc(units * unit)
+            if got is None:
+                assert a.largest() < units * unit
+                continue
+            region, offset = got
+            assert offset >= 0 and offset + units * unit <= sizes[region]
+            for r2, o2, n2 in live:
+                assert r2 != region or offset + units * unit <= o2 or o2 + n2 <= offset, "overlap"
+            live.append((region, offset, units * unit))
+        else:
+            region, offset, n = live.pop(pick % len(live))
+            a.free(region, offset, n)
+        assert a.free_bytes == sum(sizes.values()) - sum(n for _, _, n in live)
+    for region, offset, n in live:
+        a.free(region, offset, n)
+    assert all(a.whole_region_free(r, n) for r, n in sizes.items()) and len(a) == 2

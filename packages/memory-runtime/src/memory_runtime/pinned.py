@@ -116,7 +116,12 @@ class PinnedHostArena:
             if lib is None:
                 self.notes.append(f"not bound to node {node}: {reason}")
             else:
-                lib.mbind(self._addr, size, node)
+                try:
+                    lib.mbind(self._addr, size, node)
+                except (OSError, ValueError):
+                    del self._cbuf  # drop the export, then unmap: nothing outlives a failed constructor
+                    self._mm.close()
+                    raise
                 self.bound = True
         if hugepages and size >= HUGEPAGE_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
             # Transparent huge pages: 512x fewer page faults to touch and fewer pages to pin.
