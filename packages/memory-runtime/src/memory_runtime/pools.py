@@ -590,7 +590,10 @@ class DeviceBufferPool:
             return blk.tensor
 
     def _check_device(self, device: Any) -> None:
-        if device == "cuda" and self.device.type == "cuda":
+        bare_cuda = device == "cuda" or (
+            isinstance(device, torch.device) and device.type == "cuda" and device.index is None
+        )
+        if bare_cuda and self.device.type == "cuda":
             # "cuda" means the current device: cheap to check (no torch.device parse, no is_available).
             if torch.cuda.current_device() == self.device.index:
                 return
