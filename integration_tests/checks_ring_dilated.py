@@ -44,6 +44,10 @@ class Case:
 
 
 def cases(world_size: int) -> list[Case]:
+    return fixed_cases(world_size) + random_cases(world_size)
+
+
+def fixed_cases(world_size: int) -> list[Case]:
     W = world_size
     return [
         # segments shorter than / equal to a shard, aligned: no communication at all
@@ -64,6 +68,42 @@ def cases(world_size: int) -> list[Case]:
         # float32 under the project's tolerance rule (2x plain PyTorch fp32 error)
         Case("float32 long segments", 8, (4, 16), (1, 4), heads=4, kv_heads=2, dtype=torch.float32),
     ]
+
+
+def random_cases(world_size: int, count: int = 4) -> list[Case]:
+    """Seeded random valid configurations (same on every rank): shard lengths, segment lengths and
+    rates, heads, GQA, causal, padding and head mode drawn independently."""
+    import random
+
+    rng = random.Random(77 + world_size)
+    out = []
+    for i in range(count):
+        shard = rng.randint(1, 9)
+        N = shard * world_size
+        groups = rng.randint(1, 3)
+        segs, rates = [], []
+        for _ in range(groups):
+            r = rng.choice([1, 1, 2, 3, 4])
+            w = r * rng.randint(1, max(1, (N + 3) // r))
+            segs.append(w)
+            rates.append(r)
+        kv = rng.choice([1, 2, 3])
+        heads = kv * rng.randint(1, 3)
+        out.append(
+            Case(
+                f"random {i}",
+                shard,
+                tuple(segs),
+                tuple(rates),
+                heads=heads,
+                kv_heads=kv,
+                causal=rng.random() < 0.5,
+                padding=rng.random() < 0.4,
+                head_mode=rng.choice(["all", "split"]),
+                batch=rng.randint(1, 2),
+            )
+        )
+    return out
 
 
 def _inputs(case: Case, world_size: int, device: torch.device, seed: int):
