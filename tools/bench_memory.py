@@ -614,6 +614,12 @@ def main() -> int:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
+    try:
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout.strip()
+    except OSError:
+        env["git_commit"] = None
     lib, why = load_libnuma()
     env["libnuma"] = lib.path if lib else why
     env["numa"] = read_topology().summary()

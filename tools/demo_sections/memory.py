@@ -15,9 +15,12 @@ from demo import DemoContext, DemoRow
 from memory_runtime import DeviceBufferPool, PinnedHostArena, fragmentation_report, read_topology
 
 
-def _trace(device: str, pool: DeviceBufferPool, steps: int, seed: int) -> tuple[int, int, int]:
+def _trace(
+    device: str, pool: DeviceBufferPool, steps: int, seed: int, timeline: list[tuple[int, int, int]] | None = None
+) -> tuple[int, int, int]:
     """Variable-length q/k/v/out/lse buffers per step; owners stamp and verify their buffers.
-    Returns (buffers, stamp failures, overlapping live ranges seen)."""
+    Returns (buffers, stamp failures, overlapping live ranges seen); appends (requested, in use,
+    reserved) bytes at each step's peak to ``timeline``."""
     rng = random.Random(seed)
     live: dict[int, tuple[torch.Tensor, int]] = {}
     bad = overlaps = count = 0
@@ -37,6 +40,9 @@ def _trace(device: str, pool: DeviceBufferPool, steps: int, seed: int) -> tuple[
             live[key] = (t, key)
             ids.append(key)
             count += 1
+        if timeline is not None:
+            st = pool.stats()
+            timeline.append((st.bytes_requested, st.bytes_in_use, st.bytes_reserved))
         out_id = ids[3]
         for key in ids:
             if key != out_id:
@@ -54,6 +60,21 @@ def _trace(device: str, pool: DeviceBufferPool, steps: int, seed: int) -> tuple[
     return count, bad, overlaps
 
 
+def _plot_timeline(ctx: DemoContext, timeline: list[tuple[int, int, int]]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    steps = range(len(timeline))
+    for i, label in enumerate(["requested", "in use (size classes)", "reserved (slabs)"]):
+        ax.plot(steps, [t[i] / 2**20 for t in timeline], label=label)
+    ax.set_xlabel("step (after warm-up)")
+    ax.set_ylabel("MiB at the step's peak")
+    ax.set_title("DeviceBufferPool on a variable-length attention trace")
+    ax.legend(fontsize=8)
+    ctx.save_plot(fig, "memory_pool_trace")
+    plt.close(fig)
+
+
 def run(ctx: DemoContext) -> list[DemoRow]:
     rows: list[DemoRow] = []
     device = ctx.device
@@ -64,7 +85,8 @@ def run(ctx: DemoContext) -> list[DemoRow]:
     t0 = time.perf_counter()
     n1, bad1, ov1 = _trace(device, pool, steps=40, seed=0)
     after_warm = pool.stats().reservations
-    n2, bad2, ov2 = _trace(device, pool, steps=40, seed=0)
+    timeline: list[tuple[int, int, int]] = []
+    n2, bad2, ov2 = _trace(device, pool, steps=40, seed=0, timeline=timeline)
     ms = (time.perf_counter() - t0) * 1e3
     s = pool.stats()
     balanced = s.live_blocks == 0 and s.bytes_in_use == 0 and s.acquires == s.releases == n1 + n2
@@ -84,6 +106,7 @@ def run(ctx: DemoContext) -> list[DemoRow]:
         )
     )
     pool.trim()
+    _plot_timeline(ctx, timeline)
 
     # 2. fragmentation report of this process
     t0 = time.perf_counter()
