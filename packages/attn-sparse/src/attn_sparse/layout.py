@@ -81,11 +81,10 @@ def _expand_intervals(start: torch.Tensor, length: torch.Tensor, num_rows: int) 
         return crow.to(torch.int32), torch.zeros(0, dtype=torch.int32, device=device)
     # col = interval start + (position in the flattened output - where the interval begins);
     # int32 arithmetic (nnz and columns fit) halves the memory traffic of the O(nnz) part.
-    keep = length.reshape(-1) > 0
-    flat_len = length.reshape(-1)[keep]
+    flat_len = length.reshape(-1)
     begin = torch.cumsum(flat_len, dim=0) - flat_len
-    shift = (start.reshape(-1)[keep] - begin).to(torch.int32)
-    col = torch.repeat_interleave(shift, flat_len, output_size=nnz)
+    shift = (start.reshape(-1) - begin).to(torch.int32)
+    col = torch.repeat_interleave(shift, flat_len, output_size=nnz)  # empty intervals repeat 0 times
     col += torch.arange(nnz, device=device, dtype=torch.int32)
     return crow.to(torch.int32), col
 
@@ -269,13 +268,16 @@ class BlockLayout:
         """
         lo = lo.clamp(0, num_key_blocks)
         hi = torch.maximum(hi.clamp(0, num_key_blocks), lo)
-        if not presorted and lo.shape[1] > 1:
+        if lo.shape[1] == 1:  # one interval per row: nothing to merge
+            crow, col = _expand_intervals(lo, hi - lo, lo.shape[0])
+            return cls._trusted(crow, col, block_size, num_heads, num_query_blocks, num_key_blocks)
+        if not presorted:
             lo, order = torch.sort(lo, dim=1)
             hi = torch.gather(hi, 1, order)
         # Coverage so far: since intervals are sorted by start, the columns of interval t not yet
         # covered by intervals < t are exactly [max(lo_t, max(hi_<t)), hi_t).
         reach = torch.cummax(hi, dim=1).values
-        prev = torch.cat([torch.zeros_like(reach[:, :1]), reach[:, :-1]], dim=1)
+        prev = torch.nn.functional.pad(reach[:, :-1], (1, 0))
         start = torch.maximum(lo, prev)
         length = (hi - start).clamp(min=0)
         crow, col = _expand_intervals(start, length, lo.shape[0])
@@ -351,11 +353,14 @@ class BlockLayout:
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
             nq, nk = self.num_query_blocks, self.num_key_blocks
-            row = _row_ids(self._crow, self.nnz)
+            row = self.tile_rows()
             head, qb = row // nq, row % nq
             colkey = head * nk + self._col.long()
-            order = torch.argsort(colkey * nq + qb)
-            ccol = _crow_from_rows(colkey, self.num_heads * nk)
+            if self.num_heads * nk <= _INT32_MAX:  # int32 keys sort about twice as fast
+                colkey = colkey.to(torch.int32)
+            # tiles are stored row-major, so a *stable* sort by (head, column) keeps rows increasing
+            order = torch.sort(colkey, stable=True).indices
+            ccol = _crow_from_rows(colkey.long(), self.num_heads * nk)
             return ccol, qb[order].to(torch.int32)
 
         result: tuple[torch.Tensor, torch.Tensor] = self._cached("transposed", build)
