@@ -19,12 +19,17 @@ Algorithm (see docs/ring_dilated.md for the derivation of the communicated bytes
   derives from the global geometry which (position, kv head) rows every other rank needs, and
   one batched point-to-point exchange (:mod:`attn_ring.exchange`) moves exactly that union,
   deduplicated across groups and heads.
-- Per item, local and remote keys give two partial results merged by LSE; the groups are merged
-  by LSE into the final out and L (fp32).
-- Backward: every item's backward uses the final out and L (:func:`attn_core.blocks.block_backward`),
-  which makes the sum of the per-item gradients exact, including through the group merge. The
-  gradients of received K/V rows are accumulated in fp32 and sent back to their owners in the
-  reverse exchange.
+- Per item, local and remote keys give two partial results merged by LSE straight into the
+  accumulators (one item per (position, head) per group, so this is the LSE merge of the groups).
+- Backward: every item's backward uses the final out and L, which makes the sum of the per-item
+  gradients exact, including through the group merge. The gradients of received K/V rows are
+  accumulated in fp32 and sent back to their owners in the reverse exchange.
+
+Kernels: the *view path* (every CPU call; bf16/fp16 CUDA calls that cuDNN takes) reads an item's
+rows in place as strided views through :mod:`attn_core.sdpa_ops` (no copies of q, k, v; native
+GQA when the kv heads form a strided set) and adds gradients into strided views; the remote keys
+of crossing segments go through :mod:`attn_core.blocks`. The *gather path* (other CUDA dtypes or
+head dims) gathers the rows and runs :mod:`attn_core.blocks` throughout.
 
 Shapes: q (B, n, H, D) and k, v (B, n, Hkv, D) per rank, H % Hkv == 0; key_padding_mask (B, n)
 bool, True = padding. Works on gloo (CPU) and NCCL (CUDA).
@@ -51,9 +56,9 @@ from .exchange import DEFAULT_TIMEOUT_S, comm_device, exchange_rows, group_rank_
 
 __all__ = ["RingDilatedPlan", "RingDilatedRankPlan", "plan_ring_dilated", "ring_dilated_attention"]
 
-# Runs of local segments are processed in chunks: on the portable math path one block call
-# materialises B * segments * heads * T * T logits, bounded by MAX_BLOCK_LOGITS; a fused kernel
-# (cuDNN on CUDA) materialises none, and the gathered q/k/v rows are bounded by MAX_GATHER_ELEMENTS.
+# Runs of local segments are processed in chunks: on the gather path one block call may
+# materialise B * segments * heads * T * T logits (math path), bounded by MAX_BLOCK_LOGITS; a
+# view-path call reads at most MAX_GATHER_ELEMENTS query elements (bounding its temporaries).
 MAX_BLOCK_LOGITS = 1 << 26
 MAX_GATHER_ELEMENTS = 1 << 28
 
@@ -289,8 +294,10 @@ def plan_ring_dilated(
 # Index helpers: every gather/scatter goes through flat (row * heads + head) indices.
 
 
-def _item_chunks(item: _Item, batch: int, head_dim: int, fused: bool) -> list[tuple[int, int]]:
-    if fused:
+def _item_chunks(item: _Item, batch: int, head_dim: int, by_rows: bool) -> list[tuple[int, int]]:
+    """Segment ranges [m0, m1) of the item per kernel call: by_rows bounds the query elements a call
+    reads (fused kernels); otherwise the logits the math path materialises."""
+    if by_rows:
         step = MAX_GATHER_ELEMENTS // max(batch * len(item.heads) * item.rows * head_dim, 1)
     else:
         step = MAX_BLOCK_LOGITS // max(batch * len(item.heads) * item.rows * item.rows, 1)
@@ -309,18 +316,6 @@ def _view_path_available(q: torch.Tensor) -> bool:
             import triton  # noqa: F401  (the fused merge on strided views)
         except ImportError:
             return False
-    return not sdpa_ops.unsupported_reasons(q.device, q.dtype, q.shape[-1])
-
-
-def _fused_kernel_available(q: torch.Tensor, has_padding: bool) -> bool:
-    """Whether block_forward/backward run a fused kernel here (attn_core's cuDNN BlockImpl on CUDA)."""
-    if q.device.type != "cuda" or has_padding:
-        return False
-    try:
-        from attn_core import sdpa_ops
-    except ImportError:  # an attn-core without the sdpa kernels: the math path runs
-        return False
-    sdpa_ops.ensure_block_impl()
     return not sdpa_ops.unsupported_reasons(q.device, q.dtype, q.shape[-1])
 
 
@@ -356,7 +351,6 @@ def _lse_take(L: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
 class _Call:
     plan: RingDilatedRankPlan
     world: int
-    fused: bool  # gather path: block_forward runs a fused kernel (chunk by rows, not logits)
     views: bool  # the view path (attn_core.sdpa_ops on strided views) takes this call
     group: Any
     scale: float
@@ -422,7 +416,7 @@ def _forward_gather(
     lse = torch.full((B, n, H), float("-inf"), dtype=ad, device=q.device)
     out_flat, lse_flat = out.view(B, n * H, D), lse.view(B, n * H)
     for i, it in enumerate(plan.items):
-        for m0, m1 in _item_chunks(it, B, D, call.fused):
+        for m0, m1 in _item_chunks(it, B, D, False):
             rows = _rows(it, m0, m1, q.device)
             qf, kvf = _flat(rows, it.heads, H), _flat(rows, it.kv_heads, call.num_kv_heads)
             qi, ki, vi = _take(q, qf), _take(k, kvf), _take(v, kvf)
@@ -462,7 +456,7 @@ def _backward_gather(
     dq, dk, dv = (g.view(B, -1, D) for g in grads[:3])  # flat (row * heads + head) views
     drecv = grads[3]
     for i, it in enumerate(plan.items):
-        for m0, m1 in _item_chunks(it, B, D, call.fused):
+        for m0, m1 in _item_chunks(it, B, D, False):
             rows = _rows(it, m0, m1, q.device)
             qf, kvf = _flat(rows, it.heads, H), _flat(rows, it.kv_heads, Hkv)
             qi, ki, vi = _take(q, qf), _take(k, kvf), _take(v, kvf)
@@ -804,7 +798,6 @@ def ring_dilated_attention(
     call = _Call(
         plan.ranks[rank],
         world,
-        _fused_kernel_available(q, key_padding_mask is not None),
         _view_path_available(q),
         group,
         scale,
