@@ -5,10 +5,12 @@ dilated rows (1/r of K/V, at its heads' offsets) of the long segments it spans. 
 the same exchange plan from the global geometry, so sender and receiver agree on the sizes and
 order of every message without any metadata on the wire. This module moves the payloads:
 
-- :func:`exchange_rows` posts all sends and receives of one exchange as one
+- :func:`post_exchange` posts all sends and receives of one exchange as one
   ``dist.batch_isend_irecv`` batch (NCCL groups them into one launch; gloo runs them
-  concurrently) and waits for them with a deadline, so a peer that died or disagrees on the plan
-  gives a :class:`TimeoutError` naming the peers instead of a hang.
+  concurrently); :func:`wait_all` waits with a deadline on gloo, so a peer that died or
+  disagrees on the plan gives a :class:`TimeoutError` naming the peers instead of a hang (on
+  NCCL the wait is a stream dependency and the process group's timeout bounds it);
+  :func:`exchange_rows` does both. :func:`last_stats` counts the payload bytes moved.
 - :func:`handshake` checks that every rank of the group called with the same configuration
   (shapes, dtype, flags) before any payload moves: a mismatch is a ValueError on every rank.
 
