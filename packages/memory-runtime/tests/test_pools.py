@@ -351,3 +351,28 @@ def test_range_allocator_invariants(ops):
     for region, offset, n in live:
         a.free(region, offset, n)
     assert all(a.whole_region_free(r, n) for r, n in sizes.items()) and len(a) == 2
+
+
+def test_pool_fragmentation_report_in_torch_format():
+    from memory_runtime import FragmentationReport
+
+    pool = DeviceBufferPool("cpu", slab_bytes=64 * 1024)
+    a = pool.acquire((1000,), torch.float32)  # 4000 B -> 4096 B block
+    b = pool.acquire((4096,), torch.uint8)
+    c = pool.acquire((3000,), torch.uint8)
+    pool.release(b)  # a hole between a and c
+    snap = pool.memory_snapshot()
+    assert len(snap) == 1 and snap[0]["total_size"] == 64 * 1024
+    blocks = snap[0]["blocks"]
+    assert sum(blk["size"] for blk in blocks) == 64 * 1024  # blocks tile the slab exactly
+    assert [blk["state"] for blk in blocks] == ["active_allocated", "inactive", "active_allocated", "inactive"]
+    stats = pool.memory_stats()
+    assert stats["allocated_bytes.all.current"] == pool.stats().bytes_in_use
+    assert stats["inactive_split_bytes.all.current"] == 64 * 1024 - stats["allocated_bytes.all.current"]
+    rep = FragmentationReport.from_stats(stats, snap, device="pool:cpu")
+    assert rep.internal_fragmentation == pytest.approx(1 - (4000 + 3000) / stats["allocated_bytes.all.current"])
+    free = 64 * 1024 - stats["allocated_bytes.all.current"]
+    assert rep.largest_hole_bytes == free - 4096 and rep.largest_hole_ratio == pytest.approx((free - 4096) / free)
+    pool.release(a)
+    pool.release(c)
+    assert pool.memory_stats()["inactive_split_bytes.all.current"] == 0  # no live block: nothing is split

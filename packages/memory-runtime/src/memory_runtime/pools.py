@@ -375,7 +375,7 @@ class DeviceBufferPool:
         self._acquires = self._releases = self._hits = self._misses = self._quick_hits = 0
         self._in_use = self._requested = self._reserved = 0
         self._peak_in_use = self._peak_requested = self._peak_reserved = 0
-        self._reservations = self._reservations_released = self._fences = 0
+        self._reservations = self._reservations_released = self._fences = self._exhausted = 0
 
     # ------------------------------------------------------------------ public API
     def acquire(
@@ -557,6 +557,72 @@ class DeviceBufferPool:
                 cross_stream_fences=self._fences,
             )
 
+    def memory_stats(self) -> dict[str, int]:
+        """This pool's counters under the keys of ``torch.cuda.memory_stats()`` (slabs = segments).
+
+        Feed it (with :meth:`memory_snapshot`) to ``FragmentationReport.from_stats`` to get the same
+        fragmentation report for the pool as for torch's caching allocator.
+        """
+        with self._lock:
+            split_free = 0
+            for segment in self._segments_locked().values():
+                if any(state == "active_allocated" for _, _, state, _ in segment):
+                    split_free += sum(size for _, size, state, _ in segment if state == "inactive")
+            return {
+                "allocated_bytes.all.current": self._in_use,
+                "allocated_bytes.all.peak": self._peak_in_use,
+                "requested_bytes.all.current": self._requested,
+                "requested_bytes.all.peak": self._peak_requested,
+                "reserved_bytes.all.current": self._reserved,
+                "reserved_bytes.all.peak": self._peak_reserved,
+                "inactive_split_bytes.all.current": split_free,
+                "segment.all.current": len(self._slabs),
+                "segment.all.allocated": self._reservations,
+                "segment.all.freed": self._reservations_released,
+                "num_alloc_retries": 0,
+                "num_ooms": self._exhausted,
+            }
+
+    def memory_snapshot(self) -> list[dict[str, Any]]:
+        """One entry per slab in the format of ``torch.cuda.memory_snapshot()``: blocks in address
+        order with size, requested_size and state ("active_allocated" or "inactive")."""
+        with self._lock:
+            out = []
+            for region, segment in sorted(self._segments_locked().items()):
+                blocks: list[dict[str, Any]] = [
+                    {"size": size, "requested_size": req, "state": state} for _, size, state, req in segment
+                ]
+                out.append(
+                    {
+                        "device": self.device.index if self.device.index is not None else -1,
+                        "address": self._slab_base[region],
+                        "total_size": self._slabs[region].numel(),
+                        "allocated_size": sum(size for _, size, state, _ in segment if state == "active_allocated"),
+                        "requested_size": sum(req for _, _, _, req in segment),
+                        "blocks": blocks,
+                    }
+                )
+            return out
+
+    def _segments_locked(self) -> dict[int, list[tuple[int, int, str, int]]]:
+        """region -> [(offset, size, state, requested)] sorted by offset; free = free ranges of any
+        stream, fenced ranges and quick-listed blocks (all cached, not in use)."""
+        segs: dict[int, list[tuple[int, int, str, int]]] = {r: [] for r in self._slabs}
+        for blk in self._live.values():
+            segs[blk.region].append((blk.offset, blk.nbytes, "active_allocated", blk.requested))
+        free: list[tuple[int, int, int]] = []
+        for alloc in self._free.values():
+            free.extend((r, o, sz) for sz, r, o in alloc._sorted)
+        for _, _, ranges in self._fenced:
+            free.extend(ranges)
+        for blocks in self._quick.values():
+            free.extend((b.region, b.offset, b.nbytes) for b in blocks)
+        for r, o, sz in free:
+            segs[r].append((o, sz, "inactive", 0))
+        for seg in segs.values():
+            seg.sort()
+        return segs
+
     def reset_peak_stats(self) -> None:
         """Set the high-water marks to the current values."""
         with self._lock:
@@ -677,6 +743,7 @@ class DeviceBufferPool:
     def _new_slab_locked(self, nbytes: int, *, exact: bool, stream: Hashable) -> int:
         size = nbytes if exact else self._new_slab_size(nbytes)
         if self.max_bytes is not None and self._reserved + size > self.max_bytes:
+            self._exhausted += 1
             raise PoolExhaustedError(
                 f"DeviceBufferPool on {self.device}: a block of {nbytes} bytes needs a reservation of {size} bytes, "
                 f"but {self._reserved} of max_bytes={self.max_bytes} are reserved "
