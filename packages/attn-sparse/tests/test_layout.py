@@ -6,6 +6,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attn_core.reference import block_sparse_attention as reference_bsa
 from attn_sparse import BlockLayout
@@ -225,3 +227,51 @@ def test_flex_backend_path_with_eager_flex(heads: int, hkv: int, per_head: bool,
     assert out.shape == q.shape
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(out, again)
+
+
+# ---------------------------------------------------------------- properties
+
+
+@st.composite
+def _masks(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor]:
+    h = draw(st.integers(1, 3))
+    nq, nk = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    bits = st.lists(st.booleans(), min_size=h * nq * nk, max_size=h * nq * nk)
+    a = torch.tensor(draw(bits)).reshape(h, nq, nk)
+    b = torch.tensor(draw(bits)).reshape(h, nq, nk)
+    return a, b
+
+
+@settings(max_examples=60, deadline=None)
+@given(_masks())
+def test_property_layout_algebra_matches_dense(masks: tuple[torch.Tensor, torch.Tensor]) -> None:
+    a_m, b_m = masks
+    a, b = BlockLayout.from_dense(a_m, 16), BlockLayout.from_dense(b_m, 16)
+    _check_invariants(a)
+    assert torch.equal((a | b).to_dense(), a_m | b_m)
+    assert torch.equal((a & b).to_dense(), a_m & b_m)
+    ccol, rows = a.transposed_csr()
+    t = BlockLayout.from_dense(a_m.transpose(1, 2).contiguous(), 16)
+    assert torch.equal(ccol, t.crow_indices) and torch.equal(rows, t.col_indices)
+    n = a.num_query_blocks * 16
+    nk = a.num_key_blocks * 16 - 5  # partial last key block
+    assert BlockLayout.from_flex_block_mask(a.to_flex_block_mask(n, nk)) == a
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_property_intervals_union(data: st.DataObject) -> None:
+    rows, width, nk = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 4)), data.draw(st.integers(1, 9))
+    pairs = st.lists(
+        st.tuples(st.integers(-2, nk + 2), st.integers(-2, nk + 2)), min_size=rows * width, max_size=rows * width
+    )
+    iv = torch.tensor(data.draw(pairs)).reshape(rows, width, 2)
+    lay = BlockLayout._from_intervals(
+        iv[..., 0], iv[..., 1], block_size=(16, 16), num_heads=1, num_query_blocks=rows, num_key_blocks=nk
+    )
+    want = torch.zeros(rows, nk, dtype=torch.bool)
+    for r in range(rows):
+        for lo, hi in iv[r].tolist():
+            want[r, max(lo, 0) : max(min(hi, nk), 0)] = True
+    _check_invariants(lay)
+    assert torch.equal(lay.to_dense()[0], want)
