@@ -39,7 +39,14 @@ from typing import Any
 
 import torch
 
-from memory_runtime import DeviceBufferPool, PinnedHostArena, fragmentation_report, load_libnuma, read_topology
+from memory_runtime import (
+    DeviceBufferPool,
+    FragmentationReport,
+    PinnedHostArena,
+    fragmentation_report,
+    load_libnuma,
+    read_topology,
+)
 
 GIB = 2**30
 MIB = 2**20
@@ -332,6 +339,9 @@ def bench_pool(ops_warm, ops, peak_req: int, device: str, args, consolidate: boo
         "stamp_checked": warm["stamp_checked"] + measured["stamp_checked"],
         "stamp_bad": warm["stamp_bad"] + measured["stamp_bad"],
         "stats": st.to_dict(),
+        "fragmentation_at_end": FragmentationReport.from_stats(
+            pool.memory_stats(), pool.memory_snapshot(), device=f"pool:{device}"
+        ).to_dict(),
         "balanced": st.live_blocks == 0 and st.bytes_in_use == 0 and st.acquires == st.releases,
     }
     pool.trim()

@@ -12,7 +12,7 @@ import time
 import torch
 from demo import DemoContext, DemoRow
 
-from memory_runtime import DeviceBufferPool, PinnedHostArena, fragmentation_report, read_topology
+from memory_runtime import DeviceBufferPool, FragmentationReport, PinnedHostArena, fragmentation_report, read_topology
 
 
 def _trace(
@@ -105,6 +105,31 @@ def run(ctx: DemoContext) -> list[DemoRow]:
             f"peak reserved/in-use {s.peak_bytes_reserved / max(1, s.peak_bytes_in_use):.2f}",
         )
     )
+    # the same fragmentation report as for torch's allocator, for the pool (mid-trace state)
+    held = [pool.acquire((1, n, 4, 32), torch.float32, device) for n in (960, 64, 512)]
+    pool.release(held[1])
+    prep = FragmentationReport.from_stats(pool.memory_stats(), pool.memory_snapshot(), device=f"pool:{device}")
+    ok = (
+        prep.available
+        and prep.largest_hole_ratio is not None
+        and 0.0 < prep.largest_hole_ratio <= 1.0
+        and prep.internal_fragmentation is not None
+        and 0.0 <= prep.internal_fragmentation < 1 / 16
+    )
+    rows.append(
+        DemoRow(
+            "memory: pool fragmentation report",
+            "DeviceBufferPool",
+            "pool stats in torch's format",
+            None,
+            None,
+            None,
+            ok,
+            prep.summary(),
+        )
+    )
+    for t in (held[0], held[2]):
+        pool.release(t)
     pool.trim()
     _plot_timeline(ctx, timeline)
 
