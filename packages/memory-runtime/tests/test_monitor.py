@@ -92,3 +92,14 @@ def test_bad_arguments():
         [sys.executable, "-m", "memory_runtime", "frobnicate"], capture_output=True, text=True, timeout=120, env=_env()
     )
     assert proc.returncode == 2 and "monitor" in proc.stderr
+
+
+def test_monitor_does_not_import_torch():
+    code = (
+        "import sys, io, memory_runtime.monitor as m; "
+        "m.main(['--once', '--json'], out=io.StringIO()); "
+        "assert 'torch' not in sys.modules, 'monitor imported torch'; "
+        "import memory_runtime; memory_runtime.DeviceBufferPool; assert 'torch' in sys.modules; print('ok')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
