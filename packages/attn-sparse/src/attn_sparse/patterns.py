@@ -125,8 +125,17 @@ def dilated(seq_len: int, stride: int, *, block_size: int | tuple[int, int] = (1
     """Strided key blocks: query block i reads key blocks j with (j - d(i)) % stride == 0, where
     d(i) is the key block holding block i's first token (so the diagonal is always kept)."""
     g = _Grid(seq_len, block_size)
-    lo, hi = g.lattice(_int("stride", stride, 1), None)
-    return g.layout(lo, hi, presorted=True)
+    s = _int("stride", stride, 1)
+    # row i holds first_i, first_i + s, ... < nk: written straight into CSR (no intervals, no sort)
+    first = torch.remainder(g.diag, s)
+    counts = (g.nk - first + s - 1) // s
+    crow = torch.zeros(g.nq + 1, dtype=torch.int64)
+    torch.cumsum(counts, dim=0, out=crow[1:])
+    nnz = int(crow[-1])
+    row = torch.repeat_interleave(torch.arange(g.nq, dtype=torch.int32), counts, output_size=nnz)
+    step = torch.arange(nnz, dtype=torch.int32) - crow[:-1].to(torch.int32)[row]
+    col = first.to(torch.int32)[row] + step * s
+    return BlockLayout._trusted(crow.to(torch.int32), col, (g.bq, g.bk), 1, g.nq, g.nk)
 
 
 def global_local(
