@@ -149,6 +149,10 @@ def test_errors_name_the_bad_value():
             DeviceBufferPool("cuda")
     t = pool.acquire((8,), torch.float32)
     pool.release(t)
+    with pytest.raises(TypeError, match=r"8\.0"):  # equal-hashing float shape must not hit the quick list
+        pool.acquire((8.0,), torch.float32)
+    with pytest.raises(TypeError, match="True"):
+        pool.acquire((True,), torch.float32)
     with pytest.raises(ValueError, match="double release"):
         pool.release(t)
     with pytest.raises(ValueError, match="foreign"):

@@ -389,8 +389,9 @@ class DeviceBufferPool:
             self._check_device(device)
         stream = self._streams.current_key()
         if type(shape) is tuple:
-            # Quick path: a key only exists for a shape and dtype that were validated before.
-            hit = self._quick_take((stream, shape, dtype))
+            # Quick path: a key only exists for a shape and dtype that were validated before
+            # (an equal-hashing (2.0, True) must not match (2, 1): its types are checked on a hit).
+            hit = self._quick_take((stream, shape, dtype), shape)
             if hit is not None:
                 return hit
         shape_t = _as_shape(shape)
@@ -406,7 +407,7 @@ class DeviceBufferPool:
                 self._hits += 1
             return t
         if type(shape) is not tuple:
-            hit = self._quick_take((stream, shape_t, dtype))
+            hit = self._quick_take((stream, shape_t, dtype), shape_t)
             if hit is not None:
                 return hit
         requested = numel * dtype.itemsize
@@ -638,9 +639,14 @@ class DeviceBufferPool:
         )
 
     # ------------------------------------------------------------------ internals (lock held)
-    def _quick_take(self, key: tuple[Hashable, tuple[int, ...], torch.dtype]) -> torch.Tensor | None:
+    def _quick_take(
+        self, key: tuple[Hashable, tuple[int, ...], torch.dtype], shape: tuple[Any, ...]
+    ) -> torch.Tensor | None:
         if key not in self._quick:  # lock-free miss (a dict lookup is atomic); re-checked under the lock
             return None
+        for d in shape:
+            if type(d) is not int:
+                return None  # not a valid shape: the full validation path raises
         with self._lock:
             quick = self._quick.get(key)
             if not quick:
