@@ -52,7 +52,7 @@ from attn_core.merge import merge_into_
 from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
 
 from .comm import check_timeout, config_hash, dtype_code
-from .exchange import DEFAULT_TIMEOUT_S, comm_device, exchange_rows, group_rank_and_size, handshake, wait_all
+from .exchange import DEFAULT_TIMEOUT_S, comm_device, group_rank_and_size, handshake, is_nccl, post_exchange, wait_all
 
 __all__ = ["RingDilatedPlan", "RingDilatedRankPlan", "plan_ring_dilated", "ring_dilated_attention"]
 
@@ -359,8 +359,8 @@ class _Call:
     timeout_s: float
 
 
-def _exchange_kv(k: torch.Tensor, v: torch.Tensor, call: _Call) -> torch.Tensor:
-    """Send the K/V rows others need; return the received rows (2, B, R, D) in ``needed`` order."""
+def _post_kv(k: torch.Tensor, v: torch.Tensor, call: _Call) -> tuple[list[Any], dict[int, torch.Tensor]]:
+    """Post the exchange: send the K/V rows others need, receive ours (pending until _finish_kv)."""
     B, n, Hkv, D = k.shape
     plan = call.plan
     dev = comm_device(call.group, k.device)
@@ -372,15 +372,23 @@ def _exchange_kv(k: torch.Tensor, v: torch.Tensor, call: _Call) -> torch.Tensor:
     recvs = {
         a: torch.empty(2, B, cnt, D, dtype=k.dtype, device=dev) for a, cnt in enumerate(plan.recv_counts) if cnt > 0
     }
-    if sends or recvs:
-        exchange_rows(sends, recvs, call.group, timeout_s=call.timeout_s)
+    works = post_exchange(sends, recvs, call.group) if sends or recvs else []
+    return works, recvs
+
+
+def _finish_kv(pending: tuple[list[Any], dict[int, torch.Tensor]], k: torch.Tensor, call: _Call) -> torch.Tensor:
+    """Wait for the exchange; the received rows (2, B, R, D) in ``needed`` order."""
+    works, recvs = pending
+    wait_all(works, call.timeout_s, f"ring dilated K/V exchange of rank {dist.get_rank(call.group)}",
+             stream_only=is_nccl(call.group))  # fmt: skip
+    B, D = k.shape[0], k.shape[-1]
     if not recvs:
         return torch.empty(2, B, 0, D, dtype=k.dtype, device=k.device)
     return torch.cat([recvs[a] for a in sorted(recvs)], dim=2).to(k.device)
 
 
-def _return_kv_grads(drecv: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, call: _Call) -> None:
-    """Reverse exchange: send the gradients of received rows to their owners; add ours into dk, dv (B, n*Hkv, D)."""
+def _post_kv_grads(drecv: torch.Tensor, dk: torch.Tensor, call: _Call) -> tuple[list[Any], dict[int, torch.Tensor]]:
+    """Post the reverse exchange: gradients of received rows go back to their owners (fp32)."""
     plan = call.plan
     dev = comm_device(call.group, dk.device)
     sends, start = {}, 0
@@ -390,10 +398,19 @@ def _return_kv_grads(drecv: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, ca
             start += cnt
     B, D = dk.shape[0], dk.shape[-1]
     recvs = {b: torch.empty(2, B, idx.numel(), D, dtype=dk.dtype, device=dev) for b, idx in plan.send_index.items()}
-    if sends or recvs:
-        exchange_rows(sends, recvs, call.group, timeout_s=call.timeout_s)
+    works = post_exchange(sends, recvs, call.group) if sends or recvs else []
+    return works, recvs
+
+
+def _finish_kv_grads(
+    pending: tuple[list[Any], dict[int, torch.Tensor]], dk: torch.Tensor, dv: torch.Tensor, call: _Call
+) -> None:
+    """Wait for the reverse exchange and add the returned gradients into dk, dv (B, n*Hkv, D)."""
+    works, recvs = pending
+    wait_all(works, call.timeout_s, f"ring dilated dK/dV exchange of rank {dist.get_rank(call.group)}",
+             stream_only=is_nccl(call.group))  # fmt: skip
     for b, buf in recvs.items():
-        i = plan.send_index[b].to(dk.device)
+        i = call.plan.send_index[b].to(dk.device)
         dk.index_add_(1, i, buf[0].to(dk.device))
         dv.index_add_(1, i, buf[1].to(dk.device))
 
@@ -404,36 +421,45 @@ def _forward_gather(
     v: torch.Tensor,
     local_mask: torch.Tensor | None,
     global_mask: torch.Tensor | None,
-    recv: torch.Tensor,
+    recv: torch.Tensor | None,
+    acc: tuple[torch.Tensor, torch.Tensor],
     call: _Call,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Portable path: gather each item's rows, attn_core.blocks kernels. Returns out (q's dtype), lse (B, n, H)."""
+) -> None:
+    """Gather path, one phase (recv None: the local keys of every item; else the remote keys of
+    crossing segments), merged into acc = (out (B, n, H, D) fp32, lse (B, n, H) fp32)."""
     B, n, H, D = q.shape
-    ad = acc_dtype(q.dtype)
     plan = call.plan
-    # Accumulators; lse kept (B, n, H) so that flat index row * H + head addresses both.
-    out = torch.zeros(B, n, H, D, dtype=ad, device=q.device)
-    lse = torch.full((B, n, H), float("-inf"), dtype=ad, device=q.device)
+    out, lse = acc
+    # lse kept (B, n, H) so that flat index row * H + head addresses both accumulators.
     out_flat, lse_flat = out.view(B, n * H, D), lse.view(B, n * H)
     for i, it in enumerate(plan.items):
+        if recv is not None and not it.remote:
+            continue
         for m0, m1 in _item_chunks(it, B, D, False):
             rows = _rows(it, m0, m1, q.device)
-            qf, kvf = _flat(rows, it.heads, H), _flat(rows, it.kv_heads, call.num_kv_heads)
-            qi, ki, vi = _take(q, qf), _take(k, kvf), _take(v, kvf)
-            mi = None if local_mask is None else local_mask[:, rows].reshape(-1, it.rows)
+            qf = _flat(rows, it.heads, H)
+            qi = _take(q, qf)
+            if recv is None:
+                kvf = _flat(rows, it.kv_heads, call.num_kv_heads)
+                mi = None if local_mask is None else local_mask[:, rows].reshape(-1, it.rows)
+                o, l = block_forward(
+                    qi,
+                    _take(k, kvf),
+                    _take(v, kvf),
+                    is_causal=call.causal,
+                    softmax_scale=call.scale,
+                    key_padding_mask=mi,
+                )
+            else:
+                kr, vr, mr = _remote_kv(recv, global_mask, plan, i, it, q.device)
+                o, l = block_forward(qi, kr, vr, is_causal=False, softmax_scale=call.scale, key_padding_mask=mr)
             # Each (position, head) is in one item per group: merging items straight into the
             # accumulators is the LSE merge of the groups.
             o_acc, l_acc = _take(out, qf), _lse_take(lse, qf)
-            o, l = block_forward(qi, ki, vi, is_causal=call.causal, softmax_scale=call.scale, key_padding_mask=mi)
             merge_into_(o_acc, l_acc, o, l)
-            if it.remote:
-                kr, vr, mr = _remote_kv(recv, global_mask, plan, i, it, q.device)
-                o2, l2 = block_forward(qi, kr, vr, is_causal=False, softmax_scale=call.scale, key_padding_mask=mr)
-                merge_into_(o_acc, l_acc, o2, l2)
             Mc, h = m1 - m0, len(it.heads)
             out_flat.index_copy_(1, qf.reshape(-1), o_acc.reshape(B, -1, D))
             lse_flat.index_copy_(1, qf.reshape(-1), l_acc.reshape(B, Mc, h, it.rows).transpose(2, 3).reshape(B, -1))
-    return out.to(q.dtype), lse
 
 
 def _backward_gather(
@@ -445,30 +471,35 @@ def _backward_gather(
     lse: torch.Tensor,
     local_mask: torch.Tensor | None,
     global_mask: torch.Tensor | None,
-    recv: torch.Tensor,
+    recv: torch.Tensor | None,
     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     call: _Call,
 ) -> None:
-    """Add every item's gradients into dq (B, n, H, D), dk, dv (B, n, Hkv, D) and drecv (2, B, R, D), fp32."""
+    """Gather path, one phase (recv None: local keys; else remote keys): add the gradients into
+    dq (B, n, H, D), dk, dv (B, n, Hkv, D) and drecv (2, B, R, D), fp32."""
     B, _, H, D = q.shape
     Hkv = k.shape[2]
     plan = call.plan
     dq, dk, dv = (g.view(B, -1, D) for g in grads[:3])  # flat (row * heads + head) views
     drecv = grads[3]
     for i, it in enumerate(plan.items):
+        if recv is not None and not it.remote:
+            continue
         for m0, m1 in _item_chunks(it, B, D, False):
             rows = _rows(it, m0, m1, q.device)
-            qf, kvf = _flat(rows, it.heads, H), _flat(rows, it.kv_heads, Hkv)
-            qi, ki, vi = _take(q, qf), _take(k, kvf), _take(v, kvf)
-            oi, doi, li = _take(out, qf), _take(dout, qf), _lse_take(lse, qf)
-            mi = None if local_mask is None else local_mask[:, rows].reshape(-1, it.rows)
-            dq1, dk1, dv1 = block_backward(
-                doi, qi, ki, vi, oi, li, is_causal=call.causal, softmax_scale=call.scale, key_padding_mask=mi
-            )
-            dq.index_add_(1, qf.reshape(-1), dq1.reshape(B, -1, D).to(dq.dtype))
-            dk.index_add_(1, kvf.reshape(-1), dk1.reshape(B, -1, D).to(dk.dtype))
-            dv.index_add_(1, kvf.reshape(-1), dv1.reshape(B, -1, D).to(dv.dtype))
-            if it.remote:
+            qf = _flat(rows, it.heads, H)
+            qi, oi, doi, li = _take(q, qf), _take(out, qf), _take(dout, qf), _lse_take(lse, qf)
+            if recv is None:
+                kvf = _flat(rows, it.kv_heads, Hkv)
+                mi = None if local_mask is None else local_mask[:, rows].reshape(-1, it.rows)
+                dq1, dk1, dv1 = block_backward(
+                    doi, qi, _take(k, kvf), _take(v, kvf), oi, li, is_causal=call.causal, softmax_scale=call.scale,
+                    key_padding_mask=mi,
+                )  # fmt: skip
+                dq.index_add_(1, qf.reshape(-1), dq1.reshape(B, -1, D).to(dq.dtype))
+                dk.index_add_(1, kvf.reshape(-1), dk1.reshape(B, -1, D).to(dk.dtype))
+                dv.index_add_(1, kvf.reshape(-1), dv1.reshape(B, -1, D).to(dv.dtype))
+            else:
                 kr, vr, mr = _remote_kv(recv, global_mask, plan, i, it, q.device)
                 dq2, dk2, dv2 = block_backward(
                     doi, qi, kr, vr, oi, li, is_causal=False, softmax_scale=call.scale, key_padding_mask=mr
@@ -566,19 +597,30 @@ def _forward_views(
     v: torch.Tensor,
     local_mask: torch.Tensor | None,
     global_mask: torch.Tensor | None,
-    recv: torch.Tensor,
+    recv: torch.Tensor | None,
+    acc: tuple[torch.Tensor, torch.Tensor],
     call: _Call,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (B, n, H, D) in q's dtype (merged in fp32 arithmetic) and lse (B, n, H) fp32 (fp64 for fp64)."""
+) -> None:
+    """View path, one phase (recv None: local keys; else remote keys), merged into acc = (out
+    (B, n, H, D) in q's dtype, merged in fp32 arithmetic; lse (B, n, H) fp32, fp64 for fp64)."""
     from attn_core import sdpa_ops
 
-    B, n, H, D = q.shape
-    out = torch.zeros(B, n, H, D, dtype=q.dtype, device=q.device)
-    lse = torch.full((B, n, H), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
+    B, D = q.shape[0], q.shape[-1]
+    out, lse = acc
     mask3 = None if local_mask is None else local_mask.unsqueeze(-1)
     for i, whole in enumerate(call.plan.items):
+        if recv is not None and not whole.remote:
+            continue
         h, hstep = len(whole.heads), (whole.heads[1] - whole.heads[0] if len(whole.heads) > 1 else 1)
         for it, b in _view_calls(whole, B, D):
+            if recv is not None:  # single segment, b is None: all batch rows
+                # remote keys: attn_core.blocks (cuDNN BlockImpl on CUDA without padding, math path otherwise)
+                kr, vr, mr = _remote_kv(recv, global_mask, call.plan, i, it, q.device)
+                qv = _view(q, it, b, it.heads[0], hstep, h).transpose(1, 2)  # (B, T, h, D)
+                o, l = block_forward(qv, kr, vr, is_causal=False, softmax_scale=call.scale, key_padding_mask=mr)
+                o_acc, l_acc = _view(out, it, b, it.heads[0], hstep, h), _view(lse, it, b, it.heads[0], hstep, h)
+                _merge_views(o_acc, l_acc, o.transpose(1, 2), l)
+                continue
             bias = None if mask3 is None else _key_bias(_view(mask3, it, b, 0, 1, 1)[:, 0], q.dtype)
             for qh0, qhs, qhn, kh0, khs, khn in _kv_calls(it.heads, it.kv_heads):
                 o, l = sdpa_ops.attention_forward(
@@ -590,14 +632,6 @@ def _forward_views(
                     key_bias=bias,
                 )
                 _merge_views(_view(out, it, b, qh0, qhs, qhn), _view(lse, it, b, qh0, qhs, qhn), o, l)
-            if it.remote:  # single segment, b is None: all batch rows
-                # remote keys: attn_core.blocks (cuDNN BlockImpl on CUDA without padding, math path otherwise)
-                kr, vr, mr = _remote_kv(recv, global_mask, call.plan, i, it, q.device)
-                qv = _view(q, it, b, it.heads[0], hstep, h).transpose(1, 2)  # (B, T, h, D)
-                o, l = block_forward(qv, kr, vr, is_causal=False, softmax_scale=call.scale, key_padding_mask=mr)
-                o_acc, l_acc = _view(out, it, b, it.heads[0], hstep, h), _view(lse, it, b, it.heads[0], hstep, h)
-                _merge_views(o_acc, l_acc, o.transpose(1, 2), l)
-    return out, lse
 
 
 def _backward_views(
@@ -609,36 +643,23 @@ def _backward_views(
     lse: torch.Tensor,
     local_mask: torch.Tensor | None,
     global_mask: torch.Tensor | None,
-    recv: torch.Tensor,
+    recv: torch.Tensor | None,
     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     call: _Call,
 ) -> None:
-    """Add every call's gradients (computed with the final out and lse) into strided views of the grads."""
+    """View path, one phase: add every call's gradients (computed with the final out and lse)
+    into strided views of the gradient buffers."""
     from attn_core import sdpa_ops
 
     B, D = q.shape[0], q.shape[-1]
     dq, dk, dv, drecv = grads
     mask3 = None if local_mask is None else local_mask.unsqueeze(-1)
     for i, whole in enumerate(call.plan.items):
+        if recv is not None and not whole.remote:
+            continue
         h, hstep = len(whole.heads), (whole.heads[1] - whole.heads[0] if len(whole.heads) > 1 else 1)
         for it, b in _view_calls(whole, B, D):
-            bias = None if mask3 is None else _key_bias(_view(mask3, it, b, 0, 1, 1)[:, 0], q.dtype)
-            for qh0, qhs, qhn, kh0, khs, khn in _kv_calls(it.heads, it.kv_heads):
-                dq_c, dk_c, dv_c = sdpa_ops.attention_backward(
-                    _view(dout, it, b, qh0, qhs, qhn),
-                    _view(q, it, b, qh0, qhs, qhn),
-                    _view(k, it, b, kh0, khs, khn),
-                    _view(v, it, b, kh0, khs, khn),
-                    _view(out, it, b, qh0, qhs, qhn),
-                    _view(lse, it, b, qh0, qhs, qhn),
-                    is_causal=call.causal,
-                    scale=call.scale,
-                    key_bias=bias,
-                )
-                _view(dq, it, b, qh0, qhs, qhn).add_(dq_c)
-                _view(dk, it, b, kh0, khs, khn).add_(dk_c)
-                _view(dv, it, b, kh0, khs, khn).add_(dv_c)
-            if it.remote:
+            if recv is not None:
                 kr, vr, mr = _remote_kv(recv, global_mask, call.plan, i, it, q.device)
                 hv = (it.heads[0], hstep, h)
                 dq_c, dk_c, dv_c = block_backward(
@@ -656,9 +677,29 @@ def _backward_views(
                 ridx = call.plan.remote_index[i].to(q.device).reshape(-1)
                 drecv[0].index_add_(1, ridx, dk_c.reshape(B, -1, D).to(drecv.dtype))
                 drecv[1].index_add_(1, ridx, dv_c.reshape(B, -1, D).to(drecv.dtype))
+                continue
+            bias = None if mask3 is None else _key_bias(_view(mask3, it, b, 0, 1, 1)[:, 0], q.dtype)
+            for qh0, qhs, qhn, kh0, khs, khn in _kv_calls(it.heads, it.kv_heads):
+                dq_c, dk_c, dv_c = sdpa_ops.attention_backward(
+                    _view(dout, it, b, qh0, qhs, qhn),
+                    _view(q, it, b, qh0, qhs, qhn),
+                    _view(k, it, b, kh0, khs, khn),
+                    _view(v, it, b, kh0, khs, khn),
+                    _view(out, it, b, qh0, qhs, qhn),
+                    _view(lse, it, b, qh0, qhs, qhn),
+                    is_causal=call.causal,
+                    scale=call.scale,
+                    key_bias=bias,
+                )
+                _view(dq, it, b, qh0, qhs, qhn).add_(dq_c)
+                _view(dk, it, b, kh0, khs, khn).add_(dk_c)
+                _view(dv, it, b, kh0, khs, khn).add_(dv_c)
 
 
 class _RingDilatedFunction(torch.autograd.Function):
+    """Forward: post the K/V exchange, compute every item's local keys while the rows travel, then
+    the remote keys. Backward: remote keys first, post the dK/dV return, local keys meanwhile."""
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
@@ -669,13 +710,21 @@ class _RingDilatedFunction(torch.autograd.Function):
         global_mask: torch.Tensor | None,
         call: _Call,
     ) -> torch.Tensor:
-        recv = _exchange_kv(k, v, call)
+        B, n, H, D = q.shape
+        pending = _post_kv(k, v, call)
         path = _forward_views if call.views else _forward_gather
-        out, lse = path(q, k, v, local_mask, global_mask, recv, call)
+        acc_out = q.dtype if call.views else acc_dtype(q.dtype)  # the view path merges in place in q's dtype
+        out = torch.zeros(B, n, H, D, dtype=acc_out, device=q.device)
+        lse = torch.full((B, n, H), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
+        path(q, k, v, local_mask, global_mask, None, (out, lse), call)  # overlaps the exchange
+        recv = _finish_kv(pending, k, call)
+        if recv.shape[2] > 0:
+            path(q, k, v, local_mask, global_mask, recv, (out, lse), call)
+        result = out.to(q.dtype)
         # backward needs the final out (in q's dtype, as flash attention keeps it) and the merged L
-        ctx.save_for_backward(q, k, v, out, lse, recv, local_mask, global_mask)
+        ctx.save_for_backward(q, k, v, result, lse, recv, local_mask, global_mask)
         ctx.call = call
-        return out
+        return result
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
@@ -688,12 +737,15 @@ class _RingDilatedFunction(torch.autograd.Function):
             torch.zeros(v.shape, dtype=ad, device=q.device),
             torch.zeros(recv.shape, dtype=ad, device=q.device),
         )
-        path = _backward_views if call.views else _backward_gather
-        path(dout.contiguous(), q, k, v, out, lse, local_mask, global_mask, recv, grads, call)
         dq, dk, dv, drecv = grads
-        if call.world > 1:
-            B, n, Hkv, D = k.shape
-            _return_kv_grads(drecv, dk.view(B, n * Hkv, D), dv.view(B, n * Hkv, D), call)
+        B, n, Hkv, D = k.shape
+        path = _backward_views if call.views else _backward_gather
+        dout = dout.contiguous()
+        if recv.shape[2] > 0:
+            path(dout, q, k, v, out, lse, local_mask, global_mask, recv, grads, call)
+        pending = _post_kv_grads(drecv, dk.view(B, n * Hkv, D), call)
+        path(dout, q, k, v, out, lse, local_mask, global_mask, None, grads, call)  # overlaps the return
+        _finish_kv_grads(pending, dk.view(B, n * Hkv, D), dv.view(B, n * Hkv, D), call)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
