@@ -66,6 +66,8 @@ def test_errors_and_use_after_close():
         arena.acquire((4,), "float32")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="host"):
         arena.acquire((4,), torch.float32, "meta")
+    with pytest.raises(ValueError, match="host"):
+        arena.acquire((4,), torch.float32, "nonsense:7")
     t = arena.acquire((4,), torch.float32)
     with pytest.raises(ValueError, match="still acquired"):
         arena.close()

@@ -287,7 +287,9 @@ class Workspace:
     """Named scratch buffers, reused across calls and grown (never shrunk) on demand.
 
     ``get(name, shape, dtype)`` returns a view of the byte buffer named ``name``; a later request
-    under the same name reuses it if it is large enough. Contents are undefined between calls.
+    under the same name reuses it if it is large enough. A view stays valid until the next
+    ``get`` of the same name (which may move the buffer) or ``release_all()``; contents are
+    undefined between calls.
     """
 
     def __init__(self, device: str | torch.device = "cpu", *, provider: BufferProvider | None = None) -> None:

@@ -157,8 +157,13 @@ class PinnedHostArena:
         self, shape: Sequence[int] | int, dtype: torch.dtype, device: str | torch.device | None = None
     ) -> torch.Tensor:
         """A contiguous CPU tensor of ``shape``/``dtype`` viewing the arena (pinned if registered)."""
-        if device is not None and torch.device(device).type != "cpu":
-            raise ValueError(f"a PinnedHostArena hands out host (cpu) tensors, got device={device!r}")
+        if device is not None and device != "cpu":
+            try:
+                is_cpu = torch.device(device).type == "cpu"
+            except (RuntimeError, TypeError):
+                is_cpu = False
+            if not is_cpu:
+                raise ValueError(f"a PinnedHostArena hands out host (cpu) tensors, got device={device!r}")
         shape_t = _as_shape(shape)
         dtype = _check_dtype(dtype)
         numel = 1
@@ -254,8 +259,9 @@ class PinnedHostArena:
                     "or call close(force=True)"
                 )
             if self.pinned:
-                # Pending async copies from this memory must finish before it is unregistered.
-                torch.cuda.synchronize()
+                # Pending async copies from this memory (on any device) must finish before it is unregistered.
+                for index in range(torch.cuda.device_count()):
+                    torch.cuda.synchronize(index)
                 torch.cuda.cudart().cudaHostUnregister(self._addr)
                 self.pinned = False
             self._closed = True
