@@ -797,7 +797,7 @@ def _gather_mask(mask: torch.Tensor, group: Any, world: int, timeout_s: float) -
     work = dist.all_gather(parts, mine, group=group, async_op=True)
     if work is None:
         raise RuntimeError("all_gather(async_op=True) returned no work handle")
-    wait_all([work], timeout_s, "all_gather of key_padding_mask")
+    wait_all([work], timeout_s, "all_gather of key_padding_mask", stream_only=is_nccl(group))
     return torch.cat(parts, dim=1).to(device=mask.device, dtype=torch.bool)
 
 
