@@ -63,6 +63,11 @@ def test_local_window_global_local_causal(n: int, bs: tuple[int, int]) -> None:
     # composition: causal window
     both = local_window(n, 20, block_size=bs) & causal(n, block_size=bs)
     assert torch.equal(both.to_dense(), _tiles((((i - j).abs() <= 20) & (j <= i))[None], *bs))
+    assert local_window(n, 20, block_size=bs).tril() == both
+    assert bigbird(n, 8, 8, 2, num_heads=2, block_size=bs).tril() == bigbird(
+        n, 8, 8, 2, num_heads=2, block_size=bs
+    ) & causal(n, block_size=bs)
+    assert causal(n, block_size=bs).tril() == causal(n, block_size=bs)
 
 
 @pytest.mark.parametrize("n", SIZES)

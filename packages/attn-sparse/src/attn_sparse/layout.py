@@ -462,6 +462,15 @@ class BlockLayout:
     __or__ = union
     __and__ = intersection
 
+    def tril(self) -> BlockLayout:
+        """The tiles a causal (top-left aligned) call can use: those holding a key at or before
+        some query of the tile, i.e. key block start <= query block end. For self-attention this
+        equals ``self & patterns.causal(N)`` but costs O(nnz) without building the causal layout."""
+        bq, bk = self.block_size
+        qb = self.tile_rows() % self.num_query_blocks
+        keep = self._col.long() * bk <= (qb + 1) * bq - 1
+        return self if bool(keep.all()) else self._subset(keep)
+
     # ------------------------------------------------------------------ use
     def check_fits(self, seq_len_q: int, seq_len_k: int, num_heads: int) -> None:
         """Raise ValueError unless the layout covers exactly these lengths and heads.
