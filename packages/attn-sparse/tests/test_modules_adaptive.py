@@ -80,7 +80,8 @@ def test_adaptive_forward_equals_biased_reference() -> None:
     # with the bias, attention = one softmax where tile (i, j)'s keys count sigmoid(s_ij) times
     torch.manual_seed(1)
     mod = AdaptiveBlockSparseAttention(8, top_k=1, block_size=16).double()
-    q, k, v = (torch.randn(1, 48, 2, 8, dtype=torch.float64) for _ in range(3))
+    q = torch.randn(1, 48, 2, 8, dtype=torch.float64)
+    k, v = (torch.randn(1, 48, 1, 8, dtype=torch.float64) for _ in range(2))  # GQA
     out = mod(q, k, v, is_causal=True)
     layouts, scores = mod.select(q, k, is_causal=True)
     tiles = layouts[0].to_dense().double() * torch.sigmoid(scores[0])  # (H, nb, nb) multiplicities
