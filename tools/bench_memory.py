@@ -136,7 +136,9 @@ def bench_pinned(args) -> dict[str, Any]:
     for pretouch, huge in ((True, False), (False, False), (True, True), (False, True)):
         suffix = ("" if pretouch else "_no_pretouch") + ("_hugepages" if huge else "")
         t0 = time.perf_counter()
-        arena = PinnedHostArena(nbytes, node=0 if args.numa_node0 else None, pretouch=pretouch, hugepages=huge)
+        arena = PinnedHostArena(
+            nbytes, node=None if args.numa_node < 0 else args.numa_node, pretouch=pretouch, hugepages=huge
+        )
         dt = time.perf_counter() - t0
         timings[f"arena_pin_s{suffix}"] = dt
         if pretouch and not huge:
@@ -594,7 +596,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--headroom", type=float, default=0.10, help="consolidate() headroom over the warm-up peak")
     ap.add_argument("--no-stamp", dest="stamp", action="store_false", help="skip the GPU content checks")
-    ap.add_argument("--numa-node0", action="store_true", default=True)
+    ap.add_argument("--numa-node", type=int, default=0, help="bind the 8 GiB arena to this node (-1: unbound)")
     ap.add_argument("--skip-pinned", action="store_true", help="device-pool trace only")
     ap.add_argument(
         "--cuda-like-stream",
