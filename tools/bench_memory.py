@@ -606,6 +606,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.pin_gib, args.h2d_gib, args.steps, args.n_max, args.reps = 0.25, 0.125, 60, 8192, 5
+        args.slab_mib = min(args.slab_mib, 16)
     args.odd_sizes = [
         int(x * MIB) + 4097 for x in ((1.3, 10.7, 100.3, 700.9) if args.quick else (1.3, 10.7, 100.3, 700.9, 2500.1))
     ]
