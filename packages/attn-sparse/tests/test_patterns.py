@@ -92,10 +92,18 @@ def test_dilated_and_hierarchical(n: int, bs: tuple[int, int]) -> None:
     assert torch.equal(lay.to_dense()[0], want)
 
 
-@pytest.mark.parametrize("n", [37, 200])
+@pytest.mark.parametrize("n", [37, 200, 256])
 @pytest.mark.parametrize("bs", BLOCKS)
 @pytest.mark.parametrize(
-    "cfg", [([16], [1]), ([32, 64], [2, 4]), ([8, 16, 64], [1, 2, 8]), ([64], [64]), ([40, 20], [40, 5])]
+    "cfg",
+    [
+        ([16], [1]),
+        ([32, 64], [2, 4]),
+        ([8, 16, 64], [1, 2, 8]),
+        ([64], [64]),
+        ([40, 20], [40, 5]),
+        ([128, 256], [32, 64]),
+    ],
 )
 def test_longnet_is_the_tile_set_of_dilated_attention(n: int, bs: tuple[int, int], cfg: tuple[list, list]) -> None:
     for heads, mode in ((1, "all"), (3, "all"), (8, "all"), (3, "split")):

@@ -208,6 +208,21 @@ def hierarchical(
     return g.layout(torch.cat(los, dim=1), torch.cat(his, dim=1))
 
 
+def _same_tiles_offset(g: _Grid, w: int, r: int, o: int) -> int:
+    """An offset whose group-(w, r) tiles equal offset o's, so heads differing only in offset
+    are built once. With N and the segments block-aligned: if the rate divides both block sizes,
+    every block of a segment holds every offset (all offsets alike); if both block sizes divide the
+    rate, a block holds an aligned chunk of min(Bq, Bk) consecutive offsets (offsets alike per chunk)."""
+    if g.n % g.bq or g.n % g.bk or w % g.bq or w % g.bk:
+        return o
+    if g.bq % r == 0 and g.bk % r == 0:
+        return 0
+    if r % g.bq == 0 and r % g.bk == 0:
+        chunk = min(g.bq, g.bk)
+        return o - o % chunk
+    return o
+
+
 def _longnet_group(g: _Grid, w: int, r: int, o: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(nq, K) key intervals of the tiles where offset-o rows of group (w, r) meet in a segment."""
     slots = torch.arange(g.bq // w + 2 if w < g.bq else 2, dtype=torch.int64)
@@ -262,11 +277,16 @@ def longnet(
     per_head_sets: list[set[tuple[int, int, int]]] = [set() for _ in range(heads)]
     for gi, (w, r) in enumerate(zip(cfg.segment_lengths, cfg.dilation_rates)):
         for j in cfg.heads_for_group(gi, heads):
-            per_head_sets[j].add((w, r, cfg.head_offset(gi, j)))
+            per_head_sets[j].add((w, r, _same_tiles_offset(g, w, r, cfg.head_offset(gi, j))))
     cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def group(key: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if key not in cache:
+            cache[key] = _longnet_group(g, *key)
+        return cache[key]
+
     def intervals(keys: set[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [cache.setdefault(key, _longnet_group(g, *key)) for key in sorted(keys)]
+        parts = [group(key) for key in sorted(keys)]
         if not parts:
             empty = torch.zeros(g.nq, 1, dtype=torch.int64)
             return empty, empty
