@@ -30,6 +30,18 @@ def test_block_sparse_attention_module_matches_reference() -> None:
         BlockSparseAttention("window")  # type: ignore[arg-type]
 
 
+def test_modules_deep_copy_like_cloned_encoder_layers() -> None:
+    import copy
+
+    mha = MultiheadBlockSparseAttention(16, 2, layout=local_window(32, 8, block_size=16))
+    mha.attention.layout.transposed_csr()  # a populated cache (holds a lock) must not break copying
+    clone = copy.deepcopy(mha)
+    assert clone.attention.layout is mha.attention.layout  # layouts are immutable: shared
+    assert clone.q_proj.weight is not mha.q_proj.weight
+    x = torch.randn(1, 32, 16)
+    torch.testing.assert_close(clone(x, x, x)[0], mha(x, x, x)[0])
+
+
 def test_multihead_module_gqa_shapes_and_gradients() -> None:
     torch.manual_seed(0)
     mha = MultiheadBlockSparseAttention(

@@ -605,6 +605,21 @@ class BlockLayout:
         )
 
     # ------------------------------------------------------------------ dunder
+    def __copy__(self) -> BlockLayout:
+        return self  # immutable
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BlockLayout:
+        return self  # immutable: modules holding a layout deep-copy cheaply (e.g. cloned encoder layers)
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        # the cache and its lock are rebuilt on demand
+        return (self._crow, self._col, self.block_size, self.num_heads, self.num_query_blocks, self.num_key_blocks)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self._crow, self._col, self.block_size, self.num_heads, self.num_query_blocks, self.num_key_blocks = state
+        self._cache = {}
+        self._lock = threading.Lock()
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, BlockLayout):
             return NotImplemented
