@@ -135,8 +135,9 @@ def check_correctness(rank: int, world: int, device: torch.device, dtype: torch.
         shard = [t[:, lo:hi].to(dtype).contiguous().requires_grad_() for t in (q, k, v)]
         reset_stats()
         out = ring_dilated_attention(*shard, segs, rates, is_causal=causal)
-        got_bytes = last_stats().bytes_received
+        got_fwd = last_stats().bytes_received
         out.backward(dout[:, lo:hi].to(dtype))
+        got_total = last_stats().bytes_received
         refs = []
         for cdt in (torch.float64, dtype):
             qr, kr, vr = (t.detach().to(cdt).clone().requires_grad_() for t in (q, k, v))
@@ -152,8 +153,10 @@ def check_correctness(rank: int, world: int, device: torch.device, dtype: torch.
         want_fwd = plan.bytes_received(rank, batch=1, head_dim=D, element_size=shard[0].element_size())
         # forward K/V + the gradients of rows we sent, coming back in fp32
         want_total = want_fwd + plan.bytes_sent(rank, batch=1, head_dim=D, element_size=4)
-        if got_bytes != want_total:
-            raise AssertionError(f"rank {rank}: received {got_bytes} bytes, plan says {want_total}")
+        if (got_fwd, got_total) != (want_fwd, want_total):
+            raise AssertionError(
+                f"rank {rank}: received {got_fwd} bytes in forward, {got_total} in all; plan says {want_fwd}, {want_total}"
+            )
         mins = minimum_rows(N, world, rank, H, H, segs, rates, causal)
         if plan.ranks[rank].rows_received != mins:
             raise AssertionError(f"rank {rank}: plan receives {plan.ranks[rank].rows_received} rows, minimum {mins}")
@@ -162,7 +165,7 @@ def check_correctness(rank: int, world: int, device: torch.device, dtype: torch.
 
 
 def bench_point(rank: int, world: int, device: torch.device, dtype: torch.dtype, n: int, H: int, D: int,
-                causal: bool, reps: int) -> dict:  # fmt: skip
+                causal: bool, reps: int, bytes_only: bool) -> dict:  # fmt: skip
     import attn_core
     from attn_ring.exchange import last_stats, reset_stats
     from attn_ring.ring_dilated import plan_ring_dilated, ring_dilated_attention
@@ -184,8 +187,9 @@ def bench_point(rank: int, world: int, device: torch.device, dtype: torch.dtype,
         out.backward(t["dout"])
 
     try:
-        res["ring_fwd_ms"] = timer(ring_fwd, 1, reps)
-        res["ring_fwd_bwd_ms"] = timer(ring_fwd_bwd, 1, reps)
+        if not bytes_only:
+            res["ring_fwd_ms"] = timer(ring_fwd, 1, reps)
+            res["ring_fwd_bwd_ms"] = timer(ring_fwd_bwd, 1, reps)
         reset_stats()
         ring_fwd()
         res["bytes_received_fwd"] = last_stats().bytes_received
@@ -206,7 +210,7 @@ def bench_point(rank: int, world: int, device: torch.device, dtype: torch.dtype,
         res["ring_fwd_tflops_per_gpu"] = fwd_flop / res["ring_fwd_ms"] / 1e9
         res["ring_fwd_bwd_tflops_per_gpu"] = 3.5 * fwd_flop / res["ring_fwd_bwd_ms"] / 1e9
     # anchor: attn_core on one GPU with the single-GPU problem of the same tokens per GPU
-    if rank == 0:
+    if rank == 0 and not bytes_only:
         a_segs, a_rates = longnet_config(n)
         a_fwd_flop = 4 * D * attended_pairs(n, H, a_segs, a_rates, causal)
 
@@ -272,7 +276,8 @@ def fmt_bytes(x: float) -> str:
     return f"{x:.1f} TiB"
 
 
-def write_outputs(out: Path, payload: dict, table: str, plot_rows: list[dict], plan_mode: bool) -> None:
+def write_outputs(out: Path, payload: dict, table: str, plot_rows: list[dict], mode: str) -> None:
+    """mode: "plan" (bytes per W from the plan), "bytes" (bytes measured in this run) or "time"."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "ring_dilated.json").write_text(json.dumps(payload, indent=2))
     (out / "ring_dilated.md").write_text(table + "\n")
@@ -282,7 +287,15 @@ def write_outputs(out: Path, payload: dict, table: str, plot_rows: list[dict], p
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    if plan_mode:
+    if mode == "bytes":  # measured vs minimum vs all-gather
+        sel = [r for r in plot_rows if not r["causal"]]
+        xs = [r["tokens_per_gpu"] for r in sel]
+        ax.plot(xs, [r["bytes_received_fwd"] for r in sel], "o-", label="measured (worst rank)")
+        ax.plot(xs, [r["bytes_minimum_fwd"] for r in sel], "+:", label="dilated-row minimum")
+        ax.plot(xs, [r["bytes_allgather_fwd"] for r in sel], "x--", label="all-gather K/V")
+        ax.set_yscale("log")
+        ax.set_ylabel("bytes received per rank (forward)")
+    elif mode == "plan":
         for W in sorted({r["world"] for r in plot_rows}):
             sel = [r for r in plot_rows if r["world"] == W and not r["causal"]]
             xs = [r["tokens_per_gpu"] for r in sel]
@@ -314,6 +327,7 @@ def main() -> int:
     ap.add_argument("--plan-only", action="store_true", help="bytes per rank from the plan, no process group")
     ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--bytes-only", action="store_true", help="one forward per point: bytes moved, no timing")
     ap.add_argument("--out", type=Path, default=Path("bench-output/ring_dilated"))
     args = ap.parse_args()
     env = {"python": platform.python_version(), "torch": torch.__version__}
@@ -366,23 +380,44 @@ def main() -> int:
     except ImportError:
         it = points
     for n, causal in it:
-        rows.append(bench_point(rank, world, device, dtype, n, args.heads, args.head_dim, causal, args.reps))
-        dist.barrier()
+        res = bench_point(rank, world, device, dtype, n, args.heads, args.head_dim, causal, args.reps, args.bytes_only)
+        every: list = [None] * world
+        dist.all_gather_object(every, res)  # bytes of every rank; the table shows the worst rank
+        for key in ("bytes_received_fwd", "bytes_plan_fwd", "bytes_minimum_fwd"):
+            res[f"{key}_per_rank"] = [r.get(key) for r in every]
+        worst = max(range(world), key=lambda b: every[b].get("bytes_minimum_fwd", 0))
+        for key in ("bytes_received_fwd", "bytes_plan_fwd", "bytes_minimum_fwd"):
+            res[key] = every[worst].get(key, float("nan"))
+        res["worst_rank"] = worst
+        rows.append(res)
     payload["rows"] = rows
     if rank == 0:
         lines = [
-            f"W={world}, {env['device']}, torch {env['torch']}, triton {env['triton']}, {args.dtype}, H={args.heads}, "
+            f"W={world}, {env['device']}, torch {env['torch']}, triton {env['triton']}, {dtype}, H={args.heads}, "
             f"D={args.head_dim}, segments [2048, 8192, 65536, 262144, N], rates [1, 2, 8, 32, N/4096]",
             "",
             "| tokens/GPU | causal | ring fwd ms (TF/s/GPU) | ring fwd+bwd ms (TF/s/GPU) | anchor 1-GPU fwd ms (TF/s) | "
-            "anchor fwd+bwd ms (TF/s) | fwd+bwd ring/anchor | bytes recv fwd (measured) | minimum | all-gather |",
+            "anchor fwd+bwd ms (TF/s) | fwd+bwd ring/anchor | bytes recv fwd (measured, worst rank) | minimum | all-gather |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
+        if args.bytes_only:
+            lines[2:] = [
+                "| tokens/GPU | N | causal | bytes received fwd (measured, worst rank) | plan | dilated-row minimum | "
+                "measured / min | all-gather K/V |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
         for r in rows:
 
             def cell(ms: str, tf: str, r=r) -> str:
                 return f"{r[ms]:.1f} ({r[tf]:.0f})" if ms in r else r.get("ring_error", r.get("anchor_error", "-"))
 
+            if args.bytes_only:
+                got, low = r["bytes_received_fwd"], r["bytes_minimum_fwd"]
+                lines.append(
+                    f"| {r['tokens_per_gpu']} | {r['N']} | {r['causal']} | {fmt_bytes(got)} | {fmt_bytes(r['bytes_plan_fwd'])} "
+                    f"| {fmt_bytes(low)} | {got / low if low else float('nan'):.3f} | {fmt_bytes(r['bytes_allgather_fwd'])} |"
+                )
+                continue
             ratio = (
                 f"{r['ring_fwd_bwd_tflops_per_gpu'] / r['anchor_fwd_bwd_tflops']:.2f}"
                 if "ring_fwd_bwd_tflops_per_gpu" in r and "anchor_fwd_bwd_tflops" in r
@@ -397,7 +432,7 @@ def main() -> int:
             )
         table = "\n".join(lines)
         print(table, flush=True)
-        write_outputs(args.out, payload, table, rows, False)
+        write_outputs(args.out, payload, table, rows, "bytes" if args.bytes_only else "time")
     dist.destroy_process_group()
     return 0
 
