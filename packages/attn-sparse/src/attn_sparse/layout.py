@@ -17,6 +17,7 @@ N x N token mask); the dense bool view (:meth:`BlockLayout.to_dense`) is only bu
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -636,8 +637,9 @@ class BlockLayout:
         )
 
 
+@functools.lru_cache(maxsize=1)
 def _flex_block_mask_class() -> tuple[Any, str]:
-    """(BlockMask class or None, reason it is unavailable)."""
+    """(BlockMask class or None, reason it is unavailable); checked once per process."""
     try:
         from torch.nn.attention import flex_attention as fa
     except ImportError as exc:  # torch without FlexAttention
