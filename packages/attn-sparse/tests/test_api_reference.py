@@ -198,3 +198,34 @@ def test_all_empty_layout_gives_zeros_and_zero_gradients() -> None:
     out = block_sparse_attention(q, k, v, layout, backend="reference")
     grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     assert bool((out == 0).all()) and all(bool((g == 0).all()) for g in grads)
+
+
+@pytest.mark.parametrize("hl", [1, 4])
+def test_key_padding_mask_matches_reference(hl: int) -> None:
+    layout, mask = _layout(hl, 50, 70, (16, 32), seed=21)
+    q, k, v = _inputs(3, 50, 70, 4, 2, 8, torch.float64, seed=22)
+    pad = torch.zeros(3, 70, dtype=torch.bool)
+    pad[1, 40:] = True  # a padded tail
+    pad[2, :] = True  # everything padded: all outputs 0, never NaN
+    out = block_sparse_attention(q, k, v, layout, is_causal=True, key_padding_mask=pad)
+    assert last_backend() == "reference"
+    ref, _ = reference_bsa(q, k, v, mask, (16, 32), is_causal=True, key_padding_mask=pad)
+    dout = torch.randn_like(ref)
+    for name, a, r in zip(
+        ("out", "dq", "dk", "dv"), (out, *_grads(out, (q, k, v), dout)), (ref, *_grads(ref, (q, k, v), dout))
+    ):
+        assert_close_to_reference(name, a, r)
+    assert bool((out[2] == 0).all())
+
+
+def test_key_padding_mask_is_validated_and_explained() -> None:
+    q, k, v, layout = _ok()
+    pad = torch.zeros(1, 32, dtype=torch.bool)
+    choice = explain(q, k, v, layout, key_padding_mask=pad)
+    assert choice.backend == "reference"
+    assert "no key_padding_mask support" in choice.rejected["flex"]
+    assert "no key_padding_mask support" in choice.rejected["triton"]
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        block_sparse_attention(q, k, v, layout, key_padding_mask=pad[:, :16])
+    with pytest.raises(TypeError, match=r"torch\.bool"):
+        block_sparse_attention(q, k, v, layout, key_padding_mask=pad.int())

@@ -24,6 +24,10 @@ def test_block_sparse_attention_module_matches_reference() -> None:
     other = local_window(40, 30, block_size=16)
     ref2, _ = reference_bsa(q, k, v, other.to_dense(), (16, 16))
     torch.testing.assert_close(mod(q, k, v, layout=other), ref2)
+    pad = torch.zeros(2, 40, dtype=torch.bool)
+    pad[0, 30:] = True
+    ref3, _ = reference_bsa(q, k, v, layout.to_dense(), (16, 16), key_padding_mask=pad)
+    torch.testing.assert_close(mod(q, k, v, key_padding_mask=pad), ref3)
     with pytest.raises(ValueError, match="no layout"):
         BlockSparseAttention()(q, k, v)
     with pytest.raises(TypeError, match="BlockLayout"):

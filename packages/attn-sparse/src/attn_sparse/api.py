@@ -48,12 +48,15 @@ def _load(name: str) -> ModuleType | None:
 
 
 def _reasons(
-    name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, is_causal: bool
+    name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, is_causal: bool, padded: bool
 ) -> list[str]:
     mod = _load(name)
     if mod is None:
         return [f"not installed (no module attn_sparse.backends.{name})"]
-    return list(mod.unsupported_reasons(q, k, v, layout, is_causal))
+    reasons = list(mod.unsupported_reasons(q, k, v, layout, is_causal))
+    if padded and not getattr(mod, "SUPPORTS_KEY_PADDING_MASK", False):
+        reasons.append("no key_padding_mask support")
+    return reasons
 
 
 def _validate(
@@ -63,8 +66,9 @@ def _validate(
     layout: BlockLayout,
     is_causal: bool,
     softmax_scale: float | None,
+    key_padding_mask: torch.Tensor | None,
 ) -> tuple[BlockLayout, bool, float]:
-    _, Nq, H, _, D = check_qkv(q, k, v, same_length=False)
+    _, Nq, H, _, D = check_qkv(q, k, v, key_padding_mask=key_padding_mask, same_length=False)
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout must be an attn_sparse.BlockLayout, got {type(layout).__name__}")
     layout.check_fits(Nq, k.shape[1], H)
@@ -73,13 +77,13 @@ def _validate(
 
 
 def _choose(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, is_causal: bool, backend: str
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, is_causal: bool, padded: bool, backend: str
 ) -> BackendChoice:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, one of {('auto', *BACKENDS)}, got {backend!r}")
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; allowed: {('auto', *BACKENDS)}")
-    reasons = {name: _reasons(name, q, k, v, layout, is_causal) for name in BACKENDS}
+    reasons = {name: _reasons(name, q, k, v, layout, is_causal, padded) for name in BACKENDS}
     if backend != "auto":
         if reasons[backend]:
             raise ValueError(f"backend {backend!r} cannot take this input: {'; '.join(reasons[backend])}")
@@ -99,12 +103,13 @@ def explain(
     layout: BlockLayout,
     *,
     is_causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     backend: str = "auto",
 ) -> BackendChoice:
     """The backend :func:`block_sparse_attention` would run with these arguments, and why (runs nothing)."""
-    layout, causal, _ = _validate(q, k, v, layout, is_causal, softmax_scale)
-    return _choose(q, k, v, layout, causal, backend)
+    layout, causal, _ = _validate(q, k, v, layout, is_causal, softmax_scale, key_padding_mask)
+    return _choose(q, k, v, layout, causal, key_padding_mask is not None, backend)
 
 
 def last_backend() -> str | None:
@@ -119,6 +124,7 @@ def block_sparse_attention(
     layout: BlockLayout,
     *,
     is_causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -127,15 +133,20 @@ def block_sparse_attention(
     q: (B, Nq, H, D); k, v: (B, Nk, Hkv, D) with H % Hkv == 0 (GQA); one float dtype and device.
     layout: a :class:`BlockLayout` with ceil(Nq/Bq) x ceil(Nk/Bk) blocks and 1 or H heads
     (moved to q's device, cached). ``is_causal`` also masks keys after the query (top-left
-    aligned) inside the tiles. A query that sees no key gets 0. Returns (B, Nq, H, D).
+    aligned) inside the tiles. key_padding_mask: (B, Nk) bool, True = padding key to ignore
+    (only backends that declare support take it). A query that sees no key gets 0.
+    Returns (B, Nq, H, D).
 
     backend: "auto" or one of :data:`BACKENDS`; see :func:`explain` and :func:`last_backend`.
     """
-    layout, causal, scale = _validate(q, k, v, layout, is_causal, softmax_scale)
-    choice = _choose(q, k, v, layout, causal, backend)
+    layout, causal, scale = _validate(q, k, v, layout, is_causal, softmax_scale, key_padding_mask)
+    choice = _choose(q, k, v, layout, causal, key_padding_mask is not None, backend)
     mod = _load(choice.backend)
     if mod is None:  # _choose only picks installed backends
         raise RuntimeError(f"backend {choice.backend!r} disappeared after selection")
     _LAST.backend = choice.backend
-    out: torch.Tensor = mod.block_sparse_attention(q, k, v, layout, causal, scale)
+    if key_padding_mask is None:
+        out: torch.Tensor = mod.block_sparse_attention(q, k, v, layout, causal, scale)
+    else:
+        out = mod.block_sparse_attention(q, k, v, layout, causal, scale, key_padding_mask=key_padding_mask)
     return out

@@ -21,7 +21,8 @@ def _pick_layout(default: BlockLayout | None, given: BlockLayout | None) -> Bloc
 class BlockSparseAttention(nn.Module):
     """Block-sparse attention over (B, N, H, D) tensors with a fixed or per-call layout.
 
-    forward(q (B, Nq, H, D), k, v (B, Nk, Hkv, D), *, layout=None, is_causal=False) -> (B, Nq, H, D).
+    forward(q (B, Nq, H, D), k, v (B, Nk, Hkv, D), *, layout=None, is_causal=False,
+    key_padding_mask=None (B, Nk) bool) -> (B, Nq, H, D).
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class BlockSparseAttention(nn.Module):
         *,
         layout: BlockLayout | None = None,
         is_causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return block_sparse_attention(
             q,
@@ -49,6 +51,7 @@ class BlockSparseAttention(nn.Module):
             v,
             _pick_layout(self.layout, layout),
             is_causal=is_causal,
+            key_padding_mask=key_padding_mask,
             softmax_scale=self.softmax_scale,
             backend=self.backend,
         )
@@ -60,8 +63,8 @@ class BlockSparseAttention(nn.Module):
 class MultiheadBlockSparseAttention(nn.Module):
     """Batch-first multi-head attention (projections + block-sparse core), like nn.MultiheadAttention.
 
-    forward(query (B, Nq, E), key, value (B, Nk, E), *, layout=None, is_causal=False)
-    -> (out (B, Nq, E), None). ``num_kv_heads`` < num_heads gives grouped-query attention.
+    forward(query (B, Nq, E), key, value (B, Nk, E), *, layout=None, is_causal=False,
+    key_padding_mask=None) -> (out (B, Nq, E), None). ``num_kv_heads`` < num_heads gives grouped-query attention.
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class MultiheadBlockSparseAttention(nn.Module):
         *,
         layout: BlockLayout | None = None,
         is_causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None]:
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[-1] != self.embed_dim:
@@ -112,5 +116,5 @@ class MultiheadBlockSparseAttention(nn.Module):
         q = self.q_proj(query).reshape(B, Nq, self.num_heads, self.head_dim)
         k = self.k_proj(key).reshape(B, Nk, self.num_kv_heads, self.head_dim)
         v = self.v_proj(value).reshape(B, Nk, self.num_kv_heads, self.head_dim)
-        out = self.attention(q, k, v, layout=layout, is_causal=is_causal)
+        out = self.attention(q, k, v, layout=layout, is_causal=is_causal, key_padding_mask=key_padding_mask)
         return self.out_proj(out.reshape(B, Nq, self.embed_dim)), None

@@ -28,6 +28,11 @@ installed" when the missing module is the backend module; anything else propagat
     The attention output ``out: (B, Nq, H, D)`` in q's dtype, differentiable with respect to
     q, k and v with exact gradients (wrap kernels in a ``torch.autograd.Function``).
 
+``SUPPORTS_KEY_PADDING_MASK: bool`` (optional, default False)
+    True when ``block_sparse_attention`` also accepts the keyword ``key_padding_mask``:
+    ``(B, Nk)`` bool on q's device, True = padding key to ignore (passed only when the caller
+    gave one). The API rejects a padded call for backends without it ("no key_padding_mask support").
+
 What the API guarantees before it calls a backend (the backend need not re-check):
 
 - ``q: (B, Nq, H, D)``, ``k, v: (B, Nk, Hkv, D)``; one float dtype (float16, bfloat16, float32,

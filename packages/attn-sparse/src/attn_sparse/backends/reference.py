@@ -17,6 +17,7 @@ from attn_core.blocks import acc_dtype
 from ..layout import BlockLayout
 
 NAME = "reference"
+SUPPORTS_KEY_PADDING_MASK = True
 
 
 def unsupported_reasons(
@@ -39,11 +40,13 @@ def gathered_attention(
     *,
     is_causal: bool,
     softmax_scale: float,
+    key_padding_mask: torch.Tensor | None = None,
     tile_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the active tiles; returns out (B, Nq, H, D) in q's dtype and lse (B, H, Nq).
 
     q: (B, Nq, H, D); k, v: (B, Nk, Hkv, D); ``layout`` fits the call and is on q's device.
+    key_padding_mask: optional (B, Nk) bool, True = padding key to ignore.
     tile_bias: optional (B or 1, nnz), added to every logit of tile t (CSR order of
     ``layout.col_indices``); differentiable. Rows that see no key give out 0 and lse -inf.
     """
@@ -64,6 +67,9 @@ def gathered_attention(
     # bucket b holds the rows with 2^(b-1) < count <= 2^b (b = 0: exactly one block); empty rows stay 0
     bucket = torch.ceil(torch.log2(counts.clamp(min=1).double())).long()
     bucket = torch.where(counts > 0, bucket, torch.full_like(bucket, -1))
+    padk = None
+    if key_padding_mask is not None:  # (B, nk * Bk): keys past Nk count as padding too
+        padk = torch.nn.functional.pad(key_padding_mask, (0, nk * bk - Nk), value=True)
     qpos_in_block = torch.arange(bq, device=dev)
     kpos_in_block = torch.arange(bk, device=dev)
     rows_done, outs, lses = [], [], []
@@ -97,6 +103,8 @@ def gathered_attention(
         if is_causal:
             qpos = (qblk[:, None] * bq + qpos_in_block).reshape(-1, 1, 1, bq, 1)
             masked = masked | (kpos > qpos)
+        if padk is not None:
+            masked = masked | padk[:, kpos.flatten()].reshape(B, -1, 1, 1, 1, width * bk)
         s = s.masked_fill(masked, float("-inf"))  # its backward zeroes masked entries (no NaN from empty rows)
         lse = torch.logsumexp(s, dim=-1, keepdim=True)
         p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
@@ -130,8 +138,17 @@ def gathered_attention(
 
 
 def block_sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, is_causal: bool, softmax_scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    is_causal: bool,
+    softmax_scale: float,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out (B, Nq, H, D) in q's dtype (see :func:`gathered_attention`)."""
-    out, _ = gathered_attention(q, k, v, layout, is_causal=is_causal, softmax_scale=softmax_scale)
+    out, _ = gathered_attention(
+        q, k, v, layout, is_causal=is_causal, softmax_scale=softmax_scale, key_padding_mask=key_padding_mask
+    )
     return out
