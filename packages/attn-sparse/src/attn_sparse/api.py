@@ -89,10 +89,14 @@ def _choose(
             raise ValueError(f"backend {backend!r} cannot take this input: {'; '.join(reasons[backend])}")
         rejected = {n: tuple(r) for n, r in reasons.items() if n != backend}
         return BackendChoice(backend, "pinned by backend=" + repr(backend), rejected)
-    for name in AUTO_ORDER:
+    for i, name in enumerate(AUTO_ORDER):
         if not reasons[name]:
             rejected = {n: tuple(r) for n, r in reasons.items() if n != name}
-            return BackendChoice(name, "first backend in the auto order that takes this input", rejected)
+            why = f"first backend in the auto order {list(AUTO_ORDER)} that takes this input"
+            skipped = [f"{n}: {'; '.join(reasons[n])}" for n in AUTO_ORDER[:i]]
+            if skipped:
+                why += "; skipped " + " | ".join(skipped)
+            return BackendChoice(name, why, rejected)
     raise ValueError("no backend can take this input: " + "; ".join(f"{n}: {', '.join(r)}" for n, r in reasons.items()))
 
 
