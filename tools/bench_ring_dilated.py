@@ -341,6 +341,9 @@ def main() -> int:
     if args.plan_only:
         rows = plan_only(args)
         lines = [
+            f"Plan only (no device): {args.dtype}, B=1, H=Hkv={args.heads}, D={args.head_dim}, segments "
+            "[2048, 8192, 65536, 262144, N], rates [1, 2, 8, 32, N/4096]; worst rank of each W",
+            "",
             "| W | tokens/GPU | N | causal | bytes received (plan) | dilated-row minimum | plan / min | all-gather K/V |",
             "|---|---|---|---|---|---|---|---|",
         ]
