@@ -505,17 +505,17 @@ class BlockLayout:
             raise ValueError(f"FlexAttention BlockMask unavailable: {reason}")
         self.check_fits(seq_len_q, seq_len_k, self.num_heads)
         bq, bk = self.block_size
+        row = self.tile_rows() % self.num_query_blocks
+        col = self._col.long()
+        # tiles of a ragged last key block stay "partial" (mask_mod evaluated), so the keys past
+        # Nk are masked by our mask_mod too, not only by flex's own bounds checks
+        whole = col * bk + bk <= seq_len_k
         if is_causal:
-            row = _row_ids(self._crow, self.nnz) % self.num_query_blocks
-            col = self._col.long()
-            q_first = row * bq
-            k_last = (col + 1) * bk - 1
-            full = k_last <= q_first  # every key precedes every query of the tile
+            full = whole & ((col + 1) * bk - 1 <= row * bq)  # every key precedes every query of the tile
             partial = ~full & (col * bk <= torch.clamp((row + 1) * bq - 1, max=seq_len_q - 1))
-            partial_l, full_l = self._subset(partial), self._subset(full)
         else:
-            # no mask_mod needed: every active tile is attended whole (flex bounds-checks N itself)
-            partial_l, full_l = self._subset(torch.zeros(self.nnz, dtype=torch.bool, device=self.device)), self
+            full, partial = whole, ~whole
+        partial_l, full_l = self._subset(partial), self._subset(full)
         kv_num, kv_idx = partial_l._flex_indices(transpose=False)
         fkv_num, fkv_idx = full_l._flex_indices(transpose=False)
         q_num, q_idx = partial_l._flex_indices(transpose=True)
@@ -531,7 +531,7 @@ class BlockLayout:
             full_q_num_blocks=fq_num,
             full_q_indices=fq_idx,
             BLOCK_SIZE=(bq, bk),
-            mask_mod=_tile_mask_mod(self.to_dense(), self.block_size, is_causal),
+            mask_mod=_tile_mask_mod(self.to_dense(), self.block_size, seq_len_k, is_causal),
         )
 
     def _subset(self, keep: torch.Tensor) -> BlockLayout:
@@ -654,21 +654,18 @@ def _flex_block_mask_class() -> tuple[Any, str]:
     return fa.BlockMask, ""
 
 
-def _tile_mask_mod(tiles: torch.Tensor, block_size: tuple[int, int], is_causal: bool) -> Any:
-    """A mask_mod equal to the tile structure (and causal): flex's uncompiled path and its partial
-    blocks evaluate mask_mod, so it must agree with the block lists (full blocks never call it)."""
+def _tile_mask_mod(tiles: torch.Tensor, block_size: tuple[int, int], seq_len_k: int, is_causal: bool) -> Any:
+    """A mask_mod equal to the tile structure, the key length and causality: flex's uncompiled path
+    and its partial blocks evaluate mask_mod, so it must agree with the block lists (full blocks
+    never call it)."""
     bq, bk = block_size
-    if tiles.shape[0] == 1:
-        shared = tiles[0]
+    per_head = tiles.shape[0] > 1
+    shared = tiles[0]
 
-        def shared_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-            keep = shared[q_idx // bq, kv_idx // bk]
-            return keep & (q_idx >= kv_idx) if is_causal else keep
-
-        return shared_mod
-
-    def per_head_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        keep = tiles[h, q_idx // bq, kv_idx // bk]
+    def tile_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        keep = (tiles[h, q_idx // bq, kv_idx // bk] if per_head else shared[q_idx // bq, kv_idx // bk]) & (
+            kv_idx < seq_len_k
+        )
         return keep & (q_idx >= kv_idx) if is_causal else keep
 
-    return per_head_mod
+    return tile_mod
