@@ -61,7 +61,11 @@ def _check_name(name: object) -> str:
 
 
 class LayoutCache:
-    """Bounded-by-bytes, thread-safe LRU cache of built patterns, keyed on (kind, parameters)."""
+    """Bounded-by-bytes, thread-safe LRU cache of built patterns, keyed on (kind, parameters).
+
+    The bound counts each layout's CSR arrays (:attr:`BlockLayout.nbytes`); arrays a layout derives
+    later on its own (device copies, transposed CSR, a flex BlockMask) are freed with it on eviction.
+    """
 
     def __init__(self, max_bytes: int = 256 * 2**20) -> None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
@@ -75,7 +79,7 @@ class LayoutCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the layouts held now (<= max_bytes)."""
+        """CSR bytes of the layouts held now (<= max_bytes)."""
         with self._lock:
             return self._bytes
 
