@@ -83,8 +83,10 @@ class _Item:
     row_stride: int
     remote: tuple[tuple[int, int], ...] = ()
 
-    def remote_positions(self) -> list[int]:
-        return [start + i * self.row_stride for start, length in self.remote for i in range(length)]
+    def remote_positions(self) -> torch.Tensor:
+        """(Tk,) int64 global positions of the remote rows, ascending."""
+        runs = [torch.arange(length, dtype=torch.int64) * self.row_stride + start for start, length in self.remote]
+        return torch.cat(runs) if runs else torch.empty(0, dtype=torch.int64)
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,7 @@ def _plan_cached(
         pos_of: dict[int, torch.Tensor] = {}
         for i, it in enumerate(items):
             if it.remote:
-                pos = torch.tensor(it.remote_positions(), dtype=torch.int64)
+                pos = it.remote_positions()
                 pos_of[i] = pos
                 keys.append((pos[:, None] * num_kv_heads + torch.tensor(it.kv_heads)[None, :]).reshape(-1))
         # The union over groups, offsets and heads: a row two groups need travels once.
