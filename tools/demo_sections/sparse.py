@@ -208,7 +208,7 @@ def _plot(ctx) -> None:
 
     n = 8192
     layouts = {
-        "local_window & causal": local_window(n, 512, block_size=128) & causal(n, block_size=128),
+        "local_window(...).tril()": local_window(n, 512, block_size=128).tril(),
         "bigbird (seed 0)": bigbird(n, 256, 256, 2, seed=0, block_size=128),
         "hierarchical": hierarchical(n, [512, 2048, n], [1, 4, 16], block_size=128),
         "longnet [1024,2048,4096]/[1,2,4]": longnet(n, [1024, 2048, 4096], [1, 2, 4], num_heads=8, block_size=128),
