@@ -9,6 +9,8 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from attn_core import MultiheadDilatedAttention, reference
 from attn_core.config import DilatedConfig
@@ -310,3 +312,42 @@ def test_chunked_calls_match_reference(world_of_one, monkeypatch, B: int, views:
         ("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)
     ):
         assert_close_to_reference(name, a, b)
+
+
+@st.composite
+def _geometries(draw):
+    W = draw(st.integers(1, 4))
+    n = draw(st.integers(1, 7))
+    N = n * W
+    groups = draw(st.integers(1, 3))
+    segs, rates = [], []
+    for _ in range(groups):
+        r = draw(st.sampled_from([1, 2, 3, 4]))
+        segs.append(r * draw(st.integers(1, max(1, (N + 2) // r))))
+        rates.append(r)
+    Hkv = draw(st.integers(1, 3))
+    H = Hkv * draw(st.integers(1, 3))
+    return N, W, H, Hkv, tuple(segs), tuple(rates), draw(st.booleans()), draw(st.sampled_from(["all", "split"]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_geometries())
+def test_random_geometries_cover_and_receive_the_minimum(geom) -> None:
+    """Property: on random valid geometries the items cover every selected (position, head) once per
+    group and every rank receives exactly the brute-force set of needed K/V rows."""
+    N, W, H, Hkv, segs, rates, _, mode = geom
+    plan = _plan(*geom)
+    cfg = DilatedConfig(segs, rates, mode)
+    n = N // W
+    for g, r in enumerate(rates):
+        seen = [
+            pair
+            for b, rp in enumerate(plan.ranks)
+            for it in rp.items
+            if it.group == g
+            for pair in _item_pairs(it, b, n)
+        ]
+        expected = [(p, j) for p in range(N) for j in cfg.heads_for_group(g, H) if p % r == j % r]
+        assert sorted(seen) == sorted(expected)
+    for b, rp in enumerate(plan.ranks):
+        assert {(int(key) // Hkv, int(key) % Hkv) for key in rp.needed} == _brute_force_needed(*geom, b)
