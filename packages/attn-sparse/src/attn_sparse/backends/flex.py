@@ -38,8 +38,11 @@ def unsupported_reasons(
     D = q.shape[-1]
     if D < 16 or D & (D - 1):
         reasons.append(f"head dim D={D} must be a power of two >= 16")
-    if min(layout.block_size) < 64:
-        reasons.append(f"block_size {layout.block_size}: flex kernels need Bq, Bk >= 64")
+    if layout.block_size[0] % 128 or layout.block_size[1] % 128:
+        # flex's compiled kernels tile by up to 128 and need sparse blocks that are multiples of their tile
+        reasons.append(
+            f"block_size {layout.block_size}: this backend takes Bq, Bk multiples of 128 (flex's kernel tile)"
+        )
     if not hasattr(torch, "compile"):
         reasons.append(f"torch {torch.__version__} has no torch.compile")
     return reasons
