@@ -39,7 +39,7 @@ NAME = "sdpa"
 
 # Upper bound on the query elements one kernel call reads, as a fraction of q: bounds the call's
 # temporaries (its out in forward; dq, dk, dv in backward) to a few percent of the inputs.
-CALL_FRACTION = 8
+CALL_FRACTION = 16
 # ...but never split calls below this many query elements (small problems run as one call).
 MIN_CALL_ELEMS = 1 << 25
 
