@@ -15,14 +15,7 @@ import torch
 from demo import DemoRow
 
 from attn_core import dilated_attention, explain, last_backend, reference
-from attn_core.testing import _FLOOR_ULPS, assert_close_to_reference, max_abs_error
-
-
-def _tolerance(actual: torch.Tensor, ref: torch.Tensor, base: torch.Tensor) -> float:
-    """The bound assert_close_to_reference applies: max(2 x baseline error, an ulp floor)."""
-    mag = float(ref.abs().max()) if ref.numel() else 0.0
-    return max(2 * max_abs_error(base, ref), _FLOOR_ULPS * torch.finfo(actual.dtype).eps * max(mag, 1.0))
-
+from attn_core.testing import assert_close_to_reference, max_abs_error, tolerance
 
 # name, (B, N, H, Hkv, D), segment_lengths, dilation_rates, head_mode, is_causal, padding
 CONFIGS = [
@@ -73,7 +66,7 @@ def _check(name, dtype, ctx_device):
         for i in idx:
             tensor = ("out", "dq", "dk", "dv")[i]
             errs.append(max_abs_error(got[i], ref[i]))
-            tols.append(_tolerance(got[i], ref[i], base[i]))
+            tols.append(tolerance(got[i], ref[i], base[i]))
             try:
                 assert_close_to_reference(tensor, got[i], ref[i], base[i])
             except AssertionError as exc:

@@ -7,7 +7,7 @@ import torch
 
 from attn_core import merge_into_, merge_partials, reference
 from attn_core.blocks import block_backward, block_forward
-from attn_core.testing import assert_close_to_reference, max_abs_error
+from attn_core.testing import assert_close_to_reference, max_abs_error, tolerance
 
 
 def _rand(B, N, H, D, Hkv=None, dtype=torch.float64, seed=0):
@@ -129,3 +129,11 @@ def test_tolerance_rule_rejects_nan_and_large_errors() -> None:
     bad[2] = float("nan")
     with pytest.raises(AssertionError, match="exceeds"):
         assert_close_to_reference("nan", bad, ref, base)
+
+
+def test_tolerance_is_twice_the_baseline_error_above_the_floor() -> None:
+    ref = torch.zeros(3, dtype=torch.float64)
+    base = torch.tensor([0.0, 0.5, -0.25], dtype=torch.float16)
+    assert tolerance(base, ref, base) == 1.0
+    # an exact baseline leaves only the ulp floor
+    assert 0 < tolerance(base, ref, torch.zeros(3, dtype=torch.float16)) < 1e-2

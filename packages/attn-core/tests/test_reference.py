@@ -137,3 +137,14 @@ def test_low_precision_baseline_runs_in_that_dtype() -> None:
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     ref, _ = reference.dense_attention(q, k, v)
     assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_references_with_no_keys_give_empty_rows() -> None:
+    q, k, v = _rand(1, 3, 2, 4)
+    out, lse = reference.dense_attention(q, k[:, :0], v[:, :0])
+    assert out.shape == (1, 3, 2, 4)
+    assert torch.all(out == 0)
+    assert torch.all(torch.isinf(lse))
+    out0, lse0 = reference.dilated_attention(q[:, :0], k[:, :0], v[:, :0], [4], [1])
+    assert out0.shape == (1, 0, 2, 4)
+    assert lse0.shape == (1, 2, 0)

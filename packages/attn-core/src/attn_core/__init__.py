@@ -1,5 +1,8 @@
 """attn_core: LongNet dilated attention with exact LSE merging, float64 references and explainable backends."""
 
+# Importing sdpa_ops registers the CUDA fast path of blocks.block_forward/block_backward (used by
+# ring attention), so every user of the block primitives gets it, not only the sdpa backend.
+from . import sdpa_ops as sdpa_ops
 from ._version import __version__
 from .api import AUTO_ORDER, BACKENDS, BackendChoice, dilated_attention, explain, last_backend
 from .config import DilatedConfig

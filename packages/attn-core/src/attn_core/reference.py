@@ -57,6 +57,9 @@ def attention_from_weights(
     vh = _expand_kv(v, H).to(dtype).transpose(1, 2)
     w = weights.to(device=q.device, dtype=dtype)
     logits = torch.matmul(qh, kh.transpose(-1, -2)) * scale + torch.log(w)  # log(0) = -inf masks
+    if logits.shape[-1] == 0:  # no keys at all: every row is empty
+        out = torch.zeros(*logits.shape[:-1], vh.shape[-1], dtype=dtype, device=q.device)
+        return out.transpose(1, 2), torch.full(logits.shape[:-1], float("-inf"), dtype=dtype, device=q.device)
     row_max = logits.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(logits - row_max)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["assert_close_to_reference", "max_abs_error"]
+__all__ = ["assert_close_to_reference", "max_abs_error", "tolerance"]
 
 _FLOOR_ULPS = 8.0
 
@@ -31,6 +31,29 @@ def max_abs_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return float((a[finite] - r[finite]).abs().max()) if finite.any() else 0.0
 
 
+def tolerance(
+    actual: torch.Tensor,
+    reference: torch.Tensor,
+    baseline: torch.Tensor | None = None,
+    *,
+    factor: float = 2.0,
+) -> float:
+    """The largest max-abs error ``actual`` may have against ``reference`` under the project's rule.
+
+    max(factor x the baseline's error, a floor of a few ulps of ``actual``'s dtype at the reference's
+    magnitude); for float64 without a baseline, a float64 rounding budget.
+    """
+    mag = float(reference.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()) if reference.numel() else 0.0
+    dtype = actual.dtype
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    floor = _FLOOR_ULPS * eps * max(mag, 1.0)
+    if dtype == torch.float64 and baseline is None:
+        # float64 vs float64: differences are rounding only; allow a generous ulp budget.
+        floor = 1e4 * eps * max(mag, 1.0)
+    base_err = max_abs_error(baseline, reference) if baseline is not None else 0.0
+    return max(factor * base_err, floor)
+
+
 def assert_close_to_reference(
     name: str,
     actual: torch.Tensor,
@@ -45,17 +68,10 @@ def assert_close_to_reference(
     float64 inputs, where the tolerance is a few ulps of float64 scaled by the magnitude.
     """
     err = max_abs_error(actual, reference)
-    mag = float(reference.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()) if reference.numel() else 0.0
-    dtype = actual.dtype
-    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
-    floor = _FLOOR_ULPS * eps * max(mag, 1.0)
-    if dtype == torch.float64 and baseline is None:
-        # float64 vs float64: differences are rounding only; allow a generous ulp budget.
-        floor = 1e4 * eps * max(mag, 1.0)
-    base_err = max_abs_error(baseline, reference) if baseline is not None else 0.0
-    tol = max(factor * base_err, floor)
+    tol = tolerance(actual, reference, baseline, factor=factor)
     if not (err <= tol):
+        base_err = max_abs_error(baseline, reference) if baseline is not None else 0.0
         raise AssertionError(
             f"{name}: max abs error {err:.3e} exceeds {tol:.3e} "
-            f"(= max({factor} x baseline error {base_err:.3e}, floor {floor:.3e}); dtype {dtype}, |ref| max {mag:.3e})"
+            f"(= max({factor} x baseline error {base_err:.3e}, ulp floor); dtype {actual.dtype})"
         )

@@ -26,6 +26,7 @@ view of the mask only when a mask is given; fully padded rows give 0. Dropout is
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,10 @@ from ..config import DilatedCall, DilatedConfig
 from ..merge import merge_into_
 
 NAME = "sdpa"
+
+# The fused merge is a Triton kernel; without triton (attn-core installed without [triton]) the
+# portable merge_into_ runs instead.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # Upper bound on the query elements one kernel call reads, as a fraction of q: bounds the call's
 # temporaries (its out in forward; dq, dk, dv in backward) to a few percent of the inputs.
@@ -214,7 +219,7 @@ class _DilatedSDPA(torch.autograd.Function):
             if p.first:
                 o_v.copy_(o_c)
                 l_v.copy_(l_c)
-            elif q.is_cuda:
+            elif q.is_cuda and _HAS_TRITON:
                 sdpa_ops.merge_strided_(o_v, l_v, o_c, l_c)  # fused: one pass, no fp32 temporaries
             else:
                 # merge_into_ works on (batch, rows, heads, D) / (batch, heads, rows): transposed views
