@@ -12,18 +12,17 @@ import importlib.util
 from attn_core import *  # noqa: F403
 from attn_core import __all__ as _core_all
 
-from ._version import __version__
+from ._version import __version__ as __version__  # the umbrella's own, not attn_core's
 from .factory import create_dilated_attention, create_multihead_dilated_attention, resolve_kind
 
 __all__ = [
-    *_core_all,
+    *(name for name in _core_all if name != "__version__"),
+    "__version__",
     "available_packages",
     "create_dilated_attention",
     "create_multihead_dilated_attention",
     "resolve_kind",
 ]
-__all__.remove("__version__")
-__all__.append("__version__")
 
 _OPTIONAL = ("attn_sparse", "attn_ring", "memory_runtime")
 

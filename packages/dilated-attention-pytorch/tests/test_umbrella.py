@@ -1,0 +1,71 @@
+"""The umbrella: re-exports, package discovery, and the factories (run with [all] installed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attn_core
+import dilated_attention_pytorch as dap
+from attn_core import reference
+
+
+def test_reexports_are_the_package_objects() -> None:
+    assert dap.dilated_attention is attn_core.dilated_attention
+    assert dap.DilatedAttention is attn_core.DilatedAttention
+    assert dap.MultiheadDilatedAttention is attn_core.MultiheadDilatedAttention
+    assert dap.__version__ == "0.1.0"
+    for name in dap.__all__:
+        assert hasattr(dap, name), f"__all__ names {name!r} but the module has no such attribute"
+
+
+def test_all_extras_are_installed_and_reexported() -> None:
+    available = dap.available_packages()
+    assert available == {"attn_core": True, "attn_sparse": True, "attn_ring": True, "memory_runtime": True}
+    import attn_ring
+    import attn_sparse
+
+    assert dap.attn_sparse is attn_sparse
+    assert dap.attn_ring is attn_ring
+    assert dap.BlockLayout is attn_sparse.BlockLayout
+    assert dap.ring_attention is attn_ring.ring_attention
+
+
+def test_resolve_kind_without_distributed_picks_single_device() -> None:
+    kind, why = dap.resolve_kind("auto")
+    assert kind == "dilated"
+    assert "not initialised" in why
+    assert dap.resolve_kind("dilated") == ("dilated", "requested explicitly")
+
+
+@pytest.mark.parametrize("bad", ["Ring", "sparse", ""])
+def test_unknown_kind_raises_naming_the_value(bad: str) -> None:
+    with pytest.raises(ValueError, match="kind must be one of"):
+        dap.resolve_kind(bad)
+    with pytest.raises(ValueError, match=repr(bad)):
+        dap.create_dilated_attention([4, 8], [1, 2], kind=bad)
+
+
+def test_create_dilated_attention_matches_the_reference() -> None:
+    module = dap.create_dilated_attention([4, 8], [1, 2])
+    assert isinstance(module, attn_core.DilatedAttention)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 13, 4, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    out = module(q, k, v, is_causal=True)
+    expected, _ = reference.dilated_attention(q, k, v, [4, 8], [1, 2], is_causal=True)
+    torch.testing.assert_close(out, expected)
+
+
+def test_create_multihead_dilated_attention_runs_batch_first() -> None:
+    layer = dap.create_multihead_dilated_attention(32, 4, [4, 8], [1, 2], dtype=torch.float64)
+    assert isinstance(layer, attn_core.MultiheadDilatedAttention)
+    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    out, weights = layer(x, x, x, is_causal=True)
+    assert out.shape == (2, 11, 32)
+    assert weights is None
+    # causal: the first position's output cannot depend on later tokens
+    x2 = x.clone()
+    x2[:, 5:] += 1.0
+    out2, _ = layer(x2, x2, x2, is_causal=True)
+    torch.testing.assert_close(out2[:, :5], out[:, :5])
+    assert not torch.allclose(out2[:, 5:], out[:, 5:])
