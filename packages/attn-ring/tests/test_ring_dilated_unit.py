@@ -351,3 +351,25 @@ def test_random_geometries_cover_and_receive_the_minimum(geom) -> None:
         assert sorted(seen) == sorted(expected)
     for b, rp in enumerate(plan.ranks):
         assert {(int(key) // Hkv, int(key) % Hkv) for key in rp.needed} == _brute_force_needed(*geom, b)
+
+
+@pytest.mark.parametrize("views", [True, False], ids=["view-path", "gather-path"])
+def test_non_contiguous_inputs(world_of_one, monkeypatch, views: bool) -> None:
+    """q/k/v as (B, H, N, D) tensors transposed to (B, N, H, D), and a head dim with stride 2."""
+    import attn_ring.ring_dilated as rd
+
+    if not views:
+        monkeypatch.setattr(rd, "_view_path_available", lambda q: False)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 13, 8, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 2, 13, 8, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    v_full = torch.randn(2, 13, 2, 16, generator=g, dtype=torch.float64)
+    v = v_full[..., ::2].requires_grad_()  # stride 2 in the head dim: copied to contiguous
+    out = ring_dilated_attention(q, k, v, (4, 8), (1, 2), is_causal=True)
+    ref, _ = reference.dilated_attention(q, k, v, (4, 8), (1, 2), is_causal=True)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    assert_close_to_reference("out", out, ref)
+    for name, a, b in zip(
+        ("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)
+    ):
+        assert_close_to_reference(name, a, b)
