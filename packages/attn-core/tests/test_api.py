@@ -82,7 +82,7 @@ def test_pinned_reference_explained_as_pinned():
 
 
 def test_missing_backend_reports_not_installed(monkeypatch):
-    monkeypatch.setattr(api_mod, "BACKENDS", (*api_mod.BACKENDS, "nonexistent_backend"))
+    monkeypatch.setattr(api_mod.REGISTRY, "order", (*api_mod.REGISTRY.order, "nonexistent_backend"))
     q, k, v = _qkv()
     choice = explain(q, k, v, [4], [1])
     assert choice.rejected["nonexistent_backend"] == (
@@ -108,9 +108,8 @@ def _fake_backend(reasons: list[str]) -> types.ModuleType:
 def fake_backend(monkeypatch):
     """Install a backend named "fake" first in the auto order; returns a setter for its reasons."""
     reasons: list[str] = []
-    monkeypatch.setitem(api_mod._MODULES, "fake", _fake_backend(reasons))
-    monkeypatch.setattr(api_mod, "AUTO_ORDER", ("fake", *api_mod.AUTO_ORDER))
-    monkeypatch.setattr(api_mod, "BACKENDS", ("fake", *api_mod.BACKENDS))
+    monkeypatch.setitem(api_mod.REGISTRY._modules, "fake", _fake_backend(reasons))
+    monkeypatch.setattr(api_mod.REGISTRY, "order", ("fake", *api_mod.REGISTRY.order))
     return reasons
 
 

@@ -4,16 +4,18 @@
 # ring attention), so every user of the block primitives gets it, not only the sdpa backend.
 from . import sdpa_ops as sdpa_ops
 from ._version import __version__
-from .api import AUTO_ORDER, BACKENDS, BackendChoice, dilated_attention, explain, last_backend
+from .api import AUTO_ORDER, BACKENDS, dilated_attention, explain, last_backend
 from .config import DilatedConfig
 from .longnet import LongNetDecoderLayer, LongNetEncoderLayer, LongNetLM, magneto_gamma
 from .merge import merge_into_, merge_partials
 from .modules import DilatedAttention, MultiheadDilatedAttention
+from .registry import BackendChoice, BackendRegistry
 
 __all__ = [
     "AUTO_ORDER",
     "BACKENDS",
     "BackendChoice",
+    "BackendRegistry",
     "DilatedAttention",
     "DilatedConfig",
     "LongNetDecoderLayer",

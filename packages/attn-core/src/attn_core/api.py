@@ -10,65 +10,20 @@ call in this thread ran.
 
 from __future__ import annotations
 
-import importlib
-import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 
 from .config import DilatedCall, DilatedConfig
+from .registry import BackendChoice, BackendRegistry
 from .validation import check_bool, check_dropout, check_qkv, resolve_softmax_scale
 
 __all__ = ["AUTO_ORDER", "BACKENDS", "BackendChoice", "dilated_attention", "explain", "last_backend"]
 
 # Preference order of "auto": the fused SDPA path first, the pure PyTorch path always last.
-AUTO_ORDER: tuple[str, ...] = ("sdpa", "reference")
-BACKENDS: tuple[str, ...] = AUTO_ORDER
-
-_MODULES: dict[str, ModuleType] = {}
-_MODULES_LOCK = threading.Lock()
-_LAST = threading.local()
-
-
-def _load(name: str) -> ModuleType | None:
-    """The backend module, or None when it is not part of this installation."""
-    with _MODULES_LOCK:
-        if name in _MODULES:
-            return _MODULES[name]
-    module_name = f"{__package__}.backends.{name}"
-    try:
-        mod = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise  # the backend exists but one of its own imports is broken: surface that
-        return None
-    with _MODULES_LOCK:
-        _MODULES[name] = mod
-    return mod
-
-
-def _reasons(name: str, call: DilatedCall) -> list[str]:
-    mod = _load(name)
-    if mod is None:
-        return [f"not installed (no module attn_core.backends.{name})"]
-    return list(mod.unsupported_reasons(call))
-
-
-@dataclass(frozen=True)
-class BackendChoice:
-    """Which backend runs a call and why; ``rejected`` maps every other backend to its reasons."""
-
-    backend: str
-    why: str
-    rejected: dict[str, tuple[str, ...]]
-
-    def __str__(self) -> str:
-        lines = [f"backend: {self.backend} ({self.why})"]
-        for name, reasons in self.rejected.items():
-            lines.append(f"  not {name}: {'; '.join(reasons) if reasons else 'lower in the auto order'}")
-        return "\n".join(lines)
+REGISTRY = BackendRegistry("attn_core", ("sdpa", "reference"))
+AUTO_ORDER: tuple[str, ...] = REGISTRY.order
+BACKENDS: tuple[str, ...] = REGISTRY.order
 
 
 def _make_call(
@@ -98,27 +53,8 @@ def _make_call(
     )
 
 
-def _choose(call: DilatedCall, backend: str) -> BackendChoice:
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, one of {('auto', *BACKENDS)}, got {backend!r}")
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; allowed: {('auto', *BACKENDS)}")
-    reasons = {name: _reasons(name, call) for name in BACKENDS}
-    if backend != "auto":
-        if reasons[backend]:
-            raise ValueError(f"backend {backend!r} cannot take this input: {'; '.join(reasons[backend])}")
-        rejected = {n: tuple(r) for n, r in reasons.items() if n != backend}
-        return BackendChoice(backend, "pinned by backend=" + repr(backend), rejected)
-    for i, name in enumerate(AUTO_ORDER):
-        if not reasons[name]:
-            rejected = {n: tuple(r) for n, r in reasons.items() if n != name}
-            why = f"first backend in the auto order {list(AUTO_ORDER)} that takes this input"
-            skipped = [f"{n}: {'; '.join(reasons[n])}" for n in AUTO_ORDER[:i]]
-            if skipped:
-                why += "; skipped " + " | ".join(skipped)
-            return BackendChoice(name, why, rejected)
-    # unreachable in practice: "reference" takes every validated call
-    raise ValueError("no backend can take this input: " + "; ".join(f"{n}: {', '.join(r)}" for n, r in reasons.items()))
+def _choose(call: DilatedCall, backend: str, *, explain_all: bool = False) -> BackendChoice:
+    return REGISTRY.choose(backend, lambda mod: mod.unsupported_reasons(call), explain_all=explain_all)
 
 
 def explain(
@@ -148,12 +84,12 @@ def explain(
         dropout_p=dropout_p,
         head_mode=head_mode,
     )
-    return _choose(call, backend)
+    return _choose(call, backend, explain_all=True)
 
 
 def last_backend() -> str | None:
     """Name of the backend the most recent :func:`dilated_attention` call in this thread ran."""
-    return getattr(_LAST, "backend", None)
+    return REGISTRY.last()
 
 
 def dilated_attention(
@@ -194,8 +130,8 @@ def dilated_attention(
         head_mode=head_mode,
     )
     choice = _choose(call, backend)
-    mod = _load(choice.backend)
-    if mod is None:  # _choose only picks installed backends
+    mod = REGISTRY.load(choice.backend)
+    if mod is None:  # choose only picks installed backends
         raise RuntimeError(f"backend {choice.backend!r} disappeared after selection")
-    _LAST.backend = choice.backend
+    REGISTRY.record(choice.backend)
     return mod.dilated_attention(call)

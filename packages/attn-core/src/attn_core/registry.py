@@ -1,0 +1,122 @@
+"""Backend registries: lazy loading, explainable choice, pinning without fallback.
+
+Each package's functional API (attn_core.api, attn_sparse.api) owns one :class:`BackendRegistry`
+over its ``<package>.backends.<name>`` modules. Backends never import each other; the registry is
+the only place that knows them all. A choice is explainable: :class:`BackendChoice` names the
+backend, why it was taken, and the reasons each other backend gave.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+
+__all__ = ["BackendChoice", "BackendRegistry"]
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """Which backend runs a call and why; ``rejected`` maps other backends to their reasons.
+
+    A backend listed with no reasons could have taken the call but comes later in the auto order.
+    """
+
+    backend: str
+    why: str
+    rejected: dict[str, tuple[str, ...]]
+
+    def __str__(self) -> str:
+        lines = [f"backend: {self.backend} ({self.why})"]
+        for name, reasons in self.rejected.items():
+            lines.append(f"  not {name}: {'; '.join(reasons) if reasons else 'lower in the auto order'}")
+        return "\n".join(lines)
+
+
+ReasonsOf = Callable[[ModuleType], Sequence[str]]
+
+
+class BackendRegistry:
+    """The backends of one package, imported lazily from ``<package>.backends.<name>``.
+
+    order: the preference order of ``backend="auto"`` (every known backend, best first).
+    """
+
+    def __init__(self, package: str, order: Sequence[str]) -> None:
+        self.package = package
+        self.order: tuple[str, ...] = tuple(order)
+        self._modules: dict[str, ModuleType] = {}
+        self._lock = threading.Lock()
+        self._last = threading.local()
+
+    def load(self, name: str) -> ModuleType | None:
+        """The backend module, or None when it is not part of this installation."""
+        with self._lock:
+            if name in self._modules:
+                return self._modules[name]
+        module_name = f"{self.package}.backends.{name}"
+        try:
+            mod = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise  # the backend exists but one of its own imports is broken: surface that
+            return None
+        with self._lock:
+            self._modules[name] = mod
+        return mod
+
+    def reasons(self, name: str, reasons_of: ReasonsOf) -> tuple[str, ...]:
+        """Why backend ``name`` cannot take the call ``reasons_of`` describes (empty: it can)."""
+        mod = self.load(name)
+        if mod is None:
+            return (f"not installed (no module {self.package}.backends.{name})",)
+        return tuple(reasons_of(mod))
+
+    def choose(self, backend: object, reasons_of: ReasonsOf, *, explain_all: bool = False) -> BackendChoice:
+        """Pick the backend for a call; a pinned backend that cannot take it raises ValueError.
+
+        reasons_of(module) -> the module's reasons for refusing this call. Without ``explain_all``
+        only the backends needed for the decision are asked (the pinned one, or the auto order up
+        to the first that accepts), which keeps dispatch cheap; :func:`explain` asks them all.
+        """
+        allowed = ("auto", *self.order)
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str, one of {allowed}, got {backend!r}")
+        if backend not in allowed:
+            raise ValueError(f"unknown backend {backend!r}; allowed: {allowed}")
+        asked: dict[str, tuple[str, ...]] = {}
+
+        def ask(name: str) -> tuple[str, ...]:
+            if name not in asked:
+                asked[name] = self.reasons(name, reasons_of)
+            return asked[name]
+
+        if backend != "auto":
+            if ask(backend):
+                raise ValueError(f"backend {backend!r} cannot take this input: {'; '.join(asked[backend])}")
+            chosen, why = backend, f"pinned by backend={backend!r}"
+        else:
+            chosen = next((name for name in self.order if not ask(name)), "")
+            if not chosen:
+                raise ValueError(
+                    "no backend can take this input: " + " | ".join(f"{n}: {'; '.join(r)}" for n, r in asked.items())
+                )
+            i = self.order.index(chosen)
+            why = f"first backend in the auto order {list(self.order)} that takes this input"
+            skipped = [f"{n}: {'; '.join(asked[n])}" for n in self.order[:i]]
+            if skipped:
+                why += "; skipped " + " | ".join(skipped)
+        if explain_all:
+            for name in self.order:
+                ask(name)
+        return BackendChoice(chosen, why, {n: r for n, r in asked.items() if n != chosen})
+
+    def record(self, name: str) -> None:
+        """Remember the backend this thread ran last (see :meth:`last`)."""
+        self._last.backend = name
+
+    def last(self) -> str | None:
+        """Name of the backend the most recent call in this thread ran."""
+        return getattr(self._last, "backend", None)
