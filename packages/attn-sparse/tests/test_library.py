@@ -242,7 +242,9 @@ def _load_or_value_error(data: bytes) -> None:
         assert int(layout.crow_indices[-1]) == layout.nnz
 
 
-_FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+_FUZZ = settings(
+    max_examples=150, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @_FUZZ
