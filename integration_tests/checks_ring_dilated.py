@@ -329,6 +329,53 @@ def check_ring_sparse(rank: int, world_size: int) -> list[str]:
     return done
 
 
+def check_ring_sparse_triton(rank: int, world_size: int) -> list[str]:
+    """Ring block-sparse through attn_sparse's Triton kernels (CPU interpreter, fp32): outputs and
+    gradients within 2x the plain fp32 error of the float64 reference."""
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"  # read when attn_sparse.kernels is first imported (not yet)
+    import attn_ring.ring_sparse as rs
+    from attn_sparse.layout import BlockLayout
+
+    B, H, Hkv, D, bs = 1, 4, 2, 16, 16
+    n = 2 * bs
+    N = n * world_size
+    lo, hi = rank * n, (rank + 1) * n
+    done = []
+    for i, (name, mask, causal) in enumerate(_sparse_layouts(world_size, N // bs, H)):
+        if name not in ("random per-head", "local window shared causal", "empty rows"):
+            continue
+        layout = BlockLayout.from_dense(mask, block_size=bs)
+        g = torch.Generator().manual_seed(900 + i)
+        q, k, v = (torch.randn(B, N, h, D, generator=g, dtype=torch.float64) for h in (H, Hkv, Hkv))
+        dout = torch.randn(B, N, H, D, generator=g, dtype=torch.float64)
+        shard = [t[:, lo:hi].float().contiguous().requires_grad_() for t in (q, k, v)]
+        if not rs._triton_available(shard[0], layout, causal):
+            return ["triton unavailable"]
+        out = rs.ring_block_sparse_attention(*shard, layout, is_causal=causal)
+        out.backward(dout[:, lo:hi].float())
+        results = {}
+        for dt in (torch.float64, torch.float32):
+            qr, kr, vr = (t.detach().to(dt).clone().requires_grad_() for t in (q, k, v))
+            ref, _ = reference.block_sparse_attention(qr, kr, vr, mask, (bs, bs), is_causal=causal, dtype=dt)
+            ref.backward(dout.to(dt))
+            results[dt] = [x[:, lo:hi] for x in (ref.detach(), qr.grad, kr.grad, vr.grad)]
+        for j, (label, actual) in enumerate(zip(("out", "dq", "dk", "dv"), (out, *(s.grad for s in shard)))):
+            assert_close_to_reference(
+                f"[sparse triton {name}, W={world_size}, rank {rank}] {label}",
+                actual,
+                results[torch.float64][j],
+                results[torch.float32][j],
+            )
+        done.append(name)
+    return done
+
+
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def has_attn_sparse() -> bool:
     """attn-sparse is an optional dependency of attn-ring: the sparse checks need it installed."""
     return (

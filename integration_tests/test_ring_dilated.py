@@ -33,3 +33,10 @@ def test_ring_block_sparse_matches_reference(world_size: int) -> None:
 def test_missing_peer_raises_within_bounded_time() -> None:
     values = assert_all_ok(run_world(checks_ring_dilated.check_missing_peer_times_out, 3, timeout=90))
     assert values == ["raised", "raised", "absent"]
+
+
+def test_ring_block_sparse_triton_kernels_two_ranks() -> None:
+    if not (checks_ring_dilated.has_attn_sparse() and checks_ring_dilated.has_triton()):
+        pytest.skip("needs attn-sparse and triton (the integration session installs both)")
+    values = assert_all_ok(run_world(checks_ring_dilated.check_ring_sparse_triton, 2, timeout=150))
+    assert values == [["random per-head", "local window shared causal", "empty rows"]] * 2

@@ -121,3 +121,29 @@ def test_world_of_one_matches_reference(world_of_one, causal: bool, heads: int) 
     assert_close_to_reference("out", out, ref)
     for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close_to_reference(name, a, b)
+
+
+@pytest.mark.parametrize(("causal", "heads"), [(False, 4), (True, 1)])
+def test_world_of_one_triton_kernels(world_of_one, causal: bool, heads: int) -> None:
+    """fp32 through attn_sparse's Triton kernels (CPU interpreter), 2x the plain fp32 error at most."""
+    import attn_ring.ring_sparse as rs
+
+    g = torch.Generator().manual_seed(4)
+    N, H, Hkv, D = 64, 4, 2, 16
+    mask = _random_mask(heads, N // BS, 0.5, seed=10)
+    mask[:, 2] = False
+    layout = BlockLayout.from_dense(mask, block_size=BS)
+    q, k, v = (torch.randn(2, N, h, D, generator=g, dtype=torch.float64) for h in (H, Hkv, Hkv))
+    dout = torch.randn(2, N, H, D, generator=g, dtype=torch.float64)
+    q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
+    if not rs._triton_available(q32, layout, causal):
+        pytest.skip("attn_sparse's Triton kernels are not usable here (needs triton; TRITON_INTERPRET=1 on CPU)")
+    out = ring_block_sparse_attention(q32, k32, v32, layout, is_causal=causal)
+    grads = torch.autograd.grad(out, (q32, k32, v32), dout.float())
+    results = {}
+    for dt in (torch.float64, torch.float32):
+        qr, kr, vr = (t.to(dt).requires_grad_() for t in (q, k, v))
+        ref, _ = reference.block_sparse_attention(qr, kr, vr, mask, (BS, BS), is_causal=causal, dtype=dt)
+        results[dt] = (ref, *torch.autograd.grad(ref, (qr, kr, vr), dout.to(dt)))
+    for i, (name, actual) in enumerate(zip(("out", "dq", "dk", "dv"), (out, *grads))):
+        assert_close_to_reference(name, actual, results[torch.float64][i], results[torch.float32][i])

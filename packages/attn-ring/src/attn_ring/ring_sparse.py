@@ -176,6 +176,28 @@ class _Call:
     remote: dict[int, _Step]  # source rank -> step
     scale: float
     timeout_s: float
+    triton: bool  # attn_sparse's Triton kernels take this call (else its reference tile kernel)
+
+
+def _triton_available(q: torch.Tensor, layout: BlockLayout, causal: bool) -> bool:
+    """attn_sparse's Triton backend takes this device/dtype/head dim (CUDA fp16/bf16; CPU under TRITON_INTERPRET=1)."""
+    from attn_sparse.backends import triton as triton_backend  # imports without triton; reasons say why not
+
+    return not triton_backend.unsupported_reasons(q, q, q, layout, causal)
+
+
+def _step_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, causal: bool, call: _Call
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's (out (B, n, H, D) in q's dtype, lse (B, H, n)) over the step's tiles."""
+    layout = layout.to(q.device)
+    if call.triton:
+        from attn_sparse.kernels import CSR, block_sparse_forward, default_config
+
+        return block_sparse_forward(
+            q, k, v, CSR.from_layout(layout), causal, call.scale, default_config(layout.block_size)
+        )
+    return gathered_attention(q, k, v, layout, is_causal=causal, softmax_scale=call.scale)
 
 
 def _post_step(k: torch.Tensor, v: torch.Tensor, call: _Call, step: int) -> tuple[list[Any], dict[int, torch.Tensor]]:
@@ -208,9 +230,7 @@ class _RingSparseFunction(torch.autograd.Function):
         lse = torch.full((B, H, n), float("-inf"), dtype=ad, device=q.device)
         pending = _post_step(k, v, call, 1) if call.world > 1 else ([], {})
         if call.local is not None:
-            o, l = gathered_attention(
-                q, k, v, call.local.layout.to(q.device), is_causal=call.local.causal, softmax_scale=call.scale
-            )
+            o, l = _step_forward(q, k, v, call.local.layout, call.local.causal, call)
             merge_into_(out, lse, o, l)
         received: dict[int, torch.Tensor] = {}
         for step in range(1, call.world):
@@ -226,10 +246,7 @@ class _RingSparseFunction(torch.autograd.Function):
             for src, buf in recvs.items():
                 kv = buf.to(q.device).reshape(2, B, -1, Hkv, D)
                 received[src] = kv
-                st = call.remote[src]
-                o, l = gathered_attention(
-                    q, kv[0], kv[1], st.layout.to(q.device), is_causal=False, softmax_scale=call.scale
-                )
+                o, l = _step_forward(q, kv[0], kv[1], call.remote[src].layout, False, call)
                 merge_into_(out, lse, o, l)
         ctx.call = call
         ctx.sources = sorted(received)
@@ -243,11 +260,22 @@ class _RingSparseFunction(torch.autograd.Function):
         B, n, H, D = q.shape
         ad = acc_dtype(q.dtype)
         dout_a = dout.to(ad)
+        out_q = out.to(q.dtype)
         finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
 
         def step_grads(
             kk: torch.Tensor, vv: torch.Tensor, layout: BlockLayout, causal: bool
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            if call.triton:
+                # the Triton backward takes the rows' final out and lse: per-step gradients then sum exactly
+                from attn_sparse.kernels import CSR, block_sparse_backward, default_config
+
+                lay = layout.to(q.device)
+                grads = block_sparse_backward(
+                    dout.contiguous(), q, kk, vv, out_q, lse, CSR.from_layout(lay), causal, call.scale,
+                    default_config(lay.block_size),
+                )  # fmt: skip
+                return grads[0].to(ad), grads[1].to(ad), grads[2].to(ad)
             with torch.enable_grad():
                 qd, kd, vd = (t.detach().requires_grad_() for t in (q, kk, vv))
                 o_s, l_s = gathered_attention(
@@ -377,6 +405,6 @@ def ring_block_sparse_attention(
             if sub is None:  # unreachable: the plan only lists blocks with an active tile here
                 raise RuntimeError(f"rank {rank}: planned blocks from rank {a} have no active tile")
             remote[a] = _Step(a, sub, False)
-    call = _Call(rank, world, group, plan, local, remote, scale, float(timeout_s))
+    call = _Call(rank, world, group, plan, local, remote, scale, float(timeout_s), _triton_available(q, layout, causal))
     result: torch.Tensor = _RingSparseFunction.apply(q, k, v, call)
     return result
