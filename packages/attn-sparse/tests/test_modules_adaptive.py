@@ -93,14 +93,16 @@ def test_adaptive_selection_keeps_diagonal_and_respects_causality() -> None:
 
 
 def test_adaptive_forward_equals_biased_reference() -> None:
-    # with the bias, attention = one softmax where tile (i, j)'s keys count sigmoid(s_ij) times
+    # with the bias, attention = one softmax where tile (i, j)'s keys count w_ij times, w_ij the
+    # softmax of the scores over query block i's selected tiles
     torch.manual_seed(1)
     mod = AdaptiveBlockSparseAttention(8, top_k=1, block_size=16).double()
     q = torch.randn(1, 48, 2, 8, dtype=torch.float64)
     k, v = (torch.randn(1, 48, 1, 8, dtype=torch.float64) for _ in range(2))  # GQA
     out = mod(q, k, v, is_causal=True)
     layouts, scores = mod.select(q, k, is_causal=True)
-    tiles = layouts[0].to_dense().double() * torch.sigmoid(scores[0])  # (H, nb, nb) multiplicities
+    selected = layouts[0].to_dense()
+    tiles = torch.softmax(scores[0].masked_fill(~selected, float("-inf")), dim=-1)  # (H, nb, nb) multiplicities
     weights = tiles.repeat_interleave(16, 1).repeat_interleave(16, 2) * torch.ones(48, 48, dtype=torch.float64).tril()
     from attn_core.reference import attention_from_weights
 

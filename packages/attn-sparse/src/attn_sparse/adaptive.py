@@ -6,20 +6,20 @@ give a score s[i, j] for every (query block i, key block j). Each query block ke
 ``top_k`` best key blocks plus, always, its diagonal block (with ``is_causal``, only blocks
 j <= i are eligible).
 
-How gradients reach the scorer: top-k selection is not differentiable, so every *selected*
-tile's logits get the bias ``log(sigmoid(s[i, j]))`` before the softmax. Equivalently, tile j's
-share of query block i's attention is weighted by sigmoid(s[i, j]) in (0, 1): the loss then
-pushes up the scores of useful selected tiles and down those of useless ones, and a block that
-falls out of the top-k is replaced by the next best. The biased attention runs on the
-gathered-tiles PyTorch path of the reference backend (the fused kernels take no per-tile bias),
-with one layout per batch element.
+How gradients reach the scorer: top-k selection is not differentiable, so the *selected* tiles
+of query block i get weights w[i, j] = softmax of s[i, j] over those tiles, and every logit of
+tile (i, j) gets the bias ``log w[i, j]`` before the attention softmax: the keys of tile j count
+w[i, j] times. The loss thus moves the scores of the selected tiles against each other (useful
+tiles up, useless ones down, without the saturation a per-tile sigmoid gate shows once a score is
+large), and a block that falls out of the top-k is replaced by the next best. The biased
+attention runs on the gathered-tiles PyTorch path of the reference backend (the fused kernels
+take no per-tile bias), with one layout per batch element.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional
 
 from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
 
@@ -33,7 +33,7 @@ def _pool(t: torch.Tensor, block: int) -> torch.Tensor:
     """(B, N, h, D) -> (B, h, ceil(N / block), D) mean over each block's real tokens."""
     B, N, h, D = t.shape
     nb = -(-N // block)
-    padded = functional.pad(t, (0, 0, 0, 0, 0, nb * block - N)).reshape(B, nb, block, h, D).sum(dim=2)
+    padded = torch.nn.functional.pad(t, (0, 0, 0, 0, 0, nb * block - N)).reshape(B, nb, block, h, D).sum(dim=2)
     count = torch.full((nb,), float(block), dtype=t.dtype, device=t.device)
     count[-1] = N - (nb - 1) * block
     return (padded / count[None, :, None, None]).transpose(1, 2)
@@ -110,10 +110,11 @@ class AdaptiveBlockSparseAttention(nn.Module):
         causal = check_bool("is_causal", is_causal)
         layouts, scores = self.select(q, k, is_causal=causal)
         outs = []
+        nb = scores.shape[-1]
         for b, layout in enumerate(layouts):
-            # each selected tile's score, in the layout's CSR order
-            tile_scores = scores[b].reshape(-1, scores.shape[-1])[layout.tile_rows(), layout.col_indices.long()]
-            bias = functional.logsigmoid(tile_scores)
+            # log of each selected tile's weight: a softmax of the scores over the row's selected tiles
+            log_w = torch.log_softmax(scores[b].masked_fill(~layout.to_dense(), float("-inf")), dim=-1)
+            bias = log_w.reshape(-1, nb)[layout.tile_rows(), layout.col_indices.long()]  # CSR order
             out, _ = gathered_attention(
                 q[b : b + 1],
                 k[b : b + 1],
