@@ -26,8 +26,8 @@ see docs/benchmarks/dilated_h100.md):
 * ``"cpu"`` (CPU, any float dtype): ``aten._scaled_dot_product_flash_attention_for_cpu`` and its
   backward (GQA and a float mask supported).
 
-``key_bias``: (B, n) additive float in q's dtype, 0 = attend, -inf = padding key; it is broadcast
-to every head and row without materialising (B, h, n, n).
+``key_bias``: (B, nk) additive float in q's dtype, 0 = attend, -inf = padding key; it is broadcast
+to every head and row without materialising (B, h, nq, nk).
 
 The module also registers a :class:`attn_core.blocks.BlockImpl` for CUDA (:func:`ensure_block_impl`,
 idempotent and thread-safe, run at import) so ``block_forward`` / ``block_backward`` get the cuDNN path.
@@ -36,6 +36,7 @@ idempotent and thread-safe, run at import) so ``block_forward`` / ``block_backwa
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import torch
 
@@ -48,6 +49,7 @@ __all__ = [
     "ensure_block_impl",
     "kernel_for",
     "merge_strided_",
+    "strided_head_calls",
     "unsupported_reasons",
 ]
 
@@ -114,28 +116,25 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _bias4(key_bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
-    """(B, n) additive key bias -> (B, h, n, n) broadcast view (stride 0 on heads and rows)."""
+def _bias4(key_bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """(B, nk) additive key bias -> (B, h, nq, nk) broadcast view (stride 0 on heads and rows)."""
     if key_bias is None:
         return None
-    B, h, n, _ = q.shape
-    if key_bias.shape != (B, n) or key_bias.dtype != q.dtype:
-        raise ValueError(
-            f"key_bias must be ({B}, {n}) of dtype {q.dtype}, got {tuple(key_bias.shape)} {key_bias.dtype}"
-        )
+    B, h, nq, _ = q.shape
+    nk = k.shape[2]
     if key_bias.stride(-1) != 1 or key_bias.stride(0) % BIAS_ALIGN != 0:
-        padded = torch.zeros(B, -(-n // BIAS_ALIGN) * BIAS_ALIGN, dtype=q.dtype, device=q.device)
-        padded[:, :n] = key_bias
-        key_bias = padded[:, :n]
-    return key_bias[:, None, None, :].expand(B, h, n, n)
+        padded = torch.zeros(B, -(-nk // BIAS_ALIGN) * BIAS_ALIGN, dtype=q.dtype, device=q.device)
+        padded[:, :nk] = key_bias
+        key_bias = padded[:, :nk]
+    return key_bias[:, None, None, :].expand(B, h, nq, nk)
 
 
-def _empty_rows(key_bias: torch.Tensor, is_causal: bool) -> torch.Tensor:
-    """(B, n) bool: rows that see no attendable key (all keys, or all keys <= the row when causal, are -inf)."""
+def _empty_rows(key_bias: torch.Tensor, is_causal: bool, nq: int) -> torch.Tensor:
+    """(B, nq) bool: rows that see no attendable key (all keys, or all keys <= the row when causal, are -inf)."""
     masked = torch.isneginf(key_bias)
     if not is_causal:
-        return masked.all(dim=-1, keepdim=True).expand_as(masked)
-    # row t is empty iff keys 0..t are all masked: a running AND along the row index
+        return masked.all(dim=-1, keepdim=True).expand(masked.shape[0], nq)
+    # row t is empty iff keys 0..t are all masked: a running AND along the row index (nq == nk when causal)
     return torch.cumprod(masked.to(torch.int8), dim=-1).bool()
 
 
@@ -154,11 +153,22 @@ def _rng_placeholder(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pair
 
 
-def _check_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"expected q (B, h, n, D) and k, v (B, hk, n, D); got {tuple(q.shape)}, {tuple(k.shape)}")
+def _check_layout(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, key_bias: torch.Tensor | None
+) -> None:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"expected q (B, h, nq, D) and k, v (B, hk, nk, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"query heads {q.shape[1]} must be a positive multiple of kv heads {k.shape[1]}")
+    if is_causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"is_causal needs as many queries as keys here, got nq={q.shape[2]}, nk={k.shape[2]}")
+    if key_bias is not None and (key_bias.shape != (q.shape[0], k.shape[2]) or key_bias.dtype != q.dtype):
+        raise ValueError(
+            f"key_bias must be ({q.shape[0]}, {k.shape[2]}) of dtype {q.dtype}, "
+            f"got {tuple(key_bias.shape)} {key_bias.dtype}"
+        )
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim, got strides {t.stride()}")
@@ -173,13 +183,13 @@ def attention_forward(
     scale: float,
     key_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (B, h, n, D) in q's dtype and lse (B, h, n) fp32 (fp64 for fp64) for q (B, h, n, D), k/v (B, hk, n, D).
+    """out (B, h, nq, D) in q's dtype and lse (B, h, nq) fp32 (fp64 for fp64) for q (B, h, nq, D), k/v (B, hk, nk, D).
 
-    ``is_causal``: row t sees keys 0..t (q and k have the same n). Empty rows: out 0, lse -inf.
+    ``is_causal``: row t sees keys 0..t (needs nq == nk). key_bias: (B, nk). Empty rows: out 0, lse -inf.
     """
-    _check_layout(q, k, v)
+    _check_layout(q, k, v, is_causal, key_bias)
     if q.device.type == "cuda":
-        bias = _bias4(key_bias, q)
+        bias = _bias4(key_bias, q, k)
         res = _ATEN._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, is_causal, False, scale=scale)
         out, lse = res[0], res[1]
         lse = lse.reshape(q.shape[:3])  # cuDNN returns (B, h, n, 1)
@@ -189,7 +199,7 @@ def attention_forward(
     lse = lse.to(_lse_dtype(q.dtype))
     if key_bias is not None:
         # the CPU kernel reports lse 0 for a row whose keys are all masked; the contract is -inf
-        empty = _empty_rows(key_bias, is_causal)[:, None, :]
+        empty = _empty_rows(key_bias, is_causal, q.shape[2])[:, None, :]
         lse = lse.masked_fill(empty, float("-inf"))
         out = out.masked_fill(empty.unsqueeze(-1), 0.0)
     return out, lse
@@ -212,17 +222,17 @@ def attention_backward(
     Rows whose final lse is -inf (no key anywhere) get zero gradients. dk, dv are summed over the
     query heads that share a kv head (GQA).
     """
-    _check_layout(q, k, v)
+    _check_layout(q, k, v, is_causal, key_bias)
     # exp(s - (+inf)) = 0: rows that saw no key anywhere contribute nothing (and never NaN)
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     if q.device.type == "cuda":
-        bias = _bias4(key_bias, q)
+        bias = _bias4(key_bias, q, k)
         seed, offset = _rng_placeholder(q)
-        n = q.shape[2]
+        nq, nk = q.shape[2], k.shape[2]
         dq, dk, dv = _ATEN._scaled_dot_product_cudnn_attention_backward(
-            dout, q, k, v, out, lse.float().unsqueeze(-1), seed, offset, bias, None, None, n, n, 0.0, is_causal,
+            dout, q, k, v, out, lse.float().unsqueeze(-1), seed, offset, bias, None, None, nq, nk, 0.0, is_causal,
             scale=scale,
         )  # fmt: skip
         return dq, dk, dv
@@ -240,6 +250,36 @@ def attention_backward(
         scale=scale,
     )
     return dq, dk, dv
+
+
+def strided_head_calls(q_heads: Sequence[int], kv_heads: Sequence[int]) -> list[tuple[int, int, int, int, int, int]]:
+    """Split a strided run of query heads into kernel calls whose kv heads are a strided run too.
+
+    q_heads: an arithmetic run of query head indices; kv_heads[i]: the kv head query head
+    q_heads[i] reads. Returns (q_h0, q_hs, q_hn, kv_h0, kv_hs, kv_hn) per call; query head i of a
+    call reads kv head i // (q_hn // kv_hn) of the call (native GQA: K/V are never repeated).
+    """
+    n = len(q_heads)
+    if n == 0 or len(kv_heads) != n:
+        raise ValueError(f"need one kv head per query head, got {n} query heads and {len(kv_heads)} kv heads")
+    q_hs = q_heads[1] - q_heads[0] if n > 1 else 1
+    distinct = sorted(set(kv_heads))
+    if len(distinct) == n:  # one kv head per query head: a strided run?
+        kv_hs = kv_heads[1] - kv_heads[0] if n > 1 else 1
+        if all(kv_heads[i] == kv_heads[0] + i * kv_hs for i in range(n)):
+            return [(q_heads[0], q_hs, n, kv_heads[0], kv_hs, n)]
+    per = n // len(distinct)
+    if (
+        per * len(distinct) == n
+        and distinct == list(range(distinct[0], distinct[0] + len(distinct)))
+        and all(kv_heads[i] == distinct[0] + i // per for i in range(n))
+    ):  # consecutive query heads share consecutive kv heads
+        return [(q_heads[0], q_hs, n, distinct[0], 1, len(distinct))]
+    calls = []  # otherwise one call per kv head (its query heads are a consecutive part of the run)
+    for c in distinct:
+        run = [j for j, u in zip(q_heads, kv_heads) if u == c]
+        calls.append((run[0], q_hs, len(run), c, 1, 1))
+    return calls
 
 
 # Fused LSE merge (Triton): rows per program; the head dim is one power-of-two tile (D <= 256).

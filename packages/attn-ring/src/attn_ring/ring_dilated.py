@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from attn_core import sdpa_ops
 from attn_core.blocks import acc_dtype, block_backward, block_forward
 from attn_core.config import DilatedConfig
 from attn_core.merge import merge_into_
@@ -309,10 +310,6 @@ def _item_chunks(item: _Item, batch: int, head_dim: int, by_rows: bool) -> list[
 
 def _view_path_available(q: torch.Tensor) -> bool:
     """Whether attn_core.sdpa_ops takes this device, dtype and head dim (it reads strided views in place)."""
-    try:
-        from attn_core import sdpa_ops
-    except ImportError:  # an attn-core without the sdpa kernels: the gather path runs
-        return False
     if q.device.type == "cuda":
         try:
             import triton  # noqa: F401  (the fused merge on strided views)
@@ -519,30 +516,8 @@ def _backward_gather(
 
 
 def _kv_calls(heads: tuple[int, ...], kv_heads: tuple[int, ...]) -> list[tuple[int, int, int, int, int, int]]:
-    """Split an item's query heads (an arithmetic run) into calls whose kv heads are a strided run.
-
-    Returns (q_h0, q_hs, q_hn, kv_h0, kv_hs, kv_hn); query head i of a call reads kv head
-    i // (q_hn // kv_hn) of the call (native GQA, K/V never repeated).
-    """
-    n = len(heads)
-    q_hs = heads[1] - heads[0] if n > 1 else 1
-    distinct = sorted(set(kv_heads))
-    if len(distinct) == n:  # one kv head per query head: a strided run?
-        kv_hs = kv_heads[1] - kv_heads[0] if n > 1 else 1
-        if all(kv_heads[i] == kv_heads[0] + i * kv_hs for i in range(n)):
-            return [(heads[0], q_hs, n, kv_heads[0], kv_hs, n)]
-    per = n // len(distinct)
-    if (
-        per * len(distinct) == n
-        and distinct == list(range(distinct[0], distinct[0] + len(distinct)))
-        and all(kv_heads[i] == distinct[0] + i // per for i in range(n))
-    ):  # consecutive query heads share consecutive kv heads
-        return [(heads[0], q_hs, n, distinct[0], 1, len(distinct))]
-    calls = []  # otherwise one call per kv head (its query heads are a consecutive part of the run)
-    for c in distinct:
-        run = [j for j, u in zip(heads, kv_heads) if u == c]
-        calls.append((run[0], q_hs, len(run), c, 1, 1))
-    return calls
+    """Kernel calls (q_h0, q_hs, q_hn, kv_h0, kv_hs, kv_hn) of an item's heads: see sdpa_ops.strided_head_calls."""
+    return sdpa_ops.strided_head_calls(heads, kv_heads)
 
 
 def _view_calls(item: _Item, batch: int, head_dim: int) -> list[tuple[_Item, int | None]]:

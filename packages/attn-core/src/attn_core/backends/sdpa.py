@@ -109,26 +109,7 @@ def _lse_view(lse: torch.Tensor, p: Piece) -> torch.Tensor:
 
 def _kv_sets(q_heads: list[int], heads_per_kv: int) -> list[tuple[int, int, int, int, int, int]]:
     """Split a strided query-head set into calls (q_h0, q_hs, q_hn, kv_h0, kv_hs, kv_hn) whose kv heads are strided."""
-    kv = [j // heads_per_kv for j in q_heads]
-    q_hs = q_heads[1] - q_heads[0] if len(q_heads) > 1 else 1
-    n = len(q_heads)
-    if len(set(kv)) == n:  # 1:1, kv heads strided?
-        kv_hs = kv[1] - kv[0] if n > 1 else 1
-        if all(kv[i] == kv[0] + i * kv_hs for i in range(n)):
-            return [(q_heads[0], q_hs, n, kv[0], kv_hs, n)]
-    distinct = sorted(set(kv))
-    per = n // len(distinct)
-    if (
-        per * len(distinct) == n
-        and distinct == list(range(distinct[0], distinct[0] + len(distinct)))
-        and all(kv[i] == distinct[0] + i // per for i in range(n))
-    ):  # consecutive query heads share consecutive kv heads: native GQA
-        return [(q_heads[0], q_hs, n, distinct[0], 1, len(distinct))]
-    out = []  # general case: one call per kv head (its query heads are a strided run)
-    for c in distinct:
-        run = [j for j, kvj in zip(q_heads, kv) if kvj == c]
-        out.append((run[0], q_hs, len(run), c, 1, 1))
-    return out
+    return sdpa_ops.strided_head_calls(q_heads, [j // heads_per_kv for j in q_heads])
 
 
 def batch_mergeable(*tensors: torch.Tensor) -> bool:
