@@ -9,50 +9,31 @@ that cannot take the call raises ValueError with its reasons (never falls back).
 
 from __future__ import annotations
 
-import importlib
-import threading
 from types import ModuleType
 
 import torch
 
-from attn_core.api import BackendChoice
+from attn_core.registry import BackendChoice, BackendRegistry
 from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
 
 from .layout import BlockLayout
 
 __all__ = ["AUTO_ORDER", "BACKENDS", "BackendChoice", "block_sparse_attention", "explain", "last_backend"]
 
-AUTO_ORDER: tuple[str, ...] = ("triton", "flex", "reference")
-BACKENDS: tuple[str, ...] = AUTO_ORDER
-
-_MODULES: dict[str, ModuleType] = {}
-_MODULES_LOCK = threading.Lock()
-_LAST = threading.local()
-
-
-def _load(name: str) -> ModuleType | None:
-    """The backend module, or None when it is not part of this installation."""
-    with _MODULES_LOCK:
-        if name in _MODULES:
-            return _MODULES[name]
-    module_name = f"{__package__}.backends.{name}"
-    try:
-        mod = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise  # the backend exists but one of its own imports is broken: surface that
-        return None
-    with _MODULES_LOCK:
-        _MODULES[name] = mod
-    return mod
+REGISTRY = BackendRegistry("attn_sparse", ("triton", "flex", "reference"))
+AUTO_ORDER: tuple[str, ...] = REGISTRY.order
+BACKENDS: tuple[str, ...] = REGISTRY.order
 
 
 def _reasons(
-    name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, is_causal: bool, padded: bool
+    mod: ModuleType,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    is_causal: bool,
+    padded: bool,
 ) -> list[str]:
-    mod = _load(name)
-    if mod is None:
-        return [f"not installed (no module attn_sparse.backends.{name})"]
     reasons = list(mod.unsupported_reasons(q, k, v, layout, is_causal))
     if padded and not getattr(mod, "SUPPORTS_KEY_PADDING_MASK", False):
         reasons.append("no key_padding_mask support")
@@ -77,27 +58,19 @@ def _validate(
 
 
 def _choose(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, is_causal: bool, padded: bool, backend: str
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    is_causal: bool,
+    padded: bool,
+    backend: str,
+    *,
+    explain_all: bool = False,
 ) -> BackendChoice:
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, one of {('auto', *BACKENDS)}, got {backend!r}")
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; allowed: {('auto', *BACKENDS)}")
-    reasons = {name: _reasons(name, q, k, v, layout, is_causal, padded) for name in BACKENDS}
-    if backend != "auto":
-        if reasons[backend]:
-            raise ValueError(f"backend {backend!r} cannot take this input: {'; '.join(reasons[backend])}")
-        rejected = {n: tuple(r) for n, r in reasons.items() if n != backend}
-        return BackendChoice(backend, "pinned by backend=" + repr(backend), rejected)
-    for i, name in enumerate(AUTO_ORDER):
-        if not reasons[name]:
-            rejected = {n: tuple(r) for n, r in reasons.items() if n != name}
-            why = f"first backend in the auto order {list(AUTO_ORDER)} that takes this input"
-            skipped = [f"{n}: {'; '.join(reasons[n])}" for n in AUTO_ORDER[:i]]
-            if skipped:
-                why += "; skipped " + " | ".join(skipped)
-            return BackendChoice(name, why, rejected)
-    raise ValueError("no backend can take this input: " + "; ".join(f"{n}: {', '.join(r)}" for n, r in reasons.items()))
+    return REGISTRY.choose(
+        backend, lambda mod: _reasons(mod, q, k, v, layout, is_causal, padded), explain_all=explain_all
+    )
 
 
 def explain(
@@ -113,12 +86,12 @@ def explain(
 ) -> BackendChoice:
     """The backend :func:`block_sparse_attention` would run with these arguments, and why (runs nothing)."""
     layout, causal, _ = _validate(q, k, v, layout, is_causal, softmax_scale, key_padding_mask)
-    return _choose(q, k, v, layout, causal, key_padding_mask is not None, backend)
+    return _choose(q, k, v, layout, causal, key_padding_mask is not None, backend, explain_all=True)
 
 
 def last_backend() -> str | None:
     """Name of the backend the most recent :func:`block_sparse_attention` call in this thread ran."""
-    return getattr(_LAST, "backend", None)
+    return REGISTRY.last()
 
 
 def block_sparse_attention(
@@ -145,10 +118,10 @@ def block_sparse_attention(
     """
     layout, causal, scale = _validate(q, k, v, layout, is_causal, softmax_scale, key_padding_mask)
     choice = _choose(q, k, v, layout, causal, key_padding_mask is not None, backend)
-    mod = _load(choice.backend)
-    if mod is None:  # _choose only picks installed backends
+    mod = REGISTRY.load(choice.backend)
+    if mod is None:  # choose only picks installed backends
         raise RuntimeError(f"backend {choice.backend!r} disappeared after selection")
-    _LAST.backend = choice.backend
+    REGISTRY.record(choice.backend)
     if key_padding_mask is None:
         out: torch.Tensor = mod.block_sparse_attention(q, k, v, layout, causal, scale)
     else:
