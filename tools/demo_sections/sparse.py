@@ -18,7 +18,7 @@ import torch
 from demo import DemoRow
 
 from attn_core import reference
-from attn_core.testing import _FLOOR_ULPS, assert_close_to_reference, max_abs_error
+from attn_core.testing import assert_close_to_reference, max_abs_error, tolerance
 from attn_sparse import (
     PatternLibrary,
     bigbird,
@@ -88,12 +88,6 @@ def _grad_run(fn, q, k, v, dout):
     return [out.detach(), *torch.autograd.grad(out, leaves, dout.to(out.dtype))]
 
 
-def _tolerance(actual: torch.Tensor, ref: torch.Tensor, base: torch.Tensor) -> float:
-    """The bound assert_close_to_reference applies: max(2 x baseline error, an ulp floor)."""
-    mag = float(ref.abs().max()) if ref.numel() else 0.0
-    return max(2 * max_abs_error(base, ref), _FLOOR_ULPS * torch.finfo(actual.dtype).eps * max(mag, 1.0))
-
-
 # name, (B, N, H, Hkv, D), layout builder, is_causal
 CASES = [
     (
@@ -155,7 +149,7 @@ def _attention_rows(name, dtype, device) -> list[DemoRow]:
         ok, errs, tols, notes = True, [], [], []
         for i in idx:
             errs.append(max_abs_error(got[i], ref[i]))
-            tols.append(_tolerance(got[i], ref[i], base[i]))
+            tols.append(tolerance(got[i], ref[i], base[i]))
             try:
                 assert_close_to_reference(("out", "dq", "dk", "dv")[i], got[i], ref[i], base[i])
             except AssertionError as exc:
