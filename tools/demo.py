@@ -51,6 +51,66 @@ class DemoContext:
         return path
 
 
+def grad_run(fn, q, k, v, dout) -> list:  # type: ignore[no-untyped-def]
+    """[out, dq, dk, dv] of ``fn(q, k, v)`` on fresh leaves, with upstream gradient ``dout``."""
+    import torch
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out = fn(*leaves)
+    return [out.detach(), *torch.autograd.grad(out, leaves, dout.to(out.dtype))]
+
+
+def timed_grad_run(fn, q, k, v, dout) -> tuple[list, float]:  # type: ignore[no-untyped-def]
+    """grad_run after one warm-up call (compilation, caches); returns (results, fwd+bwd ms)."""
+    import torch
+
+    grad_run(fn, q, k, v, dout)
+    if q.is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    got = grad_run(fn, q, k, v, dout)
+    if q.is_cuda:
+        torch.cuda.synchronize()
+    return got, (time.perf_counter() - t0) * 1e3
+
+
+def reference_rows(
+    kind: str, got: list, ref: list, base: list, *, backend: str, why: str, ok: bool, time_ms: float, note: str
+) -> list[DemoRow]:
+    """A "fwd" row (out) and a "bwd" row (worst of dq, dk, dv) checked with the project's tolerance rule.
+
+    got / ref / base: [out, dq, dk, dv] from the code under test, the float64 reference and plain
+    PyTorch in the tested dtype. ok: extra condition (e.g. the backend that ran is the one explained).
+    """
+    from attn_core.testing import assert_close_to_reference, max_abs_error, tolerance
+
+    rows = []
+    for label, idx in (("fwd", [0]), ("bwd", [1, 2, 3])):
+        passed, errs, tols, notes = ok, [], [], []
+        for i in idx:
+            errs.append(max_abs_error(got[i], ref[i]))
+            tols.append(tolerance(got[i], ref[i], base[i]))
+            try:
+                assert_close_to_reference(("out", "dq", "dk", "dv")[i], got[i], ref[i], base[i])
+            except AssertionError as exc:
+                passed = False
+                notes.append(str(exc))
+        worst = max(range(len(errs)), key=lambda j: errs[j] / max(tols[j], 1e-30))
+        rows.append(
+            DemoRow(
+                kind=kind.format(label=label),
+                backend=backend,
+                why=why,
+                max_error=errs[worst],
+                tolerance=tols[worst],
+                time_ms=time_ms if label == "fwd" else None,
+                ok=passed,
+                note="; ".join(notes) or note,
+            )
+        )
+    return rows
+
+
 SECTIONS = ["dilated", "longnet", "sparse", "ring", "memory"]
 
 

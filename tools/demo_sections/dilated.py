@@ -9,13 +9,10 @@ dilated attention pattern (which keys each query sees, per head).
 
 from __future__ import annotations
 
-import time
-
 import torch
-from demo import DemoRow
+from demo import DemoRow, grad_run, reference_rows, timed_grad_run
 
 from attn_core import dilated_attention, explain, last_backend, reference
-from attn_core.testing import assert_close_to_reference, max_abs_error, tolerance
 
 # name, (B, N, H, Hkv, D), segment_lengths, dilation_rates, head_mode, is_causal, padding
 CONFIGS = [
@@ -23,13 +20,6 @@ CONFIGS = [
     ("all causal GQA pad N=500", (2, 500, 8, 2, 32), [32, 64, 128], [1, 2, 4], "all", True, True),
     ("split causal H=6 G=4", (1, 384, 6, 3, 32), [16, 32, 64, 128], [1, 2, 4, 8], "split", True, False),
 ]
-
-
-def _grad_run(fn, q, k, v, dout):
-    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    out = fn(*leaves)
-    grads = torch.autograd.grad(out, leaves, dout.to(out.dtype))
-    return [out.detach(), *grads]
 
 
 def _check(name, dtype, ctx_device):
@@ -47,44 +37,23 @@ def _check(name, dtype, ctx_device):
 
     choice = explain(q, k, v, seg, rates, **kw)
     run_auto = lambda a, b, c: dilated_attention(a, b, c, seg, rates, **kw)  # noqa: E731
-    _grad_run(run_auto, q, k, v, dout)  # warm-up: time the second call
-    if q.is_cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    got = _grad_run(run_auto, q, k, v, dout)
-    if q.is_cuda:
-        torch.cuda.synchronize()
-    ms = (time.perf_counter() - t0) * 1e3
+    got, ms = timed_grad_run(run_auto, q, k, v, dout)
     ran = last_backend() or "?"
-    ref = _grad_run(lambda a, b, c: reference.dilated_attention(a, b, c, seg, rates, **kw)[0], q, k, v, dout)
-    base = _grad_run(
+    ref = grad_run(lambda a, b, c: reference.dilated_attention(a, b, c, seg, rates, **kw)[0], q, k, v, dout)
+    base = grad_run(
         lambda a, b, c: reference.dilated_attention(a, b, c, seg, rates, dtype=dtype, **kw)[0].to(dtype), q, k, v, dout
     )
-    rows = []
-    for label, idx in (("fwd", [0]), ("bwd", [1, 2, 3])):
-        ok, errs, tols, notes = True, [], [], []
-        for i in idx:
-            tensor = ("out", "dq", "dk", "dv")[i]
-            errs.append(max_abs_error(got[i], ref[i]))
-            tols.append(tolerance(got[i], ref[i], base[i]))
-            try:
-                assert_close_to_reference(tensor, got[i], ref[i], base[i])
-            except AssertionError as exc:
-                ok = False
-                notes.append(str(exc))
-        worst = max(range(len(errs)), key=lambda j: errs[j] / max(tols[j], 1e-30))
-        rows.append(
-            DemoRow(
-                kind=f"dilated {label} {name} {str(dtype).removeprefix('torch.')}",
-                backend=ran,
-                why=choice.why + ("" if ran == choice.backend else f" (explain said {choice.backend})"),
-                max_error=errs[worst],
-                tolerance=tols[worst],
-                time_ms=ms if label == "fwd" else None,
-                ok=ok and ran == choice.backend,
-                note="; ".join(notes) or "tol = max(2x plain PyTorch error, 8-ulp floor); ms = fwd+bwd",
-            )
-        )
+    rows = reference_rows(
+        f"dilated {{label}} {name} {str(dtype).removeprefix('torch.')}",
+        got,
+        ref,
+        base,
+        backend=ran,
+        why=choice.why + ("" if ran == choice.backend else f" (explain said {choice.backend})"),
+        ok=ran == choice.backend,
+        time_ms=ms,
+        note="tol = max(2x plain PyTorch error, 8-ulp floor); ms = fwd+bwd",
+    )
     return rows, choice
 
 

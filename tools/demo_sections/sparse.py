@@ -15,10 +15,9 @@ import statistics
 import time
 
 import torch
-from demo import DemoRow
+from demo import DemoRow, grad_run, reference_rows, timed_grad_run
 
 from attn_core import reference
-from attn_core.testing import assert_close_to_reference, max_abs_error, tolerance
 from attn_sparse import (
     PatternLibrary,
     bigbird,
@@ -82,12 +81,6 @@ def _library_round_trip(ctx) -> DemoRow:
     )
 
 
-def _grad_run(fn, q, k, v, dout):
-    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    out = fn(*leaves)
-    return [out.detach(), *torch.autograd.grad(out, leaves, dout.to(out.dtype))]
-
-
 # name, (B, N, H, Hkv, D), layout builder, is_causal
 CASES = [
     (
@@ -122,20 +115,13 @@ def _attention_rows(name, dtype, device) -> list[DemoRow]:
     dout = torch.randn(B, N, H, D, generator=g).to(device, dtype)
     choice = explain(q, k, v, layout, is_causal=is_causal)
     run = lambda a, b, c: block_sparse_attention(a, b, c, layout, is_causal=is_causal)  # noqa: E731
-    _grad_run(run, q, k, v, dout)  # warm-up (compilation, caches): time the second call
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    got = _grad_run(run, q, k, v, dout)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    ms = (time.perf_counter() - t0) * 1e3
+    got, ms = timed_grad_run(run, q, k, v, dout)
     ran = last_backend() or "?"
     mask, bs = layout.to_dense(), layout.block_size
-    ref = _grad_run(
+    ref = grad_run(
         lambda a, b, c: reference.block_sparse_attention(a, b, c, mask, bs, is_causal=is_causal)[0], q, k, v, dout
     )
-    base = _grad_run(
+    base = grad_run(
         lambda a, b, c: reference.block_sparse_attention(a, b, c, mask, bs, is_causal=is_causal, dtype=dtype)[0].to(
             dtype
         ),
@@ -144,30 +130,17 @@ def _attention_rows(name, dtype, device) -> list[DemoRow]:
         v,
         dout,
     )
-    rows = []
-    for label, idx in (("fwd", [0]), ("bwd", [1, 2, 3])):
-        ok, errs, tols, notes = True, [], [], []
-        for i in idx:
-            errs.append(max_abs_error(got[i], ref[i]))
-            tols.append(tolerance(got[i], ref[i], base[i]))
-            try:
-                assert_close_to_reference(("out", "dq", "dk", "dv")[i], got[i], ref[i], base[i])
-            except AssertionError as exc:
-                ok = False
-                notes.append(str(exc))
-        worst = max(range(len(errs)), key=lambda j: errs[j] / max(tols[j], 1e-30))
-        rows.append(
-            DemoRow(
-                kind=f"sparse {label} {name} {str(dtype).removeprefix('torch.')}",
-                backend=ran,
-                why=choice.why + ("" if ran == choice.backend else f" (explain said {choice.backend})"),
-                max_error=errs[worst],
-                tolerance=tols[worst],
-                time_ms=ms if label == "fwd" else None,
-                ok=ok and ran == choice.backend,
-                note="; ".join(notes) or f"density {layout.density:.3f}; ms = fwd+bwd",
-            )
-        )
+    rows = reference_rows(
+        f"sparse {{label}} {name} {str(dtype).removeprefix('torch.')}",
+        got,
+        ref,
+        base,
+        backend=ran,
+        why=choice.why + ("" if ran == choice.backend else f" (explain said {choice.backend})"),
+        ok=ran == choice.backend,
+        time_ms=ms,
+        note=f"density {layout.density:.3f}; ms = fwd+bwd",
+    )
     return rows
 
 
