@@ -28,6 +28,8 @@ nox.options.error_on_missing_interpreters = True
 TORCH_VERSION = "2.13.0"
 LOCAL_TORCH_WHEELS = Path("/opt/wheels")
 TEST_TOOLS = ["pytest>=8", "hypothesis>=6.100", "numpy>=1.24"]
+# NVLink multicast stays off on the lent multi-GPU machines (see shared/GPU.md)
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 # package dir -> (sibling package dirs it declares, extras its tests need)
 PACKAGES: dict[str, tuple[list[str], str]] = {
@@ -102,17 +104,12 @@ def integration(session: nox.Session) -> None:
         .splitlines()[-1]
     )
     if n_gpus >= 1:
-        env = {
-            "NCCL_NVLS_ENABLE": "0",
-            "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-            "NVSHMEM_DISABLE_NVLS": "1",
-        }
         session.run(
             "torchrun",
             "--standalone",
             f"--nproc-per-node={n_gpus}",
             str(ROOT / "integration_tests" / "run_nccl.py"),
-            env=env,
+            env=NCCL_ENV,
             external=True,
         )
     else:
@@ -147,15 +144,28 @@ def demo(session: nox.Session) -> None:
     session.run("python", str(ROOT / "tools" / "demo.py"), "--out", str(ROOT / "demo-output"), *session.posargs)
 
 
-@nox.session(default=False)
+@nox.session(default=False, venv_backend="none")
 def bench(session: nox.Session) -> None:
-    """GPU benchmarks (tools/bench_*.py). Off by default; refuses to run without CUDA."""
+    """GPU benchmarks (tools/bench_*.py) with the machine's own CUDA torch, packages from source.
+
+    Off by default; refuses to run without CUDA. Results go to bench-output/<script>/ (copy what
+    you keep into docs/benchmarks/); the ring benchmarks run under torchrun on every GPU.
+    """
     _install_packages(session, list(PACKAGES))
-    has_cuda = session.run("python", "-c", "import torch; print(torch.cuda.is_available())", silent=True, external=True)
-    if "True" not in str(has_cuda):
+    n_gpus = int(
+        session.run("python", "-c", "import torch; print(torch.cuda.device_count())", silent=True, external=True)
+        .strip()
+        .splitlines()[-1]
+    )
+    if n_gpus == 0:
         session.error("nox -s bench needs a CUDA GPU; none is visible")
     for script in sorted((ROOT / "tools").glob("bench_*.py")):
-        session.run("python", str(script), *session.posargs, external=True)
+        out = ["--out", str(ROOT / "bench-output" / script.stem)]
+        if script.stem.startswith("bench_ring"):
+            launcher = ["torchrun", "--standalone", f"--nproc-per-node={n_gpus}"]
+            session.run(*launcher, str(script), *out, *session.posargs, env=NCCL_ENV, external=True)
+        else:
+            session.run("python", str(script), *out, *session.posargs, external=True)
 
 
 def _fresh_env(session: nox.Session, path: Path) -> Path:
