@@ -30,13 +30,6 @@ CASES = [
 TIMEOUT_S = 120.0
 
 
-def _tolerance(actual: torch.Tensor, ref: torch.Tensor, base: torch.Tensor) -> float:
-    from attn_core.testing import _FLOOR_ULPS, max_abs_error
-
-    mag = float(ref.abs().max()) if ref.numel() else 0.0
-    return max(2 * max_abs_error(base, ref), _FLOOR_ULPS * torch.finfo(actual.dtype).eps * max(mag, 1.0))
-
-
 def _fwd_bwd(fn: Any, leaves: list[torch.Tensor], dout: torch.Tensor) -> list[torch.Tensor]:
     xs = [t.detach().clone().requires_grad_(True) for t in leaves]
     out = fn(*xs)
@@ -49,7 +42,7 @@ def _rank_main(rank: int, world: int, port: int, backend: str, results: Any) -> 
     import torch.distributed as dist
 
     from attn_core import reference
-    from attn_core.testing import max_abs_error
+    from attn_core.testing import max_abs_error, tolerance
     from attn_ring import ring_attention, shard_sequence
 
     try:
@@ -93,7 +86,7 @@ def _rank_main(rank: int, world: int, port: int, backend: str, results: Any) -> 
                 r_shard = shard_sequence(ref[j], world, rank, layout=layout)
                 b_shard = shard_sequence(base[j], world, rank, layout=layout)
                 errs.append(max_abs_error(got[j], r_shard))
-                tols.append(_tolerance(got[j], r_shard, b_shard))
+                tols.append(tolerance(got[j], r_shard, b_shard))
             rows.append({"name": name, "errs": errs, "tols": tols, "ms": ms, "dtype": str(dtype).replace("torch.", "")})
         dist.destroy_process_group()
         results.put((rank, True, rows))
