@@ -229,3 +229,27 @@ def test_key_padding_mask_is_validated_and_explained() -> None:
         block_sparse_attention(q, k, v, layout, key_padding_mask=pad[:, :16])
     with pytest.raises(TypeError, match=r"torch\.bool"):
         block_sparse_attention(q, k, v, layout, key_padding_mask=pad.int())
+
+
+def test_empty_batch_and_empty_sequence_give_empty_outputs() -> None:
+    from attn_sparse import block_sparse_attention
+    from attn_sparse import patterns as P
+
+    layout = P.causal(32, block_size=16)
+    x = torch.randn(0, 32, 2, 16, requires_grad=True)
+    out = block_sparse_attention(x, x, x, layout, backend="reference")
+    assert out.shape == (0, 32, 2, 16)
+    out.sum().backward()
+    assert x.grad is not None
+    assert x.grad.shape == x.shape
+
+
+def test_layout_derived_cache_is_bounded() -> None:
+    from attn_sparse import patterns as P
+    from attn_sparse.layout import MAX_DERIVED_ENTRIES
+
+    layout = P.local_window(256, 64, block_size=16)
+    for n in range(MAX_DERIVED_ENTRIES * 2):
+        layout._cached(("probe", n), lambda n=n: torch.full((4,), n))
+    assert len(layout._cache) <= MAX_DERIVED_ENTRIES
+    assert ("probe", MAX_DERIVED_ENTRIES * 2 - 1) in layout._cache

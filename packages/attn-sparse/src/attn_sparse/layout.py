@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,6 +97,11 @@ def _crow_from_rows(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     return crow.to(torch.int32)
 
 
+# Derived data a layout keeps (device copies, transposed CSR, one flex BlockMask per (Nq, Nk, causal)):
+# bounded so that calls with many different sequence lengths cannot grow it without limit.
+MAX_DERIVED_ENTRIES = 16
+
+
 class BlockLayout:
     """Active (query block, key block) tiles of block-sparse attention, per head or shared.
 
@@ -134,7 +140,7 @@ class BlockLayout:
         crow, col = self._checked_csr(crow_indices, col_indices, self.num_heads, self.num_key_blocks)
         self.num_query_blocks = (crow.numel() - 1) // self.num_heads
         self._crow, self._col = crow, col
-        self._cache: dict[Any, Any] = {}
+        self._cache: OrderedDict[Any, Any] = OrderedDict()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ construction
@@ -155,7 +161,7 @@ class BlockLayout:
         self.num_heads = num_heads
         self.num_query_blocks = num_query_blocks
         self.num_key_blocks = num_key_blocks
-        self._cache = {}
+        self._cache = OrderedDict()
         self._lock = threading.Lock()
         return self
 
@@ -320,12 +326,18 @@ class BlockLayout:
         return self._crow.numel() * self._crow.element_size() + self._col.numel() * self._col.element_size()
 
     def _cached(self, key: Any, build: Any) -> Any:
+        """Derived data (device copies, transposed CSR, flex BlockMasks per sequence length), LRU-bounded."""
         with self._lock:
             if key in self._cache:
+                self._cache.move_to_end(key)
                 return self._cache[key]
         value = build()
         with self._lock:
-            return self._cache.setdefault(key, value)
+            value = self._cache.setdefault(key, value)
+            self._cache.move_to_end(key)
+            while len(self._cache) > MAX_DERIVED_ENTRIES:
+                self._cache.popitem(last=False)
+            return value
 
     def row_counts(self) -> torch.Tensor:
         """(num_heads, num_query_blocks) int32 number of active key blocks per query block."""
@@ -618,7 +630,7 @@ class BlockLayout:
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         self._crow, self._col, self.block_size, self.num_heads, self.num_query_blocks, self.num_key_blocks = state
-        self._cache = {}
+        self._cache = OrderedDict()
         self._lock = threading.Lock()
 
     def __eq__(self, other: object) -> bool:

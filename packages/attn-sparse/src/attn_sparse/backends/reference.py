@@ -52,6 +52,10 @@ def gathered_attention(
     """
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
+    if B == 0 or Nq == 0:  # nothing to attend from; keep the graph so q, k, v get (empty / zero) gradients
+        zero = q.sum() * 0 + k.sum() * 0 + v.sum() * 0
+        out = torch.zeros(B, Nq, H, D, dtype=q.dtype, device=q.device) + zero.to(q.dtype)
+        return out, torch.full((B, H, Nq), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
     G = H // Hkv
     bq, bk = layout.block_size
     nq, nk = layout.num_query_blocks, layout.num_key_blocks
