@@ -191,3 +191,11 @@ def test_dropout_is_unbiased_and_seeded():
     assert float(z.max()) < 5.0, f"dropout mean deviates from the undropped output by {float(z.max()):.1f} SE"
     # and the spread is real (p > 0 actually drops something in every output row)
     assert float(sem.min()) > 0
+
+
+def test_segment_longer_than_sequence_costs_like_the_sequence() -> None:
+    """w >> N selects the same positions as w = N rounded up to r; the backend must not pad to w."""
+    q, k, v = (torch.randn(1, 37, 2, 8, dtype=torch.float64) for _ in range(3))
+    out = dilated_attention(q, k, v, [3 * 2**20, 8], [3, 2], is_causal=True, backend="reference")
+    ref, _ = reference.dilated_attention(q, k, v, [3 * 2**20, 8], [3, 2], is_causal=True)
+    torch.testing.assert_close(out, ref)

@@ -258,3 +258,10 @@ def test_bad_module_inputs():
         lm(torch.tensor([[-1, 3]]))
     with pytest.raises(ValueError, match=re.escape("input_ids must have 2 dims (B, N), got shape (3,)")):
         lm(torch.tensor([1, 2, 3]))
+
+
+def test_zero_query_heads_is_rejected_with_the_gqa_rule() -> None:
+    q = torch.randn(2, 16, 0, 8)
+    k = torch.randn(2, 16, 1, 8)
+    with pytest.raises(ValueError, match="H=0 must be a positive multiple"):
+        dilated_attention(q, k, k, [4], [1], backend="reference")

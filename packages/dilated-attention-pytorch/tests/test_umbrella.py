@@ -69,3 +69,14 @@ def test_create_multihead_dilated_attention_runs_batch_first() -> None:
     out2, _ = layer(x2, x2, x2, is_causal=True)
     torch.testing.assert_close(out2[:, :5], out[:, :5])
     assert not torch.allclose(out2[:, 5:], out[:, 5:])
+
+
+def test_options_the_chosen_kind_does_not_take_raise_a_clear_type_error() -> None:
+    with pytest.raises(TypeError, match=r"DilatedAttention \(kind='dilated'\) does not take \['group'\]"):
+        dap.create_dilated_attention([4], [1], kind="dilated", group=None)
+    with pytest.raises(TypeError, match=r"RingDilatedAttention \(kind='ring'\) does not take \['dropout'\]"):
+        dap.create_dilated_attention([4], [1], kind="ring", dropout=0.1)
+    with pytest.raises(TypeError, match=r"kind='ring'\) does not take \['backend'\]"):
+        dap.create_multihead_dilated_attention(16, 2, [4], [1], kind="ring", backend="reference")
+    ring_layer = dap.create_multihead_dilated_attention(16, 2, [4], [1], kind="ring", timeout_s=5.0)
+    assert type(ring_layer).__name__ == "RingMultiheadDilatedAttention"

@@ -47,7 +47,6 @@ __all__ = [
     "attention_backward",
     "attention_forward",
     "ensure_block_impl",
-    "kernel_for",
     "merge_strided_",
     "strided_head_calls",
     "unsupported_reasons",
@@ -105,11 +104,6 @@ def unsupported_reasons(
             f"cuDNN attention needs head dim D % {CUDNN_HEAD_DIM_MULTIPLE} == 0 and D <= {CUDNN_MAX_HEAD_DIM}, got {head_dim}"
         )
     return reasons + _cudnn_device_reasons(device)
-
-
-def kernel_for(device: torch.device) -> str:
-    """The kernel this module runs on ``device``: "cudnn" on CUDA, "cpu" on CPU."""
-    return "cudnn" if device.type == "cuda" else "cpu"
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -49,7 +49,7 @@ def check_qkv(
         raise ValueError(f"head dim of k/v ({Dk}) must equal that of q ({D})")
     if D == 0:
         raise ValueError("head dim D must be positive, got 0")
-    if Hkv == 0 or H % Hkv != 0:
+    if H == 0 or Hkv == 0 or H % Hkv != 0:
         raise ValueError(f"number of query heads H={H} must be a positive multiple of kv heads Hkv={Hkv} (GQA)")
     if key_padding_mask is not None:
         check_key_padding_mask(key_padding_mask, B, Nk, q.device)

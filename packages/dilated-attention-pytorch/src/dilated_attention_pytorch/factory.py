@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 from typing import Any
 
 import torch
@@ -45,6 +46,19 @@ def resolve_kind(kind: str = "auto") -> tuple[str, str]:
     return kind, "requested explicitly"
 
 
+def _build(cls: type[nn.Module], kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> nn.Module:
+    """cls(*args, **kwargs), refusing options this kind's module does not take (instead of a bare TypeError)."""
+    params = inspect.signature(cls.__init__).parameters
+    accepted = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"{cls.__name__} (kind={kind!r}) does not take {unknown}; it takes {accepted}. "
+            "Pin kind= to the module whose options you pass."
+        )
+    return cls(*args, **kwargs)
+
+
 def create_dilated_attention(
     segment_lengths: list[int] | tuple[int, ...],
     dilation_rates: list[int] | tuple[int, ...],
@@ -61,7 +75,7 @@ def create_dilated_attention(
         cls = importlib.import_module("attn_ring").RingDilatedAttention
     else:
         cls = importlib.import_module("attn_core").DilatedAttention
-    return cls(segment_lengths, dilation_rates, **kwargs)
+    return _build(cls, resolved, (segment_lengths, dilation_rates), kwargs)
 
 
 def create_multihead_dilated_attention(
@@ -79,4 +93,4 @@ def create_multihead_dilated_attention(
         cls = importlib.import_module("attn_ring").RingMultiheadDilatedAttention
     else:
         cls = importlib.import_module("attn_core").MultiheadDilatedAttention
-    return cls(embed_dim, num_heads, segment_lengths, dilation_rates, **kwargs)
+    return _build(cls, resolved, (embed_dim, num_heads, segment_lengths, dilation_rates), kwargs)

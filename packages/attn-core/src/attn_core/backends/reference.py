@@ -94,6 +94,9 @@ def dilated_attention(call: DilatedCall) -> torch.Tensor:
         heads = cfg.heads_for_group(g, H)
         if len(heads) == 0:
             continue
+        # A segment longer than the sequence is one segment over all of it: shrink it to the smallest
+        # multiple of r that covers N, so cost follows N, not the configured w (same selection).
+        w = min(w, max(-(-N // r), 1) * r)
         segments = -(-N // w)
         padded = segments * w
         rows = w // r
