@@ -116,3 +116,25 @@ def test_torch_provider():
     t = p.acquire((2, 3), torch.bfloat16, "cpu")
     assert t.shape == (2, 3) and t.dtype == torch.bfloat16
     p.release(t)
+
+
+def test_buffer_managers_reject_unknown_devices_with_value_error() -> None:
+    import memory_runtime.buffers as b
+
+    with pytest.raises(ValueError, match="device must name a torch device"):
+        b.Workspace("nope")
+
+
+def test_monitor_rejects_nan_interval_and_duration() -> None:
+    from memory_runtime.monitor import main
+
+    for flag in ("--interval", "--duration"):
+        with pytest.raises(SystemExit):
+            main(["--once", "--json", flag, "nan"])
+
+
+def test_cpulist_with_zero_stride_is_malformed() -> None:
+    from memory_runtime.numa import parse_cpulist
+
+    with pytest.raises(ValueError, match="malformed cpulist range"):
+        parse_cpulist("0-3:0")

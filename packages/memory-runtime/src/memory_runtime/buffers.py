@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .pools import _as_shape, _check_dtype
+from .pools import _as_shape, _check_dtype, resolve_device
 
 __all__ = ["BufferProvider", "KVCacheBlocks", "KVCacheFullError", "RingDoubleBuffers", "TorchProvider", "Workspace"]
 
@@ -89,7 +89,7 @@ class KVCacheBlocks:
         self.head_dim = _positive_int("head_dim", head_dim)
         self.num_layers = _positive_int("num_layers", num_layers)
         self.dtype = _check_dtype(dtype)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self._provider = _check_provider(provider)
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         self.k_cache = self._provider.acquire(shape, dtype, self.device)
@@ -247,7 +247,7 @@ class RingDoubleBuffers:
             raise ValueError(f"shapes must be a non-empty list of shapes, got {shapes!r}")
         self.shapes = [_as_shape(s) for s in shapes]
         self.dtype = _check_dtype(dtype)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self._provider = _check_provider(provider)
         self._slots = [tuple(self._provider.acquire(s, dtype, self.device) for s in self.shapes) for _ in range(2)]
         self.step = 0
@@ -293,7 +293,7 @@ class Workspace:
     """
 
     def __init__(self, device: str | torch.device = "cpu", *, provider: BufferProvider | None = None) -> None:
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self._provider = _check_provider(provider)
         self._buffers: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()

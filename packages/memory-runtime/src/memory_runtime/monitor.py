@@ -24,6 +24,7 @@ Keys are only ever added to this schema, never renamed or removed, within versio
 from __future__ import annotations
 
 import json
+import math
 import socket
 import sys
 import time
@@ -210,9 +211,9 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     ap.add_argument("--plot", default=None, help="write a PNG timeline of the samples here")
     ap.add_argument("--sysfs-root", default="/sys", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.interval <= 0:
+    if not (math.isfinite(args.interval) and args.interval > 0):
         ap.error(f"--interval must be > 0, got {args.interval}")
-    if args.duration is not None and args.duration < 0:
+    if args.duration is not None and not (math.isfinite(args.duration) and args.duration >= 0):
         ap.error(f"--duration must be >= 0, got {args.duration}")
     samples: list[dict[str, Any]] = []
     live = not args.json and not args.once and out.isatty()

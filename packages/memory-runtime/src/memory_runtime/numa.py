@@ -54,8 +54,8 @@ def parse_cpulist(text: str) -> list[int]:
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) else lo
         step = int(m.group(3)) if m.group(3) else 1
-        if hi < lo:
-            raise ValueError(f"malformed cpulist range {part!r} in {text!r}: end before start")
+        if hi < lo or step == 0:
+            raise ValueError(f"malformed cpulist range {part!r} in {text!r}: end before start or zero stride")
         out.extend(range(lo, hi + 1, step))
     return out
 

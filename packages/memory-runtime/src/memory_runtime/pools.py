@@ -309,6 +309,26 @@ def _check_dtype(dtype: Any) -> torch.dtype:
     return dtype
 
 
+def resolve_device(device: torch.device | str | int | None) -> torch.device:
+    """A concrete CUDA device (with index) or the CPU; None picks CUDA when present. ValueError otherwise."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must name a torch device such as 'cuda:0' or 'cpu', got {device!r}") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be a CUDA device or 'cpu', got {device!r}")
+    return dev
+
+
 class DeviceBufferPool:
     """Size-bucketed buffers carved from a few large slabs on one device.
 
@@ -332,21 +352,7 @@ class DeviceBufferPool:
         max_bytes: int | None = None,
         stream_ops: StreamOps | None = None,
     ) -> None:
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device must name a torch device such as 'cuda:0' or 'cpu', got {device!r}") from exc
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ValueError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
-            if dev.index is None:
-                dev = torch.device("cuda", torch.cuda.current_device())
-            if dev.index >= torch.cuda.device_count():
-                raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-        elif dev.type != "cpu":
-            raise ValueError(f"device must be a CUDA device or 'cpu', got {device!r}")
+        dev = resolve_device(device)
         default_slab = (256 << 20) if dev.type == "cuda" else (16 << 20)
         slab = default_slab if slab_bytes is None else slab_bytes
         if isinstance(slab, bool) or not isinstance(slab, int) or slab < ALIGNMENT:
