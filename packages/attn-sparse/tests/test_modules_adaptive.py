@@ -168,3 +168,18 @@ def test_adaptive_learns_a_planted_block_structure() -> None:
     assert before < 0.5  # chance is 1 / (nb - 1)
     assert after >= 0.75, (before, after)
     assert sum(losses[-10:]) < 0.3 * sum(losses[:10])
+
+
+def test_module_arguments_are_validated_early() -> None:
+    from attn_sparse import BlockSparseAttention, MultiheadBlockSparseAttention
+    from attn_sparse import patterns as P
+
+    with pytest.raises(ValueError, match="backend must be one of"):
+        BlockSparseAttention(backend="trtion")
+    with pytest.raises(ValueError, match="softmax_scale"):
+        BlockSparseAttention(softmax_scale=-1.0)
+    m = MultiheadBlockSparseAttention(16, 2, layout=P.causal(32, block_size=16))
+    with pytest.raises(ValueError, match="one batch size"):
+        m(torch.randn(2, 32, 16), torch.randn(3, 32, 16), torch.randn(3, 32, 16))
+    with pytest.raises(TypeError, match="differs from the module's parameters"):
+        m(*(torch.randn(2, 32, 16, dtype=torch.float64),) * 3)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .api import block_sparse_attention
+from attn_core.validation import resolve_softmax_scale
+
+from .api import BACKENDS, block_sparse_attention
 from .layout import BlockLayout
 
 __all__ = ["BlockSparseAttention", "MultiheadBlockSparseAttention"]
@@ -31,6 +33,10 @@ class BlockSparseAttention(nn.Module):
         super().__init__()
         if layout is not None and not isinstance(layout, BlockLayout):
             raise TypeError(f"layout must be a BlockLayout or None, got {type(layout).__name__}")
+        if softmax_scale is not None:
+            resolve_softmax_scale(softmax_scale, 1)  # fail at construction, not at the first forward
+        if not isinstance(backend, str) or backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
         self.layout = layout
         self.softmax_scale = softmax_scale
         self.backend = backend
@@ -113,6 +119,15 @@ class MultiheadBlockSparseAttention(nn.Module):
                 raise ValueError(f"{name} must be (B, N, embed_dim={self.embed_dim}), got {got}")
         B, Nq, _ = query.shape
         Nk = key.shape[1]
+        if key.shape[:2] != value.shape[:2] or key.shape[0] != B:
+            raise ValueError(
+                f"query (B={B}), key {tuple(key.shape)} and value {tuple(value.shape)} need one batch size, "
+                "and key and value one length"
+            )
+        weight_dtype = self.q_proj.weight.dtype
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dtype != weight_dtype:
+                raise TypeError(f"{name} dtype {t.dtype} differs from the module's parameters ({weight_dtype})")
         q = self.q_proj(query).reshape(B, Nq, self.num_heads, self.head_dim)
         k = self.k_proj(key).reshape(B, Nk, self.num_kv_heads, self.head_dim)
         v = self.v_proj(value).reshape(B, Nk, self.num_kv_heads, self.head_dim)
