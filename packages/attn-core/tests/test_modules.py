@@ -178,3 +178,10 @@ def test_dilated_attention_module_explains_what_forward_runs():
         assert choice == expected
         mod(q, k, v, is_causal=True)
         assert last_backend() == choice.backend
+
+
+def test_multihead_input_dtype_must_match_parameters() -> None:
+    layer = MultiheadDilatedAttention(16, 2, [4], [1])
+    x = torch.randn(1, 8, 16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="differs from the module's parameters"):
+        layer(x, x, x)

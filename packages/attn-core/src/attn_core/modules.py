@@ -204,6 +204,10 @@ class MultiheadDilatedAttention(nn.Module):
                 raise ValueError(f"{name} last dim must be embed_dim={self.embed_dim}, got shape {tuple(t.shape)}")
             if not t.dtype.is_floating_point:
                 raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+            if t.dtype != self.q_proj.weight.dtype and not torch.is_autocast_enabled(t.device.type):
+                raise TypeError(
+                    f"{name} dtype {t.dtype} differs from the module's parameters ({self.q_proj.weight.dtype})"
+                )
             if t.device != self.q_proj.weight.device:
                 raise ValueError(
                     f"{name} is on {t.device} but the module's parameters are on {self.q_proj.weight.device}"
