@@ -20,24 +20,16 @@ from torch.nn.functional import gelu, linear, relu
 from torch.utils.checkpoint import checkpoint
 
 from .modules import MultiheadDilatedAttention
-from .validation import FLOAT_DTYPES, check_dropout
+from .validation import FLOAT_DTYPES, check_dropout, check_positive_int
 
 __all__ = ["LongNetDecoderLayer", "LongNetEncoderLayer", "LongNetLM", "magneto_gamma"]
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": gelu, "relu": relu}
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
-
-
 def magneto_gamma(num_layers: int) -> float:
     """MAGNETO init gain sqrt(log(2L)) for an encoder-only or decoder-only stack of L layers."""
-    return math.sqrt(math.log(2 * _positive_int("num_layers", num_layers)))
+    return math.sqrt(math.log(2 * check_positive_int("num_layers", num_layers)))
 
 
 class _LongNetLayer(nn.Module):
@@ -71,7 +63,7 @@ class _LongNetLayer(nn.Module):
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         check_dropout(attention_dropout, "attention_dropout")
-        ff = 4 * d_model if dim_feedforward is None else _positive_int("dim_feedforward", dim_feedforward)
+        ff = 4 * d_model if dim_feedforward is None else check_positive_int("dim_feedforward", dim_feedforward)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         # MultiheadDilatedAttention validates d_model, nhead, the dilated config, dropout, dtype.
         self.self_attn = MultiheadDilatedAttention(
@@ -174,9 +166,9 @@ class LongNetLM(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.vocab_size = _positive_int("vocab_size", vocab_size)
-        self.d_model = _positive_int("d_model", d_model)
-        self.num_layers = _positive_int("num_layers", num_layers)
+        self.vocab_size = check_positive_int("vocab_size", vocab_size)
+        self.d_model = check_positive_int("d_model", d_model)
+        self.num_layers = check_positive_int("num_layers", num_layers)
         if not isinstance(tie_weights, bool):
             raise TypeError(f"tie_weights must be a bool, got {tie_weights!r}")
         if not isinstance(gradient_checkpointing, bool):

@@ -18,7 +18,7 @@ from torch import nn
 
 from .api import BACKENDS, BackendChoice, dilated_attention, explain
 from .config import DilatedConfig
-from .validation import FLOAT_DTYPES, check_dropout, resolve_softmax_scale
+from .validation import FLOAT_DTYPES, check_dropout, check_positive_int, resolve_softmax_scale
 
 __all__ = ["DilatedAttention", "MultiheadDilatedAttention"]
 
@@ -29,14 +29,6 @@ def _check_backend(backend: object) -> str:
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; allowed: {('auto', *BACKENDS)}")
     return backend
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
 
 
 class DilatedAttention(nn.Module):
@@ -156,11 +148,11 @@ class MultiheadDilatedAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        embed_dim = _check_positive_int("embed_dim", embed_dim)
-        num_heads = _check_positive_int("num_heads", num_heads)
+        embed_dim = check_positive_int("embed_dim", embed_dim)
+        num_heads = check_positive_int("num_heads", num_heads)
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
-        kv_heads = num_heads if num_kv_heads is None else _check_positive_int("num_kv_heads", num_kv_heads)
+        kv_heads = num_heads if num_kv_heads is None else check_positive_int("num_kv_heads", num_kv_heads)
         if num_heads % kv_heads != 0:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={kv_heads} (GQA)")
         if isinstance(gamma_init, bool) or not isinstance(gamma_init, (int, float)) or not gamma_init > 0:
