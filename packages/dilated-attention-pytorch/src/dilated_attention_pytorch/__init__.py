@@ -2,6 +2,10 @@
 
 Re-exports attn_core always, and attn_sparse, attn_ring and memory_runtime when their extras
 are installed ([sparse], [ring], [memory], [all]); plus the factories.
+
+Names several packages define (``explain``, ``last_backend``, ``BACKENDS``, ``AUTO_ORDER``,
+``BackendChoice``) are attn_core's here; reach the others through their package, e.g.
+``dilated_attention_pytorch.attn_sparse.explain``.
 """
 
 from __future__ import annotations
