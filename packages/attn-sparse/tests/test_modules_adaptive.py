@@ -183,3 +183,12 @@ def test_module_arguments_are_validated_early() -> None:
         m(torch.randn(2, 32, 16), torch.randn(3, 32, 16), torch.randn(3, 32, 16))
     with pytest.raises(TypeError, match="differs from the module's parameters"):
         m(*(torch.randn(2, 32, 16, dtype=torch.float64),) * 3)
+
+
+def test_adaptive_on_empty_inputs_returns_empty_outputs() -> None:
+    from attn_sparse import AdaptiveBlockSparseAttention
+
+    m = AdaptiveBlockSparseAttention(16, top_k=2, block_size=16)
+    for shape in ((1, 0, 2, 16), (0, 32, 2, 16)):
+        x = torch.randn(*shape)
+        assert m(x, x, x).shape == shape
