@@ -35,19 +35,26 @@ idempotent and thread-safe, run at import) so ``block_forward`` / ``block_backwa
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from collections.abc import Sequence
 
 import torch
 
 from . import blocks
+from .merge import merge_into_
+
+# The fused merge is a Triton kernel; attn-core installed without [triton] merges with merge_into_.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 __all__ = [
     "CUDNN_MAX_HEAD_DIM",
     "attention_backward",
     "attention_forward",
     "ensure_block_impl",
+    "key_bias_from_mask",
     "merge_strided_",
+    "merge_views_",
     "strided_head_calls",
     "unsupported_reasons",
 ]
@@ -274,6 +281,22 @@ def strided_head_calls(q_heads: Sequence[int], kv_heads: Sequence[int]) -> list[
         run = [j for j, u in zip(q_heads, kv_heads) if u == c]
         calls.append((run[0], q_hs, len(run), c, 1, 1))
     return calls
+
+
+def key_bias_from_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive key bias of a bool padding mask (True = padding): -inf there, 0 elsewhere; None passes through."""
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+
+
+def merge_views_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor, lse_blk: torch.Tensor) -> None:
+    """In-place LSE merge on strided (B, h, n, D) / (B, h, n) views: the fused Triton pass on CUDA when
+    triton is installed, else :func:`attn_core.merge.merge_into_` on transposed views (same math)."""
+    if out_acc.is_cuda and _HAS_TRITON:
+        merge_strided_(out_acc, lse_acc, out_blk, lse_blk)
+    else:
+        merge_into_(out_acc.transpose(1, 2), lse_acc, out_blk.transpose(1, 2), lse_blk)
 
 
 # Fused LSE merge (Triton): rows per program; the head dim is one power-of-two tile (D <= 256).

@@ -551,23 +551,6 @@ def _view(x: torch.Tensor, it: _Item, b: int | None, h0: int, hs: int, hn: int) 
     return view[..., 0] if squeeze else view
 
 
-def _key_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """(batch', rows) additive bias: -inf at padding keys, 0 elsewhere."""
-    if mask is None:
-        return None
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
-
-
-def _merge_views(o_acc: torch.Tensor, l_acc: torch.Tensor, o: torch.Tensor, l: torch.Tensor) -> None:
-    """In-place LSE merge on strided (batch, h, rows, D) / (batch, h, rows) views."""
-    from attn_core import sdpa_ops
-
-    if o_acc.is_cuda:
-        sdpa_ops.merge_strided_(o_acc, l_acc, o, l)  # fused, one pass
-    else:
-        merge_into_(o_acc.transpose(1, 2), l_acc, o.transpose(1, 2), l)
-
-
 def _forward_views(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -596,9 +579,9 @@ def _forward_views(
                 qv = _view(q, it, b, it.heads[0], hstep, h).transpose(1, 2)  # (B, T, h, D)
                 o, l = block_forward(qv, kr, vr, is_causal=False, softmax_scale=call.scale, key_padding_mask=mr)
                 o_acc, l_acc = _view(out, it, b, it.heads[0], hstep, h), _view(lse, it, b, it.heads[0], hstep, h)
-                _merge_views(o_acc, l_acc, o.transpose(1, 2), l)
+                sdpa_ops.merge_views_(o_acc, l_acc, o.transpose(1, 2), l)
                 continue
-            bias = None if mask3 is None else _key_bias(_view(mask3, it, b, 0, 1, 1)[:, 0], q.dtype)
+            bias = None if mask3 is None else sdpa_ops.key_bias_from_mask(_view(mask3, it, b, 0, 1, 1)[:, 0], q.dtype)
             for qh0, qhs, qhn, kh0, khs, khn in _kv_calls(it.heads, it.kv_heads):
                 o, l = sdpa_ops.attention_forward(
                     _view(q, it, b, qh0, qhs, qhn),
@@ -608,7 +591,7 @@ def _forward_views(
                     scale=call.scale,
                     key_bias=bias,
                 )
-                _merge_views(_view(out, it, b, qh0, qhs, qhn), _view(lse, it, b, qh0, qhs, qhn), o, l)
+                sdpa_ops.merge_views_(_view(out, it, b, qh0, qhs, qhn), _view(lse, it, b, qh0, qhs, qhn), o, l)
 
 
 def _backward_views(
@@ -655,7 +638,7 @@ def _backward_views(
                 drecv[0].index_add_(1, ridx, dk_c.reshape(B, -1, D).to(drecv.dtype))
                 drecv[1].index_add_(1, ridx, dv_c.reshape(B, -1, D).to(drecv.dtype))
                 continue
-            bias = None if mask3 is None else _key_bias(_view(mask3, it, b, 0, 1, 1)[:, 0], q.dtype)
+            bias = None if mask3 is None else sdpa_ops.key_bias_from_mask(_view(mask3, it, b, 0, 1, 1)[:, 0], q.dtype)
             for qh0, qhs, qhn, kh0, khs, khn in _kv_calls(it.heads, it.kv_heads):
                 dq_c, dk_c, dv_c = sdpa_ops.attention_backward(
                     _view(dout, it, b, qh0, qhs, qhn),

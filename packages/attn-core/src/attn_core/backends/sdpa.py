@@ -26,7 +26,6 @@ view of the mask only when a mask is given; fully padded rows give 0. Dropout is
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,13 +33,9 @@ import torch
 
 from .. import sdpa_ops
 from ..config import DilatedCall, DilatedConfig
-from ..merge import merge_into_
 
 NAME = "sdpa"
 
-# The fused merge is a Triton kernel; without triton (attn-core installed without [triton]) the
-# portable merge_into_ runs instead.
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # Upper bound on the query elements one kernel call reads, as a fraction of q: bounds the call's
 # temporaries (its out in forward; dq, dk, dv in backward) to a few percent of the inputs.
@@ -164,9 +159,7 @@ def _key_bias(mask: torch.Tensor | None, p: Piece, dtype: torch.dtype) -> torch.
     """(batch*segments, rows) additive bias (-inf at padding keys) from a strided view of the (B, N) mask."""
     if mask is None:
         return None
-    m = piece_view(mask[:, :, None, None], p, 0, 1, 1)[:, 0, :, 0]
-    bias = torch.zeros(m.shape, dtype=dtype, device=mask.device)
-    return bias.masked_fill_(m, float("-inf"))
+    return sdpa_ops.key_bias_from_mask(piece_view(mask[:, :, None, None], p, 0, 1, 1)[:, 0, :, 0], dtype)
 
 
 class _DilatedSDPA(torch.autograd.Function):
@@ -200,11 +193,8 @@ class _DilatedSDPA(torch.autograd.Function):
             if p.first:
                 o_v.copy_(o_c)
                 l_v.copy_(l_c)
-            elif q.is_cuda and _HAS_TRITON:
-                sdpa_ops.merge_strided_(o_v, l_v, o_c, l_c)  # fused: one pass, no fp32 temporaries
             else:
-                # merge_into_ works on (batch, rows, heads, D) / (batch, heads, rows): transposed views
-                merge_into_(o_v.transpose(1, 2), l_v, o_c.transpose(1, 2), l_c)
+                sdpa_ops.merge_views_(o_v, l_v, o_c, l_c)  # fused on CUDA: one pass, no fp32 temporaries
         ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.config, ctx.is_causal, ctx.scale = config, is_causal, scale
         return out
