@@ -224,6 +224,7 @@ def main() -> int:
     res: dict[str, Any] = {
         "env": {
             "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+            "device": dev.type,
             "world_size": world,
             "torch": torch.__version__,
             "triton": _triton_version(),
@@ -353,25 +354,25 @@ def _write(res: dict[str, Any], out: Path) -> None:
         "Correctness (fwd+bwd vs float64 reference, 2x plain-bf16 rule): "
         + ", ".join(f"{r['case']}: {'ok' if r['ok'] else 'FAIL'}" for r in res["correctness"]),
         "",
-        "| N | causal | layout | ring ms | ring TFLOP/s/GPU | serialized ms | vs 1-GPU cuDNN | torch context_parallel |",
+        "| N | causal | layout | ring ms | ring TFLOP/s/GPU | serialized ms | vs 1-device SDPA | torch context_parallel |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in res["ring"]:
         nat = r.get("native_context_parallel", {})
-        nat_s = f"{nat['tflops_per_gpu']:.0f} TFLOP/s/GPU" if nat.get("status") == "ok" else nat.get("status", "-")
+        nat_s = f"{nat['tflops_per_gpu']:.3g} TFLOP/s/GPU" if nat.get("status") == "ok" else nat.get("status", "-")
         ser = f"{r['serialized_ms']:.1f}" if "serialized_ms" in r else "- (W=1)"
         vs = f"{r['vs_anchor']:.2f}" if r.get("vs_anchor") else "-"
         lines.append(
-            f"| {r['N']} | {r['causal']} | {r['layout']} | {r['overlap_ms']:.1f} | {r['overlap_tflops_per_gpu']:.0f} | {ser} | {vs} | {nat_s} |"
+            f"| {r['N']} | {r['causal']} | {r['layout']} | {r['overlap_ms']:.1f} | {r['overlap_tflops_per_gpu']:.3g} | {ser} | {vs} | {nat_s} |"
         )
-    lines += ["", "Anchor (single-GPU SDPA cuDNN fwd+bwd): "]
+    lines += ["", f"Anchor (one device, SDPA {'cuDNN' if env['device'] == 'cuda' else 'math'} fwd+bwd):"]
     for key, a in res["anchor_sdpa_cudnn_1gpu"].items():
         lines.append(
-            f"- {key}: N={a['N']}, {a['ms']:.1f} ms, {a['tflops']:.0f} TFLOP/s" if a["tflops"] else f"- {key}: -"
+            f"- {key}: N={a['N']}, {a['ms']:.1f} ms, {a['tflops']:.3g} TFLOP/s" if a["tflops"] else f"- {key}: -"
         )
     lines += ["", "| weak scaling GPUs | N | ms | TFLOP/s/GPU | efficiency |", "|---|---|---|---|---|"]
     for r in res["weak_scaling"]:
-        lines.append(f"| {r['gpus']} | {r['N']} | {r['ms']:.1f} | {r['tflops_per_gpu']:.0f} | {r['efficiency']:.2f} |")
+        lines.append(f"| {r['gpus']} | {r['N']} | {r['ms']:.1f} | {r['tflops_per_gpu']:.3g} | {r['efficiency']:.2f} |")
     table = "\n".join(lines)
     (out / "ring_bench.md").write_text(table + "\n")
     print(table, flush=True)
