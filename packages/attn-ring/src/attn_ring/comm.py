@@ -168,11 +168,11 @@ class RingComm:
     def _global(self, group_rank: int) -> int:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
 
-    def handshake(self, descriptor: Mapping[str, int]) -> None:
+    def handshake(self, descriptor: Mapping[str, int], label: str = "ring attention") -> None:
         """All-gather ``descriptor`` ({name: int}); ValueError on every rank if any rank's values differ."""
         names = list(descriptor)
         values = [int(descriptor[n]) for n in names]
-        handshake(values, names, self.group, self.timeout_s)
+        handshake(values, names, self.group, self.timeout_s, label)
 
     def _receive_buffers(self, tensors: Sequence[torch.Tensor], channel: str) -> tuple[list[torch.Tensor], int]:
         spec = [(tuple(t.shape), t.dtype) for t in tensors]

@@ -118,11 +118,15 @@ def is_nccl(group: dist.ProcessGroup | None) -> bool:
 
 
 def handshake(
-    signature: Sequence[int], names: Sequence[str], group: dist.ProcessGroup | None, timeout_s: float
+    signature: Sequence[int],
+    names: Sequence[str],
+    group: dist.ProcessGroup | None,
+    timeout_s: float,
+    label: str = "ring",
 ) -> None:
     """All-gather ``signature`` (ints) and raise ValueError on every rank if any rank differs.
 
-    ``names`` labels the entries for the error message.
+    ``names`` labels the entries for the error message; ``label`` names the caller (e.g. "ring attention").
     """
     rank, world = group_rank_and_size(group)
     if world == 1:
@@ -133,7 +137,7 @@ def handshake(
     work = dist.all_gather(gathered, mine, group=group, async_op=True)
     if work is None:  # async_op=True always returns a handle; guard for type checkers
         raise RuntimeError("all_gather(async_op=True) returned no work handle")
-    wait_all([work], timeout_s, "ring dilated handshake (all_gather of the call signature)")
+    wait_all([work], timeout_s, f"{label} handshake (all_gather of the call signature)")
     rows = [g.tolist() for g in gathered]
     bad = [
         f"rank {r}: {name}={theirs} (rank {rank} has {ours})"
@@ -142,7 +146,7 @@ def handshake(
         if theirs != ours
     ]
     if bad:
-        raise ValueError("ranks called with mismatched configurations: " + "; ".join(bad))
+        raise ValueError(f"{label}: ranks called with mismatched configurations: " + "; ".join(bad))
 
 
 def post_exchange(

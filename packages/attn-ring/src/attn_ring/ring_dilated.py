@@ -798,7 +798,13 @@ def ring_dilated_attention(
     scale = resolve_softmax_scale(softmax_scale, D)
     timeout_s = check_timeout(timeout_s)
     rank, world = group_rank_and_size(group)
-    handshake(_signature(q, k, cfg, causal, key_padding_mask is not None, scale), _SIGNATURE_NAMES, group, timeout_s)
+    handshake(
+        _signature(q, k, cfg, causal, key_padding_mask is not None, scale),
+        _SIGNATURE_NAMES,
+        group,
+        timeout_s,
+        "ring dilated attention",
+    )
     plan = plan_ring_dilated(
         n * world, world, H, Hkv, cfg.segment_lengths, cfg.dilation_rates, is_causal=causal, head_mode=cfg.head_mode
     )

@@ -391,7 +391,7 @@ def ring_block_sparse_attention(
         "layout",
         "softmax_scale",
     )
-    handshake(signature, names, group, float(timeout_s))
+    handshake(signature, names, group, float(timeout_s), "ring block-sparse attention")
     bq, bk = layout.block_size
     q_blocks = range(rank * n // bq, (rank + 1) * n // bq)
     own = torch.arange(rank * n // bk, (rank + 1) * n // bk)
