@@ -21,7 +21,7 @@ from .comm import BufferProvider, PendingTransfer, RingComm, TorchBuffers
 from .modules import RingAttention
 from .modules_dilated import RingDilatedAttention, RingMultiheadDilatedAttention
 from .ring import ring_attention
-from .ring_dilated import ring_dilated_attention
+from .ring_dilated import RingDilatedPlan, plan_ring_dilated, ring_dilated_attention
 from .sharding import shard_positions, shard_sequence, unshard_sequence
 
 __all__ = [
@@ -30,9 +30,11 @@ __all__ = [
     "RingAttention",
     "RingComm",
     "RingDilatedAttention",
+    "RingDilatedPlan",
     "RingMultiheadDilatedAttention",
     "TorchBuffers",
     "__version__",
+    "plan_ring_dilated",
     "ring_attention",
     "ring_dilated_attention",
     "shard_positions",
