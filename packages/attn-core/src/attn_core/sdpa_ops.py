@@ -68,7 +68,7 @@ BIAS_ALIGN = 8
 _ATEN = torch.ops.aten
 _CUDNN_STATE_LOCK = threading.Lock()
 _CUDNN_OK: dict[int, list[str]] = {}  # device index -> reasons (empty: usable); bounded by the GPU count
-_RNG_PLACEHOLDER: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+_UNUSED_RNG_STATE: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _cudnn_device_reasons(device: torch.device) -> list[str]:
@@ -139,18 +139,18 @@ def _empty_rows(key_bias: torch.Tensor, is_causal: bool, nq: int) -> torch.Tenso
     return torch.cumprod(masked.to(torch.int8), dim=-1).bool()
 
 
-def _rng_placeholder(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _unused_rng_state(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cuDNN's backward signature wants the forward's philox seed/offset; without dropout they are unused."""
     idx = q.device.index if q.device.index is not None else torch.cuda.current_device()
     with _CUDNN_STATE_LOCK:
-        cached = _RNG_PLACEHOLDER.get(idx)
+        cached = _UNUSED_RNG_STATE.get(idx)
     if cached is not None:
         return cached
     tiny = torch.zeros(1, 1, 8, q.shape[-1], dtype=q.dtype, device=q.device)
     res = _ATEN._scaled_dot_product_cudnn_attention(tiny, tiny, tiny, None, True, 0.0, False, False, scale=1.0)
     pair = (res[6], res[7])
     with _CUDNN_STATE_LOCK:
-        _RNG_PLACEHOLDER[idx] = pair
+        _UNUSED_RNG_STATE[idx] = pair
     return pair
 
 
@@ -230,7 +230,7 @@ def attention_backward(
         dout = dout.contiguous()
     if q.device.type == "cuda":
         bias = _bias4(key_bias, q, k)
-        seed, offset = _rng_placeholder(q)
+        seed, offset = _unused_rng_state(q)
         nq, nk = q.shape[2], k.shape[2]
         dq, dk, dv = _ATEN._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.float().unsqueeze(-1), seed, offset, bias, None, None, nq, nk, 0.0, is_causal,

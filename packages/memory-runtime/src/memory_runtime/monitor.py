@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
                 ):
                     break
                 time.sleep(args.interval)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C is how a live monitor is meant to end: fall through to the summary
             pass
     if args.plot:
         plot_timeline(samples, args.plot)

@@ -285,7 +285,7 @@ class PinnedHostArena:
         try:
             if not self._closed:
                 self.close(force=True)
-        except Exception:
+        except Exception:  # a finalizer must not raise (interpreter shutdown may have torn down CUDA)
             pass
 
     def __repr__(self) -> str:
