@@ -33,8 +33,9 @@ import torch
 # --------------------------------------------------------------------------------------------- layouts
 
 
-def make_layout(pattern: str, n: int, density: float, block: tuple[int, int]) -> Any:
-    """An attn_sparse pattern sized so about ``density`` of the tiles are active (actual density reported).
+def make_layout(pattern: str, n: int, density: float, block: tuple[int, int], *, device: str = "cpu") -> Any:
+    """An attn_sparse pattern sized so about ``density`` of the tiles are active (actual density reported),
+    built on ``device`` (the patterns' ``device=``, as a user would).
 
     local_window: window = half the tile budget each side. bigbird: a window of ~1/3 of the budget,
     global tokens ~1/6, seeded random blocks for the rest.
@@ -45,14 +46,14 @@ def make_layout(pattern: str, n: int, density: float, block: tuple[int, int]) ->
     nk = math.ceil(n / bk)
     per_row = max(1, round(density * nk))
     if per_row >= nk:
-        return patterns.local_window(n, n, block_size=block)
+        return patterns.local_window(n, n, block_size=block, device=device)
     if pattern == "local_window":
-        return patterns.local_window(n, max(0, (per_row - 1) * bk // 2), block_size=block)
+        return patterns.local_window(n, max(0, (per_row - 1) * bk // 2), block_size=block, device=device)
     if pattern == "bigbird":
         window = max(0, (per_row // 3 - 1) * bk // 2)
         glob = max(1, per_row // 6) * bk
         rnd = max(0, per_row - per_row // 3 - max(1, per_row // 6))
-        return patterns.bigbird(n, window, glob, rnd, seed=n, block_size=block)
+        return patterns.bigbird(n, window, glob, rnd, seed=n, block_size=block, device=device)
     raise ValueError(f"unknown pattern {pattern!r}; allowed: local_window, bigbird")
 
 
@@ -229,15 +230,17 @@ def measure_point(
 ) -> dict:
     """One (N, pattern, density) point: ours and flex, fwd and fwd+bwd, against the dense times.
 
-    Layout build = pattern construction + move to the GPU + transposed CSR (everything a first call pays).
+    Layout build = pattern construction on the GPU (device=) + transposed CSR (everything a first call pays).
     """
     from attn_sparse.api import block_sparse_attention
 
     B, n, H, D = q.shape
     device = str(q.device)
+    # one untimed build first: CUDA loads kernel modules lazily, once per process, not per layout
+    make_layout(pattern, n, density, block, device=device).transposed_csr()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    layout = make_layout(pattern, n, density, block).to(device)
+    layout = make_layout(pattern, n, density, block, device=device)
     layout.transposed_csr()
     torch.cuda.synchronize()
     build_ms = (time.perf_counter() - t0) * 1e3
@@ -301,32 +304,59 @@ def measure_point(
     )
 
 
-def layout_build_times(device: str) -> list[dict]:
-    """Median time to build each attn_sparse pattern (CPU construction) and move it to the GPU, N=128K and 1M."""
+def layout_build_times(device: str, sizes: tuple[int, ...] = (131072, 1 << 20), reps: int = 7) -> list[dict]:
+    """Median time to build each attn_sparse pattern on ``device`` (device=), N=128K and 1M.
+
+    Timed = everything a first call pays: pattern construction on the device + transposed CSR
+    (the backward's). Each layout is checked equal (CSR and transposed CSR) to the same pattern
+    built on the CPU; ``cpu_then_copy_ms`` is the build on the CPU + copy + transposed CSR (the
+    default device="cpu" path) for comparison.
+    """
     from attn_sparse import patterns
 
-    def builders(n: int) -> dict[str, Callable[[], Any]]:
+    def builders(n: int, dev: str) -> dict[str, Callable[[], Any]]:
         return {
-            "local_window": lambda: patterns.local_window(n, 4096),
-            "bigbird": lambda: patterns.bigbird(n, 2048, 512, 8, seed=1),
-            "global_local": lambda: patterns.global_local(n, 4096, 512),
-            "dilated": lambda: patterns.dilated(n, 16),
-            "hierarchical": lambda: patterns.hierarchical(n, [2048, 32768, n], [1, 8, 64]),
-            "causal": lambda: patterns.causal(n),
-            "longnet": lambda: patterns.longnet(n, [2048, 8192, 65536], [1, 4, 16], num_heads=16),
+            "local_window": lambda: patterns.local_window(n, 4096, device=dev),
+            "bigbird": lambda: patterns.bigbird(n, 2048, 512, 8, seed=1, device=dev),
+            "global_local": lambda: patterns.global_local(n, 4096, 512, device=dev),
+            "dilated": lambda: patterns.dilated(n, 16, device=dev),
+            "hierarchical": lambda: patterns.hierarchical(n, [2048, 32768, n], [1, 8, 64], device=dev),
+            "causal": lambda: patterns.causal(n, device=dev),
+            "longnet": lambda: patterns.longnet(n, [2048, 8192, 65536], [1, 4, 16], num_heads=16, device=dev),
         }
 
+    def timed(build: Callable[[], Any], count: int) -> tuple[Any, list[float]]:
+        ts, lay = [], None
+        for _ in range(count):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            lay = build().to(device)
+            lay.transposed_csr()
+            torch.cuda.synchronize()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return lay, sorted(ts)
+
     out = []
-    for n in (131072, 1 << 20):
-        for name, build in builders(n).items():
-            build()  # warm-up
-            ts = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                lay = build().to(device)
-                torch.cuda.synchronize()
-                ts.append((time.perf_counter() - t0) * 1e3)
-            out.append(dict(pattern=name, n=n, density=lay.density, build_ms=sorted(ts)[len(ts) // 2]))
+    for n in sizes:
+        for name, build in builders(n, device).items():
+            timed(build, 1)  # warm-up: CUDA loads kernel modules lazily, once per process
+            lay, ts = timed(build, reps)
+            ref, cpu_ts = timed(builders(n, "cpu")[name], 3)
+            same = lay == ref and all(
+                torch.equal(a.cpu(), b.cpu()) for a, b in zip(lay.transposed_csr(), ref.transposed_csr())
+            )
+            out.append(
+                dict(
+                    pattern=name,
+                    n=n,
+                    density=lay.density,
+                    nnz=lay.nnz,
+                    build_ms=ts[len(ts) // 2],
+                    build_ms_min=ts[0],
+                    cpu_then_copy_ms=cpu_ts[len(cpu_ts) // 2],
+                    equal_to_cpu_build=bool(same),
+                )
+            )
     return out
 
 

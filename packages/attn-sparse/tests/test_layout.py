@@ -283,3 +283,31 @@ def test_property_intervals_union(data: st.DataObject) -> None:
             want[r, max(lo, 0) : max(min(hi, nk), 0)] = True
     _check_invariants(lay)
     assert torch.equal(lay.to_dense()[0], want)
+
+
+def test_expand_intervals_strided_runs_and_known_size() -> None:
+    from attn_sparse.layout import _expand_intervals
+
+    start = torch.tensor([[0, 9], [2, 0], [1, 4]])
+    length = torch.tensor([[3, 1], [0, 0], [2, 3]])
+    for step in (1, 3):
+        want_rows = [
+            [c for s, n in zip(start[r].tolist(), length[r].tolist()) for c in range(s, s + n * step, step)]
+            for r in range(3)
+        ]
+        for kw in ({}, {"nnz": 9}, {"device": torch.device("cpu")}):
+            crow, col = _expand_intervals(start, length, 3, step=step, **kw)
+            assert crow.dtype == col.dtype == torch.int32
+            assert crow.tolist() == [0, 4, 4, 9]
+            assert [col[crow[r] : crow[r + 1]].tolist() for r in range(3)] == want_rows
+
+
+def test_to_device_carries_the_transposed_csr() -> None:
+    from attn_sparse import local_window
+
+    lay = local_window(1000, 50, block_size=16)
+    ccol, rows = lay.transposed_csr()
+    moved = lay.to("meta")  # a device that exists on every machine; CUDA copies take the same path
+    assert moved.device.type == "meta" and "transposed" in moved._cache
+    mc, mr = moved._cache["transposed"]
+    assert mc.device.type == mr.device.type == "meta" and mc.shape == ccol.shape and mr.shape == rows.shape

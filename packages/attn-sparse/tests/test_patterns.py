@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 
@@ -166,3 +168,109 @@ def test_large_pattern_builds_in_blocks_not_tokens() -> None:
     assert lay.num_query_blocks == lay.num_key_blocks == 8192
     assert lay.nnz < 8192 * 20
     assert lay.max_blocks_per_row == 8192  # the global query block reads every key block
+
+
+# sha256 (first 16 hex digits) of crow, col, ccol, row (int32 bytes) as built by the implementation
+# before device= builds (commit 5eb5758: CPU construction, transposed CSR by a stable sort): the
+# current builders, their attached transposes included, must give these layouts bit for bit.
+PREVIOUS_DIGESTS = [
+    ("local_window", {"seq_len": 100003, "window": 3000, "block_size": 64}, "5dc49bc0be9a6f95"),
+    ("local_window", {"seq_len": 65536, "window": 0}, "9f806e5499d07c45"),
+    ("causal", {"seq_len": 100003, "block_size": (64, 128)}, "47a7bbe2e1f8383b"),
+    ("causal", {"seq_len": 131072}, "da30b33ffa602053"),
+    ("dilated", {"seq_len": 100003, "stride": 7, "block_size": 64}, "7eb778034bdefad9"),
+    ("dilated", {"seq_len": 131072, "stride": 16, "block_size": (128, 64)}, "7d06e27e7ab82628"),
+    ("global_local", {"seq_len": 99999, "window": 2000, "global_tokens": 700, "block_size": 64}, "36498e3b9e3c00df"),
+    (
+        "bigbird",
+        {"seq_len": 100003, "window": 1000, "global_tokens": 300, "random_blocks": 5, "seed": 3, "num_heads": 2}
+        | {"block_size": 64},
+        "ddca96c1a23b9411",
+    ),
+    (
+        "bigbird",
+        {"seq_len": 131072, "window": 2048, "global_tokens": 512, "random_blocks": 8, "seed": 1},
+        "edcbc2e7a9747ca1",
+    ),
+    (
+        "hierarchical",
+        {"seq_len": 100003, "windows": [1000, 8000, 100003], "strides": [1, 3, 16], "block_size": 64},
+        "12147b8dc5acf4b0",
+    ),
+    (
+        "hierarchical",
+        {"seq_len": 131072, "windows": [2048, 32768, 131072], "strides": [1, 8, 64]},
+        "80a5c4b2088409bf",
+    ),
+    (
+        "longnet",
+        {"seq_len": 131072, "segment_lengths": [2048, 8192, 65536], "dilation_rates": [1, 4, 16], "num_heads": 16},
+        "54d8a88b317d2412",
+    ),
+    (
+        "longnet",
+        {"seq_len": 98304, "segment_lengths": [1024, 4096], "dilation_rates": [2, 256], "num_heads": 5}
+        | {"per_head": True, "block_size": 64},
+        "81c7c6125f02d7d2",
+    ),
+]
+
+
+def _digest(layout: BlockLayout) -> str:
+    h = hashlib.sha256()
+    for t in (layout.crow_indices, layout.col_indices, *layout.transposed_csr()):
+        h.update(t.to(torch.int32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize(("kind", "params", "digest"), PREVIOUS_DIGESTS)
+def test_same_layouts_as_the_previous_implementation(kind: str, params: dict, digest: str) -> None:
+    assert _digest(build_pattern(kind, device="cpu", **params)) == digest
+
+
+def _sorted_transpose(layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transposed CSR by the generic path (a fresh layout has none attached: it sorts)."""
+    fresh = BlockLayout.from_csr(
+        layout.crow_indices,
+        layout.col_indices,
+        block_size=layout.block_size,
+        num_key_blocks=layout.num_key_blocks,
+        num_heads=layout.num_heads,
+    )
+    return fresh.transposed_csr()
+
+
+@pytest.mark.parametrize("n", [1, 37, 256, 1000])
+@pytest.mark.parametrize("bs", [(16, 16), (16, 32), (32, 16), (64, 64)])
+def test_attached_transposes_equal_the_sorted_transpose(n: int, bs: tuple[int, int]) -> None:
+    cases = {
+        "local_window": local_window(n, 40, block_size=bs),
+        "causal": causal(n, block_size=bs),
+        "dilated": dilated(n, 3, block_size=bs),
+        "global_local": global_local(n, 50, 70, block_size=bs),
+        "hierarchical": hierarchical(n, (16, 100, n), (1, 3, 7), block_size=bs),
+        "bigbird": bigbird(n, 30, 20, 2, num_heads=2, block_size=bs),
+    }
+    if n % 64 == 0 or n < 64:
+        for per_head in (False, True):
+            cases[f"longnet{per_head}"] = longnet(
+                n, [16, 64] if n % 64 == 0 else [n], [2, 8] if n % 64 == 0 else [1], num_heads=3, per_head=per_head,
+                block_size=bs,
+            )  # fmt: skip
+    for name, lay in cases.items():
+        # the builders attach the transpose (no sort) for causal and, with Bq == Bk, symmetric patterns
+        attached = name == "causal" or (bs[0] == bs[1] and name != "bigbird")
+        assert ("transposed" in lay._cache) == attached, name
+        got, want = lay.transposed_csr(), _sorted_transpose(lay)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), name
+
+
+def test_device_argument() -> None:
+    want = local_window(1000, 50, block_size=64)
+    assert local_window(1000, 50, block_size=64, device=torch.device("cpu")) == want
+    assert build_pattern("local_window", seq_len=1000, window=50, block_size=64, device="cpu") == want
+    assert causal(300, block_size=16, device="cpu").device == torch.device("cpu")
+    with pytest.raises(ValueError, match="device"):
+        local_window(1000, 50, device="nonsense")
+    with pytest.raises(TypeError, match="device"):
+        causal(1000, device=3)  # type: ignore[arg-type]

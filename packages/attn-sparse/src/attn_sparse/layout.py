@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["BlockLayout", "check_block_size"]
+__all__ = ["BlockLayout", "check_block_size", "check_device"]
 
 _INT32_MAX = 2**31 - 1
 
@@ -60,41 +60,93 @@ def _check_count(name: str, value: object, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_device(device: object) -> torch.device:
+    """Validate ``device`` (a torch.device or a string such as "cpu", "cuda", "cuda:1")."""
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(device, str):
+        try:
+            return torch.device(device)
+        except RuntimeError as exc:
+            raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda:0', got {device!r}") from exc
+    raise TypeError(f"device must be a torch.device or a str, got {device!r}")
+
+
 def _row_ids(crow: torch.Tensor, nnz: int) -> torch.Tensor:
     """Row index (int64) of every stored tile, O(nnz)."""
     counts = (crow[1:] - crow[:-1]).long()
     return torch.repeat_interleave(torch.arange(counts.numel(), device=crow.device), counts, output_size=nnz)
 
 
-def _expand_intervals(start: torch.Tensor, length: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """CSR from per-row disjoint, increasing intervals ``[start, start + length)``.
+# Row-level work (R rows x K intervals) up to this many entries runs on the CPU even for a GPU
+# layout: on tiny arrays a CPU op is cheaper than a GPU launch, and the CPU knows the output size
+# without waiting for the device; only the O(nnz) expansion then runs on the GPU. Measured on an
+# H100 host (docs/benchmarks/sparse_layout_build_h100.md): 2**13 was the best of 2**13..2**18;
+# CPU work on ~30K-entry rows (bigbird's random blocks) was already 1.5-4x slower than the GPU.
+HOST_ROW_WORK = 1 << 13
 
-    start, length: (R, K) int64 with intervals of each row in increasing order (length 0 = none).
-    Returns (crow int32 (R + 1,), col int32 (nnz,)) in O(R * K + nnz) without sorting.
+
+def row_work_device(device: torch.device, entries: int) -> torch.device:
+    """Where R x K row-level interval work for a layout on ``device`` runs (see HOST_ROW_WORK)."""
+    return torch.device("cpu") if entries <= HOST_ROW_WORK else device
+
+
+def _expand_intervals(
+    start: torch.Tensor,
+    length: torch.Tensor,
+    num_rows: int,
+    *,
+    step: int = 1,
+    nnz: int | None = None,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR from per-row disjoint, increasing runs ``start, start + step, ...`` of ``length`` columns.
+
+    start, length: (R, K) int64 with the runs of each row in increasing order (length 0 = none);
+    ``step`` > 1 gives strided runs (e.g. every 16th column). ``nnz``: the total when the caller
+    already knows it (skips the one device -> host read of the size). ``device``: where the CSR
+    goes (default start's device); row-level inputs on the CPU travel there in one copy and only
+    the O(nnz) part runs on ``device``.
+    Returns (crow int32 (R + 1,), col int32 (nnz,)) in O(R * K + nnz), without sorting.
     """
-    device = start.device
-    counts = length.sum(dim=1)
-    crow = torch.zeros(num_rows + 1, dtype=torch.int64, device=device)
+    here = start.device
+    out = here if device is None else device
+    counts = length.sum(dim=1) if length.shape[1] > 1 else length.reshape(-1)
+    crow = torch.zeros(num_rows + 1, dtype=torch.int64, device=here)
     torch.cumsum(counts, dim=0, out=crow[1:])
-    nnz = int(crow[-1])
+    if nnz is None:
+        nnz = int(crow[-1])  # the one size the output needs (free on the CPU, one number from a GPU)
     if nnz > _INT32_MAX:
         raise ValueError(f"pattern has {nnz} active tiles; at most {_INT32_MAX} (int32 indices) are supported")
     if nnz == 0:
-        return crow.to(torch.int32), torch.zeros(0, dtype=torch.int32, device=device)
-    # col = interval start + (position in the flattened output - where the interval begins);
-    # int32 arithmetic (nnz and columns fit) halves the memory traffic of the O(nnz) part.
+        return crow.to(device=out, dtype=torch.int32), torch.zeros(0, dtype=torch.int32, device=out)
+    # col = run start + (position in the flattened output - where the run begins) * step; int32
+    # arithmetic (when every intermediate fits) halves the memory traffic of the O(nnz) part.
     flat_len = length.reshape(-1)
-    begin = torch.cumsum(flat_len, dim=0) - flat_len
-    shift = (start.reshape(-1) - begin).to(torch.int32)
-    col = torch.repeat_interleave(shift, flat_len, output_size=nnz)  # empty intervals repeat 0 times
-    col += torch.arange(nnz, device=device, dtype=torch.int32)
-    return crow.to(torch.int32), col
+    begin = crow[:-1] if length.shape[1] == 1 else torch.cumsum(flat_len, dim=0) - flat_len
+    dtype = torch.int32 if nnz * step <= _INT32_MAX else torch.int64
+    shift = start.reshape(-1) - begin if step == 1 else start.reshape(-1) - begin * step
+    if device is not None:  # one copy of the row-level arrays to ``device`` (crow first: its view starts the buffer)
+        r, m = num_rows + 1, flat_len.numel()
+        pack = torch.cat([crow, shift, flat_len]).to(dtype).to(out)
+        crow, shift, flat_len = pack[:r], pack[r : r + m], pack[r + m :]
+    else:
+        shift = shift.to(dtype)
+    col = torch.repeat_interleave(shift, flat_len, output_size=nnz)  # empty runs repeat 0 times
+    pos = torch.arange(nnz, device=out, dtype=dtype)
+    if step == 1:
+        col += pos
+    else:
+        col.add_(pos, alpha=step)
+    return crow.to(torch.int32), col.to(torch.int32)
 
 
-def _crow_from_rows(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-    crow = torch.zeros(num_rows + 1, dtype=torch.int64, device=rows.device)
-    torch.cumsum(torch.bincount(rows, minlength=num_rows), dim=0, out=crow[1:])
-    return crow.to(torch.int32)
+def _crow_from_sorted_rows(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Row offsets (int32 (num_rows + 1,)) of tiles whose row ids ``rows`` are non-decreasing.
+
+    A binary search instead of bincount: no host synchronisation on GPUs."""
+    bounds = torch.arange(num_rows + 1, device=rows.device, dtype=rows.dtype)
+    return torch.searchsorted(rows, bounds).to(torch.int32)
 
 
 # Derived data a layout keeps (device copies, transposed CSR, one flex BlockMask per (Nq, Nk, causal)):
@@ -251,7 +303,7 @@ class BlockLayout:
         for name, value in (("num_heads", hl), ("num_query_blocks", nq), ("num_key_blocks", nk)):
             _check_count(name, value)
         idx = torch.nonzero(block_mask.reshape(hl * nq, nk))  # row-major: sorted by row, then column
-        crow = _crow_from_rows(idx[:, 0], hl * nq)
+        crow = _crow_from_sorted_rows(idx[:, 0], hl * nq)
         return cls._trusted(crow, idx[:, 1].to(torch.int32).contiguous(), bs, hl, nq, nk)
 
     @classmethod
@@ -265,6 +317,8 @@ class BlockLayout:
         num_query_blocks: int,
         num_key_blocks: int,
         presorted: bool = False,
+        clipped: bool = False,
+        device: torch.device | None = None,
     ) -> BlockLayout:
         """Layout whose row r is the union of the column intervals ``[lo[r, t], hi[r, t])``.
 
@@ -272,11 +326,15 @@ class BlockLayout:
         hi <= lo; clipped to [0, num_key_blocks). O(R * K log K + nnz): the pattern builders'
         one path to CSR (every pattern is a union of per-row column intervals).
         ``presorted``: the caller guarantees lo is non-decreasing along each row (skips the sort).
+        ``clipped``: the caller guarantees 0 <= lo <= hi <= num_key_blocks (skips the clipping).
+        ``device``: where the layout goes (default lo's device; the intervals are merged where
+        they are, see :func:`row_work_device`).
         """
-        lo = lo.clamp(0, num_key_blocks)
-        hi = torch.maximum(hi.clamp(0, num_key_blocks), lo)
+        if not clipped:
+            lo = lo.clamp(0, num_key_blocks)
+            hi = torch.maximum(hi.clamp(0, num_key_blocks), lo)
         if lo.shape[1] == 1:  # one interval per row: nothing to merge
-            crow, col = _expand_intervals(lo, hi - lo, lo.shape[0])
+            crow, col = _expand_intervals(lo, hi - lo, lo.shape[0], device=device)
             return cls._trusted(crow, col, block_size, num_heads, num_query_blocks, num_key_blocks)
         if not presorted:
             lo, order = torch.sort(lo, dim=1)
@@ -287,8 +345,15 @@ class BlockLayout:
         prev = torch.nn.functional.pad(reach[:, :-1], (1, 0))
         start = torch.maximum(lo, prev)
         length = (hi - start).clamp(min=0)
-        crow, col = _expand_intervals(start, length, lo.shape[0])
+        crow, col = _expand_intervals(start, length, lo.shape[0], device=device)
         return cls._trusted(crow, col, block_size, num_heads, num_query_blocks, num_key_blocks)
+
+    def _with_transposed(self, ccol: torch.Tensor, rows: torch.Tensor) -> BlockLayout:
+        """Attach the transposed CSR a pattern builder derived from the pattern's structure
+        (so :meth:`transposed_csr` needs no sort); returns self. Internal: the caller guarantees it.
+        A symmetric tile set (square, Bq == Bk) passes its own arrays."""
+        self._cache["transposed"] = (ccol, rows)
+        return self
 
     # ------------------------------------------------------------------ properties
     @property
@@ -367,13 +432,16 @@ class BlockLayout:
         def build() -> tuple[torch.Tensor, torch.Tensor]:
             nq, nk = self.num_query_blocks, self.num_key_blocks
             row = self.tile_rows()
-            head, qb = row // nq, row % nq
-            colkey = head * nk + self._col.long()
-            if self.num_heads * nk <= _INT32_MAX:  # int32 keys sort about twice as fast
-                colkey = colkey.to(torch.int32)
+            if self.num_heads == 1:
+                qb, colkey = row, self._col
+            else:
+                head, qb = row // nq, row % nq
+                colkey = head * nk + self._col.long()
+                if self.num_heads * nk <= _INT32_MAX:  # int32 keys sort about twice as fast
+                    colkey = colkey.to(torch.int32)
             # tiles are stored row-major, so a *stable* sort by (head, column) keeps rows increasing
-            order = torch.sort(colkey, stable=True).indices
-            ccol = _crow_from_rows(colkey.long(), self.num_heads * nk)
+            keys, order = torch.sort(colkey, stable=True)
+            ccol = _crow_from_sorted_rows(keys, self.num_heads * nk)
             return ccol, qb[order].to(torch.int32)
 
         result: tuple[torch.Tensor, torch.Tensor] = self._cached("transposed", build)
@@ -402,9 +470,13 @@ class BlockLayout:
                 self.num_query_blocks,
                 self.num_key_blocks,
             )
+            with self._lock:
+                known = {key: self._cache[key] for key in ("max_row", "max_col", "transposed") if key in self._cache}
             for key in ("max_row", "max_col"):  # host-side ints stay valid
-                if key in self._cache:
-                    out._cache[key] = self._cache[key]
+                if key in known:
+                    out._cache[key] = known[key]
+            if "transposed" in known:  # a copy is cheaper than sorting again on the device
+                out._cache["transposed"] = tuple(t.to(dev) for t in known["transposed"])
             return out
 
         result: BlockLayout = self._cached(("device", str(dev)), build)
@@ -452,7 +524,7 @@ class BlockLayout:
 
     def _from_keys(self, keys: torch.Tensor, num_heads: int) -> BlockLayout:
         rows = keys // self.num_key_blocks
-        crow = _crow_from_rows(rows, num_heads * self.num_query_blocks)
+        crow = _crow_from_sorted_rows(rows, num_heads * self.num_query_blocks)
         col = (keys % self.num_key_blocks).to(torch.int32)
         return BlockLayout._trusted(crow, col, self.block_size, num_heads, self.num_query_blocks, self.num_key_blocks)
 
@@ -548,7 +620,7 @@ class BlockLayout:
 
     def _subset(self, keep: torch.Tensor) -> BlockLayout:
         row = _row_ids(self._crow, self.nnz)[keep]
-        crow = _crow_from_rows(row, self.num_heads * self.num_query_blocks)
+        crow = _crow_from_sorted_rows(row, self.num_heads * self.num_query_blocks)
         return BlockLayout._trusted(
             crow,
             self._col[keep].contiguous(),

@@ -9,10 +9,17 @@ with ``|`` (union) and ``&`` (intersection), e.g. ``local_window(N, 512) & causa
 Internally each pattern is a set of column intervals per query block row, which
 :meth:`BlockLayout._from_intervals` turns into CSR without a global sort; no Python loop
 runs over blocks.
+
+``device=`` builds the layout where it will be used (default "cpu"): on a GPU the same torch
+code runs as a handful of kernels with one host read (the number of active tiles), so a layout
+for N = 1M tokens builds in milliseconds. Builders also attach the transposed CSR the backward
+reads whenever the pattern gives it for free (symmetric patterns with Bq == Bk, causal), so
+:meth:`BlockLayout.transposed_csr` does not sort.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,7 +27,7 @@ import torch
 
 from attn_core.config import DilatedConfig
 
-from .layout import BlockLayout, check_block_size
+from .layout import BlockLayout, _expand_intervals, check_block_size, check_device, row_work_device
 
 __all__ = [
     "PATTERNS",
@@ -43,21 +50,57 @@ def _int(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
-class _Grid:
-    """Token geometry of a pattern: block rows/columns and each query block's token span."""
+Device = torch.device | str
 
-    def __init__(self, seq_len: object, block_size: object) -> None:
+
+class _Grid:
+    """Token geometry of a pattern: block rows/columns and each query block's token span.
+
+    The layout goes to ``device``. Row-level tensors (one entry per block row and interval) live on
+    ``self.rows_on``: the CPU while they are small (see :func:`row_work_device`), else ``device``.
+    Builders call :meth:`plan` with their intervals per row before creating any; the per-row
+    tensors are built on first use, so builders only pay for what they read.
+    """
+
+    def __init__(self, seq_len: object, block_size: object, device: object) -> None:
         self.n = _int("seq_len", seq_len, 1)
         self.bq, self.bk = check_block_size(block_size)
+        self.device = check_device(device)
         self.nq = -(-self.n // self.bq)
         self.nk = -(-self.n // self.bk)
-        i = torch.arange(self.nq, dtype=torch.int64)
-        self.q_first = i * self.bq  # first token of each query block
-        self.q_last = torch.clamp((i + 1) * self.bq, max=self.n) - 1  # last token (partial last block)
-        self.diag = self.q_first // self.bk  # key block holding each query block's first token
+        self.rows_on = row_work_device(self.device, 2 * self.nq)
 
-    def layout(self, lo: torch.Tensor, hi: torch.Tensor, num_heads: int = 1, presorted: bool = False) -> BlockLayout:
-        return BlockLayout._from_intervals(
+    def plan(self, entries: int) -> None:
+        """Place the row-level work: ``entries`` = rows x intervals per row (an upper bound)."""
+        self.rows_on = row_work_device(self.device, entries)
+
+    @functools.cached_property
+    def q_first(self) -> torch.Tensor:
+        """(nq,) int64 first token of each query block."""
+        return torch.arange(0, self.nq * self.bq, self.bq, dtype=torch.int64, device=self.rows_on)
+
+    @functools.cached_property
+    def q_last(self) -> torch.Tensor:
+        """(nq,) int64 last token of each query block (the last block may be partial)."""
+        return torch.clamp(self.q_first + (self.bq - 1), max=self.n - 1)
+
+    @functools.cached_property
+    def diag(self) -> torch.Tensor:
+        """(nq,) int64 key block holding each query block's first token."""
+        return self.q_first // self.bk
+
+    def layout(
+        self,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        *,
+        num_heads: int = 1,
+        presorted: bool = False,
+        symmetric: bool = False,
+    ) -> BlockLayout:
+        """CSR of the per-row interval unions; ``symmetric``: the token rule is symmetric, so with
+        Bq == Bk the tile set is too and the transposed CSR the backward reads is the CSR itself."""
+        layout = BlockLayout._from_intervals(
             lo,
             hi,
             block_size=(self.bq, self.bk),
@@ -65,88 +108,104 @@ class _Grid:
             num_query_blocks=self.nq,
             num_key_blocks=self.nk,
             presorted=presorted,
+            clipped=True,  # every builder's intervals lie in [0, nk) with lo <= hi
+            device=self.device,
         )
+        if symmetric and self.bq == self.bk:
+            layout._with_transposed(layout.crow_indices, layout.col_indices)
+        return layout
 
     def window(self, window: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(nq, 1) key-block interval of keys within ``window`` tokens of some query of the block."""
         lo = torch.clamp(self.q_first - window, min=0) // self.bk
-        hi = torch.clamp(self.q_last + window, max=self.n - 1) // self.bk + 1
+        hi = torch.clamp(self.q_first + (self.bq - 1 + window), max=self.n - 1) // self.bk + 1  # from the last query
         return lo[:, None], hi[:, None]
 
-    def global_intervals(self, global_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(nq, 2): every row reads the global key blocks; global query blocks read everything."""
+    def window_span(self, window: int) -> int:
+        """Upper bound (host int) on the key blocks of :meth:`window`, for sizing without a device read."""
+        return min(self.nk, (self.bq - 1 + 2 * window) // self.bk + 2)
+
+    def global_interval(self, global_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nq, 1): every row reads the global key blocks; global query blocks read everything
+        (both start at key block 0, so their union is one interval)."""
         gk = -(-min(global_tokens, self.n) // self.bk)
         gq = -(-min(global_tokens, self.n) // self.bq)
-        zeros = torch.zeros(self.nq, dtype=torch.int64)
-        lo = torch.stack([zeros, zeros], dim=1)
-        full = torch.where(torch.arange(self.nq) < gq, self.nk, 0)
-        hi = torch.stack([torch.full_like(zeros, gk), full], dim=1)
-        return lo, hi
+        hi = torch.where(self.q_first < gq * self.bq, self.nk, gk)
+        return torch.zeros_like(hi)[:, None], hi[:, None]
 
-    def lattice(self, stride: int, reach: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(nq, K): key blocks j with (j - diag) % stride == 0, within ``reach`` tokens if given."""
-        if reach is None:
-            lo_w = torch.zeros(self.nq, dtype=torch.int64)
-            hi_w = torch.full((self.nq,), self.nk, dtype=torch.int64)
-        else:
-            lo_w, hi_w = (t[:, 0] for t in self.window(reach))
+    def lattice(self, stride: int, reach: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nq, K): key blocks j with (j - diag) % stride == 0 within ``reach`` tokens."""
+        lo_w, hi_w = (t[:, 0] for t in self.window(reach))
         if stride == 1:
             return lo_w[:, None], hi_w[:, None]
-        # the lattice points at or after lo_w, in increasing order (so rows come out sorted)
+        # the lattice points at or after lo_w, in increasing order (so rows come out sorted);
+        # K comes from a host bound on the window, so no device value is read to size it
         first = lo_w + torch.remainder(self.diag - lo_w, stride)
-        span = int((hi_w - lo_w).max())
-        m = torch.arange(-(-span // stride), dtype=torch.int64)
-        cols = first[:, None] + m[None, :] * stride
+        span = self.window_span(reach)
+        m = torch.arange(0, -(-span // stride) * stride, stride, dtype=torch.int64, device=self.rows_on)
+        cols = first[:, None] + m[None, :]
         inside = (cols >= lo_w[:, None]) & (cols < hi_w[:, None])
-        lo = torch.where(inside, cols, torch.zeros_like(cols))
-        return lo, torch.where(inside, cols + 1, torch.zeros_like(cols))
+        lo = torch.where(inside, cols, 0)
+        return lo, torch.where(inside, cols + 1, 0)
 
 
-def local_window(seq_len: int, window: int, *, block_size: int | tuple[int, int] = (128, 128)) -> BlockLayout:
+def local_window(
+    seq_len: int, window: int, *, block_size: int | tuple[int, int] = (128, 128), device: Device = "cpu"
+) -> BlockLayout:
     """Sliding window: query token i reads keys j with |i - j| <= ``window`` tokens (both sides).
 
     Intersect with :func:`causal` for a causal window. window 0 keeps the diagonal tiles.
     """
-    g = _Grid(seq_len, block_size)
-    w = _int("window", window, 0)
-    lo, hi = g.window(w)
-    return g.layout(lo, hi, presorted=True)
+    g = _Grid(seq_len, block_size, device)
+    lo, hi = g.window(_int("window", window, 0))
+    return g.layout(lo, hi, presorted=True, symmetric=True)
 
 
-def causal(seq_len: int, *, block_size: int | tuple[int, int] = (128, 128)) -> BlockLayout:
+def causal(seq_len: int, *, block_size: int | tuple[int, int] = (128, 128), device: Device = "cpu") -> BlockLayout:
     """Lower-triangular tiles: those holding at least one key j <= query i (pass is_causal=True
     at call time to also mask inside the diagonal tiles)."""
-    g = _Grid(seq_len, block_size)
-    lo = torch.zeros(g.nq, 1, dtype=torch.int64)
-    return g.layout(lo, (g.q_last // g.bk + 1)[:, None])
+    g = _Grid(seq_len, block_size, device)
+    g.plan(max(g.nq, g.nk))
+    lo = torch.zeros(g.nq, 1, dtype=torch.int64, device=g.rows_on)
+    layout = g.layout(lo, (g.q_last // g.bk + 1)[:, None])
+    # transposed: key block j is read by the query blocks whose last token is >= its first key
+    # j * Bk, i.e. blocks [j * Bk // Bq, nq): one interval per column, no sort
+    first = torch.arange(0, g.nk * g.bk, g.bk, dtype=torch.int64, device=g.rows_on) // g.bq
+    ccol, rows = _expand_intervals(first[:, None], (g.nq - first)[:, None], g.nk, nnz=layout.nnz, device=g.device)
+    return layout._with_transposed(ccol, rows)
 
 
-def dilated(seq_len: int, stride: int, *, block_size: int | tuple[int, int] = (128, 128)) -> BlockLayout:
+def dilated(
+    seq_len: int, stride: int, *, block_size: int | tuple[int, int] = (128, 128), device: Device = "cpu"
+) -> BlockLayout:
     """Strided key blocks: query block i reads key blocks j with (j - d(i)) % stride == 0, where
     d(i) is the key block holding block i's first token (so the diagonal is always kept)."""
-    g = _Grid(seq_len, block_size)
+    g = _Grid(seq_len, block_size, device)
     s = _int("stride", stride, 1)
-    # row i holds first_i, first_i + s, ... < nk: written straight into CSR (no intervals, no sort)
+    # row i is one strided run first_i, first_i + s, ... < nk: written straight into CSR
     first = torch.remainder(g.diag, s)
-    counts = (g.nk - first + s - 1) // s
-    crow = torch.zeros(g.nq + 1, dtype=torch.int64)
-    torch.cumsum(counts, dim=0, out=crow[1:])
-    nnz = int(crow[-1])
-    row = torch.repeat_interleave(torch.arange(g.nq, dtype=torch.int32), counts, output_size=nnz)
-    step = torch.arange(nnz, dtype=torch.int32) - crow[:-1].to(torch.int32)[row]
-    col = first.to(torch.int32)[row] + step * s
-    return BlockLayout._trusted(crow.to(torch.int32), col, (g.bq, g.bk), 1, g.nq, g.nk)
+    counts = (g.nk - 1 - first) // s + 1
+    crow, col = _expand_intervals(first[:, None], counts[:, None], g.nq, step=s, device=g.device)
+    layout = BlockLayout._trusted(crow, col, (g.bq, g.bk), 1, g.nq, g.nk)
+    # (j - i) % s == 0 is symmetric when d(i) = i (Bq == Bk)
+    return layout._with_transposed(crow, col) if g.bq == g.bk else layout
 
 
 def global_local(
-    seq_len: int, window: int, global_tokens: int, *, block_size: int | tuple[int, int] = (128, 128)
+    seq_len: int,
+    window: int,
+    global_tokens: int,
+    *,
+    block_size: int | tuple[int, int] = (128, 128),
+    device: Device = "cpu",
 ) -> BlockLayout:
     """Longformer: a sliding ``window`` plus the first ``global_tokens`` tokens, which every query
     reads and which read every key."""
-    g = _Grid(seq_len, block_size)
+    g = _Grid(seq_len, block_size, device)
     lo_w, hi_w = g.window(_int("window", window, 0))
-    lo_g, hi_g = g.global_intervals(_int("global_tokens", global_tokens, 0))
-    return g.layout(torch.cat([lo_w, lo_g], dim=1), torch.cat([hi_w, hi_g], dim=1))
+    lo_g, hi_g = g.global_interval(_int("global_tokens", global_tokens, 0))
+    # the global interval starts at 0, before the window: starts are already in order
+    return g.layout(torch.cat([lo_g, lo_w], dim=1), torch.cat([hi_g, hi_w], dim=1), presorted=True, symmetric=True)
 
 
 def bigbird(
@@ -158,26 +217,30 @@ def bigbird(
     seed: int = 0,
     num_heads: int = 1,
     block_size: int | tuple[int, int] = (128, 128),
+    device: Device = "cpu",
 ) -> BlockLayout:
     """BigBird: :func:`global_local` plus ``random_blocks`` key blocks per query block row.
 
-    The random blocks come from a CPU ``torch.Generator`` seeded with ``seed``, so a pattern is
-    reproducible on any machine and device. Draws are with replacement and may coincide with
-    window/global blocks (a row then has fewer extra blocks). ``num_heads`` > 1 gives each
-    head its own random blocks (a per-head layout).
+    The random blocks come from a CPU ``torch.Generator`` seeded with ``seed`` (O(rows) numbers,
+    then moved to ``device``), so a pattern is the same on any machine and device. Draws are with
+    replacement and may coincide with window/global blocks (a row then has fewer extra blocks).
+    ``num_heads`` > 1 gives each head its own random blocks (a per-head layout).
     """
-    g = _Grid(seq_len, block_size)
+    g = _Grid(seq_len, block_size, device)
     heads = _int("num_heads", num_heads, 1)
     r = _int("random_blocks", random_blocks, 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
-    lo_w, hi_w = g.window(_int("window", window, 0))
-    lo_g, hi_g = g.global_intervals(_int("global_tokens", global_tokens, 0))
+    w, gt = _int("window", window, 0), _int("global_tokens", global_tokens, 0)
+    g.plan(heads * g.nq * (2 + r))
+    lo_w, hi_w = g.window(w)
+    lo_g, hi_g = g.global_interval(gt)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
-    rnd = torch.randint(0, g.nk, (heads, g.nq, r), generator=gen, dtype=torch.int64)
-    lo = torch.cat([lo_w.expand(heads, -1, -1), lo_g.expand(heads, -1, -1), rnd], dim=2)
-    hi = torch.cat([hi_w.expand(heads, -1, -1), hi_g.expand(heads, -1, -1), rnd + 1], dim=2)
+    rnd = torch.randint(0, g.nk, (heads, g.nq, r), generator=gen, dtype=torch.int64).to(g.rows_on)
+    lo = torch.cat([lo_g.expand(heads, -1, -1), lo_w.expand(heads, -1, -1), rnd], dim=2)
+    hi = torch.cat([hi_g.expand(heads, -1, -1), hi_w.expand(heads, -1, -1), rnd + 1], dim=2)
+    # transposed_csr sorts the tiles when first asked: the random draws break the symmetry
     return g.layout(lo.reshape(heads * g.nq, -1), hi.reshape(heads * g.nq, -1), num_heads=heads)
 
 
@@ -187,11 +250,12 @@ def hierarchical(
     strides: Sequence[int],
     *,
     block_size: int | tuple[int, int] = (128, 128),
+    device: Device = "cpu",
 ) -> BlockLayout:
     """Fine near, coarse far: level l reads every ``strides[l]``-th key block (counted from the
     diagonal) within ``windows[l]`` tokens. E.g. windows (1024, 16384, N), strides (1, 4, 32):
     every block within 1K tokens, every 4th within 16K, every 32nd beyond."""
-    g = _Grid(seq_len, block_size)
+    g = _Grid(seq_len, block_size, device)
     if isinstance(windows, (str, bytes)) or not isinstance(windows, Sequence):
         raise TypeError(f"windows must be a sequence of ints, got {windows!r}")
     if isinstance(strides, (str, bytes)) or not isinstance(strides, Sequence):
@@ -200,12 +264,15 @@ def hierarchical(
         raise ValueError(
             f"windows and strides must be non-empty and of equal length, got {list(windows)} and {list(strides)}"
         )
+    levels = [(_int("stride", s, 1), min(_int("window", w, 0), g.n)) for w, s in zip(windows, strides)]
+    g.plan(g.nq * sum(1 if s == 1 else -(-g.window_span(w) // s) for s, w in levels))
     los, his = [], []
-    for w, s in zip(windows, strides):
-        lo, hi = g.lattice(_int("stride", s, 1), min(_int("window", w, 0), g.n))
+    for s, w in levels:
+        lo, hi = g.lattice(s, w)
         los.append(lo)
         his.append(hi)
-    return g.layout(torch.cat(los, dim=1), torch.cat(his, dim=1))
+    # windows and lattices through the diagonal are symmetric when Bq == Bk
+    return g.layout(torch.cat(los, dim=1), torch.cat(his, dim=1), symmetric=True)
 
 
 def _same_tiles_offset(g: _Grid, w: int, r: int, o: int) -> int:
@@ -223,9 +290,19 @@ def _same_tiles_offset(g: _Grid, w: int, r: int, o: int) -> int:
     return o
 
 
+def _longnet_slots(g: _Grid, w: int) -> int:
+    """Segments a query block can touch (of length ``w``)."""
+    return g.bq // w + 2 if w < g.bq else 2
+
+
+def _longnet_width(g: _Grid, w: int, r: int) -> int:
+    """Intervals per row :func:`_longnet_group` gives for group (w, r)."""
+    return _longnet_slots(g, w) * (1 if r <= g.bk else w // r)
+
+
 def _longnet_group(g: _Grid, w: int, r: int, o: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(nq, K) key intervals of the tiles where offset-o rows of group (w, r) meet in a segment."""
-    slots = torch.arange(g.bq // w + 2 if w < g.bq else 2, dtype=torch.int64)
+    slots = torch.arange(_longnet_slots(g, w), dtype=torch.int64, device=g.rows_on)
     seg = (g.q_first // w)[:, None] + slots[None, :]  # (nq, S) candidate segments of each block
     seg_first = seg * w
     seg_last = torch.clamp(seg_first + w, max=g.n) - 1
@@ -243,7 +320,7 @@ def _longnet_group(g: _Grid, w: int, r: int, o: int) -> tuple[torch.Tensor, torc
         lo = torch.where(has_key, k_first // g.bk, torch.zeros_like(seg))
         hi = torch.where(has_key, last_sel // g.bk + 1, torch.zeros_like(seg))
         return lo, hi
-    t = torch.arange(w // r, dtype=torch.int64)
+    t = torch.arange(w // r, dtype=torch.int64, device=g.rows_on)
     pos = k_first[:, :, None] + t * r  # (nq, S, w/r) key positions, each in its own block
     ok = has_key[:, :, None] & (pos <= seg_last[:, :, None])
     lo = torch.where(ok, pos // g.bk, torch.zeros_like(pos)).reshape(g.nq, -1)
@@ -259,6 +336,7 @@ def longnet(
     head_mode: str = "all",
     per_head: bool = False,
     block_size: int | tuple[int, int] = (128, 128),
+    device: Device = "cpu",
 ) -> BlockLayout:
     """Block form of a LongNet dilated configuration (``attn_core`` semantics).
 
@@ -269,7 +347,7 @@ def longnet(
     dilated pattern (whole tiles, every key of them, a single softmax): it is the tile set a
     dilated kernel must visit, not a re-implementation of dilated attention.
     """
-    g = _Grid(seq_len, block_size)
+    g = _Grid(seq_len, block_size, device)
     heads = _int("num_heads", num_heads, 1)
     cfg = DilatedConfig(segment_lengths, dilation_rates, head_mode)
     if not isinstance(per_head, bool):
@@ -278,6 +356,14 @@ def longnet(
     for gi, (w, r) in enumerate(zip(cfg.segment_lengths, cfg.dilation_rates)):
         for j in cfg.heads_for_group(gi, heads):
             per_head_sets[j].add((w, r, _same_tiles_offset(g, w, r, cfg.head_offset(gi, j))))
+
+    def per_row(keys: set[tuple[int, int, int]]) -> int:
+        return max(1, sum(_longnet_width(g, w, r) for w, r, _ in keys))
+
+    if per_head:
+        g.plan(heads * g.nq * max(per_row(k) for k in per_head_sets))
+    else:
+        g.plan(g.nq * per_row(set().union(*per_head_sets)))
     cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def group(key: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,13 +374,13 @@ def longnet(
     def intervals(keys: set[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [group(key) for key in sorted(keys)]
         if not parts:
-            empty = torch.zeros(g.nq, 1, dtype=torch.int64)
+            empty = torch.zeros(g.nq, 1, dtype=torch.int64, device=g.rows_on)
             return empty, empty
         return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
 
     if not per_head:
         lo, hi = intervals(set().union(*per_head_sets))
-        return g.layout(lo, hi)
+        return g.layout(lo, hi, symmetric=True)
     pairs = [intervals(s) for s in per_head_sets]
     width = max(p[0].shape[1] for p in pairs)
 
@@ -303,7 +389,9 @@ def longnet(
 
     lo = torch.cat([pad(p[0]) for p in pairs], dim=0)
     hi = torch.cat([pad(p[1]) for p in pairs], dim=0)
-    return g.layout(lo, hi, num_heads=heads)
+    # queries and keys are selected by one rule (position % r == offset, same segment): every
+    # head's tile set is symmetric when Bq == Bk
+    return g.layout(lo, hi, num_heads=heads, symmetric=True)
 
 
 PATTERNS: dict[str, Callable[..., BlockLayout]] = {
@@ -317,12 +405,12 @@ PATTERNS: dict[str, Callable[..., BlockLayout]] = {
 }
 
 
-def build_pattern(kind: str, **params: Any) -> BlockLayout:
-    """Build pattern ``kind`` (a key of :data:`PATTERNS`) with keyword ``params``."""
+def build_pattern(kind: str, *, device: Device = "cpu", **params: Any) -> BlockLayout:
+    """Build pattern ``kind`` (a key of :data:`PATTERNS`) with keyword ``params`` on ``device``."""
     if kind not in PATTERNS:
         raise ValueError(f"unknown pattern {kind!r}; allowed: {sorted(PATTERNS)}")
     try:
-        return PATTERNS[kind](**params)
+        return PATTERNS[kind](device=device, **params)
     except TypeError as exc:
         if "argument" in str(exc):  # wrong/missing keyword: name the pattern in the message
             raise TypeError(f"pattern {kind!r}: {exc}") from exc
