@@ -11,8 +11,9 @@ Internally each pattern is a set of column intervals per query block row, which
 runs over blocks.
 
 ``device=`` builds the layout where it will be used (default "cpu"): on a GPU the same torch
-code runs as a handful of kernels with one host read (the number of active tiles), so a layout
-for N = 1M tokens builds in milliseconds. Builders also attach the transposed CSR the backward
+code runs as a few dozen small kernels with at most one host read (the number of active tiles;
+tiny per-row arrays are built on the CPU and copied instead), so a layout for N = 1M tokens
+builds in about 2 ms on an H100 (docs/benchmarks/sparse_layout_build_h100.md). Builders also attach the transposed CSR the backward
 reads whenever the pattern gives it for free (symmetric patterns with Bq == Bk, causal), so
 :meth:`BlockLayout.transposed_csr` does not sort.
 """
