@@ -139,7 +139,7 @@ class PinnedHostArena:
         self._base = torch.frombuffer(self._cbuf, dtype=torch.uint8)
         self._typed: dict[torch.dtype, torch.Tensor] = {torch.uint8: self._base}
         self._free = _RangeAllocator()
-        self._free.free(0, 0, size)
+        self._free.free(0, size)
         self._live: dict[int, tuple[torch.Tensor, int, int]] = {}
         self._in_use = self._peak = self._acquires = self._releases = 0
 
@@ -172,13 +172,12 @@ class PinnedHostArena:
         nbytes = round_size(max(numel * dtype.itemsize, 1))
         with self._lock:
             self._check_open()
-            got = self._free.alloc(nbytes)
-            if got is None:
+            offset = self._free.alloc(nbytes)
+            if offset is None:
                 raise MemoryError(
                     f"PinnedHostArena: no free range of {nbytes} bytes for shape {shape_t} {dtype} "
                     f"({self._in_use} of {self._size} bytes in use, largest free range {self._free.largest()})"
                 )
-            offset = got[1]
             typed = self._typed.get(dtype)
             if typed is None:
                 typed = self._typed[dtype] = self._base.view(dtype)
@@ -205,7 +204,7 @@ class PinnedHostArena:
                 )
             del self._live[id(tensor)]
             _, offset, nbytes = entry
-            self._free.free(0, offset, nbytes)
+            self._free.free(offset, nbytes)
             self._in_use -= nbytes
             self._releases += 1
 

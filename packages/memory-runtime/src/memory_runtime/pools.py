@@ -4,15 +4,31 @@ A :class:`DeviceBufferPool` hands out tensors that are views into a few large re
 ("slabs": ``torch.empty(n, dtype=torch.uint8)`` on the pool's device), so a workload whose shapes
 vary from step to step stops asking the device allocator for memory once it is warm.
 
-How a request is served (all under one lock; tensor views are made outside it):
+How a request is served (bookkeeping under one lock; the tensor view is made outside it):
 
-1. Requested bytes are rounded up to a size class: multiples of ``2**(floor(log2 n) - 4)``
-   (at least 512 bytes), so rounding waste is below 1/16 of the request (or 512 bytes).
-2. Fast path ("quick list"): a block released recently with the same (stream, shape, dtype) is
-   handed back as the very same tensor object -- a dict lookup, no tensor creation.
-3. Best fit over the free byte ranges of the slabs (split on allocation, coalesced with free
-   neighbours on release).
-4. Otherwise a new slab is reserved (bounded by ``max_bytes``; fully free slabs are trimmed first).
+1. Requested bytes are rounded up to a size class: multiples of ``2**(floor(log2 n) - 6)``
+   (at least 512 bytes), so rounding waste is below 1/64 of the request (or 512 bytes).
+2. Address-ordered first fit over the free byte ranges of the slabs (split on allocation,
+   coalesced with free neighbours on release), with a two-ended placement (below).
+3. Otherwise a new slab is reserved (bounded by ``max_bytes``; fully free slabs are trimmed first).
+4. The view: the tensor object a small block had when it was last released at the same address
+   with the same shape and dtype (view cache: no torch call), else one ``torch.as_strided``.
+
+Placement. Free space stays in one piece when buffers that live long are kept apart from the
+short-lived ones around them. ``acquire(..., long_lived=True)`` marks a buffer that outlives the
+buffers acquired after it (e.g. a layer output kept until the next step's output exists). Each
+long-lived buffer goes to the end of the address space opposite the previous long-lived buffer,
+and short-lived buffers are carved next to the latest long-lived one, growing toward the middle.
+In a step of a variable-length attention workload -- the previous output at one end, this step's
+q/k/v/lse/grads beside it, this step's output at the other end -- freeing the step's buffers and
+the previous output leaves one contiguous free range, so a slab the size of the peak suffices
+(first fit without hints strands 5-13 % of such a slab between outputs). Without hints every
+buffer is short-lived: first fit from the top.
+
+Warm-up then :meth:`consolidate`: after a warm-up pass of a repeating workload, ``consolidate()``
+replaces the slabs the warm-up grew by one reservation of the observed peak times
+``1 + headroom``; later passes run without new device allocations and with reserved memory close
+to their peak (measured by tools/bench_memory.py).
 
 Stream awareness (CUDA): a released block goes back to the free ranges of the stream it was
 released on and is reused at once by that stream (stream order makes this safe). Another stream
@@ -29,9 +45,10 @@ The pool implements the buffer-provider protocol that attn-ring accepts::
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import threading
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, cast
 
@@ -49,15 +66,23 @@ __all__ = [
 ALIGNMENT = 512
 # 2**SUBCLASS_BITS size classes per power of two: rounding waste < 2**-SUBCLASS_BITS (1.6 %).
 SUBCLASS_BITS = 6
-# Recently released blocks kept per (stream, shape, dtype) for the no-allocation fast path.
-QUICK_LIST_DEPTH = 4
-# ... for at most this many keys (oldest key evicted first): bounds memory held outside the free ranges.
-QUICK_LIST_KEYS = 16
-# Only blocks up to this size are quick-listed: a held-back large block splits the free ranges
-# around it (fragmentation), while for large buffers a view costs little next to their use.
-QUICK_LIST_MAX_BLOCK = 4 << 20
-# Large reservations are rounded like the CUDA caching allocator rounds them, so none is wasted.
+# View cache: the tensor objects of released blocks, keyed by (address, shape, dtype), at most this
+# many (oldest dropped first). A block carved again at the same address for the same shape and
+# dtype -- a fixed-shape loop always is, first fit hands back the range just freed -- is returned
+# as that same tensor object, with no torch call. Only tensor objects are kept: the memory itself
+# goes back to the free ranges at once, so the cache never splits free space.
+VIEW_CACHE_ENTRIES = 64
+# Only blocks up to this size keep their views: for large buffers a view costs little next to their use.
+VIEW_CACHE_MAX_BLOCK = 4 << 20
+# Large CUDA reservations are rounded like the caching allocator rounds them, so none is wasted
+# (on CPU to ALIGNMENT).
 SLAB_GRANULE = 2 << 20
+# Free ranges are keyed by ``region << REGION_SHIFT | offset``: one sorted int order over all
+# slabs in which ranges of different slabs can never touch (no slab reaches 2**48 bytes).
+REGION_SHIFT = 48
+_OFFSET_MASK = (1 << REGION_SHIFT) - 1
+# Validated (shape, dtype) -> (requested bytes, rounded bytes, strides, itemsize), per pool.
+META_CACHE_ENTRIES = 4096
 
 
 class PoolExhaustedError(MemoryError):
@@ -73,91 +98,110 @@ def round_size(nbytes: int) -> int:
 
 
 class _RangeAllocator:
-    """Best fit over free byte ranges of numbered regions, with split on alloc and coalescing on free.
+    """Address-ordered free ranges with first fit from either end, split on alloc, coalescing on free.
 
-    Free ranges live in a list sorted by (size, region, offset) (bisect: best fit, lowest address on
-    ties) plus two dicts from (region, start) and (region, end) for O(1) neighbour lookup.
-    Not thread-safe: the owner holds its lock.
+    Ranges are kept as two parallel lists sorted by start key (``region << REGION_SHIFT | offset``):
+    first fit scans from the bottom or the top, and a freed range finds both neighbours with one
+    bisect. Not thread-safe: the owner holds its lock.
     """
 
+    __slots__ = ("_sizes", "_starts", "free_bytes")
+
     def __init__(self) -> None:
-        self._sorted: list[tuple[int, int, int]] = []
-        self._by_start: dict[tuple[int, int], int] = {}
-        self._by_end: dict[tuple[int, int], int] = {}
+        self._starts: list[int] = []
+        self._sizes: list[int] = []
         self.free_bytes = 0
 
     def __len__(self) -> int:
-        return len(self._sorted)
+        return len(self._starts)
 
-    def _insert(self, region: int, offset: int, size: int) -> None:
-        bisect.insort(self._sorted, (size, region, offset))
-        self._by_start[(region, offset)] = size
-        self._by_end[(region, offset + size)] = offset
-
-    def _remove(self, region: int, offset: int, size: int) -> None:
-        i = bisect.bisect_left(self._sorted, (size, region, offset))
-        del self._sorted[i]
-        del self._by_start[(region, offset)]
-        del self._by_end[(region, offset + size)]
-
-    def alloc(self, size: int) -> tuple[int, int] | None:
-        """Take ``size`` bytes from the smallest free range that fits; None if none fits."""
-        i = bisect.bisect_left(self._sorted, (size, -1, -1))
-        if i == len(self._sorted):
+    def alloc(self, size: int, from_top: bool = False) -> int | None:
+        """Take ``size`` bytes from the first range that fits, scanning from the lowest address (or
+        the highest with ``from_top``, carving the block from that range's top). None if none fits."""
+        if size > self.free_bytes:
             return None
-        fsize, region, offset = self._sorted[i]
-        rest = fsize - size
-        if rest and (i == 0 or self._sorted[i - 1] <= (rest, region, offset + size)):
-            # The remainder keeps this entry's place in the sorted order: update it in place
-            # (the common case when carving from a slab's large tail).
-            self._sorted[i] = (rest, region, offset + size)
-            del self._by_start[(region, offset)]
-            self._by_start[(region, offset + size)] = rest
-            self._by_end[(region, offset + fsize)] = offset + size
-        else:
-            self._remove(region, offset, fsize)
+        sizes = self._sizes
+        if from_top:
+            i = len(sizes) - 1
+            while i >= 0 and sizes[i] < size:
+                i -= 1
+            if i < 0:
+                return None
+            start = self._starts[i]
+            rest = sizes[i] - size
             if rest:
-                self._insert(region, offset + size, rest)
+                sizes[i] = rest
+            else:
+                del sizes[i], self._starts[i]
+            self.free_bytes -= size
+            return start + rest
+        i = 0
+        n = len(sizes)
+        while i < n and sizes[i] < size:
+            i += 1
+        if i == n:
+            return None
+        start = self._starts[i]
+        rest = sizes[i] - size
+        if rest:
+            self._starts[i] = start + size
+            sizes[i] = rest
+        else:
+            del sizes[i], self._starts[i]
         self.free_bytes -= size
-        return region, offset
+        return start
 
-    def free(self, region: int, offset: int, size: int) -> None:
-        """Return a range, merging it with free neighbours in the same region."""
+    def free(self, start: int, size: int) -> None:
+        """Return a range, merging it with free neighbours (never across slabs: see REGION_SHIFT)."""
+        starts, sizes = self._starts, self._sizes
         self.free_bytes += size
-        end = offset + size
-        nxt = self._by_start.get((region, end))
-        if nxt is not None:
-            self._remove(region, end, nxt)
-            size += nxt
-        prv = self._by_end.get((region, offset))
-        if prv is not None:
-            self._remove(region, prv, offset - prv)
-            size += offset - prv
-            offset = prv
-        self._insert(region, offset, size)
+        i = bisect.bisect_left(starts, start)
+        left = i > 0 and starts[i - 1] + sizes[i - 1] == start
+        if i < len(starts) and starts[i] == start + size:
+            if left:
+                sizes[i - 1] += size + sizes[i]
+                del starts[i], sizes[i]
+            else:
+                starts[i] = start
+                sizes[i] += size
+        elif left:
+            sizes[i - 1] += size
+        else:
+            starts.insert(i, start)
+            sizes.insert(i, size)
 
-    def take_all(self) -> list[tuple[int, int, int]]:
-        """Remove and return every free range as (region, offset, size)."""
-        out = [(r, o, s) for s, r, o in self._sorted]
-        self._sorted.clear()
-        self._by_start.clear()
-        self._by_end.clear()
+    def ranges(self) -> list[tuple[int, int]]:
+        """Every free range as (start key, size), in address order."""
+        return list(zip(self._starts, self._sizes))
+
+    def take_all(self) -> list[tuple[int, int]]:
+        """Remove and return every free range as (start key, size)."""
+        out = self.ranges()
+        self._starts.clear()
+        self._sizes.clear()
         self.free_bytes = 0
         return out
 
     def whole_region_free(self, region: int, region_size: int) -> bool:
-        return self._by_start.get((region, 0)) == region_size
+        key = region << REGION_SHIFT
+        i = bisect.bisect_left(self._starts, key)
+        return i < len(self._starts) and self._starts[i] == key and self._sizes[i] == region_size
 
     def drop_region(self, region: int, region_size: int) -> None:
-        self._remove(region, 0, region_size)
+        i = bisect.bisect_left(self._starts, region << REGION_SHIFT)
+        del self._starts[i], self._sizes[i]
         self.free_bytes -= region_size
 
     def largest(self) -> int:
-        return self._sorted[-1][0] if self._sorted else 0
+        return max(self._sizes, default=0)
 
 
 class StreamOps(Protocol):
-    """How the pool sees streams: a hashable key per stream and fences (events) on them."""
+    """How the pool sees streams: a hashable key per stream and fences (events) on them.
+
+    ``note_stream(key)`` (optional) is called, with that stream current, the first time the pool
+    keeps memory for ``key``; ``fence(key)`` may be called later from any stream.
+    """
 
     def current_key(self) -> Hashable: ...
 
@@ -185,29 +229,32 @@ class _NoStreams:
 
 
 class _CudaStreams:
-    """CUDA streams keyed by their id; fences are events recorded on the releasing stream."""
+    """CUDA streams keyed by their raw ``cudaStream_t`` (an int); fences are events on the stream."""
 
     def __init__(self, device: torch.device) -> None:
         self._index = device.index if device.index is not None else torch.cuda.current_device()
-        # torch._C._cuda_getCurrentStream returns (stream_id, device_index, device_type) without
-        # building a Stream object: ~4x cheaper on the hot path. Guarded: private API.
-        self._raw = getattr(torch._C, "_cuda_getCurrentStream", None)
         self._streams: dict[Hashable, torch.cuda.Stream] = {}
-
-    def current_key(self) -> Hashable:
-        if self._raw is not None:
-            sid, dev, dtype = self._raw(self._index)
-            key = (sid, dev, dtype)
+        # torch._C._cuda_getCurrentRawStream(device) returns the current stream's handle as an int
+        # without building a Stream object (~5x cheaper on the hot path). Private: guarded, with the
+        # public accessor as the fallback.
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        self.current_key: Callable[[], Hashable]
+        if raw is not None:
+            self.current_key = functools.partial(raw, self._index)
         else:
-            s = torch.cuda.current_stream(self._index)
-            key = (s.stream_id, s.device_index, s.device_type)
-        return key
+            self.current_key = self._public_key
+
+    def _public_key(self) -> Hashable:
+        return torch.cuda.current_stream(self._index).cuda_stream
+
+    def note_stream(self, key: Hashable) -> None:
+        """Remember the Stream object behind ``key`` (current now) so a fence can be recorded on it later."""
+        if key not in self._streams:
+            self._streams[key] = torch.cuda.current_stream(self._index)
 
     def fence(self, key: Hashable) -> Any:
-        sid, dev, dev_type = cast(tuple[int, int, int], key)
-        stream = torch.cuda.Stream(stream_id=sid, device_index=dev, device_type=dev_type)
         event = torch.cuda.Event()
-        event.record(stream)
+        event.record(self._streams[key])
         return event
 
     def done(self, fence: Any) -> bool:
@@ -217,28 +264,15 @@ class _CudaStreams:
         fence.synchronize()
 
 
-class _Block:
-    __slots__ = ("nbytes", "offset", "region", "requested", "shape", "stream", "tensor")
-
-    def __init__(self, region: int, offset: int, nbytes: int) -> None:
-        self.region = region
-        self.offset = offset
-        self.nbytes = nbytes
-        self.requested = 0
-        self.shape: tuple[int, ...] = ()
-        self.stream: Hashable = None
-        self.tensor: torch.Tensor | None = None
-
-
 @dataclass(frozen=True)
 class PoolStats:
     """A consistent snapshot of a pool's counters (bytes are device bytes).
 
     hits: acquires served from cached memory; misses: acquires that reserved a new slab.
-    quick_hits: the subset of hits served by the same-shape quick list.
+    quick_hits: the subset of hits that reused a cached tensor object (view cache: no torch call).
     bytes_in_use: rounded bytes of live blocks; bytes_requested: exact bytes asked for by them.
     bytes_cached: reserved but not in use. reservations: slabs ever reserved;
-    reservations_released: slabs given back by trim(). peak_*: high-water marks.
+    reservations_released: slabs given back by trim() / consolidate(). peak_*: high-water marks.
     """
 
     acquires: int
@@ -329,6 +363,13 @@ def resolve_device(device: torch.device | str | int | None) -> torch.device:
     return dev
 
 
+def _current_cuda_device() -> int:
+    # torch._C._cuda_getDevice skips torch.cuda.current_device()'s lazy-init check (the pool's
+    # device was validated at construction). Private: guarded, public accessor as the fallback.
+    fn = getattr(torch._C, "_cuda_getDevice", None)
+    return int(fn()) if fn is not None else torch.cuda.current_device()
+
+
 class DeviceBufferPool:
     """Size-bucketed buffers carved from a few large slabs on one device.
 
@@ -336,7 +377,7 @@ class DeviceBufferPool:
         device: the pool's device (``"cuda"``, ``"cuda:1"``, ``"cpu"``); default: current CUDA
             device if available, else CPU.
         slab_bytes: size of one reservation; a request larger than this gets a slab of its own,
-            rounded to 2 MiB. Default 256 MiB on CUDA, 16 MiB on CPU.
+            rounded to 2 MiB on CUDA. Default 256 MiB on CUDA, 16 MiB on CPU.
         max_bytes: bound on reserved bytes (None: unbounded). Requests that would exceed it first
             trim free slabs, then raise :class:`PoolExhaustedError`.
         stream_ops: how streams and fences are observed (tests inject a fake); default per device.
@@ -363,7 +404,10 @@ class DeviceBufferPool:
         self._device_str = str(dev)
         self.slab_bytes = (slab + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
         self.max_bytes = max_bytes
+        self._granule = SLAB_GRANULE if dev.type == "cuda" else ALIGNMENT
         self._streams: StreamOps = stream_ops or (_CudaStreams(dev) if dev.type == "cuda" else _NoStreams())
+        self._current_key: Callable[[], Hashable] = self._streams.current_key
+        self._note_stream: Callable[[Hashable], None] | None = getattr(self._streams, "note_stream", None)
         self._lock = threading.Lock()
         self._slabs: dict[int, torch.Tensor] = {}
         self._typed: dict[tuple[int, torch.dtype], torch.Tensor] = {}
@@ -371,71 +415,114 @@ class DeviceBufferPool:
         self._next_region = 0
         # Free ranges per stream key; key None = usable by any stream (fresh or fenced memory).
         self._free: dict[Hashable, _RangeAllocator] = {None: _RangeAllocator()}
-        self._quick: dict[tuple[Hashable, tuple[int, ...], torch.dtype], list[_Block]] = {}
-        self._quick_bytes = 0
+        # Placement: True while the latest long-lived block sits at the top end (see module doc).
+        self._long_top = True
+        # (start key, shape, dtype) -> tensor object of a released small block (see VIEW_CACHE_ENTRIES)
+        self._views: dict[tuple[int, tuple[int, ...], torch.dtype], torch.Tensor] = {}
         # (stream the ranges were released on, fence recorded on it, ranges)
-        self._fenced: list[tuple[Hashable, Any, list[tuple[int, int, int]]]] = []
-        self._live: dict[int, _Block] = {}
+        self._fenced: list[tuple[Hashable, Any, list[tuple[int, int]]]] = []
+        # data_ptr -> [start key, nbytes, requested, tensor (view-cache candidates only), shape, dtype]
+        self._live: dict[int, list[Any]] = {}
         self._empty_live: dict[int, torch.Tensor] = {}
-        # counters
-        self._acquires = self._releases = self._hits = self._misses = self._quick_hits = 0
+        self._meta: dict[tuple[tuple[int, ...], torch.dtype], tuple[int, int, tuple[int, ...], int]] = {}
+        # counters (acquires = hits + misses, releases = acquires - live blocks)
+        self._hits = self._misses = self._quick_hits = 0
         self._in_use = self._requested = self._reserved = 0
         self._peak_in_use = self._peak_requested = self._peak_reserved = 0
         self._reservations = self._reservations_released = self._fences = self._exhausted = 0
 
     # ------------------------------------------------------------------ public API
     def acquire(
-        self, shape: Sequence[int] | int, dtype: torch.dtype, device: str | torch.device | None = None
+        self,
+        shape: Sequence[int] | int,
+        dtype: torch.dtype,
+        device: str | torch.device | None = None,
+        *,
+        long_lived: bool = False,
     ) -> torch.Tensor:
         """A contiguous tensor of ``shape`` and ``dtype`` on the pool's device (contents undefined).
 
         ``device`` (optional) must be the pool's device; it is part of the provider protocol.
+        ``long_lived``: a placement hint -- this buffer outlives buffers acquired after it (e.g. a
+        step's output kept until the next step's output exists). It changes where the block is
+        carved (see the module doc), never what is returned.
         """
-        if device is not None and device != self.device and device != self._device_str:
+        if device is not None and device is not self.device and device != self._device_str:
             self._check_device(device)
-        stream = self._streams.current_key()
-        if type(shape) is tuple:
-            # Quick path: a key only exists for a shape and dtype that were validated before
-            # (an equal-hashing (2.0, True) must not match (2, 1): its types are checked on a hit).
-            hit = self._quick_take((stream, shape, dtype), shape)
-            if hit is not None:
-                return hit
-        shape_t = _as_shape(shape)
+        stream = self._current_key()
+        if type(shape) is not tuple:
+            shape = _as_shape(shape)  # lists, ints, torch.Size: validated into a tuple of ints
         if type(dtype) is not torch.dtype:
             dtype = _check_dtype(dtype)
-        numel = math.prod(shape_t)
-        if numel == 0:
-            # Zero-element tensors own no memory (their data_ptr is 0): tracked by identity.
-            t = torch.empty(shape_t, dtype=dtype, device=self.device)
-            with self._lock:
-                self._empty_live[id(t)] = t
-                self._acquires += 1
-                self._hits += 1
-            return t
-        if type(shape) is not tuple:
-            hit = self._quick_take((stream, shape_t, dtype), shape_t)
-            if hit is not None:
-                return hit
-        requested = numel * dtype.itemsize
-        nbytes = round_size(requested)
-        with self._lock:
-            # Common case inline: a fit in this stream's free ranges; else the full search.
-            alloc = self._free.get(stream)
-            got = alloc.alloc(nbytes) if alloc is not None and alloc.free_bytes >= nbytes else None
-            if got is not None:
-                self._hits += 1
-                blk = _Block(got[0], got[1], nbytes)
+        meta = self._meta.get((shape, dtype))
+        if meta is None:
+            # First sight of this (shape, dtype): validate. A cached entry only exists for a valid
+            # pair; an equal-hashing invalid shape ((8.0,) for (8,)) is rejected by as_strided below.
+            shape = _as_shape(shape)
+            numel = math.prod(shape)
+            if numel == 0:
+                return self._acquire_empty(shape, dtype)
+            requested = numel * dtype.itemsize
+            meta = (requested, round_size(requested), _contiguous_strides(shape), dtype.itemsize)
+            with self._lock:  # bounded: cleared when full
+                if len(self._meta) >= META_CACHE_ENTRIES:
+                    self._meta.clear()
+                self._meta[(shape, dtype)] = meta
+        requested, nbytes, strides, itemsize = meta
+        lock = self._lock
+        lock.acquire()
+        try:
+            # placement: long-lived blocks alternate ends, short-lived ones sit by the latest long one
+            if long_lived:
+                top = not self._long_top
+                self._long_top = top
             else:
-                blk = self._alloc_locked(nbytes, stream)
-            blk.shape = shape_t
-            self._acquires += 1
-            self._take(blk, requested)
-            typed = self._typed.get((blk.region, dtype))
-            if typed is None:
-                typed = self._typed[(blk.region, dtype)] = self._slabs[blk.region].view(dtype)
-        # as_strided on a per-(slab, dtype) typed view: one torch call instead of slice+view+view.
-        t = torch.as_strided(typed, shape_t, _contiguous_strides(shape_t), blk.offset // dtype.itemsize)
-        blk.tensor = t
+                top = self._long_top
+            alloc = self._free.get(stream)
+            key = alloc.alloc(nbytes, top) if alloc is not None else None
+            if key is None:
+                misses = self._misses
+                key = self._alloc_slow(nbytes, stream, top)
+                missed = self._misses != misses
+            else:
+                self._hits += 1
+                missed = False
+            region = key >> REGION_SHIFT
+            offset = key & _OFFSET_MASK
+            entry: list[Any] = [key, nbytes, requested, None, shape, dtype]
+            self._live[self._slab_base[region] + offset] = entry
+            in_use = self._in_use = self._in_use + nbytes
+            if in_use > self._peak_in_use:
+                self._peak_in_use = in_use
+            req = self._requested = self._requested + requested
+            if req > self._peak_requested:
+                self._peak_requested = req
+            view = self._views.pop((key, shape, dtype), None) if nbytes <= VIEW_CACHE_MAX_BLOCK else None
+            typed: torch.Tensor | None = None
+            if view is not None:
+                entry[3] = view
+                self._quick_hits += 1
+            else:
+                typed = self._typed.get((region, dtype))
+                if typed is None:
+                    typed = self._typed[(region, dtype)] = self._slabs[region].view(dtype)
+        finally:
+            lock.release()
+        if view is not None:
+            for d in shape:  # an equal-hashing invalid shape ((8.0,) for (8,)) must not match
+                if type(d) is not int:
+                    self._undo_acquire(entry, stream, missed)
+                    _as_shape(shape)  # raises the pool's own error naming the bad entry
+            return view
+        # One torch call outside the lock: a strided view of the per-(slab, dtype) typed view.
+        try:
+            t = torch.as_strided(cast(torch.Tensor, typed), shape, strides, offset // itemsize)
+        except TypeError:
+            self._undo_acquire(entry, stream, missed)
+            _as_shape(shape)  # raises the pool's own error naming the bad entry
+            raise
+        if nbytes <= VIEW_CACHE_MAX_BLOCK:
+            entry[3] = t  # the view cache keeps only this exact tensor object
         return t
 
     def release(self, tensor: torch.Tensor) -> None:
@@ -445,57 +532,39 @@ class DeviceBufferPool:
         The memory is reused by the releasing stream at once and by other streams only after the
         work queued on the releasing stream up to this call has finished.
         """
-        if not isinstance(tensor, torch.Tensor):
+        if type(tensor) is not torch.Tensor and not isinstance(tensor, torch.Tensor):
             raise TypeError(f"release() takes a torch.Tensor from this pool, got {type(tensor).__name__}")
-        if tensor.numel() == 0:
-            with self._lock:
-                if self._empty_live.pop(id(tensor), None) is None:
-                    raise ValueError(
-                        "release(): this zero-element tensor was not acquired from this pool or was already released"
-                    )
-                self._releases += 1
-            return
         ptr = tensor.data_ptr()
-        stream = self._streams.current_key()
-        with self._lock:
-            blk = self._live.pop(ptr, None)
-            if blk is None:
-                raise ValueError(self._explain_unknown(tensor, ptr))
-            self._releases += 1
-            self._in_use -= blk.nbytes
-            self._requested -= blk.requested
-            blk.stream = stream
-            t = blk.tensor
-            # Quick-list only the untouched tensor object we handed out (a caller may have
-            # reshaped it in place or turned on requires_grad; such a block takes the slow path).
-            if (
-                blk.nbytes <= QUICK_LIST_MAX_BLOCK
-                and tensor is t
-                and t.shape == blk.shape
-                and not t.requires_grad
-                and t.is_contiguous()
-            ):
-                key = (stream, blk.shape, t.dtype)
-                quick = self._quick.get(key)
-                if quick is None:
-                    if len(self._quick) >= QUICK_LIST_KEYS:
-                        # Bounded: the oldest key's blocks go back to the free ranges.
-                        old_key = next(iter(self._quick))
-                        for old in self._quick.pop(old_key):
-                            self._unquick(old_key[0], old)
-                    quick = self._quick[key] = []
-                if len(quick) < QUICK_LIST_DEPTH:
-                    quick.append(blk)
-                    self._quick_bytes += blk.nbytes
-                    return
-            blk.tensor = None
-            self._free_range(stream, blk.region, blk.offset, blk.nbytes)
+        stream = self._current_key()
+        lock = self._lock
+        lock.acquire()
+        try:
+            entry = self._live.pop(ptr, None)
+            if entry is None:
+                self._release_other_locked(tensor, ptr)  # zero-element tensors, or a clear error
+                return
+            key, nbytes, requested, t = entry[0], entry[1], entry[2], entry[3]
+            self._in_use -= nbytes
+            self._requested -= requested
+            # Keep the view only if it is the untouched tensor object we handed out (a caller may
+            # have reshaped it in place or turned on requires_grad).
+            if t is tensor and not t.requires_grad and t.shape == entry[4] and t.is_contiguous():
+                views = self._views
+                if len(views) >= VIEW_CACHE_ENTRIES:
+                    del views[next(iter(views))]  # bounded: the oldest entry goes
+                views[(key, entry[4], entry[5])] = t
+            alloc = self._free.get(stream)
+            if alloc is None:
+                alloc = self._new_stream_locked(stream)
+            alloc.free(key, nbytes)
+        finally:
+            lock.release()
 
     def reserve(self, nbytes: int) -> None:
         """Reserve one slab of at least ``nbytes`` now (e.g. the known peak of a workload)."""
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
             raise ValueError(f"reserve(nbytes): nbytes must be a positive int, got {nbytes!r}")
-        stream = self._streams.current_key()
+        stream = self._current_key()
         with self._lock:
             self._new_slab_locked(round_size(nbytes), exact=True, stream=stream)
 
@@ -507,17 +576,19 @@ class DeviceBufferPool:
         to the driver.
         """
         with self._lock:
-            self._flush_quick_locked()
+            self._views.clear()  # views keep their slab alive
             self._settle_all_locked()
             return self._trim_free_slabs_locked()
 
     def consolidate(self, *, headroom: float = 0.05, release_cached: bool = True) -> int:
         """Replace every slab by one slab sized to the observed peak in use (times 1 + headroom).
 
-        Call it between iterations of a repeating workload (no buffer may be live), e.g. after a
-        warm-up iteration: later iterations then run from one reservation close to their real peak
-        instead of the several slabs the warm-up grew. Resets the high-water marks. On CUDA,
-        ``release_cached`` also empties torch's cache so the dropped slabs leave the device.
+        The "warm-up, then consolidate" step of a repeating workload: call it between iterations
+        (no buffer may be live), e.g. after a warm-up pass. Later passes then run from one
+        reservation close to their real peak instead of the several slabs the warm-up grew, and
+        reserve nothing new as long as their peak stays within the headroom (a pass that needs
+        more still gets it: the pool grows and counts a miss). Resets the high-water marks. On
+        CUDA, ``release_cached`` also empties torch's cache so the dropped slabs leave the device.
         Returns the new reserved bytes.
         """
         if not isinstance(headroom, (int, float)) or isinstance(headroom, bool) or not 0 <= headroom <= 4:
@@ -531,11 +602,13 @@ class DeviceBufferPool:
         self.trim()
         if release_cached and self.device.type == "cuda":
             torch.cuda.empty_cache()
-        stream = self._streams.current_key()
+        stream = self._current_key()
         with self._lock:
             if target > 0:
-                size = (int(target * (1 + headroom)) + SLAB_GRANULE - 1) // SLAB_GRANULE * SLAB_GRANULE
+                g = self._granule
+                size = (int(target * (1 + headroom)) + g - 1) // g * g
                 self._new_slab_locked(size, exact=True, stream=stream)
+            self._long_top = True
             self._peak_in_use = self._in_use
             self._peak_requested = self._requested
             self._peak_reserved = self._reserved
@@ -544,13 +617,15 @@ class DeviceBufferPool:
     def stats(self) -> PoolStats:
         """Counters and high-water marks, read consistently under the lock."""
         with self._lock:
+            acquires = self._hits + self._misses
+            live = len(self._live) + len(self._empty_live)
             return PoolStats(
-                acquires=self._acquires,
-                releases=self._releases,
+                acquires=acquires,
+                releases=acquires - live,
                 hits=self._hits,
                 misses=self._misses,
                 quick_hits=self._quick_hits,
-                live_blocks=len(self._live) + len(self._empty_live),
+                live_blocks=live,
                 bytes_in_use=self._in_use,
                 bytes_requested=self._requested,
                 bytes_reserved=self._reserved,
@@ -563,6 +638,203 @@ class DeviceBufferPool:
                 num_slabs=len(self._slabs),
                 cross_stream_fences=self._fences,
             )
+
+    # ------------------------------------------------------------------ internals
+    def _acquire_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        # Zero-element tensors own no memory (their data_ptr is 0): tracked by identity.
+        t = torch.empty(shape, dtype=dtype, device=self.device)
+        with self._lock:
+            self._empty_live[id(t)] = t
+            self._hits += 1
+        return t
+
+    def _undo_acquire(self, entry: list[Any], stream: Hashable, missed: bool) -> None:
+        """Give back a block whose view could not be made (an invalid shape that hashed like a valid one)."""
+        key, nbytes, requested = entry[0], entry[1], entry[2]
+        with self._lock:
+            region = key >> REGION_SHIFT
+            del self._live[self._slab_base[region] + (key & _OFFSET_MASK)]
+            self._in_use -= nbytes
+            self._requested -= requested
+            if missed:
+                self._misses -= 1
+            else:
+                self._hits -= 1
+            self._free_range(stream, key, nbytes)
+
+    def _release_other_locked(self, tensor: torch.Tensor, ptr: int) -> None:
+        if tensor.numel() == 0:
+            if self._empty_live.pop(id(tensor), None) is None:
+                raise ValueError(
+                    "release(): this zero-element tensor was not acquired from this pool or was already released"
+                )
+            return
+        raise ValueError(self._explain_unknown(tensor, ptr))
+
+    def _check_device(self, device: Any) -> None:
+        bare_cuda = device == "cuda" or (
+            isinstance(device, torch.device) and device.type == "cuda" and device.index is None
+        )
+        if bare_cuda and self.device.type == "cuda":
+            # "cuda" means the current device: cheap to check (no torch.device parse, no is_available).
+            current = _current_cuda_device()
+            if current == self.device.index:
+                return
+            raise ValueError(
+                f"this pool serves {self.device}, got device='cuda' while the current device is cuda:{current}"
+            )
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must name a torch device, got {device!r}") from exc
+        if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev != self.device:
+            raise ValueError(f"this pool serves {self.device}, got a request for device {device!r}")
+
+    def _new_stream_locked(self, stream: Hashable) -> _RangeAllocator:
+        """Free ranges for a stream seen for the first time (it is the current stream now)."""
+        if self._note_stream is not None and stream is not None:
+            self._note_stream(stream)
+        alloc = self._free[stream] = _RangeAllocator()
+        return alloc
+
+    def _free_range(self, stream: Hashable, key: int, nbytes: int) -> None:
+        alloc = self._free.get(stream)
+        if alloc is None:
+            alloc = self._new_stream_locked(stream)
+        alloc.free(key, nbytes)
+
+    def _try_alloc(self, nbytes: int, stream: Hashable, top: bool) -> int | None:
+        for skey in (stream, None) if stream is not None else (None,):
+            alloc = self._free.get(skey)
+            if alloc is not None:
+                key = alloc.alloc(nbytes, top)
+                if key is not None:
+                    return key
+        return None
+
+    def _alloc_slow(self, nbytes: int, stream: Hashable, top: bool) -> int:
+        """No fit in this stream's free ranges: shared ranges, other streams'
+        completed ranges, then (bounded) waiting and trimming, then a new slab."""
+        key = self._try_alloc(nbytes, stream, top)
+        if key is None and self._reclaim_other_streams_locked(stream, wait=False):
+            key = self._try_alloc(nbytes, stream, top)
+        if key is not None:
+            self._hits += 1
+            return key
+        over = self.max_bytes is not None and self._reserved + self._new_slab_size(nbytes) > self.max_bytes
+        if over:
+            # Bounded: wait for other streams' blocks, then drop free slabs before growing.
+            if self._reclaim_other_streams_locked(stream, wait=True):
+                key = self._try_alloc(nbytes, stream, top)
+                if key is not None:
+                    self._hits += 1
+                    return key
+            # Still no fit: wait for every stream (this one included) and drop fully free slabs.
+            self._settle_all_locked()
+            self._trim_free_slabs_locked()
+        region = self._new_slab_locked(nbytes, exact=False, stream=stream)
+        key = self._free[stream].alloc(nbytes, top)
+        if key is None or key >> REGION_SHIFT != region:  # cannot happen: the new slab holds nbytes
+            raise RuntimeError("DeviceBufferPool internal error: new slab does not fit the request")
+        self._misses += 1
+        return key
+
+    def _new_slab_size(self, nbytes: int) -> int:
+        if nbytes <= self.slab_bytes:
+            size = self.slab_bytes
+        else:
+            size = (nbytes + self._granule - 1) // self._granule * self._granule
+        if self.max_bytes is not None:
+            # Near the bound, a smaller slab that still holds the request is better than failing.
+            size = max(nbytes, min(size, self.max_bytes - self._reserved))
+        return size
+
+    def _new_slab_locked(self, nbytes: int, *, exact: bool, stream: Hashable) -> int:
+        size = nbytes if exact else self._new_slab_size(nbytes)
+        if self.max_bytes is not None and self._reserved + size > self.max_bytes:
+            self._exhausted += 1
+            raise PoolExhaustedError(
+                f"DeviceBufferPool on {self.device}: a block of {nbytes} bytes needs a reservation of {size} bytes, "
+                f"but {self._reserved} of max_bytes={self.max_bytes} are reserved "
+                f"({self._in_use} in use); release buffers or raise max_bytes"
+            )
+        slab = torch.empty(size, dtype=torch.uint8, device=self.device)
+        region = self._next_region
+        self._next_region += 1
+        self._slabs[region] = slab
+        self._slab_base[region] = slab.data_ptr()
+        # Fresh memory goes to the requesting stream's free ranges, so it coalesces with the blocks
+        # that stream releases (free ranges of different streams never merge).
+        self._free_range(stream, region << REGION_SHIFT, size)
+        self._reserved += size
+        self._reservations += 1
+        if self._reserved > self._peak_reserved:
+            self._peak_reserved = self._reserved
+        return region
+
+    def _fence_stream_locked(self, key: Hashable) -> None:
+        alloc = self._free.get(key)
+        if alloc is None or not len(alloc):
+            return
+        fence = self._streams.fence(key)
+        self._fences += 1
+        self._fenced.append((key, fence, alloc.take_all()))
+
+    def _reclaim_other_streams_locked(self, stream: Hashable, *, wait: bool) -> bool:
+        """Move other streams' free ranges whose fences completed into the shared pool.
+
+        Ranges free on another stream get a fence (an event recorded on that stream now: it
+        completes after every use queued there before the release). Ranges fenced earlier from
+        ``stream`` itself go straight back to it (stream order suffices). Returns True if any moved.
+        """
+        for key in [k for k in self._free if k is not None and k != stream]:
+            self._fence_stream_locked(key)
+        moved = False
+        still: list[tuple[Hashable, Any, list[tuple[int, int]]]] = []
+        for key, fence, ranges in self._fenced:
+            if key == stream:
+                dest = stream
+            else:
+                if wait:
+                    self._streams.wait(fence)
+                if not self._streams.done(fence):
+                    still.append((key, fence, ranges))
+                    continue
+                dest = None
+            for start, size in ranges:
+                self._free_range(dest, start, size)
+            moved = True
+        self._fenced = still
+        return moved
+
+    def _settle_all_locked(self) -> None:
+        """Wait for every stream's fence and put all free ranges in the shared pool (trim, bounds)."""
+        for key in [k for k in self._free if k is not None]:
+            self._fence_stream_locked(key)
+        shared = self._free[None]
+        for _, fence, ranges in self._fenced:
+            self._streams.wait(fence)
+            for start, size in ranges:
+                shared.free(start, size)
+        self._fenced.clear()
+
+    def _trim_free_slabs_locked(self) -> int:
+        shared = self._free[None]
+        freed = 0
+        for region in list(self._slabs):
+            size = self._slabs[region].numel()
+            if shared.whole_region_free(region, size):
+                shared.drop_region(region, size)
+                del self._slabs[region]
+                for key in [k for k in self._typed if k[0] == region]:
+                    del self._typed[key]
+                del self._slab_base[region]
+                self._reserved -= size
+                self._reservations_released += 1
+                freed += size
+        return freed
 
     def memory_stats(self) -> dict[str, int]:
         """This pool's counters under the keys of ``torch.cuda.memory_stats()`` (slabs = segments).
@@ -613,19 +885,18 @@ class DeviceBufferPool:
 
     def _segments_locked(self) -> dict[int, list[tuple[int, int, str, int]]]:
         """region -> [(offset, size, state, requested)] sorted by offset; free = free ranges of any
-        stream, fenced ranges and quick-listed blocks (all cached, not in use)."""
+        stream and fenced ranges (all cached, not in use)."""
         segs: dict[int, list[tuple[int, int, str, int]]] = {r: [] for r in self._slabs}
-        for blk in self._live.values():
-            segs[blk.region].append((blk.offset, blk.nbytes, "active_allocated", blk.requested))
-        free: list[tuple[int, int, int]] = []
+        for entry in self._live.values():
+            key = entry[0]
+            segs[key >> REGION_SHIFT].append((key & _OFFSET_MASK, entry[1], "active_allocated", entry[2]))
+        free: list[tuple[int, int]] = []
         for alloc in self._free.values():
-            free.extend((r, o, sz) for sz, r, o in alloc._sorted)
+            free.extend(alloc.ranges())
         for _, _, ranges in self._fenced:
             free.extend(ranges)
-        for blocks in self._quick.values():
-            free.extend((b.region, b.offset, b.nbytes) for b in blocks)
-        for r, o, sz in free:
-            segs[r].append((o, sz, "inactive", 0))
+        for key, size in free:
+            segs[key >> REGION_SHIFT].append((key & _OFFSET_MASK, size, "inactive", 0))
         for seg in segs.values():
             seg.sort()
         return segs
@@ -643,209 +914,6 @@ class DeviceBufferPool:
             f"DeviceBufferPool(device={self.device}, reserved={s.bytes_reserved}, in_use={s.bytes_in_use}, "
             f"slabs={s.num_slabs}, live={s.live_blocks})"
         )
-
-    # ------------------------------------------------------------------ internals (lock held)
-    def _quick_take(
-        self, key: tuple[Hashable, tuple[int, ...], torch.dtype], shape: tuple[Any, ...]
-    ) -> torch.Tensor | None:
-        if key not in self._quick:  # lock-free miss (a dict lookup is atomic); re-checked under the lock
-            return None
-        for d in shape:
-            if type(d) is not int:
-                return None  # not a valid shape: the full validation path raises
-        with self._lock:
-            quick = self._quick.get(key)
-            if not quick:
-                return None
-            blk = quick.pop()
-            if not quick:
-                del self._quick[key]
-            self._quick_bytes -= blk.nbytes
-            self._quick_hits += 1
-            self._hits += 1
-            self._acquires += 1
-            self._take(blk, blk.requested)
-            return blk.tensor
-
-    def _check_device(self, device: Any) -> None:
-        bare_cuda = device == "cuda" or (
-            isinstance(device, torch.device) and device.type == "cuda" and device.index is None
-        )
-        if bare_cuda and self.device.type == "cuda":
-            # "cuda" means the current device: cheap to check (no torch.device parse, no is_available).
-            if torch.cuda.current_device() == self.device.index:
-                return
-            raise ValueError(
-                f"this pool serves {self.device}, got device='cuda' while the current device is "
-                f"cuda:{torch.cuda.current_device()}"
-            )
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device must name a torch device, got {device!r}") from exc
-        if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
-            dev = torch.device("cuda", torch.cuda.current_device())
-        if dev != self.device:
-            raise ValueError(f"this pool serves {self.device}, got a request for device {device!r}")
-
-    def _take(self, blk: _Block, requested: int) -> None:
-        blk.requested = requested
-        self._live[self._slab_base[blk.region] + blk.offset] = blk
-        self._in_use += blk.nbytes
-        self._requested += requested
-        if self._in_use > self._peak_in_use:
-            self._peak_in_use = self._in_use
-        if self._requested > self._peak_requested:
-            self._peak_requested = self._requested
-
-    def _free_range(self, stream: Hashable, region: int, offset: int, nbytes: int) -> None:
-        alloc = self._free.get(stream)
-        if alloc is None:
-            alloc = self._free[stream] = _RangeAllocator()
-        alloc.free(region, offset, nbytes)
-
-    def _try_alloc(self, nbytes: int, stream: Hashable) -> _Block | None:
-        for key in (stream, None) if stream is not None else (None,):
-            alloc = self._free.get(key)
-            if alloc is not None and alloc.free_bytes >= nbytes:
-                got = alloc.alloc(nbytes)
-                if got is not None:
-                    return _Block(got[0], got[1], nbytes)
-        return None
-
-    def _alloc_locked(self, nbytes: int, stream: Hashable) -> _Block:
-        blk = self._try_alloc(nbytes, stream)
-        if blk is None:
-            # Return quick-listed blocks to the free ranges (they may coalesce into a fit).
-            self._flush_quick_locked()
-            blk = self._try_alloc(nbytes, stream)
-        if blk is None and self._reclaim_other_streams_locked(stream, wait=False):
-            blk = self._try_alloc(nbytes, stream)
-        if blk is not None:
-            self._hits += 1
-            return blk
-        over = self.max_bytes is not None and self._reserved + self._new_slab_size(nbytes) > self.max_bytes
-        if over:
-            # Bounded: wait for other streams' blocks, then drop free slabs before growing.
-            if self._reclaim_other_streams_locked(stream, wait=True):
-                blk = self._try_alloc(nbytes, stream)
-                if blk is not None:
-                    self._hits += 1
-                    return blk
-            # Still no fit: wait for every stream (this one included) and drop fully free slabs.
-            self._settle_all_locked()
-            self._trim_free_slabs_locked()
-        self._misses += 1
-        region = self._new_slab_locked(nbytes, exact=False, stream=stream)
-        got = self._free[stream].alloc(nbytes)
-        if got is None or got[0] != region:  # cannot happen: the new slab holds nbytes
-            raise RuntimeError("DeviceBufferPool internal error: new slab does not fit the request")
-        return _Block(got[0], got[1], nbytes)
-
-    def _new_slab_size(self, nbytes: int) -> int:
-        if nbytes <= self.slab_bytes:
-            size = self.slab_bytes
-        else:
-            size = (nbytes + SLAB_GRANULE - 1) // SLAB_GRANULE * SLAB_GRANULE
-        if self.max_bytes is not None:
-            # Near the bound, a smaller slab that still holds the request is better than failing.
-            size = max(nbytes, min(size, self.max_bytes - self._reserved))
-        return size
-
-    def _new_slab_locked(self, nbytes: int, *, exact: bool, stream: Hashable) -> int:
-        size = nbytes if exact else self._new_slab_size(nbytes)
-        if self.max_bytes is not None and self._reserved + size > self.max_bytes:
-            self._exhausted += 1
-            raise PoolExhaustedError(
-                f"DeviceBufferPool on {self.device}: a block of {nbytes} bytes needs a reservation of {size} bytes, "
-                f"but {self._reserved} of max_bytes={self.max_bytes} are reserved "
-                f"({self._in_use} in use); release buffers or raise max_bytes"
-            )
-        slab = torch.empty(size, dtype=torch.uint8, device=self.device)
-        region = self._next_region
-        self._next_region += 1
-        self._slabs[region] = slab
-        self._slab_base[region] = slab.data_ptr()
-        # Fresh memory goes to the requesting stream's free ranges, so it coalesces with the blocks
-        # that stream releases (free ranges of different streams never merge).
-        self._free_range(stream, region, 0, size)
-        self._reserved += size
-        self._reservations += 1
-        if self._reserved > self._peak_reserved:
-            self._peak_reserved = self._reserved
-        return region
-
-    def _unquick(self, stream: Hashable, blk: _Block) -> None:
-        blk.tensor = None
-        self._quick_bytes -= blk.nbytes
-        self._free_range(stream, blk.region, blk.offset, blk.nbytes)
-
-    def _flush_quick_locked(self) -> None:
-        for (stream, _, _), blocks in self._quick.items():
-            for blk in blocks:
-                self._unquick(stream, blk)
-        self._quick.clear()
-
-    def _fence_stream_locked(self, key: Hashable) -> None:
-        alloc = self._free.get(key)
-        if alloc is None or not len(alloc):
-            return
-        fence = self._streams.fence(key)
-        self._fences += 1
-        self._fenced.append((key, fence, alloc.take_all()))
-
-    def _reclaim_other_streams_locked(self, stream: Hashable, *, wait: bool) -> bool:
-        """Move other streams' free ranges whose fences completed into the shared pool.
-
-        Ranges free on another stream get a fence (an event recorded on that stream now: it
-        completes after every use queued there before the release). Ranges fenced earlier from
-        ``stream`` itself go straight back to it (stream order suffices). Returns True if any moved.
-        """
-        for key in [k for k in self._free if k is not None and k != stream]:
-            self._fence_stream_locked(key)
-        moved = False
-        still: list[tuple[Hashable, Any, list[tuple[int, int, int]]]] = []
-        for key, fence, ranges in self._fenced:
-            if key == stream:
-                dest = stream
-            else:
-                if wait:
-                    self._streams.wait(fence)
-                if not self._streams.done(fence):
-                    still.append((key, fence, ranges))
-                    continue
-                dest = None
-            for r, o, sz in ranges:
-                self._free_range(dest, r, o, sz)
-            moved = True
-        self._fenced = still
-        return moved
-
-    def _settle_all_locked(self) -> None:
-        """Wait for every stream's fence and put all free ranges in the shared pool (trim, bounds)."""
-        for key in [k for k in self._free if k is not None]:
-            self._fence_stream_locked(key)
-        for _, fence, ranges in self._fenced:
-            self._streams.wait(fence)
-            for r, o, sz in ranges:
-                self._free[None].free(r, o, sz)
-        self._fenced.clear()
-
-    def _trim_free_slabs_locked(self) -> int:
-        shared = self._free[None]
-        freed = 0
-        for region in list(self._slabs):
-            size = self._slabs[region].numel()
-            if shared.whole_region_free(region, size):
-                shared.drop_region(region, size)
-                del self._slabs[region]
-                for key in [k for k in self._typed if k[0] == region]:
-                    del self._typed[key]
-                del self._slab_base[region]
-                self._reserved -= size
-                self._reservations_released += 1
-                freed += size
-        return freed
 
     def _explain_unknown(self, tensor: torch.Tensor, ptr: int) -> str:
         if tensor.device != self.device:
