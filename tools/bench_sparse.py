@@ -388,56 +388,56 @@ def tune(args: argparse.Namespace) -> list[dict]:
 
     device = "cuda"
     H, D, n = args.heads, args.head_dim, args.tune_n
-    fwd_cands = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 4)]
-    dq_cands = [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)]
-    dkv_cands = [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 4, 3), (64, 128, 8, 3)]
+    # (BLOCK_M, BLOCK_N, warps, stages); the session's probes (docs/benchmarks/sparse_h100.md) also
+    # found 32x128 dk/dv tiles with 4 warps and 3-stage dq loops 2-3x slower (register spills).
+    fwd_cands = [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)]
+    dq_cands = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3)]
+    dkv_cands = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3)]
     res = []
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v, do = (torch.randn(1, n, H, D, device=device, dtype=torch.bfloat16, generator=g) for _ in range(4))
-    for block in ((128, 128), (128, 64)):
-        for density in args.tune_densities:
-            layout = make_layout("local_window", n, density, block).to(device)
-            csr = CSR.from_layout(layout)
-            base = default_config(block)
-            out, lse = block_sparse_forward(q, k, v, csr, False, D**-0.5, base)
-            flops = 4.0 * attended_pairs(layout, n) * D * H
-            for bm, bn, w, s in fwd_cands:
-                cfg = replace(base, fwd_m=bm, fwd_n=bn, fwd_warps=w, fwd_stages=s)
+    for block, density, tma in ((b, d, t) for b in ((128, 128), (128, 64)) for d in args.tune_densities
+                                for t in (True, False)):  # fmt: skip
+        layout = make_layout("local_window", n, density, block).to(device)
+        csr = CSR.from_layout(layout)
+        base = replace(default_config(block), tma=tma)
+        out, lse = block_sparse_forward(q, k, v, csr, False, D**-0.5, base)
+        flops = 4.0 * attended_pairs(layout, n) * D * H
+        for bm, bn, w, s in fwd_cands:
+            cfg = replace(base, fwd_m=bm, fwd_n=bn, fwd_warps=w, fwd_stages=s)
+            if cfg.check(block):
+                continue
+            try:
+                ms = bench_ms(lambda cfg=cfg, csr=csr: block_sparse_forward(q, k, v, csr, False, D**-0.5, cfg), 10, 50)
+            except Exception as exc:
+                ms, err = float("nan"), str(exc)[:80]
+            else:
+                err = ""
+            res.append(dict(kernel="fwd", block=block, density=density, tma=tma, cfg=(bm, bn, w, s), ms=ms,
+                            tflops=flops / ms * 1e-9, err=err))  # fmt: skip
+        for kind, cands in (("dq", dq_cands), ("dkv", dkv_cands)):
+            for bm, bn, w, s in cands:
+                cfg = replace(base, **{f"{kind}_m": bm, f"{kind}_n": bn, f"{kind}_warps": w, f"{kind}_stages": s})
                 if cfg.check(block):
                     continue
                 try:
                     ms = bench_ms(
-                        lambda cfg=cfg, csr=csr: block_sparse_forward(q, k, v, csr, False, D**-0.5, cfg), 10, 50
+                        lambda cfg=cfg, csr=csr, o=out, lse=lse: block_sparse_backward(
+                            do, q, k, v, o, lse, csr, False, D**-0.5, cfg
+                        ),
+                        10,
+                        50,
                     )
                 except Exception as exc:
                     ms, err = float("nan"), str(exc)[:80]
                 else:
                     err = ""
-                res.append(dict(kernel="fwd", block=block, density=density, cfg=(bm, bn, w, s), ms=ms,
-                                tflops=flops / ms * 1e-9, err=err))  # fmt: skip
-            for kind, cands in (("dq", dq_cands), ("dkv", dkv_cands)):
-                for bm, bn, w, s in cands:
-                    cfg = replace(base, **{f"{kind}_m": bm, f"{kind}_n": bn, f"{kind}_warps": w, f"{kind}_stages": s})
-                    if cfg.check(block):
-                        continue
-                    try:
-                        ms = bench_ms(
-                            lambda cfg=cfg, csr=csr, o=out, lse=lse: block_sparse_backward(
-                                do, q, k, v, o, lse, csr, False, D**-0.5, cfg
-                            ),
-                            10,
-                            50,
-                        )
-                    except Exception as exc:
-                        ms, err = float("nan"), str(exc)[:80]
-                    else:
-                        err = ""
-                    res.append(dict(kernel=f"bwd({kind} varied)", block=block, density=density, cfg=(bm, bn, w, s),
-                                    ms=ms, tflops=2.5 * flops / ms * 1e-9, err=err))  # fmt: skip
-    print(f"{'kernel':<18}{'block':<12}{'dens':>6}  {'BM,BN,warps,stages':<20}{'ms':>9}{'TFLOP/s':>9}")
+                res.append(dict(kernel=f"bwd({kind} varied)", block=block, density=density, tma=tma,
+                                cfg=(bm, bn, w, s), ms=ms, tflops=2.5 * flops / ms * 1e-9, err=err))  # fmt: skip
+    print(f"{'kernel':<18}{'block':<12}{'dens':>6} {'tma':<6} {'BM,BN,warps,stages':<20}{'ms':>9}{'TFLOP/s':>9}")
     for r in res:
         print(
-            f"{r['kernel']:<18}{r['block']!s:<12}{r['density']:>6.2f}  {r['cfg']!s:<20}"
+            f"{r['kernel']:<18}{r['block']!s:<12}{r['density']:>6.2f} {r['tma']!s:<6} {r['cfg']!s:<20}"
             f"{r['ms']:>9.3f}{r['tflops']:>9.1f} {r['err']}"
         )
     return res
@@ -489,16 +489,19 @@ def write_report(result: dict, out: Path) -> None:
     ]
     lines += [
         "",
-        "Layout build in the table = pattern construction (attn_sparse.patterns, on CPU) + copy to the GPU + "
+        "Layout build in the table = pattern construction on the GPU (attn_sparse.patterns, device='cuda') + "
         "transposed CSR: a one-time cost per layout (layouts are reused across calls and layers).",
         "",
-        "## Layout build per pattern (attn_sparse.patterns on CPU + copy to the GPU; median of 5)",
+        "## Layout build per pattern (built on the GPU with device= + transposed CSR; median of 7)",
         "",
-        "| pattern | N | density | ms |",
-        "|---|---|---|---|",
+        "| pattern | N | density | GPU build ms | CPU build + copy ms | equal to the CPU build |",
+        "|---|---|---|---|---|---|",
     ]
     for b in result.get("layout_build", []):
-        lines.append(f"| {b['pattern']} | {b['n']} | {b.get('density', float('nan')):.4f} | {b['build_ms']:.2f} |")
+        lines.append(
+            f"| {b['pattern']} | {b['n']} | {b.get('density', float('nan')):.4f} | {b['build_ms']:.2f} | "
+            f"{b.get('cpu_then_copy_ms', float('nan')):.2f} | {b.get('equal_to_cpu_build', '')} |"
+        )
     if "flex_create_block_mask_ms" in result:
         lines += ["", f"FlexAttention create_block_mask (compiled, banded): {result['flex_create_block_mask_ms']}"]
     lines += ["", "## Recompilation", "", result.get("recompile_note", ""), "", "## bf16 correctness vs float64"]

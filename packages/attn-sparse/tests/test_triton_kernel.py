@@ -26,6 +26,7 @@ from attn_sparse.kernels import (
     block_sparse_attention_csr,
     default_config,
     interpret_mode,
+    launch_order,
 )
 
 
@@ -117,6 +118,20 @@ def test_subtiles_smaller_than_layout_blocks() -> None:
     run_case(
         B=1, Nq=90, Nk=90, H=2, Hkv=2, D=16, block_size=(32, 32), mask=mask, is_causal=True,
         dtype=torch.float32, config=cfg, seed=5,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_pointer_and_descriptor_loads(is_causal: bool, tma: bool) -> None:
+    # streamed tiles through (interpreted) TMA descriptors, where rows past N read as zeros, or
+    # through masked pointer loads (GPUs without TMA, unaligned tensors)
+    mask = random_mask(2, 3, 3, 0.7, seed=13)
+    mask[:, torch.arange(3), torch.arange(3)] = True
+    cfg = KernelConfig(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16, tma=tma)
+    run_case(
+        B=2, Nq=90, Nk=90, H=2, Hkv=1, D=16, block_size=(32, 32), mask=mask, is_causal=is_causal,
+        dtype=torch.float16, config=cfg, seed=14,
     )  # fmt: skip
 
 
@@ -216,3 +231,19 @@ def test_causal_wide_key_blocks_and_grouped_heads() -> None:
         B=1, Nq=75, Nk=75, H=H, Hkv=2, D=16, block_size=(16, 32), mask=mask, is_causal=True,
         dtype=torch.float32, seed=15,
     )  # fmt: skip
+
+
+def test_launch_order_heavy_buckets_first_then_head_by_head() -> None:
+    # per-head layout, 2 heads x 4 blocks with tile counts [[1, 5, 2, 3], [4, 0, 1, 9]], batch 2;
+    # power-of-two buckets: [[0, 2, 1, 1], [2, -1, 0, 3]]
+    counts = torch.tensor([1, 5, 2, 3, 4, 0, 1, 9])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32)
+    order = launch_order(offsets, 2, 4, batch=2, heads=2)
+    assert order.dtype == torch.int32 and order.shape == (16,)
+    # entries are bh * 4 + block with bh = b * 2 + h: bucket 3, then 2, 1, 0, empty blocks last
+    assert order.tolist() == [7, 15, 1, 4, 9, 12, 2, 3, 10, 11, 0, 6, 8, 14, 5, 13]
+    # a shared layout (one row of counts) applies to every head; GQA sums a kv head's query heads
+    shared = launch_order(offsets[:5], 1, 4, batch=1, heads=2)
+    assert shared.tolist() == [1, 5, 2, 3, 6, 7, 0, 4]
+    grouped = launch_order(offsets, 2, 4, batch=1, heads=1, group=2)  # sums [5, 5, 3, 12]: buckets [2, 2, 1, 3]
+    assert grouped.tolist() == [3, 0, 1, 2]

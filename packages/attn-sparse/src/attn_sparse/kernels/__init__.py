@@ -8,6 +8,7 @@ from .block_sparse import (
     block_sparse_forward,
     default_config,
     interpret_mode,
+    launch_order,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "block_sparse_forward",
     "default_config",
     "interpret_mode",
+    "launch_order",
 ]

@@ -16,8 +16,10 @@ every query head of its GQA group (so dk/dv are written once, with no atomics). 
 base 2 with fp32 accumulation. Because column (row) indices are sorted, the tiles that need a
 mask (causal diagonal tiles, the partial last key block) form a suffix (prefix) of each list:
 they are counted first and run in a separate masked loop, so the bulk loop has no masking.
-Programs launch busiest layout row (column) first, (batch, head) fastest, so uneven rows such as
-BigBird's global blocks start early instead of forming a tail. Forward and backward are
+Programs take layout rows (columns) in launch_order: busiest first, ties head by head, so
+BigBird-like global rows start early instead of forming a tail while a head's programs share its
+tiles in L2. On sm90+ GPUs the streamed tiles (K/V, or Q/dO in the dk/dv kernel) come through TMA
+tensor descriptors (KernelConfig.tma). Forward and backward are
 ``torch.library`` custom ops (``attn_sparse::block_sparse_fwd`` / ``_bwd``) with a registered
 autograd formula when ``torch.compile`` traces them (no graph breaks); eager calls use a plain
 ``torch.autograd.Function`` around the same functions.
@@ -31,12 +33,18 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+
+try:  # host-side TMA descriptors (Triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the pointer path is used
+    _TensorDescriptor = None
 
 __all__ = [
     "CSR",
@@ -46,7 +54,7 @@ __all__ = [
     "block_sparse_forward",
     "default_config",
     "interpret_mode",
-    "work_order",
+    "launch_order",
 ]
 
 LOG2E = 1.4426950408889634
@@ -73,15 +81,16 @@ def _count_below(IDX, start, end, thr_a, thr_b, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _ordered_start(ORDER, head_base, rank, TILE: tl.constexpr, LAYOUT_B: tl.constexpr):
-    """First token of the tile this program owns: ranks walk the layout blocks heaviest first.
+def _ordered_tile(ORDER, NUM_BLOCKS, TILE: tl.constexpr, LAYOUT_B: tl.constexpr):
+    """(batch*head index, first token) of the tile this program owns.
 
-    ORDER[head_base + j] is the j-th busiest layout block of the head; each layout block holds
-    LAYOUT_B // TILE program tiles.
+    ORDER[j] = bh * NUM_BLOCKS + block is the j-th layout block to launch (see launch_order); each
+    layout block holds LAYOUT_B // TILE consecutive programs.
     """
     SUBT: tl.constexpr = LAYOUT_B // TILE
-    blk = tl.load(ORDER + head_base + rank // SUBT)
-    return blk * LAYOUT_B + (rank % SUBT) * TILE
+    pid = tl.program_id(0)
+    entry = tl.load(ORDER + pid // SUBT)
+    return entry // NUM_BLOCKS, (entry % NUM_BLOCKS) * LAYOUT_B + (pid % SUBT) * TILE
 
 
 @triton.jit
@@ -90,8 +99,10 @@ def _fwd_inner(
     l_i,
     m_i,
     q,
-    K_head,
-    V_head,
+    K_src,
+    V_src,
+    b,
+    hk,
     COL,
     it_lo,
     it_hi,
@@ -105,38 +116,46 @@ def _fwd_inner(
     LAYOUT_BK: tl.constexpr,
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
+    TMA: tl.constexpr,
 ):
+    """Online softmax over key tiles it_lo..it_hi; K_src/V_src: head pointers, or TMA descriptors."""
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for it in range(it_lo, it_hi):
         col = tl.load(COL + it // SUB)
         n0 = col * LAYOUT_BK + (it % SUB) * BLOCK_N
-        k_ptrs = K_head + n0.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
-        v_ptrs = V_head + n0.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
-        if MASKED:
-            n_ok = (n0 + offs_n) < N_K
-            k_t = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+        if TMA:
+            # TMA zero-fills rows past N_K (the descriptor's N extent is per batch): no load mask
+            k_t = tl.trans(K_src.load([b, n0, hk, 0]).reshape(BLOCK_N, HEAD_DIM))
+            v = V_src.load([b, n0, hk, 0]).reshape(BLOCK_N, HEAD_DIM)
         else:
-            k_t = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        qk = tl.dot(q, k_t) * qk_scale
+            k_ptrs = K_src + n0.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
+            v_ptrs = V_src + n0.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
+            if MASKED:
+                k_t = tl.load(k_ptrs, mask=((n0 + offs_n) < N_K)[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=((n0 + offs_n) < N_K)[:, None], other=0.0)
+            else:
+                k_t = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+        qk = tl.dot(q, k_t)
         if MASKED:
-            keep = n_ok[None, :]
+            keep = ((n0 + offs_n) < N_K)[None, :]
             if IS_CAUSAL:
                 keep = keep & ((n0 + offs_n)[None, :] <= offs_m[:, None])
-            qk = tl.where(keep, qk, float("-inf"))
+            qk = tl.where(keep, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # a row with every key masked so far keeps m = -inf; use 0 as its reference point
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_ref[:, None])
         else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # the scale folds into one FMA: exp2(qk * scale - m)
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_ref = m_new
+            p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
         alpha = tl.math.exp2(m_i - m_ref)
-        p = tl.math.exp2(qk - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
 
@@ -152,7 +171,7 @@ def _fwd_kernel(
     LSE,
     CROW,
     COL,
-    ROW_ORDER,
+    ORDER,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -168,7 +187,6 @@ def _fwd_kernel(
     N_Q,
     N_K,
     H,
-    NUM_BH,
     GROUP,
     NUM_QB,
     LAYOUT_HEAD_ROWS,
@@ -179,14 +197,13 @@ def _fwd_kernel(
     LAYOUT_BQ: tl.constexpr,
     LAYOUT_BK: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
-    # 1-D grid, (batch, head) fastest: programs of equal rank (equal work) launch together
-    bh = tl.program_id(0) % NUM_BH
+    bh, m_start = _ordered_tile(ORDER, NUM_QB, BLOCK_M, LAYOUT_BQ)
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    m_start = _ordered_start(ROW_ORDER, h * LAYOUT_HEAD_ROWS, tl.program_id(0) // NUM_BH, BLOCK_M, LAYOUT_BQ)
     if m_start >= N_Q:
         return
     offs_m = m_start + tl.arange(0, BLOCK_M)
@@ -194,8 +211,12 @@ def _fwd_kernel(
     m_ok = offs_m < N_Q
 
     Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    K_head = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    V_head = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    if TMA:
+        K_src = K
+        V_src = V
+    else:
+        K_src = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        V_src = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     q_ptrs = Q_head + m_start.to(tl.int64) * stride_qn + tl.arange(0, BLOCK_M)[:, None] * stride_qn + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
 
@@ -214,12 +235,12 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, K_head, V_head, COL, start * SUB, (start + n_full) * SUB, offs_m, N_K,
-        stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, False, IS_CAUSAL,
+        acc, l_i, m_i, q, K_src, V_src, b, hk, COL, start * SUB, (start + n_full) * SUB, offs_m, N_K,
+        stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, False, IS_CAUSAL, TMA,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, K_head, V_head, COL, (start + n_full) * SUB, (start + n_use) * SUB, offs_m, N_K,
-        stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, True, IS_CAUSAL,
+        acc, l_i, m_i, q, K_src, V_src, b, hk, COL, (start + n_full) * SUB, (start + n_use) * SUB, offs_m, N_K,
+        stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, True, IS_CAUSAL, TMA,
     )  # fmt: skip
 
     empty = l_i == 0.0
@@ -284,8 +305,10 @@ def _dq_inner(
     do,
     lse2,
     delta,
-    K_head,
-    V_head,
+    K_src,
+    V_src,
+    b,
+    hk,
     COL,
     it_lo,
     it_hi,
@@ -299,6 +322,7 @@ def _dq_inner(
     LAYOUT_BK: tl.constexpr,
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
@@ -306,19 +330,21 @@ def _dq_inner(
     for it in range(it_lo, it_hi):
         col = tl.load(COL + it // SUB)
         n0 = col * LAYOUT_BK + (it % SUB) * BLOCK_N
-        kt_ptrs = K_head + n0.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
-        vt_ptrs = V_head + n0.to(tl.int64) * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None]
-        if MASKED:
-            n_ok = (n0 + offs_n) < N_K
-            k_t = tl.load(kt_ptrs, mask=n_ok[None, :], other=0.0)
-            v_t = tl.load(vt_ptrs, mask=n_ok[None, :], other=0.0)
+        if TMA:
+            k_t = tl.trans(K_src.load([b, n0, hk, 0]).reshape(BLOCK_N, HEAD_DIM))
+            v_t = tl.trans(V_src.load([b, n0, hk, 0]).reshape(BLOCK_N, HEAD_DIM))
         else:
-            k_t = tl.load(kt_ptrs)
-            v_t = tl.load(vt_ptrs)
-        qk = tl.dot(q, k_t) * qk_scale
-        p = tl.math.exp2(qk - lse2[:, None])
+            kt_ptrs = K_src + n0.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
+            vt_ptrs = V_src + n0.to(tl.int64) * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None]
+            if MASKED:
+                k_t = tl.load(kt_ptrs, mask=((n0 + offs_n) < N_K)[None, :], other=0.0)
+                v_t = tl.load(vt_ptrs, mask=((n0 + offs_n) < N_K)[None, :], other=0.0)
+            else:
+                k_t = tl.load(kt_ptrs)
+                v_t = tl.load(vt_ptrs)
+        p = tl.math.exp2(tl.dot(q, k_t) * qk_scale - lse2[:, None])
         if MASKED:
-            keep = n_ok[None, :]
+            keep = ((n0 + offs_n) < N_K)[None, :]
             if IS_CAUSAL:
                 keep = keep & ((n0 + offs_n)[None, :] <= offs_m[:, None])
             p = tl.where(keep, p, 0.0)
@@ -339,7 +365,7 @@ def _dq_kernel(
     DELTA,
     CROW,
     COL,
-    ROW_ORDER,
+    ORDER,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -358,7 +384,6 @@ def _dq_kernel(
     N_Q,
     N_K,
     H,
-    NUM_BH,
     GROUP,
     NUM_QB,
     LAYOUT_HEAD_ROWS,
@@ -370,14 +395,13 @@ def _dq_kernel(
     LAYOUT_BQ: tl.constexpr,
     LAYOUT_BK: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
-    # 1-D grid, (batch, head) fastest: programs of equal rank (equal work) launch together
-    bh = tl.program_id(0) % NUM_BH
+    bh, m_start = _ordered_tile(ORDER, NUM_QB, BLOCK_M, LAYOUT_BQ)
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    m_start = _ordered_start(ROW_ORDER, h * LAYOUT_HEAD_ROWS, tl.program_id(0) // NUM_BH, BLOCK_M, LAYOUT_BQ)
     if m_start >= N_Q:
         return
     offs_m = m_start + tl.arange(0, BLOCK_M)
@@ -399,8 +423,12 @@ def _dq_kernel(
     # rows that saw no key (lse = -inf) get p = exp2(s - inf) = 0: zero gradient, never NaN
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=0.0)
-    K_head = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    V_head = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    if TMA:
+        K_src = K
+        V_src = V
+    else:
+        K_src = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        V_src = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
     lrow = h * LAYOUT_HEAD_ROWS + m_start // LAYOUT_BQ
     start = tl.load(CROW + lrow)
@@ -414,12 +442,12 @@ def _dq_kernel(
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dq = _dq_inner(
-        dq, q, do, lse2, delta, K_head, V_head, COL, start * SUB, (start + n_full) * SUB, offs_m, N_K,
-        stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, False, IS_CAUSAL,
+        dq, q, do, lse2, delta, K_src, V_src, b, hk, COL, start * SUB, (start + n_full) * SUB, offs_m, N_K,
+        stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, False, IS_CAUSAL, TMA,
     )  # fmt: skip
     dq = _dq_inner(
-        dq, q, do, lse2, delta, K_head, V_head, COL, (start + n_full) * SUB, (start + n_use) * SUB, offs_m, N_K,
-        stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, True, IS_CAUSAL,
+        dq, q, do, lse2, delta, K_src, V_src, b, hk, COL, (start + n_full) * SUB, (start + n_use) * SUB, offs_m,
+        N_K, stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, True, IS_CAUSAL, TMA,
     )  # fmt: skip
     dq = dq * sm_scale
     tl.store(
@@ -435,8 +463,10 @@ def _dkv_inner(
     dv,
     k,
     v,
-    Q_head,
-    DO_head,
+    Q_src,
+    DO_src,
+    b,
+    h,
     LSE_head,
     DELTA_head,
     ROW,
@@ -451,6 +481,7 @@ def _dkv_inner(
     BLOCK_M: tl.constexpr,
     LAYOUT_BQ: tl.constexpr,
     MASKED: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     SUB: tl.constexpr = LAYOUT_BQ // BLOCK_M
     offs_mb = tl.arange(0, BLOCK_M)
@@ -461,16 +492,20 @@ def _dkv_inner(
         offs_m = m0 + offs_mb
         m_ok = offs_m < N_Q
         # rows past N_Q load q = do = 0 and lse = +inf, so they contribute p = 0: no mask needed
-        q_t = tl.load(
-            Q_head + m0.to(tl.int64) * stride_qn + offs_mb[None, :] * stride_qn + offs_d[:, None],
-            mask=m_ok[None, :],
-            other=0.0,
-        )
-        do = tl.load(
-            DO_head + m0.to(tl.int64) * stride_dn + offs_mb[:, None] * stride_dn + offs_d[None, :],
-            mask=m_ok[:, None],
-            other=0.0,
-        )
+        if TMA:
+            q_t = tl.trans(Q_src.load([b, m0, h, 0]).reshape(BLOCK_M, HEAD_DIM))
+            do = DO_src.load([b, m0, h, 0]).reshape(BLOCK_M, HEAD_DIM)
+        else:
+            q_t = tl.load(
+                Q_src + m0.to(tl.int64) * stride_qn + offs_mb[None, :] * stride_qn + offs_d[:, None],
+                mask=m_ok[None, :],
+                other=0.0,
+            )
+            do = tl.load(
+                DO_src + m0.to(tl.int64) * stride_dn + offs_mb[:, None] * stride_dn + offs_d[None, :],
+                mask=m_ok[:, None],
+                other=0.0,
+            )
         lse = tl.load(LSE_head + offs_m, mask=m_ok, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(DELTA_head + offs_m, mask=m_ok, other=0.0)
@@ -497,7 +532,7 @@ def _dkv_kernel(
     DELTA,
     CCOL,
     ROW,
-    COL_ORDER,
+    ORDER,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -520,7 +555,6 @@ def _dkv_kernel(
     N_K,
     H,
     HKV,
-    NUM_BH,
     GROUP,
     NUM_KB,
     LAYOUT_HEAD_COLS,
@@ -532,13 +566,12 @@ def _dkv_kernel(
     LAYOUT_BQ: tl.constexpr,
     LAYOUT_BK: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     SUB: tl.constexpr = LAYOUT_BQ // BLOCK_M
-    bhk = tl.program_id(0) % NUM_BH
+    bhk, n_start = _ordered_tile(ORDER, NUM_KB, BLOCK_N, LAYOUT_BK)
     b = bhk // HKV
     hk = bhk % HKV
-    # key blocks ordered by the work of the group's first head (per-head layouts: a heuristic)
-    n_start = _ordered_start(COL_ORDER, hk * GROUP * LAYOUT_HEAD_COLS, tl.program_id(0) // NUM_BH, BLOCK_N, LAYOUT_BK)
     if n_start >= N_K:
         return
     offs_n = n_start + tl.arange(0, BLOCK_N)
@@ -570,19 +603,23 @@ def _dkv_kernel(
         start = tl.load(CCOL + lcol)
         end = tl.load(CCOL + lcol + 1)
         n_skip, n_mask = _count_below(ROW, start, end, r_skip, r_full, COUNT_CHUNK)
-        Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        DO_head = DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
+        if TMA:
+            Q_src = Q
+            DO_src = DO
+        else:
+            Q_src = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+            DO_src = DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
         bh = b * H + h
         LSE_head = LSE + bh.to(tl.int64) * N_Q
         DELTA_head = DELTA + bh.to(tl.int64) * N_Q
         dk, dv = _dkv_inner(
-            dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, ROW, (start + n_skip) * SUB,
+            dk, dv, k, v, Q_src, DO_src, b, h, LSE_head, DELTA_head, ROW, (start + n_skip) * SUB,
             (start + n_mask) * SUB, offs_n, N_Q, stride_qn, stride_dn, qk_scale, HEAD_DIM, BLOCK_M, LAYOUT_BQ,
-            True,
+            True, TMA,
         )  # fmt: skip
         dk, dv = _dkv_inner(
-            dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, ROW, (start + n_mask) * SUB, end * SUB, offs_n,
-            N_Q, stride_qn, stride_dn, qk_scale, HEAD_DIM, BLOCK_M, LAYOUT_BQ, False,
+            dk, dv, k, v, Q_src, DO_src, b, h, LSE_head, DELTA_head, ROW, (start + n_mask) * SUB, end * SUB,
+            offs_n, N_Q, stride_qn, stride_dn, qk_scale, HEAD_DIM, BLOCK_M, LAYOUT_BQ, False, TMA,
         )  # fmt: skip
     dk = dk * sm_scale
     tl.store(
@@ -615,9 +652,13 @@ class KernelConfig:
     dq_warps: int = 4
     dq_stages: int = 2
     dkv_m: int = 64
-    dkv_n: int = 128
-    dkv_warps: int = 8
-    dkv_stages: int = 2
+    dkv_n: int = 64
+    dkv_warps: int = 4
+    dkv_stages: int = 3
+    # Streamed tiles (K/V in the forward and dq kernels, Q/dO in the dk/dv kernel) are loaded
+    # through TMA tensor descriptors where the GPU has TMA (sm90+) and the tensors are 16-byte
+    # aligned (elsewhere: pointer loads). Measured on the H100: 3-25% faster per kernel.
+    tma: bool = True
 
     def check(self, block_size: tuple[int, int]) -> list[str]:
         """Reasons this config cannot run layouts of ``block_size`` (empty list: it can)."""
@@ -672,6 +713,9 @@ class CSR:
     num_query_blocks: int
     num_key_blocks: int
     block_size: tuple[int, int]
+    # (key, build) -> value: where derived per-layout data (launch orders) is memoised; the layout's
+    # bounded cache when built from a BlockLayout, none for raw tensors.
+    cache: Callable[[Any, Callable[[], Any]], Any] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_layout(cls, layout: Any) -> CSR:
@@ -686,17 +730,40 @@ class CSR:
             num_query_blocks=int(layout.num_query_blocks),
             num_key_blocks=int(layout.num_key_blocks),
             block_size=(int(layout.block_size[0]), int(layout.block_size[1])),
+            cache=layout._cached,
         )
 
+    def launch_order(self, batch: int, heads: int, group: int, by_column: bool) -> torch.Tensor:
+        """:func:`launch_order` of the row (or, ``by_column``, column) lists, memoised per layout."""
+        offsets, nblocks = (self.ccol, self.num_key_blocks) if by_column else (self.crow, self.num_query_blocks)
 
-def work_order(offsets: torch.Tensor, num_heads: int, num_blocks: int) -> torch.Tensor:
-    """(num_heads * num_blocks,) int32: per head, block indices sorted by active tiles, busiest first.
+        def build() -> torch.Tensor:
+            return launch_order(offsets, self.num_heads, nblocks, batch, heads, group)
 
-    Programs are launched in this order so the longest rows (e.g. BigBird's global blocks) start
-    first instead of forming a tail; ties keep index order.
+        if self.cache is None:
+            return build()
+        result: torch.Tensor = self.cache(("launch_order", batch, heads, group, by_column), build)
+        return result
+
+
+def launch_order(
+    offsets: torch.Tensor, layout_heads: int, num_blocks: int, batch: int, heads: int, group: int = 1
+) -> torch.Tensor:
+    """(batch * heads * num_blocks,) int32: the order programs take layout blocks, ``bh * num_blocks + block``.
+
+    Blocks are bucketed by their active-tile count in powers of two, heaviest bucket first (e.g.
+    BigBird's global rows start first instead of forming a tail); inside a bucket the order is
+    (batch, head, block), so a head's programs run together and the K/V (or Q/dO) tiles they
+    stream stay in L2 (an exact busiest-first sort interleaves heads and measured up to 20% slower).
+    ``heads`` counts the grid's heads; with ``group`` > 1 (dk/dv programs per kv head) a block's
+    work is summed over its query heads.
     """
-    counts = (offsets[1:] - offsets[:-1]).view(num_heads, num_blocks)
-    return torch.argsort(counts, dim=1, descending=True, stable=True).to(torch.int32).reshape(-1)
+    counts = (offsets[1:] - offsets[:-1]).view(layout_heads, num_blocks).long()
+    if layout_heads > 1 and group > 1:
+        counts = counts.view(layout_heads // group, group, num_blocks).sum(1)
+    bucket = torch.where(counts > 0, torch.log2(counts.clamp(min=1).double()).floor().long(), -1)
+    flat = bucket.expand(heads, num_blocks).reshape(1, heads * num_blocks).expand(batch, -1).reshape(-1)
+    return torch.argsort(flat, descending=True, stable=True).to(torch.int32)
 
 
 def _last_contig(t: torch.Tensor) -> torch.Tensor:
@@ -713,20 +780,41 @@ def block_sparse_forward(
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
     bq, bk = csr.block_size
-    row_order = work_order(csr.crow, csr.num_heads, csr.num_query_blocks)
+    order = csr.launch_order(B, H, 1, by_column=False)
     grid = (B * H * csr.num_query_blocks * (bq // cfg.fwd_m),)
+    use_tma = cfg.tma and _has_tma(k, v)
+    k_src = _tile_descriptor(k, cfg.fwd_n) if use_tma else k
+    v_src = _tile_descriptor(v, cfg.fwd_n) if use_tma else v
     _fwd_kernel[grid](
-        q, k, v, out, lse, csr.crow, csr.col, row_order,
+        q, k_src, v_src, out, lse, csr.crow, csr.col, order,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        Nq, Nk, H, B * H, H // Hkv, csr.num_query_blocks, csr.num_query_blocks if csr.num_heads > 1 else 0,
+        Nq, Nk, H, H // Hkv, csr.num_query_blocks, csr.num_query_blocks if csr.num_heads > 1 else 0,
         scale * LOG2E,
         HEAD_DIM=D, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
-        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+        TMA=use_tma, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )  # fmt: skip
     return out, lse
+
+
+def _has_tma(*tensors: torch.Tensor) -> bool:
+    """TMA tensor descriptors can load these: CUDA tensors on sm90+ (or Triton's interpreter, which
+    emulates descriptors) with the 16-byte aligned base and strides TMA requires."""
+    if _TensorDescriptor is None:
+        return False
+    t0 = tensors[0]
+    if not interpret_mode() and not (t0.is_cuda and torch.cuda.get_device_capability(t0.device)[0] >= 9):
+        return False
+    return all(
+        t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in tensors
+    )
+
+
+def _tile_descriptor(t: torch.Tensor, rows: int) -> Any:
+    """A 4-D (B, N, heads, D) descriptor loading (1, rows, 1, D) tiles; rows past N read as zeros."""
+    return _TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, t.shape[3]])
 
 
 def block_sparse_backward(
@@ -743,9 +831,7 @@ def block_sparse_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) shaped and typed like (q, k, v), from the forward's out and lse."""
     B, Nq, H, D = q.shape
-    Nk, Hkv = k.shape[1], k.shape[2]
     q, k, v, out, dout = (_last_contig(t) for t in (q, k, v, out, dout))
-    bq, bk = csr.block_size
     delta = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
     DELTA_BLOCK = 64
     _delta_kernel[(B * H * triton.cdiv(Nq, DELTA_BLOCK),)](
@@ -754,37 +840,84 @@ def block_sparse_backward(
         dout.stride(0), dout.stride(1), dout.stride(2),
         Nq, H, B * H, HEAD_DIM=D, BLOCK_M=DELTA_BLOCK,
     )  # fmt: skip
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    row_order = work_order(csr.crow, csr.num_heads, csr.num_query_blocks)
-    col_order = work_order(csr.ccol, csr.num_heads, csr.num_key_blocks)
-    _dq_kernel[(B * H * csr.num_query_blocks * (bq // cfg.dq_m),)](
-        q, k, v, dout, dq, lse, delta, csr.crow, csr.col, row_order,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        Nq, Nk, H, B * H, H // Hkv, csr.num_query_blocks, csr.num_query_blocks if csr.num_heads > 1 else 0,
-        scale * LOG2E, scale,
-        HEAD_DIM=D, BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
-        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
-    )  # fmt: skip
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    _dq_launch(q, k, v, dout, dq, lse, delta, csr, is_causal, scale, cfg)
+    _dkv_launch(q, k, v, dout, dk, dv, lse, delta, csr, is_causal, scale, cfg)
+    return dq, dk, dv
+
+
+def _dkv_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    csr: CSR,
+    is_causal: bool,
+    scale: float,
+    cfg: KernelConfig,
+) -> None:
+    """The column-parallel dk/dv kernel: writes dk, dv (one program per key tile and kv head)."""
+    B, Nq, H, D = q.shape
+    Nk, Hkv = k.shape[1], k.shape[2]
+    bq, bk = csr.block_size
+    order = csr.launch_order(B, Hkv, H // Hkv, by_column=True)
+    use_tma = cfg.tma and _has_tma(q, dout)
+    q_src = _tile_descriptor(q, cfg.dkv_m) if use_tma else q
+    do_src = _tile_descriptor(dout, cfg.dkv_m) if use_tma else dout
     _dkv_kernel[(B * Hkv * csr.num_key_blocks * (bk // cfg.dkv_n),)](
-        q, k, v, dout, dk, dv, lse, delta, csr.ccol, csr.row, col_order,
+        q_src, k, v, do_src, dk, dv, lse, delta, csr.ccol, csr.row, order,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        Nq, Nk, H, Hkv, B * Hkv, H // Hkv, csr.num_key_blocks, csr.num_key_blocks if csr.num_heads > 1 else 0,
+        Nq, Nk, H, Hkv, H // Hkv, csr.num_key_blocks, csr.num_key_blocks if csr.num_heads > 1 else 0,
         scale * LOG2E, scale,
         HEAD_DIM=D, BLOCK_M=cfg.dkv_m, BLOCK_N=cfg.dkv_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
-        num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages,
+        TMA=use_tma, num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages,
     )  # fmt: skip
-    return dq, dk, dv
+
+
+def _dq_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    dq: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    csr: CSR,
+    is_causal: bool,
+    scale: float,
+    cfg: KernelConfig,
+) -> None:
+    """The row-parallel dq kernel: writes dq."""
+    B, Nq, H, D = q.shape
+    Nk, Hkv = k.shape[1], k.shape[2]
+    bq, bk = csr.block_size
+    order = csr.launch_order(B, H, 1, by_column=False)
+    use_tma = cfg.tma and _has_tma(k, v)
+    k_src = _tile_descriptor(k, cfg.dq_n) if use_tma else k
+    v_src = _tile_descriptor(v, cfg.dq_n) if use_tma else v
+    _dq_kernel[(B * H * csr.num_query_blocks * (bq // cfg.dq_m),)](
+        q, k_src, v_src, dout, dq, lse, delta, csr.crow, csr.col, order,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        Nq, Nk, H, H // Hkv, csr.num_query_blocks, csr.num_query_blocks if csr.num_heads > 1 else 0,
+        scale * LOG2E, scale,
+        HEAD_DIM=D, BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
+        TMA=use_tma, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+    )  # fmt: skip
 
 
 def _device_guard(q: torch.Tensor) -> contextlib.AbstractContextManager[object]:
@@ -799,6 +932,13 @@ def _device_guard(q: torch.Tensor) -> contextlib.AbstractContextManager[object]:
 # eager calls take a plain autograd.Function around the same two functions (less dispatch overhead).
 # CSR geometry and tile configs travel as int lists (custom op schemas take no dataclasses).
 _CFG_FIELDS = tuple(f.name for f in fields(KernelConfig))
+
+
+def _config_from_ints(values: list[int]) -> KernelConfig:
+    kwargs: dict[str, Any] = {
+        f.name: bool(v) if f.type in (bool, "bool") else v for f, v in zip(fields(KernelConfig), values)
+    }
+    return KernelConfig(**kwargs)
 
 
 def _csr_from_args(
@@ -824,7 +964,7 @@ def _fwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with _device_guard(q):
         return block_sparse_forward(
-            q, k, v, _csr_from_args(crow, col, ccol, row, dims), is_causal, scale, KernelConfig(*cfg)
+            q, k, v, _csr_from_args(crow, col, ccol, row, dims), is_causal, scale, _config_from_ints(cfg)
         )
 
 
@@ -865,7 +1005,16 @@ def _bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with _device_guard(q):
         return block_sparse_backward(
-            dout, q, k, v, out, lse, _csr_from_args(crow, col, ccol, row, dims), is_causal, scale, KernelConfig(*cfg)
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            _csr_from_args(crow, col, ccol, row, dims),
+            is_causal,
+            scale,
+            _config_from_ints(cfg),
         )
 
 
@@ -935,7 +1084,7 @@ def block_sparse_attention_csr(
     dims = [csr.num_heads, csr.num_query_blocks, csr.num_key_blocks, csr.block_size[0], csr.block_size[1]]
     out, _ = _fwd_op(
         q, k, v, csr.crow, csr.col, csr.ccol, csr.row, dims, bool(is_causal), float(scale),
-        [getattr(cfg, f) for f in _CFG_FIELDS],
+        [int(getattr(cfg, f)) for f in _CFG_FIELDS],
     )  # fmt: skip
     return out
 
