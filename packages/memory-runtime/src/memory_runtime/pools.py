@@ -235,7 +235,7 @@ class _CudaStreams:
         self._index = device.index if device.index is not None else torch.cuda.current_device()
         self._streams: dict[Hashable, torch.cuda.Stream] = {}
         # torch._C._cuda_getCurrentRawStream(device) returns the current stream's handle as an int
-        # without building a Stream object (~5x cheaper on the hot path). Private: guarded, with the
+        # without building a Stream object (cheaper on the hot path). Private: guarded, with the
         # public accessor as the fallback.
         raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
         self.current_key: Callable[[], Hashable]
@@ -363,11 +363,9 @@ def resolve_device(device: torch.device | str | int | None) -> torch.device:
     return dev
 
 
-def _current_cuda_device() -> int:
-    # torch._C._cuda_getDevice skips torch.cuda.current_device()'s lazy-init check (the pool's
-    # device was validated at construction). Private: guarded, public accessor as the fallback.
-    fn = getattr(torch._C, "_cuda_getDevice", None)
-    return int(fn()) if fn is not None else torch.cuda.current_device()
+# torch._C._cuda_getDevice skips torch.cuda.current_device()'s lazy-init check (a pool's CUDA
+# device was validated at construction). Private: guarded, public accessor as the fallback.
+_cuda_get_device: Callable[[], int] = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 
 
 class DeviceBufferPool:
@@ -402,6 +400,7 @@ class DeviceBufferPool:
             raise ValueError(f"max_bytes must be a positive int or None, got {max_bytes!r}")
         self.device = dev
         self._device_str = str(dev)
+        self._cuda_index = dev.index if dev.type == "cuda" else None
         self.slab_bytes = (slab + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
         self.max_bytes = max_bytes
         self._granule = SLAB_GRANULE if dev.type == "cuda" else ALIGNMENT
@@ -410,7 +409,8 @@ class DeviceBufferPool:
         self._note_stream: Callable[[Hashable], None] | None = getattr(self._streams, "note_stream", None)
         self._lock = threading.Lock()
         self._slabs: dict[int, torch.Tensor] = {}
-        self._typed: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        # region -> {dtype: the slab viewed as that dtype} (the base of every view carved from it)
+        self._typed: dict[int, dict[torch.dtype, torch.Tensor]] = {}
         self._slab_base: dict[int, int] = {}
         self._next_region = 0
         # Free ranges per stream key; key None = usable by any stream (fresh or fenced memory).
@@ -447,7 +447,13 @@ class DeviceBufferPool:
         step's output kept until the next step's output exists). It changes where the block is
         carved (see the module doc), never what is returned.
         """
-        if device is not None and device is not self.device and device != self._device_str:
+        # "cuda" means the current device: one C call when that is this pool's device
+        if (
+            device is not None
+            and device is not self.device
+            and device != self._device_str
+            and not (device == "cuda" and self._cuda_index is not None and _cuda_get_device() == self._cuda_index)
+        ):
             self._check_device(device)
         stream = self._current_key()
         if type(shape) is not tuple:
@@ -503,9 +509,9 @@ class DeviceBufferPool:
                 entry[3] = view
                 self._quick_hits += 1
             else:
-                typed = self._typed.get((region, dtype))
+                typed = self._typed[region].get(dtype)
                 if typed is None:
-                    typed = self._typed[(region, dtype)] = self._slabs[region].view(dtype)
+                    typed = self._typed[region][dtype] = self._slabs[region].view(dtype)
         finally:
             lock.release()
         if view is not None:
@@ -543,16 +549,16 @@ class DeviceBufferPool:
             if entry is None:
                 self._release_other_locked(tensor, ptr)  # zero-element tensors, or a clear error
                 return
-            key, nbytes, requested, t = entry[0], entry[1], entry[2], entry[3]
+            key, nbytes, requested, t, shape, dtype = entry
             self._in_use -= nbytes
             self._requested -= requested
             # Keep the view only if it is the untouched tensor object we handed out (a caller may
             # have reshaped it in place or turned on requires_grad).
-            if t is tensor and not t.requires_grad and t.shape == entry[4] and t.is_contiguous():
+            if t is tensor and not t.requires_grad and t.shape == shape and t.is_contiguous():
                 views = self._views
                 if len(views) >= VIEW_CACHE_ENTRIES:
                     del views[next(iter(views))]  # bounded: the oldest entry goes
-                views[(key, entry[4], entry[5])] = t
+                views[(key, shape, dtype)] = t
             alloc = self._free.get(stream)
             if alloc is None:
                 alloc = self._new_stream_locked(stream)
@@ -677,7 +683,7 @@ class DeviceBufferPool:
         )
         if bare_cuda and self.device.type == "cuda":
             # "cuda" means the current device: cheap to check (no torch.device parse, no is_available).
-            current = _current_cuda_device()
+            current = _cuda_get_device()
             if current == self.device.index:
                 return
             raise ValueError(
@@ -764,6 +770,7 @@ class DeviceBufferPool:
         region = self._next_region
         self._next_region += 1
         self._slabs[region] = slab
+        self._typed[region] = {}
         self._slab_base[region] = slab.data_ptr()
         # Fresh memory goes to the requesting stream's free ranges, so it coalesces with the blocks
         # that stream releases (free ranges of different streams never merge).
@@ -828,8 +835,7 @@ class DeviceBufferPool:
             if shared.whole_region_free(region, size):
                 shared.drop_region(region, size)
                 del self._slabs[region]
-                for key in [k for k in self._typed if k[0] == region]:
-                    del self._typed[key]
+                del self._typed[region]
                 del self._slab_base[region]
                 self._reserved -= size
                 self._reservations_released += 1
