@@ -242,7 +242,8 @@ def test_bounded_pool_waits_on_fences_instead_of_growing():
 
 
 def test_threads_no_overlap_and_balanced_stats():
-    """8 threads x 50k random acquire/release in total; owners stamp and verify their buffers."""
+    """8 threads x 50k random acquire/release in total; owners stamp and verify their buffers;
+    no two live buffers overlap."""
     pool = DeviceBufferPool("cpu", slab_bytes=1 << 20)
     n_threads, total_ops = 8, 50_000
     per_thread = total_ops // n_threads
@@ -276,7 +277,8 @@ def test_threads_no_overlap_and_balanced_stats():
                 else:
                     dtype = rng.choice([torch.int32, torch.int64, torch.float32])
                     shape = (rng.randint(1, 64), rng.choice([1, 3, 8, 17]))
-                    t = pool.acquire(shape, dtype, "cpu")
+                    # some buffers long-lived: both ends of the slabs are carved concurrently
+                    t = pool.acquire(shape, dtype, "cpu", long_lived=rng.random() < 0.2)
                     serial += 1
                     key = tid * 10**7 + serial
                     stamp = key % 2**24  # exact in every dtype used
