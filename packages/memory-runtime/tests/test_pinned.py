@@ -38,7 +38,7 @@ def test_suballocate_free_reuse_and_data():
     assert arena.address <= lo_a < arena.address + arena.stats().bytes_reserved
     arena.release(a)
     a2 = arena.acquire((100, 3), torch.float32)
-    assert a2.data_ptr() == lo_a  # freed range reused (best fit, lowest address)
+    assert a2.data_ptr() == lo_a  # freed range reused (first fit from the lowest address)
     for t in (a2, b, c):
         arena.release(t)
     s = arena.stats()

@@ -70,7 +70,7 @@ def test_acquire_shapes_dtypes_and_reuse():
     ptr = t.data_ptr()
     pool.release(t)
     t2 = pool.acquire([3, 5, 7], torch.float16)
-    assert t2.data_ptr() == ptr  # quick list: the same buffer back
+    assert t2 is t and t2.data_ptr() == ptr  # view cache: the same tensor object back
     pool.release(t2)
     u = pool.acquire(100, torch.int64)  # int shape
     assert u.shape == (100,)
@@ -157,7 +157,7 @@ def test_errors_name_the_bad_value():
             DeviceBufferPool("cuda")
     t = pool.acquire((8,), torch.float32)
     pool.release(t)
-    with pytest.raises(TypeError, match=r"8\.0"):  # equal-hashing float shape must not hit the quick list
+    with pytest.raises(TypeError, match=r"8\.0"):  # equal-hashing float shape must not hit the view cache
         pool.acquire((8.0,), torch.float32)
     with pytest.raises(TypeError, match="True"):
         pool.acquire((True,), torch.float32)

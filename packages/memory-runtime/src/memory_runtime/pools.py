@@ -536,7 +536,8 @@ class DeviceBufferPool:
 
         Raises ValueError for a tensor this pool did not hand out or that was already released.
         The memory is reused by the releasing stream at once and by other streams only after the
-        work queued on the releasing stream up to this call has finished.
+        work queued on the releasing stream up to this call has finished. Do not use the tensor
+        after releasing it: a later acquire may hand out the very same tensor object (view cache).
         """
         if type(tensor) is not torch.Tensor and not isinstance(tensor, torch.Tensor):
             raise TypeError(f"release() takes a torch.Tensor from this pool, got {type(tensor).__name__}")
