@@ -83,7 +83,7 @@ def kernel_cache_entries() -> int:
     from attn_sparse.kernels import block_sparse as bs
 
     total = 0
-    for fn in (bs._fwd_kernel, bs._dq_kernel, bs._dkv_kernel, bs._delta_kernel):
+    for fn in (bs._fwd_kernel, bs._dq_kernel, bs._dkv_kernel):
         for entry in getattr(fn, "device_caches", {}).values():
             total += len(entry[0])
     return total

@@ -258,46 +258,6 @@ def _fwd_kernel(
     tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_ok)
 
 
-@triton.jit(do_not_specialize=["N_Q"])
-def _delta_kernel(
-    O,
-    DO,
-    DELTA,
-    stride_ob,
-    stride_on,
-    stride_oh,
-    stride_db,
-    stride_dn,
-    stride_dh,
-    N_Q,
-    H,
-    NUM_BH,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """delta[b, h, i] = sum_d out[b, i, h, d] * dout[b, i, h, d] in fp32."""
-    bh = tl.program_id(0) % NUM_BH
-    pid_m = tl.program_id(0) // NUM_BH
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    m_ok = offs_m < N_Q
-    rows = offs_m.to(tl.int64)
-    o = tl.load(
-        O + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :],
-        mask=m_ok[:, None],
-        other=0.0,
-    )
-    do = tl.load(
-        DO + b.to(tl.int64) * stride_db + h * stride_dh + rows[:, None] * stride_dn + offs_d[None, :],
-        mask=m_ok[:, None],
-        other=0.0,
-    )
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_ok)
-
-
 @triton.jit
 def _dq_inner(
     dq,
@@ -359,6 +319,7 @@ def _dq_kernel(
     Q,
     K,
     V,
+    O,
     DO,
     DQ,
     LSE,
@@ -375,6 +336,9 @@ def _dq_kernel(
     stride_vb,
     stride_vn,
     stride_vh,
+    stride_ob,
+    stride_on,
+    stride_oh,
     stride_db,
     stride_dn,
     stride_dh,
@@ -422,7 +386,15 @@ def _dq_kernel(
     lse = tl.load(LSE + bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=float("inf"))
     # rows that saw no key (lse = -inf) get p = exp2(s - inf) = 0: zero gradient, never NaN
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=0.0)
+    # delta = rowsum(out * dout), computed here (each row belongs to exactly one dq program) and
+    # stored for the dk/dv kernel, which runs after this one: no separate pass over out and dout
+    o = tl.load(
+        O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows * stride_on + offs_d[None, :],
+        mask=m_ok[:, None],
+        other=0.0,
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_ok)
     if TMA:
         K_src = K
         V_src = V
@@ -830,20 +802,13 @@ def block_sparse_backward(
     cfg: KernelConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) shaped and typed like (q, k, v), from the forward's out and lse."""
-    B, Nq, H, D = q.shape
+    B, Nq, H = q.shape[:3]
     q, k, v, out, dout = (_last_contig(t) for t in (q, k, v, out, dout))
     delta = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
-    DELTA_BLOCK = 64
-    _delta_kernel[(B * H * triton.cdiv(Nq, DELTA_BLOCK),)](
-        out, dout, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        Nq, H, B * H, HEAD_DIM=D, BLOCK_M=DELTA_BLOCK,
-    )  # fmt: skip
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    _dq_launch(q, k, v, dout, dq, lse, delta, csr, is_causal, scale, cfg)
+    _dq_launch(q, k, v, out, dout, dq, lse, delta, csr, is_causal, scale, cfg)
     _dkv_launch(q, k, v, dout, dk, dv, lse, delta, csr, is_causal, scale, cfg)
     return dq, dk, dv
 
@@ -889,6 +854,7 @@ def _dq_launch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    out: torch.Tensor,
     dout: torch.Tensor,
     dq: torch.Tensor,
     lse: torch.Tensor,
@@ -898,7 +864,7 @@ def _dq_launch(
     scale: float,
     cfg: KernelConfig,
 ) -> None:
-    """The row-parallel dq kernel: writes dq."""
+    """The row-parallel dq kernel: writes dq and delta = rowsum(out * dout) (read by the dk/dv kernel)."""
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     bq, bk = csr.block_size
@@ -907,10 +873,11 @@ def _dq_launch(
     k_src = _tile_descriptor(k, cfg.dq_n) if use_tma else k
     v_src = _tile_descriptor(v, cfg.dq_n) if use_tma else v
     _dq_kernel[(B * H * csr.num_query_blocks * (bq // cfg.dq_m),)](
-        q, k_src, v_src, dout, dq, lse, delta, csr.crow, csr.col, order,
+        q, k_src, v_src, out, dout, dq, lse, delta, csr.crow, csr.col, order,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         Nq, Nk, H, H // Hkv, csr.num_query_blocks, csr.num_query_blocks if csr.num_heads > 1 else 0,
