@@ -63,6 +63,15 @@ def test_round_trip(tmp_path: Path) -> None:
     assert back != lib
 
 
+def test_add_pattern_keeps_the_recipe_without_the_build_device(tmp_path: Path) -> None:
+    lib = PatternLibrary()
+    built = lib.add_pattern("w", "local_window", seq_len=200, window=30, block_size=32, device="cpu")
+    assert lib.params("w") == {"seq_len": 200, "window": 30, "block_size": 32}
+    lib.save(tmp_path / "w.safetensors")
+    back = PatternLibrary.load(tmp_path / "w.safetensors")
+    assert back["w"] == built and "device" not in back.params("w")
+
+
 def test_entry_validation() -> None:
     lib = PatternLibrary()
     layout = local_window(64, 4, block_size=16)

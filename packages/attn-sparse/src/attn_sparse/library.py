@@ -150,9 +150,12 @@ class PatternLibrary:
             self._entries[name] = entry
 
     def add_pattern(self, name: str, kind: str, **params: Any) -> BlockLayout:
-        """Build pattern ``kind`` with ``params`` (through the cache) and store it as ``name``."""
+        """Build pattern ``kind`` with ``params`` (through the cache) and store it as ``name``.
+
+        ``device=`` (where to build) is not part of the stored recipe: the library keeps CPU copies.
+        """
         layout = self._cache.get(kind, **params)
-        self.add(name, layout, kind=kind, params=params)
+        self.add(name, layout, kind=kind, params={k: v for k, v in params.items() if k != "device"})
         return layout
 
     def _entry(self, name: str) -> _Entry:
