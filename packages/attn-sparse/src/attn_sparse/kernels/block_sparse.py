@@ -801,90 +801,56 @@ def block_sparse_backward(
     scale: float,
     cfg: KernelConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) shaped and typed like (q, k, v), from the forward's out and lse."""
-    B, Nq, H = q.shape[:3]
+    """(dq, dk, dv) shaped and typed like (q, k, v), from the forward's out and lse.
+
+    Two launches: the row-parallel dq kernel (which also stores delta = rowsum(out * dout)), then
+    the column-parallel dk/dv kernel (one program per key tile and kv head, reading delta).
+    """
+    B, Nq, H, D = q.shape
+    Nk, Hkv = k.shape[1], k.shape[2]
+    bq, bk = csr.block_size
     q, k, v, out, dout = (_last_contig(t) for t in (q, k, v, out, dout))
     delta = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    _dq_launch(q, k, v, out, dout, dq, lse, delta, csr, is_causal, scale, cfg)
-    _dkv_launch(q, k, v, dout, dk, dv, lse, delta, csr, is_causal, scale, cfg)
-    return dq, dk, dv
+    layout_rows = csr.num_query_blocks if csr.num_heads > 1 else 0
+    layout_cols = csr.num_key_blocks if csr.num_heads > 1 else 0
 
-
-def _dkv_launch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    dout: torch.Tensor,
-    dk: torch.Tensor,
-    dv: torch.Tensor,
-    lse: torch.Tensor,
-    delta: torch.Tensor,
-    csr: CSR,
-    is_causal: bool,
-    scale: float,
-    cfg: KernelConfig,
-) -> None:
-    """The column-parallel dk/dv kernel: writes dk, dv (one program per key tile and kv head)."""
-    B, Nq, H, D = q.shape
-    Nk, Hkv = k.shape[1], k.shape[2]
-    bq, bk = csr.block_size
-    order = csr.launch_order(B, Hkv, H // Hkv, by_column=True)
-    use_tma = cfg.tma and _has_tma(q, dout)
-    q_src = _tile_descriptor(q, cfg.dkv_m) if use_tma else q
-    do_src = _tile_descriptor(dout, cfg.dkv_m) if use_tma else dout
-    _dkv_kernel[(B * Hkv * csr.num_key_blocks * (bk // cfg.dkv_n),)](
-        q_src, k, v, do_src, dk, dv, lse, delta, csr.ccol, csr.row, order,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        Nq, Nk, H, Hkv, H // Hkv, csr.num_key_blocks, csr.num_key_blocks if csr.num_heads > 1 else 0,
-        scale * LOG2E, scale,
-        HEAD_DIM=D, BLOCK_M=cfg.dkv_m, BLOCK_N=cfg.dkv_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
-        TMA=use_tma, num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages,
-    )  # fmt: skip
-
-
-def _dq_launch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    dout: torch.Tensor,
-    dq: torch.Tensor,
-    lse: torch.Tensor,
-    delta: torch.Tensor,
-    csr: CSR,
-    is_causal: bool,
-    scale: float,
-    cfg: KernelConfig,
-) -> None:
-    """The row-parallel dq kernel: writes dq and delta = rowsum(out * dout) (read by the dk/dv kernel)."""
-    B, Nq, H, D = q.shape
-    Nk, Hkv = k.shape[1], k.shape[2]
-    bq, bk = csr.block_size
-    order = csr.launch_order(B, H, 1, by_column=False)
-    use_tma = cfg.tma and _has_tma(k, v)
-    k_src = _tile_descriptor(k, cfg.dq_n) if use_tma else k
-    v_src = _tile_descriptor(v, cfg.dq_n) if use_tma else v
+    tma = cfg.tma and _has_tma(k, v)
     _dq_kernel[(B * H * csr.num_query_blocks * (bq // cfg.dq_m),)](
-        q, k_src, v_src, out, dout, dq, lse, delta, csr.crow, csr.col, order,
+        q,
+        _tile_descriptor(k, cfg.dq_n) if tma else k,
+        _tile_descriptor(v, cfg.dq_n) if tma else v,
+        out, dout, dq, lse, delta, csr.crow, csr.col, csr.launch_order(B, H, 1, by_column=False),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        Nq, Nk, H, H // Hkv, csr.num_query_blocks, csr.num_query_blocks if csr.num_heads > 1 else 0,
-        scale * LOG2E, scale,
+        Nq, Nk, H, H // Hkv, csr.num_query_blocks, layout_rows, scale * LOG2E, scale,
         HEAD_DIM=D, BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
-        TMA=use_tma, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+        TMA=tma, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
     )  # fmt: skip
+
+    tma = cfg.tma and _has_tma(q, dout)
+    _dkv_kernel[(B * Hkv * csr.num_key_blocks * (bk // cfg.dkv_n),)](
+        _tile_descriptor(q, cfg.dkv_m) if tma else q,
+        k, v,
+        _tile_descriptor(dout, cfg.dkv_m) if tma else dout,
+        dk, dv, lse, delta, csr.ccol, csr.row, csr.launch_order(B, Hkv, H // Hkv, by_column=True),
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        Nq, Nk, H, Hkv, H // Hkv, csr.num_key_blocks, layout_cols, scale * LOG2E, scale,
+        HEAD_DIM=D, BLOCK_M=cfg.dkv_m, BLOCK_N=cfg.dkv_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
+        TMA=tma, num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages,
+    )  # fmt: skip
+    return dq, dk, dv
 
 
 def _device_guard(q: torch.Tensor) -> contextlib.AbstractContextManager[object]:
