@@ -38,16 +38,20 @@ def _ij(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return p[:, None], p[None, :]
 
 
-def _csr_ok(layout: BlockLayout) -> None:
-    # the builders skip validation: re-validating must accept their output unchanged
-    again = BlockLayout.from_csr(
+def _revalidated(layout: BlockLayout) -> BlockLayout:
+    """The same CSR through the validating constructor (a fresh layout: no transposed CSR attached)."""
+    return BlockLayout.from_csr(
         layout.crow_indices,
         layout.col_indices,
         block_size=layout.block_size,
         num_key_blocks=layout.num_key_blocks,
         num_heads=layout.num_heads,
     )
-    assert again == layout
+
+
+def _csr_ok(layout: BlockLayout) -> None:
+    # the builders skip validation: re-validating must accept their output unchanged
+    assert _revalidated(layout) == layout
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -230,14 +234,7 @@ def test_same_layouts_as_the_previous_implementation(kind: str, params: dict, di
 
 def _sorted_transpose(layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """The transposed CSR by the generic path (a fresh layout has none attached: it sorts)."""
-    fresh = BlockLayout.from_csr(
-        layout.crow_indices,
-        layout.col_indices,
-        block_size=layout.block_size,
-        num_key_blocks=layout.num_key_blocks,
-        num_heads=layout.num_heads,
-    )
-    return fresh.transposed_csr()
+    return _revalidated(layout).transposed_csr()
 
 
 @pytest.mark.parametrize("n", [1, 37, 256, 1000])
