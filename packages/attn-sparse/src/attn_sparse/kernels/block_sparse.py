@@ -81,6 +81,27 @@ def _count_below(IDX, start, end, thr_a, thr_b, CHUNK: tl.constexpr):
 
 
 @triton.jit
+def _row_tiles(
+    CROW, COL, lrow, m_start, N_Q, N_K, BLOCK_M: tl.constexpr, LAYOUT_BK: tl.constexpr, IS_CAUSAL: tl.constexpr
+):
+    """(start, n_full, n_use) of layout row ``lrow`` for the query tile at m_start.
+
+    Its key blocks are COL[start:start + n_use]; the first n_full need no mask. Blocks from c_full
+    on hold the partial last key block or cross the causal diagonal; blocks at or past c_stop are
+    entirely causal-masked and skipped.
+    """
+    start = tl.load(CROW + lrow)
+    end = tl.load(CROW + lrow + 1)
+    c_full = N_K // LAYOUT_BK
+    c_stop = 2147483647
+    if IS_CAUSAL:
+        c_full = tl.minimum(c_full, (m_start + 1) // LAYOUT_BK)
+        c_stop = (tl.minimum(m_start + BLOCK_M, N_Q) - 1) // LAYOUT_BK + 1
+    n_full, n_use = _count_below(COL, start, end, c_full, c_stop, COUNT_CHUNK)
+    return start, n_full, n_use
+
+
+@triton.jit
 def _ordered_tile(ORDER, NUM_BLOCKS, TILE: tl.constexpr, LAYOUT_B: tl.constexpr):
     """(batch*head index, first token) of the tile this program owns.
 
@@ -220,16 +241,9 @@ def _fwd_kernel(
     q_ptrs = Q_head + m_start.to(tl.int64) * stride_qn + tl.arange(0, BLOCK_M)[:, None] * stride_qn + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
 
-    lrow = h * LAYOUT_HEAD_ROWS + m_start // LAYOUT_BQ
-    start = tl.load(CROW + lrow)
-    end = tl.load(CROW + lrow + 1)
-    # key blocks below c_full need no mask; blocks at or past c_stop are entirely causal-masked
-    c_full = N_K // LAYOUT_BK
-    c_stop = 2147483647
-    if IS_CAUSAL:
-        c_full = tl.minimum(c_full, (m_start + 1) // LAYOUT_BK)
-        c_stop = (tl.minimum(m_start + BLOCK_M, N_Q) - 1) // LAYOUT_BK + 1
-    n_full, n_use = _count_below(COL, start, end, c_full, c_stop, COUNT_CHUNK)
+    start, n_full, n_use = _row_tiles(
+        CROW, COL, h * LAYOUT_HEAD_ROWS + m_start // LAYOUT_BQ, m_start, N_Q, N_K, BLOCK_M, LAYOUT_BK, IS_CAUSAL
+    )
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -402,15 +416,9 @@ def _dq_kernel(
         K_src = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
         V_src = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
-    lrow = h * LAYOUT_HEAD_ROWS + m_start // LAYOUT_BQ
-    start = tl.load(CROW + lrow)
-    end = tl.load(CROW + lrow + 1)
-    c_full = N_K // LAYOUT_BK
-    c_stop = 2147483647
-    if IS_CAUSAL:
-        c_full = tl.minimum(c_full, (m_start + 1) // LAYOUT_BK)
-        c_stop = (tl.minimum(m_start + BLOCK_M, N_Q) - 1) // LAYOUT_BK + 1
-    n_full, n_use = _count_below(COL, start, end, c_full, c_stop, COUNT_CHUNK)
+    start, n_full, n_use = _row_tiles(
+        CROW, COL, h * LAYOUT_HEAD_ROWS + m_start // LAYOUT_BQ, m_start, N_Q, N_K, BLOCK_M, LAYOUT_BK, IS_CAUSAL
+    )
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dq = _dq_inner(
