@@ -233,7 +233,7 @@ def test_hostile_files_raise_value_error(case: str, tmp_path: Path) -> None:
 
 
 def test_load_refuses_missing_and_oversized(tmp_path: Path, valid_bytes: bytes) -> None:
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.safetensors"):
         PatternLibrary.load(tmp_path / "missing.safetensors")
     path = tmp_path / "big.safetensors"
     path.write_bytes(valid_bytes)

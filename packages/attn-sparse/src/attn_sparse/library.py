@@ -252,15 +252,14 @@ class PatternLibrary:
     def load(
         cls, path: str | os.PathLike[str], *, max_bytes: int = 2**31, cache: LayoutCache | None = None
     ) -> PatternLibrary:
-        """Read a file written by :meth:`save`, validating everything (ValueError otherwise).
+        """Read a file written by :meth:`save`, validating everything.
 
+        Raises ValueError for any malformed, truncated, hostile or version-mismatched content, and
+        the usual OSError (FileNotFoundError, PermissionError, ...) when the file cannot be opened.
         max_bytes: refuse larger files before reading them.
         """
         p = Path(path)
-        try:
-            size = p.stat().st_size
-        except OSError as exc:
-            raise ValueError(f"cannot read pattern library {str(p)!r}: {exc}") from exc
+        size = p.stat().st_size
         if size > max_bytes:
             raise ValueError(f"pattern library {str(p)!r} is {size} bytes, above max_bytes={max_bytes}")
         return cls.from_bytes(p.read_bytes(), cache=cache, source=str(p))
