@@ -135,6 +135,33 @@ def test_pointer_and_descriptor_loads(is_causal: bool, tma: bool) -> None:
     )  # fmt: skip
 
 
+def test_unaligned_views_fall_back_to_pointer_loads() -> None:
+    # q/k/v/dout sliced out of packed buffers at an odd element offset: TMA needs 16-byte aligned
+    # bases, so the kernels must take the pointer path and still be exact
+    from attn_sparse.kernels.block_sparse import _has_tma
+
+    B, N, H, D = 1, 70, 2, 16
+    g = torch.Generator().manual_seed(21)
+    packed = torch.randn(B, N, 4 * H * D + 1, generator=g).to(torch.float16)
+    q, k, v, dout = (packed[..., 1 + i * H * D : 1 + (i + 1) * H * D].unflatten(-1, (H, D)) for i in range(4))
+    assert not _has_tma(q, k, v) and _has_tma(q.contiguous())
+    mask = random_mask(1, 3, 3, 0.8, seed=22)
+    mask[:, torch.arange(3), torch.arange(3)] = True
+    csr = csr_from_mask(mask, (32, 32))
+    cfg = KernelConfig(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16, tma=True)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    out = block_sparse_attention_csr(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), csr, config=cfg)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    out_c = block_sparse_attention_csr(qg, kg, vg, csr, config=cfg)  # aligned copies: descriptor path
+    grads_c = torch.autograd.grad(out_c, (qg, kg, vg), dout.contiguous())
+    for a, b in zip((out, *grads), (out_c, *grads_c)):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+    ref, _ = reference_attention(
+        q.detach().double(), k.detach().double(), v.detach().double(), mask, (32, 32), dtype=torch.float64
+    )
+    assert (out.double() - ref).abs().max().item() < 2e-2
+
+
 def test_cross_attention_lengths_and_dense_layout() -> None:
     # Nq != Nk, every tile active (density 1.0), causal top-left aligned
     mask = torch.ones(1, 2, 3, dtype=torch.bool)
