@@ -115,6 +115,47 @@ def _ordered_tile(ORDER, NUM_BLOCKS, TILE: tl.constexpr, LAYOUT_B: tl.constexpr)
 
 
 @triton.jit
+def _key_tile(
+    SRC,
+    b,
+    hk,
+    n0,
+    N_K,
+    stride_n,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    TMA: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+):
+    """Keys n0..n0+BLOCK_N of a K or V head: (BLOCK_N, D), or (D, BLOCK_N) when TRANSPOSED.
+
+    SRC is the head's base pointer, or a TMA descriptor over (B, N, Hkv, D), which zero-fills rows
+    past N_K (its N extent is per batch), so that path needs no mask; pointer loads mask them when
+    MASKED.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if TMA:
+        tile = SRC.load([b, n0, hk, 0]).reshape(BLOCK_N, HEAD_DIM)
+        if TRANSPOSED:
+            tile = tl.trans(tile)
+    else:
+        base = SRC + n0.to(tl.int64) * stride_n
+        if TRANSPOSED:
+            ptrs = base + offs_n[None, :] * stride_n + offs_d[:, None]
+            keep = ((n0 + offs_n) < N_K)[None, :]
+        else:
+            ptrs = base + offs_n[:, None] * stride_n + offs_d[None, :]
+            keep = ((n0 + offs_n) < N_K)[:, None]
+        if MASKED:
+            tile = tl.load(ptrs, mask=keep, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
 def _fwd_inner(
     acc,
     l_i,
@@ -142,23 +183,11 @@ def _fwd_inner(
     """Online softmax over key tiles it_lo..it_hi; K_src/V_src: head pointers, or TMA descriptors."""
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     for it in range(it_lo, it_hi):
         col = tl.load(COL + it // SUB)
         n0 = col * LAYOUT_BK + (it % SUB) * BLOCK_N
-        if TMA:
-            # TMA zero-fills rows past N_K (the descriptor's N extent is per batch): no load mask
-            k_t = tl.trans(K_src.load([b, n0, hk, 0]).reshape(BLOCK_N, HEAD_DIM))
-            v = V_src.load([b, n0, hk, 0]).reshape(BLOCK_N, HEAD_DIM)
-        else:
-            k_ptrs = K_src + n0.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
-            v_ptrs = V_src + n0.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
-            if MASKED:
-                k_t = tl.load(k_ptrs, mask=((n0 + offs_n) < N_K)[None, :], other=0.0)
-                v = tl.load(v_ptrs, mask=((n0 + offs_n) < N_K)[:, None], other=0.0)
-            else:
-                k_t = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
+        k_t = _key_tile(K_src, b, hk, n0, N_K, stride_kn, HEAD_DIM, BLOCK_N, MASKED, TMA, True)
+        v = _key_tile(V_src, b, hk, n0, N_K, stride_vn, HEAD_DIM, BLOCK_N, MASKED, TMA, False)
         qk = tl.dot(q, k_t)
         if MASKED:
             keep = ((n0 + offs_n) < N_K)[None, :]
@@ -300,22 +329,11 @@ def _dq_inner(
 ):
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     for it in range(it_lo, it_hi):
         col = tl.load(COL + it // SUB)
         n0 = col * LAYOUT_BK + (it % SUB) * BLOCK_N
-        if TMA:
-            k_t = tl.trans(K_src.load([b, n0, hk, 0]).reshape(BLOCK_N, HEAD_DIM))
-            v_t = tl.trans(V_src.load([b, n0, hk, 0]).reshape(BLOCK_N, HEAD_DIM))
-        else:
-            kt_ptrs = K_src + n0.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
-            vt_ptrs = V_src + n0.to(tl.int64) * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None]
-            if MASKED:
-                k_t = tl.load(kt_ptrs, mask=((n0 + offs_n) < N_K)[None, :], other=0.0)
-                v_t = tl.load(vt_ptrs, mask=((n0 + offs_n) < N_K)[None, :], other=0.0)
-            else:
-                k_t = tl.load(kt_ptrs)
-                v_t = tl.load(vt_ptrs)
+        k_t = _key_tile(K_src, b, hk, n0, N_K, stride_kn, HEAD_DIM, BLOCK_N, MASKED, TMA, True)
+        v_t = _key_tile(V_src, b, hk, n0, N_K, stride_vn, HEAD_DIM, BLOCK_N, MASKED, TMA, True)
         p = tl.math.exp2(tl.dot(q, k_t) * qk_scale - lse2[:, None])
         if MASKED:
             keep = ((n0 + offs_n) < N_K)[None, :]
