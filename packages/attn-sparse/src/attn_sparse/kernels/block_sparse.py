@@ -655,7 +655,7 @@ class KernelConfig:
     dkv_stages: int = 3
     # Streamed tiles (K/V in the forward and dq kernels, Q/dO in the dk/dv kernel) are loaded
     # through TMA tensor descriptors where the GPU has TMA (sm90+) and the tensors are 16-byte
-    # aligned (elsewhere: pointer loads). Measured on the H100: 3-25% faster per kernel.
+    # aligned (elsewhere: pointer loads); tools/bench_sparse.py --tune times both.
     tma: bool = True
 
     def check(self, block_size: tuple[int, int]) -> list[str]:
@@ -752,7 +752,7 @@ def launch_order(
     Blocks are bucketed by their active-tile count in powers of two, heaviest bucket first (e.g.
     BigBird's global rows start first instead of forming a tail); inside a bucket the order is
     (batch, head, block), so a head's programs run together and the K/V (or Q/dO) tiles they
-    stream stay in L2 (an exact busiest-first sort interleaves heads: up to 24% slower on an H100).
+    stream stay in L2 (an exact busiest-first sort interleaves heads, which was slower on an H100).
     ``heads`` counts the grid's heads; with ``group`` > 1 (dk/dv programs per kv head) a block's
     work is summed over its query heads.
     """
