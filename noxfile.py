@@ -36,7 +36,7 @@ PACKAGES: dict[str, tuple[list[str], str]] = {
     "attn-core": ([], "[triton]"),
     "attn-sparse": (["attn-core"], "[triton]"),
     "attn-ring": (["attn-core", "attn-sparse"], "[sparse]"),
-    "memory-runtime": ([], "[plot]"),
+    "memory-runtime": ([], "[plot,native]"),
     "dilated-attention-pytorch": (["attn-core", "attn-sparse", "attn-ring", "memory-runtime"], "[all]"),
 }
 SRC_DIRS = [str(p / "src") for p in sorted(PACKAGES_DIR.iterdir()) if (p / "src").is_dir()]
@@ -89,6 +89,9 @@ def tests(session: nox.Session, package: str) -> None:
     _install_torch(session)
     _install_packages(session, [*siblings, package], {package: extra})
     session.env.setdefault("TRITON_INTERPRET", "1")
+    if package == "memory-runtime":
+        # CI has a compiler and ninja: the pools' native hot path must build, and is tested beside the Python path
+        session.env.setdefault("MEMORY_RUNTIME_REQUIRE_NATIVE", "1")
     _pytest(session, str(PACKAGES_DIR / package / "tests"), "-q", "-p", "no:cacheprovider")
 
 
@@ -137,7 +140,7 @@ def demo(session: nox.Session) -> None:
     """The main job: every capability against the float64 reference; table + report in demo-output/."""
     _install_torch(session)
     _install_packages(
-        session, list(PACKAGES), {"attn-core": "[triton]", "attn-ring": "[sparse]", "memory-runtime": "[plot]"}
+        session, list(PACKAGES), {"attn-core": "[triton]", "attn-ring": "[sparse]", "memory-runtime": "[plot,native]"}
     )
     if _uses_venv(session):
         session.install("matplotlib>=3.7")

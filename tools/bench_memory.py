@@ -47,6 +47,7 @@ from memory_runtime import (
     PinnedHostArena,
     fragmentation_report,
     load_libnuma,
+    native_status,
     read_topology,
 )
 
@@ -325,12 +326,15 @@ class OneStreamOps:
         return None
 
 
-def bench_pool(ops_warm, ops, peak_req: int, device: str, args, consolidate: bool, hints: bool) -> dict[str, Any]:
+def bench_pool(
+    ops_warm, ops, peak_req: int, device: str, args, consolidate: bool, hints: bool, native: bool | None
+) -> dict[str, Any]:
     """DeviceBufferPool, fresh: warm-up trace, optionally consolidate() to its peak, measured trace.
-    ``hints``: each step's out is acquired with long_lived=True (the pool's two-ended placement)."""
+    ``hints``: each step's out is acquired with long_lived=True (the pool's two-ended placement).
+    ``native``: the pool's native argument (None: the native hot path where it builds)."""
     cuda = device == "cuda"
     fake = OneStreamOps() if (args.cuda_like_stream and not cuda) else None
-    pool = DeviceBufferPool(device, slab_bytes=args.slab_mib * MIB, stream_ops=fake)
+    pool = DeviceBufferPool(device, slab_bytes=args.slab_mib * MIB, stream_ops=fake, native=native)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -376,7 +380,7 @@ def bench_pool(ops_warm, ops, peak_req: int, device: str, args, consolidate: boo
         "device_peak_reserved_over_requested": ((s1["reserved_bytes.all.peak"] - base_reserved) / peak_req)
         if cuda
         else None,
-        "quick_hit_rate": st.quick_hits / st.acquires,
+        "native": pool.native,
         "stamp_checked": warm["stamp_checked"] + measured["stamp_checked"],
         "stamp_bad": warm["stamp_bad"] + measured["stamp_bad"],
         "stats": st.to_dict(),
@@ -393,12 +397,11 @@ def bench_pool(ops_warm, ops, peak_req: int, device: str, args, consolidate: boo
 
 
 def bench_repeated(device: str, args, reps: int = 5000) -> dict[str, Any]:
-    """Alloc+release of one fixed small shape (a decode-style loop): the pool's view cache (same
-    address, shape and dtype -> the same tensor object; blocks up to VIEW_CACHE_MAX_BLOCK = 4 MiB)."""
+    """Alloc+release of one fixed small shape (a decode-style loop), and what its parts cost."""
     shape = (1, 512, args.heads, args.dim)
     pool = DeviceBufferPool(device, slab_bytes=args.slab_mib * MIB)
     pc = time.perf_counter_ns
-    out: dict[str, Any] = {"shape": list(shape)}
+    out: dict[str, Any] = {"shape": list(shape), "native": pool.native}
     for name in ("torch", "pool"):
         lat = []
         for _ in range(reps):
@@ -432,16 +435,18 @@ def bench_repeated(device: str, args, reps: int = 5000) -> dict[str, Any]:
     return out
 
 
-# (result key, consolidate after warm-up, long_lived hint on each step's out), with table labels
+# (result key, consolidate after warm-up, long_lived hint on each step's out, native), with table labels
 POOL_VARIANTS = (
-    ("device_buffer_pool", False, False),
-    ("device_buffer_pool_hints", False, True),
-    ("device_buffer_pool_consolidated", True, True),
+    ("device_buffer_pool", False, False, None),
+    ("device_buffer_pool_hints", False, True, None),
+    ("device_buffer_pool_consolidated", True, True, None),
+    ("device_buffer_pool_consolidated_python", True, True, False),
 )
 POOL_LABELS = {
     "device_buffer_pool": "pool",
     "device_buffer_pool_hints": "pool+long_lived",
     "device_buffer_pool_consolidated": "pool+long_lived+consolidate",
+    "device_buffer_pool_consolidated_python": "same, Python path (native=False)",
 }
 
 
@@ -487,8 +492,10 @@ def bench_trace(args) -> dict[str, Any]:
     res["torch_caching_allocator"] = t_row
 
     res["repeated_shape"] = bench_repeated(device, args)
-    for key, consolidate, hints in POOL_VARIANTS:
-        res[key] = bench_pool(ops_warm, ops, peak_req, device, args, consolidate=consolidate, hints=hints)
+    for key, consolidate, hints, native in POOL_VARIANTS:
+        res[key] = bench_pool(
+            ops_warm, ops, peak_req, device, args, consolidate=consolidate, hints=hints, native=native
+        )
     return res
 
 
@@ -568,7 +575,7 @@ def table(res: dict[str, Any]) -> str:
         rep = t["repeated_shape"]
         lines.append(
             f"| fixed shape {tuple(rep['shape'])}: alloc+release p50 / p99 (us) | {rep['pool']['p50_us']:.2f} / "
-            f"{rep['pool']['p99_us']:.2f} | {rep['torch']['p50_us']:.2f} / {rep['torch']['p99_us']:.2f} | view cache |"
+            f"{rep['pool']['p99_us']:.2f} | {rep['torch']['p50_us']:.2f} / {rep['torch']['p99_us']:.2f} | {'native' if rep['native'] else 'Python'} path |"
         )
         tc = t["torch_caching_allocator"]
         for key, name in POOL_LABELS.items():
@@ -681,6 +688,8 @@ def main() -> int:
         ).stdout.strip()
     except OSError:
         env["git_commit"] = None
+    status = native_status()
+    env["pool_native"] = f"{'yes' if status['available'] else 'no'} ({status['reason']})"
     lib, why = load_libnuma()
     env["libnuma"] = lib.path if lib else why
     env["numa"] = read_topology().summary()
@@ -719,9 +728,10 @@ def main() -> int:
         f"consolidate(headroom={args.headroom}) after the warm-up pass (warm-up peak requested "
         f"{res['trace']['device_buffer_pool_consolidated']['warmup_peak_requested_bytes'] / GIB:.3f} GiB, measured pass "
         f"{res['trace']['trace_peak_requested_bytes'] / GIB:.3f} GiB). Both allocators run the same stamps and "
-        f"checks around the timed calls. Latency floor on this host: one torch.as_strided (the view every "
-        f"new-shape acquire must make) {res['trace']['repeated_shape']['components_us']['as_strided']:.2f} us, "
-        f"the stream-key lookup {res['trace']['repeated_shape']['components_us']['stream_key']:.2f} us.",
+        f"checks around the timed calls. Pool paths: native hot path {env['pool_native']}. For scale, on this "
+        f"host one torch.as_strided call from Python (how the Python path makes each buffer's tensor) takes "
+        f"{res['trace']['repeated_shape']['components_us']['as_strided']:.2f} us and one torch.empty + del "
+        f"{res['trace']['repeated_shape']['components_us']['torch_empty_del']:.2f} us.",
         "",
         "![memory](memory.png)",
     ]

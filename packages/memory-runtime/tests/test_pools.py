@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import threading
@@ -11,8 +12,39 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memory_runtime import DeviceBufferPool, PoolExhaustedError, round_size
+from memory_runtime import DeviceBufferPool, PoolExhaustedError, pools, round_size
+from memory_runtime._native import load as load_native
 from memory_runtime.pools import ALIGNMENT, REGION_SHIFT, _RangeAllocator
+
+NATIVE, NATIVE_REASON = load_native()
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def pool_path(request, monkeypatch):
+    """Every test here runs on both paths: the native hot path and the pure-Python one."""
+    if request.param == "native":
+        if NATIVE is None:
+            pytest.skip(f"native hot path unavailable here: {NATIVE_REASON}")
+    else:
+        real = pools._resolve_native
+        monkeypatch.setattr(pools, "_resolve_native", lambda native: real(False if native is None else native))
+    return request.param
+
+
+@pytest.fixture
+def range_cls(pool_path):
+    return NATIVE.RangeAllocator if pool_path == "native" else _RangeAllocator
+
+
+def test_native_path_is_built_where_ci_requires_it(pool_path):
+    if os.environ.get("MEMORY_RUNTIME_REQUIRE_NATIVE") == "1":
+        assert NATIVE is not None, NATIVE_REASON
+    pool = DeviceBufferPool("cpu")
+    assert pool.native == (pool_path == "native"), pool.native_reason
+    assert DeviceBufferPool("cpu", native=False).native is False
+    with pytest.raises(TypeError, match="native must be"):
+        DeviceBufferPool("cpu", native="yes")
+
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.int32]
 
@@ -30,8 +62,8 @@ def test_round_size_bounded_waste_and_alignment():
     assert round_size(0) == ALIGNMENT
 
 
-def test_range_allocator_first_fit_both_ends_split_coalesce():
-    a = _RangeAllocator()
+def test_range_allocator_first_fit_both_ends_split_coalesce(range_cls):
+    a = range_cls()
     a.free(0, 4096)
     x = a.alloc(1024)
     y = a.alloc(1024)
@@ -48,7 +80,7 @@ def test_range_allocator_first_fit_both_ends_split_coalesce():
     assert a.alloc(512) == 0
     assert a.ranges() == [(512, 2560)]
     # ranges of different regions never merge, even when their keys would touch
-    b = _RangeAllocator()
+    b = range_cls()
     b.free(0, 8192)
     b.free(1 << REGION_SHIFT, 2048)
     assert b.alloc(1536, from_top=True) == (1 << REGION_SHIFT) + 512
@@ -69,14 +101,14 @@ def test_acquire_shapes_dtypes_and_reuse():
     assert s.bytes_requested == 3 * 5 * 7 * 2 and s.bytes_in_use == round_size(210) and s.live_blocks == 1
     ptr = t.data_ptr()
     pool.release(t)
-    t2 = pool.acquire([3, 5, 7], torch.float16)
-    assert t2 is t and t2.data_ptr() == ptr  # view cache: the same tensor object back
+    t2 = pool.acquire([3, 5, 7], torch.float16)  # a list shape: the same block back, a new tensor
+    assert t2 is not t and t2.data_ptr() == ptr and t2.shape == (3, 5, 7)
     pool.release(t2)
     u = pool.acquire(100, torch.int64)  # int shape
     assert u.shape == (100,)
     pool.release(u)
     s = pool.stats()
-    assert s.misses == 1 and s.hits == 2 and s.reservations == 1 and s.quick_hits == 1
+    assert s.misses == 1 and s.hits == 2 and s.reservations == 1
     assert s.bytes_in_use == 0 and s.bytes_requested == 0 and s.live_blocks == 0
 
 
@@ -157,7 +189,7 @@ def test_errors_name_the_bad_value():
             DeviceBufferPool("cuda")
     t = pool.acquire((8,), torch.float32)
     pool.release(t)
-    with pytest.raises(TypeError, match=r"8\.0"):  # equal-hashing float shape must not hit the view cache
+    with pytest.raises(TypeError, match=r"8\.0"):  # equal-hashing float shape must not hit the shape cache
         pool.acquire((8.0,), torch.float32)
     with pytest.raises(TypeError, match="True"):
         pool.acquire((True,), torch.float32)
@@ -337,20 +369,28 @@ def test_variable_length_trace_stops_reserving_after_warmup():
     assert s.peak_bytes_in_use >= s.peak_bytes_requested
 
 
+def _range_allocators() -> list:
+    return [_RangeAllocator(), NATIVE.RangeAllocator()] if NATIVE is not None else [_RangeAllocator()]
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.integers(1, 40), st.integers(0, 10**6)), min_size=1, max_size=120))
 def test_range_allocator_invariants(ops):
     """Random alloc (either end) / free sequences over two regions: no overlap, exact accounting,
-    full coalescing."""
+    full coalescing; the native allocator gives the very same answers as the Python one."""
     unit = 512
     sizes = {0: 64 * unit, 1: 16 * unit}
-    a = _RangeAllocator()
-    for r, n in sizes.items():
-        a.free(r << REGION_SHIFT, n)
+    allocators = _range_allocators()
+    for a in allocators:
+        for r, n in sizes.items():
+            a.free(r << REGION_SHIFT, n)
+    a = allocators[0]
     live: list[tuple[int, int]] = []
     for is_alloc, units, pick in ops:
         if is_alloc or not live:
-            key = a.alloc(units * unit, from_top=bool(pick & 1))
+            keys = [x.alloc(units * unit, from_top=bool(pick & 1)) for x in allocators]
+            assert len(set(keys)) == 1, keys
+            key = keys[0]
             if key is None:
                 assert a.largest() < units * unit
                 continue
@@ -361,11 +401,53 @@ def test_range_allocator_invariants(ops):
             live.append((key, units * unit))
         else:
             key, n = live.pop(pick % len(live))
-            a.free(key, n)
+            for x in allocators:
+                x.free(key, n)
         assert a.free_bytes == sum(sizes.values()) - sum(n for _, n in live)
+        assert all(x.ranges() == a.ranges() and x.largest() == a.largest() for x in allocators)
     for key, n in live:
-        a.free(key, n)
-    assert all(a.whole_region_free(r, n) for r, n in sizes.items()) and len(a) == 2
+        for x in allocators:
+            x.free(key, n)
+    for x in allocators:
+        assert all(x.whole_region_free(r, n) for r, n in sizes.items()) and len(x) == 2
+        x.drop_region(1, sizes[1])
+        assert x.ranges() == [(0, sizes[0])] and x.free_bytes == sizes[0]
+        assert x.take_all() == [(0, sizes[0])] and len(x) == 0 and x.free_bytes == 0
+
+
+def test_native_and_python_pools_agree_on_a_random_trace():
+    """The same random acquire/release sequence (long-lived hints, growth, trims) on both paths:
+    identical offsets, stats and snapshots at every step."""
+    if NATIVE is None:
+        pytest.skip(f"native hot path unavailable here: {NATIVE_REASON}")
+    pools_ = [DeviceBufferPool("cpu", slab_bytes=1 << 16, native=flag) for flag in (True, False)]
+    rng = random.Random(11)
+    live: list[list[torch.Tensor]] = []
+    dtypes = [torch.float16, torch.float32, torch.uint8]
+    for step in range(3000):
+        if live and rng.random() < 0.45:
+            pair = live.pop(rng.randrange(len(live)))
+            for p, t in zip(pools_, pair):
+                p.release(t)
+        else:
+            shape = tuple(rng.randint(1, 40) for _ in range(rng.randint(1, 3)))
+            dtype = rng.choice(dtypes)
+            long_lived = rng.random() < 0.2
+            pair = [p.acquire(shape, dtype, long_lived=long_lived) for p in pools_]
+            offsets = [
+                t.data_ptr() - p._slab_base[p._live[t.data_ptr()][0] >> REGION_SHIFT] for p, t in zip(pools_, pair)
+            ]
+            assert offsets[0] == offsets[1] and pair[0].shape == pair[1].shape == shape
+            live.append(pair)
+        if step % 500 == 499:
+            assert pools_[0].stats() == pools_[1].stats()
+            strip = [[{k: v for k, v in seg.items() if k != "address"} for seg in p.memory_snapshot()] for p in pools_]
+            assert strip[0] == strip[1]
+    for pair in live:
+        for p, t in zip(pools_, pair):
+            p.release(t)
+    assert pools_[0].stats() == pools_[1].stats()
+    assert pools_[0].trim() == pools_[1].trim() > 0
 
 
 def test_pool_fragmentation_report_in_torch_format():
@@ -465,25 +547,29 @@ def test_consolidate_then_a_new_trace_reserves_nothing():
     pool.release(held)
 
 
-def test_view_cache_returns_the_same_tensor_object_and_holds_no_memory():
+def test_buffers_are_plain_tensors_not_autograd_views_of_the_slab():
+    """An in-place op with a grad-requiring input on one buffer must not pull the slab (and so every
+    other buffer carved from it) into the autograd graph."""
     pool = DeviceBufferPool("cpu", slab_bytes=8192)
-    t = pool.acquire((4, 8), torch.float32)
-    pool.release(t)
-    # the memory went back to the free ranges at once: the whole slab is one free range again
-    whole = pool.acquire((8192,), torch.uint8)
-    assert pool.stats().reservations == 1
-    pool.release(whole)
-    t2 = pool.acquire((4, 8), torch.float32)
-    assert t2 is t and pool.stats().quick_hits == 1  # same address, shape, dtype: no new view
-    pool.release(t2)
-    u = pool.acquire((2, 16), torch.float32)  # same bytes, other shape: a fresh view
-    assert u is not t and u.shape == (2, 16) and u.data_ptr() == t.data_ptr()
-    pool.release(u)
+    a = pool.acquire((4, 8), torch.float32)
+    assert a._base is None and not a._is_view()
+    x = torch.randn(4, 8, requires_grad=True)
+    a.copy_(x * 2)
+    a.sum().backward()
+    assert torch.equal(x.grad, torch.full((4, 8), 2.0))
+    b = pool.acquire((4, 8), torch.float32)
+    assert not b.requires_grad and b.grad_fn is None
+    pool.release(a)
+    pool.release(b)
+    # every acquire makes a new tensor object; the memory is reused at once
+    c = pool.acquire((4, 8), torch.float32)
+    assert c is not a and c.data_ptr() in (a.data_ptr(), b.data_ptr())
+    pool.release(c)
     with pytest.raises(TypeError, match=r"4\.0"):  # equal-hashing float shape: rejected, nothing leaks
         pool.acquire((4.0, 8), torch.float32)
     s = pool.stats()
     assert s.live_blocks == 0 and s.bytes_in_use == 0 and s.acquires == s.releases
-    assert pool.trim() == 8192  # trim drops cached views (they would keep the slab alive)
+    assert pool.trim() == 8192
 
 
 def test_stream_ops_note_stream_called_once_per_stream():
@@ -502,3 +588,31 @@ def test_stream_ops_note_stream_called_once_per_stream():
         streams.current = name
         pool.release(pool.acquire((64,), torch.float32))
     assert streams.noted == ["s0", "s1"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_streams_keys_and_cross_stream_wait(pool_path):
+    """On a GPU: both paths key free ranges by the same raw stream handle, reuse a block at once on
+    the releasing stream, and never hand it to another stream while the releasing one is busy."""
+    pool = DeviceBufferPool("cuda", slab_bytes=64 << 20)
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    a = torch.randn(2048, 2048, device="cuda")
+    with torch.cuda.stream(s1):
+        buf = pool.acquire((2048, 2048), torch.float32, "cuda")
+        for _ in range(50):  # keep s1 busy writing into buf
+            torch.mm(a, a, out=buf)
+        ptr = buf.data_ptr()
+        pool.release(buf)
+        assert s1.cuda_stream in pool._free  # the same key both paths use
+        again = pool.acquire((2048, 2048), torch.float32)
+        assert again.data_ptr() == ptr  # same stream: reused at once
+        pool.release(again)
+    with torch.cuda.stream(s2):
+        busy = not s1.query()
+        other = pool.acquire((2048, 2048), torch.float32, "cuda")
+        if busy:
+            assert other.data_ptr() != ptr
+        pool.release(other)
+    torch.cuda.synchronize()
+    s = pool.stats()
+    assert s.live_blocks == 0 and s.acquires == s.releases == 3

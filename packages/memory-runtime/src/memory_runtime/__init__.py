@@ -44,9 +44,11 @@ _EXPORTS = {
     "PoolExhaustedError": "pools",
     "PoolStats": "pools",
     "round_size": "pools",
+    "native_status": "_native",
 }
 
 if TYPE_CHECKING:
+    from ._native import native_status
     from .buffers import BufferProvider, KVCacheBlocks, KVCacheFullError, RingDoubleBuffers, TorchProvider, Workspace
     from .fragmentation import FragmentationReport, OOMHook, fragmentation_report, install_oom_hook
     from .numa import GpuPlacement, LibNuma, NumaNode, NumaTopology, load_libnuma, parse_cpulist, read_topology
@@ -89,6 +91,7 @@ __all__ = [
     "fragmentation_report",
     "install_oom_hook",
     "load_libnuma",
+    "native_status",
     "parse_cpulist",
     "read_topology",
     "round_size",
