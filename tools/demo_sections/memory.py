@@ -94,8 +94,8 @@ def run(ctx: DemoContext) -> list[DemoRow]:
     rows.append(
         DemoRow(
             "memory: buffer pool trace",
-            "DeviceBufferPool",
-            why_dev,
+            "DeviceBufferPool (native hot path)" if pool.native else "DeviceBufferPool (Python path)",
+            f"{why_dev}; {pool.native_reason.split(' (after')[0]}",
             None,
             None,
             ms,
