@@ -700,7 +700,12 @@ def main() -> int:
         env["triton"] = None
     try:
         env["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, check=False
+            # "-dirty": the tree measured differs from that commit (e.g. a working-tree copy on a GPU machine)
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         ).stdout.strip()
     except OSError:
         env["git_commit"] = None

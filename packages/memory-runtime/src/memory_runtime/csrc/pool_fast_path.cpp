@@ -61,20 +61,43 @@ int64_t round_size(int64_t n) {
   return (n + step - 1) / step * step;
 }
 
+// tp_new / tp_dealloc of a Python object that owns one heap-allocated C++ member.
+template <typename Obj, typename T, T* Obj::*Field>
+PyObject* owning_new(PyTypeObject* type, PyObject*, PyObject*) {
+  auto* self = reinterpret_cast<Obj*>(type->tp_alloc(type, 0));
+  if (!self) return nullptr;
+  self->*Field = new (std::nothrow) T();
+  if (!(self->*Field)) {
+    Py_DECREF(self);
+    return PyErr_NoMemory();
+  }
+  return reinterpret_cast<PyObject*>(self);
+}
+
+template <typename Obj, typename T, T* Obj::*Field>
+void owning_dealloc(Obj* self) {
+  delete (self->*Field);
+  Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
+}
+
 // ------------------------------------------------------------------------------ RangeAllocator
+
+struct Ranges {
+  std::vector<uint64_t> starts;  // sorted start keys
+  std::vector<uint64_t> sizes;
+};
 
 struct RangeAllocator {
   PyObject_HEAD
-  std::vector<uint64_t>* starts;
-  std::vector<uint64_t>* sizes;
+  Ranges* ranges;
   long long free_bytes;
 };
 
 // First fit from the bottom (or the top); returns the start key or UINT64_MAX if nothing fits.
 uint64_t ra_alloc(RangeAllocator* a, uint64_t size, bool from_top) {
   if (static_cast<long long>(size) > a->free_bytes) return UINT64_MAX;
-  auto& starts = *a->starts;
-  auto& sizes = *a->sizes;
+  auto& starts = a->ranges->starts;
+  auto& sizes = a->ranges->sizes;
   const size_t n = sizes.size();
   if (from_top) {
     size_t i = n;
@@ -109,8 +132,8 @@ uint64_t ra_alloc(RangeAllocator* a, uint64_t size, bool from_top) {
 }
 
 void ra_free(RangeAllocator* a, uint64_t start, uint64_t size) {
-  auto& starts = *a->starts;
-  auto& sizes = *a->sizes;
+  auto& starts = a->ranges->starts;
+  auto& sizes = a->ranges->sizes;
   a->free_bytes += static_cast<long long>(size);
   size_t i = std::lower_bound(starts.begin(), starts.end(), start) - starts.begin();
   bool left = i > 0 && starts[i - 1] + sizes[i - 1] == start;
@@ -146,25 +169,6 @@ bool as_u64(PyObject* obj, uint64_t* out, const char* what) {
   }
   *out = v;
   return true;
-}
-
-PyObject* RangeAllocator_new(PyTypeObject* type, PyObject*, PyObject*) {
-  auto* self = reinterpret_cast<RangeAllocator*>(type->tp_alloc(type, 0));
-  if (!self) return nullptr;
-  self->starts = new (std::nothrow) std::vector<uint64_t>();
-  self->sizes = new (std::nothrow) std::vector<uint64_t>();
-  self->free_bytes = 0;
-  if (!self->starts || !self->sizes) {
-    Py_DECREF(self);
-    return PyErr_NoMemory();
-  }
-  return reinterpret_cast<PyObject*>(self);
-}
-
-void RangeAllocator_dealloc(RangeAllocator* self) {
-  delete self->starts;
-  delete self->sizes;
-  Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
 }
 
 PyObject* RangeAllocator_alloc(RangeAllocator* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
@@ -207,8 +211,8 @@ PyObject* RangeAllocator_free(RangeAllocator* self, PyObject* const* args, Py_ss
 }
 
 PyObject* range_list(RangeAllocator* self) {
-  const auto& starts = *self->starts;
-  const auto& sizes = *self->sizes;
+  const auto& starts = self->ranges->starts;
+  const auto& sizes = self->ranges->sizes;
   PyObject* out = PyList_New(static_cast<Py_ssize_t>(starts.size()));
   if (!out) return nullptr;
   for (size_t i = 0; i < starts.size(); ++i) {
@@ -228,8 +232,8 @@ PyObject* RangeAllocator_ranges(RangeAllocator* self, PyObject*) { return range_
 PyObject* RangeAllocator_take_all(RangeAllocator* self, PyObject*) {
   PyObject* out = range_list(self);
   if (!out) return nullptr;
-  self->starts->clear();
-  self->sizes->clear();
+  self->ranges->starts.clear();
+  self->ranges->sizes.clear();
   self->free_bytes = 0;
   return out;
 }
@@ -249,7 +253,7 @@ Py_ssize_t region_head(RangeAllocator* self, PyObject* const* args, Py_ssize_t n
     return -2;
   }
   uint64_t key = region << REGION_SHIFT;
-  const auto& starts = *self->starts;
+  const auto& starts = self->ranges->starts;
   size_t i = std::lower_bound(starts.begin(), starts.end(), key) - starts.begin();
   if (i < starts.size() && starts[i] == key) return static_cast<Py_ssize_t>(i);
   return -1;
@@ -259,30 +263,30 @@ PyObject* RangeAllocator_whole_region_free(RangeAllocator* self, PyObject* const
   uint64_t region_size;
   Py_ssize_t i = region_head(self, args, nargs, &region_size);
   if (i == -2) return nullptr;
-  return PyBool_FromLong(i >= 0 && (*self->sizes)[static_cast<size_t>(i)] == region_size);
+  return PyBool_FromLong(i >= 0 && self->ranges->sizes[static_cast<size_t>(i)] == region_size);
 }
 
 PyObject* RangeAllocator_drop_region(RangeAllocator* self, PyObject* const* args, Py_ssize_t nargs) {
   uint64_t region_size;
   Py_ssize_t i = region_head(self, args, nargs, &region_size);
   if (i == -2) return nullptr;
-  if (i < 0 || (*self->sizes)[static_cast<size_t>(i)] != region_size) {
+  if (i < 0 || self->ranges->sizes[static_cast<size_t>(i)] != region_size) {
     PyErr_SetString(PyExc_ValueError, "drop_region(): the region is not wholly free");
     return nullptr;
   }
-  self->starts->erase(self->starts->begin() + i);
-  self->sizes->erase(self->sizes->begin() + i);
+  self->ranges->starts.erase(self->ranges->starts.begin() + i);
+  self->ranges->sizes.erase(self->ranges->sizes.begin() + i);
   self->free_bytes -= static_cast<long long>(region_size);
   Py_RETURN_NONE;
 }
 
 PyObject* RangeAllocator_largest(RangeAllocator* self, PyObject*) {
   uint64_t best = 0;
-  for (uint64_t s : *self->sizes) best = std::max(best, s);
+  for (uint64_t s : self->ranges->sizes) best = std::max(best, s);
   return PyLong_FromUnsignedLongLong(best);
 }
 
-Py_ssize_t RangeAllocator_len(RangeAllocator* self) { return static_cast<Py_ssize_t>(self->starts->size()); }
+Py_ssize_t RangeAllocator_len(RangeAllocator* self) { return static_cast<Py_ssize_t>(self->ranges->starts.size()); }
 
 PyMethodDef RangeAllocator_methods[] = {
     {"alloc", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(RangeAllocator_alloc)),
@@ -316,22 +320,6 @@ struct Lock {
   PyObject_HEAD
   std::mutex* mutex;
 };
-
-PyObject* Lock_new(PyTypeObject* type, PyObject*, PyObject*) {
-  auto* self = reinterpret_cast<Lock*>(type->tp_alloc(type, 0));
-  if (!self) return nullptr;
-  self->mutex = new (std::nothrow) std::mutex();
-  if (!self->mutex) {
-    Py_DECREF(self);
-    return PyErr_NoMemory();
-  }
-  return reinterpret_cast<PyObject*>(self);
-}
-
-void Lock_dealloc(Lock* self) {
-  delete self->mutex;
-  Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
-}
 
 void lock_blocking(Lock* self) {
   if (self->mutex->try_lock()) return;
@@ -385,26 +373,12 @@ struct LiveEntry {
   long long requested;
 };
 
+using LiveEntries = std::unordered_map<uintptr_t, LiveEntry>;
+
 struct LiveMap {
   PyObject_HEAD
-  std::unordered_map<uintptr_t, LiveEntry>* map;
+  LiveEntries* map;
 };
-
-PyObject* LiveMap_new(PyTypeObject* type, PyObject*, PyObject*) {
-  auto* self = reinterpret_cast<LiveMap*>(type->tp_alloc(type, 0));
-  if (!self) return nullptr;
-  self->map = new (std::nothrow) std::unordered_map<uintptr_t, LiveEntry>();
-  if (!self->map) {
-    Py_DECREF(self);
-    return PyErr_NoMemory();
-  }
-  return reinterpret_cast<PyObject*>(self);
-}
-
-void LiveMap_dealloc(LiveMap* self) {
-  delete self->map;
-  Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
-}
 
 PyObject* entry_tuple(const LiveEntry& e) {
   return Py_BuildValue("(KLL)", static_cast<unsigned long long>(e.key), e.nbytes, e.requested);
@@ -858,16 +832,16 @@ PyMODINIT_FUNC PyInit_memory_runtime_native(void) {
   LockType.tp_basicsize = sizeof(Lock);
   LockType.tp_flags = Py_TPFLAGS_DEFAULT;
   LockType.tp_doc = "A non-reentrant mutex with threading.Lock's acquire/release/with interface.";
-  LockType.tp_new = Lock_new;
-  LockType.tp_dealloc = reinterpret_cast<destructor>(Lock_dealloc);
+  LockType.tp_new = owning_new<Lock, std::mutex, &Lock::mutex>;
+  LockType.tp_dealloc = reinterpret_cast<destructor>(owning_dealloc<Lock, std::mutex, &Lock::mutex>);
   LockType.tp_methods = Lock_methods;
 
   LiveMapType.tp_name = "memory_runtime_native.LiveMap";
   LiveMapType.tp_basicsize = sizeof(LiveMap);
   LiveMapType.tp_flags = Py_TPFLAGS_DEFAULT;
   LiveMapType.tp_doc = "data_ptr -> (start key, rounded bytes, requested bytes) of a pool's live blocks.";
-  LiveMapType.tp_new = LiveMap_new;
-  LiveMapType.tp_dealloc = reinterpret_cast<destructor>(LiveMap_dealloc);
+  LiveMapType.tp_new = owning_new<LiveMap, LiveEntries, &LiveMap::map>;
+  LiveMapType.tp_dealloc = reinterpret_cast<destructor>(owning_dealloc<LiveMap, LiveEntries, &LiveMap::map>);
   LiveMapType.tp_methods = LiveMap_methods;
   LiveMap_as_mapping.mp_length = reinterpret_cast<lenfunc>(LiveMap_len);
   LiveMap_as_mapping.mp_subscript = reinterpret_cast<binaryfunc>(LiveMap_getitem);
@@ -878,8 +852,9 @@ PyMODINIT_FUNC PyInit_memory_runtime_native(void) {
   RangeAllocatorType.tp_basicsize = sizeof(RangeAllocator);
   RangeAllocatorType.tp_flags = Py_TPFLAGS_DEFAULT;
   RangeAllocatorType.tp_doc = "Address-ordered free byte ranges: first fit from either end, coalescing on free.";
-  RangeAllocatorType.tp_new = RangeAllocator_new;
-  RangeAllocatorType.tp_dealloc = reinterpret_cast<destructor>(RangeAllocator_dealloc);
+  RangeAllocatorType.tp_new = owning_new<RangeAllocator, Ranges, &RangeAllocator::ranges>;
+  RangeAllocatorType.tp_dealloc =
+      reinterpret_cast<destructor>(owning_dealloc<RangeAllocator, Ranges, &RangeAllocator::ranges>);
   RangeAllocatorType.tp_methods = RangeAllocator_methods;
   RangeAllocatorType.tp_members = RangeAllocator_members;
   RangeAllocator_as_sequence.sq_length = reinterpret_cast<lenfunc>(RangeAllocator_len);
