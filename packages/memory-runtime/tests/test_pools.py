@@ -274,11 +274,11 @@ def test_bounded_pool_waits_on_fences_instead_of_growing():
 
 
 def test_threads_no_overlap_and_balanced_stats():
-    """8 threads x 50k random acquire/release in total; owners stamp and verify their buffers;
+    """8 threads x 50k random acquire/release each; owners stamp and verify their buffers;
     no two live buffers overlap."""
     pool = DeviceBufferPool("cpu", slab_bytes=1 << 20)
-    n_threads, total_ops = 8, 50_000
-    per_thread = total_ops // n_threads
+    n_threads, per_thread = 8, 50_000
+    total_ops = n_threads * per_thread
     errors: list[str] = []
     live_ranges: dict[int, tuple[int, int]] = {}
     ranges_lock = threading.Lock()
