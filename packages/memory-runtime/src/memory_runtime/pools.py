@@ -16,8 +16,8 @@ How a request is served (bookkeeping under one lock):
 
 Native hot path. Where a C++ compiler and ninja are present, acquire/release of the common case
 (a tuple shape, a fit in the current stream's free ranges, the lock free) run in a small torch
-C++ extension built on first use (``memory_runtime._native``): about 4x less time per call than
-the same steps in Python, where the one torch call that makes a tensor already costs about 1 us.
+C++ extension built on first use (``memory_runtime._native``), several times faster than the same
+steps in Python (tools/bench_memory.py measures both paths beside torch's allocator).
 It works on the same state as the Python methods, which handle everything else; ``native=False``
 selects the Python path, and tests run both.
 

@@ -14,13 +14,14 @@
 //   FastPath        acquire() / release() for the common case: shape a tuple of ints, the current
 //                   stream has a fitting free range, the pool lock is free. Anything else is
 //                   handed, untouched, to the pool's Python method of the same name.
-//
-// Why native: from Python every torch call that makes a view costs about 1 us
-// (torch.as_strided); a TensorImpl on the slab's storage made here costs a quarter of that, and
-// the bookkeeping around it a few hundred ns less than the same steps in bytecode.
 //   Lock            the pool's lock (a mutex with threading.Lock's interface): the fast path
 //                   takes it without a Python call; a blocking acquire releases the GIL first.
-// If another thread holds the lock, the fast path goes the Python way and waits there.
+//                   If another thread holds it, the fast path goes the Python way and waits there.
+//
+// Why native: from Python, the one torch call that makes each buffer's tensor (torch.as_strided)
+// already costs more than the whole target of an alloc+release; here the tensor is a TensorImpl
+// made directly on the slab's storage, and the bookkeeping skips the bytecode.
+// tools/bench_memory.py reports both paths and the as_strided cost on the host it runs on.
 
 #include <Python.h>
 #include <structmember.h>
@@ -31,7 +32,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #ifdef MEMORY_RUNTIME_WITH_CUDA
-// CUDA builds read the current stream and device in C++ (from Python each is a ~0.2 us call).
+// CUDA builds read the current stream and device in C++ (from Python each is one more torch call).
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
