@@ -84,11 +84,11 @@ def _count_below(IDX, start, end, thr_a, thr_b, CHUNK: tl.constexpr):
 def _row_tiles(
     CROW, COL, lrow, m_start, N_Q, N_K, BLOCK_M: tl.constexpr, LAYOUT_BK: tl.constexpr, IS_CAUSAL: tl.constexpr
 ):
-    """(start, n_full, n_use) of layout row ``lrow`` for the query tile at m_start.
+    """(start, end, n_full, n_use) of layout row ``lrow`` for the query tile at m_start.
 
-    Its key blocks are COL[start:start + n_use]; the first n_full need no mask. Blocks from c_full
-    on hold the partial last key block or cross the causal diagonal; blocks at or past c_stop are
-    entirely causal-masked and skipped.
+    The row's key blocks are COL[start:end]; the tile uses COL[start:start + n_use], the first
+    n_full need no mask. Blocks from c_full on hold the partial last key block or cross the causal
+    diagonal; blocks at or past c_stop are entirely causal-masked and skipped.
     """
     start = tl.load(CROW + lrow)
     end = tl.load(CROW + lrow + 1)
@@ -98,7 +98,7 @@ def _row_tiles(
         c_full = tl.minimum(c_full, (m_start + 1) // LAYOUT_BK)
         c_stop = (tl.minimum(m_start + BLOCK_M, N_Q) - 1) // LAYOUT_BK + 1
     n_full, n_use = _count_below(COL, start, end, c_full, c_stop, COUNT_CHUNK)
-    return start, n_full, n_use
+    return start, end, n_full, n_use
 
 
 @triton.jit
@@ -168,6 +168,7 @@ def _fwd_inner(
     COL,
     it_lo,
     it_hi,
+    row_end,
     offs_m,
     N_K,
     stride_kn,
@@ -180,11 +181,18 @@ def _fwd_inner(
     IS_CAUSAL: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    """Online softmax over key tiles it_lo..it_hi; K_src/V_src: head pointers, or TMA descriptors."""
+    """Online softmax over key tiles it_lo..it_hi (<= row_end, the end of the row's tiles); K_src/V_src:
+    head pointers, or TMA descriptors."""
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
+    # Each next key block index is read one iteration ahead: the K/V loads depend on it, and
+    # Triton's pipeliner does not prefetch that scalar load, so reading it in the same iteration
+    # stalls every tile (~15% of the forward on an H100; the backward loops measured no gain).
+    # The first read is bounded by the row's end, not it_hi, so it need not wait for the count.
+    col_next = tl.load(COL + it_lo // SUB, mask=it_lo < row_end, other=0)
     for it in range(it_lo, it_hi):
-        col = tl.load(COL + it // SUB)
+        col = col_next
+        col_next = tl.load(COL + tl.minimum(it + 1, it_hi - 1) // SUB)
         n0 = col * LAYOUT_BK + (it % SUB) * BLOCK_N
         k_t = _key_tile(K_src, b, hk, n0, N_K, stride_kn, HEAD_DIM, BLOCK_N, MASKED, TMA, True)
         v = _key_tile(V_src, b, hk, n0, N_K, stride_vn, HEAD_DIM, BLOCK_N, MASKED, TMA, False)
@@ -270,7 +278,7 @@ def _fwd_kernel(
     q_ptrs = Q_head + m_start.to(tl.int64) * stride_qn + tl.arange(0, BLOCK_M)[:, None] * stride_qn + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
 
-    start, n_full, n_use = _row_tiles(
+    start, end, n_full, n_use = _row_tiles(
         CROW, COL, h * LAYOUT_HEAD_ROWS + m_start // LAYOUT_BQ, m_start, N_Q, N_K, BLOCK_M, LAYOUT_BK, IS_CAUSAL
     )
 
@@ -278,11 +286,11 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, K_src, V_src, b, hk, COL, start * SUB, (start + n_full) * SUB, offs_m, N_K,
+        acc, l_i, m_i, q, K_src, V_src, b, hk, COL, start * SUB, (start + n_full) * SUB, end * SUB, offs_m, N_K,
         stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, False, IS_CAUSAL, TMA,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, K_src, V_src, b, hk, COL, (start + n_full) * SUB, (start + n_use) * SUB, offs_m, N_K,
+        acc, l_i, m_i, q, K_src, V_src, b, hk, COL, (start + n_full) * SUB, (start + n_use) * SUB, end * SUB, offs_m, N_K,
         stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, True, IS_CAUSAL, TMA,
     )  # fmt: skip
 
@@ -434,7 +442,7 @@ def _dq_kernel(
         K_src = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
         V_src = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
-    start, n_full, n_use = _row_tiles(
+    start, _, n_full, n_use = _row_tiles(
         CROW, COL, h * LAYOUT_HEAD_ROWS + m_start // LAYOUT_BQ, m_start, N_Q, N_K, BLOCK_M, LAYOUT_BK, IS_CAUSAL
     )
 
