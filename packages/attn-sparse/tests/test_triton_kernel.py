@@ -110,6 +110,23 @@ def test_causal_per_head_uneven_groups(dtype: torch.dtype) -> None:
     run_case(B=1, Nq=70, Nk=70, H=H, Hkv=1, D=32, block_size=(32, 16), mask=mask, is_causal=True, dtype=dtype, seed=3)
 
 
+@pytest.mark.parametrize("subtiles", [False, True])
+def test_noncausal_aligned_lengths_empty_row(subtiles: bool) -> None:
+    # N a multiple of the key block and no causal mask: every tile is full, so the kernels skip the
+    # masked-tile count; row block 1 is empty; with subtiles, 16-wide tiles walk the 32-blocks (the
+    # forward reads each next block index one iteration ahead, also across sub-tiles)
+    mask = random_mask(4, 3, 3, 0.6, seed=21)
+    mask[:, 1, :] = False
+    mask[:, 0, 0] = True
+    mask[:, 2, 1] = True
+    cfg = KernelConfig(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16) if subtiles else None
+    out, *_ = run_case(
+        B=2, Nq=96, Nk=96, H=4, Hkv=2, D=16, block_size=(32, 32), mask=mask, is_causal=False,
+        dtype=torch.float16, config=cfg, seed=22,
+    )  # fmt: skip
+    assert (out[:, 32:64] == 0).all()
+
+
 def test_subtiles_smaller_than_layout_blocks() -> None:
     # 32x32 layout blocks walked with 16-wide tiles: exercises the sub-tile index arithmetic of all kernels
     cfg = KernelConfig(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16)

@@ -94,10 +94,18 @@ def _row_tiles(
     end = tl.load(CROW + lrow + 1)
     c_full = N_K // LAYOUT_BK
     c_stop = 2147483647
+    scan_end = end
     if IS_CAUSAL:
         c_full = tl.minimum(c_full, (m_start + 1) // LAYOUT_BK)
         c_stop = (tl.minimum(m_start + BLOCK_M, N_Q) - 1) // LAYOUT_BK + 1
-    n_full, n_use = _count_below(COL, start, end, c_full, c_stop, COUNT_CHUNK)
+    else:
+        # no causal mask and N_K a multiple of the block: every tile is full, so skip the scan
+        # (a chain of dependent loads before the first tile); a runtime test, not a specialisation
+        scan_end = tl.where(N_K % LAYOUT_BK == 0, start, end)
+    n_full, n_use = _count_below(COL, start, scan_end, c_full, c_stop, COUNT_CHUNK)
+    if not IS_CAUSAL:
+        n_full = tl.where(scan_end == end, n_full, end - start)
+        n_use = tl.where(scan_end == end, n_use, end - start)
     return start, end, n_full, n_use
 
 
