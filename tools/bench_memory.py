@@ -43,6 +43,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_env import source_revision
+
 from memory_runtime import (
     DeviceBufferPool,
     FragmentationReport,
@@ -698,17 +701,7 @@ def main() -> int:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    try:
-        env["git_commit"] = subprocess.run(
-            # "-dirty": the tree measured differs from that commit (e.g. a working-tree copy on a GPU machine)
-            ["git", "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        env["git_commit"] = None
+    env["git_commit"] = source_revision()
     status = native_status()
     env["pool_native"] = f"{'yes' if status['available'] else 'no'} ({status['reason']})"
     lib, why = load_libnuma()

@@ -31,6 +31,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_env import source_revision
+
 # --------------------------------------------------------------------------------------------- layouts
 
 
@@ -467,7 +470,7 @@ def write_report(result: dict, out: Path) -> None:
         "# Block-sparse attention: Triton kernel vs FlexAttention vs dense cuDNN",
         "",
         f"GPU: {env['gpu']}; torch {env['torch']}; triton {env['triton']}; CUDA {env['cuda']}; "
-        f"bf16, B=1, H={env['heads']}, D={env['head_dim']}, layout blocks {env['block']}, non-causal. "
+        f"source {env.get('git_commit')}; bf16, B=1, H={env['heads']}, D={env['head_dim']}, layout blocks {env['block']}, non-causal. "
         "Median times (triton.testing.do_bench, budgets 50/300 ms warm-up/timed at 32K, 100/600 ms at 128K). "
         "Speedups are vs dense SDPA cuDNN measured in the same run; "
         "targets: fwd >= 0.8/density, fwd+bwd >= 0.7/density; 'vs flex' > 1 means faster than compiled "
@@ -590,6 +593,7 @@ def main() -> int:
         heads=args.heads,
         head_dim=args.head_dim,
         block=[args.block_q, args.block_k],
+        git_commit=source_revision(),
     )
     result: dict = {"env": env}
     if not args.skip_correctness:
