@@ -15,7 +15,10 @@ code runs as a few dozen small kernels with at most one host read (the number of
 tiny per-row arrays are built on the CPU and copied instead), so a layout for N = 1M tokens
 builds in about 2 ms on an H100 (docs/benchmarks/sparse_layout_build_h100.md). Builders also attach the transposed CSR the backward
 reads whenever the pattern gives it for free (symmetric patterns with Bq == Bk, causal), so
-:meth:`BlockLayout.transposed_csr` does not sort.
+:meth:`BlockLayout.transposed_csr` does not sort. :func:`bigbird`, whose random blocks made that
+torch code its longest (about 60 small kernels), builds on CUDA with Triton kernels instead
+(:mod:`attn_sparse.kernels.pattern_build`: 4 kernels and 3 torch ops, one host read), which
+attach its transposed CSR too.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 
 from attn_core.config import DilatedConfig
 
+from . import _hash
 from .layout import BlockLayout, _expand_intervals, check_block_size, check_device, row_work_device
 
 __all__ = [
@@ -222,23 +226,60 @@ def bigbird(
 ) -> BlockLayout:
     """BigBird: :func:`global_local` plus ``random_blocks`` key blocks per query block row.
 
-    The random blocks come from a CPU ``torch.Generator`` seeded with ``seed`` (O(rows) numbers,
-    then moved to ``device``), so a pattern is the same on any machine and device. Draws are with
-    replacement and may coincide with window/global blocks (a row then has fewer extra blocks).
-    ``num_heads`` > 1 gives each head its own random blocks (a per-head layout).
+    Draw t of query block q of head h is a counter-based integer hash of (seed, h, q, t)
+    (:mod:`attn_sparse._hash`; ``seed`` modulo 2**64), so a pattern is the same on any machine
+    and device, with no random generator state. Draws are with replacement and may coincide with
+    window/global blocks (a row then has fewer extra blocks). ``num_heads`` > 1 gives each head
+    its own random blocks (a per-head layout). On CUDA with Triton installed, Triton kernels
+    build the CSR and attach the transposed CSR in a few launches
+    (:mod:`attn_sparse.kernels.pattern_build`); elsewhere torch ops build the same layout.
     """
+    return _bigbird(seq_len, window, global_tokens, random_blocks, seed, num_heads, block_size, device)
+
+
+def _triton_builds(device: torch.device) -> bool:
+    """Whether :func:`bigbird` on ``device`` takes the Triton builder: CUDA, Triton installed, and
+    not TRITON_INTERPRET=1 (the interpreter runs CPU tensors)."""
+    if device.type != "cuda":
+        return False
+    from .backends.triton import _interpret, _triton_installed
+
+    return _triton_installed() and not _interpret()
+
+
+def _bigbird(
+    seq_len: int,
+    window: int,
+    global_tokens: int,
+    random_blocks: int,
+    seed: int,
+    num_heads: int,
+    block_size: int | tuple[int, int],
+    device: Device,
+    *,
+    triton: bool | None = None,
+) -> BlockLayout:
+    """:func:`bigbird`; ``triton`` picks the builder (None: :func:`_triton_builds`). Tests pass
+    True to run the Triton builder on CPU tensors under TRITON_INTERPRET=1."""
     g = _Grid(seq_len, block_size, device)
     heads = _int("num_heads", num_heads, 1)
     r = _int("random_blocks", random_blocks, 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
     w, gt = _int("window", window, 0), _int("global_tokens", global_tokens, 0)
+    key = _hash.seed_key(seed)
+    if triton is None:
+        triton = _triton_builds(g.device)
+    if triton:
+        from .kernels.pattern_build import bigbird_csr
+
+        crow, col, ccol, rows = bigbird_csr(g.n, (g.bq, g.bk), w, gt, r, key, heads, g.device)
+        layout = BlockLayout._trusted(crow, col, (g.bq, g.bk), heads, g.nq, g.nk)
+        return layout._with_transposed(ccol, rows)
     g.plan(heads * g.nq * (2 + r))
     lo_w, hi_w = g.window(w)
     lo_g, hi_g = g.global_interval(gt)
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(seed)
-    rnd = torch.randint(0, g.nk, (heads, g.nq, r), generator=gen, dtype=torch.int64).to(g.rows_on)
+    rnd = _hash.random_blocks(key, heads, g.nq, g.nk, r, g.rows_on)
     lo = torch.cat([lo_g.expand(heads, -1, -1), lo_w.expand(heads, -1, -1), rnd], dim=2)
     hi = torch.cat([hi_g.expand(heads, -1, -1), hi_w.expand(heads, -1, -1), rnd + 1], dim=2)
     # transposed_csr sorts the tiles when first asked: the random draws break the symmetry

@@ -1,0 +1,168 @@
+"""bigbird's random draws (a counter-based hash) and its Triton builder (kernels.pattern_build).
+
+The Triton builder runs here in Triton's CPU interpreter on CPU tensors and must give the torch
+builder's CSR bit for bit, and the transposed CSR that BlockLayout computes by sorting. Shapes
+are small: the interpreter runs every program in numpy.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Kernels are decorated at import: the interpreter must be selected before attn_sparse.kernels loads.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random
+
+import pytest
+import torch
+
+from attn_sparse import BlockLayout, bigbird, patterns
+from attn_sparse._hash import MASK32, mix32, random_blocks, seed_key
+from attn_sparse.kernels import interpret_mode
+
+CPU = torch.device("cpu")
+# the Triton builder takes CPU tensors in the interpreter only (set above unless TRITON_INTERPRET=0 was given,
+# e.g. to run the CUDA test at the end on a GPU machine)
+needs_interpreter = pytest.mark.skipif(not interpret_mode(), reason="needs TRITON_INTERPRET=1 (CPU tensors)")
+
+
+def _build(params: dict, *, triton: bool) -> BlockLayout:
+    p = {"seed": 0, "num_heads": 1, "block_size": (16, 16)} | params
+    return patterns._bigbird(
+        p["seq_len"], p["window"], p["global_tokens"], p["random_blocks"], p["seed"], p["num_heads"], p["block_size"],
+        "cpu", triton=triton,
+    )  # fmt: skip
+
+
+def _sorted_transpose(layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transposed CSR by BlockLayout's own sort (a fresh, validated layout has none attached)."""
+    fresh = BlockLayout.from_csr(
+        layout.crow_indices.cpu(),
+        layout.col_indices.cpu(),
+        block_size=layout.block_size,
+        num_key_blocks=layout.num_key_blocks,
+        num_heads=layout.num_heads,
+    )
+    return fresh.transposed_csr()
+
+
+def _assert_same_build(params: dict, fused: BlockLayout) -> None:
+    want = _build(params, triton=False)
+    assert (fused.shape, fused.block_size) == (want.shape, want.block_size), params
+    for got, ref in ((fused.crow_indices, want.crow_indices), (fused.col_indices, want.col_indices)):
+        assert got.dtype == torch.int32 and torch.equal(got.cpu(), ref), params
+    assert "transposed" in fused._cache, params  # attached by the builder: transposed_csr() does not sort
+    for got, ref in zip(fused.transposed_csr(), _sorted_transpose(want)):
+        assert got.dtype == torch.int32 and torch.equal(got.cpu(), ref), params
+
+
+# (seq_len, window, global_tokens, random_blocks, num_heads, block_size) around every edge:
+# nothing but the window, global rows of every column, Bq != Bk both ways, partial last blocks,
+# more draws than key blocks (duplicates), rows and draw lists longer than one ROW_CHUNK (128)
+EDGE_CASES = [
+    (1, 0, 0, 0, 1, (16, 16)),
+    (1, 0, 0, 3, 2, (16, 16)),
+    (37, 0, 0, 0, 1, (16, 32)),
+    (200, 0, 0, 2, 1, (32, 16)),
+    (200, 5, 200, 4, 2, (16, 16)),  # every query block is global: all rows hold all columns
+    (200, 1000, 0, 1, 1, (16, 16)),  # the window spans the sequence
+    (333, 20, 50, 40, 2, (16, 32)),  # draws > key blocks: many duplicates
+    (300, 40, 0, 300, 1, (32, 16)),  # 300 draws: three chunks of sorted draws per row
+    (2100, 1500, 100, 5, 1, (64, 16)),  # 132 key blocks: windows and global rows over one chunk
+    (2100, 30, 300, 200, 1, (128, 16)),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize(("n", "w", "g", "r", "heads", "bs"), EDGE_CASES)
+def test_triton_build_equals_torch_build_edges(n: int, w: int, g: int, r: int, heads: int, bs: tuple) -> None:
+    params = {"seq_len": n, "window": w, "global_tokens": g, "random_blocks": r, "num_heads": heads}
+    params |= {"block_size": bs, "seed": n + r}
+    _assert_same_build(params, _build(params, triton=True))
+
+
+@needs_interpreter
+def test_triton_build_equals_torch_build_random_parameters() -> None:
+    rng = random.Random(20261123)
+    for _ in range(16):
+        bq, bk = rng.choice([16, 32, 64]), rng.choice([16, 32, 64])
+        n = rng.randint(1, 700)
+        heads = rng.randint(1, 3)
+        if heads * -(-n // bq) > 40:  # the interpreter runs one program per row
+            n = 40 // heads * bq
+        nk = -(-n // bk)
+        params = {
+            "seq_len": n,
+            "window": rng.choice([0, rng.randint(0, 3 * bq), rng.randint(0, n + 40)]),
+            "global_tokens": rng.choice([0, rng.randint(1, 2 * bq), rng.randint(0, n + 40)]),
+            "random_blocks": rng.choice([0, 1, rng.randint(1, 8), rng.randint(nk, 2 * nk + 3)]),
+            "num_heads": heads,
+            "block_size": (bq, bk),
+            "seed": rng.choice([0, rng.randint(-(2**70), 2**70)]),
+        }
+        _assert_same_build(params, _build(params, triton=True))
+
+
+def test_hash_draws_are_deterministic_exact_and_in_range() -> None:
+    for seed in (0, 1, -1, 2**63, -(2**63), 12345678901234567890):
+        key = seed_key(seed)
+        assert 0 <= key <= MASK32 and key == seed_key(seed)
+        for nk in (1, 2, 3, 1000, 2**31 - 1):
+            d = random_blocks(key, 3, 5, nk, 7, CPU)
+            assert d.shape == (3, 5, 7) and d.dtype == torch.int64
+            assert int(d.min()) >= 0 and int(d.max()) < nk
+            assert torch.equal(d, random_blocks(key, 3, 5, nk, 7, CPU))
+            # int64 tensors give what unbounded Python ints give: no product overflows
+            for h, q, t in ((0, 0, 0), (2, 4, 6), (1, 3, 2)):
+                x = mix32(mix32(mix32(key ^ h) ^ q) ^ t)
+                assert int(d[h, q, t]) == (x * nk) >> 32
+    assert seed_key(-1) == seed_key(2**64 - 1) and seed_key(-1) != seed_key(1)  # seeds modulo 2**64
+    # pinned: a change of the hash (constants, mixing order, mapping) changes every bigbird layout
+    assert random_blocks(seed_key(0), 1, 1, 1000, 8, CPU).flatten().tolist() == [867, 542, 23, 932, 481, 336, 141, 607]
+
+
+def test_hash_draws_are_uniform_and_independent() -> None:
+    # chi-square over ~36 and 63 degrees of freedom: expected ~36 / ~63, sd ~8.5 / ~11; the draws are
+    # a fixed function of the seed, so the bounds (7+ sd) only guard against a broken hash
+    for seed in (0, 7, -3, 2**40):
+        d = random_blocks(seed_key(seed), 4, 128, 37, 64, CPU)  # 32768 draws over 37 blocks
+        counts = torch.bincount(d.flatten(), minlength=37).double()
+        expected = d.numel() / 37
+        assert float(((counts - expected) ** 2 / expected).sum()) < 100, seed
+        b = random_blocks(seed_key(seed), 4, 128, 8, 64, CPU)
+        for first, second in ((b[..., :-1], b[..., 1:]), (b[:, :-1], b[:, 1:]), (b[:-1], b[1:])):
+            # consecutive draws of a row, the same draw of adjacent query blocks, adjacent heads
+            pairs = torch.bincount((first * 8 + second).flatten(), minlength=64).double()
+            expected = first.numel() / 64
+            assert float(((pairs - expected) ** 2 / expected).sum()) < 150, seed
+
+
+@needs_interpreter
+def test_seeds_give_different_layouts() -> None:
+    params = {"seq_len": 320, "window": 16, "global_tokens": 16, "random_blocks": 2, "num_heads": 2}
+    torch_layouts = [_build(params | {"seed": s}, triton=False) for s in (0, 1, 2, -1, 2**64 - 2)]
+    for i, a in enumerate(torch_layouts):
+        assert all(a != b for b in torch_layouts[i + 1 :])
+    assert _build(params | {"seed": -1}, triton=False) == _build(params | {"seed": 2**64 - 1}, triton=False)
+    fused = [_build(params | {"seed": s}, triton=True) for s in (0, 1)]
+    assert fused[0] == torch_layouts[0] and fused[1] == torch_layouts[1] and fused[0] != fused[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or interpret_mode(), reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+def test_cuda_build_equals_cpu_build() -> None:
+    # the bench's 128K layouts (tools/bench_sparse.py make_layout, densities 0.25 / 0.1 / 0.05) and more
+    cases = [
+        {"seq_len": 131072, "window": 5376, "global_tokens": 5376, "random_blocks": 129, "seed": 131072},
+        {"seq_len": 131072, "window": 2112, "global_tokens": 2176, "random_blocks": 51, "seed": 131072},
+        {"seq_len": 131072, "window": 1024, "global_tokens": 1024, "random_blocks": 26, "seed": 131072},
+        {"seq_len": 100003, "window": 1000, "global_tokens": 300, "random_blocks": 5, "seed": -3, "num_heads": 4},
+        {"seq_len": 1 << 20, "window": 2048, "global_tokens": 512, "random_blocks": 8, "seed": 1},
+        {"seq_len": 50000, "window": 700, "global_tokens": 9000, "random_blocks": 300, "block_size": (64, 128)},
+    ]
+    for params in cases:
+        params = {"block_size": (128, 128)} | params
+        fused = bigbird(device="cuda", **params)
+        assert fused.device.type == "cuda"
+        _assert_same_build(params, fused)
