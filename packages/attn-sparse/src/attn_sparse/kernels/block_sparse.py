@@ -164,6 +164,19 @@ def _key_tile(
 
 
 @triton.jit
+def _kv_sources(K, V, b, hk, stride_kb, stride_kh, stride_vb, stride_vh, TMA: tl.constexpr):
+    """What _key_tile reads K/V tiles of (batch b, kv head hk) from: the TMA descriptors themselves,
+    or the head's base pointers."""
+    if TMA:
+        K_src = K
+        V_src = V
+    else:
+        K_src = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        V_src = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    return K_src, V_src
+
+
+@triton.jit
 def _fwd_inner(
     acc,
     l_i,
@@ -277,12 +290,7 @@ def _fwd_kernel(
     m_ok = offs_m < N_Q
 
     Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    if TMA:
-        K_src = K
-        V_src = V
-    else:
-        K_src = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-        V_src = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    K_src, V_src = _kv_sources(K, V, b, hk, stride_kb, stride_kh, stride_vb, stride_vh, TMA)
     q_ptrs = Q_head + m_start.to(tl.int64) * stride_qn + tl.arange(0, BLOCK_M)[:, None] * stride_qn + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
 
@@ -443,12 +451,7 @@ def _dq_kernel(
     )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_ok)
-    if TMA:
-        K_src = K
-        V_src = V
-    else:
-        K_src = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-        V_src = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    K_src, V_src = _kv_sources(K, V, b, hk, stride_kb, stride_kh, stride_vb, stride_vh, TMA)
 
     start, _, n_full, n_use = _row_tiles(
         CROW, COL, h * LAYOUT_HEAD_ROWS + m_start // LAYOUT_BQ, m_start, N_Q, N_K, BLOCK_M, LAYOUT_BK, IS_CAUSAL
