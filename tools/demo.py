@@ -19,6 +19,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -75,15 +76,18 @@ def timed_grad_run(fn, q, k, v, dout) -> tuple[list, float]:  # type: ignore[no-
 
 
 def reference_rows(
-    kind: str, got: list, ref: list, base: list, *, backend: str, why: str, ok: bool, time_ms: float, note: str
+    kind: str, got: list, ref: list, base: list, *, choice: Any, ran: str, time_ms: float, note: str
 ) -> list[DemoRow]:
     """A "fwd" row (out) and a "bwd" row (worst of dq, dk, dv) checked with the project's tolerance rule.
 
     got / ref / base: [out, dq, dk, dv] from the code under test, the float64 reference and plain
-    PyTorch in the tested dtype. ok: extra condition (e.g. the backend that ran is the one explained).
+    PyTorch in the tested dtype. choice: the backend "auto" explained (a BackendChoice); ran: the
+    backend that actually ran, which must be the one explained for the rows to pass.
     """
     from attn_core.testing import assert_close_to_reference, max_abs_error, tolerance
 
+    ok = ran == choice.backend
+    why = choice.why + ("" if ok else f" (explain said {choice.backend})")
     rows = []
     for label, idx in (("fwd", [0]), ("bwd", [1, 2, 3])):
         passed, errs, tols, notes = ok, [], [], []
@@ -99,7 +103,7 @@ def reference_rows(
         rows.append(
             DemoRow(
                 kind=kind.format(label=label),
-                backend=backend,
+                backend=ran,
                 why=why,
                 max_error=errs[worst],
                 tolerance=tols[worst],

@@ -48,9 +48,8 @@ def _check(name, dtype, ctx_device):
         got,
         ref,
         base,
-        backend=ran,
-        why=choice.why + ("" if ran == choice.backend else f" (explain said {choice.backend})"),
-        ok=ran == choice.backend,
+        choice=choice,
+        ran=ran,
         time_ms=ms,
         note="tol = max(2x plain PyTorch error, 8-ulp floor); ms = fwd+bwd",
     )

@@ -135,9 +135,8 @@ def _attention_rows(name, dtype, device) -> list[DemoRow]:
         got,
         ref,
         base,
-        backend=ran,
-        why=choice.why + ("" if ran == choice.backend else f" (explain said {choice.backend})"),
-        ok=ran == choice.backend,
+        choice=choice,
+        ran=ran,
         time_ms=ms,
         note=f"density {layout.density:.3f}; ms = fwd+bwd",
     )
