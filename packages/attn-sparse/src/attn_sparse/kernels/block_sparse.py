@@ -164,16 +164,16 @@ def _key_tile(
 
 
 @triton.jit
-def _kv_sources(K, V, b, hk, stride_kb, stride_kh, stride_vb, stride_vh, TMA: tl.constexpr):
-    """What _key_tile reads K/V tiles of (batch b, kv head hk) from: the TMA descriptors themselves,
-    or the head's base pointers."""
+def _head_sources(X, Y, b, head, stride_xb, stride_xh, stride_yb, stride_yh, TMA: tl.constexpr):
+    """Where the streamed tiles of two (B, N, heads, D) tensors (K/V, or Q/dO in the dk/dv kernel)
+    are read from for (batch b, head): the TMA descriptors themselves, or the head's base pointers."""
     if TMA:
-        K_src = K
-        V_src = V
+        X_src = X
+        Y_src = Y
     else:
-        K_src = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-        V_src = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    return K_src, V_src
+        X_src = X + b.to(tl.int64) * stride_xb + head.to(tl.int64) * stride_xh
+        Y_src = Y + b.to(tl.int64) * stride_yb + head.to(tl.int64) * stride_yh
+    return X_src, Y_src
 
 
 @triton.jit
@@ -290,7 +290,7 @@ def _fwd_kernel(
     m_ok = offs_m < N_Q
 
     Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    K_src, V_src = _kv_sources(K, V, b, hk, stride_kb, stride_kh, stride_vb, stride_vh, TMA)
+    K_src, V_src = _head_sources(K, V, b, hk, stride_kb, stride_kh, stride_vb, stride_vh, TMA)
     q_ptrs = Q_head + m_start.to(tl.int64) * stride_qn + tl.arange(0, BLOCK_M)[:, None] * stride_qn + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
 
@@ -451,7 +451,7 @@ def _dq_kernel(
     )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_ok)
-    K_src, V_src = _kv_sources(K, V, b, hk, stride_kb, stride_kh, stride_vb, stride_vh, TMA)
+    K_src, V_src = _head_sources(K, V, b, hk, stride_kb, stride_kh, stride_vb, stride_vh, TMA)
 
     start, _, n_full, n_use = _row_tiles(
         CROW, COL, h * LAYOUT_HEAD_ROWS + m_start // LAYOUT_BQ, m_start, N_Q, N_K, BLOCK_M, LAYOUT_BK, IS_CAUSAL
@@ -620,12 +620,7 @@ def _dkv_kernel(
         start = tl.load(CCOL + lcol)
         end = tl.load(CCOL + lcol + 1)
         n_skip, n_mask = _count_below(ROW, start, end, r_skip, r_full, COUNT_CHUNK)
-        if TMA:
-            Q_src = Q
-            DO_src = DO
-        else:
-            Q_src = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-            DO_src = DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
+        Q_src, DO_src = _head_sources(Q, DO, b, h, stride_qb, stride_qh, stride_db, stride_dh, TMA)
         bh = b * H + h
         LSE_head = LSE + bh.to(tl.int64) * N_Q
         DELTA_head = DELTA + bh.to(tl.int64) * N_Q
