@@ -32,6 +32,7 @@ import torch
 from attn_core.config import DilatedConfig
 
 from . import _hash
+from ._triton_env import interpret_mode, triton_installed
 from .layout import BlockLayout, _expand_intervals, check_block_size, check_device, row_work_device
 
 __all__ = [
@@ -242,9 +243,7 @@ def _triton_builds(device: torch.device) -> bool:
     not TRITON_INTERPRET=1 (the interpreter runs CPU tensors)."""
     if device.type != "cuda":
         return False
-    from .backends.triton import _interpret, _triton_installed
-
-    return _triton_installed() and not _interpret()
+    return triton_installed() and not interpret_mode()
 
 
 def _bigbird(

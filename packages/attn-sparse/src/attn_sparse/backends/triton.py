@@ -8,12 +8,11 @@ CPU tensors in Triton's interpreter (fp16/fp32; bf16 is not supported there): sl
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
 from typing import TYPE_CHECKING
 
 import torch
+
+from .._triton_env import interpret_mode, triton_installed
 
 if TYPE_CHECKING:
     from ..layout import BlockLayout
@@ -26,25 +25,14 @@ GPU_DTYPES = (torch.float16, torch.bfloat16)
 INTERPRET_DTYPES = (torch.float16, torch.float32)
 
 
-@functools.lru_cache(maxsize=1)
-def _triton_installed() -> bool:
-    # find_spec scans sys.path when triton is not imported yet: once per process is enough
-    return importlib.util.find_spec("triton") is not None
-
-
-def _interpret() -> bool:
-    # same rule as attn_sparse.kernels.interpret_mode, without importing triton here
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def unsupported_reasons(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, is_causal: bool
 ) -> list[str]:
     """Why the Triton kernels cannot take this call (empty list: they can). Launches nothing."""
     reasons: list[str] = []
-    if not _triton_installed():
+    if not triton_installed():
         reasons.append("triton is not installed (pip install 'attn-sparse[triton]')")
-    interpret = _interpret()
+    interpret = interpret_mode()
     if interpret:
         if q.device.type != "cpu":
             reasons.append(f"TRITON_INTERPRET=1 runs kernels on CPU tensors only, got device {q.device}")

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -40,6 +39,8 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+
+from .._triton_env import interpret_mode
 
 try:  # host-side TMA descriptors (Triton >= 3.3)
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -60,11 +61,6 @@ __all__ = [
 LOG2E = 1.4426950408889634
 # Column/row indices are scanned this many at a time to find where the masked tiles start.
 COUNT_CHUNK = tl.constexpr(64)
-
-
-def interpret_mode() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 @triton.jit

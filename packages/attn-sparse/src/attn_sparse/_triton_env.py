@@ -1,0 +1,24 @@
+"""Whether Triton is installed and whether it runs in its CPU interpreter, without importing it.
+
+One rule for the Triton backend (:mod:`attn_sparse.backends.triton`), the kernels and the pattern
+builders (bigbird's Triton build), so they never disagree on which path runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+__all__ = ["interpret_mode", "triton_installed"]
+
+
+@functools.lru_cache(maxsize=1)
+def triton_installed() -> bool:
+    """Triton can be imported (find_spec: nothing is imported; it scans sys.path, so once per process)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
