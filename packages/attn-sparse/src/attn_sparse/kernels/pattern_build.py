@@ -2,18 +2,21 @@
 
 The torch builder of :func:`attn_sparse.patterns.bigbird` (its CPU path) issues ~60 small ops
 when it runs on a GPU, and their host time, not the GPU work, bounds the build. This one issues
-4 Triton kernels and 3 torch ops:
+3 Triton kernels and 2 torch ops:
 
-1. ``_draw_kernel``: the random blocks of every row from the counter-based hash
-   (:mod:`attn_sparse._hash`, the same integer math as the torch builder), then ``torch.sort``
-   along each row so that duplicates sit side by side;
-2. ``_count_kernel``: the length of every row, then ``torch.cumsum`` and one host read of nnz
+1. ``_count_kernel``: the length of every row, then ``torch.cumsum`` and one host read of nnz
    (the size of the outputs);
-3. ``_expand_kernel``: the columns of every row, increasing, and a sort key per tile
+2. ``_expand_kernel``: the columns of every row, increasing, and a sort key per tile
    ``(head * nk + col) * nq + query block``; ``torch.sort`` of the keys groups the tiles by
    (head, key block) with the query blocks increasing;
-4. ``_transpose_kernel``: the transposed CSR from the sorted keys (row ids, and column offsets by
+3. ``_transpose_kernel``: the transposed CSR from the sorted keys (row ids, and column offsets by
    binary search), exactly what :meth:`BlockLayout.transposed_csr` computes by its own sort.
+
+The count kernel hashes each row's random draws (the counter-based hash of
+:mod:`attn_sparse._hash`, the same integer math as the torch builder) and compares them pairwise
+(a few per row, typically) instead of sorting them: a draw counts once, at its first occurrence,
+and only if it lies outside the row's intervals. It stores these "extras" (-1 elsewhere); the
+expand kernel places each extra by the number of extras below it.
 
 Row ``h * nq + q`` (query block q of head h) is the union of the global interval, the window
 interval (as ``_Grid.global_interval`` / ``_Grid.window`` define them) and the row's random
@@ -22,7 +25,8 @@ they touch) and B = [b_lo, b_hi) (the window when it does not; else empty at a_h
 "extras" are the distinct draws outside A and B; in sorted order a row is A, the extras below
 b_lo, B, the extras at or above b_hi, so each column's position follows from a_hi, the number of
 extras below b_lo and the extra's rank. Every loop runs over a row in chunks, so any number of
-key blocks (a global row holds all nk) and any number of draws is handled.
+key blocks (a global row holds all nk) and any number of draws is handled (the pairwise draw
+comparisons grow with the square of the draws per row).
 """
 
 from __future__ import annotations
@@ -46,8 +50,11 @@ _SHIFT_0 = tl.constexpr(HASH_SHIFT[0])
 _SHIFT_1 = tl.constexpr(HASH_SHIFT[1])
 _SHIFT_2 = tl.constexpr(HASH_SHIFT[2])
 
-# Draws hashed per program of _draw_kernel (a flat grid over all rows x draws).
-DRAW_BLOCK = 1024
+# The 32-bit seed key travels as key - KEY_BIAS: always an int32 argument, whereas keys >= 2**31
+# would be typed uint32 by Triton, a second signature (a compile) for half of all seeds.
+KEY_BIAS = tl.constexpr(1 << 31)
+# Draws compared pairwise per step (a DRAW_CHUNK x DRAW_CHUNK block of int64 comparisons).
+DRAW_CHUNK = 64
 # Columns (or draws) a row program handles per loop step: rows are typically tens of blocks,
 # global rows all nk (thousands), so a row loops rather than sizing its program by the longest.
 ROW_CHUNK = 128
@@ -68,13 +75,12 @@ def _mix32(x):
     return x ^ (x >> _SHIFT_2)
 
 
-@triton.jit(do_not_specialize=["key", "total", "draws", "num_qb", "num_kb"])
-def _draw_kernel(DRAWS, key, total, draws, num_qb, num_kb, BLOCK: tl.constexpr):
-    """DRAWS: (rows, draws) int32; entry i = (row, t) gets draw t of row = head * num_qb + q."""
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    row = i // draws
-    x = _mix32(_mix32(_mix32((row // num_qb) ^ key) ^ (row % num_qb)) ^ (i % draws))
-    tl.store(DRAWS + i, ((x * num_kb) >> 32).to(tl.int32), mask=i < total)
+@triton.jit
+def _draws(row, key, t, num_qb, num_kb):
+    """Draws t (int32 tensor) of row = head * num_qb + q, as int32: attn_sparse._hash.random_blocks
+    (int64 math). ``key``: the 32-bit seed key minus 2**31 (see KEY_BIAS)."""
+    x = _mix32(_mix32(_mix32((row // num_qb) ^ (key.to(tl.int64) + KEY_BIAS)) ^ (row % num_qb)) ^ t.to(tl.int64))
+    return ((x * num_kb) >> 32).to(tl.int32)
 
 
 @triton.jit
@@ -90,27 +96,34 @@ def _row_intervals(q, seq_len, block_q, block_k, window, num_kb, global_qb, glob
 
 
 @triton.jit
-def _extras(ROW_DRAWS, t0, draws, a_hi, b_lo, b_hi, CHUNK: tl.constexpr):
-    """(draws t0 .. t0 + CHUNK of a row, which of them are extras): sorted draws, so a draw is new
-    when it differs from the previous one; an extra also lies outside A and B."""
+def _extras(row, key, t0, draws, num_qb, num_kb, a_hi, b_lo, b_hi, CHUNK: tl.constexpr):
+    """(draws t0 .. t0 + CHUNK of a row, which of them are extras): an extra lies outside A and B
+    and is the first occurrence of its value (no earlier draw of the row equals it)."""
     t = t0 + tl.arange(0, CHUNK)
-    inside = t < draws
-    d = tl.load(ROW_DRAWS + t, mask=inside, other=0)
-    prev = tl.load(ROW_DRAWS + t - 1, mask=inside & (t > 0), other=-1)
-    return d, inside & (d != prev) & (d >= a_hi) & ((d < b_lo) | (d >= b_hi))
+    d = _draws(row, key, t, num_qb, num_kb)
+    seen = tl.zeros([CHUNK], dtype=tl.int32)
+    for s0 in range(0, t0 + CHUNK, CHUNK):  # chunks up to this one: earlier draws
+        s = s0 + tl.arange(0, CHUNK)
+        e = _draws(row, key, s, num_qb, num_kb)
+        same = (e[None, :] == d[:, None]) & (s[None, :] < t[:, None])
+        seen += tl.sum(same.to(tl.int32), axis=1)
+    return d, (t < draws) & (seen == 0) & (d >= a_hi) & ((d < b_lo) | (d >= b_hi))
 
 
 @triton.jit(do_not_specialize=["draws", *_GEOMETRY])
 def _count_kernel(
-    COUNTS, DRAWS, draws, seq_len, block_q, block_k, window, num_qb, num_kb, global_qb, global_kb,
+    COUNTS, EXTRAS, key, draws, seq_len, block_q, block_k, window, num_qb, num_kb, global_qb, global_kb,
     CHUNK: tl.constexpr,
 ):  # fmt: skip
-    """COUNTS: (rows + 1,) int32; [0] = 0, [1 + row] = the number of active tiles of row."""
+    """COUNTS: (rows + 1,) int32; [0] = 0, [1 + row] = the number of active tiles of row.
+    EXTRAS: (rows, draws) int32; draw t of row where it is an extra, else -1."""
     row = tl.program_id(0).to(tl.int64)
     a_hi, b_lo, b_hi = _row_intervals(row % num_qb, seq_len, block_q, block_k, window, num_kb, global_qb, global_kb)
     n_extra = 0
     for t0 in range(0, draws, CHUNK):
-        _, keep = _extras(DRAWS + row * draws, t0, draws, a_hi, b_lo, b_hi, CHUNK)
+        d, keep = _extras(row, key, t0, draws, num_qb, num_kb, a_hi, b_lo, b_hi, CHUNK)
+        t = t0 + tl.arange(0, CHUNK)
+        tl.store(EXTRAS + row * draws + t, tl.where(keep, d, -1), mask=t < draws)
         n_extra += tl.sum(keep.to(tl.int32), axis=0)
     tl.store(COUNTS + 1 + row, (a_hi + (b_hi - b_lo) + n_extra).to(tl.int32))
     tl.store(COUNTS, 0, mask=row == 0)
@@ -125,8 +138,8 @@ def _write_tiles(COL, KEYS, pos, c, mask, key_base, num_qb, q):
 
 @triton.jit(do_not_specialize=["draws", *_GEOMETRY])
 def _expand_kernel(
-    COL, KEYS, CROW_OUT, CROW, DRAWS, draws, seq_len, block_q, block_k, window, num_qb, num_kb,
-    global_qb, global_kb, CHUNK: tl.constexpr,
+    COL, KEYS, CROW_OUT, CROW, EXTRAS, draws, seq_len, block_q, block_k, window, num_qb, num_kb,
+    global_qb, global_kb, CHUNK: tl.constexpr, DCHUNK: tl.constexpr,
 ):  # fmt: skip
     """COL, KEYS: (nnz,) the columns of every row and their sort keys; CROW (rows + 1,) int64 row
     offsets, copied to CROW_OUT as int32."""
@@ -138,16 +151,21 @@ def _expand_kernel(
     tl.store(CROW_OUT + 1 + row, tl.load(CROW + 1 + row).to(tl.int32))
     tl.store(CROW_OUT, 0, mask=row == 0)
     # extras first: their count below b_lo places B
-    rank = 0
     below = 0
-    for t0 in range(0, draws, CHUNK):
-        d, keep = _extras(DRAWS + row * draws, t0, draws, a_hi, b_lo, b_hi, CHUNK)
-        k = keep.to(tl.int32)
-        # position = interval columns before d + extras before d (rank so far + inclusive cumsum - 1)
-        pos = start + a_hi + tl.where(d >= b_hi, b_hi - b_lo, 0) + rank + tl.cumsum(k, axis=0) - 1
+    ROW_EXTRAS = EXTRAS + row * draws
+    for t0 in range(0, draws, DCHUNK):
+        t = t0 + tl.arange(0, DCHUNK)
+        d = tl.load(ROW_EXTRAS + t, mask=t < draws, other=-1)
+        keep = d >= 0
+        # an extra's rank among the row's extras = the extras of lower value (each counted once)
+        rank = tl.zeros([DCHUNK], dtype=tl.int32)
+        for s0 in range(0, draws, DCHUNK):
+            e = tl.load(ROW_EXTRAS + s0 + tl.arange(0, DCHUNK), mask=s0 + tl.arange(0, DCHUNK) < draws, other=-1)
+            rank += tl.sum(((e[None, :] >= 0) & (e[None, :] < d[:, None])).to(tl.int32), axis=1)
+        # position = interval columns before d + extras before d
+        pos = start + a_hi + tl.where(d >= b_hi, b_hi - b_lo, 0) + rank
         _write_tiles(COL, KEYS, pos, d, keep, key_base, num_qb, q)
         below += tl.sum((keep & (d < b_lo)).to(tl.int32), axis=0)
-        rank += tl.sum(k, axis=0)
     for c0 in range(0, a_hi, CHUNK):  # A = [0, a_hi): nothing precedes it
         c = c0 + tl.arange(0, CHUNK)
         _write_tiles(COL, KEYS, start + c, c, c < a_hi, key_base, num_qb, q)
@@ -201,13 +219,9 @@ def bigbird_csr(
         # geometry scalars for _row_intervals; a window past the sequence reads what window N reads,
         # so clamping keeps every kernel sum small without changing the layout
         geometry = (seq_len, bq, bk, min(window, seq_len), nq, nk, -(-g // bq), -(-g // bk))
-        draws = torch.empty(rows, random_blocks, dtype=torch.int32, device=device)
-        if random_blocks:
-            total = rows * random_blocks
-            _draw_kernel[(triton.cdiv(total, DRAW_BLOCK),)](draws, key, total, random_blocks, nq, nk, BLOCK=DRAW_BLOCK)
-            draws = torch.sort(draws, dim=1).values
         counts = torch.empty(rows + 1, dtype=torch.int32, device=device)
-        _count_kernel[(rows,)](counts, draws, random_blocks, *geometry, CHUNK=ROW_CHUNK)
+        extras = torch.empty(rows, random_blocks, dtype=torch.int32, device=device)
+        _count_kernel[(rows,)](counts, extras, key - KEY_BIAS.value, random_blocks, *geometry, CHUNK=DRAW_CHUNK)
         crow = torch.cumsum(counts, dim=0)  # int64
         nnz = int(crow[-1])  # the one host read: the size of the outputs
         if nnz > _INT32_MAX:
@@ -217,7 +231,9 @@ def bigbird_csr(
         col = torch.empty(nnz, dtype=torch.int32, device=device)
         keys = torch.empty(nnz, dtype=key_dtype, device=device)
         crow32 = torch.empty(rows + 1, dtype=torch.int32, device=device)
-        _expand_kernel[(rows,)](col, keys, crow32, crow, draws, random_blocks, *geometry, CHUNK=ROW_CHUNK)
+        _expand_kernel[(rows,)](
+            col, keys, crow32, crow, extras, random_blocks, *geometry, CHUNK=ROW_CHUNK, DCHUNK=DRAW_CHUNK
+        )
         keys = torch.sort(keys).values  # distinct keys: an unstable sort gives the one order
         num_cols = num_heads * nk
         ccol = torch.empty(num_cols + 1, dtype=torch.int32, device=device)
