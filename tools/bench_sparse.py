@@ -82,12 +82,19 @@ def bench_ms(fn: Callable[[], object], warmup: int, rep: int) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
-def kernel_cache_entries() -> int:
-    """Compiled variants held by our Triton kernels (grows by one per recompilation)."""
+def kernel_cache_entries(which: str = "attention") -> int:
+    """Compiled variants held by our Triton kernels (grows by one per recompilation): the attention
+    kernels, or (``which="build"``) the bigbird pattern-build kernels."""
     from attn_sparse.kernels import block_sparse as bs
+    from attn_sparse.kernels import pattern_build as pb
 
+    fns = (
+        (bs._fwd_kernel, bs._dq_kernel, bs._dkv_kernel)
+        if which == "attention"
+        else (pb._count_kernel, pb._expand_kernel, pb._transpose_kernel)
+    )
     total = 0
-    for fn in (bs._fwd_kernel, bs._dq_kernel, bs._dkv_kernel):
+    for fn in fns:
         for entry in getattr(fn, "device_caches", {}).values():
             total += len(entry[0])
     return total
@@ -215,7 +222,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
     return {"rows": rows}
 
 
-BUILD_REPS = 5
+BUILD_REPS = 15
 
 
 def measure_point(
@@ -247,6 +254,7 @@ def measure_point(
     device = str(q.device)
     # one untimed build first: CUDA loads kernel modules lazily, once per process, not per layout;
     # then the median of BUILD_REPS builds (a single host-bound build is at the mercy of host noise)
+    build_before = kernel_cache_entries("build")
     make_layout(pattern, n, density, block, device=device).transposed_csr()
     builds = []
     for _ in range(BUILD_REPS):
@@ -257,6 +265,7 @@ def measure_point(
         torch.cuda.synchronize()
         builds.append((time.perf_counter() - t0) * 1e3)
     build_ms = statistics.median(builds)
+    build_variants = kernel_cache_entries("build") - build_before
     dens = layout.density
     flops_f = 4.0 * attended_pairs(layout, n) * D * H * B
 
@@ -313,6 +322,7 @@ def measure_point(
         layout_build_pct_of_fwd=100.0 * build_ms / ours_f,
         flex_blockmask_conversion_ms=flex_conv_ms,
         triton_new_variants=new_variants,
+        build_new_variants=build_variants,
         flex_new_graphs=flex_graphs,
     )
 
@@ -512,7 +522,8 @@ def write_report(result: dict, out: Path) -> None:
     lines += [
         "",
         "Layout build in the table = pattern construction on the GPU (attn_sparse.patterns, device='cuda') + "
-        "transposed CSR, median of 5 builds: a one-time cost per layout (layouts are reused across calls and layers).",
+        f"transposed CSR, median of {result.get('build_reps', 5)} builds: a one-time cost per layout (layouts are "
+        "reused across calls and layers).",
         "",
         "## Layout build per pattern (built on the GPU with device= + transposed CSR; median of 7)",
         "",
@@ -622,6 +633,7 @@ def main() -> int:
         (args.out / "sparse_tune.json").write_text(json.dumps(result, indent=1))
         return 0
     before = kernel_cache_entries()
+    result["build_reps"] = BUILD_REPS
     result.update(run_sweep(args))
     grown = kernel_cache_entries() - before
     result["layout_build"] = layout_build_times("cuda")
@@ -635,6 +647,8 @@ def main() -> int:
     result["recompile_note"] = (
         f"Triton kernel variants compiled over the whole sweep: {grown} (per point: {variants}); "
         "after the first point, a changed pattern, density or N compiles nothing new when this is all zeros. "
+        "bigbird pattern-build kernels compiled per point (the first bigbird build in a process compiles "
+        f"them once): {[r.get('build_new_variants', 0) for r in result['rows']]}. "
         f"Flex new dynamo graphs per point: {[r['flex_new_graphs'] for r in result['rows']]}."
     )
     write_report(result, args.out)
