@@ -53,9 +53,9 @@ _SHIFT_2 = tl.constexpr(HASH_SHIFT[2])
 # The 32-bit seed key travels as key - KEY_BIAS: always an int32 argument, whereas keys >= 2**31
 # would be typed uint32 by Triton, a second signature (a compile) for half of all seeds.
 KEY_BIAS = tl.constexpr(1 << 31)
-# Draws compared pairwise per step (a DRAW_CHUNK x DRAW_CHUNK block of int64 comparisons).
+# Draws compared pairwise per step (a DRAW_CHUNK x DRAW_CHUNK block of int32 comparisons).
 DRAW_CHUNK = 64
-# Columns (or draws) a row program handles per loop step: rows are typically tens of blocks,
+# Columns a row program writes per loop step: rows are typically tens of blocks,
 # global rows all nk (thousands), so a row loops rather than sizing its program by the longest.
 ROW_CHUNK = 128
 # Sorted tile keys (and key-block offsets) per program of _transpose_kernel.
