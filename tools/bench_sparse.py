@@ -88,11 +88,13 @@ def kernel_cache_entries(which: str = "attention") -> int:
     from attn_sparse.kernels import block_sparse as bs
     from attn_sparse.kernels import pattern_build as pb
 
-    fns = (
-        (bs._fwd_kernel, bs._dq_kernel, bs._dkv_kernel)
-        if which == "attention"
-        else (pb._count_kernel, pb._expand_kernel, pb._transpose_kernel)
-    )
+    kernels = {
+        "attention": (bs._fwd_kernel, bs._dq_kernel, bs._dkv_kernel),
+        "build": (pb._count_kernel, pb._expand_kernel, pb._transpose_kernel),
+    }
+    if which not in kernels:
+        raise ValueError(f"which={which!r}; allowed: {sorted(kernels)}")
+    fns = kernels[which]
     total = 0
     for fn in fns:
         for entry in getattr(fn, "device_caches", {}).values():
@@ -225,6 +227,20 @@ def run_sweep(args: argparse.Namespace) -> dict:
 BUILD_REPS = 15
 
 
+def timed_builds(build: Callable[[], Any], count: int) -> tuple[Any, list[float]]:
+    """(last layout, sorted wall times in ms) of ``count`` calls of ``build`` plus the layout's
+    transposed CSR (everything a first attention call pays), each between device syncs."""
+    ts, layout = [], None
+    for _ in range(count):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        layout = build()
+        layout.transposed_csr()
+        torch.cuda.synchronize()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return layout, sorted(ts)
+
+
 def measure_point(
     flex: Callable,
     counters: object,
@@ -256,14 +272,7 @@ def measure_point(
     # then the median of BUILD_REPS builds (a single host-bound build is at the mercy of host noise)
     build_before = kernel_cache_entries("build")
     make_layout(pattern, n, density, block, device=device).transposed_csr()
-    builds = []
-    for _ in range(BUILD_REPS):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        layout = make_layout(pattern, n, density, block, device=device)
-        layout.transposed_csr()
-        torch.cuda.synchronize()
-        builds.append((time.perf_counter() - t0) * 1e3)
+    layout, builds = timed_builds(lambda: make_layout(pattern, n, density, block, device=device), BUILD_REPS)
     build_ms = statistics.median(builds)
     build_variants = kernel_cache_entries("build") - build_before
     dens = layout.density
@@ -349,15 +358,7 @@ def layout_build_times(device: str, sizes: tuple[int, ...] = (131072, 1 << 20), 
         }
 
     def timed(build: Callable[[], Any], count: int) -> tuple[Any, list[float]]:
-        ts, lay = [], None
-        for _ in range(count):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            lay = build().to(device)
-            lay.transposed_csr()
-            torch.cuda.synchronize()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        return lay, sorted(ts)
+        return timed_builds(lambda: build().to(device), count)
 
     out = []
     for n in sizes:
