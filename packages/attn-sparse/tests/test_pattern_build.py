@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from attn_sparse import BlockLayout, bigbird, patterns
+from attn_sparse import layout as layout_module
 from attn_sparse._hash import MASK32, mix32, random_blocks, seed_key
 from attn_sparse.kernels import interpret_mode
 
@@ -149,6 +150,69 @@ def test_seeds_give_different_layouts() -> None:
     assert fused[0] == torch_layouts[0] and fused[1] == torch_layouts[1] and fused[0] != fused[1]
 
 
+def _random_runs(rng: random.Random, rows: int, per_row: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, length) (rows, per_row) int64: disjoint increasing strided runs per row, some empty."""
+    start = torch.zeros(rows, per_row, dtype=torch.int64)
+    length = torch.zeros(rows, per_row, dtype=torch.int64)
+    for r in range(rows):
+        pos = rng.randint(0, 5)
+        for t in range(per_row):
+            n = rng.choice([0, 0, 1, rng.randint(1, 40), rng.randint(200, 700)])  # > one RUN_CHUNK too
+            start[r, t], length[r, t] = pos, n
+            pos += n * step + rng.randint(0, 9)
+    return start, length
+
+
+@needs_interpreter
+@pytest.mark.parametrize(("rows", "per_row", "step"), [(1, 1, 1), (7, 1, 1), (9, 3, 1), (5, 4, 7), (6, 2, 16)])
+def test_triton_run_expansion_equals_torch(rows: int, per_row: int, step: int) -> None:
+    rng = random.Random(rows * 100 + per_row * 10 + step)
+    for _ in range(3):
+        start, length = _random_runs(rng, rows, per_row, step)
+        want = layout_module._expand_intervals(start, length, rows, step=step, triton=False)
+        for device in (None, CPU):  # rows where they are, or "copied" to the layout's device
+            got = layout_module._expand_intervals(start, length, rows, step=step, device=device, triton=True)
+            for g, w in zip(got, want):
+                assert g.dtype == torch.int32 and torch.equal(g, w)
+    empty = layout_module._expand_intervals(
+        torch.zeros(3, 2, dtype=torch.int64), torch.zeros(3, 2, dtype=torch.int64), 3, triton=True
+    )
+    assert empty[0].tolist() == [0, 0, 0, 0] and empty[1].numel() == 0
+
+
+# every interval pattern once more with its O(nnz) expansion in the Triton kernel (as on a GPU)
+RUN_PATTERNS = [
+    ("local_window", {"seq_len": 3001, "window": 300, "block_size": 64}),
+    ("local_window", {"seq_len": 1000, "window": 0, "block_size": (16, 32)}),
+    ("causal", {"seq_len": 2000, "block_size": (32, 64)}),
+    ("dilated", {"seq_len": 3000, "stride": 7, "block_size": 32}),
+    ("global_local", {"seq_len": 2999, "window": 200, "global_tokens": 70, "block_size": (32, 16)}),
+    ("hierarchical", {"seq_len": 3001, "windows": [100, 800, 3001], "strides": [1, 3, 16], "block_size": 32}),
+    (
+        "longnet",
+        {"seq_len": 2048, "segment_lengths": [256, 1024], "dilation_rates": [1, 4], "num_heads": 3, "block_size": 64},
+    ),
+    (
+        "bigbird",
+        {"seq_len": 1000, "window": 40, "global_tokens": 20, "random_blocks": 3, "num_heads": 2, "block_size": 32},
+    ),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize(("kind", "params"), RUN_PATTERNS)
+def test_patterns_with_triton_run_expansion_equal_torch_builds(
+    kind: str, params: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    want = patterns.build_pattern(kind, **params)
+    want_t = _sorted_transpose(want)
+    monkeypatch.setattr(layout_module, "triton_builds", lambda device: True)
+    got = patterns.build_pattern(kind, **params)
+    assert got == want, kind
+    for g, w in zip(got.transposed_csr(), want_t):
+        assert g.dtype == torch.int32 and torch.equal(g.cpu(), w), kind
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or interpret_mode(), reason="needs a CUDA GPU and TRITON_INTERPRET=0")
 def test_cuda_build_equals_cpu_build() -> None:
@@ -166,3 +230,27 @@ def test_cuda_build_equals_cpu_build() -> None:
         fused = bigbird(device="cuda", **params)
         assert fused.device.type == "cuda"
         _assert_same_build(params, fused)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or interpret_mode(), reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("n", [131072, 100003])
+def test_cuda_interval_builds_equal_cpu_builds(n: int) -> None:
+    # the Triton run expansion on CUDA against the torch expansion on the CPU, CSR and transposed CSR
+    cases = [
+        ("local_window", {"window": 6272}),
+        ("local_window", {"window": 4096, "block_size": 64}),
+        ("causal", {"block_size": (64, 128)}),
+        ("dilated", {"stride": 16}),
+        ("global_local", {"window": 4096, "global_tokens": 512}),
+        ("hierarchical", {"windows": [2048, 32768, n], "strides": [1, 8, 64]}),
+        ("longnet", {"segment_lengths": [2048, 8192], "dilation_rates": [1, 4], "num_heads": 16}),
+    ]
+    for kind, params in cases:
+        params = {"seq_len": n} | params
+        if kind == "longnet" and n % 8192:
+            params["seq_len"] = n - n % 8192
+        got, want = (patterns.build_pattern(kind, device=dev, **params) for dev in ("cuda", "cpu"))
+        assert got.device.type == "cuda" and got == want, kind
+        for g, w in zip(got.transposed_csr(), want.transposed_csr()):
+            assert torch.equal(g.cpu(), w), kind

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from ._triton_env import triton_builds
+
 __all__ = ["BlockLayout", "check_block_size", "check_device"]
 
 _INT32_MAX = 2**31 - 1
@@ -99,6 +101,7 @@ def _expand_intervals(
     step: int = 1,
     nnz: int | None = None,
     device: torch.device | None = None,
+    triton: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CSR from per-row disjoint, increasing runs ``start, start + step, ...`` of ``length`` columns.
 
@@ -106,7 +109,8 @@ def _expand_intervals(
     ``step`` > 1 gives strided runs (e.g. every 16th column). ``nnz``: the total when the caller
     already knows it (skips the one device -> host read of the size). ``device``: where the CSR
     goes (default start's device); row-level inputs on the CPU travel there in one copy and only
-    the O(nnz) part runs on ``device``.
+    the O(nnz) part runs on ``device``: one Triton launch (``triton``; None: on CUDA when Triton
+    is usable, see :func:`attn_sparse._triton_env.triton_builds`) or a few torch ops.
     Returns (crow int32 (R + 1,), col int32 (nnz,)) in O(R * K + nnz), without sorting.
     """
     here = start.device
@@ -120,10 +124,19 @@ def _expand_intervals(
         raise ValueError(f"pattern has {nnz} active tiles; at most {_INT32_MAX} (int32 indices) are supported")
     if nnz == 0:
         return crow.to(device=out, dtype=torch.int32), torch.zeros(0, dtype=torch.int32, device=out)
-    # col = run start + (position in the flattened output - where the run begins) * step; int32
-    # arithmetic (when every intermediate fits) halves the memory traffic of the O(nnz) part.
     flat_len = length.reshape(-1)
     begin = crow[:-1] if length.shape[1] == 1 else torch.cumsum(flat_len, dim=0) - flat_len
+    if triton is None:
+        triton = triton_builds(out)
+    if triton:  # every value fits in int32 (offsets <= nnz, columns < num_key_blocks)
+        r, m = num_rows + 1, flat_len.numel()
+        pack = torch.cat([crow, begin, start.reshape(-1), flat_len]).to(device=out, dtype=torch.int32)
+        from .kernels.pattern_build import expand_runs  # imports Triton: only when it runs
+
+        col = expand_runs(pack[r : r + m], pack[r + m : r + 2 * m], pack[r + 2 * m :], step, nnz)
+        return pack[:r], col
+    # col = run start + (position in the flattened output - where the run begins) * step; int32
+    # arithmetic (when every intermediate fits) halves the memory traffic of the O(nnz) part.
     dtype = torch.int32 if nnz * step <= _INT32_MAX else torch.int64
     shift = start.reshape(-1) - begin if step == 1 else start.reshape(-1) - begin * step
     if device is not None:  # one copy of the row-level arrays to ``device`` (crow first: its view starts the buffer)

@@ -32,7 +32,7 @@ import torch
 from attn_core.config import DilatedConfig
 
 from . import _hash
-from ._triton_env import interpret_mode, triton_installed
+from ._triton_env import triton_builds
 from .layout import BlockLayout, _expand_intervals, check_block_size, check_device, row_work_device
 
 __all__ = [
@@ -238,14 +238,6 @@ def bigbird(
     return _bigbird(seq_len, window, global_tokens, random_blocks, seed, num_heads, block_size, device)
 
 
-def _triton_builds(device: torch.device) -> bool:
-    """Whether :func:`bigbird` on ``device`` takes the Triton builder: CUDA, Triton installed, and
-    not TRITON_INTERPRET=1 (the interpreter runs CPU tensors)."""
-    if device.type != "cuda":
-        return False
-    return triton_installed() and not interpret_mode()
-
-
 def _bigbird(
     seq_len: int,
     window: int,
@@ -258,7 +250,7 @@ def _bigbird(
     *,
     triton: bool | None = None,
 ) -> BlockLayout:
-    """:func:`bigbird`; ``triton`` picks the builder (None: :func:`_triton_builds`). Tests pass
+    """:func:`bigbird`; ``triton`` picks the builder (None: :func:`triton_builds`). Tests pass
     True to run the Triton builder on CPU tensors under TRITON_INTERPRET=1."""
     g = _Grid(seq_len, block_size, device)
     heads = _int("num_heads", num_heads, 1)
@@ -268,7 +260,7 @@ def _bigbird(
     w, gt = _int("window", window, 0), _int("global_tokens", global_tokens, 0)
     key = _hash.seed_key(seed)
     if triton is None:
-        triton = _triton_builds(g.device)
+        triton = triton_builds(g.device)
     if triton:
         from .kernels.pattern_build import bigbird_csr
 

@@ -2,21 +2,24 @@
 
 The torch builder of :func:`attn_sparse.patterns.bigbird` (its CPU path) issues ~60 small ops
 when it runs on a GPU, and their host time, not the GPU work, bounds the build. This one issues
-3 Triton kernels and 2 torch ops:
+3 Triton kernels, 2 torch ops and no sort:
 
-1. ``_count_kernel``: the length of every row, then ``torch.cumsum`` and one host read of nnz
-   (the size of the outputs);
-2. ``_expand_kernel``: the columns of every row, increasing, and a sort key per tile
-   ``(head * nk + col) * nq + query block``; ``torch.sort`` of the keys groups the tiles by
-   (head, key block) with the query blocks increasing;
-3. ``_transpose_kernel``: the transposed CSR from the sorted keys (row ids, and column offsets by
-   binary search), exactly what :meth:`BlockLayout.transposed_csr` computes by its own sort.
+1. ``_count_kernel``: the length of every row and of every column (head * nk + key block), then
+   one ``torch.cumsum`` over both and one host read of nnz (the size of the outputs);
+2. ``_expand_kernel``: the key blocks of every row, increasing; each random tile also leaves its
+   query block in a scratch list of its column;
+3. ``_transpose_kernel``: the query blocks of every column, increasing: exactly the transposed
+   CSR that :meth:`BlockLayout.transposed_csr` computes by sorting.
 
 The count kernel hashes each row's random draws (the counter-based hash of
 :mod:`attn_sparse._hash`, the same integer math as the torch builder) and compares them pairwise
 (a few per row, typically) instead of sorting them: a draw counts once, at its first occurrence,
 and only if it lies outside the row's intervals. It stores these "extras" (-1 elsewhere); the
 expand kernel places each extra by the number of extras below it.
+
+Columns have the same shape: the query blocks whose global or window interval holds key block j
+are (at most) two intervals, found in closed form (``_col_intervals``), and the column's extras
+are the rows that drew j. ``_place_line`` writes a row or a column from its intervals and extras.
 
 Row ``h * nq + q`` (query block q of head h) is the union of the global interval, the window
 interval (as ``_Grid.global_interval`` / ``_Grid.window`` define them) and the row's random
@@ -40,7 +43,7 @@ import triton.language as tl
 from .._hash import HASH_MUL, HASH_SHIFT, MASK32
 from ..layout import _INT32_MAX
 
-__all__ = ["bigbird_csr"]
+__all__ = ["bigbird_csr", "expand_runs"]
 
 # the hash constants of attn_sparse._hash, as compile-time constants of the kernels
 _MASK32 = tl.constexpr(MASK32)
@@ -58,8 +61,8 @@ DRAW_CHUNK = 64
 # Columns a row program writes per loop step: rows are typically tens of blocks,
 # global rows all nk (thousands), so a row loops rather than sizing its program by the longest.
 ROW_CHUNK = 128
-# Sorted tile keys (and key-block offsets) per program of _transpose_kernel.
-TRANSPOSE_BLOCK = 1024
+# Columns a run program writes per loop step (runs are a row's intervals: tens to thousands of blocks).
+RUN_CHUNK = 256
 # Integer arguments are not specialised on (== 1, divisibility by 16), so a new N or new pattern
 # parameters reuse the compiled kernels instead of compiling variants.
 _GEOMETRY = ["seq_len", "block_q", "block_k", "window", "num_qb", "num_kb", "global_qb", "global_kb"]
@@ -110,87 +113,153 @@ def _extras(row, key, t0, draws, num_qb, num_kb, a_hi, b_lo, b_hi, CHUNK: tl.con
     return d, (t < draws) & (seen == 0) & (d >= a_hi) & ((d < b_lo) | (d >= b_hi))
 
 
-@triton.jit(do_not_specialize=["draws", *_GEOMETRY])
+@triton.jit(do_not_specialize=["draws", "rows", "num_cols", *_GEOMETRY])
 def _count_kernel(
-    COUNTS, EXTRAS, key, draws, seq_len, block_q, block_k, window, num_qb, num_kb, global_qb, global_kb,
-    CHUNK: tl.constexpr,
+    COUNTS, EXTRAS, EXTRA_SLOTS, key, draws, rows, num_cols, seq_len, block_q, block_k, window, num_qb,
+    num_kb, global_qb, global_kb, CHUNK: tl.constexpr,
 ):  # fmt: skip
-    """COUNTS: (rows + 1,) int32; [0] = 0, [1 + row] = the number of active tiles of row.
-    EXTRAS: (rows, draws) int32; draw t of row where it is an extra, else -1."""
-    row = tl.program_id(0).to(tl.int64)
-    a_hi, b_lo, b_hi = _row_intervals(row % num_qb, seq_len, block_q, block_k, window, num_kb, global_qb, global_kb)
-    n_extra = 0
-    for t0 in range(0, draws, CHUNK):
-        d, keep = _extras(row, key, t0, draws, num_qb, num_kb, a_hi, b_lo, b_hi, CHUNK)
-        t = t0 + tl.arange(0, CHUNK)
-        tl.store(EXTRAS + row * draws + t, tl.where(keep, d, -1), mask=t < draws)
-        n_extra += tl.sum(keep.to(tl.int32), axis=0)
-    tl.store(COUNTS + 1 + row, (a_hi + (b_hi - b_lo) + n_extra).to(tl.int32))
-    tl.store(COUNTS, 0, mask=row == 0)
+    """COUNTS: (1 + rows + num_cols,) int32, zeroed: [1 + row] = the tiles of row, [1 + rows + c] =
+    the tiles of column c = head * nk + key block. EXTRAS: (rows, draws) int32; draw t of row
+    where it is an extra, else -1. EXTRA_SLOTS (num_cols,) int32, zeroed: the extras of column c.
+    Program p counts row p (p < rows) and column p's intervals (p < num_cols)."""
+    p = tl.program_id(0).to(tl.int64)
+    if p < rows:
+        a_hi, b_lo, b_hi = _row_intervals(p % num_qb, seq_len, block_q, block_k, window, num_kb, global_qb, global_kb)
+        n_extra = 0
+        for t0 in range(0, draws, CHUNK):
+            d, keep = _extras(p, key, t0, draws, num_qb, num_kb, a_hi, b_lo, b_hi, CHUNK)
+            t = t0 + tl.arange(0, CHUNK)
+            tl.store(EXTRAS + p * draws + t, tl.where(keep, d, -1), mask=t < draws)
+            # the extra is a tile of column c too (columns of distinct extras differ: no clash)
+            c = (p // num_qb) * num_kb + d
+            tl.atomic_add(COUNTS + 1 + rows + c, 1, mask=keep)
+            tl.atomic_add(EXTRA_SLOTS + c, 1, mask=keep)
+            n_extra += tl.sum(keep.to(tl.int32), axis=0)
+        tl.store(COUNTS + 1 + p, (a_hi + (b_hi - b_lo) + n_extra).to(tl.int32))
+    if p < num_cols:
+        a_hi, b_lo, b_hi = _col_intervals(p % num_kb, seq_len, block_q, block_k, window, num_qb, global_qb, global_kb)
+        tl.atomic_add(COUNTS + 1 + rows + p, (a_hi + (b_hi - b_lo)).to(tl.int32))
 
 
 @triton.jit
-def _write_tiles(COL, KEYS, pos, c, mask, key_base, num_qb, q):
-    """Columns c at CSR positions pos, and their transposition sort keys (key_base + c) * num_qb + q."""
-    tl.store(COL + pos, c.to(tl.int32), mask=mask)
-    tl.store(KEYS + pos, ((key_base + c) * num_qb + q).to(KEYS.dtype.element_ty), mask=mask)
+def _col_intervals(j, seq_len, block_q, block_k, window, num_qb, global_qb, global_kb):
+    """(a_hi, b_lo, b_hi) of key block j (int64): the query blocks whose global or window interval
+    (_row_intervals) holds j are A = [0, a_hi) and B = [b_lo, b_hi), disjoint, A first.
+
+    Key blocks below global_kb are read by every row; others by the global rows [0, global_qb) and
+    the rows whose window holds j, q in [w_lo, w_hi) (window ends never decrease with q):
+    w_hi = the first q with q * Bq + Bq - 1 + window >= j * Bk, w_lo = the first q whose window
+    starts past j, i.e. q * Bq - window >= (j + 1) * Bk.
+    """
+    x = j * block_k - window
+    w_lo = tl.where(x > 0, x // block_q, 0)
+    w_hi = tl.minimum(((j + 1) * block_k + window + block_q - 1) // block_q, num_qb)
+    w_hi = tl.maximum(w_hi, w_lo)
+    touch = w_lo <= global_qb
+    a_hi = tl.where(j < global_kb, num_qb, tl.where(touch, tl.maximum(global_qb, w_hi), global_qb))
+    separate = (j >= global_kb) & ~touch
+    return a_hi, tl.where(separate, w_lo, a_hi), tl.where(separate, w_hi, a_hi)
+
+
+@triton.jit
+def _place_line(OUT, start, a_hi, b_lo, b_hi, EXTRA, n_extra, CHUNK: tl.constexpr, DCHUNK: tl.constexpr):
+    """Write one sorted CSR line (a row's key blocks or a key block's query blocks) at OUT + start:
+    the intervals A = [0, a_hi) and B = [b_lo, b_hi) and the extras EXTRA[0:n_extra] (values
+    outside A and B, distinct, any order; -1 entries are skipped). In sorted order the line is A,
+    the extras below b_lo, B, the extras at or above b_hi: each value's position follows from a_hi,
+    the number of extras below b_lo and the extra's rank among the extras."""
+    below = 0
+    for t0 in range(0, n_extra, DCHUNK):
+        t = t0 + tl.arange(0, DCHUNK)
+        d = tl.load(EXTRA + t, mask=t < n_extra, other=-1)
+        keep = d >= 0
+        # an extra's rank among the line's extras = the extras of lower value (each counted once)
+        rank = tl.zeros([DCHUNK], dtype=tl.int32)
+        for s0 in range(0, n_extra, DCHUNK):
+            s = s0 + tl.arange(0, DCHUNK)
+            e = tl.load(EXTRA + s, mask=s < n_extra, other=-1)
+            rank += tl.sum(((e[None, :] >= 0) & (e[None, :] < d[:, None])).to(tl.int32), axis=1)
+        pos = start + a_hi + tl.where(d >= b_hi, b_hi - b_lo, 0) + rank
+        tl.store(OUT + pos, d.to(tl.int32), mask=keep)
+        below += tl.sum((keep & (d < b_lo)).to(tl.int32), axis=0)
+    for c0 in range(0, a_hi, CHUNK):  # A = [0, a_hi): nothing precedes it
+        c = c0 + tl.arange(0, CHUNK)
+        tl.store(OUT + start + c, c.to(tl.int32), mask=c < a_hi)
+    for c0 in range(b_lo, b_hi, CHUNK):  # B after A and the extras below b_lo
+        c = c0 + tl.arange(0, CHUNK)
+        tl.store(OUT + start + a_hi + below + (c - b_lo), c.to(tl.int32), mask=c < b_hi)
 
 
 @triton.jit(do_not_specialize=["draws", *_GEOMETRY])
 def _expand_kernel(
-    COL, KEYS, CROW_OUT, CROW, EXTRAS, draws, seq_len, block_q, block_k, window, num_qb, num_kb,
-    global_qb, global_kb, CHUNK: tl.constexpr, DCHUNK: tl.constexpr,
+    COL, CROW_OUT, CROW, EXTRAS, XROWS, CCOL, EXTRA_SLOTS, draws, seq_len, block_q, block_k, window,
+    num_qb, num_kb, global_qb, global_kb, CHUNK: tl.constexpr, DCHUNK: tl.constexpr,
 ):  # fmt: skip
-    """COL, KEYS: (nnz,) the columns of every row and their sort keys; CROW (rows + 1,) int64 row
-    offsets, copied to CROW_OUT as int32."""
+    """COL (nnz,): the key blocks of every row, increasing; CROW (rows + 1,) int64 row offsets,
+    copied to CROW_OUT as int32. Each extra (row, key block c) also writes its query block into
+    the first slots of column c's segment of XROWS (CCOL: column offsets + nnz, see bigbird_csr),
+    at a slot taken by counting EXTRA_SLOTS[c] down: the column kernel's extras, in any order."""
     row = tl.program_id(0).to(tl.int64)
     q = row % num_qb
-    key_base = (row // num_qb) * num_kb
     a_hi, b_lo, b_hi = _row_intervals(q, seq_len, block_q, block_k, window, num_kb, global_qb, global_kb)
     start = tl.load(CROW + row)
     tl.store(CROW_OUT + 1 + row, tl.load(CROW + 1 + row).to(tl.int32))
     tl.store(CROW_OUT, 0, mask=row == 0)
-    # extras first: their count below b_lo places B
-    below = 0
     ROW_EXTRAS = EXTRAS + row * draws
+    _place_line(COL, start, a_hi, b_lo, b_hi, ROW_EXTRAS, draws, CHUNK, DCHUNK)
+    nnz = tl.load(CCOL)
     for t0 in range(0, draws, DCHUNK):
         t = t0 + tl.arange(0, DCHUNK)
         d = tl.load(ROW_EXTRAS + t, mask=t < draws, other=-1)
         keep = d >= 0
-        # an extra's rank among the row's extras = the extras of lower value (each counted once)
-        rank = tl.zeros([DCHUNK], dtype=tl.int32)
-        for s0 in range(0, draws, DCHUNK):
-            e = tl.load(ROW_EXTRAS + s0 + tl.arange(0, DCHUNK), mask=s0 + tl.arange(0, DCHUNK) < draws, other=-1)
-            rank += tl.sum(((e[None, :] >= 0) & (e[None, :] < d[:, None])).to(tl.int32), axis=1)
-        # position = interval columns before d + extras before d
-        pos = start + a_hi + tl.where(d >= b_hi, b_hi - b_lo, 0) + rank
-        _write_tiles(COL, KEYS, pos, d, keep, key_base, num_qb, q)
-        below += tl.sum((keep & (d < b_lo)).to(tl.int32), axis=0)
-    for c0 in range(0, a_hi, CHUNK):  # A = [0, a_hi): nothing precedes it
-        c = c0 + tl.arange(0, CHUNK)
-        _write_tiles(COL, KEYS, start + c, c, c < a_hi, key_base, num_qb, q)
-    for c0 in range(b_lo, b_hi, CHUNK):  # B after A and the extras below b_lo
-        c = c0 + tl.arange(0, CHUNK)
-        _write_tiles(COL, KEYS, start + a_hi + below + (c - b_lo), c, c < b_hi, key_base, num_qb, q)
+        c = (row // num_qb) * num_kb + d
+        slot = tl.atomic_add(EXTRA_SLOTS + c, -1, mask=keep) - 1
+        tl.store(XROWS + tl.load(CCOL + c, mask=keep, other=0) - nnz + slot, q.to(tl.int32), mask=keep)
 
 
-@triton.jit(do_not_specialize=["nnz", "num_cols", "num_qb", "steps"])
-def _transpose_kernel(CCOL, ROWS, KEYS, nnz, num_cols, num_qb, steps, BLOCK: tl.constexpr):
-    """KEYS: (nnz,) sorted tile keys col * num_qb + q (col = head * nk + key block). ROWS[i] = q of
-    key i; CCOL[c] (c <= num_cols) = the number of keys below c * num_qb, by a binary search of
-    ``steps`` >= bit_length(nnz) halvings."""
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(ROWS + i, (tl.load(KEYS + i, mask=i < nnz, other=0) % num_qb).to(tl.int32), mask=i < nnz)
-    want = i * num_qb
-    lo = tl.zeros([BLOCK], dtype=tl.int64)
-    hi = tl.where(i <= num_cols, nnz, 0).to(tl.int64)  # lanes past num_cols search nothing
-    for _ in range(steps):
-        open_ = lo < hi
-        mid = (lo + hi) // 2
-        below = tl.load(KEYS + mid, mask=open_, other=0) < want
-        lo = tl.where(open_ & below, mid + 1, lo)
-        hi = tl.where(open_ & ~below, mid, hi)
-    tl.store(CCOL + i, lo.to(tl.int32), mask=i <= num_cols)
+@triton.jit(do_not_specialize=["num_cols", *_GEOMETRY])
+def _transpose_kernel(
+    ROWS, CCOL_OUT, CCOL, XROWS, num_cols, seq_len, block_q, block_k, window, num_qb, num_kb, global_qb,
+    global_kb, CHUNK: tl.constexpr, DCHUNK: tl.constexpr,
+):  # fmt: skip
+    """ROWS (nnz,): the query blocks of every column (head * nk + key block), increasing; CCOL
+    (num_cols + 1,) int64 column offsets + nnz (CCOL[0] = nnz), written to CCOL_OUT as int32
+    offsets. A column is its intervals (_col_intervals) and its extras, XROWS[offset:offset + E]."""
+    col = tl.program_id(0).to(tl.int64)
+    a_hi, b_lo, b_hi = _col_intervals(col % num_kb, seq_len, block_q, block_k, window, num_qb, global_qb, global_kb)
+    nnz = tl.load(CCOL)
+    start = tl.load(CCOL + col) - nnz
+    end = tl.load(CCOL + col + 1) - nnz
+    tl.store(CCOL_OUT + 1 + col, end.to(tl.int32))
+    tl.store(CCOL_OUT, 0, mask=col == 0)
+    n_extra = end - start - a_hi - (b_hi - b_lo)
+    _place_line(ROWS, start, a_hi, b_lo, b_hi, XROWS + start, n_extra, CHUNK, DCHUNK)
+
+
+@triton.jit(do_not_specialize=["step"])
+def _runs_kernel(COL, BEGIN, START, LENGTH, step, CHUNK: tl.constexpr):
+    """COL[BEGIN[r] + i] = START[r] + i * step for i < LENGTH[r]: program r writes run r."""
+    r = tl.program_id(0)
+    begin = tl.load(BEGIN + r).to(tl.int64)
+    first = tl.load(START + r)
+    length = tl.load(LENGTH + r)
+    for i0 in range(0, length, CHUNK):
+        i = i0 + tl.arange(0, CHUNK)
+        tl.store(COL + begin + i, (first + i * step).to(tl.int32), mask=i < length)
+
+
+def expand_runs(begin: torch.Tensor, start: torch.Tensor, length: torch.Tensor, step: int, nnz: int) -> torch.Tensor:
+    """col (nnz,) int32 with col[begin[r] + i] = start[r] + i * step for i < length[r].
+
+    begin, start, length: (runs,) int32 on one device (CUDA; CPU under TRITON_INTERPRET=1), the
+    runs disjoint and covering [0, nnz) (as :func:`attn_sparse.layout._expand_intervals` lays
+    them out); one launch, where torch needs a repeat_interleave, an arange and an add.
+    """
+    col = torch.empty(nnz, dtype=torch.int32, device=begin.device)
+    if begin.numel():
+        with torch.cuda.device(begin.device) if begin.is_cuda else contextlib.nullcontext():
+            _runs_kernel[(begin.numel(),)](col, begin, start, length, step, CHUNK=RUN_CHUNK)
+    return col
 
 
 def bigbird_csr(
@@ -214,30 +283,34 @@ def bigbird_csr(
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         bq, bk = block_size
         nq, nk = -(-seq_len // bq), -(-seq_len // bk)
-        rows = num_heads * nq
+        rows, num_cols = num_heads * nq, num_heads * nk
         g = min(global_tokens, seq_len)
         # geometry scalars for _row_intervals; a window past the sequence reads what window N reads,
         # so clamping keeps every kernel sum small without changing the layout
         geometry = (seq_len, bq, bk, min(window, seq_len), nq, nk, -(-g // bq), -(-g // bk))
-        counts = torch.empty(rows + 1, dtype=torch.int32, device=device)
+        # one zeroed buffer: [0 | row counts | column counts | column extra slots]
+        zeroed = torch.zeros(1 + rows + 2 * num_cols, dtype=torch.int32, device=device)
+        counts, extra_slots = zeroed[: 1 + rows + num_cols], zeroed[1 + rows + num_cols :]
         extras = torch.empty(rows, random_blocks, dtype=torch.int32, device=device)
-        _count_kernel[(rows,)](counts, extras, key - KEY_BIAS.value, random_blocks, *geometry, CHUNK=DRAW_CHUNK)
-        crow = torch.cumsum(counts, dim=0)  # int64
-        nnz = int(crow[-1])  # the one host read: the size of the outputs
+        _count_kernel[(max(rows, num_cols),)](
+            counts, extras, extra_slots, key - KEY_BIAS.value, random_blocks, rows, num_cols, *geometry,
+            CHUNK=DRAW_CHUNK,
+        )  # fmt: skip
+        offsets = torch.cumsum(counts, dim=0)  # int64: row offsets, then nnz + column offsets
+        nnz = int(offsets[rows])  # the one host read: the size of the outputs
         if nnz > _INT32_MAX:
             raise ValueError(f"pattern has {nnz} active tiles; at most {_INT32_MAX} (int32 indices) are supported")
-        # int32 keys when they fit: the sort moves half the bytes
-        key_dtype = torch.int32 if num_heads * nk * nq <= _INT32_MAX else torch.int64
-        col = torch.empty(nnz, dtype=torch.int32, device=device)
-        keys = torch.empty(nnz, dtype=key_dtype, device=device)
-        crow32 = torch.empty(rows + 1, dtype=torch.int32, device=device)
+        # one allocation per CSR (a layout may drop its cached transposed CSR and keep the CSR)
+        csr = torch.empty(rows + 1 + nnz, dtype=torch.int32, device=device)
+        csc = torch.empty(num_cols + 1 + nnz, dtype=torch.int32, device=device)
+        crow, col, ccol, tile_rows = csr[: rows + 1], csr[rows + 1 :], csc[: num_cols + 1], csc[num_cols + 1 :]
+        col_extras = torch.empty(nnz, dtype=torch.int32, device=device)
+        col_offsets = offsets[rows:]  # nnz + the column offsets
         _expand_kernel[(rows,)](
-            col, keys, crow32, crow, extras, random_blocks, *geometry, CHUNK=ROW_CHUNK, DCHUNK=DRAW_CHUNK
+            col, crow, offsets, extras, col_extras, col_offsets, extra_slots, random_blocks, *geometry,
+            CHUNK=ROW_CHUNK, DCHUNK=DRAW_CHUNK,
+        )  # fmt: skip
+        _transpose_kernel[(num_cols,)](
+            tile_rows, ccol, col_offsets, col_extras, num_cols, *geometry, CHUNK=ROW_CHUNK, DCHUNK=DRAW_CHUNK
         )
-        keys = torch.sort(keys).values  # distinct keys: an unstable sort gives the one order
-        num_cols = num_heads * nk
-        ccol = torch.empty(num_cols + 1, dtype=torch.int32, device=device)
-        tile_rows = torch.empty(nnz, dtype=torch.int32, device=device)
-        grid = (triton.cdiv(max(nnz, num_cols + 1), TRANSPOSE_BLOCK),)
-        _transpose_kernel[grid](ccol, tile_rows, keys, nnz, num_cols, nq, nnz.bit_length(), BLOCK=TRANSPOSE_BLOCK)
-        return crow32, col, ccol, tile_rows
+        return crow, col, ccol, tile_rows
