@@ -54,6 +54,8 @@ def _assert_same_build(params: dict, fused: BlockLayout) -> None:
     for got, ref in ((fused.crow_indices, want.crow_indices), (fused.col_indices, want.col_indices)):
         assert got.dtype == torch.int32 and torch.equal(got.cpu(), ref), params
     assert "transposed" in fused._cache, params  # attached by the builder: transposed_csr() does not sort
+    # 16-byte aligned (Triton specialises pointers on it: a misaligned view recompiles the attention kernels)
+    assert all(t.data_ptr() % 16 == 0 for t in (fused.crow_indices, fused.col_indices, *fused.transposed_csr()))
     for got, ref in zip(fused.transposed_csr(), _sorted_transpose(want)):
         assert got.dtype == torch.int32 and torch.equal(got.cpu(), ref), params
 
@@ -173,7 +175,7 @@ def test_triton_run_expansion_equals_torch(rows: int, per_row: int, step: int) -
         for device in (None, CPU):  # rows where they are, or "copied" to the layout's device
             got = layout_module._expand_intervals(start, length, rows, step=step, device=device, triton=True)
             for g, w in zip(got, want):
-                assert g.dtype == torch.int32 and torch.equal(g, w)
+                assert g.dtype == torch.int32 and torch.equal(g, w) and g.data_ptr() % 16 == 0
     empty = layout_module._expand_intervals(
         torch.zeros(3, 2, dtype=torch.int64), torch.zeros(3, 2, dtype=torch.int64), 3, triton=True
     )

@@ -93,6 +93,20 @@ def row_work_device(device: torch.device, entries: int) -> torch.device:
     return torch.device("cpu") if entries <= HOST_ROW_WORK else device
 
 
+# Triton specialises pointer arguments on 16-byte alignment, so a view starting mid-buffer would
+# compile kernel variants: sections the builders pack into one buffer start at 16-byte offsets.
+_INT32_PER_16_BYTES = 4
+
+
+def aligned_sections(sizes: Sequence[int]) -> list[int]:
+    """Start offsets of int32 sections of ``sizes`` in one buffer, each 16-byte aligned, then the total."""
+    starts, pos = [], 0
+    for n in sizes:
+        starts.append(pos)
+        pos += -(-n // _INT32_PER_16_BYTES) * _INT32_PER_16_BYTES
+    return [*starts, pos]
+
+
 def _expand_intervals(
     start: torch.Tensor,
     length: torch.Tensor,
@@ -129,12 +143,16 @@ def _expand_intervals(
     if triton is None:
         triton = triton_builds(out)
     if triton:  # every value fits in int32 (offsets <= nnz, columns < num_key_blocks)
-        r, m = num_rows + 1, flat_len.numel()
-        pack = torch.cat([crow, begin, start.reshape(-1), flat_len]).to(device=out, dtype=torch.int32)
         from .kernels.pattern_build import expand_runs  # imports Triton: only when it runs
 
-        col = expand_runs(pack[r : r + m], pack[r + m : r + 2 * m], pack[r + 2 * m :], step, nnz)
-        return pack[:r], col
+        parts = (crow, begin, start.reshape(-1), flat_len)
+        at = aligned_sections([p.numel() for p in parts])
+        pack = torch.empty(at[-1], dtype=torch.int32, device=here)
+        for p, a in zip(parts, at):
+            pack[a : a + p.numel()] = p
+        pack = pack.to(out)  # one copy when the rows were built on the CPU
+        crow, begin, first, runs = (pack[a : a + p.numel()] for p, a in zip(parts, at))
+        return crow, expand_runs(begin, first, runs, step, nnz)
     # col = run start + (position in the flattened output - where the run begins) * step; int32
     # arithmetic (when every intermediate fits) halves the memory traffic of the O(nnz) part.
     dtype = torch.int32 if nnz * step <= _INT32_MAX else torch.int64

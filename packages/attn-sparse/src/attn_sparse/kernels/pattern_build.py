@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .._hash import HASH_MUL, HASH_SHIFT, MASK32
-from ..layout import _INT32_MAX
+from ..layout import _INT32_MAX, aligned_sections
 
 __all__ = ["bigbird_csr", "expand_runs"]
 
@@ -300,10 +300,13 @@ def bigbird_csr(
         nnz = int(offsets[rows])  # the one host read: the size of the outputs
         if nnz > _INT32_MAX:
             raise ValueError(f"pattern has {nnz} active tiles; at most {_INT32_MAX} (int32 indices) are supported")
-        # one allocation per CSR (a layout may drop its cached transposed CSR and keep the CSR)
-        csr = torch.empty(rows + 1 + nnz, dtype=torch.int32, device=device)
-        csc = torch.empty(num_cols + 1 + nnz, dtype=torch.int32, device=device)
-        crow, col, ccol, tile_rows = csr[: rows + 1], csr[rows + 1 :], csc[: num_cols + 1], csc[num_cols + 1 :]
+        # one allocation per CSR (a layout may drop its cached transposed CSR and keep the CSR);
+        # the index arrays start 16-byte aligned (see aligned_sections)
+        at_r, at_c = aligned_sections([rows + 1, nnz]), aligned_sections([num_cols + 1, nnz])
+        csr = torch.empty(at_r[-1], dtype=torch.int32, device=device)
+        csc = torch.empty(at_c[-1], dtype=torch.int32, device=device)
+        crow, col = csr[: rows + 1], csr[at_r[1] : at_r[1] + nnz]
+        ccol, tile_rows = csc[: num_cols + 1], csc[at_c[1] : at_c[1] + nnz]
         col_extras = torch.empty(nnz, dtype=torch.int32, device=device)
         col_offsets = offsets[rows:]  # nnz + the column offsets
         _expand_kernel[(rows,)](
