@@ -10,15 +10,17 @@ Internally each pattern is a set of column intervals per query block row, which
 :meth:`BlockLayout._from_intervals` turns into CSR without a global sort; no Python loop
 runs over blocks.
 
-``device=`` builds the layout where it will be used (default "cpu"): on a GPU the same torch
-code runs as a few dozen small kernels with at most one host read (the number of active tiles;
-tiny per-row arrays are built on the CPU and copied instead), so a layout for N = 1M tokens
-builds in about 2 ms on an H100 (docs/benchmarks/sparse_layout_build_h100.md). Builders also attach the transposed CSR the backward
-reads whenever the pattern gives it for free (symmetric patterns with Bq == Bk, causal), so
-:meth:`BlockLayout.transposed_csr` does not sort. :func:`bigbird`, whose random blocks made that
-torch code its longest (about 60 small kernels), builds on CUDA with Triton kernels instead
-(:mod:`attn_sparse.kernels.pattern_build`: 4 kernels and 3 torch ops, one host read), which
-attach its transposed CSR too.
+``device=`` builds the layout where it will be used (default "cpu"): on a GPU the per-row
+interval work runs as a few small ops (on the CPU while the row arrays are tiny, then one copy)
+with at most one host read (the number of active tiles), and the O(active tiles) expansion of
+the intervals into column indices is one Triton launch (:func:`attn_sparse.kernels.pattern_build.expand_runs`;
+torch ops without Triton), so a layout for N = 1M tokens builds in about 2 ms on an H100
+(docs/benchmarks/sparse_h100.md, layout build section). Builders also attach the transposed CSR
+the backward reads whenever the pattern gives it for free (symmetric patterns with Bq == Bk,
+causal), so :meth:`BlockLayout.transposed_csr` does not sort. :func:`bigbird`, whose random
+blocks made that torch code its longest (about 60 small kernels), builds on CUDA with Triton
+kernels instead (:mod:`attn_sparse.kernels.pattern_build`: 3 kernels and 2 torch ops, one host
+read, no sort), which build its transposed CSR too.
 """
 
 from __future__ import annotations
