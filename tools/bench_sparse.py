@@ -225,6 +225,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
 
 
 BUILD_REPS = 15
+BUILD_ROUNDS = 3
 
 
 def timed_builds(build: Callable[[], Any], count: int) -> tuple[Any, list[float]]:
@@ -269,11 +270,16 @@ def measure_point(
     B, n, H, D = q.shape
     device = str(q.device)
     # one untimed build first: CUDA loads kernel modules lazily, once per process, not per layout;
-    # then the median of BUILD_REPS builds (a single host-bound build is at the mercy of host noise)
+    # then the median of BUILD_REPS builds, timed in BUILD_ROUNDS rounds spread over the point
+    # (before, between and after the attention timings): a build is ~0.1-0.5 ms of host work, so a
+    # host hiccup lasting a few ms would otherwise set the whole median of back-to-back builds
     build_before = kernel_cache_entries("build")
     make_layout(pattern, n, density, block, device=device).transposed_csr()
-    layout, builds = timed_builds(lambda: make_layout(pattern, n, density, block, device=device), BUILD_REPS)
-    build_ms = statistics.median(builds)
+
+    def build_round() -> tuple[Any, list[float]]:
+        return timed_builds(lambda: make_layout(pattern, n, density, block, device=device), BUILD_REPS // BUILD_ROUNDS)
+
+    layout, builds = build_round()
     build_variants = kernel_cache_entries("build") - build_before
     dens = layout.density
     flops_f = 4.0 * attended_pairs(layout, n) * D * H * B
@@ -288,6 +294,7 @@ def measure_point(
     ours_f = bench_ms(ours_fwd, warm, rep)
     ours_fbm = bench_ms(ours_fb, warm, rep)
     new_variants = kernel_cache_entries() - before
+    builds += build_round()[1]
 
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -306,6 +313,8 @@ def measure_point(
     fl_f = bench_ms(flex_fwd, warm, rep)
     fl_fb = bench_ms(flex_fb, warm, rep)
     flex_graphs = (stats.get("unique_graphs", 0) - graphs_before) if stats is not None else None
+    builds += build_round()[1]
+    build_ms = statistics.median(builds)
     return dict(
         n=n,
         pattern=pattern,
@@ -520,10 +529,12 @@ def write_report(result: dict, out: Path) -> None:
         "",
         "Targets met (points out of " + str(len(rows)) + "): " + "; ".join(f"{k}: {v}" for k, v in met.items()),
     ]
+    n_rounds = result.get("build_rounds", 1)
+    rounds = f" in {n_rounds} rounds (before, between and after the attention timings)" if n_rounds > 1 else ""
     lines += [
         "",
         "Layout build in the table = pattern construction on the GPU (attn_sparse.patterns, device='cuda') + "
-        f"transposed CSR, median of {result.get('build_reps', 5)} builds: a one-time cost per layout (layouts are "
+        f"transposed CSR, median of {result.get('build_reps', 5)} builds{rounds}: a one-time cost per layout (layouts are "
         "reused across calls and layers).",
         "",
         "## Layout build per pattern (built on the GPU with device= + transposed CSR; median of 7)",
@@ -635,6 +646,7 @@ def main() -> int:
         return 0
     before = kernel_cache_entries()
     result["build_reps"] = BUILD_REPS
+    result["build_rounds"] = BUILD_ROUNDS
     result.update(run_sweep(args))
     grown = kernel_cache_entries() - before
     result["layout_build"] = layout_build_times("cuda")
