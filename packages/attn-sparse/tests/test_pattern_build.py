@@ -215,6 +215,30 @@ def test_patterns_with_triton_run_expansion_equal_torch_builds(
         assert g.dtype == torch.int32 and torch.equal(g.cpu(), w), kind
 
 
+@needs_interpreter
+def test_triton_local_window_equals_torch_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    # local_window's one-launch builder (closed-form row offsets) against the torch build: edges
+    # (one token, window 0, windows past the sequence, Bq != Bk both ways, partial last blocks) and random
+    rng = random.Random(7)
+    cases = [(1, 0, (16, 16)), (1, 5, (32, 16)), (37, 0, (16, 32)), (200, 1000, (16, 16)), (300, 17, (64, 16))]
+    cases += [(1000, 16, (16, 16)), (2100, 900, (128, 16)), (513, 64, (32, 64))]
+    for _ in range(12):
+        bq, bk = rng.choice([16, 32, 64, 128]), rng.choice([16, 32, 64, 128])
+        n = rng.randint(1, 40 * bq)
+        cases.append((n, rng.choice([0, rng.randint(0, 3 * bq), rng.randint(0, n + 50)]), (bq, bk)))
+    for n, w, bs in cases:
+        want = patterns.local_window(n, w, block_size=bs)
+        with monkeypatch.context() as m:
+            m.setattr(patterns, "triton_builds", lambda device: True)
+            got = patterns.local_window(n, w, block_size=bs)
+        assert got == want, (n, w, bs)
+        assert got.crow_indices.dtype == torch.int32 and got.col_indices.dtype == torch.int32
+        assert all(t.data_ptr() % 16 == 0 for t in (got.crow_indices, got.col_indices))
+        assert ("transposed" in got._cache) == (bs[0] == bs[1]), (n, w, bs)
+        for g, r in zip(got.transposed_csr(), _sorted_transpose(want)):
+            assert torch.equal(g, r), (n, w, bs)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or interpret_mode(), reason="needs a CUDA GPU and TRITON_INTERPRET=0")
 def test_cuda_build_equals_cpu_build() -> None:
@@ -242,6 +266,7 @@ def test_cuda_interval_builds_equal_cpu_builds(n: int) -> None:
     cases = [
         ("local_window", {"window": 6272}),
         ("local_window", {"window": 4096, "block_size": 64}),
+        ("local_window", {"window": 3000, "block_size": (64, 128)}),
         ("causal", {"block_size": (64, 128)}),
         ("dilated", {"stride": 16}),
         ("global_local", {"window": 4096, "global_tokens": 512}),

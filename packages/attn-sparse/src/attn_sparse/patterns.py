@@ -15,7 +15,8 @@ interval work runs as a few small ops (on the CPU while the row arrays are tiny,
 with at most one host read (the number of active tiles), and the O(active tiles) expansion of
 the intervals into column indices is one Triton launch (:func:`attn_sparse.kernels.pattern_build.expand_runs`;
 torch ops without Triton), so a layout for N = 1M tokens builds in about 2 ms on an H100
-(docs/benchmarks/sparse_h100.md, layout build section). Builders also attach the transposed CSR
+(docs/benchmarks/sparse_h100.md, layout build section); :func:`local_window` on CUDA is a single
+Triton launch (:func:`attn_sparse.kernels.pattern_build.window_csr`). Builders also attach the transposed CSR
 the backward reads whenever the pattern gives it for free (symmetric patterns with Bq == Bk,
 causal), so :meth:`BlockLayout.transposed_csr` does not sort. :func:`bigbird`, whose random
 blocks made that torch code its longest (about 60 small kernels), builds on CUDA with Triton
@@ -165,7 +166,14 @@ def local_window(
     Intersect with :func:`causal` for a causal window. window 0 keeps the diagonal tiles.
     """
     g = _Grid(seq_len, block_size, device)
-    lo, hi = g.window(_int("window", window, 0))
+    w = _int("window", window, 0)
+    if triton_builds(g.device):  # one Triton launch, no host read (kernels.pattern_build.window_csr)
+        from .kernels.pattern_build import window_csr
+
+        crow, col = window_csr(g.n, (g.bq, g.bk), w, g.device)
+        layout = BlockLayout._trusted(crow, col, (g.bq, g.bk), 1, g.nq, g.nk)
+        return layout._with_transposed(crow, col) if g.bq == g.bk else layout  # symmetric, as below
+    lo, hi = g.window(w)
     return g.layout(lo, hi, presorted=True, symmetric=True)
 
 

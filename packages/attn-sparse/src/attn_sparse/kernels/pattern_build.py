@@ -43,7 +43,7 @@ import triton.language as tl
 from .._hash import HASH_MUL, HASH_SHIFT, MASK32
 from ..layout import _INT32_MAX, aligned_sections
 
-__all__ = ["bigbird_csr", "expand_runs"]
+__all__ = ["bigbird_csr", "expand_runs", "window_csr"]
 
 # the hash constants of attn_sparse._hash, as compile-time constants of the kernels
 _MASK32 = tl.constexpr(MASK32)
@@ -260,6 +260,101 @@ def expand_runs(begin: torch.Tensor, start: torch.Tensor, length: torch.Tensor, 
         with torch.cuda.device(begin.device) if begin.is_cuda else contextlib.nullcontext():
             _runs_kernel[(begin.numel(),)](col, begin, start, length, step, CHUNK=RUN_CHUNK)
     return col
+
+
+def _floor_sum_host(n: int, m: int, a: int, b: int) -> int:
+    """sum((a * i + b) // m for i in range(n)) for m >= 1 and a, b >= 0, in O(log) steps
+    (the classic floor-sum recursion: reduce a, b below m, then swap the roles of a and m)."""
+    total = 0
+    while n > 0:
+        total += n * (n - 1) // 2 * (a // m) + n * (b // m)
+        a, b = a % m, b % m
+        y = a * n + b
+        if y < m:
+            break
+        n, b = divmod(y, m)
+        m, a = a, m
+    return total
+
+
+@triton.jit
+def _floor_sum(n, m, a, b):
+    """_floor_sum_host on int64 scalars (n <= 0 gives 0)."""
+    total = n * 0
+    while n > 0:
+        total += n * (n - 1) // 2 * (a // m) + n * (b // m)
+        a = a % m
+        b = b % m
+        y = a * n + b
+        done = y < m
+        n = tl.where(done, 0, y // m)
+        b = tl.where(done, b, y % m)
+        swap = tl.where(done, m, a)  # a > 0 here unless done, so m stays >= 1
+        a = tl.where(done, a, m)
+        m = swap
+    return total
+
+
+def _window_offset_host(q: int, seq_len: int, block_q: int, block_k: int, window: int, num_kb: int) -> int:
+    """Tiles of local_window rows 0 .. q - 1: sum of hi(i) - lo(i), with lo(i) = max(i * Bq - w, 0) // Bk
+    and hi(i) = min(i * Bq + Bq - 1 + w, N - 1) // Bk + 1 (as ``_Grid.window``). Rows before q0
+    have lo = 0 and rows from q1 on have hi = nk; in between both are floor sums."""
+    q0 = window // block_q + 1
+    lo_sum = _floor_sum_host(q - q0, block_k, block_q, block_q * q0 - window)
+    q1 = max(0, -(-(seq_len - block_q - window) // block_q))
+    qa = min(q, q1)
+    hi_sum = qa + _floor_sum_host(qa, block_k, block_q, block_q - 1 + window) + max(0, q - q1) * num_kb
+    return hi_sum - lo_sum
+
+
+@triton.jit
+def _window_offset(q, seq_len, block_q, block_k, window, num_kb):
+    """_window_offset_host on int64 scalars."""
+    q0 = window // block_q + 1
+    lo_sum = _floor_sum(q - q0, block_k, block_q, block_q * q0 - window)
+    x = seq_len - block_q - window
+    q1 = tl.where(x > 0, (x + block_q - 1) // block_q, 0)
+    qa = tl.minimum(q, q1)
+    hi_sum = qa + _floor_sum(qa, block_k, block_q, block_q - 1 + window) + tl.maximum(q - q1, 0) * num_kb
+    return hi_sum - lo_sum
+
+
+@triton.jit(do_not_specialize=["seq_len", "block_q", "block_k", "window", "num_kb"])
+def _window_kernel(CROW, COL, seq_len, block_q, block_k, window, num_kb, CHUNK: tl.constexpr):
+    """local_window's CSR: program q writes row q, its offset a closed-form sum over rows < q."""
+    q = tl.program_id(0).to(tl.int64)
+    seq_len = seq_len.to(tl.int64)
+    block_q = block_q.to(tl.int64)
+    block_k = block_k.to(tl.int64)
+    window = window.to(tl.int64)
+    num_kb = num_kb.to(tl.int64)
+    lo = tl.maximum(q * block_q - window, 0) // block_k
+    hi = tl.minimum(q * block_q + block_q - 1 + window, seq_len - 1) // block_k + 1
+    start = _window_offset(q, seq_len, block_q, block_k, window, num_kb)
+    tl.store(CROW + 1 + q, (start + hi - lo).to(tl.int32))
+    tl.store(CROW, 0, mask=q == 0)
+    for c0 in range(lo, hi, CHUNK):
+        c = c0 + tl.arange(0, CHUNK)
+        tl.store(COL + start + (c - lo), c.to(tl.int32), mask=c < hi)
+
+
+def window_csr(
+    seq_len: int, block_size: tuple[int, int], window: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """local_window's (crow, col), int32, on ``device`` (CUDA; CPU tensors under TRITON_INTERPRET=1)
+    in one launch and one allocation, with no host read: the tile count is a closed-form sum."""
+    bq, bk = block_size
+    nq, nk = -(-seq_len // bq), -(-seq_len // bk)
+    w = min(window, seq_len)  # a window past the sequence reads what window N reads
+    nnz = _window_offset_host(nq, seq_len, bq, bk, w, nk)
+    if nnz > _INT32_MAX:
+        raise ValueError(f"pattern has {nnz} active tiles; at most {_INT32_MAX} (int32 indices) are supported")
+    at = aligned_sections([nq + 1, nnz])
+    out = torch.empty(at[-1], dtype=torch.int32, device=device)
+    crow, col = out[: nq + 1], out[at[1] : at[1] + nnz]
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _window_kernel[(nq,)](crow, col, seq_len, bq, bk, w, nk, CHUNK=ROW_CHUNK)
+    return crow, col
 
 
 def bigbird_csr(
