@@ -84,13 +84,13 @@ def bench_ms(fn: Callable[[], object], warmup: int, rep: int) -> float:
 
 def kernel_cache_entries(which: str = "attention") -> int:
     """Compiled variants held by our Triton kernels (grows by one per recompilation): the attention
-    kernels, or (``which="build"``) the bigbird pattern-build kernels."""
+    kernels, or (``which="build"``) the pattern-build kernels (bigbird's, local_window's, run expansion)."""
     from attn_sparse.kernels import block_sparse as bs
     from attn_sparse.kernels import pattern_build as pb
 
     kernels = {
         "attention": (bs._fwd_kernel, bs._dq_kernel, bs._dkv_kernel),
-        "build": (pb._count_kernel, pb._expand_kernel, pb._transpose_kernel),
+        "build": (pb._count_kernel, pb._expand_kernel, pb._transpose_kernel, pb._window_kernel, pb._runs_kernel),
     }
     if which not in kernels:
         raise ValueError(f"which={which!r}; allowed: {sorted(kernels)}")
@@ -660,8 +660,8 @@ def main() -> int:
     result["recompile_note"] = (
         f"Triton kernel variants compiled over the whole sweep: {grown} (per point: {variants}); "
         "after the first point, a changed pattern, density or N compiles nothing new when this is all zeros. "
-        "bigbird pattern-build kernels compiled per point (the first bigbird build in a process compiles "
-        f"them once): {[r.get('build_new_variants', 0) for r in result['rows']]}. "
+        "Pattern-build kernels (bigbird's three, local_window's, the run expansion) compiled per point (each "
+        f"compiles once, at the first build that uses it): {[r.get('build_new_variants', 0) for r in result['rows']]}. "
         f"Flex new dynamo graphs per point: {[r['flex_new_graphs'] for r in result['rows']]}."
     )
     write_report(result, args.out)
