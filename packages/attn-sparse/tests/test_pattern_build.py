@@ -239,6 +239,43 @@ def test_triton_local_window_equals_torch_build(monkeypatch: pytest.MonkeyPatch)
             assert torch.equal(g, r), (n, w, bs)
 
 
+class _AlignmentSpy:
+    """Wraps a Triton kernel: every tensor it is launched with must start 16-byte aligned (Triton
+    specialises pointer arguments on it, so a misaligned view would compile a kernel variant)."""
+
+    def __init__(self, kernel: object, seen: list) -> None:
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid: object) -> object:
+        launch = self.kernel[grid]  # type: ignore[index]
+
+        def run(*args: object, **kwargs: object) -> object:
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    self.seen.append(a.data_ptr() % 16)
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@needs_interpreter
+def test_build_kernels_get_aligned_pointers_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from attn_sparse.kernels import pattern_build as pb
+
+    seen: list[int] = []
+    for name in ("_count_kernel", "_expand_kernel", "_transpose_kernel", "_window_kernel", "_runs_kernel"):
+        monkeypatch.setattr(pb, name, _AlignmentSpy(getattr(pb, name), seen))
+    # odd row and column counts (and every residue of them mod 4): views at odd offsets would misalign
+    for n in (1, 17, 33, 49, 65, 1001):
+        _build({"seq_len": n, "window": 20, "global_tokens": 16, "random_blocks": 3, "num_heads": 1}, triton=True)
+        with monkeypatch.context() as m:
+            m.setattr(patterns, "triton_builds", lambda device: True)
+            m.setattr(layout_module, "triton_builds", lambda device: True)
+            patterns.local_window(n, 40, block_size=16)
+            patterns.global_local(n, 40, 20, block_size=(16, 32))
+    assert len(seen) > 50 and set(seen) == {0}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or interpret_mode(), reason="needs a CUDA GPU and TRITON_INTERPRET=0")
 def test_cuda_build_equals_cpu_build() -> None:

@@ -190,15 +190,16 @@ def _place_line(OUT, start, a_hi, b_lo, b_hi, EXTRA, n_extra, CHUNK: tl.constexp
         tl.store(OUT + start + a_hi + below + (c - b_lo), c.to(tl.int32), mask=c < b_hi)
 
 
-@triton.jit(do_not_specialize=["draws", *_GEOMETRY])
+@triton.jit(do_not_specialize=["rows", "draws", *_GEOMETRY])
 def _expand_kernel(
-    COL, CROW_OUT, CROW, EXTRAS, XROWS, CCOL, EXTRA_SLOTS, draws, seq_len, block_q, block_k, window,
+    COL, CROW_OUT, CROW, EXTRAS, XROWS, EXTRA_SLOTS, rows, draws, seq_len, block_q, block_k, window,
     num_qb, num_kb, global_qb, global_kb, CHUNK: tl.constexpr, DCHUNK: tl.constexpr,
 ):  # fmt: skip
-    """COL (nnz,): the key blocks of every row, increasing; CROW (rows + 1,) int64 row offsets,
-    copied to CROW_OUT as int32. Each extra (row, key block c) also writes its query block into
-    the first slots of column c's segment of XROWS (CCOL: column offsets + nnz, see bigbird_csr),
-    at a slot taken by counting EXTRA_SLOTS[c] down: the column kernel's extras, in any order."""
+    """COL (nnz,): the key blocks of every row, increasing; CROW (rows + 1 + num_cols,) int64: row
+    offsets (copied to CROW_OUT as int32), then nnz + the column offsets (CROW[rows:], see
+    bigbird_csr). Each extra (row, key block c) also writes its query block into the first slots
+    of column c's segment of XROWS, at a slot taken by counting EXTRA_SLOTS[c] down: the column
+    kernel's extras, in any order."""
     row = tl.program_id(0).to(tl.int64)
     q = row % num_qb
     a_hi, b_lo, b_hi = _row_intervals(q, seq_len, block_q, block_k, window, num_kb, global_qb, global_kb)
@@ -207,6 +208,7 @@ def _expand_kernel(
     tl.store(CROW_OUT, 0, mask=row == 0)
     ROW_EXTRAS = EXTRAS + row * draws
     _place_line(COL, start, a_hi, b_lo, b_hi, ROW_EXTRAS, draws, CHUNK, DCHUNK)
+    CCOL = CROW + rows  # a pointer offset here, not a view: Triton specialises pointers on alignment
     nnz = tl.load(CCOL)
     for t0 in range(0, draws, DCHUNK):
         t = t0 + tl.arange(0, DCHUNK)
@@ -217,16 +219,17 @@ def _expand_kernel(
         tl.store(XROWS + tl.load(CCOL + c, mask=keep, other=0) - nnz + slot, q.to(tl.int32), mask=keep)
 
 
-@triton.jit(do_not_specialize=["num_cols", *_GEOMETRY])
+@triton.jit(do_not_specialize=["rows", "num_cols", *_GEOMETRY])
 def _transpose_kernel(
-    ROWS, CCOL_OUT, CCOL, XROWS, num_cols, seq_len, block_q, block_k, window, num_qb, num_kb, global_qb,
+    ROWS, CCOL_OUT, OFFSETS, XROWS, rows, num_cols, seq_len, block_q, block_k, window, num_qb, num_kb, global_qb,
     global_kb, CHUNK: tl.constexpr, DCHUNK: tl.constexpr,
 ):  # fmt: skip
-    """ROWS (nnz,): the query blocks of every column (head * nk + key block), increasing; CCOL
-    (num_cols + 1,) int64 column offsets + nnz (CCOL[0] = nnz), written to CCOL_OUT as int32
-    offsets. A column is its intervals (_col_intervals) and its extras, XROWS[offset:offset + E]."""
+    """ROWS (nnz,): the query blocks of every column (head * nk + key block), increasing;
+    CCOL = OFFSETS[rows:] (num_cols + 1,) int64: nnz + the column offsets (CCOL[0] = nnz), written to
+    CCOL_OUT as int32 offsets. A column is its intervals (_col_intervals) and its extras, XROWS[offset:offset + E]."""
     col = tl.program_id(0).to(tl.int64)
     a_hi, b_lo, b_hi = _col_intervals(col % num_kb, seq_len, block_q, block_k, window, num_qb, global_qb, global_kb)
+    CCOL = OFFSETS + rows
     nnz = tl.load(CCOL)
     start = tl.load(CCOL + col) - nnz
     end = tl.load(CCOL + col + 1) - nnz
@@ -383,9 +386,10 @@ def bigbird_csr(
         # geometry scalars for _row_intervals; a window past the sequence reads what window N reads,
         # so clamping keeps every kernel sum small without changing the layout
         geometry = (seq_len, bq, bk, min(window, seq_len), nq, nk, -(-g // bq), -(-g // bk))
-        # one zeroed buffer: [0 | row counts | column counts | column extra slots]
-        zeroed = torch.zeros(1 + rows + 2 * num_cols, dtype=torch.int32, device=device)
-        counts, extra_slots = zeroed[: 1 + rows + num_cols], zeroed[1 + rows + num_cols :]
+        # one zeroed buffer: [0 | row counts | column counts], then the column extra slots (aligned)
+        at = aligned_sections([1 + rows + num_cols, num_cols])
+        zeroed = torch.zeros(at[-1], dtype=torch.int32, device=device)
+        counts, extra_slots = zeroed[: 1 + rows + num_cols], zeroed[at[1] : at[1] + num_cols]
         extras = torch.empty(rows, random_blocks, dtype=torch.int32, device=device)
         _count_kernel[(max(rows, num_cols),)](
             counts, extras, extra_slots, key - KEY_BIAS.value, random_blocks, rows, num_cols, *geometry,
@@ -403,12 +407,11 @@ def bigbird_csr(
         crow, col = csr[: rows + 1], csr[at_r[1] : at_r[1] + nnz]
         ccol, tile_rows = csc[: num_cols + 1], csc[at_c[1] : at_c[1] + nnz]
         col_extras = torch.empty(nnz, dtype=torch.int32, device=device)
-        col_offsets = offsets[rows:]  # nnz + the column offsets
         _expand_kernel[(rows,)](
-            col, crow, offsets, extras, col_extras, col_offsets, extra_slots, random_blocks, *geometry,
+            col, crow, offsets, extras, col_extras, extra_slots, rows, random_blocks, *geometry,
             CHUNK=ROW_CHUNK, DCHUNK=DRAW_CHUNK,
         )  # fmt: skip
         _transpose_kernel[(num_cols,)](
-            tile_rows, ccol, col_offsets, col_extras, num_cols, *geometry, CHUNK=ROW_CHUNK, DCHUNK=DRAW_CHUNK
+            tile_rows, ccol, offsets, col_extras, rows, num_cols, *geometry, CHUNK=ROW_CHUNK, DCHUNK=DRAW_CHUNK
         )
         return crow, col, ccol, tile_rows
