@@ -215,6 +215,24 @@ def test_patterns_with_triton_run_expansion_equal_torch_builds(
         assert g.dtype == torch.int32 and torch.equal(g.cpu(), w), kind
 
 
+def test_host_floor_sums_and_window_offsets_are_exact() -> None:
+    # the host half of local_window's builder (the tile count that sizes the output) by brute force
+    from attn_sparse.kernels.pattern_build import _floor_sum_host, _window_offset_host
+
+    rng = random.Random(11)
+    for _ in range(3000):
+        n, m, a, b = rng.randint(-2, 70), rng.randint(1, 60), rng.randint(0, 200), rng.randint(0, 500)
+        assert _floor_sum_host(n, m, a, b) == sum((a * i + b) // m for i in range(max(n, 0))), (n, m, a, b)
+    for _ in range(300):
+        bq, bk = rng.choice([16, 32, 64, 128]), rng.choice([16, 32, 64, 128])
+        n = rng.randint(1, 5000)
+        w = min(rng.choice([0, rng.randint(0, 3 * bq), rng.randint(0, n + 50)]), n)
+        nq, nk = -(-n // bq), -(-n // bk)
+        lengths = [min(q * bq + bq - 1 + w, n - 1) // bk + 1 - max(q * bq - w, 0) // bk for q in range(nq)]
+        for q in {0, 1, nq // 2, nq - 1, nq}:
+            assert _window_offset_host(q, n, bq, bk, w, nk) == sum(lengths[:q]), (q, n, bq, bk, w)
+
+
 @needs_interpreter
 def test_triton_local_window_equals_torch_build(monkeypatch: pytest.MonkeyPatch) -> None:
     # local_window's one-launch builder (closed-form row offsets) against the torch build: edges
