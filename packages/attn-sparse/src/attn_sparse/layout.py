@@ -107,6 +107,12 @@ def aligned_sections(sizes: Sequence[int]) -> list[int]:
     return [*starts, pos]
 
 
+def check_tile_count(nnz: int) -> None:
+    """Raise ValueError when a pattern's ``nnz`` active tiles do not fit int32 indices."""
+    if nnz > _INT32_MAX:
+        raise ValueError(f"pattern has {nnz} active tiles; at most {_INT32_MAX} (int32 indices) are supported")
+
+
 def _expand_intervals(
     start: torch.Tensor,
     length: torch.Tensor,
@@ -134,8 +140,7 @@ def _expand_intervals(
     torch.cumsum(counts, dim=0, out=crow[1:])
     if nnz is None:
         nnz = int(crow[-1])  # the one size the output needs (free on the CPU, one number from a GPU)
-    if nnz > _INT32_MAX:
-        raise ValueError(f"pattern has {nnz} active tiles; at most {_INT32_MAX} (int32 indices) are supported")
+    check_tile_count(nnz)
     if nnz == 0:
         return crow.to(device=out, dtype=torch.int32), torch.zeros(0, dtype=torch.int32, device=out)
     flat_len = length.reshape(-1)

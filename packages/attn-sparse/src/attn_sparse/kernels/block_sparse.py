@@ -30,7 +30,6 @@ Shapes: q (B, Nq, H, D); k, v (B, Nk, Hkv, D); out like q; lse (B, H, Nq) fp32, 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -41,6 +40,7 @@ import triton
 import triton.language as tl
 
 from .._triton_env import interpret_mode
+from ._launch import device_guard
 
 try:  # host-side TMA descriptors (Triton >= 3.3)
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -889,13 +889,6 @@ def block_sparse_backward(
     return dq, dk, dv
 
 
-def _device_guard(q: torch.Tensor) -> contextlib.AbstractContextManager[object]:
-    # kernels launch on the current CUDA device: make it q's (switching only when it differs)
-    if q.is_cuda and q.device.index != torch.cuda.current_device():
-        return torch.cuda.device(q.device)
-    return contextlib.nullcontext()
-
-
 # Under torch.compile the kernels run as torch.library custom ops with a registered autograd
 # formula, so the compiler traces them (opaque ops with fake implementations) without graph breaks;
 # eager calls take a plain autograd.Function around the same two functions (less dispatch overhead).
@@ -931,7 +924,7 @@ def _fwd_op(
     scale: float,
     cfg: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    with _device_guard(q):
+    with device_guard(q.device):
         return block_sparse_forward(
             q, k, v, _csr_from_args(crow, col, ccol, row, dims), is_causal, scale, _config_from_ints(cfg)
         )
@@ -972,7 +965,7 @@ def _bwd_op(
     scale: float,
     cfg: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _device_guard(q):
+    with device_guard(q.device):
         return block_sparse_backward(
             dout,
             q,
@@ -1047,7 +1040,7 @@ def block_sparse_attention_csr(
         raise ValueError("kernel config does not fit the layout: " + "; ".join(bad))
     if not torch.compiler.is_compiling():
         # eager: the plain autograd.Function skips the custom-op dispatcher (~0.1-0.3 ms per call)
-        with _device_guard(q):
+        with device_guard(q.device):
             out: torch.Tensor = _EagerFn.apply(q, k, v, csr, bool(is_causal), float(scale), cfg)
         return out
     dims = [csr.num_heads, csr.num_query_blocks, csr.num_key_blocks, csr.block_size[0], csr.block_size[1]]
@@ -1074,6 +1067,6 @@ class _EagerFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        with _device_guard(q):
+        with device_guard(q.device):
             dq, dk, dv = block_sparse_backward(dout, q, k, v, out, lse, *ctx.args)
         return dq, dk, dv, None, None, None, None

@@ -34,14 +34,13 @@ comparisons grow with the square of the draws per row).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from .._hash import HASH_MUL, HASH_SHIFT, MASK32
-from ..layout import _INT32_MAX, aligned_sections
+from ..layout import aligned_sections, check_tile_count
+from ._launch import device_guard
 
 __all__ = ["bigbird_csr", "expand_runs", "window_csr"]
 
@@ -260,7 +259,7 @@ def expand_runs(begin: torch.Tensor, start: torch.Tensor, length: torch.Tensor, 
     """
     col = torch.empty(nnz, dtype=torch.int32, device=begin.device)
     if begin.numel():
-        with torch.cuda.device(begin.device) if begin.is_cuda else contextlib.nullcontext():
+        with device_guard(begin.device):
             _runs_kernel[(begin.numel(),)](col, begin, start, length, step, CHUNK=RUN_CHUNK)
     return col
 
@@ -324,21 +323,19 @@ def _window_offset(q, seq_len, block_q, block_k, window, num_kb):
 
 @triton.jit(do_not_specialize=["seq_len", "block_q", "block_k", "window", "num_kb"])
 def _window_kernel(CROW, COL, seq_len, block_q, block_k, window, num_kb, CHUNK: tl.constexpr):
-    """local_window's CSR: program q writes row q, its offset a closed-form sum over rows < q."""
+    """local_window's CSR (bigbird's rows without global or random blocks): program q writes row q,
+    at a closed-form offset (the tiles of the rows before it)."""
     q = tl.program_id(0).to(tl.int64)
     seq_len = seq_len.to(tl.int64)
     block_q = block_q.to(tl.int64)
     block_k = block_k.to(tl.int64)
     window = window.to(tl.int64)
     num_kb = num_kb.to(tl.int64)
-    lo = tl.maximum(q * block_q - window, 0) // block_k
-    hi = tl.minimum(q * block_q + block_q - 1 + window, seq_len - 1) // block_k + 1
+    a_hi, b_lo, b_hi = _row_intervals(q, seq_len, block_q, block_k, window, num_kb, 0, 0)
     start = _window_offset(q, seq_len, block_q, block_k, window, num_kb)
-    tl.store(CROW + 1 + q, (start + hi - lo).to(tl.int32))
+    tl.store(CROW + 1 + q, (start + a_hi + (b_hi - b_lo)).to(tl.int32))
     tl.store(CROW, 0, mask=q == 0)
-    for c0 in range(lo, hi, CHUNK):
-        c = c0 + tl.arange(0, CHUNK)
-        tl.store(COL + start + (c - lo), c.to(tl.int32), mask=c < hi)
+    _place_line(COL, start, a_hi, b_lo, b_hi, COL, 0, CHUNK, CHUNK)  # no extras: COL is never read
 
 
 def window_csr(
@@ -350,12 +347,11 @@ def window_csr(
     nq, nk = -(-seq_len // bq), -(-seq_len // bk)
     w = min(window, seq_len)  # a window past the sequence reads what window N reads
     nnz = _window_offset_host(nq, seq_len, bq, bk, w, nk)
-    if nnz > _INT32_MAX:
-        raise ValueError(f"pattern has {nnz} active tiles; at most {_INT32_MAX} (int32 indices) are supported")
+    check_tile_count(nnz)
     at = aligned_sections([nq + 1, nnz])
     out = torch.empty(at[-1], dtype=torch.int32, device=device)
     crow, col = out[: nq + 1], out[at[1] : at[1] + nnz]
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with device_guard(device):
         _window_kernel[(nq,)](crow, col, seq_len, bq, bk, w, nk, CHUNK=ROW_CHUNK)
     return crow, col
 
@@ -377,8 +373,7 @@ def bigbird_csr(
     crow (num_heads * nq + 1,), col (nnz,) increasing per row; ccol (num_heads * nk + 1,),
     rows (nnz,) increasing per key block: what :meth:`BlockLayout.transposed_csr` returns.
     """
-    # kernels launch on the current CUDA device: make it the layout's
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with device_guard(device):
         bq, bk = block_size
         nq, nk = -(-seq_len // bq), -(-seq_len // bk)
         rows, num_cols = num_heads * nq, num_heads * nk
@@ -397,8 +392,7 @@ def bigbird_csr(
         )  # fmt: skip
         offsets = torch.cumsum(counts, dim=0)  # int64: row offsets, then nnz + column offsets
         nnz = int(offsets[rows])  # the one host read: the size of the outputs
-        if nnz > _INT32_MAX:
-            raise ValueError(f"pattern has {nnz} active tiles; at most {_INT32_MAX} (int32 indices) are supported")
+        check_tile_count(nnz)
         # one allocation per CSR (a layout may drop its cached transposed CSR and keep the CSR);
         # the index arrays start 16-byte aligned (see aligned_sections)
         at_r, at_c = aligned_sections([rows + 1, nnz]), aligned_sections([num_cols + 1, nnz])
