@@ -24,3 +24,56 @@ def source_revision() -> str | None:
     except OSError:
         return None
     return out.stdout.strip() or None
+
+
+class SMClockSampler:
+    """Samples the GPU's SM clock (MHz, via NVML) on a background thread while timings run.
+
+    The H100 moves its clock under power management by several percent over seconds, which is the
+    main run-to-run spread of a single timing; the benchmarks record the mean clock beside each
+    timing so a reader can tell a slow kernel from a slow clock. Without NVML (pynvml missing, no
+    driver) every reading is None.
+    """
+
+    def __init__(self, device_index: int = 0, period_s: float = 0.02) -> None:
+        import threading
+
+        self._period = period_s
+        self._lock = threading.Lock()
+        self._samples: list[int] = []
+        self._stop = threading.Event()
+        self._handle = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        except Exception:  # no NVML here: readings are None
+            self._nvml = None
+        self._thread = threading.Thread(target=self._run, daemon=True) if self._handle is not None else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            try:
+                mhz = int(self._nvml.nvmlDeviceGetClockInfo(self._handle, self._nvml.NVML_CLOCK_SM))
+            except Exception:
+                continue
+            with self._lock:
+                self._samples.append(mhz)
+
+    def measure(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        """(fn(*args, **kwargs), mean SM clock in MHz over the call or None)."""
+        with self._lock:
+            self._samples.clear()
+        value = fn(*args, **kwargs)
+        with self._lock:
+            got = list(self._samples)
+        return value, (sum(got) / len(got) if got else None)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import source_revision
+from bench_env import SMClockSampler, source_revision
 
 # --------------------------------------------------------------------------------------------- layouts
 
@@ -80,6 +80,46 @@ def bench_ms(fn: Callable[[], object], warmup: int, rep: int) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+MIN_ROUNDS = 5
+
+
+def bench_interleaved(fns: dict[str, Callable[[], object]], warmup: int, rep: int) -> dict[str, float]:
+    """Median ms of each function, timed side by side: round after round, each function is called
+    once (CUDA events around the call, L2 flushed before it, as triton's do_bench does).
+
+    The H100 moves its SM clock by up to ~10% within a second under power management, so timing
+    the anchor and ours in separate blocks puts them at different clocks; interleaving the calls
+    gives every function the same clock distribution. ``warmup`` / ``rep`` are ms budgets: the
+    warm-up calls each function until ``warmup`` ms have passed, then at least MIN_ROUNDS rounds run
+    and more until the rounds cover ``rep`` ms.
+    """
+    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+    est = {}
+    for name, fn in fns.items():
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        calls = 0
+        while calls == 0 or (time.perf_counter() - t0) * 1e3 < warmup:
+            fn()
+            torch.cuda.synchronize()
+            calls += 1
+        est[name] = (time.perf_counter() - t0) * 1e3 / calls
+    rounds = max(MIN_ROUNDS, int(rep / max(sum(est.values()), 1e-3)))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in fns]
+    for _ in range(rounds):
+        for (start, end), fn in zip(events, fns.values()):
+            flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        for (start, end), name in zip(events, fns):
+            times[name].append(start.elapsed_time(end))
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def kernel_cache_entries(which: str = "attention") -> int:
@@ -172,6 +212,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
     except ImportError:  # dynamo internals moved: report no count
         counters = None
     rows = []
+    clock = SMClockSampler(torch.cuda.current_device())
     points = [(p, d) for p in args.patterns for d in args.densities]
     bar = tqdm(total=len(points) * len(args.seq_lens), desc="sparse sweep", file=sys.stderr)
     for n in args.seq_lens:
@@ -194,7 +235,6 @@ def run_sweep(args: argparse.Namespace) -> dict:
         ) -> None:
             torch.autograd.grad(dense_fwd(qt, kt, vt), (qt, kt, vt), dot)
 
-        dense_f, dense_fb_ms = bench_ms(dense_fwd, warm, rep), bench_ms(dense_fb, warm, rep)
         for pattern, density in points:
             rows.append(
                 measure_point(
@@ -213,14 +253,16 @@ def run_sweep(args: argparse.Namespace) -> dict:
                     block,
                     warm,
                     rep,
-                    dense_f,
-                    dense_fb_ms,
+                    dense_fwd,
+                    dense_fb,
+                    clock,
                 )
             )
             bar.update()
         del q, k, v, do, qt, kt, vt, dot
         torch.cuda.empty_cache()
     bar.close()
+    clock.close()
     return {"rows": rows}
 
 
@@ -258,12 +300,16 @@ def measure_point(
     block: tuple[int, int],
     warm: int,
     rep: int,
-    dense_f: float,
-    dense_fb_ms: float,
+    dense_fwd: Callable[[], object],
+    dense_fb: Callable[[], object],
+    clock: SMClockSampler,
 ) -> dict:
-    """One (N, pattern, density) point: ours and flex, fwd and fwd+bwd, against the dense times.
+    """One (N, pattern, density) point: dense cuDNN, ours and flex, fwd and fwd+bwd.
 
-    Layout build = pattern construction on the GPU (device=) + transposed CSR (everything a first call pays).
+    The dense anchor is timed at every point, interleaved call by call with ours and flex
+    (:func:`bench_interleaved`; fwd, then fwd+bwd): the GPU's clock moves by several percent within
+    seconds, so an anchor timed once per N, or in a separate block, would tilt the ratios. Layout
+    build = pattern construction on the GPU (device=) + transposed CSR (everything a first call pays).
     """
     from attn_sparse.api import block_sparse_attention
 
@@ -290,12 +336,6 @@ def measure_point(
     def ours_fb() -> None:
         torch.autograd.grad(block_sparse_attention(q, k, v, layout, backend="triton"), (q, k, v), do)
 
-    before = kernel_cache_entries()
-    ours_f = bench_ms(ours_fwd, warm, rep)
-    ours_fbm = bench_ms(ours_fb, warm, rep)
-    new_variants = kernel_cache_entries() - before
-    builds += build_round()[1]
-
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     bm = layout.to_flex_block_mask(n, n)
@@ -310,10 +350,21 @@ def measure_point(
     def flex_fb() -> None:
         torch.autograd.grad(flex(qt, kt, vt, block_mask=bm), (qt, kt, vt), dot)
 
-    fl_f = bench_ms(flex_fwd, warm, rep)
-    fl_fb = bench_ms(flex_fb, warm, rep)
+    before = kernel_cache_entries()
+    ms, mhz = {}, {}
+    for phase, group in (
+        ("fwd", {"dense_fwd": dense_fwd, "ours_fwd": ours_fwd, "flex_fwd": flex_fwd}),
+        ("fb", {"dense_fb": dense_fb, "ours_fb": ours_fb, "flex_fb": flex_fb}),
+    ):
+        got, mhz[phase] = clock.measure(bench_interleaved, group, warm, rep)
+        ms.update(got)
+        if phase == "fwd":
+            builds += build_round()[1]
+    new_variants = kernel_cache_entries() - before
     flex_graphs = (stats.get("unique_graphs", 0) - graphs_before) if stats is not None else None
     builds += build_round()[1]
+    dense_f, ours_f, fl_f = ms["dense_fwd"], ms["ours_fwd"], ms["flex_fwd"]
+    dense_fb_ms, ours_fbm, fl_fb = ms["dense_fb"], ms["ours_fb"], ms["flex_fb"]
     build_ms = statistics.median(builds)
     return dict(
         n=n,
@@ -342,6 +393,7 @@ def measure_point(
         triton_new_variants=new_variants,
         build_new_variants=build_variants,
         flex_new_graphs=flex_graphs,
+        sm_clock_mhz=mhz,
     )
 
 
@@ -476,6 +528,27 @@ def tune(args: argparse.Namespace) -> list[dict]:
     return res
 
 
+def _clocks(row: dict) -> str:
+    """Mean SM clock (MHz) during a point's interleaved fwd and fwd+bwd timings ('-' where not recorded)."""
+    mhz = row.get("sm_clock_mhz") or {}
+    return " / ".join(f"{mhz[k]:.0f}" if mhz.get(k) else "-" for k in ("fwd", "fb"))
+
+
+def _timing_text(result: dict) -> str:
+    if result.get("timing") == "interleaved":
+        return (
+            "Median times, timed side by side: at each point cuDNN, ours and flex are called in turn, round after "
+            f"round (CUDA events, L2 flushed before each call; >= {result['min_rounds']} rounds, budgets 50/300 ms "
+            "warm-up/timed at 32K, 100/600 ms at 128K), fwd first, then fwd+bwd, so all three see the same GPU "
+            "clock; speedups are vs that point's dense SDPA cuDNN; "
+        )
+    # sweeps before the interleaved timing (their JSON has no "timing" key)
+    return (
+        "Median times (triton.testing.do_bench, budgets 50/300 ms warm-up/timed at 32K, 100/600 ms at 128K). "
+        "Speedups are vs dense SDPA cuDNN measured in the same run; "
+    )
+
+
 def write_report(result: dict, out: Path) -> None:
     import matplotlib
 
@@ -491,16 +564,15 @@ def write_report(result: dict, out: Path) -> None:
         "",
         f"GPU: {env['gpu']}; torch {env['torch']}; triton {env['triton']}; CUDA {env['cuda']}; "
         f"source {env.get('git_commit')}; bf16, B=1, H={env['heads']}, D={env['head_dim']}, layout blocks {env['block']}, non-causal. "
-        "Median times (triton.testing.do_bench, budgets 50/300 ms warm-up/timed at 32K, 100/600 ms at 128K). "
-        "Speedups are vs dense SDPA cuDNN measured in the same run; "
-        "targets: fwd >= 0.8/density, fwd+bwd >= 0.7/density; 'vs flex' > 1 means faster than compiled "
+        + _timing_text(result)
+        + "targets: fwd >= 0.8/density, fwd+bwd >= 0.7/density; 'vs flex' > 1 means faster than compiled "
         "FlexAttention (same tiles as full blocks).",
         "",
         "| N | pattern | density | ours fwd ms | flex fwd ms | cuDNN fwd ms | fwd speedup (target) | "
         "ours fwd+bwd ms | flex fwd+bwd ms | cuDNN fwd+bwd ms | fwd+bwd speedup (target) | vs flex fwd | "
         "vs flex fwd+bwd | ours fwd / fwd+bwd TF/s | layout build ms (% of fwd / of fwd+bwd) | "
-        "flex BlockMask conv. ms |",
-        "|" + "---|" * 16,
+        "flex BlockMask conv. ms | SM MHz fwd / fwd+bwd |",
+        "|" + "---|" * 17,
     ]
     for r in rows:
         lines.append(
@@ -511,7 +583,7 @@ def write_report(result: dict, out: Path) -> None:
             f"{r['vs_flex_fwdbwd']:.2f} | {r['ours_fwd_tflops']:.0f} / {r['ours_fwdbwd_tflops']:.0f} | "
             f"{r['layout_build_ms']:.1f} ({r['layout_build_pct_of_fwd']:.1f}% / "
             f"{100 * r['layout_build_ms'] / r['ours_fwdbwd_ms']:.1f}%) | "
-            f"{r['flex_blockmask_conversion_ms']:.1f} |"
+            f"{r['flex_blockmask_conversion_ms']:.1f} | {_clocks(r)} |"
         )
     met = {
         "fwd speedup >= 0.8/density": sum(r["speedup_fwd"] >= r["target_fwd"] for r in rows),
@@ -645,6 +717,8 @@ def main() -> int:
         (args.out / "sparse_tune.json").write_text(json.dumps(result, indent=1))
         return 0
     before = kernel_cache_entries()
+    result["timing"] = "interleaved"
+    result["min_rounds"] = MIN_ROUNDS
     result["build_reps"] = BUILD_REPS
     result["build_rounds"] = BUILD_ROUNDS
     result.update(run_sweep(args))
