@@ -82,12 +82,13 @@ def bench_ms(fn: Callable[[], object], warmup: int, rep: int) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
-MIN_ROUNDS = 5
+MIN_ROUNDS = 6  # a multiple of the 3 functions timed together, for a balanced rotation
 
 
 def bench_interleaved(fns: dict[str, Callable[[], object]], warmup: int, rep: int) -> dict[str, float]:
     """Median ms of each function, timed side by side: round after round, each function is called
-    once (CUDA events around the call, L2 flushed before it, as triton's do_bench does).
+    once, in an order rotated by one each round (CUDA events around the call, L2 flushed before it,
+    as triton's do_bench does).
 
     The H100 moves its SM clock by up to ~10% within a second under power management, so timing
     the anchor and ours in separate blocks puts them at different clocks; interleaving the calls
@@ -108,16 +109,21 @@ def bench_interleaved(fns: dict[str, Callable[[], object]], warmup: int, rep: in
             calls += 1
         est[name] = (time.perf_counter() - t0) * 1e3 / calls
     rounds = max(MIN_ROUNDS, int(rep / max(sum(est.values()), 1e-3)))
+    rounds = -(-rounds // len(fns)) * len(fns)  # whole rotations
     times: dict[str, list[float]] = {name: [] for name in fns}
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in fns]
-    for _ in range(rounds):
-        for (start, end), fn in zip(events, fns.values()):
+    names = list(fns)
+    for r in range(rounds):
+        # rotate the order each round: a kernel timed right after a power-hungry one starts at the
+        # lower clock that one left, so every function follows every other equally often
+        for i in [(r + j) % len(names) for j in range(len(names))]:
+            start, end = events[i]
             flush.zero_()
             start.record()
-            fn()
+            fns[names[i]]()
             end.record()
         torch.cuda.synchronize()
-        for (start, end), name in zip(events, fns):
+        for (start, end), name in zip(events, names):
             times[name].append(start.elapsed_time(end))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -538,7 +544,7 @@ def _timing_text(result: dict) -> str:
     if result.get("timing") == "interleaved":
         return (
             "Median times, timed side by side: at each point cuDNN, ours and flex are called in turn, round after "
-            f"round (CUDA events, L2 flushed before each call; >= {result['min_rounds']} rounds, budgets 50/300 ms "
+            f"round, the order rotated each round (CUDA events, L2 flushed before each call; >= {result['min_rounds']} rounds, budgets 50/300 ms "
             "warm-up/timed at 32K, 100/600 ms at 128K), fwd first, then fwd+bwd, so all three see the same GPU "
             "clock; speedups are vs that point's dense SDPA cuDNN; "
         )
