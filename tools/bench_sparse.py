@@ -82,52 +82,6 @@ def bench_ms(fn: Callable[[], object], warmup: int, rep: int) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
-MIN_ROUNDS = 6  # a multiple of the 3 functions timed together, for a balanced rotation
-
-
-def bench_interleaved(fns: dict[str, Callable[[], object]], warmup: int, rep: int) -> dict[str, float]:
-    """Median ms of each function, timed side by side: round after round, each function is called
-    once, in an order rotated by one each round (CUDA events around the call, L2 flushed before it,
-    as triton's do_bench does).
-
-    The H100 moves its SM clock by up to ~10% within a second under power management, so timing
-    the anchor and ours in separate blocks puts them at different clocks; interleaving the calls
-    gives every function the same clock distribution. ``warmup`` / ``rep`` are ms budgets: the
-    warm-up calls each function until ``warmup`` ms have passed, then at least MIN_ROUNDS rounds run
-    and more until the rounds cover ``rep`` ms.
-    """
-    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
-    est = {}
-    for name, fn in fns.items():
-        fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        calls = 0
-        while calls == 0 or (time.perf_counter() - t0) * 1e3 < warmup:
-            fn()
-            torch.cuda.synchronize()
-            calls += 1
-        est[name] = (time.perf_counter() - t0) * 1e3 / calls
-    rounds = max(MIN_ROUNDS, int(rep / max(sum(est.values()), 1e-3)))
-    rounds = -(-rounds // len(fns)) * len(fns)  # whole rotations
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in fns]
-    names = list(fns)
-    for r in range(rounds):
-        # rotate the order each round: a kernel timed right after a power-hungry one starts at the
-        # lower clock that one left, so every function follows every other equally often
-        for i in [(r + j) % len(names) for j in range(len(names))]:
-            start, end = events[i]
-            flush.zero_()
-            start.record()
-            fns[names[i]]()
-            end.record()
-        torch.cuda.synchronize()
-        for (start, end), name in zip(events, names):
-            times[name].append(start.elapsed_time(end))
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def kernel_cache_entries(which: str = "attention") -> int:
     """Compiled variants held by our Triton kernels (grows by one per recompilation): the attention
     kernels, or (``which="build"``) the pattern-build kernels (bigbird's, local_window's, run expansion)."""
@@ -312,9 +266,11 @@ def measure_point(
 ) -> dict:
     """One (N, pattern, density) point: dense cuDNN, ours and flex, fwd and fwd+bwd.
 
-    The dense anchor is timed at every point, interleaved call by call with ours and flex
-    (:func:`bench_interleaved`; fwd, then fwd+bwd): the GPU's clock moves by several percent within
-    seconds, so an anchor timed once per N, or in a separate block, would tilt the ratios. Layout
+    The dense anchor is timed at every point, right before ours and flex (fwd: cuDNN, ours, flex; then
+    fwd+bwd in that order), each in its own block of calls: the GPU's clock drifts by several percent
+    over a sweep, so an anchor timed once per N tilts later ratios; interleaving the calls one by one
+    is not neutral either (the clock a kernel gets depends on the power draw of the kernel before it:
+    docs/benchmarks/sparse_h100.md, notes). The mean SM clock of each block is recorded. Layout
     build = pattern construction on the GPU (device=) + transposed CSR (everything a first call pays).
     """
     from attn_sparse.api import block_sparse_attention
@@ -358,13 +314,12 @@ def measure_point(
 
     before = kernel_cache_entries()
     ms, mhz = {}, {}
-    for phase, group in (
-        ("fwd", {"dense_fwd": dense_fwd, "ours_fwd": ours_fwd, "flex_fwd": flex_fwd}),
-        ("fb", {"dense_fb": dense_fb, "ours_fb": ours_fb, "flex_fb": flex_fb}),
-    ):
-        got, mhz[phase] = clock.measure(bench_interleaved, group, warm, rep)
-        ms.update(got)
-        if phase == "fwd":
+    for name, fn in (
+        ("dense_fwd", dense_fwd), ("ours_fwd", ours_fwd), ("flex_fwd", flex_fwd),
+        ("dense_fb", dense_fb), ("ours_fb", ours_fb), ("flex_fb", flex_fb),
+    ):  # fmt: skip
+        ms[name], mhz[name] = clock.measure(bench_ms, fn, warm, rep)
+        if name == "flex_fwd":
             builds += build_round()[1]
     new_variants = kernel_cache_entries() - before
     flex_graphs = (stats.get("unique_graphs", 0) - graphs_before) if stats is not None else None
@@ -535,20 +490,19 @@ def tune(args: argparse.Namespace) -> list[dict]:
 
 
 def _clocks(row: dict) -> str:
-    """Mean SM clock (MHz) during a point's interleaved fwd and fwd+bwd timings ('-' where not recorded)."""
+    """Mean SM clocks (MHz) while cuDNN, ours and flex forward were timed ('-' where not recorded)."""
     mhz = row.get("sm_clock_mhz") or {}
-    return " / ".join(f"{mhz[k]:.0f}" if mhz.get(k) else "-" for k in ("fwd", "fb"))
+    return " / ".join(f"{mhz[k]:.0f}" if mhz.get(k) else "-" for k in ("dense_fwd", "ours_fwd", "flex_fwd"))
 
 
 def _timing_text(result: dict) -> str:
-    if result.get("timing") == "interleaved":
+    if result.get("timing") == "per-point":
         return (
-            "Median times, timed side by side: at each point cuDNN, ours and flex are called in turn, round after "
-            f"round, the order rotated each round (CUDA events, L2 flushed before each call; >= {result['min_rounds']} rounds, budgets 50/300 ms "
-            "warm-up/timed at 32K, 100/600 ms at 128K), fwd first, then fwd+bwd, so all three see the same GPU "
-            "clock; speedups are vs that point's dense SDPA cuDNN; "
+            "Median times (triton.testing.do_bench, budgets 50/300 ms warm-up/timed at 32K, 100/600 ms at 128K); "
+            "cuDNN is timed at every point, right before ours and flex (fwd: cuDNN, ours, flex; then fwd+bwd), "
+            "and speedups are vs that point's dense SDPA cuDNN; "
         )
-    # sweeps before the interleaved timing (their JSON has no "timing" key)
+    # earlier sweeps timed cuDNN once per N (their JSON has no "timing" key)
     return (
         "Median times (triton.testing.do_bench, budgets 50/300 ms warm-up/timed at 32K, 100/600 ms at 128K). "
         "Speedups are vs dense SDPA cuDNN measured in the same run; "
@@ -577,7 +531,7 @@ def write_report(result: dict, out: Path) -> None:
         "| N | pattern | density | ours fwd ms | flex fwd ms | cuDNN fwd ms | fwd speedup (target) | "
         "ours fwd+bwd ms | flex fwd+bwd ms | cuDNN fwd+bwd ms | fwd+bwd speedup (target) | vs flex fwd | "
         "vs flex fwd+bwd | ours fwd / fwd+bwd TF/s | layout build ms (% of fwd / of fwd+bwd) | "
-        "flex BlockMask conv. ms | SM MHz fwd / fwd+bwd |",
+        "flex BlockMask conv. ms | SM MHz fwd cuDNN / ours / flex |",
         "|" + "---|" * 17,
     ]
     for r in rows:
@@ -723,8 +677,7 @@ def main() -> int:
         (args.out / "sparse_tune.json").write_text(json.dumps(result, indent=1))
         return 0
     before = kernel_cache_entries()
-    result["timing"] = "interleaved"
-    result["min_rounds"] = MIN_ROUNDS
+    result["timing"] = "per-point"
     result["build_reps"] = BUILD_REPS
     result["build_rounds"] = BUILD_ROUNDS
     result.update(run_sweep(args))
