@@ -77,3 +77,6 @@ class SMClockSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self._nvml is not None:
+            self._nvml.nvmlShutdown()
+            self._nvml = None

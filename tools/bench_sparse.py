@@ -270,7 +270,7 @@ def measure_point(
     fwd+bwd in that order), each in its own block of calls: the GPU's clock drifts by several percent
     over a sweep, so an anchor timed once per N tilts later ratios; interleaving the calls one by one
     is not neutral either (the clock a kernel gets depends on the power draw of the kernel before it:
-    docs/benchmarks/sparse_h100.md, notes). The mean SM clock of each block is recorded. Layout
+    docs/benchmarks/sparse_timing_methods/). The mean SM clock of each block is recorded. Layout
     build = pattern construction on the GPU (device=) + transposed CSR (everything a first call pays).
     """
     from attn_sparse.api import block_sparse_attention
