@@ -8,6 +8,7 @@ launches a benchmark there passes the revision measured: BENCH_SOURCE_REV="$(git
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 
@@ -24,6 +25,16 @@ def source_revision() -> str | None:
     except OSError:
         return None
     return out.stdout.strip() or None
+
+
+def gpu_tag(name: str) -> str:
+    """Short lower-case tag of a GPU name for report file names: 'NVIDIA H200' -> 'h200',
+    'NVIDIA H100 80GB HBM3' -> 'h100'; names without a known model give their first word after the vendor."""
+    for model in ("H200", "H100", "B200", "GB200", "A100", "L40S", "L4"):
+        if re.search(rf"\b{model}\b", name):
+            return model.lower()
+    words = [w for w in re.split(r"[^A-Za-z0-9]+", name) if w and w.upper() != "NVIDIA"]
+    return words[0].lower() if words else "gpu"
 
 
 class SMClockSampler:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import SMClockSampler, source_revision
+from bench_env import SMClockSampler, gpu_tag, source_revision
 
 # --------------------------------------------------------------------------------------------- layouts
 
@@ -509,6 +509,11 @@ def _timing_text(result: dict) -> str:
     )
 
 
+def report_name(result: dict) -> str:
+    """File stem of a sweep's report: sparse_<gpu> (sparse_h100, sparse_h200, ...)."""
+    return f"sparse_{gpu_tag(result['env']['gpu'])}"
+
+
 def write_report(result: dict, out: Path) -> None:
     import matplotlib
 
@@ -516,7 +521,8 @@ def write_report(result: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sparse_h100.json").write_text(json.dumps(result, indent=1))
+    name = report_name(result)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     rows = result["rows"]
     env = result["env"]
     lines = [
@@ -592,7 +598,7 @@ def write_report(result: dict, out: Path) -> None:
         )
     if result.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
-    (out / "sparse_h100.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, title in (
@@ -621,7 +627,7 @@ def write_report(result: dict, out: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.suptitle(f"block-sparse attention, {env['gpu']}, bf16 H={env['heads']} D={env['head_dim']}")
-    fig.savefig(out / "sparse_h100.png", dpi=110, bbox_inches="tight")
+    fig.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
 
 
 def main() -> int:
@@ -698,7 +704,7 @@ def main() -> int:
         f"Flex new dynamo graphs per point: {[r['flex_new_graphs'] for r in result['rows']]}."
     )
     write_report(result, args.out)
-    print((args.out / "sparse_h100.md").read_text())
+    print((args.out / f"{report_name(result)}.md").read_text())
     return 0
 
 
