@@ -137,3 +137,15 @@ def test_tolerance_is_twice_the_baseline_error_above_the_floor() -> None:
     assert tolerance(base, ref, base) == 1.0
     # an exact baseline leaves only the ulp floor
     assert 0 < tolerance(base, ref, torch.zeros(3, dtype=torch.float16)) < 1e-2
+
+
+@pytest.mark.parametrize(("dtype", "ulps"), [(torch.float16, 8), (torch.bfloat16, 8), (torch.float32, 32)])
+def test_ulp_floor_per_dtype(dtype: torch.dtype, ulps: int) -> None:
+    # reference magnitude 4: the floor is ulps x eps x 4 when the baseline is exact
+    ref = torch.tensor([4.0, -1.0], dtype=torch.float64)
+    exact = ref.to(dtype)
+    assert tolerance(exact, ref, exact) == ulps * torch.finfo(dtype).eps * 4.0
+    # one ulp past the floor fails
+    eps4 = torch.finfo(dtype).eps * 4.0
+    with pytest.raises(AssertionError, match="exceeds"):
+        assert_close_to_reference("x", exact + torch.tensor([0.0, (ulps + 2) * eps4], dtype=dtype), ref, exact)
