@@ -847,31 +847,17 @@ def block_sparse_backward(
     Two launches: the row-parallel dq kernel (which also stores delta = rowsum(out * dout)), then
     the column-parallel dk/dv kernel (one program per key tile and kv head, reading delta).
     """
-    q, k, v, out, dout = (_last_contig(t) for t in (q, k, v, out, dout))
-    dq, delta = _launch_dq(dout, q, k, v, out, lse, csr, is_causal, scale, cfg)
-    dk, dv = _launch_dkv(dout, q, k, v, lse, delta, csr, is_causal, scale, cfg)
-    return dq, dk, dv
-
-
-def _launch_dq(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    csr: CSR,
-    is_causal: bool,
-    scale: float,
-    cfg: KernelConfig,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dq, delta): the row-parallel dq kernel, which also stores delta = rowsum(out * dout) (B, H, Nq) fp32."""
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     bq, bk = csr.block_size
+    q, k, v, out, dout = (_last_contig(t) for t in (q, k, v, out, dout))
     delta = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     layout_rows = csr.num_query_blocks if csr.num_heads > 1 else 0
+    layout_cols = csr.num_key_blocks if csr.num_heads > 1 else 0
+
     tma = cfg.tma and _has_tma(k, v)
     _dq_kernel[(B * H * csr.num_query_blocks * (bq // cfg.dq_m),)](
         q,
@@ -888,28 +874,7 @@ def _launch_dq(
         HEAD_DIM=D, BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
         TMA=tma, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
     )  # fmt: skip
-    return dq, delta
 
-
-def _launch_dkv(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lse: torch.Tensor,
-    delta: torch.Tensor,
-    csr: CSR,
-    is_causal: bool,
-    scale: float,
-    cfg: KernelConfig,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dk, dv): the column-parallel dk/dv kernel, one program per key tile and kv head (reads delta)."""
-    B, Nq, H, D = q.shape
-    Nk, Hkv = k.shape[1], k.shape[2]
-    bq, bk = csr.block_size
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    layout_cols = csr.num_key_blocks if csr.num_heads > 1 else 0
     tma = cfg.tma and _has_tma(q, dout)
     _dkv_kernel[(B * Hkv * csr.num_key_blocks * (bk // cfg.dkv_n),)](
         _tile_descriptor(q, cfg.dkv_m) if tma else q,
@@ -926,7 +891,7 @@ def _launch_dkv(
         HEAD_DIM=D, BLOCK_M=cfg.dkv_m, BLOCK_N=cfg.dkv_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
         TMA=tma, num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages,
     )  # fmt: skip
-    return dk, dv
+    return dq, dk, dv
 
 
 # Under torch.compile the kernels run as torch.library custom ops with a registered autograd
