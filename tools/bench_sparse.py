@@ -89,7 +89,7 @@ def kernel_cache_entries(which: str = "attention") -> int:
     from attn_sparse.kernels import pattern_build as pb
 
     kernels = {
-        "attention": (bs._fwd_kernel, bs._dq_kernel, bs._dkv_kernel),
+        "attention": (bs._fwd_kernel, bs._dq_kernel, bs._dkv_kernel, bs._delta_kernel, bs._dq_ds_kernel),
         "build": (pb._count_kernel, pb._expand_kernel, pb._transpose_kernel, pb._window_kernel, pb._runs_kernel),
     }
     if which not in kernels:
@@ -439,6 +439,8 @@ def tune(args: argparse.Namespace) -> list[dict]:
     fwd_cands = [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)]
     dq_cands = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3)]
     dkv_cands = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3)]
+    # dq from stored dS (the stored-dS backward); dq_* tiles are timed on the recompute backward
+    dqs_cands = [(128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2)]
     res = []
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v, do = (torch.randn(1, n, H, D, device=device, dtype=torch.bfloat16, generator=g) for _ in range(4))
@@ -461,9 +463,11 @@ def tune(args: argparse.Namespace) -> list[dict]:
                 err = ""
             res.append(dict(kernel="fwd", block=block, density=density, tma=tma, cfg=(bm, bn, w, s), ms=ms,
                             tflops=flops / ms * 1e-9, err=err))  # fmt: skip
-        for kind, cands in (("dq", dq_cands), ("dkv", dkv_cands)):
+        for kind, cands in (("dq", dq_cands), ("dkv", dkv_cands), ("dqs", dqs_cands)):
             for bm, bn, w, s in cands:
                 cfg = replace(base, **{f"{kind}_m": bm, f"{kind}_n": bn, f"{kind}_warps": w, f"{kind}_stages": s})
+                if kind == "dq":
+                    cfg = replace(cfg, ds_scratch_bytes=0)
                 if cfg.check(block):
                     continue
                 try:

@@ -14,6 +14,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ from attn_sparse.kernels import (
     default_config,
     interpret_mode,
     launch_order,
+    stored_ds_chunks,
 )
 
 
@@ -68,9 +70,27 @@ def run_case(
     scale = 1.0 / math.sqrt(D)
     csr = csr_from_mask(mask, block_size)
 
-    out = block_sparse_attention_csr(q, k, v, csr, is_causal=is_causal, softmax_scale=scale, config=config)
+    # every backward: stored dS in one chunk, stored dS one unit per chunk, and recompute
+    cfg = config if config is not None else default_config(block_size)
+    units = B if mask.shape[0] > 1 else B * Hkv
+    unit_bytes = (
+        int(mask.sum()) * block_size[0] * block_size[1] * q.element_size() * (1 if mask.shape[0] > 1 else H // Hkv)
+    )
+    variants = {"stored dS": cfg, "recompute": replace(cfg, ds_scratch_bytes=0)}
+    if units > 1:
+        variants["stored dS, chunked"] = replace(cfg, ds_scratch_bytes=unit_bytes)
+    for name, c in variants.items():
+        chunks = max(len(stored_ds_chunks(csr, B, Hkv, H // Hkv, q.element_size(), c)) - 1, 0)
+        want_chunks = 0 if name == "recompute" or unit_bytes == 0 else units if "chunked" in name else 1
+        assert chunks == want_chunks, (name, chunks)
+
+    out = block_sparse_attention_csr(q, k, v, csr, is_causal=is_causal, softmax_scale=scale, config=cfg)
     assert out.shape == q.shape and out.dtype == dtype
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    grads = {}
+    for name, c in variants.items():
+        o = block_sparse_attention_csr(q, k, v, csr, is_causal=is_causal, softmax_scale=scale, config=c)
+        grads[name] = torch.autograd.grad(o, (q, k, v), dout)
+    dq, dk, dv = grads["stored dS"]
 
     def reference(ct: torch.dtype) -> tuple[torch.Tensor, ...]:
         qr, kr, vr = (t.detach().to(ct).requires_grad_() for t in (q, k, v))
@@ -80,8 +100,10 @@ def run_case(
 
     ref = reference(torch.float64)
     base = reference(dtype)
-    for name, got, r, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), ref, base):
-        assert_close_to_reference(name, got, r, b)
+    assert_close_to_reference("out", out, ref[0], base[0])
+    for path, g in grads.items():
+        for name, got, r, b in zip(("dq", "dk", "dv"), g, ref[1:], base[1:]):
+            assert_close_to_reference(f"{name} ({path})", got, r, b)
     return out.detach(), dq, dk, dv
 
 
@@ -119,7 +141,9 @@ def test_noncausal_aligned_lengths_empty_row(subtiles: bool) -> None:
     mask[:, 1, :] = False
     mask[:, 0, 0] = True
     mask[:, 2, 1] = True
-    cfg = KernelConfig(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16) if subtiles else None
+    cfg = (
+        KernelConfig(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16, dqs_m=16, dqs_n=16) if subtiles else None
+    )
     out, *_ = run_case(
         B=2, Nq=96, Nk=96, H=4, Hkv=2, D=16, block_size=(32, 32), mask=mask, is_causal=False,
         dtype=torch.float16, config=cfg, seed=22,
@@ -129,7 +153,7 @@ def test_noncausal_aligned_lengths_empty_row(subtiles: bool) -> None:
 
 def test_subtiles_smaller_than_layout_blocks() -> None:
     # 32x32 layout blocks walked with 16-wide tiles: exercises the sub-tile index arithmetic of all kernels
-    cfg = KernelConfig(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16)
+    cfg = KernelConfig(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16, dqs_m=16, dqs_n=16)
     mask = random_mask(2, 3, 3, 0.6, seed=4)
     mask[:, torch.arange(3), torch.arange(3)] = True
     run_case(
@@ -145,7 +169,7 @@ def test_pointer_and_descriptor_loads(is_causal: bool, tma: bool) -> None:
     # through masked pointer loads (GPUs without TMA, unaligned tensors)
     mask = random_mask(2, 3, 3, 0.7, seed=13)
     mask[:, torch.arange(3), torch.arange(3)] = True
-    cfg = KernelConfig(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16, tma=tma)
+    cfg = KernelConfig(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16, dqs_m=16, dqs_n=16, tma=tma)
     run_case(
         B=2, Nq=90, Nk=90, H=2, Hkv=1, D=16, block_size=(32, 32), mask=mask, is_causal=is_causal,
         dtype=torch.float16, config=cfg, seed=14,
@@ -165,7 +189,7 @@ def test_unaligned_views_fall_back_to_pointer_loads() -> None:
     mask = random_mask(1, 3, 3, 0.8, seed=22)
     mask[:, torch.arange(3), torch.arange(3)] = True
     csr = csr_from_mask(mask, (32, 32))
-    cfg = KernelConfig(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16, tma=True)
+    cfg = KernelConfig(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16, dqs_m=16, dqs_n=16, tma=True)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     out = block_sparse_attention_csr(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), csr, config=cfg)
     grads = torch.autograd.grad(out, (q, k, v), dout)
@@ -217,7 +241,11 @@ def test_default_config_fits_small_blocks_and_bad_config_raises() -> None:
     q = torch.randn(1, 16, 1, 16)
     with pytest.raises(ValueError, match="fwd_m=32"):
         block_sparse_attention_csr(
-            q, q, q, csr, config=KernelConfig(fwd_m=32, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16)
+            q,
+            q,
+            q,
+            csr,
+            config=KernelConfig(fwd_m=32, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16, dqs_m=16, dqs_n=16),
         )
 
 
@@ -291,3 +319,44 @@ def test_launch_order_heavy_buckets_first_then_head_by_head() -> None:
     assert shared.tolist() == [1, 5, 2, 3, 6, 7, 0, 4]
     grouped = launch_order(offsets, 2, 4, batch=1, heads=1, group=2)  # sums [5, 5, 3, 12]: buckets [2, 2, 1, 3]
     assert grouped.tolist() == [3, 0, 1, 2]
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_stored_ds_reads_only_written_scratch(monkeypatch: pytest.MonkeyPatch, is_causal: bool) -> None:
+    # The dk/dv kernel skips key tiles past N and query blocks wholly above the diagonal, so parts
+    # of the scratch are never written; a NaN-filled scratch shows the dq kernel never reads them.
+    # Bk > Bq (a key block spans two query blocks), N a multiple of neither block size, GQA.
+    from attn_sparse.kernels import block_sparse
+
+    monkeypatch.setattr(
+        block_sparse, "_scratch", lambda n, like: torch.full((n,), float("nan"), dtype=like.dtype, device=like.device)
+    )
+    mask = random_mask(1, 5, 3, 0.6, seed=31)
+    mask[:, torch.arange(5), torch.arange(5) // 2] = True
+    cfg = KernelConfig(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16, dqs_m=16, dqs_n=16)
+    run_case(
+        B=2, Nq=75, Nk=75, H=4, Hkv=2, D=16, block_size=(16, 32), mask=mask, is_causal=is_causal,
+        dtype=torch.float32, config=cfg, seed=32,
+    )  # fmt: skip
+
+
+def test_stored_ds_chunks_budget_and_long_columns() -> None:
+    # 8x8 blocks of 16, one kv head per unit, one unit of scratch per chunk: 4 chunks of 1 unit
+    cfg = KernelConfig(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16, dqs_m=16, dqs_n=16)
+    diag = torch.eye(8, dtype=torch.bool)[None]
+    unit = 8 * 16 * 16 * 2
+    csr = csr_from_mask(diag, (16, 16))
+    assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=unit)) == [0, 1, 2, 3, 4]
+    assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=4 * unit)) == [0, 4]
+    assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=unit - 1)) == []  # one unit does not fit
+    assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=0)) == []
+    # a key block every query block attends: 8 tiles in one program, more than a 1-unit chunk's
+    # 15 tiles over 2 programs, so chunking would wait on it: recompute; in one chunk it is fine
+    glob = diag.clone()
+    glob[0, :, 0] = True
+    csr = csr_from_mask(glob, (16, 16))
+    assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=15 * 16 * 16 * 2)) == []
+    assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=4 * 15 * 16 * 16 * 2)) == [0, 4]
+    # a per-head layout's unit is a whole batch (boundaries in (batch, kv head) units)
+    csr = csr_from_mask(diag.expand(2, 8, 8).clone(), (16, 16))
+    assert stored_ds_chunks(csr, 3, 2, 1, 2, replace(cfg, ds_scratch_bytes=2 * unit)) == [0, 2, 4, 6]

@@ -9,6 +9,7 @@ from .block_sparse import (
     default_config,
     interpret_mode,
     launch_order,
+    stored_ds_chunks,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "default_config",
     "interpret_mode",
     "launch_order",
+    "stored_ds_chunks",
 ]

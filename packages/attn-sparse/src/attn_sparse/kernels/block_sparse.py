@@ -1,4 +1,4 @@
-"""Triton block-sparse attention: forward with LSE and an exact two-kernel backward.
+"""Triton block-sparse attention: forward with LSE and an exact backward.
 
 Work is driven by a CSR block layout, passed as raw tensors so the kernels do not depend on the
 layout class:
@@ -16,6 +16,12 @@ every query head of its GQA group (so dk/dv are written once, with no atomics). 
 base 2 with fp32 accumulation. Because column (row) indices are sorted, the tiles that need a
 mask (causal diagonal tiles, the partial last key block) form a suffix (prefix) of each list:
 they are counted first and run in a separate masked loop, so the bulk loop has no masking.
+The backward has two forms. Stored dS (the default where the scratch fits, see stored_ds_chunks):
+a delta kernel (rowsum(out * dout)), then per chunk of (batch, kv head) units the dk/dv kernel,
+which also writes dS (q.dtype) into a scratch slot per tile, and a row-parallel dq = dS @ K kernel:
+5 matmuls per tile. Recompute: the dq kernel recomputes P and dP (and writes delta), then the dk/dv
+kernel: 7 matmuls per tile, no scratch. Both give the same dS values (cast to q.dtype before its
+matmuls), so dq, dk and dv agree between the two.
 Programs take layout rows (columns) in launch_order: heaviest power-of-two work bucket first,
 head by head inside a bucket, so BigBird-like global rows start early instead of forming a tail
 while a head's programs share its tiles in L2. On sm90+ GPUs the streamed tiles (K/V, or Q/dO in the dk/dv kernel) come through TMA
@@ -30,6 +36,7 @@ Shapes: q (B, Nq, H, D); k, v (B, Nk, Hkv, D); out like q; lse (B, H, Nq) fp32, 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -492,12 +499,20 @@ def _dkv_inner(
     stride_qn,
     stride_dn,
     qk_scale,
+    DS_tile,
+    ds_row0,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     LAYOUT_BQ: tl.constexpr,
+    LAYOUT_BK: tl.constexpr,
     MASKED: tl.constexpr,
     TMA: tl.constexpr,
+    STORE_DS: tl.constexpr,
+    DS_TMA: tl.constexpr,
 ):
+    """dk/dv over query tiles it_lo..it_hi of one head; with STORE_DS, dS of every tile is also
+    written to the scratch: DS_tile is this program's key rows of slot 0 (pointers), or with DS_TMA
+    a descriptor over the scratch as (slots * LAYOUT_BK, LAYOUT_BQ) with those rows from ds_row0."""
     SUB: tl.constexpr = LAYOUT_BQ // BLOCK_M
     offs_mb = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -530,12 +545,20 @@ def _dkv_inner(
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t))
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)
+        if STORE_DS:
+            # tile slot it // SUB holds (LAYOUT_BK, LAYOUT_BQ) key-major; these are its query
+            # columns (it % SUB) * BLOCK_M.. (the dq-from-dS kernel reads the same values)
+            if DS_TMA:
+                DS_tile.store([ds_row0 + (it // SUB) * LAYOUT_BK, (it % SUB) * BLOCK_M], ds_t)
+            else:
+                ds_ptrs = DS_tile + tl.cast(it // SUB, tl.int64) * (LAYOUT_BQ * LAYOUT_BK) + (it % SUB) * BLOCK_M
+                tl.store(ds_ptrs + offs_mb[None, :], ds_t)
+        dk += tl.dot(ds_t, tl.trans(q_t))
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_KB", "LAYOUT_HEAD_COLS"])
+@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_KB", "LAYOUT_HEAD_COLS", "UNIT0", "SLOT_HEADS", "SLOT_STRIDE"])
 def _dkv_kernel(
     Q,
     K,
@@ -548,6 +571,7 @@ def _dkv_kernel(
     CCOL,
     ROW,
     ORDER,
+    DS,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -573,6 +597,9 @@ def _dkv_kernel(
     GROUP,
     NUM_KB,
     LAYOUT_HEAD_COLS,
+    UNIT0,
+    SLOT_HEADS,
+    SLOT_STRIDE,
     qk_scale,
     sm_scale,
     HEAD_DIM: tl.constexpr,
@@ -582,9 +609,18 @@ def _dkv_kernel(
     LAYOUT_BK: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     TMA: tl.constexpr,
+    STORE_DS: tl.constexpr,
+    DS_TMA: tl.constexpr,
 ):
+    """dk, dv of BLOCK_N keys of one (batch, kv head): UNIT0 + the launch-order entry's unit.
+
+    With STORE_DS, dS of each tile goes to the scratch DS at slot (q_unit // SLOT_HEADS) *
+    SLOT_STRIDE + (the tile's transposed-CSR position), q_unit = the (batch, query head) index
+    counted from this launch's first; a slot holds (LAYOUT_BK, LAYOUT_BQ) values, key-major.
+    """
     SUB: tl.constexpr = LAYOUT_BQ // BLOCK_M
-    bhk, n_start = _ordered_tile(ORDER, NUM_KB, BLOCK_N, LAYOUT_BK)
+    local_bhk, n_start = _ordered_tile(ORDER, NUM_KB, BLOCK_N, LAYOUT_BK)
+    bhk = UNIT0 + local_bhk
     b = bhk // HKV
     hk = bhk % HKV
     if n_start >= N_K:
@@ -625,14 +661,24 @@ def _dkv_kernel(
         bh = b * H + h
         LSE_head = LSE + bh.to(tl.int64) * N_Q
         DELTA_head = DELTA + bh.to(tl.int64) * N_Q
+        DS_tile = DS
+        ds_row0 = 0
+        if STORE_DS:
+            slot0 = ((local_bhk * GROUP + g) // SLOT_HEADS).to(tl.int64) * SLOT_STRIDE
+            if DS_TMA:
+                ds_row0 = (slot0 * LAYOUT_BK + n_start % LAYOUT_BK).to(tl.int32)
+            else:
+                rows_in_slot = n_start % LAYOUT_BK + tl.arange(0, BLOCK_N)
+                DS_tile = DS + slot0 * (LAYOUT_BQ * LAYOUT_BK) + rows_in_slot[:, None] * LAYOUT_BQ
         dk, dv = _dkv_inner(
             dk, dv, k, v, Q_src, DO_src, b, h, LSE_head, DELTA_head, ROW, (start + n_skip) * SUB,
-            (start + n_mask) * SUB, offs_n, N_Q, stride_qn, stride_dn, qk_scale, HEAD_DIM, BLOCK_M, LAYOUT_BQ,
-            True, TMA,
+            (start + n_mask) * SUB, offs_n, N_Q, stride_qn, stride_dn, qk_scale, DS_tile, ds_row0, HEAD_DIM,
+            BLOCK_M, LAYOUT_BQ, LAYOUT_BK, True, TMA, STORE_DS, DS_TMA,
         )  # fmt: skip
         dk, dv = _dkv_inner(
             dk, dv, k, v, Q_src, DO_src, b, h, LSE_head, DELTA_head, ROW, (start + n_mask) * SUB, end * SUB,
-            offs_n, N_Q, stride_qn, stride_dn, qk_scale, HEAD_DIM, BLOCK_M, LAYOUT_BQ, False, TMA,
+            offs_n, N_Q, stride_qn, stride_dn, qk_scale, DS_tile, ds_row0, HEAD_DIM, BLOCK_M, LAYOUT_BQ, LAYOUT_BK,
+            False, TMA, STORE_DS, DS_TMA,
         )  # fmt: skip
     dk = dk * sm_scale
     tl.store(
@@ -644,6 +690,169 @@ def _dkv_kernel(
         DV + b.to(tl.int64) * stride_gvb + hk.to(tl.int64) * stride_gvh + keys * stride_gvn + offs_d[None, :],
         dv.to(DV.dtype.element_ty),
         mask=n_ok[:, None],
+    )
+
+
+@triton.jit(do_not_specialize=["N_Q"])
+def _delta_kernel(
+    O, DO, DELTA, stride_ob, stride_on, stride_oh, stride_db, stride_dn, stride_dh, N_Q, H,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """delta = rowsum(out * dout) (B, H, N_Q) fp32, for the stored-dS backward (whose dk/dv kernel
+    runs first; the recompute backward's dq kernel computes delta itself)."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < N_Q
+    rows = offs_m.to(tl.int64)[:, None]
+    o = tl.load(
+        O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows * stride_on + offs_d[None, :],
+        mask=m_ok[:, None],
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + rows * stride_dn + offs_d[None, :],
+        mask=m_ok[:, None],
+        other=0.0,
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_ok)
+
+
+@triton.jit
+def _dq_ds_inner(
+    dq,
+    K_src,
+    DS_rows,
+    ds_row0,
+    ds_col0,
+    b,
+    hk,
+    COL,
+    TSLOT,
+    it_lo,
+    it_hi,
+    offs_m,
+    N_K,
+    stride_kn,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    LAYOUT_BQ: tl.constexpr,
+    LAYOUT_BK: tl.constexpr,
+    MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    TMA: tl.constexpr,
+    DS_TMA: tl.constexpr,
+):
+    """dq += dS @ K over key tiles it_lo..it_hi, dS read from the scratch (DS_rows: this program's
+    query columns of slot 0). MASKED tiles (causal diagonal, partial last key block) hold values
+    the dk/dv kernel did not write (key tiles past N_K, query blocks it skipped as wholly above the
+    diagonal), so their masked entries are not read."""
+    SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
+    offs_nb = tl.arange(0, BLOCK_N)
+    for it in range(it_lo, it_hi):
+        col = tl.load(COL + it // SUB)
+        slot = tl.load(TSLOT + it // SUB)
+        n0 = col * LAYOUT_BK + (it % SUB) * BLOCK_N
+        k = _key_tile(K_src, b, hk, n0, N_K, stride_kn, HEAD_DIM, BLOCK_N, MASKED, TMA, False)
+        if DS_TMA:
+            ds_t = DS_rows.load([ds_row0 + slot * LAYOUT_BK + (it % SUB) * BLOCK_N, ds_col0])
+            if MASKED:
+                keep = ((n0 + offs_nb) < N_K)[:, None]
+                if IS_CAUSAL:
+                    keep = keep & ((n0 + offs_nb)[:, None] <= offs_m[None, :])
+                ds_t = tl.where(keep, ds_t, 0.0)
+        else:
+            ds_ptrs = DS_rows + slot.to(tl.int64) * (LAYOUT_BQ * LAYOUT_BK)
+            ds_ptrs += ((it % SUB) * BLOCK_N + offs_nb)[:, None] * LAYOUT_BQ
+            if MASKED:
+                keep = ((n0 + offs_nb) < N_K)[:, None]
+                if IS_CAUSAL:
+                    keep = keep & ((n0 + offs_nb)[:, None] <= offs_m[None, :])
+                ds_t = tl.load(ds_ptrs, mask=keep, other=0.0)
+            else:
+                ds_t = tl.load(ds_ptrs)
+        dq = tl.dot(tl.trans(ds_t), k, dq)
+    return dq
+
+
+@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_QB", "LAYOUT_HEAD_ROWS", "UNIT0", "SLOT_HEADS", "SLOT_STRIDE"])
+def _dq_ds_kernel(
+    K,
+    DS,
+    DQ,
+    CROW,
+    COL,
+    TSLOT,
+    ORDER,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_gb,
+    stride_gn,
+    stride_gh,
+    N_Q,
+    N_K,
+    H,
+    GROUP,
+    NUM_QB,
+    LAYOUT_HEAD_ROWS,
+    UNIT0,
+    SLOT_HEADS,
+    SLOT_STRIDE,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    LAYOUT_BQ: tl.constexpr,
+    LAYOUT_BK: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    TMA: tl.constexpr,
+    DS_TMA: tl.constexpr,
+):
+    """dq of BLOCK_M queries of one (batch, query head) = UNIT0 + the launch-order entry's unit,
+    from the dS the dk/dv kernel stored (slot layout as in _dkv_kernel)."""
+    SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
+    local_bh, m_start = _ordered_tile(ORDER, NUM_QB, BLOCK_M, LAYOUT_BQ)
+    bh = UNIT0 + local_bh
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    if m_start >= N_Q:
+        return
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    slot0 = (local_bh // SLOT_HEADS).to(tl.int64) * SLOT_STRIDE
+    if DS_TMA:  # a descriptor over the scratch as (slots * LAYOUT_BK, LAYOUT_BQ)
+        DS_rows = DS
+        ds_row0 = (slot0 * LAYOUT_BK).to(tl.int32)
+    else:
+        DS_rows = DS + slot0 * (LAYOUT_BQ * LAYOUT_BK) + (m_start % LAYOUT_BQ + tl.arange(0, BLOCK_M))[None, :]
+        ds_row0 = 0
+    if TMA:
+        K_src = K
+    else:
+        K_src = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    start, _, n_full, n_use = _row_tiles(
+        CROW, COL, h * LAYOUT_HEAD_ROWS + m_start // LAYOUT_BQ, m_start, N_Q, N_K, BLOCK_M, LAYOUT_BK, IS_CAUSAL
+    )
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = _dq_ds_inner(
+        dq, K_src, DS_rows, ds_row0, m_start % LAYOUT_BQ, b, hk, COL, TSLOT, start * SUB, (start + n_full) * SUB,
+        offs_m, N_K, stride_kn, HEAD_DIM, BLOCK_N, LAYOUT_BQ, LAYOUT_BK, False, IS_CAUSAL, TMA, DS_TMA,
+    )  # fmt: skip
+    dq = _dq_ds_inner(
+        dq, K_src, DS_rows, ds_row0, m_start % LAYOUT_BQ, b, hk, COL, TSLOT, (start + n_full) * SUB,
+        (start + n_use) * SUB, offs_m, N_K, stride_kn, HEAD_DIM, BLOCK_N, LAYOUT_BQ, LAYOUT_BK, True, IS_CAUSAL,
+        TMA, DS_TMA,
+    )  # fmt: skip
+    rows = m_start.to(tl.int64) + tl.arange(0, BLOCK_M)[:, None]
+    tl.store(
+        DQ + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh + rows * stride_gn + offs_d[None, :],
+        (dq * sm_scale).to(DQ.dtype.element_ty),
+        mask=(offs_m < N_Q)[:, None],
     )
 
 
@@ -668,6 +877,16 @@ class KernelConfig:
     dkv_n: int = 64
     dkv_warps: int = 4
     dkv_stages: int = 3
+    # dqs_m x dqs_n: the dq-from-stored-dS kernel (query x key tile)
+    dqs_m: int = 128
+    dqs_n: int = 64
+    dqs_warps: int = 4
+    dqs_stages: int = 3
+    # Bytes of scratch for the stored-dS backward (0: always recompute). The dk/dv kernel then also
+    # writes dS (one q.dtype value per attended pair) and dq = dS @ K reads it back: 5 matmuls per
+    # tile instead of 7. Batch x heads run in chunks that fit; where one (batch, kv head) -- or,
+    # for per-head layouts, one batch -- does not fit, the backward recomputes P in a dq kernel.
+    ds_scratch_bytes: int = 4 * 2**30
     # Streamed tiles (K/V in the forward and dq kernels, Q/dO in the dk/dv kernel) are loaded
     # through TMA tensor descriptors where the GPU has TMA (sm90+) and the tensors are 16-byte
     # aligned (elsewhere: pointer loads); tools/bench_sparse.py --tune times both.
@@ -684,9 +903,13 @@ class KernelConfig:
             ("dq_n", self.dq_n, bk),
             ("dkv_m", self.dkv_m, bq),
             ("dkv_n", self.dkv_n, bk),
+            ("dqs_m", self.dqs_m, bq),
+            ("dqs_n", self.dqs_n, bk),
         ):
             if tile < 16 or tile & (tile - 1) or blk % tile:
                 out.append(f"{name}={tile} must be a power of two >= 16 dividing the layout block {blk}")
+        if self.ds_scratch_bytes < 0:
+            out.append(f"ds_scratch_bytes={self.ds_scratch_bytes} must be >= 0")
         return out
 
 
@@ -711,6 +934,8 @@ def default_config(block_size: tuple[int, int]) -> KernelConfig:
         dq_n=min(base.dq_n, bk),
         dkv_m=min(base.dkv_m, bq),
         dkv_n=min(base.dkv_n, bk),
+        dqs_m=min(base.dqs_m, bq),
+        dqs_n=min(base.dqs_n, bk),
     )
 
 
@@ -726,6 +951,8 @@ class CSR:
     num_query_blocks: int
     num_key_blocks: int
     block_size: tuple[int, int]
+    # (nnz,) int32 transposed-CSR position of each tile (see transposed_slots); derived on demand
+    tslot: torch.Tensor | None = field(default=None, compare=False, repr=False)
     # (key, build) -> value: where derived per-layout data (launch orders) is memoised; the layout's
     # bounded cache when built from a BlockLayout, none for raw tensors.
     cache: Callable[[Any, Callable[[], Any]], Any] | None = field(default=None, compare=False, repr=False)
@@ -745,6 +972,34 @@ class CSR:
             block_size=(int(layout.block_size[0]), int(layout.block_size[1])),
             cache=layout._cached,
         )
+
+    def transposed_slots(self) -> torch.Tensor:
+        """(nnz,) int32: for each tile in CSR order, its position in the transposed CSR (where the
+        dk/dv kernel stores its dS). Memoised per layout."""
+        if self.tslot is not None:
+            return self.tslot
+
+        def build() -> torch.Tensor:
+            return transposed_slots(
+                self.crow, self.ccol, self.col, self.row, self.num_query_blocks, self.num_key_blocks
+            )
+
+        if self.cache is None:
+            return build()
+        result: torch.Tensor = self.cache(("transposed_slots",), build)
+        return result
+
+    def max_tiles_per_column(self) -> int:
+        """The most tiles of one key block (of one layout head). Memoised per layout; reading it
+        waits for the GPU once."""
+
+        def build() -> int:
+            return int(self.ccol.diff().max()) if self.ccol.numel() > 1 else 0
+
+        if self.cache is None:
+            return build()
+        result: int = self.cache(("max_tiles_per_column",), build)
+        return result
 
     def launch_order(self, batch: int, heads: int, group: int, by_column: bool) -> torch.Tensor:
         """:func:`launch_order` of the row (or, ``by_column``, column) lists, memoised per layout."""
@@ -777,6 +1032,26 @@ def launch_order(
     bucket = torch.where(counts > 0, torch.log2(counts.clamp(min=1).double()).floor().long(), -1)
     flat = bucket.expand(heads, num_blocks).reshape(1, heads * num_blocks).expand(batch, -1).reshape(-1)
     return torch.argsort(flat, descending=True, stable=True).to(torch.int32)
+
+
+def transposed_slots(
+    crow: torch.Tensor, ccol: torch.Tensor, col: torch.Tensor, row: torch.Tensor, num_qb: int, num_kb: int
+) -> torch.Tensor:
+    """(nnz,) int32: the transposed-CSR position of each CSR tile (head, query block r, key block c).
+
+    Both orders sort the key ((head * num_kb + c) * num_qb + r) differently: the transposed CSR is
+    sorted by it, so a binary search finds every tile (O(nnz log nnz) on the device, no N x N).
+    """
+    nnz = col.numel()
+    rows_of = torch.repeat_interleave(
+        torch.arange(crow.numel() - 1, device=crow.device), crow.diff().long(), output_size=nnz
+    )
+    cols_of = torch.repeat_interleave(
+        torch.arange(ccol.numel() - 1, device=ccol.device), ccol.diff().long(), output_size=nnz
+    )
+    key_csr = ((rows_of // num_qb) * num_kb + col.long()) * num_qb + rows_of % num_qb
+    key_csc = cols_of * num_qb + row.long()
+    return torch.searchsorted(key_csc, key_csr).to(torch.int32)
 
 
 def _last_contig(t: torch.Tensor) -> torch.Tensor:
@@ -830,6 +1105,50 @@ def _tile_descriptor(t: torch.Tensor, rows: int) -> Any:
     return _TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, t.shape[3]])
 
 
+def stored_ds_chunks(csr: CSR, batch: int, kv_heads: int, group: int, elem_size: int, cfg: KernelConfig) -> list[int]:
+    """Unit boundaries [0, u1, ..., B * Hkv] of the stored-dS backward's chunks, or [] when the
+    recompute backward runs instead.
+
+    A unit is one (batch, kv head) for a shared layout, whose dS per query head is the layout's
+    tiles; a per-head layout's tiles already span every head, so its units are whole batches
+    (boundaries still counted in (batch, kv head) units). Chunks are balanced and each one's dS
+    fits ``cfg.ds_scratch_bytes``. More than one chunk is used only while each chunk's dk/dv work,
+    spread over DKV_PROGRAMS_PER_SM programs per SM, outlasts its longest program (a key tile that
+    every query block attends, as BigBird's global columns): otherwise each chunk waits on a few
+    long programs (128K BigBird at density 0.056 in 8 chunks: 5% slower than recompute on an H200).
+    """
+    bq, bk = csr.block_size
+    slot_bytes = bq * bk * elem_size
+    nnz = csr.col.numel()
+    per_head_layout = csr.num_heads > 1
+    unit_tiles = nnz * (1 if per_head_layout else group)
+    unit_bytes = unit_tiles * slot_bytes
+    units = batch if per_head_layout else batch * kv_heads
+    budget = cfg.ds_scratch_bytes
+    rows_per_unit = unit_tiles * bk  # descriptor rows (slots * Bk) of one chunk are int32 in the kernels
+    if nnz == 0 or unit_bytes > budget or units == 0 or rows_per_unit >= 2**31:
+        return []
+    n_chunks = -(-units // min(budget // unit_bytes, (2**31 - 1) // rows_per_unit))
+    if n_chunks > 1:
+        sub_tiles = (bq // cfg.dkv_m) * (bk // cfg.dkv_n)
+        chunk_work = (units // n_chunks) * unit_tiles * sub_tiles / (DKV_PROGRAMS_PER_SM * _sm_count(csr.col.device))
+        if csr.max_tiles_per_column() * group * (bq // cfg.dkv_m) > chunk_work:
+            return []
+    bounds = [units * c // n_chunks for c in range(n_chunks + 1)]
+    return [u * kv_heads for u in bounds] if per_head_layout else bounds
+
+
+# dk/dv programs resident per SM (4 warps each; measured on H100/H200 timelines).
+DKV_PROGRAMS_PER_SM = 2
+
+
+def _sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device (1 elsewhere: the interpreter runs one program at a time)."""
+    if device.type != "cuda":
+        return 1
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
 def block_sparse_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -844,54 +1163,137 @@ def block_sparse_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) shaped and typed like (q, k, v), from the forward's out and lse.
 
-    Two launches: the row-parallel dq kernel (which also stores delta = rowsum(out * dout)), then
-    the column-parallel dk/dv kernel (one program per key tile and kv head, reading delta).
+    Stored dS (when :func:`stored_ds_chunks` gives chunks): delta = rowsum(out * dout), then per
+    chunk of (batch, kv head) units the column-parallel dk/dv kernel, which also writes dS, and the
+    row-parallel dq = dS @ K kernel. Otherwise (recompute): the row-parallel dq kernel, which
+    recomputes P and dP and stores delta, then the dk/dv kernel.
     """
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
-    bq, bk = csr.block_size
+    group = H // Hkv
     q, k, v, out, dout = (_last_contig(t) for t in (q, k, v, out, dout))
     delta = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     layout_rows = csr.num_query_blocks if csr.num_heads > 1 else 0
-    layout_cols = csr.num_key_blocks if csr.num_heads > 1 else 0
+    tma_kv = cfg.tma and _has_tma(k, v)
+    bounds = stored_ds_chunks(csr, B, Hkv, group, q.element_size(), cfg)
 
-    tma = cfg.tma and _has_tma(k, v)
-    _dq_kernel[(B * H * csr.num_query_blocks * (bq // cfg.dq_m),)](
-        q,
-        _tile_descriptor(k, cfg.dq_n) if tma else k,
-        _tile_descriptor(v, cfg.dq_n) if tma else v,
-        out, dout, dq, lse, delta, csr.crow, csr.col, csr.launch_order(B, H, 1, by_column=False),
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        Nq, Nk, H, H // Hkv, csr.num_query_blocks, layout_rows, scale * LOG2E, scale,
-        HEAD_DIM=D, BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
-        TMA=tma, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+    if not bounds:
+        _dq_kernel[(B * H * csr.num_query_blocks * (csr.block_size[0] // cfg.dq_m),)](
+            q,
+            _tile_descriptor(k, cfg.dq_n) if tma_kv else k,
+            _tile_descriptor(v, cfg.dq_n) if tma_kv else v,
+            out, dout, dq, lse, delta, csr.crow, csr.col, csr.launch_order(B, H, 1, by_column=False),
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            Nq, Nk, H, group, csr.num_query_blocks, layout_rows, scale * LOG2E, scale,
+            HEAD_DIM=D, BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, LAYOUT_BQ=csr.block_size[0],
+            LAYOUT_BK=csr.block_size[1], IS_CAUSAL=is_causal, TMA=tma_kv, num_warps=cfg.dq_warps,
+            num_stages=cfg.dq_stages,
+        )  # fmt: skip
+        _launch_dkv(q, k, v, dout, dk, dv, lse, delta, None, csr, 0, B * Hkv, is_causal, scale, cfg)
+        return dq, dk, dv
+
+    _delta_kernel[(triton.cdiv(Nq, DELTA_ROWS), B * H)](
+        out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
+        dout.stride(2), Nq, H, HEAD_DIM=D, BLOCK_M=DELTA_ROWS,
     )  # fmt: skip
+    nnz = csr.col.numel()
+    bq, bk = csr.block_size
+    per_head_layout = csr.num_heads > 1
+    tslot = csr.transposed_slots()
+    widest = max(u1 - u0 for u0, u1 in itertools.pairwise(bounds))
+    slots = widest * (1 if per_head_layout else group) * nnz // (Hkv if per_head_layout else 1)
+    ds = _scratch(slots * bq * bk, q)
+    ds_tma = cfg.tma and _has_tma(ds)
+    ds_src = _scratch_descriptor(ds, bq, cfg.dqs_n, cfg.dqs_m) if ds_tma else ds
+    k_src = _tile_descriptor(k, cfg.dqs_n) if tma_kv else k
+    for u0, u1 in itertools.pairwise(bounds):
+        _launch_dkv(q, k, v, dout, dk, dv, lse, delta, ds, csr, u0, u1 - u0, is_causal, scale, cfg)
+        if per_head_layout:
+            order = csr.launch_order((u1 - u0) // Hkv, H, 1, by_column=False)
+        else:
+            order = csr.launch_order(1, (u1 - u0) * group, 1, by_column=False)
+        _dq_ds_kernel[((u1 - u0) * group * csr.num_query_blocks * (bq // cfg.dqs_m),)](
+            k_src, ds_src, dq, csr.crow, csr.col, tslot, order,
+            k.stride(0), k.stride(1), k.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            Nq, Nk, H, group, csr.num_query_blocks, layout_rows, u0 * group, H if per_head_layout else 1, nnz,
+            scale,
+            HEAD_DIM=D, BLOCK_M=cfg.dqs_m, BLOCK_N=cfg.dqs_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
+            TMA=tma_kv, DS_TMA=ds_tma, num_warps=cfg.dqs_warps, num_stages=cfg.dqs_stages,
+        )  # fmt: skip
+    return dq, dk, dv
 
+
+# Rows per program of the delta kernel.
+DELTA_ROWS = 64
+
+
+def _scratch_descriptor(ds: torch.Tensor, bq: int, rows: int, cols: int) -> Any:
+    """A descriptor over the scratch as (slots * Bk, Bq), moving (rows, cols) tiles."""
+    ds2 = ds.view(-1, bq)
+    return _TensorDescriptor(ds2, list(ds2.shape), list(ds2.stride()), [rows, cols])
+
+
+def _scratch(numel: int, like: torch.Tensor) -> torch.Tensor:
+    """The dS scratch: uninitialised (every value read was written first; tests fill it with NaN)."""
+    return torch.empty(numel, device=like.device, dtype=like.dtype)
+
+
+def _launch_dkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    ds: torch.Tensor | None,
+    csr: CSR,
+    unit0: int,
+    units: int,
+    is_causal: bool,
+    scale: float,
+    cfg: KernelConfig,
+) -> None:
+    """The dk/dv kernel over (batch, kv head) units unit0..unit0 + units; writes dS into ``ds``
+    unless it is None."""
+    _, Nq, H, D = q.shape
+    Nk, Hkv = k.shape[1], k.shape[2]
+    group = H // Hkv
+    bq, bk = csr.block_size
+    per_head_layout = csr.num_heads > 1
+    if per_head_layout:  # whole batches (stored dS) or everything (recompute)
+        order = csr.launch_order(units // Hkv, Hkv, group, by_column=True)
+    else:
+        order = csr.launch_order(1, units, group, by_column=True)
     tma = cfg.tma and _has_tma(q, dout)
-    _dkv_kernel[(B * Hkv * csr.num_key_blocks * (bk // cfg.dkv_n),)](
+    ds_tma = ds is not None and cfg.tma and _has_tma(ds)
+    ds_src = _scratch_descriptor(ds, bq, cfg.dkv_n, cfg.dkv_m) if ds_tma else (ds if ds is not None else delta)
+    _dkv_kernel[(units * csr.num_key_blocks * (bk // cfg.dkv_n),)](
         _tile_descriptor(q, cfg.dkv_m) if tma else q,
         k, v,
         _tile_descriptor(dout, cfg.dkv_m) if tma else dout,
-        dk, dv, lse, delta, csr.ccol, csr.row, csr.launch_order(B, Hkv, H // Hkv, by_column=True),
+        dk, dv, lse, delta, csr.ccol, csr.row, order, ds_src,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        Nq, Nk, H, Hkv, H // Hkv, csr.num_key_blocks, layout_cols, scale * LOG2E, scale,
+        Nq, Nk, H, Hkv, group, csr.num_key_blocks, csr.num_key_blocks if per_head_layout else 0,
+        unit0, H if per_head_layout else 1, csr.col.numel(), scale * LOG2E, scale,
         HEAD_DIM=D, BLOCK_M=cfg.dkv_m, BLOCK_N=cfg.dkv_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
-        TMA=tma, num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages,
+        TMA=tma, STORE_DS=ds is not None, DS_TMA=ds_tma, num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages,
     )  # fmt: skip
-    return dq, dk, dv
 
 
 # Under torch.compile the kernels run as torch.library custom ops with a registered autograd
@@ -909,10 +1311,11 @@ def _config_from_ints(values: list[int]) -> KernelConfig:
 
 
 def _csr_from_args(
-    crow: torch.Tensor, col: torch.Tensor, ccol: torch.Tensor, row: torch.Tensor, dims: list[int]
+    crow: torch.Tensor, col: torch.Tensor, ccol: torch.Tensor, row: torch.Tensor, tslot: torch.Tensor, dims: list[int]
 ) -> CSR:
     heads, nqb, nkb, bq, bk = dims
-    return CSR(crow, col, ccol, row, heads, nqb, nkb, (bq, bk))
+    # an empty tslot (the forward ran without grad) is derived again if a backward needs it
+    return CSR(crow, col, ccol, row, heads, nqb, nkb, (bq, bk), tslot=tslot if tslot.numel() == col.numel() else None)
 
 
 @torch.library.custom_op("attn_sparse::block_sparse_fwd", mutates_args=())
@@ -924,6 +1327,7 @@ def _fwd_op(
     col: torch.Tensor,
     ccol: torch.Tensor,
     row: torch.Tensor,
+    tslot: torch.Tensor,
     dims: list[int],
     is_causal: bool,
     scale: float,
@@ -931,7 +1335,7 @@ def _fwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with device_guard(q.device):
         return block_sparse_forward(
-            q, k, v, _csr_from_args(crow, col, ccol, row, dims), is_causal, scale, _config_from_ints(cfg)
+            q, k, v, _csr_from_args(crow, col, ccol, row, tslot, dims), is_causal, scale, _config_from_ints(cfg)
         )
 
 
@@ -944,6 +1348,7 @@ def _fwd_fake(
     col: torch.Tensor,
     ccol: torch.Tensor,
     row: torch.Tensor,
+    tslot: torch.Tensor,
     dims: list[int],
     is_causal: bool,
     scale: float,
@@ -965,6 +1370,7 @@ def _bwd_op(
     col: torch.Tensor,
     ccol: torch.Tensor,
     row: torch.Tensor,
+    tslot: torch.Tensor,
     dims: list[int],
     is_causal: bool,
     scale: float,
@@ -978,7 +1384,7 @@ def _bwd_op(
             v,
             out,
             lse,
-            _csr_from_args(crow, col, ccol, row, dims),
+            _csr_from_args(crow, col, ccol, row, tslot, dims),
             is_causal,
             scale,
             _config_from_ints(cfg),
@@ -997,6 +1403,7 @@ def _bwd_fake(
     col: torch.Tensor,
     ccol: torch.Tensor,
     row: torch.Tensor,
+    tslot: torch.Tensor,
     dims: list[int],
     is_causal: bool,
     scale: float,
@@ -1006,17 +1413,17 @@ def _bwd_fake(
 
 
 def _fwd_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    q, k, v, crow, col, ccol, row, dims, is_causal, scale, cfg = inputs
+    q, k, v, crow, col, ccol, row, tslot, dims, is_causal, scale, cfg = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, crow, col, ccol, row)
+    ctx.save_for_backward(q, k, v, out, lse, crow, col, ccol, row, tslot)
     ctx.args = (dims, is_causal, scale, cfg)
 
 
 def _fwd_backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     # lse is an auxiliary output (not exposed): its incoming gradient is ignored
-    q, k, v, out, lse, crow, col, ccol, row = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, crow, col, ccol, row, *ctx.args)
-    return (dq, dk, dv) + (None,) * 8
+    q, k, v, out, lse, crow, col, ccol, row, tslot = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, crow, col, ccol, row, tslot, *ctx.args)
+    return (dq, dk, dv) + (None,) * 9
 
 
 torch.library.register_autograd("attn_sparse::block_sparse_fwd", _fwd_backward, setup_context=_fwd_setup_context)
@@ -1049,8 +1456,10 @@ def block_sparse_attention_csr(
             out: torch.Tensor = _EagerFn.apply(q, k, v, csr, bool(is_causal), float(scale), cfg)
         return out
     dims = [csr.num_heads, csr.num_query_blocks, csr.num_key_blocks, csr.block_size[0], csr.block_size[1]]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    tslot = csr.transposed_slots() if needs_grad else csr.col.new_empty(0)
     out, _ = _fwd_op(
-        q, k, v, csr.crow, csr.col, csr.ccol, csr.row, dims, bool(is_causal), float(scale),
+        q, k, v, csr.crow, csr.col, csr.ccol, csr.row, tslot, dims, bool(is_causal), float(scale),
         [int(getattr(cfg, f)) for f in _CFG_FIELDS],
     )  # fmt: skip
     return out
