@@ -1276,8 +1276,12 @@ def _launch_dkv(
     else:
         order = csr.launch_order(1, units, group, by_column=True)
     tma = cfg.tma and _has_tma(q, dout)
-    ds_tma = ds is not None and cfg.tma and _has_tma(ds)
-    ds_src = _scratch_descriptor(ds, bq, cfg.dkv_n, cfg.dkv_m) if ds_tma else (ds if ds is not None else delta)
+    # Without dS storage the pointer is never read (STORE_DS=False); delta stands in for it.
+    ds_src: object = delta
+    ds_tma = False
+    if ds is not None:
+        ds_tma = cfg.tma and _has_tma(ds)
+        ds_src = _scratch_descriptor(ds, bq, cfg.dkv_n, cfg.dkv_m) if ds_tma else ds
     _dkv_kernel[(units * csr.num_key_blocks * (bk // cfg.dkv_n),)](
         _tile_descriptor(q, cfg.dkv_m) if tma else q,
         k, v,
