@@ -167,6 +167,18 @@ def _key_tile(
 
 
 @triton.jit
+def _row_tile_ptrs(X, b, h, rows, offs_d, stride_b, stride_n, stride_h):
+    """Pointers to the (rows, HEAD_DIM) tile of (batch b, head h) of a (B, N, H, D) tensor."""
+    return X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + rows * stride_n + offs_d[None, :]
+
+
+@triton.jit
+def _load_row_tile(X, b, h, rows, offs_d, row_ok, stride_b, stride_n, stride_h):
+    """The (rows, HEAD_DIM) tile of (batch b, head h), zeros where not row_ok."""
+    return tl.load(_row_tile_ptrs(X, b, h, rows, offs_d, stride_b, stride_n, stride_h), mask=row_ok[:, None], other=0.0)
+
+
+@triton.jit
 def _head_sources(X, Y, b, head, stride_xb, stride_xh, stride_yb, stride_yh, TMA: tl.constexpr):
     """Where the streamed tiles of two (B, N, heads, D) tensors (K/V, or Q/dO in the dk/dv kernel)
     are read from for (batch b, head): the TMA descriptors themselves, or the head's base pointers."""
@@ -434,26 +446,14 @@ def _dq_kernel(
     m_ok = offs_m < N_Q
     rows = m_start.to(tl.int64) + tl.arange(0, BLOCK_M)[:, None]
 
-    q = tl.load(
-        Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + rows * stride_qn + offs_d[None, :],
-        mask=m_ok[:, None],
-        other=0.0,
-    )
-    do = tl.load(
-        DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + rows * stride_dn + offs_d[None, :],
-        mask=m_ok[:, None],
-        other=0.0,
-    )
+    q = _load_row_tile(Q, b, h, rows, offs_d, m_ok, stride_qb, stride_qn, stride_qh)
+    do = _load_row_tile(DO, b, h, rows, offs_d, m_ok, stride_db, stride_dn, stride_dh)
     lse = tl.load(LSE + bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=float("inf"))
     # rows that saw no key (lse = -inf) get p = exp2(s - inf) = 0: zero gradient, never NaN
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     # delta = rowsum(out * dout), computed here (each row belongs to exactly one dq program) and
     # stored for the dk/dv kernel, which runs after this one: no separate pass over out and dout
-    o = tl.load(
-        O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows * stride_on + offs_d[None, :],
-        mask=m_ok[:, None],
-        other=0.0,
-    )
+    o = _load_row_tile(O, b, h, rows, offs_d, m_ok, stride_ob, stride_on, stride_oh)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_ok)
     K_src, V_src = _head_sources(K, V, b, hk, stride_kb, stride_kh, stride_vb, stride_vh, TMA)
@@ -473,7 +473,7 @@ def _dq_kernel(
     )  # fmt: skip
     dq = dq * sm_scale
     tl.store(
-        DQ + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh + rows * stride_gn + offs_d[None, :],
+        _row_tile_ptrs(DQ, b, h, rows, offs_d, stride_gb, stride_gn, stride_gh),
         dq.to(DQ.dtype.element_ty),
         mask=m_ok[:, None],
     )
@@ -707,16 +707,8 @@ def _delta_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < N_Q
     rows = offs_m.to(tl.int64)[:, None]
-    o = tl.load(
-        O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows * stride_on + offs_d[None, :],
-        mask=m_ok[:, None],
-        other=0.0,
-    )
-    do = tl.load(
-        DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + rows * stride_dn + offs_d[None, :],
-        mask=m_ok[:, None],
-        other=0.0,
-    )
+    o = _load_row_tile(O, b, h, rows, offs_d, m_ok, stride_ob, stride_on, stride_oh)
+    do = _load_row_tile(DO, b, h, rows, offs_d, m_ok, stride_db, stride_dn, stride_dh)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_ok)
 
@@ -757,20 +749,18 @@ def _dq_ds_inner(
         slot = tl.load(TSLOT + it // SUB)
         n0 = col * LAYOUT_BK + (it % SUB) * BLOCK_N
         k = _key_tile(K_src, b, hk, n0, N_K, stride_kn, HEAD_DIM, BLOCK_N, MASKED, TMA, False)
+        if MASKED:  # (BLOCK_N keys, BLOCK_M queries), as the scratch holds dS
+            keep = ((n0 + offs_nb) < N_K)[:, None]
+            if IS_CAUSAL:
+                keep = keep & ((n0 + offs_nb)[:, None] <= offs_m[None, :])
         if DS_TMA:
             ds_t = DS_rows.load([ds_row0 + slot * LAYOUT_BK + (it % SUB) * BLOCK_N, ds_col0])
             if MASKED:
-                keep = ((n0 + offs_nb) < N_K)[:, None]
-                if IS_CAUSAL:
-                    keep = keep & ((n0 + offs_nb)[:, None] <= offs_m[None, :])
                 ds_t = tl.where(keep, ds_t, 0.0)
         else:
             ds_ptrs = DS_rows + slot.to(tl.int64) * (LAYOUT_BQ * LAYOUT_BK)
             ds_ptrs += ((it % SUB) * BLOCK_N + offs_nb)[:, None] * LAYOUT_BQ
             if MASKED:
-                keep = ((n0 + offs_nb) < N_K)[:, None]
-                if IS_CAUSAL:
-                    keep = keep & ((n0 + offs_nb)[:, None] <= offs_m[None, :])
                 ds_t = tl.load(ds_ptrs, mask=keep, other=0.0)
             else:
                 ds_t = tl.load(ds_ptrs)
@@ -850,7 +840,7 @@ def _dq_ds_kernel(
     )  # fmt: skip
     rows = m_start.to(tl.int64) + tl.arange(0, BLOCK_M)[:, None]
     tl.store(
-        DQ + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh + rows * stride_gn + offs_d[None, :],
+        _row_tile_ptrs(DQ, b, h, rows, offs_d, stride_gb, stride_gn, stride_gh),
         (dq * sm_scale).to(DQ.dtype.element_ty),
         mask=(offs_m < N_Q)[:, None],
     )
