@@ -31,13 +31,17 @@ TEST_TOOLS = ["pytest>=8", "hypothesis>=6.100", "numpy>=1.24"]
 # NVLink multicast stays off on the lent multi-GPU machines (see shared/GPU.md)
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
-# package dir -> (sibling package dirs it declares, extras its tests need)
-PACKAGES: dict[str, tuple[list[str], str]] = {
-    "attn-core": ([], "[triton]"),
-    "attn-sparse": (["attn-core"], "[triton]"),
-    "attn-ring": (["attn-core", "attn-sparse"], "[sparse]"),
-    "memory-runtime": ([], "[plot,native]"),
-    "dilated-attention-pytorch": (["attn-core", "attn-sparse", "attn-ring", "memory-runtime"], "[all]"),
+# package dir -> (sibling package dirs it declares, extras its tests need, per package dir)
+PACKAGES: dict[str, tuple[list[str], dict[str, str]]] = {
+    "attn-core": ([], {"attn-core": "[triton]"}),
+    "attn-sparse": (["attn-core"], {"attn-sparse": "[triton]"}),
+    # attn-sparse[triton]: ring block-sparse through attn_sparse's Triton kernels (interpreter on CPU)
+    "attn-ring": (["attn-core", "attn-sparse"], {"attn-ring": "[sparse]", "attn-sparse": "[triton]"}),
+    "memory-runtime": ([], {"memory-runtime": "[plot,native]"}),
+    "dilated-attention-pytorch": (
+        ["attn-core", "attn-sparse", "attn-ring", "memory-runtime"],
+        {"dilated-attention-pytorch": "[all]"},
+    ),
 }
 SRC_DIRS = [str(p / "src") for p in sorted(PACKAGES_DIR.iterdir()) if (p / "src").is_dir()]
 
@@ -85,9 +89,9 @@ def _pytest(session: nox.Session, *args: str) -> None:
 @nox.parametrize("package", list(PACKAGES))
 def tests(session: nox.Session, package: str) -> None:
     """One package's CPU tests, installed with only its own declared dependencies."""
-    siblings, extra = PACKAGES[package]
+    siblings, extras = PACKAGES[package]
     _install_torch(session)
-    _install_packages(session, [*siblings, package], {package: extra})
+    _install_packages(session, [*siblings, package], extras)
     session.env.setdefault("TRITON_INTERPRET", "1")
     if package == "memory-runtime":
         # CI has a compiler and ninja: the pools' native hot path must build, and is tested beside the Python path
