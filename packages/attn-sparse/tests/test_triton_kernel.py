@@ -360,3 +360,21 @@ def test_stored_ds_chunks_budget_and_long_columns() -> None:
     # a per-head layout's unit is a whole batch (boundaries in (batch, kv head) units)
     csr = csr_from_mask(diag.expand(2, 8, 8).clone(), (16, 16))
     assert stored_ds_chunks(csr, 3, 2, 1, 2, replace(cfg, ds_scratch_bytes=2 * unit)) == [0, 2, 4, 6]
+
+
+def test_stored_ds_scratch_capped_by_device_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the scratch budget is min(ds_scratch_bytes, total memory / DS_SCRATCH_MEMORY_SHARE)."""
+    import attn_sparse.kernels.block_sparse as bs
+
+    cfg = KernelConfig(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16, dqs_m=16, dqs_n=16)
+    unit = 8 * 16 * 16 * 2
+    csr = csr_from_mask(torch.eye(8, dtype=torch.bool)[None], (16, 16))
+    assert bs._scratch_cap(torch.device("cpu")) >= 2**62
+    monkeypatch.setattr(bs, "_scratch_cap", lambda device: 2 * unit)
+    assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=4 * unit)) == [0, 2, 4]
+    monkeypatch.setattr(bs, "_scratch_cap", lambda device: unit - 1)
+    assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=4 * unit)) == []
+    if torch.cuda.is_available():  # the real cap: total memory over the share
+        monkeypatch.undo()
+        total = torch.cuda.get_device_properties(0).total_memory
+        assert bs._scratch_cap(torch.device("cuda", 0)) == total // bs.DS_SCRATCH_MEMORY_SHARE

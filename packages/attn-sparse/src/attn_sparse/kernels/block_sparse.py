@@ -872,10 +872,12 @@ class KernelConfig:
     dqs_n: int = 64
     dqs_warps: int = 4
     dqs_stages: int = 3
-    # Bytes of scratch for the stored-dS backward (0: always recompute). The dk/dv kernel then also
-    # writes dS (one q.dtype value per attended pair) and dq = dS @ K reads it back: 5 matmuls per
-    # tile instead of 7. Batch x heads run in chunks that fit; where one (batch, kv head) -- or,
-    # for per-head layouts, one batch -- does not fit, the backward recomputes P in a dq kernel.
+    # Bytes of scratch for the stored-dS backward (0: always recompute), capped on a GPU at
+    # 1/DS_SCRATCH_MEMORY_SHARE of its memory (so 4 GiB stays 4 GiB on an 80 GB card and becomes
+    # 1.5 GiB on a 24 GB one). The dk/dv kernel then also writes dS (one q.dtype value per attended
+    # pair) and dq = dS @ K reads it back: 5 matmuls per tile instead of 7. Batch x heads run in
+    # chunks that fit; where one (batch, kv head) -- or, for per-head layouts, one batch -- does
+    # not fit, the backward recomputes P in a dq kernel.
     ds_scratch_bytes: int = 4 * 2**30
     # Streamed tiles (K/V in the forward and dq kernels, Q/dO in the dk/dv kernel) are loaded
     # through TMA tensor descriptors where the GPU has TMA (sm90+) and the tensors are 16-byte
@@ -1102,10 +1104,10 @@ def stored_ds_chunks(csr: CSR, batch: int, kv_heads: int, group: int, elem_size:
     A unit is one (batch, kv head) for a shared layout, whose dS per query head is the layout's
     tiles; a per-head layout's tiles already span every head, so its units are whole batches
     (boundaries still counted in (batch, kv head) units). Chunks are balanced and each one's dS
-    fits ``cfg.ds_scratch_bytes``. More than one chunk is used only while each chunk's dk/dv work,
-    spread over DKV_PROGRAMS_PER_SM programs per SM, outlasts its longest program (a key tile that
-    every query block attends, as BigBird's global columns): otherwise each chunk waits on a few
-    long programs (128K BigBird at density 0.056 in 8 chunks: 5% slower than recompute on an H200).
+    fits ``cfg.ds_scratch_bytes`` (on a GPU, also 1/DS_SCRATCH_MEMORY_SHARE of its memory). More
+    than one chunk is used only while each chunk's dk/dv work, spread over DKV_PROGRAMS_PER_SM
+    programs per SM, outlasts its longest program (a key tile that every query block attends, as
+    BigBird's global columns): otherwise each chunk waits on a few long programs (128K BigBird at density 0.056 in 8 chunks: 5% slower than recompute on an H200).
     """
     bq, bk = csr.block_size
     slot_bytes = bq * bk * elem_size
@@ -1114,7 +1116,7 @@ def stored_ds_chunks(csr: CSR, batch: int, kv_heads: int, group: int, elem_size:
     unit_tiles = nnz * (1 if per_head_layout else group)
     unit_bytes = unit_tiles * slot_bytes
     units = batch if per_head_layout else batch * kv_heads
-    budget = cfg.ds_scratch_bytes
+    budget = min(cfg.ds_scratch_bytes, _scratch_cap(csr.col.device))
     rows_per_unit = unit_tiles * bk  # descriptor rows (slots * Bk) of one chunk are int32 in the kernels
     if nnz == 0 or unit_bytes > budget or units == 0 or rows_per_unit >= 2**31:
         return []
@@ -1130,6 +1132,17 @@ def stored_ds_chunks(csr: CSR, batch: int, kv_heads: int, group: int, elem_size:
 
 # dk/dv programs resident per SM (4 warps each; measured on H100/H200 timelines).
 DKV_PROGRAMS_PER_SM = 2
+# The stored-dS scratch takes at most this fraction (1/share) of a GPU's total memory. Total, not
+# free: the caching allocator's free memory moves from call to call, and the backward form (and
+# with it which kernels compile) should not.
+DS_SCRATCH_MEMORY_SHARE = 16
+
+
+def _scratch_cap(device: torch.device) -> int:
+    """Most bytes of dS scratch on ``device`` (no cap off CUDA: the interpreter's tests size it)."""
+    if device.type != "cuda":
+        return 2**62
+    return int(torch.cuda.get_device_properties(device).total_memory) // DS_SCRATCH_MEMORY_SHARE
 
 
 def _sm_count(device: torch.device) -> int:
