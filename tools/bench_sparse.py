@@ -155,7 +155,8 @@ def correctness(device: str) -> list[dict]:
 # --------------------------------------------------------------------------------------------- main sweep
 
 
-def run_sweep(args: argparse.Namespace) -> dict:
+def run_sweep(args: argparse.Namespace, env: dict, partial: Path | None = None) -> dict:
+    """Every (N, pattern, density) point; after each one the rows so far go to ``partial`` (JSON)."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
@@ -219,6 +220,8 @@ def run_sweep(args: argparse.Namespace) -> dict:
                 )
             )
             bar.update()
+            if partial is not None:  # what a run cut short (time limit, lost machine) still leaves
+                partial.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
         del q, k, v, do, qt, kt, vt, dot
         torch.cuda.empty_cache()
     bar.close()
@@ -291,6 +294,7 @@ def measure_point(
     build_variants = kernel_cache_entries("build") - build_before
     dens = layout.density
     flops_f = 4.0 * attended_pairs(layout, n) * D * H * B
+    bwd_form = backward_form(layout, B, k.shape[2], H // k.shape[2], q.element_size())
 
     def ours_fwd() -> torch.Tensor:
         return block_sparse_attention(q, k, v, layout, backend="triton")
@@ -355,7 +359,19 @@ def measure_point(
         build_new_variants=build_variants,
         flex_new_graphs=flex_graphs,
         sm_clock_mhz=mhz,
+        backward_form=bwd_form,
     )
+
+
+def backward_form(layout: Any, batch: int, kv_heads: int, group: int, elem_size: int) -> str:
+    """Which backward the Triton kernels run for this call: 'stored dS (k chunks)' or 'recompute'."""
+    from attn_sparse.kernels import CSR, default_config, stored_ds_chunks
+
+    bounds = stored_ds_chunks(
+        CSR.from_layout(layout), batch, kv_heads, group, elem_size, default_config(layout.block_size)
+    )
+    chunks = len(bounds) - 1
+    return f"stored dS ({chunks} chunk{'s' if chunks > 1 else ''})" if bounds else "recompute"
 
 
 def layout_build_times(device: str, sizes: tuple[int, ...] = (131072, 1 << 20), reps: int = 7) -> list[dict]:
@@ -541,8 +557,8 @@ def write_report(result: dict, out: Path) -> None:
         "| N | pattern | density | ours fwd ms | flex fwd ms | cuDNN fwd ms | fwd speedup (target) | "
         "ours fwd+bwd ms | flex fwd+bwd ms | cuDNN fwd+bwd ms | fwd+bwd speedup (target) | vs flex fwd | "
         "vs flex fwd+bwd | ours fwd / fwd+bwd TF/s | layout build ms (% of fwd / of fwd+bwd) | "
-        "flex BlockMask conv. ms | SM MHz fwd cuDNN / ours / flex |",
-        "|" + "---|" * 17,
+        "flex BlockMask conv. ms | SM MHz fwd cuDNN / ours / flex | backward |",
+        "|" + "---|" * 18,
     ]
     for r in rows:
         lines.append(
@@ -553,7 +569,7 @@ def write_report(result: dict, out: Path) -> None:
             f"{r['vs_flex_fwdbwd']:.2f} | {r['ours_fwd_tflops']:.0f} / {r['ours_fwdbwd_tflops']:.0f} | "
             f"{r['layout_build_ms']:.1f} ({r['layout_build_pct_of_fwd']:.1f}% / "
             f"{100 * r['layout_build_ms'] / r['ours_fwdbwd_ms']:.1f}%) | "
-            f"{r['flex_blockmask_conversion_ms']:.1f} | {_clocks(r)} |"
+            f"{r['flex_blockmask_conversion_ms']:.1f} | {_clocks(r)} | {r.get('backward_form', '-')} |"
         )
     met = {
         "fwd speedup >= 0.8/density": sum(r["speedup_fwd"] >= r["target_fwd"] for r in rows),
@@ -690,7 +706,9 @@ def main() -> int:
     result["timing"] = "per-point"
     result["build_reps"] = BUILD_REPS
     result["build_rounds"] = BUILD_ROUNDS
-    result.update(run_sweep(args))
+    args.out.mkdir(parents=True, exist_ok=True)
+    partial = args.out / f"{report_name(result)}.partial.json"
+    result.update(run_sweep(args, env, partial))
     grown = kernel_cache_entries() - before
     result["layout_build"] = layout_build_times("cuda")
     try:
@@ -702,12 +720,14 @@ def main() -> int:
     variants = [r["triton_new_variants"] for r in result["rows"]]
     result["recompile_note"] = (
         f"Triton kernel variants compiled over the whole sweep: {grown} (per point: {variants}); "
-        "after the first point, a changed pattern, density or N compiles nothing new when this is all zeros. "
+        "after the first point, a changed pattern, density or N compiles nothing new when this is all zeros, "
+        "except at the first point that uses the other backward form (stored dS / recompute: column 'backward'). "
         "Pattern-build kernels (bigbird's three, local_window's, the run expansion) compiled per point (each "
         f"compiles once, at the first build that uses it): {[r.get('build_new_variants', 0) for r in result['rows']]}. "
         f"Flex new dynamo graphs per point: {[r['flex_new_graphs'] for r in result['rows']]}."
     )
     write_report(result, args.out)
+    partial.unlink(missing_ok=True)
     print((args.out / f"{report_name(result)}.md").read_text())
     return 0
 
