@@ -168,7 +168,7 @@ def _key_tile(
 
 @triton.jit
 def _row_tile_ptrs(X, b, h, rows, offs_d, stride_b, stride_n, stride_h):
-    """Pointers to the (rows, HEAD_DIM) tile of (batch b, head h) of a (B, N, H, D) tensor."""
+    """Pointers to the (rows, HEAD_DIM) tile of (batch b, head h) of a (B, N, heads, D) tensor."""
     return X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + rows * stride_n + offs_d[None, :]
 
 
@@ -629,16 +629,8 @@ def _dkv_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     n_ok = offs_n < N_K
     keys = n_start.to(tl.int64) + tl.arange(0, BLOCK_N)[:, None]
-    k = tl.load(
-        K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + keys * stride_kn + offs_d[None, :],
-        mask=n_ok[:, None],
-        other=0.0,
-    )
-    v = tl.load(
-        V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + keys * stride_vn + offs_d[None, :],
-        mask=n_ok[:, None],
-        other=0.0,
-    )
+    k = _load_row_tile(K, b, hk, keys, offs_d, n_ok, stride_kb, stride_kn, stride_kh)
+    v = _load_row_tile(V, b, hk, keys, offs_d, n_ok, stride_vb, stride_vn, stride_vh)
     # query blocks below r_skip lie entirely before these keys (causal: nothing to do); those below
     # r_full cross the diagonal and need the mask; the rest are unmasked
     r_skip = 0
@@ -682,12 +674,12 @@ def _dkv_kernel(
         )  # fmt: skip
     dk = dk * sm_scale
     tl.store(
-        DK + b.to(tl.int64) * stride_gkb + hk.to(tl.int64) * stride_gkh + keys * stride_gkn + offs_d[None, :],
+        _row_tile_ptrs(DK, b, hk, keys, offs_d, stride_gkb, stride_gkn, stride_gkh),
         dk.to(DK.dtype.element_ty),
         mask=n_ok[:, None],
     )
     tl.store(
-        DV + b.to(tl.int64) * stride_gvb + hk.to(tl.int64) * stride_gvh + keys * stride_gvn + offs_d[None, :],
+        _row_tile_ptrs(DV, b, hk, keys, offs_d, stride_gvb, stride_gvn, stride_gvh),
         dv.to(DV.dtype.element_ty),
         mask=n_ok[:, None],
     )
