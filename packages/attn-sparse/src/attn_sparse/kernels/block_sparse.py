@@ -175,20 +175,25 @@ def _row_tile_ptrs(X, b, h, rows, offs_d, stride_b, stride_n, stride_h):
 @triton.jit
 def _load_row_tile(X, b, h, rows, offs_d, row_ok, stride_b, stride_n, stride_h):
     """The (rows, HEAD_DIM) tile of (batch b, head h), zeros where not row_ok."""
-    return tl.load(_row_tile_ptrs(X, b, h, rows, offs_d, stride_b, stride_n, stride_h), mask=row_ok[:, None], other=0.0)
+    ptrs = _row_tile_ptrs(X, b, h, rows, offs_d, stride_b, stride_n, stride_h)
+    return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _head_source(X, b, head, stride_b, stride_h, TMA: tl.constexpr):
+    """Where the streamed tiles of a (B, N, heads, D) tensor are read from for (batch b, head):
+    the TMA descriptor itself, or the head's base pointer."""
+    if TMA:
+        X_src = X
+    else:
+        X_src = X + b.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
+    return X_src
 
 
 @triton.jit
 def _head_sources(X, Y, b, head, stride_xb, stride_xh, stride_yb, stride_yh, TMA: tl.constexpr):
-    """Where the streamed tiles of two (B, N, heads, D) tensors (K/V, or Q/dO in the dk/dv kernel)
-    are read from for (batch b, head): the TMA descriptors themselves, or the head's base pointers."""
-    if TMA:
-        X_src = X
-        Y_src = Y
-    else:
-        X_src = X + b.to(tl.int64) * stride_xb + head.to(tl.int64) * stride_xh
-        Y_src = Y + b.to(tl.int64) * stride_yb + head.to(tl.int64) * stride_yh
-    return X_src, Y_src
+    """_head_source of two tensors of one head (K/V, or Q/dO in the dk/dv kernel)."""
+    return _head_source(X, b, head, stride_xb, stride_xh, TMA), _head_source(Y, b, head, stride_yb, stride_yh, TMA)
 
 
 @triton.jit
@@ -813,10 +818,7 @@ def _dq_ds_kernel(
     else:
         DS_rows = DS + slot0 * (LAYOUT_BQ * LAYOUT_BK) + (m_start % LAYOUT_BQ + tl.arange(0, BLOCK_M))[None, :]
         ds_row0 = 0
-    if TMA:
-        K_src = K
-    else:
-        K_src = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    K_src = _head_source(K, b, hk, stride_kb, stride_kh, TMA)
     start, _, n_full, n_use = _row_tiles(
         CROW, COL, h * LAYOUT_HEAD_ROWS + m_start // LAYOUT_BQ, m_start, N_Q, N_K, BLOCK_M, LAYOUT_BK, IS_CAUSAL
     )
@@ -1099,7 +1101,8 @@ def stored_ds_chunks(csr: CSR, batch: int, kv_heads: int, group: int, elem_size:
     fits ``cfg.ds_scratch_bytes`` (on a GPU, also 1/DS_SCRATCH_MEMORY_SHARE of its memory). More
     than one chunk is used only while each chunk's dk/dv work, spread over DKV_PROGRAMS_PER_SM
     programs per SM, outlasts its longest program (a key tile that every query block attends, as
-    BigBird's global columns): otherwise each chunk waits on a few long programs (128K BigBird at density 0.056 in 8 chunks: 5% slower than recompute on an H200).
+    BigBird's global columns): otherwise each chunk waits on a few long programs (128K BigBird at
+    density 0.056 in 8 chunks: 5% slower than recompute on an H200).
     """
     bq, bk = csr.block_size
     slot_bytes = bq * bk * elem_size
