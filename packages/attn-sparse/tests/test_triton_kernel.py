@@ -28,6 +28,7 @@ from attn_sparse.kernels import (
     default_config,
     interpret_mode,
     launch_order,
+    row_table,
     stored_ds_chunks,
 )
 
@@ -319,6 +320,22 @@ def test_launch_order_heavy_buckets_first_then_head_by_head() -> None:
     assert shared.tolist() == [1, 5, 2, 3, 6, 7, 0, 4]
     grouped = launch_order(offsets, 2, 4, batch=1, heads=1, group=2)  # sums [5, 5, 3, 12]: buckets [2, 2, 1, 3]
     assert grouped.tolist() == [3, 0, 1, 2]
+
+
+def test_row_table_gathers_each_launched_rows_bounds() -> None:
+    # the same per-head counts as above: each table row is (launch-order entry, its layout row's
+    # CSR bounds); per-head layouts index the row by head, shared ones by block only
+    counts = torch.tensor([1, 5, 2, 3, 4, 0, 1, 9])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32)
+    table = row_table(offsets, 2, 4, batch=2, heads=2)
+    assert table.dtype == torch.int32 and table.shape == (16, 3)
+    assert table[:, 0].tolist() == launch_order(offsets, 2, 4, batch=2, heads=2).tolist()
+    for entry, start, end in table.tolist():
+        lrow = (entry // 4 % 2) * 4 + entry % 4
+        assert (start, end) == (offsets[lrow].item(), offsets[lrow + 1].item())
+    shared = row_table(offsets[:5], 1, 4, batch=1, heads=2)
+    for entry, start, end in shared.tolist():
+        assert (start, end) == (offsets[entry % 4].item(), offsets[entry % 4 + 1].item())
 
 
 @pytest.mark.parametrize("is_causal", [False, True])

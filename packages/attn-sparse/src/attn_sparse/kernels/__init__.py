@@ -9,6 +9,7 @@ from .block_sparse import (
     default_config,
     interpret_mode,
     launch_order,
+    row_table,
     stored_ds_chunks,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "default_config",
     "interpret_mode",
     "launch_order",
+    "row_table",
     "stored_ds_chunks",
 ]

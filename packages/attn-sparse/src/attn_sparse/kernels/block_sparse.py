@@ -63,6 +63,7 @@ __all__ = [
     "default_config",
     "interpret_mode",
     "launch_order",
+    "row_table",
 ]
 
 LOG2E = 1.4426950408889634
@@ -85,16 +86,14 @@ def _count_below(IDX, start, end, thr_a, thr_b, CHUNK: tl.constexpr):
 
 @triton.jit
 def _row_tiles(
-    CROW, COL, lrow, m_start, N_Q, N_K, BLOCK_M: tl.constexpr, LAYOUT_BK: tl.constexpr, IS_CAUSAL: tl.constexpr
+    COL, start, end, m_start, N_Q, N_K, BLOCK_M: tl.constexpr, LAYOUT_BK: tl.constexpr, IS_CAUSAL: tl.constexpr
 ):
-    """(start, end, n_full, n_use) of layout row ``lrow`` for the query tile at m_start.
+    """(n_full, n_use) of the layout row whose key blocks are COL[start:end], for the query tile at m_start.
 
-    The row's key blocks are COL[start:end]; the tile uses COL[start:start + n_use], the first
-    n_full need no mask. Blocks from c_full on hold the partial last key block or cross the causal
-    diagonal; blocks at or past c_stop are entirely causal-masked and skipped.
+    The tile uses COL[start:start + n_use], the first n_full need no mask. Blocks from c_full on
+    hold the partial last key block or cross the causal diagonal; blocks at or past c_stop are
+    entirely causal-masked and skipped.
     """
-    start = tl.load(CROW + lrow)
-    end = tl.load(CROW + lrow + 1)
     c_full = N_K // LAYOUT_BK
     c_stop = 2147483647
     scan_end = end
@@ -109,7 +108,28 @@ def _row_tiles(
     if not IS_CAUSAL:
         n_full = tl.where(scan_end == end, n_full, end - start)
         n_use = tl.where(scan_end == end, n_use, end - start)
-    return start, end, n_full, n_use
+    return n_full, n_use
+
+
+@triton.jit
+def _ordered_row(TABLE, NUM_BLOCKS, TILE: tl.constexpr, LAYOUT_B: tl.constexpr):
+    """(batch*head index, first token, row start, row end) of this program's tile.
+
+    TABLE is :meth:`CSR.row_table`: per launched layout row block, its launch-order entry with the
+    CSR bounds of its layout row already gathered, so the first key block index is one dependent
+    load away instead of two (order, then row offsets): 4-5% of the forward at ~13 tiles per row
+    on an H200. Gathering the first key block too measured 2-3% slower on long rows.
+    """
+    SUBT: tl.constexpr = LAYOUT_B // TILE
+    pid = tl.program_id(0)
+    rec = TABLE + (pid // SUBT) * 3
+    entry = tl.load(rec)
+    return (
+        entry // NUM_BLOCKS,
+        (entry % NUM_BLOCKS) * LAYOUT_B + (pid % SUBT) * TILE,
+        tl.load(rec + 1),
+        tl.load(rec + 2),
+    )
 
 
 @triton.jit
@@ -261,16 +281,15 @@ def _fwd_inner(
 
 # Lengths and layout sizes are not specialised on (divisibility by 16, == 1): a new N or pattern
 # reuses the compiled kernels instead of compiling variants.
-@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_QB", "LAYOUT_HEAD_ROWS"])
+@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_QB"])
 def _fwd_kernel(
     Q,
     K,
     V,
     O,
     LSE,
-    CROW,
     COL,
-    ORDER,
+    TABLE,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -288,7 +307,6 @@ def _fwd_kernel(
     H,
     GROUP,
     NUM_QB,
-    LAYOUT_HEAD_ROWS,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -299,7 +317,7 @@ def _fwd_kernel(
     TMA: tl.constexpr,
 ):
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
-    bh, m_start = _ordered_tile(ORDER, NUM_QB, BLOCK_M, LAYOUT_BQ)
+    bh, m_start, start, end = _ordered_row(TABLE, NUM_QB, BLOCK_M, LAYOUT_BQ)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -314,9 +332,7 @@ def _fwd_kernel(
     q_ptrs = Q_head + m_start.to(tl.int64) * stride_qn + tl.arange(0, BLOCK_M)[:, None] * stride_qn + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
 
-    start, end, n_full, n_use = _row_tiles(
-        CROW, COL, h * LAYOUT_HEAD_ROWS + m_start // LAYOUT_BQ, m_start, N_Q, N_K, BLOCK_M, LAYOUT_BK, IS_CAUSAL
-    )
+    n_full, n_use = _row_tiles(COL, start, end, m_start, N_Q, N_K, BLOCK_M, LAYOUT_BK, IS_CAUSAL)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -326,8 +342,8 @@ def _fwd_kernel(
         stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, False, IS_CAUSAL, TMA,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, K_src, V_src, b, hk, COL, (start + n_full) * SUB, (start + n_use) * SUB, end * SUB, offs_m, N_K,
-        stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, True, IS_CAUSAL, TMA,
+        acc, l_i, m_i, q, K_src, V_src, b, hk, COL, (start + n_full) * SUB, (start + n_use) * SUB, end * SUB, offs_m,
+        N_K, stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, True, IS_CAUSAL, TMA,
     )  # fmt: skip
 
     empty = l_i == 0.0
@@ -392,7 +408,7 @@ def _dq_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_QB", "LAYOUT_HEAD_ROWS"])
+@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_QB"])
 def _dq_kernel(
     Q,
     K,
@@ -402,9 +418,8 @@ def _dq_kernel(
     DQ,
     LSE,
     DELTA,
-    CROW,
     COL,
-    ORDER,
+    TABLE,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -428,7 +443,6 @@ def _dq_kernel(
     H,
     GROUP,
     NUM_QB,
-    LAYOUT_HEAD_ROWS,
     qk_scale,
     sm_scale,
     HEAD_DIM: tl.constexpr,
@@ -440,7 +454,7 @@ def _dq_kernel(
     TMA: tl.constexpr,
 ):
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
-    bh, m_start = _ordered_tile(ORDER, NUM_QB, BLOCK_M, LAYOUT_BQ)
+    bh, m_start, start, end = _ordered_row(TABLE, NUM_QB, BLOCK_M, LAYOUT_BQ)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -463,9 +477,7 @@ def _dq_kernel(
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_ok)
     K_src, V_src = _head_sources(K, V, b, hk, stride_kb, stride_kh, stride_vb, stride_vh, TMA)
 
-    start, _, n_full, n_use = _row_tiles(
-        CROW, COL, h * LAYOUT_HEAD_ROWS + m_start // LAYOUT_BQ, m_start, N_Q, N_K, BLOCK_M, LAYOUT_BK, IS_CAUSAL
-    )
+    n_full, n_use = _row_tiles(COL, start, end, m_start, N_Q, N_K, BLOCK_M, LAYOUT_BK, IS_CAUSAL)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dq = _dq_inner(
@@ -765,15 +777,14 @@ def _dq_ds_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_QB", "LAYOUT_HEAD_ROWS", "UNIT0", "SLOT_HEADS", "SLOT_STRIDE"])
+@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_QB", "UNIT0", "SLOT_HEADS", "SLOT_STRIDE"])
 def _dq_ds_kernel(
     K,
     DS,
     DQ,
-    CROW,
     COL,
     TSLOT,
-    ORDER,
+    TABLE,
     stride_kb,
     stride_kn,
     stride_kh,
@@ -785,7 +796,6 @@ def _dq_ds_kernel(
     H,
     GROUP,
     NUM_QB,
-    LAYOUT_HEAD_ROWS,
     UNIT0,
     SLOT_HEADS,
     SLOT_STRIDE,
@@ -802,7 +812,7 @@ def _dq_ds_kernel(
     """dq of BLOCK_M queries of one (batch, query head) = UNIT0 + the launch-order entry's unit,
     from the dS the dk/dv kernel stored (slot layout as in _dkv_kernel)."""
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
-    local_bh, m_start = _ordered_tile(ORDER, NUM_QB, BLOCK_M, LAYOUT_BQ)
+    local_bh, m_start, start, end = _ordered_row(TABLE, NUM_QB, BLOCK_M, LAYOUT_BQ)
     bh = UNIT0 + local_bh
     b = bh // H
     h = bh % H
@@ -819,9 +829,7 @@ def _dq_ds_kernel(
         DS_rows = DS + slot0 * (LAYOUT_BQ * LAYOUT_BK) + (m_start % LAYOUT_BQ + tl.arange(0, BLOCK_M))[None, :]
         ds_row0 = 0
     K_src = _head_source(K, b, hk, stride_kb, stride_kh, TMA)
-    start, _, n_full, n_use = _row_tiles(
-        CROW, COL, h * LAYOUT_HEAD_ROWS + m_start // LAYOUT_BQ, m_start, N_Q, N_K, BLOCK_M, LAYOUT_BK, IS_CAUSAL
-    )
+    n_full, n_use = _row_tiles(COL, start, end, m_start, N_Q, N_K, BLOCK_M, LAYOUT_BK, IS_CAUSAL)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dq = _dq_ds_inner(
         dq, K_src, DS_rows, ds_row0, m_start % LAYOUT_BQ, b, hk, COL, TSLOT, start * SUB, (start + n_full) * SUB,
@@ -867,12 +875,12 @@ class KernelConfig:
     dqs_warps: int = 4
     dqs_stages: int = 3
     # Bytes of scratch for the stored-dS backward (0: always recompute), capped on a GPU at
-    # 1/DS_SCRATCH_MEMORY_SHARE of its memory (so 4 GiB stays 4 GiB on an 80 GB card and becomes
+    # 1/DS_SCRATCH_MEMORY_SHARE of its memory (8 GiB on a 141 GB H200, ~5 GiB on an 80 GB card,
     # 1.5 GiB on a 24 GB one). The dk/dv kernel then also writes dS (one q.dtype value per attended
     # pair) and dq = dS @ K reads it back: 5 matmuls per tile instead of 7. Batch x heads run in
     # chunks that fit; where one (batch, kv head) -- or, for per-head layouts, one batch -- does
     # not fit, the backward recomputes P in a dq kernel.
-    ds_scratch_bytes: int = 4 * 2**30
+    ds_scratch_bytes: int = 8 * 2**30
     # Streamed tiles (K/V in the forward and dq kernels, Q/dO in the dk/dv kernel) are loaded
     # through TMA tensor descriptors where the GPU has TMA (sm90+) and the tensors are 16-byte
     # aligned (elsewhere: pointer loads); tools/bench_sparse.py --tune times both.
@@ -987,16 +995,26 @@ class CSR:
         result: int = self.cache(("max_tiles_per_column",), build)
         return result
 
-    def launch_order(self, batch: int, heads: int, group: int, by_column: bool) -> torch.Tensor:
-        """:func:`launch_order` of the row (or, ``by_column``, column) lists, memoised per layout."""
-        offsets, nblocks = (self.ccol, self.num_key_blocks) if by_column else (self.crow, self.num_query_blocks)
+    def column_order(self, batch: int, kv_heads: int, group: int) -> torch.Tensor:
+        """:func:`launch_order` of the column lists (the dk/dv kernel), memoised per layout."""
 
         def build() -> torch.Tensor:
-            return launch_order(offsets, self.num_heads, nblocks, batch, heads, group)
+            return launch_order(self.ccol, self.num_heads, self.num_key_blocks, batch, kv_heads, group)
 
         if self.cache is None:
             return build()
-        result: torch.Tensor = self.cache(("launch_order", batch, heads, group, by_column), build)
+        result: torch.Tensor = self.cache(("column_order", batch, kv_heads, group), build)
+        return result
+
+    def row_table(self, batch: int, heads: int) -> torch.Tensor:
+        """:func:`row_table` (the row-parallel kernels' launch table), memoised per layout."""
+
+        def build() -> torch.Tensor:
+            return row_table(self.crow, self.num_heads, self.num_query_blocks, batch, heads)
+
+        if self.cache is None:
+            return build()
+        result: torch.Tensor = self.cache(("row_table", batch, heads), build)
         return result
 
 
@@ -1018,6 +1036,20 @@ def launch_order(
     bucket = torch.where(counts > 0, torch.log2(counts.clamp(min=1).double()).floor().long(), -1)
     flat = bucket.expand(heads, num_blocks).reshape(1, heads * num_blocks).expand(batch, -1).reshape(-1)
     return torch.argsort(flat, descending=True, stable=True).to(torch.int32)
+
+
+def row_table(crow: torch.Tensor, layout_heads: int, num_blocks: int, batch: int, heads: int) -> torch.Tensor:
+    """(batch * heads * num_blocks, 3) int32 launch table of the row-parallel kernels.
+
+    Row j: [entry, start, end] for the j-th layout row block of :func:`launch_order` (entry =
+    bh * num_blocks + block), whose layout row's key blocks are col[start:end]. ``heads`` counts
+    the grid's heads; a per-head layout (``layout_heads`` > 1) has one layout row per head, so
+    there heads == layout_heads.
+    """
+    entry = launch_order(crow, layout_heads, num_blocks, batch, heads).long()
+    block = entry % num_blocks
+    lrow = block if layout_heads == 1 else (entry // num_blocks % heads) * num_blocks + block
+    return torch.stack([entry, crow[lrow].long(), crow[lrow + 1].long()], 1).to(torch.int32).contiguous()
 
 
 def transposed_slots(
@@ -1054,18 +1086,18 @@ def block_sparse_forward(
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
     bq, bk = csr.block_size
-    order = csr.launch_order(B, H, 1, by_column=False)
+    table = csr.row_table(B, H)
     grid = (B * H * csr.num_query_blocks * (bq // cfg.fwd_m),)
     use_tma = cfg.tma and _has_tma(k, v)
     k_src = _tile_descriptor(k, cfg.fwd_n) if use_tma else k
     v_src = _tile_descriptor(v, cfg.fwd_n) if use_tma else v
     _fwd_kernel[grid](
-        q, k_src, v_src, out, lse, csr.crow, csr.col, order,
+        q, k_src, v_src, out, lse, csr.col, table,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        Nq, Nk, H, H // Hkv, csr.num_query_blocks, csr.num_query_blocks if csr.num_heads > 1 else 0,
+        Nq, Nk, H, H // Hkv, csr.num_query_blocks,
         scale * LOG2E,
         HEAD_DIM=D, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
         TMA=use_tma, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
@@ -1174,7 +1206,6 @@ def block_sparse_backward(
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    layout_rows = csr.num_query_blocks if csr.num_heads > 1 else 0
     tma_kv = cfg.tma and _has_tma(k, v)
     bounds = stored_ds_chunks(csr, B, Hkv, group, q.element_size(), cfg)
 
@@ -1183,14 +1214,14 @@ def block_sparse_backward(
             q,
             _tile_descriptor(k, cfg.dq_n) if tma_kv else k,
             _tile_descriptor(v, cfg.dq_n) if tma_kv else v,
-            out, dout, dq, lse, delta, csr.crow, csr.col, csr.launch_order(B, H, 1, by_column=False),
+            out, dout, dq, lse, delta, csr.col, csr.row_table(B, H),
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            Nq, Nk, H, group, csr.num_query_blocks, layout_rows, scale * LOG2E, scale,
+            Nq, Nk, H, group, csr.num_query_blocks, scale * LOG2E, scale,
             HEAD_DIM=D, BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, LAYOUT_BQ=csr.block_size[0],
             LAYOUT_BK=csr.block_size[1], IS_CAUSAL=is_causal, TMA=tma_kv, num_warps=cfg.dq_warps,
             num_stages=cfg.dq_stages,
@@ -1215,14 +1246,14 @@ def block_sparse_backward(
     for u0, u1 in itertools.pairwise(bounds):
         _launch_dkv(q, k, v, dout, dk, dv, lse, delta, ds, csr, u0, u1 - u0, is_causal, scale, cfg)
         if per_head_layout:
-            order = csr.launch_order((u1 - u0) // Hkv, H, 1, by_column=False)
+            table = csr.row_table((u1 - u0) // Hkv, H)
         else:
-            order = csr.launch_order(1, (u1 - u0) * group, 1, by_column=False)
+            table = csr.row_table(1, (u1 - u0) * group)
         _dq_ds_kernel[((u1 - u0) * group * csr.num_query_blocks * (bq // cfg.dqs_m),)](
-            k_src, ds_src, dq, csr.crow, csr.col, tslot, order,
+            k_src, ds_src, dq, csr.col, tslot, table,
             k.stride(0), k.stride(1), k.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            Nq, Nk, H, group, csr.num_query_blocks, layout_rows, u0 * group, H if per_head_layout else 1, nnz,
+            Nq, Nk, H, group, csr.num_query_blocks, u0 * group, H if per_head_layout else 1, nnz,
             scale,
             HEAD_DIM=D, BLOCK_M=cfg.dqs_m, BLOCK_N=cfg.dqs_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
             TMA=tma_kv, DS_TMA=ds_tma, num_warps=cfg.dqs_warps, num_stages=cfg.dqs_stages,
@@ -1270,9 +1301,9 @@ def _launch_dkv(
     bq, bk = csr.block_size
     per_head_layout = csr.num_heads > 1
     if per_head_layout:  # whole batches (stored dS) or everything (recompute)
-        order = csr.launch_order(units // Hkv, Hkv, group, by_column=True)
+        order = csr.column_order(units // Hkv, Hkv, group)
     else:
-        order = csr.launch_order(1, units, group, by_column=True)
+        order = csr.column_order(1, units, group)
     tma = cfg.tma and _has_tma(q, dout)
     # Without dS storage the pointer is never read (STORE_DS=False); delta stands in for it.
     ds_src: object = delta
