@@ -315,7 +315,6 @@ def _fwd_kernel(
     LAYOUT_BK: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     TMA: tl.constexpr,
-    QO_TMA: tl.constexpr,
 ):
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
     bh, m_start, start, end = _ordered_row(TABLE, NUM_QB, BLOCK_M, LAYOUT_BQ)
@@ -328,12 +327,10 @@ def _fwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < N_Q
 
+    Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     K_src, V_src = _head_sources(K, V, b, hk, stride_kb, stride_kh, stride_vb, stride_vh, TMA)
-    rows = m_start.to(tl.int64) + tl.arange(0, BLOCK_M)[:, None]
-    if QO_TMA:  # rows past N_Q read as zeros
-        q = Q.load([b, m_start, h, 0]).reshape(BLOCK_M, HEAD_DIM)
-    else:
-        q = _load_row_tile(Q, b, h, rows, offs_d, m_ok, stride_qb, stride_qn, stride_qh)
+    q_ptrs = Q_head + m_start.to(tl.int64) * stride_qn + tl.arange(0, BLOCK_M)[:, None] * stride_qn + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
 
     n_full, n_use = _row_tiles(COL, start, end, m_start, N_Q, N_K, BLOCK_M, LAYOUT_BK, IS_CAUSAL)
 
@@ -354,11 +351,15 @@ def _fwd_kernel(
     # was a measurable part of the epilogue, which short rows pay once per handful of tiles
     out = acc * (1.0 / tl.where(empty, 1.0, l_i))[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
-    if QO_TMA:  # rows past N_Q are not written
-        O.store([b, m_start, h, 0], out.to(q.dtype).reshape(1, BLOCK_M, 1, HEAD_DIM))
-    else:
-        o_ptrs = _row_tile_ptrs(O, b, h, rows, offs_d, stride_ob, stride_on, stride_oh)
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None])
+    o_ptrs = (
+        O
+        + b.to(tl.int64) * stride_ob
+        + h.to(tl.int64) * stride_oh
+        + m_start.to(tl.int64) * stride_on
+        + tl.arange(0, BLOCK_M)[:, None] * stride_on
+        + offs_d[None, :]
+    )
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None])
     tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_ok)
 
 
@@ -1090,13 +1091,8 @@ def block_sparse_forward(
     use_tma = cfg.tma and _has_tma(k, v)
     k_src = _tile_descriptor(k, cfg.fwd_n) if use_tma else k
     v_src = _tile_descriptor(v, cfg.fwd_n) if use_tma else v
-    # Q and O tiles through descriptors too (a TMA load into shared memory, a TMA store out of it)
-    qo_tma = cfg.tma and _has_tma(q, out)
     _fwd_kernel[grid](
-        _tile_descriptor(q, cfg.fwd_m) if qo_tma else q,
-        k_src, v_src,
-        _tile_descriptor(out, cfg.fwd_m) if qo_tma else out,
-        lse, csr.col, table,
+        q, k_src, v_src, out, lse, csr.col, table,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -1104,7 +1100,7 @@ def block_sparse_forward(
         Nq, Nk, H, H // Hkv, csr.num_query_blocks,
         scale * LOG2E,
         HEAD_DIM=D, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
-        TMA=use_tma, QO_TMA=qo_tma, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+        TMA=use_tma, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )  # fmt: skip
     return out, lse
 
