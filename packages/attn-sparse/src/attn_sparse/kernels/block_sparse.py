@@ -112,37 +112,32 @@ def _row_tiles(
 
 
 @triton.jit
+def _ordered_tile(ORDER, NUM_BLOCKS, TILE: tl.constexpr, LAYOUT_B: tl.constexpr, RECORD: tl.constexpr):
+    """(batch*head index, first token, pointer to its ORDER record) of the tile this program owns.
+
+    ORDER holds RECORD int32 per launched layout block, the first being bh * NUM_BLOCKS + block
+    (launch_order: RECORD = 1; row_table: 3); each layout block holds LAYOUT_B // TILE consecutive
+    programs.
+    """
+    SUBT: tl.constexpr = LAYOUT_B // TILE
+    pid = tl.program_id(0)
+    rec = ORDER + (pid // SUBT) * RECORD
+    entry = tl.load(rec)
+    return entry // NUM_BLOCKS, (entry % NUM_BLOCKS) * LAYOUT_B + (pid % SUBT) * TILE, rec
+
+
+@triton.jit
 def _ordered_row(TABLE, NUM_BLOCKS, TILE: tl.constexpr, LAYOUT_B: tl.constexpr):
     """(batch*head index, first token, row start, row end) of this program's tile.
 
     TABLE is :meth:`CSR.row_table`: per launched layout row block, its launch-order entry with the
     CSR bounds of its layout row already gathered, so the first key block index is one dependent
-    load away instead of two (order, then row offsets): 4-5% of the forward at ~13 tiles per row
-    on an H200. Gathering the first key block too measured 2-3% slower on long rows.
+    load away instead of two (order, then row offsets), which shortens every program's start; that
+    matters on short rows (a handful of tiles per program). Gathering the first key block into the
+    table too was slower on long rows in an H200 probe.
     """
-    SUBT: tl.constexpr = LAYOUT_B // TILE
-    pid = tl.program_id(0)
-    rec = TABLE + (pid // SUBT) * 3
-    entry = tl.load(rec)
-    return (
-        entry // NUM_BLOCKS,
-        (entry % NUM_BLOCKS) * LAYOUT_B + (pid % SUBT) * TILE,
-        tl.load(rec + 1),
-        tl.load(rec + 2),
-    )
-
-
-@triton.jit
-def _ordered_tile(ORDER, NUM_BLOCKS, TILE: tl.constexpr, LAYOUT_B: tl.constexpr):
-    """(batch*head index, first token) of the tile this program owns.
-
-    ORDER[j] = bh * NUM_BLOCKS + block is the j-th layout block to launch (see launch_order); each
-    layout block holds LAYOUT_B // TILE consecutive programs.
-    """
-    SUBT: tl.constexpr = LAYOUT_B // TILE
-    pid = tl.program_id(0)
-    entry = tl.load(ORDER + pid // SUBT)
-    return entry // NUM_BLOCKS, (entry % NUM_BLOCKS) * LAYOUT_B + (pid % SUBT) * TILE
+    bh, first, rec = _ordered_tile(TABLE, NUM_BLOCKS, TILE, LAYOUT_B, 3)
+    return bh, first, tl.load(rec + 1), tl.load(rec + 2)
 
 
 @triton.jit
@@ -636,7 +631,7 @@ def _dkv_kernel(
     counted from this launch's first; a slot holds (LAYOUT_BK, LAYOUT_BQ) values, key-major.
     """
     SUB: tl.constexpr = LAYOUT_BQ // BLOCK_M
-    local_bhk, n_start = _ordered_tile(ORDER, NUM_KB, BLOCK_N, LAYOUT_BK)
+    local_bhk, n_start, _ = _ordered_tile(ORDER, NUM_KB, BLOCK_N, LAYOUT_BK, 1)
     bhk = UNIT0 + local_bhk
     b = bhk // HKV
     hk = bhk % HKV
@@ -967,6 +962,10 @@ class CSR:
             cache=layout._cached,
         )
 
+    def _memo(self, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+        """build(), memoised under ``key`` in the layout's cache (built every call without one)."""
+        return build() if self.cache is None else self.cache(key, build)
+
     def transposed_slots(self) -> torch.Tensor:
         """(nnz,) int32: for each tile in CSR order, its position in the transposed CSR (where the
         dk/dv kernel stores its dS). Memoised per layout."""
@@ -978,9 +977,7 @@ class CSR:
                 self.crow, self.ccol, self.col, self.row, self.num_query_blocks, self.num_key_blocks
             )
 
-        if self.cache is None:
-            return build()
-        result: torch.Tensor = self.cache(("transposed_slots",), build)
+        result: torch.Tensor = self._memo(("transposed_slots",), build)
         return result
 
     def max_tiles_per_column(self) -> int:
@@ -990,9 +987,7 @@ class CSR:
         def build() -> int:
             return int(self.ccol.diff().max()) if self.ccol.numel() > 1 else 0
 
-        if self.cache is None:
-            return build()
-        result: int = self.cache(("max_tiles_per_column",), build)
+        result: int = self._memo(("max_tiles_per_column",), build)
         return result
 
     def column_order(self, batch: int, kv_heads: int, group: int) -> torch.Tensor:
@@ -1001,9 +996,7 @@ class CSR:
         def build() -> torch.Tensor:
             return launch_order(self.ccol, self.num_heads, self.num_key_blocks, batch, kv_heads, group)
 
-        if self.cache is None:
-            return build()
-        result: torch.Tensor = self.cache(("column_order", batch, kv_heads, group), build)
+        result: torch.Tensor = self._memo(("column_order", batch, kv_heads, group), build)
         return result
 
     def row_table(self, batch: int, heads: int) -> torch.Tensor:
@@ -1012,9 +1005,7 @@ class CSR:
         def build() -> torch.Tensor:
             return row_table(self.crow, self.num_heads, self.num_query_blocks, batch, heads)
 
-        if self.cache is None:
-            return build()
-        result: torch.Tensor = self.cache(("row_table", batch, heads), build)
+        result: torch.Tensor = self._memo(("row_table", batch, heads), build)
         return result
 
 
