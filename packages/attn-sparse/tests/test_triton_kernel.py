@@ -13,8 +13,10 @@ import os
 # Kernels are decorated at import: the interpreter must be selected before attn_sparse.kernels loads.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import itertools
 import math
 from dataclasses import replace
+from unittest import mock
 
 import pytest
 import torch
@@ -24,6 +26,7 @@ from attn_core.testing import assert_close_to_reference
 from attn_sparse.kernels import (
     CSR,
     KernelConfig,
+    block_sparse,
     block_sparse_attention_csr,
     default_config,
     interpret_mode,
@@ -80,17 +83,28 @@ def run_case(
     variants = {"stored dS": cfg, "recompute": replace(cfg, ds_scratch_bytes=0)}
     if units > 1:
         variants["stored dS, chunked"] = replace(cfg, ds_scratch_bytes=unit_bytes)
-    for name, c in variants.items():
-        chunks = max(len(stored_ds_chunks(csr, B, Hkv, H // Hkv, q.element_size(), c)) - 1, 0)
-        want_chunks = 0 if name == "recompute" or unit_bytes == 0 else units if "chunked" in name else 1
-        assert chunks == want_chunks, (name, chunks)
+    slot_bytes = block_size[0] * block_size[1] * q.element_size()
+    widest_column = int(mask.sum(1).max()) * (H // Hkv) * slot_bytes
+    if mask.shape[0] == 1 and 0 < widest_column < unit_bytes:  # a unit in ranges of key blocks
+        variants["stored dS, key-block ranges"] = replace(cfg, ds_scratch_bytes=max(widest_column, unit_bytes // 2))
+    # chunking is a speed choice that tiny layouts fail (their chunks are shorter than their
+    # longest column); here every chunked variant must run chunked, so count the GPU as huge
+    with mock.patch.object(block_sparse, "DKV_PROGRAMS_PER_SM", 1e-9):
+        for name, c in variants.items():
+            chunks = stored_ds_chunks(csr, B, Hkv, H // Hkv, q.element_size(), c)
+            if name == "recompute" or unit_bytes == 0:
+                assert chunks == [], name
+            elif "ranges" in name:
+                assert len(chunks) >= 2 * units and all(ch.u1 - ch.u0 == 1 for ch in chunks), (name, chunks)
+            else:
+                assert len(chunks) == (units if "chunked" in name else 1), (name, chunks)
 
-    out = block_sparse_attention_csr(q, k, v, csr, is_causal=is_causal, softmax_scale=scale, config=cfg)
-    assert out.shape == q.shape and out.dtype == dtype
-    grads = {}
-    for name, c in variants.items():
-        o = block_sparse_attention_csr(q, k, v, csr, is_causal=is_causal, softmax_scale=scale, config=c)
-        grads[name] = torch.autograd.grad(o, (q, k, v), dout)
+        out = block_sparse_attention_csr(q, k, v, csr, is_causal=is_causal, softmax_scale=scale, config=cfg)
+        assert out.shape == q.shape and out.dtype == dtype
+        grads = {}
+        for name, c in variants.items():
+            o = block_sparse_attention_csr(q, k, v, csr, is_causal=is_causal, softmax_scale=scale, config=c)
+            grads[name] = torch.autograd.grad(o, (q, k, v), dout)
     dq, dk, dv = grads["stored dS"]
 
     def reference(ct: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -310,15 +324,14 @@ def test_launch_order_heavy_buckets_first_then_head_by_head() -> None:
     # per-head layout, 2 heads x 4 blocks with tile counts [[1, 5, 2, 3], [4, 0, 1, 9]], batch 2;
     # power-of-two buckets: [[0, 2, 1, 1], [2, -1, 0, 3]]
     counts = torch.tensor([1, 5, 2, 3, 4, 0, 1, 9])
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32)
-    order = launch_order(offsets, 2, 4, batch=2, heads=2)
+    order = launch_order(counts.view(2, 4), batch=2, heads=2)
     assert order.dtype == torch.int32 and order.shape == (16,)
     # entries are bh * 4 + block with bh = b * 2 + h: bucket 3, then 2, 1, 0, empty blocks last
     assert order.tolist() == [7, 15, 1, 4, 9, 12, 2, 3, 10, 11, 0, 6, 8, 14, 5, 13]
     # a shared layout (one row of counts) applies to every head; GQA sums a kv head's query heads
-    shared = launch_order(offsets[:5], 1, 4, batch=1, heads=2)
+    shared = launch_order(counts[:4].view(1, 4), batch=1, heads=2)
     assert shared.tolist() == [1, 5, 2, 3, 6, 7, 0, 4]
-    grouped = launch_order(offsets, 2, 4, batch=1, heads=1, group=2)  # sums [5, 5, 3, 12]: buckets [2, 2, 1, 3]
+    grouped = launch_order(counts.view(2, 4), batch=1, heads=1, group=2)  # sums [5, 5, 3, 12]: buckets [2, 2, 1, 3]
     assert grouped.tolist() == [3, 0, 1, 2]
 
 
@@ -327,13 +340,13 @@ def test_row_table_gathers_each_launched_rows_bounds() -> None:
     # CSR bounds); per-head layouts index the row by head, shared ones by block only
     counts = torch.tensor([1, 5, 2, 3, 4, 0, 1, 9])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32)
-    table = row_table(offsets, 2, 4, batch=2, heads=2)
+    table = row_table(offsets[:-1], offsets[1:], 2, batch=2, heads=2)
     assert table.dtype == torch.int32 and table.shape == (16, 3)
-    assert table[:, 0].tolist() == launch_order(offsets, 2, 4, batch=2, heads=2).tolist()
+    assert table[:, 0].tolist() == launch_order(counts.view(2, 4), batch=2, heads=2).tolist()
     for entry, start, end in table.tolist():
         lrow = (entry // 4 % 2) * 4 + entry % 4
         assert (start, end) == (offsets[lrow].item(), offsets[lrow + 1].item())
-    shared = row_table(offsets[:5], 1, 4, batch=1, heads=2)
+    shared = row_table(offsets[:4], offsets[1:5], 1, batch=1, heads=2)
     for entry, start, end in shared.tolist():
         assert (start, end) == (offsets[entry % 4].item(), offsets[entry % 4 + 1].item())
 
@@ -357,26 +370,71 @@ def test_stored_ds_reads_only_written_scratch(monkeypatch: pytest.MonkeyPatch, i
     )  # fmt: skip
 
 
+def unit_chunks(bounds: list[int], num_kb: int, nnz: int) -> list[tuple[int, ...]]:
+    """Whole-unit chunks with these unit bounds (every key block, every position)."""
+    return [(u0, u1, 0, num_kb, 0, nnz) for u0, u1 in itertools.pairwise(bounds)]
+
+
 def test_stored_ds_chunks_budget_and_long_columns() -> None:
     # 8x8 blocks of 16, one kv head per unit, one unit of scratch per chunk: 4 chunks of 1 unit
     cfg = KernelConfig(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16, dqs_m=16, dqs_n=16)
     diag = torch.eye(8, dtype=torch.bool)[None]
-    unit = 8 * 16 * 16 * 2
+    slot = 16 * 16 * 2
+    unit = 8 * slot
     csr = csr_from_mask(diag, (16, 16))
-    assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=unit)) == [0, 1, 2, 3, 4]
-    assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=4 * unit)) == [0, 4]
-    assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=unit - 1)) == []  # one unit does not fit
+    assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=unit)) == unit_chunks([0, 1, 2, 3, 4], 8, 8)
+    assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=4 * unit)) == unit_chunks([0, 4], 8, 8)
+    assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=slot - 1)) == []  # no tile fits
     assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=0)) == []
+    # less than a unit: each unit in ranges of key blocks, balanced by tiles (3 ranges of <= 3 tiles: 2, 3, 3)
+    ranges = [(0, 2, 0, 2), (2, 5, 2, 5), (5, 8, 5, 8)]
+    got = stored_ds_chunks(csr, 1, 2, 1, 2, replace(cfg, ds_scratch_bytes=3 * slot))
+    assert got == [(u, u + 1, *r) for u in range(2) for r in ranges]
     # a key block every query block attends: 8 tiles in one program, more than a 1-unit chunk's
     # 15 tiles over 2 programs, so chunking would wait on it: recompute; in one chunk it is fine
     glob = diag.clone()
     glob[0, :, 0] = True
     csr = csr_from_mask(glob, (16, 16))
-    assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=15 * 16 * 16 * 2)) == []
-    assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=4 * 15 * 16 * 16 * 2)) == [0, 4]
-    # a per-head layout's unit is a whole batch (boundaries in (batch, kv head) units)
+    assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=15 * slot)) == []
+    assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=4 * 15 * slot)) == unit_chunks([0, 4], 8, 15)
+    # a per-head layout's unit is a whole batch (bounds in (batch, kv head) units); one that does
+    # not fit recomputes
     csr = csr_from_mask(diag.expand(2, 8, 8).clone(), (16, 16))
-    assert stored_ds_chunks(csr, 3, 2, 1, 2, replace(cfg, ds_scratch_bytes=2 * unit)) == [0, 2, 4, 6]
+    assert stored_ds_chunks(csr, 3, 2, 1, 2, replace(cfg, ds_scratch_bytes=2 * unit)) == unit_chunks(
+        [0, 2, 4, 6], 8, 16
+    )
+    assert stored_ds_chunks(csr, 3, 2, 1, 2, replace(cfg, ds_scratch_bytes=2 * unit - 1)) == []
+
+
+def test_column_ranges_fewest_then_balanced() -> None:
+    # shared layout, 6 key blocks holding [4, 1, 1, 1, 1, 4] tiles (12 in all)
+    mask = torch.zeros(1, 4, 6, dtype=torch.bool)
+    mask[0, :, 0] = mask[0, :, 5] = True
+    mask[0, torch.arange(4), torch.arange(1, 5)] = True
+    csr = csr_from_mask(mask, (16, 16))
+    assert csr.column_ranges(12) == [(0, 6, 0, 12)]
+    assert csr.column_ranges(6) == [(0, 3, 0, 6), (3, 6, 6, 12)]  # the even cut at 6 tiles fits
+    # at most 5: greedy needs 3 ranges ([4, 1], [1, 1, 1], [4]); the even cuts (at 4 and 8 tiles) fit
+    assert csr.column_ranges(5) == [(0, 1, 0, 4), (1, 5, 4, 8), (5, 6, 8, 12)]
+    assert csr.column_ranges(3) == []  # one key block alone holds 4
+
+
+def test_key_block_range_tables_cover_only_that_range() -> None:
+    # the dq-from-dS table of a key-block range bounds each row to its blocks in the range, and
+    # the dk/dv order launches exactly the range's columns (entries count the whole layout)
+    mask = random_mask(1, 5, 7, 0.5, seed=41)
+    csr = csr_from_mask(mask, (16, 16))
+    col = csr.col.tolist()
+    for c0, c1 in [(0, 7), (2, 5), (6, 7)]:
+        table = csr.row_table(1, 3, (c0, c1))
+        assert table.shape == (15, 3)
+        for entry, start, end in table.tolist():
+            r = entry % 5
+            assert col[start:end] == [c for c in range(c0, c1) if mask[0, r, c]]
+        order = csr.column_order(2, 1, 1, (c0, c1)).tolist()
+        assert sorted(order) == [u * 7 + c for u in range(2) for c in range(c0, c1)]
+    full = csr.row_table(1, 3)
+    assert full.tolist() == row_table(csr.crow[:-1], csr.crow[1:], 1, 1, 3).tolist()
 
 
 def test_stored_ds_scratch_capped_by_device_memory(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -388,8 +446,8 @@ def test_stored_ds_scratch_capped_by_device_memory(monkeypatch: pytest.MonkeyPat
     csr = csr_from_mask(torch.eye(8, dtype=torch.bool)[None], (16, 16))
     assert bs._scratch_cap(torch.device("cpu")) >= 2**62
     monkeypatch.setattr(bs, "_scratch_cap", lambda device: 2 * unit)
-    assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=4 * unit)) == [0, 2, 4]
-    monkeypatch.setattr(bs, "_scratch_cap", lambda device: unit - 1)
+    assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=4 * unit)) == unit_chunks([0, 2, 4], 8, 8)
+    monkeypatch.setattr(bs, "_scratch_cap", lambda device: unit // 8 - 1)
     assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=4 * unit)) == []
     if torch.cuda.is_available():  # the real cap: total memory over the share
         monkeypatch.undo()

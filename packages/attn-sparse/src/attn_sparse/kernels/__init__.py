@@ -2,6 +2,7 @@
 
 from .block_sparse import (
     CSR,
+    DsChunk,
     KernelConfig,
     block_sparse_attention_csr,
     block_sparse_backward,
@@ -15,6 +16,7 @@ from .block_sparse import (
 
 __all__ = [
     "CSR",
+    "DsChunk",
     "KernelConfig",
     "block_sparse_attention_csr",
     "block_sparse_backward",

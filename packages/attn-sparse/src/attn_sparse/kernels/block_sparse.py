@@ -17,8 +17,9 @@ base 2 with fp32 accumulation. Because column (row) indices are sorted, the tile
 mask (causal diagonal tiles, the partial last key block) form a suffix (prefix) of each list:
 they are counted first and run in a separate masked loop, so the bulk loop has no masking.
 The backward has two forms. Stored dS (the default where the scratch fits, see stored_ds_chunks):
-a delta kernel (rowsum(out * dout)), then per chunk of (batch, kv head) units the dk/dv kernel,
-which also writes dS (q.dtype) into a scratch slot per tile, and a row-parallel dq = dS @ K kernel:
+a delta kernel (rowsum(out * dout)), then per chunk of (batch, kv head) units (and, where one unit
+does not fit, of key blocks) the dk/dv kernel, which also writes dS (q.dtype) into a scratch slot
+per tile, and a row-parallel dq = dS @ K kernel (adding up over key-block chunks in fp32):
 5 matmuls per tile. Recompute: the dq kernel recomputes P and dP (and writes delta), then the dk/dv
 kernel: 7 matmuls per tile, no scratch. Both give the same dS values (cast to q.dtype before its
 matmuls), so dq, dk and dv agree between the two.
@@ -36,11 +37,12 @@ Shapes: q (B, Nq, H, D); k, v (B, Nk, Hkv, D); out like q; lse (B, H, Nq) fp32, 
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -56,6 +58,7 @@ except ImportError:  # pragma: no cover - older Triton: the pointer path is used
 
 __all__ = [
     "CSR",
+    "DsChunk",
     "KernelConfig",
     "block_sparse_attention_csr",
     "block_sparse_backward",
@@ -570,7 +573,9 @@ def _dkv_inner(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_KB", "LAYOUT_HEAD_COLS", "UNIT0", "SLOT_HEADS", "SLOT_STRIDE"])
+@triton.jit(
+    do_not_specialize=["N_Q", "N_K", "NUM_KB", "LAYOUT_HEAD_COLS", "UNIT0", "SLOT_HEADS", "SLOT_STRIDE", "SLOT_BASE"]
+)
 def _dkv_kernel(
     Q,
     K,
@@ -612,6 +617,7 @@ def _dkv_kernel(
     UNIT0,
     SLOT_HEADS,
     SLOT_STRIDE,
+    SLOT_BASE,
     qk_scale,
     sm_scale,
     HEAD_DIM: tl.constexpr,
@@ -627,8 +633,10 @@ def _dkv_kernel(
     """dk, dv of BLOCK_N keys of one (batch, kv head): UNIT0 + the launch-order entry's unit.
 
     With STORE_DS, dS of each tile goes to the scratch DS at slot (q_unit // SLOT_HEADS) *
-    SLOT_STRIDE + (the tile's transposed-CSR position), q_unit = the (batch, query head) index
-    counted from this launch's first; a slot holds (LAYOUT_BK, LAYOUT_BQ) values, key-major.
+    SLOT_STRIDE + (the tile's transposed-CSR position) - SLOT_BASE, q_unit = the (batch, query
+    head) index counted from this launch's first (SLOT_BASE: the position of the launch's first
+    key block, when it covers a range of them); a slot holds (LAYOUT_BK, LAYOUT_BQ) values,
+    key-major.
     """
     SUB: tl.constexpr = LAYOUT_BQ // BLOCK_M
     local_bhk, n_start, _ = _ordered_tile(ORDER, NUM_KB, BLOCK_N, LAYOUT_BK, 1)
@@ -668,7 +676,7 @@ def _dkv_kernel(
         DS_tile = DS
         ds_row0 = 0
         if STORE_DS:
-            slot0 = ((local_bhk * GROUP + g) // SLOT_HEADS).to(tl.int64) * SLOT_STRIDE
+            slot0 = ((local_bhk * GROUP + g) // SLOT_HEADS).to(tl.int64) * SLOT_STRIDE - SLOT_BASE
             if DS_TMA:
                 ds_row0 = (slot0 * LAYOUT_BK + n_start % LAYOUT_BK).to(tl.int32)
             else:
@@ -772,7 +780,7 @@ def _dq_ds_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_QB", "UNIT0", "SLOT_HEADS", "SLOT_STRIDE"])
+@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_QB", "UNIT0", "SLOT_HEADS", "SLOT_STRIDE", "SLOT_BASE"])
 def _dq_ds_kernel(
     K,
     DS,
@@ -794,6 +802,7 @@ def _dq_ds_kernel(
     UNIT0,
     SLOT_HEADS,
     SLOT_STRIDE,
+    SLOT_BASE,
     sm_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -803,9 +812,11 @@ def _dq_ds_kernel(
     IS_CAUSAL: tl.constexpr,
     TMA: tl.constexpr,
     DS_TMA: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
     """dq of BLOCK_M queries of one (batch, query head) = UNIT0 + the launch-order entry's unit,
-    from the dS the dk/dv kernel stored (slot layout as in _dkv_kernel)."""
+    from the dS the dk/dv kernel stored (slot layout as in _dkv_kernel), over the key blocks of
+    the table's row bounds; with ACCUMULATE (a range of key blocks per launch) added to DQ (fp32)."""
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
     local_bh, m_start, start, end = _ordered_row(TABLE, NUM_QB, BLOCK_M, LAYOUT_BQ)
     bh = UNIT0 + local_bh
@@ -816,7 +827,7 @@ def _dq_ds_kernel(
         return
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    slot0 = (local_bh // SLOT_HEADS).to(tl.int64) * SLOT_STRIDE
+    slot0 = (local_bh // SLOT_HEADS).to(tl.int64) * SLOT_STRIDE - SLOT_BASE
     if DS_TMA:  # a descriptor over the scratch as (slots * LAYOUT_BK, LAYOUT_BQ)
         DS_rows = DS
         ds_row0 = (slot0 * LAYOUT_BK).to(tl.int32)
@@ -836,11 +847,12 @@ def _dq_ds_kernel(
         TMA, DS_TMA,
     )  # fmt: skip
     rows = m_start.to(tl.int64) + tl.arange(0, BLOCK_M)[:, None]
-    tl.store(
-        _row_tile_ptrs(DQ, b, h, rows, offs_d, stride_gb, stride_gn, stride_gh),
-        (dq * sm_scale).to(DQ.dtype.element_ty),
-        mask=(offs_m < N_Q)[:, None],
-    )
+    dq_ptrs = _row_tile_ptrs(DQ, b, h, rows, offs_d, stride_gb, stride_gn, stride_gh)
+    m_ok = (offs_m < N_Q)[:, None]
+    dq = dq * sm_scale
+    if ACCUMULATE:
+        dq += tl.load(dq_ptrs, mask=m_ok, other=0.0)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=m_ok)
 
 
 @dataclass(frozen=True)
@@ -873,8 +885,9 @@ class KernelConfig:
     # 1/DS_SCRATCH_MEMORY_SHARE of its memory (8 GiB on a 141 GB H200, ~5 GiB on an 80 GB card,
     # 1.5 GiB on a 24 GB one). The dk/dv kernel then also writes dS (one q.dtype value per attended
     # pair) and dq = dS @ K reads it back: 5 matmuls per tile instead of 7. Batch x heads run in
-    # chunks that fit; where one (batch, kv head) -- or, for per-head layouts, one batch -- does
-    # not fit, the backward recomputes P in a dq kernel.
+    # chunks that fit, and a (batch, kv head) of a shared layout that does not fit alone runs in
+    # ranges of key blocks (see stored_ds_chunks); where one batch of a per-head layout does not
+    # fit, the backward recomputes P in a dq kernel.
     ds_scratch_bytes: int = 8 * 2**30
     # Streamed tiles (K/V in the forward and dq kernels, Q/dO in the dk/dv kernel) are loaded
     # through TMA tensor descriptors where the GPU has TMA (sm90+) and the tensors are 16-byte
@@ -990,57 +1003,115 @@ class CSR:
         result: int = self._memo(("max_tiles_per_column",), build)
         return result
 
-    def column_order(self, batch: int, kv_heads: int, group: int) -> torch.Tensor:
-        """:func:`launch_order` of the column lists (the dk/dv kernel), memoised per layout."""
+    def column_order(
+        self, batch: int, kv_heads: int, group: int, key_blocks: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """:func:`launch_order` of the key-block columns (the dk/dv kernel), all of them or those
+        in ``key_blocks`` = (c0, c1); memoised per layout."""
+        c0, c1 = key_blocks if key_blocks is not None else (0, self.num_key_blocks)
 
         def build() -> torch.Tensor:
-            return launch_order(self.ccol, self.num_heads, self.num_key_blocks, batch, kv_heads, group)
+            counts = self.ccol.diff().view(self.num_heads, self.num_key_blocks)[:, c0:c1]
+            return _launch_order(counts, batch, kv_heads, group, c0, self.num_key_blocks)
 
-        result: torch.Tensor = self._memo(("column_order", batch, kv_heads, group), build)
+        result: torch.Tensor = self._memo(("column_order", batch, kv_heads, group, c0, c1), build)
         return result
 
-    def row_table(self, batch: int, heads: int) -> torch.Tensor:
-        """:func:`row_table` (the row-parallel kernels' launch table), memoised per layout."""
+    def row_bounds(self, key_blocks: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(starts, ends) (Hl * nqb,) int64: each layout row's CSR bounds, or with ``key_blocks``
+        = (c0, c1) those of its key blocks in c0..c1 (columns are sorted within a row, so they are
+        a sub-range, found by binary search on (row, column) keys)."""
+        starts, ends = self.crow[:-1].long(), self.crow[1:].long()
+        if key_blocks is None:
+            return starts, ends
+        rows = torch.arange(starts.numel(), device=self.crow.device)
+        rows_of = torch.repeat_interleave(rows, ends - starts, output_size=self.col.numel())
+        keys = rows_of * self.num_key_blocks + self.col.long()
+        lo = torch.searchsorted(keys, rows * self.num_key_blocks + key_blocks[0])
+        hi = torch.searchsorted(keys, rows * self.num_key_blocks + key_blocks[1])
+        return lo, hi
+
+    def row_table(self, batch: int, heads: int, key_blocks: tuple[int, int] | None = None) -> torch.Tensor:
+        """:func:`row_table` (the row-parallel kernels' launch table) over all key blocks or those
+        in ``key_blocks``, memoised per layout."""
 
         def build() -> torch.Tensor:
-            return row_table(self.crow, self.num_heads, self.num_query_blocks, batch, heads)
+            return row_table(*self.row_bounds(key_blocks), self.num_heads, batch, heads)
 
-        result: torch.Tensor = self._memo(("row_table", batch, heads), build)
+        result: torch.Tensor = self._memo(("row_table", batch, heads, key_blocks), build)
+        return result
+
+    def column_ranges(self, max_tiles: int) -> list[tuple[int, int, int, int]]:
+        """Key-block ranges (c0, c1, p0, p1) of a shared layout, each holding at most ``max_tiles``
+        tiles (transposed-CSR positions p0..p1), as few as that allows and balanced by tiles; []
+        when one key block alone holds more. Memoised per layout; reading it waits for the GPU once."""
+
+        def build() -> list[tuple[int, int, int, int]]:
+            ccol = self.ccol.tolist()
+            total = ccol[-1]
+            if total == 0 or max(b - a for a, b in itertools.pairwise(ccol)) > max_tiles:
+                return []
+            greedy = [0]  # packing key blocks greedily gives the fewest ranges
+            for c in range(1, self.num_key_blocks + 1):
+                if ccol[c] - ccol[greedy[-1]] > max_tiles:
+                    greedy.append(c - 1)
+            greedy.append(self.num_key_blocks)
+            n = len(greedy) - 1
+            # as many ranges, cut where the running count crosses each k/n of the tiles, when
+            # those fit (they balance the chunks' work; the greedy cuts leave a short last one)
+            even = [0, *(bisect.bisect_left(ccol, total * k // n) for k in range(1, n)), self.num_key_blocks]
+            fits = all(0 < ccol[b] - ccol[a] <= max_tiles for a, b in itertools.pairwise(even))
+            cuts = even if fits and len(set(even)) == n + 1 else greedy
+            return [(a, b, ccol[a], ccol[b]) for a, b in itertools.pairwise(cuts)]
+
+        result: list[tuple[int, int, int, int]] = self._memo(("column_ranges", max_tiles), build)
         return result
 
 
-def launch_order(
-    offsets: torch.Tensor, layout_heads: int, num_blocks: int, batch: int, heads: int, group: int = 1
-) -> torch.Tensor:
+def launch_order(counts: torch.Tensor, batch: int, heads: int, group: int = 1) -> torch.Tensor:
     """(batch * heads * num_blocks,) int32: the order programs take layout blocks, ``bh * num_blocks + block``.
 
-    Blocks are bucketed by their active-tile count in powers of two, heaviest bucket first (e.g.
-    BigBird's global rows start first instead of forming a tail); inside a bucket the order is
-    (batch, head, block), so a head's programs run together and the K/V (or Q/dO) tiles they
-    stream stay in L2 (an exact busiest-first sort interleaves heads, which was slower on an H100).
-    ``heads`` counts the grid's heads; with ``group`` > 1 (dk/dv programs per kv head) a block's
-    work is summed over its query heads.
+    ``counts`` (layout_heads, num_blocks): active tiles of each layout block (row, or key-block
+    column); one row for a shared layout, one per head otherwise. Blocks are bucketed by their
+    active-tile count in powers of two, heaviest bucket first (e.g. BigBird's global rows start
+    first instead of forming a tail); inside a bucket the order is (batch, head, block), so a
+    head's programs run together and the K/V (or Q/dO) tiles they stream stay in L2 (an exact
+    busiest-first sort interleaves heads, which was slower on an H100). ``heads`` counts the
+    grid's heads; with ``group`` > 1 (dk/dv programs per kv head) a block's work is summed over
+    its query heads.
     """
-    counts = (offsets[1:] - offsets[:-1]).view(layout_heads, num_blocks).long()
+    return _launch_order(counts, batch, heads, group, 0, counts.shape[1])
+
+
+def _launch_order(
+    counts: torch.Tensor, batch: int, heads: int, group: int, block0: int, num_blocks: int
+) -> torch.Tensor:
+    """launch_order of blocks block0..block0 + width (counts (layout_heads, width)) of a layout
+    with num_blocks blocks per head: entries count blocks of the whole layout."""
+    layout_heads, width = counts.shape
+    counts = counts.long()
     if layout_heads > 1 and group > 1:
-        counts = counts.view(layout_heads // group, group, num_blocks).sum(1)
+        counts = counts.view(layout_heads // group, group, width).sum(1)
     bucket = torch.where(counts > 0, torch.log2(counts.clamp(min=1).double()).floor().long(), -1)
-    flat = bucket.expand(heads, num_blocks).reshape(1, heads * num_blocks).expand(batch, -1).reshape(-1)
-    return torch.argsort(flat, descending=True, stable=True).to(torch.int32)
+    flat = bucket.expand(heads, width).reshape(1, heads * width).expand(batch, -1).reshape(-1)
+    j = torch.argsort(flat, descending=True, stable=True)
+    return ((j // width) * num_blocks + block0 + j % width).to(torch.int32)
 
 
-def row_table(crow: torch.Tensor, layout_heads: int, num_blocks: int, batch: int, heads: int) -> torch.Tensor:
+def row_table(starts: torch.Tensor, ends: torch.Tensor, layout_heads: int, batch: int, heads: int) -> torch.Tensor:
     """(batch * heads * num_blocks, 3) int32 launch table of the row-parallel kernels.
 
-    Row j: [entry, start, end] for the j-th layout row block of :func:`launch_order` (entry =
-    bh * num_blocks + block), whose layout row's key blocks are col[start:end]. ``heads`` counts
-    the grid's heads; a per-head layout (``layout_heads`` > 1) has one layout row per head, so
-    there heads == layout_heads.
+    ``starts``/``ends`` (layout_heads * num_blocks,): the CSR bounds of each layout row (crow[:-1],
+    crow[1:]; or a sub-range of it, see :meth:`CSR.row_bounds`). Row j: [entry, start, end] for the
+    j-th layout row block of :func:`launch_order` (entry = bh * num_blocks + block), whose layout
+    row's key blocks are col[start:end]. ``heads`` counts the grid's heads; a per-head layout
+    (``layout_heads`` > 1) has one layout row per head, so there heads == layout_heads.
     """
-    entry = launch_order(crow, layout_heads, num_blocks, batch, heads).long()
+    num_blocks = starts.numel() // layout_heads
+    entry = launch_order((ends - starts).view(layout_heads, num_blocks), batch, heads).long()
     block = entry % num_blocks
     lrow = block if layout_heads == 1 else (entry // num_blocks % heads) * num_blocks + block
-    return torch.stack([entry, crow[lrow].long(), crow[lrow + 1].long()], 1).to(torch.int32).contiguous()
+    return torch.stack([entry, starts[lrow].long(), ends[lrow].long()], 1).to(torch.int32).contiguous()
 
 
 def transposed_slots(
@@ -1114,38 +1185,72 @@ def _tile_descriptor(t: torch.Tensor, rows: int) -> Any:
     return _TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, t.shape[3]])
 
 
-def stored_ds_chunks(csr: CSR, batch: int, kv_heads: int, group: int, elem_size: int, cfg: KernelConfig) -> list[int]:
-    """Unit boundaries [0, u1, ..., B * Hkv] of the stored-dS backward's chunks, or [] when the
-    recompute backward runs instead.
+class DsChunk(NamedTuple):
+    """One launch pair of the stored-dS backward: (batch, kv head) units u0..u1 and key blocks
+    c0..c1, whose tiles are transposed-CSR positions p0..p1 of each unit's layout (the scratch
+    holds p1 - p0 slots per query head, or per batch for a per-head layout)."""
+
+    u0: int
+    u1: int
+    c0: int
+    c1: int
+    p0: int
+    p1: int
+
+
+def stored_ds_chunks(
+    csr: CSR, batch: int, kv_heads: int, group: int, elem_size: int, cfg: KernelConfig
+) -> list[DsChunk]:
+    """The stored-dS backward's chunks, or [] when the recompute backward runs instead.
 
     A unit is one (batch, kv head) for a shared layout, whose dS per query head is the layout's
     tiles; a per-head layout's tiles already span every head, so its units are whole batches
-    (boundaries still counted in (batch, kv head) units). Chunks are balanced and each one's dS
-    fits ``cfg.ds_scratch_bytes`` (on a GPU, also 1/DS_SCRATCH_MEMORY_SHARE of its memory). More
-    than one chunk is used only while each chunk's dk/dv work, spread over DKV_PROGRAMS_PER_SM
-    programs per SM, outlasts its longest program (a key tile that every query block attends, as
-    BigBird's global columns): otherwise each chunk waits on a few long programs (128K BigBird at
-    density 0.056 in 8 chunks: 5% slower than recompute on an H200).
+    (bounds still counted in (batch, kv head) units). Chunks take whole units where one fits
+    ``cfg.ds_scratch_bytes`` (on a GPU, also 1/DS_SCRATCH_MEMORY_SHARE of its memory), balanced;
+    where one (batch, kv head) of a shared layout does not fit (dense 128K: 32 GiB of bf16 dS per
+    head), each unit runs in ranges of key blocks that do, and dq adds up over the ranges (in
+    fp32). More than one chunk is used only while each chunk's dk/dv work, spread over
+    DKV_PROGRAMS_PER_SM programs per SM, outlasts its longest program (a key tile that every query
+    block attends, as BigBird's global columns): otherwise each chunk waits on a few long programs
+    (128K BigBird at density 0.056 in 8 chunks: 5% slower than recompute on an H200).
     """
     bq, bk = csr.block_size
     slot_bytes = bq * bk * elem_size
     nnz = csr.col.numel()
     per_head_layout = csr.num_heads > 1
-    unit_tiles = nnz * (1 if per_head_layout else group)
-    unit_bytes = unit_tiles * slot_bytes
+    heads_per_slot = 1 if per_head_layout else group
+    unit_tiles = nnz * heads_per_slot
     units = batch if per_head_layout else batch * kv_heads
     budget = min(cfg.ds_scratch_bytes, _scratch_cap(csr.col.device))
-    rows_per_unit = unit_tiles * bk  # descriptor rows (slots * Bk) of one chunk are int32 in the kernels
-    if nnz == 0 or unit_bytes > budget or units == 0 or rows_per_unit >= 2**31:
+    # descriptor rows (slots * Bk, and transposed-CSR position * Bk) are int32 in the kernels
+    max_tiles = min(budget // slot_bytes, (2**31 - 1) // bk)
+    if nnz == 0 or units == 0 or max_tiles < heads_per_slot or nnz * bk >= 2**31:
         return []
-    n_chunks = -(-units // min(budget // unit_bytes, (2**31 - 1) // rows_per_unit))
-    if n_chunks > 1:
+    nkb = csr.num_key_blocks
+    if unit_tiles <= max_tiles:
+        n_chunks = -(-units // (max_tiles // unit_tiles))
+        bounds = [units * c // n_chunks for c in range(n_chunks + 1)]
+        if per_head_layout:
+            bounds = [u * kv_heads for u in bounds]
+        chunks = [DsChunk(u0, u1, 0, nkb, 0, nnz) for u0, u1 in itertools.pairwise(bounds)]
+    elif not per_head_layout:
+        ranges = csr.column_ranges(max_tiles // heads_per_slot)
+        chunks = [DsChunk(u, u + 1, *r) for u in range(units) for r in ranges]
+    else:
+        return []
+    if len(chunks) > 1:
         sub_tiles = (bq // cfg.dkv_m) * (bk // cfg.dkv_n)
-        chunk_work = (units // n_chunks) * unit_tiles * sub_tiles / (DKV_PROGRAMS_PER_SM * _sm_count(csr.col.device))
+        least = min(_chunk_slots(c, per_head_layout, kv_heads, group) for c in chunks)
+        chunk_work = least * sub_tiles / (DKV_PROGRAMS_PER_SM * _sm_count(csr.col.device))
         if csr.max_tiles_per_column() * group * (bq // cfg.dkv_m) > chunk_work:
             return []
-    bounds = [units * c // n_chunks for c in range(n_chunks + 1)]
-    return [u * kv_heads for u in bounds] if per_head_layout else bounds
+    return chunks
+
+
+def _chunk_slots(chunk: DsChunk, per_head_layout: bool, kv_heads: int, group: int) -> int:
+    """dS tiles (scratch slots) of one chunk: p1 - p0 per query head, or per batch for a per-head layout."""
+    copies = (chunk.u1 - chunk.u0) // kv_heads if per_head_layout else (chunk.u1 - chunk.u0) * group
+    return copies * (chunk.p1 - chunk.p0)
 
 
 # dk/dv programs resident per SM (4 warps each; measured on H100/H200 timelines).
@@ -1198,9 +1303,9 @@ def block_sparse_backward(
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     tma_kv = cfg.tma and _has_tma(k, v)
-    bounds = stored_ds_chunks(csr, B, Hkv, group, q.element_size(), cfg)
+    chunks = stored_ds_chunks(csr, B, Hkv, group, q.element_size(), cfg)
 
-    if not bounds:
+    if not chunks:
         _dq_kernel[(B * H * csr.num_query_blocks * (csr.block_size[0] // cfg.dq_m),)](
             q,
             _tile_descriptor(k, cfg.dq_n) if tma_kv else k,
@@ -1217,38 +1322,43 @@ def block_sparse_backward(
             LAYOUT_BK=csr.block_size[1], IS_CAUSAL=is_causal, TMA=tma_kv, num_warps=cfg.dq_warps,
             num_stages=cfg.dq_stages,
         )  # fmt: skip
-        _launch_dkv(q, k, v, dout, dk, dv, lse, delta, None, csr, 0, B * Hkv, is_causal, scale, cfg)
+        everything = DsChunk(0, B * Hkv, 0, csr.num_key_blocks, 0, 0)
+        _launch_dkv(q, k, v, dout, dk, dv, lse, delta, None, csr, everything, is_causal, scale, cfg)
         return dq, dk, dv
 
     _delta_kernel[(triton.cdiv(Nq, DELTA_ROWS), B * H)](
         out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
         dout.stride(2), Nq, H, HEAD_DIM=D, BLOCK_M=DELTA_ROWS,
     )  # fmt: skip
-    nnz = csr.col.numel()
     bq, bk = csr.block_size
     per_head_layout = csr.num_heads > 1
+    # key-block ranges: dq adds up over them, in fp32
+    accumulate = chunks[0].c1 - chunks[0].c0 < csr.num_key_blocks
+    dq_acc = torch.zeros(dq.shape, device=q.device, dtype=torch.float32) if accumulate else dq
     tslot = csr.transposed_slots()
-    widest = max(u1 - u0 for u0, u1 in itertools.pairwise(bounds))
-    slots = widest * (1 if per_head_layout else group) * nnz // (Hkv if per_head_layout else 1)
+    slots = max(_chunk_slots(c, per_head_layout, Hkv, group) for c in chunks)
     ds = _scratch(slots * bq * bk, q)
     ds_tma = cfg.tma and _has_tma(ds)
     ds_src = _scratch_descriptor(ds, bq, cfg.dqs_n, cfg.dqs_m) if ds_tma else ds
     k_src = _tile_descriptor(k, cfg.dqs_n) if tma_kv else k
-    for u0, u1 in itertools.pairwise(bounds):
-        _launch_dkv(q, k, v, dout, dk, dv, lse, delta, ds, csr, u0, u1 - u0, is_causal, scale, cfg)
+    for c in chunks:
+        _launch_dkv(q, k, v, dout, dk, dv, lse, delta, ds, csr, c, is_causal, scale, cfg)
+        key_blocks = (c.c0, c.c1) if accumulate else None
         if per_head_layout:
-            table = csr.row_table((u1 - u0) // Hkv, H)
+            table = csr.row_table((c.u1 - c.u0) // Hkv, H, key_blocks)
         else:
-            table = csr.row_table(1, (u1 - u0) * group)
-        _dq_ds_kernel[((u1 - u0) * group * csr.num_query_blocks * (bq // cfg.dqs_m),)](
-            k_src, ds_src, dq, csr.col, tslot, table,
+            table = csr.row_table(1, (c.u1 - c.u0) * group, key_blocks)
+        _dq_ds_kernel[((c.u1 - c.u0) * group * csr.num_query_blocks * (bq // cfg.dqs_m),)](
+            k_src, ds_src, dq_acc, csr.col, tslot, table,
             k.stride(0), k.stride(1), k.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            Nq, Nk, H, group, csr.num_query_blocks, u0 * group, H if per_head_layout else 1, nnz,
-            scale,
+            dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
+            Nq, Nk, H, group, csr.num_query_blocks, c.u0 * group, H if per_head_layout else 1, c.p1 - c.p0,
+            c.p0, scale,
             HEAD_DIM=D, BLOCK_M=cfg.dqs_m, BLOCK_N=cfg.dqs_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
-            TMA=tma_kv, DS_TMA=ds_tma, num_warps=cfg.dqs_warps, num_stages=cfg.dqs_stages,
+            TMA=tma_kv, DS_TMA=ds_tma, ACCUMULATE=accumulate, num_warps=cfg.dqs_warps, num_stages=cfg.dqs_stages,
         )  # fmt: skip
+    if accumulate:
+        dq.copy_(dq_acc)
     return dq, dk, dv
 
 
@@ -1278,23 +1388,24 @@ def _launch_dkv(
     delta: torch.Tensor,
     ds: torch.Tensor | None,
     csr: CSR,
-    unit0: int,
-    units: int,
+    chunk: DsChunk,
     is_causal: bool,
     scale: float,
     cfg: KernelConfig,
 ) -> None:
-    """The dk/dv kernel over (batch, kv head) units unit0..unit0 + units; writes dS into ``ds``
-    unless it is None."""
+    """The dk/dv kernel over the chunk's (batch, kv head) units and key blocks; writes dS into
+    ``ds`` (at the chunk's slots) unless it is None."""
     _, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     group = H // Hkv
     bq, bk = csr.block_size
     per_head_layout = csr.num_heads > 1
+    units = chunk.u1 - chunk.u0
+    key_blocks = None if chunk.c1 - chunk.c0 == csr.num_key_blocks else (chunk.c0, chunk.c1)
     if per_head_layout:  # whole batches (stored dS) or everything (recompute)
-        order = csr.column_order(units // Hkv, Hkv, group)
+        order = csr.column_order(units // Hkv, Hkv, group, key_blocks)
     else:
-        order = csr.column_order(1, units, group)
+        order = csr.column_order(1, units, group, key_blocks)
     tma = cfg.tma and _has_tma(q, dout)
     # Without dS storage the pointer is never read (STORE_DS=False); delta stands in for it.
     ds_src: object = delta
@@ -1302,7 +1413,7 @@ def _launch_dkv(
     if ds is not None:
         ds_tma = cfg.tma and _has_tma(ds)
         ds_src = _scratch_descriptor(ds, bq, cfg.dkv_n, cfg.dkv_m) if ds_tma else ds
-    _dkv_kernel[(units * csr.num_key_blocks * (bk // cfg.dkv_n),)](
+    _dkv_kernel[(units * (chunk.c1 - chunk.c0) * (bk // cfg.dkv_n),)](
         _tile_descriptor(q, cfg.dkv_m) if tma else q,
         k, v,
         _tile_descriptor(dout, cfg.dkv_m) if tma else dout,
@@ -1314,7 +1425,7 @@ def _launch_dkv(
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         Nq, Nk, H, Hkv, group, csr.num_key_blocks, csr.num_key_blocks if per_head_layout else 0,
-        unit0, H if per_head_layout else 1, csr.col.numel(), scale * LOG2E, scale,
+        chunk.u0, H if per_head_layout else 1, chunk.p1 - chunk.p0, chunk.p0, scale * LOG2E, scale,
         HEAD_DIM=D, BLOCK_M=cfg.dkv_m, BLOCK_N=cfg.dkv_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
         TMA=tma, STORE_DS=ds is not None, DS_TMA=ds_tma, num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages,
     )  # fmt: skip
