@@ -367,11 +367,11 @@ def backward_form(layout: Any, batch: int, kv_heads: int, group: int, elem_size:
     """Which backward the Triton kernels run for this call: 'stored dS (k chunks)' or 'recompute'."""
     from attn_sparse.kernels import CSR, default_config, stored_ds_chunks
 
-    bounds = stored_ds_chunks(
+    chunks = stored_ds_chunks(
         CSR.from_layout(layout), batch, kv_heads, group, elem_size, default_config(layout.block_size)
     )
-    chunks = len(bounds) - 1
-    return f"stored dS ({chunks} chunk{'s' if chunks > 1 else ''})" if bounds else "recompute"
+    n = len(chunks)
+    return f"stored dS ({n} chunk{'s' if n > 1 else ''})" if chunks else "recompute"
 
 
 def layout_build_times(device: str, sizes: tuple[int, ...] = (131072, 1 << 20), reps: int = 7) -> list[dict]:
