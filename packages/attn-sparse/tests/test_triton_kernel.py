@@ -264,15 +264,24 @@ def test_default_config_fits_small_blocks_and_bad_config_raises() -> None:
         )
 
 
-def test_torch_compile_traces_the_custom_ops_without_graph_breaks() -> None:
+@pytest.mark.parametrize("scratch", ["default", "key-block ranges"])
+def test_torch_compile_traces_the_custom_ops_without_graph_breaks(
+    monkeypatch: pytest.MonkeyPatch, scratch: str
+) -> None:
     mask = random_mask(1, 2, 2, 0.7, seed=9)
-    mask[0, 0, 0] = True
+    mask[0, :, 0] = True  # key block 0: 2 tiles, so 2 slots hold any one key block
     csr = csr_from_mask(mask, (16, 16))
     g = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(1, 32, 2, 16, generator=g).requires_grad_() for _ in range(3))
+    cfg = default_config((16, 16))
+    if scratch != "default":  # the backward op runs each kv head in ranges of key blocks
+        monkeypatch.setattr(block_sparse, "DKV_PROGRAMS_PER_SM", 1e-9)
+        cfg = replace(cfg, ds_scratch_bytes=2 * 16 * 16 * q.element_size())
+        chunks = stored_ds_chunks(csr, 1, 2, 1, q.element_size(), cfg)
+        assert len(chunks) == 4 and all(c.c1 - c.c0 == 1 for c in chunks), chunks
 
     def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return block_sparse_attention_csr(q, k, v, csr, is_causal=True).sum(dim=-1)
+        return block_sparse_attention_csr(q, k, v, csr, is_causal=True, config=cfg).sum(dim=-1)
 
     graphs: list[str] = []
 
@@ -404,6 +413,19 @@ def test_stored_ds_chunks_budget_and_long_columns() -> None:
         [0, 2, 4, 6], 8, 16
     )
     assert stored_ds_chunks(csr, 3, 2, 1, 2, replace(cfg, ds_scratch_bytes=2 * unit - 1)) == []
+
+
+def test_stored_ds_needs_int32_descriptor_rows() -> None:
+    # transposed-CSR position * Bk indexes the scratch in int32: a layout with 2**31 / Bk tiles or
+    # more (1M tokens dense at 128x128 is 2**26 tiles) recomputes, whatever the budget
+    nnz = 2**31 // 128
+    idx = torch.zeros(nnz, dtype=torch.int32)
+    offsets = torch.tensor([0, nnz], dtype=torch.int32)
+    csr = CSR(offsets, idx, offsets, idx, 1, 1, 1, (128, 128))
+    cfg = replace(default_config((128, 128)), ds_scratch_bytes=2**62)
+    assert stored_ds_chunks(csr, 1, 1, 1, 2, cfg) == []
+    small = CSR(offsets, idx, offsets, idx, 1, 1, 1, (64, 64))  # 64-key blocks: positions * 64 fit
+    assert stored_ds_chunks(small, 1, 1, 1, 2, cfg) == [(0, 1, 0, 1, 0, nnz)]
 
 
 def test_column_ranges_fewest_then_balanced() -> None:
