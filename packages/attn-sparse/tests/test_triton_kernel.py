@@ -300,6 +300,34 @@ def test_torch_compile_traces_the_custom_ops_without_graph_breaks(
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("warm", [False, True], ids=["fresh layout", "layout used eagerly first"])
+def test_public_api_and_module_compile_whole(warm: bool) -> None:
+    # attn_sparse.block_sparse_attention and BlockSparseAttention under torch.compile: backend
+    # choice, validation and the layout's caches trace (a fresh layout's transposed slots are
+    # built inside the graph; a used one's are read from its cache), the kernels run as custom ops
+    from attn_sparse import BlockSparseAttention, block_sparse_attention, patterns
+
+    torch._dynamo.reset()
+    layout = patterns.local_window(80, 24, block_size=(16, 16))
+    g = torch.Generator().manual_seed(21)
+    q = torch.randn(1, 80, 4, 16, generator=g).requires_grad_()
+    k, v = (torch.randn(1, 80, 2, 16, generator=g).requires_grad_() for _ in range(2))
+    module = BlockSparseAttention(layout, backend="triton")
+    if warm:
+        block_sparse_attention(q, k, v, layout, backend="triton", is_causal=True).sum().backward()
+
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return block_sparse_attention(q, k, v, layout, backend="triton", is_causal=True) + module(q, k, v)
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
+    got = compiled(q, k, v)
+    want = fn(q, k, v)
+    assert torch.equal(got, want)
+    dout = torch.randn(want.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
+        assert torch.equal(a, b)
+
+
 def test_strided_inputs_match_contiguous() -> None:
     # q/k/v as (B, H, N, D) storage viewed as (B, N, H, D): kernels read through the strides
     mask = random_mask(1, 2, 2, 0.8, seed=12)

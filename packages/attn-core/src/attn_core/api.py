@@ -22,6 +22,7 @@ __all__ = ["AUTO_ORDER", "BACKENDS", "BackendChoice", "dilated_attention", "expl
 
 # Preference order of "auto": the fused SDPA path first, the pure PyTorch path always last.
 REGISTRY = BackendRegistry("attn_core", ("sdpa", "reference"))
+REGISTRY.load_all()  # torch.compile cannot import: a first call inside it needs them loaded
 AUTO_ORDER: tuple[str, ...] = REGISTRY.order
 BACKENDS: tuple[str, ...] = REGISTRY.order
 

@@ -212,7 +212,11 @@ class LongNetLM(nn.Module):
             raise TypeError(f"input_ids must have an integer dtype (e.g. torch.int64), got {input_ids.dtype}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have 2 dims (B, N), got shape {tuple(input_ids.shape)}")
-        if input_ids.numel() > 0:
+        if input_ids.numel() > 0 and torch.compiler.is_compiling():
+            # reading the range back to the host cannot be traced: a device-side assert instead
+            in_range = ((input_ids >= 0) & (input_ids < self.vocab_size)).all()
+            torch._assert_async(in_range, f"input_ids must lie in [0, vocab_size={self.vocab_size})")
+        elif input_ids.numel() > 0:
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, vocab_size={self.vocab_size}), got values in [{lo}, {hi}]")

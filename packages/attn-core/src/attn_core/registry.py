@@ -53,9 +53,11 @@ class BackendRegistry:
 
     def load(self, name: str) -> ModuleType | None:
         """The backend module, or None when it is not part of this installation."""
-        with self._lock:
-            if name in self._modules:
-                return self._modules[name]
+        # lock-free read (a dict lookup is atomic; entries are only ever added, under the lock),
+        # which torch.compile can trace: it cannot trace a lock
+        mod = self._modules.get(name)
+        if mod is not None:
+            return mod
         module_name = f"{self.package}.backends.{name}"
         try:
             mod = importlib.import_module(module_name)
@@ -66,6 +68,16 @@ class BackendRegistry:
         with self._lock:
             self._modules[name] = mod
         return mod
+
+    def load_all(self) -> None:
+        """Import every backend module now (missing ones are skipped, as in :meth:`load`).
+
+        The packages' api modules call this at import: torch.compile cannot trace an import, so a
+        first call inside a compiled region must find the modules loaded (they import nothing heavy
+        at module level).
+        """
+        for name in self.order:
+            self.load(name)
 
     def reasons(self, name: str, reasons_of: ReasonsOf) -> tuple[str, ...]:
         """Why backend ``name`` cannot take the call ``reasons_of`` describes (empty: it can)."""

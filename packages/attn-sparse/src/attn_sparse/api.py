@@ -21,6 +21,7 @@ from .layout import BlockLayout
 __all__ = ["AUTO_ORDER", "BACKENDS", "BackendChoice", "block_sparse_attention", "explain", "last_backend"]
 
 REGISTRY = BackendRegistry("attn_sparse", ("triton", "flex", "reference"))
+REGISTRY.load_all()  # torch.compile cannot import: a first call inside it needs them loaded
 AUTO_ORDER: tuple[str, ...] = REGISTRY.order
 BACKENDS: tuple[str, ...] = REGISTRY.order
 

@@ -188,6 +188,8 @@ def _crow_from_sorted_rows(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
 # Derived data a layout keeps (device copies, transposed CSR, one flex BlockMask per (Nq, Nk, causal)):
 # bounded so that calls with many different sequence lengths cannot grow it without limit.
 MAX_DERIVED_ENTRIES = 16
+# marks an absent cache entry (None can be a cached value)
+_MISSING = object()
 
 
 class BlockLayout:
@@ -427,7 +429,15 @@ class BlockLayout:
         return self._crow.numel() * self._crow.element_size() + self._col.numel() * self._col.element_size()
 
     def _cached(self, key: Any, build: Any) -> Any:
-        """Derived data (device copies, transposed CSR, flex BlockMasks per sequence length), LRU-bounded."""
+        """Derived data (device copies, transposed CSR, flex BlockMasks per sequence length), LRU-bounded.
+
+        Under torch.compile (which cannot trace a lock) a hit is read without the lock (entries
+        are only replaced whole, under it) and a miss is built in the graph and not stored: the
+        cache is filled by eager calls.
+        """
+        if torch.compiler.is_compiling():
+            hit = self._cache.get(key, _MISSING)
+            return build() if hit is _MISSING else hit
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -439,6 +449,13 @@ class BlockLayout:
             while len(self._cache) > MAX_DERIVED_ENTRIES:
                 self._cache.popitem(last=False)
             return value
+
+    def _cached_value(self, key: Any) -> Any:
+        """The cached entry under ``key`` or _MISSING (no LRU update, nothing built)."""
+        if torch.compiler.is_compiling():
+            return self._cache.get(key, _MISSING)
+        with self._lock:
+            return self._cache.get(key, _MISSING)
 
     def row_counts(self) -> torch.Tensor:
         """(num_heads, num_query_blocks) int32 number of active key blocks per query block."""
@@ -506,8 +523,8 @@ class BlockLayout:
                 self.num_query_blocks,
                 self.num_key_blocks,
             )
-            with self._lock:
-                known = {key: self._cache[key] for key in ("max_row", "max_col", "transposed") if key in self._cache}
+            known = {key: self._cached_value(key) for key in ("max_row", "max_col", "transposed")}
+            known = {key: value for key, value in known.items() if value is not _MISSING}
             for key in ("max_row", "max_col"):  # host-side ints stay valid
                 if key in known:
                     out._cache[key] = known[key]

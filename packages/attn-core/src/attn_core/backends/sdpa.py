@@ -162,7 +162,85 @@ def _key_bias(mask: torch.Tensor | None, p: Piece, dtype: torch.dtype) -> torch.
     return sdpa_ops.key_bias_from_mask(piece_view(mask[:, :, None, None], p, 0, 1, 1)[:, 0, :, 0], dtype)
 
 
+def _forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    config: DilatedConfig,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, N, H, D) in q.dtype, lse (B, N, H) fp32, fp64 for fp64) over every piece."""
+    B, N, H, D = q.shape
+    Hkv = k.shape[2]
+    views = [q, k, v] if mask is None else [q, k, v, mask]
+    pieces = plan_pieces((B, N, H, Hkv, D), config, batch_mergeable(*views))
+    # out accumulates in q's dtype, lse in fp32 (fp64 for fp64), both merged in fp32 arithmetic
+    out = torch.zeros(B, N, H, D, dtype=q.dtype, device=q.device)
+    lse = torch.full((B, N, H), float("-inf"), dtype=sdpa_ops._lse_dtype(q.dtype), device=q.device)
+    for p in pieces:
+        qv = piece_view(q, p, p.q_h0, p.q_hs, p.q_hn)
+        kv = piece_view(k, p, p.kv_h0, p.kv_hs, p.kv_hn)
+        vv = piece_view(v, p, p.kv_h0, p.kv_hs, p.kv_hn)
+        o_c, l_c = sdpa_ops.attention_forward(
+            qv, kv, vv, is_causal=is_causal, scale=scale, key_bias=_key_bias(mask, p, q.dtype)
+        )
+        o_v = piece_view(out, p, p.q_h0, p.q_hs, p.q_hn)
+        l_v = _lse_view(lse, p)
+        if p.first:
+            o_v.copy_(o_c)
+            l_v.copy_(l_c)
+        else:
+            sdpa_ops.merge_views_(o_v, l_v, o_c, l_c)  # fused on CUDA: one pass, no fp32 temporaries
+    return out, lse
+
+
+def _backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    config: DilatedConfig,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous, shaped like (q, k, v)."""
+    B, N, H, D = q.shape
+    Hkv = k.shape[2]
+    if dout.stride(-1) != 1 or dout.stride(1) == 0:
+        dout = dout.contiguous()
+    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
+    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
+    views = [q, k, v, dout] if mask is None else [q, k, v, dout, mask]
+    for p in plan_pieces((B, N, H, Hkv, D), config, batch_mergeable(*views)):
+        qv = piece_view(q, p, p.q_h0, p.q_hs, p.q_hn)
+        kv = piece_view(k, p, p.kv_h0, p.kv_hs, p.kv_hn)
+        vv = piece_view(v, p, p.kv_h0, p.kv_hs, p.kv_hn)
+        dq_c, dk_c, dv_c = sdpa_ops.attention_backward(
+            piece_view(dout, p, p.q_h0, p.q_hs, p.q_hn),
+            qv,
+            kv,
+            vv,
+            piece_view(out, p, p.q_h0, p.q_hs, p.q_hn),
+            _lse_view(lse, p),
+            is_causal=is_causal,
+            scale=scale,
+            key_bias=_key_bias(mask, p, q.dtype),
+        )
+        piece_view(dq, p, p.q_h0, p.q_hs, p.q_hn).add_(dq_c)
+        piece_view(dk, p, p.kv_h0, p.kv_hs, p.kv_hn).add_(dk_c)
+        piece_view(dv, p, p.kv_h0, p.kv_hs, p.kv_hn).add_(dv_c)
+    return dq, dk, dv
+
+
 class _DilatedSDPA(torch.autograd.Function):
+    """Eager calls: the plain autograd.Function (no custom-op dispatch per call)."""
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
@@ -174,27 +252,7 @@ class _DilatedSDPA(torch.autograd.Function):
         mask: torch.Tensor | None,
         scale: float,
     ) -> torch.Tensor:
-        B, N, H, D = q.shape
-        Hkv = k.shape[2]
-        views = [q, k, v] if mask is None else [q, k, v, mask]
-        pieces = plan_pieces((B, N, H, Hkv, D), config, batch_mergeable(*views))
-        # out accumulates in q's dtype, lse in fp32 (fp64 for fp64), both merged in fp32 arithmetic
-        out = torch.zeros(B, N, H, D, dtype=q.dtype, device=q.device)
-        lse = torch.full((B, N, H), float("-inf"), dtype=sdpa_ops._lse_dtype(q.dtype), device=q.device)
-        for p in pieces:
-            qv = piece_view(q, p, p.q_h0, p.q_hs, p.q_hn)
-            kv = piece_view(k, p, p.kv_h0, p.kv_hs, p.kv_hn)
-            vv = piece_view(v, p, p.kv_h0, p.kv_hs, p.kv_hn)
-            o_c, l_c = sdpa_ops.attention_forward(
-                qv, kv, vv, is_causal=is_causal, scale=scale, key_bias=_key_bias(mask, p, q.dtype)
-            )
-            o_v = piece_view(out, p, p.q_h0, p.q_hs, p.q_hn)
-            l_v = _lse_view(lse, p)
-            if p.first:
-                o_v.copy_(o_c)
-                l_v.copy_(l_c)
-            else:
-                sdpa_ops.merge_views_(o_v, l_v, o_c, l_c)  # fused on CUDA: one pass, no fp32 temporaries
+        out, lse = _forward(q, k, v, mask, config, is_causal, scale)
         ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.config, ctx.is_causal, ctx.scale = config, is_causal, scale
         return out
@@ -202,38 +260,115 @@ class _DilatedSDPA(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         q, k, v, out, lse, mask = ctx.saved_tensors
-        B, N, H, D = q.shape
-        Hkv = k.shape[2]
-        if dout.stride(-1) != 1 or dout.stride(1) == 0:
-            dout = dout.contiguous()
-        dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
-        dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
-        dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
-        views = [q, k, v, dout] if mask is None else [q, k, v, dout, mask]
-        for p in plan_pieces((B, N, H, Hkv, D), ctx.config, batch_mergeable(*views)):
-            qv = piece_view(q, p, p.q_h0, p.q_hs, p.q_hn)
-            kv = piece_view(k, p, p.kv_h0, p.kv_hs, p.kv_hn)
-            vv = piece_view(v, p, p.kv_h0, p.kv_hs, p.kv_hn)
-            dq_c, dk_c, dv_c = sdpa_ops.attention_backward(
-                piece_view(dout, p, p.q_h0, p.q_hs, p.q_hn),
-                qv,
-                kv,
-                vv,
-                piece_view(out, p, p.q_h0, p.q_hs, p.q_hn),
-                _lse_view(lse, p),
-                is_causal=ctx.is_causal,
-                scale=ctx.scale,
-                key_bias=_key_bias(mask, p, q.dtype),
-            )
-            piece_view(dq, p, p.q_h0, p.q_hs, p.q_hn).add_(dq_c)
-            piece_view(dk, p, p.kv_h0, p.kv_hs, p.kv_hn).add_(dk_c)
-            piece_view(dv, p, p.kv_h0, p.kv_hs, p.kv_hn).add_(dv_c)
+        dq, dk, dv = _backward(dout, q, k, v, out, lse, mask, ctx.config, ctx.is_causal, ctx.scale)
         return dq, dk, dv, None, None, None, None
+
+
+# Under torch.compile the same forward/backward run as torch.library custom ops with a registered
+# autograd formula: the compiler cannot trace the pieces' strided views (storage offsets are not
+# tensors: one graph break per piece), so they run opaque, with fake implementations for tracing.
+# The config travels as its segment lengths, dilation rates and head mode (schemas take no objects).
+
+
+@torch.library.custom_op("attn_core::dilated_sdpa_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    segment_lengths: list[int],
+    dilation_rates: list[int],
+    head_mode: str,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    config = DilatedConfig(segment_lengths, dilation_rates, head_mode)
+    return _forward(q, k, v, mask, config, is_causal, scale)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    segment_lengths: list[int],
+    dilation_rates: list[int],
+    head_mode: str,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, N, H, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        (B, N, H), dtype=sdpa_ops._lse_dtype(q.dtype)
+    )
+
+
+@torch.library.custom_op("attn_core::dilated_sdpa_bwd", mutates_args=())
+def _bwd_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    segment_lengths: list[int],
+    dilation_rates: list[int],
+    head_mode: str,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    config = DilatedConfig(segment_lengths, dilation_rates, head_mode)
+    return _backward(dout, q, k, v, out, lse, mask, config, is_causal, scale)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    segment_lengths: list[int],
+    dilation_rates: list[int],
+    head_mode: str,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    return dq, dk, dv
+
+
+def _op_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    q, k, v, mask, *args = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask)
+    ctx.args = args
+
+
+def _op_backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    # lse is an auxiliary output (not exposed): its incoming gradient is ignored
+    q, k, v, out, lse, mask = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, mask, *ctx.args)
+    return (dq, dk, dv) + (None,) * 6
+
+
+torch.library.register_autograd("attn_core::dilated_sdpa_fwd", _op_backward, setup_context=_op_setup_context)
 
 
 def dilated_attention(call: DilatedCall) -> torch.Tensor:
     """out (B, N, H, D) in q's dtype; see the module docstring."""
-    out: torch.Tensor = _DilatedSDPA.apply(
-        call.q, call.k, call.v, call.config, call.is_causal, call.key_padding_mask, call.softmax_scale
+    c = call.config
+    if torch.compiler.is_compiling():
+        out, _ = _fwd_op(
+            call.q, call.k, call.v, call.key_padding_mask, list(c.segment_lengths), list(c.dilation_rates),
+            c.head_mode, bool(call.is_causal), float(call.softmax_scale),
+        )  # fmt: skip
+        return out
+    result: torch.Tensor = _DilatedSDPA.apply(
+        call.q, call.k, call.v, c, call.is_causal, call.key_padding_mask, call.softmax_scale
     )
-    return out
+    return result
