@@ -73,9 +73,16 @@ _UNUSED_RNG_STATE: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def _cudnn_device_reasons(device: torch.device) -> list[str]:
     idx = device.index if device.index is not None else torch.cuda.current_device()
+    return list(_cudnn_reasons_of(idx))
+
+
+# torch.compile runs this at trace time and keeps the result as a constant: it cannot trace the
+# cuDNN / capability queries or the lock (a per-process fact of the device, so constant is right)
+@torch.compiler.assume_constant_result
+def _cudnn_reasons_of(idx: int) -> tuple[str, ...]:
     with _CUDNN_STATE_LOCK:
         if idx in _CUDNN_OK:
-            return list(_CUDNN_OK[idx])
+            return tuple(_CUDNN_OK[idx])
     reasons: list[str] = []
     if not hasattr(_ATEN, "_scaled_dot_product_cudnn_attention_backward"):
         reasons.append(f"torch {torch.__version__} has no aten._scaled_dot_product_cudnn_attention_backward")
@@ -90,7 +97,7 @@ def _cudnn_device_reasons(device: torch.device) -> list[str]:
         reasons.append(f"cuDNN attention needs compute capability >= 8.0, device {idx} has {major}.{minor}")
     with _CUDNN_STATE_LOCK:
         _CUDNN_OK[idx] = reasons
-    return list(reasons)
+    return tuple(reasons)
 
 
 def unsupported_reasons(

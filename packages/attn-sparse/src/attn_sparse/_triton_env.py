@@ -6,7 +6,6 @@ builders' Triton builds, so they never disagree on which path runs.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from typing import TYPE_CHECKING
@@ -17,10 +16,13 @@ if TYPE_CHECKING:
 __all__ = ["interpret_mode", "triton_builds", "triton_installed"]
 
 
-@functools.lru_cache(maxsize=1)
+# find_spec imports nothing but scans sys.path: once, at import (torch.compile cannot trace it)
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    """Triton can be imported (find_spec: nothing is imported; it scans sys.path, so once per process)."""
-    return importlib.util.find_spec("triton") is not None
+    """Triton can be imported (looked up once per process, when this module loads)."""
+    return _TRITON_INSTALLED
 
 
 def interpret_mode() -> bool:
