@@ -328,6 +328,36 @@ def test_public_api_and_module_compile_whole(warm: bool) -> None:
         assert torch.equal(a, b)
 
 
+def test_custom_ops_memoise_launch_tables_per_layout_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the ops (the torch.compile path) get raw CSR tensors: their launch tables are memoised while
+    # those very tensors are alive and unmodified, never for other tensors of the same shape
+    builds: list[int] = []
+    real = block_sparse.row_table
+    monkeypatch.setattr(block_sparse, "row_table", lambda *a, **kw: builds.append(1) or real(*a, **kw))
+    mask = random_mask(1, 3, 3, 0.7, seed=23)
+    mask[0, :, 0] = True
+    g = torch.Generator().manual_seed(24)
+    q, k, v = (torch.randn(1, 48, 2, 16, generator=g) for _ in range(3))
+    cfg = [int(getattr(default_config((16, 16)), f)) for f in block_sparse._CFG_FIELDS]
+
+    def run(csr: CSR) -> torch.Tensor:
+        dims = [csr.num_heads, csr.num_query_blocks, csr.num_key_blocks, *csr.block_size]
+        out, _ = torch.ops.attn_sparse.block_sparse_fwd(
+            q, k, v, csr.crow, csr.col, csr.ccol, csr.row, csr.col.new_empty(0), dims, False, 0.25, cfg
+        )
+        return out
+
+    csr = csr_from_mask(mask, (16, 16))
+    first = run(csr)
+    assert len(builds) == 1
+    assert torch.equal(run(csr), first) and len(builds) == 1  # same tensors: memoised
+    other = csr_from_mask(mask, (16, 16))  # equal values, other tensors
+    assert torch.equal(run(other), first) and len(builds) == 2
+    csr.col.add_(0)  # an in-place write bumps the version counter: built again
+    run(csr)
+    assert len(builds) == 3
+
+
 def test_strided_inputs_match_contiguous() -> None:
     # q/k/v as (B, H, N, D) storage viewed as (B, N, H, D): kernels read through the strides
     mask = random_mask(1, 2, 2, 0.8, seed=12)

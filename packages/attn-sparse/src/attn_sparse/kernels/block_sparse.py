@@ -40,6 +40,9 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, NamedTuple
@@ -1009,12 +1012,40 @@ class CSR:
         """:func:`launch_order` of the key-block columns (the dk/dv kernel), all of them or those
         in ``key_blocks`` = (c0, c1); memoised per layout."""
         c0, c1 = key_blocks if key_blocks is not None else (0, self.num_key_blocks)
+        result: torch.Tensor = self._memo(
+            ("column_order", batch, kv_heads, group, c0, c1),
+            lambda: self._build_column_order(batch, kv_heads, group, c0, c1),
+        )
+        return result
 
-        def build() -> torch.Tensor:
-            counts = self.ccol.diff().view(self.num_heads, self.num_key_blocks)[:, c0:c1]
-            return _launch_order(counts, batch, kv_heads, group, c0, self.num_key_blocks)
+    def _build_column_order(self, batch: int, kv_heads: int, group: int, c0: int, c1: int) -> torch.Tensor:
+        counts = self.ccol.diff().view(self.num_heads, self.num_key_blocks)[:, c0:c1]
+        return _launch_order(counts, batch, kv_heads, group, c0, self.num_key_blocks)
 
-        result: torch.Tensor = self._memo(("column_order", batch, kv_heads, group, c0, c1), build)
+    def chunk_tables(
+        self, chunks: list[DsChunk], batch: int, kv_heads: int, group: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(dk/dv column order, dq-from-dS row table) of each stored-dS chunk, memoised per layout
+        as one entry (dense 128K runs 64 chunks: one entry each would overflow the layout's cache)."""
+        per_head_layout = self.num_heads > 1
+
+        def build() -> list[tuple[torch.Tensor, torch.Tensor]]:
+            out = []
+            for c in chunks:
+                whole = c.c1 - c.c0 == self.num_key_blocks
+                key_blocks = None if whole else (c.c0, c.c1)
+                units = c.u1 - c.u0
+                if per_head_layout:  # whole batches
+                    grid = (units // kv_heads, kv_heads, units // kv_heads, kv_heads * group)
+                else:
+                    grid = (1, units, 1, units * group)
+                order = self._build_column_order(grid[0], grid[1], group, c.c0, c.c1)
+                out.append((order, row_table(*self.row_bounds(key_blocks), self.num_heads, grid[2], grid[3])))
+            return out
+
+        result: list[tuple[torch.Tensor, torch.Tensor]] = self._memo(
+            ("chunk_tables", batch, kv_heads, group, tuple(chunks)), build
+        )
         return result
 
     def row_bounds(self, key_blocks: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1323,7 +1354,11 @@ def block_sparse_backward(
             num_stages=cfg.dq_stages,
         )  # fmt: skip
         everything = DsChunk(0, B * Hkv, 0, csr.num_key_blocks, 0, 0)
-        _launch_dkv(q, k, v, dout, dk, dv, lse, delta, None, csr, everything, is_causal, scale, cfg)
+        if csr.num_heads > 1:
+            order = csr.column_order(B, Hkv, group)
+        else:
+            order = csr.column_order(1, B * Hkv, group)
+        _launch_dkv(q, k, v, dout, dk, dv, lse, delta, None, csr, everything, order, is_causal, scale, cfg)
         return dq, dk, dv
 
     _delta_kernel[(triton.cdiv(Nq, DELTA_ROWS), B * H)](
@@ -1341,13 +1376,8 @@ def block_sparse_backward(
     ds_tma = cfg.tma and _has_tma(ds)
     ds_src = _scratch_descriptor(ds, bq, cfg.dqs_n, cfg.dqs_m) if ds_tma else ds
     k_src = _tile_descriptor(k, cfg.dqs_n) if tma_kv else k
-    for c in chunks:
-        _launch_dkv(q, k, v, dout, dk, dv, lse, delta, ds, csr, c, is_causal, scale, cfg)
-        key_blocks = (c.c0, c.c1) if accumulate else None
-        if per_head_layout:
-            table = csr.row_table((c.u1 - c.u0) // Hkv, H, key_blocks)
-        else:
-            table = csr.row_table(1, (c.u1 - c.u0) * group, key_blocks)
+    for c, (order, table) in zip(chunks, csr.chunk_tables(chunks, B, Hkv, group)):
+        _launch_dkv(q, k, v, dout, dk, dv, lse, delta, ds, csr, c, order, is_causal, scale, cfg)
         _dq_ds_kernel[((c.u1 - c.u0) * group * csr.num_query_blocks * (bq // cfg.dqs_m),)](
             k_src, ds_src, dq_acc, csr.col, tslot, table,
             k.stride(0), k.stride(1), k.stride(2),
@@ -1389,23 +1419,19 @@ def _launch_dkv(
     ds: torch.Tensor | None,
     csr: CSR,
     chunk: DsChunk,
+    order: torch.Tensor,
     is_causal: bool,
     scale: float,
     cfg: KernelConfig,
 ) -> None:
-    """The dk/dv kernel over the chunk's (batch, kv head) units and key blocks; writes dS into
-    ``ds`` (at the chunk's slots) unless it is None."""
+    """The dk/dv kernel over the chunk's (batch, kv head) units and key blocks, taken in ``order``
+    (:meth:`CSR.column_order` of them); writes dS into ``ds`` (at the chunk's slots) unless it is None."""
     _, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     group = H // Hkv
     bq, bk = csr.block_size
     per_head_layout = csr.num_heads > 1
     units = chunk.u1 - chunk.u0
-    key_blocks = None if chunk.c1 - chunk.c0 == csr.num_key_blocks else (chunk.c0, chunk.c1)
-    if per_head_layout:  # whole batches (stored dS) or everything (recompute)
-        order = csr.column_order(units // Hkv, Hkv, group, key_blocks)
-    else:
-        order = csr.column_order(1, units, group, key_blocks)
     tma = cfg.tma and _has_tma(q, dout)
     # Without dS storage the pointer is never read (STORE_DS=False); delta stands in for it.
     ds_src: object = delta
@@ -1450,7 +1476,66 @@ def _csr_from_args(
 ) -> CSR:
     heads, nqb, nkb, bq, bk = dims
     # an empty tslot (the forward ran without grad) is derived again if a backward needs it
-    return CSR(crow, col, ccol, row, heads, nqb, nkb, (bq, bk), tslot=tslot if tslot.numel() == col.numel() else None)
+    return CSR(
+        crow, col, ccol, row, heads, nqb, nkb, (bq, bk), tslot=tslot if tslot.numel() == col.numel() else None,
+        cache=_RAW_CSR_MEMO.memo_for((crow, col, ccol, row), tuple(dims)),
+    )  # fmt: skip
+
+
+class _RawCSRMemo:
+    """Derived launch data (launch tables, chunk plans) of the CSR tensors the custom ops receive.
+
+    Under torch.compile the ops get raw tensors, not the layout (whose cache holds this data in
+    eager calls), and would rebuild every table (and read chunk plans back from the GPU) on every
+    call. Entries are keyed by the tensors' identity and valid only while those very objects are
+    alive (weak references) and unmodified (version counters), so memory a freed layout leaves to
+    another never hits a stale entry. At most RAW_CSR_ENTRIES layouts, each with at most
+    RAW_CSR_DERIVED entries, least recently used dropped first; one lock guards it (the ops run
+    eagerly, outside any trace).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[Any, ...], tuple[tuple[Any, ...], tuple[int, ...], OrderedDict[Any, Any]]]
+        self._entries = OrderedDict()
+
+    def memo_for(
+        self, tensors: tuple[torch.Tensor, ...], dims: tuple[int, ...]
+    ) -> Callable[[Any, Callable[[], Any]], Any] | None:
+        """A (key, build) -> value memo for these CSR tensors, or None when they cannot be tracked."""
+        try:
+            versions = tuple(t._version for t in tensors)
+        except RuntimeError:  # inference tensors keep no version counter: no memo
+            return None
+        key = (*(id(t) for t in tensors), dims)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry[1] != versions or any(r() is not t for r, t in zip(entry[0], tensors)):
+                entry = (tuple(weakref.ref(t) for t in tensors), versions, OrderedDict())
+                self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > RAW_CSR_ENTRIES:
+                self._entries.popitem(last=False)
+        derived = entry[2]
+
+        def memo(k: Any, build: Callable[[], Any]) -> Any:
+            with self._lock:
+                if k in derived:
+                    derived.move_to_end(k)
+                    return derived[k]
+            value = build()
+            with self._lock:
+                value = derived.setdefault(k, value)
+                while len(derived) > RAW_CSR_DERIVED:
+                    derived.popitem(last=False)
+            return value
+
+        return memo
+
+
+RAW_CSR_ENTRIES = 8
+RAW_CSR_DERIVED = 16
+_RAW_CSR_MEMO = _RawCSRMemo()
 
 
 @torch.library.custom_op("attn_sparse::block_sparse_fwd", mutates_args=())
