@@ -87,3 +87,22 @@ def test_first_call_inside_compile_and_last_backend() -> None:
     )
     compiled(q, k, v)
     assert api.last_backend() == "reference"
+
+
+def test_device_reasons_are_a_trace_time_constant_without_importing_dynamo() -> None:
+    # the mark on sdpa_ops._cudnn_reasons_of is the one torch.compiler.assume_constant_result sets
+    import subprocess
+    import sys
+
+    from attn_core import sdpa_ops
+
+    def probe(idx: int) -> tuple[str, ...]:
+        return ()
+
+    marked = torch.compiler.assume_constant_result(probe)
+    flags = {k: v for k, v in vars(marked).items() if k.startswith("_dynamo")}
+    assert flags and all(getattr(sdpa_ops._cudnn_reasons_of, k, None) == v for k, v in flags.items())
+    # ...set without importing torch._dynamo: importing the packages stays light
+    code = "import sys, attn_core, attn_core.api; print('torch._dynamo' in sys.modules, 'triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"], out

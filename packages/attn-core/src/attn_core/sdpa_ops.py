@@ -76,9 +76,6 @@ def _cudnn_device_reasons(device: torch.device) -> list[str]:
     return list(_cudnn_reasons_of(idx))
 
 
-# torch.compile runs this at trace time and keeps the result as a constant: it cannot trace the
-# cuDNN / capability queries or the lock (a per-process fact of the device, so constant is right)
-@torch.compiler.assume_constant_result
 def _cudnn_reasons_of(idx: int) -> tuple[str, ...]:
     with _CUDNN_STATE_LOCK:
         if idx in _CUDNN_OK:
@@ -98,6 +95,13 @@ def _cudnn_reasons_of(idx: int) -> tuple[str, ...]:
     with _CUDNN_STATE_LOCK:
         _CUDNN_OK[idx] = reasons
     return tuple(reasons)
+
+
+# torch.compile runs _cudnn_reasons_of at trace time and keeps its result as a constant: it cannot
+# trace the cuDNN / capability queries or the lock, and the result is a per-process fact of the
+# device. This is the mark torch.compiler.assume_constant_result sets; calling that would import
+# torch._dynamo (and with it triton) whenever attn_core is imported (tests check both).
+_cudnn_reasons_of._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def unsupported_reasons(
