@@ -1030,18 +1030,21 @@ class CSR:
         per_head_layout = self.num_heads > 1
 
         def build() -> list[tuple[torch.Tensor, torch.Tensor]]:
-            out = []
+            # chunks of equal size and key blocks share their tables (units are counted per launch)
+            tables: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
             for c in chunks:
-                whole = c.c1 - c.c0 == self.num_key_blocks
-                key_blocks = None if whole else (c.c0, c.c1)
                 units = c.u1 - c.u0
+                if (units, c.c0, c.c1) in tables:
+                    continue
+                whole = c.c1 - c.c0 == self.num_key_blocks
                 if per_head_layout:  # whole batches
                     grid = (units // kv_heads, kv_heads, units // kv_heads, kv_heads * group)
                 else:
                     grid = (1, units, 1, units * group)
                 order = self._build_column_order(grid[0], grid[1], group, c.c0, c.c1)
-                out.append((order, row_table(*self.row_bounds(key_blocks), self.num_heads, grid[2], grid[3])))
-            return out
+                bounds = self.row_bounds(None if whole else (c.c0, c.c1))
+                tables[units, c.c0, c.c1] = (order, row_table(*bounds, self.num_heads, grid[2], grid[3]))
+            return [tables[c.u1 - c.u0, c.c0, c.c1] for c in chunks]
 
         result: list[tuple[torch.Tensor, torch.Tensor]] = self._memo(
             ("chunk_tables", batch, kv_heads, group, tuple(chunks)), build
