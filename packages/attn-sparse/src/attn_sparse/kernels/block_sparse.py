@@ -783,7 +783,7 @@ def _dq_ds_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_QB", "UNIT0", "SLOT_HEADS", "SLOT_STRIDE", "SLOT_BASE"])
+@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_QB", "UNIT0", "SLOT_HEADS", "SLOT_STRIDE", "SLOT_BASE", "DQ_H0"])
 def _dq_ds_kernel(
     K,
     DS,
@@ -806,6 +806,7 @@ def _dq_ds_kernel(
     SLOT_HEADS,
     SLOT_STRIDE,
     SLOT_BASE,
+    DQ_H0,
     sm_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -819,7 +820,8 @@ def _dq_ds_kernel(
 ):
     """dq of BLOCK_M queries of one (batch, query head) = UNIT0 + the launch-order entry's unit,
     from the dS the dk/dv kernel stored (slot layout as in _dkv_kernel), over the key blocks of
-    the table's row bounds; with ACCUMULATE (a range of key blocks per launch) added to DQ (fp32)."""
+    the table's row bounds; with ACCUMULATE (a range of key blocks per launch) added to DQ (fp32).
+    DQ is addressed at head h - DQ_H0 (a buffer of one unit's heads; 0 for the whole dq)."""
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
     local_bh, m_start, start, end = _ordered_row(TABLE, NUM_QB, BLOCK_M, LAYOUT_BQ)
     bh = UNIT0 + local_bh
@@ -850,7 +852,7 @@ def _dq_ds_kernel(
         TMA, DS_TMA,
     )  # fmt: skip
     rows = m_start.to(tl.int64) + tl.arange(0, BLOCK_M)[:, None]
-    dq_ptrs = _row_tile_ptrs(DQ, b, h, rows, offs_d, stride_gb, stride_gn, stride_gh)
+    dq_ptrs = _row_tile_ptrs(DQ, b, h - DQ_H0, rows, offs_d, stride_gb, stride_gn, stride_gh)
     m_ok = (offs_m < N_Q)[:, None]
     dq = dq * sm_scale
     if ACCUMULATE:
@@ -1370,9 +1372,11 @@ def block_sparse_backward(
     )  # fmt: skip
     bq, bk = csr.block_size
     per_head_layout = csr.num_heads > 1
-    # key-block ranges: dq adds up over them, in fp32
+    # key-block ranges (one (batch, kv head) unit per chunk, its ranges in order): the unit's dq
+    # adds up over them in an fp32 buffer of its query heads only, (Nq, group, D), copied into dq
+    # after its last range (a whole fp32 dq would be 8 GiB more at 1M tokens x 16 heads)
     accumulate = chunks[0].c1 - chunks[0].c0 < csr.num_key_blocks
-    dq_acc = torch.zeros(dq.shape, device=q.device, dtype=torch.float32) if accumulate else dq
+    dq_acc = torch.empty(Nq, group, D, device=q.device, dtype=torch.float32) if accumulate else dq
     tslot = csr.transposed_slots()
     slots = max(_chunk_slots(c, per_head_layout, Hkv, group) for c in chunks)
     ds = _scratch(slots * bq * bk, q)
@@ -1381,17 +1385,22 @@ def block_sparse_backward(
     k_src = _tile_descriptor(k, cfg.dqs_n) if tma_kv else k
     for c, (order, table) in zip(chunks, csr.chunk_tables(chunks, B, Hkv, group)):
         _launch_dkv(q, k, v, dout, dk, dv, lse, delta, ds, csr, c, order, is_causal, scale, cfg)
+        b, hk = divmod(c.u0, Hkv)
+        if accumulate and c.c0 == 0:
+            dq_acc.zero_()
+        # the buffer holds one unit: batch stride 0, its heads counted from the unit's first
+        dq_strides = (0, dq_acc.stride(0), dq_acc.stride(1)) if accumulate else dq.stride()[:3]
         _dq_ds_kernel[((c.u1 - c.u0) * group * csr.num_query_blocks * (bq // cfg.dqs_m),)](
             k_src, ds_src, dq_acc, csr.col, tslot, table,
             k.stride(0), k.stride(1), k.stride(2),
-            dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
+            *dq_strides,
             Nq, Nk, H, group, csr.num_query_blocks, c.u0 * group, H if per_head_layout else 1, c.p1 - c.p0,
-            c.p0, scale,
+            c.p0, hk * group if accumulate else 0, scale,
             HEAD_DIM=D, BLOCK_M=cfg.dqs_m, BLOCK_N=cfg.dqs_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
             TMA=tma_kv, DS_TMA=ds_tma, ACCUMULATE=accumulate, num_warps=cfg.dqs_warps, num_stages=cfg.dqs_stages,
         )  # fmt: skip
-    if accumulate:
-        dq.copy_(dq_acc)
+        if accumulate and c.c1 == csr.num_key_blocks:
+            dq[b, :, hk * group : (hk + 1) * group].copy_(dq_acc)
     return dq, dk, dv
 
 
