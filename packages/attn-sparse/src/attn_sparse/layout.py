@@ -18,13 +18,12 @@ N x N token mask); the dense bool view (:meth:`BlockLayout.to_dense`) is only bu
 from __future__ import annotations
 
 import functools
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from ._memo import MISSING, BoundedMemo
 from ._triton_env import triton_builds
 
 __all__ = ["BlockLayout", "check_block_size", "check_device"]
@@ -188,8 +187,6 @@ def _crow_from_sorted_rows(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
 # Derived data a layout keeps (device copies, transposed CSR, one flex BlockMask per (Nq, Nk, causal)):
 # bounded so that calls with many different sequence lengths cannot grow it without limit.
 MAX_DERIVED_ENTRIES = 16
-# marks an absent cache entry (None can be a cached value)
-_MISSING = object()
 
 
 class BlockLayout:
@@ -207,7 +204,6 @@ class BlockLayout:
         "_cache",
         "_col",
         "_crow",
-        "_lock",
         "block_size",
         "num_heads",
         "num_key_blocks",
@@ -230,8 +226,7 @@ class BlockLayout:
         crow, col = self._checked_csr(crow_indices, col_indices, self.num_heads, self.num_key_blocks)
         self.num_query_blocks = (crow.numel() - 1) // self.num_heads
         self._crow, self._col = crow, col
-        self._cache: OrderedDict[Any, Any] = OrderedDict()
-        self._lock = threading.Lock()
+        self._cache = BoundedMemo(MAX_DERIVED_ENTRIES)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -251,8 +246,7 @@ class BlockLayout:
         self.num_heads = num_heads
         self.num_query_blocks = num_query_blocks
         self.num_key_blocks = num_key_blocks
-        self._cache = OrderedDict()
-        self._lock = threading.Lock()
+        self._cache = BoundedMemo(MAX_DERIVED_ENTRIES)
         return self
 
     @staticmethod
@@ -390,7 +384,7 @@ class BlockLayout:
         """Attach the transposed CSR a pattern builder derived from the pattern's structure
         (so :meth:`transposed_csr` needs no sort); returns self. Internal: the caller guarantees it.
         A symmetric tile set (square, Bq == Bk) passes its own arrays."""
-        self._cache["transposed"] = (ccol, rows)
+        self._cache.put("transposed", (ccol, rows))
         return self
 
     # ------------------------------------------------------------------ properties
@@ -429,33 +423,9 @@ class BlockLayout:
         return self._crow.numel() * self._crow.element_size() + self._col.numel() * self._col.element_size()
 
     def _cached(self, key: Any, build: Any) -> Any:
-        """Derived data (device copies, transposed CSR, flex BlockMasks per sequence length), LRU-bounded.
-
-        Under torch.compile (which cannot trace a lock) a hit is read without the lock (entries
-        are only replaced whole, under it) and a miss is built in the graph and not stored: the
-        cache is filled by eager calls.
-        """
-        if torch.compiler.is_compiling():
-            hit = self._cache.get(key, _MISSING)
-            return build() if hit is _MISSING else hit
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        value = build()
-        with self._lock:
-            value = self._cache.setdefault(key, value)
-            self._cache.move_to_end(key)
-            while len(self._cache) > MAX_DERIVED_ENTRIES:
-                self._cache.popitem(last=False)
-            return value
-
-    def _cached_value(self, key: Any) -> Any:
-        """The cached entry under ``key`` or _MISSING (no LRU update, nothing built)."""
-        if torch.compiler.is_compiling():
-            return self._cache.get(key, _MISSING)
-        with self._lock:
-            return self._cache.get(key, _MISSING)
+        """Derived data (device copies, transposed CSR, flex BlockMasks per sequence length), LRU-bounded
+        (:class:`attn_sparse._memo.BoundedMemo`: under torch.compile a miss is built, not stored)."""
+        return self._cache.get(key, build)
 
     def row_counts(self) -> torch.Tensor:
         """(num_heads, num_query_blocks) int32 number of active key blocks per query block."""
@@ -523,13 +493,13 @@ class BlockLayout:
                 self.num_query_blocks,
                 self.num_key_blocks,
             )
-            known = {key: self._cached_value(key) for key in ("max_row", "max_col", "transposed")}
-            known = {key: value for key, value in known.items() if value is not _MISSING}
+            known = {key: self._cache.peek(key) for key in ("max_row", "max_col", "transposed")}
+            known = {key: value for key, value in known.items() if value is not MISSING}
             for key in ("max_row", "max_col"):  # host-side ints stay valid
                 if key in known:
-                    out._cache[key] = known[key]
+                    out._cache.put(key, known[key])
             if "transposed" in known:  # a copy is cheaper than sorting again on the device
-                out._cache["transposed"] = tuple(t.to(dev) for t in known["transposed"])
+                out._cache.put("transposed", tuple(t.to(dev) for t in known["transposed"]))
             return out
 
         result: BlockLayout = self._cached(("device", str(dev)), build)
@@ -750,13 +720,12 @@ class BlockLayout:
         return self  # immutable: modules holding a layout deep-copy cheaply (e.g. cloned encoder layers)
 
     def __getstate__(self) -> tuple[Any, ...]:
-        # the cache and its lock are rebuilt on demand
+        # the cache is rebuilt on demand
         return (self._crow, self._col, self.block_size, self.num_heads, self.num_query_blocks, self.num_key_blocks)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         self._crow, self._col, self.block_size, self.num_heads, self.num_query_blocks, self.num_key_blocks = state
-        self._cache = OrderedDict()
-        self._lock = threading.Lock()
+        self._cache = BoundedMemo(MAX_DERIVED_ENTRIES)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, BlockLayout):

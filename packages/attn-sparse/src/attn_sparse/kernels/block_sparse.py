@@ -51,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._memo import BoundedMemo
 from .._triton_env import interpret_mode
 from ._launch import device_guard
 
@@ -1024,12 +1025,17 @@ class CSR:
         counts = self.ccol.diff().view(self.num_heads, self.num_key_blocks)[:, c0:c1]
         return _launch_order(counts, batch, kv_heads, group, c0, self.num_key_blocks)
 
+    def unit_grid(self, units: int, kv_heads: int) -> tuple[int, int]:
+        """(batch, kv heads) of the launch grid over ``units`` (batch, kv head) units: whole
+        batches for a per-head layout (its layout heads are the grid's heads), else one flat
+        batch of units."""
+        return (units // kv_heads, kv_heads) if self.num_heads > 1 else (1, units)
+
     def chunk_tables(
         self, chunks: list[DsChunk], batch: int, kv_heads: int, group: int
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(dk/dv column order, dq-from-dS row table) of each stored-dS chunk, memoised per layout
         as one entry (dense 128K runs 64 chunks: one entry each would overflow the layout's cache)."""
-        per_head_layout = self.num_heads > 1
 
         def build() -> list[tuple[torch.Tensor, torch.Tensor]]:
             # chunks of equal size and key blocks share their tables (units are counted per launch)
@@ -1039,13 +1045,11 @@ class CSR:
                 if (units, c.c0, c.c1) in tables:
                     continue
                 whole = c.c1 - c.c0 == self.num_key_blocks
-                if per_head_layout:  # whole batches
-                    grid = (units // kv_heads, kv_heads, units // kv_heads, kv_heads * group)
-                else:
-                    grid = (1, units, 1, units * group)
-                order = self._build_column_order(grid[0], grid[1], group, c.c0, c.c1)
+                grid_batch, grid_kv_heads = self.unit_grid(units, kv_heads)
+                order = self._build_column_order(grid_batch, grid_kv_heads, group, c.c0, c.c1)
                 bounds = self.row_bounds(None if whole else (c.c0, c.c1))
-                tables[units, c.c0, c.c1] = (order, row_table(*bounds, self.num_heads, grid[2], grid[3]))
+                table = row_table(*bounds, self.num_heads, grid_batch, grid_kv_heads * group)
+                tables[units, c.c0, c.c1] = (order, table)
             return [tables[c.u1 - c.u0, c.c0, c.c1] for c in chunks]
 
         result: list[tuple[torch.Tensor, torch.Tensor]] = self._memo(
@@ -1359,10 +1363,7 @@ def block_sparse_backward(
             num_stages=cfg.dq_stages,
         )  # fmt: skip
         everything = DsChunk(0, B * Hkv, 0, csr.num_key_blocks, 0, 0)
-        if csr.num_heads > 1:
-            order = csr.column_order(B, Hkv, group)
-        else:
-            order = csr.column_order(1, B * Hkv, group)
+        order = csr.column_order(*csr.unit_grid(B * Hkv, Hkv), group)
         _launch_dkv(q, k, v, dout, dk, dv, lse, delta, None, csr, everything, order, is_causal, scale, cfg)
         return dq, dk, dv
 
@@ -1501,14 +1502,13 @@ class _RawCSRMemo:
     eager calls), and would rebuild every table (and read chunk plans back from the GPU) on every
     call. Entries are keyed by the tensors' identity and valid only while those very objects are
     alive (weak references) and unmodified (version counters), so memory a freed layout leaves to
-    another never hits a stale entry. At most RAW_CSR_ENTRIES layouts, each with at most
-    RAW_CSR_DERIVED entries, least recently used dropped first; one lock guards it (the ops run
-    eagerly, outside any trace).
+    another never hits a stale entry. At most RAW_CSR_ENTRIES layouts, each a
+    :class:`BoundedMemo` of RAW_CSR_DERIVED entries, least recently used dropped first.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple[Any, ...], tuple[tuple[Any, ...], tuple[int, ...], OrderedDict[Any, Any]]]
+        self._entries: OrderedDict[tuple[Any, ...], tuple[tuple[Any, ...], tuple[int, ...], BoundedMemo]]
         self._entries = OrderedDict()
 
     def memo_for(
@@ -1523,26 +1523,12 @@ class _RawCSRMemo:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None or entry[1] != versions or any(r() is not t for r, t in zip(entry[0], tensors)):
-                entry = (tuple(weakref.ref(t) for t in tensors), versions, OrderedDict())
+                entry = (tuple(weakref.ref(t) for t in tensors), versions, BoundedMemo(RAW_CSR_DERIVED))
                 self._entries[key] = entry
             self._entries.move_to_end(key)
             while len(self._entries) > RAW_CSR_ENTRIES:
                 self._entries.popitem(last=False)
-        derived = entry[2]
-
-        def memo(k: Any, build: Callable[[], Any]) -> Any:
-            with self._lock:
-                if k in derived:
-                    derived.move_to_end(k)
-                    return derived[k]
-            value = build()
-            with self._lock:
-                value = derived.setdefault(k, value)
-                while len(derived) > RAW_CSR_DERIVED:
-                    derived.popitem(last=False)
-            return value
-
-        return memo
+        return entry[2].get
 
 
 RAW_CSR_ENTRIES = 8
