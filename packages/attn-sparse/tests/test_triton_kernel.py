@@ -328,9 +328,46 @@ def test_public_api_and_module_compile_whole(warm: bool) -> None:
         assert torch.equal(a, b)
 
 
+def test_compiled_steps_reuse_launch_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a compiled forward + backward builds its launch tables in the first call only (the compiled
+    # backward's CSR tensors are new objects every call: the ops' memo keys on storage)
+    from attn_sparse import BlockSparseAttention, patterns
+
+    builds: list[int] = []
+    real = block_sparse.row_table
+    monkeypatch.setattr(block_sparse, "row_table", lambda *a, **kw: builds.append(1) or real(*a, **kw))
+    torch._dynamo.reset()
+    module = BlockSparseAttention(patterns.local_window(64, 16, block_size=(16, 16)), backend="triton")
+    g = torch.Generator().manual_seed(31)
+    q, k, v = (torch.randn(1, 64, 2, 16, generator=g).requires_grad_() for _ in range(3))
+    dout = torch.randn(1, 64, 2, 16, generator=g)
+
+    def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = module(q, k, v)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    compiled = torch.compile(step, backend="aot_eager")
+    first = compiled(q, k, v)
+    after_first = len(builds)
+    assert after_first > 0
+    for _ in range(2):
+        for a, b in zip(compiled(q, k, v), first):
+            assert torch.equal(a, b)
+    assert len(builds) == after_first
+
+
+@pytest.mark.skipif(not hasattr(torch.Tag, "cudagraph_unsafe"), reason="this torch has no cudagraph_unsafe tag")
+def test_custom_ops_are_kept_out_of_cuda_graphs() -> None:
+    # the ops memoise tensors across calls (below), which a CUDA graph pool must not hold:
+    # mode="reduce-overhead" must run them between graphs (tests/test_cuda_graphs.py runs it on a GPU)
+    for op in (torch.ops.attn_sparse.block_sparse_fwd, torch.ops.attn_sparse.block_sparse_bwd):
+        assert torch.Tag.cudagraph_unsafe in op.default.tags
+
+
 def test_custom_ops_memoise_launch_tables_per_layout_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     # the ops (the torch.compile path) get raw CSR tensors: their launch tables are memoised while
-    # those very tensors are alive and unmodified, never for other tensors of the same shape
+    # those storages are alive and unmodified, whatever tensor objects view them (the compiled
+    # backward gets new ones each call), never for other storages holding the same values
     builds: list[int] = []
     real = block_sparse.row_table
     monkeypatch.setattr(block_sparse, "row_table", lambda *a, **kw: builds.append(1) or real(*a, **kw))
@@ -351,11 +388,18 @@ def test_custom_ops_memoise_launch_tables_per_layout_tensors(monkeypatch: pytest
     first = run(csr)
     assert len(builds) == 1
     assert torch.equal(run(csr), first) and len(builds) == 1  # same tensors: memoised
+    aliases = CSR(*(t.detach() for t in (csr.crow, csr.col, csr.ccol, csr.row)), 1, 3, 3, (16, 16))
+    assert torch.equal(run(aliases), first) and len(builds) == 1  # new tensor objects, same storage
+    del aliases
     other = csr_from_mask(mask, (16, 16))  # equal values, other tensors
     assert torch.equal(run(other), first) and len(builds) == 2
     csr.col.add_(0)  # an in-place write bumps the version counter: built again
     run(csr)
     assert len(builds) == 3
+    shifted = CSR(csr.crow, csr.col[1:], csr.ccol, csr.row, 1, 3, 3, (16, 16))  # another view: its own entry
+    keys = len(block_sparse._RAW_CSR_MEMO._entries)
+    block_sparse._RAW_CSR_MEMO.memo_for((shifted.crow, shifted.col, shifted.ccol, shifted.row), (1, 3, 3, 16, 16))
+    assert len(block_sparse._RAW_CSR_MEMO._entries) == min(keys + 1, block_sparse.RAW_CSR_ENTRIES)
 
 
 def test_strided_inputs_match_contiguous() -> None:

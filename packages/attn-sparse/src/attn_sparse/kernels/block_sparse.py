@@ -41,7 +41,6 @@ import bisect
 import itertools
 import math
 import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -50,6 +49,7 @@ from typing import Any, NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .._memo import BoundedMemo
 from .._triton_env import interpret_mode
@@ -1500,10 +1500,12 @@ class _RawCSRMemo:
 
     Under torch.compile the ops get raw tensors, not the layout (whose cache holds this data in
     eager calls), and would rebuild every table (and read chunk plans back from the GPU) on every
-    call. Entries are keyed by the tensors' identity and valid only while those very objects are
-    alive (weak references) and unmodified (version counters), so memory a freed layout leaves to
-    another never hits a stale entry. At most RAW_CSR_ENTRIES layouts, each a
-    :class:`BoundedMemo` of RAW_CSR_DERIVED entries, least recently used dropped first.
+    call. Entries are keyed by the tensors' storage and view geometry, not by tensor objects: the
+    compiled backward receives the saved CSR tensors as new tensor objects on every call, over
+    the same storage. An entry is valid only while those storages are alive (weak references, so
+    memory a freed layout leaves to another never hits a stale entry) and unmodified (version
+    counters, which views share). At most RAW_CSR_ENTRIES layouts, each a :class:`BoundedMemo`
+    of RAW_CSR_DERIVED entries, least recently used dropped first.
     """
 
     def __init__(self) -> None:
@@ -1519,11 +1521,14 @@ class _RawCSRMemo:
             versions = tuple(t._version for t in tensors)
         except RuntimeError:  # inference tensors keep no version counter: no memo
             return None
-        key = (*(id(t) for t in tensors), dims)
+        refs = tuple(StorageWeakRef(t.untyped_storage()) for t in tensors)
+        views = tuple((r.cdata, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype) for r, t in zip(refs, tensors))
+        key = (*views, dims)
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None or entry[1] != versions or any(r() is not t for r, t in zip(entry[0], tensors)):
-                entry = (tuple(weakref.ref(t) for t in tensors), versions, BoundedMemo(RAW_CSR_DERIVED))
+            # a live weak reference pins its storage's address, so a matching key is that storage
+            if entry is None or entry[1] != versions or any(r.expired() for r in entry[0]):
+                entry = (refs, versions, BoundedMemo(RAW_CSR_DERIVED))
                 self._entries[key] = entry
             self._entries.move_to_end(key)
             while len(self._entries) > RAW_CSR_ENTRIES:
@@ -1535,8 +1540,14 @@ RAW_CSR_ENTRIES = 8
 RAW_CSR_DERIVED = 16
 _RAW_CSR_MEMO = _RawCSRMemo()
 
+# The ops keep what they derive from the CSR tensors (the memo above): tensors that a CUDA graph
+# pool must not hold past a call, and plans read back from the GPU, which a capture cannot do. So
+# they are tagged cudagraph_unsafe: torch.compile(mode="reduce-overhead") runs them between CUDA
+# graphs (Inductor partitions the graph around them) instead of failing its pool check.
+_OP_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
-@torch.library.custom_op("attn_sparse::block_sparse_fwd", mutates_args=())
+
+@torch.library.custom_op("attn_sparse::block_sparse_fwd", mutates_args=(), tags=_OP_TAGS)
 def _fwd_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1576,7 +1587,7 @@ def _fwd_fake(
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, Nq), dtype=torch.float32)
 
 
-@torch.library.custom_op("attn_sparse::block_sparse_bwd", mutates_args=())
+@torch.library.custom_op("attn_sparse::block_sparse_bwd", mutates_args=(), tags=_OP_TAGS)
 def _bwd_op(
     dout: torch.Tensor,
     q: torch.Tensor,
