@@ -139,6 +139,8 @@ def write_report(result: dict, out: Path) -> None:
             f"| {r['n']} | {r['density']:.3f} | {r['mode']} | {r['gpu_ms']:.3f} | {r['host_ms']:.3f} | "
             f"{r['host_ms'] / eager['host_ms']:.2f} | {'' if r['equal'] is None else r['equal']} |"
         )
+    if result.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     ns = sorted({r["n"] for r in rows})
