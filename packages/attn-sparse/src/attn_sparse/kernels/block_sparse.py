@@ -317,10 +317,7 @@ def _fwd_kernel(
     LAYOUT_BK: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     TMA: tl.constexpr,
-    Q_TMA: tl.constexpr,
 ):
-    """One query tile's output and LSE over its layout row. K/V (TMA) and Q (Q_TMA) are TMA
-    descriptors over (B, N, heads, D), else base pointers."""
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
     bh, m_start, start, end = _ordered_row(TABLE, NUM_QB, BLOCK_M, LAYOUT_BQ)
     b = bh // H
@@ -332,15 +329,10 @@ def _fwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < N_Q
 
+    Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     K_src, V_src = _head_sources(K, V, b, hk, stride_kb, stride_kh, stride_vb, stride_vh, TMA)
-    if Q_TMA:
-        # an asynchronous copy straight to shared memory (rows past N_Q read as zeros): it overlaps
-        # the first K/V loads instead of going through registers before them, which short rows feel
-        q = Q.load([b, m_start, h, 0]).reshape(BLOCK_M, HEAD_DIM)
-    else:
-        Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        rows = m_start.to(tl.int64) * stride_qn + tl.arange(0, BLOCK_M)[:, None] * stride_qn
-        q = tl.load(Q_head + rows + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    q_ptrs = Q_head + m_start.to(tl.int64) * stride_qn + tl.arange(0, BLOCK_M)[:, None] * stride_qn + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
 
     n_full, n_use = _row_tiles(COL, start, end, m_start, N_Q, N_K, BLOCK_M, LAYOUT_BK, IS_CAUSAL)
 
@@ -1199,11 +1191,10 @@ def block_sparse_forward(
     table = csr.row_table(B, H)
     grid = (B * H * csr.num_query_blocks * (bq // cfg.fwd_m),)
     use_tma = cfg.tma and _has_tma(k, v)
-    q_tma = use_tma and _has_tma(q)
     k_src = _tile_descriptor(k, cfg.fwd_n) if use_tma else k
     v_src = _tile_descriptor(v, cfg.fwd_n) if use_tma else v
     _fwd_kernel[grid](
-        _tile_descriptor(q, cfg.fwd_m) if q_tma else q, k_src, v_src, out, lse, csr.col, table,
+        q, k_src, v_src, out, lse, csr.col, table,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -1211,7 +1202,7 @@ def block_sparse_forward(
         Nq, Nk, H, H // Hkv, csr.num_query_blocks,
         scale * LOG2E,
         HEAD_DIM=D, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
-        TMA=use_tma, Q_TMA=q_tma, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+        TMA=use_tma, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )  # fmt: skip
     return out, lse
 
