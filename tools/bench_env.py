@@ -27,6 +27,26 @@ def source_revision() -> str | None:
     return out.stdout.strip() or None
 
 
+def gpu_env(**extra: object) -> dict:
+    """The JSON "env" of a GPU benchmark: GPU name, torch / triton / CUDA / Python versions and the
+    source revision (:func:`source_revision`), plus the benchmark's own settings in ``extra``."""
+    import platform
+
+    import torch
+    import triton
+
+    env: dict = dict(
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
+    )
+    env.update(extra)
+    env["git_commit"] = source_revision()
+    return env
+
+
 def gpu_tag(name: str) -> str:
     """Short lower-case tag of a GPU name for report file names: 'NVIDIA H200' -> 'h200',
     'NVIDIA H100 80GB HBM3' -> 'h100'; names without a known model give their first word after the vendor."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import SMClockSampler, gpu_tag, source_revision
+from bench_env import SMClockSampler, gpu_env, gpu_tag
 
 # --------------------------------------------------------------------------------------------- layouts
 
@@ -679,19 +678,7 @@ def main() -> int:
         return 2
     if args.quick:
         args.seq_lens, args.densities = [8192], [1.0, 0.1]
-    import triton
-
-    env = dict(
-        gpu=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        triton=triton.__version__,
-        cuda=torch.version.cuda,
-        python=platform.python_version(),
-        heads=args.heads,
-        head_dim=args.head_dim,
-        block=[args.block_q, args.block_k],
-        git_commit=source_revision(),
-    )
+    env = gpu_env(heads=args.heads, head_dim=args.head_dim, block=[args.block_q, args.block_k])
     result: dict = {"env": env}
     if not args.skip_correctness:
         result["correctness"] = correctness("cuda")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import gpu_tag, source_revision
+from bench_env import gpu_env, gpu_tag
 from bench_sparse import bench_ms, make_layout
 
 MODES = ("eager", "compile", "compile reduce-overhead", "cuda graph replay", "dense cuDNN eager")
@@ -70,7 +69,9 @@ def measure_n(n: int, density: float, heads: int, head_dim: int) -> list[dict]:
 
     def dense_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            )
         return (out, *torch.autograd.grad(out, (q, k, v), do.transpose(1, 2)))
 
     x = inputs(0)
@@ -174,19 +175,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_sparse_host.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    import triton
     from tqdm import tqdm
 
-    env = dict(
-        gpu=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        triton=triton.__version__,
-        cuda=torch.version.cuda,
-        python=platform.python_version(),
-        heads=args.heads,
-        head_dim=args.head_dim,
-        git_commit=source_revision(),
-    )
+    env = gpu_env(heads=args.heads, head_dim=args.head_dim)
     rows: list[dict] = []
     for n in tqdm(args.seq_lens, desc="host-cost sweep", file=sys.stderr):
         rows += measure_n(n, args.density, args.heads, args.head_dim)
