@@ -114,6 +114,23 @@ def test_dense_reference_padding_gives_zero_rows_and_finite_grads() -> None:
     assert torch.all(q.grad[1] == 0)
 
 
+def test_weights_reference_is_differentiable_in_its_weights() -> None:
+    # learned multiplicities with zeros (unattended keys): gradients are finite, 0 at the zeros,
+    # and match a finite difference where the weights are positive
+    q, k, v = _rand(1, 6, 2, 4)
+    g = torch.Generator().manual_seed(3)
+    w = torch.rand(1, 2, 6, 6, generator=g, dtype=torch.float64) + 0.1
+    w = (w * (torch.rand(1, 2, 6, 6, generator=g) > 0.4)).requires_grad_()
+    w.data[..., 0] = 0.5  # every query attends at least one key
+    out, _ = reference.attention_from_weights(q, k, v, w)
+    (grad,) = torch.autograd.grad(out.sum(), w)
+    assert torch.isfinite(grad).all() and torch.all(grad[w == 0] == 0)
+    assert torch.autograd.gradcheck(
+        lambda x: reference.attention_from_weights(q, k, v, torch.where(w > 0, x, 0.0))[0],
+        (w.detach().clone().requires_grad_(),),
+    )
+
+
 def test_block_sparse_reference_matches_dense_with_token_mask() -> None:
     q, k, v = _rand(1, 10, 2, 4, seed=3)
     block_mask = torch.tensor([[[1, 0, 1], [0, 0, 0], [1, 1, 1]], [[1, 0, 0], [0, 1, 0], [0, 0, 1]]], dtype=torch.bool)

@@ -90,6 +90,8 @@ def test_adaptive_selection_keeps_diagonal_and_respects_causality() -> None:
         AdaptiveBlockSparseAttention(8, block_size=(16, 32))
     with pytest.raises(ValueError, match="head_dim"):
         mod(torch.randn(1, 16, 1, 4), torch.randn(1, 16, 1, 4), torch.randn(1, 16, 1, 4))
+    with pytest.raises(ValueError, match="must equal that of q"):
+        mod(torch.randn(1, 32, 2, 8), torch.randn(1, 48, 2, 8), torch.randn(1, 48, 2, 8))
 
 
 def test_adaptive_forward_equals_biased_reference() -> None:
@@ -108,6 +110,53 @@ def test_adaptive_forward_equals_biased_reference() -> None:
 
     ref, _ = attention_from_weights(q, k, v, weights[None])
     torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_adaptive_gradients_equal_biased_reference(is_causal: bool) -> None:
+    # partial last block, GQA, uneven rows under causal: outputs and the gradients of q, k, v and
+    # of the scorer's weights against the dense formulation in float64
+    from attn_core.reference import attention_from_weights
+
+    torch.manual_seed(2)
+    mod = AdaptiveBlockSparseAttention(8, top_k=2, block_size=16, scorer_dim=8).double()
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 70, 4, 8, dtype=torch.float64, generator=g).requires_grad_()
+    k, v = (torch.randn(2, 70, 2, 8, dtype=torch.float64, generator=g).requires_grad_() for _ in range(2))
+    dout = torch.randn(2, 70, 4, 8, dtype=torch.float64, generator=g)
+    params = (mod.q_score.weight, mod.k_score.weight)
+    got = (mod(q, k, v, is_causal=is_causal),)
+    got_grads = torch.autograd.grad(got[0], (q, k, v, *params), dout)
+
+    layouts, scores = mod.select(q, k, is_causal=is_causal)
+    selected = torch.stack([lay.to_dense() for lay in layouts])  # (B, H, nb, nb)
+    tiles = torch.softmax(scores.masked_fill(~selected, float("-inf")), dim=-1)
+    weights = tiles.repeat_interleave(16, 2).repeat_interleave(16, 3)[:, :, :70, :70]
+    if is_causal:
+        weights = weights * torch.ones(70, 70, dtype=torch.float64).tril()
+    want, _ = attention_from_weights(q, k, v, weights)
+    want_grads = torch.autograd.grad(want, (q, k, v, *params), dout)
+    torch.testing.assert_close(got[0], want)
+    for name, a, b in zip(("dq", "dk", "dv", "dWq", "dWk"), got_grads, want_grads):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_adaptive_compiles_whole() -> None:
+    # fixed-width tiles: every shape follows from the input shapes, so no graph break
+    torch._dynamo.reset()
+    torch.manual_seed(4)
+    mod = AdaptiveBlockSparseAttention(8, top_k=2, block_size=16)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 56, 2, 8, generator=g).requires_grad_()
+    k, v = (torch.randn(1, 56, 1, 8, generator=g).requires_grad_() for _ in range(2))
+    compiled = torch.compile(mod, backend="aot_eager", fullgraph=True)  # a graph break raises
+    got = compiled(q, k, v, is_causal=True)
+    want = mod(q, k, v, is_causal=True)
+    torch.testing.assert_close(got, want)
+    dout = torch.randn(want.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
+        torch.testing.assert_close(a, b)
 
 
 def _planted_batch(E: torch.Tensor, F: torch.Tensor, perm: torch.Tensor, B: int, nb: int, bs: int, g: torch.Generator):

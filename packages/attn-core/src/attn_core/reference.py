@@ -56,7 +56,11 @@ def attention_from_weights(
     kh = _expand_kv(k, H).to(dtype).transpose(1, 2)
     vh = _expand_kv(v, H).to(dtype).transpose(1, 2)
     w = weights.to(device=q.device, dtype=dtype)
-    logits = torch.matmul(qh, kh.transpose(-1, -2)) * scale + torch.log(w)  # log(0) = -inf masks
+    # log(0) = -inf masks; taken through a where so that weights given with a gradient (a learned
+    # multiplicity) get 0, not NaN, at their zeros
+    taken = w > 0
+    log_w = torch.where(taken, torch.log(torch.where(taken, w, torch.ones_like(w))), float("-inf"))
+    logits = torch.matmul(qh, kh.transpose(-1, -2)) * scale + log_w
     if logits.shape[-1] == 0:  # no keys at all: every row is empty
         out = torch.zeros(*logits.shape[:-1], vh.shape[-1], dtype=dtype, device=q.device)
         return out.transpose(1, 2), torch.full(logits.shape[:-1], float("-inf"), dtype=dtype, device=q.device)

@@ -12,8 +12,9 @@ tile (i, j) gets the bias ``log w[i, j]`` before the attention softmax: the keys
 w[i, j] times. The loss thus moves the scores of the selected tiles against each other (useful
 tiles up, useless ones down, without the saturation a per-tile sigmoid gate shows once a score is
 large), and a block that falls out of the top-k is replaced by the next best. The biased
-attention runs on the gathered-tiles PyTorch path of the reference backend (the fused kernels
-take no per-tile bias), with one layout per batch element.
+attention runs in PyTorch (the fused kernels take no per-tile bias) over the chosen tiles
+gathered at a fixed width, top_k + 1 tiles per query block, so every shape is known from the
+input shapes and the module compiles whole under ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -21,22 +22,71 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from attn_core.blocks import acc_dtype
 from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
 
-from .backends.reference import gathered_attention
 from .layout import BlockLayout, check_block_size
 
 __all__ = ["AdaptiveBlockSparseAttention"]
 
 
-def _pool(t: torch.Tensor, block: int) -> torch.Tensor:
-    """(B, N, h, D) -> (B, h, ceil(N / block), D) mean over each block's real tokens."""
+def _blocks(t: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, N, h, D) -> (B, h, ceil(N / block), block, D), zero-padded past N."""
     B, N, h, D = t.shape
     nb = -(-N // block)
-    padded = torch.nn.functional.pad(t, (0, 0, 0, 0, 0, nb * block - N)).reshape(B, nb, block, h, D).sum(dim=2)
+    padded = torch.nn.functional.pad(t, (0, 0, 0, 0, 0, nb * block - N))
+    return padded.reshape(B, nb, block, h, D).permute(0, 3, 1, 2, 4)
+
+
+def _pool(t: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, N, h, D) -> (B, h, ceil(N / block), D) mean over each block's real tokens."""
+    N = t.shape[1]
+    nb = -(-N // block)
     count = torch.full((nb,), float(block), dtype=t.dtype, device=t.device)
     count[-1] = N - (nb - 1) * block
-    return (padded / count[None, :, None, None]).transpose(1, 2)
+    return _blocks(t, block).sum(dim=3) / count[:, None]
+
+
+def _tile_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tiles: torch.Tensor,
+    valid: torch.Tensor,
+    log_w: torch.Tensor,
+    block: int,
+    is_causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of each query block over its chosen key blocks, tile t's logits biased by log_w[t].
+
+    q: (B, N, H, D); k, v: (B, N, Hkv, D); tiles, valid, log_w: (B, H, nb, T), the key block of
+    each of a query block's T slots, whether the slot holds a tile, its bias. -> (B, N, H, D).
+    """
+    B, N, H, D = q.shape
+    group = H // k.shape[2]
+    nb, T = tiles.shape[2], tiles.shape[3]
+    ad = acc_dtype(q.dtype)
+    qb = _blocks(q, block).to(ad)  # (B, H, nb, bq, D)
+    # each query head's kv head, gathered per slot: (B, H, nb, T * bk, D)
+    b_i = torch.arange(B, device=q.device)[:, None, None, None]
+    kvh = (torch.arange(H, device=q.device) // group)[None, :, None, None]
+    kt = _blocks(k, block).to(ad)[b_i, kvh, tiles].reshape(B, H, nb, T * block, D)
+    vt = _blocks(v, block).to(ad)[b_i, kvh, tiles].reshape(B, H, nb, T * block, D)
+    s = torch.matmul(qb, kt.transpose(-1, -2)) * scale  # (B, H, nb, bq, T * bk)
+    s = s + log_w.to(ad).repeat_interleave(block, dim=-1)[:, :, :, None, :]
+    # masked keys: empty slots, keys past N and (causal) keys after the query
+    kpos = (tiles[..., None] * block + torch.arange(block, device=q.device)).reshape(B, H, nb, 1, T * block)
+    masked = ~valid.repeat_interleave(block, dim=-1)[:, :, :, None, :] | (kpos >= N)
+    if is_causal:
+        qpos = torch.arange(nb * block, device=q.device).reshape(nb, block, 1)
+        masked = masked | (kpos > qpos)
+    s = s.masked_fill(masked, float("-inf"))
+    # every row keeps its diagonal tile, but a row of only masked keys must give 0, not NaN
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
+    out = torch.matmul(p, vt)  # (B, H, nb, bq, D)
+    return out.permute(0, 2, 3, 1, 4).reshape(B, nb * block, H, D)[:, :N].to(q.dtype)
 
 
 class AdaptiveBlockSparseAttention(nn.Module):
@@ -75,21 +125,28 @@ class AdaptiveBlockSparseAttention(nn.Module):
         pk = self.k_score(_pool(k, self.block).to(dt)).repeat_interleave(H // Hkv, dim=1)
         return torch.matmul(pq, pk.transpose(-1, -2)) * pq.shape[-1] ** -0.5
 
+    def _choose(self, scores: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tiles, valid), each (B, H, nb, min(top_k + 1, nb)): the diagonal block and the top_k best
+        others of each query block; with is_causal, rows near the start have fewer eligible blocks
+        (their extra slots are not valid)."""
+        nb = scores.shape[-1]
+        eye = torch.eye(nb, dtype=torch.bool, device=scores.device)
+        pick = scores.detach().masked_fill(eye, float("inf"))  # the diagonal is always taken
+        if is_causal:
+            pick = pick.masked_fill(torch.ones_like(eye).triu(1), float("-inf"))
+        top = pick.topk(min(self.top_k + 1, nb), dim=-1)
+        return top.indices, top.values > float("-inf")
+
     def select(
         self, q: torch.Tensor, k: torch.Tensor, *, is_causal: bool = False
     ) -> tuple[list[BlockLayout], torch.Tensor]:
         """Per batch element a per-head layout of the chosen tiles, and the scores (B, H, nb, nb)."""
         scores = self.block_scores(q, k)
         B, H, nb, _ = scores.shape
-        eye = torch.eye(nb, dtype=torch.bool, device=q.device)
-        pick = scores.detach().masked_fill(eye, float("inf"))  # the diagonal is always taken
-        if is_causal:
-            pick = pick.masked_fill(torch.ones_like(eye).triu(1), float("-inf"))
-        kk = min(self.top_k + 1, nb)
-        top = pick.topk(kk, dim=-1)
-        ok = top.values > float("-inf")  # causal rows near the start have fewer eligible blocks
-        lo = torch.where(ok, top.indices, torch.zeros_like(top.indices))
-        hi = torch.where(ok, top.indices + 1, torch.zeros_like(top.indices))
+        tiles, ok = self._choose(scores, is_causal)
+        kk = tiles.shape[-1]
+        lo = torch.where(ok, tiles, torch.zeros_like(tiles))
+        hi = torch.where(ok, tiles + 1, torch.zeros_like(tiles))
         layouts = [
             BlockLayout._from_intervals(
                 lo[b].reshape(H * nb, kk),
@@ -110,21 +167,8 @@ class AdaptiveBlockSparseAttention(nn.Module):
         causal = check_bool("is_causal", is_causal)
         if q.shape[0] == 0 or q.shape[1] == 0:  # no rows: empty output, still connected to the graph
             return q * 0 + (k.sum() + v.sum()).to(q.dtype) * 0
-        layouts, scores = self.select(q, k, is_causal=causal)
-        outs = []
-        nb = scores.shape[-1]
-        for b, layout in enumerate(layouts):
-            # log of each selected tile's weight: a softmax of the scores over the row's selected tiles
-            log_w = torch.log_softmax(scores[b].masked_fill(~layout.to_dense(), float("-inf")), dim=-1)
-            bias = log_w.reshape(-1, nb)[layout.tile_rows(), layout.col_indices.long()]  # CSR order
-            out, _ = gathered_attention(
-                q[b : b + 1],
-                k[b : b + 1],
-                v[b : b + 1],
-                layout,
-                is_causal=causal,
-                softmax_scale=self.softmax_scale,
-                tile_bias=bias[None],
-            )
-            outs.append(out)
-        return torch.cat(outs, dim=0)
+        scores = self.block_scores(q, k)
+        tiles, valid = self._choose(scores, causal)
+        # log of each chosen tile's weight: a softmax of the scores over the row's chosen tiles
+        log_w = torch.log_softmax(scores.gather(-1, tiles).masked_fill(~valid, float("-inf")), dim=-1)
+        return _tile_attention(q, k, v, tiles, valid, log_w, self.block, causal, self.softmax_scale)

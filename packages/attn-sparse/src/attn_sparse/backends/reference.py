@@ -41,14 +41,12 @@ def gathered_attention(
     is_causal: bool,
     softmax_scale: float,
     key_padding_mask: torch.Tensor | None = None,
-    tile_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the active tiles; returns out (B, Nq, H, D) in q's dtype and lse (B, H, Nq).
 
     q: (B, Nq, H, D); k, v: (B, Nk, Hkv, D); ``layout`` fits the call and is on q's device.
-    key_padding_mask: optional (B, Nk) bool, True = padding key to ignore.
-    tile_bias: optional (B or 1, nnz), added to every logit of tile t (CSR order of
-    ``layout.col_indices``); differentiable. Rows that see no key give out 0 and lse -inf.
+    key_padding_mask: optional (B, Nk) bool, True = padding key to ignore. Rows that see no key
+    give out 0 and lse -inf.
     """
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
@@ -98,9 +96,6 @@ def gathered_attention(
             kr = kb.transpose(2, 3)[:, cols, kvh[:, None]].reshape(B, -1, 1, 1, width * bk, D)
             vr = vb.transpose(2, 3)[:, cols, kvh[:, None]].reshape(B, -1, 1, 1, width * bk, D)
         s = torch.matmul(qr, kr.transpose(-1, -2)) * softmax_scale  # (B, R, h1, h2, Bq, W*Bk)
-        if tile_bias is not None:
-            tb = tile_bias.to(ad)[:, pos].reshape(tile_bias.shape[0], -1, 1, 1, 1, width, 1)
-            s = s + tb.expand(*tb.shape[:-1], bk).reshape(*tb.shape[:-2], width * bk)
         # masked keys: padding slots, keys past Nk, and (causal) keys after the query
         kpos = (cols[:, :, None] * bk + kpos_in_block).reshape(-1, 1, 1, 1, width * bk)
         masked = ~valid[:, :, None].expand(-1, -1, bk).reshape(-1, 1, 1, 1, width * bk) | (kpos >= Nk)
