@@ -21,6 +21,7 @@ from attn_sparse import BlockLayout, bigbird, patterns
 from attn_sparse import layout as layout_module
 from attn_sparse._hash import MASK32, mix32, random_blocks, seed_key
 from attn_sparse.kernels import interpret_mode
+from attn_sparse.kernels.pattern_build import bigbird_tile_bound
 
 CPU = torch.device("cpu")
 # the Triton builder takes CPU tensors in the interpreter only (set above unless TRITON_INTERPRET=0 was given,
@@ -48,8 +49,16 @@ def _sorted_transpose(layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
     return fresh.transposed_csr()
 
 
+def _bound(params: dict) -> int:
+    p = {"num_heads": 1, "block_size": (16, 16)} | params
+    return bigbird_tile_bound(
+        p["seq_len"], p["block_size"], p["window"], p["global_tokens"], p["random_blocks"], p["num_heads"]
+    )
+
+
 def _assert_same_build(params: dict, fused: BlockLayout) -> None:
     want = _build(params, triton=False)
+    assert want.nnz <= _bound(params), params  # the Triton build sizes its outputs by this bound
     assert (fused.shape, fused.block_size) == (want.shape, want.block_size), params
     for got, ref in ((fused.crow_indices, want.crow_indices), (fused.col_indices, want.col_indices)):
         assert got.dtype == torch.int32 and torch.equal(got.cpu(), ref), params
@@ -105,6 +114,54 @@ def test_triton_build_equals_torch_build_random_parameters() -> None:
             "seed": rng.choice([0, rng.randint(-(2**70), 2**70)]),
         }
         _assert_same_build(params, _build(params, triton=True))
+
+
+def test_tile_bound_holds_over_random_parameters() -> None:
+    # the bound the Triton build sizes its outputs by, against the torch builder's exact count
+    rng = random.Random(20261204)
+    for _ in range(300):
+        bq, bk = rng.choice([16, 32, 64, 128]), rng.choice([16, 32, 64, 128])
+        n = rng.randint(1, 5000)
+        nk = -(-n // bk)
+        params = {
+            "seq_len": n,
+            "window": rng.choice([0, rng.randint(0, 3 * bq), rng.randint(0, n + 40)]),
+            "global_tokens": rng.choice([0, rng.randint(1, 2 * bq), rng.randint(0, n + 40)]),
+            "random_blocks": rng.choice([0, 1, rng.randint(1, 8), rng.randint(nk, 2 * nk + 3)]),
+            "num_heads": rng.randint(1, 3),
+            "block_size": (bq, bk),
+            "seed": rng.randint(0, 2**40),
+        }
+        assert _build(params, triton=False).nnz <= _bound(params), params
+
+
+@needs_interpreter
+@pytest.mark.parametrize("bound", ["short", "over the allocation cap"])
+def test_triton_build_without_its_bound_equals_torch_build(monkeypatch: pytest.MonkeyPatch, bound: str) -> None:
+    # a bound short of nnz (the build then runs again at the exact size), or one too large to
+    # allocate up front (the build reads nnz first): the layout is the same either way
+    from attn_sparse.kernels import pattern_build
+
+    runs: list[object] = []
+    real = pattern_build._bigbird_csr
+    monkeypatch.setattr(pattern_build, "_bigbird_csr", lambda *a: runs.append(a[-1]) or real(*a))
+    if bound == "short":
+        monkeypatch.setattr(pattern_build, "bigbird_tile_bound", lambda *a: 5)
+    else:
+        monkeypatch.setattr(pattern_build, "BOUND_ALLOCATION_MAX_TILES", 0)
+    params = {"seq_len": 333, "window": 20, "global_tokens": 50, "random_blocks": 6, "num_heads": 2}
+    params |= {"block_size": (16, 32), "seed": 3}
+    _assert_same_build(params, _build(params, triton=True))
+    assert runs == ([5, None] if bound == "short" else [_bound(params)]), runs
+
+
+@needs_interpreter
+def test_triton_build_counts_its_slack_in_nbytes() -> None:
+    # the outputs are sized by the bound: nbytes (what a LayoutCache charges) counts that memory
+    params = {"seq_len": 333, "window": 20, "global_tokens": 50, "random_blocks": 6, "block_size": (16, 32)}
+    layout = _build(params, triton=True)
+    exact = (layout.crow_indices.numel() + layout.nnz) * 4
+    assert layout.nnz < _bound(params) and layout.nbytes >= exact + (_bound(params) - layout.nnz) * 4
 
 
 def test_hash_draws_are_deterministic_exact_and_in_range() -> None:

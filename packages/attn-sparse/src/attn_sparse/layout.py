@@ -419,8 +419,14 @@ class BlockLayout:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the CSR arrays (cached derived arrays not included)."""
-        return self._crow.numel() * self._crow.element_size() + self._col.numel() * self._col.element_size()
+        """Bytes of memory the CSR arrays keep alive: their storages, each counted once (builders
+        allocate both arrays in one buffer, bigbird's with room for an upper bound on the tiles);
+        cached derived arrays not included."""
+        held = {}
+        for t in (self._crow, self._col):
+            storage = t.untyped_storage()
+            held[storage.data_ptr()] = storage.nbytes()
+        return sum(held.values())
 
     def _cached(self, key: Any, build: Any) -> Any:
         """Derived data (device copies, transposed CSR, flex BlockMasks per sequence length), LRU-bounded

@@ -5,7 +5,8 @@ when it runs on a GPU, and their host time, not the GPU work, bounds the build. 
 3 Triton kernels, 2 torch ops and no sort:
 
 1. ``_count_kernel``: the length of every row and of every column (head * nk + key block), then
-   one ``torch.cumsum`` over both and one host read of nnz (the size of the outputs);
+   one ``torch.cumsum`` over both (the offsets); the outputs are sized by an upper bound on nnz,
+   and nnz itself is read back once, after the last launch;
 2. ``_expand_kernel``: the key blocks of every row, increasing; each random tile also leaves its
    query block in a scratch list of its column;
 3. ``_transpose_kernel``: the query blocks of every column, increasing: exactly the transposed
@@ -161,12 +162,13 @@ def _col_intervals(j, seq_len, block_q, block_k, window, num_qb, global_qb, glob
 
 
 @triton.jit
-def _place_line(OUT, start, a_hi, b_lo, b_hi, EXTRA, n_extra, CHUNK: tl.constexpr, DCHUNK: tl.constexpr):
+def _place_line(OUT, start, a_hi, b_lo, b_hi, EXTRA, n_extra, cap, CHUNK: tl.constexpr, DCHUNK: tl.constexpr):
     """Write one sorted CSR line (a row's key blocks or a key block's query blocks) at OUT + start:
     the intervals A = [0, a_hi) and B = [b_lo, b_hi) and the extras EXTRA[0:n_extra] (values
     outside A and B, distinct, any order; -1 entries are skipped). In sorted order the line is A,
     the extras below b_lo, B, the extras at or above b_hi: each value's position follows from a_hi,
-    the number of extras below b_lo and the extra's rank among the extras."""
+    the number of extras below b_lo and the extra's rank among the extras. Positions at or past
+    ``cap`` (OUT's length) are not written (bigbird_csr then builds again at the exact size)."""
     below = 0
     for t0 in range(0, n_extra, DCHUNK):
         t = t0 + tl.arange(0, DCHUNK)
@@ -179,26 +181,27 @@ def _place_line(OUT, start, a_hi, b_lo, b_hi, EXTRA, n_extra, CHUNK: tl.constexp
             e = tl.load(EXTRA + s, mask=s < n_extra, other=-1)
             rank += tl.sum(((e[None, :] >= 0) & (e[None, :] < d[:, None])).to(tl.int32), axis=1)
         pos = start + a_hi + tl.where(d >= b_hi, b_hi - b_lo, 0) + rank
-        tl.store(OUT + pos, d.to(tl.int32), mask=keep)
+        tl.store(OUT + pos, d.to(tl.int32), mask=keep & (pos < cap))
         below += tl.sum((keep & (d < b_lo)).to(tl.int32), axis=0)
     for c0 in range(0, a_hi, CHUNK):  # A = [0, a_hi): nothing precedes it
         c = c0 + tl.arange(0, CHUNK)
-        tl.store(OUT + start + c, c.to(tl.int32), mask=c < a_hi)
+        tl.store(OUT + start + c, c.to(tl.int32), mask=(c < a_hi) & (start + c < cap))
     for c0 in range(b_lo, b_hi, CHUNK):  # B after A and the extras below b_lo
         c = c0 + tl.arange(0, CHUNK)
-        tl.store(OUT + start + a_hi + below + (c - b_lo), c.to(tl.int32), mask=c < b_hi)
+        pos = start + a_hi + below + (c - b_lo)
+        tl.store(OUT + pos, c.to(tl.int32), mask=(c < b_hi) & (pos < cap))
 
 
-@triton.jit(do_not_specialize=["rows", "draws", *_GEOMETRY])
+@triton.jit(do_not_specialize=["rows", "draws", "cap", *_GEOMETRY])
 def _expand_kernel(
-    COL, CROW_OUT, CROW, EXTRAS, XROWS, EXTRA_SLOTS, rows, draws, seq_len, block_q, block_k, window,
+    COL, CROW_OUT, CROW, EXTRAS, XROWS, EXTRA_SLOTS, rows, draws, cap, seq_len, block_q, block_k, window,
     num_qb, num_kb, global_qb, global_kb, CHUNK: tl.constexpr, DCHUNK: tl.constexpr,
 ):  # fmt: skip
     """COL (nnz,): the key blocks of every row, increasing; CROW (rows + 1 + num_cols,) int64: row
     offsets (copied to CROW_OUT as int32), then nnz + the column offsets (CROW[rows:], see
     bigbird_csr). Each extra (row, key block c) also writes its query block into the first slots
     of column c's segment of XROWS, at a slot taken by counting EXTRA_SLOTS[c] down: the column
-    kernel's extras, in any order."""
+    kernel's extras, in any order. COL and XROWS hold ``cap`` values: nothing is written past them."""
     row = tl.program_id(0).to(tl.int64)
     q = row % num_qb
     a_hi, b_lo, b_hi = _row_intervals(q, seq_len, block_q, block_k, window, num_kb, global_qb, global_kb)
@@ -206,7 +209,7 @@ def _expand_kernel(
     tl.store(CROW_OUT + 1 + row, tl.load(CROW + 1 + row).to(tl.int32))
     tl.store(CROW_OUT, 0, mask=row == 0)
     ROW_EXTRAS = EXTRAS + row * draws
-    _place_line(COL, start, a_hi, b_lo, b_hi, ROW_EXTRAS, draws, CHUNK, DCHUNK)
+    _place_line(COL, start, a_hi, b_lo, b_hi, ROW_EXTRAS, draws, cap, CHUNK, DCHUNK)
     CCOL = CROW + rows  # a pointer offset here, not a view: Triton specialises pointers on alignment
     nnz = tl.load(CCOL)
     for t0 in range(0, draws, DCHUNK):
@@ -215,17 +218,19 @@ def _expand_kernel(
         keep = d >= 0
         c = (row // num_qb) * num_kb + d
         slot = tl.atomic_add(EXTRA_SLOTS + c, -1, mask=keep) - 1
-        tl.store(XROWS + tl.load(CCOL + c, mask=keep, other=0) - nnz + slot, q.to(tl.int32), mask=keep)
+        at = tl.load(CCOL + c, mask=keep, other=0) - nnz + slot
+        tl.store(XROWS + at, q.to(tl.int32), mask=keep & (at < cap))
 
 
-@triton.jit(do_not_specialize=["rows", "num_cols", *_GEOMETRY])
+@triton.jit(do_not_specialize=["rows", "num_cols", "cap", *_GEOMETRY])
 def _transpose_kernel(
-    ROWS, CCOL_OUT, OFFSETS, XROWS, rows, num_cols, seq_len, block_q, block_k, window, num_qb, num_kb, global_qb,
-    global_kb, CHUNK: tl.constexpr, DCHUNK: tl.constexpr,
+    ROWS, CCOL_OUT, OFFSETS, XROWS, rows, num_cols, cap, seq_len, block_q, block_k, window, num_qb, num_kb,
+    global_qb, global_kb, CHUNK: tl.constexpr, DCHUNK: tl.constexpr,
 ):  # fmt: skip
     """ROWS (nnz,): the query blocks of every column (head * nk + key block), increasing;
     CCOL = OFFSETS[rows:] (num_cols + 1,) int64: nnz + the column offsets (CCOL[0] = nnz), written to
-    CCOL_OUT as int32 offsets. A column is its intervals (_col_intervals) and its extras, XROWS[offset:offset + E]."""
+    CCOL_OUT as int32 offsets. A column is its intervals (_col_intervals) and its extras,
+    XROWS[offset:offset + E]. ROWS and XROWS hold ``cap`` values: nothing is read or written past them."""
     col = tl.program_id(0).to(tl.int64)
     a_hi, b_lo, b_hi = _col_intervals(col % num_kb, seq_len, block_q, block_k, window, num_qb, global_qb, global_kb)
     CCOL = OFFSETS + rows
@@ -234,8 +239,9 @@ def _transpose_kernel(
     end = tl.load(CCOL + col + 1) - nnz
     tl.store(CCOL_OUT + 1 + col, end.to(tl.int32))
     tl.store(CCOL_OUT, 0, mask=col == 0)
-    n_extra = end - start - a_hi - (b_hi - b_lo)
-    _place_line(ROWS, start, a_hi, b_lo, b_hi, XROWS + start, n_extra, CHUNK, DCHUNK)
+    # a line past the buffers (nnz > cap: built again at the exact size) reads no extras
+    n_extra = tl.where(end <= cap, end - start - a_hi - (b_hi - b_lo), 0)
+    _place_line(ROWS, start, a_hi, b_lo, b_hi, XROWS + start, n_extra, cap, CHUNK, DCHUNK)
 
 
 @triton.jit(do_not_specialize=["step"])
@@ -321,8 +327,8 @@ def _window_offset(q, seq_len, block_q, block_k, window, num_kb):
     return hi_sum - lo_sum
 
 
-@triton.jit(do_not_specialize=["seq_len", "block_q", "block_k", "window", "num_kb"])
-def _window_kernel(CROW, COL, seq_len, block_q, block_k, window, num_kb, CHUNK: tl.constexpr):
+@triton.jit(do_not_specialize=["seq_len", "block_q", "block_k", "window", "num_kb", "nnz"])
+def _window_kernel(CROW, COL, seq_len, block_q, block_k, window, num_kb, nnz, CHUNK: tl.constexpr):
     """local_window's CSR (bigbird's rows without global or random blocks): program q writes row q,
     at a closed-form offset (the tiles of the rows before it)."""
     q = tl.program_id(0).to(tl.int64)
@@ -335,7 +341,7 @@ def _window_kernel(CROW, COL, seq_len, block_q, block_k, window, num_kb, CHUNK: 
     start = _window_offset(q, seq_len, block_q, block_k, window, num_kb)
     tl.store(CROW + 1 + q, (start + a_hi + (b_hi - b_lo)).to(tl.int32))
     tl.store(CROW, 0, mask=q == 0)
-    _place_line(COL, start, a_hi, b_lo, b_hi, COL, 0, CHUNK, CHUNK)  # no extras: COL is never read
+    _place_line(COL, start, a_hi, b_lo, b_hi, COL, 0, nnz, CHUNK, CHUNK)  # no extras: COL is never read
 
 
 def window_csr(
@@ -352,7 +358,7 @@ def window_csr(
     out = torch.empty(at[-1], dtype=torch.int32, device=device)
     crow, col = out[: nq + 1], out[at[1] : at[1] + nnz]
     with device_guard(device):
-        _window_kernel[(nq,)](crow, col, seq_len, bq, bk, w, nk, CHUNK=ROW_CHUNK)
+        _window_kernel[(nq,)](crow, col, seq_len, bq, bk, w, nk, nnz, CHUNK=ROW_CHUNK)
     return crow, col
 
 
@@ -372,7 +378,55 @@ def bigbird_csr(
 
     crow (num_heads * nq + 1,), col (nnz,) increasing per row; ccol (num_heads * nk + 1,),
     rows (nnz,) increasing per key block: what :meth:`BlockLayout.transposed_csr` returns.
+
+    The outputs are sized by an upper bound on nnz (:func:`bigbird_tile_bound`), so every launch
+    is queued before the one host read of nnz, which then waits for the whole build instead of
+    stalling the GPU between the count and the writes while the host sizes and launches them.
+    Where the bound is too large to allocate freely, the build reads nnz first, as it would
+    have to where a bound were ever short (then it builds again at the exact size).
     """
+    bound = bigbird_tile_bound(seq_len, block_size, window, global_tokens, random_blocks, num_heads)
+    built = _bigbird_csr(seq_len, block_size, window, global_tokens, random_blocks, key, num_heads, device, bound)
+    if built is None:  # the bound was short: size by the exact count instead
+        built = _bigbird_csr(seq_len, block_size, window, global_tokens, random_blocks, key, num_heads, device, None)
+    if built is None:
+        raise RuntimeError("bigbird build: an exactly sized build overflowed (a bug; please report it)")
+    return built
+
+
+# Bounds above this many tiles (256 MiB of int32 per CSR) are not allocated up front: at that size
+# the host read's stall is a small part of the build, and a loose bound would waste memory.
+BOUND_ALLOCATION_MAX_TILES = 1 << 26
+
+
+def bigbird_tile_bound(
+    seq_len: int, block_size: tuple[int, int], window: int, global_tokens: int, random_blocks: int, num_heads: int
+) -> int:
+    """An upper bound on bigbird's active tiles, from its parameters alone: a global query block
+    reads every key block; any other reads the global key blocks, the key blocks its window
+    (Bq + 2 * window tokens) touches and its distinct random draws."""
+    bq, bk = block_size
+    nq, nk = -(-seq_len // bq), -(-seq_len // bk)
+    g = min(global_tokens, seq_len)
+    gq, gk = min(-(-g // bq), nq), -(-g // bk)
+    window_blocks = -(-(bq + 2 * min(window, seq_len)) // bk) + 1
+    per_row = min(nk, gk + window_blocks + random_blocks)
+    return num_heads * (gq * nk + (nq - gq) * per_row)
+
+
+def _bigbird_csr(
+    seq_len: int,
+    block_size: tuple[int, int],
+    window: int,
+    global_tokens: int,
+    random_blocks: int,
+    key: int,
+    num_heads: int,
+    device: torch.device,
+    bound: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """One build with the index arrays sized by ``bound`` (None or over
+    BOUND_ALLOCATION_MAX_TILES: by nnz, read from the GPU first); None when nnz exceeds it."""
     with device_guard(device):
         bq, bk = block_size
         nq, nk = -(-seq_len // bq), -(-seq_len // bk)
@@ -391,21 +445,28 @@ def bigbird_csr(
             CHUNK=DRAW_CHUNK,
         )  # fmt: skip
         offsets = torch.cumsum(counts, dim=0)  # int64: row offsets, then nnz + column offsets
-        nnz = int(offsets[rows])  # the one host read: the size of the outputs
-        check_tile_count(nnz)
+        nnz: int | None = None
+        if bound is None or bound > BOUND_ALLOCATION_MAX_TILES:
+            nnz = int(offsets[rows])  # the host read, before sizing the outputs
+            check_tile_count(nnz)
+            bound = nnz
         # one allocation per CSR (a layout may drop its cached transposed CSR and keep the CSR);
         # the index arrays start 16-byte aligned (see aligned_sections)
-        at_r, at_c = aligned_sections([rows + 1, nnz]), aligned_sections([num_cols + 1, nnz])
+        at_r, at_c = aligned_sections([rows + 1, bound]), aligned_sections([num_cols + 1, bound])
         csr = torch.empty(at_r[-1], dtype=torch.int32, device=device)
         csc = torch.empty(at_c[-1], dtype=torch.int32, device=device)
-        crow, col = csr[: rows + 1], csr[at_r[1] : at_r[1] + nnz]
-        ccol, tile_rows = csc[: num_cols + 1], csc[at_c[1] : at_c[1] + nnz]
-        col_extras = torch.empty(nnz, dtype=torch.int32, device=device)
+        col_extras = torch.empty(bound, dtype=torch.int32, device=device)
         _expand_kernel[(rows,)](
-            col, crow, offsets, extras, col_extras, extra_slots, rows, random_blocks, *geometry,
+            csr[at_r[1] :], csr, offsets, extras, col_extras, extra_slots, rows, random_blocks, bound, *geometry,
             CHUNK=ROW_CHUNK, DCHUNK=DRAW_CHUNK,
         )  # fmt: skip
         _transpose_kernel[(num_cols,)](
-            tile_rows, ccol, offsets, col_extras, rows, num_cols, *geometry, CHUNK=ROW_CHUNK, DCHUNK=DRAW_CHUNK
-        )
-        return crow, col, ccol, tile_rows
+            csc[at_c[1] :], csc, offsets, col_extras, rows, num_cols, bound, *geometry, CHUNK=ROW_CHUNK,
+            DCHUNK=DRAW_CHUNK,
+        )  # fmt: skip
+        if nnz is None:
+            nnz = int(offsets[rows])  # the host read, after every launch
+            if nnz > bound:
+                return None
+            check_tile_count(nnz)
+        return csr[: rows + 1], csr[at_r[1] : at_r[1] + nnz], csc[: num_cols + 1], csc[at_c[1] : at_c[1] + nnz]
