@@ -146,6 +146,16 @@ def test_chunked_calls_match(monkeypatch):
     assert torch.allclose(big, small, atol=1e-12)
 
 
+def test_plans_are_cached_per_shape_config_and_budget(monkeypatch):
+    cfg = DilatedConfig([8, 32], [1, 4])
+    first = sdpa.plan_pieces((2, 96, 4, 2, 8), cfg, True)
+    assert sdpa.plan_pieces((2, 96, 4, 2, 8), DilatedConfig([8, 32], [1, 4]), True) is first  # equal config: a hit
+    assert sdpa.plan_pieces((2, 97, 4, 2, 8), cfg, True) != first
+    monkeypatch.setattr(sdpa, "MIN_CALL_ELEMS", 1)  # another call budget: planned again, not the cached plan
+    monkeypatch.setattr(sdpa, "CALL_FRACTION", 64)
+    assert len(sdpa.plan_pieces((2, 96, 4, 2, 8), cfg, True)) > len(first)
+
+
 def _gather(x, p, h0, hs, hn):
     """Reference for piece_view by explicit indexing (a copy)."""
     B = x.shape[0]

@@ -26,6 +26,7 @@ view of the mask only when a mask is given; fully padded rows give 0. Dropout is
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +113,7 @@ def batch_mergeable(*tensors: torch.Tensor) -> bool:
     return all(t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1) for t in tensors)
 
 
-def plan_pieces(shape: tuple[int, int, int, int, int], config: DilatedConfig, mergeable: bool) -> list[Piece]:
+def plan_pieces(shape: tuple[int, int, int, int, int], config: DilatedConfig, mergeable: bool) -> tuple[Piece, ...]:
     """Every kernel call of a dilated attention over q (B, N, H, D) with Hkv kv heads.
 
     shape: (B, N, H, Hkv, D); mergeable: :func:`batch_mergeable` of every tensor the calls view.
@@ -120,9 +121,25 @@ def plan_pieces(shape: tuple[int, int, int, int, int], config: DilatedConfig, me
     shares a head with it (its result is stored, not merged). Calls over full segments are cut so
     each reads at most max(q elements / CALL_FRACTION, MIN_CALL_ELEMS) query elements; the short
     last segment of each group is one call per offset (all batch rows).
+
+    Plans are cached (PLAN_CACHE_SIZE, least recently used dropped), keyed on the shape, config,
+    mergeability and that call budget: a step's forward and backward, and every layer of a model,
+    plan the same calls, which took a noticeable part of a small step's host time.
     """
     B, N, H, Hkv, D = shape
     budget = max(B * N * H * D // CALL_FRACTION, MIN_CALL_ELEMS)
+    return _plan_pieces((B, N, H, Hkv, D), config, mergeable, budget)
+
+
+# Distinct (shape, config) plans kept; a model has a handful (one per sequence length and config).
+PLAN_CACHE_SIZE = 64
+
+
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def _plan_pieces(
+    shape: tuple[int, int, int, int, int], config: DilatedConfig, mergeable: bool, budget: int
+) -> tuple[Piece, ...]:
+    B, N, H, Hkv, D = shape
     pieces: list[Piece] = []
     touched: set[int] = set()
     order = sorted(range(config.num_groups), key=lambda g: config.dilation_rates[g])
@@ -152,7 +169,7 @@ def plan_pieces(shape: tuple[int, int, int, int, int], config: DilatedConfig, me
                                 pieces.append(Piece(w, r, o, s0, min(chunk, full - s0), w, b, *hk))
                 if tail > o:
                     pieces.append(Piece(w, r, o, full, 1, tail, None, *hk))
-    return pieces
+    return tuple(pieces)
 
 
 def _key_bias(mask: torch.Tensor | None, p: Piece, dtype: torch.dtype) -> torch.Tensor | None:
