@@ -124,7 +124,7 @@ def plan_pieces(shape: tuple[int, int, int, int, int], config: DilatedConfig, me
 
     Plans are cached (PLAN_CACHE_SIZE, least recently used dropped), keyed on the shape, config,
     mergeability and that call budget: a step's forward and backward, and every layer of a model,
-    plan the same calls, which took a noticeable part of a small step's host time.
+    plan the same calls.
     """
     B, N, H, Hkv, D = shape
     budget = max(B * N * H * D // CALL_FRACTION, MIN_CALL_ELEMS)
