@@ -103,17 +103,23 @@ def test_triton_build_equals_torch_build_random_parameters() -> None:
         heads = rng.randint(1, 3)
         if heads * -(-n // bq) > 40:  # the interpreter runs one program per row
             n = 40 // heads * bq
-        nk = -(-n // bk)
-        params = {
-            "seq_len": n,
-            "window": rng.choice([0, rng.randint(0, 3 * bq), rng.randint(0, n + 40)]),
-            "global_tokens": rng.choice([0, rng.randint(1, 2 * bq), rng.randint(0, n + 40)]),
-            "random_blocks": rng.choice([0, 1, rng.randint(1, 8), rng.randint(nk, 2 * nk + 3)]),
-            "num_heads": heads,
-            "block_size": (bq, bk),
-            "seed": rng.choice([0, rng.randint(-(2**70), 2**70)]),
-        }
+        params = _random_params(rng, n, heads, (bq, bk)) | {"seed": rng.choice([0, rng.randint(-(2**70), 2**70)])}
         _assert_same_build(params, _build(params, triton=True))
+
+
+def _random_params(rng: random.Random, n: int, heads: int, block_size: tuple[int, int]) -> dict:
+    """bigbird parameters around their edges: no window / global / draws, or spanning the sequence,
+    and more draws than key blocks."""
+    bq, bk = block_size
+    nk = -(-n // bk)
+    return {
+        "seq_len": n,
+        "window": rng.choice([0, rng.randint(0, 3 * bq), rng.randint(0, n + 40)]),
+        "global_tokens": rng.choice([0, rng.randint(1, 2 * bq), rng.randint(0, n + 40)]),
+        "random_blocks": rng.choice([0, 1, rng.randint(1, 8), rng.randint(nk, 2 * nk + 3)]),
+        "num_heads": heads,
+        "block_size": block_size,
+    }
 
 
 def test_tile_bound_holds_over_random_parameters() -> None:
@@ -121,17 +127,8 @@ def test_tile_bound_holds_over_random_parameters() -> None:
     rng = random.Random(20261204)
     for _ in range(300):
         bq, bk = rng.choice([16, 32, 64, 128]), rng.choice([16, 32, 64, 128])
-        n = rng.randint(1, 5000)
-        nk = -(-n // bk)
-        params = {
-            "seq_len": n,
-            "window": rng.choice([0, rng.randint(0, 3 * bq), rng.randint(0, n + 40)]),
-            "global_tokens": rng.choice([0, rng.randint(1, 2 * bq), rng.randint(0, n + 40)]),
-            "random_blocks": rng.choice([0, 1, rng.randint(1, 8), rng.randint(nk, 2 * nk + 3)]),
-            "num_heads": rng.randint(1, 3),
-            "block_size": (bq, bk),
-            "seed": rng.randint(0, 2**40),
-        }
+        params = _random_params(rng, rng.randint(1, 5000), rng.randint(1, 3), (bq, bk))
+        params["seed"] = rng.randint(0, 2**40)
         assert _build(params, triton=False).nnz <= _bound(params), params
 
 
