@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -528,9 +529,18 @@ def _timing_text(result: dict) -> str:
     )
 
 
+def _report_suffix(value: str) -> str:
+    """--suffix: letters, digits, '-' and '_' only (it becomes part of file names)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", value):
+        raise argparse.ArgumentTypeError(f"--suffix {value!r}: use letters, digits, '-' and '_' only")
+    return value
+
+
 def report_name(result: dict) -> str:
-    """File stem of a sweep's report: sparse_<gpu> (sparse_h100, sparse_h200, ...)."""
-    return f"sparse_{gpu_tag(result['env']['gpu'])}"
+    """File stem of a sweep's report: sparse_<gpu> (sparse_h100, sparse_h200, ...), with the
+    --suffix of a partial sweep (sparse_h200_<suffix>) so that it does not replace the full one."""
+    suffix = result.get("report_suffix")
+    return f"sparse_{gpu_tag(result['env']['gpu'])}" + (f"_{suffix}" if suffix else "")
 
 
 def write_report(result: dict, out: Path) -> None:
@@ -660,6 +670,12 @@ def main() -> int:
     ap.add_argument("--block-q", type=int, default=128)
     ap.add_argument("--block-k", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="N=8K, densities 1.0 and 0.1")
+    ap.add_argument(
+        "--suffix",
+        type=_report_suffix,
+        default="",
+        help="report file stem sparse_<gpu>_<suffix>, for a partial sweep (e.g. --seq-lens 32768 --densities 0.05)",
+    )
     ap.add_argument("--tune", action="store_true", help="sweep kernel tile configs instead of the comparison")
     ap.add_argument("--tune-n", type=int, default=32768)
     ap.add_argument("--tune-densities", type=float, nargs="+", default=[1.0, 0.1])
@@ -680,6 +696,8 @@ def main() -> int:
         args.seq_lens, args.densities = [8192], [1.0, 0.1]
     env = gpu_env(heads=args.heads, head_dim=args.head_dim, block=[args.block_q, args.block_k])
     result: dict = {"env": env}
+    if args.suffix:
+        result["report_suffix"] = args.suffix
     if not args.skip_correctness:
         result["correctness"] = correctness("cuda")
         for c in result["correctness"]:
