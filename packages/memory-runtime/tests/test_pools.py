@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from memory_runtime import DeviceBufferPool, PoolExhaustedError, pools, round_size
 from memory_runtime._native import load as load_native
-from memory_runtime.pools import ALIGNMENT, REGION_SHIFT, _RangeAllocator
+from memory_runtime.ranges import ALIGNMENT, REGION_SHIFT, RangeAllocator
 
 NATIVE, NATIVE_REASON = load_native()
 
@@ -33,7 +33,7 @@ def pool_path(request, monkeypatch):
 
 @pytest.fixture
 def range_cls(pool_path):
-    return NATIVE.RangeAllocator if pool_path == "native" else _RangeAllocator
+    return NATIVE.RangeAllocator if pool_path == "native" else RangeAllocator
 
 
 def test_native_path_is_built_where_ci_requires_it(pool_path):
@@ -370,7 +370,7 @@ def test_variable_length_trace_stops_reserving_after_warmup():
 
 
 def _range_allocators() -> list:
-    return [_RangeAllocator(), NATIVE.RangeAllocator()] if NATIVE is not None else [_RangeAllocator()]
+    return [RangeAllocator(), NATIVE.RangeAllocator()] if NATIVE is not None else [RangeAllocator()]
 
 
 @settings(max_examples=60, deadline=None)

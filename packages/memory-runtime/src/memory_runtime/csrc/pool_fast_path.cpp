@@ -6,7 +6,7 @@
 // errors) and this code always see one consistent state.
 //
 //   RangeAllocator  address-ordered free byte ranges (the same algorithm and methods as the pure
-//                   Python pools._RangeAllocator, which it replaces when the extension is present)
+//                   Python ranges.RangeAllocator, which it replaces when the extension is present)
 //   LiveMap         data_ptr -> (key, rounded bytes, requested bytes) of live blocks: the subset
 //                   of dict's interface the pool uses, without a Python object per block
 //   Counters        the counters both paths update (hits, bytes in use / requested, peaks, the
@@ -46,10 +46,10 @@
 
 namespace {
 
-// Must match pools.REGION_SHIFT: free-range keys are region << REGION_SHIFT | offset.
+// Must match ranges.REGION_SHIFT: free-range keys are region << REGION_SHIFT | offset.
 constexpr int REGION_SHIFT = 48;
 constexpr uint64_t OFFSET_MASK = (uint64_t(1) << REGION_SHIFT) - 1;
-// Must match pools.ALIGNMENT / pools.SUBCLASS_BITS (round_size).
+// Must match ranges.ALIGNMENT / ranges.SUBCLASS_BITS (round_size).
 constexpr int64_t ALIGNMENT = 512;
 constexpr int SUBCLASS_BITS = 6;
 // Shapes with more dimensions take the Python path.
