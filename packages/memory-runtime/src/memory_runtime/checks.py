@@ -100,20 +100,20 @@ def normalize_shape(shape: Any) -> tuple[int, ...]:
 def request_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     """Bytes of a contiguous ``shape`` of ``dtype`` (a shape from :func:`normalize_shape`).
 
-    ValueError when they exceed MAX_REQUEST_BYTES; the product stops growing as soon as it passes
-    the bound, so a shape of huge entries costs no more than a small one.
+    ValueError when the product of the non-zero entries times the item size exceeds
+    MAX_REQUEST_BYTES -- zero-element shapes too, as their strides are that product -- and the
+    product stops growing as soon as it passes the bound, so huge entries cost no more than small ones.
     """
-    if 0 in shape:
-        return 0
     nbytes = dtype.itemsize
     for d in shape:
-        nbytes *= d
-        if nbytes > MAX_REQUEST_BYTES:
-            raise ValueError(
-                f"shape {shape} of {dtype} needs more than {MAX_REQUEST_BYTES} bytes (2**48), "
-                "the most one request may ask for"
-            )
-    return nbytes
+        if d:
+            nbytes *= d
+            if nbytes > MAX_REQUEST_BYTES:
+                raise ValueError(
+                    f"shape {shape} of {dtype} needs more than {MAX_REQUEST_BYTES} bytes (2**48), "
+                    "the most one request may ask for"
+                )
+    return 0 if 0 in shape else nbytes
 
 
 _STRIDES: dict[tuple[int, ...], tuple[int, ...]] = {}
