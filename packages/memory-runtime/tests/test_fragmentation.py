@@ -142,6 +142,11 @@ def test_bad_snapshot_blocks_raise_value_error():
     assert r.internal_fragmentation == pytest.approx(1 - 700 / 800)
 
 
+def test_report_refuses_a_bool_device():
+    with pytest.raises(TypeError, match="device"):
+        fragmentation_report(True)  # type: ignore[arg-type]
+
+
 def test_oom_hook_records_rejected_stats(tmp_path):
     hook = OOMHook(tmp_path / "oom.json", stats_fn=lambda d: {"allocated_bytes.all.current": -1}, snapshot_fn=list)
     hook(0, 1, 2, 3)

@@ -88,6 +88,8 @@ def test_bad_arguments():
         main(["--interval", "0"], out=io.StringIO())
     with pytest.raises(SystemExit):
         main(["--duration", "-1"], out=io.StringIO())
+    with pytest.raises(SystemExit):  # time.sleep(1e300) raised OverflowError after the first sample
+        main(["--interval", "1e300"], out=io.StringIO())
     proc = subprocess.run(
         [sys.executable, "-m", "memory_runtime", "frobnicate"], capture_output=True, text=True, timeout=120, env=_env()
     )

@@ -146,3 +146,12 @@ def test_node_used_counts_page_cache_as_free(tmp_path):
     assert topo.node(1).mem_used_bytes == (32 - 4 - 20 - 1) * 2**30
     assert topo.node(0).mem_used_bytes is None  # FilePages / SReclaimable missing: not guessed
     assert used_bytes({"MemTotal": 10, "MemFree": 2, "FilePages": 3, "SReclaimable": 1}) == 4
+
+
+def test_pci_address_and_distance_errors_are_clear(tmp_path):
+    with pytest.raises(TypeError, match="PCI address must be a str"):
+        normalize_pci_address(None)  # type: ignore[arg-type]
+    root = make_sysfs(tmp_path, 2)
+    (root / "devices" / "system" / "node" / "node1" / "distance").write_text("21 ten\n")
+    with pytest.raises(ValueError, match=r"malformed NUMA distance file .*node1"):
+        read_topology(root, use_nvml=False)

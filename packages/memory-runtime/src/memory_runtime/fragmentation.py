@@ -209,6 +209,8 @@ def fragmentation_report(
 ) -> FragmentationReport:
     """The report for a CUDA device of this process (default: current). On a machine without
     CUDA, an unavailable report saying why (there is no caching device allocator to inspect)."""
+    if isinstance(device, bool):
+        raise TypeError(f"device must be a CUDA device index, name or torch.device, got {device!r}")
     if not torch.cuda.is_available():
         return FragmentationReport.unavailable(
             "CUDA is not available: torch's CUDA caching allocator (the subject of this report) is not in use"

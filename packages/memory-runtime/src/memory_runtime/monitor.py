@@ -46,6 +46,8 @@ from .numa import read_host_meminfo, read_topology, used_bytes
 __all__ = ["SCHEMA", "Monitor", "main", "plot_timeline"]
 
 SCHEMA = "memory_runtime.monitor/1"
+# One day: longer sleeps overflow time.sleep on some platforms and are not a monitor's job.
+MAX_INTERVAL_S = 86400.0
 
 
 class Monitor:
@@ -241,8 +243,8 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     ap.add_argument("--sysfs-root", default="/sys", help=argparse.SUPPRESS)
     ap.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if not (math.isfinite(args.interval) and args.interval > 0):
-        ap.error(f"--interval must be > 0, got {args.interval}")
+    if not (math.isfinite(args.interval) and 0 < args.interval <= MAX_INTERVAL_S):
+        ap.error(f"--interval must be in (0, {MAX_INTERVAL_S}] seconds, got {args.interval}")
     if args.duration is not None and not (math.isfinite(args.duration) and args.duration >= 0):
         ap.error(f"--duration must be >= 0, got {args.duration}")
     if args.plot:

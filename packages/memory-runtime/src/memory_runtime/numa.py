@@ -102,6 +102,8 @@ def read_host_meminfo(proc_root: str | os.PathLike[str] = "/proc") -> dict[str, 
 
 def normalize_pci_address(addr: str) -> str:
     """``"00000000:17:00.0"`` (NVML) or ``"0000:17:00.0"`` (sysfs) -> ``"0000:17:00.0"`` (lower case)."""
+    if not isinstance(addr, str):
+        raise TypeError(f"PCI address must be a str such as '0000:17:00.0', got {type(addr).__name__} {addr!r}")
     m = re.fullmatch(r"(?:([0-9a-fA-F]+):)?([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])", addr.strip())
     if not m:
         raise ValueError(f"not a PCI address: {addr!r} (expected domain:bus:device.function, e.g. 0000:17:00.0)")
@@ -192,6 +194,16 @@ def _read(path: Path) -> str | None:
         return None
 
 
+def _parse_distances(text: str, path: Path) -> tuple[int, ...]:
+    """A node's ``distance`` file: whitespace-separated ints (ValueError naming the file otherwise)."""
+    try:
+        return tuple(int(x) for x in text.split())
+    except ValueError:
+        raise ValueError(
+            f"malformed NUMA distance file {path}: {text.strip()!r} (expected ints like '10 21')"
+        ) from None
+
+
 def _parse_meminfo(text: str, pattern: str) -> dict[str, int]:
     """meminfo lines -> {field: value}: values in kB become bytes, counts (HugePages_*) stay."""
     out: dict[str, int] = {}
@@ -271,7 +283,7 @@ def read_topology(
             cpus = parse_cpulist(_read(d / "cpulist") or "")
             meminfo = _parse_node_meminfo(_read(d / "meminfo") or "")
             dist_text = _read(d / "distance")
-            distances = tuple(int(x) for x in dist_text.split()) if dist_text else ()
+            distances = _parse_distances(dist_text or "", d / "distance")
             nodes.append(
                 NumaNode(
                     int(m.group(1)),
