@@ -462,11 +462,9 @@ class DeviceBufferPool:
                 f"this pool serves {self.device}, got device='cuda' while the current device is cuda:{current}"
             )
         try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device must name a torch device, got {device!r}") from exc
-        if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
-            dev = torch.device("cuda", torch.cuda.current_device())
+            dev = resolve_device(device)
+        except ValueError as exc:
+            raise ValueError(f"this pool serves {self.device}, got a request for device {device!r}: {exc}") from None
         if dev != self.device:
             raise ValueError(f"this pool serves {self.device}, got a request for device {device!r}")
 
