@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,8 +67,11 @@ def test_build_variants_have_distinct_names_and_mark_completion(monkeypatch, tmp
     calls: list[tuple[str, bool]] = []
     built = types.ModuleType("fake")
 
-    def fake_load(*, name, with_cuda, build_directory, **kwargs):
+    def fake_load(*, name, with_cuda, build_directory, sources, **kwargs):
         calls.append((name, with_cuda))
+        # compiled: a copy of the very bytes the key hashed, inside the keyed folder
+        assert [Path(s).read_bytes() for s in sources] == [SOURCE]
+        assert Path(sources[0]).parent == Path(build_directory)
         if with_cuda:
             raise RuntimeError("nvcc: not found")
         return built

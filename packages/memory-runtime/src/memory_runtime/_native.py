@@ -122,6 +122,8 @@ def _build() -> tuple[ModuleType | None, str]:
     lib_ext = getattr(cpp_extension, "LIB_EXT", ".so")
     source = SOURCE.read_bytes()
     variants = (True, False) if _cuda_headers(cpp_extension) else (False,)
+    # A completed build is used as found (a CPU build, made where the CUDA one failed, included:
+    # delete the cache folder to try the CUDA build again).
     for with_cuda in variants:
         build_dir = _cache_root() / build_key(source, with_cuda)
         module = _load_built(build_dir, module_name(with_cuda), lib_ext)
@@ -141,9 +143,13 @@ def _build() -> tuple[ModuleType | None, str]:
         build_dir = _cache_root() / build_key(source, with_cuda)
         try:
             build_dir.mkdir(parents=True, exist_ok=True)
+            # Compile a copy of exactly the bytes the key hashed (not the installed file, which
+            # may change meanwhile and whose path differs between venvs).
+            copy = build_dir / SOURCE.name
+            copy.write_bytes(source)
             module = cpp_extension.load(
                 name=module_name(with_cuda),
-                sources=[str(SOURCE)],
+                sources=[str(copy)],
                 extra_cflags=variant_cflags(with_cuda),
                 build_directory=str(build_dir),
                 with_cuda=with_cuda,
