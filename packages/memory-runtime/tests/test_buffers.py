@@ -138,3 +138,25 @@ def test_cpulist_with_zero_stride_is_malformed() -> None:
 
     with pytest.raises(ValueError, match="malformed cpulist range"):
         parse_cpulist("0-3:0")
+
+
+def test_integer_arguments_take_numpy_ints_and_refuse_huge_or_bool_values() -> None:
+    np = pytest.importorskip("numpy")
+    kv = KVCacheBlocks(
+        num_blocks=np.int64(4), block_size=np.int32(2), num_kv_heads=1, head_dim=2, dtype=torch.float32, num_layers=2
+    )
+    assert kv.allocate("a", np.int64(3)) and kv.length("a") == 3
+    kv.write("a", np.int64(1), torch.ones(2, 1, 2), torch.ones(2, 1, 2), layer=np.int64(1))
+    assert kv.read("a", layer=1)[0][1:].eq(1).all()
+    with pytest.raises(TypeError, match="layer"):
+        kv.read("a", layer=True)
+    with pytest.raises(TypeError, match="num_tokens"):
+        kv.extend("a", 1.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="2\\*\\*48"):
+        TorchProvider().acquire((1 << 40, 1 << 40), torch.float32, "cpu")
+    ws = Workspace(provider=DeviceBufferPool("cpu"))
+    assert ws.get("x", (np.int64(2), torch.tensor(3)), torch.float32).shape == (2, 3)
+    with pytest.raises(ValueError, match="2\\*\\*48"):
+        ws.get("x", (1 << 62,), torch.float32)
+    with pytest.raises(TypeError, match="bool"):
+        ws.get("x", (True, 2), torch.float32)

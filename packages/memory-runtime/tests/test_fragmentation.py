@@ -112,3 +112,43 @@ def test_this_process_report_and_hook_install(tmp_path):
     else:
         assert not r.available and "CUDA is not available" in r.reason and "not available" in r.summary()
         assert not hook.installed and "CUDA" in hook.reason
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("allocated_bytes.all.current", float("inf"), "allocated_bytes.all.current.*finite"),
+        ("reserved_bytes.all.current", float("nan"), "reserved_bytes.all.current.*finite"),
+        ("requested_bytes.all.current", -5, "requested_bytes.all.current.*>= 0"),
+        ("num_ooms", True, "num_ooms.*number"),
+        ("allocated_bytes.all.current", 2000 * MIB, "allocated_bytes.all.current.*exceeds.*reserved"),
+        ("requested_bytes.all.current", 8000 * MIB, "requested_bytes.all.current.*exceeds"),
+        ("inactive_split_bytes.all.current", 300 * MIB, "inactive_split_bytes.*reserved - allocated"),
+        ("reserved_bytes.all.peak", 10 * MIB, "exceeds 'reserved_bytes.all.peak'"),
+    ],
+)
+def test_impossible_stats_raise_naming_the_field(key, value, match):
+    """inf / NaN / negative / inconsistent numbers gave OverflowError or ratios like -900%."""
+    with pytest.raises(ValueError, match=match):
+        FragmentationReport.from_stats({**STATS, key: value})
+
+
+def test_bad_snapshot_blocks_raise_value_error():
+    for blk in ({"size": float("inf"), "state": "inactive"}, {"size": -1, "state": "inactive"}, "x"):
+        with pytest.raises(ValueError, match="snapshot block"):
+            FragmentationReport.from_stats(STATS, [{"blocks": [blk]}])
+    np = pytest.importorskip("numpy")
+    r = FragmentationReport.from_stats({k: np.int64(v) for k, v in STATS.items()})
+    assert r.internal_fragmentation == pytest.approx(1 - 700 / 800)
+
+
+def test_report_refuses_a_bool_device():
+    with pytest.raises(TypeError, match="device"):
+        fragmentation_report(True)  # type: ignore[arg-type]
+
+
+def test_oom_hook_records_rejected_stats(tmp_path):
+    hook = OOMHook(tmp_path / "oom.json", stats_fn=lambda d: {"allocated_bytes.all.current": -1}, snapshot_fn=list)
+    hook(0, 1, 2, 3)
+    doc = json.loads((tmp_path / "oom.json").read_text())
+    assert doc["report"]["available"] is False and "allocated_bytes" in doc["report"]["reason"]

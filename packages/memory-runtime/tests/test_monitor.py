@@ -30,7 +30,7 @@ def check_schema(s: dict) -> None:
     assert s["host"]["total_bytes"] > 0
     assert set(s["numa"]) == {"numa", "reason", "nodes"} and s["numa"]["nodes"]
     for n in s["numa"]["nodes"]:
-        assert set(n) == {"node", "cpus", "total_bytes", "free_bytes"} and n["cpus"] >= 1
+        assert set(n) == {"node", "cpus", "total_bytes", "free_bytes", "used_bytes"} and n["cpus"] >= 1
     assert isinstance(s["gpu_status"], str)
     gpu_keys = {
         "index",
@@ -88,6 +88,8 @@ def test_bad_arguments():
         main(["--interval", "0"], out=io.StringIO())
     with pytest.raises(SystemExit):
         main(["--duration", "-1"], out=io.StringIO())
+    with pytest.raises(SystemExit):  # time.sleep(1e300) raised OverflowError after the first sample
+        main(["--interval", "1e300"], out=io.StringIO())
     proc = subprocess.run(
         [sys.executable, "-m", "memory_runtime", "frobnicate"], capture_output=True, text=True, timeout=120, env=_env()
     )
@@ -103,3 +105,96 @@ def test_monitor_does_not_import_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env())
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+KIB = 1024
+
+
+def write_meminfo(tmp_path: Path, *, node_kb: dict[str, int], host_kb: dict[str, int]) -> tuple[Path, Path]:
+    """A one-node /sys and a /proc/meminfo (values in kB)."""
+    node = tmp_path / "sys" / "devices" / "system" / "node" / "node0"
+    node.mkdir(parents=True)
+    (node / "cpulist").write_text("0-3\n")
+    (node / "meminfo").write_text("".join(f"Node 0 {k}: {v} kB\n" for k, v in node_kb.items()))
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "meminfo").write_text("".join(f"{k}: {v} kB\n" for k, v in host_kb.items()) + "HugePages_Total: 0\n")
+    return tmp_path / "sys", proc
+
+
+def test_host_and_node_used_share_one_definition(tmp_path):
+    """One node: host used and node used agree (page cache and reclaimable slab count as free on
+    both); the node view used to count page cache as used (11.2 GiB where the host said 1.5)."""
+    gib_kb = 2**20
+    total, free, buffers, cached, swap_cached, sreclaim = 24 * gib_kb, 12 * gib_kb, gib_kb // 4, 8 * gib_kb, 0, gib_kb
+    sys_root, proc_root = write_meminfo(
+        tmp_path,
+        node_kb={
+            "MemTotal": total,
+            "MemFree": free,
+            "MemUsed": total - free,
+            "FilePages": buffers + cached + swap_cached,
+            "SReclaimable": sreclaim,
+        },
+        host_kb={
+            "MemTotal": total,
+            "MemFree": free,
+            "MemAvailable": free + cached + sreclaim - gib_kb // 8,
+            "Buffers": buffers,
+            "Cached": cached,
+            "SwapCached": swap_cached,
+            "SReclaimable": sreclaim,
+        },
+    )
+    out = io.StringIO()
+    args = ["--once", "--json", "--sysfs-root", str(sys_root), "--proc-root", str(proc_root)]
+    assert main(args, out=out) == 0
+    s = json.loads(out.getvalue())
+    check_schema(s)
+    want = (total - free - buffers - cached - swap_cached - sreclaim) * KIB
+    node = s["numa"]["nodes"][0]
+    assert s["host"]["used_bytes"] == node["used_bytes"] == want
+    assert s["host"]["total_bytes"] == node["total_bytes"] == total * KIB and node["free_bytes"] == free * KIB
+    assert s["host"]["percent"] == pytest.approx(100 * want / (total * KIB))
+    text = io.StringIO()
+    assert main(["--once", "--sysfs-root", str(sys_root), "--proc-root", str(proc_root)], out=text) == 0
+    lines = text.getvalue().splitlines()
+    used = f"{want / 2**30:.1f}/{total * KIB / 2**30:.1f} GiB used"
+    assert used in lines[0] and used in lines[1], lines
+
+
+def test_plot_without_matplotlib_fails_before_sampling(tmp_path, monkeypatch, capsys):
+    import memory_runtime.monitor as monitor
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+
+    def no_sampling(self):
+        raise AssertionError("sampled although --plot cannot be written")
+
+    monkeypatch.setattr(monitor.Monitor, "sample", no_sampling)
+    png = tmp_path / "t.png"
+    assert main(["--duration", "30", "--interval", "10", "--plot", str(png)], out=io.StringIO()) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "pip install" in err and not png.exists()
+
+
+def test_failing_plot_keeps_the_samples(tmp_path, monkeypatch, capsys):
+    import memory_runtime.monitor as monitor
+
+    def broken(samples, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(monitor, "plot_timeline", broken)
+    png = tmp_path / "t.png"
+    args = ["--interval", "0.01", "--duration", "0.05", "--sysfs-root", str(tmp_path), "--plot", str(png)]
+    assert main(args, out=io.StringIO()) == 1
+    saved = monitor.samples_path(str(png))
+    samples = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert samples and all(s["schema"] == SCHEMA for s in samples)
+    assert "disk full" in capsys.readouterr().err
+    # the directory is missing too: the samples go to stdout rather than nowhere
+    out = io.StringIO()
+    missing = tmp_path / "nope" / "t.png"
+    assert main(["--once", "--sysfs-root", str(tmp_path), "--plot", str(missing)], out=out) == 1
+    assert json.loads(out.getvalue().splitlines()[-1])["schema"] == SCHEMA

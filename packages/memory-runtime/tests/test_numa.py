@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from memory_runtime import load_libnuma, parse_cpulist, read_topology
-from memory_runtime.numa import normalize_pci_address
+from memory_runtime.numa import normalize_pci_address, used_bytes
 
 GIB_KB = 1024 * 1024
 
@@ -121,3 +121,37 @@ def test_libnuma_loads_or_explains():
         assert reason == "" and lib.max_node() >= 0
         with pytest.raises(ValueError, match="does not exist"):
             lib.mbind(0, 4096, lib.max_node() + 1)
+
+
+def test_parse_cpulist_rejects_non_strings_and_malformed_lists():
+    with pytest.raises(TypeError, match="cpulist must be a str"):
+        parse_cpulist(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="cpulist must be a str"):
+        parse_cpulist(b"0-3")  # type: ignore[arg-type]
+    for bad in ["a", "0-", "-1", "1-2-3", "3-1", "0-7:0", "0,,2", "0-99999999999"]:
+        with pytest.raises(ValueError, match="cpulist"):
+            parse_cpulist(bad)
+    assert parse_cpulist(" 0-2, 8 ,10-14:2\n") == [0, 1, 2, 8, 10, 12, 14]
+
+
+def test_node_used_counts_page_cache_as_free(tmp_path):
+    root = make_sysfs(tmp_path, 2)
+    meminfo = root / "devices" / "system" / "node" / "node1" / "meminfo"
+    total_kb = 32 * GIB_KB
+    meminfo.write_text(
+        f"Node 1 MemTotal: {total_kb} kB\nNode 1 MemFree: {4 * GIB_KB} kB\nNode 1 FilePages: {20 * GIB_KB} kB\n"
+        f"Node 1 SReclaimable: {GIB_KB} kB\nNode 1 HugePages_Total: 7\n"
+    )
+    topo = read_topology(root, use_nvml=False)
+    assert topo.node(1).mem_used_bytes == (32 - 4 - 20 - 1) * 2**30
+    assert topo.node(0).mem_used_bytes is None  # FilePages / SReclaimable missing: not guessed
+    assert used_bytes({"MemTotal": 10, "MemFree": 2, "FilePages": 3, "SReclaimable": 1}) == 4
+
+
+def test_pci_address_and_distance_errors_are_clear(tmp_path):
+    with pytest.raises(TypeError, match="PCI address must be a str"):
+        normalize_pci_address(None)  # type: ignore[arg-type]
+    root = make_sysfs(tmp_path, 2)
+    (root / "devices" / "system" / "node" / "node1" / "distance").write_text("21 ten\n")
+    with pytest.raises(ValueError, match=r"malformed NUMA distance file .*node1"):
+        read_topology(root, use_nvml=False)

@@ -55,6 +55,10 @@ def test_errors_and_use_after_close():
         PinnedHostArena(0)
     with pytest.raises(TypeError, match="nbytes"):
         PinnedHostArena(1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="nbytes"):
+        PinnedHostArena(1 << 70)  # refused before mmap is asked (it raised OverflowError)
+    with pytest.raises(TypeError, match="nbytes"):
+        PinnedHostArena(True)
     with pytest.raises(ValueError, match="NUMA node 99"):
         PinnedHostArena(4096, node=99)
     arena = PinnedHostArena(64 * 1024)

@@ -7,6 +7,7 @@ import random
 import sys
 import threading
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from memory_runtime import DeviceBufferPool, PoolExhaustedError, pools, round_size
 from memory_runtime._native import load as load_native
-from memory_runtime.pools import ALIGNMENT, REGION_SHIFT, _RangeAllocator
+from memory_runtime.ranges import ALIGNMENT, REGION_SHIFT, RangeAllocator
 
 NATIVE, NATIVE_REASON = load_native()
 
@@ -33,7 +34,7 @@ def pool_path(request, monkeypatch):
 
 @pytest.fixture
 def range_cls(pool_path):
-    return NATIVE.RangeAllocator if pool_path == "native" else _RangeAllocator
+    return NATIVE.RangeAllocator if pool_path == "native" else RangeAllocator
 
 
 def test_native_path_is_built_where_ci_requires_it(pool_path):
@@ -370,7 +371,7 @@ def test_variable_length_trace_stops_reserving_after_warmup():
 
 
 def _range_allocators() -> list:
-    return [_RangeAllocator(), NATIVE.RangeAllocator()] if NATIVE is not None else [_RangeAllocator()]
+    return [RangeAllocator(), NATIVE.RangeAllocator()] if NATIVE is not None else [RangeAllocator()]
 
 
 @settings(max_examples=60, deadline=None)
@@ -433,7 +434,9 @@ def test_native_and_python_pools_agree_on_a_random_trace():
             shape = tuple(rng.randint(1, 40) for _ in range(rng.randint(1, 3)))
             dtype = rng.choice(dtypes)
             long_lived = rng.random() < 0.2
-            pair = [p.acquire(shape, dtype, long_lived=long_lived) for p in pools_]
+            # the same shape as numpy ints now and then: both paths take it like the int tuple
+            arg = [np.int64(d) for d in shape] if rng.random() < 0.1 else shape
+            pair = [p.acquire(arg, dtype, long_lived=long_lived) for p in pools_]
             offsets = [
                 t.data_ptr() - p._slab_base[p._live[t.data_ptr()][0] >> REGION_SHIFT] for p, t in zip(pools_, pair)
             ]
@@ -448,6 +451,97 @@ def test_native_and_python_pools_agree_on_a_random_trace():
             p.release(t)
     assert pools_[0].stats() == pools_[1].stats()
     assert pools_[0].trim() == pools_[1].trim() > 0
+
+
+def hostile_shapes() -> list:
+    big = 1 << 40
+    return [
+        (np.int64(8),),
+        (8, np.int32(2)),
+        [np.uint8(3), 5],
+        np.int64(4),
+        (torch.tensor(3),),
+        (2, torch.tensor(5, dtype=torch.int16)),
+        (True,),
+        (np.bool_(True),),
+        (torch.tensor(True),),
+        (8.0,),
+        (np.float32(8),),
+        (-1,),
+        (4, np.int64(-2)),
+        (big, big),
+        (1 << 62,),
+        (1 << 70,),
+        1 << 63,
+        (1 << 31,) * 3,
+        (0, 1 << 70),
+        (0, 1 << 62, 1 << 62),
+        (0, 1 << 20, 1 << 20),
+        (1 << 48,),
+        (1,) * 65,
+        "abc",
+    ]
+
+
+def outcome(pool: DeviceBufferPool, shape, dtype=torch.float32):
+    """What one acquire does: the tensor's shape and offset, or the error's type and message."""
+    try:
+        t = pool.acquire(shape, dtype)
+    except Exception as exc:  # compared across paths
+        return type(exc).__name__, str(exc).replace(str(pool.device), "<dev>")
+    offset = pool._live[t.data_ptr()][0] if t.numel() else None
+    pool.release(t)
+    return tuple(t.shape), t.dtype, offset
+
+
+@pytest.mark.parametrize("max_bytes", [None, 1 << 20])
+def test_native_and_python_pools_agree_on_hostile_shapes(max_bytes):
+    """Both paths normalise shapes the same way before anything is allocated: numpy ints and
+    integer tensors are taken, bools / negatives / floats refused with TypeError or ValueError,
+    huge dimensions and overflowing products refused with ValueError (or the bounded pool's
+    exhaustion error), never a raw torch error; cold (first sight) and warm (cached) alike."""
+    if NATIVE is None:
+        pytest.skip(f"native hot path unavailable here: {NATIVE_REASON}")
+    pools_ = [DeviceBufferPool("cpu", slab_bytes=1 << 16, max_bytes=max_bytes, native=flag) for flag in (True, False)]
+    for _ in range(2):  # the second pass finds every valid shape in the cache
+        for shape in hostile_shapes():
+            got = [outcome(p, shape) for p in pools_]
+            assert got[0] == got[1], (shape, got)
+            kind = got[0][0]
+            if isinstance(kind, tuple):  # served: the shape is the integer shape asked for
+                assert isinstance(shape, (tuple, list, np.integer))
+                continue
+            assert kind in ("TypeError", "ValueError", "PoolExhaustedError"), (shape, got[0])
+            assert "unpack" not in got[0][1] and "Overflow" not in got[0][1], got[0]
+    ok = {repr(s): outcome(pools_[0], s) for s in hostile_shapes()}
+    assert ok[repr((np.int64(8),))][:2] == ((8,), torch.float32)
+    assert ok[repr((2, torch.tensor(5, dtype=torch.int16)))][:2] == ((2, 5), torch.float32)
+    assert ok[repr((0, 1 << 20, 1 << 20))][:2] == ((0, 1 << 20, 1 << 20), torch.float32)
+    for bad in [(True,), (np.bool_(True),), (torch.tensor(True),), (8.0,), (np.float32(8),), "abc"]:
+        assert ok[repr(bad)][0] == "TypeError", bad
+    for bad in [(-1,), (4, np.int64(-2)), (1 << 70,), 1 << 63, (0, 1 << 70), (1 << 48,), (1,) * 65]:
+        assert ok[repr(bad)][0] == "ValueError", bad
+    for huge in [(1 << 40, 1 << 40), (1 << 62,), (1 << 31,) * 3, (0, 1 << 62, 1 << 62)]:
+        assert ok[repr(huge)][0] == "ValueError" and "2**48" in ok[repr(huge)][1], huge
+    if max_bytes is not None:  # within the per-request bound but over max_bytes: the pool's own error
+        for p in pools_:
+            with pytest.raises(PoolExhaustedError, match="max_bytes"):
+                p.acquire((1 << 45,), torch.float32)
+    for p in pools_:
+        assert p.stats().live_blocks == 0 and p.stats().bytes_reserved <= (max_bytes or 1 << 30)
+
+
+def test_reserve_and_sizes_take_numpy_ints_and_refuse_huge_values():
+    pool = DeviceBufferPool("cpu", slab_bytes=np.int64(1 << 16), max_bytes=np.int64(1 << 20))
+    assert pool.slab_bytes == 1 << 16 and pool.max_bytes == 1 << 20 and type(pool.max_bytes) is int
+    pool.reserve(np.int32(4096))
+    assert pool.stats().bytes_reserved == 4096
+    with pytest.raises(ValueError, match="nbytes"):
+        pool.reserve(1 << 70)
+    with pytest.raises(TypeError, match="nbytes"):
+        pool.reserve(True)
+    with pytest.raises(ValueError, match="slab_bytes"):
+        DeviceBufferPool("cpu", slab_bytes=1 << 70)
 
 
 def test_pool_fragmentation_report_in_torch_format():

@@ -43,7 +43,7 @@ _EXPORTS = {
     "DeviceBufferPool": "pools",
     "PoolExhaustedError": "pools",
     "PoolStats": "pools",
-    "round_size": "pools",
+    "round_size": "ranges",
     "native_status": "_native",
 }
 
@@ -53,7 +53,8 @@ if TYPE_CHECKING:
     from .fragmentation import FragmentationReport, OOMHook, fragmentation_report, install_oom_hook
     from .numa import GpuPlacement, LibNuma, NumaNode, NumaTopology, load_libnuma, parse_cpulist, read_topology
     from .pinned import ArenaStats, PinnedHostArena
-    from .pools import DeviceBufferPool, PoolExhaustedError, PoolStats, round_size
+    from .pools import DeviceBufferPool, PoolExhaustedError, PoolStats
+    from .ranges import round_size
 
 
 def __getattr__(name: str) -> Any:

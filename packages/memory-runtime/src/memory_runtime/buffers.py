@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .pools import _as_shape, _check_dtype, resolve_device
+from .checks import MAX_DIM, check_count, check_dtype, normalize_shape, request_nbytes, resolve_device
 
 __all__ = ["BufferProvider", "KVCacheBlocks", "KVCacheFullError", "RingDoubleBuffers", "TorchProvider", "Workspace"]
 
@@ -36,7 +36,10 @@ class TorchProvider:
     """Provider backed by torch.empty (the caching allocator); release drops the reference."""
 
     def acquire(self, shape: Sequence[int], dtype: torch.dtype, device: Any) -> torch.Tensor:
-        return torch.empty(_as_shape(shape), dtype=_check_dtype(dtype), device=device)
+        shape_t = normalize_shape(shape)
+        dtype = check_dtype(dtype)
+        request_nbytes(shape_t, dtype)  # bounded: a clear error instead of torch's overflow
+        return torch.empty(shape_t, dtype=dtype, device=device)
 
     def release(self, tensor: torch.Tensor) -> None:
         return None
@@ -50,12 +53,6 @@ def _check_provider(provider: Any) -> Any:
             f"provider must have acquire(shape, dtype, device) and release(tensor), got {type(provider).__name__}"
         )
     return provider
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class KVCacheFullError(MemoryError):
@@ -83,12 +80,12 @@ class KVCacheBlocks:
         num_layers: int = 1,
         provider: BufferProvider | None = None,
     ) -> None:
-        self.num_blocks = _positive_int("num_blocks", num_blocks)
-        self.block_size = _positive_int("block_size", block_size)
-        self.num_kv_heads = _positive_int("num_kv_heads", num_kv_heads)
-        self.head_dim = _positive_int("head_dim", head_dim)
-        self.num_layers = _positive_int("num_layers", num_layers)
-        self.dtype = _check_dtype(dtype)
+        self.num_blocks = check_count(num_blocks, "num_blocks", minimum=1, maximum=MAX_DIM)
+        self.block_size = check_count(block_size, "block_size", minimum=1, maximum=MAX_DIM)
+        self.num_kv_heads = check_count(num_kv_heads, "num_kv_heads", minimum=1, maximum=MAX_DIM)
+        self.head_dim = check_count(head_dim, "head_dim", minimum=1, maximum=MAX_DIM)
+        self.num_layers = check_count(num_layers, "num_layers", minimum=1, maximum=MAX_DIM)
+        self.dtype = check_dtype(dtype)
         self.device = resolve_device(device)
         self._provider = _check_provider(provider)
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
@@ -114,8 +111,7 @@ class KVCacheBlocks:
 
     def allocate(self, seq_id: Hashable, num_tokens: int) -> list[int]:
         """Start sequence ``seq_id`` with room for ``num_tokens`` tokens; returns its block ids."""
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
-            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        num_tokens = check_count(num_tokens, "num_tokens", maximum=MAX_DIM)
         with self._lock:
             self._check_open()
             if seq_id in self._tables:
@@ -128,8 +124,7 @@ class KVCacheBlocks:
 
     def extend(self, seq_id: Hashable, num_tokens: int) -> list[int]:
         """Grow sequence ``seq_id`` by ``num_tokens`` tokens; returns the newly added block ids."""
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
-            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        num_tokens = check_count(num_tokens, "num_tokens", maximum=MAX_DIM)
         with self._lock:
             self._check_open()
             table = self._table_locked(seq_id)
@@ -166,7 +161,8 @@ class KVCacheBlocks:
             self._check_open()
             table = self._table_locked(seq_id)
             length = self._lengths[seq_id]
-            if isinstance(start, bool) or not isinstance(start, int) or start < 0 or start + n > length:
+            start = check_count(start, "start", maximum=MAX_DIM)
+            if start + n > length:
                 raise ValueError(
                     f"tokens [{start}, {start + n}) are outside sequence {seq_id!r} of length {length}; extend() first"
                 )
@@ -186,14 +182,14 @@ class KVCacheBlocks:
                 raise TypeError(f"{name} has dtype {t.dtype}; this cache holds {self.dtype}")
         if k.shape != v.shape:
             raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
-        self._check_layer(layer)
+        layer = self._check_layer(layer)
         blocks, rows = self._slots(seq_id, start, k.shape[0])
         self.k_cache[layer, blocks, rows] = k.to(self.device)
         self.v_cache[layer, blocks, rows] = v.to(self.device)
 
     def read(self, seq_id: Hashable, *, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather ``seq_id``'s keys and values as (length, Hkv, D) tensors (copies)."""
-        self._check_layer(layer)
+        layer = self._check_layer(layer)
         blocks, rows = self._slots(seq_id, 0, self.length(seq_id))
         return self.k_cache[layer, blocks, rows], self.v_cache[layer, blocks, rows]
 
@@ -206,9 +202,8 @@ class KVCacheBlocks:
             self._provider.release(self.k_cache)
             self._provider.release(self.v_cache)
 
-    def _check_layer(self, layer: int) -> None:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+    def _check_layer(self, layer: int) -> int:
+        return check_count(layer, "layer", maximum=self.num_layers - 1)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -245,8 +240,8 @@ class RingDoubleBuffers:
     ) -> None:
         if not isinstance(shapes, (list, tuple)) or not shapes:
             raise ValueError(f"shapes must be a non-empty list of shapes, got {shapes!r}")
-        self.shapes = [_as_shape(s) for s in shapes]
-        self.dtype = _check_dtype(dtype)
+        self.shapes = [normalize_shape(s) for s in shapes]
+        self.dtype = check_dtype(dtype)
         self.device = resolve_device(device)
         self._provider = _check_provider(provider)
         self._slots = [tuple(self._provider.acquire(s, dtype, self.device) for s in self.shapes) for _ in range(2)]
@@ -306,12 +301,9 @@ class Workspace:
     def get(self, name: str, shape: Sequence[int] | int, dtype: torch.dtype) -> torch.Tensor:
         if not isinstance(name, str) or not name:
             raise ValueError(f"workspace name must be a non-empty str, got {name!r}")
-        shape_t = _as_shape(shape)
-        dtype = _check_dtype(dtype)
-        numel = 1
-        for d in shape_t:
-            numel *= d
-        nbytes = numel * dtype.itemsize
+        shape_t = normalize_shape(shape)
+        dtype = check_dtype(dtype)
+        nbytes = request_nbytes(shape_t, dtype)
         with self._lock:
             buf = self._buffers.get(name)
             if buf is None or buf.numel() < nbytes:

@@ -17,6 +17,9 @@ passed in, so the arithmetic is testable without a GPU):
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import operator
 import os
 import threading
 import time
@@ -28,6 +31,17 @@ from typing import Any
 import torch
 
 __all__ = ["FragmentationReport", "OOMHook", "fragmentation_report", "install_oom_hook"]
+
+
+def _byte_count(value: Any, what: str) -> int:
+    """A count from allocator statistics: a finite, non-negative number (ints, or floats from JSON)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    if not isinstance(value, numbers.Integral) and not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{what} must be >= 0, got {value!r}")
+    return operator.index(value) if isinstance(value, numbers.Integral) else int(float(value))
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -84,18 +98,37 @@ class FragmentationReport:
 
         def get(key: str) -> int | None:
             value = stats.get(key)
-            if value is None:
-                return None
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"memory_stats entry {key!r} must be a number, got {value!r}")
-            return int(value)
+            return None if value is None else _byte_count(value, f"memory_stats entry {key!r}")
 
         allocated = get("allocated_bytes.all.current")
         requested = get("requested_bytes.all.current")
         reserved = get("reserved_bytes.all.current")
         inactive = get("inactive_split_bytes.all.current")
+        peak_alloc = get("allocated_bytes.all.peak")
         peak_req = get("requested_bytes.all.peak")
         peak_res = get("reserved_bytes.all.peak")
+        # Orders every allocator keeps (requested <= allocated <= reserved, free split bytes within
+        # the free bytes, peaks >= currents): a violation means the numbers are not one allocator's.
+        free_in_segments = None if reserved is None or allocated is None else reserved - allocated
+        for small, big in (
+            ("requested_bytes.all.current", "allocated_bytes.all.current"),
+            ("allocated_bytes.all.current", "reserved_bytes.all.current"),
+            ("requested_bytes.all.peak", "allocated_bytes.all.peak"),
+            ("allocated_bytes.all.peak", "reserved_bytes.all.peak"),
+            ("requested_bytes.all.current", "requested_bytes.all.peak"),
+            ("allocated_bytes.all.current", "allocated_bytes.all.peak"),
+            ("reserved_bytes.all.current", "reserved_bytes.all.peak"),
+        ):
+            lo, hi = get(small), get(big)
+            if lo is not None and hi is not None and lo > hi:
+                raise ValueError(
+                    f"inconsistent memory_stats: {small!r} = {lo} exceeds {big!r} = {hi} (no allocator reports that)"
+                )
+        if inactive is not None and free_in_segments is not None and inactive > free_in_segments:
+            raise ValueError(
+                f"inconsistent memory_stats: 'inactive_split_bytes.all.current' = {inactive} exceeds the free "
+                f"bytes in segments (reserved - allocated = {free_in_segments})"
+            )
         largest = None
         hole_ratio = None
         source = "memory_stats"
@@ -109,8 +142,10 @@ class FragmentationReport:
                 if not isinstance(seg, Mapping) or not isinstance(seg.get("blocks", []), Sequence):
                     raise ValueError(f"snapshot segment must be a dict with a 'blocks' list, got {seg!r}")
                 for blk in seg.get("blocks", []):
+                    if not isinstance(blk, Mapping):
+                        raise ValueError(f"snapshot block must be a dict with 'size' and 'state', got {blk!r}")
                     if blk.get("state") == "inactive":
-                        size = int(blk.get("size", 0))
+                        size = _byte_count(blk.get("size", 0), "snapshot block 'size'")
                         total_free += size
                         largest = max(largest, size)
             hole_ratio = largest / total_free if total_free > 0 else 1.0
@@ -129,8 +164,8 @@ class FragmentationReport:
             requested_bytes=requested,
             reserved_bytes=reserved,
             inactive_split_bytes=inactive,
-            free_in_segments_bytes=(reserved - allocated) if reserved is not None and allocated is not None else None,
-            peak_allocated_bytes=get("allocated_bytes.all.peak"),
+            free_in_segments_bytes=free_in_segments,
+            peak_allocated_bytes=peak_alloc,
             peak_requested_bytes=peak_req,
             peak_reserved_bytes=peak_res,
             internal_fragmentation=internal,
@@ -174,6 +209,8 @@ def fragmentation_report(
 ) -> FragmentationReport:
     """The report for a CUDA device of this process (default: current). On a machine without
     CUDA, an unavailable report saying why (there is no caching device allocator to inspect)."""
+    if isinstance(device, bool):
+        raise TypeError(f"device must be a CUDA device index, name or torch.device, got {device!r}")
     if not torch.cuda.is_available():
         return FragmentationReport.unavailable(
             "CUDA is not available: torch's CUDA caching allocator (the subject of this report) is not in use"
@@ -224,7 +261,10 @@ class OOMHook:
                 snapshot_error = f"{type(exc).__name__}: {exc}"
             else:
                 snapshot_error = ""
-            report = FragmentationReport.from_stats(self._stats_fn(device), snap, device=f"cuda:{device}")
+            try:
+                report = FragmentationReport.from_stats(self._stats_fn(device), snap, device=f"cuda:{device}")
+            except (TypeError, ValueError) as exc:  # the OOM record is still written, saying why
+                report = FragmentationReport.unavailable(f"memory stats rejected: {exc}", device=f"cuda:{device}")
             doc = {
                 "event": "cuda_out_of_memory",
                 "time_unix": time.time(),

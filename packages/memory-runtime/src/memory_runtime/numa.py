@@ -30,7 +30,9 @@ __all__ = [
     "load_libnuma",
     "normalize_pci_address",
     "parse_cpulist",
+    "read_host_meminfo",
     "read_topology",
+    "used_bytes",
 ]
 
 NVIDIA_VENDOR_ID = "0x10de"
@@ -40,8 +42,18 @@ MPOL_MF_STRICT = 1 << 0
 MPOL_MF_MOVE = 1 << 1
 
 
+# Linux supports at most 8192 CPUs (CONFIG_NR_CPUS); larger ids are malformed input, and the
+# bound keeps a cpulist like "0-99999999999" from building a list of that length.
+MAX_CPU_ID = 1 << 16
+
+
 def parse_cpulist(text: str) -> list[int]:
-    """Parse a kernel cpulist such as ``"0-3,8-11,16"`` (empty -> [])."""
+    """Parse a kernel cpulist such as ``"0-3,8-11,16"`` (empty -> []).
+
+    TypeError for a non-str; ValueError for a malformed list or CPU ids of ``MAX_CPU_ID`` and above.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"cpulist must be a str such as '0-3,8', got {type(text).__name__} {text!r}")
     out: list[int] = []
     text = text.strip()
     if not text:
@@ -56,12 +68,42 @@ def parse_cpulist(text: str) -> list[int]:
         step = int(m.group(3)) if m.group(3) else 1
         if hi < lo or step == 0:
             raise ValueError(f"malformed cpulist range {part!r} in {text!r}: end before start or zero stride")
+        if hi >= MAX_CPU_ID:
+            raise ValueError(f"cpulist entry {part!r} in {text!r} names CPU {hi}; CPU ids must be < {MAX_CPU_ID}")
         out.extend(range(lo, hi + 1, step))
+    return out
+
+
+def used_bytes(meminfo: dict[str, int]) -> int | None:
+    """Memory in use by a node or the host, by one definition for both:
+    ``MemTotal - MemFree - FilePages - SReclaimable``.
+
+    Page cache (FilePages) and reclaimable kernel slab count as free, as the kernel hands them
+    back on demand -- the per-node counterpart of ``MemTotal - MemAvailable``, which nodes do not
+    report. ``meminfo`` is a node's meminfo or the host's /proc/meminfo as parsed here (the host's
+    FilePages is Buffers + Cached + SwapCached). None when a field is missing.
+    """
+    try:
+        used = meminfo["MemTotal"] - meminfo["MemFree"] - meminfo["FilePages"] - meminfo["SReclaimable"]
+    except KeyError:
+        return None
+    return max(used, 0)
+
+
+def read_host_meminfo(proc_root: str | os.PathLike[str] = "/proc") -> dict[str, int]:
+    """``<proc_root>/meminfo`` as {field: bytes}, with FilePages added (Buffers + Cached + SwapCached,
+    the host-wide sum of the nodes' FilePages). Empty where the file is absent (not Linux)."""
+    text = _read(Path(proc_root) / "meminfo")
+    out = _parse_meminfo(text or "", r"\s*(\w+):\s+(\d+)(\s*kB)?")
+    if "Cached" in out and "FilePages" not in out:
+        out["FilePages"] = out["Cached"] + out.get("Buffers", 0) + out.get("SwapCached", 0)
     return out
 
 
 def normalize_pci_address(addr: str) -> str:
     """``"00000000:17:00.0"`` (NVML) or ``"0000:17:00.0"`` (sysfs) -> ``"0000:17:00.0"`` (lower case)."""
+    if not isinstance(addr, str):
+        raise TypeError(f"PCI address must be a str such as '0000:17:00.0', got {type(addr).__name__} {addr!r}")
     m = re.fullmatch(r"(?:([0-9a-fA-F]+):)?([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])", addr.strip())
     if not m:
         raise ValueError(f"not a PCI address: {addr!r} (expected domain:bus:device.function, e.g. 0000:17:00.0)")
@@ -71,13 +113,18 @@ def normalize_pci_address(addr: str) -> str:
 
 @dataclass(frozen=True)
 class NumaNode:
-    """One NUMA node: its CPUs and memory (bytes, from the node's meminfo)."""
+    """One NUMA node: its CPUs and memory (bytes, from the node's meminfo).
+
+    ``mem_free_bytes`` is MemFree (page cache not included); ``mem_used_bytes`` counts page cache
+    and reclaimable slab as free (see :func:`used_bytes`), as the host-wide figures do.
+    """
 
     id: int
     cpus: tuple[int, ...]
     mem_total_bytes: int | None
     mem_free_bytes: int | None
     distances: tuple[int, ...] = ()
+    mem_used_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -147,15 +194,29 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def _parse_node_meminfo(text: str) -> dict[str, int]:
-    """``Node 0 MemTotal:  131072 kB`` lines -> {"MemTotal": bytes, ...}."""
+def _parse_distances(text: str, path: Path) -> tuple[int, ...]:
+    """A node's ``distance`` file: whitespace-separated ints (ValueError naming the file otherwise)."""
+    try:
+        return tuple(int(x) for x in text.split())
+    except ValueError:
+        raise ValueError(
+            f"malformed NUMA distance file {path}: {text.strip()!r} (expected ints like '10 21')"
+        ) from None
+
+
+def _parse_meminfo(text: str, pattern: str) -> dict[str, int]:
+    """meminfo lines -> {field: value}: values in kB become bytes, counts (HugePages_*) stay."""
     out: dict[str, int] = {}
     for line in text.splitlines():
-        m = re.match(r"\s*Node\s+\d+\s+(\w+):\s+(\d+)(?:\s*kB)?", line)
+        m = re.match(pattern, line)
         if m:
-            value = int(m.group(2))
-            out[m.group(1)] = value * 1024 if "kB" in line else value
+            out[m.group(1)] = int(m.group(2)) * (1024 if m.group(3) else 1)
     return out
+
+
+def _parse_node_meminfo(text: str) -> dict[str, int]:
+    """``Node 0 MemTotal:  131072 kB`` lines -> {"MemTotal": bytes, ...}."""
+    return _parse_meminfo(text, r"\s*Node\s+\d+\s+(\w+):\s+(\d+)(\s*kB)?")
 
 
 def _nvml_pci_addresses() -> tuple[list[str] | None, str]:
@@ -222,9 +283,16 @@ def read_topology(
             cpus = parse_cpulist(_read(d / "cpulist") or "")
             meminfo = _parse_node_meminfo(_read(d / "meminfo") or "")
             dist_text = _read(d / "distance")
-            distances = tuple(int(x) for x in dist_text.split()) if dist_text else ()
+            distances = _parse_distances(dist_text or "", d / "distance")
             nodes.append(
-                NumaNode(int(m.group(1)), tuple(cpus), meminfo.get("MemTotal"), meminfo.get("MemFree"), distances)
+                NumaNode(
+                    int(m.group(1)),
+                    tuple(cpus),
+                    meminfo.get("MemTotal"),
+                    meminfo.get("MemFree"),
+                    distances,
+                    used_bytes(meminfo),
+                )
             )
         nodes.sort(key=lambda n: n.id)
     numa = bool(nodes)

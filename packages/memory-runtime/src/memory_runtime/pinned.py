@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
+from .checks import MAX_DIM, check_count, check_dtype, contiguous_strides, normalize_shape, request_nbytes
 from .numa import load_libnuma, read_topology
-from .pools import _as_shape, _check_dtype, _contiguous_strides, _RangeAllocator, round_size
+from .ranges import RangeAllocator, round_size
 
 __all__ = ["ArenaStats", "PinnedHostArena"]
 
@@ -84,13 +85,9 @@ class PinnedHostArena:
         hugepages: bool = False,
         sysfs_root: str = "/sys",
     ) -> None:
-        if isinstance(nbytes, bool) or not isinstance(nbytes, int):
-            raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__} {nbytes!r}")
-        if nbytes <= 0:
-            raise ValueError(f"nbytes must be > 0, got {nbytes}")
+        nbytes = check_count(nbytes, "nbytes", minimum=1)
         if node is not None:
-            if isinstance(node, bool) or not isinstance(node, int):
-                raise TypeError(f"node must be an int NUMA node id or None, got {node!r}")
+            node = check_count(node, "node (a NUMA node id, or None)", maximum=MAX_DIM)
             topo = read_topology(sysfs_root, use_nvml=False, gpu_pci_addresses=[])
             if node not in topo.node_ids:
                 raise ValueError(f"NUMA node {node} does not exist; nodes present: {topo.node_ids}")
@@ -138,7 +135,7 @@ class PinnedHostArena:
             self.notes.append("not registered with CUDA: register=False")
         self._base = torch.frombuffer(self._cbuf, dtype=torch.uint8)
         self._typed: dict[torch.dtype, torch.Tensor] = {torch.uint8: self._base}
-        self._free = _RangeAllocator()
+        self._free = RangeAllocator()
         self._free.free(0, size)
         self._live: dict[int, tuple[torch.Tensor, int, int]] = {}
         self._in_use = self._peak = self._acquires = self._releases = 0
@@ -164,12 +161,9 @@ class PinnedHostArena:
                 is_cpu = False
             if not is_cpu:
                 raise ValueError(f"a PinnedHostArena hands out host (cpu) tensors, got device={device!r}")
-        shape_t = _as_shape(shape)
-        dtype = _check_dtype(dtype)
-        numel = 1
-        for d in shape_t:
-            numel *= d
-        nbytes = round_size(max(numel * dtype.itemsize, 1))
+        shape_t = normalize_shape(shape)
+        dtype = check_dtype(dtype)
+        nbytes = round_size(max(request_nbytes(shape_t, dtype), 1))
         with self._lock:
             self._check_open()
             offset = self._free.alloc(nbytes)
@@ -181,7 +175,7 @@ class PinnedHostArena:
             typed = self._typed.get(dtype)
             if typed is None:
                 typed = self._typed[dtype] = self._base.view(dtype)
-            t = torch.as_strided(typed, shape_t, _contiguous_strides(shape_t), offset // dtype.itemsize)
+            t = torch.as_strided(typed, shape_t, contiguous_strides(shape_t), offset // dtype.itemsize)
             # Keyed by identity (zero-element tensors report data_ptr 0); holding the tensor keeps
             # its id from being reused by another object before release.
             self._live[id(t)] = (t, offset, nbytes)

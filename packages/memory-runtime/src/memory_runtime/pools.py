@@ -51,16 +51,25 @@ The pool implements the buffer-provider protocol that attn-ring accepts::
 
 from __future__ import annotations
 
-import bisect
-import functools
 import itertools
-import math
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
+
+from .checks import (
+    MAX_DIM,
+    check_count,
+    check_dtype,
+    contiguous_strides,
+    normalize_shape,
+    request_nbytes,
+    resolve_device,
+)
+from .ranges import ALIGNMENT, OFFSET_MASK, REGION_SHIFT, RangeAllocator, round_size
+from .streams import CudaStreams, NoStreams, StreamOps, cuda_current_device
 
 __all__ = [
     "ALIGNMENT",
@@ -70,198 +79,15 @@ __all__ = [
     "round_size",
 ]
 
-# Every block starts on this byte boundary (covers every dtype and vectorised kernels' needs).
-ALIGNMENT = 512
-# 2**SUBCLASS_BITS size classes per power of two: rounding waste < 2**-SUBCLASS_BITS (1.6 %).
-SUBCLASS_BITS = 6
 # Large CUDA reservations are rounded like the caching allocator rounds them, so none is wasted
 # (on CPU to ALIGNMENT).
 SLAB_GRANULE = 2 << 20
-# Free ranges are keyed by ``region << REGION_SHIFT | offset``: one sorted int order over all
-# slabs in which ranges of different slabs can never touch (no slab reaches 2**48 bytes).
-REGION_SHIFT = 48
-_OFFSET_MASK = (1 << REGION_SHIFT) - 1
 # Validated (shape, dtype) -> (requested bytes, rounded bytes, strides, itemsize), per pool.
 META_CACHE_ENTRIES = 4096
 
 
 class PoolExhaustedError(MemoryError):
     """The pool's byte bound (``max_bytes``) does not admit the request."""
-
-
-def round_size(nbytes: int) -> int:
-    """Size class of a request: a multiple of ALIGNMENT, waste < max(n / 2**SUBCLASS_BITS, ALIGNMENT)."""
-    if nbytes <= ALIGNMENT:
-        return ALIGNMENT
-    step = max(ALIGNMENT, 1 << (nbytes.bit_length() - 1 - SUBCLASS_BITS))
-    return (nbytes + step - 1) // step * step
-
-
-class _RangeAllocator:
-    """Address-ordered free ranges with first fit from either end, split on alloc, coalescing on free.
-
-    Ranges are kept as two parallel lists sorted by start key (``region << REGION_SHIFT | offset``):
-    first fit scans from the bottom or the top, and a freed range finds both neighbours with one
-    bisect. Not thread-safe: the owner holds its lock.
-    """
-
-    __slots__ = ("_sizes", "_starts", "free_bytes")
-
-    def __init__(self) -> None:
-        self._starts: list[int] = []
-        self._sizes: list[int] = []
-        self.free_bytes = 0
-
-    def __len__(self) -> int:
-        return len(self._starts)
-
-    def alloc(self, size: int, from_top: bool = False) -> int | None:
-        """Take ``size`` bytes from the first range that fits, scanning from the lowest address (or
-        the highest with ``from_top``, carving the block from that range's top). None if none fits."""
-        if size > self.free_bytes:
-            return None
-        sizes = self._sizes
-        if from_top:
-            i = len(sizes) - 1
-            while i >= 0 and sizes[i] < size:
-                i -= 1
-            if i < 0:
-                return None
-            start = self._starts[i]
-            rest = sizes[i] - size
-            if rest:
-                sizes[i] = rest
-            else:
-                del sizes[i], self._starts[i]
-            self.free_bytes -= size
-            return start + rest
-        i = 0
-        n = len(sizes)
-        while i < n and sizes[i] < size:
-            i += 1
-        if i == n:
-            return None
-        start = self._starts[i]
-        rest = sizes[i] - size
-        if rest:
-            self._starts[i] = start + size
-            sizes[i] = rest
-        else:
-            del sizes[i], self._starts[i]
-        self.free_bytes -= size
-        return start
-
-    def free(self, start: int, size: int) -> None:
-        """Return a range, merging it with free neighbours (never across slabs: see REGION_SHIFT)."""
-        starts, sizes = self._starts, self._sizes
-        self.free_bytes += size
-        i = bisect.bisect_left(starts, start)
-        left = i > 0 and starts[i - 1] + sizes[i - 1] == start
-        if i < len(starts) and starts[i] == start + size:
-            if left:
-                sizes[i - 1] += size + sizes[i]
-                del starts[i], sizes[i]
-            else:
-                starts[i] = start
-                sizes[i] += size
-        elif left:
-            sizes[i - 1] += size
-        else:
-            starts.insert(i, start)
-            sizes.insert(i, size)
-
-    def ranges(self) -> list[tuple[int, int]]:
-        """Every free range as (start key, size), in address order."""
-        return list(zip(self._starts, self._sizes))
-
-    def take_all(self) -> list[tuple[int, int]]:
-        """Remove and return every free range as (start key, size)."""
-        out = self.ranges()
-        self._starts.clear()
-        self._sizes.clear()
-        self.free_bytes = 0
-        return out
-
-    def whole_region_free(self, region: int, region_size: int) -> bool:
-        key = region << REGION_SHIFT
-        i = bisect.bisect_left(self._starts, key)
-        return i < len(self._starts) and self._starts[i] == key and self._sizes[i] == region_size
-
-    def drop_region(self, region: int, region_size: int) -> None:
-        i = bisect.bisect_left(self._starts, region << REGION_SHIFT)
-        del self._starts[i], self._sizes[i]
-        self.free_bytes -= region_size
-
-    def largest(self) -> int:
-        return max(self._sizes, default=0)
-
-
-class StreamOps(Protocol):
-    """How the pool sees streams: a hashable key per stream and fences (events) on them.
-
-    ``note_stream(key)`` (optional) is called, with that stream current, the first time the pool
-    keeps memory for ``key``; ``fence(key)`` may be called later from any stream.
-    """
-
-    def current_key(self) -> Hashable: ...
-
-    def fence(self, key: Hashable) -> Any: ...
-
-    def done(self, fence: Any) -> bool: ...
-
-    def wait(self, fence: Any) -> None: ...
-
-
-class _NoStreams:
-    """CPU: no asynchrony, every block is reusable the moment it is released."""
-
-    def current_key(self) -> Hashable:
-        return None
-
-    def fence(self, key: Hashable) -> Any:
-        return None
-
-    def done(self, fence: Any) -> bool:
-        return True
-
-    def wait(self, fence: Any) -> None:
-        return None
-
-
-class _CudaStreams:
-    """CUDA streams keyed by their raw ``cudaStream_t`` (an int); fences are events on the stream."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.index = device.index if device.index is not None else torch.cuda.current_device()
-        self._streams: dict[Hashable, torch.cuda.Stream] = {}
-        # torch._C._cuda_getCurrentRawStream(device) returns the current stream's handle as an int
-        # without building a Stream object (cheaper on the hot path). Private: guarded, with the
-        # public accessor as the fallback.
-        self.raw_current: Callable[[int], int] | None = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-        self.current_key: Callable[[], Hashable]
-        if self.raw_current is not None:
-            self.current_key = functools.partial(self.raw_current, self.index)
-        else:
-            self.current_key = self._public_key
-
-    def _public_key(self) -> Hashable:
-        return torch.cuda.current_stream(self.index).cuda_stream
-
-    def note_stream(self, key: Hashable) -> None:
-        """Remember the Stream object behind ``key`` (current now) so a fence can be recorded on it later."""
-        if key not in self._streams:
-            self._streams[key] = torch.cuda.current_stream(self.index)
-
-    def fence(self, key: Hashable) -> Any:
-        event = torch.cuda.Event()
-        event.record(self._streams[key])
-        return event
-
-    def done(self, fence: Any) -> bool:
-        return bool(fence.query())
-
-    def wait(self, fence: Any) -> None:
-        fence.synchronize()
 
 
 class _Counters:
@@ -321,77 +147,6 @@ class PoolStats:
         return asdict(self)
 
 
-def _as_shape(shape: Any) -> tuple[int, ...]:
-    if type(shape) is tuple:  # fast path: a tuple of non-negative Python ints
-        for d in shape:
-            if type(d) is not int or d < 0:
-                break
-        else:
-            return shape
-    if isinstance(shape, int) and not isinstance(shape, bool):
-        shape = (shape,)
-    if not isinstance(shape, (tuple, list, torch.Size)):
-        raise TypeError(f"shape must be an int or a sequence of ints, got {type(shape).__name__} {shape!r}")
-    out = tuple(shape)
-    for d in out:
-        if isinstance(d, bool) or not isinstance(d, int):
-            raise TypeError(f"shape entries must be ints, got {d!r} in shape {out!r}")
-        if d < 0:
-            raise ValueError(f"shape entries must be >= 0, got {d} in shape {out!r}")
-    return out
-
-
-_STRIDES: dict[tuple[int, ...], tuple[int, ...]] = {}
-# Bounded: cleared when full (dict get/set are atomic under the GIL, so no lock is needed).
-STRIDE_CACHE_ENTRIES = 4096
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    out = _STRIDES.get(shape)
-    if out is not None:
-        return out
-    strides = [1] * len(shape)
-    acc = 1
-    for i in range(len(shape) - 1, -1, -1):
-        strides[i] = acc
-        acc *= max(shape[i], 1)
-    if len(_STRIDES) >= STRIDE_CACHE_ENTRIES:
-        _STRIDES.clear()
-    out = _STRIDES[shape] = tuple(strides)
-    return out
-
-
-def _check_dtype(dtype: Any) -> torch.dtype:
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
-    return dtype
-
-
-def resolve_device(device: torch.device | str | int | None) -> torch.device:
-    """A concrete CUDA device (with index) or the CPU; None picks CUDA when present. ValueError otherwise."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must name a torch device such as 'cuda:0' or 'cpu', got {device!r}") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        if dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif dev.type != "cpu":
-        raise ValueError(f"device must be a CUDA device or 'cpu', got {device!r}")
-    return dev
-
-
-# torch._C._cuda_getDevice skips torch.cuda.current_device()'s lazy-init check (a pool's CUDA
-# device was validated at construction). Private: guarded, public accessor as the fallback.
-_cuda_get_device: Callable[[], int] = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
-
-
 class DeviceBufferPool:
     """Size-bucketed buffers carved from a few large slabs on one device.
 
@@ -422,18 +177,16 @@ class DeviceBufferPool:
     ) -> None:
         dev = resolve_device(device)
         default_slab = (256 << 20) if dev.type == "cuda" else (16 << 20)
-        slab = default_slab if slab_bytes is None else slab_bytes
-        if isinstance(slab, bool) or not isinstance(slab, int) or slab < ALIGNMENT:
-            raise ValueError(f"slab_bytes must be an int >= {ALIGNMENT}, got {slab_bytes!r}")
-        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0):
-            raise ValueError(f"max_bytes must be a positive int or None, got {max_bytes!r}")
+        slab = default_slab if slab_bytes is None else check_count(slab_bytes, "slab_bytes", minimum=ALIGNMENT)
+        if max_bytes is not None:
+            max_bytes = check_count(max_bytes, "max_bytes (or None)", minimum=1, maximum=MAX_DIM)
         self.device = dev
         self._device_str = str(dev)
         self._cuda_index = dev.index if dev.type == "cuda" else None
         self.slab_bytes = (slab + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
         self.max_bytes = max_bytes
         self._granule = SLAB_GRANULE if dev.type == "cuda" else ALIGNMENT
-        self._streams: StreamOps = stream_ops or (_CudaStreams(dev) if dev.type == "cuda" else _NoStreams())
+        self._streams: StreamOps = stream_ops or (CudaStreams(dev) if dev.type == "cuda" else NoStreams())
         self._current_key: Callable[[], Hashable] = self._streams.current_key
         self._note_stream: Callable[[Hashable], None] | None = getattr(self._streams, "note_stream", None)
         native_module, self.native_reason = _resolve_native(native)
@@ -442,15 +195,15 @@ class DeviceBufferPool:
         # The native Lock is a mutex with threading.Lock's interface that the native path can take
         # without a Python call.
         self._lock = native_module.Lock() if native_module is not None else threading.Lock()
-        self._range_cls: Callable[[], _RangeAllocator] = (
-            native_module.RangeAllocator if native_module is not None else _RangeAllocator
+        self._range_cls: Callable[[], RangeAllocator] = (
+            native_module.RangeAllocator if native_module is not None else RangeAllocator
         )
         self._slabs: dict[int, torch.Tensor] = {}
         # region -> {dtype: the slab viewed as that dtype} (the base of every view carved from it)
         self._typed: dict[int, dict[torch.dtype, torch.Tensor]] = {}
         self._slab_base: dict[int, int] = {}
         # Free ranges per stream key; key None = usable by any stream (fresh or fenced memory).
-        self._free: dict[Hashable, _RangeAllocator] = {None: self._range_cls()}
+        self._free: dict[Hashable, RangeAllocator] = {None: self._range_cls()}
         # (stream the ranges were released on, fence recorded on it, ranges)
         self._fenced: list[tuple[Hashable, Any, list[tuple[int, int]]]] = []
         # data_ptr -> (start key, rounded bytes, requested bytes)
@@ -476,7 +229,7 @@ class DeviceBufferPool:
                 **self._native_stream_key(),
                 device=self.device,
                 device_str=self._device_str,
-                get_device=_cuda_get_device,
+                get_device=cuda_current_device,
                 cuda_index=-1 if self._cuda_index is None else self._cuda_index,
                 counters=self._n,
             )
@@ -504,24 +257,23 @@ class DeviceBufferPool:
             device is not None
             and device is not self.device
             and device != self._device_str
-            and not (device == "cuda" and self._cuda_index is not None and _cuda_get_device() == self._cuda_index)
+            and not (device == "cuda" and self._cuda_index is not None and cuda_current_device() == self._cuda_index)
         ):
             self._check_device(device)
         stream = self._current_key()
-        if type(shape) is not tuple:
-            shape = _as_shape(shape)  # lists, ints, torch.Size: validated into a tuple of ints
+        # Every shape is normalised (numpy ints, tensors, lists -> a tuple of Python ints) before
+        # the cache lookup, so an equal-hashing entry of another type (8.0 or True for 8/1) never
+        # hits a valid pair's entry; the native path hands all but plain int tuples to this method.
+        shape = normalize_shape(shape)
         if type(dtype) is not torch.dtype:
-            dtype = _check_dtype(dtype)
+            dtype = check_dtype(dtype)
         meta = self._meta.get((shape, dtype))
         if meta is None:
-            # First sight of this (shape, dtype): validate. A cached entry only exists for a valid
-            # pair; an equal-hashing invalid shape ((8.0,) for (8,)) is rejected by as_strided below.
-            shape = _as_shape(shape)
-            numel = math.prod(shape)
-            if numel == 0:
+            # First sight of this (shape, dtype): size it (bounded, before anything is allocated).
+            requested = request_nbytes(shape, dtype)
+            if requested == 0:
                 return self._acquire_empty(shape, dtype)
-            requested = numel * dtype.itemsize
-            meta = (requested, round_size(requested), _contiguous_strides(shape), dtype.itemsize)
+            meta = (requested, round_size(requested), contiguous_strides(shape), dtype.itemsize)
             with self._lock:  # bounded: cleared when full
                 if len(self._meta) >= META_CACHE_ENTRIES:
                     self._meta.clear()
@@ -539,16 +291,12 @@ class DeviceBufferPool:
             alloc = self._free.get(stream)
             key = alloc.alloc(nbytes, top) if alloc is not None else None
             if key is None:
-                misses = self._n.misses
                 key = self._alloc_slow(nbytes, stream, top)
-                missed = self._n.misses != misses
             else:
                 self._n.hits += 1
-                missed = False
             region = key >> REGION_SHIFT
-            offset = key & _OFFSET_MASK
-            entry = (key, nbytes, requested)
-            self._live[self._slab_base[region] + offset] = entry
+            offset = key & OFFSET_MASK
+            self._live[self._slab_base[region] + offset] = (key, nbytes, requested)
             in_use = self._n.in_use = self._n.in_use + nbytes
             if in_use > self._n.peak_in_use:
                 self._n.peak_in_use = in_use
@@ -564,13 +312,7 @@ class DeviceBufferPool:
         # it a plain tensor rather than an autograd view of the slab, so an in-place op with
         # grad-requiring inputs on one buffer never pulls the slab (and every other buffer carved
         # from it) into the graph. The native path makes the same kind of tensor.
-        try:
-            t = torch.as_strided(typed, shape, strides, offset // itemsize).detach()
-        except TypeError:
-            self._undo_acquire(entry, stream, missed)
-            _as_shape(shape)  # raises the pool's own error naming the bad entry
-            raise
-        return t
+        return torch.as_strided(typed, shape, strides, offset // itemsize).detach()
 
     def release(self, tensor: torch.Tensor) -> None:
         """Give a tensor obtained from :meth:`acquire` back to the pool.
@@ -603,8 +345,7 @@ class DeviceBufferPool:
 
     def reserve(self, nbytes: int) -> None:
         """Reserve one slab of at least ``nbytes`` now (e.g. the known peak of a workload)."""
-        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
-            raise ValueError(f"reserve(nbytes): nbytes must be a positive int, got {nbytes!r}")
+        nbytes = check_count(nbytes, "reserve(nbytes): nbytes", minimum=1)
         stream = self._current_key()
         with self._lock:
             self._new_slab_locked(round_size(nbytes), exact=True, stream=stream)
@@ -683,11 +424,11 @@ class DeviceBufferPool:
         """How the native path reads the current stream's key: current_key(key_arg), current_key(),
         or None for "always None" (CPU)."""
         streams = self._streams
-        if isinstance(streams, _NoStreams):
+        if isinstance(streams, NoStreams):
             return {"current_key": None, "key_arg": None}
-        if isinstance(streams, _CudaStreams) and bool(getattr(self._native_module, "WITH_CUDA", False)):
+        if isinstance(streams, CudaStreams) and bool(getattr(self._native_module, "WITH_CUDA", False)):
             return {"current_key": True, "key_arg": None}  # read in C++ (c10::cuda)
-        if isinstance(streams, _CudaStreams) and streams.raw_current is not None:
+        if isinstance(streams, CudaStreams) and streams.raw_current is not None:
             return {"current_key": streams.raw_current, "key_arg": streams.index}
         return {"current_key": self._current_key, "key_arg": None}
 
@@ -698,20 +439,6 @@ class DeviceBufferPool:
             self._empty_live[id(t)] = t
             self._n.hits += 1
         return t
-
-    def _undo_acquire(self, entry: tuple[int, int, int], stream: Hashable, missed: bool) -> None:
-        """Give back a block whose view could not be made (an invalid shape that hashed like a valid one)."""
-        key, nbytes, requested = entry
-        with self._lock:
-            region = key >> REGION_SHIFT
-            del self._live[self._slab_base[region] + (key & _OFFSET_MASK)]
-            self._n.in_use -= nbytes
-            self._n.requested -= requested
-            if missed:
-                self._n.misses -= 1
-            else:
-                self._n.hits -= 1
-            self._free_range(stream, key, nbytes)
 
     def _release_other_locked(self, tensor: torch.Tensor, ptr: int) -> None:
         if tensor.numel() == 0:
@@ -728,22 +455,20 @@ class DeviceBufferPool:
         )
         if bare_cuda and self.device.type == "cuda":
             # "cuda" means the current device: cheap to check (no torch.device parse, no is_available).
-            current = _cuda_get_device()
+            current = cuda_current_device()
             if current == self.device.index:
                 return
             raise ValueError(
                 f"this pool serves {self.device}, got device='cuda' while the current device is cuda:{current}"
             )
         try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device must name a torch device, got {device!r}") from exc
-        if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
-            dev = torch.device("cuda", torch.cuda.current_device())
+            dev = resolve_device(device)
+        except ValueError as exc:
+            raise ValueError(f"this pool serves {self.device}, got a request for device {device!r}: {exc}") from None
         if dev != self.device:
             raise ValueError(f"this pool serves {self.device}, got a request for device {device!r}")
 
-    def _new_stream_locked(self, stream: Hashable) -> _RangeAllocator:
+    def _new_stream_locked(self, stream: Hashable) -> RangeAllocator:
         """Free ranges for a stream seen for the first time (it is the current stream now)."""
         if self._note_stream is not None and stream is not None:
             self._note_stream(stream)
@@ -940,14 +665,14 @@ class DeviceBufferPool:
         segs: dict[int, list[tuple[int, int, str, int]]] = {r: [] for r in self._slabs}
         for entry in self._live.values():
             key = entry[0]
-            segs[key >> REGION_SHIFT].append((key & _OFFSET_MASK, entry[1], "active_allocated", entry[2]))
+            segs[key >> REGION_SHIFT].append((key & OFFSET_MASK, entry[1], "active_allocated", entry[2]))
         free: list[tuple[int, int]] = []
         for alloc in self._free.values():
             free.extend(alloc.ranges())
         for _, _, ranges in self._fenced:
             free.extend(ranges)
         for key, size in free:
-            segs[key >> REGION_SHIFT].append((key & _OFFSET_MASK, size, "inactive", 0))
+            segs[key >> REGION_SHIFT].append((key & OFFSET_MASK, size, "inactive", 0))
         for seg in segs.values():
             seg.sort()
         return segs

@@ -6,7 +6,7 @@
 // errors) and this code always see one consistent state.
 //
 //   RangeAllocator  address-ordered free byte ranges (the same algorithm and methods as the pure
-//                   Python pools._RangeAllocator, which it replaces when the extension is present)
+//                   Python ranges.RangeAllocator, which it replaces when the extension is present)
 //   LiveMap         data_ptr -> (key, rounded bytes, requested bytes) of live blocks: the subset
 //                   of dict's interface the pool uses, without a Python object per block
 //   Counters        the counters both paths update (hits, bytes in use / requested, peaks, the
@@ -46,14 +46,16 @@
 
 namespace {
 
-// Must match pools.REGION_SHIFT: free-range keys are region << REGION_SHIFT | offset.
+// Must match ranges.REGION_SHIFT: free-range keys are region << REGION_SHIFT | offset.
 constexpr int REGION_SHIFT = 48;
 constexpr uint64_t OFFSET_MASK = (uint64_t(1) << REGION_SHIFT) - 1;
-// Must match pools.ALIGNMENT / pools.SUBCLASS_BITS (round_size).
+// Must match ranges.ALIGNMENT / ranges.SUBCLASS_BITS (round_size).
 constexpr int64_t ALIGNMENT = 512;
 constexpr int SUBCLASS_BITS = 6;
 // Shapes with more dimensions take the Python path.
 constexpr Py_ssize_t MAX_DIMS = 12;
+// Must match checks.MAX_REQUEST_BYTES: larger requests take the Python path, which refuses them.
+constexpr int64_t MAX_REQUEST_BYTES = int64_t(1) << 48;
 
 int64_t round_size(int64_t n) {
   if (n <= ALIGNMENT) return ALIGNMENT;
@@ -699,7 +701,8 @@ PyObject* FastPath_acquire(FastPath* self, PyObject* const* args, Py_ssize_t nar
       return python_path(self, self->py_acquire, args, nargs, kwnames);
     }
     sizes[i] = v;
-    if (v != 0 && numel > (int64_t(1) << 50) / v) return python_path(self, self->py_acquire, args, nargs, kwnames);
+    if (v != 0 && numel > MAX_REQUEST_BYTES / itemsize / v)
+      return python_path(self, self->py_acquire, args, nargs, kwnames);
     numel *= v;
   }
   // zero-element tensors own no memory: the Python method tracks them by identity
@@ -823,12 +826,22 @@ PyMethodDef FastPath_methods[] = {
 
 PyTypeObject FastPathType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "memory_runtime_native", "Native hot path of DeviceBufferPool.", -1,
-                          nullptr};
+// The module is named by TORCH_EXTENSION_NAME, which torch.utils.cpp_extension defines from the
+// name memory_runtime._native gives each build variant.
+#ifndef TORCH_EXTENSION_NAME
+#error "build through memory_runtime._native (torch.utils.cpp_extension defines TORCH_EXTENSION_NAME)"
+#endif
+#define MR_STR_(x) #x
+#define MR_STR(x) MR_STR_(x)
+#define MR_CAT_(a, b) a##b
+#define MR_CAT(a, b) MR_CAT_(a, b)
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, MR_STR(TORCH_EXTENSION_NAME), "Native hot path of DeviceBufferPool.",
+                          -1, nullptr};
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit_memory_runtime_native(void) {
+PyMODINIT_FUNC MR_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   LockType.tp_name = "memory_runtime_native.Lock";
   LockType.tp_basicsize = sizeof(Lock);
   LockType.tp_flags = Py_TPFLAGS_DEFAULT;
