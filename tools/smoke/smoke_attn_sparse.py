@@ -37,9 +37,7 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, N, 2, 8, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
     out = block_sparse_attention(q, k, v, got_layout, is_causal=True, backend="reference")
-    expected, _ = reference.block_sparse_attention(
-        q, k, v, got_layout.to_dense(), (block, block), is_causal=True
-    )
+    expected, _ = reference.block_sparse_attention(q, k, v, got_layout.to_dense(), (block, block), is_causal=True)
     dout = torch.randn(out.shape, dtype=out.dtype, generator=g)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     grads_ref = torch.autograd.grad(expected, (q, k, v), dout)
