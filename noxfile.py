@@ -196,21 +196,27 @@ def _pip_into(session: nox.Session, python: Path, *args: str) -> None:
         session.run(str(python), "-m", "pip", "install", "-q", *links, *args, external=True)
 
 
-# (wheels to install, module that must import, modules that must NOT be importable, smoke script).
+# (wheels to install, module that must import, modules that must NOT be importable, smoke script
+# and its arguments).
 # Each set is a package's wheel plus the sibling wheels it declares, without extras: what a plain
 # `pip install <package>` gives. The smoke script then exercises the package, not just its import.
-BUILD_CHECKS: list[tuple[list[str], str, list[str], str]] = [
-    (["attn-core"], "attn_core", ["attn_sparse", "attn_ring", "memory_runtime"], "smoke_attn_core.py"),
-    (["attn-core", "attn-sparse"], "attn_sparse", ["attn_ring", "memory_runtime"], "smoke_attn_sparse.py"),
-    (["attn-core", "attn-ring"], "attn_ring", ["attn_sparse", "memory_runtime"], "smoke_attn_ring.py"),
-    (["memory-runtime"], "memory_runtime", ["attn_core", "attn_sparse", "attn_ring"], "smoke_memory_runtime.py"),
+BUILD_CHECKS: list[tuple[list[str], str, list[str], list[str]]] = [
+    (["attn-core"], "attn_core", ["attn_sparse", "attn_ring", "memory_runtime"], ["smoke_attn_core.py"]),
+    (["attn-core", "attn-sparse"], "attn_sparse", ["attn_ring", "memory_runtime"], ["smoke_attn_sparse.py"]),
+    (["attn-core", "attn-ring"], "attn_ring", ["attn_sparse", "memory_runtime"], ["smoke_attn_ring.py"]),
+    (["memory-runtime"], "memory_runtime", ["attn_core", "attn_sparse", "attn_ring"], ["smoke_memory_runtime.py"]),
     (
         ["attn-core", "dilated-attention-pytorch"],
         "dilated_attention_pytorch",
         ["attn_sparse", "attn_ring", "memory_runtime"],
-        "smoke_dilated_attention_pytorch.py",
+        ["smoke_dilated_attention_pytorch.py"],
     ),
-    (list(PACKAGES), "dilated_attention_pytorch", [], "smoke_dilated_attention_pytorch.py"),
+    (
+        list(PACKAGES),
+        "dilated_attention_pytorch",
+        [],
+        ["smoke_dilated_attention_pytorch.py", "attn_sparse", "attn_ring", "memory_runtime"],
+    ),
 ]
 
 
@@ -246,5 +252,8 @@ def build(session: nox.Session) -> None:
         )
         session.run(str(python), "-c", code, external=True)
         # PYTHONPATH cleared: no source tree may stand in for the installed wheel
-        session.run(str(python), str(ROOT / "tools" / "smoke" / smoke), external=True, env={"PYTHONPATH": ""})
+        script, *script_args = smoke
+        session.run(
+            str(python), str(ROOT / "tools" / "smoke" / script), *script_args, external=True, env={"PYTHONPATH": ""}
+        )
     session.log(f"built, installed and smoke-tested: {artifacts}")

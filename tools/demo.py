@@ -127,17 +127,26 @@ INLINE_WHY = 40
 
 
 def format_table(rows: list[DemoRow]) -> list[str]:
-    """The result table: columns as wide as their widest cell; long "why" texts said once, as footnotes.
+    """The result table: columns as wide as their widest cell; long texts said once, as footnotes.
 
-    Many rows share one long reason (every sparse row explains the same backend choice), so each
-    distinct long reason gets a number: the rows show "[n]" and the reasons follow the table.
+    Many rows share one long reason (every sparse row explains the same backend choice) or note,
+    so each long "why", and each long note that several rows share, gets a number: the rows show
+    "[n]" and the texts follow the table.
     """
     footnotes: dict[str, int] = {}
+    note_counts: dict[str, int] = {}
+    for r in rows:
+        note_counts[r.note] = note_counts.get(r.note, 0) + 1
 
-    def why_cell(why: str) -> str:
-        if len(why) <= INLINE_WHY:
+    def ref(text: str) -> str:
+        return f"[{footnotes.setdefault(text, len(footnotes) + 1)}]"
+
+    def why_cell(r: DemoRow) -> str:
+        why = r.why if len(r.why) <= INLINE_WHY else ref(r.why)
+        if not r.note:
             return why
-        return f"[{footnotes.setdefault(why, len(footnotes) + 1)}]"
+        note = ref(r.note) if len(r.note) > INLINE_WHY and note_counts[r.note] > 1 else r.note
+        return f"{why} | {note}"
 
     cells = [
         [
@@ -147,7 +156,7 @@ def format_table(rows: list[DemoRow]) -> list[str]:
             _fmt(r.tolerance, ".2e"),
             _fmt(r.time_ms, ".2f"),
             "yes" if r.ok else "NO",
-            why_cell(r.why) + (f" | {r.note}" if r.note else ""),
+            why_cell(r),
         ]
         for r in rows
     ]
@@ -162,7 +171,7 @@ def format_table(rows: list[DemoRow]) -> list[str]:
     header = line(names)
     out = [header, "-" * len(header), *(line(c) for c in cells)]
     if footnotes:
-        out += ["", "why (backend choice; rows above refer to these by number):"]
+        out += ["", "why (backend choice) and notes that rows above refer to by number:"]
         out += [f"  [{n}] {why}" for why, n in footnotes.items()]
     return out
 

@@ -74,7 +74,8 @@ def _plot_timeline(ctx: DemoContext, timeline: list[tuple[int, int, int]]) -> No
     ax.set_xlabel("step (after warm-up)")
     ax.set_ylabel("MiB at the step's peak")
     ax.set_title("DeviceBufferPool on a variable-length attention trace")
-    ax.legend(fontsize=8)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves fill the axes
     ctx.save_plot(fig, "memory_pool_trace")
     plt.close(fig)
 
