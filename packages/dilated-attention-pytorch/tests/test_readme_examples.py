@@ -38,7 +38,7 @@ def test_every_package_readme_has_a_cpu_example() -> None:
     assert names == {p.parent.name for p in READMES}
 
 
-@pytest.mark.parametrize("name,code", EXAMPLES, ids=[name for name, _ in EXAMPLES])
+@pytest.mark.parametrize(("name", "code"), EXAMPLES, ids=[name for name, _ in EXAMPLES])
 def test_readme_example_runs(name: str, code: str, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
