@@ -28,7 +28,8 @@ nox.options.error_on_missing_interpreters = True
 TORCH_VERSION = "2.13.0"
 LOCAL_TORCH_WHEELS = Path("/opt/wheels")
 TEST_TOOLS = ["pytest>=8", "hypothesis>=6.100", "numpy>=1.24"]
-# NVLink multicast stays off on the lent multi-GPU machines (see shared/GPU.md)
+# NVLink multicast stays off on multi-GPU hosts: NCCL's NVLS and torch's symmetric-memory
+# multicast paths fail or hang on some driver/fabric setups, and ring attention does not need them.
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 # package dir -> (sibling package dirs it declares, extras its tests need, per package dir)
@@ -195,9 +196,37 @@ def _pip_into(session: nox.Session, python: Path, *args: str) -> None:
         session.run(str(python), "-m", "pip", "install", "-q", *links, *args, external=True)
 
 
+# (wheels to install, module that must import, modules that must NOT be importable, smoke script
+# and its arguments).
+# Each set is a package's wheel plus the sibling wheels it declares, without extras: what a plain
+# `pip install <package>` gives. The smoke script then exercises the package, not just its import.
+BUILD_CHECKS: list[tuple[list[str], str, list[str], list[str]]] = [
+    (["attn-core"], "attn_core", ["attn_sparse", "attn_ring", "memory_runtime"], ["smoke_attn_core.py"]),
+    (["attn-core", "attn-sparse"], "attn_sparse", ["attn_ring", "memory_runtime"], ["smoke_attn_sparse.py"]),
+    (["attn-core", "attn-ring"], "attn_ring", ["attn_sparse", "memory_runtime"], ["smoke_attn_ring.py"]),
+    (["memory-runtime"], "memory_runtime", ["attn_core", "attn_sparse", "attn_ring"], ["smoke_memory_runtime.py"]),
+    (
+        ["attn-core", "dilated-attention-pytorch"],
+        "dilated_attention_pytorch",
+        ["attn_sparse", "attn_ring", "memory_runtime"],
+        ["smoke_dilated_attention_pytorch.py"],
+    ),
+    (
+        list(PACKAGES),
+        "dilated_attention_pytorch",
+        [],
+        ["smoke_dilated_attention_pytorch.py", "attn_sparse", "attn_ring", "memory_runtime"],
+    ),
+]
+
+
 @nox.session
 def build(session: nox.Session) -> None:
-    """Wheel + sdist for all five packages; each wheel installed into a clean venv and imported."""
+    """Wheel + sdist for all five packages; each wheel installed into a clean venv and smoke-tested.
+
+    Every venv gets the CPU torch and the wheels of one package and its declared siblings, so a
+    dependency a package forgot to declare fails here (tools/smoke/ has one script per package).
+    """
     session.install("build>=1.2", "hatchling>=1.21")
     dist = ROOT / "dist"
     if dist.exists():
@@ -210,16 +239,8 @@ def build(session: nox.Session) -> None:
     if len(wheels) != len(PACKAGES) or len(sdists) != len(PACKAGES):
         session.error(f"expected {len(PACKAGES)} wheels and sdists, got {artifacts}")
     envs = ROOT / ".nox" / "build-envs"
-    # (wheels to install, module that must import, modules that must NOT be importable)
-    checks = [
-        (["attn-core"], "attn_core", ["attn_sparse", "attn_ring", "memory_runtime"]),
-        (["attn-core", "attn-sparse"], "attn_sparse", ["attn_ring", "memory_runtime"]),
-        (["attn-core", "attn-ring"], "attn_ring", ["attn_sparse", "memory_runtime"]),
-        (["memory-runtime"], "memory_runtime", ["attn_core", "attn_sparse", "attn_ring"]),
-        (list(PACKAGES), "dilated_attention_pytorch", []),
-    ]
-    for names, module, absent in checks:
-        python = _fresh_env(session, envs / module)
+    for names, module, absent, smoke in BUILD_CHECKS:
+        python = _fresh_env(session, envs / "-".join(names if len(names) < len(PACKAGES) else ["all"]))
         # Sibling wheels by file path, so no same-named distribution from an index can stand in.
         files = [str(dist / w) for n in names for w in wheels if w.startswith(n.replace("-", "_") + "-")]
         _pip_into(session, python, _torch_spec(), *files)
@@ -230,4 +251,9 @@ def build(session: nox.Session) -> None:
             f"print('{module}', {module}.__version__, 'imports cleanly')"
         )
         session.run(str(python), "-c", code, external=True)
-    session.log(f"built and installed: {artifacts}")
+        # PYTHONPATH cleared: no source tree may stand in for the installed wheel
+        script, *script_args = smoke
+        session.run(
+            str(python), str(ROOT / "tools" / "smoke" / script), *script_args, external=True, env={"PYTHONPATH": ""}
+        )
+    session.log(f"built, installed and smoke-tested: {artifacts}")

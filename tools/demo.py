@@ -122,6 +122,60 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+# a reason up to this long stays in its row; longer ones become a numbered footnote under the table
+INLINE_WHY = 40
+
+
+def format_table(rows: list[DemoRow]) -> list[str]:
+    """The result table: columns as wide as their widest cell; long texts said once, as footnotes.
+
+    Many rows share one long reason (every sparse row explains the same backend choice) or note,
+    so each long "why", and each long note that several rows share, gets a number: the rows show
+    "[n]" and the texts follow the table.
+    """
+    footnotes: dict[str, int] = {}
+    note_counts: dict[str, int] = {}
+    for r in rows:
+        note_counts[r.note] = note_counts.get(r.note, 0) + 1
+
+    def ref(text: str) -> str:
+        return f"[{footnotes.setdefault(text, len(footnotes) + 1)}]"
+
+    def why_cell(r: DemoRow) -> str:
+        why = r.why if len(r.why) <= INLINE_WHY else ref(r.why)
+        if not r.note:
+            return why
+        note = ref(r.note) if len(r.note) > INLINE_WHY and note_counts[r.note] > 1 else r.note
+        return f"{why} | {note}"
+
+    cells = [
+        [
+            r.kind,
+            r.backend,
+            _fmt(r.max_error, ".2e"),
+            _fmt(r.tolerance, ".2e"),
+            _fmt(r.time_ms, ".2f"),
+            "yes" if r.ok else "NO",
+            why_cell(r),
+        ]
+        for r in rows
+    ]
+    names = ["kind", "backend", "max err", "tol", "ms", "ok", "why | note"]
+    right = [False, False, True, True, True, True, False]
+    widths = [max([len(names[i])] + [len(c[i]) for c in cells]) for i in range(len(names) - 1)]
+
+    def line(values: list[str]) -> str:
+        padded = [v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right)]
+        return "  ".join([*padded, values[-1]]).rstrip()
+
+    header = line(names)
+    out = [header, "-" * len(header), *(line(c) for c in cells)]
+    if footnotes:
+        out += ["", "why (backend choice) and notes that rows above refer to by number:"]
+        out += [f"  [{n}] {why}" for why, n in footnotes.items()]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("demo-output"))
@@ -153,14 +207,8 @@ def main() -> int:
             rows.append(DemoRow(name, "-", "-", None, None, None, False, f"{type(exc).__name__}: {exc}"))
             section_status[name] = "FAILED"
 
-    header = f"{'kind':<34} {'backend':<14} {'max err':>10} {'tol':>10} {'ms':>9} {'ok':>4}  why"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(
-            f"{r.kind:<34} {r.backend:<14} {_fmt(r.max_error, '.2e'):>10} {_fmt(r.tolerance, '.2e'):>10} "
-            f"{_fmt(r.time_ms, '.2f'):>9} {'yes' if r.ok else 'NO':>4}  {r.why}{' | ' + r.note if r.note else ''}"
-        )
-    table = "\n".join(lines)
+    table_lines = format_table(rows)
+    table = "\n".join(table_lines)
     print(table)
     env = {
         "python": platform.python_version(),

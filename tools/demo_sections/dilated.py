@@ -60,14 +60,18 @@ def _plot(ctx) -> None:
     import matplotlib.pyplot as plt
 
     N, H, seg, rates = 32, 4, [8, 16, 32], [1, 2, 4]
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3.4))
+    weights = reference.dilated_weights(N, H, seg, rates, is_causal=False)  # (H, N, N) key multiplicities
+    top = max(int(weights.max()), 1)
+    fig, axes = plt.subplots(1, H, figsize=(14, 3.4), layout="constrained")
+    image = None
     for j, ax in enumerate(axes):
-        w = reference.dilated_weights(N, H, seg, rates, is_causal=False)[j]
-        ax.imshow(w.numpy(), cmap="viridis", vmin=0, vmax=3, interpolation="nearest")
+        image = ax.imshow(weights[j].numpy(), cmap="viridis", vmin=0, vmax=top, interpolation="nearest")
         ax.set_title(f"head {j} (offset j mod r)")
         ax.set_xlabel("key")
         if j == 0:
             ax.set_ylabel("query")
+    bar = fig.colorbar(image, ax=list(axes), ticks=range(top + 1), shrink=0.9)
+    bar.set_label("times the key counts in\nthe query's softmax")
     fig.suptitle(f"dilated attention key multiplicity, segments {seg}, rates {rates} (head_mode='all')")
     ctx.save_plot(fig, "dilated_pattern")
     plt.close(fig)

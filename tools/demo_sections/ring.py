@@ -148,6 +148,7 @@ def _plot_balance(ctx: Any, world: int) -> None:
             for r in range(world)
         ]
         ax.bar([r + (i - 0.5) * width for r in range(world)], pairs, width, label=layout)
+    ax.set_xticks(range(world))  # ranks are whole numbers
     ax.set_xlabel("rank")
     ax.set_ylabel("attended (q, k) pairs, causal")
     ax.set_title(f"Causal work per rank, W={world}, {n} tokens/rank")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
 
 import attn_core
 import dilated_attention_pytorch as dap
@@ -36,6 +40,38 @@ def test_resolve_kind_without_distributed_picks_single_device() -> None:
     assert kind == "dilated"
     assert "not initialised" in why
     assert dap.resolve_kind("dilated") == ("dilated", "requested explicitly")
+
+
+@pytest.fixture
+def world1(tmp_path: Path) -> Iterator[None]:
+    """A real 1-rank gloo process group in this process."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ring_without_distributed_raises_saying_what_to_do() -> None:
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match=r"kind='ring' is not available: torch.distributed is not initialised"):
+        dap.resolve_kind("ring")
+    with pytest.raises(ValueError, match="init_process_group"):
+        dap.create_dilated_attention([4], [1], kind="ring")
+    with pytest.raises(ValueError, match="init_process_group"):
+        dap.create_multihead_dilated_attention(16, 2, [4], [1], kind="ring")
+
+
+def test_ring_in_a_one_rank_world(world1: None) -> None:
+    assert dap.resolve_kind("ring") == ("ring", "requested explicitly")
+    kind, why = dap.resolve_kind("auto")  # one rank: no ring to spread over
+    assert kind == "dilated" and "1 rank" in why
+    module = dap.create_dilated_attention([4, 8], [1, 2], kind="ring")
+    assert type(module).__name__ == "RingDilatedAttention"
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 16, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    expected, _ = reference.dilated_attention(q, k, v, [4, 8], [1, 2], is_causal=True)
+    torch.testing.assert_close(module(q, k, v, is_causal=True), expected)
 
 
 @pytest.mark.parametrize("bad", ["Ring", "sparse", ""])
@@ -71,7 +107,7 @@ def test_create_multihead_dilated_attention_runs_batch_first() -> None:
     assert not torch.allclose(out2[:, 5:], out[:, 5:])
 
 
-def test_options_the_chosen_kind_does_not_take_raise_a_clear_type_error() -> None:
+def test_options_the_chosen_kind_does_not_take_raise_a_clear_type_error(world1: None) -> None:
     with pytest.raises(TypeError, match=r"DilatedAttention \(kind='dilated'\) does not take \['group'\]"):
         dap.create_dilated_attention([4], [1], kind="dilated", group=None)
     with pytest.raises(TypeError, match=r"RingDilatedAttention \(kind='ring'\) does not take \['dropout'\]"):

@@ -35,11 +35,19 @@ Timeouts: on gloo each wait is bounded by ``timeout_s`` (``Work.wait(timeout)``)
 is a stream dependency (it does not block the host, which keeps the overlap) and the process
 group's own timeout aborts a stuck transfer. A peer that exited or disagrees on sizes gives a
 TimeoutError/RuntimeError naming the step and the peer rank.
+
+A failed group stays failed: after a transfer or handshake times out or cannot be posted, the
+group's point-to-point state is unknown (messages may be half sent), so the failure is recorded
+against the group (:func:`mark_group_failed`). Every later ``RingComm`` on that group raises a
+RuntimeError at once, quoting the original error, instead of waiting out another timeout;
+destroy the group and create a new one to go on. ``raise_if_group_failed(group)`` makes the same
+check for code that talks to a group without a ``RingComm``.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -58,6 +66,8 @@ __all__ = [
     "check_timeout",
     "config_hash",
     "dtype_code",
+    "mark_group_failed",
+    "raise_if_group_failed",
 ]
 
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
@@ -78,6 +88,43 @@ def check_timeout(timeout_s: object) -> float:
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < float(timeout_s) < 1e9:
         raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
     return float(timeout_s)
+
+
+# group -> (what failed, the error): weak keys, so a destroyed group's entry goes with it
+_FAILED_GROUPS: weakref.WeakKeyDictionary[dist.ProcessGroup, tuple[str, BaseException]] = weakref.WeakKeyDictionary()
+_FAILED_LOCK = threading.Lock()
+
+
+def _group_object(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    # None means the default world; key on its object so that a re-initialised world starts clean
+    return group if group is not None else dist.group.WORLD
+
+
+def mark_group_failed(group: dist.ProcessGroup | None, what: str, error: BaseException) -> None:
+    """Record that ``what`` (a transfer, a handshake) failed on ``group`` with ``error``.
+
+    Only the first failure is kept: it is the cause, later ones are its consequences.
+    """
+    key = _group_object(group)
+    if key is None:
+        return
+    with _FAILED_LOCK:
+        _FAILED_GROUPS.setdefault(key, (what, error))
+
+
+def raise_if_group_failed(group: dist.ProcessGroup | None) -> None:
+    """RuntimeError, at once, if a ring operation on ``group`` failed earlier in this process."""
+    key = _group_object(group)
+    if key is None:
+        return
+    with _FAILED_LOCK:
+        failure = _FAILED_GROUPS.get(key)
+    if failure is not None:
+        what, error = failure
+        raise RuntimeError(
+            f"this process group failed earlier and cannot be used for ring attention again: {what} raised "
+            f"{type(error).__name__}: {error}. Destroy the group (dist.destroy_process_group) and create a new one."
+        ) from error
 
 
 class BufferProvider(Protocol):
@@ -118,13 +165,17 @@ class PendingTransfer:
                 f"ring transfer '{self._channel}' step {self._step} on rank {c.rank} of {c.world_size} "
                 f"(receiving from rank {c.prev_rank}, sending to rank {c.next_rank})"
             )
-            if c.backend == "nccl":
-                # A stream dependency, not a host block: keeps compute and transfer overlapped. The
-                # process group's timeout (watchdog) bounds a transfer that never completes.
-                for work in self._works:
-                    work.wait()
-            else:
-                wait_all(self._works, c.timeout_s, what)
+            try:
+                if c.backend == "nccl":
+                    # A stream dependency, not a host block: keeps compute and transfer overlapped. The
+                    # process group's timeout (watchdog) bounds a transfer that never completes.
+                    for work in self._works:
+                        work.wait()
+                else:
+                    wait_all(self._works, c.timeout_s, what)
+            except (TimeoutError, RuntimeError) as exc:
+                mark_group_failed(c.group, what, exc)
+                raise
             self._done = True
         return self._received
 
@@ -144,6 +195,7 @@ class RingComm:
         buffers: BufferProvider | None = None,
     ) -> None:
         self.rank, self.world_size = group_rank_and_size(group)
+        raise_if_group_failed(group)
         if self.world_size < 1:
             raise ValueError(f"ring size must be >= 1, got a group of size {self.world_size}")
         if buffers is not None and not (
@@ -172,7 +224,12 @@ class RingComm:
         """All-gather ``descriptor`` ({name: int}); ValueError on every rank if any rank's values differ."""
         names = list(descriptor)
         values = [int(descriptor[n]) for n in names]
-        handshake(values, names, self.group, self.timeout_s, label)
+        try:
+            handshake(values, names, self.group, self.timeout_s, label)
+        except (TimeoutError, RuntimeError) as exc:
+            # a mismatch (ValueError) leaves the group usable; a stuck or broken all_gather does not
+            mark_group_failed(self.group, f"{label} handshake on rank {self.rank}", exc)
+            raise
 
     def _receive_buffers(self, tensors: Sequence[torch.Tensor], channel: str) -> tuple[list[torch.Tensor], int]:
         spec = [(tuple(t.shape), t.dtype) for t in tensors]
@@ -212,10 +269,12 @@ class RingComm:
         try:
             works = list(dist.batch_isend_irecv(ops))
         except RuntimeError as exc:  # e.g. gloo: the peer's connection is gone (it exited)
-            raise RuntimeError(
-                f"ring transfer '{channel}' step {step} on rank {self.rank} of {self.world_size} could not be posted "
-                f"(receiving from rank {self.prev_rank}, sending to rank {self.next_rank}): {exc}"
-            ) from exc
+            what = (
+                f"ring transfer '{channel}' step {step} on rank {self.rank} of {self.world_size} "
+                f"(receiving from rank {self.prev_rank}, sending to rank {self.next_rank})"
+            )
+            mark_group_failed(self.group, what, exc)
+            raise RuntimeError(f"{what} could not be posted: {exc}") from exc
         return PendingTransfer(self, works, recv, channel, step)
 
     def _release_sets(self, sets: list[list[torch.Tensor]]) -> None:

@@ -3,7 +3,8 @@
 kind:
 - "dilated": attn_core.DilatedAttention / MultiheadDilatedAttention (one device).
 - "ring": attn_ring.RingDilatedAttention / RingMultiheadDilatedAttention (one sequence sharded
-  across the ranks of a process group; needs attn-ring and an initialised torch.distributed).
+  across the ranks of a process group; needs attn-ring and an initialised torch.distributed,
+  ValueError otherwise).
 - "auto": "ring" when attn-ring is installed and torch.distributed is initialised with more
   than one rank, else "dilated".
 """
@@ -21,29 +22,39 @@ from torch import nn
 KINDS = ("auto", "dilated", "ring")
 
 
-def _ring_available() -> tuple[bool, str]:
+def _ring_unusable() -> str | None:
+    """Why kind "ring" cannot run in this process, or None when it can (any initialised world size)."""
     if importlib.util.find_spec("attn_ring") is None:
-        return False, "attn-ring is not installed (pip install 'dilated-attention-pytorch[ring]')"
+        return "attn-ring is not installed (pip install 'dilated-attention-pytorch[ring]')"
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False, "torch.distributed is not initialised"
-    world = torch.distributed.get_world_size()
-    if world < 2:
-        return False, f"the default process group has {world} rank; a ring needs at least 2"
-    return True, f"torch.distributed is initialised with {world} ranks and attn-ring is installed"
+        return (
+            "torch.distributed is not initialised: call torch.distributed.init_process_group(...) on every rank "
+            "before building ring modules (one process may use a world of size 1)"
+        )
+    return None
 
 
 def resolve_kind(kind: str = "auto") -> tuple[str, str]:
-    """Return (kind, why) for a requested kind; raises ValueError for unknown or unusable kinds."""
+    """Return (kind, why) for a requested kind; raises ValueError for unknown or unusable kinds.
+
+    "ring" is unusable without attn-ring or without an initialised torch.distributed (a 1-rank
+    world is fine when asked for explicitly); "auto" picks "ring" only with 2 or more ranks.
+    """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    ring_ok, ring_why = _ring_available()
-    if kind == "auto":
-        if ring_ok:
-            return "ring", ring_why
-        return "dilated", f"single-device dilated attention ({ring_why})"
-    if kind == "ring" and importlib.util.find_spec("attn_ring") is None:
-        raise ValueError(f"kind='ring' is not available: {ring_why}")
-    return kind, "requested explicitly"
+    unusable = _ring_unusable()
+    if kind == "ring":
+        if unusable is not None:
+            raise ValueError(f"kind='ring' is not available: {unusable}")
+        return "ring", "requested explicitly"
+    if kind == "dilated":
+        return "dilated", "requested explicitly"
+    if unusable is not None:
+        return "dilated", f"single-device dilated attention ({unusable})"
+    world = torch.distributed.get_world_size()
+    if world < 2:
+        return "dilated", f"single-device dilated attention (the default process group has {world} rank)"
+    return "ring", f"torch.distributed is initialised with {world} ranks and attn-ring is installed"
 
 
 def _build(cls: type[nn.Module], kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> nn.Module:
