@@ -18,11 +18,13 @@ N x N token mask); the dense bool view (:meth:`BlockLayout.to_dense`) is only bu
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from . import library_format
 from ._memo import MISSING, BoundedMemo
 from ._triton_env import triton_builds
 
@@ -527,8 +529,13 @@ class BlockLayout:
         return dense.reshape(self.shape)
 
     def to(self, device: torch.device | str) -> BlockLayout:
-        """The layout on ``device`` (self if already there; copies are cached per device)."""
-        dev = torch.device(device)
+        """The layout on ``device`` (self if already there; copies are cached per device).
+
+        Raises ValueError for a string that names no device and for the meta device (a layout's
+        arrays must hold values), TypeError for anything but a str or torch.device."""
+        dev = check_device(device)
+        if dev.type == "meta":
+            raise ValueError("a layout cannot move to the meta device: its CSR arrays must hold values")
         if dev.type == self.device.type and (dev.index is None or dev == self.device):
             return self
 
@@ -761,6 +768,55 @@ class BlockLayout:
             num_query_blocks=nq,
             num_key_blocks=nk,
         )
+
+    # ------------------------------------------------------------------ files
+    FILE_ENTRY_NAME = "layout"  # the entry :meth:`save` writes
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write this layout to ``path``: a pattern-library file (:mod:`attn_sparse.library_format`)
+        holding one entry named "layout" (kind "custom"), with its digest, written atomically.
+        Raises ValueError when ``path`` exists and is not a regular file."""
+        entry = library_format.StoredEntry(
+            self.FILE_ENTRY_NAME,
+            library_format.CUSTOM_KIND,
+            "{}",
+            self.block_size,
+            self.num_heads,
+            self.num_query_blocks,
+            self.num_key_blocks,
+            self._crow,
+            self._col,
+        )
+        library_format.write_file(path, [entry])
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        device: torch.device | str = "cpu",
+        max_bytes: int = library_format.DEFAULT_MAX_BYTES,
+    ) -> BlockLayout:
+        """The layout stored in ``path`` (written by :meth:`save`, or the entry ``name`` of a
+        :class:`attn_sparse.PatternLibrary` file; None: the file must hold exactly one entry),
+        on ``device``. Reads with the library's bounded, digest-checked reader; raises ValueError
+        for a path that is not a regular file, a file above ``max_bytes``, a format 1 file (no
+        digests: read it with ``PatternLibrary.load(path, verify="rebuild")``) and any invalid,
+        truncated or tampered content."""
+        dev = check_device(device)
+        e = library_format.read_entry(path, name=name, max_bytes=max_bytes)
+        try:
+            layout = cls.from_csr(
+                e.crow_indices,
+                e.col_indices,
+                block_size=e.block_size,
+                num_key_blocks=e.num_key_blocks,
+                num_heads=e.num_heads,
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"invalid layout file {str(path)!r}: entry {e.name!r}: {exc}") from None
+        return layout.to(dev)
 
     # ------------------------------------------------------------------ dunder
     def __copy__(self) -> BlockLayout:
