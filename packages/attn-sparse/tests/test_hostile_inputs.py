@@ -90,3 +90,69 @@ def test_distances_and_strides_beyond_the_sequence_mean_the_sequence() -> None:
     assert patterns.bigbird(1000, 2**70, 2**70, 1, block_size=16) == patterns.bigbird(
         1000, 1000, 1000, 1, block_size=16
     )
+
+
+# ---------------------------------------------------------------- devices
+def test_layout_devices_are_validated() -> None:
+    lay = patterns.local_window(64, 16, block_size=16)
+    with pytest.raises(ValueError, match=r"device must name a torch device.*got 'bogus'"):
+        lay.to("bogus")
+    with pytest.raises(TypeError, match=r"device must be a torch\.device or a str"):
+        lay.to(3)  # type: ignore[arg-type]
+    for build in (
+        lambda: lay.to("meta"),
+        lambda: patterns.causal(64, block_size=16, device="meta"),
+        lambda: BlockLayout.from_dense(torch.ones(1, 2, 2, dtype=torch.bool, device="meta"), 16),
+        lambda: BlockLayout.from_csr(
+            torch.tensor([0, 1], device="meta"), torch.tensor([0], device="meta"), block_size=16, num_key_blocks=1
+        ),
+    ):
+        with pytest.raises(ValueError, match="meta device"):
+            build()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device 'cuda:0' is not available: this process sees 0 CUDA"):
+            lay.to("cuda:0")
+        with pytest.raises(ValueError, match="is not available"):
+            patterns.bigbird(64, 16, 16, 1, block_size=16, device="cuda")
+    assert lay.to(torch.device("cpu")) is lay and lay.to("cpu") is lay
+
+
+def test_attention_and_modules_reject_meta_and_wrong_device_inputs() -> None:
+    from attn_sparse import (
+        AdaptiveBlockSparseAttention,
+        BlockSparseAttention,
+        MultiheadBlockSparseAttention,
+        block_sparse_attention,
+        explain,
+    )
+
+    lay = patterns.local_window(64, 16, block_size=16)
+    q = torch.randn(1, 64, 2, 16)
+    m = q.to("meta")
+    with pytest.raises(ValueError, match="meta device; block_sparse_attention needs tensors with values"):
+        block_sparse_attention(m, m, m, lay)
+    with pytest.raises(ValueError, match="meta device"):
+        explain(m, m, m, lay)
+    with pytest.raises(ValueError, match="meta device"):
+        BlockSparseAttention(lay)(m, m, m)
+    with pytest.raises(ValueError, match="one device"):
+        block_sparse_attention(q, m, q, lay)
+    mha = MultiheadBlockSparseAttention(32, 2, layout=lay)
+    x = torch.randn(1, 64, 32, device="meta")
+    with pytest.raises(ValueError, match="query is on meta, the module's parameters on cpu"):
+        mha(x, x, x)
+    adaptive = AdaptiveBlockSparseAttention(16, block_size=16).to("meta")
+    with pytest.raises(ValueError, match="inputs are on cpu, the scorer's parameters on meta"):
+        adaptive(q, q, q)
+    with pytest.raises(ValueError, match="inputs are on cpu, the scorer's parameters on meta"):
+        adaptive.select(q, q)
+
+
+def test_triton_reason_on_cpu_names_the_device_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from attn_sparse.backends import triton as triton_backend
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    lay = patterns.local_window(64, 16, block_size=16)
+    q = torch.randn(1, 64, 2, 16, dtype=torch.float64)
+    reasons = [r for r in triton_backend.unsupported_reasons(q, q, q, lay, False) if "not installed" not in r]
+    assert reasons == ["runs on CUDA devices (or on CPU tensors under TRITON_INTERPRET=1), got device cpu"]

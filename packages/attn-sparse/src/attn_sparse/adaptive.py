@@ -119,10 +119,19 @@ class AdaptiveBlockSparseAttention(nn.Module):
         self.q_score = nn.Linear(head_dim, scorer_dim, bias=False)
         self.k_score = nn.Linear(head_dim, scorer_dim, bias=False)
 
+    def _check_device(self, *tensors: torch.Tensor) -> None:
+        weight = self.q_score.weight
+        for t in tensors:
+            if t.device != weight.device:
+                raise ValueError(
+                    f"inputs are on {t.device}, the scorer's parameters on {weight.device}: move one of them"
+                )
+
     def block_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Scores (B, H, nb, nb) of every (query block, key block) pair, in float32 (float64 when
         the scorer's weights are float64): with float16/bfloat16 weights the projections and
         their dot products still run in float32, so inputs of magnitude 1e3 give finite scores."""
+        self._check_device(q, k)
         H, Hkv = q.shape[2], k.shape[2]
         ad = acc_dtype(self.q_score.weight.dtype)
         wq, wk = self.q_score.weight.to(ad), self.k_score.weight.to(ad)  # differentiable casts
@@ -170,6 +179,7 @@ class AdaptiveBlockSparseAttention(nn.Module):
         if self.head_dim != D:
             raise ValueError(f"head dim of q/k/v ({D}) must equal the module's head_dim={self.head_dim}")
         causal = check_bool("is_causal", is_causal)
+        self._check_device(q)
         if q.shape[0] == 0 or q.shape[1] == 0:  # no rows: empty output, still connected to the graph
             return q * 0 + (k.sum() + v.sum()).to(q.dtype) * 0
         scores = self.block_scores(q, k)

@@ -108,15 +108,26 @@ def _check_count(name: str, value: object, minimum: int = 1) -> int:
 
 
 def check_device(device: object) -> torch.device:
-    """Validate ``device`` (a torch.device or a string such as "cpu", "cuda", "cuda:1")."""
+    """Validate the device of a layout (a torch.device or a string such as "cpu", "cuda", "cuda:1").
+
+    Raises ValueError for a string that names no device, for the meta device (a layout's arrays
+    hold values) and for a CUDA device this process does not have; TypeError for other types."""
     if isinstance(device, torch.device):
-        return device
-    if isinstance(device, str):
+        dev = device
+    elif isinstance(device, str):
         try:
-            return torch.device(device)
+            dev = torch.device(device)
         except RuntimeError as exc:
             raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda:0', got {device!r}") from exc
-    raise TypeError(f"device must be a torch.device or a str, got {device!r}")
+    else:
+        raise TypeError(f"device must be a torch.device or a str, got {device!r}")
+    if dev.type == "meta":
+        raise ValueError("a layout cannot live on the meta device: its CSR arrays must hold values")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise ValueError(f"device {device!r} is not available: this process sees {count} CUDA device(s)")
+    return dev
 
 
 def _row_ids(crow: torch.Tensor, nnz: int) -> torch.Tensor:
@@ -309,6 +320,7 @@ class BlockLayout:
         assert isinstance(crow, torch.Tensor) and isinstance(col, torch.Tensor)  # for mypy; checked above
         if crow.device != col.device:
             raise ValueError(f"crow_indices and col_indices must be on one device, got {crow.device} and {col.device}")
+        check_device(crow.device)
         rows = crow.numel() - 1
         if rows < num_heads or rows % num_heads:
             raise ValueError(
@@ -369,6 +381,7 @@ class BlockLayout:
             raise TypeError(f"block_mask must be a bool torch.Tensor, got {type(block_mask).__name__}")
         if block_mask.dtype != torch.bool:
             raise TypeError(f"block_mask must have dtype torch.bool, got {block_mask.dtype}")
+        check_device(block_mask.device)
         if block_mask.dim() == 2:
             block_mask = block_mask[None]
         if block_mask.dim() != 3 or min(block_mask.shape) == 0:
@@ -531,11 +544,10 @@ class BlockLayout:
     def to(self, device: torch.device | str) -> BlockLayout:
         """The layout on ``device`` (self if already there; copies are cached per device).
 
-        Raises ValueError for a string that names no device and for the meta device (a layout's
-        arrays must hold values), TypeError for anything but a str or torch.device."""
+        Raises ValueError/TypeError for a bad device (see :func:`check_device`)."""
+        if isinstance(device, torch.device) and device == self.device:  # every call's path: nothing to check
+            return self
         dev = check_device(device)
-        if dev.type == "meta":
-            raise ValueError("a layout cannot move to the meta device: its CSR arrays must hold values")
         if dev.type == self.device.type and (dev.index is None or dev == self.device):
             return self
 
