@@ -156,3 +156,19 @@ def test_triton_reason_on_cpu_names_the_device_only(monkeypatch: pytest.MonkeyPa
     q = torch.randn(1, 64, 2, 16, dtype=torch.float64)
     reasons = [r for r in triton_backend.unsupported_reasons(q, q, q, lay, False) if "not installed" not in r]
     assert reasons == ["runs on CUDA devices (or on CPU tensors under TRITON_INTERPRET=1), got device cpu"]
+
+
+def test_flex_block_mask_lengths_are_bounded() -> None:
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(
+        kv_num_blocks=torch.ones(1, 1, 1, dtype=torch.int32),
+        kv_indices=torch.zeros(1, 1, 1, 1, dtype=torch.int32),
+        BLOCK_SIZE=(128, 128),
+        seq_lengths=(2**62, 128),
+    )
+    with pytest.raises(ValueError, match=rf"BlockMask seq_lengths\[0\] must be in \[1, {MAX_SEQ_LEN}\]"):
+        BlockLayout.from_flex_block_mask(fake)
+    fake.BLOCK_SIZE = (HUGE, 128)
+    with pytest.raises(ValueError, match="block sizes must be powers of two"):
+        BlockLayout.from_flex_block_mask(fake)

@@ -327,3 +327,11 @@ def test_library_block_size_bound_on_load(tmp_path: Path) -> None:
     data = _join({"__metadata__": meta, **table}, struct.pack("<3i", 0, 1, 0))
     with pytest.raises(ValueError, match=r"block sizes must be powers of two in \[16, 1024\]"):
         PatternLibrary.from_bytes(data)
+
+
+def test_saved_file_mode_follows_the_umask(tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = tmp_path / "lib.safetensors"
+    _library().save(path)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

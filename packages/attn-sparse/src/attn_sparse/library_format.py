@@ -25,9 +25,9 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import stat
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,13 +171,16 @@ def write_file(path: str | os.PathLike[str], entries: Sequence[StoredEntry]) -> 
     if target.exists() and not target.is_file():
         raise ValueError(f"cannot save to {str(target)!r}: it exists and is not a regular file")
     data = encode(entries)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    # a fresh name beside the target (concurrent saves do not collide); mode 0o666 less the umask,
+    # as a plain open would give (mkstemp's 0o600 would hide the file from other users)
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
