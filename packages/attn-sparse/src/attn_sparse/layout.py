@@ -36,6 +36,7 @@ __all__ = [
     "BlockLayout",
     "check_block_size",
     "check_device",
+    "check_geometry",
     "check_seq_len",
 ]
 
