@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from attn_sparse import BlockLayout, LayoutCache, PatternLibrary, bigbird, local_window
 from attn_sparse.library import FORMAT_NAME, FORMAT_VERSION
+from attn_sparse.library_format import entry_digest
 
 
 def _library() -> PatternLibrary:
@@ -144,7 +145,8 @@ def _meta(entries: list, version: str = str(FORMAT_VERSION)) -> dict:
     return {"format": FORMAT_NAME, "format_version": version, "entries": json.dumps(entries)}
 
 
-def _entry(**over: object) -> dict:
+def _entry(crow: tuple[int, ...] = (0, 1), col: tuple[int, ...] = (0,), **over: object) -> dict:
+    """An entry signed for the tensors ``crow``, ``col`` (the digest checks pass; later checks are tested)."""
     e = {
         "name": "a",
         "kind": "custom",
@@ -156,6 +158,7 @@ def _entry(**over: object) -> dict:
         "nnz": 1,
     }
     e.update(over)
+    e["sha256"] = entry_digest(e, torch.tensor(crow, dtype=torch.int32), torch.tensor(col, dtype=torch.int32))
     return e
 
 
@@ -186,7 +189,7 @@ def _hostile() -> dict[str, bytes]:
         "json list": _file([]),  # type: ignore[arg-type]
         "no metadata": _file(table, body),
         "wrong format": _file({"__metadata__": {**_meta([_entry()]), "format": "other"}, **table}, body),
-        "future version": _file({"__metadata__": _meta([_entry()], "2"), **table}, body),
+        "future version": _file({"__metadata__": _meta([_entry()], str(FORMAT_VERSION + 1)), **table}, body),
         "metadata not str": _file({"__metadata__": {"format": 1}, **table}, body),
         "entries not list": _file({"__metadata__": _meta({"a": 1}), **table}, body),  # type: ignore[arg-type]
         "entry missing key": _file({"__metadata__": _meta([{"name": "a"}]), **table}, body),
@@ -206,10 +209,13 @@ def _hostile() -> dict[str, bytes]:
             body,
         ),
         "column out of range": _file(
-            {"__metadata__": _meta([_entry()]), **_tensors([0, 1], [5])[0]}, _tensors([0, 1], [5])[1]
+            {"__metadata__": _meta([_entry(col=(5,))]), **_tensors([0, 1], [5])[0]}, _tensors([0, 1], [5])[1]
         ),
         "offsets decrease": _file(
-            {"__metadata__": _meta([_entry(num_query_blocks=2, num_key_blocks=2)]), **_tensors([0, 1, 0], [0])[0]},
+            {
+                "__metadata__": _meta([_entry((0, 1, 0), (0,), num_query_blocks=2, num_key_blocks=2)]),
+                **_tensors([0, 1, 0], [0])[0],
+            },
             _tensors([0, 1, 0], [0])[1],
         ),
         "overlapping data": _file(

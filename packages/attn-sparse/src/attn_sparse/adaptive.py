@@ -25,6 +25,7 @@ from torch import nn
 from attn_core.blocks import acc_dtype
 from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
 
+from .backends.reference import masked_softmax
 from .layout import BlockLayout, check_block_size
 
 __all__ = ["AdaptiveBlockSparseAttention"]
@@ -39,12 +40,14 @@ def _blocks(t: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _pool(t: torch.Tensor, block: int) -> torch.Tensor:
-    """(B, N, h, D) -> (B, h, ceil(N / block), D) mean over each block's real tokens."""
+    """(B, N, h, D) -> (B, h, ceil(N / block), D) mean over each block's real tokens, in
+    acc_dtype (float32, float64 for float64 t): a float16 sum of a block overflows at 65504."""
     N = t.shape[1]
     nb = -(-N // block)
-    count = torch.full((nb,), float(block), dtype=t.dtype, device=t.device)
+    ad = acc_dtype(t.dtype)
+    count = torch.full((nb,), float(block), dtype=ad, device=t.device)
     count[-1] = N - (nb - 1) * block
-    return _blocks(t, block).sum(dim=3) / count[:, None]
+    return _blocks(t, block).sum(dim=3, dtype=ad) / count[:, None]
 
 
 def _tile_attention(
@@ -83,8 +86,7 @@ def _tile_attention(
         masked = masked | (kpos > qpos)
     s = s.masked_fill(masked, float("-inf"))
     # every row keeps its diagonal tile, but a row of only masked keys must give 0, not NaN
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
+    p, _ = masked_softmax(s)
     out = torch.matmul(p, vt)  # (B, H, nb, bq, D)
     return out.permute(0, 2, 3, 1, 4).reshape(B, nb * block, H, D)[:, :N].to(q.dtype)
 
@@ -117,12 +119,24 @@ class AdaptiveBlockSparseAttention(nn.Module):
         self.q_score = nn.Linear(head_dim, scorer_dim, bias=False)
         self.k_score = nn.Linear(head_dim, scorer_dim, bias=False)
 
+    def _check_device(self, *tensors: torch.Tensor) -> None:
+        weight = self.q_score.weight
+        for t in tensors:
+            if t.device != weight.device:
+                raise ValueError(
+                    f"inputs are on {t.device}, the scorer's parameters on {weight.device}: move one of them"
+                )
+
     def block_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Scores (B, H, nb, nb) of every (query block, key block) pair."""
+        """Scores (B, H, nb, nb) of every (query block, key block) pair, in float32 (float64 when
+        the scorer's weights are float64): with float16/bfloat16 weights the projections and
+        their dot products still run in float32, so inputs of magnitude 1e3 give finite scores."""
+        self._check_device(q, k)
         H, Hkv = q.shape[2], k.shape[2]
-        dt = self.q_score.weight.dtype
-        pq = self.q_score(_pool(q, self.block).to(dt))  # (B, H, nb, S)
-        pk = self.k_score(_pool(k, self.block).to(dt)).repeat_interleave(H // Hkv, dim=1)
+        ad = acc_dtype(self.q_score.weight.dtype)
+        wq, wk = self.q_score.weight.to(ad), self.k_score.weight.to(ad)  # differentiable casts
+        pq = torch.nn.functional.linear(_pool(q, self.block).to(ad), wq)  # (B, H, nb, S)
+        pk = torch.nn.functional.linear(_pool(k, self.block).to(ad), wk).repeat_interleave(H // Hkv, dim=1)
         return torch.matmul(pq, pk.transpose(-1, -2)) * pq.shape[-1] ** -0.5
 
     def _choose(self, scores: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,6 +179,7 @@ class AdaptiveBlockSparseAttention(nn.Module):
         if self.head_dim != D:
             raise ValueError(f"head dim of q/k/v ({D}) must equal the module's head_dim={self.head_dim}")
         causal = check_bool("is_causal", is_causal)
+        self._check_device(q)
         if q.shape[0] == 0 or q.shape[1] == 0:  # no rows: empty output, still connected to the graph
             return q * 0 + (k.sum() + v.sum()).to(q.dtype) * 0
         scores = self.block_scores(q, k)

@@ -51,6 +51,8 @@ def _validate(
     key_padding_mask: torch.Tensor | None,
 ) -> tuple[BlockLayout, bool, float]:
     _, Nq, H, _, D = check_qkv(q, k, v, key_padding_mask=key_padding_mask, same_length=False)
+    if q.device.type == "meta":  # the tiles are data: nothing can be computed without values
+        raise ValueError("q, k, v are on the meta device; block_sparse_attention needs tensors with values")
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout must be an attn_sparse.BlockLayout, got {type(layout).__name__}")
     layout.check_fits(Nq, k.shape[1], H)

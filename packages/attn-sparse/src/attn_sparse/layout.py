@@ -18,21 +18,67 @@ N x N token mask); the dense bool view (:meth:`BlockLayout.to_dense`) is only bu
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from . import library_format
 from ._memo import MISSING, BoundedMemo
 from ._triton_env import triton_builds
 
-__all__ = ["BlockLayout", "check_block_size", "check_device"]
+__all__ = [
+    "MAX_BLOCK_SIZE",
+    "MAX_NUM_BLOCKS",
+    "MAX_SEQ_LEN",
+    "MIN_BLOCK_SIZE",
+    "BlockLayout",
+    "check_block_size",
+    "check_device",
+    "check_geometry",
+    "check_seq_len",
+]
 
 _INT32_MAX = 2**31 - 1
 
+# Bounds on a layout's geometry, checked by every constructor, pattern and the file loader, so that
+# a hostile or mistyped size fails with a ValueError naming it instead of in an allocator.
+MIN_BLOCK_SIZE = 16  # the kernels' smallest tile (tl.dot needs >= 16)
+MAX_BLOCK_SIZE = 1024  # a tile's logits are Bq x Bk: 1024 x 1024 fp32 is 4 MiB, far above any kernel tile
+# Token positions stay int32 (the index dtype of the kernels and of the CSR arrays).
+MAX_SEQ_LEN = _INT32_MAX
+# Query/key blocks per side: row-level arrays (one entry per block row and interval) stay at most
+# 128 MiB each (int64); 2**31 tokens at 128-token blocks, 2**28 tokens at 16-token blocks.
+MAX_NUM_BLOCKS = 2**24
+
+
+def check_seq_len(name: str, value: object) -> int:
+    """Validate a sequence length in tokens: an int in [1, MAX_SEQ_LEN]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if not 1 <= value <= MAX_SEQ_LEN:
+        raise ValueError(f"{name} must be in [1, {MAX_SEQ_LEN}] tokens (int32 positions), got {value}")
+    return int(value)
+
+
+def check_geometry(num_heads: int, num_query_blocks: int, num_key_blocks: int) -> None:
+    """Raise ValueError unless the block counts are within [1, MAX_NUM_BLOCKS] and the CSR row
+    offsets of either orientation (num_heads * blocks + 1 entries) fit int32."""
+    for name, value in (("num_query_blocks", num_query_blocks), ("num_key_blocks", num_key_blocks)):
+        if not 1 <= value <= MAX_NUM_BLOCKS:
+            raise ValueError(f"{name} must be in [1, {MAX_NUM_BLOCKS}], got {value}")
+    rows = num_heads * max(num_query_blocks, num_key_blocks)
+    if rows >= _INT32_MAX:
+        raise ValueError(
+            f"num_heads={num_heads} x {max(num_query_blocks, num_key_blocks)} blocks = {rows} CSR rows; "
+            f"at most {_INT32_MAX - 1} (int32 offsets) are supported"
+        )
+
 
 def check_block_size(block_size: object) -> tuple[int, int]:
-    """Validate ``block_size``: an int or a pair (Bq, Bk) of powers of two >= 16."""
+    """Validate ``block_size``: an int or a pair (Bq, Bk) of powers of two in
+    [MIN_BLOCK_SIZE, MAX_BLOCK_SIZE]."""
     if isinstance(block_size, int) and not isinstance(block_size, bool):
         pair: tuple[object, ...] = (block_size, block_size)
     elif isinstance(block_size, (tuple, list)) and len(block_size) == 2:
@@ -43,9 +89,10 @@ def check_block_size(block_size: object) -> tuple[int, int]:
     for b in pair:
         if isinstance(b, bool) or not isinstance(b, int):
             raise TypeError(f"block_size entries must be ints, got {b!r} in {block_size!r}")
-        if b < 16 or b & (b - 1):
+        if not MIN_BLOCK_SIZE <= b <= MAX_BLOCK_SIZE or b & (b - 1):
             raise ValueError(
-                f"block sizes must be powers of two >= 16 (64 and 128 are typical), got {b} in {block_size!r}"
+                f"block sizes must be powers of two in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}] (64 and 128 are "
+                f"typical), got {b} in {block_size!r}"
             )
         out.append(int(b))
     return out[0], out[1]
@@ -62,15 +109,26 @@ def _check_count(name: str, value: object, minimum: int = 1) -> int:
 
 
 def check_device(device: object) -> torch.device:
-    """Validate ``device`` (a torch.device or a string such as "cpu", "cuda", "cuda:1")."""
+    """Validate the device of a layout (a torch.device or a string such as "cpu", "cuda", "cuda:1").
+
+    Raises ValueError for a string that names no device, for the meta device (a layout's arrays
+    hold values) and for a CUDA device this process does not have; TypeError for other types."""
     if isinstance(device, torch.device):
-        return device
-    if isinstance(device, str):
+        dev = device
+    elif isinstance(device, str):
         try:
-            return torch.device(device)
+            dev = torch.device(device)
         except RuntimeError as exc:
             raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda:0', got {device!r}") from exc
-    raise TypeError(f"device must be a torch.device or a str, got {device!r}")
+    else:
+        raise TypeError(f"device must be a torch.device or a str, got {device!r}")
+    if dev.type == "meta":
+        raise ValueError("a layout cannot live on the meta device: its CSR arrays must hold values")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise ValueError(f"device {device!r} is not available: this process sees {count} CUDA device(s)")
+    return dev
 
 
 def _row_ids(crow: torch.Tensor, nnz: int) -> torch.Tensor:
@@ -263,14 +321,14 @@ class BlockLayout:
         assert isinstance(crow, torch.Tensor) and isinstance(col, torch.Tensor)  # for mypy; checked above
         if crow.device != col.device:
             raise ValueError(f"crow_indices and col_indices must be on one device, got {crow.device} and {col.device}")
+        check_device(crow.device)
         rows = crow.numel() - 1
         if rows < num_heads or rows % num_heads:
             raise ValueError(
                 f"crow_indices must have num_heads * num_query_blocks + 1 entries with num_query_blocks >= 1; "
                 f"got {crow.numel()} entries for num_heads={num_heads}"
             )
-        if rows // num_heads > _INT32_MAX:
-            raise ValueError(f"num_query_blocks must fit in int32, got {rows // num_heads}")
+        check_geometry(num_heads, rows // num_heads, num_key_blocks)  # before any O(nnz) work
         c = crow.long()
         if int(c[0]) != 0:
             raise ValueError(f"crow_indices[0] must be 0, got {int(c[0])}")
@@ -324,6 +382,7 @@ class BlockLayout:
             raise TypeError(f"block_mask must be a bool torch.Tensor, got {type(block_mask).__name__}")
         if block_mask.dtype != torch.bool:
             raise TypeError(f"block_mask must have dtype torch.bool, got {block_mask.dtype}")
+        check_device(block_mask.device)
         if block_mask.dim() == 2:
             block_mask = block_mask[None]
         if block_mask.dim() != 3 or min(block_mask.shape) == 0:
@@ -332,8 +391,7 @@ class BlockLayout:
                 f"got {tuple(block_mask.shape)}"
             )
         hl, nq, nk = (int(s) for s in block_mask.shape)
-        for name, value in (("num_heads", hl), ("num_query_blocks", nq), ("num_key_blocks", nk)):
-            _check_count(name, value)
+        check_geometry(hl, nq, nk)
         idx = torch.nonzero(block_mask.reshape(hl * nq, nk))  # row-major: sorted by row, then column
         crow = _crow_from_sorted_rows(idx[:, 0], hl * nq)
         return cls._trusted(crow, idx[:, 1].to(torch.int32).contiguous(), bs, hl, nq, nk)
@@ -485,8 +543,12 @@ class BlockLayout:
         return dense.reshape(self.shape)
 
     def to(self, device: torch.device | str) -> BlockLayout:
-        """The layout on ``device`` (self if already there; copies are cached per device)."""
-        dev = torch.device(device)
+        """The layout on ``device`` (self if already there; copies are cached per device).
+
+        Raises ValueError/TypeError for a bad device (see :func:`check_device`)."""
+        if isinstance(device, torch.device) and device == self.device:  # every call's path: nothing to check
+            return self
+        dev = check_device(device)
         if dev.type == self.device.type and (dev.index is None or dev == self.device):
             return self
 
@@ -516,6 +578,7 @@ class BlockLayout:
         n = _check_count("num_heads", num_heads)
         if n == self.num_heads:
             return self
+        check_geometry(n, self.num_query_blocks, self.num_key_blocks)
         if self.num_heads != 1:
             raise ValueError(
                 f"cannot expand a layout with {self.num_heads} heads to {n}; only a shared (1-head) layout expands"
@@ -686,7 +749,7 @@ class BlockLayout:
         if not all(hasattr(block_mask, n) for n in names):
             raise TypeError(f"expected a torch.nn.attention.flex_attention.BlockMask, got {type(block_mask).__name__}")
         bq, bk = check_block_size(tuple(int(b) for b in block_mask.BLOCK_SIZE))
-        nqt, nkt = (int(s) for s in block_mask.seq_lengths)
+        nqt, nkt = (check_seq_len(f"BlockMask seq_lengths[{i}]", int(s)) for i, s in enumerate(block_mask.seq_lengths))
         nq, nk = -(-nqt // bq), -(-nkt // bk)
         parts = [(block_mask.kv_num_blocks, block_mask.kv_indices)]
         if getattr(block_mask, "full_kv_num_blocks", None) is not None:
@@ -709,6 +772,7 @@ class BlockLayout:
             lo = torch.where(valid, idx, torch.zeros_like(idx))
             los.append(lo)
             his.append(torch.where(valid, idx + 1, torch.zeros_like(idx)))
+        check_geometry(hl, nq, nk)
         return cls._from_intervals(
             torch.cat(los, dim=1),
             torch.cat(his, dim=1),
@@ -717,6 +781,55 @@ class BlockLayout:
             num_query_blocks=nq,
             num_key_blocks=nk,
         )
+
+    # ------------------------------------------------------------------ files
+    FILE_ENTRY_NAME = "layout"  # the entry :meth:`save` writes
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write this layout to ``path``: a pattern-library file (:mod:`attn_sparse.library_format`)
+        holding one entry named "layout" (kind "custom"), with its digest, written atomically.
+        Raises ValueError when ``path`` exists and is not a regular file."""
+        entry = library_format.StoredEntry(
+            self.FILE_ENTRY_NAME,
+            library_format.CUSTOM_KIND,
+            "{}",
+            self.block_size,
+            self.num_heads,
+            self.num_query_blocks,
+            self.num_key_blocks,
+            self._crow,
+            self._col,
+        )
+        library_format.write_file(path, [entry])
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        device: torch.device | str = "cpu",
+        max_bytes: int = library_format.DEFAULT_MAX_BYTES,
+    ) -> BlockLayout:
+        """The layout stored in ``path`` (written by :meth:`save`, or the entry ``name`` of a
+        :class:`attn_sparse.PatternLibrary` file; None: the file must hold exactly one entry),
+        on ``device``. Reads with the library's bounded, digest-checked reader; raises ValueError
+        for a path that is not a regular file, a file above ``max_bytes``, a format 1 file (no
+        digests: read it with ``PatternLibrary.load(path, verify="rebuild")``) and any invalid,
+        truncated or tampered content."""
+        dev = check_device(device)
+        e = library_format.read_entry(path, name=name, max_bytes=max_bytes)
+        try:
+            layout = cls.from_csr(
+                e.crow_indices,
+                e.col_indices,
+                block_size=e.block_size,
+                num_key_blocks=e.num_key_blocks,
+                num_heads=e.num_heads,
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"invalid layout file {str(path)!r}: entry {e.name!r}: {exc}") from None
+        return layout.to(dev)
 
     # ------------------------------------------------------------------ dunder
     def __copy__(self) -> BlockLayout:

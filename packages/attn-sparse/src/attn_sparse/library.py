@@ -1,12 +1,12 @@
 """PatternLibrary: named block layouts with their parameters, in one safetensors file.
 
-File format (version :data:`FORMAT_VERSION`): a safetensors file whose tensors are
-``<name>/crow_indices`` and ``<name>/col_indices`` (int32, 1-D) for every entry, and whose
-string metadata holds ``format`` (:data:`FORMAT_NAME`), ``format_version`` and ``entries``: a JSON
-list of ``{name, kind, params, block_size, num_heads, num_query_blocks, num_key_blocks, nnz}``.
-No pickle, no ``torch.load``: :meth:`PatternLibrary.load` checks the header size, the header
-JSON, every tensor's dtype/shape/offsets, the metadata types and version and every CSR
-invariant, and raises ValueError for anything malformed, truncated, hostile or of another version.
+The file format is :mod:`attn_sparse.library_format` (version :data:`FORMAT_VERSION`): per
+entry the CSR arrays, the pattern kind and parameters, the geometry and a SHA-256 digest tying
+them together. No pickle, no ``torch.load``: :meth:`PatternLibrary.load` reads regular files only,
+bounded by the sizes the header declares, checks the header, every tensor's dtype/shape/offsets,
+the metadata types, version and digests and every CSR invariant, and raises ValueError for
+anything malformed, truncated, hostile, tampered with or of another version. ``verify="rebuild"``
+also rebuilds every pattern entry from its kind and parameters and compares the tiles.
 
 :class:`LayoutCache` memoises built patterns (keyed on pattern kind + parameters, which fix the
 geometry), least recently used first out, bounded by bytes, thread-safe.
@@ -14,30 +14,33 @@ geometry), least recently used first out, bounded by bytes, thread-safe.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
-import torch
-
 from .layout import BlockLayout
+from .library_format import (
+    CUSTOM_KIND,
+    DEFAULT_MAX_BYTES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    InvalidFileError,
+    StoredEntry,
+    check_name,
+    decode_bytes,
+    read_file,
+    write_file,
+)
 from .patterns import PATTERNS, build_pattern
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "LayoutCache", "PatternLibrary"]
+__all__ = ["CUSTOM_KIND", "FORMAT_NAME", "FORMAT_VERSION", "VERIFY_MODES", "LayoutCache", "PatternLibrary"]
 
-FORMAT_NAME = "attn_sparse.pattern_library"
-FORMAT_VERSION = 1
-CUSTOM_KIND = "custom"  # a layout given directly, not built from a pattern
-_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
-_MAX_HEADER_BYTES = 16 * 2**20
-_ENTRY_KEYS = {"name", "kind", "params", "block_size", "num_heads", "num_query_blocks", "num_key_blocks", "nnz"}
-_TENSOR_FIELDS = ("crow_indices", "col_indices")
+# "digest": check every entry's SHA-256 (format 2); "rebuild": also rebuild each pattern entry
+# from its kind and parameters and compare the tiles (the only check a format 1 file can get).
+VERIFY_MODES = ("digest", "rebuild")
 
 
 def _canonical_params(params: Mapping[str, Any] | None) -> str:
@@ -50,14 +53,6 @@ def _canonical_params(params: Mapping[str, Any] | None) -> str:
         return json.dumps(dict(params), sort_keys=True, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise TypeError(f"params must be JSON values (int, float, str, bool, None, lists, dicts): {exc}") from exc
-
-
-def _check_name(name: object) -> str:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ValueError(
-            f"layout name must be 1-128 characters of letters, digits, '_', '.', '-' (not starting with '.' or '-'), got {name!r}"
-        )
-    return name
 
 
 class LayoutCache:
@@ -140,7 +135,7 @@ class PatternLibrary:
         self, name: str, layout: BlockLayout, *, kind: str = CUSTOM_KIND, params: Mapping[str, Any] | None = None
     ) -> None:
         """Store ``layout`` under ``name`` (replacing any entry of that name), with its recipe."""
-        _check_name(name)
+        check_name(name)
         if not isinstance(layout, BlockLayout):
             raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
         if kind != CUSTOM_KIND and kind not in PATTERNS:
@@ -215,202 +210,111 @@ class PatternLibrary:
 
     # ------------------------------------------------------------------ I/O
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write every entry to one safetensors file (atomically: a temp file, then rename)."""
-        from safetensors.torch import save
+        """Write every entry to one safetensors file, each with its digest (atomically: a temp
+        file beside ``path``, then a rename; the temp file never stays behind). Raises ValueError
+        when ``path`` exists and is not a regular file."""
+        write_file(path, [self._stored(n) for n in self.names()])
 
-        tensors: dict[str, torch.Tensor] = {}
-        entries = []
-        for n in self.names():
-            e = self._entry(n)
-            lay = e.layout
-            tensors[f"{n}/crow_indices"] = lay.crow_indices.contiguous()
-            tensors[f"{n}/col_indices"] = lay.col_indices.contiguous()
-            entries.append(
-                {
-                    "name": n,
-                    "kind": e.kind,
-                    "params": json.loads(e.params),
-                    "block_size": list(lay.block_size),
-                    "num_heads": lay.num_heads,
-                    "num_query_blocks": lay.num_query_blocks,
-                    "num_key_blocks": lay.num_key_blocks,
-                    "nnz": lay.nnz,
-                }
-            )
-        metadata = {
-            "format": FORMAT_NAME,
-            "format_version": str(FORMAT_VERSION),
-            "entries": json.dumps(entries, sort_keys=True, allow_nan=False),
-        }
-        data = save(tensors, metadata=metadata)
-        target = Path(path)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+    def _stored(self, name: str) -> StoredEntry:
+        e = self._entry(name)
+        lay = e.layout
+        return StoredEntry(
+            name,
+            e.kind,
+            e.params,
+            lay.block_size,
+            lay.num_heads,
+            lay.num_query_blocks,
+            lay.num_key_blocks,
+            lay.crow_indices,
+            lay.col_indices,
+        )
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike[str], *, max_bytes: int = 2**31, cache: LayoutCache | None = None
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        verify: str = "digest",
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        cache: LayoutCache | None = None,
     ) -> PatternLibrary:
         """Read a file written by :meth:`save`, validating everything.
 
-        Raises ValueError for any malformed, truncated, hostile or version-mismatched content, and
-        the usual OSError (FileNotFoundError, PermissionError, ...) when the file cannot be opened.
-        max_bytes: refuse larger files before reading them.
+        verify: "digest" checks every entry's SHA-256 against its metadata and tensors;
+        "rebuild" also rebuilds every pattern entry from its kind and parameters (on the CPU) and
+        compares the tiles. A format 1 file (no digests) loads only with "rebuild" (its custom
+        entries are then checked as CSR only): save it again to upgrade it.
+        Raises ValueError for a path that is not a regular file, a file above ``max_bytes`` and
+        any malformed, truncated, hostile, tampered or version-mismatched content, and the usual
+        OSError (FileNotFoundError, PermissionError, ...) when the file cannot be opened.
         """
-        p = Path(path)
-        size = p.stat().st_size
-        if size > max_bytes:
-            raise ValueError(f"pattern library {str(p)!r} is {size} bytes, above max_bytes={max_bytes}")
-        return cls.from_bytes(p.read_bytes(), cache=cache, source=str(p))
-
-    @classmethod
-    def from_bytes(cls, data: bytes, *, cache: LayoutCache | None = None, source: str = "<bytes>") -> PatternLibrary:
-        """Parse the bytes of a library file (the validation of :meth:`load`)."""
+        mode = _check_verify(verify)
+        source = repr(str(path)) if isinstance(path, (str, os.PathLike)) else repr(path)
         try:
-            return cls._parse(data, cache)
-        except _InvalidFileError as exc:
+            version, entries = read_file(path, max_bytes=max_bytes)
+            return cls._from_entries(version, entries, mode, cache)
+        except InvalidFileError as exc:
             raise ValueError(f"invalid pattern library {source}: {exc}") from None
 
     @classmethod
-    def _parse(cls, data: bytes, cache: LayoutCache | None) -> PatternLibrary:
-        header, body_len = _read_header(data)
-        meta = header.pop("__metadata__", None)
-        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-            raise _InvalidFileError("__metadata__ must be a JSON object of strings")
-        if meta.get("format") != FORMAT_NAME:
-            raise _InvalidFileError(f"metadata format must be {FORMAT_NAME!r}, got {meta.get('format')!r}")
-        if meta.get("format_version") != str(FORMAT_VERSION):
-            raise _InvalidFileError(
-                f"format_version {meta.get('format_version')!r} is not supported; this attn_sparse reads version {FORMAT_VERSION}"
-            )
-        if set(meta) != {"format", "format_version", "entries"}:
-            raise _InvalidFileError(
-                f"unexpected metadata keys {sorted(set(meta) - {'format', 'format_version', 'entries'})}"
-            )
-        entries = _json(meta["entries"], "entries")
-        if not isinstance(entries, list):
-            raise _InvalidFileError("metadata 'entries' must be a JSON list")
-        _check_tensor_table(header, body_len)
-        expected: set[tuple[str, str]] = set()
-        for e in entries:
-            if not isinstance(e, dict) or set(e) != _ENTRY_KEYS:
-                raise _InvalidFileError(f"each entry must be an object with keys {sorted(_ENTRY_KEYS)}, got {e!r:.200}")
-            try:
-                _check_name(e["name"])
-            except ValueError as exc:
-                raise _InvalidFileError(str(exc)) from None
-            if e["name"] in {x[0] for x in expected}:
-                raise _InvalidFileError(f"duplicate entry name {e['name']!r}")
-            expected.add((e["name"], "crow_indices"))
-            expected.add((e["name"], "col_indices"))
-        names = {tuple(k.rsplit("/", 1)) for k in header}
-        if names != expected:
-            raise _InvalidFileError(
-                f"tensors {sorted(header)} do not match the entries {sorted('/'.join(x) for x in expected)}"
-            )
-        from safetensors.torch import load as st_load
-
+    def from_bytes(
+        cls, data: bytes, *, verify: str = "digest", cache: LayoutCache | None = None, source: str = "<bytes>"
+    ) -> PatternLibrary:
+        """Parse the bytes of a library file (the validation of :meth:`load`)."""
+        mode = _check_verify(verify)
         try:
-            tensors = st_load(data)
-        except Exception as exc:  # safetensors reports malformed input with its own error types
-            raise _InvalidFileError(f"safetensors could not read the tensors: {exc}") from None
+            version, entries = decode_bytes(data)
+            return cls._from_entries(version, entries, mode, cache)
+        except InvalidFileError as exc:
+            raise ValueError(f"invalid pattern library {source}: {exc}") from None
+
+    @classmethod
+    def _from_entries(
+        cls, version: int, entries: list[StoredEntry], verify: str, cache: LayoutCache | None
+    ) -> PatternLibrary:
+        if version < 2 and verify != "rebuild":
+            raise InvalidFileError(
+                f"format_version {version} files carry no integrity digests: load with verify='rebuild' "
+                "(pattern entries are rebuilt from their recipe and compared) and save again to upgrade"
+            )
         lib = cls(cache=cache)
         for e in entries:
-            lib._entries[e["name"]] = _entry_from(e, tensors)
+            lib._entries[e.name] = _entry_from(e, verify == "rebuild")
         return lib
 
 
-class _InvalidFileError(Exception):
-    """A reason a library file is rejected (turned into ValueError with the source)."""
+def _check_verify(verify: object) -> str:
+    if not isinstance(verify, str) or verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    return verify
 
 
-def _json(text: str | bytes, what: str) -> Any:
-    try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
-        raise _InvalidFileError(f"{what} is not valid JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-finite number {name} is not allowed")
-
-
-def _read_header(data: bytes) -> tuple[dict[str, Any], int]:
-    """(header object, number of data bytes after it), checking the header length."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise _InvalidFileError(f"expected bytes, got {type(data).__name__}")
-    if len(data) < 8:
-        raise _InvalidFileError(f"truncated: {len(data)} bytes, a safetensors file starts with an 8-byte header size")
-    n = int.from_bytes(bytes(data[:8]), "little")
-    if n < 2 or n > _MAX_HEADER_BYTES or n > len(data) - 8:
-        raise _InvalidFileError(f"header size {n} is impossible for a {len(data)}-byte file (max {_MAX_HEADER_BYTES})")
-    header = _json(bytes(data[8 : 8 + n]), "header")
-    if not isinstance(header, dict):
-        raise _InvalidFileError("header must be a JSON object")
-    return header, len(data) - 8 - n
-
-
-def _nonneg_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
-
-def _check_tensor_table(header: dict[str, Any], body_len: int) -> None:
-    spans = []
-    for key, info in header.items():
-        parts = key.rsplit("/", 1)
-        if len(parts) != 2 or parts[1] not in _TENSOR_FIELDS:
-            raise _InvalidFileError(
-                f"unexpected tensor {key!r:.200}; tensors are '<name>/crow_indices' and '<name>/col_indices'"
-            )
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise _InvalidFileError(f"tensor {key!r} needs exactly dtype, shape, data_offsets")
-        if info["dtype"] != "I32":
-            raise _InvalidFileError(f"tensor {key!r} must have dtype I32, got {info['dtype']!r:.50}")
-        shape, offsets = info["shape"], info["data_offsets"]
-        if not isinstance(shape, list) or len(shape) != 1 or not _nonneg_int(shape[0]):
-            raise _InvalidFileError(f"tensor {key!r} must be 1-D with a non-negative length, got shape {shape!r:.100}")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_nonneg_int(o) for o in offsets):
-            raise _InvalidFileError(f"tensor {key!r} data_offsets must be two non-negative ints, got {offsets!r:.100}")
-        begin, end = offsets
-        if not begin <= end <= body_len or end - begin != 4 * shape[0]:
-            raise _InvalidFileError(
-                f"tensor {key!r} data_offsets {offsets} do not fit its shape {shape} in {body_len} data bytes"
-            )
-        spans.append((begin, end))
-    spans.sort()
-    for (_, e0), (b1, _) in itertools.pairwise(spans):
-        if b1 < e0:
-            raise _InvalidFileError("tensor data ranges overlap")
-
-
-def _entry_from(e: dict[str, Any], tensors: dict[str, torch.Tensor]) -> _Entry:
-    name = e["name"]
-    kind, params = e["kind"], e["params"]
-    if not isinstance(kind, str) or (kind != CUSTOM_KIND and kind not in PATTERNS):
-        raise _InvalidFileError(
-            f"entry {name!r}: kind must be {CUSTOM_KIND!r} or one of {sorted(PATTERNS)}, got {kind!r:.100}"
-        )
-    if not isinstance(params, dict):
-        raise _InvalidFileError(f"entry {name!r}: params must be a JSON object")
-    bs = e["block_size"]
-    ints = {k: e[k] for k in ("num_heads", "num_query_blocks", "num_key_blocks", "nnz")}
-    if not isinstance(bs, list) or len(bs) != 2 or not all(_nonneg_int(b) for b in bs):
-        raise _InvalidFileError(f"entry {name!r}: block_size must be a list of two ints, got {bs!r:.100}")
-    if not all(_nonneg_int(v) for v in ints.values()):
-        raise _InvalidFileError(
-            f"entry {name!r}: num_heads, num_query_blocks, num_key_blocks, nnz must be ints >= 0, got {ints}"
-        )
-    crow, col = tensors[f"{name}/crow_indices"], tensors[f"{name}/col_indices"]
-    if crow.numel() != ints["num_heads"] * ints["num_query_blocks"] + 1 or col.numel() != ints["nnz"]:
-        raise _InvalidFileError(
-            f"entry {name!r}: tensor lengths {crow.numel()}, {col.numel()} disagree with its metadata {ints}"
+def _entry_from(e: StoredEntry, rebuild: bool) -> _Entry:
+    if e.kind != CUSTOM_KIND and e.kind not in PATTERNS:
+        raise InvalidFileError(
+            f"entry {e.name!r}: kind must be {CUSTOM_KIND!r} or one of {sorted(PATTERNS)}, got {e.kind!r:.100}"
         )
     try:
         layout = BlockLayout.from_csr(
-            crow, col, block_size=(bs[0], bs[1]), num_key_blocks=ints["num_key_blocks"], num_heads=ints["num_heads"]
+            e.crow_indices,
+            e.col_indices,
+            block_size=e.block_size,
+            num_key_blocks=e.num_key_blocks,
+            num_heads=e.num_heads,
         )
-        canonical = _canonical_params(params)
     except (TypeError, ValueError) as exc:
-        raise _InvalidFileError(f"entry {name!r}: {exc}") from None
-    return _Entry(layout, kind, canonical)
+        raise InvalidFileError(f"entry {e.name!r}: {exc}") from None
+    if rebuild and e.kind != CUSTOM_KIND:
+        params = json.loads(e.params)
+        try:  # "device" in the stored params is refused (passed twice): the library builds on the CPU
+            rebuilt = build_pattern(e.kind, device="cpu", **params)
+        except (TypeError, ValueError) as exc:
+            raise InvalidFileError(
+                f"entry {e.name!r}: its recipe {e.kind}({e.params:.200}) does not build: {exc}"
+            ) from None
+        if rebuilt != layout:
+            raise InvalidFileError(
+                f"entry {e.name!r}: the layout rebuilt from {e.kind}({e.params:.200}) differs from the stored tiles"
+            )
+    return _Entry(layout, e.kind, e.params)

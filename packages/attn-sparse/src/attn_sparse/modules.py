@@ -124,10 +124,14 @@ class MultiheadBlockSparseAttention(nn.Module):
                 f"query (B={B}), key {tuple(key.shape)} and value {tuple(value.shape)} need one batch size, "
                 "and key and value one length"
             )
-        weight_dtype = self.q_proj.weight.dtype
+        weight_dtype, weight_device = self.q_proj.weight.dtype, self.q_proj.weight.device
         for name, t in (("query", query), ("key", key), ("value", value)):
             if t.dtype != weight_dtype:
                 raise TypeError(f"{name} dtype {t.dtype} differs from the module's parameters ({weight_dtype})")
+            if t.device != weight_device:
+                raise ValueError(
+                    f"{name} is on {t.device}, the module's parameters on {weight_device}: move one of them"
+                )
         q = self.q_proj(query).reshape(B, Nq, self.num_heads, self.head_dim)
         k = self.k_proj(key).reshape(B, Nk, self.num_kv_heads, self.head_dim)
         v = self.v_proj(value).reshape(B, Nk, self.num_kv_heads, self.head_dim)

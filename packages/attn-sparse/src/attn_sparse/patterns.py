@@ -36,7 +36,16 @@ from attn_core.config import DilatedConfig
 
 from . import _hash
 from ._triton_env import triton_builds
-from .layout import BlockLayout, _expand_intervals, check_block_size, check_device, row_work_device
+from .layout import (
+    MAX_SEQ_LEN,
+    BlockLayout,
+    _expand_intervals,
+    check_block_size,
+    check_device,
+    check_geometry,
+    check_seq_len,
+    row_work_device,
+)
 
 __all__ = [
     "PATTERNS",
@@ -61,6 +70,9 @@ def _int(name: str, value: object, minimum: int) -> int:
 
 Device = torch.device | str
 
+# Row-level interval entries a builder materialises (rows x intervals per row), int64 each: 2 GiB.
+MAX_ROW_INTERVALS = 2**28
+
 
 class _Grid:
     """Token geometry of a pattern: block rows/columns and each query block's token span.
@@ -71,16 +83,32 @@ class _Grid:
     tensors are built on first use, so builders only pay for what they read.
     """
 
-    def __init__(self, seq_len: object, block_size: object, device: object) -> None:
-        self.n = _int("seq_len", seq_len, 1)
+    def __init__(self, seq_len: object, block_size: object, device: object, num_heads: object = 1) -> None:
+        self.n = check_seq_len("seq_len", seq_len)
         self.bq, self.bk = check_block_size(block_size)
         self.device = check_device(device)
+        self.heads = _int("num_heads", num_heads, 1)
         self.nq = -(-self.n // self.bq)
         self.nk = -(-self.n // self.bk)
+        check_geometry(self.heads, self.nq, self.nk)
         self.rows_on = row_work_device(self.device, 2 * self.nq)
 
+    def distance(self, name: str, value: object) -> int:
+        """A distance in tokens (window, global tokens), >= 0; beyond N it means N (no overflow)."""
+        return min(_int(name, value, 0), self.n)
+
+    def stride(self, name: str, value: object) -> int:
+        """A stride in key blocks, >= 1; at or beyond nk only the diagonal's run is left, as at nk."""
+        return min(_int(name, value, 1), self.nk)
+
     def plan(self, entries: int) -> None:
-        """Place the row-level work: ``entries`` = rows x intervals per row (an upper bound)."""
+        """Place the row-level work: ``entries`` = rows x intervals per row (an upper bound).
+        Raises ValueError above :data:`MAX_ROW_INTERVALS` (before anything is allocated)."""
+        if entries > MAX_ROW_INTERVALS:
+            raise ValueError(
+                f"the pattern needs {entries} row intervals (query block rows x intervals per row), above "
+                f"MAX_ROW_INTERVALS={MAX_ROW_INTERVALS}: use larger blocks, shorter windows or larger strides"
+            )
         self.rows_on = row_work_device(self.device, entries)
 
     @functools.cached_property
@@ -166,7 +194,7 @@ def local_window(
     Intersect with :func:`causal` for a causal window. window 0 keeps the diagonal tiles.
     """
     g = _Grid(seq_len, block_size, device)
-    w = _int("window", window, 0)
+    w = g.distance("window", window)
     if triton_builds(g.device):  # one Triton launch, no host read (kernels.pattern_build.window_csr)
         from .kernels.pattern_build import window_csr
 
@@ -197,7 +225,7 @@ def dilated(
     """Strided key blocks: query block i reads key blocks j with (j - d(i)) % stride == 0, where
     d(i) is the key block holding block i's first token (so the diagonal is always kept)."""
     g = _Grid(seq_len, block_size, device)
-    s = _int("stride", stride, 1)
+    s = g.stride("stride", stride)
     # row i is one strided run first_i, first_i + s, ... < nk: written straight into CSR
     first = torch.remainder(g.diag, s)
     counts = (g.nk - 1 - first) // s + 1
@@ -218,8 +246,8 @@ def global_local(
     """Longformer: a sliding ``window`` plus the first ``global_tokens`` tokens, which every query
     reads and which read every key."""
     g = _Grid(seq_len, block_size, device)
-    lo_w, hi_w = g.window(_int("window", window, 0))
-    lo_g, hi_g = g.global_interval(_int("global_tokens", global_tokens, 0))
+    lo_w, hi_w = g.window(g.distance("window", window))
+    lo_g, hi_g = g.global_interval(g.distance("global_tokens", global_tokens))
     # the global interval starts at 0, before the window: starts are already in order
     return g.layout(torch.cat([lo_g, lo_w], dim=1), torch.cat([hi_g, hi_w], dim=1), presorted=True, symmetric=True)
 
@@ -262,12 +290,13 @@ def _bigbird(
 ) -> BlockLayout:
     """:func:`bigbird`; ``triton`` picks the builder (None: :func:`triton_builds`). Tests pass
     True to run the Triton builder on CPU tensors under TRITON_INTERPRET=1."""
-    g = _Grid(seq_len, block_size, device)
-    heads = _int("num_heads", num_heads, 1)
+    g = _Grid(seq_len, block_size, device, num_heads)
+    heads = g.heads
     r = _int("random_blocks", random_blocks, 0)
+    g.plan(heads * g.nq * (2 + r))  # both builders materialise every row's draws
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
-    w, gt = _int("window", window, 0), _int("global_tokens", global_tokens, 0)
+    w, gt = g.distance("window", window), g.distance("global_tokens", global_tokens)
     key = _hash.seed_key(seed)
     if triton is None:
         triton = triton_builds(g.device)
@@ -277,7 +306,6 @@ def _bigbird(
         crow, col, ccol, rows = bigbird_csr(g.n, (g.bq, g.bk), w, gt, r, key, heads, g.device)
         layout = BlockLayout._trusted(crow, col, (g.bq, g.bk), heads, g.nq, g.nk)
         return layout._with_transposed(ccol, rows)
-    g.plan(heads * g.nq * (2 + r))
     lo_w, hi_w = g.window(w)
     lo_g, hi_g = g.global_interval(gt)
     rnd = _hash.random_blocks(key, heads, g.nq, g.nk, r, g.rows_on)
@@ -307,7 +335,7 @@ def hierarchical(
         raise ValueError(
             f"windows and strides must be non-empty and of equal length, got {list(windows)} and {list(strides)}"
         )
-    levels = [(_int("stride", s, 1), min(_int("window", w, 0), g.n)) for w, s in zip(windows, strides)]
+    levels = [(g.stride("stride", s), g.distance("window", w)) for w, s in zip(windows, strides)]
     g.plan(g.nq * sum(1 if s == 1 else -(-g.window_span(w) // s) for s, w in levels))
     los, his = [], []
     for s, w in levels:
@@ -390,9 +418,12 @@ def longnet(
     dilated pattern (whole tiles, every key of them, a single softmax): it is the tile set a
     dilated kernel must visit, not a re-implementation of dilated attention.
     """
-    g = _Grid(seq_len, block_size, device)
-    heads = _int("num_heads", num_heads, 1)
+    g = _Grid(seq_len, block_size, device, num_heads)
+    heads = g.heads
     cfg = DilatedConfig(segment_lengths, dilation_rates, head_mode)
+    for w in cfg.segment_lengths:  # segment arithmetic (segment index x length) stays far inside int64
+        if w > MAX_SEQ_LEN:
+            raise ValueError(f"segment lengths must be <= {MAX_SEQ_LEN} tokens, got {w} in {list(cfg.segment_lengths)}")
     if not isinstance(per_head, bool):
         raise TypeError(f"per_head must be a bool, got {per_head!r}")
     per_head_sets: list[set[tuple[int, int, int]]] = [set() for _ in range(heads)]

@@ -27,6 +27,23 @@ def unsupported_reasons(
     return []
 
 
+def masked_softmax(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, lse) of a softmax over the last dim of logits ``s`` whose masked entries are -inf.
+
+    The row max is subtracted and p normalised by the row sum (exp(s - lse) loses the
+    normalisation once lse rounds at large logits: at 1e6 a float32 lse is off by ulps of 1e6).
+    A row of only -inf gives p = 0 and lse = -inf, never NaN. lse keeps the last dim (size 1).
+    """
+    row_max = s.amax(dim=-1, keepdim=True).detach()  # p and lse do not depend on it: no gradient path
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(s - row_max)  # exactly 0 on masked entries
+    total = e.sum(dim=-1, keepdim=True)
+    seen = total > 0
+    safe = torch.where(seen, total, torch.ones_like(total))  # no 0/0 (nor log 0 in the backward)
+    lse = torch.where(seen, row_max + torch.log(safe), torch.full_like(total, float("-inf")))
+    return e / safe, lse
+
+
 def _pad_seq(t: torch.Tensor, length: int) -> torch.Tensor:
     extra = length - t.shape[1]
     return t if extra == 0 else torch.nn.functional.pad(t, (0, 0, 0, 0, 0, extra))
@@ -105,8 +122,7 @@ def gathered_attention(
         if padk is not None:
             masked = masked | padk[:, kpos.flatten()].reshape(B, -1, 1, 1, 1, width * bk)
         s = s.masked_fill(masked, float("-inf"))  # its backward zeroes masked entries (no NaN from empty rows)
-        lse = torch.logsumexp(s, dim=-1, keepdim=True)
-        p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
+        p, lse = masked_softmax(s)
         outs.append(torch.matmul(p, vr))  # (B, R, h1, h2, Bq, D)
         lses.append(lse.squeeze(-1))
         rows_done.append(rr)

@@ -2,7 +2,7 @@
 
 Forward and exact backward over the active tiles only (see :mod:`attn_sparse.kernels.block_sparse`).
 Takes fp16/bf16 on CUDA GPUs of compute capability >= 8.0, head dims 16/32/64/128, any layout
-block size the layout class allows (powers of two >= 16). With ``TRITON_INTERPRET=1`` it runs on
+block size the layout class allows (powers of two in [16, 1024]: layout.MIN_BLOCK_SIZE..MAX_BLOCK_SIZE). With ``TRITON_INTERPRET=1`` it runs on
 CPU tensors in Triton's interpreter (fp16/fp32; bf16 is not supported there): slow, meant for tests.
 """
 
@@ -32,26 +32,25 @@ def unsupported_reasons(
     reasons: list[str] = []
     if not triton_installed():
         reasons.append("triton is not installed (pip install 'attn-sparse[triton]')")
-    interpret = interpret_mode()
-    if interpret:
+    if interpret_mode():
         if q.device.type != "cpu":
-            reasons.append(f"TRITON_INTERPRET=1 runs kernels on CPU tensors only, got device {q.device}")
+            return [*reasons, f"TRITON_INTERPRET=1 runs kernels on CPU tensors only, got device {q.device}"]
         if q.dtype not in INTERPRET_DTYPES:
             reasons.append(f"dtype {q.dtype} is not supported by the Triton interpreter; allowed: float16, float32")
     else:
+        # the device first: on another device nothing else matters (no GPU dtype list on a CPU)
         if q.device.type != "cuda":
-            reasons.append(f"needs a CUDA device (or TRITON_INTERPRET=1 for CPU tests), got {q.device}")
-        elif torch.cuda.get_device_capability(q.device) < (8, 0):
+            return [
+                *reasons,
+                f"runs on CUDA devices (or on CPU tensors under TRITON_INTERPRET=1), got device {q.device}",
+            ]
+        if torch.cuda.get_device_capability(q.device) < (8, 0):
             cap = torch.cuda.get_device_capability(q.device)
             reasons.append(f"needs a GPU of compute capability >= 8.0, got {cap[0]}.{cap[1]}")
         if q.dtype not in GPU_DTYPES:
             reasons.append(f"dtype {q.dtype} is not supported on the GPU; allowed: float16, bfloat16")
     if q.shape[-1] not in HEAD_DIMS:
         reasons.append(f"head dim {q.shape[-1]} is not supported; allowed: {HEAD_DIMS}")
-    bq, bk = layout.block_size
-    for name, b in (("Bq", bq), ("Bk", bk)):
-        if b < 16 or b & (b - 1):
-            reasons.append(f"layout block size {name}={b} must be a power of two >= 16")
     return reasons
 
 
