@@ -107,7 +107,7 @@ def dilated_attention(
     head_mode: str = "all",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """LongNet dilated attention (DESIGN.md semantics), differentiable with exact gradients.
+    """LongNet dilated attention, differentiable with exact gradients.
 
     q: (B, N, H, D); k, v: (B, N, Hkv, D) with H % Hkv == 0; key_padding_mask: (B, N) bool,
     True = padding. segment_lengths w_g and dilation_rates r_g with w_g % r_g == 0; N need not

@@ -20,6 +20,7 @@ __all__ = ["BackendChoice", "BackendRegistry"]
 # Joins the choice's reason and the reasons of the backends skipped ahead of it in ``why``.
 SKIPPED_SEPARATOR = "; skipped "
 
+
 @dataclass(frozen=True)
 class BackendChoice:
     """Which backend runs a call and why; ``rejected`` maps other backends to their reasons.
