@@ -19,6 +19,8 @@ from typing import Protocol
 
 import torch
 
+from .validation import check_qkv, check_tensor
+
 __all__ = [
     "BlockImpl",
     "acc_dtype",
@@ -152,7 +154,11 @@ def block_forward(
     softmax_scale: float,
     key_padding_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, Nq, H, D) in q.dtype, lse (B, H, Nq) fp32, fp64 for fp64 q); empty rows: out 0, lse -inf."""
+    """(out (B, Nq, H, D) in q.dtype, lse (B, H, Nq) fp32, fp64 for fp64 q); empty rows: out 0, lse -inf.
+
+    Padded keys (key_padding_mask (B, Nk) True) are ignored, their k and v values never read.
+    """
+    check_qkv(q, k, v, key_padding_mask=key_padding_mask, same_length=False)
     impl = _pick(q, k, is_causal, key_padding_mask is not None)
     if impl is not None:
         return impl.forward(q, k, v, is_causal, softmax_scale)
@@ -178,7 +184,14 @@ def block_backward(
     softmax_scale: float,
     key_padding_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This block's (dq, dk, dv) given the rows' final out and lse (in acc_dtype; dk/dv summed over GQA groups)."""
+    """This block's (dq, dk, dv) given the rows' final out and lse (in acc_dtype; dk/dv summed over GQA groups).
+
+    dout, out: (B, Nq, H, D); lse: (B, H, Nq). Padded keys get dk = dv = 0; their values are never read.
+    """
+    B, Nq, H, _, _ = check_qkv(q, k, v, key_padding_mask=key_padding_mask, same_length=False)
+    check_tensor("dout", dout, tuple(q.shape), q.device)
+    check_tensor("out", out, tuple(q.shape), q.device)
+    check_tensor("lse", lse, (B, H, Nq), q.device)
     impl = _pick(q, k, is_causal, key_padding_mask is not None)
     if impl is not None:
         return impl.backward(dout, q, k, v, out, lse, is_causal, softmax_scale)
