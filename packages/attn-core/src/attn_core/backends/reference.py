@@ -1,17 +1,18 @@
 """Pure PyTorch dilated attention: any device, any float dtype (float64 included), plain autograd.
 
-Per group g = (w, r) (clamped to N, :meth:`attn_core.config.DilatedConfig.group_extent`) and per
-offset o that some head of the group has (o = j mod r < N): the sequence is padded up to a multiple of w
-and viewed as (B, segments, w / r, r, H, D); rows ``[:, :, :, o]`` are the positions
-s + o + t*r that heads with offset o select. Those heads (sharing the offset, so one gather
-serves them all) attend within their segment with an explicit log-sum-exp; the results are
-placed back and the groups merged with :func:`attn_core.merge.merge_partials`. Every step is an
-ordinary autograd op, so gradients are exact, including through the merge weights.
+Per group g = (w, r) (clamped to N, :meth:`attn_core.config.DilatedConfig.group_extent`) and
+per offset o that some head of the group has (o = j mod r < N): the sequence is padded up to a
+multiple of w and viewed as (B, segments, w / r, r, H, D); rows ``[:, :, :, o]`` are the
+positions s + o + t*r that heads with offset o select. Those heads (sharing the offset, so one
+gather serves them all) attend within their segment (max-subtracted softmax normalised by its
+sum, :func:`attn_core.blocks.softmax_with_lse`); the results are placed back and the groups
+merged with :func:`attn_core.merge.merge_partials`. Every step is an ordinary autograd op, so
+gradients are exact, including through the merge weights.
 
 Memory per (group, offset) is O(B * segments * heads * (w / r)^2): it scales with the segment
-lengths, never with N^2 (nor with configured lengths or rates beyond N). Positions past N (padding of a short last segment) are masked keys and
-their query rows are dropped. Padded keys are zeroed before use, so their values (even NaN or
-inf) never reach the output or the gradients.
+lengths, never with N^2 (nor with lengths or rates configured beyond N). Positions past N
+(padding of a short last segment) are masked keys and their query rows are dropped. Padded keys
+are zeroed before use, so their values (even NaN or inf) never reach the output or the gradients.
 
 Dropout (``dropout_p > 0``) is applied to each group's attention probabilities before the merge;
 the merge uses the undropped lse. Since the merged probability of key k in group g is

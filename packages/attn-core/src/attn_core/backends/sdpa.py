@@ -22,8 +22,9 @@ GQA without repeating K/V: the kv heads of a call are themselves a strided set o
 call per kv head. Key padding: an additive (segments, rows) bias per call, built from a strided
 view of the mask only when a mask is given; fully padded rows give 0. With a mask, k and v are
 first copied with padded keys zeroed (their values, even NaN, are never read); without one,
-nothing is copied. Dropout is not supported
-(-> the reference backend takes it).
+nothing is copied. Dropout is not supported (-> the reference backend takes it), nor is double
+backward (a clear error; the reference backend is plain autograd). Group geometry is clamped to N
+(:meth:`attn_core.config.DilatedConfig.group_extent`): planning follows N and H, not w or r.
 """
 
 from __future__ import annotations
