@@ -173,3 +173,11 @@ def test_config_accepts_integer_arrays_and_ranges():
     b = dilated_attention(q, k, v, np.array([4, 8]), torch.tensor([1, 2]), backend="reference")
     c = dilated_attention(q, k, v, range(4, 12, 4), (1, 2), backend="reference")
     assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_explain_report_gives_each_reason_once(fake_backend):
+    fake_backend.extend(["needs CUDA tensors, got cpu", "needs fp16/bf16, got torch.float64"])
+    q, k, v = _qkv()
+    text = str(explain(q, k, v, [4], [1]))
+    for reason in fake_backend:
+        assert text.count(reason) == 1, text

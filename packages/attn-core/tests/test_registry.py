@@ -63,3 +63,14 @@ def test_missing_module_is_reported_not_installed() -> None:
     assert reg.load("reference") is not None  # a real backend imports lazily
     reg.record("reference")
     assert reg.last() == "reference"
+
+
+def test_report_gives_each_reason_once() -> None:
+    reg, _ = _registry_with({"fast": ["needs CUDA"], "mid": ["needs fp16"], "slow": [], "last": []})
+    for explain_all in (False, True):
+        choice = reg.choose("auto", lambda mod: mod.unsupported_reasons(), explain_all=explain_all)
+        text = str(choice)
+        assert choice.backend == "slow"
+        assert text.count("needs CUDA") == 1 and text.count("needs fp16") == 1, text
+        assert "not fast: needs CUDA" in text and "not mid: needs fp16" in text
+        assert "skipped fast: needs CUDA | mid: needs fp16" in choice.why  # the one-line summary keeps them

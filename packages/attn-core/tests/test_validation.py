@@ -7,7 +7,16 @@ import re
 import pytest
 import torch
 
-from attn_core import DilatedAttention, LongNetLM, MultiheadDilatedAttention, dilated_attention, explain
+from attn_core import (
+    DilatedAttention,
+    LongNetDecoderLayer,
+    LongNetEncoderLayer,
+    LongNetLM,
+    MultiheadDilatedAttention,
+    dilated_attention,
+    explain,
+)
+from attn_core.blocks import block_backward, block_forward
 
 
 def _qkv(B=2, N=8, H=4, Hkv=2, D=4, dtype=torch.float32):
@@ -265,3 +274,98 @@ def test_zero_query_heads_is_rejected_with_the_gqa_rule() -> None:
     k = torch.randn(2, 16, 1, 8)
     with pytest.raises(ValueError, match="H=0 must be a positive multiple"):
         dilated_attention(q, k, k, [4], [1], backend="reference")
+
+
+INF, NAN = float("inf"), float("nan")
+MHA = MultiheadDilatedAttention
+# every option of every module, checked at construction (before any parameter is made)
+BAD_MODULE_OPTIONS = [
+    (lambda: MHA(32, 4, [4], [1], gamma_init=INF), ValueError, "gamma_init must be a positive float, got inf"),
+    (lambda: MHA(32, 4, [4], [1], gamma_init=NAN), ValueError, "gamma_init must be a positive float, got nan"),
+    (lambda: MHA(32, 4, [4], [1], gamma_init="1"), TypeError, "gamma_init must be a positive float, got '1'"),
+    (lambda: MHA(32, 4, [4], [1], layer_norm_eps=-1), ValueError, "layer_norm_eps must be a positive float, got -1"),
+    (lambda: MHA(32, 4, [4], [1], layer_norm_eps=0.0), ValueError, "layer_norm_eps must be a positive float, got 0.0"),
+    (lambda: MHA(32, 4, [4], [1], layer_norm_eps="x"), TypeError, "layer_norm_eps must be a positive float, got 'x'"),
+    (lambda: MHA(32, 4, [4], [1], bias="no"), TypeError, "bias must be a bool, got 'no'"),
+    (lambda: MHA(32, 4, [4], [1], layer_norm=1), TypeError, "layer_norm must be a bool, got 1"),
+    (lambda: MHA(32, 4, [4], [1], num_kv_heads=2.0), TypeError, "num_kv_heads must be a positive int, got 2.0"),
+    (lambda: MHA(32, 4, [4], [1], dropout="0.1"), TypeError, "dropout must be a float in"),
+    (lambda: MHA(32, 4, [4], [1], device="bogus"), ValueError, "device='bogus' is not a device"),
+    (lambda: MHA(32, 4, [4], [1], device=3.5), TypeError, "device must be a torch.device, a str .* got 3.5"),
+    (lambda: MHA(32, 4, [4], [1], device="cuda:99"), ValueError, "device='cuda:99' is not available here"),
+    (lambda: MHA(32, 4, [4], [1], dtype="float32"), TypeError, "dtype must be one of .* got 'float32'"),
+    (lambda: DilatedAttention([4], [1], dropout=None), TypeError, "dropout must be a float in"),
+    (lambda: DilatedAttention([4], [1], backend=None), TypeError, "backend must be a str"),
+    (lambda: LongNetEncoderLayer(0, 2, [4], [1]), ValueError, "d_model must be a positive int, got 0"),
+    (lambda: LongNetEncoderLayer(8, 3, [4], [1]), ValueError, "d_model=8 must be divisible by nhead=3"),
+    (lambda: LongNetEncoderLayer(8, 2.0, [4], [1]), TypeError, "nhead must be a positive int, got 2.0"),
+    (lambda: LongNetEncoderLayer(8, 2, [4], [1], layer_norm_eps=NAN), ValueError, "layer_norm_eps must be a"),
+    (lambda: LongNetEncoderLayer(8, 2, [4], [1], gamma_init=-INF), ValueError, "gamma_init must be a positive"),
+    (lambda: LongNetDecoderLayer(8, 2, [4], [1], activation=["gelu"]), TypeError, "activation must be a str"),
+    (lambda: LongNetDecoderLayer(8, 2, [4], [1], dropout=-0.1), ValueError, r"dropout must be in \[0, 1\)"),
+    (lambda: LongNetDecoderLayer(8, 2, [4], [1], device="bogus"), ValueError, "device='bogus' is not a device"),
+    (lambda: LongNetDecoderLayer(8, 2, [4], [1], dim_feedforward=1.5), TypeError, "dim_feedforward must be"),
+    (lambda: LongNetLM(10, 8, 2, 1, [4], [1], device="bogus"), ValueError, "device='bogus' is not a device"),
+    (lambda: LongNetLM(10, 8, 2, 1, [4], [1], dtype=torch.int64), TypeError, "dtype must be one of .* torch.int64"),
+    (lambda: LongNetLM(10, 8, "2", 1, [4], [1]), TypeError, "nhead must be a positive int, got '2'"),
+    (lambda: LongNetLM(10, 8, 3, 1, [4], [1]), ValueError, "d_model=8 must be divisible by nhead=3"),
+    (lambda: LongNetLM(10.0, 8, 2, 1, [4], [1]), TypeError, "vocab_size must be a positive int, got 10.0"),
+    (lambda: LongNetLM(10, 8, 2, 1, [4], [1], activation=None), TypeError, "activation must be a str"),
+    (
+        lambda: LongNetLM(10, 8, 2, 1, [4], [1], gradient_checkpointing="yes"),
+        TypeError,
+        "gradient_checkpointing must be a bool, got 'yes'",
+    ),
+    (lambda: LongNetLM(10, 8, 2, 1, [4], [1], num_kv_heads=0), ValueError, "num_kv_heads must be a positive int"),
+    (lambda: LongNetLM(10, 8, 2, 1, [4], [3]), ValueError, "segment length 4 is not divisible"),
+]
+
+
+@pytest.mark.parametrize(("make", "exc", "match"), BAD_MODULE_OPTIONS)
+def test_bad_module_options_fail_at_construction(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+def test_meta_tensors_run_shape_only_or_say_why():
+    q, k, v = (t.to("meta") for t in _qkv())
+    assert dilated_attention(q, k, v, SEG, RATES).shape == q.shape  # auto: the reference backend
+    assert explain(q, k, v, SEG, RATES).backend == "reference"
+    with pytest.raises(ValueError, match="backend 'sdpa' cannot take this input: device type 'meta' is not supported"):
+        dilated_attention(q, k, v, SEG, RATES, backend="sdpa")
+    mha = MultiheadDilatedAttention(16, 4, SEG, RATES, device="meta")
+    x = torch.randn(2, 8, 16, device="meta")
+    assert mha(x, x, x)[0].shape == x.shape
+    lm = LongNetLM(10, 16, 4, 1, SEG, RATES, device="meta")
+    assert lm(torch.zeros(2, 8, dtype=torch.long, device="meta")).shape == (2, 8, 10)
+    o, lse = block_forward(q, k, v, softmax_scale=0.5)
+    assert o.shape == q.shape and lse.shape == (2, 4, 8)
+
+
+def test_inputs_on_the_wrong_device_say_so():
+    q, k, v = _qkv()
+    meta_mask = torch.zeros(2, 8, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match="key_padding_mask must be on cpu like q, got meta"):
+        dilated_attention(q, k, v, SEG, RATES, key_padding_mask=meta_mask)
+    with pytest.raises(ValueError, match="key_padding_mask must be on cpu like q, got meta"):
+        block_forward(q, k, v, softmax_scale=0.5, key_padding_mask=meta_mask)
+    with pytest.raises(ValueError, match="q, k, v must be on one device, got cpu, meta, meta"):
+        block_forward(q, k.to("meta"), v.to("meta"), softmax_scale=0.5)
+    out, lse = block_forward(q, k, v, softmax_scale=0.5)
+    with pytest.raises(ValueError, match="lse must be on cpu like q, got meta"):
+        block_backward(out, q, k, v, out, lse.to("meta"), softmax_scale=0.5)
+    with pytest.raises(ValueError, match=re.escape("lse must have shape (2, 4, 8), got (2, 4, 7)")):
+        block_backward(out, q, k, v, out, lse[..., :7], softmax_scale=0.5)
+    with pytest.raises(ValueError, match=re.escape("dout must have shape (2, 8, 4, 4), got (2, 7, 4, 4)")):
+        block_backward(out[:, :7], q, k, v, out, lse, softmax_scale=0.5)
+    with pytest.raises(TypeError, match=r"key_padding_mask must have dtype torch\.bool"):
+        block_forward(q, k, v, softmax_scale=0.5, key_padding_mask=torch.zeros(2, 8))
+    mha = MultiheadDilatedAttention(16, 4, SEG, RATES)
+    x = torch.randn(2, 8, 16)
+    with pytest.raises(ValueError, match="key_padding_mask must be on cpu like q, got meta"):
+        mha(x, x, x, key_padding_mask=meta_mask)
+    lm = LongNetLM(10, 16, 4, 1, SEG, RATES)
+    with pytest.raises(ValueError, match="input_ids are on meta but the model's parameters are on cpu"):
+        lm(torch.zeros(2, 8, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match="key_padding_mask must be on cpu like q, got meta"):
+        lm(torch.zeros(2, 8, dtype=torch.long), key_padding_mask=meta_mask)

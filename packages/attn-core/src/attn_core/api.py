@@ -107,13 +107,15 @@ def dilated_attention(
     head_mode: str = "all",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """LongNet dilated attention (DESIGN.md semantics), differentiable with exact gradients.
+    """LongNet dilated attention, differentiable with exact gradients.
 
     q: (B, N, H, D); k, v: (B, N, Hkv, D) with H % Hkv == 0; key_padding_mask: (B, N) bool,
     True = padding. segment_lengths w_g and dilation_rates r_g with w_g % r_g == 0; N need not
     be a multiple of any w_g. head_mode "all" (every head runs every group) or "split" (heads
     partitioned into contiguous groups). Returns out (B, N, H, D) in q's dtype; a (position, head)
-    selected by no group or seeing only padding gives 0.
+    selected by no group or seeing only padding gives 0. Padded keys' k and v values are never read
+    into the result (NaN or inf there changes nothing; their gradients are 0). Segment lengths and
+    rates larger than N select what N-sized ones do, at the cost of N-sized ones.
 
     backend: "auto" or one of :data:`BACKENDS`; a pinned backend that cannot take the input
     raises ValueError with its reasons (no fallback). See :func:`explain`, :func:`last_backend`.

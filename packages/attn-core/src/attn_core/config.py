@@ -1,7 +1,7 @@
 """Dilated attention configuration: the one place that fixes which (position, head) pairs a group selects.
 
 Every backend and every reference derives its geometry from :class:`DilatedConfig`, so the
-semantics of ``../shared/DESIGN.md`` (segments, per-head offsets ``j mod r``, head modes) live once.
+semantics (segments, per-head offsets ``j mod r``, head modes) live once.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 HEAD_MODES = ("all", "split")
+# Segment lengths and dilation rates travel as int64 (torch.compile's op schemas); larger values
+# select nothing more than N-sized ones do (see DilatedConfig.group_extent).
+MAX_EXTENT = 2**63 - 1
 
 
 def _as_int_tuple(name: str, values: object) -> tuple[int, ...]:
@@ -62,6 +65,8 @@ class DilatedConfig:
                 raise ValueError(f"segment lengths must be positive, got {w} in {list(seg)}")
             if r <= 0:
                 raise ValueError(f"dilation rates must be positive, got {r} in {list(rates)}")
+            if w > MAX_EXTENT:
+                raise ValueError(f"segment lengths must be at most 2**63 - 1, got {w} in {list(seg)}")
             if w % r != 0:
                 raise ValueError(
                     f"segment length {w} is not divisible by its dilation rate {r}; each w_g % r_g must be 0"
@@ -89,6 +94,31 @@ class DilatedConfig:
     def head_offset(self, group: int, head: int) -> int:
         """Offset o = j mod r_g of query head ``head`` (global head index) in group ``group``."""
         return head % self.dilation_rates[group]
+
+    def group_extent(self, group: int, seq_len: int) -> tuple[int, int]:
+        """(w, r) of group ``group`` clamped to a sequence of N = ``seq_len`` positions (r <= max(N, 1),
+        w < 2 * max(N, 1)), selecting the same positions in the same segments as (w_g, r_g).
+
+        A rate r_g >= N selects only position o for offset o < N, as r = N does; a segment
+        w_g >= N is one segment, as the smallest multiple of r covering N is. Offsets are still
+        j mod r_g (:meth:`heads_by_offset`). Every backend plans with these, so work and memory
+        follow N however large the configured values are.
+        """
+        n = max(seq_len, 1)
+        r = min(self.dilation_rates[group], n)
+        w = min(self.segment_lengths[group], -(-n // r) * r)
+        return w, r
+
+    def heads_by_offset(self, group: int, num_heads: int, seq_len: int) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """((o, heads), ...) in increasing o: the query heads of group ``group`` with offset o = j mod r_g,
+        for the offsets that select a position (o < seq_len). At most num_heads entries."""
+        rate = self.dilation_rates[group]
+        by_offset: dict[int, list[int]] = {}
+        for j in self.heads_for_group(group, num_heads):
+            o = j % rate
+            if o < seq_len:
+                by_offset.setdefault(o, []).append(j)
+        return tuple((o, tuple(heads)) for o, heads in sorted(by_offset.items()))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +19,14 @@ from torch.nn.functional import gelu, linear, relu
 from torch.utils.checkpoint import checkpoint
 
 from .modules import MultiheadDilatedAttention
-from .validation import FLOAT_DTYPES, check_dropout, check_positive_int
+from .validation import (
+    check_bool,
+    check_choice,
+    check_dropout,
+    check_factory_kwargs,
+    check_positive_float,
+    check_positive_int,
+)
 
 __all__ = ["LongNetDecoderLayer", "LongNetEncoderLayer", "LongNetLM", "magneto_gamma"]
 
@@ -60,12 +66,19 @@ class _LongNetLayer(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        # every option is checked before any parameter exists; MultiheadDilatedAttention checks
+        # the dilated config, num_kv_heads, head_mode and backend
+        factory = check_factory_kwargs(device, dtype)
+        d_model = check_positive_int("d_model", d_model)
+        nhead = check_positive_int("nhead", nhead)
+        if d_model % nhead != 0:
+            raise ValueError(f"d_model={d_model} must be divisible by nhead={nhead}")
+        activation = check_choice("activation", activation, tuple(sorted(_ACTIVATIONS)))
+        dropout = check_dropout(dropout, "dropout")
         check_dropout(attention_dropout, "attention_dropout")
+        layer_norm_eps = check_positive_float("layer_norm_eps", layer_norm_eps)
+        gamma_init = check_positive_float("gamma_init", gamma_init)
         ff = 4 * d_model if dim_feedforward is None else check_positive_int("dim_feedforward", dim_feedforward)
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        # MultiheadDilatedAttention validates d_model, nhead, the dilated config, dropout, dtype.
         self.self_attn = MultiheadDilatedAttention(
             d_model,
             nhead,
@@ -86,7 +99,7 @@ class _LongNetLayer(nn.Module):
         self.linear1 = nn.Linear(d_model, ff, **factory)
         self.ffn_norm = nn.LayerNorm(ff, eps=layer_norm_eps, **factory)
         self.linear2 = nn.Linear(ff, d_model, **factory)
-        self.dropout = nn.Dropout(check_dropout(dropout, "dropout"))
+        self.dropout = nn.Dropout(dropout)
         nn.init.xavier_normal_(self.linear1.weight, gain=gamma_init)
         nn.init.xavier_normal_(self.linear2.weight, gain=gamma_init)
         nn.init.zeros_(self.linear1.bias)
@@ -139,6 +152,7 @@ class LongNetLM(nn.Module):
     (tied to the embedding by default).
 
     forward(input_ids (B, N) int64, *, key_padding_mask (B, N) bool) -> logits (B, N, vocab_size).
+    Padded keys are never read into the attention result of any position.
     ``dropout`` (embedding and residual branches) and ``attention_dropout`` as in the layers.
     ``gradient_checkpointing=True`` recomputes each layer in backward (torch.utils.checkpoint,
     non-reentrant, RNG state preserved so dropout masks match) when training with grad enabled.
@@ -166,16 +180,21 @@ class LongNetLM(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        # the LM's own options, and the layers' (checked again by each layer) before the embedding
+        # is made: a bad value fails here, by name, not deep in torch or after allocating
+        factory = check_factory_kwargs(device, dtype)
         self.vocab_size = check_positive_int("vocab_size", vocab_size)
         self.d_model = check_positive_int("d_model", d_model)
         self.num_layers = check_positive_int("num_layers", num_layers)
-        if not isinstance(tie_weights, bool):
-            raise TypeError(f"tie_weights must be a bool, got {tie_weights!r}")
-        if not isinstance(gradient_checkpointing, bool):
-            raise TypeError(f"gradient_checkpointing must be a bool, got {gradient_checkpointing!r}")
-        if dtype is not None and dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be one of {[str(d) for d in FLOAT_DTYPES]} or None, got {dtype}")
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        if self.d_model % check_positive_int("nhead", nhead) != 0:
+            raise ValueError(f"d_model={d_model} must be divisible by nhead={nhead}")
+        check_bool("tie_weights", tie_weights)
+        gradient_checkpointing = check_bool("gradient_checkpointing", gradient_checkpointing)
+        check_choice("activation", activation, tuple(sorted(_ACTIVATIONS)))
+        check_dropout(dropout, "dropout")
+        check_dropout(attention_dropout, "attention_dropout")
+        if dim_feedforward is not None:
+            check_positive_int("dim_feedforward", dim_feedforward)
         self.gradient_checkpointing = gradient_checkpointing
         self.embed = nn.Embedding(vocab_size, d_model, **factory)
         nn.init.normal_(self.embed.weight, std=d_model**-0.5)
@@ -198,7 +217,7 @@ class LongNetLM(nn.Module):
             )
             for _ in range(num_layers)
         )
-        self.dropout = nn.Dropout(check_dropout(dropout, "dropout"))
+        self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(d_model, **factory)
         self.lm_head: nn.Linear | None = None
         if not tie_weights:
@@ -212,6 +231,12 @@ class LongNetLM(nn.Module):
             raise TypeError(f"input_ids must have an integer dtype (e.g. torch.int64), got {input_ids.dtype}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have 2 dims (B, N), got shape {tuple(input_ids.shape)}")
+        if input_ids.device != self.embed.weight.device:
+            raise ValueError(
+                f"input_ids are on {input_ids.device} but the model's parameters are on {self.embed.weight.device}"
+            )
+        if input_ids.device.type == "meta":
+            return  # no values to check (shape-only run)
         if input_ids.numel() > 0 and torch.compiler.is_compiling():
             # reading the range back to the host cannot be traced: a device-side assert instead
             in_range = ((input_ids >= 0) & (input_ids < self.vocab_size)).all()

@@ -30,13 +30,22 @@ def _lse_to_out_layout(w: torch.Tensor) -> torch.Tensor:
 
 
 def merge_weights(lses: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Softmax-denominator weights exp(lse_g - L) (fp32, 0 where empty) and the merged L."""
+    """Softmax-denominator weights exp(lse_g - L) (fp32, 0 where empty) and the merged L.
+
+    The weights are exp(lse_g - M) / sum_g' exp(lse_g' - M) with M the largest lse, so they sum to
+    1 however large the lse (exp(lse_g - L) with L rounded scales them by that rounding, up to
+    e^0.03 at |L| ~ 1e6 in fp32); L = M + log(sum). Differentiable.
+    """
     stacked = torch.stack([_acc(lse) for lse in lses])
-    merged = torch.logsumexp(stacked, dim=0)
-    # logsumexp of all -inf is -inf; subtracting it would give NaN, so clamp the reference point.
-    finite = torch.where(torch.isfinite(merged), merged, torch.zeros_like(merged))
-    weights = [torch.exp(s - finite) for s in stacked]
-    return weights, merged
+    # the max is only a reference point (weights and L do not depend on it): no gradient through it
+    top = stacked.detach().amax(dim=0)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # all empty: weights 0, L -inf
+    e = torch.exp(stacked - top)
+    total = e.sum(dim=0)
+    nonempty = total > 0
+    safe = torch.where(nonempty, total, torch.ones_like(total))
+    merged = torch.where(nonempty, top + torch.log(safe), torch.full_like(total, float("-inf")))
+    return list(e / safe), merged
 
 
 def merge_partials(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,9 +66,14 @@ def merge_into_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Ten
     out_acc (B, N, H, D) fp32 and lse_acc (B, H, N) fp32 are updated in place; the block may be
     any float dtype. Not differentiable (used inside custom autograd forwards).
     """
-    new = torch.logaddexp(lse_acc, lse_blk.to(lse_acc.dtype))
-    ref = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
-    w_acc = _lse_to_out_layout(torch.exp(lse_acc - ref))
-    w_blk = _lse_to_out_layout(torch.exp(lse_blk.to(lse_acc.dtype) - ref))
-    out_acc.mul_(w_acc).add_(w_blk * out_blk.to(out_acc.dtype))
-    lse_acc.copy_(new)
+    blk = lse_blk.to(lse_acc.dtype)
+    # weights normalised by their sum (as in merge_weights): exact at any lse magnitude
+    top = torch.maximum(lse_acc, blk)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # both empty: weights 0, lse -inf
+    e_acc = torch.exp(lse_acc - top)
+    e_blk = torch.exp(blk - top)
+    total = e_acc + e_blk
+    nonempty = total > 0
+    safe = torch.where(nonempty, total, torch.ones_like(total))
+    out_acc.mul_(_lse_to_out_layout(e_acc / safe)).add_(_lse_to_out_layout(e_blk / safe) * out_blk.to(out_acc.dtype))
+    lse_acc.copy_(torch.where(nonempty, top + torch.log(safe), torch.full_like(total, float("-inf"))))

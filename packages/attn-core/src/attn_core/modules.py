@@ -18,7 +18,14 @@ from torch import nn
 
 from .api import BACKENDS, BackendChoice, dilated_attention, explain
 from .config import DilatedConfig
-from .validation import FLOAT_DTYPES, check_dropout, check_positive_int, resolve_softmax_scale
+from .validation import (
+    check_bool,
+    check_dropout,
+    check_factory_kwargs,
+    check_positive_float,
+    check_positive_int,
+    resolve_softmax_scale,
+)
 
 __all__ = ["DilatedAttention", "MultiheadDilatedAttention"]
 
@@ -36,6 +43,7 @@ class DilatedAttention(nn.Module):
 
     forward(q (B, N, H, D), k (B, N, Hkv, D), v (B, N, Hkv, D), *, is_causal, key_padding_mask
     (B, N) bool with True = padding) -> (B, N, H, D). See :func:`attn_core.dilated_attention`.
+    Padded keys' k and v values are never read into the result (NaN there is harmless).
     ``dropout`` is applied to the attention probabilities in training mode only.
     """
 
@@ -120,7 +128,7 @@ class MultiheadDilatedAttention(nn.Module):
     forward(query (B, N, E), key (B, N, E), value (B, N, E), *, is_causal=False,
     key_padding_mask (B, N) bool, True = padding) -> (out (B, N, E), None).
     key/value may differ from query but must have the same length N (dilated segments are
-    defined on one shared position axis).
+    defined on one shared position axis). Padded keys' values are never read into the result.
 
     Projections: q to ``num_heads`` heads, k and v to ``num_kv_heads`` heads (GQA; default
     ``num_heads``) of size ``embed_dim // num_heads``. With ``layer_norm=True`` (MAGNETO,
@@ -148,6 +156,8 @@ class MultiheadDilatedAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        # every option is checked here, before any parameter exists: bad values fail now, by name
+        factory = check_factory_kwargs(device, dtype)
         embed_dim = check_positive_int("embed_dim", embed_dim)
         num_heads = check_positive_int("num_heads", num_heads)
         if embed_dim % num_heads != 0:
@@ -155,19 +165,18 @@ class MultiheadDilatedAttention(nn.Module):
         kv_heads = num_heads if num_kv_heads is None else check_positive_int("num_kv_heads", num_kv_heads)
         if num_heads % kv_heads != 0:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={kv_heads} (GQA)")
-        if isinstance(gamma_init, bool) or not isinstance(gamma_init, (int, float)) or not gamma_init > 0:
-            raise ValueError(f"gamma_init must be a positive float, got {gamma_init!r}")
-        if dtype is not None and dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be one of {[str(d) for d in FLOAT_DTYPES]} or None, got {dtype}")
+        bias = check_bool("bias", bias)
+        layer_norm = check_bool("layer_norm", layer_norm)
+        layer_norm_eps = check_positive_float("layer_norm_eps", layer_norm_eps)
+        gamma_init = check_positive_float("gamma_init", gamma_init)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_kv_heads = kv_heads
         self.head_dim = embed_dim // num_heads
-        self.gamma_init = float(gamma_init)
+        self.gamma_init = gamma_init
         self.attention = DilatedAttention(
             segment_lengths, dilation_rates, dropout=dropout, head_mode=head_mode, backend=backend
         )
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         kv_dim = kv_heads * self.head_dim
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)

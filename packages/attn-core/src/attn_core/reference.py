@@ -60,7 +60,10 @@ def attention_from_weights(
     # multiplicity) get 0, not NaN, at their zeros
     taken = w > 0
     log_w = torch.where(taken, torch.log(torch.where(taken, w, torch.ones_like(w))), float("-inf"))
-    logits = torch.matmul(qh, kh.transpose(-1, -2)) * scale + log_w
+    # keys no query takes are never read (a NaN there would give NaN + -inf, 0 * NaN)
+    used = taken.any(dim=-2).unsqueeze(-1)  # (B or 1, H or 1, Nk, 1)
+    kh, vh = torch.where(used, kh, 0.0), torch.where(used, vh, 0.0)
+    logits = torch.where(taken, torch.matmul(qh, kh.transpose(-1, -2)) * scale + log_w, float("-inf"))
     if logits.shape[-1] == 0:  # no keys at all: every row is empty
         out = torch.zeros(*logits.shape[:-1], vh.shape[-1], dtype=dtype, device=q.device)
         return out.transpose(1, 2), torch.full(logits.shape[:-1], float("-inf"), dtype=dtype, device=q.device)
@@ -115,7 +118,7 @@ def dilated_weights(
     head_mode: str = "all",
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Key multiplicities (H, N, N) of LongNet dilated attention (DESIGN.md, Eq. 10 of the paper).
+    """Key multiplicities (H, N, N) of LongNet dilated attention (Eq. 10 of the paper).
 
     Group g, head j: positions p with p mod r_g == j mod r_g (segments start at multiples of
     w_g and w_g % r_g == 0, so the in-segment offset test reduces to that) attend to the
@@ -126,13 +129,16 @@ def dilated_weights(
     pos = torch.arange(seq_len, device=device)
     counts = torch.zeros(num_heads, seq_len, seq_len, dtype=torch.float64, device=device)
     causal = pos[None, :] <= pos[:, None]
-    for g, (w, r) in enumerate(zip(cfg.segment_lengths, cfg.dilation_rates)):
+    for g in range(cfg.num_groups):
+        # clamped to N (same selection): no int64 overflow or work from lengths and rates beyond N
+        w, r = cfg.group_extent(g, seq_len)
         same_segment = (pos[:, None] // w) == (pos[None, :] // w)
         if is_causal:
             same_segment = same_segment & causal
-        for j in cfg.heads_for_group(g, num_heads):
-            sel = (pos % r) == cfg.head_offset(g, j)
-            counts[j] += (sel[:, None] & sel[None, :] & same_segment).to(torch.float64)
+        for o, heads in cfg.heads_by_offset(g, num_heads, seq_len):
+            sel = (pos % r) == o
+            pairs = (sel[:, None] & sel[None, :] & same_segment).to(torch.float64)
+            counts[list(heads)] += pairs
     return counts
 
 

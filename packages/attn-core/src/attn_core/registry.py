@@ -17,11 +17,17 @@ from types import ModuleType
 __all__ = ["BackendChoice", "BackendRegistry"]
 
 
+# Joins the choice's reason and the reasons of the backends skipped ahead of it in ``why``.
+SKIPPED_SEPARATOR = "; skipped "
+
+
 @dataclass(frozen=True)
 class BackendChoice:
     """Which backend runs a call and why; ``rejected`` maps other backends to their reasons.
 
     A backend listed with no reasons could have taken the call but comes later in the auto order.
+    ``why`` is one line that also names the backends skipped ahead of the choice, with their
+    reasons; ``str()`` is the multi-line report that gives every reason once (per backend).
     """
 
     backend: str
@@ -29,7 +35,8 @@ class BackendChoice:
     rejected: dict[str, tuple[str, ...]]
 
     def __str__(self) -> str:
-        lines = [f"backend: {self.backend} ({self.why})"]
+        # the skipped backends' reasons follow on their own lines: keep them out of the header
+        lines = [f"backend: {self.backend} ({self.why.split(SKIPPED_SEPARATOR, 1)[0]})"]
         for name, reasons in self.rejected.items():
             lines.append(f"  not {name}: {'; '.join(reasons) if reasons else 'lower in the auto order'}")
         return "\n".join(lines)
@@ -119,7 +126,7 @@ class BackendRegistry:
             why = f"first backend in the auto order {list(self.order)} that takes this input"
             skipped = [f"{n}: {'; '.join(asked[n])}" for n in self.order[:i]]
             if skipped:
-                why += "; skipped " + " | ".join(skipped)
+                why += SKIPPED_SEPARATOR + " | ".join(skipped)
         if explain_all:
             for name in self.order:
                 ask(name)

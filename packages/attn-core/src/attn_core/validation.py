@@ -6,6 +6,7 @@ Errors name the bad value and what is allowed; nothing here uses assert for user
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -103,3 +104,56 @@ def check_positive_int(name: str, value: object) -> int:
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value}")
     return value
+
+
+def check_positive_float(name: str, value: object) -> float:
+    """A finite number > 0 (bools refused): TypeError for the wrong type, ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive float, got {value!r} of type {type(value).__name__}")
+    result = float(value)
+    if not (math.isfinite(result) and result > 0):
+        raise ValueError(f"{name} must be a positive float, got {value!r}; allowed: finite values > 0")
+    return result
+
+
+def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
+    """One of the strings ``allowed``: TypeError for a non-str, ValueError for another string."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {list(allowed)}, got {value!r}")
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def check_factory_kwargs(device: object, dtype: object) -> dict[str, Any]:
+    """Module ``device=`` / ``dtype=`` arguments, checked before any parameter is made.
+
+    device: None, a torch.device, a str such as "cpu", "cuda:1" or "meta", or a CUDA index; it must
+    exist here (a 0-element tensor is made on it). dtype: None or one of FLOAT_DTYPES.
+    Returns the nn.Module factory kwargs {"device": ..., "dtype": ...}.
+    """
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be one of {[str(d) for d in FLOAT_DTYPES]} or None, got {dtype!r}")
+    if device is None:
+        return {"device": None, "dtype": dtype}
+    if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
+        raise TypeError(f"device must be a torch.device, a str (e.g. 'cpu', 'cuda:0') or an int, got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(f"device={device!r} is not a device: {str(exc).splitlines()[0]}") from None
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError, ValueError, TypeError) as exc:  # e.g. CUDA missing or out of range
+        raise ValueError(f"device={device!r} is not available here: {str(exc).splitlines()[0]}") from None
+    return {"device": dev, "dtype": dtype}
+
+
+def check_tensor(name: str, t: object, shape: tuple[int, ...], device: torch.device) -> None:
+    """``t`` is a tensor of exactly ``shape`` on ``device`` (the other inputs' device)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} like q, got {t.device}")

@@ -1,15 +1,18 @@
 """Pure PyTorch dilated attention: any device, any float dtype (float64 included), plain autograd.
 
-Per group g = (w, r) and per offset o in [0, r): the sequence is padded up to a multiple of w
-and viewed as (B, segments, w / r, r, H, D); rows ``[:, :, :, o]`` are the positions
-s + o + t*r that heads with offset o select. Those heads (sharing the offset, so one gather
-serves them all) attend within their segment with an explicit log-sum-exp; the results are
-placed back and the groups merged with :func:`attn_core.merge.merge_partials`. Every step is an
-ordinary autograd op, so gradients are exact, including through the merge weights.
+Per group g = (w, r) (clamped to N, :meth:`attn_core.config.DilatedConfig.group_extent`) and
+per offset o that some head of the group has (o = j mod r < N): the sequence is padded up to a
+multiple of w and viewed as (B, segments, w / r, r, H, D); rows ``[:, :, :, o]`` are the
+positions s + o + t*r that heads with offset o select. Those heads (sharing the offset, so one
+gather serves them all) attend within their segment (max-subtracted softmax normalised by its
+sum, :func:`attn_core.blocks.softmax_with_lse`); the results are placed back and the groups
+merged with :func:`attn_core.merge.merge_partials`. Every step is an ordinary autograd op, so
+gradients are exact, including through the merge weights.
 
 Memory per (group, offset) is O(B * segments * heads * (w / r)^2): it scales with the segment
-lengths, never with N^2. Positions past N (padding of a short last segment) are masked keys and
-their query rows are dropped.
+lengths, never with N^2 (nor with lengths or rates configured beyond N). Positions past N
+(padding of a short last segment) are masked keys and their query rows are dropped. Padded keys
+are zeroed before use, so their values (even NaN or inf) never reach the output or the gradients.
 
 Dropout (``dropout_p > 0``) is applied to each group's attention probabilities before the merge;
 the merge uses the undropped lse. Since the merged probability of key k in group g is
@@ -23,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch.nn.functional import dropout
 
-from ..blocks import acc_dtype
+from ..blocks import acc_dtype, drop_padded_keys, softmax_with_lse
 from ..config import DilatedCall
 from ..merge import merge_partials
 
@@ -68,9 +71,7 @@ def _segment_attention(
         later = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
         masked = masked | later
     s = s.masked_fill(masked, float("-inf"))  # masked_fill's backward zeroes masked entries
-    lse = torch.logsumexp(s, dim=-1)
-    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    p = torch.exp(s - lse_safe.unsqueeze(-1))  # exactly 0 on masked keys, no 0/0 on empty rows
+    p, lse = softmax_with_lse(s)
     if dropout_p > 0.0:
         p = dropout(p, p=dropout_p, training=True)
     return torch.matmul(p, v), lse
@@ -78,25 +79,25 @@ def _segment_attention(
 
 def dilated_attention(call: DilatedCall) -> torch.Tensor:
     """out (B, N, H, D) in q's dtype; see the module docstring for the algorithm."""
-    q, k, v = call.q, call.k, call.v
     B, N, H, Hkv, D = call.shape
     cfg = call.config
     heads_per_kv = H // Hkv
-    ad = acc_dtype(q.dtype)
-    qa, ka, va = q.to(ad), k.to(ad), v.to(ad)
+    ad = acc_dtype(call.q.dtype)
+    qa = call.q.to(ad)
     pad = call.key_padding_mask
+    # padded keys' values are never read: a NaN or inf there must not reach out or the gradients
+    ka, va = (call.k.to(ad), call.v.to(ad)) if pad is None else drop_padded_keys(call.k.to(ad), call.v.to(ad), pad)
     if pad is None:
-        pad = torch.zeros(B, N, dtype=torch.bool, device=q.device)
+        pad = torch.zeros(B, N, dtype=torch.bool, device=qa.device)
 
     outs: list[torch.Tensor] = []
     lses: list[torch.Tensor] = []
-    for g, (w, r) in enumerate(zip(cfg.segment_lengths, cfg.dilation_rates)):
-        heads = cfg.heads_for_group(g, H)
-        if len(heads) == 0:
+    for g in range(cfg.num_groups):
+        by_offset = cfg.heads_by_offset(g, H, N)
+        if not by_offset:
             continue
-        # A segment longer than the sequence is one segment over all of it: shrink it to the smallest
-        # multiple of r that covers N, so cost follows N, not the configured w (same selection).
-        w = min(w, max(-(-N // r), 1) * r)
+        # clamped to N (same selection): cost follows N, never the configured w, r
+        w, r = cfg.group_extent(g, N)
         segments = -(-N // w)
         padded = segments * w
         rows = w // r
@@ -107,37 +108,38 @@ def dilated_attention(call: DilatedCall) -> torch.Tensor:
         # Keys past N are masked like padding; their query rows are cut off below.
         padg = _pad_rows(pad, padded, True).reshape(B, segments, rows, r)
 
-        out_slabs: list[torch.Tensor] = []  # one (B, segments, rows, H, D) slab per offset
-        lse_slabs: list[torch.Tensor] = []
-        for o in range(r):
-            slab_o = torch.zeros(B, segments, rows, H, D, dtype=ad, device=q.device)
-            slab_l = torch.full((B, segments, rows, H), float("-inf"), dtype=ad, device=q.device)
-            head_ids = [j for j in heads if cfg.head_offset(g, j) == o]
-            if head_ids:
-                hq = torch.tensor(head_ids, device=q.device)
-                hkv = torch.div(hq, heads_per_kv, rounding_mode="floor")  # GQA: kv head j // (H // Hkv)
-                # (B, segments, h, rows, D): the heads sharing offset o, gathered once
-                qs = qg[:, :, :, o].index_select(3, hq).transpose(2, 3)
-                ks = kg[:, :, :, o].index_select(3, hkv).transpose(2, 3)
-                vs = vg[:, :, :, o].index_select(3, hkv).transpose(2, 3)
-                o_s, lse_s = _segment_attention(
-                    qs,
-                    ks,
-                    vs,
-                    padg[:, :, :, o],
-                    is_causal=call.is_causal,
-                    scale=call.softmax_scale,
-                    dropout_p=call.dropout_p,
-                )
-                # out-of-place index_copy: heads of other offsets (or other head groups) stay 0 / -inf
-                slab_o = slab_o.index_copy(3, hq, o_s.transpose(2, 3))
-                slab_l = slab_l.index_copy(3, hq, lse_s.transpose(2, 3))
-            out_slabs.append(slab_o)
-            lse_slabs.append(slab_l)
-        out_g = torch.stack(out_slabs, dim=3)  # (B, segments, rows, r, H, D)
-        lse_g = torch.stack(lse_slabs, dim=3)
+        out_parts: list[torch.Tensor] = []  # (B, segments, rows, h, D) per offset in use
+        lse_parts: list[torch.Tensor] = []
+        slots: list[int] = []  # where each part's heads go in the (offset, head) axis of size r * H
+        for o, head_ids in by_offset:
+            hq = torch.tensor(head_ids, device=qa.device)
+            hkv = torch.div(hq, heads_per_kv, rounding_mode="floor")  # GQA: kv head j // (H // Hkv)
+            # (B, segments, h, rows, D): the heads sharing offset o, gathered once
+            qs = qg[:, :, :, o].index_select(3, hq).transpose(2, 3)
+            ks = kg[:, :, :, o].index_select(3, hkv).transpose(2, 3)
+            vs = vg[:, :, :, o].index_select(3, hkv).transpose(2, 3)
+            o_s, lse_s = _segment_attention(
+                qs,
+                ks,
+                vs,
+                padg[:, :, :, o],
+                is_causal=call.is_causal,
+                scale=call.softmax_scale,
+                dropout_p=call.dropout_p,
+            )
+            out_parts.append(o_s.transpose(2, 3))
+            lse_parts.append(lse_s.transpose(2, 3))
+            slots.extend(o * H + j for j in head_ids)
+        # one out-of-place index_copy per group: (offset, head) pairs no head selects stay 0 / -inf
+        idx = torch.tensor(slots, device=qa.device)
+        out_g = torch.zeros(B, segments, rows, r * H, D, dtype=ad, device=qa.device)
+        out_g = out_g.index_copy(3, idx, torch.cat(out_parts, dim=3))
+        lse_g = torch.full((B, segments, rows, r * H), float("-inf"), dtype=ad, device=qa.device)
+        lse_g = lse_g.index_copy(3, idx, torch.cat(lse_parts, dim=3))
         outs.append(out_g.reshape(B, padded, H, D)[:, :N])
         lses.append(lse_g.reshape(B, padded, H)[:, :N].transpose(1, 2))  # (B, H, N)
 
+    if not outs:  # N == 0 (for N >= 1 head 0 selects position 0): an empty output, still in the graph
+        return call.q * 0
     out, _ = merge_partials(outs, lses)
-    return out.to(q.dtype)
+    return out.to(call.q.dtype)

@@ -20,19 +20,24 @@ straight into strided views of the gradient buffers.
 GQA without repeating K/V: the kv heads of a call are themselves a strided set of heads
 (1:1 with stride r*Hkv/H, or shared by consecutive query heads); other mappings fall back to one
 call per kv head. Key padding: an additive (segments, rows) bias per call, built from a strided
-view of the mask only when a mask is given; fully padded rows give 0. Dropout is not supported
-(-> the reference backend takes it).
+view of the mask only when a mask is given; fully padded rows give 0. With a mask, k and v are
+first copied with padded keys zeroed (their values, even NaN, are never read); without one,
+nothing is copied. Dropout is not supported (-> the reference backend takes it), nor is double
+backward (a clear error; the reference backend is plain autograd). Group geometry is clamped to N
+(:meth:`attn_core.config.DilatedConfig.group_extent`): planning follows N and H, not w or r.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .. import sdpa_ops
+from ..blocks import drop_padded_keys
 from ..config import DilatedCall, DilatedConfig
 
 NAME = "sdpa"
@@ -103,7 +108,7 @@ def _lse_view(lse: torch.Tensor, p: Piece) -> torch.Tensor:
     return piece_view(lse.unsqueeze(-1), p, p.q_h0, p.q_hs, p.q_hn)[..., 0]
 
 
-def _kv_sets(q_heads: list[int], heads_per_kv: int) -> list[tuple[int, int, int, int, int, int]]:
+def _kv_sets(q_heads: Sequence[int], heads_per_kv: int) -> list[tuple[int, int, int, int, int, int]]:
     """Split a strided query-head set into calls (q_h0, q_hs, q_hn, kv_h0, kv_hs, kv_hn) whose kv heads are strided."""
     return sdpa_ops.strided_head_calls(q_heads, [j // heads_per_kv for j in q_heads])
 
@@ -144,17 +149,15 @@ def _plan_pieces(
     touched: set[int] = set()
     order = sorted(range(config.num_groups), key=lambda g: config.dilation_rates[g])
     for g in order:
-        w, r = config.segment_lengths[g], config.dilation_rates[g]
+        # clamped to N (same selection): the loops below follow N and H, never the configured w, r
+        w, r = config.group_extent(g, N)
         heads = config.heads_for_group(g, H)
         if len(heads) == 0:
             continue
         first = touched.isdisjoint(heads)
         touched.update(heads)
         full, tail = divmod(N, w)
-        for o in range(r):
-            q_heads = [j for j in heads if config.head_offset(g, j) == o]
-            if not q_heads:
-                continue
+        for o, q_heads in config.heads_by_offset(g, H, N):
             for q_h0, q_hs, q_hn, kv_h0, kv_hs, kv_hn in _kv_sets(q_heads, H // Hkv):
                 hk = (q_h0, q_hs, q_hn, kv_h0, kv_hs, kv_hn, first)
                 if full:
@@ -191,6 +194,8 @@ def _forward(
     """(out (B, N, H, D) in q.dtype, lse (B, N, H) fp32, fp64 for fp64) over every piece."""
     B, N, H, D = q.shape
     Hkv = k.shape[2]
+    if mask is not None:  # padded keys' values are never read (a NaN there would pass the -inf bias)
+        k, v = drop_padded_keys(k, v, mask)
     views = [q, k, v] if mask is None else [q, k, v, mask]
     pieces = plan_pieces((B, N, H, Hkv, D), config, batch_mergeable(*views))
     # out accumulates in q's dtype, lse in fp32 (fp64 for fp64), both merged in fp32 arithmetic
@@ -233,6 +238,8 @@ def _backward(
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
     dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
     dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
+    if mask is not None:  # as in _forward; the kernels give dk = dv = 0 at padded keys
+        k, v = drop_padded_keys(k, v, mask)
     views = [q, k, v, dout] if mask is None else [q, k, v, dout, mask]
     for p in plan_pieces((B, N, H, Hkv, D), config, batch_mergeable(*views)):
         qv = piece_view(q, p, p.q_h0, p.q_hs, p.q_hn)
@@ -277,8 +284,37 @@ class _DilatedSDPA(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         q, k, v, out, lse, mask = ctx.saved_tensors
-        dq, dk, dv = _backward(dout, q, k, v, out, lse, mask, ctx.config, ctx.is_causal, ctx.scale)
+        with torch.no_grad():  # the kernels' backward ops have no derivative of their own
+            dq, dk, dv = _backward(dout, q, k, v, out, lse, mask, ctx.config, ctx.is_causal, ctx.scale)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (dout, q, k, v)):
+            # create_graph=True: the gradients are part of a graph; differentiating them raises
+            dq, dk, dv = _FirstOrderOnly.apply(dq, dk, dv, dout, q, k, v)
         return dq, dk, dv, None, None, None, None
+
+
+SECOND_ORDER_ERROR = (
+    "double backward (second-order gradients through create_graph=True) is not supported by the "
+    "sdpa backend: its fused kernels have no derivative of their backward; use backend='reference' "
+    "(plain autograd, supports higher-order gradients)"
+)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Passes the sdpa backend's (dq, dk, dv) through; differentiating them raises SECOND_ORDER_ERROR.
+
+    The inputs after the gradients are what they depend on (dout, q, k, v): they put the result in
+    the graph, so a second-order backward reaches this node instead of a kernel without a derivative.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, *depends_on: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return dq, dk, dv
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        raise RuntimeError(SECOND_ORDER_ERROR)
 
 
 # Under torch.compile the same forward/backward run as torch.library custom ops with a registered
