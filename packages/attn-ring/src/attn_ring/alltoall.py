@@ -104,7 +104,10 @@ class AllToAllComm:
     def handshake(self, descriptor: Mapping[str, int], label: str = "ulysses attention") -> None:
         """All-gather ``descriptor`` ({name: int}); ValueError on every rank if any rank's values differ."""
         names = list(descriptor)
-        handshake([int(descriptor[n]) for n in names], names, self.group, self.timeout_s, label)
+        try:
+            handshake([int(descriptor[n]) for n in names], names, self.group, self.timeout_s, label)
+        except (TimeoutError, RuntimeError) as exc:  # a peer that never arrived or has gone: name this rank
+            raise type(exc)(f"rank {self.rank} of {self.world_size}: {exc}") from exc
 
     def all_to_all(self, send: torch.Tensor, *, label: str = "ulysses") -> PendingAllToAll:
         """Post: block ``send[d]`` goes to rank d; the result's block s comes from rank s.
