@@ -290,3 +290,17 @@ def test_hybrid_world_of_one_matches_reference(world_of_one: None, layout: str) 
             )  # fmt: skip
     with pytest.raises(ValueError, match="no key_padding_mask"):
         hybrid_attention(q, k, v, a2a_group=None, ring_group=None, key_padding_mask=mask)
+
+
+def test_block_sparse_rows_of_a_rank_are_its_heads_and_cached() -> None:
+    from attn_sparse import BlockLayout
+
+    g = torch.Generator().manual_seed(5)
+    block_mask = torch.rand(6, 3, 4, generator=g) < 0.5
+    inner = InnerAttention("block_sparse", layout=BlockLayout.from_dense(block_mask, block_size=16))
+    for base in (0, 2, 4):
+        rows = inner.layout_rows(base, 2)
+        assert torch.equal(rows.to_dense(), block_mask[base : base + 2])
+        assert inner.layout_rows(base, 2) is rows  # kept: attn_sparse's per-layout caches stay warm
+    shared = InnerAttention("block_sparse", layout=BlockLayout.from_dense(block_mask[:1], block_size=16))
+    assert shared.layout_rows(4, 2) is shared.layout

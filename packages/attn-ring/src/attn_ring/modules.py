@@ -17,7 +17,7 @@ from .comm import DEFAULT_TIMEOUT_S, BufferProvider, check_timeout
 from .hybrid import HYBRID_KINDS, hybrid_attention
 from .ring import ring_attention
 from .sharding import check_layout
-from .ulysses import inner_attention, ulysses_attention
+from .ulysses import inner_attention, ulysses_with
 
 __all__ = ["HybridAttention", "RingAttention", "UlyssesAttention"]
 
@@ -113,21 +113,15 @@ class UlyssesAttention(nn.Module):
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        cfg = self.inner.config
-        return ulysses_attention(
+        return ulysses_with(
+            self.inner,
             q,
             k,
             v,
             group=self.group,
-            attention=self.inner.kind,
             is_causal=is_causal,
             softmax_scale=self.softmax_scale,
             key_padding_mask=key_padding_mask,
-            segment_lengths=None if cfg is None else cfg.segment_lengths,
-            dilation_rates=None if cfg is None else cfg.dilation_rates,
-            head_mode="all" if cfg is None else cfg.head_mode,
-            layout=self.inner.layout,
-            backend=self.inner.backend,
             timeout_s=self.timeout_s,
         )
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,6 +53,7 @@ __all__ = [
     "local_dilated_config",
     "sequence_to_heads",
     "ulysses_attention",
+    "ulysses_with",
 ]
 
 ATTENTION_KINDS = ("dense", "dilated", "block_sparse")
@@ -246,7 +247,16 @@ def _dilated_with_config(
             "cannot run under torch.compile; compile the rest of the model around it"
         )
     # The dispatch of attn_core.dilated_attention, with the head-range config (validated by the caller).
-    call = DilatedCall(q, k, v, config, is_causal, key_padding_mask, softmax_scale, 0.0)
+    call = DilatedCall(
+        q=q,
+        k=k,
+        v=v,
+        config=config,
+        is_causal=is_causal,
+        key_padding_mask=key_padding_mask,
+        softmax_scale=softmax_scale,
+        dropout_p=0.0,
+    )
     choice = DILATED_BACKENDS.choose(backend, lambda mod: mod.unsupported_reasons(call))
     mod = DILATED_BACKENDS.load(choice.backend)
     if mod is None:
@@ -264,18 +274,26 @@ class InnerAttention:
     config: DilatedConfig | None = None  # dilated
     layout: Any = None  # block_sparse: attn_sparse.BlockLayout
     backend: str = "auto"
+    # block_sparse: this rank's rows of a per-head layout, by (head_base, heads); a module keeps them
+    # across calls, so attn_sparse's per-layout caches (device copy, transposed CSR) stay warm
+    _slices: dict[tuple[int, int], Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def signature(self) -> int:
         """A hash of everything every rank must agree on (for the handshake)."""
-        if self.kind == "dilated":
-            assert self.config is not None  # set by inner_attention()
-            cfg: Any = (self.config.segment_lengths, self.config.dilation_rates, self.config.head_mode)
-        elif self.kind == "block_sparse":
+        cfg: Any = ()
+        if self.config is not None:
+            cfg = (self.config.segment_lengths, self.config.dilation_rates, self.config.head_mode)
+        elif self.layout is not None:
             lay = self.layout
             cfg = (lay.block_size, lay.num_heads, lay.num_query_blocks, lay.num_key_blocks, lay.nnz)
-        else:
-            cfg = ()
         return config_hash((self.kind, cfg, self.backend))
+
+    def layout_rows(self, head_base: int, heads: int) -> Any:
+        """The layout of heads [head_base, head_base + heads) (a shared layout as is)."""
+        key = (head_base, heads)
+        if key not in self._slices:
+            self._slices[key] = _layout_slice(self.layout, head_base, heads)
+        return self._slices[key]
 
     def __call__(
         self,
@@ -295,14 +313,13 @@ class InnerAttention:
         if self.kind == "block_sparse":
             from attn_sparse import block_sparse_attention
 
-            local = _layout_slice(self.layout, head_base, h)
+            local = self.layout_rows(head_base, h)
             out: torch.Tensor = block_sparse_attention(q, k, v, local, backend=self.backend, **kw)
             return out
-        if self.kind == "dense":
+        if self.config is None:
             # one segment of the whole sequence at rate 1 selects every key: dense attention
             config = DilatedConfig((N,), (1,))
         else:
-            assert self.config is not None
             config = local_dilated_config(self.config, head_base, h, total_heads)
         return _dilated_with_config(q, k, v, config, backend=self.backend, **kw)
 
@@ -379,9 +396,6 @@ def ulysses_attention(
     on every rank; a peer that exits or never calls gives a TimeoutError/RuntimeError within
     ``timeout_s`` (gloo; NCCL: the process group's timeout).
     """
-    B, n, H, Hkv, D = check_qkv(q, k, v, key_padding_mask=key_padding_mask)
-    causal = check_bool("is_causal", is_causal)
-    scale = resolve_softmax_scale(softmax_scale, D)
     inner = inner_attention(
         attention,
         segment_lengths=segment_lengths,
@@ -390,6 +404,37 @@ def ulysses_attention(
         layout=layout,
         backend=backend,
     )
+    return ulysses_with(
+        inner,
+        q,
+        k,
+        v,
+        group=group,
+        is_causal=is_causal,
+        softmax_scale=softmax_scale,
+        key_padding_mask=key_padding_mask,
+        timeout_s=timeout_s,
+        method=method,
+    )
+
+
+def ulysses_with(
+    inner: InnerAttention,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    is_causal: bool = False,
+    softmax_scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    method: str = "auto",
+) -> torch.Tensor:
+    """:func:`ulysses_attention` with an inner attention validated once (:func:`inner_attention`; modules keep one)."""
+    B, n, H, Hkv, D = check_qkv(q, k, v, key_padding_mask=key_padding_mask)
+    causal = check_bool("is_causal", is_causal)
+    scale = resolve_softmax_scale(softmax_scale, D)
     comm = AllToAllComm(group, timeout_s=check_timeout(timeout_s), method=method)
     W = comm.world_size
     check_heads_split(H, W)
