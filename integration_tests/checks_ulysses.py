@@ -325,6 +325,11 @@ def check_hybrid(rank: int, world_size: int, a2a_size: int = 2) -> list[str]:
         "multiple of every dilation rate",
     )
     done.append("misaligned dilated heads refused")
+    _expect_value_error(
+        lambda: hybrid_attention(q, q, q, a2a_group=mesh.a2a_group, ring_group=mesh.a2a_group, timeout_s=60),
+        "share exactly this rank",
+    )
+    done.append("groups that are not a grid refused")
     return done
 
 

@@ -63,6 +63,10 @@ def _check_size(name: str, value: object) -> int:
     return value
 
 
+def _group_ranks(group: dist.ProcessGroup | None) -> list[int]:
+    return list(range(dist.get_world_size())) if group is None else dist.get_process_group_ranks(group)
+
+
 def hybrid_positions(
     seq_len: int, a2a_size: int, ring_size: int, a2a_rank: int, ring_rank: int, layout: str = "contiguous"
 ) -> torch.Tensor:
@@ -200,6 +204,12 @@ def hybrid_attention(
     comm = AllToAllComm(a2a_group, timeout_s=timeout, method=method)
     A = comm.world_size
     _, R = group_rank_and_size(ring_group)
+    shared = set(_group_ranks(a2a_group)) & set(_group_ranks(ring_group))
+    if shared != {dist.get_rank()}:
+        raise ValueError(
+            f"a2a_group and ring_group must share exactly this rank ({dist.get_rank()}), as rows and columns of a "
+            f"grid do (see hybrid_mesh); they share ranks {sorted(shared)}"
+        )
     check_heads_split(H, A, "all-to-all group")
     config: DilatedConfig | None = None
     if attention == "dense":
