@@ -28,8 +28,10 @@ ring step, K/V copied into double buffers on a side stream; Ulysses: the real pa
 attention and unpacking with the all-to-alls replaced by side-stream copies; ring dilated: its
 even share of the whole dilated attention, its exchange bytes from plan_ring_dilated). Transfer
 times are bytes / link speed (--nvlink-gbps inside a node, --ib-gbps per GPU across nodes);
-ring steps overlap transfer and compute, all-to-alls and dilated exchanges do not. The results
-are predictions, not measurements of a multi-node run. Writes scaleout_simulation.json/.png.
+ring steps overlap transfer and compute, all-to-alls and dilated exchanges do not. Predicted
+efficiency = compute / (compute + exposed transfer) per GPU (the kernels' own efficiency at the
+shard shapes is in the compute times). The results are predictions, not measurements of a
+multi-node run. Writes scaleout_simulation.json/.png.
 """
 
 from __future__ import annotations
@@ -218,7 +220,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.simulate:
         if args.smoke:
-            args.tokens_per_gpu, args.heads, args.head_dim, args.reps = 32, 8, 16, 1
+            args.tokens_per_gpu, args.head_dim, args.reps = 32, 16, 1
             args.segments, args.rates = "16,64", "1,2"
         return simulate(args)
     if args.quick:
@@ -763,7 +765,8 @@ def _write_simulation(res: dict[str, Any], out: Path) -> None:
     lines = [
         f"# Scale-out simulation ({res['env']['gpu']}, {res['env']['dtype']}): {res['note']}",
         f"# {m['tokens_per_gpu']} tokens/GPU, H={m['H']} Hkv={m['Hkv']} D={m['D']}, NVLink {m['nvlink_GBps']} GB/s, "
-        f"InfiniBand {m['ib_GBps']} GB/s per GPU, {m['gpus_per_node']} GPUs/node",
+        f"InfiniBand {m['ib_GBps']} GB/s per GPU, {m['gpus_per_node']} GPUs/node; "
+        "predicted efficiency = compute / (compute + exposed transfer)",
         "",
         "| W | scheme | attention | causal | A x R | compute ms | transfer ms per ring step, dilated: per exchange (fwd, bwd) | all-to-all ms | predicted ms | predicted efficiency |",
         "|---|---|---|---|---|---|---|---|---|---|",
