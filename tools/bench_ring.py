@@ -529,6 +529,7 @@ def _ring_step_ms(
         if side is not None:
             torch.cuda.current_stream(dev).wait_stream(side)
 
+    out_saved = out.to(dtype)  # ring attention saves its output in q's dtype for the backward
     fwd = bwd = 0.0
     for pieces, count in kinds.values():
 
@@ -548,7 +549,7 @@ def _ring_step_ms(
                     q[:, q0:q1],
                     kv[0, :, k0:k1],
                     kv[1, :, k0:k1],
-                    out[:, q0:q1].to(dtype),
+                    out_saved[:, q0:q1],
                     lse[:, :, q0:q1],
                     is_causal=c,
                     softmax_scale=scale,
