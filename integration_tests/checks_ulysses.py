@@ -367,6 +367,9 @@ def check_errors_raise_on_every_rank(rank: int, world_size: int) -> list[str]:
         "attention",
     )
     _expect_value_error(lambda: ulysses_attention(*qkv(heads=world_size + 1), timeout_s=30), f"H={world_size + 1}")
+    # one rank with a head count W does not divide: the handshake reports it on every rank (no wait)
+    bad_heads = world_size + 1 if rank == last else 2 * world_size
+    _expect_value_error(lambda: ulysses_attention(*qkv(heads=bad_heads), timeout_s=30), "heads=")
     out = ulysses_attention(*qkv(), timeout_s=30)
     if not torch.isfinite(out).all():
         raise AssertionError("ulysses produced non-finite values after the error cases")

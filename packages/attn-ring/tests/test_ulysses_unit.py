@@ -21,6 +21,7 @@ from attn_ring import (
     HybridAttention,
     UlyssesAttention,
     hybrid_attention,
+    hybrid_mesh,
     hybrid_positions,
     hybrid_shard,
     shard_positions,
@@ -304,3 +305,13 @@ def test_block_sparse_rows_of_a_rank_are_its_heads_and_cached() -> None:
         assert inner.layout_rows(base, 2) is rows  # kept: attn_sparse's per-layout caches stay warm
     shared = InnerAttention("block_sparse", layout=BlockLayout.from_dense(block_mask[:1], block_size=16))
     assert shared.layout_rows(4, 2) is shared.layout
+
+
+@pytest.mark.parametrize("use_device_mesh", [True, False])
+def test_hybrid_mesh_world_of_one(world_of_one: None, use_device_mesh: bool) -> None:
+    mesh = hybrid_mesh(1, use_device_mesh=use_device_mesh)
+    assert (mesh.a2a_size, mesh.ring_size, mesh.a2a_rank, mesh.ring_rank) == (1, 1, 0, 0)
+    assert mesh.how == ("device_mesh" if use_device_mesh else "new_group")
+    assert torch.equal(mesh.positions(8), torch.arange(8))
+    with pytest.raises(ValueError, match="must divide the world size"):
+        hybrid_mesh(2, use_device_mesh=use_device_mesh)

@@ -210,7 +210,6 @@ def hybrid_attention(
             f"a2a_group and ring_group must share exactly this rank ({dist.get_rank()}), as rows and columns of a "
             f"grid do (see hybrid_mesh); they share ranks {sorted(shared)}"
         )
-    check_heads_split(H, A, "all-to-all group")
     config: DilatedConfig | None = None
     if attention == "dense":
         if segment_lengths is not None or dilation_rates is not None or head_mode != "all":
@@ -246,6 +245,7 @@ def hybrid_attention(
         },
         label="hybrid attention",
     )
+    check_heads_split(H, A, "all-to-all group")  # after the handshake: the same verdict on every rank
     h = H // A
     if config is not None:
         for a in range(A):  # the same verdict on every rank

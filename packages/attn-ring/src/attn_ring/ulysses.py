@@ -437,7 +437,6 @@ def ulysses_with(
     scale = resolve_softmax_scale(softmax_scale, D)
     comm = AllToAllComm(group, timeout_s=check_timeout(timeout_s), method=method)
     W = comm.world_size
-    check_heads_split(H, W)
     if comm.backend == "nccl" and q.device.type != "cuda":
         raise ValueError(f"an NCCL group needs CUDA tensors, got q on {q.device}")
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
@@ -456,7 +455,9 @@ def ulysses_with(
             "needs_grad": int(wants_grad),
         }
     )
-    if inner.layout is not None:  # after the handshake: every rank raises the same error
+    # after the handshake every rank has the same H and N, so every rank raises the same error here
+    check_heads_split(H, W)
+    if inner.layout is not None:
         inner.layout.check_fits(n * W, n * W, H)
     wire_kv = kv_heads_on_wire(H, Hkv, W)
     k_w, v_w = repeat_kv_heads(k, v, wire_kv)
