@@ -147,9 +147,9 @@ def sequence_to_heads(tensors: Sequence[torch.Tensor], comm: AllToAllComm, *, ch
     W = comm.world_size
     B, n, _, D = tensors[0].shape
     per = [t.shape[2] // W for t in tensors]
-    # (B, n, W, Hx/W, D) per tensor, concatenated along heads -> one block per destination rank
-    packed = torch.cat([t.reshape(B, n, W, h, D) for t, h in zip(tensors, per)], dim=3)
-    send = packed.permute(2, 0, 1, 3, 4)  # (W, B, n, c, D)
+    # (W, B, n, Hx/W, D) views per tensor, concatenated along heads: one copy builds the contiguous
+    # send buffer, block d holding destination d's heads of q, k and v
+    send = torch.cat([t.reshape(B, n, W, h, D).permute(2, 0, 1, 3, 4) for t, h in zip(tensors, per)], dim=3)
     recv = all_to_all(send, comm, "sequence->heads")  # (W src, B, n, c, D)
     m = n // chunks
     full = recv.reshape(W, B, chunks, m, -1, D).permute(1, 2, 0, 3, 4, 5).reshape(B, chunks * W * m, -1, D)
