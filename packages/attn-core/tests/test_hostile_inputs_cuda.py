@@ -52,8 +52,9 @@ def test_padded_keys_values_are_never_read_by_cudnn(dtype, causal, fill) -> None
     assert torch.all(grads[1][m] == 0) and torch.all(grads[2][m] == 0)
 
 
-@pytest.mark.parametrize(("dtype", "value"), [(torch.float16, 60000.0), (torch.bfloat16, 3e18)])
+@pytest.mark.parametrize(("dtype", "value"), [(torch.float16, 60000.0), (torch.bfloat16, 1e18)])
 def test_large_logits_stay_normalised_on_cuda(dtype, value) -> None:
+    # q.k = value**2 * D must stay inside fp32 (cuDNN accumulates there): 1e18**2 * 64 = 6.4e37
     q = torch.full((2, 256, 4, 64), value, dtype=dtype, device="cuda")
     k = torch.full((2, 256, 2, 64), value, dtype=dtype, device="cuda")
     v = torch.ones(2, 256, 2, 64, dtype=dtype, device="cuda")
