@@ -1,6 +1,8 @@
-"""attn_sparse.kernels.planning (launch plans in plain torch) imports and runs without Triton.
+"""Without Triton: the kernels' launch planning (plain torch) imports and runs, the launchers raise
+ImportError naming triton, and the block primitive (attn_sparse.blocks) says why it takes the
+reference path.
 
-A subprocess hides triton (``sys.modules["triton"] = None``: importing it raises, and
+Each test's subprocess hides triton (``sys.modules["triton"] = None``: importing it raises, and
 ``importlib.util.find_spec`` reports it absent), then plans a backward for a real layout.
 """
 
@@ -69,3 +71,28 @@ def test_launchers_without_triton_raise_import_error_naming_it() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "block_sparse_forward needs triton" in result.stdout
+
+
+def test_block_primitive_explains_the_reference_path_without_triton() -> None:
+    result = run_without_triton(
+        """
+        import torch
+        from attn_sparse import BlockLayout, block_backend, block_forward
+
+        layout = BlockLayout.from_dense(torch.ones(1, 2, 2, dtype=torch.bool), block_size=16)
+        q = torch.randn(1, 32, 2, 16)
+        choice = block_backend(q, layout)
+        assert choice.backend == "reference", choice
+        print(choice.rejected["triton"][0])
+        out, lse = block_forward(q, q, q, layout)
+        assert out.shape == q.shape and lse.shape == (1, 2, 32)
+        try:
+            block_forward(q, q, q, layout, backend="triton")
+        except ValueError as exc:
+            print(exc)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("triton is not installed"), lines
+    assert lines[1].startswith("backend 'triton' cannot take this input: triton is not installed"), lines
