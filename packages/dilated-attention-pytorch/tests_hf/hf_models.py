@@ -102,7 +102,7 @@ def register_reference(name: str, weights: Callable[[int, int, bool], torch.Tens
     """Register attention computed by attn_core.reference with token weights ``weights(N, H, is_causal)``
     (1 or H, N, N), masked by transformers' own sdpa mask: an independent path for the same math."""
 
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):  # type: ignore[no-untyped-def]
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         N, H = q.shape[1], q.shape[2]
         w = weights(N, H, True)[None].to(torch.float64)

@@ -27,7 +27,7 @@ def _kind(label: str) -> str:
     return label.split("_split")[0]
 
 
-def _compare_to(model, name, batch, ref_impl, base_impl=None, scaling=None):  # type: ignore[no-untyped-def]
+def _compare_to(model, name, batch, ref_impl, base_impl=None, scaling=None):
     models = {
         "ref": copy_model(model, ref_impl, torch.float64),
         "base": copy_model(model, base_impl or ref_impl, torch.float32),
@@ -73,10 +73,14 @@ def _window_weights(N: int, H: int, causal: bool) -> torch.Tensor:
     ("kind", "options", "weights"),
     [
         ("longnet", {"segment_lengths": [8, 16], "dilation_rates": [1, 2]}, _dilated_weights),
-        ("block_sparse", {"pattern": "local_window", "pattern_options": {"window": 16}, "block_size": 16}, _window_weights),
+        (
+            "block_sparse",
+            {"pattern": "local_window", "pattern_options": {"window": 16}, "block_size": 16},
+            _window_weights,
+        ),
     ],
 )
-def test_sparse_configs_match_reference(kind, options, weights, padding: str) -> None:  # type: ignore[no-untyped-def]
+def test_sparse_configs_match_reference(kind, options, weights, padding: str) -> None:
     name = hf.register(kind, **options)
     ref_name = register_reference(f"test_ref_{kind}", weights)
     batch = padded_batch(padding, seq_len=40)
@@ -90,7 +94,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch: pytest.Mon
     calls = []
     kernel = attn_core.dilated_attention
 
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def counted(*args, **kwargs):
         calls.append(1)
         return kernel(*args, **kwargs)
 
@@ -124,3 +128,18 @@ def test_attn_implementation_at_construction_and_longnet_dropout() -> None:
     assert torch.isfinite(first).all() and not torch.equal(first, second)  # dropout is applied in training
     built.eval()
     assert torch.equal(built(**batch).logits, built(**batch).logits)  # and not in eval
+
+
+@pytest.mark.parametrize("kind", ["longnet", "block_sparse"])
+def test_bidirectional_config_runs_bidirectional(kind: str) -> None:
+    # config.is_causal=False makes transformers build a bidirectional mask; with padding its sdpa path
+    # honours it (without padding sdpa falls back to the layer's causal flag, so the batch is padded)
+    options = (
+        DENSE_KINDS[kind]
+        if kind == "longnet"
+        else {"pattern": "local_window", "pattern_options": {"window": 64}, "block_size": 16}
+    )
+    name = hf.register(kind, **options)
+    batch = padded_batch("right")
+    res = _compare_to(make_model("llama", is_causal=False), name, batch, "sdpa")
+    assert_matches(f"bidirectional {kind}", res["ours"], res["ref"], res["base"], batch["attention_mask"].bool())

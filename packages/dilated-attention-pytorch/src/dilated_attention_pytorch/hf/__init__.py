@@ -98,7 +98,7 @@ def _longnet(options: dict[str, Any]) -> Compute:
     cfg = _dilated_options("longnet", options)
     backend = _check_backend("longnet", options.get("backend", "auto"), attn_core.BACKENDS)
 
-    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout):  # type: ignore[no-untyped-def]
+    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout):
         return attn_core.dilated_attention(
             q,
             k,
@@ -141,13 +141,20 @@ def _block_sparse(options: dict[str, Any]) -> Compute:
         # a trial build names a wrong keyword or value now rather than at the first forward
         cache.get(pattern, seq_len=2 * max(block_size), block_size=block_size, **pattern_options)
 
-    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout):  # type: ignore[no-untyped-def]
+    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout):
         check_dropout_free("block_sparse", dropout)
         layout = fixed
         if layout is None:
             layout = cache.get(pattern, seq_len=q.shape[1], block_size=block_size, **pattern_options)
         return attn_sparse.block_sparse_attention(
-            q, k, v, layout, is_causal=is_causal, key_padding_mask=key_padding_mask, softmax_scale=scale, backend=backend
+            q,
+            k,
+            v,
+            layout,
+            is_causal=is_causal,
+            key_padding_mask=key_padding_mask,
+            softmax_scale=scale,
+            backend=backend,
         )
 
     return compute
@@ -166,7 +173,7 @@ def _ring(options: dict[str, Any]) -> Compute:
     group = _check_group("ring", options.get("group"))
     layout = attn_ring.sharding.check_layout(options.get("layout", "zigzag"))
 
-    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout):  # type: ignore[no-untyped-def]
+    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout):
         check_dropout_free("ring", dropout)
         if key_padding_mask is not None:
             raise ValueError(
@@ -183,8 +190,12 @@ def _ring_dilated(options: dict[str, Any]) -> Compute:
     cfg = _dilated_options("ring_dilated", options)
     group = _check_group("ring_dilated", options.get("group"))
 
-    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout):  # type: ignore[no-untyped-def]
+    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout):
         check_dropout_free("ring_dilated", dropout)
+        if key_padding_mask is None:
+            # every rank must pass a mask or none (checked by the ring's handshake), and padding may sit
+            # on some ranks' shards only: always pass one
+            key_padding_mask = torch.zeros(q.shape[:2], dtype=torch.bool, device=q.device)
         return attn_ring.ring_dilated_attention(
             q,
             k,

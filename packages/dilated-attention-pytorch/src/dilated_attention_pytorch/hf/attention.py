@@ -28,14 +28,14 @@ __all__ = [
     "transformers_module",
 ]
 
+
 def transformers_module(name: str = "transformers") -> ModuleType:
     """Import ``name`` from transformers, or raise ImportError naming the [hf] extra."""
     try:
         return importlib.import_module(name)
     except ImportError as exc:
         raise ImportError(
-            "dilated_attention_pytorch.hf needs Hugging Face transformers: "
-            "pip install 'dilated-attention-pytorch[hf]'"
+            "dilated_attention_pytorch.hf needs Hugging Face transformers: pip install 'dilated-attention-pytorch[hf]'"
         ) from exc
 
 
@@ -47,11 +47,14 @@ class PaddingMask:
     None when no key is padding. is_causal: the model asked for a causal mask (False:
     bidirectional). exact: False when transformers asked for more than causal/bidirectional plus
     padding (packed sequences found from position_ids, a sliding window, a custom overlay).
+    from_attention_mask: the model was given a 2-d attention_mask (then, as in transformers,
+    position_ids are not read as packed sequences).
     """
 
     key_padding_mask: torch.Tensor | None
     is_causal: bool
     exact: bool
+    from_attention_mask: bool = False
 
 
 def make_mask_function() -> Callable[..., PaddingMask]:
@@ -86,13 +89,32 @@ def make_mask_function() -> Callable[..., PaddingMask]:
             if not bool(keep.all()):  # one host read per forward; skips the mask when nothing is padding
                 key_padding_mask = ~keep
         exact = mask_function is causal_rule or mask_function is bidirectional_rule
-        return PaddingMask(key_padding_mask, is_causal=mask_function is not bidirectional_rule, exact=exact)
+        return PaddingMask(
+            key_padding_mask,
+            is_causal=mask_function is not bidirectional_rule,
+            exact=exact,
+            from_attention_mask=attention_mask is not None,
+        )
 
     return mask_function
 
 
 def _config_flag(module: torch.nn.Module, name: str) -> Any:
     return getattr(getattr(module, "config", None), name, None)
+
+
+def _check_not_packed(kind: str, position_ids: object) -> None:
+    # transformers finds packed rows only when it builds masks without a KV cache, which eval and
+    # the default use_cache=True skip; without a 2-d attention_mask, a position that does not follow
+    # its predecessor starts a new document, and attending across it would change the math
+    if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] > 1:
+        restarts = torch.diff(position_ids, dim=-1) != 1
+        if bool(restarts.any()):
+            raise ValueError(
+                f"{kind}: packed sequences (position_ids restart inside a row, {int(restarts.sum())} time(s)) are "
+                "not supported yet: attention would cross document boundaries. Pad the batch instead of packing "
+                "it (an attention_mask turns this check off, as in transformers)."
+            )
 
 
 def prepare_call(
@@ -140,6 +162,8 @@ def prepare_call(
             "is not supported. Train or score with use_cache=False; to generate, switch the model back with "
             "model.set_attn_implementation('sdpa')."
         )
+    if not (isinstance(attention_mask, PaddingMask) and attention_mask.from_attention_mask):
+        _check_not_packed(kind, kwargs.get("position_ids"))
     if attention_mask is None:
         causal = bool(getattr(module, "is_causal", True)) if is_causal is None else bool(is_causal)
         key_padding_mask = None

@@ -84,7 +84,8 @@ def shard_batch(
         shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
         full["labels"] = shifted
         full["shift_labels"] = shifted
-    batch = {name: shard_sequence(x, world, rank, layout=layout, dim=1) for name, x in full.items()}
+    # contiguous copies: shards of the contiguous layout are narrow views, which loss code .view()s
+    batch = {name: shard_sequence(x, world, rank, layout=layout, dim=1).contiguous() for name, x in full.items()}
     if labels is not None:
         batch["num_items_in_batch"] = (full["labels"] != ignore_index).sum()
     return batch
@@ -117,7 +118,9 @@ def reduce_loss(loss: torch.Tensor, group: dist.ProcessGroup | None = None) -> t
     return total
 
 
-def sync_gradients(model: torch.nn.Module | Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None = None) -> None:
+def sync_gradients(
+    model: torch.nn.Module | Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None = None
+) -> None:
     """Sum the parameters' gradients over the group, in place.
 
     After backward each rank holds the gradient of its share of the loss (the ring kernels already
