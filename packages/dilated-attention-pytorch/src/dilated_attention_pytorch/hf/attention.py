@@ -60,7 +60,7 @@ class PaddingMask:
 def make_mask_function() -> Callable[..., PaddingMask]:
     """A mask function for ``transformers.AttentionMaskInterface`` that returns a :class:`PaddingMask`.
 
-    transformers calls it with batch_size, q_length, kv_length, q_offset, kv_offset,
+    transformers calls it with keywords: batch_size, the query side, kv_length, kv_offset,
     mask_function (its token rule: plain causal, plain bidirectional, or a composition) and
     attention_mask ((B, total length) bool, True = attend, or None). Returning an object rather than
     None keeps the causal flag and padding with every attention call; nothing N x N is built.
@@ -70,15 +70,15 @@ def make_mask_function() -> Callable[..., PaddingMask]:
     bidirectional_rule = masking.bidirectional_mask_function
 
     def mask_function(
-        batch_size: int,
-        q_length: int,
+        *,
         kv_length: int,
-        q_offset: int = 0,
         kv_offset: int = 0,
         mask_function: Callable[..., Any] = causal_rule,
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> PaddingMask:
+        # the query side (q_length/q_offset, or cache_position before transformers 5.2x) is not
+        # needed: attention checks that queries and keys have one length
         key_padding_mask = None
         if attention_mask is not None:
             keep = attention_mask.to(torch.bool)
