@@ -3,6 +3,7 @@ ring equals the same model run whole in one process, in logits, loss and every g
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hf_models import assert_matches, copy_model, make_model, padded_batch
 
@@ -50,4 +51,9 @@ def check_ring_kinds(rank: int, world_size: int) -> list[str]:
         assert_matches(label, ours[:2], ref[:2], base[:2], keep)
         assert_close_to_reference(f"{label} loss", ours[2], ref[2], base[2])
         done.append(label)
+    # a rank given the whole sequence instead of its zigzag shard is refused on every rank
+    ring = copy_model(model, hf.register("ring", layout="zigzag"), torch.float32)
+    with pytest.raises(ValueError, match="shard_batch"):
+        ring(**padded_batch("none", seq_len=24))
+    done.append("unsharded batch refused")
     return done

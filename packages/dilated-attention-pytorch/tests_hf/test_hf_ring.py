@@ -14,5 +14,6 @@ def test_ring_model_equals_single_process_model(world_size: int) -> None:
         f"ring/zigzag W={world_size}",
         f"ring/contiguous W={world_size}",
         f"ring_dilated/contiguous W={world_size}",
+        "unsharded batch refused",
     ]
     assert values == [expected] * world_size

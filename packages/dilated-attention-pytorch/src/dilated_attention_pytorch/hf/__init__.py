@@ -69,8 +69,11 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "ring_dilated": ("segment_lengths", "dilation_rates", "head_mode", "group"),
 }
 
-# (q (B, N, H, D), k, v (B, N, Hkv, D), key_padding_mask (B, N) | None, is_causal, scale, dropout) -> (B, N, H, D)
-Compute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", bool, "float | None", float], Any]
+# (q (B, N, H, D), k, v (B, N, Hkv, D), key_padding_mask (B, N) | None, is_causal, scale, dropout,
+#  position_ids (B or 1, N) | None) -> (B, N, H, D)
+Compute = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", bool, "float | None", float, Any], Any
+]
 
 
 def _require(module: str, extra: str) -> Any:
@@ -98,7 +101,7 @@ def _longnet(options: dict[str, Any]) -> Compute:
     cfg = _dilated_options("longnet", options)
     backend = _check_backend("longnet", options.get("backend", "auto"), attn_core.BACKENDS)
 
-    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout):
+    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout, position_ids):
         return attn_core.dilated_attention(
             q,
             k,
@@ -141,7 +144,7 @@ def _block_sparse(options: dict[str, Any]) -> Compute:
         # a trial build names a wrong keyword or value now rather than at the first forward
         cache.get(pattern, seq_len=2 * max(block_size), block_size=block_size, **pattern_options)
 
-    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout):
+    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout, position_ids):
         check_dropout_free("block_sparse", dropout)
         layout = fixed
         if layout is None:
@@ -168,13 +171,32 @@ def _check_group(kind: str, group: object) -> Any:
     return group
 
 
+def _check_ring_positions(kind: str, position_ids: object, n: int, group: Any, layout: str) -> None:
+    # a rank given the whole sequence instead of its shard would silently attend over W copies of it:
+    # the positions transformers passes must be this rank's shard of the n * W token sequence
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2:
+        return
+    import torch.distributed as dist
+
+    from attn_ring.sharding import shard_positions
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    expected = shard_positions(n * world, world, rank, layout).to(position_ids.device)
+    if position_ids.shape[-1] != n or not bool((position_ids == expected).all()):
+        raise ValueError(
+            f"{kind}: position_ids are not rank {rank}'s {layout!r} shard of a {n * world}-token sequence over "
+            f"{world} ranks; cut each batch with dilated_attention_pytorch.hf.shard_batch(..., layout={layout!r})"
+        )
+
+
 def _ring(options: dict[str, Any]) -> Compute:
     attn_ring = _require("attn_ring", "ring")
     group = _check_group("ring", options.get("group"))
     layout = attn_ring.sharding.check_layout(options.get("layout", "zigzag"))
 
-    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout):
+    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout, position_ids):
         check_dropout_free("ring", dropout)
+        _check_ring_positions("ring", position_ids, q.shape[1], group, layout)
         if key_padding_mask is not None:
             raise ValueError(
                 "ring: ring attention takes no padding mask and this batch has padding; pack sequences to full "
@@ -190,8 +212,9 @@ def _ring_dilated(options: dict[str, Any]) -> Compute:
     cfg = _dilated_options("ring_dilated", options)
     group = _check_group("ring_dilated", options.get("group"))
 
-    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout):
+    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout, position_ids):
         check_dropout_free("ring_dilated", dropout)
+        _check_ring_positions("ring_dilated", position_ids, q.shape[1], group, "contiguous")
         if key_padding_mask is None:
             # every rank must pass a mask or none (checked by the ring's handshake), and padding may sit
             # on some ranks' shards only: always pass one
@@ -268,7 +291,8 @@ def register(kind: str, **options: Any) -> str:
         q, k, v, key_padding_mask, causal = prepare_call(
             kind, module, query, key, value, attention_mask, is_causal, kwargs
         )
-        return compute(q, k, v, key_padding_mask, causal, scaling, float(dropout)), None
+        out = compute(q, k, v, key_padding_mask, causal, scaling, float(dropout), kwargs.get("position_ids"))
+        return out, None
 
     name = _name(kind, options)
     transformers.AttentionInterface.register(name, attention)

@@ -182,6 +182,8 @@ def prepare_call(
                 f"{'causal' if causal else 'bidirectional'} mask"
             )
         key_padding_mask = attention_mask.key_padding_mask
+        if key_padding_mask is not None:  # built on the embeddings' device; layers may sit elsewhere
+            key_padding_mask = key_padding_mask.to(query.device)
     else:
         raise ValueError(
             f"{kind}: got a custom attention mask ({type(attention_mask).__name__}"
