@@ -17,14 +17,13 @@ from attn_core import reference
 from dilated_attention_pytorch import hf
 
 DENSE_KINDS = {
-    "longnet": {"segment_lengths": [32], "dilation_rates": [1]},  # one segment >= N, rate 1: dense
-    "longnet_split": {"segment_lengths": [32, 64], "dilation_rates": [1, 1], "head_mode": "split"},
-    "block_sparse": {"pattern": "causal", "block_size": 16},  # every tile on or below the diagonal
+    # one segment >= N, rate 1: dense
+    "longnet": ("longnet", {"segment_lengths": [32], "dilation_rates": [1]}),
+    "longnet_split": ("longnet", {"segment_lengths": [32, 64], "dilation_rates": [1, 1], "head_mode": "split"}),
+    # every tile on or below the diagonal, built per sequence length or given fixed
+    "block_sparse": ("block_sparse", {"pattern": "causal", "block_size": 16}),
+    "block_sparse_layout": ("block_sparse", {"layout": attn_sparse.causal(24, block_size=16)}),
 }
-
-
-def _kind(label: str) -> str:
-    return label.split("_split")[0]
 
 
 def _compare_to(model, name, batch, ref_impl, base_impl=None, scaling=None):
@@ -43,7 +42,8 @@ def _compare_to(model, name, batch, ref_impl, base_impl=None, scaling=None):
 @pytest.mark.parametrize("label", list(DENSE_KINDS))
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
 def test_dense_equivalent_configs_match_sdpa(label: str, padding: str) -> None:
-    name = hf.register(_kind(label), **DENSE_KINDS[label])
+    kind, options = DENSE_KINDS[label]
+    name = hf.register(kind, **options)
     batch = padded_batch(padding)
     res = _compare_to(make_model("llama"), name, batch, "sdpa")
     keep = batch["attention_mask"].bool()
@@ -135,7 +135,7 @@ def test_bidirectional_config_runs_bidirectional(kind: str) -> None:
     # config.is_causal=False makes transformers build a bidirectional mask; with padding its sdpa path
     # honours it (without padding sdpa falls back to the layer's causal flag, so the batch is padded)
     options = (
-        DENSE_KINDS[kind]
+        DENSE_KINDS[kind][1]
         if kind == "longnet"
         else {"pattern": "local_window", "pattern_options": {"window": 64}, "block_size": 16}
     )
