@@ -8,6 +8,7 @@ outputs and dq/dk/dv, against the float64 references applied per document.
 
 from __future__ import annotations
 
+import itertools
 import zlib
 
 import pytest
@@ -27,7 +28,7 @@ def _cu(lengths: list[int]) -> torch.Tensor:
 
 def _docs(cu: torch.Tensor) -> list[tuple[int, int]]:
     offsets = cu.tolist()
-    return list(zip(offsets[:-1], offsets[1:]))
+    return list(itertools.pairwise(offsets))
 
 
 def _inputs(N, H, Hkv, D, dtype, seed):
@@ -112,7 +113,7 @@ def test_bad_offsets_raise_value_error_naming_the_value(case):
 
 def test_offsets_that_are_not_a_tensor_raise_type_error():
     q = torch.randn(1, 8, 2, 4)
-    with pytest.raises(TypeError, match="cu_seqlens must be a torch.Tensor.*list"):
+    with pytest.raises(TypeError, match=r"cu_seqlens must be a torch\.Tensor.*list"):
         dilated_attention(q, q, q, [4], [1], cu_seqlens=[0, 8])
 
 
@@ -307,16 +308,17 @@ def test_packed_equals_concatenated_per_document_calls(causal):
 def test_many_tiny_documents():
     # 500 documents of 0..4 tokens (plus one longer than every segment): no per-document work
     g = torch.Generator().manual_seed(31)
-    lengths = torch.randint(0, 5, (500,), generator=g).tolist() + [40]
+    lengths = [*torch.randint(0, 5, (500,), generator=g).tolist(), 40]
     cu = _cu(lengths)
     seg, rates = [4, 8, 16], [1, 2, 4]
     q, k, v, dout = _inputs(int(cu[-1]), 4, 2, 8, torch.float64, 37)
     for causal in (False, True):
+        kw = {"is_causal": causal}
         out, grads = _run(
-            lambda a, b, c: dilated_attention(a, b, c, seg, rates, is_causal=causal, cu_seqlens=cu), q, k, v, dout
+            lambda a, b, c, kw=kw: dilated_attention(a, b, c, seg, rates, cu_seqlens=cu, **kw), q, k, v, dout
         )
         ref_out, ref_grads = _per_document(
-            lambda a, b, c, m: reference.dilated_attention(a, b, c, seg, rates, is_causal=causal)[0], q, k, v, dout, cu
+            lambda a, b, c, m, kw=kw: reference.dilated_attention(a, b, c, seg, rates, **kw)[0], q, k, v, dout, cu
         )
         assert_close_to_reference("out", out, ref_out)
         for name, got, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
