@@ -368,3 +368,39 @@ def test_auto_takes_reference_and_sdpa_says_why():
         dilated_attention(q, q, q, [4, 8], [1, 2], cu_seqlens=cu, backend="sdpa")
     dilated_attention(q, q, q, [4, 8], [1, 2], cu_seqlens=cu)
     assert last_backend() == "reference"
+
+
+@pytest.mark.parametrize("head_mode", ["all", "split"])
+def test_packed_gradcheck_float64(head_mode):
+    g = torch.Generator().manual_seed(47)
+    cu = _cu([3, 0, 1, 6])
+    q = torch.randn(1, 10, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 10, 1, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 10, 1, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(1, 10, dtype=torch.bool)
+    mask[0, 5] = True
+
+    def fn(a, b, c):
+        return dilated_attention(
+            a, b, c, [2, 4], [1, 2], is_causal=True, key_padding_mask=mask, head_mode=head_mode, cu_seqlens=cu
+        )
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_padded_keys_values_are_never_read_when_packed():
+    seg, rates, H, Hkv, D = CONFIGS["three_groups_gqa"]
+    cu = _cu(LENGTHS)
+    N = int(cu[-1])
+    q, k, v, _ = _inputs(N, H, Hkv, D, torch.float32, 53)
+    mask = torch.zeros(1, N, dtype=torch.bool)
+    mask[0, 2::5] = True
+    clean = dilated_attention(q, k, v, seg, rates, key_padding_mask=mask, cu_seqlens=cu)
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[mask], v_bad[mask] = float("nan"), float("inf")
+    leaves = [t.requires_grad_(True) for t in (q.clone(), k_bad, v_bad)]
+    out = dilated_attention(*leaves, seg, rates, key_padding_mask=mask, cu_seqlens=cu)
+    assert torch.equal(out, clean)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    assert all(torch.isfinite(gr).all() for gr in grads)
+    assert torch.equal(grads[1][mask], torch.zeros_like(grads[1][mask]))
