@@ -147,14 +147,17 @@ def dilated_attention(call: DilatedCall) -> torch.Tensor:
     return out.to(call.q.dtype)
 
 
-def _document_blocks(cu_seqlens: torch.Tensor, w: int, r: int, o: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _document_blocks(
+    cu_seqlens: torch.Tensor, w: int, r: int, o: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The (segment, offset o) blocks of every document for segment length w and rate r.
 
     cu_seqlens: int64 (num_docs + 1,) on the CPU. Block = segment s of document i: rows t at
     packed positions c[i] + s*w + o + t*r that lie inside the segment and the document. Returns,
-    per bucket of blocks with rows in (2^(k-1), 2^k], (positions, valid): int64 and bool
-    (blocks, P) CPU tensors, P the bucket's most rows; rows past a block's end are not valid
-    (their position is 0, a placeholder that is masked as a key and dropped as a query).
+    per bucket of blocks with rows in (2^(k-1), 2^k], CPU tensors (positions, valid, taken):
+    positions int64 and valid bool (blocks, P), P the bucket's most rows, and taken the flat
+    indices of the valid entries. Rows past a block's end are not valid (their position is 0, a
+    placeholder that is masked as a key and dropped as a query).
     """
     starts, lengths = cu_seqlens[:-1], cu_seqlens[1:] - cu_seqlens[:-1]
     seg_counts = -(-lengths // w)  # 0 for empty documents
@@ -174,7 +177,7 @@ def _document_blocks(cu_seqlens: torch.Tensor, w: int, r: int, o: int) -> list[t
             t = torch.arange(int(bucket_rows.max()))
             valid = t[None, :] < bucket_rows[:, None]
             positions = torch.where(valid, block_start[in_bucket, None] + t[None, :] * r, 0)
-            buckets.append((positions, valid))
+            buckets.append((positions, valid, torch.nonzero(valid.flatten()).squeeze(1)))
         low, high = high, 2 * high
     return buckets
 
@@ -206,8 +209,10 @@ def _packed_dilated_attention(call: DilatedCall) -> torch.Tensor:
         for o, head_ids in cfg.heads_by_offset(g, H, N):
             hq = torch.tensor(head_ids, device=device)
             hkv = torch.div(hq, heads_per_kv, rounding_mode="floor")  # GQA: kv head j // (H // Hkv)
-            for positions_cpu, valid_cpu in _document_blocks(cu, w, r, o):
-                positions, valid = positions_cpu.to(device), valid_cpu.to(device)
+            for positions_cpu, valid_cpu, taken_cpu in _document_blocks(cu, w, r, o):
+                # index tensors only, so that no step on the device reads back to the host
+                positions, valid, taken = positions_cpu.to(device), valid_cpu.to(device), taken_cpu.to(device)
+                selected = positions_cpu.flatten()[taken_cpu].to(device)  # (rows,) packed positions
                 # (1, blocks, h, P, D): the heads sharing offset o, gathered once per bucket
                 qs = q.index_select(1, hq)[positions].transpose(1, 2)[None]
                 ks = k.index_select(1, hkv)[positions].transpose(1, 2)[None]
@@ -222,9 +227,10 @@ def _packed_dilated_attention(call: DilatedCall) -> torch.Tensor:
                     dropout_p=call.dropout_p,
                 )
                 h = len(head_ids)
-                out_parts.append(o_s[0].transpose(1, 2)[valid].reshape(-1, D))  # (rows * h, D)
-                lse_parts.append(lse_s[0].transpose(1, 2)[valid].reshape(-1))
-                selected = positions[valid]
+                o_rows = o_s[0].transpose(1, 2).reshape(-1, h, D).index_select(0, taken)  # (rows, h, D)
+                lse_rows = lse_s[0].transpose(1, 2).reshape(-1, h).index_select(0, taken)
+                out_parts.append(o_rows.reshape(-1, D))  # (rows * h, D), row-major: row, then head
+                lse_parts.append(lse_rows.reshape(-1))
                 pos_parts.append(selected.repeat_interleave(h))
                 head_parts.append(hq.repeat(selected.numel()))
         if not out_parts:
