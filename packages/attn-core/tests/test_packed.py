@@ -9,10 +9,13 @@ outputs and dq/dk/dv, against the float64 references applied per document.
 from __future__ import annotations
 
 import itertools
+import os
 import zlib
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from attn_core import dilated_attention, explain, last_backend, reference
 from attn_core.packing import document_positions
@@ -43,6 +46,8 @@ def _inputs(N, H, Hkv, D, dtype, seed):
 def _run(fn, q, k, v, dout):
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     out = fn(*leaves)
+    if not out.requires_grad:  # the float64 reference on an empty sequence builds no graph
+        return out.detach(), [torch.zeros_like(t) for t in leaves]
     grads = torch.autograd.grad(out, leaves, dout.to(out.dtype), allow_unused=True)
     return out.detach(), [torch.zeros_like(t) if g is None else g.detach() for g, t in zip(grads, leaves)]
 
@@ -404,3 +409,55 @@ def test_padded_keys_values_are_never_read_when_packed():
     grads = torch.autograd.grad(out.sum(), leaves)
     assert all(torch.isfinite(gr).all() for gr in grads)
     assert torch.equal(grads[1][mask], torch.zeros_like(grads[1][mask]))
+
+
+# derandomized like test_properties.py: CI runs the same examples (HYPOTHESIS_EXAMPLES widens locally)
+_EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "30"))
+
+
+@settings(
+    max_examples=_EXAMPLES,
+    deadline=None,
+    derandomize="HYPOTHESIS_EXAMPLES" not in os.environ,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    lengths=st.lists(st.integers(0, 14), min_size=1, max_size=6),
+    rates=st.lists(st.integers(1, 3), min_size=1, max_size=3),
+    seg_mult=st.integers(1, 4),
+    kv_heads=st.integers(1, 2),
+    group=st.integers(1, 3),
+    causal=st.booleans(),
+    head_mode=st.sampled_from(["all", "split"]),
+    padded=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_packings_match_per_document_reference(
+    lengths, rates, seg_mult, kv_heads, group, causal, head_mode, padded, seed
+):
+    segs = [r * (seg_mult + i) for i, r in enumerate(rates)]
+    cu = _cu(lengths)
+    N = int(cu[-1])
+    q, k, v, dout = _inputs(N, kv_heads * group, kv_heads, 4, torch.float64, seed)
+    mask = torch.rand(1, N, generator=torch.Generator().manual_seed(seed)) < 0.3 if padded else None
+    kw = {"is_causal": causal, "head_mode": head_mode}
+    out, grads = _run(
+        lambda a, b, c: dilated_attention(a, b, c, segs, rates, key_padding_mask=mask, cu_seqlens=cu, **kw),
+        q,
+        k,
+        v,
+        dout,
+    )
+    ref_out, ref_grads = _per_document(
+        lambda a, b, c, m: reference.dilated_attention(a, b, c, segs, rates, key_padding_mask=m, **kw)[0],
+        q,
+        k,
+        v,
+        dout,
+        cu,
+        mask,
+    )
+    assert_close_to_reference("out", out, ref_out)
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close_to_reference(name, got, ref)
