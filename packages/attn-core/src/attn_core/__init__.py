@@ -9,6 +9,7 @@ from .config import DilatedConfig
 from .longnet import LongNetDecoderLayer, LongNetEncoderLayer, LongNetLM, magneto_gamma
 from .merge import merge_into_, merge_partials
 from .modules import DilatedAttention, MultiheadDilatedAttention
+from .packing import pack_sequences, unpack_sequences
 from .registry import BackendChoice, BackendRegistry
 
 __all__ = [
@@ -29,4 +30,6 @@ __all__ = [
     "magneto_gamma",
     "merge_into_",
     "merge_partials",
+    "pack_sequences",
+    "unpack_sequences",
 ]

@@ -16,7 +16,7 @@ import torch
 
 from .config import DilatedCall, DilatedConfig
 from .registry import BackendChoice, BackendRegistry
-from .validation import check_bool, check_dropout, check_qkv, resolve_softmax_scale
+from .validation import check_bool, check_cu_seqlens, check_dropout, check_qkv, resolve_softmax_scale
 
 __all__ = ["AUTO_ORDER", "BACKENDS", "BackendChoice", "dilated_attention", "explain", "last_backend"]
 
@@ -39,9 +39,12 @@ def _make_call(
     softmax_scale: float | None,
     dropout_p: float,
     head_mode: str,
+    cu_seqlens: torch.Tensor | None,
 ) -> DilatedCall:
-    _, _, _, _, D = check_qkv(q, k, v, key_padding_mask=key_padding_mask)
+    B, N, _, _, D = check_qkv(q, k, v, key_padding_mask=key_padding_mask)
     config = DilatedConfig(segment_lengths, dilation_rates, head_mode)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, batch=B, seq_len=N, device=q.device)
     return DilatedCall(
         q=q,
         k=k,
@@ -51,6 +54,7 @@ def _make_call(
         key_padding_mask=key_padding_mask,
         softmax_scale=resolve_softmax_scale(softmax_scale, D),
         dropout_p=check_dropout(dropout_p),
+        cu_seqlens=cu_seqlens,
     )
 
 
@@ -70,6 +74,7 @@ def explain(
     softmax_scale: float | None = None,
     dropout_p: float = 0.0,
     head_mode: str = "all",
+    cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> BackendChoice:
     """The backend :func:`dilated_attention` would run with these arguments, and why (runs nothing)."""
@@ -84,6 +89,7 @@ def explain(
         softmax_scale=softmax_scale,
         dropout_p=dropout_p,
         head_mode=head_mode,
+        cu_seqlens=cu_seqlens,
     )
     return _choose(call, backend, explain_all=True)
 
@@ -105,6 +111,7 @@ def dilated_attention(
     softmax_scale: float | None = None,
     dropout_p: float = 0.0,
     head_mode: str = "all",
+    cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """LongNet dilated attention, differentiable with exact gradients.
@@ -131,6 +138,7 @@ def dilated_attention(
         softmax_scale=softmax_scale,
         dropout_p=dropout_p,
         head_mode=head_mode,
+        cu_seqlens=cu_seqlens,
     )
     choice = _choose(call, backend)
     mod = REGISTRY.load(choice.backend)

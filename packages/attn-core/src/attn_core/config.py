@@ -125,7 +125,8 @@ class DilatedCall:
     """A validated dilated-attention call, the one argument every backend receives.
 
     q: (B, N, H, D); k, v: (B, N, Hkv, D); key_padding_mask: (B, N) bool (True = padding) or None.
-    softmax_scale is resolved (never None); dropout_p in [0, 1).
+    softmax_scale is resolved (never None); dropout_p in [0, 1). cu_seqlens: None or validated int32
+    (num_docs + 1,) offsets of documents packed along N (B == 1), on q's device or the CPU.
     """
 
     q: Any
@@ -136,6 +137,7 @@ class DilatedCall:
     key_padding_mask: Any
     softmax_scale: float
     dropout_p: float
+    cu_seqlens: Any = None
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:

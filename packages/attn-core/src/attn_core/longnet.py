@@ -6,6 +6,9 @@ feed-forward (before its second linear), with v/out/FFN weights initialised with
 ``gamma_init``; :func:`magneto_gamma` gives the paper's value for a stack of L layers.
 
 Shapes are batch first: x (B, N, d_model); key padding masks (B, N) bool, True = padding.
+Packed documents: ``cu_seqlens`` int32 (num_docs + 1,) with B == 1 (:func:`attn_core.pack_sequences`);
+every layer then equals itself run on each document alone (attention stays within documents, the
+rest acts per token), and :class:`LongNetLM` restarts positions at each document's start.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from torch.nn.functional import gelu, linear, relu
 from torch.utils.checkpoint import checkpoint
 
 from .modules import MultiheadDilatedAttention
+from .packing import document_positions
 from .validation import (
     check_bool,
     check_choice,
+    check_cu_seqlens,
     check_dropout,
     check_factory_kwargs,
     check_positive_float,
@@ -105,9 +110,15 @@ class _LongNetLayer(nn.Module):
         nn.init.zeros_(self.linear1.bias)
         nn.init.zeros_(self.linear2.bias)
 
-    def _run(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    def _run(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        is_causal: bool,
+        cu_seqlens: torch.Tensor | None,
+    ) -> torch.Tensor:
         h = self.norm1(x)
-        h, _ = self.self_attn(h, h, h, is_causal=is_causal, key_padding_mask=key_padding_mask)
+        h, _ = self.self_attn(h, h, h, is_causal=is_causal, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
         x = x + self.dropout(h)
         h = _ACTIVATIONS[self.activation](self.linear1(self.norm2(x)))
         x = x + self.dropout(self.linear2(self.ffn_norm(h)))
@@ -115,28 +126,50 @@ class _LongNetLayer(nn.Module):
 
 
 class LongNetEncoderLayer(_LongNetLayer):
-    """Bidirectional LongNet layer. forward(src (B, N, d_model), *, src_key_padding_mask, is_causal=False)."""
+    """Bidirectional LongNet layer.
+
+    forward(src (B, N, d_model), *, src_key_padding_mask (B, N) bool, is_causal=False, cu_seqlens
+    int32 (num_docs + 1,) with B == 1) -> (B, N, d_model).
+    """
 
     def forward(
-        self, src: torch.Tensor, *, src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False
+        self,
+        src: torch.Tensor,
+        *,
+        src_key_padding_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self._run(src, src_key_padding_mask, is_causal)
+        return self._run(src, src_key_padding_mask, is_causal, cu_seqlens)
 
 
 class LongNetDecoderLayer(_LongNetLayer):
     """Decoder-only LongNet layer: causal dilated self-attention + FFN (no cross-attention).
 
-    forward(tgt (B, N, d_model), *, tgt_key_padding_mask (B, N) bool) -> (B, N, d_model).
+    forward(tgt (B, N, d_model), *, tgt_key_padding_mask (B, N) bool, cu_seqlens int32
+    (num_docs + 1,) with B == 1) -> (B, N, d_model).
     """
 
-    def forward(self, tgt: torch.Tensor, *, tgt_key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self._run(tgt, tgt_key_padding_mask, True)
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        *,
+        tgt_key_padding_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self._run(tgt, tgt_key_padding_mask, True, cu_seqlens)
 
 
 def sinusoidal_positions(seq_len: int, dim: int, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(seq_len, dim) sinusoidal position encoding (Vaswani et al.); no length limit, no parameters."""
+    return sinusoidal_encoding(torch.arange(seq_len, device=device), dim, dtype=dtype)
+
+
+def sinusoidal_encoding(positions: torch.Tensor, dim: int, *, dtype: torch.dtype) -> torch.Tensor:
+    """(N, dim) sinusoidal encoding of integer positions (N,) (e.g. restarting per packed document)."""
+    device, seq_len = positions.device, positions.shape[0]
     # Angles in float64: at a million positions float32 would round pos * freq by ~0.06 rad.
-    pos = torch.arange(seq_len, device=device, dtype=torch.float64)[:, None]
+    pos = positions.to(torch.float64)[:, None]
     freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float64) * (-math.log(10000.0) / dim))
     pe = torch.zeros(seq_len, dim, device=device, dtype=torch.float64)
     pe[:, 0::2] = torch.sin(pos * freq)
@@ -151,8 +184,12 @@ class LongNetLM(nn.Module):
     :class:`LongNetDecoderLayer` (MAGNETO gamma for the depth) -> LayerNorm -> vocabulary head
     (tied to the embedding by default).
 
-    forward(input_ids (B, N) int64, *, key_padding_mask (B, N) bool) -> logits (B, N, vocab_size).
-    Padded keys are never read into the attention result of any position.
+    forward(input_ids (B, N) int64, *, key_padding_mask (B, N) bool, cu_seqlens int32 (num_docs + 1,)
+    with B == 1) -> logits (B, N, vocab_size). Padded keys are never read into the attention result
+    of any position. With cu_seqlens (documents packed along N, :func:`attn_core.pack_sequences`)
+    positions restart at each document's start and the logits equal the model run on each document
+    alone (a next-token loss over packed logits must not pair a document's last token with the next
+    document's first).
     ``dropout`` (embedding and residual branches) and ``attention_dropout`` as in the layers.
     ``gradient_checkpointing=True`` recomputes each layer in backward (torch.utils.checkpoint,
     non-reentrant, RNG state preserved so dropout masks match) when training with grad enabled.
@@ -246,18 +283,31 @@ class LongNetLM(nn.Module):
             if lo < 0 or hi >= self.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, vocab_size={self.vocab_size}), got values in [{lo}, {hi}]")
 
-    def forward(self, input_ids: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        key_padding_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         self._check_ids(input_ids)
-        N = input_ids.shape[1]
+        B, N = input_ids.shape
         x = self.embed(input_ids) * math.sqrt(self.d_model)
-        x = x + sinusoidal_positions(N, self.d_model, device=x.device, dtype=x.dtype)
+        if cu_seqlens is None:
+            x = x + sinusoidal_positions(N, self.d_model, device=x.device, dtype=x.dtype)
+        else:
+            check_cu_seqlens(cu_seqlens, batch=B, seq_len=N, device=x.device)
+            _, positions = document_positions(cu_seqlens.to(x.device), N)
+            x = x + sinusoidal_encoding(positions, self.d_model, dtype=x.dtype)
         x = self.dropout(x)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if use_ckpt:
-                x = checkpoint(layer, x, use_reentrant=False, tgt_key_padding_mask=key_padding_mask)
+                x = checkpoint(
+                    layer, x, use_reentrant=False, tgt_key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens
+                )
             else:
-                x = layer(x, tgt_key_padding_mask=key_padding_mask)
+                x = layer(x, tgt_key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
         x = self.norm(x)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return linear(x, weight)

@@ -42,7 +42,8 @@ class DilatedAttention(nn.Module):
     """LongNet dilated attention over pre-split heads (no parameters).
 
     forward(q (B, N, H, D), k (B, N, Hkv, D), v (B, N, Hkv, D), *, is_causal, key_padding_mask
-    (B, N) bool with True = padding) -> (B, N, H, D). See :func:`attn_core.dilated_attention`.
+    (B, N) bool with True = padding, cu_seqlens int32 (num_docs + 1,) for documents packed along N
+    with B == 1) -> (B, N, H, D). See :func:`attn_core.dilated_attention`.
     Padded keys' k and v values are never read into the result (NaN there is harmless).
     ``dropout`` is applied to the attention probabilities in training mode only.
     """
@@ -78,10 +79,13 @@ class DilatedAttention(nn.Module):
     def head_mode(self) -> str:
         return self.config.head_mode
 
-    def _kwargs(self, is_causal: bool, key_padding_mask: torch.Tensor | None) -> dict[str, Any]:
+    def _kwargs(
+        self, is_causal: bool, key_padding_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None
+    ) -> dict[str, Any]:
         return {
             "is_causal": is_causal,
             "key_padding_mask": key_padding_mask,
+            "cu_seqlens": cu_seqlens,
             "softmax_scale": self.softmax_scale,
             "dropout_p": self.dropout if self.training else 0.0,
             "head_mode": self.config.head_mode,
@@ -96,10 +100,11 @@ class DilatedAttention(nn.Module):
         *,
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cfg = self.config
         return dilated_attention(
-            q, k, v, cfg.segment_lengths, cfg.dilation_rates, **self._kwargs(is_causal, key_padding_mask)
+            q, k, v, cfg.segment_lengths, cfg.dilation_rates, **self._kwargs(is_causal, key_padding_mask, cu_seqlens)
         )
 
     def explain(
@@ -110,10 +115,13 @@ class DilatedAttention(nn.Module):
         *,
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> BackendChoice:
         """The backend :meth:`forward` would run on these inputs in the current train/eval mode, and why."""
         cfg = self.config
-        return explain(q, k, v, cfg.segment_lengths, cfg.dilation_rates, **self._kwargs(is_causal, key_padding_mask))
+        return explain(
+            q, k, v, cfg.segment_lengths, cfg.dilation_rates, **self._kwargs(is_causal, key_padding_mask, cu_seqlens)
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -126,7 +134,9 @@ class MultiheadDilatedAttention(nn.Module):
     """Multi-head dilated attention, batch first, ``nn.MultiheadAttention``-like.
 
     forward(query (B, N, E), key (B, N, E), value (B, N, E), *, is_causal=False,
-    key_padding_mask (B, N) bool, True = padding) -> (out (B, N, E), None).
+    key_padding_mask (B, N) bool, True = padding, cu_seqlens int32 (num_docs + 1,) for documents
+    packed along N with B == 1) -> (out (B, N, E), None). Projections and the sub-LayerNorm act per
+    token, so with cu_seqlens the result equals the module run on each document alone.
     key/value may differ from query but must have the same length N (dilated segments are
     defined on one shared position axis). Padded keys' values are never read into the result.
 
@@ -229,13 +239,16 @@ class MultiheadDilatedAttention(nn.Module):
         *,
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None]:
         self._check_inputs(query, key, value)
         B, N, _ = query.shape
         q = self.q_proj(query).view(B, N, self.num_heads, self.head_dim)
         k = self.k_proj(key).view(B, N, self.num_kv_heads, self.head_dim)
         v = self.v_proj(value).view(B, N, self.num_kv_heads, self.head_dim)
-        x = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
+        # passed only when given: subclasses may swap in an attention core that takes no cu_seqlens
+        packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        x = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, **packed)
         x = x.reshape(B, N, self.embed_dim)
         if self.norm is not None:
             x = self.norm(x)

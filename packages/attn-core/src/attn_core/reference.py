@@ -10,6 +10,9 @@ are only for small shapes. Conventions:
   no key, whose output is 0 (never NaN).
 - ``is_causal`` is top-left aligned like ``torch.nn.functional.scaled_dot_product_attention``:
   query i sees keys j <= i.
+- ``cu_seqlens``: int32 (num_docs + 1,) offsets of documents packed along N (B == 1, flash-attn's
+  varlen convention): a query sees only keys of its own document; causal masks, windows, dilated
+  segments and offsets count from the document's start (:func:`document_mask`).
 - ``dtype``: the computation dtype. float64 is the reference; passing the inputs' own low
   precision dtype gives "plain PyTorch in that dtype", the baseline the tolerance rule uses.
 """
@@ -21,6 +24,8 @@ from collections.abc import Sequence
 import torch
 
 from .config import DilatedConfig
+from .packing import document_positions
+from .validation import check_cu_seqlens, check_window_size
 
 __all__ = [
     "attention_from_weights",
@@ -29,6 +34,7 @@ __all__ = [
     "dense_attention",
     "dilated_attention",
     "dilated_weights",
+    "document_mask",
 ]
 
 
@@ -84,6 +90,44 @@ def _padding_weights(key_padding_mask: torch.Tensor | None) -> torch.Tensor | No
     return (~key_padding_mask)[:, None, None, :]  # (B, 1, 1, Nk)
 
 
+def document_mask(
+    seq_len_q: int,
+    seq_len_k: int,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    is_causal: bool = False,
+    window_size: tuple[int, int] | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Which keys each query may see: bool (Nq, Nk), True = attend. O(Nq * Nk): references only.
+
+    is_causal: key j <= query i (top-left aligned). window_size (left, right): i - left <= j <= i + right,
+    -1 = unbounded on that side (flash-attn's convention). cu_seqlens (needs Nq == Nk): i and j in
+    the same document. Within one document the differences i - j are the same counted from the
+    document's start or from 0, so causal masks and windows count within the document.
+    """
+    i = torch.arange(seq_len_q, device=device)[:, None]
+    j = torch.arange(seq_len_k, device=device)[None, :]
+    mask = torch.ones(seq_len_q, seq_len_k, dtype=torch.bool, device=device)
+    if is_causal:
+        mask &= j <= i
+    if window_size is not None:
+        left, right = check_window_size(window_size)
+        if left >= 0:
+            mask &= j >= i - left
+        if right >= 0:
+            mask &= j <= i + right
+    if cu_seqlens is not None:
+        if seq_len_q != seq_len_k:
+            raise ValueError(
+                f"cu_seqlens needs one packed sequence for queries and keys, got Nq={seq_len_q}, Nk={seq_len_k}"
+            )
+        check_cu_seqlens(cu_seqlens, batch=1, seq_len=seq_len_q, device=mask.device)
+        doc_ids, _ = document_positions(cu_seqlens.to(mask.device), seq_len_q)
+        mask &= doc_ids[:, None] == doc_ids[None, :]
+    return mask
+
+
 def dense_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -92,14 +136,23 @@ def dense_attention(
     is_causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    window_size: tuple[int, int] | None = None,
     softmax_scale: float | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain softmax attention. attn_mask: bool broadcastable to (B, H, Nq, Nk), True = attend."""
+    """Plain softmax attention. attn_mask: bool broadcastable to (B, H, Nq, Nk), True = attend.
+
+    is_causal, window_size, cu_seqlens (B == 1): the masks of :func:`document_mask`, all applied.
+    """
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(
+            f"cu_seqlens needs batch size B == 1 (documents packed along the sequence), got B={q.shape[0]}"
+        )
     Nq, Nk = q.shape[1], k.shape[1]
-    w = torch.ones(1, 1, Nq, Nk, dtype=torch.bool, device=q.device)
-    if is_causal:
-        w = w & torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril()
+    w = document_mask(Nq, Nk, cu_seqlens=cu_seqlens, is_causal=is_causal, window_size=window_size, device=q.device)[
+        None, None
+    ]
     if attn_mask is not None:
         w = w & attn_mask.to(q.device)
     pad = _padding_weights(key_padding_mask)
@@ -116,6 +169,7 @@ def dilated_weights(
     *,
     is_causal: bool = False,
     head_mode: str = "all",
+    cu_seqlens: torch.Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Key multiplicities (H, N, N) of LongNet dilated attention (Eq. 10 of the paper).
@@ -124,17 +178,22 @@ def dilated_weights(
     w_g and w_g % r_g == 0, so the in-segment offset test reduces to that) attend to the
     selected keys of their own segment. Summing the groups' 0/1 masks gives the multiset union
     whose single softmax equals the LSE-weighted merge of the per-group outputs.
+
+    cu_seqlens: p is the position within its document and keys come from the same document
+    (:func:`document_mask`): the weights of each document run alone, placed on the diagonal.
     """
     cfg = DilatedConfig(segment_lengths, dilation_rates, head_mode)
-    pos = torch.arange(seq_len, device=device)
-    counts = torch.zeros(num_heads, seq_len, seq_len, dtype=torch.float64, device=device)
-    causal = pos[None, :] <= pos[:, None]
+    allowed = document_mask(seq_len, seq_len, cu_seqlens=cu_seqlens, is_causal=is_causal, device=device)
+    if cu_seqlens is None:
+        pos = torch.arange(seq_len, device=allowed.device)
+    else:
+        _, pos = document_positions(cu_seqlens.to(allowed.device), seq_len)
+    counts = torch.zeros(num_heads, seq_len, seq_len, dtype=torch.float64, device=allowed.device)
     for g in range(cfg.num_groups):
-        # clamped to N (same selection): no int64 overflow or work from lengths and rates beyond N
+        # clamped to N (same selection, documents being no longer than N): no int64 overflow or
+        # work from lengths and rates beyond N
         w, r = cfg.group_extent(g, seq_len)
-        same_segment = (pos[:, None] // w) == (pos[None, :] // w)
-        if is_causal:
-            same_segment = same_segment & causal
+        same_segment = ((pos[:, None] // w) == (pos[None, :] // w)) & allowed
         for o, heads in cfg.heads_by_offset(g, num_heads, seq_len):
             sel = (pos % r) == o
             pairs = (sel[:, None] & sel[None, :] & same_segment).to(torch.float64)
@@ -153,16 +212,29 @@ def dilated_attention(
     key_padding_mask: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     head_mode: str = "all",
+    cu_seqlens: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LongNet dilated attention as one softmax over the multiset union of the groups' keys.
 
     Returns out (B, N, H, D) and the merged lse L(p) (B, H, N); unselected or fully padded
-    (position, head) pairs give out 0 and lse -inf.
+    (position, head) pairs give out 0 and lse -inf. With cu_seqlens (B == 1) the result is the
+    concatenation of this function run on each document alone.
     """
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(
+            f"cu_seqlens needs batch size B == 1 (documents packed along the sequence), got B={q.shape[0]}"
+        )
     N, H = q.shape[1], q.shape[2]
     w = dilated_weights(
-        N, H, segment_lengths, dilation_rates, is_causal=is_causal, head_mode=head_mode, device=q.device
+        N,
+        H,
+        segment_lengths,
+        dilation_rates,
+        is_causal=is_causal,
+        head_mode=head_mode,
+        cu_seqlens=cu_seqlens,
+        device=q.device,
     )[None]
     pad = _padding_weights(key_padding_mask)
     if pad is not None:

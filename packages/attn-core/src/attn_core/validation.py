@@ -157,3 +157,65 @@ def check_tensor(name: str, t: object, shape: tuple[int, ...], device: torch.dev
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} must be on {device} like q, got {t.device}")
+
+
+def check_cu_seqlens(cu_seqlens: object, *, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """Validate packed-document offsets (flash-attn's varlen convention) and return them unchanged.
+
+    cu_seqlens: int32 (num_docs + 1,) on ``device`` (the inputs' device) or on the CPU, with
+    0 = c[0] <= c[1] <= ... <= c[-1] = seq_len; document i covers positions [c[i], c[i+1]).
+    Empty documents (equal consecutive offsets) are allowed, as in flash-attn. Documents are
+    packed along the sequence, so the batch must be 1.
+
+    Work is one vectorised pass; the values are read to the host once, as four numbers (first,
+    last, minimum and the count of decreasing steps), however many documents there are. Only an
+    error reads more (to name the first offending offset).
+    """
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(
+            f"cu_seqlens must be a torch.Tensor of dtype torch.int32 (num_docs + 1,), got {type(cu_seqlens).__name__}"
+        )
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(
+            f"cu_seqlens must have dtype torch.int32 (cumulative document offsets), got {cu_seqlens.dtype}"
+        )
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() == 0:
+        raise ValueError(
+            f"cu_seqlens must be 1-D of shape (num_docs + 1,) with at least one entry, got shape {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device != device and cu_seqlens.device.type != "cpu":
+        raise ValueError(f"cu_seqlens must be on {device} like q, or on the CPU, got {cu_seqlens.device}")
+    if batch != 1:
+        raise ValueError(f"cu_seqlens needs batch size B == 1 (documents packed along the sequence), got B={batch}")
+    c = cu_seqlens.to(torch.int64)
+    steps = c[1:] - c[:-1]
+    first, last, lowest, decreases = torch.stack([c[0], c[-1], c.min(), (steps < 0).sum()]).tolist()
+    if lowest < 0:
+        i = int(torch.nonzero(c < 0)[0, 0])
+        raise ValueError(f"cu_seqlens must be non-negative, got cu_seqlens[{i}] = {int(c[i])}")
+    if first != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {first}")
+    if decreases:
+        i = int(torch.nonzero(steps < 0)[0, 0])
+        raise ValueError(
+            "cu_seqlens must be non-decreasing (equal neighbours are empty documents), got "
+            f"cu_seqlens[{i}] = {int(c[i])} > cu_seqlens[{i + 1}] = {int(c[i + 1])}"
+        )
+    if last != seq_len:
+        raise ValueError(f"cu_seqlens must end at the sequence length N = {seq_len}, got cu_seqlens[-1] = {last}")
+    return cu_seqlens
+
+
+def check_window_size(window_size: object) -> tuple[int, int]:
+    """window_size (left, right) in tokens, flash-attn's convention: query i sees keys j with
+    i - left <= j <= i + right; -1 means unbounded on that side. Returns it as a tuple of ints."""
+    if isinstance(window_size, (str, bytes)) or not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a pair (left, right) of ints >= -1, got {window_size!r}")
+    out = []
+    for side in window_size:
+        if isinstance(side, bool) or not isinstance(side, int):
+            raise TypeError(f"window_size must be a pair (left, right) of ints >= -1, got {window_size!r}")
+        if side < -1:
+            raise ValueError(f"window_size sides must be >= -1 (-1 = unbounded), got {window_size!r}")
+        out.append(side)
+    return out[0], out[1]

@@ -79,6 +79,8 @@ def _segment_attention(
 
 def dilated_attention(call: DilatedCall) -> torch.Tensor:
     """out (B, N, H, D) in q's dtype; see the module docstring for the algorithm."""
+    if call.cu_seqlens is not None:
+        return _packed_dilated_attention(call)
     B, N, H, Hkv, D = call.shape
     cfg = call.config
     heads_per_kv = H // Hkv
@@ -140,6 +142,107 @@ def dilated_attention(call: DilatedCall) -> torch.Tensor:
         lses.append(lse_g.reshape(B, padded, H)[:, :N].transpose(1, 2))  # (B, H, N)
 
     if not outs:  # N == 0 (for N >= 1 head 0 selects position 0): an empty output, still in the graph
+        return call.q * 0
+    out, _ = merge_partials(outs, lses)
+    return out.to(call.q.dtype)
+
+
+def _document_blocks(
+    cu_seqlens: torch.Tensor, w: int, r: int, o: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The (segment, offset o) blocks of every document for segment length w and rate r.
+
+    cu_seqlens: int64 (num_docs + 1,) on the CPU. Block = segment s of document i: rows t at
+    packed positions c[i] + s*w + o + t*r that lie inside the segment and the document. Returns,
+    per bucket of blocks with rows in (2^(k-1), 2^k], CPU tensors (positions, valid, taken):
+    positions int64 and valid bool (blocks, P), P the bucket's most rows, and taken the flat
+    indices of the valid entries. Rows past a block's end are not valid (their position is 0, a
+    placeholder that is masked as a key and dropped as a query).
+    """
+    starts, lengths = cu_seqlens[:-1], cu_seqlens[1:] - cu_seqlens[:-1]
+    seg_counts = -(-lengths // w)  # 0 for empty documents
+    doc = torch.repeat_interleave(torch.arange(lengths.numel()), seg_counts)
+    first_block = torch.cumsum(seg_counts, 0) - seg_counts
+    seg = torch.arange(doc.numel()) - first_block[doc]
+    seg_len = torch.clamp(lengths[doc] - seg * w, max=w)
+    rows = torch.clamp(-(-(seg_len - o) // r), min=0)  # positions o, o + r, ... below seg_len
+    block_start = starts[doc] + seg * w + o
+    buckets = []
+    low, high = 0, 1
+    most = int(rows.max()) if rows.numel() else 0
+    while low < most:
+        in_bucket = (rows > low) & (rows <= high)
+        if bool(in_bucket.any()):
+            bucket_rows = rows[in_bucket]
+            t = torch.arange(int(bucket_rows.max()))
+            valid = t[None, :] < bucket_rows[:, None]
+            positions = torch.where(valid, block_start[in_bucket, None] + t[None, :] * r, 0)
+            buckets.append((positions, valid, torch.nonzero(valid.flatten()).squeeze(1)))
+        low, high = high, 2 * high
+    return buckets
+
+
+def _packed_dilated_attention(call: DilatedCall) -> torch.Tensor:
+    """out (1, N, H, D): each document's dilated attention, segments starting at its start."""
+    _, N, H, Hkv, D = call.shape
+    cfg = call.config
+    heads_per_kv = H // Hkv
+    ad = acc_dtype(call.q.dtype)
+    device = call.q.device
+    q, k, v = call.q[0].to(ad), call.k.to(ad), call.v.to(ad)
+    pad = call.key_padding_mask
+    if pad is not None:  # padded keys' values are never read (NaN or inf there stays out)
+        k, v = drop_padded_keys(k, v, pad)
+    k, v = k[0], v[0]
+    pad_row = pad[0] if pad is not None else torch.zeros(N, dtype=torch.bool, device=device)
+    cu = call.cu_seqlens.to("cpu", torch.int64)  # the one host read: block geometry is built on the CPU
+
+    outs: list[torch.Tensor] = []
+    lses: list[torch.Tensor] = []
+    for g in range(cfg.num_groups):
+        # clamped to N: the same selection in every document (none is longer than N)
+        w, r = cfg.group_extent(g, N)
+        out_parts: list[torch.Tensor] = []  # (selected rows * heads, D) per (offset, bucket)
+        lse_parts: list[torch.Tensor] = []
+        pos_parts: list[torch.Tensor] = []  # the rows' packed positions, one per row and head
+        head_parts: list[torch.Tensor] = []
+        for o, head_ids in cfg.heads_by_offset(g, H, N):
+            hq = torch.tensor(head_ids, device=device)
+            hkv = torch.div(hq, heads_per_kv, rounding_mode="floor")  # GQA: kv head j // (H // Hkv)
+            for positions_cpu, valid_cpu, taken_cpu in _document_blocks(cu, w, r, o):
+                # index tensors only, so that no step on the device reads back to the host
+                positions, valid, taken = positions_cpu.to(device), valid_cpu.to(device), taken_cpu.to(device)
+                selected = positions_cpu.flatten()[taken_cpu].to(device)  # (rows,) packed positions
+                # (1, blocks, h, P, D): the heads sharing offset o, gathered once per bucket
+                qs = q.index_select(1, hq)[positions].transpose(1, 2)[None]
+                ks = k.index_select(1, hkv)[positions].transpose(1, 2)[None]
+                vs = v.index_select(1, hkv)[positions].transpose(1, 2)[None]
+                o_s, lse_s = _segment_attention(
+                    qs,
+                    ks,
+                    vs,
+                    (pad_row[positions] | ~valid)[None],
+                    is_causal=call.is_causal,
+                    scale=call.softmax_scale,
+                    dropout_p=call.dropout_p,
+                )
+                h = len(head_ids)
+                o_rows = o_s[0].transpose(1, 2).reshape(-1, h, D).index_select(0, taken)  # (rows, h, D)
+                lse_rows = lse_s[0].transpose(1, 2).reshape(-1, h).index_select(0, taken)
+                out_parts.append(o_rows.reshape(-1, D))  # (rows * h, D), row-major: row, then head
+                lse_parts.append(lse_rows.reshape(-1))
+                pos_parts.append(selected.repeat_interleave(h))
+                head_parts.append(hq.repeat(selected.numel()))
+        if not out_parts:
+            continue
+        # one out-of-place index_put per group: (position, head) pairs no block selects stay 0 / -inf
+        index = (torch.cat(pos_parts), torch.cat(head_parts))
+        out_g = torch.zeros(N, H, D, dtype=ad, device=device).index_put(index, torch.cat(out_parts))
+        lse_g = torch.full((N, H), float("-inf"), dtype=ad, device=device).index_put(index, torch.cat(lse_parts))
+        outs.append(out_g[None])
+        lses.append(lse_g.t()[None])  # (1, H, N)
+
+    if not outs:  # N == 0, or only empty documents: an empty output, still in the graph
         return call.q * 0
     out, _ = merge_partials(outs, lses)
     return out.to(call.q.dtype)

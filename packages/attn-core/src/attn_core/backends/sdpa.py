@@ -57,6 +57,8 @@ def unsupported_reasons(call: DilatedCall) -> list[str]:
     for name, t in (("q", q), ("k", call.k), ("v", call.v)):
         if t.stride(-1) != 1:
             reasons.append(f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")
+    if call.cu_seqlens is not None:
+        reasons.append("cu_seqlens (packed documents) is not supported by the sdpa backend yet")
     return reasons
 
 
