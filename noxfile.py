@@ -146,10 +146,19 @@ def demo(session: nox.Session) -> None:
     """The main job: every capability against the float64 reference; table + report in demo-output/."""
     _install_torch(session)
     _install_packages(
-        session, list(PACKAGES), {"attn-core": "[triton]", "attn-ring": "[sparse]", "memory-runtime": "[plot,native]"}
+        session,
+        list(PACKAGES),
+        {
+            "attn-core": "[triton]",
+            "attn-ring": "[sparse]",
+            "memory-runtime": "[plot,native]",
+            "dilated-attention-pytorch": "[hf]",  # the hf section fine-tunes a transformers Llama
+        },
     )
     if _uses_venv(session):
         session.install("matplotlib>=3.7")
+    # the hf section builds its model from a config: nothing may reach the Hugging Face Hub
+    session.env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     session.run("python", str(ROOT / "tools" / "demo.py"), "--out", str(ROOT / "demo-output"), *session.posargs)
 
 

@@ -115,7 +115,7 @@ def reference_rows(
     return rows
 
 
-SECTIONS = ["dilated", "longnet", "sparse", "ring", "memory"]
+SECTIONS = ["dilated", "longnet", "hf", "sparse", "ring", "memory"]
 
 
 def _fmt(x: float | None, spec: str) -> str:
