@@ -262,7 +262,7 @@ def test_patterns_with_triton_run_expansion_equal_torch_builds(
 ) -> None:
     want = patterns.build_pattern(kind, **params)
     want_t = _sorted_transpose(want)
-    monkeypatch.setattr(layout_module, "triton_builds", lambda device: True)
+    monkeypatch.setattr(layout_module, "compiled_triton_available", lambda device: True)
     got = patterns.build_pattern(kind, **params)
     assert got == want, kind
     for g, w in zip(got.transposed_csr(), want_t):
@@ -301,7 +301,7 @@ def test_triton_local_window_equals_torch_build(monkeypatch: pytest.MonkeyPatch)
     for n, w, bs in cases:
         want = patterns.local_window(n, w, block_size=bs)
         with monkeypatch.context() as m:
-            m.setattr(patterns, "triton_builds", lambda device: True)
+            m.setattr(patterns, "compiled_triton_available", lambda device: True)
             got = patterns.local_window(n, w, block_size=bs)
         assert got == want, (n, w, bs)
         assert got.crow_indices.dtype == torch.int32 and got.col_indices.dtype == torch.int32
@@ -341,8 +341,8 @@ def test_build_kernels_get_aligned_pointers_only(monkeypatch: pytest.MonkeyPatch
     for n in (1, 17, 33, 49, 65, 1001):
         _build({"seq_len": n, "window": 20, "global_tokens": 16, "random_blocks": 3, "num_heads": 1}, triton=True)
         with monkeypatch.context() as m:
-            m.setattr(patterns, "triton_builds", lambda device: True)
-            m.setattr(layout_module, "triton_builds", lambda device: True)
+            m.setattr(patterns, "compiled_triton_available", lambda device: True)
+            m.setattr(layout_module, "compiled_triton_available", lambda device: True)
             patterns.local_window(n, 40, block_size=16)
             patterns.global_local(n, 40, 20, block_size=(16, 32))
     assert len(seen) > 50 and set(seen) == {0}

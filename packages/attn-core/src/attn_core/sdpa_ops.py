@@ -35,17 +35,15 @@ idempotent and thread-safe, run at import) so ``block_forward`` / ``block_backwa
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from collections.abc import Sequence
 
 import torch
 
 from . import blocks
+from .blocks import acc_dtype
 from .merge import merge_into_
-
-# The fused merge is a Triton kernel; attn-core installed without [triton] merges with merge_into_.
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+from .triton_env import interpret_mode, triton_installed
 
 __all__ = [
     "CUDNN_MAX_HEAD_DIM",
@@ -122,10 +120,6 @@ def unsupported_reasons(
             f"cuDNN attention needs head dim D % {CUDNN_HEAD_DIM_MULTIPLE} == 0 and D <= {CUDNN_MAX_HEAD_DIM}, got {head_dim}"
         )
     return reasons + _cudnn_device_reasons(device)
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _bias4(key_bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
@@ -208,7 +202,7 @@ def attention_forward(
         return out, lse  # cuDNN already gives out 0 / lse -inf for fully masked rows
     mask = None if key_bias is None else key_bias[:, None, None, :]
     out, lse = _ATEN._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
-    lse = lse.to(_lse_dtype(q.dtype))
+    lse = lse.to(acc_dtype(q.dtype))
     if key_bias is not None:
         # the CPU kernel reports lse 0 for a row whose keys are all masked; the contract is -inf
         empty = _empty_rows(key_bias, is_causal, q.shape[2])[:, None, :]
@@ -304,7 +298,8 @@ def key_bias_from_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.T
 def merge_views_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor, lse_blk: torch.Tensor) -> None:
     """In-place LSE merge on strided (B, h, n, D) / (B, h, n) views: the fused Triton pass on CUDA when
     triton is installed, else :func:`attn_core.merge.merge_into_` on transposed views (same math)."""
-    if out_acc.is_cuda and _HAS_TRITON:
+    # the fused merge is a Triton kernel; attn-core installed without [triton] merges with merge_into_
+    if out_acc.is_cuda and triton_installed():
         merge_strided_(out_acc, lse_acc, out_blk, lse_blk)
     else:
         merge_into_(out_acc.transpose(1, 2), lse_acc, out_blk.transpose(1, 2), lse_blk)
@@ -318,9 +313,7 @@ _MERGE_LOCK = threading.Lock()
 
 def _merge_kernel() -> object:
     """The Triton merge kernel, built lazily (triton is optional; TRITON_INTERPRET is read at decoration)."""
-    import os
-
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interpret = interpret_mode()
     with _MERGE_LOCK:
         kernel = _MERGE_KERNELS.get(interpret)
         if kernel is not None:

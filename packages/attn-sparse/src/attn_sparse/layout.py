@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
+from attn_core.triton_env import compiled_triton_available
+
 from . import library_format
 from ._memo import MISSING, BoundedMemo
-from ._triton_env import triton_builds
 
 __all__ = [
     "MAX_BLOCK_SIZE",
@@ -187,7 +188,7 @@ def _expand_intervals(
     already knows it (skips the one device -> host read of the size). ``device``: where the CSR
     goes (default start's device); row-level inputs on the CPU travel there in one copy and only
     the O(nnz) part runs on ``device``: one Triton launch (``triton``; None: on CUDA when Triton
-    is usable, see :func:`attn_sparse._triton_env.triton_builds`) or a few torch ops.
+    is usable, see :func:`attn_core.triton_env.compiled_triton_available`) or a few torch ops.
     Returns (crow int32 (R + 1,), col int32 (nnz,)) in O(R * K + nnz), without sorting.
     """
     here = start.device
@@ -203,7 +204,7 @@ def _expand_intervals(
     flat_len = length.reshape(-1)
     begin = crow[:-1] if length.shape[1] == 1 else torch.cumsum(flat_len, dim=0) - flat_len
     if triton is None:
-        triton = triton_builds(out)
+        triton = compiled_triton_available(out)
     if triton:  # every value fits in int32 (offsets <= nnz, columns < num_key_blocks)
         from .kernels.pattern_build import expand_runs  # imports Triton: only when it runs
 

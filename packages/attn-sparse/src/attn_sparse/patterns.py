@@ -33,9 +33,9 @@ from typing import Any
 import torch
 
 from attn_core.config import DilatedConfig
+from attn_core.triton_env import compiled_triton_available
 
 from . import _hash
-from ._triton_env import triton_builds
 from .layout import (
     MAX_SEQ_LEN,
     BlockLayout,
@@ -195,7 +195,7 @@ def local_window(
     """
     g = _Grid(seq_len, block_size, device)
     w = g.distance("window", window)
-    if triton_builds(g.device):  # one Triton launch, no host read (kernels.pattern_build.window_csr)
+    if compiled_triton_available(g.device):  # one Triton launch, no host read (kernels.pattern_build.window_csr)
         from .kernels.pattern_build import window_csr
 
         crow, col = window_csr(g.n, (g.bq, g.bk), w, g.device)
@@ -288,7 +288,7 @@ def _bigbird(
     *,
     triton: bool | None = None,
 ) -> BlockLayout:
-    """:func:`bigbird`; ``triton`` picks the builder (None: :func:`triton_builds`). Tests pass
+    """:func:`bigbird`; ``triton`` picks the builder (None: :func:`compiled_triton_available`). Tests pass
     True to run the Triton builder on CPU tensors under TRITON_INTERPRET=1."""
     g = _Grid(seq_len, block_size, device, num_heads)
     heads = g.heads
@@ -299,7 +299,7 @@ def _bigbird(
     w, gt = g.distance("window", window), g.distance("global_tokens", global_tokens)
     key = _hash.seed_key(seed)
     if triton is None:
-        triton = triton_builds(g.device)
+        triton = compiled_triton_available(g.device)
     if triton:
         from .kernels.pattern_build import bigbird_csr
 

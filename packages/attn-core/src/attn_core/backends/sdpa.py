@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from .. import sdpa_ops
-from ..blocks import drop_padded_keys
+from ..blocks import acc_dtype, drop_padded_keys
 from ..config import DilatedCall, DilatedConfig
 
 NAME = "sdpa"
@@ -200,7 +200,7 @@ def _forward(
     pieces = plan_pieces((B, N, H, Hkv, D), config, batch_mergeable(*views))
     # out accumulates in q's dtype, lse in fp32 (fp64 for fp64), both merged in fp32 arithmetic
     out = torch.zeros(B, N, H, D, dtype=q.dtype, device=q.device)
-    lse = torch.full((B, N, H), float("-inf"), dtype=sdpa_ops._lse_dtype(q.dtype), device=q.device)
+    lse = torch.full((B, N, H), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
     for p in pieces:
         qv = piece_view(q, p, p.q_h0, p.q_hs, p.q_hn)
         kv = piece_view(k, p, p.kv_h0, p.kv_hs, p.kv_hn)
@@ -352,9 +352,7 @@ def _fwd_fake(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, N, H, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        (B, N, H), dtype=sdpa_ops._lse_dtype(q.dtype)
-    )
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, N, H), dtype=acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("attn_core::dilated_sdpa_bwd", mutates_args=())
