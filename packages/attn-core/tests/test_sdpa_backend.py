@@ -252,21 +252,26 @@ def test_reasons_and_auto_choice():
                                    is_causal=False, scale=1.0)  # fmt: skip
 
 
-def test_block_impl_registration_is_idempotent_and_thread_safe():
-    def count():
-        with blocks._IMPLS_LOCK:
-            return sum(1 for i in blocks._IMPLS if isinstance(i, sdpa_ops._CudnnBlockImpl))
-
-    assert count() == 1  # registered at import
-    threads = [threading.Thread(target=sdpa_ops.ensure_block_impl) for _ in range(8)]
+def test_block_impl_choice_is_explained_and_thread_safe():
+    q = torch.randn(1, 8, 2, 8)
+    choice = blocks.explain_block(q, q, q)
+    assert choice.backend == "math"  # CPU inputs keep the math path
+    assert any("CUDA" in r for r in choice.rejected["cudnn"])
+    padded = blocks.explain_block(q, q, q, key_padding_mask=torch.zeros(1, 8, dtype=torch.bool))
+    assert padded.backend == "math" and "math" in str(padded)
+    with pytest.raises(ValueError, match="4 dims"):
+        blocks.explain_block(q[0], q, q)
+    # concurrent first calls load each implementation once and all get the same result
+    results: list[torch.Tensor] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(blocks.block_forward(q, q, q, softmax_scale=0.5)[0]))
+        for _ in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert count() == 1
-    impl = sdpa_ops._BLOCK_IMPL
-    q = torch.randn(1, 8, 2, 8)
-    assert not impl.supports(q, q, False, False)  # CPU inputs keep the math path
+    assert len(results) == 8 and all(torch.equal(r, results[0]) for r in results)
 
 
 @pytest.mark.gpu
@@ -286,7 +291,7 @@ def test_gpu_matches_reference(dtype, mode, causal):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_gpu_block_impl_matches_math():
     q, k, v = (torch.randn(2, 96, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    assert sdpa_ops._BLOCK_IMPL.supports(q, k, True, False)
+    assert blocks.explain_block(q, k, v, is_causal=True).backend == "cudnn"
     out, lse = blocks.block_forward(q, k, v, is_causal=True, softmax_scale=0.125)
     r, rl = reference.dense_attention(q, k, v, is_causal=True, softmax_scale=0.125)
     b, _ = reference.dense_attention(q, k, v, is_causal=True, softmax_scale=0.125, dtype=torch.bfloat16)

@@ -29,8 +29,8 @@ see docs/benchmarks/dilated_h100.md):
 ``key_bias``: (B, nk) additive float in q's dtype, 0 = attend, -inf = padding key; it is broadcast
 to every head and row without materialising (B, h, nq, nk).
 
-The module also registers a :class:`attn_core.blocks.BlockImpl` for CUDA (:func:`ensure_block_impl`,
-idempotent and thread-safe, run at import) so ``block_forward`` / ``block_backward`` get the cuDNN path.
+The block primitives (:mod:`attn_core.blocks`) use these kernels on CUDA through
+:mod:`attn_core.block_impls.cudnn`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from collections.abc import Sequence
 
 import torch
 
-from . import blocks
 from .blocks import acc_dtype
 from .merge import merge_into_
 from .triton_env import interpret_mode, triton_installed
@@ -49,7 +48,6 @@ __all__ = [
     "CUDNN_MAX_HEAD_DIM",
     "attention_backward",
     "attention_forward",
-    "ensure_block_impl",
     "key_bias_from_mask",
     "merge_strided_",
     "merge_views_",
@@ -388,65 +386,3 @@ def merge_strided_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.
         *out_acc.stride()[:3], *lse_acc.stride(), *out_blk.stride()[:3], *lse_blk.stride(),
         D=D, BLOCK_R=MERGE_BLOCK_ROWS, BLOCK_D=triton.next_power_of_2(D),
     )  # fmt: skip
-
-
-class _CudnnBlockImpl:
-    """blocks.BlockImpl over the cuDNN path: q (B, Nq, H, D) layouts are transposed views, never copies."""
-
-    def supports(self, q: torch.Tensor, k: torch.Tensor, is_causal: bool, has_padding: bool) -> bool:
-        if q.device.type != "cuda" or has_padding:
-            return False
-        if is_causal and q.shape[1] != k.shape[1]:
-            return False  # keep causal square: top-left and bottom-right alignment then agree
-        if q.stride(-1) != 1 or k.stride(-1) != 1:
-            return False
-        return not unsupported_reasons(q.device, q.dtype, q.shape[-1])
-
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = attention_forward(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=is_causal, scale=scale
-        )
-        return out.transpose(1, 2), lse
-
-    def backward(
-        self,
-        dout: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        is_causal: bool,
-        scale: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dq, dk, dv = attention_backward(
-            dout.transpose(1, 2),
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            out.transpose(1, 2),
-            lse,
-            is_causal=is_causal,
-            scale=scale,
-        )
-        # block_backward returns gradients in the accumulation dtype (fp32)
-        return dq.transpose(1, 2).float(), dk.transpose(1, 2).float(), dv.transpose(1, 2).float()
-
-
-_BLOCK_IMPL = _CudnnBlockImpl()
-_REGISTER_LOCK = threading.Lock()
-_REGISTERED = False
-
-
-def ensure_block_impl() -> None:
-    """Register the cuDNN block impl with :mod:`attn_core.blocks` once (idempotent, thread-safe)."""
-    global _REGISTERED
-    with _REGISTER_LOCK:
-        if not _REGISTERED:
-            blocks.register_block_impl(_BLOCK_IMPL)
-            _REGISTERED = True
-
-
-ensure_block_impl()
