@@ -161,7 +161,7 @@ class AdaptiveBlockSparseAttention(nn.Module):
         lo = torch.where(ok, tiles, torch.zeros_like(tiles))
         hi = torch.where(ok, tiles + 1, torch.zeros_like(tiles))
         layouts = [
-            BlockLayout._from_intervals(
+            BlockLayout.from_intervals(
                 lo[b].reshape(H * nb, kk),
                 hi[b].reshape(H * nb, kk),
                 block_size=(self.block, self.block),
