@@ -380,6 +380,8 @@ class BlockLayout:
         (:class:`attn_sparse._memo.BoundedMemo`: under torch.compile a miss is built, not stored)."""
         return self._cache.get(key, build)
 
+    _cached = cached_derived  # the name attn_sparse.kernels still uses
+
     def row_counts(self) -> torch.Tensor:
         """(num_heads, num_query_blocks) int32 number of active key blocks per query block."""
         return (self._crow[1:] - self._crow[:-1]).reshape(self.num_heads, self.num_query_blocks)
