@@ -3,6 +3,7 @@
     nox -s demo          set up and run the main job (CPU, or every GPU present)
     nox -s tests         each package's CPU tests, each in a venv with only its declared deps
     nox -s integration   multi-process tests (gloo on CPU; NCCL under torchrun on GPUs)
+    nox -s hf            the Hugging Face transformers integration (umbrella [hf] extra) on tiny models
     nox -s lint typecheck build
     nox -s bench         GPU benchmarks (off by default)
 
@@ -257,3 +258,14 @@ def build(session: nox.Session) -> None:
             str(python), str(ROOT / "tools" / "smoke" / script), *script_args, external=True, env={"PYTHONPATH": ""}
         )
     session.log(f"built, installed and smoke-tested: {artifacts}")
+
+
+@nox.session
+def hf(session: nox.Session) -> None:
+    """dilated_attention_pytorch.hf against transformers: tiny random Llama/Mistral/Qwen2 models, CPU, no downloads."""
+    siblings, _ = PACKAGES["dilated-attention-pytorch"]
+    _install_torch(session)
+    _install_packages(session, [*siblings, "dilated-attention-pytorch"], {"dilated-attention-pytorch": "[all,hf]"})
+    # offline: the tests build models from configs; nothing may reach the Hugging Face Hub
+    session.env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    _pytest(session, str(PACKAGES_DIR / "dilated-attention-pytorch" / "tests_hf"), "-q", "-p", "no:cacheprovider")

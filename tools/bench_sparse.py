@@ -85,11 +85,12 @@ def bench_ms(fn: Callable[[], object], warmup: int, rep: int) -> float:
 def kernel_cache_entries(which: str = "attention") -> int:
     """Compiled variants held by our Triton kernels (grows by one per recompilation): the attention
     kernels, or (``which="build"``) the pattern-build kernels (bigbird's, local_window's, run expansion)."""
-    from attn_sparse.kernels import block_sparse as bs
+    from attn_sparse.kernels import backward as bwd
+    from attn_sparse.kernels import forward as fwd
     from attn_sparse.kernels import pattern_build as pb
 
     kernels = {
-        "attention": (bs._fwd_kernel, bs._dq_kernel, bs._dkv_kernel, bs._delta_kernel, bs._dq_ds_kernel),
+        "attention": (fwd.fwd_kernel, bwd.dq_kernel, bwd.dkv_kernel, bwd.delta_kernel, bwd.dq_ds_kernel),
         "build": (pb._count_kernel, pb._expand_kernel, pb._transpose_kernel, pb._window_kernel, pb._runs_kernel),
     }
     if which not in kernels:
@@ -441,7 +442,7 @@ def flex_create_block_mask_cost(n: int, device: str) -> float:
 
 def tune(args: argparse.Namespace) -> list[dict]:
     """Time tile configs for fwd, dq and dk/dv on local_window layouts; print the table."""
-    from attn_sparse.kernels.block_sparse import (
+    from attn_sparse.kernels import (
         CSR,
         block_sparse_backward,
         block_sparse_forward,

@@ -13,7 +13,7 @@ kept faithful so its speed is representative, including its quirks:
 * N must be a multiple of every segment length; positions a group does not select stay 0.
 
 Plain autograd does the backward (through the copies, the normalisation and the scatter).
-It is a speed anchor only; its math differs from the LongNet contract (see ANCHORS.md).
+It is a speed anchor only; its math differs from the LongNet contract (see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 LABEL = "common algorithm (heads split over groups, copies + SDPA flash + scatter; our re-implementation)"
 # torch 2.11's cuDNN SDPA backward hit an illegal memory access inside this algorithm's autograd graph
 # on the H100 (twice, D=64, N=16K); SDPA is limited to flash / efficient here, which is also what the
-# ANCHORS.md figures (~340 TF/s forward on copied segment batches) correspond to.
+# common algorithm's usual figures (~340 TF/s forward on copied segment batches, H100) correspond to.
 _COMMON_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 

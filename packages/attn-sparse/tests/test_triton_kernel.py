@@ -26,11 +26,13 @@ from attn_core.testing import assert_close_to_reference
 from attn_sparse.kernels import (
     CSR,
     KernelConfig,
-    block_sparse,
     block_sparse_attention_csr,
     default_config,
     interpret_mode,
+    launch,
     launch_order,
+    ops,
+    planning,
     row_table,
     stored_ds_chunks,
 )
@@ -89,7 +91,7 @@ def run_case(
         variants["stored dS, key-block ranges"] = replace(cfg, ds_scratch_bytes=max(widest_column, unit_bytes // 2))
     # chunking is a speed choice that tiny layouts fail (their chunks are shorter than their
     # longest column); here every chunked variant must run chunked, so count the GPU as huge
-    with mock.patch.object(block_sparse, "DKV_PROGRAMS_PER_SM", 1e-9):
+    with mock.patch.object(planning, "DKV_PROGRAMS_PER_SM", 1e-9):
         for name, c in variants.items():
             chunks = stored_ds_chunks(csr, B, Hkv, H // Hkv, q.element_size(), c)
             if name == "recompute" or unit_bytes == 0:
@@ -194,13 +196,11 @@ def test_pointer_and_descriptor_loads(is_causal: bool, tma: bool) -> None:
 def test_unaligned_views_fall_back_to_pointer_loads() -> None:
     # q/k/v/dout sliced out of packed buffers at an odd element offset: TMA needs 16-byte aligned
     # bases, so the kernels must take the pointer path and still be exact
-    from attn_sparse.kernels.block_sparse import _has_tma
-
     B, N, H, D = 1, 70, 2, 16
     g = torch.Generator().manual_seed(21)
     packed = torch.randn(B, N, 4 * H * D + 1, generator=g).to(torch.float16)
     q, k, v, dout = (packed[..., 1 + i * H * D : 1 + (i + 1) * H * D].unflatten(-1, (H, D)) for i in range(4))
-    assert not _has_tma(q, k, v) and _has_tma(q.contiguous())
+    assert not launch._has_tma(q, k, v) and launch._has_tma(q.contiguous())
     mask = random_mask(1, 3, 3, 0.8, seed=22)
     mask[:, torch.arange(3), torch.arange(3)] = True
     csr = csr_from_mask(mask, (32, 32))
@@ -221,14 +221,12 @@ def test_unaligned_views_fall_back_to_pointer_loads() -> None:
 def test_unaligned_queries_with_aligned_keys() -> None:
     # descriptors are chosen per tensor group: an unaligned q next to aligned k/v must give the
     # result of an aligned q exactly (K/V stay on descriptors in the forward)
-    from attn_sparse.kernels.block_sparse import _has_tma
-
     B, N, H, Hkv, D = 2, 70, 2, 1, 16
     g = torch.Generator().manual_seed(25)
     packed = torch.randn(B, N, H * D + 1, generator=g).to(torch.float16)
     q = packed[..., 1:].unflatten(-1, (H, D))
     k, v = (torch.randn(B, N, Hkv, D, generator=g).to(torch.float16) for _ in range(2))
-    assert not _has_tma(q) and _has_tma(k, v)
+    assert not launch._has_tma(q) and launch._has_tma(k, v)
     mask = random_mask(1, 3, 3, 0.8, seed=26)
     mask[:, torch.arange(3), torch.arange(3)] = True
     csr = csr_from_mask(mask, (32, 32))
@@ -300,7 +298,7 @@ def test_torch_compile_traces_the_custom_ops_without_graph_breaks(
     q, k, v = (torch.randn(1, 32, 2, 16, generator=g).requires_grad_() for _ in range(3))
     cfg = default_config((16, 16))
     if scratch != "default":  # the backward op runs each kv head in ranges of key blocks
-        monkeypatch.setattr(block_sparse, "DKV_PROGRAMS_PER_SM", 1e-9)
+        monkeypatch.setattr(planning, "DKV_PROGRAMS_PER_SM", 1e-9)
         cfg = replace(cfg, ds_scratch_bytes=2 * 16 * 16 * q.element_size())
         chunks = stored_ds_chunks(csr, 1, 2, 1, q.element_size(), cfg)
         assert len(chunks) == 4 and all(c.c1 - c.c0 == 1 for c in chunks), chunks
@@ -359,8 +357,8 @@ def test_compiled_steps_reuse_launch_tables(monkeypatch: pytest.MonkeyPatch) -> 
     from attn_sparse import BlockSparseAttention, patterns
 
     builds: list[int] = []
-    real = block_sparse.row_table
-    monkeypatch.setattr(block_sparse, "row_table", lambda *a, **kw: builds.append(1) or real(*a, **kw))
+    real = planning.row_table
+    monkeypatch.setattr(planning, "row_table", lambda *a, **kw: builds.append(1) or real(*a, **kw))
     torch._dynamo.reset()
     module = BlockSparseAttention(patterns.local_window(64, 16, block_size=(16, 16)), backend="triton")
     g = torch.Generator().manual_seed(31)
@@ -394,13 +392,13 @@ def test_custom_ops_memoise_launch_tables_per_layout_tensors(monkeypatch: pytest
     # those storages are alive and unmodified, whatever tensor objects view them (the compiled
     # backward gets new ones each call), never for other storages holding the same values
     builds: list[int] = []
-    real = block_sparse.row_table
-    monkeypatch.setattr(block_sparse, "row_table", lambda *a, **kw: builds.append(1) or real(*a, **kw))
+    real = planning.row_table
+    monkeypatch.setattr(planning, "row_table", lambda *a, **kw: builds.append(1) or real(*a, **kw))
     mask = random_mask(1, 3, 3, 0.7, seed=23)
     mask[0, :, 0] = True
     g = torch.Generator().manual_seed(24)
     q, k, v = (torch.randn(1, 48, 2, 16, generator=g) for _ in range(3))
-    cfg = [int(getattr(default_config((16, 16)), f)) for f in block_sparse._CFG_FIELDS]
+    cfg = [int(getattr(default_config((16, 16)), f)) for f in ops._CFG_FIELDS]
 
     def run(csr: CSR) -> torch.Tensor:
         dims = [csr.num_heads, csr.num_query_blocks, csr.num_key_blocks, *csr.block_size]
@@ -422,9 +420,9 @@ def test_custom_ops_memoise_launch_tables_per_layout_tensors(monkeypatch: pytest
     run(csr)
     assert len(builds) == 3
     shifted = CSR(csr.crow, csr.col[1:], csr.ccol, csr.row, 1, 3, 3, (16, 16))  # another view: its own entry
-    keys = len(block_sparse._RAW_CSR_MEMO._entries)
-    block_sparse._RAW_CSR_MEMO.memo_for((shifted.crow, shifted.col, shifted.ccol, shifted.row), (1, 3, 3, 16, 16))
-    assert len(block_sparse._RAW_CSR_MEMO._entries) == min(keys + 1, block_sparse.RAW_CSR_ENTRIES)
+    keys = len(ops._RAW_CSR_MEMO._entries)
+    ops._RAW_CSR_MEMO.memo_for((shifted.crow, shifted.col, shifted.ccol, shifted.row), (1, 3, 3, 16, 16))
+    assert len(ops._RAW_CSR_MEMO._entries) == min(keys + 1, ops.RAW_CSR_ENTRIES)
 
 
 def test_strided_inputs_match_contiguous() -> None:
@@ -492,10 +490,8 @@ def test_stored_ds_reads_only_written_scratch(monkeypatch: pytest.MonkeyPatch, i
     # The dk/dv kernel skips key tiles past N and query blocks wholly above the diagonal, so parts
     # of the scratch are never written; a NaN-filled scratch shows the dq kernel never reads them.
     # Bk > Bq (a key block spans two query blocks), N a multiple of neither block size, GQA.
-    from attn_sparse.kernels import block_sparse
-
     monkeypatch.setattr(
-        block_sparse, "_scratch", lambda n, like: torch.full((n,), float("nan"), dtype=like.dtype, device=like.device)
+        launch, "_scratch", lambda n, like: torch.full((n,), float("nan"), dtype=like.dtype, device=like.device)
     )
     mask = random_mask(1, 5, 3, 0.6, seed=31)
     mask[:, torch.arange(5), torch.arange(5) // 2] = True
@@ -588,17 +584,15 @@ def test_key_block_range_tables_cover_only_that_range() -> None:
 
 def test_stored_ds_scratch_capped_by_device_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU the scratch budget is min(ds_scratch_bytes, total memory / DS_SCRATCH_MEMORY_SHARE)."""
-    import attn_sparse.kernels.block_sparse as bs
-
     cfg = KernelConfig(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16, dqs_m=16, dqs_n=16)
     unit = 8 * 16 * 16 * 2
     csr = csr_from_mask(torch.eye(8, dtype=torch.bool)[None], (16, 16))
-    assert bs._scratch_cap(torch.device("cpu")) >= 2**62
-    monkeypatch.setattr(bs, "_scratch_cap", lambda device: 2 * unit)
+    assert planning._scratch_cap(torch.device("cpu")) >= 2**62
+    monkeypatch.setattr(planning, "_scratch_cap", lambda device: 2 * unit)
     assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=4 * unit)) == unit_chunks([0, 2, 4], 8, 8)
-    monkeypatch.setattr(bs, "_scratch_cap", lambda device: unit // 8 - 1)
+    monkeypatch.setattr(planning, "_scratch_cap", lambda device: unit // 8 - 1)
     assert stored_ds_chunks(csr, 1, 4, 1, 2, replace(cfg, ds_scratch_bytes=4 * unit)) == []
     if torch.cuda.is_available():  # the real cap: total memory over the share
         monkeypatch.undo()
         total = torch.cuda.get_device_properties(0).total_memory
-        assert bs._scratch_cap(torch.device("cuda", 0)) == total // bs.DS_SCRATCH_MEMORY_SHARE
+        assert planning._scratch_cap(torch.device("cuda", 0)) == total // planning.DS_SCRATCH_MEMORY_SHARE

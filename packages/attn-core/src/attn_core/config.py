@@ -112,10 +112,9 @@ class DilatedConfig:
     def heads_by_offset(self, group: int, num_heads: int, seq_len: int) -> tuple[tuple[int, tuple[int, ...]], ...]:
         """((o, heads), ...) in increasing o: the query heads of group ``group`` with offset o = j mod r_g,
         for the offsets that select a position (o < seq_len). At most num_heads entries."""
-        rate = self.dilation_rates[group]
         by_offset: dict[int, list[int]] = {}
         for j in self.heads_for_group(group, num_heads):
-            o = j % rate
+            o = self.head_offset(group, j)  # the one offset rule (subclasses may shift head indices)
             if o < seq_len:
                 by_offset.setdefault(o, []).append(j)
         return tuple((o, tuple(heads)) for o, heads in sorted(by_offset.items()))

@@ -7,6 +7,11 @@
 - :func:`shard_sequence` / :func:`unshard_sequence` (sharding.py): "contiguous" and "zigzag".
 - :func:`ring_dilated_attention`, :class:`RingDilatedAttention`,
   :class:`RingMultiheadDilatedAttention`: LongNet dilated attention across ranks.
+- :func:`ulysses_attention`, :class:`UlyssesAttention` (ulysses.py): head-parallel attention over
+  a sequence-sharded input through two all-to-alls (:class:`AllToAllComm`, alltoall.py); dense,
+  dilated or block-sparse inside.
+- :func:`hybrid_attention`, :class:`HybridAttention`, :func:`hybrid_mesh`, :func:`hybrid_positions`
+  (hybrid.py): all-to-all inside a group (a node), ring attention across groups.
 - ``ring_block_sparse_attention`` when the optional attn-sparse package is installed
   (imported on first use).
 """
@@ -17,15 +22,21 @@ import importlib.util
 from typing import Any
 
 from ._version import __version__
+from .alltoall import AllToAllComm
 from .comm import BufferProvider, PendingTransfer, RingComm, TorchBuffers
-from .modules import RingAttention
+from .hybrid import HybridMesh, hybrid_attention, hybrid_mesh, hybrid_positions, hybrid_shard
+from .modules import HybridAttention, RingAttention, UlyssesAttention
 from .modules_dilated import RingDilatedAttention, RingMultiheadDilatedAttention
 from .ring import ring_attention
 from .ring_dilated import RingDilatedPlan, plan_ring_dilated, ring_dilated_attention
 from .sharding import shard_positions, shard_sequence, unshard_sequence
+from .ulysses import ulysses_attention
 
 __all__ = [
+    "AllToAllComm",
     "BufferProvider",
+    "HybridAttention",
+    "HybridMesh",
     "PendingTransfer",
     "RingAttention",
     "RingComm",
@@ -33,12 +44,18 @@ __all__ = [
     "RingDilatedPlan",
     "RingMultiheadDilatedAttention",
     "TorchBuffers",
+    "UlyssesAttention",
     "__version__",
+    "hybrid_attention",
+    "hybrid_mesh",
+    "hybrid_positions",
+    "hybrid_shard",
     "plan_ring_dilated",
     "ring_attention",
     "ring_dilated_attention",
     "shard_positions",
     "shard_sequence",
+    "ulysses_attention",
     "unshard_sequence",
 ]
 

@@ -16,10 +16,11 @@ no active tile for the receiver's queries moves nothing at all, and partially ne
 only their active key blocks. Causal: keys of later ranks are never needed. Partial results
 merge by LSE in fp32.
 
-Backward recomputes each step's partial (out_s, lse_s) with the reference tile kernel
-(``attn_sparse.backends.reference.gathered_attention``) and back-propagates the exact gradient of
-the merged output, out = sum_s exp(lse_s - L) out_s: d out_s = w_s dout and
-d lse_s = w_s <dout, out_s - out> with w_s = exp(lse_s - L). Gradients of received K/V blocks
+Every step runs attn_sparse's per-key-range primitive (:mod:`attn_sparse.blocks`): the forward
+gives the step's (out_s, lse_s), and the backward takes the merged out and LSE and returns the
+step's exact share of the gradient of the merged output, so the shares add up to it. One backend
+(attn_sparse's Triton kernels where they run, else its reference path; see
+:func:`attn_sparse.block_backend`) serves every step of a call. Gradients of received K/V blocks
 are returned to their owners in one batched exchange.
 """
 
@@ -37,8 +38,7 @@ from attn_core.merge import merge_into_
 from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
 
 try:
-    from attn_sparse.backends.reference import gathered_attention
-    from attn_sparse.layout import BlockLayout
+    from attn_sparse import BlockLayout, block_backend, block_backward, block_forward
 except ModuleNotFoundError as exc:  # the optional extra is absent: say which one
     raise ImportError("attn_ring.ring_sparse needs the attn-sparse package: pip install 'attn-ring[sparse]'") from exc
 
@@ -176,28 +176,20 @@ class _Call:
     remote: dict[int, _Step]  # source rank -> step
     scale: float
     timeout_s: float
-    triton: bool  # attn_sparse's Triton kernels take this call (else its reference tile kernel)
+    backend: str  # the attn_sparse.blocks backend of every step ("triton" or "reference")
 
 
 def _triton_available(q: torch.Tensor, layout: BlockLayout, causal: bool) -> bool:
-    """attn_sparse's Triton backend takes this device/dtype/head dim (CUDA fp16/bf16; CPU under TRITON_INTERPRET=1)."""
-    from attn_sparse.backends import triton as triton_backend  # imports without triton; reasons say why not
-
-    return not triton_backend.unsupported_reasons(q, q, q, layout, causal)
+    """attn_sparse's Triton kernels run the steps of a call with these queries and layout
+    (CUDA fp16/bf16; CPU under TRITON_INTERPRET=1)."""
+    return block_backend(q, layout, is_causal=causal).backend == "triton"
 
 
 def _step_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, causal: bool, call: _Call
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step's (out (B, n, H, D) in q's dtype, lse (B, H, n)) over the step's tiles."""
-    layout = layout.to(q.device)
-    if call.triton:
-        from attn_sparse.kernels import CSR, block_sparse_forward, default_config
-
-        return block_sparse_forward(
-            q, k, v, CSR.from_layout(layout), causal, call.scale, default_config(layout.block_size)
-        )
-    return gathered_attention(q, k, v, layout, is_causal=causal, softmax_scale=call.scale)
+    return block_forward(q, k, v, layout, is_causal=causal, softmax_scale=call.scale, backend=call.backend)
 
 
 def _post_step(k: torch.Tensor, v: torch.Tensor, call: _Call, step: int) -> tuple[list[Any], dict[int, torch.Tensor]]:
@@ -259,36 +251,14 @@ class _RingSparseFunction(torch.autograd.Function):
         call: _Call = ctx.call
         B, n, H, D = q.shape
         ad = acc_dtype(q.dtype)
-        dout_a = dout.to(ad)
-        out_q = out.to(q.dtype)
-        finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
 
         def step_grads(
             kk: torch.Tensor, vv: torch.Tensor, layout: BlockLayout, causal: bool
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            if call.triton:
-                # the Triton backward takes the rows' final out and lse: per-step gradients then sum exactly
-                from attn_sparse.kernels import CSR, block_sparse_backward, default_config
-
-                lay = layout.to(q.device)
-                grads = block_sparse_backward(
-                    dout.contiguous(), q, kk, vv, out_q, lse, CSR.from_layout(lay), causal, call.scale,
-                    default_config(lay.block_size),
-                )  # fmt: skip
-                return grads[0].to(ad), grads[1].to(ad), grads[2].to(ad)
-            with torch.enable_grad():
-                qd, kd, vd = (t.detach().requires_grad_() for t in (q, kk, vv))
-                o_s, l_s = gathered_attention(
-                    qd, kd, vd, layout.to(q.device), is_causal=causal, softmax_scale=call.scale
-                )
-                w = torch.exp(l_s.to(ad) - finite)  # (B, H, n); 0 where this step saw no key
-                w_out = w.transpose(1, 2).unsqueeze(-1)
-                g_out = w_out * dout_a
-                g_lse = w * (dout_a * (o_s.to(ad) - out)).sum(-1).transpose(1, 2)
-                dq_s, dk_s, dv_s = torch.autograd.grad(
-                    (o_s, l_s), (qd, kd, vd), (g_out.to(o_s.dtype), g_lse.to(l_s.dtype))
-                )
-            return dq_s.to(ad), dk_s.to(ad), dv_s.to(ad)
+            # the step's share of the gradient of the merged output (from the merged out and lse)
+            return block_backward(
+                dout, q, kk, vv, out, lse, layout, is_causal=causal, softmax_scale=call.scale, backend=call.backend
+            )
 
         dq = torch.zeros(B, n, H, D, dtype=ad, device=q.device)
         dk = torch.zeros(k.shape, dtype=ad, device=q.device)
@@ -405,6 +375,16 @@ def ring_block_sparse_attention(
             if sub is None:  # unreachable: the plan only lists blocks with an active tile here
                 raise RuntimeError(f"rank {rank}: planned blocks from rank {a} have no active tile")
             remote[a] = _Step(a, sub, False)
-    call = _Call(rank, world, group, plan, local, remote, scale, float(timeout_s), _triton_available(q, layout, causal))
+    call = _Call(
+        rank,
+        world,
+        group,
+        plan,
+        local,
+        remote,
+        scale,
+        float(timeout_s),
+        block_backend(q, layout, is_causal=causal).backend,
+    )
     result: torch.Tensor = _RingSparseFunction.apply(q, k, v, call)
     return result

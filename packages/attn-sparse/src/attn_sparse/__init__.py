@@ -1,9 +1,11 @@
 """attn_sparse: block-sparse attention with CSR block layouts, a safetensors pattern library and
-explainable backends (Triton kernel, FlexAttention, pure PyTorch reference)."""
+explainable backends (Triton kernel, FlexAttention, pure PyTorch reference), and the per-key-range
+primitive with LSE that ring attention builds on (:mod:`attn_sparse.blocks`)."""
 
 from ._version import __version__
 from .adaptive import AdaptiveBlockSparseAttention
 from .api import AUTO_ORDER, BACKENDS, BackendChoice, block_sparse_attention, explain, last_backend
+from .blocks import BLOCK_BACKENDS, block_backend, block_backward, block_forward
 from .layout import BlockLayout
 from .library import FORMAT_VERSION, LayoutCache, PatternLibrary
 from .modules import BlockSparseAttention, MultiheadBlockSparseAttention
@@ -22,6 +24,7 @@ from .patterns import (
 __all__ = [
     "AUTO_ORDER",
     "BACKENDS",
+    "BLOCK_BACKENDS",
     "FORMAT_VERSION",
     "PATTERNS",
     "AdaptiveBlockSparseAttention",
@@ -33,6 +36,9 @@ __all__ = [
     "PatternLibrary",
     "__version__",
     "bigbird",
+    "block_backend",
+    "block_backward",
+    "block_forward",
     "block_sparse_attention",
     "build_pattern",
     "causal",

@@ -1,6 +1,6 @@
 """The "triton" backend: our block-sparse Triton kernels (CUDA; CPU under TRITON_INTERPRET=1).
 
-Forward and exact backward over the active tiles only (see :mod:`attn_sparse.kernels.block_sparse`).
+Forward and exact backward over the active tiles only (see :mod:`attn_sparse.kernels`).
 Takes fp16/bf16 on CUDA GPUs of compute capability >= 8.0, head dims 16/32/64/128, any layout
 block size the layout class allows (powers of two in [16, 1024]: layout.MIN_BLOCK_SIZE..MAX_BLOCK_SIZE). With ``TRITON_INTERPRET=1`` it runs on
 CPU tensors in Triton's interpreter (fp16/fp32; bf16 is not supported there): slow, meant for tests.

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .._hash import HASH_MUL, HASH_SHIFT, MASK32
 from ..layout import aligned_sections, check_tile_count
-from ._launch import device_guard
+from .launch import device_guard
 
 __all__ = ["bigbird_csr", "expand_runs", "window_csr"]
 

@@ -1,0 +1,300 @@
+"""Hugging Face transformers integration: any HF causal LM on LongNet, block-sparse or ring attention.
+
+    from dilated_attention_pytorch import hf
+
+    name = hf.register("longnet", segment_lengths=[2048, 4096], dilation_rates=[1, 2])
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=name)
+    # or, on a model already loaded: model.set_attn_implementation(name)
+
+:func:`register` adds an attention function and its mask function to transformers'
+``AttentionInterface`` and ``AttentionMaskInterface`` and returns the name to pass as
+``attn_implementation``. Kinds:
+
+- ``"longnet"``: :func:`attn_core.dilated_attention`; options ``segment_lengths``,
+  ``dilation_rates``, ``head_mode`` ("all"), ``backend`` ("auto").
+- ``"block_sparse"``: :func:`attn_sparse.block_sparse_attention`; either ``layout`` (a fixed
+  :class:`attn_sparse.BlockLayout`) or ``pattern`` (a name in :data:`attn_sparse.PATTERNS`, default
+  "causal": every tile on or below the diagonal, i.e. dense causal attention) with
+  ``pattern_options`` (the pattern's keywords besides seq_len) and ``block_size`` (128); ``backend``.
+  Layouts built from a pattern are cached per sequence length.
+- ``"ring"``: :func:`attn_ring.ring_attention` over ``group`` (None: the default group) with
+  ``layout`` "zigzag" (default; balances causal work) or "contiguous".
+- ``"ring_dilated"``: :func:`attn_ring.ring_dilated_attention` over ``group``; options as for
+  "longnet" (contiguous shards).
+
+For the ring kinds every rank holds one shard of each sequence: :func:`shard_batch` cuts a batch,
+:func:`gather_logits`, :func:`reduce_loss` and :func:`sync_gradients` put results together.
+
+What transformers passes is honoured exactly: causal or bidirectional masks, padding (left or
+right: a 2-d attention_mask becomes ``key_padding_mask``; padded query rows give 0, never NaN),
+GQA (K/V heads are not repeated), ``scaling`` and (longnet only) attention dropout. What the
+kernels cannot compute exactly raises ValueError naming it: token-exact sliding windows
+(Mistral, Qwen2 with use_sliding_window), packed sequences (position_ids that restart,
+cu_seq_lens), softcapping, attention sinks, position biases, output_attentions, custom 4-d masks
+and decoding with a KV cache (query length != key length).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from attn_core.config import DilatedConfig
+
+from .attention import PaddingMask, check_dropout_free, make_mask_function, prepare_call, transformers_module
+from .ring import gather_logits, reduce_loss, shard_batch, sync_gradients
+
+__all__ = [
+    "KINDS",
+    "PaddingMask",
+    "gather_logits",
+    "reduce_loss",
+    "register",
+    "shard_batch",
+    "sync_gradients",
+]
+
+KINDS = ("longnet", "block_sparse", "ring", "ring_dilated")
+
+_OPTIONS: dict[str, tuple[str, ...]] = {
+    "longnet": ("segment_lengths", "dilation_rates", "head_mode", "backend"),
+    "block_sparse": ("layout", "pattern", "pattern_options", "block_size", "backend"),
+    "ring": ("group", "layout"),
+    "ring_dilated": ("segment_lengths", "dilation_rates", "head_mode", "group"),
+}
+
+# (q (B, N, H, D), k, v (B, N, Hkv, D), key_padding_mask (B, N) | None, is_causal, scale, dropout,
+#  position_ids (B or 1, N) | None) -> (B, N, H, D)
+Compute = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", bool, "float | None", float, Any], Any
+]
+
+
+def _require(module: str, extra: str) -> Any:
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"{module} is not installed: pip install 'dilated-attention-pytorch[{extra}]'")
+    return importlib.import_module(module)
+
+
+def _check_backend(kind: str, backend: object, allowed: tuple[str, ...]) -> str:
+    if not isinstance(backend, str) or backend not in ("auto", *allowed):
+        raise ValueError(f"{kind}: backend must be 'auto' or one of {allowed}, got {backend!r}")
+    return backend
+
+
+def _dilated_options(kind: str, options: dict[str, Any]) -> DilatedConfig:
+    missing = [name for name in ("segment_lengths", "dilation_rates") if name not in options]
+    if missing:
+        raise TypeError(f"{kind}: missing required option(s) {missing}")
+    return DilatedConfig(options["segment_lengths"], options["dilation_rates"], options.get("head_mode", "all"))
+
+
+def _longnet(options: dict[str, Any]) -> Compute:
+    import attn_core
+
+    cfg = _dilated_options("longnet", options)
+    backend = _check_backend("longnet", options.get("backend", "auto"), attn_core.BACKENDS)
+
+    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout, position_ids):
+        return attn_core.dilated_attention(
+            q,
+            k,
+            v,
+            cfg.segment_lengths,
+            cfg.dilation_rates,
+            is_causal=is_causal,
+            key_padding_mask=key_padding_mask,
+            softmax_scale=scale,
+            dropout_p=dropout,
+            head_mode=cfg.head_mode,
+            backend=backend,
+        )
+
+    return compute
+
+
+def _block_sparse(options: dict[str, Any]) -> Compute:
+    attn_sparse = _require("attn_sparse", "sparse")
+    backend = _check_backend("block_sparse", options.get("backend", "auto"), attn_sparse.BACKENDS)
+    fixed = options.get("layout")
+    if fixed is not None:
+        if not isinstance(fixed, attn_sparse.BlockLayout):
+            raise TypeError(f"block_sparse: layout must be an attn_sparse.BlockLayout, got {type(fixed).__name__}")
+        extra = [name for name in ("pattern", "pattern_options", "block_size") if name in options]
+        if extra:
+            raise TypeError(f"block_sparse: give either layout or pattern options, not both (also got {extra})")
+    else:
+        pattern = options.get("pattern", "causal")
+        if not isinstance(pattern, str) or pattern not in attn_sparse.PATTERNS:
+            raise ValueError(f"block_sparse: pattern must be one of {sorted(attn_sparse.PATTERNS)}, got {pattern!r}")
+        pattern_options = options.get("pattern_options", {})
+        if not isinstance(pattern_options, dict):
+            raise TypeError(f"block_sparse: pattern_options must be a dict, got {type(pattern_options).__name__}")
+        reserved = sorted({"seq_len", "block_size", "device"} & set(pattern_options))
+        if reserved:
+            raise ValueError(f"block_sparse: pattern_options must not set {reserved} (they come from the call)")
+        block_size = list(attn_sparse.layout.check_block_size(options.get("block_size", 128)))
+        cache = attn_sparse.LayoutCache()
+        # a trial build names a wrong keyword or value now rather than at the first forward
+        cache.get(pattern, seq_len=2 * max(block_size), block_size=block_size, **pattern_options)
+
+    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout, position_ids):
+        check_dropout_free("block_sparse", dropout)
+        layout = fixed
+        if layout is None:
+            layout = cache.get(pattern, seq_len=q.shape[1], block_size=block_size, **pattern_options)
+        return attn_sparse.block_sparse_attention(
+            q,
+            k,
+            v,
+            layout,
+            is_causal=is_causal,
+            key_padding_mask=key_padding_mask,
+            softmax_scale=scale,
+            backend=backend,
+        )
+
+    return compute
+
+
+def _check_group(kind: str, group: object) -> Any:
+    import torch.distributed as dist
+
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{kind}: group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
+    return group
+
+
+def _check_ring_positions(kind: str, position_ids: object, n: int, group: Any, layout: str) -> None:
+    # a rank given the whole sequence instead of its shard would silently attend over W copies of it:
+    # the positions transformers passes must be this rank's shard of the n * W token sequence
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2:
+        return
+    import torch.distributed as dist
+
+    from attn_ring.sharding import shard_positions
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    expected = shard_positions(n * world, world, rank, layout).to(position_ids.device)
+    if position_ids.shape[-1] != n or not bool((position_ids == expected).all()):
+        raise ValueError(
+            f"{kind}: position_ids are not rank {rank}'s {layout!r} shard of a {n * world}-token sequence over "
+            f"{world} ranks; cut each batch with dilated_attention_pytorch.hf.shard_batch(..., layout={layout!r})"
+        )
+
+
+def _ring(options: dict[str, Any]) -> Compute:
+    attn_ring = _require("attn_ring", "ring")
+    group = _check_group("ring", options.get("group"))
+    layout = attn_ring.sharding.check_layout(options.get("layout", "zigzag"))
+
+    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout, position_ids):
+        check_dropout_free("ring", dropout)
+        _check_ring_positions("ring", position_ids, q.shape[1], group, layout)
+        if key_padding_mask is not None:
+            raise ValueError(
+                "ring: ring attention takes no padding mask and this batch has padding; pack sequences to full "
+                "length without padding, or register 'ring_dilated'"
+            )
+        return attn_ring.ring_attention(q, k, v, group=group, is_causal=is_causal, layout=layout, softmax_scale=scale)
+
+    return compute
+
+
+def _ring_dilated(options: dict[str, Any]) -> Compute:
+    attn_ring = _require("attn_ring", "ring")
+    cfg = _dilated_options("ring_dilated", options)
+    group = _check_group("ring_dilated", options.get("group"))
+
+    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout, position_ids):
+        check_dropout_free("ring_dilated", dropout)
+        _check_ring_positions("ring_dilated", position_ids, q.shape[1], group, "contiguous")
+        if key_padding_mask is None:
+            # every rank must pass a mask or none (checked by the ring's handshake), and padding may sit
+            # on some ranks' shards only: always pass one
+            key_padding_mask = torch.zeros(q.shape[:2], dtype=torch.bool, device=q.device)
+        return attn_ring.ring_dilated_attention(
+            q,
+            k,
+            v,
+            cfg.segment_lengths,
+            cfg.dilation_rates,
+            group=group,
+            is_causal=is_causal,
+            key_padding_mask=key_padding_mask,
+            softmax_scale=scale,
+            head_mode=cfg.head_mode,
+        )
+
+    return compute
+
+
+_BUILDERS: dict[str, Callable[[dict[str, Any]], Compute]] = {
+    "longnet": _longnet,
+    "block_sparse": _block_sparse,
+    "ring": _ring,
+    "ring_dilated": _ring_dilated,
+}
+
+
+def _option_key(value: object) -> object:
+    # JSON-able options name the registration by content; objects (a process group, a layout) by identity,
+    # which stays unique because the registered function keeps them alive
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_option_key(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _option_key(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    return f"{type(value).__name__}@{id(value):x}"
+
+
+def _name(kind: str, options: dict[str, Any]) -> str:
+    canonical = json.dumps(_option_key(options), sort_keys=True, separators=(",", ":"))
+    return f"dap_{kind}_{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
+
+
+def register(kind: str, **options: Any) -> str:
+    """Register ``kind`` with transformers; return the name for ``attn_implementation=``.
+
+    kind: one of :data:`KINDS`; options as listed in this module's docstring. Registering the same
+    kind and options again returns the same name. Raises ValueError/TypeError for an unknown kind
+    or option or a bad option value, and ImportError naming the extra when transformers ([hf]) or
+    the kind's package ([sparse], [ring]) is missing.
+    """
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    unknown = sorted(set(options) - set(_OPTIONS[kind]))
+    if unknown:
+        raise TypeError(f"{kind}: unknown option(s) {unknown}; allowed: {list(_OPTIONS[kind])}")
+    transformers = transformers_module()
+    compute = _BUILDERS[kind](options)
+
+    def attention(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: object,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        is_causal: bool | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        """transformers' attention contract: query (B, H, N, D), key/value (B, Hkv, N, D) -> ((B, N, H, D), None)."""
+        q, k, v, key_padding_mask, causal = prepare_call(
+            kind, module, query, key, value, attention_mask, is_causal, kwargs
+        )
+        out = compute(q, k, v, key_padding_mask, causal, scaling, float(dropout), kwargs.get("position_ids"))
+        return out, None
+
+    name = _name(kind, options)
+    transformers.AttentionInterface.register(name, attention)
+    transformers.AttentionMaskInterface.register(name, make_mask_function())
+    return name

@@ -1,0 +1,162 @@
+"""What the HF integration cannot compute exactly raises a clear error; bad register() arguments too."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from hf_models import copy_model, make_model, padded_batch
+from transformers import AttentionInterface
+
+import attn_sparse
+from dilated_attention_pytorch import hf
+from dilated_attention_pytorch.hf import PaddingMask
+
+LONGNET = {"segment_lengths": [16], "dilation_rates": [1]}
+
+
+@pytest.fixture
+def world1(tmp_path: Path) -> Iterator[None]:
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "error", "match"),
+    [
+        ("flash", {}, ValueError, "kind must be one of"),
+        ("longnet", {"segment_lengths": [8]}, TypeError, "missing required option"),
+        ("longnet", {**LONGNET, "window": 3}, TypeError, "unknown option"),
+        ("longnet", {"segment_lengths": [8], "dilation_rates": [3]}, ValueError, "8"),
+        ("longnet", {**LONGNET, "head_mode": "some"}, ValueError, "head_mode"),
+        ("longnet", {**LONGNET, "backend": "cuda"}, ValueError, "backend"),
+        ("block_sparse", {"pattern": "diagonal"}, ValueError, "pattern must be one of"),
+        ("block_sparse", {"pattern_options": {"seq_len": 4}}, ValueError, "seq_len"),
+        ("block_sparse", {"pattern_options": [1]}, TypeError, "pattern_options must be a dict"),
+        ("block_sparse", {"pattern": "local_window", "pattern_options": {"width": 4}}, TypeError, "width"),
+        ("block_sparse", {"pattern": "local_window", "pattern_options": {"window": -1}}, ValueError, "window"),
+        ("block_sparse", {"block_size": 24}, ValueError, "powers of two"),
+        ("block_sparse", {"layout": "causal"}, TypeError, "BlockLayout"),
+        ("block_sparse", {"layout": attn_sparse.causal(32, block_size=16), "pattern": "causal"}, TypeError, "either"),
+        ("ring", {"group": 0}, TypeError, "ProcessGroup"),
+        ("ring", {"layout": "striped"}, ValueError, "layout"),
+        ("ring_dilated", {**LONGNET, "layout": "zigzag"}, TypeError, "unknown option"),
+    ],
+)
+def test_register_rejects_bad_arguments(kind: str, options: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        hf.register(kind, **options)
+
+
+def test_register_names_are_stable_and_distinct() -> None:
+    a = hf.register("longnet", **LONGNET)
+    assert a == hf.register("longnet", dilation_rates=[1], segment_lengths=[16])
+    assert a != hf.register("longnet", segment_lengths=[16], dilation_rates=[2])
+    assert a != hf.register("ring_dilated", **LONGNET)
+    assert a in AttentionInterface()
+
+
+def test_without_transformers_import_works_and_register_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    code = (
+        "import sys, dilated_attention_pytorch, dilated_attention_pytorch.hf; "
+        "assert 'transformers' not in sys.modules, 'imported transformers eagerly'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    with pytest.raises(ImportError, match=r"dilated-attention-pytorch\[hf\]"):
+        hf.register("longnet", **LONGNET)
+
+
+@pytest.mark.parametrize("kind", ["longnet", "block_sparse"])
+def test_mistral_sliding_window_is_refused(kind: str) -> None:
+    name = hf.register(kind, **(LONGNET if kind == "longnet" else {"block_size": 16}))
+    model = copy_model(make_model("mistral", sliding_window=8), name, torch.float32)
+    with pytest.raises(ValueError, match="token-exact windows are not supported yet"):
+        model(**padded_batch("none"))
+
+
+def test_qwen2_sliding_layers_are_refused_and_full_layers_run() -> None:
+    name = hf.register("block_sparse", block_size=16)
+    sliding = copy_model(
+        make_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1), name, torch.float32
+    )
+    with pytest.raises(ValueError, match="token-exact windows are not supported yet"):
+        sliding(**padded_batch("none"))
+    # use_sliding_window with every layer below max_window_layers has no sliding layer: exact, runs
+    full = copy_model(
+        make_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2), name, torch.float32
+    )
+    assert torch.isfinite(full(**padded_batch("left")).logits).all()
+
+
+def test_packed_sequences_are_refused() -> None:
+    model = copy_model(make_model("llama"), hf.register("longnet", **LONGNET), torch.float32)
+    ids = padded_batch("none", batch=1)["input_ids"]
+    packed = torch.cat([torch.arange(10), torch.arange(14)])[None]
+    with pytest.raises(ValueError, match="packed sequences"):
+        model(input_ids=ids, position_ids=packed)
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
+    with pytest.raises(ValueError, match="packed sequences"):
+        model(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=14, max_length_k=14)
+    assert torch.isfinite(model(input_ids=ids, position_ids=torch.arange(24)[None]).logits).all()
+
+
+def test_unsupported_requests_are_refused() -> None:
+    name = hf.register("block_sparse", block_size=16)
+    model = copy_model(make_model("llama", attention_dropout=0.1), name, torch.float32)
+    batch = padded_batch("right")
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(**batch, output_attentions=True)
+    with pytest.raises(ValueError, match="custom attention mask"):
+        model(input_ids=batch["input_ids"], attention_mask=torch.ones(2, 1, 24, 24, dtype=torch.bool))
+    out = model(input_ids=batch["input_ids"][:, :20], use_cache=True)  # a prefill runs
+    with pytest.raises(ValueError, match="KV cache"):
+        model(input_ids=batch["input_ids"][:, 20:21], past_key_values=out.past_key_values)
+    model.train()
+    with pytest.raises(ValueError, match="dropout"):
+        model(**batch)
+
+
+def test_attention_function_refuses_softcap_bias_and_conflicting_causality() -> None:
+    fn = AttentionInterface()[hf.register("longnet", **LONGNET)]
+    module = torch.nn.Module()
+    q = torch.randn(1, 4, 16, 8)
+    k = v = torch.randn(1, 2, 16, 8)
+    out, weights = fn(module, q, k, v, None)
+    assert out.shape == (1, 16, 4, 8) and weights is None
+    with pytest.raises(ValueError, match="softcap"):
+        fn(module, q, k, v, None, softcap=30.0)
+    with pytest.raises(ValueError, match="position_bias"):
+        fn(module, q, k, v, None, position_bias=torch.zeros(1, 4, 16, 16))
+    with pytest.raises(ValueError, match="is_causal=True"):
+        fn(module, q, k, v, PaddingMask(None, is_causal=False, exact=True), is_causal=True)
+
+
+def test_ring_refuses_padding_and_dropout(world1: None) -> None:
+    name = hf.register("ring")
+    model = copy_model(make_model("llama"), name, torch.float32)
+    batch = hf.shard_batch(padded_batch("none")["input_ids"], layout="zigzag")
+    assert torch.isfinite(model(**batch).logits).all()
+    with pytest.raises(ValueError, match="padding"):
+        model(**padded_batch("left"))
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    with pytest.raises(ValueError, match="dropout"):
+        model.train()(**batch)
+
+
+def test_ring_helpers_validate_and_need_a_process_group() -> None:
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        hf.shard_batch(torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_ids"):
+        hf.shard_batch(torch.zeros(8, dtype=torch.long))
