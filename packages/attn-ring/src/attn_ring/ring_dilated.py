@@ -47,10 +47,11 @@ import torch.distributed as dist
 
 from attn_core.blocks import acc_dtype
 from attn_core.config import DilatedConfig
+from attn_core.first_order import first_order_only, second_order_error
 from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
 
-from .comm import check_timeout, config_hash, dtype_code
-from .exchange import DEFAULT_TIMEOUT_S, comm_device, group_rank_and_size, handshake, is_nccl, post_exchange, wait_all
+from .comm import DEFAULT_TIMEOUT_S, RingComm, check_timeout, config_hash, dtype_code
+from .ring_dilated_exchange import finish_kv, finish_kv_grads, gather_mask, post_kv, post_kv_grads
 from .ring_dilated_exec import (
     RingDilatedCall,
     backward_gather,
@@ -62,66 +63,6 @@ from .ring_dilated_exec import (
 from .ring_dilated_plan import RingDilatedPlan, RingDilatedRankPlan, plan_ring_dilated
 
 __all__ = ["RingDilatedPlan", "RingDilatedRankPlan", "plan_ring_dilated", "ring_dilated_attention"]
-
-
-def _post_kv(k: torch.Tensor, v: torch.Tensor, call: RingDilatedCall) -> tuple[list[Any], dict[int, torch.Tensor]]:
-    """Post the exchange: send the K/V rows others need, receive ours (pending until _finish_kv)."""
-    B, n, Hkv, D = k.shape
-    plan = call.plan
-    dev = comm_device(call.group, k.device)
-    kf, vf = k.reshape(B, n * Hkv, D), v.reshape(B, n * Hkv, D)
-    sends = {}
-    for dst, idx in plan.send_index.items():
-        i = idx.to(k.device)
-        sends[dst] = torch.stack([kf.index_select(1, i), vf.index_select(1, i)]).to(dev).contiguous()
-    recvs = {
-        a: torch.empty(2, B, cnt, D, dtype=k.dtype, device=dev) for a, cnt in enumerate(plan.recv_counts) if cnt > 0
-    }
-    works = post_exchange(sends, recvs, call.group) if sends or recvs else []
-    return works, recvs
-
-
-def _finish_kv(
-    pending: tuple[list[Any], dict[int, torch.Tensor]], k: torch.Tensor, call: RingDilatedCall
-) -> torch.Tensor:
-    """Wait for the exchange; the received rows (2, B, R, D) in ``needed`` order."""
-    works, recvs = pending
-    wait_all(works, call.timeout_s, f"ring dilated K/V exchange of rank {dist.get_rank(call.group)}",
-             stream_only=is_nccl(call.group))  # fmt: skip
-    B, D = k.shape[0], k.shape[-1]
-    if not recvs:
-        return torch.empty(2, B, 0, D, dtype=k.dtype, device=k.device)
-    return torch.cat([recvs[a] for a in sorted(recvs)], dim=2).to(k.device)
-
-
-def _post_kv_grads(
-    drecv: torch.Tensor, dk: torch.Tensor, call: RingDilatedCall
-) -> tuple[list[Any], dict[int, torch.Tensor]]:
-    """Post the reverse exchange: gradients of received rows go back to their owners (fp32)."""
-    plan = call.plan
-    dev = comm_device(call.group, dk.device)
-    sends, start = {}, 0
-    for a, cnt in enumerate(plan.recv_counts):
-        if cnt > 0:
-            sends[a] = drecv[:, :, start : start + cnt].to(dev).contiguous()
-            start += cnt
-    B, D = dk.shape[0], dk.shape[-1]
-    recvs = {b: torch.empty(2, B, idx.numel(), D, dtype=dk.dtype, device=dev) for b, idx in plan.send_index.items()}
-    works = post_exchange(sends, recvs, call.group) if sends or recvs else []
-    return works, recvs
-
-
-def _finish_kv_grads(
-    pending: tuple[list[Any], dict[int, torch.Tensor]], dk: torch.Tensor, dv: torch.Tensor, call: RingDilatedCall
-) -> None:
-    """Wait for the reverse exchange and add the returned gradients into dk, dv (B, n*Hkv, D)."""
-    works, recvs = pending
-    wait_all(works, call.timeout_s, f"ring dilated dK/dV exchange of rank {dist.get_rank(call.group)}",
-             stream_only=is_nccl(call.group))  # fmt: skip
-    for b, buf in recvs.items():
-        i = call.plan.send_index[b].to(dk.device)
-        dk.index_add_(1, i, buf[0].to(dk.device))
-        dv.index_add_(1, i, buf[1].to(dk.device))
 
 
 class _RingDilatedFunction(torch.autograd.Function):
@@ -139,13 +80,13 @@ class _RingDilatedFunction(torch.autograd.Function):
         call: RingDilatedCall,
     ) -> torch.Tensor:
         B, n, H, D = q.shape
-        pending = _post_kv(k, v, call)
+        pending = post_kv(k, v, call.plan, call.comm)
         path = forward_views if call.views else forward_gather
         acc_out = q.dtype if call.views else acc_dtype(q.dtype)  # the view path merges in place in q's dtype
         out = torch.zeros(B, n, H, D, dtype=acc_out, device=q.device)
         lse = torch.full((B, n, H), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
         path(q, k, v, local_mask, global_mask, None, (out, lse), call)  # overlaps the exchange
-        recv = _finish_kv(pending, k, call)
+        recv = finish_kv(pending, k)
         if recv.shape[2] > 0:
             path(q, k, v, local_mask, global_mask, recv, (out, lse), call)
         result = out.to(q.dtype)
@@ -158,23 +99,46 @@ class _RingDilatedFunction(torch.autograd.Function):
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         q, k, v, out, lse, recv, local_mask, global_mask = ctx.saved_tensors
         call: RingDilatedCall = ctx.call
-        ad = acc_dtype(q.dtype)
-        grads = (
-            torch.zeros(q.shape, dtype=ad, device=q.device),
-            torch.zeros(k.shape, dtype=ad, device=q.device),
-            torch.zeros(v.shape, dtype=ad, device=q.device),
-            torch.zeros(recv.shape, dtype=ad, device=q.device),
-        )
-        dq, dk, dv, drecv = grads
-        B, n, Hkv, D = k.shape
-        path = backward_views if call.views else backward_gather
-        dout = dout.contiguous()
-        if recv.shape[2] > 0:
-            path(dout, q, k, v, out, lse, local_mask, global_mask, recv, grads, call)
-        pending = _post_kv_grads(drecv, dk.view(B, n * Hkv, D), call)
-        path(dout, q, k, v, out, lse, local_mask, global_mask, None, grads, call)  # overlaps the return
-        _finish_kv_grads(pending, dk.view(B, n * Hkv, D), dv.view(B, n * Hkv, D), call)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        with torch.no_grad():  # the kernels and the exchange have no derivative of their own
+            dq, dk, dv = _backward(dout, q, k, v, out, lse, recv, local_mask, global_mask, call)
+        return (*first_order_only((dq, dk, dv), (dout, q, k, v), SECOND_ORDER_ERROR), None, None, None)
+
+
+SECOND_ORDER_ERROR = second_order_error(
+    "ring dilated attention", "use attn_core.dilated_attention(backend='reference') on the gathered sequence"
+)
+
+
+def _backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    recv: torch.Tensor,
+    local_mask: torch.Tensor | None,
+    global_mask: torch.Tensor | None,
+    call: RingDilatedCall,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Remote keys first, post the dK/dV return, local keys meanwhile; (dq, dk, dv) in the inputs' dtypes."""
+    ad = acc_dtype(q.dtype)
+    grads = (
+        torch.zeros(q.shape, dtype=ad, device=q.device),
+        torch.zeros(k.shape, dtype=ad, device=q.device),
+        torch.zeros(v.shape, dtype=ad, device=q.device),
+        torch.zeros(recv.shape, dtype=ad, device=q.device),
+    )
+    dq, dk, dv, drecv = grads
+    B, n, Hkv, D = k.shape
+    path = backward_views if call.views else backward_gather
+    dout = dout.contiguous()
+    if recv.shape[2] > 0:
+        path(dout, q, k, v, out, lse, local_mask, global_mask, recv, grads, call)
+    pending = post_kv_grads(drecv, dk.view(B, n * Hkv, D), call.plan, call.comm)
+    path(dout, q, k, v, out, lse, local_mask, global_mask, None, grads, call)  # overlaps the return
+    finish_kv_grads(pending, dk.view(B, n * Hkv, D), dv.view(B, n * Hkv, D), call.plan)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 _SIGNATURE_NAMES = (
@@ -198,18 +162,6 @@ def _signature(
     cfg_code = config_hash((cfg.segment_lengths, cfg.dilation_rates, cfg.head_mode))
     scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
     return [B, n, H, k.shape[2], D, dtype_code(q.dtype), int(causal), int(has_mask), cfg_code, scale_bits]
-
-
-def _gather_mask(mask: torch.Tensor, group: Any, world: int, timeout_s: float) -> torch.Tensor:
-    """All-gather the (B, n) padding masks into (B, N): B * N bytes, tiny next to the K/V rows."""
-    dev = comm_device(group, mask.device)
-    mine = mask.to(device=dev, dtype=torch.uint8).contiguous()
-    parts = [torch.empty_like(mine) for _ in range(world)]
-    work = dist.all_gather(parts, mine, group=group, async_op=True)
-    if work is None:
-        raise RuntimeError("all_gather(async_op=True) returned no work handle")
-    wait_all([work], timeout_s, "all_gather of key_padding_mask", stream_only=is_nccl(group))
-    return torch.cat(parts, dim=1).to(device=mask.device, dtype=torch.bool)
 
 
 def ring_dilated_attention(
@@ -248,31 +200,20 @@ def ring_dilated_attention(
     causal = check_bool("is_causal", is_causal)
     scale = resolve_softmax_scale(softmax_scale, D)
     timeout_s = check_timeout(timeout_s)
-    rank, world = group_rank_and_size(group)
-    handshake(
-        _signature(q, k, cfg, causal, key_padding_mask is not None, scale),
-        _SIGNATURE_NAMES,
-        group,
-        timeout_s,
+    comm = RingComm(group, timeout_s=timeout_s)
+    comm.handshake(
+        dict(zip(_SIGNATURE_NAMES, _signature(q, k, cfg, causal, key_padding_mask is not None, scale))),
         "ring dilated attention",
     )
+    world = comm.world_size
     plan = plan_ring_dilated(
         n * world, world, H, Hkv, cfg.segment_lengths, cfg.dilation_rates, is_causal=causal, head_mode=cfg.head_mode
     )
     global_mask = None
     if key_padding_mask is not None and world > 1 and any(r.needed.numel() for r in plan.ranks):
-        global_mask = _gather_mask(key_padding_mask, group, world, float(timeout_s))
+        global_mask = gather_mask(key_padding_mask, comm)
     # the kernels read rows through strides but need a contiguous head dim
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    call = RingDilatedCall(
-        plan.ranks[rank],
-        world,
-        view_path_available(q),
-        group,
-        scale,
-        causal,
-        Hkv,
-        float(timeout_s),
-    )
+    call = RingDilatedCall(plan.ranks[comm.rank], view_path_available(q), comm, scale, causal)
     out: torch.Tensor = _RingDilatedFunction.apply(q, k, v, key_padding_mask, global_mask, call)
     return out

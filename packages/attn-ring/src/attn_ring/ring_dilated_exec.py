@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -30,6 +29,7 @@ from attn_core.blocks import block_backward, block_forward, drop_padded_keys
 from attn_core.merge import merge_into_
 from attn_core.triton_env import triton_installed
 
+from .comm import RingComm
 from .ring_dilated_plan import RingDilatedRankPlan, RingItem
 
 __all__ = [
@@ -58,13 +58,10 @@ class RingDilatedCall:
     """What one rank's forward and backward need besides the tensors."""
 
     plan: RingDilatedRankPlan
-    world: int
     views: bool  # the view path (attn_core.views on strided views) takes this call
-    group: Any
+    comm: RingComm
     scale: float
     causal: bool
-    num_kv_heads: int
-    timeout_s: float
 
 
 def view_path_available(q: torch.Tensor) -> bool:
@@ -143,7 +140,7 @@ def forward_gather(
             qf = _flat(rows, it.heads, H)
             qi = _take(q, qf)
             if recv is None:
-                kvf = _flat(rows, it.kv_heads, call.num_kv_heads)
+                kvf = _flat(rows, it.kv_heads, k.shape[2])
                 mi = None if local_mask is None else local_mask[:, rows].reshape(-1, it.rows)
                 o, l = block_forward(
                     qi,
