@@ -80,26 +80,31 @@ class Piece:
     first: bool
 
 
+def _segments_dim(p: Piece, batch: int, s_batch: int, s_seq: int) -> tuple[int, int, int]:
+    """(size, stride, extra storage offset) of a piece view's first dim: batch rows and segments."""
+    if p.batch is None:
+        return batch * p.nseg, (s_batch if p.nseg == 1 else p.seg_stride * s_seq), 0
+    return p.nseg, p.seg_stride * s_seq, p.batch * s_batch
+
+
 def piece_view(x: torch.Tensor, p: Piece, h0: int, hs: int, hn: int) -> torch.Tensor:
     """Strided view (batch*segments, hn, rows, D) of x (B, N, Hx, D) at p's rows and heads h0 + i*hs (no copy).
 
     With batch None all B rows fold into dim 0: callers only plan that for one batch row, one
     segment, or when stride(0) == nseg * seg_stride * stride(1) (:func:`batch_mergeable`).
     """
-    B, _, _, D = x.shape
     sB, sN, sH, sD = x.stride()
-    base = x.storage_offset() + p.start * sN + h0 * sH
-    if p.batch is None:
-        size0, stride0 = B * p.nseg, (sB if p.nseg == 1 else p.seg_stride * sN)
-    else:
-        base += p.batch * sB
-        size0, stride0 = p.nseg, p.seg_stride * sN
-    return x.as_strided((size0, hn, p.rows, D), (stride0, hs * sH, p.row_stride * sN, sD), base)
+    size0, stride0, extra = _segments_dim(p, x.shape[0], sB, sN)
+    base = x.storage_offset() + p.start * sN + h0 * sH + extra
+    return x.as_strided((size0, hn, p.rows, x.shape[3]), (stride0, hs * sH, p.row_stride * sN, sD), base)
 
 
 def piece_lse_view(lse: torch.Tensor, p: Piece) -> torch.Tensor:
     """(batch*segments, q heads, rows) view of an LSE (B, H, N) (any strides) at p's query rows and heads."""
-    return piece_view(lse.transpose(1, 2).unsqueeze(-1), p, p.q_h0, p.q_hs, p.q_hn)[..., 0]
+    sB, sH, sN = lse.stride()
+    size0, stride0, extra = _segments_dim(p, lse.shape[0], sB, sN)
+    base = lse.storage_offset() + p.start * sN + p.q_h0 * sH + extra
+    return lse.as_strided((size0, p.q_hn, p.rows), (stride0, p.q_hs * sH, p.row_stride * sN), base)
 
 
 def piece_key_bias(mask: torch.Tensor | None, p: Piece, dtype: torch.dtype) -> torch.Tensor | None:
