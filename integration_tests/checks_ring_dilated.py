@@ -207,15 +207,15 @@ def check_all_cases(rank: int, world_size: int) -> list[str]:
     for i, case in enumerate(cases(world_size)):
         run_case(case, rank, world_size, seed=1000 * world_size + i)
         done.append(case.name)
-    view_path = rd._view_path_available
-    rd._view_path_available = lambda q: False  # force the gather path for these cases
+    view_path = rd.view_path_available
+    rd.view_path_available = lambda q: False  # force the gather path for these cases
     try:
         for i, case in enumerate(cases(world_size)):
             if case.name in GATHER_PATH_CASES:
                 run_case(case, rank, world_size, seed=2000 * world_size + i)
                 done.append(f"{case.name} (gather path)")
     finally:
-        rd._view_path_available = view_path
+        rd.view_path_available = view_path
     done.append(check_multihead_module(rank, world_size))
     return done
 

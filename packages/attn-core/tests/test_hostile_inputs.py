@@ -22,8 +22,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from attn_core import dilated_attention, merge_into_, merge_partials, reference
-from attn_core.backends import sdpa
+from attn_core import dilated_attention, merge_into_, merge_partials, reference, views
 from attn_core.blocks import block_backward, block_forward
 from attn_core.config import DilatedConfig
 from attn_core.testing import assert_close_to_reference
@@ -145,10 +144,10 @@ def test_plan_of_huge_values_equals_plan_of_clamped_values(case) -> None:
     clamped = [cfg.group_extent(g, N) for g in range(cfg.num_groups)]
     assert all(w <= 2 * N and r <= N and w % r == 0 for w, r in clamped)
     with bounded_work(max_ops=0):
-        pieces = sdpa.plan_pieces((B, N, H, Hkv, D), cfg, True)
+        pieces = views.plan_pieces((B, N, H, Hkv, D), cfg, True)
     # rates <= 2**31 keep every head's offset j mod r = j, as with a rate of N = 16
     same = DilatedConfig([w for w, _ in clamped], [r for _, r in clamped])
-    assert pieces == sdpa.plan_pieces((B, N, H, Hkv, D), same, True)
+    assert pieces == views.plan_pieces((B, N, H, Hkv, D), same, True)
     assert 0 < len(pieces) <= cfg.num_groups * H * 2  # full segments and the short tail, per head
 
 

@@ -13,9 +13,8 @@ import threading
 import pytest
 import torch
 
-from attn_core import blocks, reference, sdpa_ops
+from attn_core import blocks, reference, sdpa_ops, views
 from attn_core.api import dilated_attention, explain
-from attn_core.backends import sdpa
 from attn_core.config import DilatedConfig
 from attn_core.testing import assert_close_to_reference
 
@@ -123,7 +122,7 @@ def test_non_contiguous_inputs_and_grad_output():
     B, N, H, D = 2, 32, 4, 8
     base = [torch.randn(B, H, N, D, dtype=torch.float64) for _ in range(3)]
     q, k, v = (t.transpose(1, 2).requires_grad_() for t in base)
-    assert not sdpa.batch_mergeable(q)
+    assert not views.batch_mergeable(q)
     out = dilated_attention(q, k, v, [8, 16], [1, 2], backend="sdpa")
     r, _ = reference.dilated_attention(q, k, v, [8, 16], [1, 2])
     assert_close_to_reference("out", out, r)
@@ -137,10 +136,10 @@ def test_chunked_calls_match(monkeypatch):
     # force many small calls (segment chunks, per-batch pieces): same result as one call per group
     q, k, v = _inputs(2, 96, 4, 2, 8, torch.float64, seed=2)
     big = dilated_attention(q, k, v, [8, 32], [1, 4], is_causal=True, backend="sdpa")
-    monkeypatch.setattr(sdpa, "MIN_CALL_ELEMS", 1)
-    monkeypatch.setattr(sdpa, "CALL_FRACTION", 64)
-    pieces = sdpa.plan_pieces((2, 96, 4, 2, 8), DilatedConfig([8, 32], [1, 4]), True)
-    assert any(p.batch is not None and p.nseg < 96 // p.w for p in pieces)
+    monkeypatch.setattr(views, "MIN_CALL_ELEMS", 1)
+    monkeypatch.setattr(views, "CALL_FRACTION", 64)
+    pieces = views.plan_pieces((2, 96, 4, 2, 8), DilatedConfig([8, 32], [1, 4]), True)
+    assert any(p.batch is not None and p.nseg < 96 // p.seg_stride for p in pieces)
     _check(q, k, v, [8, 32], [1, 4], causal=True)
     small = dilated_attention(q, k, v, [8, 32], [1, 4], is_causal=True, backend="sdpa")
     assert torch.allclose(big, small, atol=1e-12)
@@ -148,12 +147,12 @@ def test_chunked_calls_match(monkeypatch):
 
 def test_plans_are_cached_per_shape_config_and_budget(monkeypatch):
     cfg = DilatedConfig([8, 32], [1, 4])
-    first = sdpa.plan_pieces((2, 96, 4, 2, 8), cfg, True)
-    assert sdpa.plan_pieces((2, 96, 4, 2, 8), DilatedConfig([8, 32], [1, 4]), True) is first  # equal config: a hit
-    assert sdpa.plan_pieces((2, 97, 4, 2, 8), cfg, True) != first
-    monkeypatch.setattr(sdpa, "MIN_CALL_ELEMS", 1)  # another call budget: planned again, not the cached plan
-    monkeypatch.setattr(sdpa, "CALL_FRACTION", 64)
-    assert len(sdpa.plan_pieces((2, 96, 4, 2, 8), cfg, True)) > len(first)
+    first = views.plan_pieces((2, 96, 4, 2, 8), cfg, True)
+    assert views.plan_pieces((2, 96, 4, 2, 8), DilatedConfig([8, 32], [1, 4]), True) is first  # equal config: a hit
+    assert views.plan_pieces((2, 97, 4, 2, 8), cfg, True) != first
+    monkeypatch.setattr(views, "MIN_CALL_ELEMS", 1)  # another call budget: planned again, not the cached plan
+    monkeypatch.setattr(views, "CALL_FRACTION", 64)
+    assert len(views.plan_pieces((2, 96, 4, 2, 8), cfg, True)) > len(first)
 
 
 def _gather(x, p, h0, hs, hn):
@@ -162,8 +161,8 @@ def _gather(x, p, h0, hs, hn):
     batches = range(B) if p.batch is None else [p.batch]
     rows = []
     for b in batches:
-        for s in range(p.seg0, p.seg0 + p.nseg):
-            pos = [s * p.w + p.o + t * p.r for t in range(p.rows)]
+        for m in range(p.nseg):
+            pos = [p.start + m * p.seg_stride + t * p.row_stride for t in range(p.rows)]
             heads = [h0 + i * hs for i in range(hn)]
             rows.append(x[b][pos][:, heads].transpose(0, 1))
     return torch.stack(rows)
@@ -177,9 +176,9 @@ def test_piece_views_are_views_and_cover_the_config(shape, mode):
     q = torch.randn(B, N, H, D)
     k = torch.randn(B, N, Hkv, D)
     weights = torch.zeros(H, N, N)
-    for p in sdpa.plan_pieces(shape, cfg, True):
-        qv = sdpa.piece_view(q, p, p.q_h0, p.q_hs, p.q_hn)
-        kv = sdpa.piece_view(k, p, p.kv_h0, p.kv_hs, p.kv_hn)
+    for p in views.plan_pieces(shape, cfg, True):
+        qv = views.piece_view(q, p, p.q_h0, p.q_hs, p.q_hn)
+        kv = views.piece_view(k, p, p.kv_h0, p.kv_hs, p.kv_hn)
         assert qv.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()  # a view, no copy
         assert torch.equal(qv, _gather(q, p, p.q_h0, p.q_hs, p.q_hn))
         assert torch.equal(kv, _gather(k, p, p.kv_h0, p.kv_hs, p.kv_hn))
@@ -189,8 +188,8 @@ def test_piece_views_are_views_and_cover_the_config(shape, mode):
             assert p.kv_h0 + (i // (p.q_hn // p.kv_hn)) * p.kv_hs == j // (H // Hkv)
             if p.batch not in (None, 0):
                 continue  # per-batch pieces repeat the same positions for every batch row
-            for s in range(p.seg0, p.seg0 + p.nseg):
-                pos = torch.tensor([s * p.w + p.o + t * p.r for t in range(p.rows)])
+            for m in range(p.nseg):
+                pos = torch.tensor([p.start + m * p.seg_stride + t * p.row_stride for t in range(p.rows)])
                 assert int(pos.max()) < N
                 weights[j][pos[:, None], pos[None, :]] += 1
     # the pieces select exactly the dilated key multiset of the reference (per head, non-causal)
@@ -200,12 +199,12 @@ def test_piece_views_are_views_and_cover_the_config(shape, mode):
 
 def test_kv_sets_patterns():
     # 1:1 with stride: H=16, Hkv=8 (2 q per kv), r=4, offset 1 -> q 1,5,9,13 -> kv 0,2,4,6
-    assert sdpa._kv_sets([1, 5, 9, 13], 2) == [(1, 4, 4, 0, 2, 4)]
+    assert views.head_calls([1, 5, 9, 13], 2) == [(1, 4, 4, 0, 2, 4)]
     # shared consecutive: H=16, Hkv=2 (8 q per kv), r=2, offset 1 -> q 1,3,..,15 -> kv 0x4, 1x4
-    assert sdpa._kv_sets(list(range(1, 16, 2)), 8) == [(1, 2, 8, 0, 1, 2)]
+    assert views.head_calls(list(range(1, 16, 2)), 8) == [(1, 2, 8, 0, 1, 2)]
     # irregular: q 0,3 (r=3) with 2 q per kv -> kv 0,1 (1:1, stride 1) ; q 0,3,6 -> kv 0,1,3 -> per kv head
-    assert sdpa._kv_sets([0, 3], 2) == [(0, 3, 2, 0, 1, 2)]
-    assert sdpa._kv_sets([0, 3, 6], 2) == [(0, 3, 1, 0, 1, 1), (3, 3, 1, 1, 1, 1), (6, 3, 1, 3, 1, 1)]
+    assert views.head_calls([0, 3], 2) == [(0, 3, 2, 0, 1, 2)]
+    assert views.head_calls([0, 3, 6], 2) == [(0, 3, 1, 0, 1, 1), (3, 3, 1, 1, 1, 1), (6, 3, 1, 3, 1, 1)]
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -253,21 +252,26 @@ def test_reasons_and_auto_choice():
                                    is_causal=False, scale=1.0)  # fmt: skip
 
 
-def test_block_impl_registration_is_idempotent_and_thread_safe():
-    def count():
-        with blocks._IMPLS_LOCK:
-            return sum(1 for i in blocks._IMPLS if isinstance(i, sdpa_ops._CudnnBlockImpl))
-
-    assert count() == 1  # registered at import
-    threads = [threading.Thread(target=sdpa_ops.ensure_block_impl) for _ in range(8)]
+def test_block_impl_choice_is_explained_and_thread_safe():
+    q = torch.randn(1, 8, 2, 8)
+    choice = blocks.explain_block(q, q, q)
+    assert choice.backend == "math"  # CPU inputs keep the math path
+    assert any("CUDA" in r for r in choice.rejected["cudnn"])
+    padded = blocks.explain_block(q, q, q, key_padding_mask=torch.zeros(1, 8, dtype=torch.bool))
+    assert padded.backend == "math" and "math" in str(padded)
+    with pytest.raises(ValueError, match="4 dims"):
+        blocks.explain_block(q[0], q, q)
+    # concurrent first calls load each implementation once and all get the same result
+    results: list[torch.Tensor] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(blocks.block_forward(q, q, q, softmax_scale=0.5)[0]))
+        for _ in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert count() == 1
-    impl = sdpa_ops._BLOCK_IMPL
-    q = torch.randn(1, 8, 2, 8)
-    assert not impl.supports(q, q, False, False)  # CPU inputs keep the math path
+    assert len(results) == 8 and all(torch.equal(r, results[0]) for r in results)
 
 
 @pytest.mark.gpu
@@ -287,7 +291,7 @@ def test_gpu_matches_reference(dtype, mode, causal):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_gpu_block_impl_matches_math():
     q, k, v = (torch.randn(2, 96, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    assert sdpa_ops._BLOCK_IMPL.supports(q, k, True, False)
+    assert blocks.explain_block(q, k, v, is_causal=True).backend == "cudnn"
     out, lse = blocks.block_forward(q, k, v, is_causal=True, softmax_scale=0.125)
     r, rl = reference.dense_attention(q, k, v, is_causal=True, softmax_scale=0.125)
     b, _ = reference.dense_attention(q, k, v, is_causal=True, softmax_scale=0.125, dtype=torch.bfloat16)
@@ -333,25 +337,24 @@ def test_fused_merge_triton_interpreter(monkeypatch, dtype):
 def test_call_size_budget_bounds_temporaries(monkeypatch, mode):
     # every call reads at most max(q elements / CALL_FRACTION, MIN_CALL_ELEMS) query elements (or one segment):
     # this is what bounds the per-call temporaries (out in forward; dq, dk, dv in backward)
-    monkeypatch.setattr(sdpa, "MIN_CALL_ELEMS", 256)
+    monkeypatch.setattr(views, "MIN_CALL_ELEMS", 256)
     B, N, H, Hkv, D = 2, 1000, 8, 4, 8
     cfg = DilatedConfig([64, 128, 256], [1, 2, 4], mode)
-    budget = max(B * N * H * D // sdpa.CALL_FRACTION, sdpa.MIN_CALL_ELEMS)
-    pieces = sdpa.plan_pieces((B, N, H, Hkv, D), cfg, True)
+    budget = max(B * N * H * D // views.CALL_FRACTION, views.MIN_CALL_ELEMS)
+    pieces = views.plan_pieces((B, N, H, Hkv, D), cfg, True)
     for p in pieces:
         batch = (B if p.batch is None else 1) * p.nseg
         elems = batch * p.q_hn * p.rows * D
         assert elems <= budget or p.nseg == 1, (p, elems, budget)
     # and together they cover every selected (position, head) exactly once per group
     covered = torch.zeros(len(cfg.segment_lengths), N, H, dtype=torch.int64)
-    gidx = {w: g for g, w in enumerate(cfg.segment_lengths)}
     for p in pieces:
         if p.batch not in (None, 0):
             continue
-        for s in range(p.seg0, p.seg0 + p.nseg):
-            pos = torch.arange(p.rows) * p.r + s * p.w + p.o
+        for m in range(p.nseg):
+            pos = torch.arange(p.rows) * p.row_stride + m * p.seg_stride + p.start
             for i in range(p.q_hn):
-                covered[gidx[p.w], pos, p.q_h0 + i * p.q_hs] += 1
+                covered[p.group, pos, p.q_h0 + i * p.q_hs] += 1
     for g in range(cfg.num_groups):
         for j in cfg.heads_for_group(g, H):
             sel = (torch.arange(N) % cfg.dilation_rates[g]) == cfg.head_offset(g, j)

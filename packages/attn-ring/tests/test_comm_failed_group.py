@@ -45,7 +45,7 @@ def subgroup(tmp_path: Path) -> Iterator[dist.ProcessGroup]:
 
 def _fail_a_transfer(group: dist.ProcessGroup, work: _NeverCompletes) -> TimeoutError:
     comm = RingComm(group, timeout_s=20)
-    pending = PendingTransfer(comm, [work], [torch.zeros(3)], "kv", 2)  # type: ignore[list-item]
+    pending = PendingTransfer(comm, [work], [torch.zeros(3)], "ring transfer 'kv' step 2 on rank 0")  # type: ignore[list-item]
     with pytest.raises(TimeoutError, match=r"ring transfer 'kv' step 2 .* did not complete within 20 s") as info:
         pending.wait()
     return info.value
@@ -109,3 +109,42 @@ def test_a_configuration_mismatch_does_not_mark_the_group(
         RingComm(subgroup).handshake({"batch": 1})
     monkeypatch.undo()
     RingComm(subgroup).close()  # still usable: a mismatch is caught before any payload moves
+
+
+def test_ring_dilated_and_ring_sparse_refuse_a_failed_group(subgroup: dist.ProcessGroup) -> None:
+    from attn_ring import ring_dilated_attention
+
+    _fail_a_transfer(subgroup, _NeverCompletes())
+    q = torch.randn(1, 8, 2, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"failed earlier.*ring transfer 'kv' step 2"):
+        ring_dilated_attention(q, q, q, [4], [1], group=subgroup)
+    sparse = pytest.importorskip("attn_sparse")
+    layout = sparse.BlockLayout.from_dense(torch.ones(1, 1, 1, dtype=torch.bool), 16)
+    q16 = torch.randn(1, 16, 2, 16, dtype=torch.float64)
+    from attn_ring.ring_sparse import ring_block_sparse_attention
+
+    with pytest.raises(RuntimeError, match=r"failed earlier.*ring transfer 'kv' step 2"):
+        ring_block_sparse_attention(q16, q16, q16, layout, group=subgroup)
+
+
+def test_a_stuck_exchange_marks_the_group_for_every_ring(
+    subgroup: dist.ProcessGroup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from attn_ring import ring_dilated_attention
+
+    work = _NeverCompletes()
+    monkeypatch.setattr(comm_module, "post_exchange", lambda sends, recvs, group: [work])
+    comm = RingComm(subgroup, timeout_s=5)
+    pending = comm.exchange({}, {0: torch.zeros(3)}, "ring dilated K/V exchange of rank 0")
+    with pytest.raises(TimeoutError, match="K/V exchange of rank 0 did not complete within 5 s"):
+        pending.wait()
+    monkeypatch.undo()
+    q = torch.randn(1, 8, 2, 8, dtype=torch.float64)
+    for call in (
+        lambda: ring_dilated_attention(q, q, q, [4], [1], group=subgroup),
+        lambda: ring_attention(q, q, q, group=subgroup),
+    ):
+        with pytest.raises(RuntimeError, match=r"failed earlier.*K/V exchange of rank 0"):
+            call()
+    with pytest.raises(RuntimeError, match="failed earlier"):  # an existing communicator refuses to post too
+        comm.exchange({}, {0: torch.zeros(3)}, "again")

@@ -240,9 +240,9 @@ def test_world_of_one_matches_reference(
     import attn_ring.ring_dilated as rd
 
     if not views:
-        monkeypatch.setattr(rd, "_view_path_available", lambda q: False)
+        monkeypatch.setattr(rd, "view_path_available", lambda q: False)
     else:
-        assert rd._view_path_available(torch.zeros(1, 1, 1, 8, dtype=torch.float64))
+        assert rd.view_path_available(torch.zeros(1, 1, 1, 8, dtype=torch.float64))
     g = torch.Generator().manual_seed(7)
     N, H, D, segs, rates = 11, 3, 8, (2, 4, 8), (1, 2, 4)
     q = torch.randn(2, N, H, D, generator=g, dtype=torch.float64, requires_grad=True)
@@ -265,6 +265,37 @@ def test_world_of_one_matches_reference(
     assert_close_to_reference("out", out, ref)
     for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close_to_reference(name, a, b)
+
+
+@pytest.mark.parametrize("views", [True, False], ids=["view-path", "gather-path"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_padded_keys_values_never_reach_outputs_or_grads(world_of_one, monkeypatch, views: bool, bad: float) -> None:
+    """NaN / inf in the k, v rows of padded keys: the result and gradients equal the float64
+    reference on the same inputs with those rows zeroed, and padded keys get dk = dv = 0."""
+    import attn_ring.ring_dilated as rd
+
+    if not views:
+        monkeypatch.setattr(rd, "view_path_available", lambda q: False)
+    g = torch.Generator().manual_seed(13)
+    N, H, Hkv, D, segs, rates = 12, 4, 2, 8, (4, 12), (1, 2)
+    q = torch.randn(2, N, H, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, N, Hkv, D, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.rand(2, N, generator=g) < 0.4
+    mask[:, 0] = False
+    leaves = [q.clone().requires_grad_()] + [
+        t.masked_fill(mask[:, :, None, None], bad).requires_grad_() for t in (k, v)
+    ]
+    out = ring_dilated_attention(*leaves, segs, rates, is_causal=True, key_padding_mask=mask)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference.dilated_attention(*ref_leaves, segs, rates, is_causal=True, key_padding_mask=mask)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout)
+    assert_close_to_reference("out", out, ref)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert torch.isfinite(a).all(), f"{name} is not finite"
+        assert_close_to_reference(name, a, b)
+    assert bool((grads[1][mask] == 0).all()) and bool((grads[2][mask] == 0).all())
 
 
 def test_modules_validate_at_construction() -> None:
@@ -295,11 +326,12 @@ def test_multihead_module_is_a_drop_in_on_a_world_of_one(world_of_one) -> None:
 def test_chunked_calls_match_reference(world_of_one, monkeypatch, B: int, views: bool) -> None:
     """Tiny call budgets cut every run of segments into many kernel calls: results are unchanged."""
     import attn_ring.ring_dilated as rd
+    import attn_ring.ring_dilated_exec as rd_exec
 
-    monkeypatch.setattr(rd, "MAX_GATHER_ELEMENTS", 64)
-    monkeypatch.setattr(rd, "MAX_BLOCK_LOGITS", 64)
+    monkeypatch.setattr(rd_exec, "MAX_GATHER_ELEMENTS", 64)
+    monkeypatch.setattr(rd_exec, "MAX_BLOCK_LOGITS", 64)
     if not views:
-        monkeypatch.setattr(rd, "_view_path_available", lambda q: False)
+        monkeypatch.setattr(rd, "view_path_available", lambda q: False)
     g = torch.Generator().manual_seed(B)
     q = torch.randn(B, 37, 4, 8, dtype=torch.float64, generator=g, requires_grad=True)
     k = torch.randn(B, 37, 2, 8, dtype=torch.float64, generator=g, requires_grad=True)
@@ -359,7 +391,7 @@ def test_non_contiguous_inputs(world_of_one, monkeypatch, views: bool) -> None:
     import attn_ring.ring_dilated as rd
 
     if not views:
-        monkeypatch.setattr(rd, "_view_path_available", lambda q: False)
+        monkeypatch.setattr(rd, "view_path_available", lambda q: False)
     g = torch.Generator().manual_seed(5)
     q = torch.randn(2, 4, 13, 8, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_()
     k = torch.randn(2, 2, 13, 8, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_()

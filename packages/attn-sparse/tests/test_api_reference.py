@@ -250,6 +250,6 @@ def test_layout_derived_cache_is_bounded() -> None:
 
     layout = P.local_window(256, 64, block_size=16)
     for n in range(MAX_DERIVED_ENTRIES * 2):
-        layout._cached(("probe", n), lambda n=n: torch.full((4,), n))
+        layout.cached_derived(("probe", n), lambda n=n: torch.full((4,), n))
     assert len(layout._cache) <= MAX_DERIVED_ENTRIES
     assert ("probe", MAX_DERIVED_ENTRIES * 2 - 1) in layout._cache

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attn_core.triton_env import interpret_mode, triton_installed
 from attn_sparse import BlockSparseAttention, patterns
-from attn_sparse._triton_env import interpret_mode, triton_installed
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or interpret_mode() or not triton_installed(),

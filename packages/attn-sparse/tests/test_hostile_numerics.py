@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attn_core.blocks import softmax_with_lse
 from attn_core.reference import block_sparse_attention as reference_bsa
 from attn_core.testing import assert_close_to_reference
-from attn_sparse import AdaptiveBlockSparseAttention, BlockLayout
-from attn_sparse.backends.reference import gathered_attention, masked_softmax
+from attn_sparse import AdaptiveBlockSparseAttention, BlockLayout, block_sparse_attention
+from attn_sparse.backends.reference import gathered_attention
 
 
 @pytest.mark.parametrize(
@@ -40,15 +41,46 @@ def test_reference_backend_matches_float64_at_large_logits() -> None:
     assert not torch.isnan(lse).any()
 
 
-def test_masked_softmax_empty_rows_and_gradients() -> None:
+def test_softmax_with_lse_empty_rows_and_gradients() -> None:
     s = torch.tensor([[1e6, 1e6 - 1.0, float("-inf")], [float("-inf")] * 3], dtype=torch.float64, requires_grad=True)
-    p, lse = masked_softmax(s)
+    p, lse = softmax_with_lse(s)
     want = torch.softmax(torch.tensor([0.0, -1.0], dtype=torch.float64), dim=0)
     torch.testing.assert_close(p[0, :2], want)
     assert torch.equal(p[1], torch.zeros(3, dtype=torch.float64)) and bool(torch.isneginf(lse[1]).all())
     (p[:, 0].sum() + lse[0].sum()).backward()
     assert s.grad is not None and torch.isfinite(s.grad).all()
     assert float(s.grad[0, 0] - s.grad[0, 1]) == pytest.approx(2 * float(want[0] * want[1]) + float(want[0] - want[1]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("shared", [True, False])
+def test_reference_backend_never_reads_padded_keys(bad: float, shared: bool) -> None:
+    # NaN / inf in the k and v rows of padded keys must not reach the output or any gradient:
+    # the result equals the float64 reference on the same inputs with those rows zeroed
+    g = torch.Generator().manual_seed(11)
+    B, N, H, Hkv, D = 2, 40, 4, 2, 16
+    q, k, v = (torch.randn(B, N, h, D, generator=g) for h in (H, Hkv, Hkv))
+    pad = torch.rand(B, N, generator=g) < 0.3
+    pad[:, 0] = False  # every causal row sees a key
+    k_bad, v_bad = k.masked_fill(pad[:, :, None, None], bad), v.masked_fill(pad[:, :, None, None], bad)
+    dense = torch.rand(1 if shared else H, 3, 3, generator=g) < 0.7
+    dense |= torch.eye(3, dtype=torch.bool)  # every query block reads its own keys
+    layout = BlockLayout.from_dense(dense, 16)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k_bad, v_bad)]
+    out = block_sparse_attention(*leaves, layout=layout, is_causal=True, key_padding_mask=pad, backend="reference")
+    dout = torch.randn(out.shape, generator=g)
+    out.backward(dout)
+    ref_leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+    ref, _ = reference_bsa(
+        *ref_leaves, dense.expand(H, 3, 3), (16, 16), is_causal=True, key_padding_mask=pad, softmax_scale=D**-0.5
+    )
+    ref.backward(dout.double())
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
+    for name, got, want in zip("qkv", leaves, ref_leaves):
+        assert got.grad is not None and want.grad is not None
+        assert torch.isfinite(got.grad).all(), f"d{name} is not finite"
+        torch.testing.assert_close(got.grad, want.grad.float(), rtol=1e-5, atol=1e-5)
+    assert bool((leaves[1].grad[pad] == 0).all()) and bool((leaves[2].grad[pad] == 0).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -274,7 +274,7 @@ def test_property_intervals_union(data: st.DataObject) -> None:
         st.tuples(st.integers(-2, nk + 2), st.integers(-2, nk + 2)), min_size=rows * width, max_size=rows * width
     )
     iv = torch.tensor(data.draw(pairs)).reshape(rows, width, 2)
-    lay = BlockLayout._from_intervals(
+    lay = BlockLayout.from_intervals(
         iv[..., 0], iv[..., 1], block_size=(16, 16), num_heads=1, num_query_blocks=rows, num_key_blocks=nk
     )
     want = torch.zeros(rows, nk, dtype=torch.bool)
@@ -286,7 +286,7 @@ def test_property_intervals_union(data: st.DataObject) -> None:
 
 
 def test_expand_intervals_strided_runs_and_known_size() -> None:
-    from attn_sparse.layout import _expand_intervals
+    from attn_sparse.csr import expand_intervals
 
     start = torch.tensor([[0, 9], [2, 0], [1, 4]])
     length = torch.tensor([[3, 1], [0, 0], [2, 3]])
@@ -296,7 +296,7 @@ def test_expand_intervals_strided_runs_and_known_size() -> None:
             for r in range(3)
         ]
         for kw in ({}, {"nnz": 9}, {"device": torch.device("cpu")}):
-            crow, col = _expand_intervals(start, length, 3, step=step, **kw)
+            crow, col = expand_intervals(start, length, 3, step=step, **kw)
             assert crow.dtype == col.dtype == torch.int32
             assert crow.tolist() == [0, 4, 4, 9]
             assert [col[crow[r] : crow[r + 1]].tolist() for r in range(3)] == want_rows

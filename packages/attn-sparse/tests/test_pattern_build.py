@@ -17,8 +17,7 @@ import random
 import pytest
 import torch
 
-from attn_sparse import BlockLayout, bigbird, patterns
-from attn_sparse import layout as layout_module
+from attn_sparse import BlockLayout, bigbird, csr, patterns
 from attn_sparse._hash import MASK32, mix32, random_blocks, seed_key
 from attn_sparse.kernels import interpret_mode
 from attn_sparse.kernels.pattern_build import bigbird_tile_bound
@@ -225,12 +224,12 @@ def test_triton_run_expansion_equals_torch(rows: int, per_row: int, step: int) -
     rng = random.Random(rows * 100 + per_row * 10 + step)
     for _ in range(3):
         start, length = _random_runs(rng, rows, per_row, step)
-        want = layout_module._expand_intervals(start, length, rows, step=step, triton=False)
+        want = csr.expand_intervals(start, length, rows, step=step, triton=False)
         for device in (None, CPU):  # rows where they are, or "copied" to the layout's device
-            got = layout_module._expand_intervals(start, length, rows, step=step, device=device, triton=True)
+            got = csr.expand_intervals(start, length, rows, step=step, device=device, triton=True)
             for g, w in zip(got, want):
                 assert g.dtype == torch.int32 and torch.equal(g, w) and g.data_ptr() % 16 == 0
-    empty = layout_module._expand_intervals(
+    empty = csr.expand_intervals(
         torch.zeros(3, 2, dtype=torch.int64), torch.zeros(3, 2, dtype=torch.int64), 3, triton=True
     )
     assert empty[0].tolist() == [0, 0, 0, 0] and empty[1].numel() == 0
@@ -262,7 +261,7 @@ def test_patterns_with_triton_run_expansion_equal_torch_builds(
 ) -> None:
     want = patterns.build_pattern(kind, **params)
     want_t = _sorted_transpose(want)
-    monkeypatch.setattr(layout_module, "triton_builds", lambda device: True)
+    monkeypatch.setattr(csr, "compiled_triton_available", lambda device: True)
     got = patterns.build_pattern(kind, **params)
     assert got == want, kind
     for g, w in zip(got.transposed_csr(), want_t):
@@ -301,7 +300,7 @@ def test_triton_local_window_equals_torch_build(monkeypatch: pytest.MonkeyPatch)
     for n, w, bs in cases:
         want = patterns.local_window(n, w, block_size=bs)
         with monkeypatch.context() as m:
-            m.setattr(patterns, "triton_builds", lambda device: True)
+            m.setattr(patterns, "compiled_triton_available", lambda device: True)
             got = patterns.local_window(n, w, block_size=bs)
         assert got == want, (n, w, bs)
         assert got.crow_indices.dtype == torch.int32 and got.col_indices.dtype == torch.int32
@@ -341,8 +340,8 @@ def test_build_kernels_get_aligned_pointers_only(monkeypatch: pytest.MonkeyPatch
     for n in (1, 17, 33, 49, 65, 1001):
         _build({"seq_len": n, "window": 20, "global_tokens": 16, "random_blocks": 3, "num_heads": 1}, triton=True)
         with monkeypatch.context() as m:
-            m.setattr(patterns, "triton_builds", lambda device: True)
-            m.setattr(layout_module, "triton_builds", lambda device: True)
+            m.setattr(patterns, "compiled_triton_available", lambda device: True)
+            m.setattr(csr, "compiled_triton_available", lambda device: True)
             patterns.local_window(n, 40, block_size=16)
             patterns.global_local(n, 40, 20, block_size=(16, 32))
     assert len(seen) > 50 and set(seen) == {0}

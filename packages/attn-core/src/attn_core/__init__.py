@@ -1,10 +1,10 @@
 """attn_core: LongNet dilated attention with exact LSE merging, float64 references and explainable backends."""
 
-# Importing sdpa_ops registers the CUDA fast path of blocks.block_forward/block_backward (used by
-# ring attention), so every user of the block primitives gets it, not only the sdpa backend.
 from . import sdpa_ops as sdpa_ops
+from . import views as views
 from ._version import __version__
 from .api import AUTO_ORDER, BACKENDS, dilated_attention, explain, last_backend
+from .blocks import explain_block
 from .config import DilatedConfig
 from .longnet import LongNetDecoderLayer, LongNetEncoderLayer, LongNetLM, magneto_gamma
 from .merge import merge_into_, merge_partials
@@ -26,6 +26,7 @@ __all__ = [
     "__version__",
     "dilated_attention",
     "explain",
+    "explain_block",
     "last_backend",
     "magneto_gamma",
     "merge_into_",

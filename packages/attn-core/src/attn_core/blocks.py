@@ -7,68 +7,66 @@ of the per-block gradients exactly the gradient of the merged output (the rows' 
 are exp(s - L_merged), and D = rowsum(dout * out_merged)).
 
 Shapes: q (B, Nq, H, D), k/v (B, Nk, Hkv, D) with H % Hkv == 0 (any strides); out like q;
-lse (B, H, Nq) fp32. ``is_causal`` is top-left aligned (query i sees keys j <= i).
-This module holds the portable math path; device-specific fast paths register through
-:func:`register_block_impl` (kept out of the backends so ring and dilated share them).
+lse (B, H, Nq) fp32 (fp64 for fp64 q): the LSE layout of every public attn_core primitive.
+``is_causal`` is top-left aligned (query i sees keys j <= i).
+
+The implementations live in :mod:`attn_core.block_impls` (the cuDNN path on CUDA, the portable
+math path everywhere), chosen per call through :data:`BLOCK_IMPLS`, the same explainable
+registry the backends use: :func:`explain_block` says which one runs and why the others do not.
+The numerics every implementation and backend share are here too: :func:`acc_dtype`,
+:func:`softmax_with_lse`, :func:`drop_padded_keys`.
 """
 
 from __future__ import annotations
 
-import threading
-from typing import Protocol
+from types import ModuleType
 
 import torch
 
+from .registry import BackendChoice, BackendRegistry, ReasonsOf
 from .validation import check_qkv, check_tensor
 
 __all__ = [
-    "BlockImpl",
+    "BLOCK_IMPLS",
     "acc_dtype",
     "block_backward",
     "block_forward",
     "drop_padded_keys",
-    "register_block_impl",
+    "explain_block",
     "softmax_with_lse",
 ]
 
 
-class BlockImpl(Protocol):
-    def supports(self, q: torch.Tensor, k: torch.Tensor, is_causal: bool, has_padding: bool) -> bool: ...
-
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def backward(
-        self,
-        dout: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        is_causal: bool,
-        scale: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+# The implementations, best first; the math path takes every block. Loaded on first use (no import
+# of the kernels' modules until a block runs).
+BLOCK_IMPLS = BackendRegistry("attn_core", ("cudnn", "math"), subpackage="block_impls")
 
 
-_IMPLS: list[BlockImpl] = []
-_IMPLS_LOCK = threading.Lock()
+def _reasons_of(q: torch.Tensor, k: torch.Tensor, is_causal: bool, has_padding: bool) -> ReasonsOf:
+    return lambda mod: mod.unsupported_reasons(q, k, is_causal, has_padding)
 
 
-def register_block_impl(impl: BlockImpl) -> None:
-    """Add a fast path (tried in registration order before the math path)."""
-    with _IMPLS_LOCK:
-        _IMPLS.append(impl)
+def _impl(q: torch.Tensor, k: torch.Tensor, is_causal: bool, has_padding: bool) -> ModuleType:
+    choice = BLOCK_IMPLS.choose("auto", _reasons_of(q, k, is_causal, has_padding))
+    mod = BLOCK_IMPLS.load(choice.backend)
+    if mod is None:  # choose only picks an installed implementation
+        raise RuntimeError(f"block implementation {choice.backend!r} was chosen but cannot be imported")
+    return mod
 
 
-def _pick(q: torch.Tensor, k: torch.Tensor, is_causal: bool, has_padding: bool) -> BlockImpl | None:
-    with _IMPLS_LOCK:
-        impls = list(_IMPLS)
-    for impl in impls:
-        if impl.supports(q, k, is_causal, has_padding):
-            return impl
-    return None
+def explain_block(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    is_causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+) -> BackendChoice:
+    """Which block implementation :func:`block_forward` / :func:`block_backward` run for these inputs,
+    and why; every other implementation's reasons are in ``rejected``. Runs nothing."""
+    check_qkv(q, k, v, key_padding_mask=key_padding_mask, same_length=False)
+    reasons_of = _reasons_of(q, k, is_causal, key_padding_mask is not None)
+    return BLOCK_IMPLS.choose("auto", reasons_of, explain_all=True)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -109,42 +107,6 @@ def drop_padded_keys(
     return torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)
 
 
-def _grouped(q: torch.Tensor, hkv: int) -> torch.Tensor:
-    # (B, N, H, D) -> (B, Hkv, G, N, D): query heads grouped by the kv head they read
-    B, N, H, D = q.shape
-    return q.reshape(B, N, hkv, H // hkv, D).permute(0, 2, 3, 1, 4)
-
-
-def _masked_logits(
-    q: torch.Tensor, k: torch.Tensor, is_causal: bool, scale: float, key_padding_mask: torch.Tensor | None
-) -> torch.Tensor:
-    """fp32 logits (B, Hkv, G, Nq, Nk) with -inf at masked keys."""
-    hkv = k.shape[2]
-    ad = acc_dtype(q.dtype)
-    qg = _grouped(q.to(ad), hkv)
-    kg = k.to(ad).permute(0, 2, 1, 3).unsqueeze(2)  # (B, Hkv, 1, Nk, D)
-    s = torch.matmul(qg, kg.transpose(-1, -2)) * scale
-    Nq, Nk = q.shape[1], k.shape[1]
-    if is_causal:
-        keep = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril()
-        s = s.masked_fill(~keep, float("-inf"))
-    if key_padding_mask is not None:
-        s = s.masked_fill(key_padding_mask[:, None, None, None, :], float("-inf"))
-    return s
-
-
-def _lse_grouped(lse: torch.Tensor, hkv: int) -> torch.Tensor:
-    # (B, H, Nq) -> (B, Hkv, G, Nq, 1)
-    B, H, Nq = lse.shape
-    return lse.reshape(B, hkv, H // hkv, Nq).unsqueeze(-1)
-
-
-def _ungroup(x: torch.Tensor) -> torch.Tensor:
-    # (B, Hkv, G, N, D) -> (B, N, H, D)
-    B, hkv, G, N, D = x.shape
-    return x.permute(0, 3, 1, 2, 4).reshape(B, N, hkv * G, D)
-
-
 def block_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -159,17 +121,8 @@ def block_forward(
     Padded keys (key_padding_mask (B, Nk) True) are ignored, their k and v values never read.
     """
     check_qkv(q, k, v, key_padding_mask=key_padding_mask, same_length=False)
-    impl = _pick(q, k, is_causal, key_padding_mask is not None)
-    if impl is not None:
-        return impl.forward(q, k, v, is_causal, softmax_scale)
-    if key_padding_mask is not None:
-        k, v = drop_padded_keys(k, v, key_padding_mask)
-    s = _masked_logits(q, k, is_causal, softmax_scale, key_padding_mask)
-    p, lse = softmax_with_lse(s)  # lse -inf for empty rows
-    vg = v.to(s.dtype).permute(0, 2, 1, 3).unsqueeze(2)
-    out = _ungroup(torch.matmul(p, vg))
-    B, H = q.shape[0], q.shape[2]
-    return out.to(q.dtype), lse.reshape(B, H, q.shape[1])
+    impl = _impl(q, k, is_causal, key_padding_mask is not None)
+    return impl.forward(q, k, v, is_causal, softmax_scale, key_padding_mask)  # type: ignore[no-any-return]
 
 
 def block_backward(
@@ -192,35 +145,7 @@ def block_backward(
     check_tensor("dout", dout, tuple(q.shape), q.device)
     check_tensor("out", out, tuple(q.shape), q.device)
     check_tensor("lse", lse, (B, H, Nq), q.device)
-    impl = _pick(q, k, is_causal, key_padding_mask is not None)
-    if impl is not None:
-        return impl.backward(dout, q, k, v, out, lse, is_causal, softmax_scale)
-    hkv = k.shape[2]
-    if key_padding_mask is not None:
-        k, v = drop_padded_keys(k, v, key_padding_mask)
-    s = _masked_logits(q, k, is_causal, softmax_scale, key_padding_mask)
-    ad = s.dtype
-    # The rows' merged probabilities exp(s - L) as (this block's normalised softmax) x (its merge
-    # weight exp(lse_blk - L)), with lse_blk recomputed as block_forward computed it: a row whose
-    # keys are all in this block gets exactly its forward probabilities (lse_blk == L), and the
-    # weights are the ones the merge used. exp(s - L) in one step scales every p by the rounding
-    # of L instead (|L| * 2^-24 for fp32 L: 3% at logits ~1e6). What remains with several blocks
-    # is that rounding of the given L in the weight; an fp64 L is used in fp64.
-    p_blk, lse_blk = softmax_with_lse(s)
-    L = _lse_grouped(lse, hkv)
-    lse_blk = lse_blk.unsqueeze(-1).to(L.dtype)
-    # Rows with L = -inf saw no key anywhere, rows with lse_blk = -inf none here: weight 0, no NaN.
-    seen = torch.isfinite(L)
-    weight = torch.where(seen, torch.exp(lse_blk - torch.where(seen, L, torch.zeros_like(L))), 0.0)
-    p = p_blk * weight.to(ad)
-    do = _grouped(dout.to(ad), hkv)
-    o = _grouped(out.to(ad), hkv)
-    vg = v.to(ad).permute(0, 2, 1, 3).unsqueeze(2)
-    kg = k.to(ad).permute(0, 2, 1, 3).unsqueeze(2)
-    dv = torch.matmul(p.transpose(-1, -2), do).sum(dim=2)  # (B, Hkv, Nk, D)
-    dp = torch.matmul(do, vg.transpose(-1, -2))
-    delta = (do * o).sum(dim=-1, keepdim=True)
-    ds = p * (dp - delta) * softmax_scale
-    dq = _ungroup(torch.matmul(ds, kg))
-    dk = torch.matmul(ds.transpose(-1, -2), _grouped(q.to(ad), hkv)).sum(dim=2)
-    return dq, dk.permute(0, 2, 1, 3), dv.permute(0, 2, 1, 3)
+    impl = _impl(q, k, is_causal, key_padding_mask is not None)
+    return impl.backward(  # type: ignore[no-any-return]
+        dout, q, k, v, out, lse, is_causal, softmax_scale, key_padding_mask
+    )

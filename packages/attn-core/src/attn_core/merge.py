@@ -16,12 +16,9 @@ from collections.abc import Sequence
 
 import torch
 
+from .blocks import acc_dtype
+
 __all__ = ["merge_into_", "merge_partials", "merge_weights"]
-
-
-def _acc(t: torch.Tensor) -> torch.Tensor:
-    # float64 stays float64 (reference path); everything else accumulates in fp32
-    return t if t.dtype == torch.float64 else t.float()
 
 
 def _lse_to_out_layout(w: torch.Tensor) -> torch.Tensor:
@@ -36,7 +33,7 @@ def merge_weights(lses: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], tor
     1 however large the lse (exp(lse_g - L) with L rounded scales them by that rounding, up to
     e^0.03 at |L| ~ 1e6 in fp32); L = M + log(sum). Differentiable.
     """
-    stacked = torch.stack([_acc(lse) for lse in lses])
+    stacked = torch.stack([lse.to(acc_dtype(lse.dtype)) for lse in lses])
     # the max is only a reference point (weights and L do not depend on it): no gradient through it
     top = stacked.detach().amax(dim=0)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # all empty: weights 0, L -inf

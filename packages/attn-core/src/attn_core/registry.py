@@ -3,7 +3,9 @@
 Each package's functional API (attn_core.api, attn_sparse.api) owns one :class:`BackendRegistry`
 over its ``<package>.backends.<name>`` modules. Backends never import each other; the registry is
 the only place that knows them all. A choice is explainable: :class:`BackendChoice` names the
-backend, why it was taken, and the reasons each other backend gave.
+backend, why it was taken, and the reasons each other backend gave. attn_core's block primitives
+choose their implementation the same way, over ``attn_core.block_impls.<name>``
+(:func:`attn_core.blocks.explain_block`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
-__all__ = ["BackendChoice", "BackendRegistry"]
+__all__ = ["BackendChoice", "BackendRegistry", "ReasonsOf"]
 
 
 # Joins the choice's reason and the reasons of the backends skipped ahead of it in ``why``.
@@ -46,13 +48,16 @@ ReasonsOf = Callable[[ModuleType], Sequence[str]]
 
 
 class BackendRegistry:
-    """The backends of one package, imported lazily from ``<package>.backends.<name>``.
+    """The backends of one package, imported lazily from ``<package>.<subpackage>.<name>``.
 
     order: the preference order of ``backend="auto"`` (every known backend, best first).
+    subpackage: ``"backends"`` for the attention backends; attn_core's block primitives use
+    ``"block_impls"`` (:data:`attn_core.blocks.BLOCK_IMPLS`).
     """
 
-    def __init__(self, package: str, order: Sequence[str]) -> None:
+    def __init__(self, package: str, order: Sequence[str], *, subpackage: str = "backends") -> None:
         self.package = package
+        self.subpackage = subpackage
         self.order: tuple[str, ...] = tuple(order)
         self._modules: dict[str, ModuleType] = {}
         self._lock = threading.Lock()
@@ -65,7 +70,7 @@ class BackendRegistry:
         mod = self._modules.get(name)
         if mod is not None:
             return mod
-        module_name = f"{self.package}.backends.{name}"
+        module_name = f"{self.package}.{self.subpackage}.{name}"
         try:
             mod = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
@@ -90,7 +95,7 @@ class BackendRegistry:
         """Why backend ``name`` cannot take the call ``reasons_of`` describes (empty: it can)."""
         mod = self.load(name)
         if mod is None:
-            return (f"not installed (no module {self.package}.backends.{name})",)
+            return (f"not installed (no module {self.package}.{self.subpackage}.{name})",)
         return tuple(reasons_of(mod))
 
     def choose(self, backend: object, reasons_of: ReasonsOf, *, explain_all: bool = False) -> BackendChoice:

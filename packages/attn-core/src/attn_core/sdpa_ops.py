@@ -29,29 +29,25 @@ see docs/benchmarks/dilated_h100.md):
 ``key_bias``: (B, nk) additive float in q's dtype, 0 = attend, -inf = padding key; it is broadcast
 to every head and row without materialising (B, h, nq, nk).
 
-The module also registers a :class:`attn_core.blocks.BlockImpl` for CUDA (:func:`ensure_block_impl`,
-idempotent and thread-safe, run at import) so ``block_forward`` / ``block_backward`` get the cuDNN path.
+The block primitives (:mod:`attn_core.blocks`) use these kernels on CUDA through
+:mod:`attn_core.block_impls.cudnn`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from collections.abc import Sequence
 
 import torch
 
-from . import blocks
+from .blocks import acc_dtype
 from .merge import merge_into_
-
-# The fused merge is a Triton kernel; attn-core installed without [triton] merges with merge_into_.
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+from .triton_env import interpret_mode, triton_installed
 
 __all__ = [
     "CUDNN_MAX_HEAD_DIM",
     "attention_backward",
     "attention_forward",
-    "ensure_block_impl",
     "key_bias_from_mask",
     "merge_strided_",
     "merge_views_",
@@ -122,10 +118,6 @@ def unsupported_reasons(
             f"cuDNN attention needs head dim D % {CUDNN_HEAD_DIM_MULTIPLE} == 0 and D <= {CUDNN_MAX_HEAD_DIM}, got {head_dim}"
         )
     return reasons + _cudnn_device_reasons(device)
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _bias4(key_bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
@@ -208,7 +200,7 @@ def attention_forward(
         return out, lse  # cuDNN already gives out 0 / lse -inf for fully masked rows
     mask = None if key_bias is None else key_bias[:, None, None, :]
     out, lse = _ATEN._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
-    lse = lse.to(_lse_dtype(q.dtype))
+    lse = lse.to(acc_dtype(q.dtype))
     if key_bias is not None:
         # the CPU kernel reports lse 0 for a row whose keys are all masked; the contract is -inf
         empty = _empty_rows(key_bias, is_causal, q.shape[2])[:, None, :]
@@ -304,7 +296,8 @@ def key_bias_from_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.T
 def merge_views_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor, lse_blk: torch.Tensor) -> None:
     """In-place LSE merge on strided (B, h, n, D) / (B, h, n) views: the fused Triton pass on CUDA when
     triton is installed, else :func:`attn_core.merge.merge_into_` on transposed views (same math)."""
-    if out_acc.is_cuda and _HAS_TRITON:
+    # the fused merge is a Triton kernel; attn-core installed without [triton] merges with merge_into_
+    if out_acc.is_cuda and triton_installed():
         merge_strided_(out_acc, lse_acc, out_blk, lse_blk)
     else:
         merge_into_(out_acc.transpose(1, 2), lse_acc, out_blk.transpose(1, 2), lse_blk)
@@ -318,9 +311,7 @@ _MERGE_LOCK = threading.Lock()
 
 def _merge_kernel() -> object:
     """The Triton merge kernel, built lazily (triton is optional; TRITON_INTERPRET is read at decoration)."""
-    import os
-
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interpret = interpret_mode()
     with _MERGE_LOCK:
         kernel = _MERGE_KERNELS.get(interpret)
         if kernel is not None:
@@ -395,65 +386,3 @@ def merge_strided_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.
         *out_acc.stride()[:3], *lse_acc.stride(), *out_blk.stride()[:3], *lse_blk.stride(),
         D=D, BLOCK_R=MERGE_BLOCK_ROWS, BLOCK_D=triton.next_power_of_2(D),
     )  # fmt: skip
-
-
-class _CudnnBlockImpl:
-    """blocks.BlockImpl over the cuDNN path: q (B, Nq, H, D) layouts are transposed views, never copies."""
-
-    def supports(self, q: torch.Tensor, k: torch.Tensor, is_causal: bool, has_padding: bool) -> bool:
-        if q.device.type != "cuda" or has_padding:
-            return False
-        if is_causal and q.shape[1] != k.shape[1]:
-            return False  # keep causal square: top-left and bottom-right alignment then agree
-        if q.stride(-1) != 1 or k.stride(-1) != 1:
-            return False
-        return not unsupported_reasons(q.device, q.dtype, q.shape[-1])
-
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = attention_forward(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=is_causal, scale=scale
-        )
-        return out.transpose(1, 2), lse
-
-    def backward(
-        self,
-        dout: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        is_causal: bool,
-        scale: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dq, dk, dv = attention_backward(
-            dout.transpose(1, 2),
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            out.transpose(1, 2),
-            lse,
-            is_causal=is_causal,
-            scale=scale,
-        )
-        # block_backward returns gradients in the accumulation dtype (fp32)
-        return dq.transpose(1, 2).float(), dk.transpose(1, 2).float(), dv.transpose(1, 2).float()
-
-
-_BLOCK_IMPL = _CudnnBlockImpl()
-_REGISTER_LOCK = threading.Lock()
-_REGISTERED = False
-
-
-def ensure_block_impl() -> None:
-    """Register the cuDNN block impl with :mod:`attn_core.blocks` once (idempotent, thread-safe)."""
-    global _REGISTERED
-    with _REGISTER_LOCK:
-        if not _REGISTERED:
-            blocks.register_block_impl(_BLOCK_IMPL)
-            _REGISTERED = True
-
-
-ensure_block_impl()

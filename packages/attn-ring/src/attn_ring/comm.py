@@ -25,6 +25,9 @@ Interface (other attn_ring modules build on it):
 - ``handshake(descriptor)``: all-gathers a small {name: int} descriptor (shapes, dtype code,
   flags, config hash); any mismatch raises ValueError on every rank instead of a later hang.
 - ``send_recv(tensors, channel=...) -> PendingTransfer``; ``PendingTransfer.wait() -> list[Tensor]``.
+- ``exchange(sends, recvs, what) -> PendingTransfer``: one batched point-to-point exchange with
+  any peers ({group rank: tensor}), for rings that move planned rows rather than whole blocks
+  (ring dilated, ring block-sparse); ``all_gather(tensor, what)``: a small collective.
 - ``buffers``: an optional provider with ``acquire(shape, dtype, device) -> Tensor`` and
   ``release(tensor) -> None`` (memory_runtime's buffer managers implement it); default
   ``torch.empty``.
@@ -36,10 +39,10 @@ is a stream dependency (it does not block the host, which keeps the overlap) and
 group's own timeout aborts a stuck transfer. A peer that exited or disagrees on sizes gives a
 TimeoutError/RuntimeError naming the step and the peer rank.
 
-A failed group stays failed: after a transfer or handshake times out or cannot be posted, the
-group's point-to-point state is unknown (messages may be half sent), so the failure is recorded
-against the group (:func:`mark_group_failed`). Every later ``RingComm`` on that group raises a
-RuntimeError at once, quoting the original error, instead of waiting out another timeout;
+A failed group stays failed: after a transfer, exchange or handshake times out or cannot be
+posted, the group's point-to-point state is unknown (messages may be half sent), so the failure
+is recorded against the group (:func:`mark_group_failed`). Every later ``RingComm`` on that group,
+and every later transfer of an existing one, raises a RuntimeError at once, quoting the original error, instead of waiting out another timeout;
 destroy the group and create a new one to go on. ``raise_if_group_failed(group)`` makes the same
 check for code that talks to a group without a ``RingComm``.
 """
@@ -49,13 +52,13 @@ from __future__ import annotations
 import threading
 import weakref
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
-from .exchange import DEFAULT_TIMEOUT_S, comm_device, group_rank_and_size, handshake, wait_all
+from .exchange import DEFAULT_TIMEOUT_S, comm_device, group_rank_and_size, handshake, post_exchange, wait_all
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -146,25 +149,18 @@ class TorchBuffers:
 
 
 class PendingTransfer:
-    """One in-flight ring transfer; :meth:`wait` returns the received tensors (the comm's buffers)."""
+    """One in-flight transfer (ring step or exchange); :meth:`wait` returns the received tensors."""
 
-    def __init__(
-        self, comm: RingComm, works: list[dist.Work], received: list[torch.Tensor], channel: str, step: int
-    ) -> None:
+    def __init__(self, comm: RingComm, works: list[dist.Work], received: list[torch.Tensor], what: str) -> None:
         self._comm = comm
         self._works = works
         self._received = received
-        self._channel = channel
-        self._step = step
+        self._what = what
         self._done = not works
 
     def wait(self) -> list[torch.Tensor]:
         if not self._done:
             c = self._comm
-            what = (
-                f"ring transfer '{self._channel}' step {self._step} on rank {c.rank} of {c.world_size} "
-                f"(receiving from rank {c.prev_rank}, sending to rank {c.next_rank})"
-            )
             try:
                 if c.backend == "nccl":
                     # A stream dependency, not a host block: keeps compute and transfer overlapped. The
@@ -172,9 +168,9 @@ class PendingTransfer:
                     for work in self._works:
                         work.wait()
                 else:
-                    wait_all(self._works, c.timeout_s, what)
+                    wait_all(self._works, c.timeout_s, self._what)
             except (TimeoutError, RuntimeError) as exc:
-                mark_group_failed(c.group, what, exc)
+                mark_group_failed(c.group, self._what, exc)
                 raise
             self._done = True
         return self._received
@@ -254,11 +250,15 @@ class RingComm:
         inputs themselves.
         """
         if self.world_size == 1:
-            return PendingTransfer(self, [], list(tensors), channel, 0)
+            return PendingTransfer(self, [], list(tensors), f"ring transfer '{channel}'")
         for i, t in enumerate(tensors):
             if t.device != self.device:
                 raise ValueError(f"tensor {i} for channel '{channel}' is on {t.device}; the ring needs {self.device}")
         recv, step = self._receive_buffers(tensors, channel)
+        what = (
+            f"ring transfer '{channel}' step {step} on rank {self.rank} of {self.world_size} "
+            f"(receiving from rank {self.prev_rank}, sending to rank {self.next_rank})"
+        )
         ops = []
         # Receives first, then sends, in the same order on every rank: gloo and NCCL match
         # point-to-point messages between a pair of ranks in posting order.
@@ -266,16 +266,44 @@ class RingComm:
             ops.append(dist.P2POp(dist.irecv, buf, self._prev_global, self.group))
         for t in tensors:
             ops.append(dist.P2POp(dist.isend, t.contiguous(), self._next_global, self.group))
+        return PendingTransfer(self, self._post(lambda: list(dist.batch_isend_irecv(ops)), what), recv, what)
+
+    def exchange(
+        self, sends: Mapping[int, torch.Tensor], recvs: Mapping[int, torch.Tensor], what: str
+    ) -> PendingTransfer:
+        """Post one batched point-to-point exchange with any peers of the group; ``wait()`` returns
+        the receive buffers in ascending peer order.
+
+        ``sends[peer]`` goes to each peer, ``recvs[peer]`` is filled from each peer (group ranks).
+        Tensors must be contiguous and on the group's device (CUDA for NCCL, CPU for gloo), and
+        every receive buffer exactly the size its sender sends (both sides derive it from the same
+        plan). Bytes are counted in :func:`attn_ring.exchange.last_stats`. ``what`` names the
+        exchange in errors.
+        """
+        works = self._post(lambda: post_exchange(sends, recvs, self.group), what) if sends or recvs else []
+        return PendingTransfer(self, works, [recvs[p] for p in sorted(recvs)], what)
+
+    def all_gather(self, tensor: torch.Tensor, what: str) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (same shape on all ranks, on :attr:`device`), in rank order; bounded wait."""
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+
+        def post() -> list[dist.Work]:
+            work = dist.all_gather(parts, tensor, group=self.group, async_op=True)
+            if work is None:  # async_op=True always returns a handle; guard for type checkers
+                raise RuntimeError("all_gather(async_op=True) returned no work handle")
+            return [work]
+
+        PendingTransfer(self, self._post(post, what), parts, what).wait()
+        return parts
+
+    def _post(self, post: Callable[[], list[dist.Work]], what: str) -> list[dist.Work]:
+        """Run ``post``; a group that failed earlier raises at once, a failed post marks the group failed."""
+        raise_if_group_failed(self.group)
         try:
-            works = list(dist.batch_isend_irecv(ops))
+            return post()
         except RuntimeError as exc:  # e.g. gloo: the peer's connection is gone (it exited)
-            what = (
-                f"ring transfer '{channel}' step {step} on rank {self.rank} of {self.world_size} "
-                f"(receiving from rank {self.prev_rank}, sending to rank {self.next_rank})"
-            )
             mark_group_failed(self.group, what, exc)
             raise RuntimeError(f"{what} could not be posted: {exc}") from exc
-        return PendingTransfer(self, works, recv, channel, step)
 
     def _release_sets(self, sets: list[list[torch.Tensor]]) -> None:
         for bufs in sets:

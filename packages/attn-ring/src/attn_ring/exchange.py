@@ -3,7 +3,9 @@
 Ring dilated attention does not pass whole K/V blocks around a ring: a rank needs only the
 dilated rows (1/r of K/V, at its heads' offsets) of the long segments it spans. Every rank derives
 the same exchange plan from the global geometry, so sender and receiver agree on the sizes and
-order of every message without any metadata on the wire. This module moves the payloads:
+order of every message without any metadata on the wire. This module holds the low-level steps
+that :class:`attn_ring.comm.RingComm` (which every ring goes through: it bounds the waits and
+records a failed group) and :class:`attn_ring.alltoall.AllToAllComm` build on:
 
 - :func:`post_exchange` posts all sends and receives of one exchange as one
   ``dist.batch_isend_irecv`` batch (NCCL groups them into one launch; gloo runs them

@@ -18,8 +18,9 @@ every accumulator is one hop from its owner, and a last hop delivers it. Every b
 uses the *final* out and lse of the rows (attn_core.blocks.block_backward), so the per-block
 gradients sum exactly to the gradient of the merged output.
 
-The per-step kernels are attn_core.blocks.block_forward / block_backward: the portable math
-path on CPU, or whatever fast implementation attn_core registered for the device (cuDNN/flash SDPA).
+The per-step kernels are attn_core.blocks.block_forward / block_backward: the cuDNN path on CUDA
+where it takes the block, the portable math path otherwise (attn_core.blocks.explain_block says
+which). Double backward is not supported: it raises a RuntimeError saying so.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from attn_core.blocks import acc_dtype, block_backward, block_forward
+from attn_core.first_order import first_order_only, second_order_error
 from attn_core.merge import merge_into_
 from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
 
@@ -109,51 +111,70 @@ class _RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        call: _Call = ctx.call
-        n = q.shape[1]
-        ad = acc_dtype(q.dtype)
-        dout = dout.contiguous()
-        dq = torch.zeros(q.shape, dtype=ad, device=q.device)
-        with RingComm(call.group, timeout_s=call.timeout_s, buffers=call.buffers) as comm:
-            W, r = comm.world_size, comm.rank
-            kv = _to_wire(torch.stack([k, v]), comm)
-            pending_dkv = None
-            dkv = torch.zeros(0)
-            for step in range(W):
-                pending_kv = comm.send_recv([kv], channel="kv") if step + 1 < W else None
-                if pending_kv is not None and not call.overlap:
-                    pending_kv.wait()
-                blk = kv.to(q.device)
-                # this step's contribution to the travelling block's dK/dV, accumulated in fp32
-                dkv = torch.zeros((2, *k.shape), dtype=ad, device=q.device)
-                for (q0, q1), (k0, k1), causal in ring_step_blocks(r, (r - step) % W, W, n, call.layout, call.causal):
-                    dq_b, dk_b, dv_b = block_backward(
-                        dout[:, q0:q1],
-                        q[:, q0:q1],
-                        blk[0, :, k0:k1],
-                        blk[1, :, k0:k1],
-                        out[:, q0:q1],
-                        lse[:, :, q0:q1],
-                        is_causal=causal,
-                        softmax_scale=call.scale,
-                    )
-                    dq[:, q0:q1] += dq_b
-                    dkv[0, :, k0:k1] += dk_b
-                    dkv[1, :, k0:k1] += dv_b
-                if pending_dkv is not None:
-                    # what the previous ranks accumulated for this block (sent one hop behind it)
-                    dkv += pending_dkv.wait()[0].to(q.device)
-                if W > 1:
-                    # after the last step the accumulator is one hop from its owner: this send delivers it
-                    pending_dkv = comm.send_recv([_to_wire(dkv, comm)], channel="dkv")
-                    if not call.overlap:
-                        pending_dkv.wait()
-                if pending_kv is not None:
-                    kv = pending_kv.wait()[0]
+        with torch.no_grad():  # the block kernels and the ring transfers have no derivative of their own
+            grads = _backward(dout, q, k, v, out, lse, ctx.call)
+        return (*first_order_only(grads, (dout, q, k, v), SECOND_ORDER_ERROR), None)
+
+
+SECOND_ORDER_ERROR = second_order_error(
+    "ring attention", "use attn_core.reference.dense_attention (plain autograd) on the gathered sequence"
+)
+
+
+def _backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    call: _Call,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The second ring pass (see the module docstring): (dq, dk, dv) in the inputs' dtypes."""
+    n = q.shape[1]
+    ad = acc_dtype(q.dtype)
+    dout = dout.contiguous()
+    dq = torch.zeros(q.shape, dtype=ad, device=q.device)
+    with RingComm(call.group, timeout_s=call.timeout_s, buffers=call.buffers) as comm:
+        W, r = comm.world_size, comm.rank
+        kv = _to_wire(torch.stack([k, v]), comm)
+        pending_dkv = None
+        dkv = torch.zeros(0)
+        for step in range(W):
+            pending_kv = comm.send_recv([kv], channel="kv") if step + 1 < W else None
+            if pending_kv is not None and not call.overlap:
+                pending_kv.wait()
+            blk = kv.to(q.device)
+            # this step's contribution to the travelling block's dK/dV, accumulated in fp32
+            dkv = torch.zeros((2, *k.shape), dtype=ad, device=q.device)
+            for (q0, q1), (k0, k1), causal in ring_step_blocks(r, (r - step) % W, W, n, call.layout, call.causal):
+                dq_b, dk_b, dv_b = block_backward(
+                    dout[:, q0:q1],
+                    q[:, q0:q1],
+                    blk[0, :, k0:k1],
+                    blk[1, :, k0:k1],
+                    out[:, q0:q1],
+                    lse[:, :, q0:q1],
+                    is_causal=causal,
+                    softmax_scale=call.scale,
+                )
+                dq[:, q0:q1] += dq_b
+                dkv[0, :, k0:k1] += dk_b
+                dkv[1, :, k0:k1] += dv_b
             if pending_dkv is not None:
-                # copy out of the comm's receive buffer before it goes back to the provider
-                dkv = pending_dkv.wait()[0].to(q.device, copy=True)
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
+                # what the previous ranks accumulated for this block (sent one hop behind it)
+                dkv += pending_dkv.wait()[0].to(q.device)
+            if W > 1:
+                # after the last step the accumulator is one hop from its owner: this send delivers it
+                pending_dkv = comm.send_recv([_to_wire(dkv, comm)], channel="dkv")
+                if not call.overlap:
+                    pending_dkv.wait()
+            if pending_kv is not None:
+                kv = pending_kv.wait()[0]
+        if pending_dkv is not None:
+            # copy out of the comm's receive buffer before it goes back to the provider
+            dkv = pending_dkv.wait()[0].to(q.device, copy=True)
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
 def ring_attention(

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from attn_core.blocks import acc_dtype
+from attn_core.first_order import first_order_only, second_order_error
 from attn_core.merge import merge_into_
 from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
 
@@ -42,17 +43,8 @@ try:
 except ModuleNotFoundError as exc:  # the optional extra is absent: say which one
     raise ImportError("attn_ring.ring_sparse needs the attn-sparse package: pip install 'attn-ring[sparse]'") from exc
 
-from .comm import check_timeout, config_hash, dtype_code
-from .exchange import (
-    DEFAULT_TIMEOUT_S,
-    comm_device,
-    exchange_rows,
-    group_rank_and_size,
-    handshake,
-    is_nccl,
-    post_exchange,
-    wait_all,
-)
+from .comm import DEFAULT_TIMEOUT_S, PendingTransfer, RingComm, check_timeout, config_hash, dtype_code
+from .exchange import comm_device
 
 __all__ = ["RingSparsePlan", "plan_ring_sparse", "ring_block_sparse_attention"]
 
@@ -170,12 +162,11 @@ class _Step:
 class _Call:
     rank: int
     world: int
-    group: Any
+    comm: RingComm
     plan: RingSparsePlan
     local: _Step | None
     remote: dict[int, _Step]  # source rank -> step
     scale: float
-    timeout_s: float
     backend: str  # the attn_sparse.blocks backend of every step ("triton" or "reference")
 
 
@@ -192,12 +183,13 @@ def _step_forward(
     return block_forward(q, k, v, layout, is_causal=causal, softmax_scale=call.scale, backend=call.backend)
 
 
-def _post_step(k: torch.Tensor, v: torch.Tensor, call: _Call, step: int) -> tuple[list[Any], dict[int, torch.Tensor]]:
-    """Post ring step ``step``: send our needed key blocks forward, receive the ones we need from behind."""
+def _post_step(k: torch.Tensor, v: torch.Tensor, call: _Call, step: int) -> tuple[PendingTransfer, list[int]]:
+    """Post ring step ``step``: send our needed key blocks forward, receive the ones we need from behind.
+    Returns the transfer and the source ranks of what it receives (none or the step's source)."""
     B, n, Hkv, D = k.shape
     bk = call.plan.block_size[1]
     src, dst = (call.rank - step) % call.world, (call.rank + step) % call.world
-    dev = comm_device(call.group, k.device)
+    dev = comm_device(call.comm.group, k.device)
     sends, recvs = {}, {}
     mine = call.plan.blocks.get((call.rank, dst))
     if mine is not None:
@@ -207,9 +199,8 @@ def _post_step(k: torch.Tensor, v: torch.Tensor, call: _Call, step: int) -> tupl
     theirs = call.plan.blocks.get((src, call.rank))
     if theirs is not None:
         recvs[src] = torch.empty(2, B, theirs.numel(), bk, Hkv, D, dtype=k.dtype, device=dev)
-    if not sends and not recvs:
-        return [], recvs
-    return post_exchange(sends, recvs, call.group), recvs
+    what = f"rank {call.rank}: ring block-sparse step {step}"
+    return call.comm.exchange(sends, recvs, what), sorted(recvs)
 
 
 class _RingSparseFunction(torch.autograd.Function):
@@ -220,22 +211,19 @@ class _RingSparseFunction(torch.autograd.Function):
         ad = acc_dtype(q.dtype)
         out = torch.zeros(B, n, H, D, dtype=ad, device=q.device)
         lse = torch.full((B, H, n), float("-inf"), dtype=ad, device=q.device)
-        pending = _post_step(k, v, call, 1) if call.world > 1 else ([], {})
+        pending = _post_step(k, v, call, 1) if call.world > 1 else None
         if call.local is not None:
             o, l = _step_forward(q, k, v, call.local.layout, call.local.causal, call)
             merge_into_(out, lse, o, l)
         received: dict[int, torch.Tensor] = {}
         for step in range(1, call.world):
-            works, recvs = pending
-            wait_all(
-                works,
-                call.timeout_s,
-                f"rank {call.rank}: ring block-sparse step {step}",
-                stream_only=is_nccl(call.group),
-            )
+            if pending is None:  # unreachable: posted before the loop and at the end of every step but the last
+                raise RuntimeError(f"rank {call.rank}: ring block-sparse step {step} was never posted")
+            transfer, sources = pending
+            bufs = transfer.wait()
             if step + 1 < call.world:  # double buffering: the next block travels while this one is computed
                 pending = _post_step(k, v, call, step + 1)
-            for src, buf in recvs.items():
+            for src, buf in zip(sources, bufs):
                 kv = buf.to(q.device).reshape(2, B, -1, Hkv, D)
                 received[src] = kv
                 o, l = _step_forward(q, kv[0], kv[1], call.remote[src].layout, False, call)
@@ -247,6 +235,14 @@ class _RingSparseFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        q, k, v, *_ = ctx.saved_tensors
+        with torch.no_grad():  # the kernels and the exchange have no derivative of their own
+            grads = _RingSparseFunction.first_order_grads(ctx, dout)
+        return (*first_order_only(grads, (dout, q, k, v), SECOND_ORDER_ERROR), None)
+
+    @staticmethod
+    def first_order_grads(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dq, dk, dv) in the inputs' dtypes; dK/dV of received blocks go back to their owners."""
         q, k, v, out, lse, *recv = ctx.saved_tensors
         call: _Call = ctx.call
         B, n, H, D = q.shape
@@ -269,7 +265,7 @@ class _RingSparseFunction(torch.autograd.Function):
             dk += b_
             dv += c
         sends: dict[int, torch.Tensor] = {}
-        dev = comm_device(call.group, q.device)
+        dev = comm_device(call.comm.group, q.device)
         for src, kv in zip(ctx.sources, recv):
             a, dk_r, dv_r = step_grads(kv[0], kv[1], call.remote[src].layout, False)
             dq += a
@@ -282,15 +278,20 @@ class _RingSparseFunction(torch.autograd.Function):
                 blocks = call.plan.blocks.get((call.rank, dst))
                 if blocks is not None and dst != call.rank:
                     recvs[dst] = torch.empty(2, B, blocks.numel() * bk, Hkv, D, dtype=ad, device=dev)
-            if sends or recvs:
-                exchange_rows(sends, recvs, call.group, timeout_s=call.timeout_s)
+            call.comm.exchange(sends, recvs, f"rank {call.rank}: ring block-sparse dK/dV return").wait()
             dkb, dvb = dk.view(B, n // bk, bk, Hkv, D), dv.view(B, n // bk, bk, Hkv, D)
             for dst, buf in recvs.items():
                 idx = call.plan.blocks[(call.rank, dst)].to(q.device)
                 g = buf.to(q.device).reshape(2, B, -1, bk, Hkv, D)
                 dkb.index_add_(1, idx, g[0])
                 dvb.index_add_(1, idx, g[1])
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+SECOND_ORDER_ERROR = second_order_error(
+    "ring block-sparse attention",
+    "use attn_sparse.block_sparse_attention(backend='reference') on the gathered sequence",
+)
 
 
 def _layout_checksum(layout: BlockLayout) -> int:
@@ -330,7 +331,8 @@ def ring_block_sparse_attention(
     causal = check_bool("is_causal", is_causal)
     scale = resolve_softmax_scale(softmax_scale, D)
     timeout_s = check_timeout(timeout_s)
-    rank, world = group_rank_and_size(group)
+    comm = RingComm(group, timeout_s=timeout_s)
+    rank, world = comm.rank, comm.world_size
     N = n * world
     plan = plan_ring_sparse(layout, N, world, is_causal=causal)
     layout.check_fits(N, N, H)
@@ -361,7 +363,7 @@ def ring_block_sparse_attention(
         "layout",
         "softmax_scale",
     )
-    handshake(signature, names, group, float(timeout_s), "ring block-sparse attention")
+    comm.handshake(dict(zip(names, signature)), "ring block-sparse attention")
     bq, bk = layout.block_size
     q_blocks = range(rank * n // bq, (rank + 1) * n // bq)
     own = torch.arange(rank * n // bk, (rank + 1) * n // bk)
@@ -378,12 +380,11 @@ def ring_block_sparse_attention(
     call = _Call(
         rank,
         world,
-        group,
+        comm,
         plan,
         local,
         remote,
         scale,
-        float(timeout_s),
         block_backend(q, layout, is_causal=causal).backend,
     )
     result: torch.Tensor = _RingSparseFunction.apply(q, k, v, call)

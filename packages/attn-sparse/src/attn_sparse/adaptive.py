@@ -22,10 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attn_core.blocks import acc_dtype
+from attn_core.blocks import acc_dtype, softmax_with_lse
 from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
 
-from .backends.reference import masked_softmax
 from .layout import BlockLayout, check_block_size
 
 __all__ = ["AdaptiveBlockSparseAttention"]
@@ -86,7 +85,7 @@ def _tile_attention(
         masked = masked | (kpos > qpos)
     s = s.masked_fill(masked, float("-inf"))
     # every row keeps its diagonal tile, but a row of only masked keys must give 0, not NaN
-    p, _ = masked_softmax(s)
+    p, _ = softmax_with_lse(s)
     out = torch.matmul(p, vt)  # (B, H, nb, bq, D)
     return out.permute(0, 2, 3, 1, 4).reshape(B, nb * block, H, D)[:, :N].to(q.dtype)
 
@@ -162,7 +161,7 @@ class AdaptiveBlockSparseAttention(nn.Module):
         lo = torch.where(ok, tiles, torch.zeros_like(tiles))
         hi = torch.where(ok, tiles + 1, torch.zeros_like(tiles))
         layouts = [
-            BlockLayout._from_intervals(
+            BlockLayout.from_intervals(
                 lo[b].reshape(H * nb, kk),
                 hi[b].reshape(H * nb, kk),
                 block_size=(self.block, self.block),

@@ -17,16 +17,17 @@ N x N token mask); the dense bool view (:meth:`BlockLayout.to_dense`) is only bu
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from . import library_format
 from ._memo import MISSING, BoundedMemo
-from ._triton_env import triton_builds
+from .csr import INT32_MAX, crow_from_sorted_rows, expand_intervals, row_ids
+from .csr import aligned_sections as aligned_sections  # re-exported: the kernels import it from here
+from .csr import check_tile_count as check_tile_count  # re-exported: the kernels import it from here
+from .flex_support import flex_block_mask_class, tile_mask_mod
 
 __all__ = [
     "MAX_BLOCK_SIZE",
@@ -40,14 +41,13 @@ __all__ = [
     "check_seq_len",
 ]
 
-_INT32_MAX = 2**31 - 1
 
 # Bounds on a layout's geometry, checked by every constructor, pattern and the file loader, so that
 # a hostile or mistyped size fails with a ValueError naming it instead of in an allocator.
 MIN_BLOCK_SIZE = 16  # the kernels' smallest tile (tl.dot needs >= 16)
 MAX_BLOCK_SIZE = 1024  # a tile's logits are Bq x Bk: 1024 x 1024 fp32 is 4 MiB, far above any kernel tile
 # Token positions stay int32 (the index dtype of the kernels and of the CSR arrays).
-MAX_SEQ_LEN = _INT32_MAX
+MAX_SEQ_LEN = INT32_MAX
 # Query/key blocks per side: row-level arrays (one entry per block row and interval) stay at most
 # 128 MiB each (int64); 2**31 tokens at 128-token blocks, 2**28 tokens at 16-token blocks.
 MAX_NUM_BLOCKS = 2**24
@@ -69,10 +69,10 @@ def check_geometry(num_heads: int, num_query_blocks: int, num_key_blocks: int) -
         if not 1 <= value <= MAX_NUM_BLOCKS:
             raise ValueError(f"{name} must be in [1, {MAX_NUM_BLOCKS}], got {value}")
     rows = num_heads * max(num_query_blocks, num_key_blocks)
-    if rows >= _INT32_MAX:
+    if rows >= INT32_MAX:
         raise ValueError(
             f"num_heads={num_heads} x {max(num_query_blocks, num_key_blocks)} blocks = {rows} CSR rows; "
-            f"at most {_INT32_MAX - 1} (int32 offsets) are supported"
+            f"at most {INT32_MAX - 1} (int32 offsets) are supported"
         )
 
 
@@ -103,8 +103,8 @@ def _check_count(name: str, value: object, minimum: int = 1) -> int:
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if value > _INT32_MAX:
-        raise ValueError(f"{name} must fit in int32 (<= {_INT32_MAX}), got {value}")
+    if value > INT32_MAX:
+        raise ValueError(f"{name} must fit in int32 (<= {INT32_MAX}), got {value}")
     return int(value)
 
 
@@ -129,117 +129,6 @@ def check_device(device: object) -> torch.device:
         if count == 0 or (dev.index is not None and dev.index >= count):
             raise ValueError(f"device {device!r} is not available: this process sees {count} CUDA device(s)")
     return dev
-
-
-def _row_ids(crow: torch.Tensor, nnz: int) -> torch.Tensor:
-    """Row index (int64) of every stored tile, O(nnz)."""
-    counts = (crow[1:] - crow[:-1]).long()
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=crow.device), counts, output_size=nnz)
-
-
-# Row-level work (R rows x K intervals) up to this many entries runs on the CPU even for a GPU
-# layout: on tiny arrays a CPU op is cheaper than a GPU launch, and the CPU knows the output size
-# without waiting for the device; only the O(nnz) expansion then runs on the GPU. Measured on an
-# H100 host (docs/benchmarks/sparse_layout_build_h100.md): 2**13 was the best of 2**13..2**18;
-# CPU work on ~30K-entry rows (bigbird's random blocks) was already 1.5-4x slower than the GPU.
-HOST_ROW_WORK = 1 << 13
-
-
-def row_work_device(device: torch.device, entries: int) -> torch.device:
-    """Where R x K row-level interval work for a layout on ``device`` runs (see HOST_ROW_WORK)."""
-    return torch.device("cpu") if entries <= HOST_ROW_WORK else device
-
-
-# Triton specialises pointer arguments on 16-byte alignment, so a view starting mid-buffer would
-# compile kernel variants: sections the builders pack into one buffer start at 16-byte offsets.
-_INT32_PER_16_BYTES = 4
-
-
-def aligned_sections(sizes: Sequence[int]) -> list[int]:
-    """Start offsets of int32 sections of ``sizes`` in one buffer, each 16-byte aligned, then the total."""
-    starts, pos = [], 0
-    for n in sizes:
-        starts.append(pos)
-        pos += -(-n // _INT32_PER_16_BYTES) * _INT32_PER_16_BYTES
-    return [*starts, pos]
-
-
-def check_tile_count(nnz: int) -> None:
-    """Raise ValueError when a pattern's ``nnz`` active tiles do not fit int32 indices."""
-    if nnz > _INT32_MAX:
-        raise ValueError(f"pattern has {nnz} active tiles; at most {_INT32_MAX} (int32 indices) are supported")
-
-
-def _expand_intervals(
-    start: torch.Tensor,
-    length: torch.Tensor,
-    num_rows: int,
-    *,
-    step: int = 1,
-    nnz: int | None = None,
-    device: torch.device | None = None,
-    triton: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CSR from per-row disjoint, increasing runs ``start, start + step, ...`` of ``length`` columns.
-
-    start, length: (R, K) int64 with the runs of each row in increasing order (length 0 = none);
-    ``step`` > 1 gives strided runs (e.g. every 16th column). ``nnz``: the total when the caller
-    already knows it (skips the one device -> host read of the size). ``device``: where the CSR
-    goes (default start's device); row-level inputs on the CPU travel there in one copy and only
-    the O(nnz) part runs on ``device``: one Triton launch (``triton``; None: on CUDA when Triton
-    is usable, see :func:`attn_sparse._triton_env.triton_builds`) or a few torch ops.
-    Returns (crow int32 (R + 1,), col int32 (nnz,)) in O(R * K + nnz), without sorting.
-    """
-    here = start.device
-    out = here if device is None else device
-    counts = length.sum(dim=1) if length.shape[1] > 1 else length.reshape(-1)
-    crow = torch.zeros(num_rows + 1, dtype=torch.int64, device=here)
-    torch.cumsum(counts, dim=0, out=crow[1:])
-    if nnz is None:
-        nnz = int(crow[-1])  # the one size the output needs (free on the CPU, one number from a GPU)
-    check_tile_count(nnz)
-    if nnz == 0:
-        return crow.to(device=out, dtype=torch.int32), torch.zeros(0, dtype=torch.int32, device=out)
-    flat_len = length.reshape(-1)
-    begin = crow[:-1] if length.shape[1] == 1 else torch.cumsum(flat_len, dim=0) - flat_len
-    if triton is None:
-        triton = triton_builds(out)
-    if triton:  # every value fits in int32 (offsets <= nnz, columns < num_key_blocks)
-        from .kernels.pattern_build import expand_runs  # imports Triton: only when it runs
-
-        parts = (crow, begin, start.reshape(-1), flat_len)
-        at = aligned_sections([p.numel() for p in parts])
-        pack = torch.empty(at[-1], dtype=torch.int32, device=here)
-        for p, a in zip(parts, at):
-            pack[a : a + p.numel()] = p
-        pack = pack.to(out)  # one copy when the rows were built on the CPU
-        crow, begin, first, runs = (pack[a : a + p.numel()] for p, a in zip(parts, at))
-        return crow, expand_runs(begin, first, runs, step, nnz)
-    # col = run start + (position in the flattened output - where the run begins) * step; int32
-    # arithmetic (when every intermediate fits) halves the memory traffic of the O(nnz) part.
-    dtype = torch.int32 if nnz * step <= _INT32_MAX else torch.int64
-    shift = start.reshape(-1) - begin if step == 1 else start.reshape(-1) - begin * step
-    if device is not None:  # one copy of the row-level arrays to ``device`` (crow first: its view starts the buffer)
-        r, m = num_rows + 1, flat_len.numel()
-        pack = torch.cat([crow, shift, flat_len]).to(dtype).to(out)
-        crow, shift, flat_len = pack[:r], pack[r : r + m], pack[r + m :]
-    else:
-        shift = shift.to(dtype)
-    col = torch.repeat_interleave(shift, flat_len, output_size=nnz)  # empty runs repeat 0 times
-    pos = torch.arange(nnz, device=out, dtype=dtype)
-    if step == 1:
-        col += pos
-    else:
-        col.add_(pos, alpha=step)
-    return crow.to(torch.int32), col.to(torch.int32)
-
-
-def _crow_from_sorted_rows(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Row offsets (int32 (num_rows + 1,)) of tiles whose row ids ``rows`` are non-decreasing.
-
-    A binary search instead of bincount: no host synchronisation on GPUs."""
-    bounds = torch.arange(num_rows + 1, device=rows.device, dtype=rows.dtype)
-    return torch.searchsorted(rows, bounds).to(torch.int32)
 
 
 # Derived data a layout keeps (device copies, transposed CSR, one flex BlockMask per (Nq, Nk, causal)):
@@ -288,7 +177,7 @@ class BlockLayout:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def _trusted(
+    def from_valid_csr(
         cls,
         crow: torch.Tensor,
         col: torch.Tensor,
@@ -341,7 +230,7 @@ class BlockLayout:
         nnz = col.numel()
         if int(c[-1]) != nnz:
             raise ValueError(f"crow_indices[-1] must equal the number of column indices {nnz}, got {int(c[-1])}")
-        if nnz > _INT32_MAX:
+        if nnz > INT32_MAX:
             raise ValueError(f"number of active tiles must fit in int32, got {nnz}")
         k = col.long()
         if nnz:
@@ -350,7 +239,7 @@ class BlockLayout:
                 raise ValueError(
                     f"col_indices must lie in [0, num_key_blocks={num_key_blocks}), got values in [{lo}, {hi}]"
                 )
-            row = _row_ids(c, nnz)
+            row = row_ids(c, nnz)
             same_row = row[1:] == row[:-1]
             if bool((same_row & (k[1:] <= k[:-1])).any()):
                 bad = int(torch.nonzero(same_row & (k[1:] <= k[:-1]))[0, 0])
@@ -393,11 +282,11 @@ class BlockLayout:
         hl, nq, nk = (int(s) for s in block_mask.shape)
         check_geometry(hl, nq, nk)
         idx = torch.nonzero(block_mask.reshape(hl * nq, nk))  # row-major: sorted by row, then column
-        crow = _crow_from_sorted_rows(idx[:, 0], hl * nq)
-        return cls._trusted(crow, idx[:, 1].to(torch.int32).contiguous(), bs, hl, nq, nk)
+        crow = crow_from_sorted_rows(idx[:, 0], hl * nq)
+        return cls.from_valid_csr(crow, idx[:, 1].to(torch.int32).contiguous(), bs, hl, nq, nk)
 
     @classmethod
-    def _from_intervals(
+    def from_intervals(
         cls,
         lo: torch.Tensor,
         hi: torch.Tensor,
@@ -418,14 +307,14 @@ class BlockLayout:
         ``presorted``: the caller guarantees lo is non-decreasing along each row (skips the sort).
         ``clipped``: the caller guarantees 0 <= lo <= hi <= num_key_blocks (skips the clipping).
         ``device``: where the layout goes (default lo's device; the intervals are merged where
-        they are, see :func:`row_work_device`).
+        they are, see :func:`attn_sparse.csr.row_work_device`).
         """
         if not clipped:
             lo = lo.clamp(0, num_key_blocks)
             hi = torch.maximum(hi.clamp(0, num_key_blocks), lo)
         if lo.shape[1] == 1:  # one interval per row: nothing to merge
-            crow, col = _expand_intervals(lo, hi - lo, lo.shape[0], device=device)
-            return cls._trusted(crow, col, block_size, num_heads, num_query_blocks, num_key_blocks)
+            crow, col = expand_intervals(lo, hi - lo, lo.shape[0], device=device)
+            return cls.from_valid_csr(crow, col, block_size, num_heads, num_query_blocks, num_key_blocks)
         if not presorted:
             lo, order = torch.sort(lo, dim=1)
             hi = torch.gather(hi, 1, order)
@@ -435,10 +324,10 @@ class BlockLayout:
         prev = torch.nn.functional.pad(reach[:, :-1], (1, 0))
         start = torch.maximum(lo, prev)
         length = (hi - start).clamp(min=0)
-        crow, col = _expand_intervals(start, length, lo.shape[0], device=device)
-        return cls._trusted(crow, col, block_size, num_heads, num_query_blocks, num_key_blocks)
+        crow, col = expand_intervals(start, length, lo.shape[0], device=device)
+        return cls.from_valid_csr(crow, col, block_size, num_heads, num_query_blocks, num_key_blocks)
 
-    def _with_transposed(self, ccol: torch.Tensor, rows: torch.Tensor) -> BlockLayout:
+    def with_transposed_csr(self, ccol: torch.Tensor, rows: torch.Tensor) -> BlockLayout:
         """Attach the transposed CSR a pattern builder derived from the pattern's structure
         (so :meth:`transposed_csr` needs no sort); returns self. Internal: the caller guarantees it.
         A symmetric tile set (square, Bq == Bk) passes its own arrays."""
@@ -486,10 +375,12 @@ class BlockLayout:
             held[storage.data_ptr()] = storage.nbytes()
         return sum(held.values())
 
-    def _cached(self, key: Any, build: Any) -> Any:
+    def cached_derived(self, key: Any, build: Any) -> Any:
         """Derived data (device copies, transposed CSR, flex BlockMasks per sequence length), LRU-bounded
         (:class:`attn_sparse._memo.BoundedMemo`: under torch.compile a miss is built, not stored)."""
         return self._cache.get(key, build)
+
+    _cached = cached_derived  # the name attn_sparse.kernels still uses
 
     def row_counts(self) -> torch.Tensor:
         """(num_heads, num_query_blocks) int32 number of active key blocks per query block."""
@@ -497,19 +388,19 @@ class BlockLayout:
 
     def tile_rows(self) -> torch.Tensor:
         """(nnz,) int64 CSR row (head * num_query_blocks + query block) of every tile. Cached."""
-        result: torch.Tensor = self._cached("tile_rows", lambda: _row_ids(self._crow, self.nnz))
+        result: torch.Tensor = self.cached_derived("tile_rows", lambda: row_ids(self._crow, self.nnz))
         return result
 
     @property
     def max_blocks_per_row(self) -> int:
         """Largest number of active key blocks of one query block (0 for an empty layout)."""
-        return int(self._cached("max_row", lambda: int(self.row_counts().max())))
+        return int(self.cached_derived("max_row", lambda: int(self.row_counts().max())))
 
     @property
     def max_blocks_per_col(self) -> int:
         """Largest number of active query blocks of one key block (0 for an empty layout)."""
         ccol, _ = self.transposed_csr()
-        return int(self._cached("max_col", lambda: int((ccol[1:] - ccol[:-1]).max())))
+        return int(self.cached_derived("max_col", lambda: int((ccol[1:] - ccol[:-1]).max())))
 
     # ------------------------------------------------------------------ conversions
     def transposed_csr(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -524,14 +415,14 @@ class BlockLayout:
             else:
                 head, qb = row // nq, row % nq
                 colkey = head * nk + self._col.long()
-                if self.num_heads * nk <= _INT32_MAX:  # int32 keys sort about twice as fast
+                if self.num_heads * nk <= INT32_MAX:  # int32 keys sort about twice as fast
                     colkey = colkey.to(torch.int32)
             # tiles are stored row-major, so a *stable* sort by (head, column) keeps rows increasing
             keys, order = torch.sort(colkey, stable=True)
-            ccol = _crow_from_sorted_rows(keys, self.num_heads * nk)
+            ccol = crow_from_sorted_rows(keys, self.num_heads * nk)
             return ccol, qb[order].to(torch.int32)
 
-        result: tuple[torch.Tensor, torch.Tensor] = self._cached("transposed", build)
+        result: tuple[torch.Tensor, torch.Tensor] = self.cached_derived("transposed", build)
         return result
 
     def to_dense(self) -> torch.Tensor:
@@ -539,7 +430,7 @@ class BlockLayout:
         dense = torch.zeros(
             self.num_heads * self.num_query_blocks, self.num_key_blocks, dtype=torch.bool, device=self.device
         )
-        dense[_row_ids(self._crow, self.nnz), self._col.long()] = True
+        dense[row_ids(self._crow, self.nnz), self._col.long()] = True
         return dense.reshape(self.shape)
 
     def to(self, device: torch.device | str) -> BlockLayout:
@@ -553,7 +444,7 @@ class BlockLayout:
             return self
 
         def build() -> BlockLayout:
-            out = BlockLayout._trusted(
+            out = BlockLayout.from_valid_csr(
                 self._crow.to(dev),
                 self._col.to(dev),
                 self.block_size,
@@ -570,7 +461,7 @@ class BlockLayout:
                 out._cache.put("transposed", tuple(t.to(dev) for t in known["transposed"]))
             return out
 
-        result: BlockLayout = self._cached(("device", str(dev)), build)
+        result: BlockLayout = self.cached_derived(("device", str(dev)), build)
         return result
 
     def expand_heads(self, num_heads: int) -> BlockLayout:
@@ -587,7 +478,7 @@ class BlockLayout:
         crow = torch.cat(
             [torch.zeros(1, dtype=torch.int64, device=self.device), (self._crow[1:].long()[None] + offsets).reshape(-1)]
         )
-        return BlockLayout._trusted(
+        return BlockLayout.from_valid_csr(
             crow.to(torch.int32), self._col.repeat(n), self.block_size, n, self.num_query_blocks, self.num_key_blocks
         )
 
@@ -612,13 +503,15 @@ class BlockLayout:
 
     def _keys(self, num_heads: int) -> torch.Tensor:
         lay = self.expand_heads(num_heads)
-        return _row_ids(lay._crow, lay.nnz) * self.num_key_blocks + lay._col.long()
+        return row_ids(lay._crow, lay.nnz) * self.num_key_blocks + lay._col.long()
 
     def _from_keys(self, keys: torch.Tensor, num_heads: int) -> BlockLayout:
         rows = keys // self.num_key_blocks
-        crow = _crow_from_sorted_rows(rows, num_heads * self.num_query_blocks)
+        crow = crow_from_sorted_rows(rows, num_heads * self.num_query_blocks)
         col = (keys % self.num_key_blocks).to(torch.int32)
-        return BlockLayout._trusted(crow, col, self.block_size, num_heads, self.num_query_blocks, self.num_key_blocks)
+        return BlockLayout.from_valid_csr(
+            crow, col, self.block_size, num_heads, self.num_query_blocks, self.num_key_blocks
+        )
 
     def union(self, other: BlockLayout) -> BlockLayout:
         """Tiles active in either layout (a shared layout broadcasts over the other's heads)."""
@@ -676,7 +569,7 @@ class BlockLayout:
         mask_mod, and tiles entirely above the diagonal are dropped (they attend nothing).
         Raises ValueError when the lengths do not fit or FlexAttention is unavailable.
         """
-        bm_cls, reason = _flex_block_mask_class()
+        bm_cls, reason = flex_block_mask_class()
         if bm_cls is None:
             raise ValueError(f"FlexAttention BlockMask unavailable: {reason}")
         self.check_fits(seq_len_q, seq_len_k, self.num_heads)
@@ -707,13 +600,13 @@ class BlockLayout:
             full_q_num_blocks=fq_num,
             full_q_indices=fq_idx,
             BLOCK_SIZE=(bq, bk),
-            mask_mod=_tile_mask_mod(self.to_dense(), self.block_size, seq_len_k, is_causal),
+            mask_mod=tile_mask_mod(self.to_dense(), self.block_size, seq_len_k, is_causal),
         )
 
     def _subset(self, keep: torch.Tensor) -> BlockLayout:
-        row = _row_ids(self._crow, self.nnz)[keep]
-        crow = _crow_from_sorted_rows(row, self.num_heads * self.num_query_blocks)
-        return BlockLayout._trusted(
+        row = row_ids(self._crow, self.nnz)[keep]
+        crow = crow_from_sorted_rows(row, self.num_heads * self.num_query_blocks)
+        return BlockLayout.from_valid_csr(
             crow,
             self._col[keep].contiguous(),
             self.block_size,
@@ -732,7 +625,7 @@ class BlockLayout:
             crow, col = self._crow, self._col
             rows, width = nq, nk
         counts = (crow[1:] - crow[:-1]).reshape(hl, rows)
-        row = _row_ids(crow, col.numel())
+        row = row_ids(crow, col.numel())
         pos = torch.arange(col.numel(), device=self.device) - crow[:-1].long()[row]
         idx = torch.zeros(hl * rows, width, dtype=torch.int32, device=self.device)
         idx[row, pos] = col
@@ -773,7 +666,7 @@ class BlockLayout:
             los.append(lo)
             his.append(torch.where(valid, idx + 1, torch.zeros_like(idx)))
         check_geometry(hl, nq, nk)
-        return cls._from_intervals(
+        return cls.from_intervals(
             torch.cat(los, dim=1),
             torch.cat(his, dim=1),
             block_size=(bq, bk),
@@ -860,37 +753,3 @@ class BlockLayout:
             f"BlockLayout(num_heads={self.num_heads}, blocks={self.num_query_blocks}x{self.num_key_blocks}, "
             f"block_size={self.block_size}, nnz={self.nnz}, density={self.density:.4f}, device={self.device})"
         )
-
-
-@functools.lru_cache(maxsize=1)
-def _flex_block_mask_class() -> tuple[Any, str]:
-    """(BlockMask class or None, reason it is unavailable); checked once per process."""
-    try:
-        from torch.nn.attention import flex_attention as fa
-    except ImportError as exc:  # torch without FlexAttention
-        return None, f"torch {torch.__version__} has no torch.nn.attention.flex_attention ({exc})"
-    import inspect
-
-    params = inspect.signature(fa.BlockMask.__init__).parameters
-    needed: Sequence[str] = ("seq_lengths", "full_q_indices", "BLOCK_SIZE", "mask_mod")
-    missing = [n for n in needed if n not in params]
-    if missing:
-        return None, f"torch {torch.__version__} BlockMask lacks constructor arguments {missing} (needs torch >= 2.6)"
-    return fa.BlockMask, ""
-
-
-def _tile_mask_mod(tiles: torch.Tensor, block_size: tuple[int, int], seq_len_k: int, is_causal: bool) -> Any:
-    """A mask_mod equal to the tile structure, the key length and causality: flex's uncompiled path
-    and its partial blocks evaluate mask_mod, so it must agree with the block lists (full blocks
-    never call it)."""
-    bq, bk = block_size
-    per_head = tiles.shape[0] > 1
-    shared = tiles[0]
-
-    def tile_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        keep = (tiles[h, q_idx // bq, kv_idx // bk] if per_head else shared[q_idx // bq, kv_idx // bk]) & (
-            kv_idx < seq_len_k
-        )
-        return keep & (q_idx >= kv_idx) if is_causal else keep
-
-    return tile_mod

@@ -7,7 +7,7 @@ least one (query, key) pair in it, so the tile pattern covers the token pattern.
 with ``|`` (union) and ``&`` (intersection), e.g. ``local_window(N, 512) & causal(N)``.
 
 Internally each pattern is a set of column intervals per query block row, which
-:meth:`BlockLayout._from_intervals` turns into CSR without a global sort; no Python loop
+:meth:`BlockLayout.from_intervals` turns into CSR without a global sort; no Python loop
 runs over blocks.
 
 ``device=`` builds the layout where it will be used (default "cpu"): on a GPU the per-row
@@ -33,18 +33,17 @@ from typing import Any
 import torch
 
 from attn_core.config import DilatedConfig
+from attn_core.triton_env import compiled_triton_available
 
 from . import _hash
-from ._triton_env import triton_builds
+from .csr import expand_intervals, row_work_device
 from .layout import (
     MAX_SEQ_LEN,
     BlockLayout,
-    _expand_intervals,
     check_block_size,
     check_device,
     check_geometry,
     check_seq_len,
-    row_work_device,
 )
 
 __all__ = [
@@ -137,7 +136,7 @@ class _Grid:
     ) -> BlockLayout:
         """CSR of the per-row interval unions; ``symmetric``: the token rule is symmetric, so with
         Bq == Bk the tile set is too and the transposed CSR the backward reads is the CSR itself."""
-        layout = BlockLayout._from_intervals(
+        layout = BlockLayout.from_intervals(
             lo,
             hi,
             block_size=(self.bq, self.bk),
@@ -149,7 +148,7 @@ class _Grid:
             device=self.device,
         )
         if symmetric and self.bq == self.bk:
-            layout._with_transposed(layout.crow_indices, layout.col_indices)
+            layout.with_transposed_csr(layout.crow_indices, layout.col_indices)
         return layout
 
     def window(self, window: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,12 +194,12 @@ def local_window(
     """
     g = _Grid(seq_len, block_size, device)
     w = g.distance("window", window)
-    if triton_builds(g.device):  # one Triton launch, no host read (kernels.pattern_build.window_csr)
+    if compiled_triton_available(g.device):  # one Triton launch, no host read (kernels.pattern_build.window_csr)
         from .kernels.pattern_build import window_csr
 
         crow, col = window_csr(g.n, (g.bq, g.bk), w, g.device)
-        layout = BlockLayout._trusted(crow, col, (g.bq, g.bk), 1, g.nq, g.nk)
-        return layout._with_transposed(crow, col) if g.bq == g.bk else layout  # symmetric, as below
+        layout = BlockLayout.from_valid_csr(crow, col, (g.bq, g.bk), 1, g.nq, g.nk)
+        return layout.with_transposed_csr(crow, col) if g.bq == g.bk else layout  # symmetric, as below
     lo, hi = g.window(w)
     return g.layout(lo, hi, presorted=True, symmetric=True)
 
@@ -215,8 +214,8 @@ def causal(seq_len: int, *, block_size: int | tuple[int, int] = (128, 128), devi
     # transposed: key block j is read by the query blocks whose last token is >= its first key
     # j * Bk, i.e. blocks [j * Bk // Bq, nq): one interval per column, no sort
     first = torch.arange(0, g.nk * g.bk, g.bk, dtype=torch.int64, device=g.rows_on) // g.bq
-    ccol, rows = _expand_intervals(first[:, None], (g.nq - first)[:, None], g.nk, nnz=layout.nnz, device=g.device)
-    return layout._with_transposed(ccol, rows)
+    ccol, rows = expand_intervals(first[:, None], (g.nq - first)[:, None], g.nk, nnz=layout.nnz, device=g.device)
+    return layout.with_transposed_csr(ccol, rows)
 
 
 def dilated(
@@ -229,10 +228,10 @@ def dilated(
     # row i is one strided run first_i, first_i + s, ... < nk: written straight into CSR
     first = torch.remainder(g.diag, s)
     counts = (g.nk - 1 - first) // s + 1
-    crow, col = _expand_intervals(first[:, None], counts[:, None], g.nq, step=s, device=g.device)
-    layout = BlockLayout._trusted(crow, col, (g.bq, g.bk), 1, g.nq, g.nk)
+    crow, col = expand_intervals(first[:, None], counts[:, None], g.nq, step=s, device=g.device)
+    layout = BlockLayout.from_valid_csr(crow, col, (g.bq, g.bk), 1, g.nq, g.nk)
     # (j - i) % s == 0 is symmetric when d(i) = i (Bq == Bk)
-    return layout._with_transposed(crow, col) if g.bq == g.bk else layout
+    return layout.with_transposed_csr(crow, col) if g.bq == g.bk else layout
 
 
 def global_local(
@@ -288,7 +287,7 @@ def _bigbird(
     *,
     triton: bool | None = None,
 ) -> BlockLayout:
-    """:func:`bigbird`; ``triton`` picks the builder (None: :func:`triton_builds`). Tests pass
+    """:func:`bigbird`; ``triton`` picks the builder (None: :func:`compiled_triton_available`). Tests pass
     True to run the Triton builder on CPU tensors under TRITON_INTERPRET=1."""
     g = _Grid(seq_len, block_size, device, num_heads)
     heads = g.heads
@@ -299,13 +298,13 @@ def _bigbird(
     w, gt = g.distance("window", window), g.distance("global_tokens", global_tokens)
     key = _hash.seed_key(seed)
     if triton is None:
-        triton = triton_builds(g.device)
+        triton = compiled_triton_available(g.device)
     if triton:
         from .kernels.pattern_build import bigbird_csr
 
         crow, col, ccol, rows = bigbird_csr(g.n, (g.bq, g.bk), w, gt, r, key, heads, g.device)
-        layout = BlockLayout._trusted(crow, col, (g.bq, g.bk), heads, g.nq, g.nk)
-        return layout._with_transposed(ccol, rows)
+        layout = BlockLayout.from_valid_csr(crow, col, (g.bq, g.bk), heads, g.nq, g.nk)
+        return layout.with_transposed_csr(ccol, rows)
     lo_w, hi_w = g.window(w)
     lo_g, hi_g = g.global_interval(gt)
     rnd = _hash.random_blocks(key, heads, g.nq, g.nk, r, g.rows_on)

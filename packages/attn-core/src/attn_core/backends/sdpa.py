@@ -5,7 +5,7 @@ positions s + o + t*r of every segment as one strided view (no gathered copies o
 
     view of x (B, N, Hx, D):  (segments, heads, rows, D) with strides (w*sN, r*sH, r*sN, 1)
 
-(:func:`piece_view`). Each such batch runs one fused attention call
+(:func:`attn_core.views.piece_view`). Each such batch runs one fused attention call
 (:mod:`attn_core.sdpa_ops`: cuDNN on CUDA, the CPU flash kernel on CPU) returning (out_g, lse_g).
 Segment batches are cut into calls of bounded size so temporaries stay a small fraction of q.
 The short last segment (N not a multiple of w) is its own call per offset, never padded.
@@ -29,25 +29,15 @@ backward (a clear error; the reference backend is plain autograd). Group geometr
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .. import sdpa_ops
-from ..blocks import drop_padded_keys
+from .. import sdpa_ops, views
+from ..blocks import acc_dtype, drop_padded_keys
 from ..config import DilatedCall, DilatedConfig
 
 NAME = "sdpa"
-
-
-# Upper bound on the query elements one kernel call reads, as a fraction of q: bounds the call's
-# temporaries (its out in forward; dq, dk, dv in backward) to a few percent of the inputs.
-CALL_FRACTION = 16
-# ...but never split calls below this many query elements (small problems run as one call).
-MIN_CALL_ELEMS = 1 << 25
 
 
 def unsupported_reasons(call: DilatedCall) -> list[str]:
@@ -60,128 +50,6 @@ def unsupported_reasons(call: DilatedCall) -> list[str]:
     if call.cu_seqlens is not None:
         reasons.append("cu_seqlens (packed documents) is not supported by the sdpa backend yet")
     return reasons
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One kernel call: segments [seg0, seg0 + nseg) of length ``seglen`` of group (w, r), offset o,
-    for batch rows ``batch`` (None: all B merged into the call's batch dim), query heads
-    q_h0 + i*q_hs (i < q_hn) and kv heads kv_h0 + j*kv_hs (j < kv_hn). ``first``: no group
-    before this one touches these heads, so its result is stored rather than merged."""
-
-    w: int
-    r: int
-    o: int
-    seg0: int
-    nseg: int
-    seglen: int
-    batch: int | None
-    q_h0: int
-    q_hs: int
-    q_hn: int
-    kv_h0: int
-    kv_hs: int
-    kv_hn: int
-    first: bool
-
-    @property
-    def rows(self) -> int:
-        return -(-(self.seglen - self.o) // self.r)
-
-
-def piece_view(x: torch.Tensor, p: Piece, h0: int, hs: int, hn: int) -> torch.Tensor:
-    """Strided view (batch*segments, hn, rows, D) of x (B, N, Hx, D) for piece p (no copy)."""
-    B, _, _, D = x.shape
-    sB, sN, sH, sD = x.stride()
-    base = x.storage_offset() + (p.seg0 * p.w + p.o) * sN + h0 * sH
-    if p.batch is None:
-        # all batch rows in one dim: plan_pieces only does this when sB == nseg * w * sN (or nseg == 1)
-        size = (B * p.nseg, hn, p.rows, D)
-        stride = (sB if p.nseg == 1 else p.w * sN, hs * sH, p.r * sN, sD)
-    else:
-        base += p.batch * sB
-        size = (p.nseg, hn, p.rows, D)
-        stride = (p.w * sN, hs * sH, p.r * sN, sD)
-    return x.as_strided(size, stride, base)
-
-
-def _lse_view(lse: torch.Tensor, p: Piece) -> torch.Tensor:
-    """(batch*segments, q heads, rows) view of an LSE buffer laid out (B, N, H)."""
-    return piece_view(lse.unsqueeze(-1), p, p.q_h0, p.q_hs, p.q_hn)[..., 0]
-
-
-def _kv_sets(q_heads: Sequence[int], heads_per_kv: int) -> list[tuple[int, int, int, int, int, int]]:
-    """Split a strided query-head set into calls (q_h0, q_hs, q_hn, kv_h0, kv_hs, kv_hn) whose kv heads are strided."""
-    return sdpa_ops.strided_head_calls(q_heads, [j // heads_per_kv for j in q_heads])
-
-
-def batch_mergeable(*tensors: torch.Tensor) -> bool:
-    """True when every (B, N, ...) tensor has stride(0) == N * stride(1), so batch and segments fold into one dim."""
-    return all(t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1) for t in tensors)
-
-
-def plan_pieces(shape: tuple[int, int, int, int, int], config: DilatedConfig, mergeable: bool) -> tuple[Piece, ...]:
-    """Every kernel call of a dilated attention over q (B, N, H, D) with Hkv kv heads.
-
-    shape: (B, N, H, Hkv, D); mergeable: :func:`batch_mergeable` of every tensor the calls view.
-    Groups run in order of increasing dilation rate; a piece is ``first`` when no earlier group
-    shares a head with it (its result is stored, not merged). Calls over full segments are cut so
-    each reads at most max(q elements / CALL_FRACTION, MIN_CALL_ELEMS) query elements; the short
-    last segment of each group is one call per offset (all batch rows).
-
-    Plans are cached (PLAN_CACHE_SIZE, least recently used dropped), keyed on the shape, config,
-    mergeability and that call budget: a step's forward and backward, and every layer of a model,
-    plan the same calls.
-    """
-    B, N, H, Hkv, D = shape
-    budget = max(B * N * H * D // CALL_FRACTION, MIN_CALL_ELEMS)
-    return _plan_pieces((B, N, H, Hkv, D), config, mergeable, budget)
-
-
-# Distinct (shape, config) plans kept; a model has a handful (one per sequence length and config).
-PLAN_CACHE_SIZE = 64
-
-
-@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
-def _plan_pieces(
-    shape: tuple[int, int, int, int, int], config: DilatedConfig, mergeable: bool, budget: int
-) -> tuple[Piece, ...]:
-    B, N, H, Hkv, D = shape
-    pieces: list[Piece] = []
-    touched: set[int] = set()
-    order = sorted(range(config.num_groups), key=lambda g: config.dilation_rates[g])
-    for g in order:
-        # clamped to N (same selection): the loops below follow N and H, never the configured w, r
-        w, r = config.group_extent(g, N)
-        heads = config.heads_for_group(g, H)
-        if len(heads) == 0:
-            continue
-        first = touched.isdisjoint(heads)
-        touched.update(heads)
-        full, tail = divmod(N, w)
-        for o, q_heads in config.heads_by_offset(g, H, N):
-            for q_h0, q_hs, q_hn, kv_h0, kv_hs, kv_hn in _kv_sets(q_heads, H // Hkv):
-                hk = (q_h0, q_hs, q_hn, kv_h0, kv_hs, kv_hn, first)
-                if full:
-                    per_seg = q_hn * (w // r) * D
-                    chunk = max(1, min(full, budget // max(per_seg * B, 1)))
-                    if chunk == full and (B == 1 or (mergeable and full * w == N)):
-                        pieces.append(Piece(w, r, o, 0, full, w, None, *hk))
-                    else:
-                        chunk = max(1, min(full, budget // max(per_seg, 1)))
-                        for b in range(B):
-                            for s0 in range(0, full, chunk):
-                                pieces.append(Piece(w, r, o, s0, min(chunk, full - s0), w, b, *hk))
-                if tail > o:
-                    pieces.append(Piece(w, r, o, full, 1, tail, None, *hk))
-    return tuple(pieces)
-
-
-def _key_bias(mask: torch.Tensor | None, p: Piece, dtype: torch.dtype) -> torch.Tensor | None:
-    """(batch*segments, rows) additive bias (-inf at padding keys) from a strided view of the (B, N) mask."""
-    if mask is None:
-        return None
-    return sdpa_ops.key_bias_from_mask(piece_view(mask[:, :, None, None], p, 0, 1, 1)[:, 0, :, 0], dtype)
 
 
 def _forward(
@@ -198,26 +66,13 @@ def _forward(
     Hkv = k.shape[2]
     if mask is not None:  # padded keys' values are never read (a NaN there would pass the -inf bias)
         k, v = drop_padded_keys(k, v, mask)
-    views = [q, k, v] if mask is None else [q, k, v, mask]
-    pieces = plan_pieces((B, N, H, Hkv, D), config, batch_mergeable(*views))
+    tensors = [q, k, v] if mask is None else [q, k, v, mask]
+    pieces = views.plan_pieces((B, N, H, Hkv, D), config, views.batch_mergeable(*tensors))
     # out accumulates in q's dtype, lse in fp32 (fp64 for fp64), both merged in fp32 arithmetic
     out = torch.zeros(B, N, H, D, dtype=q.dtype, device=q.device)
-    lse = torch.full((B, N, H), float("-inf"), dtype=sdpa_ops._lse_dtype(q.dtype), device=q.device)
-    for p in pieces:
-        qv = piece_view(q, p, p.q_h0, p.q_hs, p.q_hn)
-        kv = piece_view(k, p, p.kv_h0, p.kv_hs, p.kv_hn)
-        vv = piece_view(v, p, p.kv_h0, p.kv_hs, p.kv_hn)
-        o_c, l_c = sdpa_ops.attention_forward(
-            qv, kv, vv, is_causal=is_causal, scale=scale, key_bias=_key_bias(mask, p, q.dtype)
-        )
-        o_v = piece_view(out, p, p.q_h0, p.q_hs, p.q_hn)
-        l_v = _lse_view(lse, p)
-        if p.first:
-            o_v.copy_(o_c)
-            l_v.copy_(l_c)
-        else:
-            sdpa_ops.merge_views_(o_v, l_v, o_c, l_c)  # fused on CUDA: one pass, no fp32 temporaries
-    return out, lse
+    lse = views.new_lse(B, N, H, acc_dtype(q.dtype), q.device)
+    views.forward_pieces(q, k, v, pieces, out, lse, key_padding_mask=mask, is_causal=is_causal, scale=scale)
+    return out, lse.transpose(1, 2)  # (B, N, H): the storage order, saved and passed back to _backward
 
 
 def _backward(
@@ -232,7 +87,7 @@ def _backward(
     is_causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), contiguous, shaped like (q, k, v)."""
+    """(dq, dk, dv), contiguous, shaped like (q, k, v); lse (B, N, H) as _forward returns it."""
     B, N, H, D = q.shape
     Hkv = k.shape[2]
     if dout.stride(-1) != 1 or dout.stride(1) == 0:
@@ -242,25 +97,12 @@ def _backward(
     dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
     if mask is not None:  # as in _forward; the kernels give dk = dv = 0 at padded keys
         k, v = drop_padded_keys(k, v, mask)
-    views = [q, k, v, dout] if mask is None else [q, k, v, dout, mask]
-    for p in plan_pieces((B, N, H, Hkv, D), config, batch_mergeable(*views)):
-        qv = piece_view(q, p, p.q_h0, p.q_hs, p.q_hn)
-        kv = piece_view(k, p, p.kv_h0, p.kv_hs, p.kv_hn)
-        vv = piece_view(v, p, p.kv_h0, p.kv_hs, p.kv_hn)
-        dq_c, dk_c, dv_c = sdpa_ops.attention_backward(
-            piece_view(dout, p, p.q_h0, p.q_hs, p.q_hn),
-            qv,
-            kv,
-            vv,
-            piece_view(out, p, p.q_h0, p.q_hs, p.q_hn),
-            _lse_view(lse, p),
-            is_causal=is_causal,
-            scale=scale,
-            key_bias=_key_bias(mask, p, q.dtype),
-        )
-        piece_view(dq, p, p.q_h0, p.q_hs, p.q_hn).add_(dq_c)
-        piece_view(dk, p, p.kv_h0, p.kv_hs, p.kv_hn).add_(dk_c)
-        piece_view(dv, p, p.kv_h0, p.kv_hs, p.kv_hn).add_(dv_c)
+    tensors = [q, k, v, dout] if mask is None else [q, k, v, dout, mask]
+    pieces = views.plan_pieces((B, N, H, Hkv, D), config, views.batch_mergeable(*tensors))
+    views.backward_pieces(
+        dout, q, k, v, out, lse.transpose(1, 2), pieces, (dq, dk, dv),
+        key_padding_mask=mask, is_causal=is_causal, scale=scale,
+    )  # fmt: skip
     return dq, dk, dv
 
 
@@ -354,9 +196,7 @@ def _fwd_fake(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, N, H, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        (B, N, H), dtype=sdpa_ops._lse_dtype(q.dtype)
-    )
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, N, H), dtype=acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("attn_core::dilated_sdpa_bwd", mutates_args=())

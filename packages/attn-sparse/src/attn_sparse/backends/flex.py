@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from ..layout import BlockLayout, _flex_block_mask_class
+from ..flex_support import flex_block_mask_class
+from ..layout import BlockLayout
 
 NAME = "flex"
 
@@ -26,7 +27,7 @@ def unsupported_reasons(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, is_causal: bool
 ) -> list[str]:
     reasons = []
-    cls, why = _flex_block_mask_class()
+    cls, why = flex_block_mask_class()
     if cls is None:
         reasons.append(why)
     if q.device.type != "cuda":
@@ -69,7 +70,7 @@ def attention_with(
 ) -> torch.Tensor:
     """Run ``flex_fn`` (compiled or eager flex_attention) with the layout's BlockMask; (B, Nq, H, D)."""
     Nq, Nk = q.shape[1], k.shape[1]
-    block_mask = layout._cached(
+    block_mask = layout.cached_derived(
         ("flex_block_mask", Nq, Nk, is_causal), lambda: layout.to_flex_block_mask(Nq, Nk, is_causal=is_causal)
     )
     out = flex_fn(

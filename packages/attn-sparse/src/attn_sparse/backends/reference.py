@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from attn_core.blocks import acc_dtype
+from attn_core.blocks import acc_dtype, drop_padded_keys, softmax_with_lse
 
 from ..layout import BlockLayout
 
@@ -25,23 +25,6 @@ def unsupported_reasons(
 ) -> list[str]:
     """The reference path takes every validated call."""
     return []
-
-
-def masked_softmax(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(p, lse) of a softmax over the last dim of logits ``s`` whose masked entries are -inf.
-
-    The row max is subtracted and p normalised by the row sum (exp(s - lse) loses the
-    normalisation once lse rounds at large logits: at 1e6 a float32 lse is off by ulps of 1e6).
-    A row of only -inf gives p = 0 and lse = -inf, never NaN. lse keeps the last dim (size 1).
-    """
-    row_max = s.amax(dim=-1, keepdim=True).detach()  # p and lse do not depend on it: no gradient path
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    e = torch.exp(s - row_max)  # exactly 0 on masked entries
-    total = e.sum(dim=-1, keepdim=True)
-    seen = total > 0
-    safe = torch.where(seen, total, torch.ones_like(total))  # no 0/0 (nor log 0 in the backward)
-    lse = torch.where(seen, row_max + torch.log(safe), torch.full_like(total, float("-inf")))
-    return e / safe, lse
 
 
 def _pad_seq(t: torch.Tensor, length: int) -> torch.Tensor:
@@ -71,6 +54,8 @@ def gathered_attention(
         zero = q.sum() * 0 + k.sum() * 0 + v.sum() * 0
         out = torch.zeros(B, Nq, H, D, dtype=q.dtype, device=q.device) + zero.to(q.dtype)
         return out, torch.full((B, H, Nq), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
+    if key_padding_mask is not None:  # padded keys' values are never read (a NaN there would reach p * v)
+        k, v = drop_padded_keys(k, v, key_padding_mask)
     G = H // Hkv
     bq, bk = layout.block_size
     nq, nk = layout.num_query_blocks, layout.num_key_blocks
@@ -122,9 +107,9 @@ def gathered_attention(
         if padk is not None:
             masked = masked | padk[:, kpos.flatten()].reshape(B, -1, 1, 1, 1, width * bk)
         s = s.masked_fill(masked, float("-inf"))  # its backward zeroes masked entries (no NaN from empty rows)
-        p, lse = masked_softmax(s)
+        p, lse = softmax_with_lse(s)
         outs.append(torch.matmul(p, vr))  # (B, R, h1, h2, Bq, D)
-        lses.append(lse.squeeze(-1))
+        lses.append(lse)
         rows_done.append(rr)
     out = torch.zeros(B, nq, bq, H, D, dtype=ad, device=dev)
     lse_all = torch.full((B, nq, bq, H), float("-inf"), dtype=ad, device=dev)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .._triton_env import interpret_mode, triton_installed
+from attn_core.triton_env import interpret_mode, triton_installed
 
 if TYPE_CHECKING:
     from ..layout import BlockLayout

@@ -1,0 +1,351 @@
+"""Ring dilated attention's execution: one rank's items on its local and received K/V rows.
+
+Two paths compute the same thing (see :mod:`attn_ring.ring_dilated` for the algorithm):
+
+- The *view path* (every CPU call; bf16/fp16 CUDA calls that cuDNN takes) reads an item's rows
+  in place: its local keys are :class:`attn_core.views.Piece` calls run by
+  :func:`attn_core.views.forward_pieces` / :func:`attn_core.views.backward_pieces` (no copies of
+  q, k, v; native GQA when the kv heads form a strided set); the received keys of crossing
+  segments go through :mod:`attn_core.blocks` on strided views of q and the accumulators.
+- The *gather path* (other CUDA dtypes or head dims) gathers the rows and runs
+  :mod:`attn_core.blocks` throughout.
+
+Each phase (``recv`` None: local keys; else the received keys) merges straight into the
+accumulators: one item per (position, head) per group, so this is the LSE merge of the groups.
+Backward uses the final out and LSE of the rows, which makes the per-item gradients sum exactly.
+Shapes: q (B, n, H, D), k, v (B, n, Hkv, D); the LSE accumulator is (B, n, H) token-major
+storage (public primitives see its (B, H, n) transposed view).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from attn_core import sdpa_ops, views
+from attn_core.blocks import block_backward, block_forward, drop_padded_keys
+from attn_core.merge import merge_into_
+from attn_core.triton_env import triton_installed
+
+from .comm import RingComm
+from .ring_dilated_plan import RingDilatedRankPlan, RingItem
+
+__all__ = [
+    "MAX_BLOCK_LOGITS",
+    "MAX_GATHER_ELEMENTS",
+    "RingDilatedCall",
+    "backward_gather",
+    "backward_views",
+    "forward_gather",
+    "forward_views",
+    "item_chunks",
+    "local_pieces",
+    "remote_kv",
+    "view_path_available",
+]
+
+# Runs of local segments are processed in chunks: on the gather path one block call may
+# materialise B * segments * heads * T * T logits (math path), bounded by MAX_BLOCK_LOGITS; a
+# view-path call reads at most MAX_GATHER_ELEMENTS query elements (bounding its temporaries).
+MAX_BLOCK_LOGITS = 1 << 26
+MAX_GATHER_ELEMENTS = 1 << 28
+
+
+@dataclass
+class RingDilatedCall:
+    """What one rank's forward and backward need besides the tensors."""
+
+    plan: RingDilatedRankPlan
+    views: bool  # the view path (attn_core.views on strided views) takes this call
+    comm: RingComm
+    scale: float
+    causal: bool
+
+
+def view_path_available(q: torch.Tensor) -> bool:
+    """Whether attn_core.sdpa_ops takes this device, dtype and head dim (it reads strided views in place);
+    on CUDA also Triton, for the fused merge on strided views."""
+    if q.device.type == "cuda" and not triton_installed():
+        return False
+    return not sdpa_ops.unsupported_reasons(q.device, q.dtype, q.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Gather path: every gather/scatter goes through flat (row * heads + head) indices.
+
+
+def item_chunks(item: RingItem, batch: int, head_dim: int, by_rows: bool) -> list[tuple[int, int]]:
+    """Segment ranges [m0, m1) of the item per kernel call: by_rows bounds the query elements a call
+    reads (fused kernels); otherwise the logits the math path materialises."""
+    if by_rows:
+        step = MAX_GATHER_ELEMENTS // max(batch * len(item.heads) * item.rows * head_dim, 1)
+    else:
+        step = MAX_BLOCK_LOGITS // max(batch * len(item.heads) * item.rows * item.rows, 1)
+    step = max(step, 1)
+    return [(m, min(m + step, item.count)) for m in range(0, item.count, step)]
+
+
+def _rows(item: RingItem, m0: int, m1: int, device: torch.device) -> torch.Tensor:
+    """(M, T) local row indices of segments m0..m1 of the item."""
+    m = torch.arange(m0, m1, device=device)[:, None] * item.seg_stride
+    t = torch.arange(item.rows, device=device)[None, :] * item.row_stride
+    return item.base + m + t
+
+
+def _flat(rows: torch.Tensor, heads: Sequence[int], num_heads: int) -> torch.Tensor:
+    """(M, T, h) flat indices row * num_heads + head."""
+    h = torch.tensor(list(heads), device=rows.device)
+    return rows[..., None] * num_heads + h
+
+
+def _take(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """x (B, n, Hx, D) at flat (M, T, h) -> (B * M, T, h, D)."""
+    B, D = x.shape[0], x.shape[-1]
+    M, T, h = flat.shape
+    return x.reshape(B, -1, D).index_select(1, flat.reshape(-1)).reshape(B * M, T, h, D)
+
+
+def _lse_take(L: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """L (B, n, H) at flat (M, T, h) -> (B * M, h, T)."""
+    B = L.shape[0]
+    M, T, h = flat.shape
+    Lf = L.reshape(B, -1)
+    return Lf.index_select(1, flat.reshape(-1)).reshape(B, M, T, h).permute(0, 1, 3, 2).reshape(B * M, h, T)
+
+
+def forward_gather(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    local_mask: torch.Tensor | None,
+    global_mask: torch.Tensor | None,
+    recv: torch.Tensor | None,
+    acc: tuple[torch.Tensor, torch.Tensor],
+    call: RingDilatedCall,
+) -> None:
+    """Gather path, one phase (recv None: the local keys of every item; else the remote keys of
+    crossing segments), merged into acc = (out (B, n, H, D) fp32, lse (B, n, H) fp32)."""
+    B, n, H, D = q.shape
+    plan = call.plan
+    out, lse = acc
+    # lse kept (B, n, H) so that flat index row * H + head addresses both accumulators.
+    out_flat, lse_flat = out.view(B, n * H, D), lse.view(B, n * H)
+    for i, it in enumerate(plan.items):
+        if recv is not None and not it.remote:
+            continue
+        for m0, m1 in item_chunks(it, B, D, False):
+            rows = _rows(it, m0, m1, q.device)
+            qf = _flat(rows, it.heads, H)
+            qi = _take(q, qf)
+            if recv is None:
+                kvf = _flat(rows, it.kv_heads, k.shape[2])
+                mi = None if local_mask is None else local_mask[:, rows].reshape(-1, it.rows)
+                o, l = block_forward(
+                    qi,
+                    _take(k, kvf),
+                    _take(v, kvf),
+                    is_causal=call.causal,
+                    softmax_scale=call.scale,
+                    key_padding_mask=mi,
+                )
+            else:
+                kr, vr, mr = remote_kv(recv, global_mask, plan, i, it, q.device)
+                o, l = block_forward(qi, kr, vr, is_causal=False, softmax_scale=call.scale, key_padding_mask=mr)
+            # Each (position, head) is in one item per group: merging items straight into the
+            # accumulators is the LSE merge of the groups.
+            o_acc, l_acc = _take(out, qf), _lse_take(lse, qf)
+            merge_into_(o_acc, l_acc, o, l)
+            Mc, h = m1 - m0, len(it.heads)
+            out_flat.index_copy_(1, qf.reshape(-1), o_acc.reshape(B, -1, D))
+            lse_flat.index_copy_(1, qf.reshape(-1), l_acc.reshape(B, Mc, h, it.rows).transpose(2, 3).reshape(B, -1))
+
+
+def backward_gather(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    local_mask: torch.Tensor | None,
+    global_mask: torch.Tensor | None,
+    recv: torch.Tensor | None,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    call: RingDilatedCall,
+) -> None:
+    """Gather path, one phase (recv None: local keys; else remote keys): add the gradients into
+    dq (B, n, H, D), dk, dv (B, n, Hkv, D) and drecv (2, B, R, D), fp32."""
+    B, _, H, D = q.shape
+    Hkv = k.shape[2]
+    plan = call.plan
+    dq, dk, dv = (g.view(B, -1, D) for g in grads[:3])  # flat (row * heads + head) views
+    drecv = grads[3]
+    for i, it in enumerate(plan.items):
+        if recv is not None and not it.remote:
+            continue
+        for m0, m1 in item_chunks(it, B, D, False):
+            rows = _rows(it, m0, m1, q.device)
+            qf = _flat(rows, it.heads, H)
+            qi, oi, doi, li = _take(q, qf), _take(out, qf), _take(dout, qf), _lse_take(lse, qf)
+            if recv is None:
+                kvf = _flat(rows, it.kv_heads, Hkv)
+                mi = None if local_mask is None else local_mask[:, rows].reshape(-1, it.rows)
+                dq1, dk1, dv1 = block_backward(
+                    doi, qi, _take(k, kvf), _take(v, kvf), oi, li, is_causal=call.causal, softmax_scale=call.scale,
+                    key_padding_mask=mi,
+                )  # fmt: skip
+                dq.index_add_(1, qf.reshape(-1), dq1.reshape(B, -1, D).to(dq.dtype))
+                dk.index_add_(1, kvf.reshape(-1), dk1.reshape(B, -1, D).to(dk.dtype))
+                dv.index_add_(1, kvf.reshape(-1), dv1.reshape(B, -1, D).to(dv.dtype))
+            else:
+                kr, vr, mr = remote_kv(recv, global_mask, plan, i, it, q.device)
+                dq2, dk2, dv2 = block_backward(
+                    doi, qi, kr, vr, oi, li, is_causal=False, softmax_scale=call.scale, key_padding_mask=mr
+                )
+                dq.index_add_(1, qf.reshape(-1), dq2.reshape(B, -1, D).to(dq.dtype))
+                ridx = plan.remote_index[i].to(q.device).reshape(-1)
+                drecv[0].index_add_(1, ridx, dk2.reshape(B, -1, D).to(drecv.dtype))
+                drecv[1].index_add_(1, ridx, dv2.reshape(B, -1, D).to(drecv.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# View path: rows read in place through strides (attn_core.views), results merged into strided
+# views of the accumulators, gradients added straight into strided views.
+
+
+def _head_run(item: RingItem) -> tuple[int, int, int]:
+    """(first head, step, count) of the item's query heads (one offset's heads: an arithmetic run)."""
+    heads = item.heads
+    return heads[0], (heads[1] - heads[0] if len(heads) > 1 else 1), len(heads)
+
+
+def local_pieces(items: Sequence[RingItem], batch: int, head_dim: int) -> list[views.Piece]:
+    """The kernel calls of the items' local keys: runs cut so a call reads at most MAX_GATHER_ELEMENTS
+    query elements (bounding its out / dq, dk, dv temporaries); batch None folds batch and segments
+    into one strided dim (one batch row, or one segment); one call per strided kv-head set.
+    Every piece merges (``first`` False): the accumulators start empty."""
+    pieces = []
+    for it in items:
+        fold = batch == 1 or it.count == 1
+        calls = sdpa_ops.strided_head_calls(it.heads, it.kv_heads)
+        for m0, m1 in item_chunks(it, batch if fold else 1, head_dim, True):
+            start = it.base + m0 * it.seg_stride
+            for b in [None] if fold else range(batch):
+                for hk in calls:
+                    pieces.append(
+                        views.Piece(it.group, start, m1 - m0, it.seg_stride, it.rows, it.row_stride, b, *hk, False)
+                    )
+    return pieces
+
+
+def _remote_piece(it: RingItem) -> views.Piece:
+    """The item's rows and all its query heads as one piece (a crossing segment: one segment, all batch
+    rows); its kv heads are unused: the received keys come gathered (:func:`remote_kv`)."""
+    h0, hs, hn = _head_run(it)
+    return views.Piece(
+        it.group, it.base, it.count, it.seg_stride, it.rows, it.row_stride, None, h0, hs, hn, h0, hs, hn, False
+    )
+
+
+def forward_views(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    local_mask: torch.Tensor | None,
+    global_mask: torch.Tensor | None,
+    recv: torch.Tensor | None,
+    acc: tuple[torch.Tensor, torch.Tensor],
+    call: RingDilatedCall,
+) -> None:
+    """View path, one phase (recv None: local keys; else remote keys), merged into acc = (out
+    (B, n, H, D) in q's dtype, merged in fp32 arithmetic; lse (B, n, H) fp32, fp64 for fp64)."""
+    B, D = q.shape[0], q.shape[-1]
+    out, lse = acc
+    lse_bhn = lse.transpose(1, 2)
+    if recv is None:
+        if local_mask is not None:  # padded keys' values are never read (the -inf bias masks logits only)
+            k, v = drop_padded_keys(k, v, local_mask)
+        pieces = local_pieces(call.plan.items, B, D)
+        views.forward_pieces(
+            q, k, v, pieces, out, lse_bhn, key_padding_mask=local_mask, is_causal=call.causal, scale=call.scale
+        )
+        return
+    for i, it in enumerate(call.plan.items):
+        if not it.remote:
+            continue
+        # remote keys: attn_core.blocks (cuDNN BlockImpl on CUDA without padding, math path otherwise)
+        p = _remote_piece(it)
+        kr, vr, mr = remote_kv(recv, global_mask, call.plan, i, it, q.device)
+        qv = views.piece_view(q, p, p.q_h0, p.q_hs, p.q_hn).transpose(1, 2)  # (B, T, h, D)
+        o, l = block_forward(qv, kr, vr, is_causal=False, softmax_scale=call.scale, key_padding_mask=mr)
+        o_acc = views.piece_view(out, p, p.q_h0, p.q_hs, p.q_hn)
+        sdpa_ops.merge_views_(o_acc, views.piece_lse_view(lse_bhn, p), o.transpose(1, 2), l)
+
+
+def backward_views(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    local_mask: torch.Tensor | None,
+    global_mask: torch.Tensor | None,
+    recv: torch.Tensor | None,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    call: RingDilatedCall,
+) -> None:
+    """View path, one phase: add every call's gradients (computed with the final out and lse)
+    into strided views of the gradient buffers."""
+    B, D = q.shape[0], q.shape[-1]
+    dq, dk, dv, drecv = grads
+    lse_bhn = lse.transpose(1, 2)
+    if recv is None:
+        if local_mask is not None:  # as in forward_views; the kernels give dk = dv = 0 at padded keys
+            k, v = drop_padded_keys(k, v, local_mask)
+        pieces = local_pieces(call.plan.items, B, D)
+        views.backward_pieces(
+            dout, q, k, v, out, lse_bhn, pieces, (dq, dk, dv),
+            key_padding_mask=local_mask, is_causal=call.causal, scale=call.scale,
+        )  # fmt: skip
+        return
+    for i, it in enumerate(call.plan.items):
+        if not it.remote:
+            continue
+        p = _remote_piece(it)
+        hv = (p.q_h0, p.q_hs, p.q_hn)
+        kr, vr, mr = remote_kv(recv, global_mask, call.plan, i, it, q.device)
+        dq_c, dk_c, dv_c = block_backward(
+            views.piece_view(dout, p, *hv).transpose(1, 2),
+            views.piece_view(q, p, *hv).transpose(1, 2),
+            kr,
+            vr,
+            views.piece_view(out, p, *hv).transpose(1, 2),
+            views.piece_lse_view(lse_bhn, p),
+            is_causal=False,
+            softmax_scale=call.scale,
+            key_padding_mask=mr,
+        )
+        views.piece_view(dq, p, *hv).add_(dq_c.transpose(1, 2))
+        ridx = call.plan.remote_index[i].to(q.device).reshape(-1)
+        drecv[0].index_add_(1, ridx, dk_c.reshape(B, -1, D).to(drecv.dtype))
+        drecv[1].index_add_(1, ridx, dv_c.reshape(B, -1, D).to(drecv.dtype))
+
+
+def remote_kv(
+    recv: torch.Tensor,
+    global_mask: torch.Tensor | None,
+    plan: RingDilatedRankPlan,
+    i: int,
+    it: RingItem,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The received K, V rows of item i as (B, Tk, h, D) each, and their padding mask (B, Tk)."""
+    idx = plan.remote_index[i].to(device)
+    Tk, h = idx.shape
+    B, D = recv.shape[1], recv.shape[-1]
+    kv = recv.index_select(2, idx.reshape(-1)).reshape(2, B, Tk, h, D)
+    mask = None if global_mask is None else global_mask[:, plan.remote_pos[i].to(device)]
+    return kv[0], kv[1], mask

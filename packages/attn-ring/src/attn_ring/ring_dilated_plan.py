@@ -1,0 +1,259 @@
+"""Ring dilated attention's plan: which rows each rank computes, receives and sends (pure geometry).
+
+Geometry is global: group g = (w, r) cuts the *global* sequence into segments [s*w, (s+1)*w);
+head j selects positions p with p mod r == j mod r. A rank's work for group g is a list of
+*items* (:class:`RingItem`), one per (segment run, offset o): the rank's own selected rows of
+that segment are the queries, and the same rows are the local keys. Segments wholly inside the
+shard form one strided run needing no communication; a segment crossing a shard boundary also
+needs the selected rows of that segment held by the other ranks it spans (causal: only the
+earlier ones). Every rank derives from the global geometry which (position, kv head) rows every
+other rank needs, so the exchange moves exactly that union, deduplicated across groups and heads.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from attn_core.config import DilatedConfig
+from attn_core.validation import check_bool
+
+__all__ = ["RingDilatedPlan", "RingDilatedRankPlan", "RingItem", "plan_ring_dilated", "rank_items"]
+
+
+@dataclass(frozen=True)
+class RingItem:
+    """One unit of work: ``count`` segments x ``rows`` selected rows, for the heads sharing one offset.
+
+    Query (and local key) rows, as local row indices: base + m * seg_stride + t * row_stride for
+    m < count, t < rows. ``remote`` lists the other ranks' selected rows of the segment as
+    arithmetic runs (first global position, length) with step ``row_stride``; only single
+    segments (count == 1) that cross a shard boundary have any.
+    """
+
+    group: int
+    heads: tuple[int, ...]
+    kv_heads: tuple[int, ...]
+    base: int
+    count: int
+    seg_stride: int
+    rows: int
+    row_stride: int
+    remote: tuple[tuple[int, int], ...] = ()
+
+    def remote_positions(self) -> torch.Tensor:
+        """(Tk,) int64 global positions of the remote rows, ascending."""
+        runs = [torch.arange(length, dtype=torch.int64) * self.row_stride + start for start, length in self.remote]
+        return torch.cat(runs) if runs else torch.empty(0, dtype=torch.int64)
+
+
+@dataclass(frozen=True)
+class RingDilatedRankPlan:
+    """What one rank computes, receives and sends.
+
+    needed: sorted global keys p * Hkv + u of the (position, kv head) K/V rows it receives
+    (exactly once each); recv_counts[a]: how many of them rank a sends; send_index[b]: local
+    flat indices (row * Hkv + u) of this rank's K/V rows rank b needs, in b's receive order.
+    """
+
+    rank: int
+    items: tuple[RingItem, ...]
+    needed: torch.Tensor
+    recv_counts: tuple[int, ...]
+    send_index: dict[int, torch.Tensor] = field(default_factory=dict)
+    remote_index: dict[int, torch.Tensor] = field(default_factory=dict)  # item -> (Tk, h) into needed
+    remote_pos: dict[int, torch.Tensor] = field(default_factory=dict)  # item -> (Tk,) global positions
+
+    @property
+    def rows_received(self) -> int:
+        return int(self.needed.numel())
+
+    @property
+    def rows_sent(self) -> int:
+        return sum(int(t.numel()) for t in self.send_index.values())
+
+
+@dataclass(frozen=True)
+class RingDilatedPlan:
+    """The exchange and work plan of every rank for one (N, W, heads, config, causal) geometry."""
+
+    seq_len: int
+    world_size: int
+    num_heads: int
+    num_kv_heads: int
+    config: DilatedConfig
+    is_causal: bool
+    ranks: tuple[RingDilatedRankPlan, ...]
+
+    @property
+    def shard_len(self) -> int:
+        return self.seq_len // self.world_size
+
+    def communicating_segments(self, rank: int) -> list[tuple[int, int]]:
+        """(group, segment index) pairs for which ``rank`` receives rows from other ranks."""
+        n = self.shard_len
+        out = set()
+        for it in self.ranks[rank].items:
+            if it.remote:
+                w, _ = self.config.group_extent(it.group, self.seq_len)
+                out.add((it.group, (rank * n + it.base) // w))
+        return sorted(out)
+
+    def bytes_received(self, rank: int, *, batch: int, head_dim: int, element_size: int) -> int:
+        """Forward K/V payload bytes ``rank`` receives: rows x 2 (K and V) x B x D x element size."""
+        return self.ranks[rank].rows_received * 2 * batch * head_dim * element_size
+
+    def bytes_sent(self, rank: int, *, batch: int, head_dim: int, element_size: int) -> int:
+        return self.ranks[rank].rows_sent * 2 * batch * head_dim * element_size
+
+
+def rank_items(
+    seq_len: int, world: int, rank: int, cfg: DilatedConfig, num_heads: int, num_kv_heads: int, causal: bool
+) -> list[RingItem]:
+    """The work items of ``rank`` (see :class:`RingItem`), group by group, offsets ascending.
+
+    Group geometry is clamped to the global length N (:meth:`DilatedConfig.group_extent`) and heads
+    come grouped by offset (:meth:`DilatedConfig.heads_by_offset`), as the sdpa backend plans:
+    the work follows N and the heads, never the configured w or r.
+    """
+    n = seq_len // world
+    lo, hi = rank * n, (rank + 1) * n
+    per_kv = num_heads // num_kv_heads
+    items: list[RingItem] = []
+    for g in range(cfg.num_groups):
+        w, r = cfg.group_extent(g, seq_len)
+        by_offset = cfg.heads_by_offset(g, num_heads, seq_len)
+        if not by_offset:
+            continue
+        # Segments wholly inside [lo, hi) and of full length: one strided run, no communication.
+        # Only the first and the last segment the shard touches can be partial (or the short tail).
+        full_a, full_b = -(-lo // w), hi // w
+        others = sorted({s for s in (lo // w, (hi - 1) // w) if not full_a <= s < full_b})
+        for o, heads in by_offset:
+            kv = tuple(j // per_kv for j in heads)
+            if full_b > full_a:
+                items.append(RingItem(g, heads, kv, full_a * w - lo + o, full_b - full_a, w, w // r, r))
+            for s in others:
+                seg_lo, seg_hi = s * w, min((s + 1) * w, seq_len)
+                mine_lo, mine_hi = max(seg_lo, lo), min(seg_hi, hi)
+                first = mine_lo + (o - mine_lo) % r  # segment starts are multiples of r (w % r == 0)
+                if first >= mine_hi:
+                    continue  # this offset selects none of our rows of the segment
+                count = (mine_hi - 1 - first) // r + 1
+                remote = []
+                if seg_lo + o < mine_lo:  # earlier ranks' rows of the segment
+                    remote.append((seg_lo + o, (mine_lo - 1 - seg_lo - o) // r + 1))
+                after = mine_hi + (o - mine_hi) % r
+                if not causal and after < seg_hi:  # later ranks' rows: invisible under causal masking
+                    remote.append((after, (seg_hi - 1 - after) // r + 1))
+                items.append(RingItem(g, heads, kv, first - lo, 1, w, count, r, tuple(remote)))
+    return items
+
+
+@functools.lru_cache(maxsize=32)  # lru_cache is thread-safe; keyed on the whole geometry
+def _plan_cached(
+    seq_len: int,
+    world: int,
+    num_heads: int,
+    num_kv_heads: int,
+    segment_lengths: tuple[int, ...],
+    dilation_rates: tuple[int, ...],
+    head_mode: str,
+    causal: bool,
+) -> RingDilatedPlan:
+    cfg = DilatedConfig(segment_lengths, dilation_rates, head_mode)
+    n = seq_len // world
+    per_rank_items = [rank_items(seq_len, world, b, cfg, num_heads, num_kv_heads, causal) for b in range(world)]
+    needed_all: list[torch.Tensor] = []
+    remote_idx_all: list[dict[int, torch.Tensor]] = []
+    remote_pos_all: list[dict[int, torch.Tensor]] = []
+    for items in per_rank_items:
+        keys: list[torch.Tensor] = []
+        pos_of: dict[int, torch.Tensor] = {}
+        for i, it in enumerate(items):
+            if it.remote:
+                pos = it.remote_positions()
+                pos_of[i] = pos
+                keys.append((pos[:, None] * num_kv_heads + torch.tensor(it.kv_heads)[None, :]).reshape(-1))
+        # The union over groups, offsets and heads: a row two groups need travels once.
+        needed = torch.unique(torch.cat(keys)) if keys else torch.empty(0, dtype=torch.int64)
+        idx_of = {
+            i: torch.searchsorted(needed, pos[:, None] * num_kv_heads + torch.tensor(items[i].kv_heads)[None, :])
+            for i, pos in pos_of.items()
+        }
+        needed_all.append(needed)
+        remote_idx_all.append(idx_of)
+        remote_pos_all.append(pos_of)
+    ranks = []
+    block = n * num_kv_heads
+    for b in range(world):
+        owners = torch.div(needed_all[b], block, rounding_mode="floor")
+        recv_counts = tuple(int((owners == a).sum()) for a in range(world))
+        send_index = {}
+        for dst in range(world):
+            if dst == b:
+                continue
+            theirs = needed_all[dst]
+            mine = theirs[torch.div(theirs, block, rounding_mode="floor") == b] - b * block
+            if mine.numel():
+                send_index[dst] = mine
+        ranks.append(
+            RingDilatedRankPlan(
+                b,
+                tuple(per_rank_items[b]),
+                needed_all[b],
+                recv_counts,
+                send_index,
+                remote_idx_all[b],
+                remote_pos_all[b],
+            )
+        )
+    return RingDilatedPlan(seq_len, world, num_heads, num_kv_heads, cfg, causal, tuple(ranks))
+
+
+def plan_ring_dilated(
+    seq_len: int,
+    world_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool = False,
+    head_mode: str = "all",
+) -> RingDilatedPlan:
+    """The work and exchange plan of every rank (pure geometry: no process group needed).
+
+    Raises ValueError for a sequence length not divisible by the world size, or invalid
+    heads / configuration.
+    """
+    for name, val in (
+        ("seq_len", seq_len),
+        ("world_size", world_size),
+        ("num_heads", num_heads),
+        ("num_kv_heads", num_kv_heads),
+    ):
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise TypeError(f"{name} must be an int, got {val!r}")
+        if val <= 0:
+            raise ValueError(f"{name} must be positive, got {val}")
+    if seq_len % world_size != 0:
+        raise ValueError(
+            f"sequence length {seq_len} must be divisible by the world size {world_size} (contiguous equal shards)"
+        )
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads} (GQA)")
+    cfg = DilatedConfig(segment_lengths, dilation_rates, head_mode)
+    return _plan_cached(
+        seq_len,
+        world_size,
+        num_heads,
+        num_kv_heads,
+        cfg.segment_lengths,
+        cfg.dilation_rates,
+        cfg.head_mode,
+        check_bool("is_causal", is_causal),
+    )
