@@ -398,13 +398,10 @@ def test_custom_ops_memoise_launch_tables_per_layout_tensors(monkeypatch: pytest
     mask[0, :, 0] = True
     g = torch.Generator().manual_seed(24)
     q, k, v = (torch.randn(1, 48, 2, 16, generator=g) for _ in range(3))
-    cfg = [int(getattr(default_config((16, 16)), f)) for f in ops._CFG_FIELDS]
+    cfg = default_config((16, 16))
 
     def run(csr: CSR) -> torch.Tensor:
-        dims = [csr.num_heads, csr.num_query_blocks, csr.num_key_blocks, *csr.block_size]
-        out, _ = torch.ops.attn_sparse.block_sparse_fwd(
-            q, k, v, csr.crow, csr.col, csr.ccol, csr.row, csr.col.new_empty(0), dims, False, 0.25, cfg
-        )
+        out, _ = torch.ops.attn_sparse.block_sparse_fwd(q, k, v, *ops.BLOCK_SPARSE.encode(csr, False, 0.25, cfg))
         return out
 
     csr = csr_from_mask(mask, (16, 16))
@@ -420,9 +417,9 @@ def test_custom_ops_memoise_launch_tables_per_layout_tensors(monkeypatch: pytest
     run(csr)
     assert len(builds) == 3
     shifted = CSR(csr.crow, csr.col[1:], csr.ccol, csr.row, 1, 3, 3, (16, 16))  # another view: its own entry
-    keys = len(ops._RAW_CSR_MEMO._entries)
-    ops._RAW_CSR_MEMO.memo_for((shifted.crow, shifted.col, shifted.ccol, shifted.row), (1, 3, 3, 16, 16))
-    assert len(ops._RAW_CSR_MEMO._entries) == min(keys + 1, ops.RAW_CSR_ENTRIES)
+    keys = len(planning.LAUNCH_MEMO)
+    planning.LAUNCH_MEMO.memo_for((shifted.crow, shifted.col, shifted.ccol, shifted.row), (1, 3, 3, 16, 16))
+    assert len(planning.LAUNCH_MEMO) == min(keys + 1, planning.LAUNCH_MEMO_LAYOUTS)
 
 
 def test_strided_inputs_match_contiguous() -> None:
