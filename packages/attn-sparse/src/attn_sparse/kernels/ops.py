@@ -15,6 +15,7 @@ from dataclasses import fields
 from typing import Any
 
 import torch
+
 from attn_core.custom_op import DifferentiableOp
 
 from .launch import block_sparse_backward, block_sparse_forward, device_guard
@@ -64,9 +65,10 @@ def _decode(
     scale: float,
     config_ints: list[int],
 ) -> tuple[Any, ...]:
-    cfg = KernelConfig(
-        **{f.name: bool(v) if f.type in (bool, "bool") else v for f, v in zip(_CONFIG_FIELDS, config_ints)}
-    )
+    values: dict[str, Any] = {
+        f.name: bool(v) if f.type in (bool, "bool") else v for f, v in zip(_CONFIG_FIELDS, config_ints)
+    }
+    cfg = KernelConfig(**values)
     return CSR.from_tensors(crow, col, ccol, row, dims), is_causal, scale, cfg
 
 

@@ -29,11 +29,11 @@ from .._memo import StorageMemo
 
 __all__ = [
     "CSR",
+    "DKV_PROGRAMS_PER_SM",
+    "DS_SCRATCH_MEMORY_SHARE",
     "LAUNCH_MEMO",
     "LAUNCH_MEMO_ENTRIES",
     "LAUNCH_MEMO_LAYOUTS",
-    "DKV_PROGRAMS_PER_SM",
-    "DS_SCRATCH_MEMORY_SHARE",
     "DsChunk",
     "KernelConfig",
     "chunk_slots",
