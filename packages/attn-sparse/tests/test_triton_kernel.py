@@ -379,6 +379,49 @@ def test_compiled_steps_reuse_launch_tables(monkeypatch: pytest.MonkeyPatch) -> 
     assert len(builds) == after_first
 
 
+def test_eager_and_compiled_calls_share_one_launch_memo(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the tables an eager step builds (reached through the layout) are the ones the compiled ops
+    # find from the raw CSR tensors: a compiled step after an eager one builds none
+    from attn_sparse import BlockSparseAttention, patterns
+
+    builds: list[int] = []
+    real = planning.row_table
+    monkeypatch.setattr(planning, "row_table", lambda *a, **kw: builds.append(1) or real(*a, **kw))
+    torch._dynamo.reset()
+    module = BlockSparseAttention(patterns.local_window(64, 16, block_size=(16, 16)), backend="triton")
+    g = torch.Generator().manual_seed(37)
+    q, k, v = (torch.randn(1, 64, 2, 16, generator=g).requires_grad_() for _ in range(3))
+    dout = torch.randn(1, 64, 2, 16, generator=g)
+
+    def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = module(q, k, v)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    want = step(q, k, v)
+    after_eager = len(builds)
+    assert after_eager > 0
+    got = torch.compile(step, backend="aot_eager")(q, k, v)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert len(builds) == after_eager
+
+
+def test_double_backward_raises_a_clear_error() -> None:
+    mask = random_mask(1, 2, 2, 0.8, seed=41)
+    mask[0, :, 0] = True
+    csr = csr_from_mask(mask, (16, 16))
+    g = torch.Generator().manual_seed(42)
+    q, k, v = (torch.randn(1, 32, 2, 16, generator=g).requires_grad_() for _ in range(3))
+    dq, dk = torch.autograd.grad(block_sparse_attention_csr(q, k, v, csr).square().sum(), (q, k), create_graph=True)
+    # first order is unchanged by create_graph
+    dq1, dk1 = torch.autograd.grad(block_sparse_attention_csr(q, k, v, csr).square().sum(), (q, k))
+    assert torch.equal(dq.detach(), dq1) and torch.equal(dk.detach(), dk1)
+    with pytest.raises(
+        RuntimeError, match=r"double backward .*not supported by the triton backend.*backend='reference'"
+    ):
+        (dq.square().sum() + dk.sum()).backward()
+
+
 @pytest.mark.skipif(not hasattr(torch.Tag, "cudagraph_unsafe"), reason="this torch has no cudagraph_unsafe tag")
 def test_custom_ops_are_kept_out_of_cuda_graphs() -> None:
     # the ops memoise tensors across calls (below), which a CUDA graph pool must not hold:

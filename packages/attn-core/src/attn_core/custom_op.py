@@ -82,7 +82,7 @@ class DifferentiableOp:
         self.forward_op = torch.library.custom_op(
             f"{name}_fwd", self._forward_op_impl, mutates_args=(), schema=fwd_schema, tags=tag_list
         )
-        self.forward_op.register_fake(fake)
+        self.forward_op.register_fake(lambda *a: self._op_outputs(fake(*a)))
         self.backward_op = torch.library.custom_op(
             f"{name}_bwd", self._backward_op_impl, mutates_args=(), schema=bwd_schema, tags=tag_list
         )
@@ -104,7 +104,10 @@ class DifferentiableOp:
     # ---- the ops' implementations and autograd formula (what torch.compile runs)
     def _forward_op_impl(self, *inputs_and_op_args: Any) -> Any:
         n = self.num_inputs
-        outputs = self.forward(*inputs_and_op_args[:n], *self.decode(*inputs_and_op_args[n:]))
+        return self._op_outputs(self.forward(*inputs_and_op_args[:n], *self.decode(*inputs_and_op_args[n:])))
+
+    def _op_outputs(self, outputs: tuple[torch.Tensor, ...]) -> Any:
+        # a schema with one return gives a tensor, not a 1-tuple
         return outputs if self.num_outputs > 1 else outputs[0]
 
     def _backward_op_impl(self, grad: torch.Tensor, *saved_and_op_args: Any) -> Any:
