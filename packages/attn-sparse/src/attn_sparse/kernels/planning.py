@@ -160,21 +160,23 @@ class CSR:
 
     @classmethod
     def from_layout(cls, layout: Any) -> CSR:
-        """The raw tensors of an :class:`attn_sparse.layout.BlockLayout` (its transposed CSR, and
-        its entry in LAUNCH_MEMO, are cached there)."""
-        ccol, row = layout.transposed_csr()
-        tensors = (
-            layout.crow_indices.contiguous(),
-            layout.col_indices.contiguous(),
-            ccol.contiguous(),
-            row.contiguous(),
-        )
-        dims = (
-            int(layout.num_heads), int(layout.num_query_blocks), int(layout.num_key_blocks),
-            int(layout.block_size[0]), int(layout.block_size[1]),
-        )  # fmt: skip
-        memo = layout._cached(("launch_memo",), lambda: LAUNCH_MEMO.memo_for(tensors, dims))
-        return cls(*tensors, *dims[:3], (dims[3], dims[4]), cache=memo)
+        """The raw tensors of an :class:`attn_sparse.layout.BlockLayout`, with their entry in
+        LAUNCH_MEMO; cached on the layout (one lookup per call)."""
+
+        def build() -> CSR:
+            ccol, row = layout.transposed_csr()
+            tensors = (
+                layout.crow_indices.contiguous(), layout.col_indices.contiguous(), ccol.contiguous(), row.contiguous()
+            )  # fmt: skip
+            dims = (
+                int(layout.num_heads), int(layout.num_query_blocks), int(layout.num_key_blocks),
+                int(layout.block_size[0]), int(layout.block_size[1]),
+            )  # fmt: skip
+            memo = LAUNCH_MEMO.memo_for(tensors, dims)
+            return cls(*tensors, *dims[:3], (dims[3], dims[4]), cache=memo)
+
+        result: CSR = layout._cached(("kernel_csr",), build)
+        return result
 
     @classmethod
     def from_tensors(
