@@ -351,9 +351,12 @@ def test_public_api_and_module_compile_whole(warm: bool) -> None:
         assert torch.equal(a, b)
 
 
-def test_compiled_steps_reuse_launch_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("eager_first", [False, True], ids=["compiled only", "eager step first"])
+def test_compiled_steps_reuse_launch_tables(monkeypatch: pytest.MonkeyPatch, eager_first: bool) -> None:
     # a compiled forward + backward builds its launch tables in the first call only (the compiled
-    # backward's CSR tensors are new objects every call: the ops' memo keys on storage)
+    # backward's CSR tensors are new objects every call: the memo keys on storage), and none at
+    # all after an eager step: eager calls (through the layout) and the ops (from the raw CSR
+    # tensors) share one memo
     from attn_sparse import BlockSparseAttention, patterns
 
     builds: list[int] = []
@@ -369,41 +372,16 @@ def test_compiled_steps_reuse_launch_tables(monkeypatch: pytest.MonkeyPatch) -> 
         out = module(q, k, v)
         return (out, *torch.autograd.grad(out, (q, k, v), dout))
 
+    want = step(q, k, v) if eager_first else None
+    before = len(builds)
     compiled = torch.compile(step, backend="aot_eager")
     first = compiled(q, k, v)
+    assert (len(builds) == before) if eager_first else (len(builds) > 0)
     after_first = len(builds)
-    assert after_first > 0
-    for _ in range(2):
-        for a, b in zip(compiled(q, k, v), first):
+    for got in (first, compiled(q, k, v), compiled(q, k, v)):
+        for a, b in zip(got, want or first):
             assert torch.equal(a, b)
     assert len(builds) == after_first
-
-
-def test_eager_and_compiled_calls_share_one_launch_memo(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the tables an eager step builds (reached through the layout) are the ones the compiled ops
-    # find from the raw CSR tensors: a compiled step after an eager one builds none
-    from attn_sparse import BlockSparseAttention, patterns
-
-    builds: list[int] = []
-    real = planning.row_table
-    monkeypatch.setattr(planning, "row_table", lambda *a, **kw: builds.append(1) or real(*a, **kw))
-    torch._dynamo.reset()
-    module = BlockSparseAttention(patterns.local_window(64, 16, block_size=(16, 16)), backend="triton")
-    g = torch.Generator().manual_seed(37)
-    q, k, v = (torch.randn(1, 64, 2, 16, generator=g).requires_grad_() for _ in range(3))
-    dout = torch.randn(1, 64, 2, 16, generator=g)
-
-    def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = module(q, k, v)
-        return (out, *torch.autograd.grad(out, (q, k, v), dout))
-
-    want = step(q, k, v)
-    after_eager = len(builds)
-    assert after_eager > 0
-    got = torch.compile(step, backend="aot_eager")(q, k, v)
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)
-    assert len(builds) == after_eager
 
 
 def test_double_backward_raises_a_clear_error() -> None:

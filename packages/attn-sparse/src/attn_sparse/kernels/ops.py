@@ -26,27 +26,15 @@ __all__ = ["BLOCK_SPARSE", "SECOND_ORDER_ERROR", "block_sparse_attention_csr"]
 _CONFIG_FIELDS = fields(KernelConfig)
 
 
-def _forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, csr: CSR, is_causal: bool, scale: float, cfg: KernelConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
+# Triton launches on the current CUDA device: make q's current for the launches.
+def _forward(q: torch.Tensor, *k_v_csr_and_config: Any) -> tuple[torch.Tensor, torch.Tensor]:
     with device_guard(q.device):
-        return block_sparse_forward(q, k, v, csr, is_causal, scale, cfg)
+        return block_sparse_forward(q, *k_v_csr_and_config)
 
 
-def _backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    csr: CSR,
-    is_causal: bool,
-    scale: float,
-    cfg: KernelConfig,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward(dout: torch.Tensor, q: torch.Tensor, *saved_csr_and_config: Any) -> tuple[torch.Tensor, ...]:
     with device_guard(q.device):
-        return block_sparse_backward(dout, q, k, v, out, lse, csr, is_causal, scale, cfg)
+        return block_sparse_backward(dout, q, *saved_csr_and_config)
 
 
 def _encode(csr: CSR, is_causal: bool, scale: float, cfg: KernelConfig) -> tuple[Any, ...]:
