@@ -190,3 +190,17 @@ def test_an_op_needs_inputs_and_outputs() -> None:
         DifferentiableOp("attn_core_test::nothing_in", inputs=(), outputs=("out",), **kwargs)
     with pytest.raises(ValueError, match="at least one input and one output"):
         DifferentiableOp("attn_core_test::nothing_out", inputs=("x",), outputs=(), **kwargs)
+
+
+@pytest.mark.parametrize("path", ["eager", "op"])
+def test_tensor_args_are_saved_for_the_backward(path: str) -> None:
+    # a tensor among the args (the bias) is saved like the inputs: modifying it in place between
+    # forward and backward raises instead of giving gradients of another function
+    q, k, bias = _inputs(7)
+    if path == "eager":
+        out = OP(q, k, bias, _Scale(0.5))
+    else:
+        out = OP.forward_op(q, k, bias, 0.5)[0]
+    bias.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

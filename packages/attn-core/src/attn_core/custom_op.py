@@ -124,24 +124,32 @@ class DifferentiableOp:
     def _op_setup_context(self, ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         n = self.num_inputs
         outputs = output if self.num_outputs > 1 else (output,)
-        op_args = list(inputs[n:])
-        # tensors among the op args are saved too (save_for_backward checks they are not modified)
-        ctx.arg_tensor_positions = [i for i, a in enumerate(op_args) if isinstance(a, torch.Tensor)]
-        ctx.save_for_backward(*inputs[:n], *outputs, *(op_args[i] for i in ctx.arg_tensor_positions))
-        for i in ctx.arg_tensor_positions:
-            op_args[i] = None
-        ctx.op_args = op_args
+        _save(ctx, (*inputs[:n], *outputs), inputs[n:])
 
     def _op_backward(self, ctx: Any, grad: torch.Tensor, *aux_grads: Any) -> tuple[torch.Tensor | None, ...]:
         # the auxiliary outputs are not exposed: their incoming gradients are ignored
-        k = self.num_inputs + self.num_outputs
-        saved = ctx.saved_tensors
-        op_args = list(ctx.op_args)
-        for i, t in zip(ctx.arg_tensor_positions, saved[k:]):
-            op_args[i] = t
-        grads = self.backward_op(grad, *saved[:k], *op_args)
+        saved, op_args = _saved(ctx)
+        grads = self.backward_op(grad, *saved, *op_args)
         grads = grads if self.num_inputs > 1 else (grads,)
         return (*grads, *(None,) * len(op_args))
+
+
+def _save(ctx: Any, tensors: tuple[torch.Tensor, ...], args: tuple[Any, ...]) -> None:
+    """Keep the inputs and outputs, and the args, for the backward; tensors among the args are
+    saved too (save_for_backward checks that nothing modified them in place)."""
+    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    ctx.save_for_backward(*tensors, *(args[i] for i in positions))
+    ctx.num_saved, ctx.arg_tensor_positions = len(tensors), positions
+    ctx.args = args if not positions else tuple(None if i in positions else a for i, a in enumerate(args))
+
+
+def _saved(ctx: Any) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...]]:
+    """(inputs and outputs, args) as :func:`_save` kept them."""
+    saved = ctx.saved_tensors
+    args = list(ctx.args)
+    for i, t in zip(ctx.arg_tensor_positions, saved[ctx.num_saved :]):
+        args[i] = t
+    return saved[: ctx.num_saved], tuple(args)
 
 
 class _EagerFunction(torch.autograd.Function):
@@ -151,21 +159,21 @@ class _EagerFunction(torch.autograd.Function):
     def forward(ctx: Any, op: DifferentiableOp, *inputs_and_args: Any) -> torch.Tensor:  # type: ignore[override]
         n = op.num_inputs
         outputs = op.forward(*inputs_and_args)
-        ctx.save_for_backward(*inputs_and_args[:n], *outputs)
-        ctx.op, ctx.args = op, inputs_and_args[n:]
+        _save(ctx, (*inputs_and_args[:n], *outputs), inputs_and_args[n:])
+        ctx.op = op
         return outputs[0]
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         op: DifferentiableOp = ctx.op
-        saved = ctx.saved_tensors
+        saved, args = _saved(ctx)
         with torch.no_grad():  # the kernels' backward has no derivative of its own
-            grads = op.backward(grad, *saved, *ctx.args)
+            grads = op.backward(grad, *saved, *args)
         inputs = saved[: op.num_inputs]
         if torch.is_grad_enabled() and any(t.requires_grad for t in (grad, *inputs)):
             # create_graph=True: the gradients are part of a graph; differentiating them raises
             grads = _FirstOrderOnly.apply(op.second_order_error, len(grads), *grads, grad, *inputs)
-        return (None, *grads, *(None,) * len(ctx.args))
+        return (None, *grads, *(None,) * len(args))
 
 
 class _FirstOrderOnly(torch.autograd.Function):
