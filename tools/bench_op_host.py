@@ -1,7 +1,9 @@
 """Host cost of the eager entry points of the kernel ops, on CPU: calls per second on tiny shapes.
 
 Rows (each a forward + backward through torch.autograd.grad, and a forward under no_grad):
-  - dilated_attention(backend="sdpa"): B=1, N=64, H=2, D=16 (the CPU flash kernel does the work);
+  - dilated_attention(backend="sdpa"): B=1, N=64, H=2, D=16 (the CPU flash kernel does the work),
+    then again with attn_core.sdpa_ops' attention calls replaced by stand-ins returning zeros
+    (planning, strided views, merges and the autograd glue without the kernel's variance);
   - block_sparse_attention(backend="triton"): B=1, N=64, H=2, D=16, 16x16 blocks, with the Triton
     launchers replaced by stand-ins that only look up their launch tables (the interpreter would
     time numpy, not the host path): validation, the layout's CSR, the autograd glue and the memo;
@@ -68,6 +70,19 @@ def sdpa_cases() -> dict[str, Callable[[], object]]:
     return cases
 
 
+def sdpa_stand_in_cases() -> dict[str, Callable[[], object]]:
+    from attn_core import sdpa_ops
+
+    def forward(q, k, v, **kw):  # type: ignore[no-untyped-def]
+        return torch.zeros_like(q), torch.zeros(q.shape[:-1], dtype=torch.float32)
+
+    def backward(dout, q, k, v, out, lse, **kw):  # type: ignore[no-untyped-def]
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    sdpa_ops.attention_forward, sdpa_ops.attention_backward = forward, backward  # type: ignore[assignment]
+    return {f"{name} (stand-in kernels)": fn for name, fn in sdpa_cases().items()}
+
+
 def sparse_cases() -> dict[str, Callable[[], object]]:
     from attn_sparse import block_sparse_attention, patterns
     from attn_sparse.kernels import ops
@@ -124,9 +139,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, 1 thread, CPU time; best of {args.repeats} x {args.calls} calls")
     print(f"| {'case':<72} | us/call | calls/s |")
     print(f"|{'-' * 74}|---------|---------|")
-    for name, fn in {**sdpa_cases(), **sparse_cases()}.items():
-        us = per_call_us(fn, args.calls, args.repeats)
-        print(f"| {name:<72} | {us:7.1f} | {1e6 / us:7.0f} |")
+    # in this order: each group's stand-ins replace kernels for every later call
+    for cases in (sdpa_cases, sdpa_stand_in_cases, sparse_cases):
+        for name, fn in cases().items():
+            us = per_call_us(fn, args.calls, args.repeats)
+            print(f"| {name:<72} | {us:7.1f} | {1e6 / us:7.0f} |")
 
 
 if __name__ == "__main__":

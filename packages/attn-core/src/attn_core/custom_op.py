@@ -146,6 +146,8 @@ def _save(ctx: Any, tensors: tuple[torch.Tensor, ...], args: tuple[Any, ...]) ->
 def _saved(ctx: Any) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...]]:
     """(inputs and outputs, args) as :func:`_save` kept them."""
     saved = ctx.saved_tensors
+    if not ctx.arg_tensor_positions:
+        return saved, ctx.args
     args = list(ctx.args)
     for i, t in zip(ctx.arg_tensor_positions, saved[ctx.num_saved :]):
         args[i] = t
