@@ -351,9 +351,12 @@ def test_public_api_and_module_compile_whole(warm: bool) -> None:
         assert torch.equal(a, b)
 
 
-def test_compiled_steps_reuse_launch_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("eager_first", [False, True], ids=["compiled only", "eager step first"])
+def test_compiled_steps_reuse_launch_tables(monkeypatch: pytest.MonkeyPatch, eager_first: bool) -> None:
     # a compiled forward + backward builds its launch tables in the first call only (the compiled
-    # backward's CSR tensors are new objects every call: the ops' memo keys on storage)
+    # backward's CSR tensors are new objects every call: the memo keys on storage), and none at
+    # all after an eager step: eager calls (through the layout) and the ops (from the raw CSR
+    # tensors) share one memo
     from attn_sparse import BlockSparseAttention, patterns
 
     builds: list[int] = []
@@ -369,14 +372,32 @@ def test_compiled_steps_reuse_launch_tables(monkeypatch: pytest.MonkeyPatch) -> 
         out = module(q, k, v)
         return (out, *torch.autograd.grad(out, (q, k, v), dout))
 
+    want = step(q, k, v) if eager_first else None
+    before = len(builds)
     compiled = torch.compile(step, backend="aot_eager")
     first = compiled(q, k, v)
+    assert (len(builds) == before) if eager_first else (len(builds) > 0)
     after_first = len(builds)
-    assert after_first > 0
-    for _ in range(2):
-        for a, b in zip(compiled(q, k, v), first):
+    for got in (first, compiled(q, k, v), compiled(q, k, v)):
+        for a, b in zip(got, want or first):
             assert torch.equal(a, b)
     assert len(builds) == after_first
+
+
+def test_double_backward_raises_a_clear_error() -> None:
+    mask = random_mask(1, 2, 2, 0.8, seed=41)
+    mask[0, :, 0] = True
+    csr = csr_from_mask(mask, (16, 16))
+    g = torch.Generator().manual_seed(42)
+    q, k, v = (torch.randn(1, 32, 2, 16, generator=g).requires_grad_() for _ in range(3))
+    dq, dk = torch.autograd.grad(block_sparse_attention_csr(q, k, v, csr).square().sum(), (q, k), create_graph=True)
+    # first order is unchanged by create_graph
+    dq1, dk1 = torch.autograd.grad(block_sparse_attention_csr(q, k, v, csr).square().sum(), (q, k))
+    assert torch.equal(dq.detach(), dq1) and torch.equal(dk.detach(), dk1)
+    with pytest.raises(
+        RuntimeError, match=r"double backward .*not supported by the triton backend.*backend='reference'"
+    ):
+        (dq.square().sum() + dk.sum()).backward()
 
 
 @pytest.mark.skipif(not hasattr(torch.Tag, "cudagraph_unsafe"), reason="this torch has no cudagraph_unsafe tag")
@@ -398,13 +419,10 @@ def test_custom_ops_memoise_launch_tables_per_layout_tensors(monkeypatch: pytest
     mask[0, :, 0] = True
     g = torch.Generator().manual_seed(24)
     q, k, v = (torch.randn(1, 48, 2, 16, generator=g) for _ in range(3))
-    cfg = [int(getattr(default_config((16, 16)), f)) for f in ops._CFG_FIELDS]
+    cfg = default_config((16, 16))
 
     def run(csr: CSR) -> torch.Tensor:
-        dims = [csr.num_heads, csr.num_query_blocks, csr.num_key_blocks, *csr.block_size]
-        out, _ = torch.ops.attn_sparse.block_sparse_fwd(
-            q, k, v, csr.crow, csr.col, csr.ccol, csr.row, csr.col.new_empty(0), dims, False, 0.25, cfg
-        )
+        out, _ = torch.ops.attn_sparse.block_sparse_fwd(q, k, v, *ops.BLOCK_SPARSE.encode(csr, False, 0.25, cfg))
         return out
 
     csr = csr_from_mask(mask, (16, 16))
@@ -420,9 +438,9 @@ def test_custom_ops_memoise_launch_tables_per_layout_tensors(monkeypatch: pytest
     run(csr)
     assert len(builds) == 3
     shifted = CSR(csr.crow, csr.col[1:], csr.ccol, csr.row, 1, 3, 3, (16, 16))  # another view: its own entry
-    keys = len(ops._RAW_CSR_MEMO._entries)
-    ops._RAW_CSR_MEMO.memo_for((shifted.crow, shifted.col, shifted.ccol, shifted.row), (1, 3, 3, 16, 16))
-    assert len(ops._RAW_CSR_MEMO._entries) == min(keys + 1, ops.RAW_CSR_ENTRIES)
+    keys = len(planning.LAUNCH_MEMO)
+    planning.LAUNCH_MEMO.memo_for((shifted.crow, shifted.col, shifted.ccol, shifted.row), (1, 3, 3, 16, 16))
+    assert len(planning.LAUNCH_MEMO) == min(keys + 1, planning.LAUNCH_MEMO_LAYOUTS)
 
 
 def test_strided_inputs_match_contiguous() -> None:

@@ -36,6 +36,7 @@ import torch
 from .. import sdpa_ops, views
 from ..blocks import acc_dtype, drop_padded_keys
 from ..config import DilatedCall, DilatedConfig
+from ..custom_op import DifferentiableOp
 
 NAME = "sdpa"
 
@@ -106,36 +107,6 @@ def _backward(
     return dq, dk, dv
 
 
-class _DilatedSDPA(torch.autograd.Function):
-    """Eager calls: the plain autograd.Function (no custom-op dispatch per call)."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        config: DilatedConfig,
-        is_causal: bool,
-        mask: torch.Tensor | None,
-        scale: float,
-    ) -> torch.Tensor:
-        out, lse = _forward(q, k, v, mask, config, is_causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.config, ctx.is_causal, ctx.scale = config, is_causal, scale
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, dout: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        with torch.no_grad():  # the kernels' backward ops have no derivative of their own
-            dq, dk, dv = _backward(dout, q, k, v, out, lse, mask, ctx.config, ctx.is_causal, ctx.scale)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (dout, q, k, v)):
-            # create_graph=True: the gradients are part of a graph; differentiating them raises
-            dq, dk, dv = _FirstOrderOnly.apply(dq, dk, dv, dout, q, k, v)
-        return dq, dk, dv, None, None, None, None
-
-
 SECOND_ORDER_ERROR = (
     "double backward (second-order gradients through create_graph=True) is not supported by the "
     "sdpa backend: its fused kernels have no derivative of their backward; use backend='reference' "
@@ -143,127 +114,55 @@ SECOND_ORDER_ERROR = (
 )
 
 
-class _FirstOrderOnly(torch.autograd.Function):
-    """Passes the sdpa backend's (dq, dk, dv) through; differentiating them raises SECOND_ORDER_ERROR.
-
-    The inputs after the gradients are what they depend on (dout, q, k, v): they put the result in
-    the graph, so a second-order backward reaches this node instead of a kernel without a derivative.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, *depends_on: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return dq, dk, dv
-
-    @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        raise RuntimeError(SECOND_ORDER_ERROR)
+def _encode(mask: torch.Tensor | None, config: DilatedConfig, is_causal: bool, scale: float) -> tuple[Any, ...]:
+    # op schemas take no objects: the config travels as its segment lengths, rates and head mode
+    return (
+        mask,
+        list(config.segment_lengths),
+        list(config.dilation_rates),
+        config.head_mode,
+        bool(is_causal),
+        float(scale),
+    )
 
 
-# Under torch.compile the same forward/backward run as torch.library custom ops with a registered
-# autograd formula: the compiler cannot trace the pieces' strided views (storage offsets are not
-# tensors: one graph break per piece), so they run opaque, with fake implementations for tracing.
-# The config travels as its segment lengths, dilation rates and head mode (schemas take no objects).
-
-
-@torch.library.custom_op("attn_core::dilated_sdpa_fwd", mutates_args=())
-def _fwd_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+def _decode(
     mask: torch.Tensor | None,
     segment_lengths: list[int],
     dilation_rates: list[int],
     head_mode: str,
     is_causal: bool,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    config = DilatedConfig(segment_lengths, dilation_rates, head_mode)
-    return _forward(q, k, v, mask, config, is_causal, scale)
+) -> tuple[Any, ...]:
+    return mask, DilatedConfig(segment_lengths, dilation_rates, head_mode), is_causal, scale
 
 
-@_fwd_op.register_fake
-def _fwd_fake(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    segment_lengths: list[int],
-    dilation_rates: list[int],
-    head_mode: str,
-    is_causal: bool,
-    scale: float,
+def _fake(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *config_args: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, N, H, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, N, H), dtype=acc_dtype(q.dtype))
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty((B, N, H), dtype=acc_dtype(q.dtype))
 
 
-@torch.library.custom_op("attn_core::dilated_sdpa_bwd", mutates_args=())
-def _bwd_op(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    mask: torch.Tensor | None,
-    segment_lengths: list[int],
-    dilation_rates: list[int],
-    head_mode: str,
-    is_causal: bool,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    config = DilatedConfig(segment_lengths, dilation_rates, head_mode)
-    return _backward(dout, q, k, v, out, lse, mask, config, is_causal, scale)
-
-
-@_bwd_op.register_fake
-def _bwd_fake(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    mask: torch.Tensor | None,
-    segment_lengths: list[int],
-    dilation_rates: list[int],
-    head_mode: str,
-    is_causal: bool,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-    return dq, dk, dv
-
-
-def _op_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    q, k, v, mask, *args = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask)
-    ctx.args = args
-
-
-def _op_backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    # lse is an auxiliary output (not exposed): its incoming gradient is ignored
-    q, k, v, out, lse, mask = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, mask, *ctx.args)
-    return (dq, dk, dv) + (None,) * 6
-
-
-torch.library.register_autograd("attn_core::dilated_sdpa_fwd", _op_backward, setup_context=_op_setup_context)
+# attn_core::dilated_sdpa_fwd / _bwd: the strided views of the pieces cannot be traced by the
+# compiler (storage offsets are not tensors: one graph break per piece), so they run opaque.
+DILATED_SDPA = DifferentiableOp(
+    "attn_core::dilated_sdpa",
+    inputs=("q", "k", "v"),
+    outputs=("out", "lse"),
+    args_schema=(
+        "Tensor? mask, int[] segment_lengths, int[] dilation_rates, str head_mode, bool is_causal, float scale"
+    ),
+    forward=_forward,
+    backward=_backward,
+    encode=_encode,
+    decode=_decode,
+    fake=_fake,
+    second_order_error=SECOND_ORDER_ERROR,
+)
 
 
 def dilated_attention(call: DilatedCall) -> torch.Tensor:
     """out (B, N, H, D) in q's dtype; see the module docstring."""
-    c = call.config
-    if torch.compiler.is_compiling():
-        out, _ = _fwd_op(
-            call.q, call.k, call.v, call.key_padding_mask, list(c.segment_lengths), list(c.dilation_rates),
-            c.head_mode, bool(call.is_causal), float(call.softmax_scale),
-        )  # fmt: skip
-        return out
-    result: torch.Tensor = _DilatedSDPA.apply(
-        call.q, call.k, call.v, c, call.is_causal, call.key_padding_mask, call.softmax_scale
-    )
-    return result
+    return DILATED_SDPA(call.q, call.k, call.v, call.key_padding_mask, call.config, call.is_causal, call.softmax_scale)

@@ -19,16 +19,21 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import torch
 
+from .._memo import StorageMemo
+
 __all__ = [
     "CSR",
     "DKV_PROGRAMS_PER_SM",
     "DS_SCRATCH_MEMORY_SHARE",
+    "LAUNCH_MEMO",
+    "LAUNCH_MEMO_ENTRIES",
+    "LAUNCH_MEMO_LAYOUTS",
     "DsChunk",
     "KernelConfig",
     "chunk_slots",
@@ -126,6 +131,15 @@ def default_config(block_size: tuple[int, int]) -> KernelConfig:
     )
 
 
+# Launch data derived from a layout's CSR tensors (launch tables, chunk plans, transposed slots):
+# one memo, which eager calls reach through the layout (CSR.from_layout) and the custom ops, which
+# get raw tensors (new tensor objects in every compiled backward), from their storage
+# (CSR.from_tensors). At most LAUNCH_MEMO_LAYOUTS layouts of LAUNCH_MEMO_ENTRIES entries each.
+LAUNCH_MEMO_LAYOUTS = 8
+LAUNCH_MEMO_ENTRIES = 16
+LAUNCH_MEMO = StorageMemo(LAUNCH_MEMO_LAYOUTS, LAUNCH_MEMO_ENTRIES)
+
+
 @dataclass(frozen=True)
 class CSR:
     """Raw CSR tensors of a block layout (see the module docstring)."""
@@ -140,28 +154,47 @@ class CSR:
     block_size: tuple[int, int]
     # (nnz,) int32 transposed-CSR position of each tile (see transposed_slots); derived on demand
     tslot: torch.Tensor | None = field(default=None, compare=False, repr=False)
-    # (key, build) -> value: where derived per-layout data (launch orders) is memoised; the layout's
-    # bounded cache when built from a BlockLayout, none for raw tensors.
+    # (key, build) -> value: where derived per-layout data (launch orders) is memoised, its entry
+    # in LAUNCH_MEMO (from_layout, from_tensors); none: built on every use.
     cache: Callable[[Any, Callable[[], Any]], Any] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_layout(cls, layout: Any) -> CSR:
-        """The raw tensors of an :class:`attn_sparse.layout.BlockLayout` (its transposed CSR is cached there)."""
-        ccol, row = layout.transposed_csr()
-        return cls(
-            crow=layout.crow_indices.contiguous(),
-            col=layout.col_indices.contiguous(),
-            ccol=ccol.contiguous(),
-            row=row.contiguous(),
-            num_heads=int(layout.num_heads),
-            num_query_blocks=int(layout.num_query_blocks),
-            num_key_blocks=int(layout.num_key_blocks),
-            block_size=(int(layout.block_size[0]), int(layout.block_size[1])),
-            cache=layout._cached,
-        )
+        """The raw tensors of an :class:`attn_sparse.layout.BlockLayout`, with their entry in
+        LAUNCH_MEMO; cached on the layout (one lookup per call)."""
+
+        def build() -> CSR:
+            ccol, row = layout.transposed_csr()
+            tensors = (
+                layout.crow_indices.contiguous(), layout.col_indices.contiguous(), ccol.contiguous(), row.contiguous()
+            )  # fmt: skip
+            dims = (
+                int(layout.num_heads), int(layout.num_query_blocks), int(layout.num_key_blocks),
+                int(layout.block_size[0]), int(layout.block_size[1]),
+            )  # fmt: skip
+            memo = LAUNCH_MEMO.memo_for(tensors, dims)
+            return cls(*tensors, *dims[:3], (dims[3], dims[4]), cache=memo)
+
+        result: CSR = layout._cached(("kernel_csr",), build)
+        return result
+
+    @classmethod
+    def from_tensors(
+        cls, crow: torch.Tensor, col: torch.Tensor, ccol: torch.Tensor, row: torch.Tensor, dims: Sequence[int]
+    ) -> CSR:
+        """The CSR of raw tensors and :attr:`dims` (what the custom ops receive), its launch data
+        memoised in LAUNCH_MEMO while those storages are alive and unmodified."""
+        heads, nqb, nkb, bq, bk = dims
+        memo = LAUNCH_MEMO.memo_for((crow, col, ccol, row), tuple(dims))
+        return cls(crow, col, ccol, row, heads, nqb, nkb, (bq, bk), cache=memo)
+
+    @property
+    def dims(self) -> list[int]:
+        """[num_heads, num_query_blocks, num_key_blocks, block rows, block columns]."""
+        return [self.num_heads, self.num_query_blocks, self.num_key_blocks, *self.block_size]
 
     def _memo(self, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
-        """build(), memoised under ``key`` in the layout's cache (built every call without one)."""
+        """build(), memoised under ``key`` in :attr:`cache` (built every call without one)."""
         return build() if self.cache is None else self.cache(key, build)
 
     def transposed_slots(self) -> torch.Tensor:
@@ -214,7 +247,7 @@ class CSR:
         self, chunks: list[DsChunk], batch: int, kv_heads: int, group: int
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(dk/dv column order, dq-from-dS row table) of each stored-dS chunk, memoised per layout
-        as one entry (dense 128K runs 64 chunks: one entry each would overflow the layout's cache)."""
+        as one entry (dense 128K runs 64 chunks: one entry each would overflow the memo)."""
 
         def build() -> list[tuple[torch.Tensor, torch.Tensor]]:
             # chunks of equal size and key blocks share their tables (units are counted per launch)
