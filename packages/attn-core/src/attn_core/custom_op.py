@@ -176,4 +176,3 @@ class _EagerFunction(torch.autograd.Function):
         # create_graph=True: the gradients join a graph in which differentiating them raises
         grads = first_order_only(grads, (grad, *saved[: op.num_inputs]), op.second_order_error)
         return (None, *grads, *(None,) * len(args))
-
