@@ -3,8 +3,8 @@
     python tools/compare_runs.py BASE_DIR HEAD_DIR --out DIR --name NAME
 
 Each directory holds one run's JSON reports (sparse_*.json, dilated_*.json). Writes NAME.md (table:
-base ms, head ms, head/base time ratio per point and measure) and NAME.json, and prints the table.
-A ratio above 1 means head is slower.
+base ms, head ms, head/base time ratio per point and measure), NAME.json and NAME.png (the ratios,
+with hardware and versions), and prints the table. A ratio above 1 means head is slower.
 """
 
 from __future__ import annotations
@@ -66,6 +66,30 @@ def render(result: dict[str, Any], name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: dict[str, Any], path: Path, name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [f"{r['bench']} " + " ".join(str(v) for v in r["point"].values()) + f" {r['measure']}" for r in rows]
+    ratios = [r["ratio"] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(rows) + 1.5))
+    ax.barh(range(len(rows)), ratios, color=["tab:red" if x > 1.02 else "tab:blue" for x in ratios])
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.axvline(1.02, color="tab:red", lw=0.8, ls="--", label="2% slower")
+    lo = min(min(ratios), 0.95)
+    ax.set_xlim(lo, max(max(ratios), 1.05))
+    ax.set_xlabel("time head / base (above 1: head slower)")
+    ax.legend(fontsize=7, loc="lower right")
+    env = result["env"]
+    ax.set_title(f"{name}: {env.get('gpu')}, torch {env.get('torch')}, triton {env.get('triton')}", fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("base", type=Path)
@@ -78,6 +102,7 @@ def main() -> int:
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     md = render(result, args.name)
     (args.out / f"{args.name}.md").write_text(md)
+    plot(result, args.out / f"{args.name}.png", args.name)
     print(md)
     return 0
 
