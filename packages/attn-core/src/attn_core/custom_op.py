@@ -174,5 +174,5 @@ class _EagerFunction(torch.autograd.Function):
         with torch.no_grad():  # the kernels' backward has no derivative of its own
             grads = op.backward(grad, *saved, *args)
         # create_graph=True: the gradients join a graph in which differentiating them raises
-        grads = first_order_only(grads, (grad, *saved[: op.num_inputs]), op.second_order_error)
-        return (None, *grads, *(None,) * len(args))
+        guarded = first_order_only(grads, (grad, *saved[: op.num_inputs]), op.second_order_error)
+        return (None, *guarded, *(None,) * len(args))
