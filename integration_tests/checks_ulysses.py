@@ -393,7 +393,8 @@ def check_rank_leaving_is_an_error(rank: int, world_size: int, mode: str = "exit
         out.sum().backward()
     except (TimeoutError, RuntimeError) as exc:
         elapsed = time.monotonic() - t0
-        if elapsed > 3 * timeout_s:
+        # bounded, with room for a loaded machine (process start-up and gloo's own poll interval)
+        if elapsed > 3 * timeout_s + 20:
             raise AssertionError(f"raised only after {elapsed:.0f} s (timeout {timeout_s} s)") from exc
         if "rank" not in str(exc):
             raise AssertionError(f"error does not name the ranks involved: {exc}") from exc
