@@ -318,7 +318,7 @@ def test_to_device_carries_the_transposed_csr(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_bounded_memo_builds_once_and_drops_the_least_recent() -> None:
-    from attn_sparse._memo import MISSING, BoundedMemo
+    from attn_sparse.memo import MISSING, BoundedMemo
 
     memo = BoundedMemo(2)
     calls: list[str] = []

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from attn_sparse import BlockLayout, bigbird, csr, patterns
-from attn_sparse._hash import MASK32, mix32, random_blocks, seed_key
+from attn_sparse.hashing import MASK32, mix32, random_blocks, seed_key
 from attn_sparse.kernels import interpret_mode
 from attn_sparse.kernels.pattern_build import bigbird_tile_bound
 

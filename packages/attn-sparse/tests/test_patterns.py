@@ -19,7 +19,7 @@ from attn_sparse import (
     local_window,
     longnet,
 )
-from attn_sparse._hash import random_blocks, seed_key
+from attn_sparse.hashing import random_blocks, seed_key
 
 SIZES = [1, 37, 128, 200]
 BLOCKS = [(16, 16), (16, 32), (32, 16)]
@@ -178,7 +178,7 @@ def test_large_pattern_builds_in_blocks_not_tokens() -> None:
 # before device= builds (commit 5eb5758: CPU construction, transposed CSR by a stable sort): the
 # current builders, their attached transposes included, must give these layouts bit for bit.
 # bigbird's two entries were re-recorded when its random blocks moved from a CPU torch.Generator to
-# the counter-based hash of attn_sparse._hash (same window and global tiles, other random blocks).
+# the counter-based hash of attn_sparse.hashing (same window and global tiles, other random blocks).
 PREVIOUS_DIGESTS = [
     ("local_window", {"seq_len": 100003, "window": 3000, "block_size": 64}, "5dc49bc0be9a6f95"),
     ("local_window", {"seq_len": 65536, "window": 0}, "9f806e5499d07c45"),

@@ -23,11 +23,9 @@ from typing import Any
 import torch
 
 from . import library_format
-from ._memo import MISSING, BoundedMemo
 from .csr import INT32_MAX, crow_from_sorted_rows, expand_intervals, row_ids
-from .csr import aligned_sections as aligned_sections  # re-exported: the kernels import it from here
-from .csr import check_tile_count as check_tile_count  # re-exported: the kernels import it from here
 from .flex_support import flex_block_mask_class, tile_mask_mod
+from .memo import MISSING, BoundedMemo
 
 __all__ = [
     "MAX_BLOCK_SIZE",
@@ -377,10 +375,8 @@ class BlockLayout:
 
     def cached_derived(self, key: Any, build: Any) -> Any:
         """Derived data (device copies, transposed CSR, flex BlockMasks per sequence length), LRU-bounded
-        (:class:`attn_sparse._memo.BoundedMemo`: under torch.compile a miss is built, not stored)."""
+        (:class:`attn_sparse.memo.BoundedMemo`: under torch.compile a miss is built, not stored)."""
         return self._cache.get(key, build)
-
-    _cached = cached_derived  # the name attn_sparse.kernels still uses
 
     def row_counts(self) -> torch.Tensor:
         """(num_heads, num_query_blocks) int32 number of active key blocks per query block."""

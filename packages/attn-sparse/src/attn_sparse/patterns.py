@@ -35,7 +35,7 @@ import torch
 from attn_core.config import DilatedConfig
 from attn_core.triton_env import compiled_triton_available
 
-from . import _hash
+from . import hashing
 from .csr import expand_intervals, row_work_device
 from .layout import (
     MAX_SEQ_LEN,
@@ -265,7 +265,7 @@ def bigbird(
     """BigBird: :func:`global_local` plus ``random_blocks`` key blocks per query block row.
 
     Draw t of query block q of head h is a counter-based integer hash of (seed, h, q, t)
-    (:mod:`attn_sparse._hash`; ``seed`` modulo 2**64), so a pattern is the same on any machine
+    (:mod:`attn_sparse.hashing`; ``seed`` modulo 2**64), so a pattern is the same on any machine
     and device, with no random generator state. Draws are with replacement and may coincide with
     window/global blocks (a row then has fewer extra blocks). ``num_heads`` > 1 gives each head
     its own random blocks (a per-head layout). On CUDA with Triton installed, Triton kernels
@@ -296,7 +296,7 @@ def _bigbird(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
     w, gt = g.distance("window", window), g.distance("global_tokens", global_tokens)
-    key = _hash.seed_key(seed)
+    key = hashing.seed_key(seed)
     if triton is None:
         triton = compiled_triton_available(g.device)
     if triton:
@@ -307,7 +307,7 @@ def _bigbird(
         return layout.with_transposed_csr(ccol, rows)
     lo_w, hi_w = g.window(w)
     lo_g, hi_g = g.global_interval(gt)
-    rnd = _hash.random_blocks(key, heads, g.nq, g.nk, r, g.rows_on)
+    rnd = hashing.random_blocks(key, heads, g.nq, g.nk, r, g.rows_on)
     lo = torch.cat([lo_g.expand(heads, -1, -1), lo_w.expand(heads, -1, -1), rnd], dim=2)
     hi = torch.cat([hi_g.expand(heads, -1, -1), hi_w.expand(heads, -1, -1), rnd + 1], dim=2)
     # transposed_csr sorts the tiles when first asked: the random draws break the symmetry

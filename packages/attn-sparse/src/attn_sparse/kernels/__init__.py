@@ -26,7 +26,8 @@ Shapes: q (B, Nq, H, D); k, v (B, Nk, Hkv, D); out like q; lse (B, H, Nq) fp32, 
 
 from typing import TYPE_CHECKING
 
-from .._triton_env import interpret_mode, triton_installed
+from attn_core.triton_env import interpret_mode, triton_installed
+
 from .planning import CSR, DsChunk, KernelConfig, default_config, launch_order, row_table, stored_ds_chunks
 
 if TYPE_CHECKING or triton_installed():

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 import triton
 
-from .._triton_env import interpret_mode
+from attn_core.triton_env import interpret_mode
+
 from .backward import delta_kernel, dkv_kernel, dq_ds_kernel, dq_kernel
 from .forward import fwd_kernel
 from .planning import CSR, DsChunk, KernelConfig, chunk_slots, stored_ds_chunks

@@ -13,7 +13,7 @@ when it runs on a GPU, and their host time, not the GPU work, bounds the build. 
    CSR that :meth:`BlockLayout.transposed_csr` computes by sorting.
 
 The count kernel hashes each row's random draws (the counter-based hash of
-:mod:`attn_sparse._hash`, the same integer math as the torch builder) and compares them pairwise
+:mod:`attn_sparse.hashing`, the same integer math as the torch builder) and compares them pairwise
 (a few per row, typically) instead of sorting them: a draw counts once, at its first occurrence,
 and only if it lies outside the row's intervals. It stores these "extras" (-1 elsewhere); the
 expand kernel places each extra by the number of extras below it.
@@ -39,13 +39,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .._hash import HASH_MUL, HASH_SHIFT, MASK32
-from ..layout import aligned_sections, check_tile_count
+from ..csr import aligned_sections, check_tile_count
+from ..hashing import HASH_MUL, HASH_SHIFT, MASK32
 from .launch import device_guard
 
 __all__ = ["bigbird_csr", "expand_runs", "window_csr"]
 
-# the hash constants of attn_sparse._hash, as compile-time constants of the kernels
+# the hash constants of attn_sparse.hashing, as compile-time constants of the kernels
 _MASK32 = tl.constexpr(MASK32)
 _MUL_0 = tl.constexpr(HASH_MUL[0])
 _MUL_1 = tl.constexpr(HASH_MUL[1])
@@ -70,7 +70,7 @@ _GEOMETRY = ["seq_len", "block_q", "block_k", "window", "num_qb", "num_kb", "glo
 
 @triton.jit
 def _mix32(x):
-    """attn_sparse._hash.mix32 on int64 values in [0, 2**32) (products stay below 2**63)."""
+    """attn_sparse.hashing.mix32 on int64 values in [0, 2**32) (products stay below 2**63)."""
     x = x ^ (x >> _SHIFT_0)
     x = (x * _MUL_0) & _MASK32
     x = x ^ (x >> _SHIFT_1)
@@ -80,7 +80,7 @@ def _mix32(x):
 
 @triton.jit
 def _draws(row, key, t, num_qb, num_kb):
-    """Draws t (int32 tensor) of row = head * num_qb + q, as int32: attn_sparse._hash.random_blocks
+    """Draws t (int32 tensor) of row = head * num_qb + q, as int32: attn_sparse.hashing.random_blocks
     (int64 math). ``key``: the 32-bit seed key minus 2**31 (see KEY_BIAS)."""
     x = _mix32(_mix32(_mix32((row // num_qb) ^ (key.to(tl.int64) + KEY_BIAS)) ^ (row % num_qb)) ^ t.to(tl.int64))
     return ((x * num_kb) >> 32).to(tl.int32)
@@ -374,7 +374,7 @@ def bigbird_csr(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """bigbird's (crow, col, ccol, rows), all int32, on ``device`` (CUDA; CPU tensors under
     TRITON_INTERPRET=1). Arguments as validated by :func:`attn_sparse.patterns.bigbird`;
-    ``key`` is the hash key of the seed (:func:`attn_sparse._hash.seed_key`).
+    ``key`` is the hash key of the seed (:func:`attn_sparse.hashing.seed_key`).
 
     crow (num_heads * nq + 1,), col (nnz,) increasing per row; ccol (num_heads * nk + 1,),
     rows (nnz,) increasing per key block: what :meth:`BlockLayout.transposed_csr` returns.

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .._memo import StorageMemo
+from ..memo import StorageMemo
 
 __all__ = [
     "CSR",
@@ -175,7 +175,7 @@ class CSR:
             memo = LAUNCH_MEMO.memo_for(tensors, dims)
             return cls(*tensors, *dims[:3], (dims[3], dims[4]), cache=memo)
 
-        result: CSR = layout._cached(("kernel_csr",), build)
+        result: CSR = layout.cached_derived(("kernel_csr",), build)
         return result
 
     @classmethod
