@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from smoke_check import matches_reference
 
 
 def main() -> int:
@@ -41,12 +42,7 @@ def main() -> int:
     dout = torch.randn(out.shape, dtype=out.dtype, generator=g)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     grads_ref = torch.autograd.grad(expected, (q, k, v), dout)
-    try:
-        torch.testing.assert_close(out, expected)
-        for name, got, ref in zip("qkv", grads, grads_ref):
-            torch.testing.assert_close(got, ref, msg=lambda m, n=name: f"d{n}: {m}")
-    except AssertionError as exc:
-        print(f"attn-sparse smoke FAILED: block_sparse_attention differs from the reference: {exc}")
+    if not matches_reference("attn-sparse smoke FAILED: block_sparse_attention", out, expected, grads, grads_ref):
         return 1
     print("attn-sparse smoke ok: layout, PatternLibrary save/load, block_sparse_attention fwd+bwd == reference")
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from smoke_check import matches_reference
 
 
 def main() -> int:
@@ -24,10 +25,7 @@ def main() -> int:
     q, k, v = (torch.randn(2, 19, 4, 8, dtype=torch.float64, generator=g) for _ in range(3))
     out = module(q, k, v, is_causal=True)
     expected, _ = reference.dilated_attention(q, k, v, [4, 8], [1, 2], is_causal=True)
-    try:
-        torch.testing.assert_close(out, expected)
-    except AssertionError as exc:
-        print(f"umbrella smoke FAILED: create_dilated_attention's module differs from the reference: {exc}")
+    if not matches_reference("umbrella smoke FAILED: create_dilated_attention's module", out, expected):
         return 1
     if missing:
         print(f"umbrella smoke FAILED: packages the wheel set should provide are not available: {missing}")
