@@ -11,6 +11,7 @@ from attn_core.testing import assert_close_to_reference
 from attn_sparse import BlockLayout, block_sparse_attention, explain, last_backend, local_window
 from attn_sparse.backends import flex as flex_backend
 from attn_sparse.backends import reference as reference_backend
+from attn_sparse.masks import TokenMask
 
 CASES = [
     # (B, Nq, Nk, H, Hkv, D, layout heads, block_size, causal)
@@ -104,7 +105,7 @@ def test_gradcheck_float64() -> None:
 def test_lse_of_gathered_attention() -> None:
     layout, mask = _layout(1, 40, 40, (16, 16), seed=5)
     q, k, v = _inputs(1, 40, 40, 2, 2, 8, torch.float64, seed=6)
-    _, lse = reference_backend.gathered_attention(q, k, v, layout, is_causal=True, softmax_scale=0.3)
+    _, lse = reference_backend.gathered_attention(q, k, v, layout, mask=TokenMask.causal_only(True), softmax_scale=0.3)
     _, ref_lse = reference_bsa(q, k, v, mask, (16, 16), is_causal=True, softmax_scale=0.3)
     torch.testing.assert_close(lse, ref_lse)  # -inf on empty rows on both sides
 

@@ -10,6 +10,7 @@ from attn_core.reference import block_sparse_attention as reference_bsa
 from attn_core.testing import assert_close_to_reference
 from attn_sparse import AdaptiveBlockSparseAttention, BlockLayout, block_sparse_attention
 from attn_sparse.backends.reference import gathered_attention
+from attn_sparse.masks import TokenMask
 
 
 @pytest.mark.parametrize(
@@ -21,7 +22,7 @@ def test_reference_backend_stays_normalised_at_large_logits(dtype: torch.dtype, 
     q = torch.full((1, 40, 2, 16), value, dtype=dtype)
     v = torch.ones(1, 40, 2, 16, dtype=dtype)
     layout = BlockLayout.from_dense(torch.ones(1, 3, 3, dtype=torch.bool), 16)
-    out, lse = gathered_attention(q, q, v, layout, is_causal=True, softmax_scale=1.0)
+    out, lse = gathered_attention(q, q, v, layout, mask=TokenMask.causal_only(True), softmax_scale=1.0)
     torch.testing.assert_close(out, torch.ones_like(out), rtol=0, atol=4 * torch.finfo(dtype).eps)
     assert torch.isfinite(lse).all()
 
@@ -32,7 +33,7 @@ def test_reference_backend_matches_float64_at_large_logits() -> None:
     mask = torch.rand(2, 3, 3, generator=g) < 0.6
     mask[0, 1] = False  # an empty row: out 0, lse -inf
     layout = BlockLayout.from_dense(mask, 16)
-    out, lse = gathered_attention(q, k, v, layout, is_causal=False, softmax_scale=0.25)
+    out, lse = gathered_attention(q, k, v, layout, mask=TokenMask.causal_only(False), softmax_scale=0.25)
     ref, ref_lse = reference_bsa(q.double(), k.double(), v.double(), mask, (16, 16), softmax_scale=0.25)
     base, _ = reference_bsa(q, k, v, mask, (16, 16), softmax_scale=0.25, dtype=torch.float32)
     assert_close_to_reference("out", out, ref, base)

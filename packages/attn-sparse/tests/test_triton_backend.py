@@ -16,6 +16,7 @@ from attn_core.reference import block_sparse_attention as reference_attention
 from attn_core.testing import assert_close_to_reference
 from attn_sparse import BlockLayout, bigbird, block_sparse_attention, causal, explain, last_backend, local_window
 from attn_sparse.backends import triton as triton_backend
+from attn_sparse.masks import TokenMask
 
 
 def _qkv(B: int, N: int, H: int, Hkv: int, D: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
@@ -73,7 +74,7 @@ def test_auto_picks_triton_in_interpreter_and_explains() -> None:
 def test_reasons_name_the_problem_and_pinning_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     layout = local_window(32, 16, block_size=16)
     q, k, v, _ = _qkv(1, 32, 2, 2, 24, torch.float16, seed=4)
-    reasons = triton_backend.unsupported_reasons(q, k, v, layout, False)
+    reasons = triton_backend.unsupported_reasons(q, k, v, layout, TokenMask.causal_only(False))
     assert any("head dim 24" in r for r in reasons)
     with pytest.raises(ValueError, match="head dim 24"):
         block_sparse_attention(q, k, v, layout, backend="triton")

@@ -26,6 +26,7 @@ from attn_core.testing import assert_close_to_reference
 from attn_sparse.kernels import (
     CSR,
     KernelConfig,
+    KernelMask,
     block_sparse_attention_csr,
     default_config,
     interpret_mode,
@@ -101,11 +102,15 @@ def run_case(
             else:
                 assert len(chunks) == (units if "chunked" in name else 1), (name, chunks)
 
-        out = block_sparse_attention_csr(q, k, v, csr, is_causal=is_causal, softmax_scale=scale, config=cfg)
+        out = block_sparse_attention_csr(
+            q, k, v, csr, mask=KernelMask.causal(is_causal, q.shape[1], k.shape[1]), softmax_scale=scale, config=cfg
+        )
         assert out.shape == q.shape and out.dtype == dtype
         grads = {}
         for name, c in variants.items():
-            o = block_sparse_attention_csr(q, k, v, csr, is_causal=is_causal, softmax_scale=scale, config=c)
+            o = block_sparse_attention_csr(
+                q, k, v, csr, mask=KernelMask.causal(is_causal, q.shape[1], k.shape[1]), softmax_scale=scale, config=c
+            )
             grads[name] = torch.autograd.grad(o, (q, k, v), dout)
     dq, dk, dv = grads["stored dS"]
 
@@ -232,8 +237,12 @@ def test_unaligned_queries_with_aligned_keys() -> None:
     csr = csr_from_mask(mask, (32, 32))
     cfg = KernelConfig(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16, dqs_m=16, dqs_n=16, tma=True)
     for causal in (False, True):
-        out = block_sparse_attention_csr(q, k, v, csr, is_causal=causal, config=cfg)
-        out_c = block_sparse_attention_csr(q.contiguous(), k, v, csr, is_causal=causal, config=cfg)
+        out = block_sparse_attention_csr(
+            q, k, v, csr, mask=KernelMask.causal(causal, q.shape[1], k.shape[1]), config=cfg
+        )
+        out_c = block_sparse_attention_csr(
+            q.contiguous(), k, v, csr, mask=KernelMask.causal(causal, q.shape[1], k.shape[1]), config=cfg
+        )
         assert torch.equal(out, out_c)
         ref, _ = reference_attention(
             q.double(), k.double(), v.double(), mask, (32, 32), is_causal=causal, dtype=torch.float64
@@ -304,7 +313,9 @@ def test_torch_compile_traces_the_custom_ops_without_graph_breaks(
         assert len(chunks) == 4 and all(c.c1 - c.c0 == 1 for c in chunks), chunks
 
     def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return block_sparse_attention_csr(q, k, v, csr, is_causal=True, config=cfg).sum(dim=-1)
+        return block_sparse_attention_csr(
+            q, k, v, csr, mask=KernelMask.causal(True, q.shape[1], k.shape[1]), config=cfg
+        ).sum(dim=-1)
 
     graphs: list[str] = []
 
@@ -452,8 +463,8 @@ def test_strided_inputs_match_contiguous() -> None:
     qs, ks, vs = (torch.randn(1, 2, 32, 16, generator=g).transpose(1, 2).requires_grad_() for _ in range(3))
     assert not qs.is_contiguous()
     qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (qs, ks, vs))
-    out_s = block_sparse_attention_csr(qs, ks, vs, csr, is_causal=True)
-    out_c = block_sparse_attention_csr(qc, kc, vc, csr, is_causal=True)
+    out_s = block_sparse_attention_csr(qs, ks, vs, csr, mask=KernelMask.causal(True, qs.shape[1], ks.shape[1]))
+    out_c = block_sparse_attention_csr(qc, kc, vc, csr, mask=KernelMask.causal(True, qc.shape[1], kc.shape[1]))
     assert torch.equal(out_s, out_c)
     do = torch.randn(out_s.shape, generator=g)
     for a, b in zip(torch.autograd.grad(out_s, (qs, ks, vs), do), torch.autograd.grad(out_c, (qc, kc, vc), do)):

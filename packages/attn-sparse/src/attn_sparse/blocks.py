@@ -36,6 +36,7 @@ from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
 
 from .backends.reference import gathered_attention
 from .layout import BlockLayout
+from .masks import TokenMask
 
 __all__ = ["BLOCK_BACKENDS", "block_backend", "block_backward", "block_forward"]
 
@@ -79,15 +80,21 @@ def block_forward(
         B, Nq, H, _ = q.shape
         return torch.zeros_like(q), torch.full((B, H, Nq), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
     if choice.backend == "triton":
-        from .kernels import CSR, block_sparse_forward, default_config
+        from .kernels import CSR, KernelMask, block_sparse_forward, default_config
         from .kernels.launch import device_guard
 
         with device_guard(q.device):
             return block_sparse_forward(
-                q, k, v, CSR.from_layout(layout), causal, scale, default_config(layout.block_size)
+                q,
+                k,
+                v,
+                CSR.from_layout(layout),
+                KernelMask.causal(causal, q.shape[1], k.shape[1]),
+                scale,
+                default_config(layout.block_size),
             )
     with torch.no_grad():
-        return gathered_attention(q, k, v, layout, is_causal=causal, softmax_scale=scale)
+        return gathered_attention(q, k, v, layout, mask=TokenMask.causal_only(causal), softmax_scale=scale)
 
 
 def block_backward(
@@ -118,13 +125,14 @@ def block_backward(
         dq, dk, dv = (torch.zeros(t.shape, dtype=ad, device=q.device) for t in (q, k, v))
         return dq, dk, dv
     if choice.backend == "triton":
-        from .kernels import CSR, block_sparse_backward, default_config
+        from .kernels import CSR, KernelMask, block_sparse_backward, default_config
         from .kernels.launch import device_guard
 
         with device_guard(q.device):
             grads = block_sparse_backward(
                 dout.to(q.dtype).contiguous(), q, k, v, out.to(q.dtype), lse.to(torch.float32).contiguous(),
-                CSR.from_layout(layout), causal, scale, default_config(layout.block_size),
+                CSR.from_layout(layout), KernelMask.causal(causal, q.shape[1], k.shape[1]), scale,
+                default_config(layout.block_size),
             )  # fmt: skip
         return grads[0].to(ad), grads[1].to(ad), grads[2].to(ad)
     return _reference_backward(dout, q, k, v, out, lse, layout, causal, scale)
@@ -149,7 +157,7 @@ def _reference_backward(
     finite = torch.where(torch.isfinite(lse_a), lse_a, torch.zeros_like(lse_a))
     with torch.enable_grad():
         qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
-        o_s, l_s = gathered_attention(qd, kd, vd, layout, is_causal=causal, softmax_scale=scale)
+        o_s, l_s = gathered_attention(qd, kd, vd, layout, mask=TokenMask.causal_only(causal), softmax_scale=scale)
         w = torch.exp(l_s.to(ad) - finite)  # (B, H, Nq); 0 where this range saw no key
         g_out = w.transpose(1, 2).unsqueeze(-1) * dout_a
         g_lse = w * (dout_a * (o_s.to(ad) - out_a)).sum(-1).transpose(1, 2)
@@ -191,5 +199,7 @@ def _choose(
 ) -> BackendChoice:
     # the backends' reasons read q's device, dtype and head dim and the block size (k, v share q's)
     return REGISTRY.choose(
-        backend, lambda mod: mod.unsupported_reasons(q, q, q, layout, is_causal), explain_all=explain_all
+        backend,
+        lambda mod: mod.unsupported_reasons(q, q, q, layout, TokenMask.causal_only(is_causal)),
+        explain_all=explain_all,
     )

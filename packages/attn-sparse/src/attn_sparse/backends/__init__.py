@@ -17,14 +17,14 @@ imported lazily or guarded, and their absence is one of the ``unsupported_reason
 ModuleNotFoundError raised while importing the backend module itself is only treated as "not
 installed" when the missing module is the backend module; anything else propagates.)
 
-``unsupported_reasons(q, k, v, layout, is_causal) -> list[str]``
+``unsupported_reasons(q, k, v, layout, mask) -> list[str]``
     Why this backend cannot take the call; an empty list means it can. Must be cheap (no kernel
     launches, no compilation, no device synchronisation) and must never raise for a validated
     call: a missing optional dependency, a wrong device, an unsupported dtype/head dim/block size
     are all *reasons* ("needs a CUDA device, got cpu"). ``"auto"`` takes the first backend with
     no reasons; a pinned backend with reasons raises ValueError listing them (no fallback).
 
-``block_sparse_attention(q, k, v, layout, is_causal, softmax_scale) -> torch.Tensor``
+``block_sparse_attention(q, k, v, layout, mask, softmax_scale) -> torch.Tensor``
     The attention output ``out: (B, Nq, H, D)`` in q's dtype, differentiable with respect to
     q, k and v with exact gradients (wrap kernels in a ``torch.autograd.Function``).
 
@@ -52,14 +52,16 @@ What the API guarantees before it calls a backend (the backend need not re-check
       row_indices (nnz,) int32)``: the same tiles grouped by key block (for a backward pass over
       key blocks), rows sorted within each column; cached on the layout.
     * ``layout.max_blocks_per_row`` / ``layout.max_blocks_per_col``: python ints (grid sizing).
-- ``is_causal``: bool. Top-left aligned like SDPA: query token ``i`` sees key token ``j`` only if
-  ``j <= i`` (in addition to its tile being active). Tiles entirely above the diagonal may be
-  active in the layout; they then contribute nothing.
+- ``mask``: an :class:`attn_sparse.masks.TokenMask` (validated): the token masks inside the tiles
+  (``mask.causal``, ``mask.window``, ``mask.cu_seqlens``). Query token ``i`` sees key token ``j``
+  only if ``mask.key_intervals`` puts ``j`` in its interval ``[lo_i, hi_i]`` (in addition to its
+  tile being active). Causal is top-left aligned like SDPA (``j <= i``). Active tiles entirely
+  outside the masks contribute nothing.
 - ``softmax_scale``: a finite positive float (1/sqrt(D) already substituted for None).
 
 Semantics every backend must meet: for each (batch, head, query token), softmax over the keys
-of its active tiles (minus causal-masked keys) of ``scale * q.k``, times v. A query token that
+of its active tiles (minus the keys the token masks remove) of ``scale * q.k``, times v. A query token that
 sees no key (no active tile in its row, or all masked) outputs exactly 0, never NaN, and gets
 zero gradients. The float64 reference is ``attn_core.reference.block_sparse_attention`` with
-``layout.to_dense()`` as the block mask.
+``layout.to_dense()`` as the block mask, and :meth:`TokenMask.dense` for the token masks.
 """

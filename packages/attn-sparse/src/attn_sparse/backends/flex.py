@@ -16,6 +16,7 @@ import torch
 
 from ..flex_support import flex_block_mask_class
 from ..layout import BlockLayout
+from ..masks import TokenMask
 
 NAME = "flex"
 
@@ -24,9 +25,11 @@ _COMPILED_LOCK = threading.Lock()
 
 
 def unsupported_reasons(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, is_causal: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, mask: TokenMask
 ) -> list[str]:
     reasons = []
+    if mask.window is not None or mask.cu_seqlens is not None:
+        reasons.append("window_size / cu_seqlens are not passed to flex_attention by this backend yet")
     cls, why = flex_block_mask_class()
     if cls is None:
         reasons.append(why)
@@ -85,7 +88,7 @@ def attention_with(
 
 
 def block_sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, is_causal: bool, softmax_scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, mask: TokenMask, softmax_scale: float
 ) -> torch.Tensor:
     """out (B, Nq, H, D) in q's dtype through compiled flex_attention."""
-    return attention_with(_flex_fn(), q, k, v, layout, is_causal, softmax_scale)
+    return attention_with(_flex_fn(), q, k, v, layout, mask.causal, softmax_scale)

@@ -15,13 +15,14 @@ import torch
 from attn_core.blocks import acc_dtype, drop_padded_keys, softmax_with_lse
 
 from ..layout import BlockLayout
+from ..masks import TokenMask
 
 NAME = "reference"
 SUPPORTS_KEY_PADDING_MASK = True
 
 
 def unsupported_reasons(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, is_causal: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, mask: TokenMask
 ) -> list[str]:
     """The reference path takes every validated call."""
     return []
@@ -38,13 +39,14 @@ def gathered_attention(
     v: torch.Tensor,
     layout: BlockLayout,
     *,
-    is_causal: bool,
+    mask: TokenMask,
     softmax_scale: float,
     key_padding_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the active tiles; returns out (B, Nq, H, D) in q's dtype and lse (B, H, Nq).
 
     q: (B, Nq, H, D); k, v: (B, Nk, Hkv, D); ``layout`` fits the call and is on q's device.
+    mask: the token masks inside the tiles (causal, window, documents).
     key_padding_mask: optional (B, Nk) bool, True = padding key to ignore. Rows that see no key
     give out 0 and lse -inf.
     """
@@ -76,6 +78,14 @@ def gathered_attention(
         padk = torch.nn.functional.pad(key_padding_mask, (0, nk * bk - Nk), value=True)
     qpos_in_block = torch.arange(bq, device=dev)
     kpos_in_block = torch.arange(bk, device=dev)
+    band = None
+    if mask.banded:  # each query's key interval [lo, hi]; rows past Nq see nothing (lo > hi)
+        lo, hi = mask.key_intervals(Nq, Nk, dev)
+        extra = nq * bq - Nq
+        band = (
+            torch.nn.functional.pad(lo, (0, extra), value=1),
+            torch.nn.functional.pad(hi, (0, extra), value=0),
+        )
     rows_done, outs, lses = [], [], []
     for b in torch.unique(bucket[bucket >= 0]).tolist():
         rr = torch.nonzero(bucket == b).flatten()  # CSR rows (head * nq + query block)
@@ -98,12 +108,14 @@ def gathered_attention(
             kr = kb.transpose(2, 3)[:, cols, kvh[:, None]].reshape(B, -1, 1, 1, width * bk, D)
             vr = vb.transpose(2, 3)[:, cols, kvh[:, None]].reshape(B, -1, 1, 1, width * bk, D)
         s = torch.matmul(qr, kr.transpose(-1, -2)) * softmax_scale  # (B, R, h1, h2, Bq, W*Bk)
-        # masked keys: padding slots, keys past Nk, and (causal) keys after the query
+        # masked keys: padding slots, keys past Nk, and keys outside the query's token-mask interval
         kpos = (cols[:, :, None] * bk + kpos_in_block).reshape(-1, 1, 1, 1, width * bk)
         masked = ~valid[:, :, None].expand(-1, -1, bk).reshape(-1, 1, 1, 1, width * bk) | (kpos >= Nk)
-        if is_causal:
-            qpos = (qblk[:, None] * bq + qpos_in_block).reshape(-1, 1, 1, bq, 1)
-            masked = masked | (kpos > qpos)
+        if band is not None:
+            qpos = qblk[:, None] * bq + qpos_in_block  # (R, Bq)
+            lo_r = band[0][qpos].reshape(-1, 1, 1, bq, 1)
+            hi_r = band[1][qpos].reshape(-1, 1, 1, bq, 1)
+            masked = masked | (kpos < lo_r) | (kpos > hi_r)
         if padk is not None:
             masked = masked | padk[:, kpos.flatten()].reshape(B, -1, 1, 1, 1, width * bk)
         s = s.masked_fill(masked, float("-inf"))  # its backward zeroes masked entries (no NaN from empty rows)
@@ -142,13 +154,13 @@ def block_sparse_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     layout: BlockLayout,
-    is_causal: bool,
+    mask: TokenMask,
     softmax_scale: float,
     *,
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out (B, Nq, H, D) in q's dtype (see :func:`gathered_attention`)."""
     out, _ = gathered_attention(
-        q, k, v, layout, is_causal=is_causal, softmax_scale=softmax_scale, key_padding_mask=key_padding_mask
+        q, k, v, layout, mask=mask, softmax_scale=softmax_scale, key_padding_mask=key_padding_mask
     )
     return out

@@ -16,6 +16,7 @@ from attn_core.triton_env import interpret_mode, triton_installed
 
 if TYPE_CHECKING:
     from ..layout import BlockLayout
+    from ..masks import TokenMask
 
 __all__ = ["NAME", "block_sparse_attention", "unsupported_reasons"]
 
@@ -26,7 +27,7 @@ INTERPRET_DTYPES = (torch.float16, torch.float32)
 
 
 def unsupported_reasons(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, is_causal: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, mask: TokenMask
 ) -> list[str]:
     """Why the Triton kernels cannot take this call (empty list: they can). Launches nothing."""
     reasons: list[str] = []
@@ -59,12 +60,13 @@ def block_sparse_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     layout: BlockLayout,
-    is_causal: bool,
+    mask: TokenMask,
     softmax_scale: float,
 ) -> torch.Tensor:
     """out (B, Nq, H, D) in q.dtype; differentiable in q, k, v (exact gradients)."""
-    from ..kernels import CSR, block_sparse_attention_csr
+    from ..kernels import CSR, KernelMask, block_sparse_attention_csr
 
-    return block_sparse_attention_csr(
-        q, k, v, CSR.from_layout(layout), is_causal=is_causal, softmax_scale=softmax_scale
-    )
+    Nq, Nk = q.shape[1], k.shape[1]
+    left, right = mask.kernel_sides(Nq, Nk)
+    kmask = KernelMask(mask.banded, left, right, mask.document_bounds(Nq))
+    return block_sparse_attention_csr(q, k, v, CSR.from_layout(layout), mask=kmask, softmax_scale=softmax_scale)

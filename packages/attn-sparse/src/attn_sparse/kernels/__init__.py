@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from attn_core.triton_env import interpret_mode, triton_installed
 
-from .planning import CSR, DsChunk, KernelConfig, default_config, launch_order, row_table, stored_ds_chunks
+from .planning import CSR, DsChunk, KernelConfig, KernelMask, default_config, launch_order, row_table, stored_ds_chunks
 
 if TYPE_CHECKING or triton_installed():
     from .launch import block_sparse_backward, block_sparse_forward
@@ -38,6 +38,7 @@ __all__ = [
     "CSR",
     "DsChunk",
     "KernelConfig",
+    "KernelMask",
     "block_sparse_attention_csr",
     "block_sparse_backward",
     "block_sparse_forward",

@@ -15,14 +15,15 @@ import triton
 import triton.language as tl
 
 from .tiles import (
-    COUNT_CHUNK,
-    count_below,
+    band_tiles,
     head_source,
     head_sources,
+    key_bands,
     key_tile,
     load_row_tile,
     ordered_row,
     ordered_tile,
+    query_bands,
     row_tile_ptrs,
     row_tiles,
 )
@@ -44,7 +45,8 @@ def _dq_inner(
     COL,
     it_lo,
     it_hi,
-    offs_m,
+    lo,
+    hi,
     N_K,
     stride_kn,
     stride_vn,
@@ -53,9 +55,9 @@ def _dq_inner(
     BLOCK_N: tl.constexpr,
     LAYOUT_BK: tl.constexpr,
     MASKED: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
     TMA: tl.constexpr,
 ):
+    """dq over key tiles it_lo..it_hi; MASKED: row i keeps keys lo[i] <= j <= hi[i]."""
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     for it in range(it_lo, it_hi):
@@ -65,17 +67,15 @@ def _dq_inner(
         v_t = key_tile(V_src, b, hk, n0, N_K, stride_vn, HEAD_DIM, BLOCK_N, MASKED, TMA, True)
         p = tl.math.exp2(tl.dot(q, k_t) * qk_scale - lse2[:, None])
         if MASKED:
-            keep = ((n0 + offs_n) < N_K)[None, :]
-            if IS_CAUSAL:
-                keep = keep & ((n0 + offs_n)[None, :] <= offs_m[:, None])
-            p = tl.where(keep, p, 0.0)
+            cols = (n0 + offs_n)[None, :]
+            p = tl.where((cols >= lo[:, None]) & (cols <= hi[:, None]), p, 0.0)
         dp = tl.dot(do, v_t)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t))
     return dq
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_QB"])
+@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_QB", "win_left", "win_right"])
 def dq_kernel(
     Q,
     K,
@@ -87,6 +87,7 @@ def dq_kernel(
     DELTA,
     COL,
     TABLE,
+    DOCS,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -110,6 +111,8 @@ def dq_kernel(
     H,
     GROUP,
     NUM_QB,
+    win_left,
+    win_right,
     qk_scale,
     sm_scale,
     HEAD_DIM: tl.constexpr,
@@ -117,9 +120,11 @@ def dq_kernel(
     BLOCK_N: tl.constexpr,
     LAYOUT_BQ: tl.constexpr,
     LAYOUT_BK: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
+    BANDED: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     TMA: tl.constexpr,
 ):
+    """dq of BLOCK_M query rows, recomputing P and dP (and writing delta); masks as in fwd_kernel."""
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
     bh, m_start, start, end = ordered_row(TABLE, NUM_QB, BLOCK_M, LAYOUT_BQ)
     b = bh // H
@@ -144,16 +149,27 @@ def dq_kernel(
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_ok)
     K_src, V_src = head_sources(K, V, b, hk, stride_kb, stride_kh, stride_vb, stride_vh, TMA)
 
-    n_full, n_use = row_tiles(COL, start, end, m_start, N_Q, N_K, BLOCK_M, LAYOUT_BK, IS_CAUSAL)
+    if BANDED:
+        lo, hi = query_bands(offs_m, N_Q, N_K, win_left, win_right, DOCS, HAS_DOCS)
+        p_a, p_b, p_c, p_d = band_tiles(COL, start, end, lo, hi, m_ok, LAYOUT_BK)
+    else:
+        lo = tl.zeros([BLOCK_M], tl.int32)
+        hi = tl.full([BLOCK_M], N_K - 1, tl.int32)
+        p_a, p_b, p_c, p_d = row_tiles(COL, start, end, N_K, LAYOUT_BK)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if BANDED:
+        dq = _dq_inner(
+            dq, q, do, lse2, delta, K_src, V_src, b, hk, COL, p_a * SUB, p_b * SUB, lo, hi, N_K,
+            stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, True, TMA,
+        )  # fmt: skip
     dq = _dq_inner(
-        dq, q, do, lse2, delta, K_src, V_src, b, hk, COL, start * SUB, (start + n_full) * SUB, offs_m, N_K,
-        stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, False, IS_CAUSAL, TMA,
+        dq, q, do, lse2, delta, K_src, V_src, b, hk, COL, p_b * SUB, p_c * SUB, lo, hi, N_K,
+        stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, False, TMA,
     )  # fmt: skip
     dq = _dq_inner(
-        dq, q, do, lse2, delta, K_src, V_src, b, hk, COL, (start + n_full) * SUB, (start + n_use) * SUB, offs_m,
-        N_K, stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, True, IS_CAUSAL, TMA,
+        dq, q, do, lse2, delta, K_src, V_src, b, hk, COL, p_c * SUB, p_d * SUB, lo, hi, N_K,
+        stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, True, TMA,
     )  # fmt: skip
     dq = dq * sm_scale
     tl.store(
@@ -178,7 +194,8 @@ def _dkv_inner(
     ROW,
     it_lo,
     it_hi,
-    offs_n,
+    lo,
+    hi,
     N_Q,
     stride_qn,
     stride_dn,
@@ -196,7 +213,8 @@ def _dkv_inner(
 ):
     """dk/dv over query tiles it_lo..it_hi of one head; with STORE_DS, dS of every tile is also
     written to the scratch: DS_tile is this program's key rows of slot 0 (pointers), or with DS_TMA
-    a descriptor over the scratch as (slots * LAYOUT_BK, LAYOUT_BQ) with those rows from ds_row0."""
+    a descriptor over the scratch as (slots * LAYOUT_BK, LAYOUT_BQ) with those rows from ds_row0.
+    MASKED: key j keeps queries lo[j] <= i <= hi[j]."""
     SUB: tl.constexpr = LAYOUT_BQ // BLOCK_M
     offs_mb = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -226,7 +244,7 @@ def _dkv_inner(
         qk_t = tl.dot(k, q_t) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.math.exp2(qk_t - lse2[None, :])
         if MASKED:
-            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+            p_t = tl.where((offs_m[None, :] >= lo[:, None]) & (offs_m[None, :] <= hi[:, None]), p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)
@@ -243,8 +261,11 @@ def _dkv_inner(
 
 
 @triton.jit(
-    do_not_specialize=["N_Q", "N_K", "NUM_KB", "LAYOUT_HEAD_COLS", "UNIT0", "SLOT_HEADS", "SLOT_STRIDE", "SLOT_BASE"]
-)
+    do_not_specialize=[
+        "N_Q", "N_K", "NUM_KB", "LAYOUT_HEAD_COLS", "UNIT0", "SLOT_HEADS", "SLOT_STRIDE", "SLOT_BASE", "win_left",
+        "win_right",
+    ]
+)  # fmt: skip
 def dkv_kernel(
     Q,
     K,
@@ -258,6 +279,7 @@ def dkv_kernel(
     ROW,
     ORDER,
     DS,
+    DOCS,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -287,6 +309,8 @@ def dkv_kernel(
     SLOT_HEADS,
     SLOT_STRIDE,
     SLOT_BASE,
+    win_left,
+    win_right,
     qk_scale,
     sm_scale,
     HEAD_DIM: tl.constexpr,
@@ -294,7 +318,8 @@ def dkv_kernel(
     BLOCK_N: tl.constexpr,
     LAYOUT_BQ: tl.constexpr,
     LAYOUT_BK: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
+    BANDED: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     TMA: tl.constexpr,
     STORE_DS: tl.constexpr,
     DS_TMA: tl.constexpr,
@@ -305,7 +330,7 @@ def dkv_kernel(
     SLOT_STRIDE + (the tile's transposed-CSR position) - SLOT_BASE, q_unit = the (batch, query
     head) index counted from this launch's first (SLOT_BASE: the position of the launch's first
     key block, when it covers a range of them); a slot holds (LAYOUT_BK, LAYOUT_BQ) values,
-    key-major.
+    key-major. BANDED: the token masks as in fwd_kernel, seen from the keys (:func:`.tiles.key_bands`).
     """
     SUB: tl.constexpr = LAYOUT_BQ // BLOCK_M
     local_bhk, n_start, _ = ordered_tile(ORDER, NUM_KB, BLOCK_N, LAYOUT_BK, 1)
@@ -320,13 +345,14 @@ def dkv_kernel(
     keys = n_start.to(tl.int64) + tl.arange(0, BLOCK_N)[:, None]
     k = load_row_tile(K, b, hk, keys, offs_d, n_ok, stride_kb, stride_kn, stride_kh)
     v = load_row_tile(V, b, hk, keys, offs_d, n_ok, stride_vb, stride_vn, stride_vh)
-    # query blocks below r_skip lie entirely before these keys (causal: nothing to do); those below
-    # r_full cross the diagonal and need the mask; the rest are unmasked
-    r_skip = 0
-    r_full = 0
-    if IS_CAUSAL:
-        r_skip = n_start // LAYOUT_BQ
-        r_full = (n_start + BLOCK_N - 1 + LAYOUT_BQ - 1) // LAYOUT_BQ
+    # Without token masks no tile needs a mask (rows past N_Q load lse = +inf: p = 0). With them,
+    # each key's queries form an interval: query blocks outside every key's are skipped, those
+    # at the band's edges are masked per element.
+    if BANDED:
+        lo, hi = key_bands(offs_n, N_Q, N_K, win_left, win_right, DOCS, HAS_DOCS)
+    else:
+        lo = tl.zeros([BLOCK_N], tl.int32)
+        hi = tl.full([BLOCK_N], N_Q - 1, tl.int32)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for g in range(0, GROUP):
@@ -334,10 +360,10 @@ def dkv_kernel(
         lcol = h * LAYOUT_HEAD_COLS + n_start // LAYOUT_BK
         start = tl.load(CCOL + lcol)
         end = tl.load(CCOL + lcol + 1)
-        n_skip = 0
-        n_mask = 0
-        if IS_CAUSAL:  # without a causal mask no tile is masked: skip the scan (a dependent load)
-            n_skip, n_mask = count_below(ROW, start, end, r_skip, r_full, COUNT_CHUNK)
+        if BANDED:
+            p_a, p_b, p_c, p_d = band_tiles(ROW, start, end, lo, hi, n_ok, LAYOUT_BQ)
+        else:  # no scan (a chain of dependent loads): every tile is unmasked
+            p_a, p_b, p_c, p_d = start, start, end, end
         Q_src, DO_src = head_sources(Q, DO, b, h, stride_qb, stride_qh, stride_db, stride_dh, TMA)
         bh = b * H + h
         LSE_head = LSE + bh.to(tl.int64) * N_Q
@@ -351,16 +377,23 @@ def dkv_kernel(
             else:
                 rows_in_slot = n_start % LAYOUT_BK + tl.arange(0, BLOCK_N)
                 DS_tile = DS + slot0 * (LAYOUT_BQ * LAYOUT_BK) + rows_in_slot[:, None] * LAYOUT_BQ
+        if BANDED:
+            dk, dv = _dkv_inner(
+                dk, dv, k, v, Q_src, DO_src, b, h, LSE_head, DELTA_head, ROW, p_a * SUB, p_b * SUB, lo, hi, N_Q,
+                stride_qn, stride_dn, qk_scale, DS_tile, ds_row0, HEAD_DIM, BLOCK_M, LAYOUT_BQ, LAYOUT_BK, True, TMA,
+                STORE_DS, DS_TMA,
+            )  # fmt: skip
         dk, dv = _dkv_inner(
-            dk, dv, k, v, Q_src, DO_src, b, h, LSE_head, DELTA_head, ROW, (start + n_skip) * SUB,
-            (start + n_mask) * SUB, offs_n, N_Q, stride_qn, stride_dn, qk_scale, DS_tile, ds_row0, HEAD_DIM,
-            BLOCK_M, LAYOUT_BQ, LAYOUT_BK, True, TMA, STORE_DS, DS_TMA,
+            dk, dv, k, v, Q_src, DO_src, b, h, LSE_head, DELTA_head, ROW, p_b * SUB, p_c * SUB, lo, hi, N_Q,
+            stride_qn, stride_dn, qk_scale, DS_tile, ds_row0, HEAD_DIM, BLOCK_M, LAYOUT_BQ, LAYOUT_BK, False, TMA,
+            STORE_DS, DS_TMA,
         )  # fmt: skip
-        dk, dv = _dkv_inner(
-            dk, dv, k, v, Q_src, DO_src, b, h, LSE_head, DELTA_head, ROW, (start + n_mask) * SUB, end * SUB,
-            offs_n, N_Q, stride_qn, stride_dn, qk_scale, DS_tile, ds_row0, HEAD_DIM, BLOCK_M, LAYOUT_BQ, LAYOUT_BK,
-            False, TMA, STORE_DS, DS_TMA,
-        )  # fmt: skip
+        if BANDED:
+            dk, dv = _dkv_inner(
+                dk, dv, k, v, Q_src, DO_src, b, h, LSE_head, DELTA_head, ROW, p_c * SUB, p_d * SUB, lo, hi, N_Q,
+                stride_qn, stride_dn, qk_scale, DS_tile, ds_row0, HEAD_DIM, BLOCK_M, LAYOUT_BQ, LAYOUT_BK, True, TMA,
+                STORE_DS, DS_TMA,
+            )  # fmt: skip
     dk = dk * sm_scale
     tl.store(
         row_tile_ptrs(DK, b, hk, keys, offs_d, stride_gkb, stride_gkn, stride_gkh),
@@ -407,7 +440,8 @@ def _dq_ds_inner(
     TSLOT,
     it_lo,
     it_hi,
-    offs_m,
+    lo,
+    hi,
     N_K,
     stride_kn,
     HEAD_DIM: tl.constexpr,
@@ -415,14 +449,13 @@ def _dq_ds_inner(
     LAYOUT_BQ: tl.constexpr,
     LAYOUT_BK: tl.constexpr,
     MASKED: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
     TMA: tl.constexpr,
     DS_TMA: tl.constexpr,
 ):
     """dq += dS @ K over key tiles it_lo..it_hi, dS read from the scratch (DS_rows: this program's
-    query columns of slot 0). MASKED tiles (causal diagonal, partial last key block) hold values
-    the dk/dv kernel did not write (key tiles past N_K, query blocks it skipped as wholly above the
-    diagonal), so their masked entries are not read."""
+    query columns of slot 0). MASKED tiles (the band's edges, the partial last key block) hold
+    values the dk/dv kernel did not write (key tiles past N_K, query blocks it skipped as wholly
+    outside the band), so only the entries row i keeps (lo[i] <= j <= hi[i]) are read."""
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
     offs_nb = tl.arange(0, BLOCK_N)
     for it in range(it_lo, it_hi):
@@ -431,9 +464,8 @@ def _dq_ds_inner(
         n0 = col * LAYOUT_BK + (it % SUB) * BLOCK_N
         k = key_tile(K_src, b, hk, n0, N_K, stride_kn, HEAD_DIM, BLOCK_N, MASKED, TMA, False)
         if MASKED:  # (BLOCK_N keys, BLOCK_M queries), as the scratch holds dS
-            keep = ((n0 + offs_nb) < N_K)[:, None]
-            if IS_CAUSAL:
-                keep = keep & ((n0 + offs_nb)[:, None] <= offs_m[None, :])
+            keys = (n0 + offs_nb)[:, None]
+            keep = (keys >= lo[None, :]) & (keys <= hi[None, :])
         if DS_TMA:
             ds_t = DS_rows.load([ds_row0 + slot * LAYOUT_BK + (it % SUB) * BLOCK_N, ds_col0])
             if MASKED:
@@ -449,7 +481,11 @@ def _dq_ds_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_QB", "UNIT0", "SLOT_HEADS", "SLOT_STRIDE", "SLOT_BASE", "DQ_H0"])
+@triton.jit(
+    do_not_specialize=[
+        "N_Q", "N_K", "NUM_QB", "UNIT0", "SLOT_HEADS", "SLOT_STRIDE", "SLOT_BASE", "DQ_H0", "win_left", "win_right",
+    ]
+)  # fmt: skip
 def dq_ds_kernel(
     K,
     DS,
@@ -457,6 +493,7 @@ def dq_ds_kernel(
     COL,
     TSLOT,
     TABLE,
+    DOCS,
     stride_kb,
     stride_kn,
     stride_kh,
@@ -473,13 +510,16 @@ def dq_ds_kernel(
     SLOT_STRIDE,
     SLOT_BASE,
     DQ_H0,
+    win_left,
+    win_right,
     sm_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     LAYOUT_BQ: tl.constexpr,
     LAYOUT_BK: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
+    BANDED: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     TMA: tl.constexpr,
     DS_TMA: tl.constexpr,
     ACCUMULATE: tl.constexpr,
@@ -506,21 +546,31 @@ def dq_ds_kernel(
         DS_rows = DS + slot0 * (LAYOUT_BQ * LAYOUT_BK) + (m_start % LAYOUT_BQ + tl.arange(0, BLOCK_M))[None, :]
         ds_row0 = 0
     K_src = head_source(K, b, hk, stride_kb, stride_kh, TMA)
-    n_full, n_use = row_tiles(COL, start, end, m_start, N_Q, N_K, BLOCK_M, LAYOUT_BK, IS_CAUSAL)
+    m_ok = offs_m < N_Q
+    if BANDED:
+        lo, hi = query_bands(offs_m, N_Q, N_K, win_left, win_right, DOCS, HAS_DOCS)
+        p_a, p_b, p_c, p_d = band_tiles(COL, start, end, lo, hi, m_ok, LAYOUT_BK)
+    else:
+        lo = tl.zeros([BLOCK_M], tl.int32)
+        hi = tl.full([BLOCK_M], N_K - 1, tl.int32)
+        p_a, p_b, p_c, p_d = row_tiles(COL, start, end, N_K, LAYOUT_BK)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if BANDED:
+        dq = _dq_ds_inner(
+            dq, K_src, DS_rows, ds_row0, m_start % LAYOUT_BQ, b, hk, COL, TSLOT, p_a * SUB, p_b * SUB, lo, hi, N_K,
+            stride_kn, HEAD_DIM, BLOCK_N, LAYOUT_BQ, LAYOUT_BK, True, TMA, DS_TMA,
+        )  # fmt: skip
     dq = _dq_ds_inner(
-        dq, K_src, DS_rows, ds_row0, m_start % LAYOUT_BQ, b, hk, COL, TSLOT, start * SUB, (start + n_full) * SUB,
-        offs_m, N_K, stride_kn, HEAD_DIM, BLOCK_N, LAYOUT_BQ, LAYOUT_BK, False, IS_CAUSAL, TMA, DS_TMA,
+        dq, K_src, DS_rows, ds_row0, m_start % LAYOUT_BQ, b, hk, COL, TSLOT, p_b * SUB, p_c * SUB, lo, hi, N_K,
+        stride_kn, HEAD_DIM, BLOCK_N, LAYOUT_BQ, LAYOUT_BK, False, TMA, DS_TMA,
     )  # fmt: skip
     dq = _dq_ds_inner(
-        dq, K_src, DS_rows, ds_row0, m_start % LAYOUT_BQ, b, hk, COL, TSLOT, (start + n_full) * SUB,
-        (start + n_use) * SUB, offs_m, N_K, stride_kn, HEAD_DIM, BLOCK_N, LAYOUT_BQ, LAYOUT_BK, True, IS_CAUSAL,
-        TMA, DS_TMA,
+        dq, K_src, DS_rows, ds_row0, m_start % LAYOUT_BQ, b, hk, COL, TSLOT, p_c * SUB, p_d * SUB, lo, hi, N_K,
+        stride_kn, HEAD_DIM, BLOCK_N, LAYOUT_BQ, LAYOUT_BK, True, TMA, DS_TMA,
     )  # fmt: skip
     rows = m_start.to(tl.int64) + tl.arange(0, BLOCK_M)[:, None]
     dq_ptrs = row_tile_ptrs(DQ, b, h - DQ_H0, rows, offs_d, stride_gb, stride_gn, stride_gh)
-    m_ok = (offs_m < N_Q)[:, None]
     dq = dq * sm_scale
     if ACCUMULATE:
-        dq += tl.load(dq_ptrs, mask=m_ok, other=0.0)
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=m_ok)
+        dq += tl.load(dq_ptrs, mask=m_ok[:, None], other=0.0)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None])

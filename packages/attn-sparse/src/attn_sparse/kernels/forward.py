@@ -2,9 +2,10 @@
 
 Each program owns BLOCK_M query rows (inside one layout row block of Bq rows) and loops over that
 row's active key blocks, BLOCK_N keys at a time, with an online softmax in base 2 and fp32
-accumulation. The tiles that need a mask (causal diagonal, the partial last key block) are a
-suffix of the sorted row: counted first (:func:`.tiles.row_tiles`) and run in a separate masked
-loop, so the bulk loop has no masking.
+accumulation. The tiles that need a mask (the token masks' band edges, the partial last key
+block) lie at the two ends of the row's tiles that are not skipped: counted first
+(:func:`.tiles.band_tiles`, :func:`.tiles.row_tiles` without token masks) and run in separate
+masked loops, so the bulk loop has no masking.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import head_sources, key_tile, ordered_row, row_tiles
+from .tiles import band_tiles, head_sources, key_tile, ordered_row, query_bands, row_tiles
 
 __all__ = ["fwd_kernel"]
 
@@ -31,7 +32,8 @@ def _fwd_inner(
     it_lo,
     it_hi,
     row_end,
-    offs_m,
+    lo,
+    hi,
     N_K,
     stride_kn,
     stride_vn,
@@ -40,11 +42,10 @@ def _fwd_inner(
     BLOCK_N: tl.constexpr,
     LAYOUT_BK: tl.constexpr,
     MASKED: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
     TMA: tl.constexpr,
 ):
     """Online softmax over key tiles it_lo..it_hi (<= row_end, the end of the row's tiles); K_src/V_src:
-    head pointers, or TMA descriptors."""
+    head pointers, or TMA descriptors. MASKED: row i keeps keys lo[i] <= j <= hi[i] (hi < N_K)."""
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     # Each next key block index is read one iteration ahead: the K/V loads depend on it, and
@@ -60,9 +61,8 @@ def _fwd_inner(
         v = key_tile(V_src, b, hk, n0, N_K, stride_vn, HEAD_DIM, BLOCK_N, MASKED, TMA, False)
         qk = tl.dot(q, k_t)
         if MASKED:
-            keep = ((n0 + offs_n) < N_K)[None, :]
-            if IS_CAUSAL:
-                keep = keep & ((n0 + offs_n)[None, :] <= offs_m[:, None])
+            cols = (n0 + offs_n)[None, :]
+            keep = (cols >= lo[:, None]) & (cols <= hi[:, None])
             qk = tl.where(keep, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # a row with every key masked so far keeps m = -inf; use 0 as its reference point
@@ -82,7 +82,7 @@ def _fwd_inner(
 
 # Lengths and layout sizes are not specialised on (divisibility by 16, == 1): a new N or pattern
 # reuses the compiled kernels instead of compiling variants.
-@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_QB"])
+@triton.jit(do_not_specialize=["N_Q", "N_K", "NUM_QB", "win_left", "win_right"])
 def fwd_kernel(
     Q,
     K,
@@ -91,6 +91,7 @@ def fwd_kernel(
     LSE,
     COL,
     TABLE,
+    DOCS,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -108,15 +109,20 @@ def fwd_kernel(
     H,
     GROUP,
     NUM_QB,
+    win_left,
+    win_right,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     LAYOUT_BQ: tl.constexpr,
     LAYOUT_BK: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
+    BANDED: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     TMA: tl.constexpr,
 ):
+    """out and LSE of BLOCK_M query rows. BANDED: the token masks of :class:`.planning.KernelMask`
+    (win_left, win_right, DOCS with HAS_DOCS); otherwise only keys past N_K are masked."""
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
     bh, m_start, start, end = ordered_row(TABLE, NUM_QB, BLOCK_M, LAYOUT_BQ)
     b = bh // H
@@ -133,18 +139,29 @@ def fwd_kernel(
     q_ptrs = Q_head + m_start.to(tl.int64) * stride_qn + tl.arange(0, BLOCK_M)[:, None] * stride_qn + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
 
-    n_full, n_use = row_tiles(COL, start, end, m_start, N_Q, N_K, BLOCK_M, LAYOUT_BK, IS_CAUSAL)
+    if BANDED:
+        lo, hi = query_bands(offs_m, N_Q, N_K, win_left, win_right, DOCS, HAS_DOCS)
+        p_a, p_b, p_c, p_d = band_tiles(COL, start, end, lo, hi, m_ok, LAYOUT_BK)
+    else:
+        lo = tl.zeros([BLOCK_M], tl.int32)
+        hi = tl.full([BLOCK_M], N_K - 1, tl.int32)
+        p_a, p_b, p_c, p_d = row_tiles(COL, start, end, N_K, LAYOUT_BK)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if BANDED:  # the band's leading edge (without token masks there is none)
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, K_src, V_src, b, hk, COL, p_a * SUB, p_b * SUB, end * SUB, lo, hi, N_K,
+            stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, True, TMA,
+        )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, K_src, V_src, b, hk, COL, start * SUB, (start + n_full) * SUB, end * SUB, offs_m, N_K,
-        stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, False, IS_CAUSAL, TMA,
+        acc, l_i, m_i, q, K_src, V_src, b, hk, COL, p_b * SUB, p_c * SUB, end * SUB, lo, hi, N_K,
+        stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, False, TMA,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, K_src, V_src, b, hk, COL, (start + n_full) * SUB, (start + n_use) * SUB, end * SUB, offs_m,
-        N_K, stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, True, IS_CAUSAL, TMA,
+        acc, l_i, m_i, q, K_src, V_src, b, hk, COL, p_c * SUB, p_d * SUB, end * SUB, lo, hi, N_K,
+        stride_kn, stride_vn, qk_scale, HEAD_DIM, BLOCK_N, LAYOUT_BK, True, TMA,
     )  # fmt: skip
 
     empty = l_i == 0.0

@@ -21,7 +21,7 @@ from attn_core.triton_env import interpret_mode
 
 from .backward import delta_kernel, dkv_kernel, dq_ds_kernel, dq_kernel
 from .forward import fwd_kernel
-from .planning import CSR, DsChunk, KernelConfig, chunk_slots, stored_ds_chunks
+from .planning import CSR, DsChunk, KernelConfig, KernelMask, chunk_slots, stored_ds_chunks
 
 try:  # host-side TMA descriptors (Triton >= 3.3)
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -46,8 +46,13 @@ def _last_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _docs(mask: KernelMask, fallback: torch.Tensor) -> torch.Tensor:
+    """The document bounds the kernels read (HAS_DOCS), or any tensor standing in for the unread pointer."""
+    return mask.docs if mask.docs is not None else fallback
+
+
 def block_sparse_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, csr: CSR, is_causal: bool, scale: float, cfg: KernelConfig
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, csr: CSR, mask: KernelMask, scale: float, cfg: KernelConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Nq, H, D) in q.dtype and lse (B, H, Nq) fp32 (natural log, -inf for empty rows)."""
     B, Nq, H, D = q.shape
@@ -62,15 +67,15 @@ def block_sparse_forward(
     k_src = _tile_descriptor(k, cfg.fwd_n) if use_tma else k
     v_src = _tile_descriptor(v, cfg.fwd_n) if use_tma else v
     fwd_kernel[grid](
-        q, k_src, v_src, out, lse, csr.col, table,
+        q, k_src, v_src, out, lse, csr.col, table, _docs(mask, csr.col),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        Nq, Nk, H, H // Hkv, csr.num_query_blocks,
+        Nq, Nk, H, H // Hkv, csr.num_query_blocks, mask.left, mask.right,
         scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
-        TMA=use_tma, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+        HEAD_DIM=D, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, BANDED=mask.banded,
+        HAS_DOCS=mask.docs is not None, TMA=use_tma, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )  # fmt: skip
     return out, lse
 
@@ -101,7 +106,7 @@ def block_sparse_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     csr: CSR,
-    is_causal: bool,
+    mask: KernelMask,
     scale: float,
     cfg: KernelConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,21 +133,21 @@ def block_sparse_backward(
             q,
             _tile_descriptor(k, cfg.dq_n) if tma_kv else k,
             _tile_descriptor(v, cfg.dq_n) if tma_kv else v,
-            out, dout, dq, lse, delta, csr.col, csr.row_table(B, H),
+            out, dout, dq, lse, delta, csr.col, csr.row_table(B, H), _docs(mask, csr.col),
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            Nq, Nk, H, group, csr.num_query_blocks, scale * LOG2E, scale,
+            Nq, Nk, H, group, csr.num_query_blocks, mask.left, mask.right, scale * LOG2E, scale,
             HEAD_DIM=D, BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, LAYOUT_BQ=csr.block_size[0],
-            LAYOUT_BK=csr.block_size[1], IS_CAUSAL=is_causal, TMA=tma_kv, num_warps=cfg.dq_warps,
-            num_stages=cfg.dq_stages,
+            LAYOUT_BK=csr.block_size[1], BANDED=mask.banded, HAS_DOCS=mask.docs is not None, TMA=tma_kv,
+            num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
         )  # fmt: skip
         everything = DsChunk(0, B * Hkv, 0, csr.num_key_blocks, 0, 0)
         order = csr.column_order(*csr.unit_grid(B * Hkv, Hkv), group)
-        _launch_dkv(q, k, v, dout, dk, dv, lse, delta, None, csr, everything, order, is_causal, scale, cfg)
+        _launch_dkv(q, k, v, dout, dk, dv, lse, delta, None, csr, everything, order, mask, scale, cfg)
         return dq, dk, dv
 
     delta_kernel[(triton.cdiv(Nq, DELTA_ROWS), B * H)](
@@ -163,20 +168,21 @@ def block_sparse_backward(
     ds_src = _scratch_descriptor(ds, bq, cfg.dqs_n, cfg.dqs_m) if ds_tma else ds
     k_src = _tile_descriptor(k, cfg.dqs_n) if tma_kv else k
     for c, (order, table) in zip(chunks, csr.chunk_tables(chunks, B, Hkv, group)):
-        _launch_dkv(q, k, v, dout, dk, dv, lse, delta, ds, csr, c, order, is_causal, scale, cfg)
+        _launch_dkv(q, k, v, dout, dk, dv, lse, delta, ds, csr, c, order, mask, scale, cfg)
         b, hk = divmod(c.u0, Hkv)
         if accumulate and c.c0 == 0:
             dq_acc.zero_()
         # the buffer holds one unit: batch stride 0, its heads counted from the unit's first
         dq_strides = (0, dq_acc.stride(0), dq_acc.stride(1)) if accumulate else dq.stride()[:3]
         dq_ds_kernel[((c.u1 - c.u0) * group * csr.num_query_blocks * (bq // cfg.dqs_m),)](
-            k_src, ds_src, dq_acc, csr.col, tslot, table,
+            k_src, ds_src, dq_acc, csr.col, tslot, table, _docs(mask, csr.col),
             k.stride(0), k.stride(1), k.stride(2),
             *dq_strides,
             Nq, Nk, H, group, csr.num_query_blocks, c.u0 * group, H if per_head_layout else 1, c.p1 - c.p0,
-            c.p0, hk * group if accumulate else 0, scale,
-            HEAD_DIM=D, BLOCK_M=cfg.dqs_m, BLOCK_N=cfg.dqs_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
-            TMA=tma_kv, DS_TMA=ds_tma, ACCUMULATE=accumulate, num_warps=cfg.dqs_warps, num_stages=cfg.dqs_stages,
+            c.p0, hk * group if accumulate else 0, mask.left, mask.right, scale,
+            HEAD_DIM=D, BLOCK_M=cfg.dqs_m, BLOCK_N=cfg.dqs_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, BANDED=mask.banded,
+            HAS_DOCS=mask.docs is not None, TMA=tma_kv, DS_TMA=ds_tma, ACCUMULATE=accumulate,
+            num_warps=cfg.dqs_warps, num_stages=cfg.dqs_stages,
         )  # fmt: skip
         if accumulate and c.c1 == csr.num_key_blocks:
             dq[b, :, hk * group : (hk + 1) * group].copy_(dq_acc)
@@ -211,7 +217,7 @@ def _launch_dkv(
     csr: CSR,
     chunk: DsChunk,
     order: torch.Tensor,
-    is_causal: bool,
+    mask: KernelMask,
     scale: float,
     cfg: KernelConfig,
 ) -> None:
@@ -234,7 +240,7 @@ def _launch_dkv(
         _tile_descriptor(q, cfg.dkv_m) if tma else q,
         k, v,
         _tile_descriptor(dout, cfg.dkv_m) if tma else dout,
-        dk, dv, lse, delta, csr.ccol, csr.row, order, ds_src,
+        dk, dv, lse, delta, csr.ccol, csr.row, order, ds_src, _docs(mask, csr.row),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -242,7 +248,9 @@ def _launch_dkv(
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         Nq, Nk, H, Hkv, group, csr.num_key_blocks, csr.num_key_blocks if per_head_layout else 0,
-        chunk.u0, H if per_head_layout else 1, chunk.p1 - chunk.p0, chunk.p0, scale * LOG2E, scale,
-        HEAD_DIM=D, BLOCK_M=cfg.dkv_m, BLOCK_N=cfg.dkv_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, IS_CAUSAL=is_causal,
-        TMA=tma, STORE_DS=ds is not None, DS_TMA=ds_tma, num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages,
+        chunk.u0, H if per_head_layout else 1, chunk.p1 - chunk.p0, chunk.p0, mask.left, mask.right,
+        scale * LOG2E, scale,
+        HEAD_DIM=D, BLOCK_M=cfg.dkv_m, BLOCK_N=cfg.dkv_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, BANDED=mask.banded,
+        HAS_DOCS=mask.docs is not None, TMA=tma, STORE_DS=ds is not None, DS_TMA=ds_tma,
+        num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages,
     )  # fmt: skip

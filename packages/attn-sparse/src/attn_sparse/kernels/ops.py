@@ -19,7 +19,7 @@ import torch
 from attn_core.custom_op import DifferentiableOp
 
 from .launch import block_sparse_backward, block_sparse_forward, device_guard
-from .planning import CSR, KernelConfig, default_config
+from .planning import CSR, KernelConfig, KernelMask, default_config
 
 __all__ = ["BLOCK_SPARSE", "SECOND_ORDER_ERROR", "block_sparse_attention_csr"]
 
@@ -37,10 +37,14 @@ def _backward(dout: torch.Tensor, q: torch.Tensor, *saved_csr_and_config: Any) -
         return block_sparse_backward(dout, q, *saved_csr_and_config)
 
 
-def _encode(csr: CSR, is_causal: bool, scale: float, cfg: KernelConfig) -> tuple[Any, ...]:
-    # op schemas take no dataclasses: the CSR travels as its tensors and dims, the config as ints
+def _encode(csr: CSR, mask: KernelMask, scale: float, cfg: KernelConfig) -> tuple[Any, ...]:
+    # op schemas take no dataclasses: the CSR travels as its tensors and dims, the mask as its
+    # fields, the config as ints
     config_ints = [int(getattr(cfg, f.name)) for f in _CONFIG_FIELDS]
-    return csr.crow, csr.col, csr.ccol, csr.row, csr.dims, bool(is_causal), float(scale), config_ints
+    return (
+        csr.crow, csr.col, csr.ccol, csr.row, csr.dims, bool(mask.banded), int(mask.left), int(mask.right), mask.docs,
+        float(scale), config_ints,
+    )  # fmt: skip
 
 
 def _decode(
@@ -49,7 +53,10 @@ def _decode(
     ccol: torch.Tensor,
     row: torch.Tensor,
     dims: list[int],
-    is_causal: bool,
+    banded: bool,
+    left: int,
+    right: int,
+    docs: torch.Tensor | None,
     scale: float,
     config_ints: list[int],
 ) -> tuple[Any, ...]:
@@ -57,7 +64,7 @@ def _decode(
         f.name: bool(v) if f.type in (bool, "bool") else v for f, v in zip(_CONFIG_FIELDS, config_ints)
     }
     cfg = KernelConfig(**values)
-    return CSR.from_tensors(crow, col, ccol, row, dims), is_causal, scale, cfg
+    return CSR.from_tensors(crow, col, ccol, row, dims), KernelMask(banded, left, right, docs), scale, cfg
 
 
 def _fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *csr_and_config: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +87,8 @@ BLOCK_SPARSE = DifferentiableOp(
     inputs=("q", "k", "v"),
     outputs=("out", "lse"),
     args_schema=(
-        "Tensor crow, Tensor col, Tensor ccol, Tensor row, int[] dims, bool is_causal, float scale, int[] cfg"
+        "Tensor crow, Tensor col, Tensor ccol, Tensor row, int[] dims, bool banded, int left, int right, "
+        "Tensor? docs, float scale, int[] cfg"
     ),
     forward=_forward,
     backward=_backward,
@@ -98,14 +106,15 @@ def block_sparse_attention_csr(
     v: torch.Tensor,
     csr: CSR,
     *,
-    is_causal: bool = False,
+    mask: KernelMask | None = None,
     softmax_scale: float | None = None,
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """Differentiable block-sparse attention over raw CSR tensors; out (B, Nq, H, D) in q.dtype.
 
-    Inputs are not validated here (:func:`attn_sparse.block_sparse_attention` validates); ``config`` defaults to
-    :func:`default_config` for the layout's block size.
+    Inputs are not validated here (:func:`attn_sparse.block_sparse_attention` validates); ``mask``
+    defaults to none (only the key count masks), ``config`` to :func:`default_config` for the
+    layout's block size.
     """
     D = q.shape[-1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
@@ -113,4 +122,5 @@ def block_sparse_attention_csr(
     bad = cfg.check(csr.block_size)
     if bad:
         raise ValueError("kernel config does not fit the layout: " + "; ".join(bad))
-    return BLOCK_SPARSE(q, k, v, csr, bool(is_causal), float(scale), cfg)
+    kmask = mask if mask is not None else KernelMask.causal(False, q.shape[1], k.shape[1])
+    return BLOCK_SPARSE(q, k, v, csr, kmask, float(scale), cfg)

@@ -36,6 +36,7 @@ __all__ = [
     "LAUNCH_MEMO_LAYOUTS",
     "DsChunk",
     "KernelConfig",
+    "KernelMask",
     "chunk_slots",
     "default_config",
     "launch_order",
@@ -384,6 +385,27 @@ def transposed_slots(
     key_csr = ((rows_of // num_qb) * num_kb + col.long()) * num_qb + rows_of % num_qb
     key_csc = cols_of * num_qb + row.long()
     return torch.searchsorted(key_csc, key_csr).to(torch.int32)
+
+
+class KernelMask(NamedTuple):
+    """The token masks as the kernels take them (see :mod:`attn_sparse.masks`).
+
+    Query i sees keys max(i - left, doc_start(i)) <= j <= min(i + right, doc_end(i) - 1, Nk - 1).
+    ``banded``: False when nothing but the key count masks (left/right/docs are then unused);
+    ``left``, ``right``: >= 0 (an unbounded side is Nq + Nk); ``docs``: (2, N) int32 start and end
+    of every token's document (:meth:`TokenMask.document_bounds`), or None.
+    """
+
+    banded: bool
+    left: int
+    right: int
+    docs: torch.Tensor | None
+
+    @classmethod
+    def causal(cls, is_causal: bool, seq_len_q: int, seq_len_k: int) -> KernelMask:
+        """The mask of a call with at most ``is_causal``."""
+        far = seq_len_q + seq_len_k
+        return cls(bool(is_causal), far, 0 if is_causal else far, None)
 
 
 class DsChunk(NamedTuple):

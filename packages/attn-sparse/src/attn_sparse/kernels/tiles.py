@@ -1,6 +1,7 @@
 """Tile helpers shared by the forward and backward Triton kernels (:mod:`.forward`, :mod:`.backward`).
 
-Loop bounds of a layout row (where its masked tiles start), the launch-order lookups that map a
+Loop bounds of a layout row or column (which of its tiles need the per-element mask, which are
+skipped: see :mod:`attn_sparse.masks` for the interval form of the token masks), the launch-order lookups that map a
 program to its tile, and the loads of query/key tiles (pointers, or TMA descriptors on sm90+).
 """
 
@@ -11,13 +12,16 @@ import triton.language as tl
 
 __all__ = [
     "COUNT_CHUNK",
+    "band_tiles",
     "count_below",
     "head_source",
     "head_sources",
+    "key_bands",
     "key_tile",
     "load_row_tile",
     "ordered_row",
     "ordered_tile",
+    "query_bands",
     "row_tile_ptrs",
     "row_tiles",
 ]
@@ -27,43 +31,87 @@ COUNT_CHUNK = tl.constexpr(64)
 
 
 @triton.jit
-def count_below(IDX, start, end, thr_a, thr_b, CHUNK: tl.constexpr):
-    """(#indices < thr_a, #indices < thr_b) among IDX[start:end] (sorted, so these are prefixes)."""
+def count_below(IDX, start, end, t_a, t_b, t_c, t_d, CHUNK: tl.constexpr):
+    """How many of IDX[start:end] (sorted, so these are prefixes) are below each of t_a..t_d."""
     n_a = 0
     n_b = 0
+    n_c = 0
+    n_d = 0
     for i in range(start, end, CHUNK):
         offs = i + tl.arange(0, CHUNK)
         c = tl.load(IDX + offs, mask=offs < end, other=2147483647)
-        n_a += tl.sum((c < thr_a).to(tl.int32), axis=0)
-        n_b += tl.sum((c < thr_b).to(tl.int32), axis=0)
-    return n_a, n_b
+        n_a += tl.sum((c < t_a).to(tl.int32), axis=0)
+        n_b += tl.sum((c < t_b).to(tl.int32), axis=0)
+        n_c += tl.sum((c < t_c).to(tl.int32), axis=0)
+        n_d += tl.sum((c < t_d).to(tl.int32), axis=0)
+    return n_a, n_b, n_c, n_d
 
 
 @triton.jit
-def row_tiles(
-    COL, start, end, m_start, N_Q, N_K, BLOCK_M: tl.constexpr, LAYOUT_BK: tl.constexpr, IS_CAUSAL: tl.constexpr
-):
-    """(n_full, n_use) of the layout row whose key blocks are COL[start:end], for the query tile at m_start.
+def row_tiles(COL, start, end, N_K, LAYOUT_BK: tl.constexpr):
+    """(p_a, p_b, p_c, p_d) for a row without token masks (only the key count masks): COL[start:p_c]
+    need no mask, COL[p_c:p_d] (the partial last key block) do; p_a == p_b == start.
 
-    The tile uses COL[start:start + n_use], the first n_full need no mask. Blocks from c_full on
-    hold the partial last key block or cross the causal diagonal; blocks at or past c_stop are
-    entirely causal-masked and skipped.
+    N_K a multiple of the block: every tile is full, so the scan (a chain of dependent loads
+    before the first tile) is skipped; a runtime test, not a specialisation.
     """
     c_full = N_K // LAYOUT_BK
-    c_stop = 2147483647
-    scan_end = end
-    if IS_CAUSAL:
-        c_full = tl.minimum(c_full, (m_start + 1) // LAYOUT_BK)
-        c_stop = (tl.minimum(m_start + BLOCK_M, N_Q) - 1) // LAYOUT_BK + 1
-    else:
-        # no causal mask and N_K a multiple of the block: every tile is full, so skip the scan
-        # (a chain of dependent loads before the first tile); a runtime test, not a specialisation
-        scan_end = tl.where(N_K % LAYOUT_BK == 0, start, end)
-    n_full, n_use = count_below(COL, start, scan_end, c_full, c_stop, COUNT_CHUNK)
-    if not IS_CAUSAL:
-        n_full = tl.where(scan_end == end, n_full, end - start)
-        n_use = tl.where(scan_end == end, n_use, end - start)
-    return n_full, n_use
+    scan_end = tl.where(N_K % LAYOUT_BK == 0, start, end)
+    _, _, n_full, n_use = count_below(COL, start, scan_end, 0, 0, c_full, 2147483647, COUNT_CHUNK)
+    n_full = tl.where(scan_end == end, n_full, end - start)
+    n_use = tl.where(scan_end == end, n_use, end - start)
+    return start, start, start + n_full, start + n_use
+
+
+@triton.jit
+def query_bands(offs_m, N_Q, N_K, win_left, win_right, DOCS, HAS_DOCS: tl.constexpr):
+    """(lo, hi) int32 per query row: row i sees keys lo <= j <= hi (attn_sparse.masks), where
+    lo = max(i - left, doc_start(i), 0), hi = min(i + right, doc_end(i) - 1, N_K - 1). DOCS:
+    (2, N) int32 document starts and ends (HAS_DOCS). Computed in int64: i + right may pass 2**31."""
+    i = offs_m.to(tl.int64)
+    lo = tl.maximum(i - win_left, 0)
+    hi = tl.minimum(i + win_right, N_K - 1)
+    if HAS_DOCS:
+        ok = offs_m < N_Q
+        lo = tl.maximum(lo, tl.load(DOCS + offs_m, mask=ok, other=0).to(tl.int64))
+        hi = tl.minimum(hi, tl.load(DOCS + N_Q + offs_m, mask=ok, other=1).to(tl.int64) - 1)
+    return lo.to(tl.int32), hi.to(tl.int32)
+
+
+@triton.jit
+def key_bands(offs_n, N_Q, N_K, win_left, win_right, DOCS, HAS_DOCS: tl.constexpr):
+    """(lo, hi) int32 per key: key j is seen by queries lo <= i <= hi, lo = max(j - right,
+    doc_start(j), 0), hi = min(j + left, doc_end(j) - 1, N_Q - 1) (the same mask seen from j)."""
+    j = offs_n.to(tl.int64)
+    lo = tl.maximum(j - win_right, 0)
+    hi = tl.minimum(j + win_left, N_Q - 1)
+    if HAS_DOCS:
+        ok = offs_n < N_K
+        lo = tl.maximum(lo, tl.load(DOCS + offs_n, mask=ok, other=0).to(tl.int64))
+        hi = tl.minimum(hi, tl.load(DOCS + N_K + offs_n, mask=ok, other=1).to(tl.int64) - 1)
+    return lo.to(tl.int32), hi.to(tl.int32)
+
+
+@triton.jit
+def band_tiles(IDX, start, end, lo, hi, ok, LAYOUT_B: tl.constexpr):
+    """(p_a, p_b, p_c, p_d): positions in IDX[start:end] (the sorted blocks of a layout row or
+    column) for a tile whose lines (queries, or keys) see the intervals lo..hi (where ok).
+
+    IDX[p_a:p_b] and IDX[p_c:p_d] hold the band's edges and need the per-element mask;
+    IDX[p_b:p_c] lie inside every line's interval (no mask); the rest are skipped. lo and hi
+    never decrease along the lines, so the tile sees blocks from its first lo to its last hi,
+    and every line sees those from its last lo to its first hi.
+    """
+    lo_first = tl.min(tl.where(ok, lo, 2147483647), 0)
+    lo_last = tl.max(tl.where(ok, lo, 0), 0)
+    hi_first = tl.min(tl.where(ok, hi, 2147483647), 0)
+    hi_last = tl.max(tl.where(ok, hi, -1), 0)
+    t_a = lo_first // LAYOUT_B
+    t_b = tl.maximum(t_a, (lo_last + LAYOUT_B - 1) // LAYOUT_B)
+    t_c = tl.maximum(t_b, (hi_first + 1) // LAYOUT_B)
+    t_d = tl.maximum(t_c, (hi_last + LAYOUT_B) // LAYOUT_B)
+    n_a, n_b, n_c, n_d = count_below(IDX, start, end, t_a, t_b, t_c, t_d, COUNT_CHUNK)
+    return start + n_a, start + n_b, start + n_c, start + n_d
 
 
 @triton.jit
