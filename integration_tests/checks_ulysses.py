@@ -6,7 +6,8 @@ dense-masked reference. Ulysses cases: dense, dilated (head_mode "all" with rank
 that are not multiples of the rates, and "split"), block-sparse (per-head and shared layouts),
 causal and not, GQA with Hkv a multiple of W, Hkv < W and Hkv not dividing W (kv heads repeated),
 key padding, float32, both all-to-all methods, the module. Hybrid (2 x 2 grid): dense contiguous
-and zigzag, dilated with padding, both ways of building the groups, the module.
+and zigzag, dilated with padding, dilated with rates that do not divide the heads per all-to-all
+rank (head_mode "all" and "split", causal, GQA), both ways of building the groups, the module.
 
 Failure behaviour: mismatched shapes/options raise ValueError on every rank; a rank that leaves
 after the forward, or never calls, makes the others raise within a bounded time.
@@ -248,6 +249,42 @@ def hybrid_cases() -> list[Case]:
             rates=(1, 2),
         ),
         Case("dilated long segments", 3, heads_per_rank=2, attention="dilated", segments=(6, 12), rates=(2, 2)),
+        # H/A = 3 heads per all-to-all rank, rates 1, 2, 4: rank 1's heads start at global head 3
+        # (offsets 3, 0, 1 at rate 4); "split" cuts 3 groups of 2 from the 6 global heads, so each
+        # rank's range straddles two groups. Segments of 12 cross the ring shards (10 or 8 tokens).
+        Case("dilated any rates", 5, heads_per_rank=3, attention="dilated", segments=(4, 6, 12), rates=(1, 2, 4)),
+        Case(
+            "dilated any rates causal gqa kv=2 padded",
+            5,
+            heads_per_rank=3,
+            kv_heads=2,
+            attention="dilated",
+            causal=True,
+            padding=True,
+            segments=(4, 6, 12),
+            rates=(1, 2, 4),
+        ),
+        Case(
+            "dilated any rates split gqa kv=3",
+            4,
+            heads_per_rank=3,
+            kv_heads=3,
+            attention="dilated",
+            segments=(4, 6, 12),
+            rates=(1, 2, 4),
+            head_mode="split",
+        ),
+        Case(
+            "dilated any rates split causal gqa kv=2",
+            5,
+            heads_per_rank=3,
+            kv_heads=2,
+            attention="dilated",
+            causal=True,
+            segments=(2, 6, 20),
+            rates=(1, 2, 4),
+            head_mode="split",
+        ),
     ]
 
 
@@ -297,7 +334,7 @@ def check_hybrid(rank: int, world_size: int, a2a_size: int = 2) -> list[str]:
 
         _compare(f"[hybrid {c.name}, {world_size // a2a_size}x{a2a_size}, rank {rank}]", c, x, mine, run)
         done.append(case.name)
-    # the module, and a dilated config whose rank heads would need other offsets: ValueError everywhere
+    # the module, and groups that are not a grid: ValueError everywhere
     mesh = _check_mesh(rank, world_size, a2a_size, use_device_mesh=False)
     done.append("new_group mesh")
     c = Case("module", 4, heads_per_rank=2, causal=True)
@@ -310,21 +347,6 @@ def check_hybrid(rank: int, world_size: int, a2a_size: int = 2) -> list[str]:
     _compare(f"[hybrid module, rank {rank}]", c, x, lambda t: mesh.shard(t, layout="zigzag"), run_mod)
     done.append("module")
     q = torch.randn(1, 4, 2 * a2a_size, 8, device=_device())
-    _expect_value_error(
-        lambda: hybrid_attention(
-            q,
-            q,
-            q,
-            a2a_group=mesh.a2a_group,
-            ring_group=mesh.ring_group,
-            attention="dilated",
-            segment_lengths=(4,),
-            dilation_rates=(4,),
-            timeout_s=60,
-        ),
-        "multiple of every dilation rate",
-    )
-    done.append("misaligned dilated heads refused")
     _expect_value_error(
         lambda: hybrid_attention(q, q, q, a2a_group=mesh.a2a_group, ring_group=mesh.a2a_group, timeout_s=60),
         "share exactly this rank",

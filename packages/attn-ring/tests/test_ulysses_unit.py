@@ -28,13 +28,8 @@ from attn_ring import (
     ulysses_attention,
 )
 from attn_ring.alltoall import all_to_all_method
-from attn_ring.ulysses import (
-    HeadRangeConfig,
-    InnerAttention,
-    kv_heads_on_wire,
-    local_dilated_config,
-    repeat_kv_heads,
-)
+from attn_ring.head_range import HeadRangeConfig, head_range_config
+from attn_ring.ulysses import InnerAttention, kv_heads_on_wire, repeat_kv_heads
 
 
 def _random_geometry(seed: int) -> dict[str, Any]:
@@ -86,16 +81,16 @@ def test_rank_heads_reproduce_the_global_heads(seed: int, backend: str) -> None:
 def test_plain_config_would_give_other_heads_offsets() -> None:
     """The head-range config matters: rank 1 of 2 with H=6, rate 4 starts at head 3 (offset 3, not 0)."""
     cfg = DilatedConfig((8,), (4,))
-    local = local_dilated_config(cfg, 3, 3, 6)
+    local = head_range_config(cfg, 3, 3, 6)
     assert isinstance(local, HeadRangeConfig)
     assert [local.head_offset(0, j) for j in range(3)] == [3, 0, 1]
     assert [cfg.head_offset(0, j) for j in range(3)] == [0, 1, 2]
     # aligned ranks keep the plain config (and the public dilated_attention path)
-    assert local_dilated_config(cfg, 4, 4, 8) is cfg
+    assert head_range_config(cfg, 4, 4, 8) is cfg
     split = DilatedConfig((4, 8), (1, 2), "split")  # global groups: heads [0, 3) and [3, 6)
-    local = local_dilated_config(split, 2, 2, 6)  # heads 2, 3: one of each group
+    local = head_range_config(split, 2, 2, 6)  # heads 2, 3: one of each group
     assert (local.heads_for_group(0, 2), local.heads_for_group(1, 2)) == (range(0, 1), range(1, 2))
-    assert local_dilated_config(split, 0, 6, 6) is split
+    assert head_range_config(split, 0, 6, 6) is split
 
 
 @pytest.mark.parametrize(

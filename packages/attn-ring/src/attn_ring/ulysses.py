@@ -15,7 +15,7 @@ attention brings its own exact backward.
   which is dense attention (causal, padding, GQA, fused SDPA kernels on GPU, exact gradients).
 - dilated: ``attn_core.dilated_attention`` with the offsets of the *global* heads (head j uses
   offset j mod r_g, and head_mode="split" partitions the global heads): see
-  :class:`HeadRangeConfig`.
+  :class:`attn_ring.head_range.HeadRangeConfig`.
 - block_sparse: ``attn_sparse.block_sparse_attention`` with the layout's rows of this rank's heads
   (a shared layout is used as is).
 
@@ -44,64 +44,18 @@ from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
 from .alltoall import AllToAllComm
 from .comm import check_timeout, config_hash, dtype_code
 from .exchange import DEFAULT_TIMEOUT_S
+from .head_range import head_range_config
 
 __all__ = [
     "ATTENTION_KINDS",
-    "HeadRangeConfig",
     "heads_to_sequence",
     "kv_heads_on_wire",
-    "local_dilated_config",
     "sequence_to_heads",
     "ulysses_attention",
     "ulysses_with",
 ]
 
 ATTENTION_KINDS = ("dense", "dilated", "block_sparse")
-
-
-@dataclass(frozen=True, init=False)
-class HeadRangeConfig(DilatedConfig):
-    """A dilated config for the heads [head_base, head_base + h) of a call with ``total_heads`` heads.
-
-    A rank of Ulysses attention runs local heads 0..h-1 that are the global heads head_base + j;
-    this config gives every local head the group membership and offset of its global head
-    (offset (head_base + j) mod r_g; head_mode="split" groups cut from the global heads), so
-    ``attn_core``'s backends, which take all geometry from the config, compute exactly the
-    global heads' attention.
-    """
-
-    head_base: int = 0
-    total_heads: int = 1
-
-    def __init__(self, config: DilatedConfig, head_base: int, total_heads: int) -> None:
-        super().__init__(config.segment_lengths, config.dilation_rates, config.head_mode)
-        if not 0 <= head_base < total_heads:
-            raise ValueError(f"head_base must be in [0, total_heads={total_heads}), got {head_base}")
-        object.__setattr__(self, "head_base", int(head_base))
-        object.__setattr__(self, "total_heads", int(total_heads))
-
-    def heads_for_group(self, group: int, num_heads: int) -> range:
-        glob = DilatedConfig.heads_for_group(self, group, self.total_heads)
-        lo, hi = max(glob.start, self.head_base), min(glob.stop, self.head_base + num_heads)
-        return range(lo - self.head_base, max(hi, lo) - self.head_base)
-
-    def head_offset(self, group: int, head: int) -> int:
-        return (self.head_base + head) % self.dilation_rates[group]
-
-
-def local_dilated_config(config: DilatedConfig, head_base: int, local_heads: int, total_heads: int) -> DilatedConfig:
-    """The config that runs global heads [head_base, head_base + local_heads) as local heads 0..local_heads-1.
-
-    ``config`` itself when its own geometry on ``local_heads`` heads already matches (every
-    head base that is a multiple of each rate, with head_mode "all"), else a :class:`HeadRangeConfig`.
-    """
-    shifted = HeadRangeConfig(config, head_base, total_heads)
-    same = all(
-        config.heads_for_group(g, local_heads) == shifted.heads_for_group(g, local_heads)
-        and all(config.head_offset(g, j) == shifted.head_offset(g, j) for j in range(local_heads))
-        for g in range(config.num_groups)
-    )
-    return config if same else shifted
 
 
 def kv_heads_on_wire(num_heads: int, num_kv_heads: int, world_size: int) -> int:
@@ -320,7 +274,7 @@ class InnerAttention:
             # one segment of the whole sequence at rate 1 selects every key: dense attention
             config = DilatedConfig((N,), (1,))
         else:
-            config = local_dilated_config(self.config, head_base, h, total_heads)
+            config = head_range_config(self.config, head_base, h, total_heads)
         return _dilated_with_config(q, k, v, config, backend=self.backend, **kw)
 
 
