@@ -225,7 +225,15 @@ def test_world_of_one_matches_reference(world_of_one: None, attention: str, caus
         (dict(attention="dense", layout=object()), ValueError, "belongs to attention='block_sparse'"),
         (dict(attention="dilated"), ValueError, "needs segment_lengths"),
         (dict(attention="dilated", segment_lengths=(6,), dilation_rates=(4,)), ValueError, "not divisible"),
-        (dict(attention="block_sparse", layout=None), TypeError, "BlockLayout"),
+        (dict(attention="block_sparse", layout=object()), TypeError, "BlockLayout or None"),
+        (dict(attention="block_sparse"), ValueError, "none was given"),
+        (dict(window_size=(2, 0)), ValueError, "window_size is supported with attention='block_sparse' only"),
+        (dict(attention="dilated", segment_lengths=(8,), dilation_rates=(1,), window_size=(2, 0)), ValueError, "only"),
+        (dict(attention="block_sparse", window_size=(-2, 0)), ValueError, "window_size sides"),
+        (dict(window_size=3), TypeError, "window_size must be a pair"),
+        (dict(cu_seqlens=[0, 32]), TypeError, "cu_seqlens must be a torch.Tensor"),
+        (dict(cu_seqlens=torch.tensor([0, 32])), ValueError, "dtype torch.int32"),
+        (dict(cu_seqlens=torch.tensor([0, 32], dtype=torch.int32)), ValueError, "B == 1"),
         (dict(is_causal=1), TypeError, "is_causal"),
         (dict(method="ring"), ValueError, "method must be one of"),
         (dict(timeout_s=-1), ValueError, "timeout_s"),
@@ -310,3 +318,70 @@ def test_hybrid_mesh_world_of_one(world_of_one: None, use_device_mesh: bool) -> 
     assert torch.equal(mesh.positions(8), torch.arange(8))
     with pytest.raises(ValueError, match="must divide the world size"):
         hybrid_mesh(2, use_device_mesh=use_device_mesh)
+
+
+def _masked_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attention: str,
+    *,
+    causal: bool,
+    cu_seqlens: torch.Tensor,
+    window_size: tuple[int, int] | None = None,
+    block_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float64 reference of one packed sequence (B == 1) under the document, causal and window masks."""
+    N = q.shape[1]
+    if attention == "dilated":
+        out, _ = reference.dilated_attention(q, k, v, (4, 8, 32), (1, 2, 4), is_causal=causal, cu_seqlens=cu_seqlens)
+        return out
+    allowed = reference.document_mask(N, N, cu_seqlens=cu_seqlens, is_causal=causal, window_size=window_size)
+    if block_mask is not None:
+        allowed = allowed & reference.block_sparse_weights(block_mask, (16, 16), N, N)
+    out, _ = reference.attention_from_weights(q, k, v, allowed.expand(1, q.shape[2], N, N))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("attention", "causal", "window", "layout"),
+    [
+        ("dense", False, None, False),
+        ("dense", True, None, False),
+        ("dilated", True, None, False),
+        ("block_sparse", False, (5, 2), True),
+        ("block_sparse", True, None, False),
+    ],
+)
+def test_world_of_one_packed_documents(
+    world_of_one: None, attention: str, causal: bool, window: tuple[int, int] | None, layout: bool
+) -> None:
+    """cu_seqlens (and window_size for block_sparse) reach the inner attention: outputs and gradients
+    equal the float64 reference under the same masks, also through the module."""
+    g = torch.Generator().manual_seed(3)
+    N, H, Hkv = 32, 4, 2
+    q, k, v = (torch.randn(1, N, h, 8, generator=g, dtype=torch.float64, requires_grad=True) for h in (H, Hkv, Hkv))
+    cu = torch.tensor([0, 5, 5, 19, 32], dtype=torch.int32)  # an empty document, a short last one
+    opts: dict[str, Any] = {}
+    block_mask = None
+    if attention == "dilated":
+        opts = dict(segment_lengths=(4, 8, 32), dilation_rates=(1, 2, 4))
+    if layout:
+        from attn_sparse import BlockLayout
+
+        block_mask = torch.rand(H, 2, 2, generator=g) < 0.7
+        block_mask[:, :, 0] = True
+        opts = dict(layout=BlockLayout.from_dense(block_mask, block_size=16))
+    ref = _masked_reference(q, k, v, attention, causal=causal, cu_seqlens=cu, window_size=window, block_mask=block_mask)
+    out = ulysses_attention(q, k, v, attention=attention, is_causal=causal, cu_seqlens=cu, window_size=window, **opts)
+    dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    assert_close_to_reference("out", out, ref)
+    for name, a, b in zip(
+        ("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)
+    ):
+        assert_close_to_reference(name, a, b)
+    module = UlyssesAttention(attention, **opts)
+    mod_out = module(q, k, v, is_causal=causal, cu_seqlens=cu, window_size=window)
+    torch.testing.assert_close(mod_out, out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="must end at the sequence length N = 32"):
+        ulysses_attention(q, k, v, attention=attention, is_causal=causal, cu_seqlens=cu[:-1], **opts)
