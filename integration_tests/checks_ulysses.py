@@ -509,4 +509,4 @@ def check_hybrid_nccl(rank: int, world_size: int) -> list[str]:
     return check_hybrid(rank, world_size) if world_size % 2 == 0 else ["needs an even world"]
 
 
-NCCL_CHECKS = [check_ulysses_cases, check_errors_raise_on_every_rank, check_hybrid_nccl]
+NCCL_CHECKS = [check_ulysses_cases, check_ulysses_packed, check_errors_raise_on_every_rank, check_hybrid_nccl]

@@ -381,7 +381,7 @@ def test_world_of_one_packed_documents(
     ):
         assert_close_to_reference(name, a, b)
     module = UlyssesAttention(attention, **opts)
-    mod_out = module(q, k, v, is_causal=causal, cu_seqlens=cu, window_size=window)
-    torch.testing.assert_close(mod_out, out, rtol=0, atol=0)
+    mod_out = module(q, k, v, is_causal=causal, cu_seqlens=cu, window_size=window or (-1, -1))
+    torch.testing.assert_close(mod_out, out, rtol=0, atol=0)  # (-1, -1): unbounded, no window
     with pytest.raises(ValueError, match="must end at the sequence length N = 32"):
         ulysses_attention(q, k, v, attention=attention, is_causal=causal, cu_seqlens=cu[:-1], **opts)

@@ -426,7 +426,8 @@ def ulysses_attention(
     (B == 1, ending at N = n*W; the same tensor on every rank, checked), documents may cross shard
     boundaries; every kind takes it (dense: attention within each document; dilated: each
     document alone, segments from its start, as attn_core.dilated_attention). window_size=(left,
-    right) (flash-attn's convention): attention="block_sparse" only (ValueError otherwise).
+    right) (flash-attn's convention, -1 = unbounded): attention="block_sparse" only (ValueError
+    otherwise, unless (-1, -1): no window).
 
     Every rank must call with the same shapes, dtype and options: a mismatch raises ValueError
     on every rank; a peer that exits or never calls gives a TimeoutError/RuntimeError within
@@ -476,6 +477,8 @@ def ulysses_with(
     causal = check_bool("is_causal", is_causal)
     scale = resolve_softmax_scale(softmax_scale, D)
     window = None if window_size is None else check_window_size(window_size)
+    if window == (-1, -1):
+        window = None  # unbounded on both sides: no mask (every kind takes it)
     documents = packed_documents_code(cu_seqlens)
     comm = AllToAllComm(group, timeout_s=check_timeout(timeout_s), method=method)
     W = comm.world_size
