@@ -5,8 +5,10 @@ on its tokens and compares its output and its q/k/v gradients with float64 autog
 dense-masked reference. Ulysses cases: dense, dilated (head_mode "all" with rank head offsets
 that are not multiples of the rates, and "split"), block-sparse (per-head and shared layouts),
 causal and not, GQA with Hkv a multiple of W, Hkv < W and Hkv not dividing W (kv heads repeated),
-key padding, float32, both all-to-all methods, the module. Hybrid (2 x 2 grid): dense contiguous
-and zigzag, dilated with padding, both ways of building the groups, the module.
+key padding, float32, both all-to-all methods, the module; packed documents (cu_seqlens) that
+cross shard boundaries for every kind, windows for block-sparse (with a layout and without). Hybrid (2 x 2 grid): dense contiguous
+and zigzag, dilated with padding, dilated with rates that do not divide the heads per all-to-all
+rank (head_mode "all" and "split", causal, GQA), both ways of building the groups, the module.
 
 Failure behaviour: mismatched shapes/options raise ValueError on every rank; a rank that leaves
 after the forward, or never calls, makes the others raise within a bounded time.
@@ -56,7 +58,9 @@ class Case:
     segments: tuple[int, ...] = ()
     rates: tuple[int, ...] = ()
     head_mode: str = "all"
-    sparse: str = ""  # "per-head" or "shared" block layout (block size 16)
+    sparse: str = ""  # "per-head" or "shared" block layout (block size 16); "" with block_sparse: layout None
+    packed: bool = False  # one sequence (B = 1) of documents (cu_seqlens) that cross the shard boundaries
+    window: tuple[int, int] | None = None
     dtype: torch.dtype = torch.float64
     method: str = "auto"
     options: dict[str, Any] = field(default_factory=dict)
@@ -115,7 +119,7 @@ def _inputs(case: Case, world_size: int, seed: int, head_split: int | None = Non
     g = torch.Generator().manual_seed(seed)
     N, H = case.shard * world_size, case.heads_per_rank * (head_split or world_size)
     Hkv = case.kv_heads if case.kv_heads is not None else H
-    B, D = 2, 8
+    B, D = (1 if case.packed else 2), 8
     q = torch.randn(B, N, H, D, generator=g, dtype=torch.float64)
     k = torch.randn(B, N, Hkv, D, generator=g, dtype=torch.float64)
     v = torch.randn(B, N, Hkv, D, generator=g, dtype=torch.float64)
@@ -132,18 +136,35 @@ def _inputs(case: Case, world_size: int, seed: int, head_split: int | None = Non
         block_mask[:, :, 0] = True
         if heads > 1:
             block_mask[0, -1] = False  # a query block that sees no key: output 0, zero gradients
-    return dict(q=q, k=k, v=v, dout=dout, mask=mask, block_mask=block_mask)
+    cu_seqlens = None
+    if case.packed:
+        # documents [0, 3), [3, N/2 + 1), an empty one, then the rest: with W = 2 or 3 shards of
+        # N/W tokens, the second document and the last cross shard boundaries
+        cu_seqlens = torch.tensor([0, 3, N // 2 + 1, N // 2 + 1, N], dtype=torch.int32)
+    return dict(q=q, k=k, v=v, dout=dout, mask=mask, block_mask=block_mask, cu_seqlens=cu_seqlens)
 
 
 def _reference(case: Case, x: dict[str, Any], dtype: torch.dtype) -> list[torch.Tensor]:
     q, k, v = (x[n].to(dtype).detach().requires_grad_() for n in ("q", "k", "v"))
     kw = dict(is_causal=case.causal, key_padding_mask=x["mask"], dtype=dtype)
+    cu = x["cu_seqlens"]
     if case.attention == "dense":
-        out, _ = reference.dense_attention(q, k, v, **kw)
+        out, _ = reference.dense_attention(q, k, v, cu_seqlens=cu, window_size=case.window, **kw)
     elif case.attention == "dilated":
-        out, _ = reference.dilated_attention(q, k, v, case.segments, case.rates, head_mode=case.head_mode, **kw)
-    else:
+        out, _ = reference.dilated_attention(
+            q, k, v, case.segments, case.rates, head_mode=case.head_mode, cu_seqlens=cu, **kw
+        )
+    elif cu is None and case.window is None and case.sparse:
         out, _ = reference.block_sparse_attention(q, k, v, x["block_mask"], (16, 16), **kw)
+    else:  # block-sparse tiles (or none) intersected with the token masks
+        B, N, H, _ = q.shape
+        allowed = reference.document_mask(N, N, cu_seqlens=cu, is_causal=case.causal, window_size=case.window)
+        if case.sparse:
+            allowed = allowed & reference.block_sparse_weights(x["block_mask"], (16, 16), N, N)
+        weights = allowed.expand(B, H, N, N)
+        if x["mask"] is not None:
+            weights = weights & ~x["mask"][:, None, None, :]
+        out, _ = reference.attention_from_weights(q, k, v, weights, dtype=dtype)
     out.backward(x["dout"].to(dtype))
     assert q.grad is not None and k.grad is not None and v.grad is not None
     return [out.detach(), q.grad, k.grad, v.grad]
@@ -185,6 +206,7 @@ def run_ulysses_case(case: Case, rank: int, world_size: int, seed: int, *, modul
         opts = dict(segment_lengths=case.segments, dilation_rates=case.rates, head_mode=case.head_mode)
     elif case.attention == "block_sparse":
         opts = dict(layout=layout)
+    masks = dict(cu_seqlens=x["cu_seqlens"], window_size=case.window)
 
     def mine(t: torch.Tensor) -> torch.Tensor:
         return shard_sequence(t, world_size, rank)
@@ -193,7 +215,7 @@ def run_ulysses_case(case: Case, rank: int, world_size: int, seed: int, *, modul
         mod = UlyssesAttention(case.attention, timeout_s=60, **opts)
 
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
-            out: torch.Tensor = mod(q, k, v, is_causal=case.causal, **kw)
+            out: torch.Tensor = mod(q, k, v, is_causal=case.causal, **masks, **kw)
             return out
     else:
 
@@ -207,6 +229,7 @@ def run_ulysses_case(case: Case, rank: int, world_size: int, seed: int, *, modul
                 method=case.method,
                 timeout_s=60,
                 **opts,
+                **masks,
                 **kw,
             )
 
@@ -230,6 +253,64 @@ def check_ulysses_cases(rank: int, world_size: int) -> list[str]:
     return done
 
 
+def packed_cases() -> list[Case]:
+    """Packed documents crossing shard boundaries (cu_seqlens), and windows (block-sparse)."""
+    out = [
+        Case("dense packed", 6, packed=True),
+        Case("dense packed causal gqa kv=1 padded", 5, kv_heads=1, causal=True, padding=True, packed=True),
+        # 3 heads per rank: rank r's heads start at 3r, not a multiple of the rate 4
+        Case(
+            "dilated packed causal",
+            6,
+            heads_per_rank=3,
+            kv_heads=3,
+            attention="dilated",
+            causal=True,
+            segments=(2, 4, 8),
+            rates=(1, 2, 4),
+            packed=True,
+        ),
+        Case(
+            "dilated packed split padded",
+            5,
+            heads_per_rank=3,
+            attention="dilated",
+            padding=True,
+            segments=(2, 4, 16),
+            rates=(1, 2, 4),
+            head_mode="split",
+            packed=True,
+        ),
+    ]
+    if has_attn_sparse():
+        out += [
+            Case(
+                "block-sparse packed per-head window",
+                8,
+                kv_heads=1,
+                attention="block_sparse",
+                sparse="per-head",
+                window=(5, 2),
+                packed=True,
+            ),
+            Case("block-sparse packed no layout causal", 7, attention="block_sparse", causal=True, packed=True),
+            Case("block-sparse window no layout", 6, kv_heads=1, attention="block_sparse", window=(4, 0)),
+        ]
+    return out
+
+
+def check_ulysses_packed(rank: int, world_size: int) -> list[str]:
+    """Packed documents and windows: every case's output and gradients vs the float64 reference."""
+    done = []
+    for i, case in enumerate(packed_cases()):
+        run_ulysses_case(case, rank, world_size, seed=500 + 10 * world_size + i)
+        done.append(case.name)
+    module = Case("module packed", 4, attention="dilated", segments=(2, 8), rates=(1, 2), causal=True, packed=True)
+    run_ulysses_case(module, rank, world_size, 8, module=True)
+    done.append(module.name)
+    return done
+
+
 def hybrid_cases() -> list[Case]:
     return [
         Case("dense", 4),
@@ -248,6 +329,42 @@ def hybrid_cases() -> list[Case]:
             rates=(1, 2),
         ),
         Case("dilated long segments", 3, heads_per_rank=2, attention="dilated", segments=(6, 12), rates=(2, 2)),
+        # H/A = 3 heads per all-to-all rank, rates 1, 2, 4: rank 1's heads start at global head 3
+        # (offsets 3, 0, 1 at rate 4); "split" cuts 3 groups of 2 from the 6 global heads, so each
+        # rank's range straddles two groups. Segments of 12 cross the ring shards (10 or 8 tokens).
+        Case("dilated any rates", 5, heads_per_rank=3, attention="dilated", segments=(4, 6, 12), rates=(1, 2, 4)),
+        Case(
+            "dilated any rates causal gqa kv=2 padded",
+            5,
+            heads_per_rank=3,
+            kv_heads=2,
+            attention="dilated",
+            causal=True,
+            padding=True,
+            segments=(4, 6, 12),
+            rates=(1, 2, 4),
+        ),
+        Case(
+            "dilated any rates split gqa kv=3",
+            4,
+            heads_per_rank=3,
+            kv_heads=3,
+            attention="dilated",
+            segments=(4, 6, 12),
+            rates=(1, 2, 4),
+            head_mode="split",
+        ),
+        Case(
+            "dilated any rates split causal gqa kv=2",
+            5,
+            heads_per_rank=3,
+            kv_heads=2,
+            attention="dilated",
+            causal=True,
+            segments=(2, 6, 20),
+            rates=(1, 2, 4),
+            head_mode="split",
+        ),
     ]
 
 
@@ -297,7 +414,7 @@ def check_hybrid(rank: int, world_size: int, a2a_size: int = 2) -> list[str]:
 
         _compare(f"[hybrid {c.name}, {world_size // a2a_size}x{a2a_size}, rank {rank}]", c, x, mine, run)
         done.append(case.name)
-    # the module, and a dilated config whose rank heads would need other offsets: ValueError everywhere
+    # the module, and groups that are not a grid: ValueError everywhere
     mesh = _check_mesh(rank, world_size, a2a_size, use_device_mesh=False)
     done.append("new_group mesh")
     c = Case("module", 4, heads_per_rank=2, causal=True)
@@ -310,21 +427,6 @@ def check_hybrid(rank: int, world_size: int, a2a_size: int = 2) -> list[str]:
     _compare(f"[hybrid module, rank {rank}]", c, x, lambda t: mesh.shard(t, layout="zigzag"), run_mod)
     done.append("module")
     q = torch.randn(1, 4, 2 * a2a_size, 8, device=_device())
-    _expect_value_error(
-        lambda: hybrid_attention(
-            q,
-            q,
-            q,
-            a2a_group=mesh.a2a_group,
-            ring_group=mesh.ring_group,
-            attention="dilated",
-            segment_lengths=(4,),
-            dilation_rates=(4,),
-            timeout_s=60,
-        ),
-        "multiple of every dilation rate",
-    )
-    done.append("misaligned dilated heads refused")
     _expect_value_error(
         lambda: hybrid_attention(q, q, q, a2a_group=mesh.a2a_group, ring_group=mesh.a2a_group, timeout_s=60),
         "share exactly this rank",
@@ -407,4 +509,4 @@ def check_hybrid_nccl(rank: int, world_size: int) -> list[str]:
     return check_hybrid(rank, world_size) if world_size % 2 == 0 else ["needs an even world"]
 
 
-NCCL_CHECKS = [check_ulysses_cases, check_errors_raise_on_every_rank, check_hybrid_nccl]
+NCCL_CHECKS = [check_ulysses_cases, check_ulysses_packed, check_errors_raise_on_every_rank, check_hybrid_nccl]

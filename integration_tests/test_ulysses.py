@@ -14,10 +14,16 @@ def test_ulysses_matches_reference(world_size: int) -> None:
     assert values == [[c.name for c in checks_ulysses.cases(world_size)] + ["module"]] * world_size
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ulysses_packed_documents_match_reference(world_size: int) -> None:
+    values = assert_all_ok(run_world(checks_ulysses.check_ulysses_packed, world_size, timeout=150))
+    assert values == [[c.name for c in checks_ulysses.packed_cases()] + ["module packed"]] * world_size
+
+
 def test_hybrid_two_by_two_matches_reference() -> None:
     values = assert_all_ok(run_world(checks_ulysses.check_hybrid, 4, 2, timeout=150))
     names = [c.name for c in checks_ulysses.hybrid_cases()]
-    names += ["new_group mesh", "module", "misaligned dilated heads refused", "groups that are not a grid refused"]
+    names += ["new_group mesh", "module", "groups that are not a grid refused"]
     assert values == [names] * 4
 
 

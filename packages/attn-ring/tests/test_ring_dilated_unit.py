@@ -405,3 +405,108 @@ def test_non_contiguous_inputs(world_of_one, monkeypatch, views: bool) -> None:
         ("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)
     ):
         assert_close_to_reference(name, a, b)
+
+
+# (N, W, local H, local Hkv, segments, rates, causal, head_mode, head_base, total_heads)
+HEAD_RANGES = [
+    (16, 2, 3, 3, (4, 8, 16), (1, 2, 4), False, "all", 3, 6),  # offsets 3, 0, 1 for rate 4
+    (15, 3, 3, 1, (3, 6, 12), (1, 2, 4), True, "all", 5, 8),
+    (16, 2, 3, 3, (4, 8, 16), (1, 2, 4), False, "split", 2, 6),  # straddles groups 0 and 1
+    (18, 3, 2, 2, (3, 6, 18), (1, 2, 3), True, "split", 4, 6),  # only group 2
+    (12, 4, 2, 1, (4, 12), (2, 4), False, "split", 1, 5),  # groups [0, 3) and [3, 5): heads 1, 2 in group 0
+]
+
+
+@pytest.mark.parametrize("geom", HEAD_RANGES)
+def test_head_range_plan_covers_the_global_heads_and_receives_the_minimum(geom) -> None:
+    """Local head j of a plan with head_base runs global head head_base + j: same positions, same
+    groups, and each rank receives exactly the rows those global heads read."""
+    N, W, H, Hkv, segs, rates, causal, mode, base, total = geom
+    plan = plan_ring_dilated(
+        N, W, H, Hkv, segs, rates, is_causal=causal, head_mode=mode, head_base=base, total_heads=total
+    )
+    cfg = DilatedConfig(segs, rates, mode)
+    n = N // W
+    for g, r in enumerate(rates):
+        seen = [
+            pair
+            for b, rp in enumerate(plan.ranks)
+            for it in rp.items
+            if it.group == g
+            for pair in _item_pairs(it, b, n)
+        ]
+        glob = cfg.heads_for_group(g, total)
+        expected = [(p, j) for p in range(N) for j in range(H) if base + j in glob and p % r == (base + j) % r]
+        assert sorted(seen) == sorted(expected)
+    weights = reference.dilated_weights(N, total, segs, rates, is_causal=causal, head_mode=mode)[base : base + H]
+    for b, rp in enumerate(plan.ranks):
+        lo, hi = b * n, (b + 1) * n
+        need = {
+            (kpos, j // (H // Hkv))
+            for j, qpos, kpos in torch.nonzero(weights > 0).tolist()
+            if lo <= qpos < hi and not lo <= kpos < hi
+        }
+        assert {(int(key) // Hkv, int(key) % Hkv) for key in rp.needed} == need
+
+
+def test_aligned_head_range_shares_the_plain_plan() -> None:
+    plain = plan_ring_dilated(16, 2, 4, 2, (4, 8), (1, 2))
+    assert plan_ring_dilated(16, 2, 4, 2, (4, 8), (1, 2), head_base=4, total_heads=8) is plain
+    shifted = plan_ring_dilated(16, 2, 4, 2, (4, 8), (1, 2), head_base=1, total_heads=8)
+    assert shifted is not plain and shifted.ranks[0].items != plain.ranks[0].items
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"head_base": 2}, "needs total_heads"),
+        ({"head_base": -1, "total_heads": 4}, "non-negative int"),
+        ({"head_base": True, "total_heads": 4}, "non-negative int"),
+        ({"head_base": 3, "total_heads": 4}, "total_heads must be an int >= head_base \\+ H = 3 \\+ 2"),
+        ({"total_heads": 1}, "total_heads must be an int"),
+        ({"total_heads": 4.0}, "total_heads must be an int"),
+    ],
+)
+def test_head_range_validation(world_of_one, kwargs, match) -> None:
+    x = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match=match):
+        plan_ring_dilated(4, 1, 2, 2, (4,), (2,), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        ring_dilated_attention(x, x, x, (4,), (2,), **kwargs)
+
+
+@pytest.mark.parametrize("views", [True, False], ids=["view-path", "gather-path"])
+@pytest.mark.parametrize(
+    ("causal", "mode", "Hkv"), [(False, "all", 6), (True, "all", 2), (True, "split", 6), (False, "split", 2)]
+)
+def test_world_of_one_head_range_matches_the_global_heads(
+    world_of_one, monkeypatch, causal: bool, mode: str, Hkv: int, views: bool
+) -> None:
+    """Every range of 3 of 6 global heads that keeps whole GQA groups, run alone with head_base, equals
+    those heads of the reference over all 6: outputs and q, k, v gradients (the range's kv heads are
+    read by its query heads only)."""
+    import attn_ring.ring_dilated as rd
+
+    if not views:
+        monkeypatch.setattr(rd, "view_path_available", lambda q: False)
+    g = torch.Generator().manual_seed(11)
+    N, H, h, D, segs, rates = 12, 6, 3, 8, (2, 4, 8), (1, 2, 4)
+    q = torch.randn(2, N, H, D, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, N, Hkv, D, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, N, Hkv, D, generator=g, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(2, N, H, D, generator=g, dtype=torch.float64)
+    mask = torch.rand(2, N, generator=g) < 0.3
+    ref, _ = reference.dilated_attention(q, k, v, segs, rates, is_causal=causal, key_padding_mask=mask, head_mode=mode)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    per_kv = H // Hkv
+    for base in range(0, H - h + 1, per_kv):
+        heads, kv = slice(base, base + h), slice(base // per_kv, (base + h) // per_kv)
+        leaves = [t.detach()[:, :, sl].clone().requires_grad_() for t, sl in ((q, heads), (k, kv), (v, kv))]
+        out = ring_dilated_attention(
+            *leaves, segs, rates, is_causal=causal, key_padding_mask=mask, head_mode=mode, head_base=base, total_heads=H
+        )
+        grads = torch.autograd.grad(out, leaves, dout[:, :, heads])
+        label = f"heads [{base}, {base + h})"
+        assert_close_to_reference(f"{label} out", out, ref[:, :, heads])
+        for name, got, want, sl in zip(("dq", "dk", "dv"), grads, ref_grads, (heads, kv, kv)):
+            assert_close_to_reference(f"{label} {name}", got, want[:, :, sl])

@@ -28,13 +28,8 @@ from attn_ring import (
     ulysses_attention,
 )
 from attn_ring.alltoall import all_to_all_method
-from attn_ring.ulysses import (
-    HeadRangeConfig,
-    InnerAttention,
-    kv_heads_on_wire,
-    local_dilated_config,
-    repeat_kv_heads,
-)
+from attn_ring.head_range import HeadRangeConfig, head_range_config
+from attn_ring.ulysses import InnerAttention, kv_heads_on_wire, repeat_kv_heads
 
 
 def _random_geometry(seed: int) -> dict[str, Any]:
@@ -86,16 +81,16 @@ def test_rank_heads_reproduce_the_global_heads(seed: int, backend: str) -> None:
 def test_plain_config_would_give_other_heads_offsets() -> None:
     """The head-range config matters: rank 1 of 2 with H=6, rate 4 starts at head 3 (offset 3, not 0)."""
     cfg = DilatedConfig((8,), (4,))
-    local = local_dilated_config(cfg, 3, 3, 6)
+    local = head_range_config(cfg, 3, 3, 6)
     assert isinstance(local, HeadRangeConfig)
     assert [local.head_offset(0, j) for j in range(3)] == [3, 0, 1]
     assert [cfg.head_offset(0, j) for j in range(3)] == [0, 1, 2]
     # aligned ranks keep the plain config (and the public dilated_attention path)
-    assert local_dilated_config(cfg, 4, 4, 8) is cfg
+    assert head_range_config(cfg, 4, 4, 8) is cfg
     split = DilatedConfig((4, 8), (1, 2), "split")  # global groups: heads [0, 3) and [3, 6)
-    local = local_dilated_config(split, 2, 2, 6)  # heads 2, 3: one of each group
+    local = head_range_config(split, 2, 2, 6)  # heads 2, 3: one of each group
     assert (local.heads_for_group(0, 2), local.heads_for_group(1, 2)) == (range(0, 1), range(1, 2))
-    assert local_dilated_config(split, 0, 6, 6) is split
+    assert head_range_config(split, 0, 6, 6) is split
 
 
 @pytest.mark.parametrize(
@@ -230,7 +225,15 @@ def test_world_of_one_matches_reference(world_of_one: None, attention: str, caus
         (dict(attention="dense", layout=object()), ValueError, "belongs to attention='block_sparse'"),
         (dict(attention="dilated"), ValueError, "needs segment_lengths"),
         (dict(attention="dilated", segment_lengths=(6,), dilation_rates=(4,)), ValueError, "not divisible"),
-        (dict(attention="block_sparse", layout=None), TypeError, "BlockLayout"),
+        (dict(attention="block_sparse", layout=object()), TypeError, "BlockLayout or None"),
+        (dict(attention="block_sparse"), ValueError, "none was given"),
+        (dict(window_size=(2, 0)), ValueError, "window_size is supported with attention='block_sparse' only"),
+        (dict(attention="dilated", segment_lengths=(8,), dilation_rates=(1,), window_size=(2, 0)), ValueError, "only"),
+        (dict(attention="block_sparse", window_size=(-2, 0)), ValueError, "window_size sides"),
+        (dict(window_size=3), TypeError, "window_size must be a pair"),
+        (dict(cu_seqlens=[0, 32]), TypeError, "cu_seqlens must be a torch.Tensor"),
+        (dict(cu_seqlens=torch.tensor([0, 32])), ValueError, "dtype torch.int32"),
+        (dict(cu_seqlens=torch.tensor([0, 32], dtype=torch.int32)), ValueError, "B == 1"),
         (dict(is_causal=1), TypeError, "is_causal"),
         (dict(method="ring"), ValueError, "method must be one of"),
         (dict(timeout_s=-1), ValueError, "timeout_s"),
@@ -315,3 +318,70 @@ def test_hybrid_mesh_world_of_one(world_of_one: None, use_device_mesh: bool) -> 
     assert torch.equal(mesh.positions(8), torch.arange(8))
     with pytest.raises(ValueError, match="must divide the world size"):
         hybrid_mesh(2, use_device_mesh=use_device_mesh)
+
+
+def _masked_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attention: str,
+    *,
+    causal: bool,
+    cu_seqlens: torch.Tensor,
+    window_size: tuple[int, int] | None = None,
+    block_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float64 reference of one packed sequence (B == 1) under the document, causal and window masks."""
+    N = q.shape[1]
+    if attention == "dilated":
+        out, _ = reference.dilated_attention(q, k, v, (4, 8, 32), (1, 2, 4), is_causal=causal, cu_seqlens=cu_seqlens)
+        return out
+    allowed = reference.document_mask(N, N, cu_seqlens=cu_seqlens, is_causal=causal, window_size=window_size)
+    if block_mask is not None:
+        allowed = allowed & reference.block_sparse_weights(block_mask, (16, 16), N, N)
+    out, _ = reference.attention_from_weights(q, k, v, allowed.expand(1, q.shape[2], N, N))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("attention", "causal", "window", "layout"),
+    [
+        ("dense", False, None, False),
+        ("dense", True, None, False),
+        ("dilated", True, None, False),
+        ("block_sparse", False, (5, 2), True),
+        ("block_sparse", True, None, False),
+    ],
+)
+def test_world_of_one_packed_documents(
+    world_of_one: None, attention: str, causal: bool, window: tuple[int, int] | None, layout: bool
+) -> None:
+    """cu_seqlens (and window_size for block_sparse) reach the inner attention: outputs and gradients
+    equal the float64 reference under the same masks, also through the module."""
+    g = torch.Generator().manual_seed(3)
+    N, H, Hkv = 32, 4, 2
+    q, k, v = (torch.randn(1, N, h, 8, generator=g, dtype=torch.float64, requires_grad=True) for h in (H, Hkv, Hkv))
+    cu = torch.tensor([0, 5, 5, 19, 32], dtype=torch.int32)  # an empty document, a short last one
+    opts: dict[str, Any] = {}
+    block_mask = None
+    if attention == "dilated":
+        opts = dict(segment_lengths=(4, 8, 32), dilation_rates=(1, 2, 4))
+    if layout:
+        from attn_sparse import BlockLayout
+
+        block_mask = torch.rand(H, 2, 2, generator=g) < 0.7
+        block_mask[:, :, 0] = True
+        opts = dict(layout=BlockLayout.from_dense(block_mask, block_size=16))
+    ref = _masked_reference(q, k, v, attention, causal=causal, cu_seqlens=cu, window_size=window, block_mask=block_mask)
+    out = ulysses_attention(q, k, v, attention=attention, is_causal=causal, cu_seqlens=cu, window_size=window, **opts)
+    dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    assert_close_to_reference("out", out, ref)
+    for name, a, b in zip(
+        ("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)
+    ):
+        assert_close_to_reference(name, a, b)
+    module = UlyssesAttention(attention, **opts)
+    mod_out = module(q, k, v, is_causal=causal, cu_seqlens=cu, window_size=window or (-1, -1))
+    torch.testing.assert_close(mod_out, out, rtol=0, atol=0)  # (-1, -1): unbounded, no window
+    with pytest.raises(ValueError, match="must end at the sequence length N = 32"):
+        ulysses_attention(q, k, v, attention=attention, is_causal=causal, cu_seqlens=cu[:-1], **opts)

@@ -41,7 +41,6 @@ from .ulysses import (
     gather_padding_mask,
     heads_to_sequence,
     kv_heads_on_wire,
-    local_dilated_config,
     repeat_kv_heads,
     sequence_to_heads,
 )
@@ -189,10 +188,9 @@ def hybrid_attention(
 
     attention: "dense" (ring attention across ``ring_group``; layout "contiguous" or "zigzag";
     no key_padding_mask) or "dilated" (ring dilated attention; layout "contiguous";
-    segment_lengths, dilation_rates, head_mode; key_padding_mask (B, n) bool allowed). Dilated
-    needs every all-to-all rank's first head (a * H/A) to keep the global heads' geometry: H/A a
-    multiple of every dilation rate with head_mode "all" (ValueError otherwise; use
-    :func:`attn_ring.ulysses_attention`, which has no such condition).
+    segment_lengths, dilation_rates, head_mode "all" or "split"; key_padding_mask (B, n) bool
+    allowed). Any rates: all-to-all rank a runs the global heads [a*H/A, (a+1)*H/A) with their
+    own offsets and head groups (ring dilated attention's ``head_base``/``total_heads``).
     """
     B, n, H, Hkv, D = check_qkv(q, k, v, key_padding_mask=key_padding_mask)
     causal = check_bool("is_causal", is_causal)
@@ -247,15 +245,6 @@ def hybrid_attention(
     )
     check_heads_split(H, A, "all-to-all group")  # after the handshake: the same verdict on every rank
     h = H // A
-    if config is not None:
-        for a in range(A):  # the same verdict on every rank
-            if local_dilated_config(config, a * h, h, H) is not config:
-                raise ValueError(
-                    f"hybrid dilated attention: all-to-all rank {a} runs global heads [{a * h}, {(a + 1) * h}) of "
-                    f"H={H}, whose offsets (j mod r) / head groups (head_mode={config.head_mode!r}) ring dilated "
-                    f"attention cannot reproduce on local heads; needs H/A={h} to be a multiple of every dilation "
-                    f"rate {list(config.dilation_rates)} with head_mode 'all' (or use ulysses_attention)"
-                )
     k_w, v_w = repeat_kv_heads(k, v, kv_heads_on_wire(H, Hkv, A))
     mask = gather_padding_mask(key_padding_mask, comm, chunks=chunks)
     qh, kh, vh = sequence_to_heads([q, k_w, v_w], comm, chunks=chunks)
@@ -275,6 +264,8 @@ def hybrid_attention(
             key_padding_mask=mask,
             softmax_scale=scale,
             head_mode=config.head_mode,
+            head_base=comm.rank * h,
+            total_heads=H,
             timeout_s=timeout,
         )
     return heads_to_sequence(out_h, comm, chunks=chunks)

@@ -68,9 +68,11 @@ class UlyssesAttention(nn.Module):
     """Head-parallel attention over a sequence sharded across ``group`` (:func:`attn_ring.ulysses_attention`).
 
     forward(q (B, n, H, D), k (B, n, Hkv, D), v (B, n, Hkv, D), *, is_causal=False,
-    key_padding_mask (B, n) bool or None) -> (B, n, H, D): this rank's shard of the attention
-    over the gathered sequence. attention: "dense", "dilated" (segment_lengths, dilation_rates,
-    head_mode) or "block_sparse" (layout: an attn_sparse.BlockLayout of the whole sequence).
+    key_padding_mask (B, n) bool or None, cu_seqlens (num_docs + 1,) int32 of the whole packed
+    sequence or None, window_size (left, right) or None (block_sparse only)) -> (B, n, H, D): this
+    rank's shard of the attention over the gathered sequence. attention: "dense", "dilated"
+    (segment_lengths, dilation_rates, head_mode) or "block_sparse" (layout: an
+    attn_sparse.BlockLayout of the whole sequence, or None: tiles from the token masks).
     """
 
     def __init__(
@@ -112,6 +114,8 @@ class UlyssesAttention(nn.Module):
         *,
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        window_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         return ulysses_with(
             self.inner,
@@ -122,6 +126,8 @@ class UlyssesAttention(nn.Module):
             is_causal=is_causal,
             softmax_scale=self.softmax_scale,
             key_padding_mask=key_padding_mask,
+            cu_seqlens=cu_seqlens,
+            window_size=window_size,
             timeout_s=self.timeout_s,
         )
 

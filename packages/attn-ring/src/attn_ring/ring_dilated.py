@@ -8,7 +8,8 @@ gradients.
 Algorithm (see docs/ring_dilated.md for the derivation of the communicated bytes):
 
 - Geometry is global (:mod:`attn_ring.ring_dilated_plan`): group g = (w, r) cuts the *global*
-  sequence into segments [s*w, (s+1)*w); head j selects positions p with p mod r == j mod r.
+  sequence into segments [s*w, (s+1)*w); head j selects positions p with p mod r == j mod r
+  (j the global head index: a call may run a range of the global heads, see ``head_base``).
   A rank's work for group g is a list of *items*, one per (segment run, offset o): the rank's own selected rows of that segment are the
   queries, and the same rows are the local keys (so ``is_causal`` inside the shard is the
   top-left aligned causal of :func:`attn_core.blocks.block_forward`).
@@ -51,6 +52,7 @@ from attn_core.first_order import first_order_only, second_order_error
 from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
 
 from .comm import DEFAULT_TIMEOUT_S, RingComm, check_timeout, config_hash, dtype_code
+from .head_range import check_head_range
 from .ring_dilated_exchange import finish_kv, finish_kv_grads, gather_mask, post_kv, post_kv_grads
 from .ring_dilated_exec import (
     RingDilatedCall,
@@ -152,16 +154,25 @@ _SIGNATURE_NAMES = (
     "key_padding_mask",
     "config",
     "softmax_scale",
+    "head_base",
+    "total_heads",
 )
 
 
 def _signature(
-    q: torch.Tensor, k: torch.Tensor, cfg: DilatedConfig, causal: bool, has_mask: bool, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cfg: DilatedConfig,
+    causal: bool,
+    has_mask: bool,
+    scale: float,
+    head_range: tuple[int, int],
 ) -> list[int]:
     B, n, H, D = q.shape
     cfg_code = config_hash((cfg.segment_lengths, cfg.dilation_rates, cfg.head_mode))
     scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
-    return [B, n, H, k.shape[2], D, dtype_code(q.dtype), int(causal), int(has_mask), cfg_code, scale_bits]
+    flags = [int(causal), int(has_mask), cfg_code, scale_bits, *head_range]
+    return [B, n, H, k.shape[2], D, dtype_code(q.dtype), *flags]
 
 
 def ring_dilated_attention(
@@ -176,6 +187,8 @@ def ring_dilated_attention(
     key_padding_mask: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     head_mode: str = "all",
+    head_base: int = 0,
+    total_heads: int | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> torch.Tensor:
     """LongNet dilated attention over a sequence sharded contiguously across the ranks of ``group``.
@@ -185,6 +198,15 @@ def ring_dilated_attention(
     [b*n, (b+1)*n) of the N = n * W token sequence. Returns this rank's shard (B, n, H, D) of
     ``attn_core.dilated_attention`` on the gathered sequence (same segments, rates, head_mode,
     causal flag and padding), differentiable with exact gradients for q, k and v.
+
+    head_base, total_heads: the H heads of the call are the global heads [head_base,
+    head_base + H) of an attention with ``total_heads`` heads (default: head_base 0,
+    total_heads H). Local head j then takes global head head_base + j's offset
+    ((head_base + j) mod r_g) and, with head_mode "split", its group (cut from the
+    ``total_heads`` heads; the range may straddle groups), so the result is those heads of
+    ``attn_core.dilated_attention`` over all ``total_heads`` heads. Local GQA is unchanged (local
+    head j reads local kv head j // (H // Hkv)). Head-parallel callers (the hybrid layout) pass
+    their rank's range; total_heads is required when head_base > 0.
 
     Segments wholly inside a shard are computed with no communication; segments crossing shard
     boundaries exchange only their selected (dilated) K/V rows with the ranks they span. Every
@@ -197,17 +219,27 @@ def ring_dilated_attention(
     if n == 0:
         raise ValueError("each rank's shard must hold at least one token, got q with sequence length 0")
     cfg = DilatedConfig(segment_lengths, dilation_rates, head_mode)
+    head_range = check_head_range(head_base, total_heads, H)
     causal = check_bool("is_causal", is_causal)
     scale = resolve_softmax_scale(softmax_scale, D)
     timeout_s = check_timeout(timeout_s)
     comm = RingComm(group, timeout_s=timeout_s)
     comm.handshake(
-        dict(zip(_SIGNATURE_NAMES, _signature(q, k, cfg, causal, key_padding_mask is not None, scale))),
+        dict(zip(_SIGNATURE_NAMES, _signature(q, k, cfg, causal, key_padding_mask is not None, scale, head_range))),
         "ring dilated attention",
     )
     world = comm.world_size
     plan = plan_ring_dilated(
-        n * world, world, H, Hkv, cfg.segment_lengths, cfg.dilation_rates, is_causal=causal, head_mode=cfg.head_mode
+        n * world,
+        world,
+        H,
+        Hkv,
+        cfg.segment_lengths,
+        cfg.dilation_rates,
+        is_causal=causal,
+        head_mode=cfg.head_mode,
+        head_base=head_range[0],
+        total_heads=head_range[1],
     )
     global_mask = None
     if key_padding_mask is not None and world > 1 and any(r.needed.numel() for r in plan.ranks):

@@ -1,7 +1,8 @@
 """Ring dilated attention's plan: which rows each rank computes, receives and sends (pure geometry).
 
 Geometry is global: group g = (w, r) cuts the *global* sequence into segments [s*w, (s+1)*w);
-head j selects positions p with p mod r == j mod r. A rank's work for group g is a list of
+head j selects positions p with p mod r == j mod r (j the global head index: a plan may cover a
+range of the global heads, see ``head_base``). A rank's work for group g is a list of
 *items* (:class:`RingItem`), one per (segment run, offset o): the rank's own selected rows of
 that segment are the queries, and the same rows are the local keys. Segments wholly inside the
 shard form one strided run needing no communication; a segment crossing a shard boundary also
@@ -20,6 +21,8 @@ import torch
 
 from attn_core.config import DilatedConfig
 from attn_core.validation import check_bool
+
+from .head_range import check_head_range, head_range_config
 
 __all__ = ["RingDilatedPlan", "RingDilatedRankPlan", "RingItem", "plan_ring_dilated", "rank_items"]
 
@@ -163,8 +166,12 @@ def _plan_cached(
     dilation_rates: tuple[int, ...],
     head_mode: str,
     causal: bool,
+    head_base: int,
+    total_heads: int,
 ) -> RingDilatedPlan:
-    cfg = DilatedConfig(segment_lengths, dilation_rates, head_mode)
+    cfg = head_range_config(
+        DilatedConfig(segment_lengths, dilation_rates, head_mode), head_base, num_heads, total_heads
+    )
     n = seq_len // world
     per_rank_items = [rank_items(seq_len, world, b, cfg, num_heads, num_kv_heads, causal) for b in range(world)]
     needed_all: list[torch.Tensor] = []
@@ -224,11 +231,15 @@ def plan_ring_dilated(
     *,
     is_causal: bool = False,
     head_mode: str = "all",
+    head_base: int = 0,
+    total_heads: int | None = None,
 ) -> RingDilatedPlan:
     """The work and exchange plan of every rank (pure geometry: no process group needed).
 
+    The num_heads heads are the global heads [head_base, head_base + num_heads) of a call with
+    total_heads heads (default: all of them, head_base 0); see :func:`ring_dilated_attention`.
     Raises ValueError for a sequence length not divisible by the world size, or invalid
-    heads / configuration.
+    heads / head range / configuration.
     """
     for name, val in (
         ("seq_len", seq_len),
@@ -247,6 +258,9 @@ def plan_ring_dilated(
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads} (GQA)")
     cfg = DilatedConfig(segment_lengths, dilation_rates, head_mode)
+    base, total = check_head_range(head_base, total_heads, num_heads)
+    if head_range_config(cfg, base, num_heads, total) is cfg:
+        base, total = 0, num_heads  # the same geometry as heads [0, H): one cache entry
     return _plan_cached(
         seq_len,
         world_size,
@@ -256,4 +270,6 @@ def plan_ring_dilated(
         cfg.dilation_rates,
         cfg.head_mode,
         check_bool("is_causal", is_causal),
+        base,
+        total,
     )

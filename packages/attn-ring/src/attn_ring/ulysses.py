@@ -15,9 +15,13 @@ attention brings its own exact backward.
   which is dense attention (causal, padding, GQA, fused SDPA kernels on GPU, exact gradients).
 - dilated: ``attn_core.dilated_attention`` with the offsets of the *global* heads (head j uses
   offset j mod r_g, and head_mode="split" partitions the global heads): see
-  :class:`HeadRangeConfig`.
+  :class:`attn_ring.head_range.HeadRangeConfig`.
 - block_sparse: ``attn_sparse.block_sparse_attention`` with the layout's rows of this rank's heads
-  (a shared layout is used as is).
+  (a shared layout is used as is; no layout: tiles derived from the token masks).
+
+Token masks: after the exchange every rank holds whole sequences, so packed documents
+(``cu_seqlens`` of the whole sequence, every kind) and windows (``window_size``, block_sparse)
+reach the inner attention unchanged.
 
 GQA: when Hkv is a multiple of W each rank receives Hkv / W kv heads. Otherwise (Hkv < W, or
 not a multiple) every kv head is repeated ``kv_heads_on_wire(H, Hkv, W) / Hkv`` times before the
@@ -39,69 +43,29 @@ import torch.distributed as dist
 from attn_core import dilated_attention
 from attn_core.api import REGISTRY as DILATED_BACKENDS
 from attn_core.config import DilatedCall, DilatedConfig
-from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
+from attn_core.validation import (
+    check_bool,
+    check_cu_seqlens,
+    check_qkv,
+    check_window_size,
+    resolve_softmax_scale,
+)
 
 from .alltoall import AllToAllComm
 from .comm import check_timeout, config_hash, dtype_code
 from .exchange import DEFAULT_TIMEOUT_S
+from .head_range import head_range_config
 
 __all__ = [
     "ATTENTION_KINDS",
-    "HeadRangeConfig",
     "heads_to_sequence",
     "kv_heads_on_wire",
-    "local_dilated_config",
     "sequence_to_heads",
     "ulysses_attention",
     "ulysses_with",
 ]
 
 ATTENTION_KINDS = ("dense", "dilated", "block_sparse")
-
-
-@dataclass(frozen=True, init=False)
-class HeadRangeConfig(DilatedConfig):
-    """A dilated config for the heads [head_base, head_base + h) of a call with ``total_heads`` heads.
-
-    A rank of Ulysses attention runs local heads 0..h-1 that are the global heads head_base + j;
-    this config gives every local head the group membership and offset of its global head
-    (offset (head_base + j) mod r_g; head_mode="split" groups cut from the global heads), so
-    ``attn_core``'s backends, which take all geometry from the config, compute exactly the
-    global heads' attention.
-    """
-
-    head_base: int = 0
-    total_heads: int = 1
-
-    def __init__(self, config: DilatedConfig, head_base: int, total_heads: int) -> None:
-        super().__init__(config.segment_lengths, config.dilation_rates, config.head_mode)
-        if not 0 <= head_base < total_heads:
-            raise ValueError(f"head_base must be in [0, total_heads={total_heads}), got {head_base}")
-        object.__setattr__(self, "head_base", int(head_base))
-        object.__setattr__(self, "total_heads", int(total_heads))
-
-    def heads_for_group(self, group: int, num_heads: int) -> range:
-        glob = DilatedConfig.heads_for_group(self, group, self.total_heads)
-        lo, hi = max(glob.start, self.head_base), min(glob.stop, self.head_base + num_heads)
-        return range(lo - self.head_base, max(hi, lo) - self.head_base)
-
-    def head_offset(self, group: int, head: int) -> int:
-        return (self.head_base + head) % self.dilation_rates[group]
-
-
-def local_dilated_config(config: DilatedConfig, head_base: int, local_heads: int, total_heads: int) -> DilatedConfig:
-    """The config that runs global heads [head_base, head_base + local_heads) as local heads 0..local_heads-1.
-
-    ``config`` itself when its own geometry on ``local_heads`` heads already matches (every
-    head base that is a multiple of each rate, with head_mode "all"), else a :class:`HeadRangeConfig`.
-    """
-    shifted = HeadRangeConfig(config, head_base, total_heads)
-    same = all(
-        config.heads_for_group(g, local_heads) == shifted.heads_for_group(g, local_heads)
-        and all(config.head_offset(g, j) == shifted.head_offset(g, j) for j in range(local_heads))
-        for g in range(config.num_groups)
-    )
-    return config if same else shifted
 
 
 def kv_heads_on_wire(num_heads: int, num_kv_heads: int, world_size: int) -> int:
@@ -186,6 +150,21 @@ def gather_padding_mask(mask: torch.Tensor | None, comm: AllToAllComm, *, chunks
     return full.to(device=mask.device, dtype=torch.bool)
 
 
+def packed_documents_code(cu_seqlens: object) -> int:
+    """A hash of cu_seqlens (dtype, shape, values: one host read) for the handshake; -1 for None.
+
+    Its checks against the sequence (:meth:`InnerAttention.check_token_masks`) run after the
+    handshake, when every rank holds the same offsets and so raises the same error.
+    """
+    if cu_seqlens is None:
+        return -1
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(
+            f"cu_seqlens must be a torch.Tensor of dtype torch.int32 (num_docs + 1,), got {type(cu_seqlens).__name__}"
+        )
+    return config_hash((str(cu_seqlens.dtype), tuple(cu_seqlens.shape), cu_seqlens.tolist()))
+
+
 def check_attention_kind(attention: object) -> str:
     if not isinstance(attention, str) or attention not in ATTENTION_KINDS:
         raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
@@ -225,6 +204,7 @@ def _dilated_with_config(
     is_causal: bool,
     key_padding_mask: torch.Tensor | None,
     softmax_scale: float,
+    cu_seqlens: torch.Tensor | None,
     backend: str,
 ) -> torch.Tensor:
     if type(config) is DilatedConfig:
@@ -238,6 +218,7 @@ def _dilated_with_config(
             key_padding_mask=key_padding_mask,
             softmax_scale=softmax_scale,
             head_mode=config.head_mode,
+            cu_seqlens=cu_seqlens,
             backend=backend,
         )
     if torch.compiler.is_compiling():
@@ -256,6 +237,7 @@ def _dilated_with_config(
         key_padding_mask=key_padding_mask,
         softmax_scale=softmax_scale,
         dropout_p=0.0,
+        cu_seqlens=cu_seqlens,
     )
     choice = DILATED_BACKENDS.choose(backend, lambda mod: mod.unsupported_reasons(call))
     mod = DILATED_BACKENDS.load(choice.backend)
@@ -272,7 +254,7 @@ class InnerAttention:
 
     kind: str
     config: DilatedConfig | None = None  # dilated
-    layout: Any = None  # block_sparse: attn_sparse.BlockLayout
+    layout: Any = None  # block_sparse: attn_sparse.BlockLayout, or None (tiles from the token masks)
     backend: str = "auto"
     # block_sparse: this rank's rows of a per-head layout, by (head_base, heads); a module keeps them
     # across calls, so attn_sparse's per-layout caches (device copy, transposed CSR) stay warm
@@ -289,11 +271,42 @@ class InnerAttention:
         return config_hash((self.kind, cfg, self.backend))
 
     def layout_rows(self, head_base: int, heads: int) -> Any:
-        """The layout of heads [head_base, head_base + heads) (a shared layout as is)."""
+        """The layout of heads [head_base, head_base + heads) (a shared layout, or None, as is)."""
+        if self.layout is None:
+            return None
         key = (head_base, heads)
         if key not in self._slices:
             self._slices[key] = _layout_slice(self.layout, head_base, heads)
         return self._slices[key]
+
+    def check_token_masks(
+        self,
+        *,
+        is_causal: bool,
+        window_size: tuple[int, int] | None,
+        cu_seqlens: torch.Tensor | None,
+        batch: int,
+        seq_len: int,
+        device: torch.device,
+    ) -> None:
+        """ValueError for token masks this kind cannot apply to a sequence of ``seq_len`` (global) tokens.
+
+        cu_seqlens: every kind (validated: int32, B == 1, ending at seq_len). window_size:
+        block_sparse only. block_sparse with no layout needs at least one token mask.
+        """
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, batch=batch, seq_len=seq_len, device=device)
+        if window_size is not None and self.kind != "block_sparse":
+            raise ValueError(
+                f"window_size is supported with attention='block_sparse' only (attn_sparse's token windows); "
+                f"attention={self.kind!r} takes no window_size"
+            )
+        masked = is_causal or window_size is not None or cu_seqlens is not None
+        if self.kind == "block_sparse" and self.layout is None and not masked:
+            raise ValueError(
+                "attention='block_sparse' with layout=None derives the tiles from the token masks, but none was "
+                "given (pass a layout, is_causal=True, window_size or cu_seqlens)"
+            )
 
     def __call__(
         self,
@@ -306,21 +319,33 @@ class InnerAttention:
         is_causal: bool,
         key_padding_mask: torch.Tensor | None,
         softmax_scale: float,
+        cu_seqlens: torch.Tensor | None = None,
+        window_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """q (B, N, h, D), k/v (B, N, hkv, D): the global heads [head_base, head_base + h) over the whole sequence."""
+        """q (B, N, h, D), k/v (B, N, hkv, D): the global heads [head_base, head_base + h) over the whole
+        sequence; cu_seqlens and window_size as checked by :meth:`check_token_masks`."""
         N, h = q.shape[1], q.shape[2]
-        kw: dict[str, Any] = dict(is_causal=is_causal, key_padding_mask=key_padding_mask, softmax_scale=softmax_scale)
+        kw: dict[str, Any] = dict(
+            is_causal=is_causal, key_padding_mask=key_padding_mask, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens
+        )
         if self.kind == "block_sparse":
             from attn_sparse import block_sparse_attention
 
             local = self.layout_rows(head_base, h)
-            out: torch.Tensor = block_sparse_attention(q, k, v, local, backend=self.backend, **kw)
+            out: torch.Tensor = block_sparse_attention(
+                q, k, v, local, window_size=window_size, backend=self.backend, **kw
+            )
             return out
+        if window_size is not None:
+            raise ValueError(
+                f"window_size is supported with attention='block_sparse' only, got attention={self.kind!r}"
+            )
         if self.config is None:
-            # one segment of the whole sequence at rate 1 selects every key: dense attention
+            # one segment of the whole sequence at rate 1 selects every key: dense attention; with
+            # cu_seqlens each document is one segment (none is longer than N): dense per document
             config = DilatedConfig((N,), (1,))
         else:
-            config = local_dilated_config(self.config, head_base, h, total_heads)
+            config = head_range_config(self.config, head_base, h, total_heads)
         return _dilated_with_config(q, k, v, config, backend=self.backend, **kw)
 
 
@@ -353,9 +378,10 @@ def inner_attention(
             from attn_sparse import BlockLayout
         except ImportError as exc:
             raise ImportError("attention='block_sparse' needs attn-sparse: pip install 'attn-ring[sparse]'") from exc
-        if not isinstance(layout, BlockLayout):
+        if layout is not None and not isinstance(layout, BlockLayout):
             raise TypeError(
-                f"attention='block_sparse' needs layout=attn_sparse.BlockLayout, got {type(layout).__name__}"
+                f"attention='block_sparse' needs layout=attn_sparse.BlockLayout or None (tiles from the token "
+                f"masks), got {type(layout).__name__}"
             )
         return InnerAttention(kind, layout=layout, backend=backend)
     return InnerAttention(kind, backend=backend)
@@ -371,6 +397,8 @@ def ulysses_attention(
     is_causal: bool = False,
     softmax_scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    window_size: tuple[int, int] | None = None,
     segment_lengths: Sequence[int] | None = None,
     dilation_rates: Sequence[int] | None = None,
     head_mode: str = "all",
@@ -388,9 +416,18 @@ def ulysses_attention(
 
     attention: "dense"; "dilated" (segment_lengths, dilation_rates, head_mode "all" | "split":
     equal to attn_core.dilated_attention on the gathered sequence); "block_sparse" (layout: an
-    attn_sparse.BlockLayout for the whole sequence, 1 or H heads). backend: the inner
+    attn_sparse.BlockLayout for the whole sequence, 1 or H heads, or None: tiles derived from the
+    token masks, at least one needed). backend: the inner
     attention's backend ("auto" or one of attn_core's / attn_sparse's). method: how the
     all-to-all moves bytes ("auto", "collective", "p2p"; see :mod:`attn_ring.alltoall`).
+
+    Token masks (after the exchange every rank holds whole sequences, so they apply unchanged):
+    cu_seqlens: int32 (num_docs + 1,) offsets of documents packed along the *whole* sequence
+    (B == 1, ending at N = n*W; the same tensor on every rank, checked), documents may cross shard
+    boundaries; every kind takes it (dense: attention within each document; dilated: each
+    document alone, segments from its start, as attn_core.dilated_attention). window_size=(left,
+    right) (flash-attn's convention, -1 = unbounded): attention="block_sparse" only (ValueError
+    otherwise, unless (-1, -1): no window).
 
     Every rank must call with the same shapes, dtype and options: a mismatch raises ValueError
     on every rank; a peer that exits or never calls gives a TimeoutError/RuntimeError within
@@ -413,6 +450,8 @@ def ulysses_attention(
         is_causal=is_causal,
         softmax_scale=softmax_scale,
         key_padding_mask=key_padding_mask,
+        cu_seqlens=cu_seqlens,
+        window_size=window_size,
         timeout_s=timeout_s,
         method=method,
     )
@@ -428,6 +467,8 @@ def ulysses_with(
     is_causal: bool = False,
     softmax_scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    window_size: tuple[int, int] | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     method: str = "auto",
 ) -> torch.Tensor:
@@ -435,6 +476,10 @@ def ulysses_with(
     B, n, H, Hkv, D = check_qkv(q, k, v, key_padding_mask=key_padding_mask)
     causal = check_bool("is_causal", is_causal)
     scale = resolve_softmax_scale(softmax_scale, D)
+    window = None if window_size is None else check_window_size(window_size)
+    if window == (-1, -1):
+        window = None  # unbounded on both sides: no mask (every kind takes it)
+    documents = packed_documents_code(cu_seqlens)
     comm = AllToAllComm(group, timeout_s=check_timeout(timeout_s), method=method)
     W = comm.world_size
     if comm.backend == "nccl" and q.device.type != "cuda":
@@ -452,11 +497,17 @@ def ulysses_with(
             "softmax_scale": config_hash(float(scale).hex()),
             "attention": inner.signature(),
             "key_padding_mask": int(key_padding_mask is not None),
+            "cu_seqlens": documents,
+            "window_size": config_hash(window),
             "needs_grad": int(wants_grad),
         }
     )
-    # after the handshake every rank has the same H and N, so every rank raises the same error here
+    # after the handshake every rank has the same H, N, options and cu_seqlens, so every rank
+    # raises the same error here
     check_heads_split(H, W)
+    inner.check_token_masks(
+        is_causal=causal, window_size=window, cu_seqlens=cu_seqlens, batch=B, seq_len=n * W, device=q.device
+    )
     if inner.layout is not None:
         inner.layout.check_fits(n * W, n * W, H)
     wire_kv = kv_heads_on_wire(H, Hkv, W)
@@ -473,5 +524,7 @@ def ulysses_with(
         is_causal=causal,
         key_padding_mask=mask,
         softmax_scale=scale,
+        cu_seqlens=cu_seqlens,
+        window_size=window,
     )
     return heads_to_sequence(out_h, comm)
