@@ -380,7 +380,6 @@ def point_memory_bytes(args: argparse.Namespace, W: int, A: int, R: int, attn: s
 def simulate(args: argparse.Namespace) -> int:
     """--simulate: predicted per-GPU efficiency of ring, Ulysses and hybrid at W GPUs, from one device."""
     from attn_core.config import DilatedConfig
-    from attn_ring.ulysses import local_dilated_config
 
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -408,19 +407,6 @@ def simulate(args: argparse.Namespace) -> int:
         row: dict[str, Any] = {"W": W, "scheme": scheme, "attention": attn, "causal": causal, "a2a": A, "ring": R}
         if args.heads % A:
             rows.append({**row, "status": f"not possible: H={args.heads} heads do not split over {A} all-to-all ranks"})
-            continue
-        h = args.heads // A
-        if (
-            scheme == "hybrid"
-            and attn == "dilated"
-            and any(local_dilated_config(config, a * h, h, args.heads) is not config for a in range(A))
-        ):  # hybrid_attention refuses this geometry (ValueError); Ulysses has no such condition
-            rows.append(
-                {
-                    **row,
-                    "status": f"not possible: hybrid dilated needs H/A={h} a multiple of every rate {config.dilation_rates}",
-                }
-            )
             continue
         need = point_memory_bytes(args, W, A, R, attn, elem)
         budget = memory_budget_bytes(dev, args.memory_limit_gib)
