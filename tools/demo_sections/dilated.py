@@ -1,7 +1,7 @@
 """Demo section: attn_core.dilated_attention ("auto") against the float64 reference.
 
 For a few LongNet configurations (both head modes, causal, GQA, padding, N not a multiple of
-any segment) it runs forward + backward with backend="auto", reports which backend ran and
+any segment, packed documents of varied length) it runs forward + backward with backend="auto", reports which backend ran and
 why (attn_core.explain), and checks out, dq, dk, dv against attn_core.reference in float64
 with the project's rule (error <= 2x plain PyTorch in the same dtype). Saves a PNG of the
 dilated attention pattern (which keys each query sees, per head).
@@ -14,16 +14,27 @@ from demo import DemoRow, grad_run, reference_rows, timed_grad_run
 
 from attn_core import dilated_attention, explain, last_backend, reference
 
-# name, (B, N, H, Hkv, D), segment_lengths, dilation_rates, head_mode, is_causal, padding
+# name, (B, N, H, Hkv, D), segment_lengths, dilation_rates, head_mode, is_causal, padding,
+# packed document lengths (None: one sequence per batch row)
 CONFIGS = [
-    ("all", (1, 512, 8, 8, 32), [32, 64, 128], [1, 2, 4], "all", False, False),
-    ("all causal GQA pad N=500", (2, 500, 8, 2, 32), [32, 64, 128], [1, 2, 4], "all", True, True),
-    ("split causal H=6 G=4", (1, 384, 6, 3, 32), [16, 32, 64, 128], [1, 2, 4, 8], "split", True, False),
+    ("all", (1, 512, 8, 8, 32), [32, 64, 128], [1, 2, 4], "all", False, False, None),
+    ("all causal GQA pad N=500", (2, 500, 8, 2, 32), [32, 64, 128], [1, 2, 4], "all", True, True, None),
+    ("split causal H=6 G=4", (1, 384, 6, 3, 32), [16, 32, 64, 128], [1, 2, 4, 8], "split", True, False, None),
+    (
+        "all causal GQA 6 packed docs N=460",
+        (1, 460, 8, 2, 32),
+        [32, 64, 128],
+        [1, 2, 4],
+        "all",
+        True,
+        False,
+        [1, 200, 31, 128, 0, 100],
+    ),
 ]
 
 
 def _check(name, dtype, ctx_device):
-    _, (B, N, H, Hkv, D), seg, rates, mode, causal, padding = next(c for c in CONFIGS if c[0] == name)
+    _, (B, N, H, Hkv, D), seg, rates, mode, causal, padding, docs = next(c for c in CONFIGS if c[0] == name)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, N, H, D, generator=g).to(ctx_device, dtype)
     k = torch.randn(B, N, Hkv, D, generator=g).to(ctx_device, dtype)
@@ -34,6 +45,8 @@ def _check(name, dtype, ctx_device):
         lengths = torch.tensor([N - 37 * i for i in range(B)])
         mask = (torch.arange(N)[None, :] >= lengths[:, None]).to(ctx_device)
     kw = {"is_causal": causal, "key_padding_mask": mask, "head_mode": mode}
+    if docs is not None:  # documents packed along N: attention and segments restart at each one
+        kw["cu_seqlens"] = torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()], dtype=torch.int32).to(ctx_device)
 
     choice = explain(q, k, v, seg, rates, **kw)
     run_auto = lambda a, b, c: dilated_attention(a, b, c, seg, rates, **kw)  # noqa: E731

@@ -3,7 +3,8 @@
 1. Builds a PatternLibrary of several patterns, saves it to one safetensors file in the output
    folder, loads it back (validated) and checks it is equal.
 2. Runs attn_sparse.block_sparse_attention (backend "auto") forward + backward on a few patterns
-   (causal window, per-head BigBird with GQA, LongNet block form) and checks out, dq, dk, dv
+   (causal window, per-head BigBird with GQA, LongNet block form) and on token-exact masks with no
+   layout (a causal sliding window over packed documents, GQA), and checks out, dq, dk, dv
    against attn_core.reference in float64 with the project's rule (error <= 2x plain PyTorch in
    the same dtype).
 3. Notes how long building N = 1M-token patterns takes, and saves a PNG of a few layouts.
@@ -143,6 +144,42 @@ def _attention_rows(name, dtype, device) -> list[DemoRow]:
     return rows
 
 
+# Token masks with no layout (tiles derived from them): causal sliding window of 48 keys over
+# packed documents (a 1-token one, one longer than a tile), GQA.
+TOKEN_MASKS = dict(
+    is_causal=True,
+    window_size=(47, 0),
+    cu_seqlens=torch.tensor([0, 1, 150, 151, 290, 300], dtype=torch.int32),
+)
+
+
+def _token_mask_rows(dtype, device) -> list[DemoRow]:
+    B, N, H, Hkv, D = 1, 300, 4, 2, 32
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, N, H, D, generator=g).to(device, dtype)
+    k = torch.randn(B, N, Hkv, D, generator=g).to(device, dtype)
+    v = torch.randn(B, N, Hkv, D, generator=g).to(device, dtype)
+    dout = torch.randn(B, N, H, D, generator=g).to(device, dtype)
+    masks = {name: (t.to(device) if isinstance(t, torch.Tensor) else t) for name, t in TOKEN_MASKS.items()}
+    choice = explain(q, k, v, None, **masks)
+    got, ms = timed_grad_run(lambda a, b, c: block_sparse_attention(a, b, c, None, **masks), q, k, v, dout)
+    ran = last_backend() or "?"
+    ref = grad_run(lambda a, b, c: reference.dense_attention(a, b, c, **masks)[0], q, k, v, dout)
+    base = grad_run(
+        lambda a, b, c: reference.dense_attention(a, b, c, dtype=dtype, **masks)[0].to(dtype), q, k, v, dout
+    )
+    return reference_rows(
+        f"sparse {{label}} token masks: causal window 48, 5 packed docs, GQA, N=300 {str(dtype).removeprefix('torch.')}",
+        got,
+        ref,
+        base,
+        choice=choice,
+        ran=ran,
+        time_ms=ms,
+        note="layout=None: tiles derived from the masks; ms = fwd+bwd",
+    )
+
+
 def _build_times(ctx) -> None:
     n = 1 << 20
     builders = {
@@ -197,6 +234,7 @@ def run(ctx) -> list[DemoRow]:
     for dtype in dtypes:
         for name, *_ in CASES:
             rows.extend(_attention_rows(name, dtype, device))
+        rows.extend(_token_mask_rows(dtype, device))
     _build_times(ctx)
     _plot(ctx)
     return rows
