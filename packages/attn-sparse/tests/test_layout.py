@@ -219,7 +219,6 @@ def test_flex_backend_path_with_eager_flex(heads: int, hkv: int, per_head: bool,
     # the flex backend's own code (BlockMask caching, layout transposes, GQA, scale) with the
     # uncompiled flex_attention, which CPU CI can run forward
     from attn_sparse.backends import flex as flex_backend
-
     from attn_sparse.masks import TokenMask
 
     n = 72
