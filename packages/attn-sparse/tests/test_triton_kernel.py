@@ -433,7 +433,9 @@ def test_custom_ops_memoise_launch_tables_per_layout_tensors(monkeypatch: pytest
     cfg = default_config((16, 16))
 
     def run(csr: CSR) -> torch.Tensor:
-        out, _ = torch.ops.attn_sparse.block_sparse_fwd(q, k, v, *ops.BLOCK_SPARSE.encode(csr, False, 0.25, cfg))
+        out, _ = torch.ops.attn_sparse.block_sparse_fwd(
+            q, k, v, *ops.BLOCK_SPARSE.encode(csr, KernelMask.causal(False, 48, 48), 0.25, cfg)
+        )
         return out
 
     csr = csr_from_mask(mask, (16, 16))
