@@ -182,9 +182,10 @@ class PatternLibrary:
         """The token masks ``name``'s recipe records, to pass again at call time (the tiles only
         cover them): ``{"is_causal": bool, "window_size": (left, right) or None, "documents":
         number of documents or None}`` from its parameters ``is_causal``, ``window_size`` and
-        ``cu_seqlens`` (a :func:`attn_sparse.patterns.documents` entry records all three; the
-        offsets themselves are ``params(name)["cu_seqlens"]``). An entry whose recipe records
-        none gives ``False, None, None``. Raises ValueError for recorded values of the wrong type."""
+        ``cu_seqlens`` (a :func:`attn_sparse.patterns.documents` recipe holds the offsets and the
+        masks it was given; the offsets themselves are ``params(name)["cu_seqlens"]``). A mask the
+        recipe leaves out is absent (False / None, the patterns' defaults). Raises ValueError for
+        recorded values of the wrong type."""
         p = self.params(name)
         causal, window, offsets = p.get("is_causal", False), p.get("window_size"), p.get("cu_seqlens")
         if not isinstance(causal, bool):
