@@ -32,9 +32,10 @@ def test_block_sizes_are_bounded_everywhere(block_size: object) -> None:
             "bigbird": {"window": 16, "global_tokens": 16, "random_blocks": 1},
             "hierarchical": {"windows": [64], "strides": [1]},
             "longnet": {"segment_lengths": [64], "dilation_rates": [1], "num_heads": 1},
+            "documents": {"cu_seqlens": [0, 100, 256]},
         }[name]
         with pytest.raises(ValueError, match=match):
-            build(256, block_size=block_size, **kwargs)
+            build(seq_len=256, block_size=block_size, **kwargs)
 
 
 @pytest.mark.parametrize("seq_len", [2**62, MAX_SEQ_LEN + 1, HUGE])
@@ -48,6 +49,7 @@ def test_block_sizes_are_bounded_everywhere(block_size: object) -> None:
         ("bigbird", {"window": 1, "global_tokens": 1, "random_blocks": 1}),
         ("hierarchical", {"windows": [1], "strides": [1]}),
         ("longnet", {"segment_lengths": [64], "dilation_rates": [1], "num_heads": 1}),
+        ("documents", {"cu_seqlens": [0, 1]}),
     ],
 )
 def test_sequence_lengths_are_bounded(seq_len: int, name: str, kwargs: dict) -> None:

@@ -219,17 +219,19 @@ def test_flex_backend_path_with_eager_flex(heads: int, hkv: int, per_head: bool,
     # the flex backend's own code (BlockMask caching, layout transposes, GQA, scale) with the
     # uncompiled flex_attention, which CPU CI can run forward
     from attn_sparse.backends import flex as flex_backend
+    from attn_sparse.masks import TokenMask
 
     n = 72
     m = _random_mask(heads if per_head else 1, 5, 5, p=0.6, seed=heads)
     layout = BlockLayout.from_dense(m, 16)
+    mask = TokenMask.causal_only(is_causal)
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, n, heads, 16, generator=g)
     k, v = (torch.randn(2, n, hkv, 16, generator=g) for _ in range(2))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        out = flex_backend.attention_with(flex.flex_attention, q, k, v, layout, is_causal, 0.3)
-        again = flex_backend.attention_with(flex.flex_attention, q, k, v, layout, is_causal, 0.3)
+        out = flex_backend.attention_with(flex.flex_attention, q, k, v, layout, mask, 0.3)
+        again = flex_backend.attention_with(flex.flex_attention, q, k, v, layout, mask, 0.3)
     ref, _ = reference_bsa(q, k, v, m, (16, 16), is_causal=is_causal, softmax_scale=0.3)
     assert out.shape == q.shape
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)

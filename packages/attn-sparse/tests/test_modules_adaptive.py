@@ -28,7 +28,7 @@ def test_block_sparse_attention_module_matches_reference() -> None:
     pad[0, 30:] = True
     ref3, _ = reference_bsa(q, k, v, layout.to_dense(), (16, 16), key_padding_mask=pad)
     torch.testing.assert_close(mod(q, k, v, key_padding_mask=pad), ref3)
-    with pytest.raises(ValueError, match="no layout"):
+    with pytest.raises(ValueError, match="layout=None derives the tiles from the token masks, but none was given"):
         BlockSparseAttention()(q, k, v)
     with pytest.raises(TypeError, match="BlockLayout"):
         BlockSparseAttention("window")  # type: ignore[arg-type]

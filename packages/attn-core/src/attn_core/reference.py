@@ -270,15 +270,25 @@ def block_sparse_attention(
     block_size: tuple[int, int],
     *,
     is_causal: bool = False,
+    window_size: tuple[int, int] | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the active (query block, key block) tiles of ``block_mask`` (H or 1, nq, nk).
 
-    A query row with no active key outputs 0 with lse -inf.
+    Inside the tiles, the token masks of :func:`document_mask` (is_causal, window_size,
+    cu_seqlens with B == 1) and key_padding_mask (B, Nk) also apply. A query row with no
+    active key outputs 0 with lse -inf.
     """
-    w = block_sparse_weights(block_mask.to(q.device), block_size, q.shape[1], k.shape[1], is_causal=is_causal)[None]
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(
+            f"cu_seqlens needs batch size B == 1 (documents packed along the sequence), got B={q.shape[0]}"
+        )
+    Nq, Nk = q.shape[1], k.shape[1]
+    w = block_sparse_weights(block_mask.to(q.device), block_size, Nq, Nk)[None]
+    w = w & document_mask(Nq, Nk, cu_seqlens=cu_seqlens, is_causal=is_causal, window_size=window_size, device=q.device)
     pad = _padding_weights(key_padding_mask)
     if pad is not None:
         w = w & pad

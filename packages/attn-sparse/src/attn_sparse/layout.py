@@ -24,7 +24,7 @@ import torch
 
 from . import library_format
 from .csr import INT32_MAX, crow_from_sorted_rows, expand_intervals, row_ids
-from .flex_support import flex_block_mask_class, tile_mask_mod
+from .flex_support import flex_block_mask_class, tile_mask_mod, token_terms
 from .memo import MISSING, BoundedMemo
 
 __all__ = [
@@ -129,7 +129,7 @@ def check_device(device: object) -> torch.device:
     return dev
 
 
-# Derived data a layout keeps (device copies, transposed CSR, one flex BlockMask per (Nq, Nk, causal)):
+# Derived data a layout keeps (device copies, transposed CSR, one flex BlockMask per (Nq, Nk, token masks)):
 # bounded so that calls with many different sequence lengths cannot grow it without limit.
 MAX_DERIVED_ENTRIES = 16
 
@@ -556,30 +556,42 @@ class BlockLayout:
             )
 
     # ------------------------------------------------------------------ flex attention
-    def to_flex_block_mask(self, seq_len_q: int, seq_len_k: int, *, is_causal: bool = False) -> Any:
-        """torch FlexAttention ``BlockMask`` with these tiles (batch dim 1, heads = num_heads).
+    def to_flex_block_mask(
+        self,
+        seq_len_q: int,
+        seq_len_k: int,
+        *,
+        is_causal: bool = False,
+        window_size: tuple[int, int] | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> Any:
+        """torch FlexAttention ``BlockMask`` with these tiles and token masks (batch dim 1, heads = num_heads).
 
-        Built from kv_num_blocks/kv_indices directly (O(active blocks) work; the index arrays,
-        and the tile lookup its mask_mod reads, have flex's (1, heads, nq, nk) block shape). With ``is_causal`` the tiles entirely below the
-        diagonal become "full" blocks (no mask_mod call), the diagonal-crossing ones get a causal
-        mask_mod, and tiles entirely above the diagonal are dropped (they attend nothing).
-        Raises ValueError when the lengths do not fit or FlexAttention is unavailable.
+        The token masks are those of :func:`attn_sparse.block_sparse_attention` (``is_causal``,
+        ``window_size=(left, right)``, ``cu_seqlens`` int32 (num_docs + 1,) with seq_len_q ==
+        seq_len_k); its mask_mod is the tile lookup AND the token masks
+        (:func:`attn_sparse.flex_support.tile_mask_mod`). Built from kv_num_blocks/kv_indices
+        directly (O(active blocks) work; the index arrays, and the tile lookup its mask_mod reads,
+        have flex's (1, heads, nq, nk) block shape). Active tiles entirely inside the token masks
+        become "full" blocks (no mask_mod call), tiles the masks cut become "partial" blocks, and
+        tiles entirely outside them are dropped (they attend nothing).
+        Raises ValueError/TypeError for lengths that do not fit, bad masks, or no FlexAttention.
         """
         bm_cls, reason = flex_block_mask_class()
         if bm_cls is None:
             raise ValueError(f"FlexAttention BlockMask unavailable: {reason}")
         self.check_fits(seq_len_q, seq_len_k, self.num_heads)
-        bq, bk = self.block_size
-        row = self.tile_rows() % self.num_query_blocks
-        col = self._col.long()
-        # tiles of a ragged last key block stay "partial" (mask_mod evaluated), so the keys past
-        # Nk are masked by our mask_mod too, not only by flex's own bounds checks
-        whole = col * bk + bk <= seq_len_k
-        if is_causal:
-            full = whole & ((col + 1) * bk - 1 <= row * bq)  # every key precedes every query of the tile
-            partial = ~full & (col * bk <= torch.clamp((row + 1) * bq - 1, max=seq_len_q - 1))
-        else:
-            full, partial = whole, ~whole
+        terms = token_terms(
+            seq_len_q,
+            seq_len_k,
+            is_causal=is_causal,
+            window_size=window_size,
+            cu_seqlens=cu_seqlens,
+            device=self.device,
+        )
+        full, partial = terms.split_tiles(
+            self.tile_rows() % self.num_query_blocks, self._col.long(), self.block_size, seq_len_q
+        )
         partial_l, full_l = self._subset(partial), self._subset(full)
         kv_num, kv_idx = partial_l._flex_indices(transpose=False)
         fkv_num, fkv_idx = full_l._flex_indices(transpose=False)
@@ -595,8 +607,8 @@ class BlockLayout:
             q_indices=q_idx,
             full_q_num_blocks=fq_num,
             full_q_indices=fq_idx,
-            BLOCK_SIZE=(bq, bk),
-            mask_mod=tile_mask_mod(self.to_dense(), self.block_size, seq_len_k, is_causal),
+            BLOCK_SIZE=self.block_size,
+            mask_mod=tile_mask_mod(self.to_dense(), self.block_size, terms.mask_mod()),
         )
 
     def _subset(self, keep: torch.Tensor) -> BlockLayout:

@@ -21,6 +21,8 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import torch
+
 from .layout import BlockLayout
 from .library_format import (
     CUSTOM_KIND,
@@ -44,13 +46,18 @@ VERIFY_MODES = ("digest", "rebuild")
 
 
 def _canonical_params(params: Mapping[str, Any] | None) -> str:
-    """Canonical JSON of pattern parameters (sorted keys; JSON types only; no NaN/inf)."""
+    """Canonical JSON of pattern parameters (sorted keys; JSON types only; no NaN/inf). A 1-D
+    integer tensor (``documents``' cu_seqlens) is recorded as its list of ints."""
     if params is None:
         return "{}"
     if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
         raise TypeError(f"params must be a mapping with str keys, got {params!r}")
+    plain = {
+        k: v.tolist() if isinstance(v, torch.Tensor) and v.dim() == 1 and not v.is_floating_point() else v
+        for k, v in params.items()
+    }
     try:
-        return json.dumps(dict(params), sort_keys=True, allow_nan=False, separators=(",", ":"))
+        return json.dumps(plain, sort_keys=True, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise TypeError(f"params must be JSON values (int, float, str, bool, None, lists, dicts): {exc}") from exc
 
@@ -170,6 +177,30 @@ class PatternLibrary:
         """The parameters ``name`` was built with (a fresh dict)."""
         result: dict[str, Any] = json.loads(self._entry(name).params)
         return result
+
+    def masks(self, name: str) -> dict[str, Any]:
+        """The token masks ``name``'s recipe records, to pass again at call time (the tiles only
+        cover them): ``{"is_causal": bool, "window_size": (left, right) or None, "documents":
+        number of documents or None}`` from its parameters ``is_causal``, ``window_size`` and
+        ``cu_seqlens`` (a :func:`attn_sparse.patterns.documents` recipe holds the offsets and the
+        masks it was given; the offsets themselves are ``params(name)["cu_seqlens"]``). A mask the
+        recipe leaves out is absent (False / None, the patterns' defaults). Raises ValueError for
+        recorded values of the wrong type."""
+        p = self.params(name)
+        causal, window, offsets = p.get("is_causal", False), p.get("window_size"), p.get("cu_seqlens")
+        if not isinstance(causal, bool):
+            raise ValueError(f"entry {name!r}: is_causal must be a bool, got {causal!r:.100}")
+        if window is not None and not (
+            isinstance(window, list) and len(window) == 2 and all(type(w) is int and w >= -1 for w in window)
+        ):
+            raise ValueError(f"entry {name!r}: window_size must be two ints >= -1 or null, got {window!r:.100}")
+        if offsets is not None and not (isinstance(offsets, list) and offsets):
+            raise ValueError(f"entry {name!r}: cu_seqlens must be a non-empty list of offsets, got {offsets!r:.100}")
+        return {
+            "is_causal": causal,
+            "window_size": None if window is None else (window[0], window[1]),
+            "documents": None if offsets is None else len(offsets) - 1,
+        }
 
     def remove(self, name: str) -> None:
         with self._lock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attn_core.validation import resolve_softmax_scale
+from attn_core.validation import check_window_size, resolve_softmax_scale
 
 from .api import BACKENDS, block_sparse_attention
 from .layout import BlockLayout
@@ -13,22 +13,24 @@ from .layout import BlockLayout
 __all__ = ["BlockSparseAttention", "MultiheadBlockSparseAttention"]
 
 
-def _pick_layout(default: BlockLayout | None, given: BlockLayout | None) -> BlockLayout:
-    layout = given if given is not None else default
-    if layout is None:
-        raise ValueError("no layout: pass layout= to the constructor or to forward()")
-    return layout
-
-
 class BlockSparseAttention(nn.Module):
-    """Block-sparse attention over (B, N, H, D) tensors with a fixed or per-call layout.
+    """Block-sparse attention over (B, N, H, D) tensors with a fixed or per-call layout and token masks.
 
     forward(q (B, Nq, H, D), k, v (B, Nk, Hkv, D), *, layout=None, is_causal=False,
-    key_padding_mask=None (B, Nk) bool) -> (B, Nq, H, D).
+    window_size=None, cu_seqlens=None, key_padding_mask=None (B, Nk) bool) -> (B, Nq, H, D);
+    the masks are those of :func:`attn_sparse.block_sparse_attention`. ``layout``: forward's,
+    else the constructor's, else None (the tiles are then derived from the token masks, which
+    must include at least one). ``window_size`` (left, right): forward's, else the
+    constructor's default (pass (-1, -1) to forward for no window over a default).
     """
 
     def __init__(
-        self, layout: BlockLayout | None = None, *, softmax_scale: float | None = None, backend: str = "auto"
+        self,
+        layout: BlockLayout | None = None,
+        *,
+        window_size: tuple[int, int] | None = None,
+        softmax_scale: float | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         if layout is not None and not isinstance(layout, BlockLayout):
@@ -38,6 +40,7 @@ class BlockSparseAttention(nn.Module):
         if not isinstance(backend, str) or backend not in ("auto", *BACKENDS):
             raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
         self.layout = layout
+        self.window_size = None if window_size is None else check_window_size(window_size)
         self.softmax_scale = softmax_scale
         self.backend = backend
 
@@ -49,28 +52,34 @@ class BlockSparseAttention(nn.Module):
         *,
         layout: BlockLayout | None = None,
         is_causal: bool = False,
+        window_size: tuple[int, int] | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return block_sparse_attention(
             q,
             k,
             v,
-            _pick_layout(self.layout, layout),
+            layout if layout is not None else self.layout,
             is_causal=is_causal,
+            window_size=window_size if window_size is not None else self.window_size,
+            cu_seqlens=cu_seqlens,
             key_padding_mask=key_padding_mask,
             softmax_scale=self.softmax_scale,
             backend=self.backend,
         )
 
     def extra_repr(self) -> str:
-        return f"layout={self.layout!r}, backend={self.backend!r}"
+        return f"layout={self.layout!r}, window_size={self.window_size}, backend={self.backend!r}"
 
 
 class MultiheadBlockSparseAttention(nn.Module):
     """Batch-first multi-head attention (projections + block-sparse core), like nn.MultiheadAttention.
 
     forward(query (B, Nq, E), key, value (B, Nk, E), *, layout=None, is_causal=False,
-    key_padding_mask=None) -> (out (B, Nq, E), None). ``num_kv_heads`` < num_heads gives grouped-query attention.
+    window_size=None, cu_seqlens=None, key_padding_mask=None) -> (out (B, Nq, E), None): the
+    layout and masks of :class:`BlockSparseAttention` (``window_size`` here is its default).
+    ``num_kv_heads`` < num_heads gives grouped-query attention.
     """
 
     def __init__(
@@ -79,6 +88,7 @@ class MultiheadBlockSparseAttention(nn.Module):
         num_heads: int,
         *,
         layout: BlockLayout | None = None,
+        window_size: tuple[int, int] | None = None,
         num_kv_heads: int | None = None,
         bias: bool = True,
         backend: str = "auto",
@@ -101,7 +111,7 @@ class MultiheadBlockSparseAttention(nn.Module):
         self.k_proj = nn.Linear(embed_dim, kv * self.head_dim, bias=bias, **kw)
         self.v_proj = nn.Linear(embed_dim, kv * self.head_dim, bias=bias, **kw)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
-        self.attention = BlockSparseAttention(layout, backend=backend)
+        self.attention = BlockSparseAttention(layout, window_size=window_size, backend=backend)
 
     def forward(
         self,
@@ -111,6 +121,8 @@ class MultiheadBlockSparseAttention(nn.Module):
         *,
         layout: BlockLayout | None = None,
         is_causal: bool = False,
+        window_size: tuple[int, int] | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None]:
         for name, t in (("query", query), ("key", key), ("value", value)):
@@ -135,5 +147,14 @@ class MultiheadBlockSparseAttention(nn.Module):
         q = self.q_proj(query).reshape(B, Nq, self.num_heads, self.head_dim)
         k = self.k_proj(key).reshape(B, Nk, self.num_kv_heads, self.head_dim)
         v = self.v_proj(value).reshape(B, Nk, self.num_kv_heads, self.head_dim)
-        out = self.attention(q, k, v, layout=layout, is_causal=is_causal, key_padding_mask=key_padding_mask)
+        out = self.attention(
+            q,
+            k,
+            v,
+            layout=layout,
+            is_causal=is_causal,
+            window_size=window_size,
+            cu_seqlens=cu_seqlens,
+            key_padding_mask=key_padding_mask,
+        )
         return self.out_proj(out.reshape(B, Nq, self.embed_dim)), None

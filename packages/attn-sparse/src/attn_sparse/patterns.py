@@ -45,6 +45,7 @@ from .layout import (
     check_geometry,
     check_seq_len,
 )
+from .masks import TokenMask
 
 __all__ = [
     "PATTERNS",
@@ -52,6 +53,7 @@ __all__ = [
     "build_pattern",
     "causal",
     "dilated",
+    "documents",
     "global_local",
     "hierarchical",
     "local_window",
@@ -467,10 +469,56 @@ def longnet(
     return g.layout(lo, hi, num_heads=heads, symmetric=True)
 
 
+def _offsets(cu_seqlens: object) -> object:
+    """cu_seqlens as given (validated later), a list or tuple of ints becoming an int32 tensor
+    (the form a PatternLibrary recipe stores, JSON)."""
+    if isinstance(cu_seqlens, torch.Tensor) or not isinstance(cu_seqlens, (list, tuple)):
+        return cu_seqlens
+    if not all(isinstance(c, int) and not isinstance(c, bool) for c in cu_seqlens):
+        raise TypeError(f"cu_seqlens must be an int32 tensor or a list of ints, got {cu_seqlens!r:.200}")
+    bad = [c for c in cu_seqlens if not 0 <= c <= MAX_SEQ_LEN]
+    if bad:
+        raise ValueError(f"cu_seqlens offsets must be in [0, {MAX_SEQ_LEN}], got {bad[0]} in {cu_seqlens!r:.200}")
+    return torch.tensor(cu_seqlens, dtype=torch.int32)
+
+
+def documents(
+    cu_seqlens: torch.Tensor | Sequence[int],
+    seq_len: int,
+    *,
+    block_size: int | tuple[int, int] = (128, 128),
+    is_causal: bool = False,
+    window_size: tuple[int, int] | None = None,
+    device: Device = "cpu",
+) -> BlockLayout:
+    """Packed documents: the block-diagonal tiles holding a (query, key) pair of one document,
+    within the causal / ``window_size=(left, right)`` band counted inside each document.
+
+    cu_seqlens: int32 tensor (or list of ints) (num_docs + 1,), flash-attn's varlen offsets from
+    0 to ``seq_len`` (empty documents allowed). The tiles are those
+    :func:`attn_sparse.block_sparse_attention` derives for a call with these masks and no layout
+    (:meth:`attn_sparse.masks.TokenMask.layout`: one key interval per query block, O(tiles));
+    pass the same ``is_causal``, ``window_size`` and ``cu_seqlens`` at call time, which mask the
+    tokens inside the tiles.
+    """
+    g = _Grid(seq_len, block_size, device)
+    mask = TokenMask.build(
+        is_causal=is_causal,
+        window_size=window_size,
+        cu_seqlens=_offsets(cu_seqlens),
+        batch=1,
+        seq_len_q=g.n,
+        seq_len_k=g.n,
+        device=g.device,
+    )
+    return mask.layout(g.n, g.n, (g.bq, g.bk), g.device)
+
+
 PATTERNS: dict[str, Callable[..., BlockLayout]] = {
     "bigbird": bigbird,
     "causal": causal,
     "dilated": dilated,
+    "documents": documents,
     "global_local": global_local,
     "hierarchical": hierarchical,
     "local_window": local_window,

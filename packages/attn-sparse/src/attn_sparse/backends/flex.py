@@ -1,8 +1,10 @@
 """FlexAttention backend (torch.nn.attention.flex_attention), compiled, on CUDA.
 
-The layout becomes a ``BlockMask`` through :meth:`BlockLayout.to_flex_block_mask` (built from
-the CSR directly, cached on the layout per (Nq, Nk, is_causal)); flex_attention runs through one
-``torch.compile`` of it per process. It is also the benchmark anchor for our Triton kernel.
+The layout and the token masks become a ``BlockMask`` through
+:meth:`BlockLayout.to_flex_block_mask` (built from the CSR directly, cached on the layout per
+(Nq, Nk, token masks); tiles entirely inside the masks are flex's "full" blocks, the band's edges
+"partial" ones evaluating a mask_mod of the tile lookup AND the token masks); flex_attention runs
+through one ``torch.compile`` of it per process. It is also the benchmark anchor for our Triton kernel.
 On CPU flex_attention would run uncompiled (a dense N x N score matrix), so this backend
 declines non-CUDA devices.
 """
@@ -28,8 +30,6 @@ def unsupported_reasons(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, mask: TokenMask
 ) -> list[str]:
     reasons = []
-    if mask.window is not None or mask.cu_seqlens is not None:
-        reasons.append("window_size / cu_seqlens are not passed to flex_attention by this backend yet")
     cls, why = flex_block_mask_class()
     if cls is None:
         reasons.append(why)
@@ -68,13 +68,17 @@ def attention_with(
     k: torch.Tensor,
     v: torch.Tensor,
     layout: BlockLayout,
-    is_causal: bool,
+    mask: TokenMask,
     softmax_scale: float,
 ) -> torch.Tensor:
-    """Run ``flex_fn`` (compiled or eager flex_attention) with the layout's BlockMask; (B, Nq, H, D)."""
+    """Run ``flex_fn`` (compiled or eager flex_attention) with the BlockMask of the layout and the
+    token masks (cached on the layout per (Nq, Nk, mask)); returns (B, Nq, H, D)."""
     Nq, Nk = q.shape[1], k.shape[1]
     block_mask = layout.cached_derived(
-        ("flex_block_mask", Nq, Nk, is_causal), lambda: layout.to_flex_block_mask(Nq, Nk, is_causal=is_causal)
+        ("flex_block_mask", Nq, Nk, mask.cache_key()),
+        lambda: layout.to_flex_block_mask(
+            Nq, Nk, is_causal=mask.causal, window_size=mask.window, cu_seqlens=mask.cu_seqlens
+        ),
     )
     out = flex_fn(
         q.transpose(1, 2),
@@ -91,4 +95,4 @@ def block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, mask: TokenMask, softmax_scale: float
 ) -> torch.Tensor:
     """out (B, Nq, H, D) in q's dtype through compiled flex_attention."""
-    return attention_with(_flex_fn(), q, k, v, layout, mask.causal, softmax_scale)
+    return attention_with(_flex_fn(), q, k, v, layout, mask, softmax_scale)
