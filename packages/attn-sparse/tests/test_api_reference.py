@@ -130,7 +130,10 @@ def test_auto_explains_its_choice_on_cpu() -> None:
     with pytest.raises(ValueError, match="backend 'flex' cannot take this input"):
         block_sparse_attention(q, k, v, layout, backend="flex")
     reasons = flex_backend.unsupported_reasons(
-        q.double(), k.double(), v.double(), BlockLayout.from_dense(torch.ones(1, 2, 2, dtype=torch.bool), 16),
+        q.double(),
+        k.double(),
+        v.double(),
+        BlockLayout.from_dense(torch.ones(1, 2, 2, dtype=torch.bool), 16),
         TokenMask.causal_only(False),
     )
     assert any("float64" in r for r in reasons) and any("multiples of 128" in r for r in reasons)
