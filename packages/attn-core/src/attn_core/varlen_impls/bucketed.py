@@ -1,0 +1,176 @@
+"""The portable varlen path: sequences batched by length into power-of-two buckets; takes every call.
+
+Sequences whose (query, key) lengths round up to the same powers of two (Pq, Pk) form one bucket;
+each bucket runs as padded batches (n, Pq, H, D) / (n, Pk, Hkv, D) through
+:func:`attn_core.blocks.block_forward` / ``block_backward`` (batched matmuls in the accumulation
+dtype on every device; padded keys are masked, padded query rows dropped), never a loop over
+sequences. A batch materialises at most :data:`LOGITS_BUDGET` logits (n * H * Pq * Pk), or one
+sequence's when that alone is more: memory follows the buckets, never total_q * total_k.
+
+The lengths are read to the host (free for CPU offsets, one device read otherwise); the batches'
+index tensors are cached per (offsets, heads, device), so a forward, its backward and every layer
+of a model share them.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ..blocks import acc_dtype, block_backward, block_forward
+from ..packing import host_offsets, offsets_from_key
+
+__all__ = ["LOGITS_BUDGET", "NAME", "PLAN_CACHE_SIZE", "backward", "forward", "unsupported_reasons"]
+
+NAME = "bucketed"
+
+# Logits (fp32, fp64 for fp64) one padded batch may hold: bounds each batch's temporaries.
+LOGITS_BUDGET = 1 << 24
+# Distinct (offsets, heads, device) batch plans kept.
+PLAN_CACHE_SIZE = 16
+
+
+def unsupported_reasons(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, max_seqlen_q: int, has_padding: bool
+) -> list[str]:
+    """The bucketed path takes every validated call."""
+    return []
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One padded batch of a bucket: n sequences, Pq query rows, Pk key rows each.
+
+    q_index (n, Pq) / k_index (n, Pk): packed rows (0 where padded); q_valid / k_valid: which are
+    real; q_rows / k_rows: the real rows in (sequence, row) order (q_index[q_valid]); keys_full:
+    no padded key (no mask needed without a key_padding_mask).
+    """
+
+    q_index: torch.Tensor
+    q_valid: torch.Tensor
+    q_rows: torch.Tensor
+    k_index: torch.Tensor
+    k_valid: torch.Tensor
+    k_rows: torch.Tensor
+    keys_full: bool
+
+
+def _pow2_ceil(x: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two >= x, elementwise (x >= 1, int64)."""
+    p = torch.pow(2, torch.ceil(torch.log2(x.to(torch.float64)))).to(torch.int64)
+    return torch.where(p < x, 2 * p, p)  # log2 rounding can only undershoot by one step
+
+
+def _padded_rows(starts: torch.Tensor, lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.arange(width)
+    valid = t[None, :] < lengths[:, None]
+    return torch.where(valid, starts[:, None] + t[None, :], 0), valid
+
+
+def _batches(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, heads: int, device: torch.device) -> tuple[Batch, ...]:
+    # keyed on the offsets' values: one host copy, however many layers reuse the plan
+    return _plan(host_offsets(cu_seqlens_q), host_offsets(cu_seqlens_k), heads, device)
+
+
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def _plan(cu_q: bytes, cu_k: bytes, heads: int, device: torch.device) -> tuple[Batch, ...]:
+    cq, ck = offsets_from_key(cu_q), offsets_from_key(cu_k)
+    len_q, len_k = cq[1:] - cq[:-1], ck[1:] - ck[:-1]
+    # sequences without queries or without keys produce nothing (their rows stay out 0, lse -inf)
+    seqs = torch.nonzero((len_q > 0) & (len_k > 0)).squeeze(1)
+    if seqs.numel() == 0:
+        return ()
+    pq, pk = _pow2_ceil(len_q[seqs]), _pow2_ceil(len_k[seqs])
+    buckets, which = torch.unique(torch.stack([pq, pk], dim=1), dim=0, return_inverse=True)
+    batches = []
+    for b, (Pq, Pk) in enumerate(buckets.tolist()):  # one step per bucket: O(log^2 of the longest)
+        members = seqs[which == b]
+        per_batch = max(1, LOGITS_BUDGET // (heads * Pq * Pk))
+        for s in range(0, members.numel(), per_batch):
+            chunk = members[s : s + per_batch]
+            q_index, q_valid = _padded_rows(cq[chunk], len_q[chunk], Pq)
+            k_index, k_valid = _padded_rows(ck[chunk], len_k[chunk], Pk)
+            batches.append(
+                Batch(
+                    q_index=q_index.to(device),
+                    q_valid=q_valid.to(device),
+                    q_rows=q_index[q_valid].to(device),
+                    k_index=k_index.to(device),
+                    k_valid=k_valid.to(device),
+                    k_rows=k_index[k_valid].to(device),
+                    keys_full=bool(k_valid.all()),
+                )
+            )
+    return tuple(batches)
+
+
+def _key_mask(batch: Batch, key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(n, Pk) bool, True = key not attendable (a padded slot or a padding key), or None if none is."""
+    if key_padding_mask is None:
+        return None if batch.keys_full else ~batch.k_valid
+    return ~batch.k_valid | key_padding_mask[batch.k_index]
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    is_causal: bool,
+    key_padding_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (total_q, H, D) in q's dtype, lse (H, total_q) in the accumulation dtype)."""
+    H = q.shape[1]
+    out = q.new_zeros(q.shape)
+    lse = torch.full((H, q.shape[0]), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
+    for b in _batches(cu_seqlens_q, cu_seqlens_k, H, q.device):
+        o, l_ = block_forward(
+            q[b.q_index], k[b.k_index], v[b.k_index],
+            is_causal=is_causal, softmax_scale=softmax_scale, key_padding_mask=_key_mask(b, key_padding_mask),
+        )  # fmt: skip
+        out.index_copy_(0, b.q_rows, o[b.q_valid])
+        lse.index_copy_(1, b.q_rows, l_.transpose(1, 2)[b.q_valid].t().to(lse.dtype))
+    return out, lse
+
+
+def backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    is_causal: bool,
+    key_padding_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in q's dtype, accumulated per batch in the accumulation dtype."""
+    H = q.shape[1]
+    ad = acc_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=ad, device=q.device)
+    dk = torch.zeros(k.shape, dtype=ad, device=q.device)
+    dv = torch.zeros(v.shape, dtype=ad, device=q.device)
+    for b in _batches(cu_seqlens_q, cu_seqlens_k, H, q.device):
+        rows = b.q_valid[:, :, None, None]
+        # padded query rows: no dout and lse -inf, so they add nothing to dk, dv
+        dout_b = torch.where(rows, dout[b.q_index], 0.0)
+        lse_b = torch.where(b.q_valid[:, None, :], lse[:, b.q_index].transpose(0, 1), float("-inf"))
+        dq_b, dk_b, dv_b = block_backward(
+            dout_b, q[b.q_index], k[b.k_index], v[b.k_index], out[b.q_index], lse_b,
+            is_causal=is_causal, softmax_scale=softmax_scale, key_padding_mask=_key_mask(b, key_padding_mask),
+        )  # fmt: skip
+        # every packed row belongs to one sequence: copies, not sums
+        dq.index_copy_(0, b.q_rows, dq_b[b.q_valid].to(ad))
+        dk.index_copy_(0, b.k_rows, dk_b[b.k_valid].to(ad))
+        dv.index_copy_(0, b.k_rows, dv_b[b.k_valid].to(ad))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
