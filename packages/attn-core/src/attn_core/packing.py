@@ -33,10 +33,13 @@ def document_positions(cu_seqlens: torch.Tensor, seq_len: int) -> tuple[torch.Te
     return doc_ids, pos - c[doc_ids]
 
 
-def document_segments(cu_seqlens: torch.Tensor, segment_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(starts, lengths), both int64 (segments,): every document's segments of ``segment_length``
-    positions, in order (document i's segment s starts at c[i] + s * w; the last one of a document
-    is cut at the document's end; empty documents have none).
+def document_segments(
+    cu_seqlens: torch.Tensor, segment_length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(docs, starts, lengths), int64 (segments,): every document's segments of ``segment_length``
+    positions, in order: the document of each, its first packed position (document i's segment s
+    starts at c[i] + s * w) and its length (the last segment of a document is cut at the
+    document's end; empty documents have none).
 
     cu_seqlens: valid offsets (int32 or int64, any device); vectorised, no loop over documents.
     """
@@ -45,7 +48,8 @@ def document_segments(cu_seqlens: torch.Tensor, segment_length: int) -> tuple[to
     counts = -(-doc_len // segment_length)
     doc = torch.repeat_interleave(torch.arange(doc_len.numel(), device=c.device), counts)
     seg = torch.arange(doc.numel(), device=c.device) - (torch.cumsum(counts, 0) - counts)[doc]
-    return c[doc] + seg * segment_length, torch.clamp(doc_len[doc] - seg * segment_length, max=segment_length)
+    starts = c[doc] + seg * segment_length
+    return doc, starts, torch.clamp(doc_len[doc] - seg * segment_length, max=segment_length)
 
 
 def host_offsets(cu_seqlens: torch.Tensor) -> bytes:

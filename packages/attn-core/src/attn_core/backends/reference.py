@@ -160,7 +160,7 @@ def _document_blocks(
     indices of the valid entries. Rows past a block's end are not valid (their position is 0, a
     placeholder that is masked as a key and dropped as a query).
     """
-    seg_start, seg_len = document_segments(cu_seqlens, w)  # empty documents have no segment
+    _, seg_start, seg_len = document_segments(cu_seqlens, w)  # empty documents have no segment
     rows = torch.clamp(-(-(seg_len - o) // r), min=0)  # positions o, o + r, ... below seg_len
     block_start = seg_start + o
     buckets = []
