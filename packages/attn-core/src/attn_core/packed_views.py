@@ -105,7 +105,9 @@ def plan_packed(
     return _plan_packed(host_offsets(cu_seqlens), shape, config, device, STRIDED_MIN_WORK, STRIDED_MAX_PIECES)
 
 
-def _strided_documents(full: torch.Tensor, rows: int, heads: int, calls: int, min_work: int, max_pieces: int) -> list[int]:
+def _strided_documents(
+    full: torch.Tensor, rows: int, heads: int, calls: int, min_work: int, max_pieces: int
+) -> list[int]:
     """Documents (ascending) whose full segments run as strided pieces: enough work per piece,
     at most max_pieces pieces (``calls`` per document), the most full segments first."""
     chosen = torch.nonzero(full * (rows * rows * heads) >= max(min_work, 1)).squeeze(1)
@@ -194,7 +196,12 @@ def _gather(x: torch.Tensor, rows: torch.Tensor | None, h0: int, hs: int, hn: in
 
 
 def _store(
-    out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor | None, out_c: torch.Tensor, lse_c: torch.Tensor, first: bool
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    rows: torch.Tensor | None,
+    out_c: torch.Tensor,
+    lse_c: torch.Tensor,
+    first: bool,
 ) -> None:
     """Store (first) or LSE-merge a call's out_c (R, h, D) and lse_c (h, R) into the views out (N, h, D)
     and lse (N, h) at ``rows`` (every position for None)."""

@@ -16,7 +16,15 @@ import torch
 
 from .validation import check_cu_seqlens
 
-__all__ = ["document_positions", "document_segments", "host_offsets", "offsets_from_key", "pack_sequences", "strided_rows", "unpack_sequences"]
+__all__ = [
+    "document_positions",
+    "document_segments",
+    "host_offsets",
+    "offsets_from_key",
+    "pack_sequences",
+    "strided_rows",
+    "unpack_sequences",
+]
 
 
 def document_positions(cu_seqlens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,9 +41,7 @@ def document_positions(cu_seqlens: torch.Tensor, seq_len: int) -> tuple[torch.Te
     return doc_ids, pos - c[doc_ids]
 
 
-def document_segments(
-    cu_seqlens: torch.Tensor, segment_length: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def document_segments(cu_seqlens: torch.Tensor, segment_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(docs, starts, lengths), int64 (segments,): every document's segments of ``segment_length``
     positions, in order: the document of each, its first packed position (document i's segment s
     starts at c[i] + s * w) and its length (the last segment of a document is cut at the

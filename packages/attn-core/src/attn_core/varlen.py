@@ -47,7 +47,9 @@ def _reasons_of(
     return lambda mod: mod.unsupported_reasons(q, k, cu_seqlens_q, max_seqlen_q, has_padding)
 
 
-def _impl(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, max_seqlen_q: int, has_padding: bool) -> ModuleType:
+def _impl(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, max_seqlen_q: int, has_padding: bool
+) -> ModuleType:
     choice = VARLEN_IMPLS.choose("auto", _reasons_of(q, k, cu_seqlens_q, max_seqlen_q, has_padding))
     mod = VARLEN_IMPLS.load(choice.backend)
     if mod is None:  # choose only picks an installed implementation
@@ -80,7 +82,9 @@ def _check_inputs(
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 3:
-            raise ValueError(f"{name} must have 3 dims (total, heads, D) (packed sequences), got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must have 3 dims (total, heads, D) (packed sequences), got shape {tuple(t.shape)}"
+            )
     mask = key_padding_mask
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
@@ -122,7 +126,7 @@ def _check_offset_values(
     ck = cu_seqlens_k.to(cq.device, torch.int64)
     lq, lk = cq[1:] - cq[:-1], ck[1:] - ck[:-1]
     if lq.numel() == 0:
-        stats = torch.stack([cq[0], cq[-1], ck[0], ck[-1]]).tolist() + [0, 0, 0, 0, 0]
+        stats = [*torch.stack([cq[0], cq[-1], ck[0], ck[-1]]).tolist(), 0, 0, 0, 0, 0]
     else:  # one host read for every check
         stats = torch.stack(
             [cq[0], cq[-1], ck[0], ck[-1], lq.min(), lq.max(), lk.min(), lk.max(), (lq - lk).abs().max()]
@@ -133,7 +137,9 @@ def _check_offset_values(
         ("cu_seqlens_k", k0, k_end, total_k, k_min, k_max, max_k),
     ):
         if first != 0 or end != total:
-            raise ValueError(f"{name} must run from 0 to the packed length {total}, got {name}[0] = {first}, [-1] = {end}")
+            raise ValueError(
+                f"{name} must run from 0 to the packed length {total}, got {name}[0] = {first}, [-1] = {end}"
+            )
         if low < 0:
             raise ValueError(f"{name} must be non-decreasing, got a sequence of length {low}")
         if high > bound:

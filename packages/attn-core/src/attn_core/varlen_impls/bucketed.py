@@ -28,7 +28,7 @@ NAME = "bucketed"
 
 # Logits (fp32, fp64 for fp64) one padded batch may hold: bounds each batch's temporaries.
 LOGITS_BUDGET = 1 << 24
-# Distinct (offsets, heads, device) batch plans kept.
+# Distinct (offsets, heads, device, budget) batch plans kept.
 PLAN_CACHE_SIZE = 16
 
 
@@ -60,7 +60,7 @@ class Batch:
 def _pow2_ceil(x: torch.Tensor) -> torch.Tensor:
     """Smallest power of two >= x, elementwise (x >= 1, int64)."""
     p = torch.pow(2, torch.ceil(torch.log2(x.to(torch.float64)))).to(torch.int64)
-    return torch.where(p < x, 2 * p, p)  # log2 rounding can only undershoot by one step
+    return torch.where(p < x, 2 * p, p)  # a log2 rounded down by one step would give p < x
 
 
 def _padded_rows(starts: torch.Tensor, lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,13 +69,15 @@ def _padded_rows(starts: torch.Tensor, lengths: torch.Tensor, width: int) -> tup
     return torch.where(valid, starts[:, None] + t[None, :], 0), valid
 
 
-def _batches(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, heads: int, device: torch.device) -> tuple[Batch, ...]:
+def _batches(
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, heads: int, device: torch.device
+) -> tuple[Batch, ...]:
     # keyed on the offsets' values: one host copy, however many layers reuse the plan
-    return _plan(host_offsets(cu_seqlens_q), host_offsets(cu_seqlens_k), heads, device)
+    return _plan(host_offsets(cu_seqlens_q), host_offsets(cu_seqlens_k), heads, device, LOGITS_BUDGET)
 
 
 @functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
-def _plan(cu_q: bytes, cu_k: bytes, heads: int, device: torch.device) -> tuple[Batch, ...]:
+def _plan(cu_q: bytes, cu_k: bytes, heads: int, device: torch.device, budget: int) -> tuple[Batch, ...]:
     cq, ck = offsets_from_key(cu_q), offsets_from_key(cu_k)
     len_q, len_k = cq[1:] - cq[:-1], ck[1:] - ck[:-1]
     # sequences without queries or without keys produce nothing (their rows stay out 0, lse -inf)
@@ -87,7 +89,7 @@ def _plan(cu_q: bytes, cu_k: bytes, heads: int, device: torch.device) -> tuple[B
     batches = []
     for b, (Pq, Pk) in enumerate(buckets.tolist()):  # one step per bucket: O(log^2 of the longest)
         members = seqs[which == b]
-        per_batch = max(1, LOGITS_BUDGET // (heads * Pq * Pk))
+        per_batch = max(1, budget // (heads * Pq * Pk))
         for s in range(0, members.numel(), per_batch):
             chunk = members[s : s + per_batch]
             q_index, q_valid = _padded_rows(cq[chunk], len_q[chunk], Pq)

@@ -67,9 +67,10 @@ def unsupported_reasons(
     return reasons
 
 
-def _launches(
-    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor
-) -> list[tuple[slice | None, slice | None, torch.Tensor, torch.Tensor]]:
+Launch = tuple[slice | None, slice | None, torch.Tensor, torch.Tensor]
+
+
+def _launches(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> list[Launch]:
     """(query rows, key rows, offsets q, offsets k) per launch of at most MAX_SEQS_PER_CALL sequences."""
     num_seqs = cu_seqlens_q.numel() - 1
     if num_seqs <= MAX_SEQS_PER_CALL:
@@ -77,7 +78,7 @@ def _launches(
     cuts = [*range(0, num_seqs, MAX_SEQS_PER_CALL), num_seqs]
     index = torch.tensor(cuts, device=cu_seqlens_q.device)
     rows_q, rows_k = cu_seqlens_q[index].tolist(), cu_seqlens_k[index].tolist()  # one host read each
-    out = []
+    out: list[Launch] = []
     for i in range(len(cuts) - 1):
         a, b = cuts[i], cuts[i + 1] + 1
         out.append(
