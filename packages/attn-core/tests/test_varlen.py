@@ -90,6 +90,17 @@ def test_bucketed_matches_float64_reference(causal, padding, heads):
     assert torch.equal(got[0][empty_rows.any(0)], torch.zeros_like(got[0][empty_rows.any(0)]))
 
 
+def test_bucketed_math_batches_match_float64_reference(monkeypatch):
+    """The batches the fused kernels do not take (CUDA fp32, other devices) run the math block path."""
+    monkeypatch.setattr(bucketed, "_fused", lambda q: False)
+    for causal, (lens_q, lens_k) in ((False, (LENS_Q, LENS_K)), (True, (LENS_SAME, LENS_SAME))):
+        cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+        q, k, v, dout = _inputs(lens_q, lens_k, 4, 2, 8, seed=5 + causal)
+        mask = torch.rand(k.shape[0], generator=torch.Generator().manual_seed(6)) < 0.3
+        got = _ours(q, k, v, dout, cu_q, cu_k, is_causal=causal, mask=mask)
+        _check(got, _reference(q, k, v, dout, cu_q, cu_k, is_causal=causal, mask=mask))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_bucketed_low_precision_within_twice_plain_pytorch(dtype):
     cu = _cu(LENS_SAME)

@@ -58,11 +58,12 @@ __all__ = [
 ]
 
 # A document's full segments run as a strided piece when the piece has at least this many
-# query-key products per head run (one 2048-row segment with 8 heads): smaller ones cost more
-# host time than kernel time and are gathered into the group's varlen call instead.
+# query-key products times heads (one 2048-row segment with 8 heads): smaller pieces cost about
+# as much host time as kernel time and are gathered into the group's varlen call instead.
 STRIDED_MIN_WORK = 1 << 25
-# At most this many strided pieces per group (host time per call is the bound).
-STRIDED_MAX_PIECES = 32
+# At most this many strided pieces per group: each costs ~0.1 ms of host time per pass, which must
+# stay below the kernel time it overlaps (the gathered calls cost a fixed few per group).
+STRIDED_MAX_PIECES = 16
 # Distinct (offsets, shape, config, device) plans kept; each holds index tensors on the device.
 PLAN_CACHE_SIZE = 4
 

@@ -1,11 +1,14 @@
 """The portable varlen path: sequences batched by length into power-of-two buckets; takes every call.
 
 Sequences whose (query, key) lengths round up to the same powers of two (Pq, Pk) form one bucket;
-each bucket runs as padded batches (n, Pq, H, D) / (n, Pk, Hkv, D) through
-:func:`attn_core.blocks.block_forward` / ``block_backward`` (batched matmuls in the accumulation
-dtype on every device; padded keys are masked, padded query rows dropped), never a loop over
-sequences. A batch materialises at most :data:`LOGITS_BUDGET` logits (n * H * Pq * Pk), or one
-sequence's when that alone is more: memory follows the buckets, never total_q * total_k.
+each bucket runs as padded batches (n, Pq, H, D) / (n, Pk, Hkv, D), never a loop over sequences:
+padded keys are masked (an additive -inf key bias), padded query rows dropped. A batch runs
+through the fused SDPA kernels of :mod:`attn_core.sdpa_ops` where they take the device, dtype and
+head dim (the CPU flash kernel on CPU, cuDNN on CUDA fp16/bf16), else through the math block path
+(:func:`attn_core.blocks.block_forward` / ``block_backward``: batched matmuls in the accumulation
+dtype). Either takes the rows' final out and LSE in the backward. A batch holds at most
+:data:`LOGITS_BUDGET` query-key pairs (n * H * Pq * Pk), or one sequence's when that alone is
+more: memory follows the buckets, never total_q * total_k.
 
 The lengths are read to the host (free for CPU offsets, one device read otherwise); the batches'
 index tensors are cached per (offsets, heads, device), so a forward, its backward and every layer
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import sdpa_ops
 from ..blocks import acc_dtype, block_backward, block_forward
 from ..packing import host_offsets, offsets_from_key
 
@@ -44,15 +48,18 @@ class Batch:
     """One padded batch of a bucket: n sequences, Pq query rows, Pk key rows each.
 
     q_index (n, Pq) / k_index (n, Pk): packed rows (0 where padded); q_valid / k_valid: which are
-    real; q_rows / k_rows: the real rows in (sequence, row) order (q_index[q_valid]); keys_full:
-    no padded key (no mask needed without a key_padding_mask).
+    real; q_take / k_take: the flat (n * P) indices of the real ones and q_rows / k_rows their
+    packed rows (index tensors: selecting them reads nothing back to the host); keys_full: no
+    padded key (no mask needed without a key_padding_mask).
     """
 
     q_index: torch.Tensor
     q_valid: torch.Tensor
+    q_take: torch.Tensor
     q_rows: torch.Tensor
     k_index: torch.Tensor
     k_valid: torch.Tensor
+    k_take: torch.Tensor
     k_rows: torch.Tensor
     keys_full: bool
 
@@ -94,14 +101,17 @@ def _plan(cu_q: bytes, cu_k: bytes, heads: int, device: torch.device, budget: in
             chunk = members[s : s + per_batch]
             q_index, q_valid = _padded_rows(cq[chunk], len_q[chunk], Pq)
             k_index, k_valid = _padded_rows(ck[chunk], len_k[chunk], Pk)
+            q_take, k_take = torch.nonzero(q_valid.flatten()).squeeze(1), torch.nonzero(k_valid.flatten()).squeeze(1)
             batches.append(
                 Batch(
                     q_index=q_index.to(device),
                     q_valid=q_valid.to(device),
-                    q_rows=q_index[q_valid].to(device),
+                    q_take=q_take.to(device),
+                    q_rows=q_index.flatten()[q_take].to(device),
                     k_index=k_index.to(device),
                     k_valid=k_valid.to(device),
-                    k_rows=k_index[k_valid].to(device),
+                    k_take=k_take.to(device),
+                    k_rows=k_index.flatten()[k_take].to(device),
                     keys_full=bool(k_valid.all()),
                 )
             )
@@ -113,6 +123,50 @@ def _key_mask(batch: Batch, key_padding_mask: torch.Tensor | None) -> torch.Tens
     if key_padding_mask is None:
         return None if batch.keys_full else ~batch.k_valid
     return ~batch.k_valid | key_padding_mask[batch.k_index]
+
+
+def _take(x: torch.Tensor, take: torch.Tensor) -> torch.Tensor:
+    """x (n, P, ...) at the flat (n * P) indices ``take``: (len(take), ...)."""
+    return x.flatten(0, 1).index_select(0, take)
+
+
+def _fused(q: torch.Tensor) -> bool:
+    """Whether the fused SDPA kernels take batches like q (n, P, H, D)."""
+    return not sdpa_ops.unsupported_reasons(q.device, q.dtype, q.shape[-1])
+
+
+def _batch_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (n, Pq, H, D), lse (n, H, Pq)) of one padded batch; mask (n, Pk) True = not attendable."""
+    if _fused(q):
+        out, lse = sdpa_ops.attention_forward(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            is_causal=is_causal, scale=scale, key_bias=sdpa_ops.key_bias_from_mask(mask, q.dtype),
+        )  # fmt: skip
+        return out.transpose(1, 2), lse
+    return block_forward(q, k, v, is_causal=is_causal, softmax_scale=scale, key_padding_mask=mask)
+
+
+def _batch_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of one padded batch from the rows' final out and lse (n, H, Pq)."""
+    if _fused(q):
+        t = (x.transpose(1, 2) for x in (dout, q, k, v, out))
+        grads = sdpa_ops.attention_backward(
+            *t, lse, is_causal=is_causal, scale=scale, key_bias=sdpa_ops.key_bias_from_mask(mask, q.dtype)
+        )
+        return grads[0].transpose(1, 2), grads[1].transpose(1, 2), grads[2].transpose(1, 2)
+    return block_backward(dout, q, k, v, out, lse, is_causal=is_causal, softmax_scale=scale, key_padding_mask=mask)
 
 
 def forward(
@@ -132,12 +186,10 @@ def forward(
     out = q.new_zeros(q.shape)
     lse = torch.full((H, q.shape[0]), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
     for b in _batches(cu_seqlens_q, cu_seqlens_k, H, q.device):
-        o, l_ = block_forward(
-            q[b.q_index], k[b.k_index], v[b.k_index],
-            is_causal=is_causal, softmax_scale=softmax_scale, key_padding_mask=_key_mask(b, key_padding_mask),
-        )  # fmt: skip
-        out.index_copy_(0, b.q_rows, o[b.q_valid])
-        lse.index_copy_(1, b.q_rows, l_.transpose(1, 2)[b.q_valid].t().to(lse.dtype))
+        mask = _key_mask(b, key_padding_mask)
+        o, l_ = _batch_forward(q[b.q_index], k[b.k_index], v[b.k_index], mask, is_causal, softmax_scale)
+        out.index_copy_(0, b.q_rows, _take(o, b.q_take))
+        lse.index_copy_(1, b.q_rows, _take(l_.transpose(1, 2), b.q_take).t().to(lse.dtype))
     return out, lse
 
 
@@ -167,12 +219,12 @@ def backward(
         # padded query rows: no dout and lse -inf, so they add nothing to dk, dv
         dout_b = torch.where(rows, dout[b.q_index], 0.0)
         lse_b = torch.where(b.q_valid[:, None, :], lse[:, b.q_index].transpose(0, 1), float("-inf"))
-        dq_b, dk_b, dv_b = block_backward(
+        dq_b, dk_b, dv_b = _batch_backward(
             dout_b, q[b.q_index], k[b.k_index], v[b.k_index], out[b.q_index], lse_b,
-            is_causal=is_causal, softmax_scale=softmax_scale, key_padding_mask=_key_mask(b, key_padding_mask),
+            _key_mask(b, key_padding_mask), is_causal, softmax_scale,
         )  # fmt: skip
         # every packed row belongs to one sequence: copies, not sums
-        dq.index_copy_(0, b.q_rows, dq_b[b.q_valid].to(ad))
-        dk.index_copy_(0, b.k_rows, dk_b[b.k_valid].to(ad))
-        dv.index_copy_(0, b.k_rows, dv_b[b.k_valid].to(ad))
+        dq.index_copy_(0, b.q_rows, _take(dq_b, b.q_take).to(ad))
+        dk.index_copy_(0, b.k_rows, _take(dk_b, b.k_take).to(ad))
+        dv.index_copy_(0, b.k_rows, _take(dv_b, b.k_take).to(ad))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
