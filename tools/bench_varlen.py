@@ -158,7 +158,9 @@ def runners(cfg: dict[str, Any], cu: torch.Tensor, bounds: list[tuple[int, int]]
     return {"packed": packed, "unpacked": unpacked, "loop": loop}
 
 
-def plan_summary(cu: torch.Tensor, n: int, h: int, hkv: int, d: int, cfg: dict[str, Any], mode: str, dev: torch.device) -> list:
+def plan_summary(
+    cu: torch.Tensor, n: int, h: int, hkv: int, d: int, cfg: dict[str, Any], mode: str, dev: torch.device
+) -> list:
     """Per group: strided pieces, gathered calls and their varlen implementation."""
     from attn_core import packed_views
     from attn_core.config import DilatedConfig
@@ -178,7 +180,13 @@ def plan_summary(cu: torch.Tensor, n: int, h: int, hkv: int, d: int, cfg: dict[s
 
 
 def bench_point(
-    cfg: dict[str, Any], lengths: list[int], heads: tuple[int, int], mode: str, causal: bool, reps: int, dev: torch.device
+    cfg: dict[str, Any],
+    lengths: list[int],
+    heads: tuple[int, int],
+    mode: str,
+    causal: bool,
+    reps: int,
+    dev: torch.device,
 ) -> dict[str, Any]:
     h, hkv = heads
     d, n = cfg["D"], sum(lengths)
@@ -223,11 +231,13 @@ def correctness(cfg: dict[str, Any], dev: torch.device) -> list[dict[str, Any]]:
     cu = offsets(lengths, dev)
     n, d, dtype = sum(lengths), cfg["check_D"], cfg["dtype"]
     rows = []
-    for h, hkv, mode, causal, pad in ((8, 2, "all", True, False), (8, 8, "split", False, True), (8, 4, "split", True, True)):
+    for h, hkv, mode, causal, pad in (
+        (8, 2, "all", True, False),
+        (8, 8, "split", False, True),
+        (8, 4, "split", True, True),
+    ):
         g = torch.Generator(device=dev).manual_seed(len(rows) + 3)
-        q, k, v, go = (
-            torch.randn(1, n, x, d, device=dev, generator=g).to(dtype) for x in (h, hkv, hkv, h)
-        )
+        q, k, v, go = (torch.randn(1, n, x, d, device=dev, generator=g).to(dtype) for x in (h, hkv, hkv, h))
         mask = (torch.rand(1, n, device=dev, generator=g) < 0.2) if pad else None
         leaves = [t.requires_grad_() for t in (q, k, v)]
         kw = dict(is_causal=causal, head_mode=mode)
@@ -368,7 +378,13 @@ def main() -> int:
         segments=[2048, 4096, 8192, 16384], rates=[1, 2, 4, 8], D=128, dtype=torch.bfloat16,
         check_segments=[256, 512, 1024, 2048], check_tokens=6000, check_D=64,
     )  # fmt: skip
-    tokens, mean, low, high, reps = parse_tokens(args.tokens), args.mean, args.min_len, parse_tokens(args.max_len), args.reps
+    tokens, mean, low, high, reps = (
+        parse_tokens(args.tokens),
+        args.mean,
+        args.min_len,
+        parse_tokens(args.max_len),
+        args.reps,
+    )
     if args.quick:
         cfg.update(segments=[128, 256, 512, 1024], D=32, check_segments=[16, 32, 64, 128], check_tokens=600, check_D=16)
         tokens, mean, low, high, reps = 8 * 1024, 512.0, 16, 8 * 1024, 1
