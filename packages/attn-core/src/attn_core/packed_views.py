@@ -42,7 +42,7 @@ import torch
 
 from . import sdpa_ops, varlen, views
 from .config import DilatedConfig
-from .packing import document_segments, host_offsets, offsets_from_key, strided_rows
+from .packing import document_segments, host_offsets, host_to_device, offsets_from_key, strided_rows
 from .varlen_impls.flash import MIN_MEAN_SEQLEN
 from .views import Piece
 
@@ -111,7 +111,8 @@ def _strided_documents(
 ) -> list[int]:
     """Documents (ascending) whose full segments run as strided pieces: enough work per piece,
     at most max_pieces pieces (``calls`` per document), the most full segments first."""
-    chosen = torch.nonzero(full * (rows * rows * heads) >= max(min_work, 1)).squeeze(1)
+    # in float64: rows^2 * heads can pass int64 for lengths near 2^31
+    chosen = torch.nonzero(full.double() * (float(rows) ** 2 * heads) >= max(min_work, 1)).squeeze(1)
     cap = max_pieces // max(calls, 1)
     if chosen.numel() > cap:
         chosen = chosen[torch.topk(full[chosen], cap).indices]
@@ -174,11 +175,11 @@ def _plan_packed(
                 c = counts[sel]
                 total = int(c.sum())
                 # r == 1 rows are ascending and distinct: all N of them are the positions in order
-                rows = None if r == 1 and total == N else strided_rows(starts[sel], c, r).to(device)
+                rows = None if r == 1 and total == N else host_to_device(strided_rows(starts[sel], c, r), device)
                 cu_rows = torch.zeros(c.numel() + 1, dtype=torch.int32)
                 cu_rows[1:] = torch.cumsum(c, 0)
                 if total >= MIN_MEAN_SEQLEN * c.numel():  # a flash-sized call reads its offsets on the device
-                    cu_rows = cu_rows.to(device)
+                    cu_rows = host_to_device(cu_rows, device)
                 longest = int(c.max())
                 calls.extend(GatheredCall(*hk, rows, cu_rows, longest, first) for hk in hc)
         groups.append(GroupPlan(tuple(pieces), tuple(calls)))

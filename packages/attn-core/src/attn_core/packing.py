@@ -65,6 +65,14 @@ def host_offsets(cu_seqlens: torch.Tensor) -> bytes:
     return ctypes.string_at(c.data_ptr(), c.numel() * c.element_size())
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built (index) tensor on ``device``: through pinned memory without waiting for the
+    device's queued work on CUDA (a plain copy from pageable memory synchronises the stream)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def offsets_from_key(key: bytes) -> torch.Tensor:
     """int64 CPU offsets (num_docs + 1,) from :func:`host_offsets`' bytes."""
     return torch.frombuffer(bytearray(key), dtype=torch.int64)

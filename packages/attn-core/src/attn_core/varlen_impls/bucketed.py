@@ -24,7 +24,7 @@ import torch
 
 from .. import sdpa_ops
 from ..blocks import acc_dtype, block_backward, block_forward
-from ..packing import host_offsets, offsets_from_key
+from ..packing import host_offsets, host_to_device, offsets_from_key
 
 __all__ = ["LOGITS_BUDGET", "NAME", "PLAN_CACHE_SIZE", "backward", "forward", "unsupported_reasons"]
 
@@ -104,14 +104,14 @@ def _plan(cu_q: bytes, cu_k: bytes, heads: int, device: torch.device, budget: in
             q_take, k_take = torch.nonzero(q_valid.flatten()).squeeze(1), torch.nonzero(k_valid.flatten()).squeeze(1)
             batches.append(
                 Batch(
-                    q_index=q_index.to(device),
-                    q_valid=q_valid.to(device),
-                    q_take=q_take.to(device),
-                    q_rows=q_index.flatten()[q_take].to(device),
-                    k_index=k_index.to(device),
-                    k_valid=k_valid.to(device),
-                    k_take=k_take.to(device),
-                    k_rows=k_index.flatten()[k_take].to(device),
+                    q_index=host_to_device(q_index, device),
+                    q_valid=host_to_device(q_valid, device),
+                    q_take=host_to_device(q_take, device),
+                    q_rows=host_to_device(q_index.flatten()[q_take], device),
+                    k_index=host_to_device(k_index, device),
+                    k_valid=host_to_device(k_valid, device),
+                    k_take=host_to_device(k_take, device),
+                    k_rows=host_to_device(k_index.flatten()[k_take], device),
                     keys_full=bool(k_valid.all()),
                 )
             )
