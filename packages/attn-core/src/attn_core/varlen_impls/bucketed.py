@@ -161,10 +161,10 @@ def _batch_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of one padded batch from the rows' final out and lse (n, H, Pq)."""
     if _fused(q):
-        t = (x.transpose(1, 2) for x in (dout, q, k, v, out))
         grads = sdpa_ops.attention_backward(
-            *t, lse, is_causal=is_causal, scale=scale, key_bias=sdpa_ops.key_bias_from_mask(mask, q.dtype)
-        )
+            dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out.transpose(1, 2), lse,
+            is_causal=is_causal, scale=scale, key_bias=sdpa_ops.key_bias_from_mask(mask, q.dtype),
+        )  # fmt: skip
         return grads[0].transpose(1, 2), grads[1].transpose(1, 2), grads[2].transpose(1, 2)
     return block_backward(dout, q, k, v, out, lse, is_causal=is_causal, softmax_scale=scale, key_padding_mask=mask)
 
