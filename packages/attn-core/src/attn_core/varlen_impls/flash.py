@@ -3,7 +3,8 @@
 ``aten._flash_attention_forward`` / ``aten._flash_attention_backward`` with ``cum_seq_q`` /
 ``cum_seq_k``: one launch for every sequence, native GQA (kv heads are never repeated), any row and
 head strides (the last dim contiguous), so strided views of packed tensors go in without copies.
-Their LSE is (H, total_q) fp32 (the unpadded layout of flash-attn >= 2.5; another layout raises).
+Their LSE is read as (H, total_q) fp32 (flash-attn's unpadded varlen layout); a torch whose kernels
+return another layout raises a RuntimeError naming the shape instead of giving wrong results.
 
 Flash reports lse = +inf for a row that sees no key; the contract here is -inf, converted both
 ways. Its backward reads the LSE as a contiguous (H, total_q) array and keeps a float32 dq
@@ -121,8 +122,8 @@ def forward(
         out, lse = res[0], res[1]
         if tuple(lse.shape) != (H, qs.shape[0]):
             raise RuntimeError(
-                f"torch's flash varlen forward returned an LSE of shape {tuple(lse.shape)}; attn_core reads the "
-                f"(H, total_q) = {(H, qs.shape[0])} layout of torch >= 2.4"
+                f"torch {torch.__version__}'s flash varlen forward returned an LSE of shape {tuple(lse.shape)}; "
+                f"attn_core reads the unpadded (H, total_q) = {(H, qs.shape[0])} layout"
             )
         outs.append(out)
         lses.append(lse.masked_fill(torch.isposinf(lse), float("-inf")))  # rows without a key: -inf
