@@ -63,7 +63,7 @@ def sdpa_cases() -> dict[str, Callable[[], object]]:
         config = DilatedConfig([16, 32], [1, 2])
 
         def via_op() -> torch.Tensor:
-            out: torch.Tensor = op.forward_op(q, k, v, *op.encode(None, config, False, 0.25))[0]
+            out: torch.Tensor = op.forward_op(q, k, v, *op.encode(None, None, config, False, 0.25))[0]
             return out
 
         cases["sdpa fwd+bwd, kernel through the custom op"] = lambda: torch.autograd.grad(via_op(), (q, k, v), dout)

@@ -134,7 +134,9 @@ def test_sdpa_ops_pass_opcheck() -> None:
     k, v = (torch.randn(1, 12, 1, 8, generator=g, requires_grad=True) for _ in range(2))
     mask = torch.zeros(1, 12, dtype=torch.bool)
     mask[0, 10:] = True
-    torch.library.opcheck(sdpa.DILATED_SDPA.forward_op, (q, k, v, mask, [4, 8], [1, 2], "all", True, 0.3))
+    torch.library.opcheck(sdpa.DILATED_SDPA.forward_op, (q, k, v, mask, None, [4, 8], [1, 2], "all", True, 0.3))
+    cu = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
+    torch.library.opcheck(sdpa.DILATED_SDPA.forward_op, (q, k, v, mask, cu, [4, 8], [1, 2], "split", False, 0.3))
 
 
 def test_double_backward_raises_the_op_error_and_first_order_is_unchanged() -> None:

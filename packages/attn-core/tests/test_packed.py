@@ -1,4 +1,5 @@
-"""Packed documents (cu_seqlens): validation, the float64 references, and the reference backend.
+"""Packed documents (cu_seqlens): validation, the float64 references, and the backends (the sdpa
+backend's own cases are in test_packed_sdpa.py).
 
 The contract: attention over documents packed along N with cu_seqlens equals the same attention
 run on each document alone, concatenated (segments, offsets, causal masks and windows start at
@@ -232,7 +233,9 @@ def test_packed_matches_float64_reference_per_document(config, head_mode, causal
     kw = {"is_causal": causal, "head_mode": head_mode}
 
     out, grads = _run(
-        lambda a, b, c: dilated_attention(a, b, c, seg, rates, key_padding_mask=mask, cu_seqlens=cu, **kw),
+        lambda a, b, c: dilated_attention(
+            a, b, c, seg, rates, key_padding_mask=mask, cu_seqlens=cu, backend="reference", **kw
+        ),
         q,
         k,
         v,
@@ -361,22 +364,20 @@ def test_only_empty_documents_and_empty_sequence():
     assert q.grad is not None and q.grad.shape == q.shape
 
 
-def test_auto_takes_reference_and_sdpa_says_why():
+def test_both_backends_take_packed_calls_and_auto_picks_sdpa():
     q = torch.randn(1, 16, 2, 8)
     cu = _cu([7, 9])
-    reason = "cu_seqlens (packed documents) is not supported by the sdpa backend yet"
-    choice = explain(q, q, q, [4, 8], [1, 2], cu_seqlens=cu)
-    assert choice.backend == "reference"
-    assert reason in choice.rejected["sdpa"]
-    assert reason in choice.why
-    with pytest.raises(ValueError, match=r"backend 'sdpa' cannot take this input: .*cu_seqlens \(packed documents\)"):
-        dilated_attention(q, q, q, [4, 8], [1, 2], cu_seqlens=cu, backend="sdpa")
-    dilated_attention(q, q, q, [4, 8], [1, 2], cu_seqlens=cu)
-    assert last_backend() == "reference"
+    assert explain(q, q, q, [4, 8], [1, 2], cu_seqlens=cu).backend == "sdpa"
+    outs = {}
+    for backend in ("reference", "sdpa"):
+        outs[backend] = dilated_attention(q, q, q, [4, 8], [1, 2], cu_seqlens=cu, backend=backend)
+        assert last_backend() == backend
+    assert_close_to_reference("out", outs["sdpa"], outs["reference"].double(), outs["reference"])
 
 
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
 @pytest.mark.parametrize("head_mode", ["all", "split"])
-def test_packed_gradcheck_float64(head_mode):
+def test_packed_gradcheck_float64(head_mode, backend):
     g = torch.Generator().manual_seed(47)
     cu = _cu([3, 0, 1, 6])
     q = torch.randn(1, 10, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
@@ -387,24 +388,27 @@ def test_packed_gradcheck_float64(head_mode):
 
     def fn(a, b, c):
         return dilated_attention(
-            a, b, c, [2, 4], [1, 2], is_causal=True, key_padding_mask=mask, head_mode=head_mode, cu_seqlens=cu
-        )
+            a, b, c, [2, 4], [1, 2], is_causal=True, key_padding_mask=mask, head_mode=head_mode, cu_seqlens=cu,
+            backend=backend,
+        )  # fmt: skip
 
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def test_padded_keys_values_are_never_read_when_packed():
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_padded_keys_values_are_never_read_when_packed(backend):
     seg, rates, H, Hkv, D = CONFIGS["three_groups_gqa"]
     cu = _cu(LENGTHS)
     N = int(cu[-1])
     q, k, v, _ = _inputs(N, H, Hkv, D, torch.float32, 53)
     mask = torch.zeros(1, N, dtype=torch.bool)
     mask[0, 2::5] = True
-    clean = dilated_attention(q, k, v, seg, rates, key_padding_mask=mask, cu_seqlens=cu)
+    kw = {"key_padding_mask": mask, "cu_seqlens": cu, "backend": backend}
+    clean = dilated_attention(q, k, v, seg, rates, **kw)
     k_bad, v_bad = k.clone(), v.clone()
     k_bad[mask], v_bad[mask] = float("nan"), float("inf")
     leaves = [t.requires_grad_(True) for t in (q.clone(), k_bad, v_bad)]
-    out = dilated_attention(*leaves, seg, rates, key_padding_mask=mask, cu_seqlens=cu)
+    out = dilated_attention(*leaves, seg, rates, **kw)
     assert torch.equal(out, clean)
     grads = torch.autograd.grad(out.sum(), leaves)
     assert all(torch.isfinite(gr).all() for gr in grads)
@@ -431,10 +435,11 @@ _EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "30"))
     causal=st.booleans(),
     head_mode=st.sampled_from(["all", "split"]),
     padded=st.booleans(),
+    backend=st.sampled_from(["reference", "sdpa"]),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_random_packings_match_per_document_reference(
-    lengths, rates, seg_mult, kv_heads, group, causal, head_mode, padded, seed
+    lengths, rates, seg_mult, kv_heads, group, causal, head_mode, padded, backend, seed
 ):
     segs = [r * (seg_mult + i) for i, r in enumerate(rates)]
     cu = _cu(lengths)
@@ -443,7 +448,9 @@ def test_random_packings_match_per_document_reference(
     mask = torch.rand(1, N, generator=torch.Generator().manual_seed(seed)) < 0.3 if padded else None
     kw = {"is_causal": causal, "head_mode": head_mode}
     out, grads = _run(
-        lambda a, b, c: dilated_attention(a, b, c, segs, rates, key_padding_mask=mask, cu_seqlens=cu, **kw),
+        lambda a, b, c: dilated_attention(
+            a, b, c, segs, rates, key_padding_mask=mask, cu_seqlens=cu, backend=backend, **kw
+        ),
         q,
         k,
         v,

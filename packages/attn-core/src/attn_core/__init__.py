@@ -1,6 +1,7 @@
 """attn_core: LongNet dilated attention with exact LSE merging, float64 references and explainable backends."""
 
 from . import sdpa_ops as sdpa_ops
+from . import varlen as varlen
 from . import views as views
 from ._version import __version__
 from .api import AUTO_ORDER, BACKENDS, dilated_attention, explain, last_backend

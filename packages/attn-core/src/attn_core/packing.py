@@ -9,13 +9,22 @@ dilated segments and positions count from the document's start.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 
 import torch
 
 from .validation import check_cu_seqlens
 
-__all__ = ["document_positions", "pack_sequences", "unpack_sequences"]
+__all__ = [
+    "document_positions",
+    "document_segments",
+    "host_offsets",
+    "offsets_from_key",
+    "pack_sequences",
+    "strided_rows",
+    "unpack_sequences",
+]
 
 
 def document_positions(cu_seqlens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,6 +39,54 @@ def document_positions(cu_seqlens: torch.Tensor, seq_len: int) -> tuple[torch.Te
     # the last document whose start is <= pos; empty documents (equal offsets) are skipped over
     doc_ids = torch.searchsorted(c[1:], pos, right=True)
     return doc_ids, pos - c[doc_ids]
+
+
+def document_segments(cu_seqlens: torch.Tensor, segment_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(docs, starts, lengths), int64 (segments,): every document's segments of ``segment_length``
+    positions, in order: the document of each, its first packed position (document i's segment s
+    starts at c[i] + s * w) and its length (the last segment of a document is cut at the
+    document's end; empty documents have none).
+
+    cu_seqlens: valid offsets (int32 or int64, any device); vectorised, no loop over documents.
+    """
+    c = cu_seqlens.to(torch.int64)
+    doc_len = c[1:] - c[:-1]
+    counts = -(-doc_len // segment_length)
+    doc = torch.repeat_interleave(torch.arange(doc_len.numel(), device=c.device), counts)
+    seg = torch.arange(doc.numel(), device=c.device) - (torch.cumsum(counts, 0) - counts)[doc]
+    starts = c[doc] + seg * segment_length
+    return doc, starts, torch.clamp(doc_len[doc] - seg * segment_length, max=segment_length)
+
+
+def host_offsets(cu_seqlens: torch.Tensor) -> bytes:
+    """The offsets as int64 bytes (one host copy): the cache key of the plans built from them
+    (:func:`offsets_from_key` turns it back into a tensor)."""
+    c = cu_seqlens.to("cpu", torch.int64).contiguous()
+    return ctypes.string_at(c.data_ptr(), c.numel() * c.element_size())
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built (index) tensor on ``device``: through pinned memory without waiting for the
+    device's queued work on CUDA (a plain copy from pageable memory synchronises the stream)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def offsets_from_key(key: bytes) -> torch.Tensor:
+    """int64 CPU offsets (num_docs + 1,) from :func:`host_offsets`' bytes."""
+    return torch.frombuffer(bytearray(key), dtype=torch.int64)
+
+
+def strided_rows(starts: torch.Tensor, counts: torch.Tensor, stride: int) -> torch.Tensor:
+    """int64 (sum(counts),): for run i, the positions starts[i] + t * stride for t < counts[i], runs in order.
+
+    starts, counts: int64 (runs,) on one device (counts >= 0); vectorised over the runs.
+    """
+    total = int(counts.sum())
+    run = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts, output_size=total)
+    t = torch.arange(total, device=counts.device) - (torch.cumsum(counts, 0) - counts)[run]
+    return starts[run] + t * stride
 
 
 def pack_sequences(sequences: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

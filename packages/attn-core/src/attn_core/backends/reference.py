@@ -29,6 +29,7 @@ from torch.nn.functional import dropout
 from ..blocks import acc_dtype, drop_padded_keys, softmax_with_lse
 from ..config import DilatedCall
 from ..merge import merge_partials
+from ..packing import document_segments
 
 NAME = "reference"
 
@@ -159,14 +160,9 @@ def _document_blocks(
     indices of the valid entries. Rows past a block's end are not valid (their position is 0, a
     placeholder that is masked as a key and dropped as a query).
     """
-    starts, lengths = cu_seqlens[:-1], cu_seqlens[1:] - cu_seqlens[:-1]
-    seg_counts = -(-lengths // w)  # 0 for empty documents
-    doc = torch.repeat_interleave(torch.arange(lengths.numel()), seg_counts)
-    first_block = torch.cumsum(seg_counts, 0) - seg_counts
-    seg = torch.arange(doc.numel()) - first_block[doc]
-    seg_len = torch.clamp(lengths[doc] - seg * w, max=w)
+    _, seg_start, seg_len = document_segments(cu_seqlens, w)  # empty documents have no segment
     rows = torch.clamp(-(-(seg_len - o) // r), min=0)  # positions o, o + r, ... below seg_len
-    block_start = starts[doc] + seg * w + o
+    block_start = seg_start + o
     buckets = []
     low, high = 0, 1
     most = int(rows.max()) if rows.numel() else 0

@@ -25,6 +25,12 @@ first copied with padded keys zeroed (their values, even NaN, are never read); w
 nothing is copied. Dropout is not supported (-> the reference backend takes it), nor is double
 backward (a clear error; the reference backend is plain autograd). Group geometry is clamped to N
 (:meth:`attn_core.config.DilatedConfig.group_extent`): planning follows N and H, not w or r.
+
+Packed documents (``cu_seqlens``, B == 1): :mod:`attn_core.packed_views` plans the same groups per
+document (segments start at each document's start): long documents' full segments as strided
+pieces through the same executor, every other segment gathered into one varlen call per
+(group, offset, head run) (:mod:`attn_core.varlen`: flash varlen on CUDA), merged by LSE the same
+way; the backward again from the merged statistics.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .. import sdpa_ops, views
+from .. import packed_views, sdpa_ops, views
 from ..blocks import acc_dtype, drop_padded_keys
 from ..config import DilatedCall, DilatedConfig
 from ..custom_op import DifferentiableOp
@@ -48,8 +54,6 @@ def unsupported_reasons(call: DilatedCall) -> list[str]:
     for name, t in (("q", q), ("k", call.k), ("v", call.v)):
         if t.stride(-1) != 1:
             reasons.append(f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")
-    if call.cu_seqlens is not None:
-        reasons.append("cu_seqlens (packed documents) is not supported by the sdpa backend yet")
     return reasons
 
 
@@ -58,21 +62,26 @@ def _forward(
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
     config: DilatedConfig,
     is_causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, N, H, D) in q.dtype, lse (B, N, H) fp32, fp64 for fp64) over every piece."""
+    """(out (B, N, H, D) in q.dtype, lse (B, N, H) fp32, fp64 for fp64) over every piece (and packed call)."""
     B, N, H, D = q.shape
     Hkv = k.shape[2]
     if mask is not None:  # padded keys' values are never read (a NaN there would pass the -inf bias)
         k, v = drop_padded_keys(k, v, mask)
-    tensors = [q, k, v] if mask is None else [q, k, v, mask]
-    pieces = views.plan_pieces((B, N, H, Hkv, D), config, views.batch_mergeable(*tensors))
     # out accumulates in q's dtype, lse in fp32 (fp64 for fp64), both merged in fp32 arithmetic
     out = torch.zeros(B, N, H, D, dtype=q.dtype, device=q.device)
     lse = views.new_lse(B, N, H, acc_dtype(q.dtype), q.device)
-    views.forward_pieces(q, k, v, pieces, out, lse, key_padding_mask=mask, is_causal=is_causal, scale=scale)
+    if cu_seqlens is not None:
+        plan = packed_views.plan_packed(cu_seqlens, (N, H, Hkv, D), config, q.device)
+        packed_views.forward_packed(q, k, v, plan, out, lse, key_padding_mask=mask, is_causal=is_causal, scale=scale)
+    else:
+        tensors = [q, k, v] if mask is None else [q, k, v, mask]
+        pieces = views.plan_pieces((B, N, H, Hkv, D), config, views.batch_mergeable(*tensors))
+        views.forward_pieces(q, k, v, pieces, out, lse, key_padding_mask=mask, is_causal=is_causal, scale=scale)
     return out, lse.transpose(1, 2)  # (B, N, H): the storage order, saved and passed back to _backward
 
 
@@ -84,6 +93,7 @@ def _backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
     config: DilatedConfig,
     is_causal: bool,
     scale: float,
@@ -98,6 +108,13 @@ def _backward(
     dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
     if mask is not None:  # as in _forward; the kernels give dk = dv = 0 at padded keys
         k, v = drop_padded_keys(k, v, mask)
+    if cu_seqlens is not None:
+        plan = packed_views.plan_packed(cu_seqlens, (N, H, Hkv, D), config, q.device)
+        packed_views.backward_packed(
+            dout, q, k, v, out, lse.transpose(1, 2), plan, (dq, dk, dv),
+            key_padding_mask=mask, is_causal=is_causal, scale=scale,
+        )  # fmt: skip
+        return dq, dk, dv
     tensors = [q, k, v, dout] if mask is None else [q, k, v, dout, mask]
     pieces = views.plan_pieces((B, N, H, Hkv, D), config, views.batch_mergeable(*tensors))
     views.backward_pieces(
@@ -114,10 +131,13 @@ SECOND_ORDER_ERROR = (
 )
 
 
-def _encode(mask: torch.Tensor | None, config: DilatedConfig, is_causal: bool, scale: float) -> tuple[Any, ...]:
+def _encode(
+    mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, config: DilatedConfig, is_causal: bool, scale: float
+) -> tuple[Any, ...]:
     # op schemas take no objects: the config travels as its segment lengths, rates and head mode
     return (
         mask,
+        cu_seqlens,
         list(config.segment_lengths),
         list(config.dilation_rates),
         config.head_mode,
@@ -128,13 +148,14 @@ def _encode(mask: torch.Tensor | None, config: DilatedConfig, is_causal: bool, s
 
 def _decode(
     mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
     segment_lengths: list[int],
     dilation_rates: list[int],
     head_mode: str,
     is_causal: bool,
     scale: float,
 ) -> tuple[Any, ...]:
-    return mask, DilatedConfig(segment_lengths, dilation_rates, head_mode), is_causal, scale
+    return mask, cu_seqlens, DilatedConfig(segment_lengths, dilation_rates, head_mode), is_causal, scale
 
 
 def _fake(
@@ -152,7 +173,7 @@ DILATED_SDPA = DifferentiableOp(
     inputs=("q", "k", "v"),
     outputs=("out", "lse"),
     args_schema=(
-        "Tensor? mask, int[] segment_lengths, int[] dilation_rates, str head_mode, bool is_causal, float scale"
+        "Tensor? mask, Tensor? cu_seqlens, int[] segment_lengths, int[] dilation_rates, str head_mode, bool is_causal, float scale"
     ),
     forward=_forward,
     backward=_backward,
@@ -165,4 +186,6 @@ DILATED_SDPA = DifferentiableOp(
 
 def dilated_attention(call: DilatedCall) -> torch.Tensor:
     """out (B, N, H, D) in q's dtype; see the module docstring."""
-    return DILATED_SDPA(call.q, call.k, call.v, call.key_padding_mask, call.config, call.is_causal, call.softmax_scale)
+    return DILATED_SDPA(
+        call.q, call.k, call.v, call.key_padding_mask, call.cu_seqlens, call.config, call.is_causal, call.softmax_scale
+    )
