@@ -87,12 +87,12 @@ def sparse_cases() -> dict[str, Callable[[], object]]:
     from attn_sparse import block_sparse_attention, patterns
     from attn_sparse.kernels import ops
 
-    def forward(q, k, v, csr, is_causal, scale, cfg):  # type: ignore[no-untyped-def]
+    def forward(q, k, v, csr, mask, scale, cfg):  # type: ignore[no-untyped-def]
         B, N, H, _ = q.shape
         csr.row_table(B, H)
         return torch.empty_like(q), torch.empty(B, H, N)
 
-    def backward(dout, q, k, v, out, lse, csr, is_causal, scale, cfg):  # type: ignore[no-untyped-def]
+    def backward(dout, q, k, v, out, lse, csr, mask, scale, cfg):  # type: ignore[no-untyped-def]
         csr.row_table(q.shape[0], q.shape[2])
         csr.transposed_slots()
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -112,11 +112,11 @@ def sparse_cases() -> dict[str, Callable[[], object]]:
     }
     op = getattr(ops, "BLOCK_SPARSE", None)
     if op is not None:
-        from attn_sparse.kernels import CSR, default_config
+        from attn_sparse.kernels import CSR, KernelMask, default_config
 
         def via_op() -> torch.Tensor:
             csr = CSR.from_layout(layout)
-            out: torch.Tensor = op.forward_op(q, k, v, *op.encode(csr, False, 0.25, default_config((16, 16))))[0]
+            out: torch.Tensor = op.forward_op(q, k, v, *op.encode(csr, KernelMask.causal(False, 64, 64), 0.25, default_config((16, 16))))[0]
             return out
 
         cases["block_sparse fwd+bwd, kernels through the custom op (stand-in kernels)"] = lambda: torch.autograd.grad(
