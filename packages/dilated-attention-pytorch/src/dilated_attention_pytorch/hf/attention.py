@@ -79,15 +79,20 @@ def _active_window(window: tuple[int, int] | None, causal: bool, seq_len: int) -
     return None if left_free and right_free else (left, right)
 
 
-def _document_ids_from_positions(position_ids: object, batch: int) -> torch.Tensor | None:
+def _document_ids_from_positions(position_ids: object, batch: int, seq_len: int) -> torch.Tensor | None:
     """(B, N) document ids by transformers' own rule (a position that does not follow its
-    predecessor starts a document), or None (no position_ids, or no row restarts)."""
-    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.shape[-1] < 2:
+    predecessor starts a document), or None (no (B or 1, N) position_ids, or no row restarts)."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or seq_len < 2:
         return None
-    if position_ids.shape[0] not in (1, batch):
+    if position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != seq_len:
         return None
     masking = transformers_module("transformers.masking_utils")
     return masking.find_packed_sequence_indices(position_ids.expand(batch, -1))
+
+
+def _preview(offsets: torch.Tensor, shown: int = 8) -> str:
+    values = offsets.tolist()
+    return str(values) if len(values) <= shown else f"{str(values[:shown])[:-1]}, ... ({len(values)} offsets)]"
 
 
 def _same_documents(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -163,7 +168,7 @@ def _packed_documents(
     ids, from_ids = (None, None) if mask is None else (mask.document_ids, mask.cu_seqlens)
     separated_by_mask = ids is not None
     if ids is None and not (mask is not None and mask.from_attention_mask):
-        ids = _document_ids_from_positions(kwargs.get("position_ids"), batch)
+        ids = _document_ids_from_positions(kwargs.get("position_ids"), batch, seq_len)
         if ids is not None and not several_documents(ids):
             ids = None
     packed_given = given is not None and torch.unique_consecutive(given).numel() > 2
@@ -186,8 +191,8 @@ def _packed_documents(
     if given is not None:
         if from_ids is not None and not _same_documents(given, from_ids):
             raise ValueError(
-                f"{kind}: cu_seq_lens_q/k ({given.tolist()}) and the documents position_ids give "
-                f"({from_ids.tolist()}) differ"
+                f"{kind}: cu_seq_lens_q/k ({_preview(given)}) and the documents position_ids give "
+                f"({_preview(from_ids)}) differ"
             )
         return given
     if not separated_by_mask:
@@ -196,7 +201,7 @@ def _packed_documents(
             "separate the documents (it does so only without a KV cache): pass use_cache=False (Trainer does), "
             "or give cu_seq_lens_q/cu_seq_lens_k"
         )
-    return from_ids
+    return None if from_ids is None else from_ids.to(device)  # built where the embeddings live
 
 
 def prepare_call(
