@@ -10,10 +10,10 @@ comparisons, each anchor run in the same process right before the code under tes
 - "window" at each --seq-lens (32K, 128K): a sliding window of --window (4096) tokens.
   Anchor: attn_implementation="flex_attention" on a model whose config has sliding_window (Mistral's
   config class: Llama's architecture plus sliding_window, so transformers builds the window mask).
-  Ours: hf.register("block_sparse", pattern="local_window", window=--window) on the same config.
-  Target: ours' step >= 1.2x faster. While hf refuses token-exact sliding windows (attn_sparse
-  has block-granular windows only), that point is reported as "not supported yet: <the error>":
-  running the block-granular window on a config without sliding_window would be other math.
+  Ours: hf.register("block_sparse") with no layout options on the same config: it follows the
+  model's mask token-exactly (query i sees keys i - W < j <= i, window_size=(W - 1, 0)), the same
+  math as the anchor, with the tiles derived from the window (attn_sparse's derived block size).
+  Target: ours' step >= 1.2x faster.
 - "dense" at --dense-seq-lens (128K): the Llama config without a window. Anchor:
   attn_implementation="sdpa" (dense causal); ours: hf.register("longnet", --segments, --rates).
   Reported: the tokens/s ratio and both peak memories (different math: LongNet is sparse).
@@ -96,12 +96,7 @@ def attn_implementation(args: argparse.Namespace, case: Case) -> str:
     from dilated_attention_pytorch import hf
 
     if case.attention == "block_sparse":
-        return hf.register(
-            "block_sparse",
-            pattern="local_window",
-            pattern_options={"window": args.window},
-            block_size=args.block_size,
-        )
+        return hf.register("block_sparse")  # no layout options: the config's token-exact window
     return hf.register("longnet", segment_lengths=args.segments, dilation_rates=args.rates)
 
 
@@ -176,6 +171,10 @@ def measure(args: argparse.Namespace, case: Case, device: torch.device, dtype: t
             from attn_core import last_backend
 
             row["backend"] = last_backend()
+        elif case.attention == "block_sparse":
+            from attn_sparse import last_backend as sparse_backend
+
+            row["backend"] = sparse_backend()
     except torch.OutOfMemoryError as exc:
         row["status"] = f"out of memory: {str(exc).splitlines()[0]}"
     except ValueError as exc:
@@ -225,6 +224,8 @@ def comparisons(rows: list[dict]) -> list[dict]:
 def environment(args: argparse.Namespace, device: torch.device) -> dict:
     import transformers
 
+    from attn_sparse.api import DERIVED_BLOCK_SIZE
+
     settings = dict(
         dtype=args.dtype,
         batch=args.batch,
@@ -235,7 +236,7 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict:
         layers=args.layers,
         vocab=args.vocab,
         window=args.window,
-        block_size=args.block_size,
+        derived_block_size=list(DERIVED_BLOCK_SIZE),
         segments=args.segments,
         rates=args.rates,
         warmup=args.warmup,
@@ -296,9 +297,9 @@ def write_report(result: dict, out: Path) -> Path:
         f"vocab {env['vocab']}; random weights. Step = forward + loss + backward + AdamW; median of {env['steps']} "
         f"timed steps after {env['warmup']} warm-up steps; peak = max GPU memory allocated over the steps.",
         "",
-        f"window: sliding window {env['window']} tokens (config sliding_window), block_sparse local_window "
-        f"(blocks {env['block_size']}) vs flex_attention. dense: longnet segments {env['segments']}, rates "
-        f"{env['rates']} vs sdpa (dense causal; different math, LongNet is sparse).",
+        f"window: sliding window {env['window']} tokens (config sliding_window, token-exact in both), block_sparse "
+        f"with tiles derived from the window (blocks {env['derived_block_size']}) vs flex_attention. dense: longnet "
+        f"segments {env['segments']}, rates {env['rates']} vs sdpa (dense causal; different math, LongNet is sparse).",
         "",
         "| comparison | N | attention | status | step ms | tokens/s | peak GiB | loss first -> last |",
         "|---|---|---|---|---|---|---|---|",
@@ -378,7 +379,6 @@ SMOKE = dict(
     seq_lens=[512],
     dense_seq_lens=[512],
     window=128,
-    block_size=64,
     segments=[128, 256, 512],
     rates=[1, 2, 4],
     warmup=1,
@@ -392,7 +392,6 @@ def main() -> int:
     ap.add_argument("--seq-lens", type=_ints, default=[32768, 131072], help="window comparison lengths")
     ap.add_argument("--dense-seq-lens", type=_ints, default=[131072], help="longnet vs sdpa lengths")
     ap.add_argument("--window", type=int, default=4096)
-    ap.add_argument("--block-size", type=int, default=128, help="block_sparse layout blocks")
     ap.add_argument("--segments", type=_ints, default=[2048, 4096, 8192, 16384, 32768])
     ap.add_argument("--rates", type=_ints, default=[1, 2, 4, 8, 16])
     ap.add_argument("--hidden", type=int, default=2048)

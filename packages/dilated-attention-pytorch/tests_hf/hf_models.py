@@ -10,6 +10,7 @@ import torch
 from transformers import (
     AttentionInterface,
     AttentionMaskInterface,
+    DataCollatorWithFlattening,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -78,6 +79,52 @@ def run(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.T
     out.loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
     return out.logits.detach(), grads
+
+
+def compare_to(
+    model: torch.nn.Module,
+    name: str,
+    batch: dict[str, torch.Tensor],
+    ref_impl: str,
+    base_impl: str | None = None,
+    scaling: float | None = None,
+) -> dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """run() of ``model`` as "ref" (``ref_impl``, float64), "base" (``base_impl`` or ``ref_impl``,
+    float32) and "ours" (``name``, float32); ``scaling`` overrides every layer's softmax scale."""
+    models = {
+        "ref": copy_model(model, ref_impl, torch.float64),
+        "base": copy_model(model, base_impl or ref_impl, torch.float32),
+        "ours": copy_model(model, name, torch.float32),
+    }
+    if scaling is not None:  # a softmax scale other than 1/sqrt(D) must reach the kernels
+        for m in models.values():
+            for layer in m.model.layers:
+                layer.self_attn.scaling = scaling
+    return {key: run(m, batch) for key, m in models.items()}
+
+
+def packed_batch(lengths: list[int], seed: int = 2, flash_kwargs: bool = False) -> tuple[dict, list[torch.Tensor]]:
+    """Documents of ``lengths`` random tokens packed into one row by transformers' DataCollatorWithFlattening
+    (input_ids, labels, position_ids restarting per document; with ``flash_kwargs`` also cu_seq_lens_q/k and
+    max_length_q/k), and the documents themselves (1-D)."""
+    gen = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(0, VOCAB, (n,), generator=gen) for n in lengths]
+    collate = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)
+    return collate([{"input_ids": d.tolist()} for d in docs]), docs
+
+
+def run_documents(model: torch.nn.Module, docs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Each document run alone: their logits concatenated (1, N, V) and every parameter's gradient of the
+    packed batch's loss (the mean over all predicted tokens, so each document's mean weighs by its count)."""
+    model.zero_grad(set_to_none=True)
+    total = sum(d.numel() - 1 for d in docs)
+    logits = []
+    for d in docs:
+        out = model(input_ids=d[None], labels=d[None], use_cache=False)
+        (out.loss * (d.numel() - 1) / total).backward()
+        logits.append(out.logits.detach())
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return torch.cat(logits, dim=1), grads
 
 
 def assert_matches(

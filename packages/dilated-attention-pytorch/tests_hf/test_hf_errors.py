@@ -14,6 +14,7 @@ from hf_models import copy_model, make_model, padded_batch
 from transformers import AttentionInterface
 
 import attn_sparse
+from attn_core import reference
 from dilated_attention_pytorch import hf
 from dilated_attention_pytorch.hf import PaddingMask
 
@@ -40,11 +41,13 @@ def world1(tmp_path: Path) -> Iterator[None]:
         ("longnet", {**LONGNET, "head_mode": "some"}, ValueError, "head_mode"),
         ("longnet", {**LONGNET, "backend": "cuda"}, ValueError, "backend"),
         ("block_sparse", {"pattern": "diagonal"}, ValueError, "pattern must be one of"),
-        ("block_sparse", {"pattern_options": {"seq_len": 4}}, ValueError, "seq_len"),
-        ("block_sparse", {"pattern_options": [1]}, TypeError, "pattern_options must be a dict"),
+        ("block_sparse", {"pattern": "local_window", "pattern_options": {"seq_len": 4}}, ValueError, "seq_len"),
+        ("block_sparse", {"pattern": "causal", "pattern_options": [1]}, TypeError, "pattern_options must be a dict"),
         ("block_sparse", {"pattern": "local_window", "pattern_options": {"width": 4}}, TypeError, "width"),
         ("block_sparse", {"pattern": "local_window", "pattern_options": {"window": -1}}, ValueError, "window"),
-        ("block_sparse", {"block_size": 24}, ValueError, "powers of two"),
+        ("block_sparse", {"pattern": "causal", "block_size": 24}, ValueError, "powers of two"),
+        ("block_sparse", {"block_size": 64}, TypeError, "give pattern"),  # nothing for it to shape
+        ("block_sparse", {"pattern_options": {"window": 2}}, TypeError, "give pattern"),
         ("block_sparse", {"layout": "causal"}, TypeError, "BlockLayout"),
         ("block_sparse", {"layout": attn_sparse.causal(32, block_size=16), "pattern": "causal"}, TypeError, "either"),
         ("ring", {"group": 0}, TypeError, "ProcessGroup"),
@@ -76,20 +79,22 @@ def test_without_transformers_import_works_and_register_names_the_extra(monkeypa
         hf.register("longnet", **LONGNET)
 
 
-@pytest.mark.parametrize("kind", ["longnet", "block_sparse"])
-def test_mistral_sliding_window_is_refused(kind: str) -> None:
-    name = hf.register(kind, **(LONGNET if kind == "longnet" else {"block_size": 16}))
+def test_longnet_refuses_windows_it_cannot_apply() -> None:
+    name = hf.register("longnet", **LONGNET)
     model = copy_model(make_model("mistral", sliding_window=8), name, torch.float32)
-    with pytest.raises(ValueError, match="token-exact windows are not supported yet"):
+    with pytest.raises(ValueError, match=r"window_size=\(7, 0\) over 24 tokens.*register 'block_sparse'"):
         model(**padded_batch("none"))
+    # a window that covers the whole sequence masks nothing: the model runs
+    wide = copy_model(make_model("mistral", sliding_window=24), name, torch.float32)
+    assert torch.isfinite(wide(**padded_batch("left")).logits).all()
 
 
-def test_qwen2_sliding_layers_are_refused_and_full_layers_run() -> None:
-    name = hf.register("block_sparse", block_size=16)
+def test_qwen2_sliding_layers_are_refused_by_longnet_and_full_layers_run() -> None:
+    name = hf.register("longnet", **LONGNET)
     sliding = copy_model(
         make_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1), name, torch.float32
     )
-    with pytest.raises(ValueError, match="token-exact windows are not supported yet"):
+    with pytest.raises(ValueError, match="sliding window"):
         sliding(**padded_batch("none"))
     # use_sliding_window with every layer below max_window_layers has no sliding layer: exact, runs
     full = copy_model(
@@ -98,20 +103,57 @@ def test_qwen2_sliding_layers_are_refused_and_full_layers_run() -> None:
     assert torch.isfinite(full(**padded_batch("left")).logits).all()
 
 
-def test_packed_sequences_are_refused() -> None:
-    model = copy_model(make_model("llama"), hf.register("longnet", **LONGNET), torch.float32)
+def _packed_ids() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids (1, 24), position_ids of documents of 10 and 14 tokens, their cu_seq_lens."""
     ids = padded_batch("none", batch=1)["input_ids"]
-    packed = torch.cat([torch.arange(10), torch.arange(14)])[None]
-    with pytest.raises(ValueError, match="packed sequences"):
-        model(input_ids=ids, position_ids=packed)
-    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
-    with pytest.raises(ValueError, match="packed sequences"):
-        model(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=14, max_length_k=14)
-    assert torch.isfinite(model(input_ids=ids, position_ids=torch.arange(24)[None]).logits).all()
+    return ids, torch.cat([torch.arange(10), torch.arange(14)])[None], torch.tensor([0, 10, 24], dtype=torch.int32)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "match"),
+    [
+        # two packed rows: documents must sit in one row
+        ({"input_ids": "ids2", "position_ids": "pos2", "use_cache": False}, r"B == 1.*got B=2"),
+        ({"input_ids": "ids2", "cu_seq_lens_q": "cu", "cu_seq_lens_k": "cu"}, "one row.*B=2"),
+        # with a KV cache transformers' mask does not separate documents: nothing is guessed
+        ({"position_ids": "pos"}, "use_cache=False"),
+        ({"position_ids": "pos", "cu_seq_lens_q": "cu", "cu_seq_lens_k": "cu_other"}, "differ"),
+        ({"position_ids": "pos", "cu_seq_lens_q": "cu_other", "cu_seq_lens_k": "cu_other"}, r"\[0, 12, 24\].*differ"),
+        ({"cu_seq_lens_q": "cu"}, "cu_seq_lens_k must be"),
+        ({"cu_seq_lens_q": "cu_float", "cu_seq_lens_k": "cu_float"}, "integer tensor"),
+        ({"cu_seq_lens_q": "cu_short", "cu_seq_lens_k": "cu_short"}, "cu_seq_lens_q/k: .*24"),
+        ({"cu_seq_lens_q": "cu_long", "cu_seq_lens_k": "cu_long"}, r"must lie in \[0, 24\]"),
+    ],
+)
+def test_packed_sequences_that_cannot_be_computed_exactly_are_refused(inputs: dict, match: str) -> None:
+    model = copy_model(make_model("llama"), hf.register("longnet", **LONGNET), torch.float32)
+    ids, pos, cu = _packed_ids()
+    values = {
+        "ids2": ids.expand(2, -1),
+        "pos2": pos.expand(2, -1),
+        "pos": pos,
+        "cu": cu,
+        "cu_other": torch.tensor([0, 12, 24], dtype=torch.int32),
+        "cu_float": cu.float(),
+        "cu_short": torch.tensor([0, 10, 20], dtype=torch.int32),
+        "cu_long": torch.tensor([0, 10, 2**32 + 24]),
+    }
+    kwargs = {"input_ids": ids, **{k: values.get(v, v) if isinstance(v, str) else v for k, v in inputs.items()}}
+    with pytest.raises(ValueError, match=match):
+        model(**kwargs)
+
+
+def test_packed_position_ids_with_an_attention_mask_are_one_sequence_as_in_transformers() -> None:
+    # transformers reads restarting position_ids as packed only without a 2-d attention_mask
+    ids, pos, _ = _packed_ids()
+    model = make_model("llama")
+    ours = copy_model(model, hf.register("longnet", segment_lengths=[32], dilation_rates=[1]), torch.float64)
+    batch = {"input_ids": ids, "position_ids": pos, "attention_mask": torch.ones_like(ids), "use_cache": False}
+    torch.testing.assert_close(ours(**batch).logits, copy_model(model, "sdpa", torch.float64)(**batch).logits)
 
 
 def test_unsupported_requests_are_refused() -> None:
-    name = hf.register("block_sparse", block_size=16)
+    name = hf.register("block_sparse")
     model = copy_model(make_model("llama", attention_dropout=0.1), name, torch.float32)
     batch = padded_batch("right")
     with pytest.raises(ValueError, match="output_attentions"):
@@ -139,6 +181,26 @@ def test_attention_function_refuses_softcap_bias_and_conflicting_causality() -> 
         fn(module, q, k, v, None, position_bias=torch.zeros(1, 4, 16, 16))
     with pytest.raises(ValueError, match="is_causal=True"):
         fn(module, q, k, v, PaddingMask(None, is_causal=False, exact=True), is_causal=True)
+    with pytest.raises(ValueError, match="beyond causal"):  # a mask rule the mask function did not recognise
+        fn(module, q, k, v, PaddingMask(None, is_causal=True, exact=False))
+
+
+def test_attention_function_without_a_mask_reads_the_layer_window() -> None:
+    # no mask from transformers: a causal layer's sliding_window W keeps q - W < k <= q, as every
+    # transformers path does; a bidirectional one is ambiguous there (its masks and flash differ)
+    fn = AttentionInterface()[hf.register("block_sparse")]
+    module = torch.nn.Module()
+    q = torch.randn(1, 4, 16, 8, dtype=torch.float64)
+    k = v = torch.randn(1, 2, 16, 8, dtype=torch.float64)
+    out, _ = fn(module, q, k, v, None, sliding_window=5)
+    expected, _ = reference.dense_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, window_size=(4, 0)
+    )
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(ValueError, match="ambiguous"):
+        fn(module, q, k, v, None, sliding_window=5, is_causal=False)
+    with pytest.raises(ValueError, match="sliding_window must be an int"):
+        fn(module, q, k, v, None, sliding_window=0)
 
 
 def test_ring_refuses_padding_and_dropout(world1: None) -> None:
@@ -153,6 +215,22 @@ def test_ring_refuses_padding_and_dropout(world1: None) -> None:
         layer.self_attn.attention_dropout = 0.1
     with pytest.raises(ValueError, match="dropout"):
         model.train()(**batch)
+
+
+@pytest.mark.parametrize("kind", ["ring", "ring_dilated"])
+def test_ring_kinds_refuse_windows_and_packed_sequences(kind: str, world1: None) -> None:
+    name = hf.register(kind, **({} if kind == "ring" else LONGNET))
+    sliding = copy_model(make_model("mistral", sliding_window=8), name, torch.float32)
+    with pytest.raises(ValueError, match=r"sliding window.*cannot apply"):
+        sliding(
+            **hf.shard_batch(padded_batch("none")["input_ids"], layout="zigzag" if kind == "ring" else "contiguous")
+        )
+    model = copy_model(make_model("llama"), name, torch.float32)
+    ids, pos, cu = _packed_ids()
+    with pytest.raises(ValueError, match=f"packed sequences .* not supported by '{kind}'"):
+        model(input_ids=ids, position_ids=pos, use_cache=False)
+    with pytest.raises(ValueError, match=f"packed sequences .* not supported by '{kind}'"):
+        model(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
 
 
 def test_ring_helpers_validate_and_need_a_process_group() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import assert_matches, copy_model, make_model, padded_batch, register_reference, run
+from hf_models import assert_matches, compare_to, copy_model, make_model, padded_batch, register_reference, run
 
 import attn_sparse
 from attn_core import reference
@@ -20,23 +20,12 @@ DENSE_KINDS = {
     # one segment >= N, rate 1: dense
     "longnet": ("longnet", {"segment_lengths": [32], "dilation_rates": [1]}),
     "longnet_split": ("longnet", {"segment_lengths": [32, 64], "dilation_rates": [1, 1], "head_mode": "split"}),
+    # no layout options: the tiles follow the model's (causal) mask
+    "block_sparse_masks": ("block_sparse", {}),
     # every tile on or below the diagonal, built per sequence length or given fixed
     "block_sparse": ("block_sparse", {"pattern": "causal", "block_size": 16}),
     "block_sparse_layout": ("block_sparse", {"layout": attn_sparse.causal(24, block_size=16)}),
 }
-
-
-def _compare_to(model, name, batch, ref_impl, base_impl=None, scaling=None):
-    models = {
-        "ref": copy_model(model, ref_impl, torch.float64),
-        "base": copy_model(model, base_impl or ref_impl, torch.float32),
-        "ours": copy_model(model, name, torch.float32),
-    }
-    if scaling is not None:  # a softmax scale other than 1/sqrt(D) must reach the kernels
-        for m in models.values():
-            for layer in m.model.layers:
-                layer.self_attn.scaling = scaling
-    return {key: run(m, batch) for key, m in models.items()}
 
 
 @pytest.mark.parametrize("label", list(DENSE_KINDS))
@@ -45,7 +34,7 @@ def test_dense_equivalent_configs_match_sdpa(label: str, padding: str) -> None:
     kind, options = DENSE_KINDS[label]
     name = hf.register(kind, **options)
     batch = padded_batch(padding)
-    res = _compare_to(make_model("llama"), name, batch, "sdpa")
+    res = compare_to(make_model("llama"), name, batch, "sdpa")
     keep = batch["attention_mask"].bool()
     assert_matches(f"{label}/{padding}", res["ours"], res["ref"], res["base"], keep)
 
@@ -54,7 +43,7 @@ def test_dense_equivalent_configs_match_sdpa(label: str, padding: str) -> None:
 def test_other_families_and_custom_scaling(family: str, padding: str) -> None:
     name = hf.register("longnet", segment_lengths=[32], dilation_rates=[1])
     batch = padded_batch(padding)
-    res = _compare_to(make_model(family, seed=3), name, batch, "sdpa", scaling=0.29)
+    res = compare_to(make_model(family, seed=3), name, batch, "sdpa", scaling=0.29)
     assert_matches(family, res["ours"], res["ref"], res["base"], batch["attention_mask"].bool())
 
 
@@ -84,7 +73,7 @@ def test_sparse_configs_match_reference(kind, options, weights, padding: str) ->
     name = hf.register(kind, **options)
     ref_name = register_reference(f"test_ref_{kind}", weights)
     batch = padded_batch(padding, seq_len=40)
-    res = _compare_to(make_model("llama", seed=5), name, batch, ref_name)
+    res = compare_to(make_model("llama", seed=5), name, batch, ref_name)
     assert_matches(f"{kind}/{padding}", res["ours"], res["ref"], res["base"], batch["attention_mask"].bool())
 
 
@@ -130,16 +119,18 @@ def test_attn_implementation_at_construction_and_longnet_dropout() -> None:
     assert torch.equal(built(**batch).logits, built(**batch).logits)  # and not in eval
 
 
-@pytest.mark.parametrize("kind", ["longnet", "block_sparse"])
-def test_bidirectional_config_runs_bidirectional(kind: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [
+        ("longnet", DENSE_KINDS["longnet"][1]),
+        ("block_sparse", {"pattern": "local_window", "pattern_options": {"window": 64}, "block_size": 16}),
+        ("block_sparse", {}),  # no layout options and no mask to derive tiles from: every key
+    ],
+)
+def test_bidirectional_config_runs_bidirectional(kind: str, options: dict) -> None:
     # config.is_causal=False makes transformers build a bidirectional mask; with padding its sdpa path
     # honours it (without padding sdpa falls back to the layer's causal flag, so the batch is padded)
-    options = (
-        DENSE_KINDS[kind][1]
-        if kind == "longnet"
-        else {"pattern": "local_window", "pattern_options": {"window": 64}, "block_size": 16}
-    )
     name = hf.register(kind, **options)
     batch = padded_batch("right")
-    res = _compare_to(make_model("llama", is_causal=False), name, batch, "sdpa")
+    res = compare_to(make_model("llama", is_causal=False), name, batch, "sdpa")
     assert_matches(f"bidirectional {kind}", res["ours"], res["ref"], res["base"], batch["attention_mask"].bool())

@@ -12,11 +12,13 @@
 
 - ``"longnet"``: :func:`attn_core.dilated_attention`; options ``segment_lengths``,
   ``dilation_rates``, ``head_mode`` ("all"), ``backend`` ("auto").
-- ``"block_sparse"``: :func:`attn_sparse.block_sparse_attention`; either ``layout`` (a fixed
-  :class:`attn_sparse.BlockLayout`) or ``pattern`` (a name in :data:`attn_sparse.PATTERNS`, default
-  "causal": every tile on or below the diagonal, i.e. dense causal attention) with
-  ``pattern_options`` (the pattern's keywords besides seq_len) and ``block_size`` (128); ``backend``.
-  Layouts built from a pattern are cached per sequence length.
+- ``"block_sparse"``: :func:`attn_sparse.block_sparse_attention`. With no layout options it follows
+  the model's masks exactly: causal (or bidirectional), the config's sliding window (Mistral,
+  Qwen2's sliding layers) and packed documents, with the tiles derived from them. ``layout`` (a
+  fixed :class:`attn_sparse.BlockLayout`) or ``pattern`` (a name in :data:`attn_sparse.PATTERNS`)
+  with ``pattern_options`` (the pattern's keywords besides seq_len) and ``block_size`` (128) adds
+  a sparsity pattern, intersected with those masks (layouts built from a pattern are cached per
+  sequence length); ``backend``.
 - ``"ring"``: :func:`attn_ring.ring_attention` over ``group`` (None: the default group) with
   ``layout`` "zigzag" (default; balances causal work) or "contiguous".
 - ``"ring_dilated"``: :func:`attn_ring.ring_dilated_attention` over ``group``; options as for
@@ -27,11 +29,16 @@ For the ring kinds every rank holds one shard of each sequence: :func:`shard_bat
 
 What transformers passes is honoured exactly: causal or bidirectional masks, padding (left or
 right: a 2-d attention_mask becomes ``key_padding_mask``; padded query rows give 0, never NaN),
-GQA (K/V heads are not repeated), ``scaling`` and (longnet only) attention dropout. What the
-kernels cannot compute exactly raises ValueError naming it: token-exact sliding windows
-(Mistral, Qwen2 with use_sliding_window), packed sequences (position_ids that restart,
-cu_seq_lens), softcapping, attention sinks, position biases, output_attentions, custom 4-d masks
-and decoding with a KV cache (query length != key length).
+GQA (K/V heads are not repeated), ``scaling`` and (longnet only) attention dropout.
+Token-exact sliding windows as transformers' sdpa/eager masks apply them (causal: q - W < k <= q,
+i.e. ``window_size=(W - 1, 0)``) run on "block_sparse". Packed sequences run on "longnet" and
+"block_sparse" as each document run alone: one row (B == 1) whose position_ids restart (as
+DataCollatorWithFlattening gives; transformers separates them when the model runs without a KV
+cache, e.g. use_cache=False or under Trainer) and/or the flash-attention keywords
+``cu_seq_lens_q``/``cu_seq_lens_k``. What a kind cannot compute exactly raises ValueError naming it:
+windows on "longnet" and the ring kinds, packed sequences on the ring kinds or with B > 1,
+softcapping, attention sinks, position biases, output_attentions, custom 4-d masks, mask overlays
+(chunked attention, image-token blocks) and decoding with a KV cache (query length != key length).
 """
 
 from __future__ import annotations
@@ -47,7 +54,8 @@ import torch
 
 from attn_core.config import DilatedConfig
 
-from .attention import PaddingMask, check_dropout_free, make_mask_function, prepare_call, transformers_module
+from .attention import AttentionCall, check_dropout_free, prepare_call
+from .masks import PaddingMask, make_mask_function, transformers_module
 from .ring import gather_logits, reduce_loss, shard_batch, sync_gradients
 
 __all__ = [
@@ -69,11 +77,12 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "ring_dilated": ("segment_lengths", "dilation_rates", "head_mode", "group"),
 }
 
-# (q (B, N, H, D), k, v (B, N, Hkv, D), key_padding_mask (B, N) | None, is_causal, scale, dropout,
-#  position_ids (B or 1, N) | None) -> (B, N, H, D)
-Compute = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", bool, "float | None", float, Any], Any
-]
+# kinds that compute token-exact sliding windows / packed documents (cu_seqlens)
+_WINDOW_KINDS = ("block_sparse",)
+_DOCUMENT_KINDS = ("longnet", "block_sparse")
+
+# (call, softmax scale, dropout, position_ids (B or 1, N) | None) -> (B, N, H, D)
+Compute = Callable[[AttentionCall, "float | None", float, Any], torch.Tensor]
 
 
 def _require(module: str, extra: str) -> Any:
@@ -101,18 +110,19 @@ def _longnet(options: dict[str, Any]) -> Compute:
     cfg = _dilated_options("longnet", options)
     backend = _check_backend("longnet", options.get("backend", "auto"), attn_core.BACKENDS)
 
-    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout, position_ids):
+    def compute(call, scale, dropout, position_ids):
         return attn_core.dilated_attention(
-            q,
-            k,
-            v,
+            call.q,
+            call.k,
+            call.v,
             cfg.segment_lengths,
             cfg.dilation_rates,
-            is_causal=is_causal,
-            key_padding_mask=key_padding_mask,
+            is_causal=call.is_causal,
+            key_padding_mask=call.key_padding_mask,
             softmax_scale=scale,
             dropout_p=dropout,
             head_mode=cfg.head_mode,
+            cu_seqlens=call.cu_seqlens,
             backend=backend,
         )
 
@@ -123,14 +133,15 @@ def _block_sparse(options: dict[str, Any]) -> Compute:
     attn_sparse = _require("attn_sparse", "sparse")
     backend = _check_backend("block_sparse", options.get("backend", "auto"), attn_sparse.BACKENDS)
     fixed = options.get("layout")
+    pattern = options.get("pattern")
+    cache = attn_sparse.LayoutCache()
     if fixed is not None:
         if not isinstance(fixed, attn_sparse.BlockLayout):
             raise TypeError(f"block_sparse: layout must be an attn_sparse.BlockLayout, got {type(fixed).__name__}")
         extra = [name for name in ("pattern", "pattern_options", "block_size") if name in options]
         if extra:
             raise TypeError(f"block_sparse: give either layout or pattern options, not both (also got {extra})")
-    else:
-        pattern = options.get("pattern", "causal")
+    elif pattern is not None:
         if not isinstance(pattern, str) or pattern not in attn_sparse.PATTERNS:
             raise ValueError(f"block_sparse: pattern must be one of {sorted(attn_sparse.PATTERNS)}, got {pattern!r}")
         pattern_options = options.get("pattern_options", {})
@@ -140,22 +151,38 @@ def _block_sparse(options: dict[str, Any]) -> Compute:
         if reserved:
             raise ValueError(f"block_sparse: pattern_options must not set {reserved} (they come from the call)")
         block_size = list(attn_sparse.layout.check_block_size(options.get("block_size", 128)))
-        cache = attn_sparse.LayoutCache()
         # a trial build names a wrong keyword or value now rather than at the first forward
         cache.get(pattern, seq_len=2 * max(block_size), block_size=block_size, **pattern_options)
+    else:
+        stray = [name for name in ("pattern_options", "block_size") if name in options]
+        if stray:
+            raise TypeError(
+                f"block_sparse: {stray} shape a pattern's layout; give pattern=... too (one of "
+                f"{sorted(attn_sparse.PATTERNS)}), or neither to follow the model's masks"
+            )
 
-    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout, position_ids):
+    def compute(call, scale, dropout, position_ids):
         check_dropout_free("block_sparse", dropout)
-        layout = fixed
-        if layout is None:
-            layout = cache.get(pattern, seq_len=q.shape[1], block_size=block_size, **pattern_options)
+        n = call.q.shape[1]
+        if fixed is not None:
+            layout = fixed
+        elif pattern is not None:
+            layout = cache.get(pattern, seq_len=n, block_size=block_size, **pattern_options)
+        elif call.is_causal or call.window_size is not None or call.cu_seqlens is not None:
+            layout = None  # the tiles follow the masks (attn_sparse derives and caches them)
+        else:
+            # bidirectional with no window and no documents: every key, as the model asks
+            block = list(attn_sparse.api.DERIVED_BLOCK_SIZE)
+            layout = cache.get("local_window", seq_len=n, window=n, block_size=block)
         return attn_sparse.block_sparse_attention(
-            q,
-            k,
-            v,
+            call.q,
+            call.k,
+            call.v,
             layout,
-            is_causal=is_causal,
-            key_padding_mask=key_padding_mask,
+            is_causal=call.is_causal,
+            window_size=call.window_size,
+            cu_seqlens=call.cu_seqlens,
+            key_padding_mask=call.key_padding_mask,
             softmax_scale=scale,
             backend=backend,
         )
@@ -194,15 +221,17 @@ def _ring(options: dict[str, Any]) -> Compute:
     group = _check_group("ring", options.get("group"))
     layout = attn_ring.sharding.check_layout(options.get("layout", "zigzag"))
 
-    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout, position_ids):
+    def compute(call, scale, dropout, position_ids):
         check_dropout_free("ring", dropout)
-        _check_ring_positions("ring", position_ids, q.shape[1], group, layout)
-        if key_padding_mask is not None:
+        _check_ring_positions("ring", position_ids, call.q.shape[1], group, layout)
+        if call.key_padding_mask is not None:
             raise ValueError(
-                "ring: ring attention takes no padding mask and this batch has padding; pack sequences to full "
+                "ring: ring attention takes no padding mask and this batch has padding; fill every row to full "
                 "length without padding, or register 'ring_dilated'"
             )
-        return attn_ring.ring_attention(q, k, v, group=group, is_causal=is_causal, layout=layout, softmax_scale=scale)
+        return attn_ring.ring_attention(
+            call.q, call.k, call.v, group=group, is_causal=call.is_causal, layout=layout, softmax_scale=scale
+        )
 
     return compute
 
@@ -212,9 +241,10 @@ def _ring_dilated(options: dict[str, Any]) -> Compute:
     cfg = _dilated_options("ring_dilated", options)
     group = _check_group("ring_dilated", options.get("group"))
 
-    def compute(q, k, v, key_padding_mask, is_causal, scale, dropout, position_ids):
+    def compute(call, scale, dropout, position_ids):
         check_dropout_free("ring_dilated", dropout)
-        _check_ring_positions("ring_dilated", position_ids, q.shape[1], group, "contiguous")
+        _check_ring_positions("ring_dilated", position_ids, call.q.shape[1], group, "contiguous")
+        q, k, v, key_padding_mask = call.q, call.k, call.v, call.key_padding_mask
         if key_padding_mask is None:
             # every rank must pass a mask or none (checked by the ring's handshake), and padding may sit
             # on some ranks' shards only: always pass one
@@ -226,7 +256,7 @@ def _ring_dilated(options: dict[str, Any]) -> Compute:
             cfg.segment_lengths,
             cfg.dilation_rates,
             group=group,
-            is_causal=is_causal,
+            is_causal=call.is_causal,
             key_padding_mask=key_padding_mask,
             softmax_scale=scale,
             head_mode=cfg.head_mode,
@@ -288,11 +318,19 @@ def register(kind: str, **options: Any) -> str:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         """transformers' attention contract: query (B, H, N, D), key/value (B, Hkv, N, D) -> ((B, N, H, D), None)."""
-        q, k, v, key_padding_mask, causal = prepare_call(
-            kind, module, query, key, value, attention_mask, is_causal, kwargs
+        call = prepare_call(
+            kind,
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            is_causal,
+            kwargs,
+            windows=kind in _WINDOW_KINDS,
+            documents=kind in _DOCUMENT_KINDS,
         )
-        out = compute(q, k, v, key_padding_mask, causal, scaling, float(dropout), kwargs.get("position_ids"))
-        return out, None
+        return compute(call, scaling, float(dropout), kwargs.get("position_ids")), None
 
     name = _name(kind, options)
     transformers.AttentionInterface.register(name, attention)
