@@ -116,7 +116,9 @@ def sparse_cases() -> dict[str, Callable[[], object]]:
 
         def via_op() -> torch.Tensor:
             csr = CSR.from_layout(layout)
-            out: torch.Tensor = op.forward_op(q, k, v, *op.encode(csr, KernelMask.causal(False, 64, 64), 0.25, default_config((16, 16))))[0]
+            out: torch.Tensor = op.forward_op(
+                q, k, v, *op.encode(csr, KernelMask.causal(False, 64, 64), 0.25, default_config((16, 16)))
+            )[0]
             return out
 
         cases["block_sparse fwd+bwd, kernels through the custom op (stand-in kernels)"] = lambda: torch.autograd.grad(
