@@ -5,12 +5,18 @@ Each rank holds a shard of q, k, v along the sequence (layout "contiguous" or "z
 step s rank r computes its queries against the block of rank (r - s) mod W while the next block
 is already in flight, and merges the partial (out, lse) by LSE in fp32 (attn_core.merge).
 
-Which (query rows, key rows) a step computes (c = n / 2 for zigzag; src = the block's owner):
-- not causal: everything, either layout.
-- contiguous, causal: src < r all x all; src == r causal; src > r nothing (the block is passed on).
-- zigzag, causal: rank r holds chunks r and 2W-1-r. src == r: causal over the shard (its two
-  chunks are in order); src < r: all queries x the block's first chunk; src > r: the shard's
-  second chunk x the whole block. Every step is n*c pairs: the causal work is balanced.
+Which (query rows, key rows) a step computes: :func:`attn_ring.ring_schedule.ring_step_blocks`
+(causal: blocks after the queries are skipped; zigzag's steps are all n*c pairs, so the causal
+work is balanced).
+
+Packed documents (``cu_seqlens`` of the whole sequence, B == 1): a query sees only keys of its own
+document. Each step's pieces are cut into the documents their rows share
+(:mod:`attn_ring.ring_packed`) and run as one :func:`attn_core.varlen.varlen_forward` call per
+piece; a step whose rows share no document makes no call (its K/V still travel on). Load balance
+with documents: zigzag balances the causal triangle of the *whole* sequence, which is the work
+when documents are long; with many short documents the work is each document's own triangle,
+spread over the sequence, and is already roughly even across ranks in either layout (zigzag
+then gains little; its steps share fewer documents and skip more).
 
 Backward (exact): a second ring pass. K/V travel again and a dK/dV accumulator travels with its
 block (fp32), one hop behind it so the transfer overlaps the next step's compute; after W steps
@@ -20,7 +26,9 @@ gradients sum exactly to the gradient of the merged output.
 
 The per-step kernels are attn_core.blocks.block_forward / block_backward: the cuDNN path on CUDA
 where it takes the block, the portable math path otherwise (attn_core.blocks.explain_block says
-which). Double backward is not supported: it raises a RuntimeError saying so.
+which); with documents attn_core.varlen.varlen_forward / varlen_backward (flash varlen on CUDA
+fp16/bf16 where it takes the call, else bucketed; attn_core.varlen.explain_varlen). Double
+backward is not supported: it raises a RuntimeError saying so.
 """
 
 from __future__ import annotations
@@ -34,34 +42,17 @@ import torch.distributed as dist
 from attn_core.blocks import acc_dtype, block_backward, block_forward
 from attn_core.first_order import first_order_only, second_order_error
 from attn_core.merge import merge_into_
-from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
+from attn_core.validation import check_bool, check_cu_seqlens, check_qkv, resolve_softmax_scale
 
 from .comm import DEFAULT_TIMEOUT_S, BufferProvider, RingComm, check_timeout, config_hash, dtype_code
+from .ring_packed import PackedBlock, packed_backward, packed_forward, packed_ring_plan
+from .ring_schedule import StepBlock, ring_step_blocks  # StepBlock: re-exported
 from .sharding import check_layout, check_shard_len
+from .ulysses import packed_documents_code
 
-__all__ = ["ring_attention", "ring_step_blocks"]
-
-# (query rows, key rows, causal) with rows as half-open ranges into the local shard / the block
-StepBlock = tuple[tuple[int, int], tuple[int, int], bool]
+__all__ = ["StepBlock", "ring_attention", "ring_step_blocks"]
 
 LAYOUT_CODES = {"contiguous": 1, "zigzag": 2}
-
-
-def ring_step_blocks(
-    rank: int, src: int, world_size: int, shard_len: int, layout: str, is_causal: bool
-) -> list[StepBlock]:
-    """The (query rows, key rows, causal) pieces rank ``rank`` computes against the block of rank ``src``."""
-    n = shard_len
-    if not is_causal:
-        return [((0, n), (0, n), False)]
-    if src == rank:
-        return [((0, n), (0, n), True)]
-    if layout == "contiguous":
-        return [((0, n), (0, n), False)] if src < rank else []
-    c = n // 2
-    if src < rank:
-        return [((0, n), (0, c), False)]  # both local chunks come after the block's early chunk only
-    return [((c, n), (0, n), False)]  # only the late local chunk sees this block, and all of it
 
 
 @dataclass(frozen=True)
@@ -73,6 +64,8 @@ class _Call:
     timeout_s: float
     overlap: bool
     buffers: BufferProvider | None
+    # with cu_seqlens: per step, this rank's varlen calls (attn_ring.ring_packed); None: dense
+    plan: tuple[tuple[PackedBlock, ...], ...] | None = None
 
 
 def _to_wire(t: torch.Tensor, comm: RingComm) -> torch.Tensor:
@@ -96,11 +89,17 @@ class _RingAttentionFunction(torch.autograd.Function):
                 if pending is not None and not call.overlap:
                     pending.wait()  # serialized mode: the transfer finishes before the compute starts
                 blk = kv.to(q.device)
-                for (q0, q1), (k0, k1), causal in ring_step_blocks(r, (r - step) % W, W, n, call.layout, call.causal):
-                    o, lse = block_forward(
-                        q[:, q0:q1], blk[0, :, k0:k1], blk[1, :, k0:k1], is_causal=causal, softmax_scale=call.scale
-                    )
-                    merge_into_(out_acc[:, q0:q1], lse_acc[:, :, q0:q1], o, lse)
+                if call.plan is not None:
+                    for block in call.plan[step]:  # none: the rows share no document, nothing to compute
+                        packed_forward(q, blk, block, call.scale, out_acc, lse_acc)
+                else:
+                    for (q0, q1), (k0, k1), causal in ring_step_blocks(
+                        r, (r - step) % W, W, n, call.layout, call.causal
+                    ):
+                        o, lse = block_forward(
+                            q[:, q0:q1], blk[0, :, k0:k1], blk[1, :, k0:k1], is_causal=causal, softmax_scale=call.scale
+                        )
+                        merge_into_(out_acc[:, q0:q1], lse_acc[:, :, q0:q1], o, lse)
                 if pending is not None:
                     kv = pending.wait()[0]
         out = out_acc.to(q.dtype)
@@ -147,20 +146,24 @@ def _backward(
             blk = kv.to(q.device)
             # this step's contribution to the travelling block's dK/dV, accumulated in fp32
             dkv = torch.zeros((2, *k.shape), dtype=ad, device=q.device)
-            for (q0, q1), (k0, k1), causal in ring_step_blocks(r, (r - step) % W, W, n, call.layout, call.causal):
-                dq_b, dk_b, dv_b = block_backward(
-                    dout[:, q0:q1],
-                    q[:, q0:q1],
-                    blk[0, :, k0:k1],
-                    blk[1, :, k0:k1],
-                    out[:, q0:q1],
-                    lse[:, :, q0:q1],
-                    is_causal=causal,
-                    softmax_scale=call.scale,
-                )
-                dq[:, q0:q1] += dq_b
-                dkv[0, :, k0:k1] += dk_b
-                dkv[1, :, k0:k1] += dv_b
+            if call.plan is not None:
+                for block in call.plan[step]:  # none: the rows share no document, nothing to compute
+                    packed_backward(dout, q, blk, out, lse, block, call.scale, dq, dkv)
+            else:
+                for (q0, q1), (k0, k1), causal in ring_step_blocks(r, (r - step) % W, W, n, call.layout, call.causal):
+                    dq_b, dk_b, dv_b = block_backward(
+                        dout[:, q0:q1],
+                        q[:, q0:q1],
+                        blk[0, :, k0:k1],
+                        blk[1, :, k0:k1],
+                        out[:, q0:q1],
+                        lse[:, :, q0:q1],
+                        is_causal=causal,
+                        softmax_scale=call.scale,
+                    )
+                    dq[:, q0:q1] += dq_b
+                    dkv[0, :, k0:k1] += dk_b
+                    dkv[1, :, k0:k1] += dv_b
             if pending_dkv is not None:
                 # what the previous ranks accumulated for this block (sent one hop behind it)
                 dkv += pending_dkv.wait()[0].to(q.device)
@@ -186,6 +189,7 @@ def ring_attention(
     is_causal: bool = False,
     layout: str = "contiguous",
     softmax_scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     overlap: bool = True,
     buffers: BufferProvider | None = None,
@@ -198,6 +202,12 @@ def ring_attention(
     aligned in global positions), sharded the same way, with exact gradients for q, k and v.
 
     layout: "contiguous" (any n >= 1) or "zigzag" (n even; balances causal work).
+    cu_seqlens: int32 (num_docs + 1,) offsets of documents packed along the *whole* sequence
+    (B == 1, 0 = c[0] <= ... <= c[-1] = N; the same values on every rank, checked; on q's device
+    or the CPU). A query then sees only keys of its own document (causal: from the document's
+    start), as ``attn_core.reference.dense_attention(..., cu_seqlens=)`` on the gathered
+    sequence. Documents may cross shard boundaries; key blocks sharing no document with the
+    queries are skipped, not computed and masked (see the module docstring for load balance).
     group: the process group (None = world); gloo (CPU tensors) or NCCL (CUDA tensors).
     timeout_s: bound on every wait (gloo); NCCL relies on the process group's timeout.
     overlap: False waits for each transfer before computing (to measure what overlap hides).
@@ -212,6 +222,7 @@ def ring_attention(
     check_layout(layout)
     scale = resolve_softmax_scale(softmax_scale, D)
     timeout = check_timeout(timeout_s)
+    documents = packed_documents_code(cu_seqlens)
     comm = RingComm(group, timeout_s=timeout)
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     comm.handshake(
@@ -225,13 +236,19 @@ def ring_attention(
             "is_causal": int(causal),
             "layout": LAYOUT_CODES[layout],
             "softmax_scale": config_hash(float(scale).hex()),
+            "cu_seqlens": documents,
             "needs_grad": int(wants_grad),
         }
     )
-    # after the handshake every rank has the same n, so every rank raises the same error here
+    # after the handshake every rank has the same n and cu_seqlens, so every rank raises the same error here
     check_shard_len(n, layout)
+    plan = None
+    if cu_seqlens is not None:
+        W = comm.world_size
+        check_cu_seqlens(cu_seqlens, batch=B, seq_len=n * W, device=q.device)
+        plan = packed_ring_plan(cu_seqlens, comm.rank, W, n, layout, causal, q.device)
     if comm.backend == "nccl" and q.device.type != "cuda":
         raise ValueError(f"an NCCL group needs CUDA tensors, got q on {q.device}")
-    call = _Call(group, layout, causal, scale, timeout, ov, buffers)
+    call = _Call(group, layout, causal, scale, timeout, ov, buffers, plan)
     out: torch.Tensor = _RingAttentionFunction.apply(q, k, v, call)
     return out
