@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from attn_core.config import DilatedConfig
-from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
+from attn_core.validation import check_bool, check_cu_seqlens, check_qkv, resolve_softmax_scale
 
 from .alltoall import AllToAllComm
 from .comm import check_timeout, config_hash, dtype_code
@@ -41,6 +41,7 @@ from .ulysses import (
     gather_padding_mask,
     heads_to_sequence,
     kv_heads_on_wire,
+    packed_documents_code,
     repeat_kv_heads,
     sequence_to_heads,
 )
@@ -173,6 +174,7 @@ def hybrid_attention(
     softmax_scale: float | None = None,
     layout: str = "contiguous",
     key_padding_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     segment_lengths: Sequence[int] | None = None,
     dilation_rates: Sequence[int] | None = None,
     head_mode: str = "all",
@@ -187,7 +189,9 @@ def hybrid_attention(
     same positions, with exact gradients.
 
     attention: "dense" (ring attention across ``ring_group``; layout "contiguous" or "zigzag";
-    no key_padding_mask) or "dilated" (ring dilated attention; layout "contiguous";
+    no key_padding_mask; cu_seqlens: int32 (num_docs + 1,) offsets of documents packed along the
+    whole sequence of N tokens, B == 1, the same on every rank: attention within each document,
+    documents may cross any rank's tokens) or "dilated" (ring dilated attention; layout "contiguous";
     segment_lengths, dilation_rates, head_mode "all" or "split"; key_padding_mask (B, n) bool
     allowed). Any rates: all-to-all rank a runs the global heads [a*H/A, (a+1)*H/A) with their
     own offsets and head groups (ring dilated attention's ``head_base``/``total_heads``).
@@ -225,6 +229,7 @@ def hybrid_attention(
     chunks = 2 if layout == "zigzag" else 1
     if n % chunks:
         raise ValueError(f"layout 'zigzag' needs an even number of tokens per rank (two equal pieces), got n={n}")
+    documents = packed_documents_code(cu_seqlens)
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     cfg_sig = None if config is None else (config.segment_lengths, config.dilation_rates, config.head_mode)
     comm.handshake(
@@ -239,18 +244,36 @@ def hybrid_attention(
             "softmax_scale": config_hash(float(scale).hex()),
             "attention": config_hash((attention, layout, cfg_sig, R)),
             "key_padding_mask": int(key_padding_mask is not None),
+            "cu_seqlens": documents,
             "needs_grad": int(wants_grad),
         },
         label="hybrid attention",
     )
     check_heads_split(H, A, "all-to-all group")  # after the handshake: the same verdict on every rank
+    if config is not None and cu_seqlens is not None:
+        raise ValueError(
+            "cu_seqlens is supported by hybrid_attention(attention='dense') only (ring dilated attention does not "
+            "support it yet); use ulysses_attention(attention='dilated', cu_seqlens=...)"
+        )
+    if cu_seqlens is not None:  # before any data moves (ring attention checks it again, cheaply)
+        check_cu_seqlens(cu_seqlens, batch=B, seq_len=n * A * R, device=q.device)
     h = H // A
     k_w, v_w = repeat_kv_heads(k, v, kv_heads_on_wire(H, Hkv, A))
     mask = gather_padding_mask(key_padding_mask, comm, chunks=chunks)
     qh, kh, vh = sequence_to_heads([q, k_w, v_w], comm, chunks=chunks)
     if config is None:
+        # the ring shards after the all-to-all are the ring layout's shards of the whole sequence
+        # (hybrid_positions): the global offsets apply unchanged
         out_h = ring_attention(
-            qh, kh, vh, group=ring_group, is_causal=causal, layout=layout, softmax_scale=scale, timeout_s=timeout
+            qh,
+            kh,
+            vh,
+            group=ring_group,
+            is_causal=causal,
+            layout=layout,
+            softmax_scale=scale,
+            cu_seqlens=cu_seqlens,
+            timeout_s=timeout,
         )
     else:
         out_h = ring_dilated_attention(

@@ -25,8 +25,9 @@ __all__ = ["HybridAttention", "RingAttention", "UlyssesAttention"]
 class RingAttention(nn.Module):
     """Exact attention over a sequence sharded across ``group``; each rank calls it on its shard.
 
-    forward(q (B, n, H, D), k (B, n, Hkv, D), v (B, n, Hkv, D), *, is_causal=False) -> (B, n, H, D),
-    this rank's shard of dense attention over the gathered sequence (see :func:`ring_attention`).
+    forward(q (B, n, H, D), k (B, n, Hkv, D), v (B, n, Hkv, D), *, is_causal=False,
+    cu_seqlens (num_docs + 1,) int32 of the whole packed sequence or None) -> (B, n, H, D), this
+    rank's shard of dense attention over the gathered sequence (see :func:`ring_attention`).
     """
 
     def __init__(
@@ -47,7 +48,15 @@ class RingAttention(nn.Module):
         self.timeout_s = check_timeout(timeout_s)
         self.buffer_provider = buffers
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        is_causal: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return ring_attention(
             q,
             k,
@@ -56,6 +65,7 @@ class RingAttention(nn.Module):
             is_causal=is_causal,
             layout=self.layout,
             softmax_scale=self.softmax_scale,
+            cu_seqlens=cu_seqlens,
             timeout_s=self.timeout_s,
             buffers=self.buffer_provider,
         )
@@ -143,7 +153,8 @@ class HybridAttention(nn.Module):
     """All-to-all inside ``a2a_group``, ring across ``ring_group`` (:func:`attn_ring.hybrid_attention`).
 
     forward(q (B, n, H, D), k (B, n, Hkv, D), v (B, n, Hkv, D), *, is_causal=False,
-    key_padding_mask (B, n) bool or None, dilated only) -> (B, n, H, D): this rank's tokens
+    key_padding_mask (B, n) bool or None, dilated only; cu_seqlens (num_docs + 1,) int32 of the
+    whole packed sequence or None, dense only) -> (B, n, H, D): this rank's tokens
     (see :func:`attn_ring.hybrid_positions`) of the attention over the whole sequence.
     Build the groups with :func:`attn_ring.hybrid_mesh`.
     """
@@ -190,6 +201,7 @@ class HybridAttention(nn.Module):
         *,
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cfg = self.config
         return hybrid_attention(
@@ -203,6 +215,7 @@ class HybridAttention(nn.Module):
             softmax_scale=self.softmax_scale,
             layout=self.layout,
             key_padding_mask=key_padding_mask,
+            cu_seqlens=cu_seqlens,
             segment_lengths=None if cfg is None else cfg.segment_lengths,
             dilation_rates=None if cfg is None else cfg.dilation_rates,
             head_mode="all" if cfg is None else cfg.head_mode,

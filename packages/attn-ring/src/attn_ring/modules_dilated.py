@@ -35,8 +35,9 @@ class RingDilatedAttention(nn.Module):
     """LongNet dilated attention over a sequence sharded across ranks (no parameters).
 
     forward(q (B, n, H, D), k (B, n, Hkv, D), v (B, n, Hkv, D), *, is_causal=False,
-    key_padding_mask (B, n) bool, True = padding) -> (B, n, H, D): this rank's shard of
-    dilated attention over the gathered sequence of n * W tokens.
+    key_padding_mask (B, n) bool, True = padding, cu_seqlens=None) -> (B, n, H, D): this rank's
+    shard of dilated attention over the gathered sequence of n * W tokens. cu_seqlens is passed
+    on to :func:`attn_ring.ring_dilated_attention`, which does not support it yet (ValueError).
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class RingDilatedAttention(nn.Module):
         *,
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return ring_dilated_attention(
             q,
@@ -92,6 +94,7 @@ class RingDilatedAttention(nn.Module):
             key_padding_mask=key_padding_mask,
             softmax_scale=self.softmax_scale,
             head_mode=self.config.head_mode,
+            cu_seqlens=cu_seqlens,
             timeout_s=self.timeout_s,
         )
 

@@ -156,6 +156,12 @@ _SIGNATURE_NAMES = (
     "softmax_scale",
     "head_base",
     "total_heads",
+    "cu_seqlens",
+)
+
+PACKED_UNSUPPORTED = (
+    "cu_seqlens is not supported by ring_dilated_attention yet; use "
+    "ulysses_attention(attention='dilated', cu_seqlens=...)"
 )
 
 
@@ -167,11 +173,12 @@ def _signature(
     has_mask: bool,
     scale: float,
     head_range: tuple[int, int],
+    packed: bool,
 ) -> list[int]:
     B, n, H, D = q.shape
     cfg_code = config_hash((cfg.segment_lengths, cfg.dilation_rates, cfg.head_mode))
     scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
-    flags = [int(causal), int(has_mask), cfg_code, scale_bits, *head_range]
+    flags = [int(causal), int(has_mask), cfg_code, scale_bits, *head_range, int(packed)]
     return [B, n, H, k.shape[2], D, dtype_code(q.dtype), *flags]
 
 
@@ -189,6 +196,7 @@ def ring_dilated_attention(
     head_mode: str = "all",
     head_base: int = 0,
     total_heads: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> torch.Tensor:
     """LongNet dilated attention over a sequence sharded contiguously across the ranks of ``group``.
@@ -208,6 +216,10 @@ def ring_dilated_attention(
     head j reads local kv head j // (H // Hkv)). Head-parallel callers (the hybrid layout) pass
     their rank's range; total_heads is required when head_base > 0.
 
+    cu_seqlens (packed documents): not supported yet; any value other than None raises ValueError
+    on every rank (after the handshake). ``ulysses_attention(attention="dilated", cu_seqlens=...)``
+    computes dilated attention over packed documents of a sharded sequence.
+
     Segments wholly inside a shard are computed with no communication; segments crossing shard
     boundaries exchange only their selected (dilated) K/V rows with the ranks they span. Every
     rank must call with the same configuration and shard shape (checked: ValueError on all ranks
@@ -225,9 +237,16 @@ def ring_dilated_attention(
     timeout_s = check_timeout(timeout_s)
     comm = RingComm(group, timeout_s=timeout_s)
     comm.handshake(
-        dict(zip(_SIGNATURE_NAMES, _signature(q, k, cfg, causal, key_padding_mask is not None, scale, head_range))),
+        dict(
+            zip(
+                _SIGNATURE_NAMES,
+                _signature(q, k, cfg, causal, key_padding_mask is not None, scale, head_range, cu_seqlens is not None),
+            )
+        ),
         "ring dilated attention",
     )
+    if cu_seqlens is not None:  # after the handshake: every rank passed it, every rank raises
+        raise ValueError(PACKED_UNSUPPORTED)
     world = comm.world_size
     plan = plan_ring_dilated(
         n * world,
