@@ -222,7 +222,9 @@ def ring_attention(
     check_layout(layout)
     scale = resolve_softmax_scale(softmax_scale, D)
     timeout = check_timeout(timeout_s)
-    documents = packed_documents_code(cu_seqlens)
+    # one host copy of the offsets serves the handshake's hash and the plan
+    offsets_on_host = cu_seqlens.cpu() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
+    documents = packed_documents_code(offsets_on_host)
     comm = RingComm(group, timeout_s=timeout)
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     comm.handshake(
@@ -243,10 +245,10 @@ def ring_attention(
     # after the handshake every rank has the same n and cu_seqlens, so every rank raises the same error here
     check_shard_len(n, layout)
     plan = None
-    if cu_seqlens is not None:
+    if offsets_on_host is not None:
         W = comm.world_size
         check_cu_seqlens(cu_seqlens, batch=B, seq_len=n * W, device=q.device)
-        plan = packed_ring_plan(cu_seqlens, comm.rank, W, n, layout, causal, q.device)
+        plan = packed_ring_plan(offsets_on_host, comm.rank, W, n, layout, causal, q.device)
     if comm.backend == "nccl" and q.device.type != "cuda":
         raise ValueError(f"an NCCL group needs CUDA tensors, got q on {q.device}")
     call = _Call(group, layout, causal, scale, timeout, ov, buffers, plan)
