@@ -71,12 +71,13 @@ def cases(device: torch.device) -> list[Case]:
         Case("contiguous odd shard causal", 5, causal=True),
     ]
     if device.type == "cuda":  # documents long enough (and bf16, d64) for the flash varlen kernels
-        out.append(
-            Case(
-                "zigzag causal bf16 d64 long documents", 128, layout="zigzag", causal=True, kv_heads=2,
-                dtype=torch.bfloat16, head_dim=64, pattern=(100, 70, 1, 0, 150),
-            )
-        )  # fmt: skip
+        for causal in (False, True):
+            out.append(
+                Case(
+                    f"zigzag{' causal' if causal else ''} bf16 d64 long documents", 128, layout="zigzag",
+                    causal=causal, kv_heads=2, dtype=torch.bfloat16, head_dim=64, pattern=(100, 70, 1, 0, 150),
+                )
+            )  # fmt: skip
     return out
 
 

@@ -120,6 +120,12 @@ def test_call_span_skips_rows_of_documents_outside_the_block() -> None:
     (block,) = packed_step_blocks(documents([4, 8]), 0, 1, 2, 6, "zigzag", False)
     assert (block.q_rows, block.k_rows) == ((0, 6), (0, 6))
     assert block.cu_seqlens_q.tolist() == [0, 3, 6] and block.cu_seqlens_k.tolist() == [0, 1, 6]
+    # documents [0, 4), [4, 5), [5, 10), [10, 12): rank 0 holds rows of the first, third and fourth,
+    # block 1 of the first three; [4, 5) lies between two shared documents: a sequence with no queries
+    (block,) = packed_step_blocks(documents([4, 1, 5, 2]), 0, 1, 2, 6, "zigzag", False)
+    assert (block.q_rows, block.k_rows) == ((0, 4), (0, 6))
+    assert block.cu_seqlens_q.tolist() == [0, 3, 3, 4] and block.cu_seqlens_k.tolist() == [0, 1, 2, 6]
+    assert (block.max_seqlen_q, block.max_seqlen_k) == (3, 4)
 
 
 def _inputs(
