@@ -15,17 +15,16 @@ import triton
 import triton.language as tl
 
 from .tiles import (
+    band_bounds,
     band_tiles,
     head_source,
     head_sources,
-    key_bands,
     key_tile,
     load_row_tile,
     ordered_row,
     ordered_tile,
-    query_bands,
+    row_band,
     row_tile_ptrs,
-    row_tiles,
 )
 
 __all__ = ["delta_kernel", "dkv_kernel", "dq_ds_kernel", "dq_kernel"]
@@ -149,13 +148,9 @@ def dq_kernel(
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_ok)
     K_src, V_src = head_sources(K, V, b, hk, stride_kb, stride_kh, stride_vb, stride_vh, TMA)
 
-    if BANDED:
-        lo, hi = query_bands(offs_m, N_Q, N_K, win_left, win_right, DOCS, HAS_DOCS)
-        p_a, p_b, p_c, p_d = band_tiles(COL, start, end, lo, hi, m_ok, LAYOUT_BK)
-    else:
-        lo = tl.zeros([BLOCK_M], tl.int32)
-        hi = tl.full([BLOCK_M], N_K - 1, tl.int32)
-        p_a, p_b, p_c, p_d = row_tiles(COL, start, end, N_K, LAYOUT_BK)
+    lo, hi, p_a, p_b, p_c, p_d = row_band(
+        COL, start, end, offs_m, m_ok, N_Q, N_K, win_left, win_right, DOCS, BANDED, HAS_DOCS, BLOCK_M, LAYOUT_BK
+    )
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if BANDED:
@@ -330,7 +325,7 @@ def dkv_kernel(
     SLOT_STRIDE + (the tile's transposed-CSR position) - SLOT_BASE, q_unit = the (batch, query
     head) index counted from this launch's first (SLOT_BASE: the position of the launch's first
     key block, when it covers a range of them); a slot holds (LAYOUT_BK, LAYOUT_BQ) values,
-    key-major. BANDED: the token masks as in fwd_kernel, seen from the keys (:func:`.tiles.key_bands`).
+    key-major. BANDED: the token masks as in fwd_kernel, seen from the keys (:func:`.tiles.band_bounds`).
     """
     SUB: tl.constexpr = LAYOUT_BQ // BLOCK_M
     local_bhk, n_start, _ = ordered_tile(ORDER, NUM_KB, BLOCK_N, LAYOUT_BK, 1)
@@ -349,7 +344,7 @@ def dkv_kernel(
     # each key's queries form an interval: query blocks outside every key's are skipped, those
     # at the band's edges are masked per element.
     if BANDED:
-        lo, hi = key_bands(offs_n, N_Q, N_K, win_left, win_right, DOCS, HAS_DOCS)
+        lo, hi = band_bounds(offs_n, N_K, N_Q, win_right, win_left, DOCS, HAS_DOCS)
     else:
         lo = tl.zeros([BLOCK_N], tl.int32)
         hi = tl.full([BLOCK_N], N_Q - 1, tl.int32)
@@ -547,13 +542,9 @@ def dq_ds_kernel(
         ds_row0 = 0
     K_src = head_source(K, b, hk, stride_kb, stride_kh, TMA)
     m_ok = offs_m < N_Q
-    if BANDED:
-        lo, hi = query_bands(offs_m, N_Q, N_K, win_left, win_right, DOCS, HAS_DOCS)
-        p_a, p_b, p_c, p_d = band_tiles(COL, start, end, lo, hi, m_ok, LAYOUT_BK)
-    else:
-        lo = tl.zeros([BLOCK_M], tl.int32)
-        hi = tl.full([BLOCK_M], N_K - 1, tl.int32)
-        p_a, p_b, p_c, p_d = row_tiles(COL, start, end, N_K, LAYOUT_BK)
+    lo, hi, p_a, p_b, p_c, p_d = row_band(
+        COL, start, end, offs_m, m_ok, N_Q, N_K, win_left, win_right, DOCS, BANDED, HAS_DOCS, BLOCK_M, LAYOUT_BK
+    )
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if BANDED:
         dq = _dq_ds_inner(

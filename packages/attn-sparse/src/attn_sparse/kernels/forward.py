@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import band_tiles, head_sources, key_tile, ordered_row, query_bands, row_tiles
+from .tiles import head_sources, key_tile, ordered_row, row_band
 
 __all__ = ["fwd_kernel"]
 
@@ -139,13 +139,9 @@ def fwd_kernel(
     q_ptrs = Q_head + m_start.to(tl.int64) * stride_qn + tl.arange(0, BLOCK_M)[:, None] * stride_qn + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
 
-    if BANDED:
-        lo, hi = query_bands(offs_m, N_Q, N_K, win_left, win_right, DOCS, HAS_DOCS)
-        p_a, p_b, p_c, p_d = band_tiles(COL, start, end, lo, hi, m_ok, LAYOUT_BK)
-    else:
-        lo = tl.zeros([BLOCK_M], tl.int32)
-        hi = tl.full([BLOCK_M], N_K - 1, tl.int32)
-        p_a, p_b, p_c, p_d = row_tiles(COL, start, end, N_K, LAYOUT_BK)
+    lo, hi, p_a, p_b, p_c, p_d = row_band(
+        COL, start, end, offs_m, m_ok, N_Q, N_K, win_left, win_right, DOCS, BANDED, HAS_DOCS, BLOCK_M, LAYOUT_BK
+    )
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)

@@ -12,16 +12,16 @@ import triton.language as tl
 
 __all__ = [
     "COUNT_CHUNK",
+    "band_bounds",
     "band_tiles",
     "count_below",
     "head_source",
     "head_sources",
-    "key_bands",
     "key_tile",
     "load_row_tile",
     "ordered_row",
     "ordered_tile",
-    "query_bands",
+    "row_band",
     "row_tile_ptrs",
     "row_tiles",
 ]
@@ -64,31 +64,19 @@ def row_tiles(COL, start, end, N_K, LAYOUT_BK: tl.constexpr):
 
 
 @triton.jit
-def query_bands(offs_m, N_Q, N_K, win_left, win_right, DOCS, HAS_DOCS: tl.constexpr):
-    """(lo, hi) int32 per query row: row i sees keys lo <= j <= hi (attn_sparse.masks), where
-    lo = max(i - left, doc_start(i), 0), hi = min(i + right, doc_end(i) - 1, N_K - 1). DOCS:
-    (2, N) int32 document starts and ends (HAS_DOCS). Computed in int64: i + right may pass 2**31."""
-    i = offs_m.to(tl.int64)
-    lo = tl.maximum(i - win_left, 0)
-    hi = tl.minimum(i + win_right, N_K - 1)
+def band_bounds(offs, N_SELF, N_OTHER, back, ahead, DOCS, HAS_DOCS: tl.constexpr):
+    """(lo, hi) int32 for indices ``offs`` on one side (queries, or keys): x pairs with the other
+    side's y in lo <= y <= hi, lo = max(x - back, doc_start(x), 0), hi = min(x + ahead,
+    doc_end(x) - 1, N_OTHER - 1) (attn_sparse.masks). Queries: back, ahead = the window's left,
+    right; keys: right, left (the same mask seen from the key). DOCS: (2, N_SELF) int32 document
+    starts and ends (HAS_DOCS). Computed in int64: x + ahead may pass 2**31."""
+    x = offs.to(tl.int64)
+    lo = tl.maximum(x - back, 0)
+    hi = tl.minimum(x + ahead, N_OTHER - 1)
     if HAS_DOCS:
-        ok = offs_m < N_Q
-        lo = tl.maximum(lo, tl.load(DOCS + offs_m, mask=ok, other=0).to(tl.int64))
-        hi = tl.minimum(hi, tl.load(DOCS + N_Q + offs_m, mask=ok, other=1).to(tl.int64) - 1)
-    return lo.to(tl.int32), hi.to(tl.int32)
-
-
-@triton.jit
-def key_bands(offs_n, N_Q, N_K, win_left, win_right, DOCS, HAS_DOCS: tl.constexpr):
-    """(lo, hi) int32 per key: key j is seen by queries lo <= i <= hi, lo = max(j - right,
-    doc_start(j), 0), hi = min(j + left, doc_end(j) - 1, N_Q - 1) (the same mask seen from j)."""
-    j = offs_n.to(tl.int64)
-    lo = tl.maximum(j - win_right, 0)
-    hi = tl.minimum(j + win_left, N_Q - 1)
-    if HAS_DOCS:
-        ok = offs_n < N_K
-        lo = tl.maximum(lo, tl.load(DOCS + offs_n, mask=ok, other=0).to(tl.int64))
-        hi = tl.minimum(hi, tl.load(DOCS + N_K + offs_n, mask=ok, other=1).to(tl.int64) - 1)
+        ok = offs < N_SELF
+        lo = tl.maximum(lo, tl.load(DOCS + offs, mask=ok, other=0).to(tl.int64))
+        hi = tl.minimum(hi, tl.load(DOCS + N_SELF + offs, mask=ok, other=1).to(tl.int64) - 1)
     return lo.to(tl.int32), hi.to(tl.int32)
 
 
@@ -112,6 +100,24 @@ def band_tiles(IDX, start, end, lo, hi, ok, LAYOUT_B: tl.constexpr):
     t_d = tl.maximum(t_c, (hi_last + LAYOUT_B) // LAYOUT_B)
     n_a, n_b, n_c, n_d = count_below(IDX, start, end, t_a, t_b, t_c, t_d, COUNT_CHUNK)
     return start + n_a, start + n_b, start + n_c, start + n_d
+
+
+@triton.jit
+def row_band(
+    COL, start, end, offs_m, m_ok, N_Q, N_K, win_left, win_right, DOCS,
+    BANDED: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, LAYOUT_BK: tl.constexpr,
+):  # fmt: skip
+    """(lo, hi, p_a, p_b, p_c, p_d) of a query tile's layout row COL[start:end]: each row's key
+    interval and the tile positions of :func:`band_tiles` (BANDED: the token masks), or of
+    :func:`row_tiles` (only keys past N_K masked: lo = 0, hi = N_K - 1)."""
+    if BANDED:
+        lo, hi = band_bounds(offs_m, N_Q, N_K, win_left, win_right, DOCS, HAS_DOCS)
+        p_a, p_b, p_c, p_d = band_tiles(COL, start, end, lo, hi, m_ok, LAYOUT_BK)
+    else:
+        lo = tl.zeros([BLOCK_M], tl.int32)
+        hi = tl.full([BLOCK_M], N_K - 1, tl.int32)
+        p_a, p_b, p_c, p_d = row_tiles(COL, start, end, N_K, LAYOUT_BK)
+    return lo, hi, p_a, p_b, p_c, p_d
 
 
 @triton.jit
