@@ -193,8 +193,9 @@ def hybrid_attention(
     whole sequence of N tokens, B == 1, the same on every rank: attention within each document,
     documents may cross any rank's tokens) or "dilated" (ring dilated attention; layout "contiguous";
     segment_lengths, dilation_rates, head_mode "all" or "split"; key_padding_mask (B, n) bool
-    allowed). Any rates: all-to-all rank a runs the global heads [a*H/A, (a+1)*H/A) with their
-    own offsets and head groups (ring dilated attention's ``head_base``/``total_heads``).
+    allowed; cu_seqlens as for "dense", each document cut into segments from its own start). Any
+    rates: all-to-all rank a runs the global heads [a*H/A, (a+1)*H/A) with their own offsets and
+    head groups (ring dilated attention's ``head_base``/``total_heads``).
     """
     B, n, H, Hkv, D = check_qkv(q, k, v, key_padding_mask=key_padding_mask)
     causal = check_bool("is_causal", is_causal)
@@ -250,12 +251,7 @@ def hybrid_attention(
         label="hybrid attention",
     )
     check_heads_split(H, A, "all-to-all group")  # after the handshake: the same verdict on every rank
-    if config is not None and cu_seqlens is not None:
-        raise ValueError(
-            "cu_seqlens is supported by hybrid_attention(attention='dense') only (ring dilated attention does not "
-            "support it yet); use ulysses_attention(attention='dilated', cu_seqlens=...)"
-        )
-    if cu_seqlens is not None:  # before any data moves (ring attention checks it again, cheaply)
+    if cu_seqlens is not None:  # before any data moves (the ring checks it again, cheaply)
         check_cu_seqlens(cu_seqlens, batch=B, seq_len=n * A * R, device=q.device)
     h = H // A
     k_w, v_w = repeat_kv_heads(k, v, kv_heads_on_wire(H, Hkv, A))
@@ -289,6 +285,7 @@ def hybrid_attention(
             head_mode=config.head_mode,
             head_base=comm.rank * h,
             total_heads=H,
+            cu_seqlens=cu_seqlens,
             timeout_s=timeout,
         )
     return heads_to_sequence(out_h, comm, chunks=chunks)

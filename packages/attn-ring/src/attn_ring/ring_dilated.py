@@ -49,7 +49,7 @@ import torch.distributed as dist
 from attn_core.blocks import acc_dtype
 from attn_core.config import DilatedConfig
 from attn_core.first_order import first_order_only, second_order_error
-from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
+from attn_core.validation import check_bool, check_cu_seqlens, check_qkv, resolve_softmax_scale
 
 from .comm import DEFAULT_TIMEOUT_S, RingComm, check_timeout, config_hash, dtype_code
 from .head_range import check_head_range
@@ -63,6 +63,7 @@ from .ring_dilated_exec import (
     view_path_available,
 )
 from .ring_dilated_plan import RingDilatedPlan, RingDilatedRankPlan, plan_ring_dilated
+from .ulysses import packed_documents_code
 
 __all__ = ["RingDilatedPlan", "RingDilatedRankPlan", "plan_ring_dilated", "ring_dilated_attention"]
 
@@ -159,12 +160,6 @@ _SIGNATURE_NAMES = (
     "cu_seqlens",
 )
 
-PACKED_UNSUPPORTED = (
-    "cu_seqlens is not supported by ring_dilated_attention yet; use "
-    "ulysses_attention(attention='dilated', cu_seqlens=...)"
-)
-
-
 def _signature(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -173,12 +168,12 @@ def _signature(
     has_mask: bool,
     scale: float,
     head_range: tuple[int, int],
-    packed: bool,
+    documents: int,
 ) -> list[int]:
     B, n, H, D = q.shape
     cfg_code = config_hash((cfg.segment_lengths, cfg.dilation_rates, cfg.head_mode))
     scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
-    flags = [int(causal), int(has_mask), cfg_code, scale_bits, *head_range, int(packed)]
+    flags = [int(causal), int(has_mask), cfg_code, scale_bits, *head_range, documents]
     return [B, n, H, k.shape[2], D, dtype_code(q.dtype), *flags]
 
 
@@ -216,9 +211,11 @@ def ring_dilated_attention(
     head j reads local kv head j // (H // Hkv)). Head-parallel callers (the hybrid layout) pass
     their rank's range; total_heads is required when head_base > 0.
 
-    cu_seqlens (packed documents): not supported yet; any value other than None raises ValueError
-    on every rank (after the handshake). ``ulysses_attention(attention="dilated", cu_seqlens=...)``
-    computes dilated attention over packed documents of a sharded sequence.
+    cu_seqlens: int32 (num_docs + 1,) offsets of documents packed along the *whole* sequence of
+    N = n * W tokens (B == 1), the same on every rank (checked); documents may cross any shard
+    boundary. Each document is cut into segments from its own start (its last segment cut at its
+    end) and a query sees only keys of its own segment, as ``attn_core.dilated_attention(...,
+    cu_seqlens=)`` on the gathered sequence; with is_causal, causal within each segment.
 
     Segments wholly inside a shard are computed with no communication; segments crossing shard
     boundaries exchange only their selected (dilated) K/V rows with the ranks they span. Every
@@ -235,19 +232,22 @@ def ring_dilated_attention(
     causal = check_bool("is_causal", is_causal)
     scale = resolve_softmax_scale(softmax_scale, D)
     timeout_s = check_timeout(timeout_s)
+    # one host copy of the offsets serves the handshake's hash and the plan
+    offsets_on_host = cu_seqlens.cpu() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
+    documents = packed_documents_code(offsets_on_host)
     comm = RingComm(group, timeout_s=timeout_s)
     comm.handshake(
         dict(
             zip(
                 _SIGNATURE_NAMES,
-                _signature(q, k, cfg, causal, key_padding_mask is not None, scale, head_range, cu_seqlens is not None),
+                _signature(q, k, cfg, causal, key_padding_mask is not None, scale, head_range, documents),
             )
         ),
         "ring dilated attention",
     )
-    if cu_seqlens is not None:  # after the handshake: every rank passed it, every rank raises
-        raise ValueError(PACKED_UNSUPPORTED)
     world = comm.world_size
+    if cu_seqlens is not None:  # after the handshake: every rank holds the same offsets and raises the same error
+        check_cu_seqlens(cu_seqlens, batch=q.shape[0], seq_len=n * world, device=q.device)
     plan = plan_ring_dilated(
         n * world,
         world,
@@ -259,6 +259,7 @@ def ring_dilated_attention(
         head_mode=cfg.head_mode,
         head_base=head_range[0],
         total_heads=head_range[1],
+        cu_seqlens=offsets_on_host,
     )
     global_mask = None
     if key_padding_mask is not None and world > 1 and any(r.needed.numel() for r in plan.ranks):

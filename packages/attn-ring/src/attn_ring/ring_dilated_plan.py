@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 import torch
 
 from attn_core.config import DilatedConfig
-from attn_core.validation import check_bool
+from attn_core.packing import document_segments, host_offsets, offsets_from_key
+from attn_core.validation import check_bool, check_cu_seqlens
 
 from .head_range import check_head_range, head_range_config
 
-__all__ = ["RingDilatedPlan", "RingDilatedRankPlan", "RingItem", "plan_ring_dilated", "rank_items"]
+__all__ = ["RingDilatedPlan", "RingDilatedRankPlan", "RingItem", "group_segments", "plan_ring_dilated", "rank_items"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,8 @@ class RingItem:
     Query (and local key) rows, as local row indices: base + m * seg_stride + t * row_stride for
     m < count, t < rows. ``remote`` lists the other ranks' selected rows of the segment as
     arithmetic runs (first global position, length) with step ``row_stride``; only single
-    segments (count == 1) that cross a shard boundary have any.
+    segments (count == 1) that cross a shard boundary have any. ``segment_start``: the global
+    position where the item's (first) segment starts.
     """
 
     group: int
@@ -46,6 +48,7 @@ class RingItem:
     rows: int
     row_stride: int
     remote: tuple[tuple[int, int], ...] = ()
+    segment_start: int = 0
 
     def remote_positions(self) -> torch.Tensor:
         """(Tk,) int64 global positions of the remote rows, ascending."""
@@ -81,7 +84,10 @@ class RingDilatedRankPlan:
 
 @dataclass(frozen=True)
 class RingDilatedPlan:
-    """The exchange and work plan of every rank for one (N, W, heads, config, causal) geometry."""
+    """The exchange and work plan of every rank for one (N, W, heads, config, causal, documents) geometry.
+
+    cu_seqlens: the packed documents' int64 CPU offsets (num_docs + 1,), or None (unpacked).
+    """
 
     seq_len: int
     world_size: int
@@ -90,20 +96,16 @@ class RingDilatedPlan:
     config: DilatedConfig
     is_causal: bool
     ranks: tuple[RingDilatedRankPlan, ...]
+    cu_seqlens: torch.Tensor | None = None
 
     @property
     def shard_len(self) -> int:
         return self.seq_len // self.world_size
 
     def communicating_segments(self, rank: int) -> list[tuple[int, int]]:
-        """(group, segment index) pairs for which ``rank`` receives rows from other ranks."""
-        n = self.shard_len
-        out = set()
-        for it in self.ranks[rank].items:
-            if it.remote:
-                w, _ = self.config.group_extent(it.group, self.seq_len)
-                out.add((it.group, (rank * n + it.base) // w))
-        return sorted(out)
+        """(group, segment start) pairs, the start a global position, of the segments for which
+        ``rank`` receives rows from other ranks."""
+        return sorted({(it.group, it.segment_start) for it in self.ranks[rank].items if it.remote})
 
     def bytes_received(self, rank: int, *, batch: int, head_dim: int, element_size: int) -> int:
         """Forward K/V payload bytes ``rank`` receives: rows x 2 (K and V) x B x D x element size."""
@@ -113,14 +115,35 @@ class RingDilatedPlan:
         return self.ranks[rank].rows_sent * 2 * batch * head_dim * element_size
 
 
+def group_segments(seq_len: int, w: int, offsets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starts, lengths), int64 (segments,): the segments of length w a group cuts, in order.
+
+    Unpacked (offsets None): the regular tiling [s*w, (s+1)*w) of the sequence, the last one cut
+    at N. Packed: every document's own tiling from its start (its last segment cut at its end,
+    empty documents have none): :func:`attn_core.packing.document_segments`. The unpacked tiling
+    is the packing of one document [0, N).
+    """
+    cu = torch.tensor([0, seq_len], dtype=torch.int64) if offsets is None else offsets
+    _, starts, lengths = document_segments(cu, w)
+    return starts, lengths
+
+
 def rank_items(
-    seq_len: int, world: int, rank: int, cfg: DilatedConfig, num_heads: int, num_kv_heads: int, causal: bool
+    seq_len: int,
+    world: int,
+    rank: int,
+    cfg: DilatedConfig,
+    num_heads: int,
+    num_kv_heads: int,
+    causal: bool,
+    offsets: torch.Tensor | None = None,
 ) -> list[RingItem]:
     """The work items of ``rank`` (see :class:`RingItem`), group by group, offsets ascending.
 
     Group geometry is clamped to the global length N (:meth:`DilatedConfig.group_extent`) and heads
     come grouped by offset (:meth:`DilatedConfig.heads_by_offset`), as the sdpa backend plans:
-    the work follows N and the heads, never the configured w or r.
+    the work follows N and the heads, never the configured w or r. offsets: int64 CPU cu_seqlens of
+    packed documents (segments start at each document's start, :func:`group_segments`) or None.
     """
     n = seq_len // world
     lo, hi = rank * n, (rank + 1) * n
@@ -131,29 +154,44 @@ def rank_items(
         by_offset = cfg.heads_by_offset(g, num_heads, seq_len)
         if not by_offset:
             continue
-        # Segments wholly inside [lo, hi) and of full length: one strided run, no communication.
-        # Only the first and the last segment the shard touches can be partial (or the short tail).
-        full_a, full_b = -(-lo // w), hi // w
-        others = sorted({s for s in (lo // w, (hi - 1) // w) if not full_a <= s < full_b})
+        starts, lengths = group_segments(seq_len, w, offsets)
+        ends = starts + lengths
+        touching = (starts < hi) & (ends > lo)
+        # Full-length segments wholly inside [lo, hi): strided runs (consecutive segments w apart:
+        # one run unpacked, one per document packed) with no communication.
+        inside = touching & (starts >= lo) & (ends <= hi) & (lengths == w)
+        run_starts, run_counts = _runs(starts[inside], w)
+        others = torch.nonzero(touching & ~inside).squeeze(1)
+        single_lo, single_hi = starts[others].tolist(), ends[others].tolist()
         for o, heads in by_offset:
             kv = tuple(j // per_kv for j in heads)
-            if full_b > full_a:
-                items.append(RingItem(g, heads, kv, full_a * w - lo + o, full_b - full_a, w, w // r, r))
-            for s in others:
-                seg_lo, seg_hi = s * w, min((s + 1) * w, seq_len)
+            for s0, cnt in zip(run_starts, run_counts):
+                items.append(RingItem(g, heads, kv, s0 + o - lo, cnt, w, w // r, r, segment_start=s0))
+            for seg_lo, seg_hi in zip(single_lo, single_hi):
                 mine_lo, mine_hi = max(seg_lo, lo), min(seg_hi, hi)
-                first = mine_lo + (o - mine_lo) % r  # segment starts are multiples of r (w % r == 0)
+                first = mine_lo + (seg_lo + o - mine_lo) % r  # the segment's rows are seg_lo + o + t*r
                 if first >= mine_hi:
                     continue  # this offset selects none of our rows of the segment
                 count = (mine_hi - 1 - first) // r + 1
                 remote = []
                 if seg_lo + o < mine_lo:  # earlier ranks' rows of the segment
                     remote.append((seg_lo + o, (mine_lo - 1 - seg_lo - o) // r + 1))
-                after = mine_hi + (o - mine_hi) % r
+                after = mine_hi + (seg_lo + o - mine_hi) % r
                 if not causal and after < seg_hi:  # later ranks' rows: invisible under causal masking
                     remote.append((after, (seg_hi - 1 - after) // r + 1))
-                items.append(RingItem(g, heads, kv, first - lo, 1, w, count, r, tuple(remote)))
+                items.append(RingItem(g, heads, kv, first - lo, 1, w, count, r, tuple(remote), seg_lo))
     return items
+
+
+def _runs(starts: torch.Tensor, w: int) -> tuple[list[int], list[int]]:
+    """Ascending segment starts cut into runs of consecutive segments (w apart): (run starts, counts)."""
+    if starts.numel() == 0:
+        return [], []
+    breaks = torch.ones(starts.numel(), dtype=torch.bool)
+    breaks[1:] = starts[1:] != starts[:-1] + w
+    first = torch.nonzero(breaks).squeeze(1)
+    counts = torch.diff(first, append=torch.tensor([starts.numel()]))
+    return starts[first].tolist(), counts.tolist()
 
 
 @functools.lru_cache(maxsize=32)  # lru_cache is thread-safe; keyed on the whole geometry
@@ -168,12 +206,14 @@ def _plan_cached(
     causal: bool,
     head_base: int,
     total_heads: int,
+    offsets_key: bytes | None,
 ) -> RingDilatedPlan:
+    offsets = None if offsets_key is None else offsets_from_key(offsets_key)
     cfg = head_range_config(
         DilatedConfig(segment_lengths, dilation_rates, head_mode), head_base, num_heads, total_heads
     )
     n = seq_len // world
-    per_rank_items = [rank_items(seq_len, world, b, cfg, num_heads, num_kv_heads, causal) for b in range(world)]
+    per_rank_items = [rank_items(seq_len, world, b, cfg, num_heads, num_kv_heads, causal, offsets) for b in range(world)]
     needed_all: list[torch.Tensor] = []
     remote_idx_all: list[dict[int, torch.Tensor]] = []
     remote_pos_all: list[dict[int, torch.Tensor]] = []
@@ -218,7 +258,7 @@ def _plan_cached(
                 remote_pos_all[b],
             )
         )
-    return RingDilatedPlan(seq_len, world, num_heads, num_kv_heads, cfg, causal, tuple(ranks))
+    return RingDilatedPlan(seq_len, world, num_heads, num_kv_heads, cfg, causal, tuple(ranks), offsets)
 
 
 def plan_ring_dilated(
@@ -233,13 +273,16 @@ def plan_ring_dilated(
     head_mode: str = "all",
     head_base: int = 0,
     total_heads: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> RingDilatedPlan:
     """The work and exchange plan of every rank (pure geometry: no process group needed).
 
     The num_heads heads are the global heads [head_base, head_base + num_heads) of a call with
     total_heads heads (default: all of them, head_base 0); see :func:`ring_dilated_attention`.
+    cu_seqlens: int32 (num_docs + 1,) offsets of documents packed along the whole sequence (each
+    document cut into segments from its own start; read to the host once) or None.
     Raises ValueError for a sequence length not divisible by the world size, or invalid
-    heads / head range / configuration.
+    heads / head range / configuration / offsets.
     """
     for name, val in (
         ("seq_len", seq_len),
@@ -258,6 +301,8 @@ def plan_ring_dilated(
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads} (GQA)")
     cfg = DilatedConfig(segment_lengths, dilation_rates, head_mode)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, batch=1, seq_len=seq_len, device=getattr(cu_seqlens, "device", torch.device("cpu")))
     base, total = check_head_range(head_base, total_heads, num_heads)
     if head_range_config(cfg, base, num_heads, total) is cfg:
         base, total = 0, num_heads  # the same geometry as heads [0, H): one cache entry
@@ -272,4 +317,5 @@ def plan_ring_dilated(
         check_bool("is_causal", is_causal),
         base,
         total,
+        None if cu_seqlens is None else host_offsets(cu_seqlens),
     )
