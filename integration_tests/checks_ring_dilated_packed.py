@@ -102,7 +102,13 @@ def run_case(case: PackedCase, rank: int, world_size: int, seed: int) -> None:
     )  # fmt: skip
     out.backward(dout[:, lo:hi])
     got = (out, shard[0].grad, shard[1].grad, shard[2].grad)
-    _compare(f"[{case.name}, W={world_size}, rank {rank}, cu={cu.tolist()}]", got, _reference(case, q, k, v, dout, mask, cu), lo, hi)
+    _compare(
+        f"[{case.name}, W={world_size}, rank {rank}, cu={cu.tolist()}]",
+        got,
+        _reference(case, q, k, v, dout, mask, cu),
+        lo,
+        hi,
+    )
 
 
 def check_packed_cases(rank: int, world_size: int) -> list[str]:

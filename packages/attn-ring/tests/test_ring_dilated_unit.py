@@ -115,10 +115,11 @@ def test_which_segments_communicate() -> None:
     # N=24, W=4, shards [0,6) [6,12) [12,18) [18,24). w=4 is unaligned: segments [4,8) and [16,20)
     # cross shard edges, [8,12) and [12,16) and [20,24) sit inside one shard. w=12 spans ranks {0,1} and {2,3}.
     plan = plan_ring_dilated(24, 4, 2, 2, (4, 12), (1, 2))
-    assert plan.communicating_segments(0) == [(0, 1), (1, 0)]
-    assert plan.communicating_segments(1) == [(0, 1), (1, 0)]
-    assert plan.communicating_segments(2) == [(0, 4), (1, 1)]
-    assert plan.communicating_segments(3) == [(0, 4), (1, 1)]
+    # (group, segment start)
+    assert plan.communicating_segments(0) == [(0, 4), (1, 0)]
+    assert plan.communicating_segments(1) == [(0, 4), (1, 0)]
+    assert plan.communicating_segments(2) == [(0, 16), (1, 12)]
+    assert plan.communicating_segments(3) == [(0, 16), (1, 12)]
 
 
 @pytest.mark.parametrize(("N", "W", "r"), [(32, 4, 4), (64, 2, 8), (48, 3, 2)])

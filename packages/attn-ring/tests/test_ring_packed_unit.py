@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 import attn_ring.ring as ring_mod
 import attn_ring.ring_packed as packed_mod
-from attn_core import reference
+from attn_core import MultiheadDilatedAttention, reference
 from attn_core.testing import assert_close_to_reference
 from attn_ring import (
     HybridAttention,
@@ -207,22 +207,50 @@ def test_cu_seqlens_needs_batch_one(world1: None) -> None:
         ring_attention(*_qkv(batch=2), cu_seqlens=documents([8]))
 
 
-def test_dilated_ring_refuses_packed_documents(world1: None) -> None:
-    q, k, v = _qkv()
-    cu = documents([3, 5])
-    with pytest.raises(ValueError, match=r"not supported by ring_dilated_attention yet; use ulysses_attention"):
-        ring_dilated_attention(q, k, v, [4], [1], cu_seqlens=cu)
-    with pytest.raises(ValueError, match="not supported by ring_dilated_attention yet"):
-        RingDilatedAttention([4], [1])(q, k, v, cu_seqlens=cu)
-    mha = RingMultiheadDilatedAttention(8, 2, [4], [1])
-    x = torch.randn(1, 8, 8)
-    with pytest.raises(ValueError, match="not supported by ring_dilated_attention yet"):
-        mha(x, x, x, cu_seqlens=cu)
-    with pytest.raises(ValueError, match=r"hybrid_attention\(attention='dense'\) only"):
-        hybrid_attention(
-            q, k, v, a2a_group=None, ring_group=None, attention="dilated", segment_lengths=[4], dilation_rates=[1],
-            cu_seqlens=cu,
-        )  # fmt: skip
+def test_dilated_ring_and_its_modules_take_packed_documents(world1: None) -> None:
+    """World of one: ring dilated attention, its modules and hybrid_attention(attention='dilated')
+    with cu_seqlens equal the packed reference (outputs and gradients)."""
+    cu = documents([3, 0, 1, 2, 6])
+    q, k, v, dout = _inputs(12, 4, 2, seed=11)
+    segs, rates = [2, 4, 8], [1, 2, 4]
+    ref, _ = reference.dilated_attention(q, k, v, segs, rates, is_causal=True, cu_seqlens=cu)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    calls = {
+        "function": lambda: ring_dilated_attention(q, k, v, segs, rates, is_causal=True, cu_seqlens=cu),
+        "module": lambda: RingDilatedAttention(segs, rates)(q, k, v, is_causal=True, cu_seqlens=cu),
+        "hybrid": lambda: hybrid_attention(
+            q, k, v, a2a_group=None, ring_group=None, attention="dilated", segment_lengths=segs,
+            dilation_rates=rates, is_causal=True, cu_seqlens=cu,
+        ),
+        "hybrid module": lambda: HybridAttention(
+            a2a_group=None, ring_group=None, attention="dilated", segment_lengths=segs, dilation_rates=rates
+        )(q, k, v, is_causal=True, cu_seqlens=cu),
+    }  # fmt: skip
+    for name, call in calls.items():
+        out = call()
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        for what, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+            assert_close_to_reference(f"{name} {what}", got, want, None)
+    mha = RingMultiheadDilatedAttention(8, 2, segs, rates, dtype=torch.float64)
+    ref_mha = MultiheadDilatedAttention(8, 2, segs, rates, dtype=torch.float64, backend="reference")
+    ref_mha.load_state_dict(mha.state_dict())
+    x = torch.randn(1, 12, 8, dtype=torch.float64)
+    torch.testing.assert_close(mha(x, x, x, cu_seqlens=cu), ref_mha(x, x, x, cu_seqlens=cu))
+
+
+@pytest.mark.parametrize(
+    ("cu_seqlens", "exc", "match"),
+    [
+        ([0, 3, 8], TypeError, "torch.Tensor"),
+        (torch.tensor([0, 3, 7], dtype=torch.int32), ValueError, r"cu_seqlens\[-1\] = 7"),
+        (torch.tensor([0, 5, 3, 8], dtype=torch.int32), ValueError, r"cu_seqlens\[1\] = 5 > cu_seqlens\[2\] = 3"),
+    ],
+)  # fmt: skip
+def test_dilated_ring_bad_cu_seqlens(world1: None, cu_seqlens: Any, exc: type[Exception], match: str) -> None:
+    with pytest.raises(exc, match=match):
+        ring_dilated_attention(*_qkv(), [4], [1], cu_seqlens=cu_seqlens)
+    with pytest.raises(ValueError, match="B=2"):
+        ring_dilated_attention(*_qkv(batch=2), [4], [1], cu_seqlens=documents([8]))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])

@@ -154,7 +154,7 @@ class HybridAttention(nn.Module):
 
     forward(q (B, n, H, D), k (B, n, Hkv, D), v (B, n, Hkv, D), *, is_causal=False,
     key_padding_mask (B, n) bool or None, dilated only; cu_seqlens (num_docs + 1,) int32 of the
-    whole packed sequence or None, dense only) -> (B, n, H, D): this rank's tokens
+    whole packed sequence or None) -> (B, n, H, D): this rank's tokens
     (see :func:`attn_ring.hybrid_positions`) of the attention over the whole sequence.
     Build the groups with :func:`attn_ring.hybrid_mesh`.
     """

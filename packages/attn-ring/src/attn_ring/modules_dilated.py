@@ -36,8 +36,9 @@ class RingDilatedAttention(nn.Module):
 
     forward(q (B, n, H, D), k (B, n, Hkv, D), v (B, n, Hkv, D), *, is_causal=False,
     key_padding_mask (B, n) bool, True = padding, cu_seqlens=None) -> (B, n, H, D): this rank's
-    shard of dilated attention over the gathered sequence of n * W tokens. cu_seqlens is passed
-    on to :func:`attn_ring.ring_dilated_attention`, which does not support it yet (ValueError).
+    shard of dilated attention over the gathered sequence of n * W tokens. cu_seqlens: int32
+    (num_docs + 1,) offsets of documents packed along the whole gathered sequence (B == 1, the
+    same on every rank), passed on to :func:`attn_ring.ring_dilated_attention`.
     """
 
     def __init__(
@@ -109,7 +110,8 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
     """:class:`attn_core.MultiheadDilatedAttention` with its attention run across ranks.
 
     forward(query (B, n, E), key (B, n, E), value (B, n, E), *, is_causal=False,
-    key_padding_mask (B, n) bool) -> (out (B, n, E), None), each tensor this rank's shard.
+    key_padding_mask (B, n) bool, cu_seqlens int32 (num_docs + 1,) of the whole gathered sequence
+    or None) -> (out (B, n, E), None), each tensor this rank's shard.
     Same parameters and state_dict as the attn_core module, so weights move between the two.
     """
 

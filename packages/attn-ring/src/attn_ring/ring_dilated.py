@@ -10,6 +10,9 @@ Algorithm (see docs/ring_dilated.md for the derivation of the communicated bytes
 - Geometry is global (:mod:`attn_ring.ring_dilated_plan`): group g = (w, r) cuts the *global*
   sequence into segments [s*w, (s+1)*w); head j selects positions p with p mod r == j mod r
   (j the global head index: a call may run a range of the global heads, see ``head_base``).
+  With packed documents (``cu_seqlens``) each document is cut into segments from its own start
+  instead; the plan takes each group's list of segments, the regular tiling being the packing of
+  one document, and everything below is the same.
   A rank's work for group g is a list of *items*, one per (segment run, offset o): the rank's own selected rows of that segment are the
   queries, and the same rows are the local keys (so ``is_causal`` inside the shard is the
   top-left aligned causal of :func:`attn_core.blocks.block_forward`).
@@ -159,6 +162,7 @@ _SIGNATURE_NAMES = (
     "total_heads",
     "cu_seqlens",
 )
+
 
 def _signature(
     q: torch.Tensor,

@@ -213,7 +213,9 @@ def _plan_cached(
         DilatedConfig(segment_lengths, dilation_rates, head_mode), head_base, num_heads, total_heads
     )
     n = seq_len // world
-    per_rank_items = [rank_items(seq_len, world, b, cfg, num_heads, num_kv_heads, causal, offsets) for b in range(world)]
+    per_rank_items = [
+        rank_items(seq_len, world, b, cfg, num_heads, num_kv_heads, causal, offsets) for b in range(world)
+    ]
     needed_all: list[torch.Tensor] = []
     remote_idx_all: list[dict[int, torch.Tensor]] = []
     remote_pos_all: list[dict[int, torch.Tensor]] = []
@@ -302,7 +304,9 @@ def plan_ring_dilated(
         raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads} (GQA)")
     cfg = DilatedConfig(segment_lengths, dilation_rates, head_mode)
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, batch=1, seq_len=seq_len, device=getattr(cu_seqlens, "device", torch.device("cpu")))
+        check_cu_seqlens(
+            cu_seqlens, batch=1, seq_len=seq_len, device=getattr(cu_seqlens, "device", torch.device("cpu"))
+        )
     base, total = check_head_range(head_base, total_heads, num_heads)
     if head_range_config(cfg, base, num_heads, total) is cfg:
         base, total = 0, num_heads  # the same geometry as heads [0, H): one cache entry
