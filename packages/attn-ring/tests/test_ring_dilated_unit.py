@@ -511,3 +511,58 @@ def test_world_of_one_head_range_matches_the_global_heads(
         assert_close_to_reference(f"{label} out", out, ref[:, :, heads])
         for name, got, want, sl in zip(("dq", "dk", "dv"), grads, ref_grads, (heads, kv, kv)):
             assert_close_to_reference(f"{label} {name}", got, want[:, :, sl])
+
+
+# (N, W, H, Hkv, segments, rates, causal, head_mode, document lengths): documents crossing shards,
+# one spanning three ranks, of length 1, empty, shorter than every segment, longer than the largest
+PACKED_GEOMETRIES = [
+    (24, 4, 4, 2, (3, 6, 16), (1, 2, 4), False, "all", [1, 0, 2, 17, 3, 1]),
+    (24, 4, 4, 2, (3, 6, 16), (1, 2, 4), True, "all", [1, 0, 2, 17, 3, 1]),
+    (15, 3, 6, 3, (3, 8), (1, 4), False, "split", [5, 0, 0, 9, 1]),
+    (16, 2, 5, 1, (4, 16), (2, 4), True, "split", [16]),
+]
+
+
+def _packed_plan(N, W, H, Hkv, segs, rates, causal, mode, lengths):
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return cu, plan_ring_dilated(N, W, H, Hkv, segs, rates, is_causal=causal, head_mode=mode, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("geom", PACKED_GEOMETRIES)
+def test_packed_items_cover_and_receive_exactly_the_minimum(geom) -> None:
+    """Packed documents: the items cover every (position, head) the packed reference selects once, and
+    each rank receives exactly the (position, kv head) rows its queries attend to outside its shard."""
+    N, W, H, Hkv, segs, rates, causal, mode, _ = geom
+    cu, plan = _packed_plan(*geom)
+    n = N // W
+    weights = reference.dilated_weights(N, H, segs, rates, is_causal=causal, head_mode=mode, cu_seqlens=cu)
+    cfg = DilatedConfig(segs, rates, mode)
+    # selected (position, head) per group, from each document's own tiling
+    doc = torch.searchsorted(cu[1:].long(), torch.arange(N), right=True)
+    within = torch.arange(N) - cu.long()[doc]
+    for g, (w, r) in enumerate(zip(segs, rates)):
+        seen = []
+        for b, rp in enumerate(plan.ranks):
+            seen.extend(p for it in rp.items if it.group == g for p in _item_pairs(it, b, n))
+        expected = [(p, j) for p in range(N) for j in cfg.heads_for_group(g, H) if int(within[p]) % w % r == j % r]
+        assert sorted(seen) == sorted(expected)
+    for b, rp in enumerate(plan.ranks):
+        lo, hi = b * n, (b + 1) * n
+        need = {
+            (kpos, j // (H // Hkv))
+            for j, qpos, kpos in torch.nonzero(weights > 0).tolist()
+            if lo <= qpos < hi and not lo <= kpos < hi
+        }
+        got = {(int(key) // Hkv, int(key) % Hkv) for key in rp.needed}
+        assert rp.needed.numel() == len(got) and got == need
+
+
+def test_packed_plan_validation() -> None:
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] = 7"):
+        plan_ring_dilated(8, 2, 2, 2, (4,), (1,), cu_seqlens=torch.tensor([0, 7], dtype=torch.int32))
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
+        plan_ring_dilated(8, 2, 2, 2, (4,), (1,), cu_seqlens=[0, 8])
+    # one document [0, N) is the unpacked tiling
+    one = plan_ring_dilated(24, 4, 4, 2, (4, 12), (1, 2), cu_seqlens=torch.tensor([0, 24], dtype=torch.int32))
+    plain = plan_ring_dilated(24, 4, 4, 2, (4, 12), (1, 2))
+    assert [rp.items for rp in one.ranks] == [rp.items for rp in plain.ranks]
