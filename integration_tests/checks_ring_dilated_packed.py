@@ -90,18 +90,23 @@ def _compare(label: str, got, ref, lo: int, hi: int) -> None:
         assert_close_to_reference(f"{label} {name}", actual, want[:, lo:hi], None)
 
 
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def run_case(case: PackedCase, rank: int, world_size: int, seed: int) -> None:
+    device = _device()
     cu = document_offsets(world_size, seed, case.random_documents)
     q, k, v, dout, mask = _inputs(case, world_size, seed)
     lo, hi = rank * SHARD, (rank + 1) * SHARD
-    shard = [t[:, lo:hi].contiguous().requires_grad_() for t in (q, k, v)]
+    shard = [t[:, lo:hi].to(device).contiguous().requires_grad_() for t in (q, k, v)]
     out = ring_dilated_attention(
         *shard, case.segments, case.rates,
-        is_causal=case.causal, head_mode=case.head_mode, cu_seqlens=cu,
-        key_padding_mask=None if mask is None else mask[:, lo:hi],
+        is_causal=case.causal, head_mode=case.head_mode, cu_seqlens=cu.to(device),
+        key_padding_mask=None if mask is None else mask[:, lo:hi].to(device),
     )  # fmt: skip
-    out.backward(dout[:, lo:hi])
-    got = (out, shard[0].grad, shard[1].grad, shard[2].grad)
+    out.backward(dout[:, lo:hi].to(device))
+    got = tuple(None if t is None else t.cpu() for t in (out, shard[0].grad, shard[1].grad, shard[2].grad))
     _compare(
         f"[{case.name}, W={world_size}, rank {rank}, cu={cu.tolist()}]",
         got,
@@ -192,3 +197,7 @@ def check_module_and_hybrid(rank: int, world_size: int) -> list[str]:
     done.append("hybrid")
     dist.barrier()
     return done
+
+
+# run on GPUs by run_nccl.py (float64: the gather path; the CPU run covers the view path too)
+NCCL_CHECKS = [check_packed_cases]
