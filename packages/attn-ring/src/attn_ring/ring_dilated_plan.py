@@ -2,7 +2,8 @@
 
 Geometry is global: group g = (w, r) cuts the *global* sequence into segments [s*w, (s+1)*w);
 head j selects positions p with p mod r == j mod r (j the global head index: a plan may cover a
-range of the global heads, see ``head_base``). A rank's work for group g is a list of
+range of the global heads, see ``head_base``); with packed documents (cu_seqlens) each
+document is cut from its own start instead (:func:`group_segments`). A rank's work for group g is a list of
 *items* (:class:`RingItem`), one per (segment run, offset o): the rank's own selected rows of
 that segment are the queries, and the same rows are the local keys. Segments wholly inside the
 shard form one strided run needing no communication; a segment crossing a shard boundary also
