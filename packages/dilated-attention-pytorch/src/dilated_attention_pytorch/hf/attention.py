@@ -154,13 +154,17 @@ def given_cu_seqlens(
     not given. ``hint`` ends every error."""
     if kwargs.get("cu_seq_lens_q") is None and kwargs.get("cu_seq_lens_k") is None:
         return None
-    both = ", given together with the other of cu_seq_lens_q/cu_seq_lens_k"
-    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    for name, cu in (("cu_seq_lens_q", cu_q), ("cu_seq_lens_k", cu_k)):
+
+    def tensor(name: str) -> torch.Tensor:
+        cu = kwargs.get(name)
         if not isinstance(cu, torch.Tensor):
             raise ValueError(
-                f"{kind}: {name} must be a 1-d integer tensor of document offsets{both}; got {type(cu).__name__}"
+                f"{kind}: {name} must be a 1-d integer tensor of document offsets, given together with the other "
+                f"of cu_seq_lens_q/cu_seq_lens_k; got {type(cu).__name__}"
             )
+        return cu
+
+    cu_q, cu_k = tensor("cu_seq_lens_q"), tensor("cu_seq_lens_k")
     if cu_q.shape != cu_k.shape or not torch.equal(cu_q, cu_k.to(cu_q.device)):
         raise ValueError(
             f"{kind}: cu_seq_lens_q and cu_seq_lens_k differ; queries and keys are one packed sequence here, "
