@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from hf_models import copy_model, make_model, padded_batch
+from hf_models import assert_matches, copy_model, make_model, packed_batch, padded_batch, run, run_documents
 from transformers import AttentionInterface
 
 import attn_sparse
@@ -218,19 +218,82 @@ def test_ring_refuses_padding_and_dropout(world1: None) -> None:
 
 
 @pytest.mark.parametrize("kind", ["ring", "ring_dilated"])
-def test_ring_kinds_refuse_windows_and_packed_sequences(kind: str, world1: None) -> None:
+def test_ring_kinds_refuse_windows_and_packed_sequences_not_cut_by_shard_batch(kind: str, world1: None) -> None:
+    layout = "zigzag" if kind == "ring" else "contiguous"
     name = hf.register(kind, **({} if kind == "ring" else LONGNET))
     sliding = copy_model(make_model("mistral", sliding_window=8), name, torch.float32)
     with pytest.raises(ValueError, match=r"sliding window.*cannot apply"):
-        sliding(
-            **hf.shard_batch(padded_batch("none")["input_ids"], layout="zigzag" if kind == "ring" else "contiguous")
-        )
+        sliding(**hf.shard_batch(padded_batch("none")["input_ids"], layout=layout))
     model = copy_model(make_model("llama"), name, torch.float32)
     ids, pos, cu = _packed_ids()
-    with pytest.raises(ValueError, match=f"packed sequences .* not supported by '{kind}'"):
+    with pytest.raises(ValueError, match=f"packed sequences .* not supported by '{kind}'.*shard_batch"):
         model(input_ids=ids, position_ids=pos, use_cache=False)
-    with pytest.raises(ValueError, match=f"packed sequences .* not supported by '{kind}'"):
+    # offsets with positions that do not restart in each document (not from shard_batch)
+    match = "position_ids are not .* packed as cu_seq_lens_q/k say" if kind == "ring" else "not supported by"
+    with pytest.raises(ValueError, match=match):
         model(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    if kind == "ring_dilated":  # ring dilated attention takes no document offsets, however they come
+        with pytest.raises(ValueError, match=r"packed sequences .* not supported by 'ring_dilated'.*register 'ring'"):
+            model(**hf.shard_batch(ids, position_ids=pos, layout=layout))
+
+
+def test_shard_batch_packs_documents_as_data_collator_with_flattening(world1: None) -> None:
+    batch, docs = packed_batch([7, 1, 10, 6], seed=4)  # a one-token document too
+    n = batch["input_ids"].shape[1]
+    cu = torch.tensor([0, 7, 8, 18, 24])
+    from_positions = hf.shard_batch(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
+    from_offsets = hf.shard_batch(batch["input_ids"], batch["input_ids"], cu_seqlens=cu)
+    # empty documents (repeated offsets) are the same packing
+    with_empty = hf.shard_batch(
+        batch["input_ids"], batch["input_ids"], cu_seqlens=torch.tensor([0, 7, 7, 8, 18, 24, 24])
+    )
+    for got in (from_positions, from_offsets):
+        assert got["cu_seq_lens_q"].tolist() == got["cu_seq_lens_k"].tolist() == cu.tolist()
+        assert got["cu_seq_lens_q"].dtype == torch.int32
+        assert torch.equal(got["position_ids"], batch["position_ids"])  # W = 1: the shard is the row
+        # token t predicts t + 1 inside its document only: the last token of each document predicts nothing
+        expected = torch.cat([torch.cat([d[1:], torch.tensor([-100])]) for d in docs])[None]
+        assert torch.equal(got["labels"], expected) and torch.equal(got["shift_labels"], expected)
+        assert int(got["num_items_in_batch"]) == n - len(docs)
+    assert all(torch.equal(with_empty[k], from_offsets[k]) for k in ("labels", "position_ids", "input_ids"))
+    # a row that is not packed carries no offsets
+    assert "cu_seq_lens_q" not in hf.shard_batch(batch["input_ids"], position_ids=torch.arange(n)[None])
+
+
+@pytest.mark.parametrize(
+    ("inputs", "match"),
+    [
+        ({"input_ids": "ids2", "cu_seqlens": "cu"}, "one row.*B=2"),
+        ({"input_ids": "ids2", "position_ids": "pos2"}, r"B == 1.*got B=2"),
+        ({"cu_seqlens": "cu_float"}, "integer tensor"),
+        ({"cu_seqlens": "cu_short"}, "cu_seqlens: .*24"),
+        ({"cu_seqlens": "cu_long"}, r"must lie in \[0, 24\]"),
+        ({"cu_seqlens": "cu_other", "position_ids": "pos"}, r"\[0, 12, 24\] and the documents .* differ"),
+        ({"position_ids": "pos_from_3"}, "count 0, 1, 2, ... along each document"),
+        ({"position_ids": "arange_from_3"}, "count 0, 1, 2, ... along each row"),
+        ({"cu_seqlens": "cu", "attention_mask": "padded"}, "no padding"),
+    ],
+)
+def test_shard_batch_refuses_packing_it_cannot_carry(inputs: dict, match: str, world1: None) -> None:
+    ids, pos, cu = _packed_ids()
+    padded = torch.ones(1, 24, dtype=torch.long)
+    padded[0, -2:] = 0
+    values = {
+        "ids2": ids.expand(2, -1),
+        "pos2": pos.expand(2, -1),
+        "pos": pos,
+        "pos_from_3": pos + 3,
+        "arange_from_3": torch.arange(3, 27)[None],
+        "cu": cu,
+        "cu_other": torch.tensor([0, 12, 24]),
+        "cu_float": cu.float(),
+        "cu_short": torch.tensor([0, 10, 20]),
+        "cu_long": torch.tensor([0, 10, 2**32 + 24]),
+        "padded": padded,
+    }
+    kwargs = {"input_ids": ids, **{k: values[v] for k, v in inputs.items()}}
+    with pytest.raises(ValueError, match=match):
+        hf.shard_batch(**kwargs)
 
 
 def test_ring_helpers_validate_and_need_a_process_group() -> None:
@@ -238,3 +301,29 @@ def test_ring_helpers_validate_and_need_a_process_group() -> None:
         hf.shard_batch(torch.zeros(1, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="input_ids"):
         hf.shard_batch(torch.zeros(8, dtype=torch.long))
+
+
+def test_packed_ring_offsets_reach_layers_recomputed_by_gradient_checkpointing(
+    world1: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the offsets travel as model keywords, so a layer recomputed in backward sees them again
+    import attn_ring
+
+    batch, docs = packed_batch([9, 6, 9], seed=6)
+    model = make_model("llama", seed=2)
+    ref = run_documents(copy_model(model, "sdpa", torch.float64), docs)
+    base = run_documents(copy_model(model, "sdpa", torch.float32), docs)
+    ring = copy_model(model, hf.register("ring"), torch.float32)
+    getattr(ring, "activation_checkpointing_enable", ring.gradient_checkpointing_enable)()
+    ring.train()
+    offsets = []
+    kernel = attn_ring.ring_attention
+
+    def recorded(*args, **kwargs):
+        offsets.append(kwargs["cu_seqlens"].tolist())
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(attn_ring, "ring_attention", recorded)
+    ours = run(ring, hf.shard_batch(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"]))
+    assert offsets == [[0, 9, 15, 24]] * 4  # 2 layers, each run in forward and again in backward
+    assert_matches("packed ring, gradient checkpointing", ours, ref, base)

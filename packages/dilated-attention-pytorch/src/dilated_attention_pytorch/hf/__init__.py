@@ -20,12 +20,14 @@
   a sparsity pattern, intersected with those masks (layouts built from a pattern are cached per
   sequence length); ``backend``.
 - ``"ring"``: :func:`attn_ring.ring_attention` over ``group`` (None: the default group) with
-  ``layout`` "zigzag" (default; balances causal work) or "contiguous".
+  ``layout`` "zigzag" (default; balances causal work) or "contiguous". Takes packed sequences cut
+  by :func:`shard_batch`, which passes the whole row's document offsets as ``cu_seq_lens_q/k``.
 - ``"ring_dilated"``: :func:`attn_ring.ring_dilated_attention` over ``group``; options as for
   "longnet" (contiguous shards).
 
-For the ring kinds every rank holds one shard of each sequence: :func:`shard_batch` cuts a batch,
-:func:`gather_logits`, :func:`reduce_loss` and :func:`sync_gradients` put results together.
+For the ring kinds every rank holds one shard of each sequence: :func:`shard_batch` cuts a batch
+(packed too, for "ring"), :func:`gather_logits`, :func:`reduce_loss` and :func:`sync_gradients` put
+results together.
 
 What transformers passes is honoured exactly: causal or bidirectional masks, padding (left or
 right: a 2-d attention_mask becomes ``key_padding_mask``; padded query rows give 0, never NaN),
@@ -36,7 +38,8 @@ i.e. ``window_size=(W - 1, 0)``) run on "block_sparse". Packed sequences run on 
 DataCollatorWithFlattening gives; transformers separates them when the model runs without a KV
 cache, e.g. use_cache=False or under Trainer) and/or the flash-attention keywords
 ``cu_seq_lens_q``/``cu_seq_lens_k``. What a kind cannot compute exactly raises ValueError naming it:
-windows on "longnet" and the ring kinds, packed sequences on the ring kinds or with B > 1,
+windows on "longnet" and the ring kinds, packed sequences on "ring_dilated", with B > 1 or (on
+"ring") not cut by :func:`shard_batch`,
 softcapping, attention sinks, position biases, output_attentions, custom 4-d masks, mask overlays
 (chunked attention, image-token blocks) and decoding with a KV cache (query length != key length).
 """
@@ -54,9 +57,9 @@ import torch
 
 from attn_core.config import DilatedConfig
 
-from .attention import AttentionCall, check_dropout_free, prepare_call
+from .attention import VARLEN_KEYWORDS, AttentionCall, check_dropout_free, given_cu_seqlens, prepare_call
 from .masks import PaddingMask, make_mask_function, transformers_module
-from .ring import gather_logits, reduce_loss, shard_batch, sync_gradients
+from .ring import document_positions, gather_logits, reduce_loss, shard_batch, sync_gradients
 
 __all__ = [
     "KINDS",
@@ -77,12 +80,15 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "ring_dilated": ("segment_lengths", "dilation_rates", "head_mode", "group"),
 }
 
-# kinds that compute token-exact sliding windows / packed documents (cu_seqlens)
+# kinds that compute token-exact sliding windows / packed documents (cu_seqlens of the call's tokens)
 _WINDOW_KINDS = ("block_sparse",)
 _DOCUMENT_KINDS = ("longnet", "block_sparse")
+# kinds whose calls hold one shard of each sequence: the varlen keywords (from shard_batch) describe
+# the whole sequence, so the kind reads them itself rather than prepare_call (which checks a call's own tokens)
+_SHARDED_KINDS = ("ring", "ring_dilated")
 
-# (call, softmax scale, dropout, position_ids (B or 1, N) | None) -> (B, N, H, D)
-Compute = Callable[[AttentionCall, "float | None", float, Any], torch.Tensor]
+# (call, softmax scale, dropout, the layer's keywords: position_ids, cu_seq_lens_q/k, ...) -> (B, N, H, D)
+Compute = Callable[[AttentionCall, "float | None", float, dict[str, Any]], torch.Tensor]
 
 
 def _require(module: str, extra: str) -> Any:
@@ -110,7 +116,7 @@ def _longnet(options: dict[str, Any]) -> Compute:
     cfg = _dilated_options("longnet", options)
     backend = _check_backend("longnet", options.get("backend", "auto"), attn_core.BACKENDS)
 
-    def compute(call, scale, dropout, position_ids):
+    def compute(call, scale, dropout, kwargs):
         return attn_core.dilated_attention(
             call.q,
             call.k,
@@ -161,7 +167,7 @@ def _block_sparse(options: dict[str, Any]) -> Compute:
                 f"{sorted(attn_sparse.PATTERNS)}), or neither to follow the model's masks"
             )
 
-    def compute(call, scale, dropout, position_ids):
+    def compute(call, scale, dropout, kwargs):
         check_dropout_free("block_sparse", dropout)
         n = call.q.shape[1]
         if fixed is not None:
@@ -198,9 +204,12 @@ def _check_group(kind: str, group: object) -> Any:
     return group
 
 
-def _check_ring_positions(kind: str, position_ids: object, n: int, group: Any, layout: str) -> None:
+def _check_ring_positions(
+    kind: str, position_ids: object, n: int, group: Any, layout: str, cu_seqlens: torch.Tensor | None = None
+) -> None:
     # a rank given the whole sequence instead of its shard would silently attend over W copies of it:
-    # the positions transformers passes must be this rank's shard of the n * W token sequence
+    # the positions transformers passes must be this rank's shard of the n * W token sequence (counting
+    # from 0 in each packed document when cu_seqlens, the whole sequence's offsets, are given)
     if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2:
         return
     import torch.distributed as dist
@@ -209,11 +218,29 @@ def _check_ring_positions(kind: str, position_ids: object, n: int, group: Any, l
 
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     expected = shard_positions(n * world, world, rank, layout).to(position_ids.device)
+    what = f"rank {rank}'s {layout!r} shard of a {n * world}-token sequence"
+    if cu_seqlens is not None:
+        expected = document_positions(cu_seqlens.to(position_ids.device), n * world)[expected]
+        what = f"{what} packed as cu_seq_lens_q/k say (counting from 0 in each document)"
     if position_ids.shape[-1] != n or not bool((position_ids == expected).all()):
         raise ValueError(
-            f"{kind}: position_ids are not rank {rank}'s {layout!r} shard of a {n * world}-token sequence over "
-            f"{world} ranks; cut each batch with dilated_attention_pytorch.hf.shard_batch(..., layout={layout!r})"
+            f"{kind}: position_ids are not {what} over {world} ranks; cut each batch with "
+            f"dilated_attention_pytorch.hf.shard_batch(..., layout={layout!r})"
         )
+
+
+def _ring_documents(kind: str, call: AttentionCall, kwargs: dict[str, Any], group: Any) -> torch.Tensor | None:
+    """int32 offsets of the documents packed into the whole sequence (cu_seq_lens_q/k, as
+    :func:`shard_batch` gives them: the same on every rank), checked against the n * W tokens; None
+    when not given."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    hint = (
+        f" (on the ring they are the offsets of the whole {call.q.shape[1] * world}-token sequence over {world} "
+        "ranks, not of this shard: let dilated_attention_pytorch.hf.shard_batch give them)"
+    )
+    return given_cu_seqlens(kind, kwargs, call.q.shape[0], call.q.shape[1] * world, call.q.device, hint)
 
 
 def _ring(options: dict[str, Any]) -> Compute:
@@ -221,16 +248,24 @@ def _ring(options: dict[str, Any]) -> Compute:
     group = _check_group("ring", options.get("group"))
     layout = attn_ring.sharding.check_layout(options.get("layout", "zigzag"))
 
-    def compute(call, scale, dropout, position_ids):
+    def compute(call, scale, dropout, kwargs):
         check_dropout_free("ring", dropout)
-        _check_ring_positions("ring", position_ids, call.q.shape[1], group, layout)
+        cu_seqlens = _ring_documents("ring", call, kwargs, group)
+        _check_ring_positions("ring", kwargs.get("position_ids"), call.q.shape[1], group, layout, cu_seqlens)
         if call.key_padding_mask is not None:
             raise ValueError(
                 "ring: ring attention takes no padding mask and this batch has padding; fill every row to full "
                 "length without padding, or register 'ring_dilated'"
             )
         return attn_ring.ring_attention(
-            call.q, call.k, call.v, group=group, is_causal=call.is_causal, layout=layout, softmax_scale=scale
+            call.q,
+            call.k,
+            call.v,
+            group=group,
+            is_causal=call.is_causal,
+            layout=layout,
+            softmax_scale=scale,
+            cu_seqlens=cu_seqlens,
         )
 
     return compute
@@ -241,9 +276,15 @@ def _ring_dilated(options: dict[str, Any]) -> Compute:
     cfg = _dilated_options("ring_dilated", options)
     group = _check_group("ring_dilated", options.get("group"))
 
-    def compute(call, scale, dropout, position_ids):
+    def compute(call, scale, dropout, kwargs):
         check_dropout_free("ring_dilated", dropout)
-        _check_ring_positions("ring_dilated", position_ids, call.q.shape[1], group, "contiguous")
+        if any(kwargs.get(name) is not None for name in ("cu_seq_lens_q", "cu_seq_lens_k")):
+            raise ValueError(
+                "ring_dilated: packed sequences (cu_seq_lens_q/k, e.g. from shard_batch(..., cu_seqlens=...) or "
+                "restarting position_ids) are not supported by 'ring_dilated' (ring dilated attention takes no "
+                "document offsets); register 'ring' for packed batches, or pad the batch to one sequence per row"
+            )
+        _check_ring_positions("ring_dilated", kwargs.get("position_ids"), call.q.shape[1], group, "contiguous")
         q, k, v, key_padding_mask = call.q, call.k, call.v, call.key_padding_mask
         if key_padding_mask is None:
             # every rank must pass a mask or none (checked by the ring's handshake), and padding may sit
@@ -318,6 +359,7 @@ def register(kind: str, **options: Any) -> str:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         """transformers' attention contract: query (B, H, N, D), key/value (B, Hkv, N, D) -> ((B, N, H, D), None)."""
+        own = {k: v for k, v in kwargs.items() if k not in VARLEN_KEYWORDS} if kind in _SHARDED_KINDS else kwargs
         call = prepare_call(
             kind,
             module,
@@ -326,11 +368,11 @@ def register(kind: str, **options: Any) -> str:
             value,
             attention_mask,
             is_causal,
-            kwargs,
+            own,
             windows=kind in _WINDOW_KINDS,
             documents=kind in _DOCUMENT_KINDS,
         )
-        return compute(call, scaling, float(dropout), kwargs.get("position_ids")), None
+        return compute(call, scaling, float(dropout), kwargs), None
 
     name = _name(kind, options)
     transformers.AttentionInterface.register(name, attention)

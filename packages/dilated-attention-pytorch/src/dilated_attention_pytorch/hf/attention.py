@@ -22,7 +22,18 @@ from attn_core.validation import check_cu_seqlens
 
 from .masks import PaddingMask, cu_seqlens_from_document_ids, several_documents, transformers_module
 
-__all__ = ["AttentionCall", "check_dropout_free", "prepare_call"]
+__all__ = [
+    "VARLEN_KEYWORDS",
+    "AttentionCall",
+    "check_dropout_free",
+    "document_offsets",
+    "given_cu_seqlens",
+    "prepare_call",
+    "same_documents",
+]
+
+# the flash-attention varlen keywords transformers hands every attention layer (DataCollatorWithFlattening)
+VARLEN_KEYWORDS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 @dataclass(frozen=True)
@@ -95,12 +106,17 @@ def _preview(offsets: torch.Tensor, shown: int = 8) -> str:
     return str(values) if len(values) <= shown else f"{str(values[:shown])[:-1]}, ... ({len(values)} offsets)]"
 
 
-def _same_documents(a: torch.Tensor, b: torch.Tensor) -> bool:
-    # empty documents (repeated offsets) change nothing
+def same_documents(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two offset tensors describe the same documents (empty ones, repeated offsets, change nothing)."""
     return torch.equal(torch.unique_consecutive(a.long()), torch.unique_consecutive(b.long().to(a.device)))
 
 
-def _offsets(kind: str, name: str, cu: object) -> torch.Tensor:
+def document_offsets(
+    where: str, name: str, cu: object, batch: int, seq_len: int, device: torch.device, hint: str = ""
+) -> torch.Tensor:
+    """``cu`` checked as integer (num_docs + 1,) offsets of documents packed into one row of
+    ``seq_len`` tokens (0 = c[0] <= ... <= c[-1] = seq_len, batch == 1); returned int32 on ``device``.
+    Errors start with ``where`` and ``name`` and end with ``hint``."""
     if (
         not isinstance(cu, torch.Tensor)
         or cu.dim() != 1
@@ -111,40 +127,50 @@ def _offsets(kind: str, name: str, cu: object) -> torch.Tensor:
     ):
         what = f"{cu.dtype} of shape {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
         raise ValueError(
-            f"{kind}: {name} must be a non-empty 1-d integer tensor of document offsets (num_docs + 1,), given "
-            f"together with the other of cu_seq_lens_q/cu_seq_lens_k; got {what}"
+            f"{where}: {name} must be a non-empty 1-d integer tensor of document offsets (num_docs + 1,){hint}; "
+            f"got {what}"
         )
-    return cu
+    if batch != 1:
+        raise ValueError(
+            f"{where}: {name} describe documents packed into one row, but the batch has B={batch} rows; "
+            "flatten the batch into one row (as DataCollatorWithFlattening does)"
+        )
+    lowest, highest = torch.stack([cu.min(), cu.max()]).tolist()
+    if lowest < 0 or highest > seq_len:  # before the int32 cast, which would wrap larger values
+        raise ValueError(f"{where}: {name} offsets must lie in [0, {seq_len}], got {lowest}..{highest}{hint}")
+    offsets = cu.to(device=device, dtype=torch.int32)
+    try:
+        check_cu_seqlens(offsets, batch=batch, seq_len=seq_len, device=device)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {name}: {exc}{hint}") from exc
+    return offsets
 
 
-def _given_cu_seqlens(
-    kind: str, kwargs: dict[str, Any], batch: int, seq_len: int, device: torch.device
+def given_cu_seqlens(
+    kind: str, kwargs: dict[str, Any], batch: int, seq_len: int, device: torch.device, hint: str = ""
 ) -> torch.Tensor | None:
     """The flash-attention varlen keywords (cu_seq_lens_q/k, e.g. from DataCollatorWithFlattening)
-    validated as int32 (num_docs + 1,) on ``device``, or None when not given."""
+    validated as int32 (num_docs + 1,) offsets over ``seq_len`` tokens on ``device``, or None when
+    not given. ``hint`` ends every error."""
     if kwargs.get("cu_seq_lens_q") is None and kwargs.get("cu_seq_lens_k") is None:
         return None
-    cu_q = _offsets(kind, "cu_seq_lens_q", kwargs.get("cu_seq_lens_q"))
-    cu_k = _offsets(kind, "cu_seq_lens_k", kwargs.get("cu_seq_lens_k"))
+
+    def tensor(name: str) -> torch.Tensor:
+        cu = kwargs.get(name)
+        if not isinstance(cu, torch.Tensor):
+            raise ValueError(
+                f"{kind}: {name} must be a 1-d integer tensor of document offsets, given together with the other "
+                f"of cu_seq_lens_q/cu_seq_lens_k; got {type(cu).__name__}"
+            )
+        return cu
+
+    cu_q, cu_k = tensor("cu_seq_lens_q"), tensor("cu_seq_lens_k")
     if cu_q.shape != cu_k.shape or not torch.equal(cu_q, cu_k.to(cu_q.device)):
         raise ValueError(
             f"{kind}: cu_seq_lens_q and cu_seq_lens_k differ; queries and keys are one packed sequence here, "
             "so they must be equal"
         )
-    if batch != 1:
-        raise ValueError(
-            f"{kind}: cu_seq_lens_q/k describe documents packed into one row, but the batch has B={batch} rows; "
-            "flatten the batch into one row (as DataCollatorWithFlattening does)"
-        )
-    lowest, highest = torch.stack([cu_q.min(), cu_q.max()]).tolist()
-    if lowest < 0 or highest > seq_len:  # before the int32 cast, which would wrap larger values
-        raise ValueError(f"{kind}: cu_seq_lens_q offsets must lie in [0, {seq_len}], got {lowest}..{highest}")
-    cu = cu_q.to(device=device, dtype=torch.int32)
-    try:
-        check_cu_seqlens(cu, batch=batch, seq_len=seq_len, device=device)
-    except ValueError as exc:
-        raise ValueError(f"{kind}: cu_seq_lens_q/k: {exc}") from exc
-    return cu
+    return document_offsets(kind, "cu_seq_lens_q/k", cu_q, batch, seq_len, device, hint)
 
 
 def _packed_documents(
@@ -163,7 +189,7 @@ def _packed_documents(
     given they must agree. Restarting position_ids that transformers' mask did not separate (it
     skips that with a KV cache) are refused rather than guessed.
     """
-    given = _given_cu_seqlens(kind, kwargs, batch, seq_len, device)
+    given = given_cu_seqlens(kind, kwargs, batch, seq_len, device)
     mask = attention_mask if isinstance(attention_mask, PaddingMask) else None
     ids, from_ids = (None, None) if mask is None else (mask.document_ids, mask.cu_seqlens)
     separated_by_mask = ids is not None
@@ -177,8 +203,8 @@ def _packed_documents(
     if not supported:
         raise ValueError(
             f"{kind}: packed sequences (several documents in one row, from position_ids that restart or "
-            f"cu_seq_lens_q/k) are not supported by {kind!r}; 'longnet' and 'block_sparse' take them, or pad "
-            "the batch to one sequence per row"
+            f"cu_seq_lens_q/k) are not supported by {kind!r}; 'longnet' and 'block_sparse' take them, 'ring' takes "
+            "them cut by dilated_attention_pytorch.hf.shard_batch, or pad the batch to one sequence per row"
         )
     if ids is not None and ids.shape[0] != 1:
         raise ValueError(
@@ -189,7 +215,7 @@ def _packed_documents(
     if ids is not None and from_ids is None:
         from_ids = cu_seqlens_from_document_ids(ids[0])
     if given is not None:
-        if from_ids is not None and not _same_documents(given, from_ids):
+        if from_ids is not None and not same_documents(given, from_ids):
             raise ValueError(
                 f"{kind}: cu_seq_lens_q/k ({_preview(given)}) and the documents position_ids give "
                 f"({_preview(from_ids)}) differ"
