@@ -118,9 +118,9 @@ def block_sparse_attention_csr(
     """
     D = q.shape[-1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    cfg = config if config is not None else default_config(csr.block_size)
+    kmask = mask if mask is not None else KernelMask.causal(False, q.shape[1], k.shape[1])
+    cfg = config if config is not None else default_config(csr.block_size, head_dim=D, banded=kmask.banded)
     bad = cfg.check(csr.block_size)
     if bad:
         raise ValueError("kernel config does not fit the layout: " + "; ".join(bad))
-    kmask = mask if mask is not None else KernelMask.causal(False, q.shape[1], k.shape[1])
     return BLOCK_SPARSE(q, k, v, csr, kmask, float(scale), cfg)

@@ -112,13 +112,22 @@ _CONFIG_BK64 = KernelConfig(
 )
 
 
-def default_config(block_size: tuple[int, int]) -> KernelConfig:
+def default_config(block_size: tuple[int, int], *, head_dim: int | None = None, banded: bool = False) -> KernelConfig:
     """Tiles for a layout block size: the measured H100 choice, each tile clipped to the block.
 
     Clipping (tile = min(preferred, block)) lets 16x16 / 32x32 layouts (CPU tests) run too.
+    ``banded`` (token masks: causal, windows, documents): the recompute backward, which measured
+    faster than the stored-dS form there on an H100 (bf16, N=32K, causal window 4096: H=32/Hkv=8,
+    D=128 15.1 ms with 64x128 dk/dv tiles of 8 warps vs 24.2 stored; H=16, D=64 4.75 vs 5.26 ms,
+    its 64x64 tiles kept); the stored form stays the default for unmasked layouts, where it was
+    measured faster (docs/benchmarks/sparse_h100.md).
     """
     bq, bk = block_size
     base = _CONFIG_BK64 if bk == 64 else KernelConfig()
+    if banded:
+        base = replace(base, ds_scratch_bytes=0)
+        if head_dim == 128 and bk >= 128:
+            base = replace(base, dkv_n=128, dkv_warps=8)
     return replace(
         base,
         fwd_m=min(base.fwd_m, bq),
