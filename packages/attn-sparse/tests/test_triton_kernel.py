@@ -37,6 +37,7 @@ from attn_sparse.kernels import (
     row_table,
     stored_ds_chunks,
 )
+from attn_sparse.masks import TokenMask
 
 
 def csr_from_mask(mask: torch.Tensor, block_size: tuple[int, int]) -> CSR:
@@ -67,8 +68,12 @@ def run_case(
     dtype: torch.dtype,
     config: KernelConfig | None = None,
     seed: int = 0,
+    window_size: tuple[int, int] | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Check out, dq, dk, dv against the float64 reference; return them for extra assertions."""
+    """Check out, dq, dk, dv against the float64 reference; return them for extra assertions.
+
+    Token masks: is_causal, window_size, cu_seqlens (B == 1), through a KernelMask."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Nq, H, D, generator=g).to(dtype).requires_grad_()
     k = torch.randn(B, Nk, Hkv, D, generator=g).to(dtype).requires_grad_()
@@ -76,6 +81,11 @@ def run_case(
     dout = torch.randn(B, Nq, H, D, generator=g).to(dtype)
     scale = 1.0 / math.sqrt(D)
     csr = csr_from_mask(mask, block_size)
+    tokens = TokenMask.build(
+        is_causal=is_causal, window_size=window_size, cu_seqlens=cu_seqlens, batch=B, seq_len_q=Nq, seq_len_k=Nk,
+        device=q.device,
+    )  # fmt: skip
+    kmask = KernelMask(tokens.banded, *tokens.kernel_sides(Nq, Nk), tokens.document_bounds(Nq))
 
     # every backward: stored dS in one chunk, stored dS one unit per chunk, and recompute
     cfg = config if config is not None else default_config(block_size)
@@ -102,21 +112,20 @@ def run_case(
             else:
                 assert len(chunks) == (units if "chunked" in name else 1), (name, chunks)
 
-        out = block_sparse_attention_csr(
-            q, k, v, csr, mask=KernelMask.causal(is_causal, q.shape[1], k.shape[1]), softmax_scale=scale, config=cfg
-        )
+        out = block_sparse_attention_csr(q, k, v, csr, mask=kmask, softmax_scale=scale, config=cfg)
         assert out.shape == q.shape and out.dtype == dtype
         grads = {}
         for name, c in variants.items():
-            o = block_sparse_attention_csr(
-                q, k, v, csr, mask=KernelMask.causal(is_causal, q.shape[1], k.shape[1]), softmax_scale=scale, config=c
-            )
+            o = block_sparse_attention_csr(q, k, v, csr, mask=kmask, softmax_scale=scale, config=c)
             grads[name] = torch.autograd.grad(o, (q, k, v), dout)
     dq, dk, dv = grads["stored dS"]
 
     def reference(ct: torch.dtype) -> tuple[torch.Tensor, ...]:
         qr, kr, vr = (t.detach().to(ct).requires_grad_() for t in (q, k, v))
-        o, _ = reference_attention(qr, kr, vr, mask, block_size, is_causal=is_causal, softmax_scale=scale, dtype=ct)
+        o, _ = reference_attention(
+            qr, kr, vr, mask, block_size, is_causal=is_causal, window_size=window_size, cu_seqlens=cu_seqlens,
+            softmax_scale=scale, dtype=ct,
+        )  # fmt: skip
         grads = torch.autograd.grad(o, (qr, kr, vr), dout.to(ct))
         return (o.detach(), *grads)
 
@@ -531,6 +540,32 @@ def test_stored_ds_reads_only_written_scratch(monkeypatch: pytest.MonkeyPatch, i
         B=2, Nq=75, Nk=75, H=4, Hkv=2, D=16, block_size=(16, 32), mask=mask, is_causal=is_causal,
         dtype=torch.float32, config=cfg, seed=32,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_token_masks_every_backward_reads_only_written_scratch(monkeypatch: pytest.MonkeyPatch, causal: bool) -> None:
+    # Windows and documents make the band's edges masked on both sides and skip whole tiles: every
+    # backward form (stored dS in one chunk, per unit, in key-block ranges; recompute) must agree
+    # with the float64 reference, and a NaN-filled scratch shows skipped tiles are never read.
+    monkeypatch.setattr(
+        launch, "_scratch", lambda n, like: torch.full((n,), float("nan"), dtype=like.dtype, device=like.device)
+    )
+    mask = random_mask(1, 5, 3, 0.8, seed=41)
+    cfg = KernelConfig(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkv_m=16, dkv_n=16, dqs_m=16, dqs_n=16)
+    cu = torch.tensor([0, 1, 20, 20, 52, 75], dtype=torch.int32)  # a 1-token and an empty document
+    run_case(
+        B=1, Nq=75, Nk=75, H=4, Hkv=2, D=16, block_size=(16, 32), mask=mask, is_causal=causal,
+        dtype=torch.float32, config=cfg, seed=42, window_size=(9, -1 if causal else 5), cu_seqlens=cu,
+    )  # fmt: skip
+
+
+def test_masked_calls_default_to_the_recompute_backward() -> None:
+    # measured faster with token masks (docs/benchmarks/sparse_masks_h100.md); unmasked keep stored dS
+    assert default_config((128, 128), head_dim=128, banded=True).ds_scratch_bytes == 0
+    assert default_config((128, 128), head_dim=128, banded=True).dkv_n == 128
+    assert default_config((128, 128), head_dim=64, banded=True).dkv_n == 64
+    assert default_config((128, 128), head_dim=128).ds_scratch_bytes > 0
+    assert default_config((64, 64), head_dim=128, banded=True).dkv_n == 64  # clipped to the block
 
 
 def unit_chunks(bounds: list[int], num_kb: int, nnz: int) -> list[tuple[int, ...]]:
