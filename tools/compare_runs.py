@@ -25,15 +25,26 @@ def _one(folder: Path, prefix: str) -> dict[str, Any]:
     return json.loads(found[0].read_text())
 
 
+# Key fields older runs did not record, with the value they had then (bench_dilated swept H=16,
+# MHA, non-causal only before it took --heads and --causal).
+KEY_DEFAULTS: dict[str, Any] = {"H": 16, "Hkv": 16, "causal": False}
+
+
 def _points(run: dict[str, Any], key_fields: tuple[str, ...], measures: tuple[str, ...]) -> dict[tuple, dict]:
-    return {tuple(r[f] for f in key_fields): {m: r[m] for m in measures} for r in run["rows"]}
+    points: dict[tuple, dict] = {}
+    for r in run["rows"]:
+        key = tuple(r[f] if f in r else KEY_DEFAULTS[f] for f in key_fields)
+        if key in points:
+            raise SystemExit(f"two rows measured the same point {dict(zip(key_fields, key))}: add a key field")
+        points[key] = {m: r[m] for m in measures}
+    return points
 
 
 def compare(base_dir: Path, head_dir: Path) -> dict[str, Any]:
     rows = []
     for bench, prefix, keys, measures in (
         ("sparse", "sparse_", ("n", "pattern", "density_target"), SPARSE_MEASURES),
-        ("dilated", "dilated_", ("D", "mode", "N"), DILATED_MEASURES),
+        ("dilated", "dilated_", ("H", "Hkv", "causal", "D", "mode", "N"), DILATED_MEASURES),
     ):
         base, head = _one(base_dir, prefix), _one(head_dir, prefix)
         b_pts, h_pts = _points(base, keys, measures), _points(head, keys, measures)
