@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
-
-def _device() -> torch.device:
-    # Under NCCL (run_nccl.py) the CUDA device is set; under gloo the ranks use the CPU.
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+from harness import rank_device
 
 
 def check_all_reduce(rank: int, world_size: int) -> int:
-    t = torch.full((3,), float(rank + 1), device=_device())
+    t = torch.full((3,), float(rank + 1), device=rank_device())
     dist.all_reduce(t)
     expected = world_size * (world_size + 1) / 2
     if not torch.all(t == expected):

@@ -20,15 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
+from harness import expect_value_error, rank_device
 
 from attn_core import reference
 from attn_core.testing import assert_close_to_reference
 from attn_ring import RingAttention, ring_attention, shard_sequence
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -129,7 +125,7 @@ def check_all_cases(rank: int, world_size: int, device_type: str | None = None) 
     of the multi-rank schedule even on a single-GPU machine.
     """
     device = (
-        _device()
+        rank_device()
         if device_type is None
         else torch.device("cuda", 0)
         if device_type == "cuda"
@@ -224,7 +220,7 @@ def _check_pool_buffers(rank: int, world_size: int, device: torch.device) -> Non
     """Receive buffers from memory_runtime's DeviceBufferPool: same result, every buffer given back."""
     from memory_runtime import DeviceBufferPool
 
-    pool = DeviceBufferPool(_device())  # receive buffers live where the wire is (CPU for gloo)
+    pool = DeviceBufferPool(rank_device())  # receive buffers live where the wire is (CPU for gloo)
     inputs = _global_inputs(Case("pool", 4), world_size, 8, device)
     q, k, v = (shard_sequence(t, world_size, rank).requires_grad_(True) for t in inputs[:3])
     out = ring_attention(q, k, v, is_causal=True, buffers=pool, timeout_s=60)
@@ -240,19 +236,9 @@ def _check_pool_buffers(rank: int, world_size: int, device: torch.device) -> Non
         raise AssertionError("the ring never asked the pool for a receive buffer")
 
 
-def _expect_value_error(fn: object, needle: str) -> None:
-    try:
-        fn()  # type: ignore[operator]
-    except ValueError as exc:
-        if needle not in str(exc):
-            raise AssertionError(f"ValueError without {needle!r}: {exc}") from exc
-        return
-    raise AssertionError(f"expected ValueError mentioning {needle!r}")
-
-
 def check_errors_raise_on_every_rank(rank: int, world_size: int) -> list[str]:
     """Mismatched shape / dtype / option on one rank, and a zigzag shard of odd length: ValueError on every rank."""
-    device = _device()
+    device = rank_device()
     t0 = time.monotonic()
     done = []
 
@@ -261,17 +247,17 @@ def check_errors_raise_on_every_rank(rank: int, world_size: int) -> list[str]:
 
     last = world_size - 1
     if world_size > 1:  # a ring of one cannot disagree with itself
-        _expect_value_error(lambda: ring_attention(*qkv(6 if rank == last else 4), timeout_s=30), "shard_len")
+        expect_value_error(lambda: ring_attention(*qkv(6 if rank == last else 4), timeout_s=30), "shard_len")
         done.append("shape")
-        _expect_value_error(
+        expect_value_error(
             lambda: ring_attention(*qkv(4, torch.float64 if rank == last else torch.float32), timeout_s=30), "dtype"
         )
         done.append("dtype")
-        _expect_value_error(
+        expect_value_error(
             lambda: ring_attention(*qkv(4), is_causal=rank == last, layout="zigzag", timeout_s=30), "is_causal"
         )
         done.append("option")
-    _expect_value_error(lambda: ring_attention(*qkv(3), layout="zigzag", timeout_s=30), "n=3")
+    expect_value_error(lambda: ring_attention(*qkv(3), layout="zigzag", timeout_s=30), "n=3")
     done.append("zigzag odd shard")
     # the ring still works after all those errors
     q, k, v = qkv(4)

@@ -15,16 +15,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from harness import rank_device
 
 from attn_core import MultiheadDilatedAttention, reference
 from attn_core.testing import assert_close_to_reference
 from attn_ring.exchange import last_stats, reset_stats
 from attn_ring.modules_dilated import RingMultiheadDilatedAttention
 from attn_ring.ring_dilated import plan_ring_dilated, ring_dilated_attention
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -139,7 +136,7 @@ def _reference(case: Case, q, k, v, dout, mask, dtype):
 
 
 def run_case(case: Case, rank: int, world_size: int, seed: int) -> int:
-    device = _device()
+    device = rank_device()
     q, k, v, dout, mask = _inputs(case, world_size, device, seed)
     lo, hi = rank * case.shard, (rank + 1) * case.shard
     shard = [t[:, lo:hi].to(device=device, dtype=case.dtype).contiguous().requires_grad_() for t in (q, k, v)]
@@ -224,7 +221,7 @@ def check_mismatched_config_raises(rank: int, world_size: int) -> str:
     """A rank with a different segment length makes every rank raise ValueError (no hang)."""
     if world_size == 1:
         return "needs two ranks"
-    device = _device()
+    device = rank_device()
     q = torch.randn(1, 4, 2, 8, device=device)
     segs = (4, 8) if rank != world_size - 1 else (4, 16)
     try:
@@ -239,7 +236,7 @@ def check_mismatched_config_raises(rank: int, world_size: int) -> str:
 def check_multihead_module(rank: int, world_size: int) -> str:
     """RingMultiheadDilatedAttention on shards == attn_core's module on the whole sequence: outputs,
     input gradients, and parameter gradients summed over ranks."""
-    device = _device()
+    device = rank_device()
     n, E, H, Hkv, segs, rates = 6, 16, 4, 2, (4, 12), (1, 2)
     N = n * world_size
     torch.manual_seed(3)
@@ -289,7 +286,7 @@ def check_ring_sparse(rank: int, world_size: int) -> list[str]:
     from attn_ring.ring_sparse import plan_ring_sparse, ring_block_sparse_attention
     from attn_sparse.layout import BlockLayout
 
-    device = _device()
+    device = rank_device()
     B, H, Hkv, D, bs, per_rank_blocks = 2, 4, 2, 8, 16, 2
     n = bs * per_rank_blocks
     N = n * world_size
@@ -393,7 +390,7 @@ def check_missing_peer_times_out(rank: int, world_size: int) -> str:
 
     if rank == world_size - 1:
         return "absent"
-    q = torch.randn(1, 4, 2, 8, device=_device())
+    q = torch.randn(1, 4, 2, 8, device=rank_device())
     t0 = time.monotonic()
     try:
         ring_dilated_attention(q, q, q, (8,), (2,), timeout_s=5)

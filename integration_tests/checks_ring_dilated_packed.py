@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from harness import rank_device
 
 from attn_core import reference
 from attn_core.testing import assert_close_to_reference
@@ -90,12 +91,8 @@ def _compare(label: str, got, ref, lo: int, hi: int) -> None:
         assert_close_to_reference(f"{label} {name}", actual, want[:, lo:hi], None)
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 def run_case(case: PackedCase, rank: int, world_size: int, seed: int) -> None:
-    device = _device()
+    device = rank_device()
     cu = document_offsets(world_size, seed, case.random_documents)
     q, k, v, dout, mask = _inputs(case, world_size, seed)
     lo, hi = rank * SHARD, (rank + 1) * SHARD

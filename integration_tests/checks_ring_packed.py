@@ -18,16 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
+from harness import expect_value_error, rank_device
 
 import attn_ring.ring_packed as packed_mod
 from attn_core import reference
 from attn_core.testing import assert_close_to_reference
 from attn_ring import HybridAttention, RingAttention, hybrid_mesh, ring_attention, shard_sequence
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def documents(lengths: list[int], device: torch.device) -> torch.Tensor:
@@ -123,7 +119,7 @@ def run_case(rank: int, world_size: int, case: Case, seed: int, device: torch.de
 
 def check_packed_cases(rank: int, world_size: int) -> list[str]:
     """Every case's output and gradients on this rank vs the float64 reference; returns what ran."""
-    device = _device()
+    device = rank_device()
     names = []
     for i, case in enumerate(cases(device)):
         run_case(rank, world_size, case, seed=2000 + 10 * world_size + i, device=device)
@@ -187,19 +183,9 @@ def _check_hybrid(rank: int, world_size: int, device: torch.device) -> None:
         assert_close_to_reference(f"hybrid {what} (rank {rank})", a, mesh.shard(b, layout="zigzag"))
 
 
-def _expect_value_error(fn: Any, needle: str) -> None:
-    try:
-        fn()
-    except ValueError as exc:
-        if needle not in str(exc):
-            raise AssertionError(f"ValueError without {needle!r}: {exc}") from exc
-        return
-    raise AssertionError(f"expected ValueError mentioning {needle!r}")
-
-
 def check_packed_errors(rank: int, world_size: int) -> list[str]:
     """Offsets that differ on one rank, and invalid offsets on all: ValueError on every rank, fast."""
-    device = _device()
+    device = rank_device()
     t0 = time.monotonic()
     done = []
     n = 4
@@ -207,16 +193,16 @@ def check_packed_errors(rank: int, world_size: int) -> list[str]:
     q, k, v = (torch.randn(1, n, 2, 4, device=device) for _ in range(3))
     if world_size > 1:
         cu = documents([1, N - 1] if rank == world_size - 1 else [2, N - 2], device)
-        _expect_value_error(lambda: ring_attention(q, k, v, cu_seqlens=cu, timeout_s=30), "cu_seqlens")
+        expect_value_error(lambda: ring_attention(q, k, v, cu_seqlens=cu, timeout_s=30), "cu_seqlens")
         done.append("offsets differ")
         cu = None if rank == 0 else documents([N], device)
-        _expect_value_error(lambda: ring_attention(q, k, v, cu_seqlens=cu, timeout_s=30), "cu_seqlens")
+        expect_value_error(lambda: ring_attention(q, k, v, cu_seqlens=cu, timeout_s=30), "cu_seqlens")
         done.append("offsets on some ranks only")
     bad = documents([2, N - 1], device)  # ends at N + 1
-    _expect_value_error(lambda: ring_attention(q, k, v, cu_seqlens=bad, timeout_s=30), f"cu_seqlens[-1] = {N + 1}")
+    expect_value_error(lambda: ring_attention(q, k, v, cu_seqlens=bad, timeout_s=30), f"cu_seqlens[-1] = {N + 1}")
     done.append("offsets past the sequence")
     wrong = torch.tensor([0, N], dtype=torch.int64, device=device)
-    _expect_value_error(lambda: ring_attention(q, k, v, cu_seqlens=wrong, timeout_s=30), "torch.int64")
+    expect_value_error(lambda: ring_attention(q, k, v, cu_seqlens=wrong, timeout_s=30), "torch.int64")
     done.append("offsets not int32")
     out = ring_attention(q, k, v, cu_seqlens=documents([N], device), timeout_s=30)
     if not torch.isfinite(out).all():

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from harness import expect_value_error, rank_device
 
 from attn_core import reference
 from attn_core.testing import assert_close_to_reference
@@ -36,10 +37,6 @@ from attn_ring import (
     shard_sequence,
     ulysses_attention,
 )
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def has_attn_sparse() -> bool:
@@ -177,7 +174,7 @@ def _compare(
     mine: Callable[[torch.Tensor], torch.Tensor],
     run: Callable[..., torch.Tensor],
 ) -> None:
-    device = _device()
+    device = rank_device()
     ref = _reference(case, x, torch.float64)
     base = _reference(case, x, case.dtype) if case.dtype != torch.float64 else None
     shard = [mine(x[n]).to(device=device, dtype=case.dtype).contiguous().requires_grad_() for n in ("q", "k", "v")]
@@ -426,8 +423,8 @@ def check_hybrid(rank: int, world_size: int, a2a_size: int = 2) -> list[str]:
 
     _compare(f"[hybrid module, rank {rank}]", c, x, lambda t: mesh.shard(t, layout="zigzag"), run_mod)
     done.append("module")
-    q = torch.randn(1, 4, 2 * a2a_size, 8, device=_device())
-    _expect_value_error(
+    q = torch.randn(1, 4, 2 * a2a_size, 8, device=rank_device())
+    expect_value_error(
         lambda: hybrid_attention(q, q, q, a2a_group=mesh.a2a_group, ring_group=mesh.a2a_group, timeout_s=60),
         "share exactly this rank",
     )
@@ -435,19 +432,9 @@ def check_hybrid(rank: int, world_size: int, a2a_size: int = 2) -> list[str]:
     return done
 
 
-def _expect_value_error(fn: Callable[[], Any], needle: str) -> None:
-    try:
-        fn()
-    except ValueError as exc:
-        if needle not in str(exc):
-            raise AssertionError(f"ValueError without {needle!r}: {exc}") from exc
-        return
-    raise AssertionError(f"expected ValueError mentioning {needle!r}")
-
-
 def check_errors_raise_on_every_rank(rank: int, world_size: int) -> list[str]:
     """Mismatched shape / option / config on one rank, and H not a multiple of W: ValueError on every rank."""
-    device = _device()
+    device = rank_device()
     t0 = time.monotonic()
     last = world_size - 1
 
@@ -456,9 +443,9 @@ def check_errors_raise_on_every_rank(rank: int, world_size: int) -> list[str]:
 
     if world_size == 1:  # a group of one cannot disagree with itself, and every H splits over one rank
         return ["still works"] if torch.isfinite(ulysses_attention(*qkv(), timeout_s=30)).all() else []
-    _expect_value_error(lambda: ulysses_attention(*qkv(6 if rank == last else 4), timeout_s=30), "shard_len")
-    _expect_value_error(lambda: ulysses_attention(*qkv(), is_causal=rank == last, timeout_s=30), "is_causal")
-    _expect_value_error(
+    expect_value_error(lambda: ulysses_attention(*qkv(6 if rank == last else 4), timeout_s=30), "shard_len")
+    expect_value_error(lambda: ulysses_attention(*qkv(), is_causal=rank == last, timeout_s=30), "is_causal")
+    expect_value_error(
         lambda: ulysses_attention(
             *qkv(),
             attention="dilated",
@@ -468,10 +455,10 @@ def check_errors_raise_on_every_rank(rank: int, world_size: int) -> list[str]:
         ),
         "attention",
     )
-    _expect_value_error(lambda: ulysses_attention(*qkv(heads=world_size + 1), timeout_s=30), f"H={world_size + 1}")
+    expect_value_error(lambda: ulysses_attention(*qkv(heads=world_size + 1), timeout_s=30), f"H={world_size + 1}")
     # one rank with a head count W does not divide: the handshake reports it on every rank (no wait)
     bad_heads = world_size + 1 if rank == last else 2 * world_size
-    _expect_value_error(lambda: ulysses_attention(*qkv(heads=bad_heads), timeout_s=30), "heads=")
+    expect_value_error(lambda: ulysses_attention(*qkv(heads=bad_heads), timeout_s=30), "heads=")
     out = ulysses_attention(*qkv(), timeout_s=30)
     if not torch.isfinite(out).all():
         raise AssertionError("ulysses produced non-finite values after the error cases")

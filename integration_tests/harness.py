@@ -108,3 +108,19 @@ def assert_all_ok(results: list[RankResult]) -> list[Any]:
     if bad:
         raise AssertionError("\n\n".join(f"rank {r.rank}: {r.error_type}: {r.error}" for r in bad))
     return [r.value for r in results]
+
+
+def rank_device() -> torch.device:
+    """This rank's device: the current CUDA device under NCCL (run_nccl.py sets it), else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def expect_value_error(fn: Callable[[], Any], needle: str) -> None:
+    """Call fn and require a ValueError whose message contains ``needle``."""
+    try:
+        fn()
+    except ValueError as exc:
+        if needle not in str(exc):
+            raise AssertionError(f"ValueError without {needle!r}: {exc}") from exc
+        return
+    raise AssertionError(f"expected ValueError mentioning {needle!r}")

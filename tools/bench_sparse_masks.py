@@ -109,8 +109,7 @@ def derive_ms(args: dict[str, Any], n: int, heads: int, reps: int = 5) -> float:
 
     times = []
     for _ in range(reps):
-        with masks_mod._DERIVED_LOCK:
-            masks_mod._DERIVED.clear()
+        masks_mod.clear_derived_layouts()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         mask = masks_mod.TokenMask.build(

@@ -317,6 +317,8 @@ def test_layout_none_equals_an_explicit_full_layout_and_is_cached() -> None:
         other.layout(n, n, DERIVED_BLOCK_SIZE, torch.device("cpu"))
     again = mask.layout(n, n, DERIVED_BLOCK_SIZE, torch.device("cpu"))
     assert again is not first and again == first
+    token_masks.clear_derived_layouts()  # emptied: the next call derives anew
+    assert mask.layout(n, n, DERIVED_BLOCK_SIZE, torch.device("cpu")) is not again
 
 
 # ------------------------------------------------------------------ FlexAttention

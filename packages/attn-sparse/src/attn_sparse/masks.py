@@ -31,13 +31,19 @@ from attn_core.validation import check_bool, check_cu_seqlens, check_window_size
 
 from .layout import BlockLayout, check_block_size
 
-__all__ = ["DERIVED_LAYOUTS", "TokenMask"]
+__all__ = ["DERIVED_LAYOUTS", "TokenMask", "clear_derived_layouts"]
 
 # Layouts derived from token masks (layout=None calls), kept per (mask, lengths, block size, device)
 # so repeated calls reuse the layout and the launch data cached on it.
 DERIVED_LAYOUTS = 16
 _DERIVED: OrderedDict[tuple[object, ...], BlockLayout] = OrderedDict()
 _DERIVED_LOCK = threading.Lock()
+
+
+def clear_derived_layouts() -> None:
+    """Drop every cached layout derived from token masks (benchmarks time the uncached derivation)."""
+    with _DERIVED_LOCK:
+        _DERIVED.clear()
 
 
 class TokenMask:
