@@ -322,6 +322,12 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--rep", type=int, default=50)
     ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="a JSON of an earlier run on the same GPU: keep its rows, run the rest",
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -331,7 +337,14 @@ def main() -> int:
     configs = [tuple(int(x) for x in c.split("/")) for c in args.configs]
     result: dict[str, Any] = dict(env=gpu_env(dtype="bfloat16", batch=1), rows=[])
     result["correctness"] = [] if args.skip_correctness else correctness()
-    points = [(n, c, m) for n in args.seq_lens for c in configs for m in args.masks]
+    if args.resume is not None:
+        earlier = json.loads(args.resume.read_text())
+        if earlier["env"]["gpu"] != result["env"]["gpu"]:
+            raise ValueError(f"--resume {args.resume} ran on {earlier['env']['gpu']}, not {result['env']['gpu']}")
+        result["rows"] = earlier["rows"]
+        result["correctness"] = earlier["correctness"] + result["correctness"]
+    done = {(r["n"], (r["heads"], r["kv_heads"], r["head_dim"]), r["mask"]) for r in result["rows"]}
+    points = [(n, c, m) for n in args.seq_lens for c in configs for m in args.masks if (n, c, m) not in done]
     try:
         from tqdm import tqdm
 
@@ -342,6 +355,8 @@ def main() -> int:
         row = measure_point(n, c, m, args.warmup, args.rep)  # type: ignore[arg-type]
         result["rows"].append(row)
         print(table([row]).splitlines()[-1], flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)  # partial JSON: a run cut short can be resumed
+        (args.out / "sparse_masks_partial.json").write_text(json.dumps(result, indent=1))
         torch.cuda.empty_cache()
     result["summary"] = summary(result["rows"])
     md = write_report(result, args.out)
