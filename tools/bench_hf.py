@@ -364,7 +364,7 @@ def _ints(text: str) -> list[int]:
         values = [int(v) for v in text.split(",") if v]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) <= 0:
+    if values and min(values) <= 0:  # empty ("") skips that comparison
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
 
