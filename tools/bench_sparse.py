@@ -13,6 +13,7 @@ float64 reference at small N. Writes JSON + markdown + PNG to --out.
     source tools/srcpath.sh && python tools/bench_sparse.py --out docs/benchmarks
     python tools/bench_sparse.py --quick          # N=8K only, two densities
     python tools/bench_sparse.py --tune           # tile-config sweep for the kernels (prints a table)
+    python tools/bench_sparse.py --tune --tune-mask causal --heads 32 --tune-kv-heads 8 --head-dim 64
 """
 
 from __future__ import annotations
@@ -440,74 +441,116 @@ def flex_create_block_mask_cost(n: int, device: str) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def tune(args: argparse.Namespace) -> list[dict]:
-    """Time tile configs for fwd, dq and dk/dv on local_window layouts; print the table."""
-    from attn_sparse.kernels import (
-        CSR,
-        block_sparse_backward,
-        block_sparse_forward,
-        default_config,
-    )
+TUNE_MASKS = ("none", "causal", "causal+win4096", "causal+win1024")
 
-    device = "cuda"
-    H, D, n = args.heads, args.head_dim, args.tune_n
+
+def tune_cases(args: argparse.Namespace) -> list[tuple[str, Any, Any, float]]:
+    """(label, layout, KernelMask, density) per tuned case: local_window layouts of --tune-densities
+    (no token mask) for --tune-mask none, else the tiles derived from that token mask (layout=None)."""
+    from attn_sparse.kernels import KernelMask
+    from attn_sparse.masks import TokenMask
+
+    n = args.tune_n
+    if args.tune_mask == "none":
+        return [
+            (
+                f"local_window {b[0]}x{b[1]}",
+                make_layout("local_window", n, d, b).to("cuda"),
+                KernelMask.causal(False, n, n),
+                d,
+            )
+            for b in ((128, 128), (128, 64))
+            for d in args.tune_densities
+        ]
+    window = None if args.tune_mask == "causal" else (int(args.tune_mask.split("win")[1]) - 1, 0)
+    mask = TokenMask.build(is_causal=True, window_size=window, batch=1, seq_len_q=n, seq_len_k=n, device="cuda")
+    layout = mask.layout(n, n, (128, 128), torch.device("cuda"))
+    left, right = mask.kernel_sides(n, n)
+    return [(args.tune_mask, layout, KernelMask(True, left, right, None), layout.density)]
+
+
+def tune(args: argparse.Namespace) -> list[dict]:
+    """Time tile configs for fwd, dq and dk/dv (H/Hkv from --heads/--tune-kv-heads, D from --head-dim)
+    on --tune-mask's tiles; print the table."""
+    from attn_sparse.kernels import CSR, block_sparse_backward, block_sparse_forward, default_config
+
+    H, Hkv, D, n = args.heads, args.tune_kv_heads or args.heads, args.head_dim, args.tune_n
     # (BLOCK_M, BLOCK_N, warps, stages); the session's probes (docs/benchmarks/sparse_h100.md) also
     # found 32x128 dk/dv tiles with 4 warps and 3-stage dq loops 2-3x slower (register spills).
-    fwd_cands = [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)]
-    dq_cands = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3)]
-    dkv_cands = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3)]
+    fwd_cands = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 128, 4, 3)]
+    dq_cands = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2)]
+    dkv_cands = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 2), (32, 64, 4, 3)]
     # dq from stored dS (the stored-dS backward); dq_* tiles are timed on the recompute backward
     dqs_cands = [(128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2)]
     res = []
-    g = torch.Generator(device=device).manual_seed(0)
-    q, k, v, do = (torch.randn(1, n, H, D, device=device, dtype=torch.bfloat16, generator=g) for _ in range(4))
-    for block, density, tma in ((b, d, t) for b in ((128, 128), (128, 64)) for d in args.tune_densities
-                                for t in (True, False)):  # fmt: skip
-        layout = make_layout("local_window", n, density, block).to(device)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, do = (torch.randn(1, n, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    k, v = (torch.randn(1, n, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    scale = D**-0.5
+    for (label, layout, kmask, density), tma in ((c, t) for c in tune_cases(args) for t in (True, False)):
         csr = CSR.from_layout(layout)
-        base = replace(default_config(block), tma=tma)
-        out, lse = block_sparse_forward(q, k, v, csr, False, D**-0.5, base)
-        flops = 4.0 * attended_pairs(layout, n) * D * H
+        block = layout.block_size
+        base = replace(default_config(block, head_dim=D, banded=kmask.banded), tma=tma)
+        out, lse = block_sparse_forward(q, k, v, csr, kmask, scale, base)
+        if kmask.banded:  # attended pairs of the token mask (exact), not of the tiles
+            flops = 4.0 * D * H * float(mask_pairs(kmask, n))
+        else:
+            flops = 4.0 * attended_pairs(layout, n) * D * H
+        point = dict(case=label, block=block, density=density, tma=tma, heads=H, kv_heads=Hkv, head_dim=D)
         for bm, bn, w, s in fwd_cands:
             cfg = replace(base, fwd_m=bm, fwd_n=bn, fwd_warps=w, fwd_stages=s)
             if cfg.check(block):
                 continue
-            try:
-                ms = bench_ms(lambda cfg=cfg, csr=csr: block_sparse_forward(q, k, v, csr, False, D**-0.5, cfg), 10, 50)
-            except Exception as exc:
-                ms, err = float("nan"), str(exc)[:80]
-            else:
-                err = ""
-            res.append(dict(kernel="fwd", block=block, density=density, tma=tma, cfg=(bm, bn, w, s), ms=ms,
-                            tflops=flops / ms * 1e-9, err=err))  # fmt: skip
+            ms, err = _time_or_error(
+                lambda cfg=cfg, csr=csr, km=kmask: block_sparse_forward(q, k, v, csr, km, scale, cfg)
+            )
+            res.append(dict(point, kernel="fwd", cfg=(bm, bn, w, s), ms=ms, tflops=flops / ms * 1e-9, err=err))
         for kind, cands in (("dq", dq_cands), ("dkv", dkv_cands), ("dqs", dqs_cands)):
             for bm, bn, w, s in cands:
                 cfg = replace(base, **{f"{kind}_m": bm, f"{kind}_n": bn, f"{kind}_warps": w, f"{kind}_stages": s})
                 if kind == "dq":
-                    cfg = replace(cfg, ds_scratch_bytes=0)
+                    cfg = replace(cfg, ds_scratch_bytes=0)  # the recompute backward's dq kernel
+                elif kind == "dqs" and kmask.banded:
+                    continue  # token masks run the recompute backward: no dq from stored dS
                 if cfg.check(block):
                     continue
-                try:
-                    ms = bench_ms(
-                        lambda cfg=cfg, csr=csr, o=out, lse=lse: block_sparse_backward(
-                            do, q, k, v, o, lse, csr, False, D**-0.5, cfg
-                        ),
-                        10,
-                        50,
+                ms, err = _time_or_error(
+                    lambda cfg=cfg, csr=csr, o=out, lse=lse, km=kmask: block_sparse_backward(
+                        do, q, k, v, o, lse, csr, km, scale, cfg
                     )
-                except Exception as exc:
-                    ms, err = float("nan"), str(exc)[:80]
-                else:
-                    err = ""
-                res.append(dict(kernel=f"bwd({kind} varied)", block=block, density=density, tma=tma,
-                                cfg=(bm, bn, w, s), ms=ms, tflops=2.5 * flops / ms * 1e-9, err=err))  # fmt: skip
-    print(f"{'kernel':<18}{'block':<12}{'dens':>6} {'tma':<6} {'BM,BN,warps,stages':<20}{'ms':>9}{'TFLOP/s':>9}")
+                )
+                res.append(
+                    dict(
+                        point,
+                        kernel=f"bwd({kind} varied)",
+                        cfg=(bm, bn, w, s),
+                        ms=ms,
+                        tflops=2.5 * flops / ms * 1e-9,
+                        err=err,
+                    )
+                )
+    print(f"{'kernel':<18}{'case':<24}{'dens':>6} {'tma':<6} {'BM,BN,warps,stages':<20}{'ms':>9}{'TFLOP/s':>9}")
     for r in res:
         print(
-            f"{r['kernel']:<18}{r['block']!s:<12}{r['density']:>6.2f} {r['tma']!s:<6} {r['cfg']!s:<20}"
+            f"{r['kernel']:<18}{r['case']:<24}{r['density']:>6.2f} {r['tma']!s:<6} {r['cfg']!s:<20}"
             f"{r['ms']:>9.3f}{r['tflops']:>9.1f} {r['err']}"
         )
     return res
+
+
+def mask_pairs(kmask: Any, n: int) -> int:
+    """Attended (query, key) pairs of a banded KernelMask without documents over N = Nq = Nk tokens."""
+    i = torch.arange(n, dtype=torch.int64)
+    lo = (i - kmask.left).clamp(min=0)
+    hi = (i + kmask.right).clamp(max=n - 1)
+    return int((hi - lo + 1).clamp(min=0).sum())
+
+
+def _time_or_error(fn: Callable[[], Any]) -> tuple[float, str]:
+    try:
+        return bench_ms(fn, 10, 50), ""
+    except Exception as exc:  # a config that does not compile or launch is a result of the sweep
+        return float("nan"), str(exc)[:80]
 
 
 def _clocks(row: dict) -> str:
@@ -680,6 +723,8 @@ def main() -> int:
     ap.add_argument("--tune", action="store_true", help="sweep kernel tile configs instead of the comparison")
     ap.add_argument("--tune-n", type=int, default=32768)
     ap.add_argument("--tune-densities", type=float, nargs="+", default=[1.0, 0.1])
+    ap.add_argument("--tune-mask", choices=TUNE_MASKS, default="none", help="token mask of the tuned tiles")
+    ap.add_argument("--tune-kv-heads", type=int, default=None, help="Hkv of the tuned case (default: --heads)")
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument(
         "--render",
