@@ -487,7 +487,8 @@ def tune(args: argparse.Namespace) -> list[dict]:
     q, do = (torch.randn(1, n, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
     k, v = (torch.randn(1, n, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
     scale = D**-0.5
-    for (label, layout, kmask, density), tma in ((c, t) for c in tune_cases(args) for t in (True, False)):
+    tmas = (True, False) if args.tune_mask == "none" else (True,)  # masked cases: the default TMA loads only
+    for (label, layout, kmask, density), tma in ((c, t) for c in tune_cases(args) for t in tmas):
         csr = CSR.from_layout(layout)
         block = layout.block_size
         base = replace(default_config(block, head_dim=D, banded=kmask.banded), tma=tma)
