@@ -6,7 +6,9 @@ without it raises ImportError naming the extra.
 Each rank of ``group`` (W ranks) holds a contiguous shard of n = N / W tokens (rank b: positions
 [b*n, (b+1)*n)), with n a multiple of both block sizes so shards own whole query and key
 blocks. ``layout`` is the *global* :class:`attn_sparse.BlockLayout` (ceil(N/Bq) x ceil(N/Bk)
-blocks), identical on every rank (checked).
+blocks), identical on every rank (checked), or None: the tiles are then derived from the token
+masks on the global sequence (:meth:`attn_sparse.masks.TokenMask.layout`, tiles of
+:func:`derived_block_size`), the same on every rank.
 
 Schedule: the local step (this rank's queries against its own keys) runs first; then ring step
 s = 1..W-1 receives from rank (b - s) mod W and sends to (b + s) mod W, double buffered (step
@@ -40,13 +42,16 @@ from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
 
 try:
     from attn_sparse import BlockLayout, block_backend, block_backward, block_forward
+    from attn_sparse.api import DERIVED_BLOCK_SIZE
+    from attn_sparse.layout import MIN_BLOCK_SIZE
+    from attn_sparse.masks import TokenMask
 except ModuleNotFoundError as exc:  # the optional extra is absent: say which one
     raise ImportError("attn_ring.ring_sparse needs the attn-sparse package: pip install 'attn-ring[sparse]'") from exc
 
 from .comm import DEFAULT_TIMEOUT_S, PendingTransfer, RingComm, check_timeout, config_hash, dtype_code
 from .exchange import comm_device
 
-__all__ = ["RingSparsePlan", "plan_ring_sparse", "ring_block_sparse_attention"]
+__all__ = ["RingSparsePlan", "derived_block_size", "plan_ring_sparse", "ring_block_sparse_attention"]
 
 
 @dataclass(frozen=True)
@@ -294,6 +299,30 @@ SECOND_ORDER_ERROR = second_order_error(
 )
 
 
+def derived_block_size(shard_len: int) -> tuple[int, int]:
+    """The tile (Bq, Bk) of a ``layout=None`` call with shards of ``shard_len`` tokens.
+
+    attn_sparse's :data:`~attn_sparse.api.DERIVED_BLOCK_SIZE` (the kernels' production tile) where
+    it divides the shard, else per side the largest power of two >= MIN_BLOCK_SIZE that does (every
+    rank must own whole blocks; the result does not depend on the tile, the masks are token-exact).
+    ValueError when no such tile exists (shard_len not a multiple of MIN_BLOCK_SIZE).
+    """
+    if isinstance(shard_len, bool) or not isinstance(shard_len, int) or shard_len <= 0:
+        raise ValueError(f"shard_len must be a positive int, got {shard_len!r}")
+    sides = []
+    for side in DERIVED_BLOCK_SIZE:
+        b = side
+        while b >= MIN_BLOCK_SIZE and shard_len % b != 0:
+            b //= 2
+        if b < MIN_BLOCK_SIZE:
+            raise ValueError(
+                f"layout=None derives tiles of at least {MIN_BLOCK_SIZE} tokens that every rank owns whole: "
+                f"the shard length {shard_len} must be a multiple of {MIN_BLOCK_SIZE} (or pass a BlockLayout)"
+            )
+        sides.append(b)
+    return sides[0], sides[1]
+
+
 def _layout_checksum(layout: BlockLayout) -> int:
     """A position-weighted checksum of the CSR arrays, so ranks with different layouts are told apart."""
     crow, col = layout.crow_indices.long().cpu(), layout.col_indices.long().cpu()
@@ -305,7 +334,7 @@ def ring_block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    layout: BlockLayout,
+    layout: BlockLayout | None = None,
     *,
     group: dist.ProcessGroup | None = None,
     is_causal: bool = False,
@@ -316,40 +345,32 @@ def ring_block_sparse_attention(
 
     Every rank passes its shard q (B, n, H, D), k and v (B, n, Hkv, D) (H % Hkv == 0) and the same
     global ``layout`` (ceil(N/Bq) x ceil(N/Bk) blocks for N = n * W, 1 or H heads), with n a
-    multiple of both block sizes. Returns this rank's shard (B, n, H, D) of
+    multiple of both block sizes; or ``layout=None`` (needs ``is_causal=True``): the tiles are
+    derived from the causal mask on the global sequence (tiles of :func:`derived_block_size`,
+    so n must be a multiple of 16). Returns this rank's shard (B, n, H, D) of
     ``attn_sparse.block_sparse_attention`` on the gathered sequence (``is_causal`` masks keys
     after the query, top-left aligned on global positions), with exact gradients. Only key blocks
     with an active tile for a receiver's queries are sent; a peer that never answers gives
-    TimeoutError after ``timeout_s`` seconds; ranks with different shapes/layouts raise ValueError.
+    TimeoutError after ``timeout_s`` seconds; ranks with different shapes/layouts/options raise
+    ValueError on every rank.
     """
     check_qkv(q, k, v)
     B, n, H, D = q.shape
     if n == 0:
         raise ValueError("each rank's shard must hold at least one token, got q with sequence length 0")
-    if not isinstance(layout, BlockLayout):
-        raise TypeError(f"layout must be an attn_sparse.BlockLayout, got {type(layout).__name__}")
+    if layout is not None and not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be an attn_sparse.BlockLayout or None, got {type(layout).__name__}")
     causal = check_bool("is_causal", is_causal)
     scale = resolve_softmax_scale(softmax_scale, D)
     timeout_s = check_timeout(timeout_s)
     comm = RingComm(group, timeout_s=timeout_s)
     rank, world = comm.rank, comm.world_size
     N = n * world
-    plan = plan_ring_sparse(layout, N, world, is_causal=causal)
-    layout.check_fits(N, N, H)
-    layout_code = _layout_checksum(layout)
+    # a derived layout is a function of (n, is_causal), both in the handshake: -1 stands for it
+    layout_code = -1 if layout is None else _layout_checksum(layout)
+    block_code = (0, 0) if layout is None else layout.block_size
     scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
-    signature = [
-        B,
-        n,
-        H,
-        k.shape[2],
-        D,
-        dtype_code(q.dtype),
-        int(causal),
-        *layout.block_size,
-        layout_code,
-        scale_bits,
-    ]
+    signature = [B, n, H, k.shape[2], D, dtype_code(q.dtype), int(causal), *block_code, layout_code, scale_bits]
     names = (
         "batch",
         "shard_len",
@@ -364,6 +385,17 @@ def ring_block_sparse_attention(
         "softmax_scale",
     )
     comm.handshake(dict(zip(names, signature)), "ring block-sparse attention")
+    # after the handshake every rank holds the same values, so an error below is raised on every rank
+    if layout is None:
+        if not causal:
+            raise ValueError(
+                "layout=None derives the tiles from the token masks, but none was given "
+                "(pass a BlockLayout, or is_causal=True)"
+            )
+        mask = TokenMask.build(is_causal=causal, batch=B, seq_len_q=N, seq_len_k=N, device=q.device)
+        layout = mask.layout(N, N, derived_block_size(n), q.device)
+    plan = plan_ring_sparse(layout, N, world, is_causal=causal)
+    layout.check_fits(N, N, H)
     bq, bk = layout.block_size
     q_blocks = range(rank * n // bq, (rank + 1) * n // bq)
     own = torch.arange(rank * n // bk, (rank + 1) * n // bk)
