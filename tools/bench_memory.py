@@ -61,6 +61,7 @@ from packed_memory_trace import (
     add_packed_arguments,
     apply_packed_quick,
     bench_packed,
+    check_packed_arguments,
     packed_description,
     packed_table_rows,
     plot_packed,
@@ -689,6 +690,8 @@ def main() -> int:
         args.pin_gib, args.h2d_gib, args.steps, args.n_max, args.reps = 0.25, 0.125, 60, 8192, 5
         args.slab_mib = min(args.slab_mib, 16)
         apply_packed_quick(args)
+    if not args.skip_packed:
+        check_packed_arguments(ap, args)
     args.odd_sizes = [
         int(x * MIB) + 4097 for x in ((1.3, 10.7, 100.3, 700.9) if args.quick else (1.3, 10.7, 100.3, 700.9, 2500.1))
     ]

@@ -332,7 +332,7 @@ def run_torch(trace: PackedTrace, device: str, warmup: int, stamped: bool) -> di
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_stats()
-    base_reserved = base["reserved_bytes.all.current"]
+    base_reserved, base_allocated = base["reserved_bytes.all.current"], base["allocated_bytes.all.current"]
     seg = [base["segment.all.allocated"]]
     reserved_end: list[int] = []
     frag: dict[str, Any] = {}
@@ -362,8 +362,8 @@ def run_torch(trace: PackedTrace, device: str, warmup: int, stamped: bool) -> di
     row: dict[str, Any] = allocation_summary(per_step, warmup)
     row.update(
         peak_reserved_bytes=st["reserved_bytes.all.peak"] - base_reserved,
-        peak_allocated_bytes=st["allocated_bytes.all.peak"],
-        peak_requested_bytes=st["requested_bytes.all.peak"],
+        peak_allocated_bytes=st["allocated_bytes.all.peak"] - base_allocated,
+        peak_requested_bytes=st["requested_bytes.all.peak"] - base["requested_bytes.all.current"],
         reserved_bytes_at_step_end=reserved_end,
         num_alloc_retries=st["num_alloc_retries"] - base["num_alloc_retries"],
         fragmentation_at_peak=frag,
@@ -493,10 +493,6 @@ def bench_packed(args: argparse.Namespace) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokens, max_len = parse_tokens(args.packed_tokens), parse_tokens(args.packed_max_len)
     warmup = args.packed_warmup
-    if not 0 < warmup < args.packed_steps:
-        raise ValueError(
-            f"--packed-warmup must be in [1, --packed-steps - 1] = [1, {args.packed_steps - 1}], got {warmup}"
-        )
     trace = packed_training_trace(
         tokens=tokens, steps=args.packed_steps, layers=args.packed_layers, heads=args.heads, dim=args.dim,
         mean=args.packed_mean, sigma=args.packed_sigma, min_len=args.packed_min_len, max_len=max_len, seed=args.seed,
@@ -546,6 +542,30 @@ def add_packed_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--packed-sigma", type=float, default=1.0, help="packed trace: log-normal sigma")
     ap.add_argument("--packed-min-len", type=int, default=256, help="packed trace: shortest document")
     ap.add_argument("--packed-max-len", default="128K", help="packed trace: longest document")
+
+
+def check_packed_arguments(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse packed-trace options that cannot describe a trace (before any part runs)."""
+    if args.packed_steps < 2 or not 0 < args.packed_warmup < args.packed_steps:
+        ap.error(
+            f"--packed-warmup must be in [1, --packed-steps - 1] with --packed-steps >= 2, got "
+            f"--packed-warmup {args.packed_warmup} and --packed-steps {args.packed_steps}"
+        )
+    if args.packed_layers < 1:
+        ap.error(f"--packed-layers must be >= 1, got {args.packed_layers}")
+    try:
+        tokens, longest = parse_tokens(args.packed_tokens), parse_tokens(args.packed_max_len)
+    except ValueError:
+        ap.error(
+            f"--packed-tokens / --packed-max-len take counts like 256K or 1M, got {args.packed_tokens!r}, {args.packed_max_len!r}"
+        )
+    if tokens < 1 or not 1 <= args.packed_min_len <= longest:
+        ap.error(
+            f"need --packed-tokens >= 1 and 1 <= --packed-min-len <= --packed-max-len, got {tokens}, "
+            f"{args.packed_min_len}, {longest}"
+        )
+    if not (args.packed_mean > 0 and args.packed_sigma >= 0):
+        ap.error(f"need --packed-mean > 0 and --packed-sigma >= 0, got {args.packed_mean}, {args.packed_sigma}")
 
 
 def apply_packed_quick(args: argparse.Namespace) -> None:
