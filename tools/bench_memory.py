@@ -31,9 +31,9 @@ Writes JSON + markdown + PNG to --out and prints the table last.
     source tools/srcpath.sh && python tools/bench_memory.py --out bench-output/memory
     python tools/bench_memory.py --quick          # small sizes (works on CPU too: parts B, B2 + arena sizing)
 
-On CPU, parts B and B2 run through the pool (CPU slabs: new device allocations = new slabs) and
-torch.empty without a caching allocator to count; pinned memory (part A beyond arena sizing) and
-the stream check need CUDA.
+On CPU, parts B and B2 run through the pool (CPU slabs: its new device allocations are new slabs);
+torch has no caching allocator to count there (part B still times torch.empty, B2 skips torch).
+Pinned memory (part A beyond arena sizing) and the stream check need CUDA.
 """
 
 from __future__ import annotations
