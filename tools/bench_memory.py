@@ -17,12 +17,23 @@ In one process, side by side, on one GPU (H100):
      Python (p50/p99 us, per buffer), peak reserved / peak requested. Pool variants: grown on
      demand; + long_lived hint on each step's out (two-ended placement); + consolidate(headroom)
      after the warm-up pass (the documented warm-up-then-consolidate step).
+  B2. device buffers on a packed variable-length training trace (tools/packed_memory_trace.py):
+     each step packs log-normal document lengths into --packed-tokens tokens; the buffers follow
+     attn-core's packed plan for those documents (strided pieces, gathered varlen calls, tail
+     segments, plan index tensors, cu_seqlens change size every step; q/k/v and activations keep
+     N). One pass of --packed-steps steps through torch.empty/del and DeviceBufferPool: new device
+     allocations per step after --packed-warmup steps, peak reserved / peak allocated, and
+     fragmentation at the largest live set.
   C. checks: pool buffers stamped and verified on the GPU; cross-stream reuse waits for the
      releasing stream; arena placement (move_pages); the monitor's JSON on this machine.
 Writes JSON + markdown + PNG to --out and prints the table last.
 
     source tools/srcpath.sh && python tools/bench_memory.py --out bench-output/memory
-    python tools/bench_memory.py --quick          # small sizes (works on CPU too: part B only + arena sizing)
+    python tools/bench_memory.py --quick          # small sizes (works on CPU too: parts B, B2 + arena sizing)
+
+On CPU, parts B and B2 run through the pool (CPU slabs: its new device allocations are new slabs);
+torch has no caching allocator to count there (part B still times torch.empty, B2 skips torch).
+Pinned memory (part A beyond arena sizing) and the stream check need CUDA.
 """
 
 from __future__ import annotations
@@ -45,6 +56,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import source_revision
+from packed_memory_trace import (
+    OneStreamOps,
+    add_packed_arguments,
+    apply_packed_quick,
+    bench_packed,
+    check_packed_arguments,
+    packed_description,
+    packed_table_rows,
+    plot_packed,
+    stamp_buffer,
+    stamp_intact,
+)
 
 from memory_runtime import (
     DeviceBufferPool,
@@ -242,14 +265,6 @@ def make_trace(steps: int, n_min: int, n_max: int, heads: int, dim: int, seed: i
     return ops, peak
 
 
-def _stamp(t: torch.Tensor, i: int) -> None:
-    t.view(-1)[:4096].fill_(i % 251)
-
-
-def _stamp_ok(t: torch.Tensor, i: int) -> bool:
-    return bool(torch.all(t.view(-1)[:4096] == i % 251))
-
-
 def run_trace_torch(ops: list[tuple], device: str, stamp: bool) -> dict[str, Any]:
     """The trace through torch.empty / del, with the same stamps and checks around the timed calls
     as the pool's run (so both allocators are timed in the same surroundings)."""
@@ -265,10 +280,10 @@ def run_trace_torch(ops: list[tuple], device: str, stamp: bool) -> dict[str, Any
             a_ns[op[1]] = pc() - t0
             live[op[1]] = t
             if stamp:
-                _stamp(t, op[1])
+                stamp_buffer(t, op[1])
         else:
             if stamp:
-                bad += int(not _stamp_ok(live[op[1]], op[1]))
+                bad += int(not stamp_intact(live[op[1]], op[1]))
             t0 = pc()
             del live[op[1]]
             pairs.append((a_ns.pop(op[1]) + pc() - t0) / 1e3)
@@ -293,12 +308,12 @@ def run_trace_pool(ops: list[tuple], pool: DeviceBufferPool, device: str, stamp:
             a_ns[op[1]] = pc() - t0
             live[op[1]] = t
             if stamp:
-                _stamp(t, op[1])
+                stamp_buffer(t, op[1])
         else:
             t = live.pop(op[1])
             if stamp:
                 checked += 1
-                bad += int(not _stamp_ok(t, op[1]))
+                bad += int(not stamp_intact(t, op[1]))
             t0 = pc()
             pool.release(t)
             r_ns = pc() - t0
@@ -325,23 +340,6 @@ def mem_stats(device: str) -> dict[str, Any]:
     return torch.cuda.memory_stats(device) if device.startswith("cuda") else {}
 
 
-class OneStreamOps:
-    """CPU stand-in for one CUDA stream (a non-None stream key, fences always complete), so the
-    pool's per-stream free ranges behave on CPU as they do on a GPU's default stream."""
-
-    def current_key(self):
-        return 0x5EED  # an int, like the raw stream handle the pool keys CUDA streams by
-
-    def fence(self, key):
-        return None
-
-    def done(self, fence) -> bool:
-        return True
-
-    def wait(self, fence) -> None:
-        return None
-
-
 def bench_pool(
     ops_warm, ops, peak_req: int, device: str, args, consolidate: bool, hints: bool, native: bool | None
 ) -> dict[str, Any]:
@@ -364,7 +362,7 @@ def bench_pool(
             # for this benchmark's own stamp checks (torch.all temporaries): re-warm those, so the
             # device-allocation count below sees only what the measured pass itself needs.
             scratch = torch.ones(4096, dtype=torch.uint8, device=device)
-            _stamp_ok(scratch, 1)
+            stamp_intact(scratch, 1)
             del scratch
     pool.reset_peak_stats()
     r0 = pool.stats().reservations
@@ -611,6 +609,8 @@ def table(res: dict[str, Any]) -> str:
                 f"| {name}: peak reserved / peak requested | {pool['peak_reserved_over_requested']:.3f} | "
                 f"{'-' if tcr is None else f'{tcr:.3f}'} | target <= 1.1 |"
             )
+    if res.get("packed"):
+        lines += packed_table_rows(res["packed"])
     return "\n".join(lines)
 
 
@@ -620,7 +620,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     ex = res.get("pinned", {}).get("exactness", [])
     if ex:
         x = [r["requested"] / MIB for r in ex]
@@ -647,7 +647,13 @@ def plot(res: dict[str, Any], path: Path) -> None:
         axes[2].bar(names, vals, color=["C0", "C2", "C3", "C1"])
         axes[2].axhline(1.1, color="gray", ls="--", lw=0.8)
         axes[2].set_ylabel("peak reserved / peak requested")
-    fig.suptitle(f"memory_runtime vs torch allocators ({res['env']['device']})")
+    if res.get("packed"):
+        plot_packed(axes[3], res["packed"])
+    env = res["env"]
+    fig.suptitle(
+        f"memory_runtime vs torch allocators ({env['device']}, torch {env['torch']}, CUDA {env['cuda']}, "
+        f"source {env['git_commit']})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -677,10 +683,15 @@ def main() -> int:
         action="store_true",
         help="CPU only: give the pool a CUDA-like stream key (replays the GPU's free-range behaviour on CPU)",
     )
+    add_packed_arguments(ap)
+    ap.add_argument("--skip-packed", action="store_true", help="no packed variable-length trace (part B2)")
     args = ap.parse_args()
     if args.quick:
         args.pin_gib, args.h2d_gib, args.steps, args.n_max, args.reps = 0.25, 0.125, 60, 8192, 5
         args.slab_mib = min(args.slab_mib, 16)
+        apply_packed_quick(args)
+    if not args.skip_packed:
+        check_packed_arguments(ap, args)
     args.odd_sizes = [
         int(x * MIB) + 4097 for x in ((1.3, 10.7, 100.3, 700.9) if args.quick else (1.3, 10.7, 100.3, 700.9, 2500.1))
     ]
@@ -711,6 +722,9 @@ def main() -> int:
     t0 = time.perf_counter()
     res["trace"] = bench_trace(args)
     print(f"trace done in {time.perf_counter() - t0:.1f} s", flush=True)
+    if not args.skip_packed:
+        res["packed"] = bench_packed(args)
+        print(f"packed trace done in {time.perf_counter() - t0:.1f} s", flush=True)
     if torch.cuda.is_available():
         res["streams"] = check_streams()
         print(f"streams: {res['streams']}", flush=True)
@@ -748,6 +762,7 @@ def main() -> int:
         f"{res['trace']['repeated_shape']['components_us']['as_strided']:.2f} us and one torch.empty + del "
         f"{res['trace']['repeated_shape']['components_us']['torch_empty_del']:.2f} us.",
         "",
+        *([packed_description(res["packed"]), ""] if res.get("packed") else []),
         "![memory](memory.png)",
     ]
     (args.out / "memory.md").write_text("\n".join(md) + "\n")
