@@ -137,6 +137,28 @@ def host_timing(fn: Callable[[], Any], hold: DeviceHold, calls: int = HOST_CALLS
     )  # fmt: skip
 
 
+def graph_replay_ms(fn: Callable[[], Any], reps: int = HOST_CALLS) -> dict[str, Any]:
+    """fn() captured once in a CUDA graph (after warm-up on a side stream, as torch.cuda.graphs asks),
+    then the median ms of a replay: a graphed step's cost with no host issue time. {"error": ...} when
+    the capture fails (an op that syncs or is not capture-safe)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        ms = cuda_time(graph.replay, reps)
+    except RuntimeError as exc:  # capture refused: report why instead of a figure
+        torch.cuda.synchronize()
+        return {"error": str(exc).splitlines()[0][:160]}
+    del graph
+    return {"replay_ms": ms}
+
+
 def correctness(dev: str) -> list[dict[str, Any]]:
     from attn_core import reference
     from attn_core.api import dilated_attention, explain
@@ -286,6 +308,7 @@ def sweep_point(
         row["extra_pct_fb"] = 100 * row["ours_fb_extra_gib"] / row["io_gib"]
         if hold is not None:
             row["host"] = {"ours_fwd": host_timing(fwd, hold), "ours_fb": host_timing(fb, hold)}
+            row["host"]["ours_fb_graph"] = graph_replay_ms(fb)
     except torch.cuda.OutOfMemoryError:
         row["ours_error"] = "OOM"
     torch.cuda.empty_cache()
@@ -306,6 +329,7 @@ def sweep_point(
                 rec["common_fb_extra_gib"] = peak_extra(fb, out_and_grads)
                 if hold is not None:
                     rec["host"] = {"common_fwd": host_timing(fwd, hold), "common_fb": host_timing(fb, hold)}
+                    rec["host"]["common_fb_graph"] = graph_replay_ms(fb)
             except torch.cuda.OutOfMemoryError:
                 rec = {"common_error": "OOM"}
         common[ckey] = rec
@@ -527,6 +551,12 @@ def _host_cell(rec: dict[str, Any] | None) -> tuple[str, str]:
     return f"{_f(rec['host_ms'], '.2f')} / {dev} / {_f(rec['wall_ms'], '.2f')}", rec["bound"]
 
 
+def _graph_cell(rec: dict[str, Any] | None) -> str:
+    if rec is None:
+        return "-"
+    return _f(rec["replay_ms"], ".2f") if "replay_ms" in rec else f"capture failed: {rec['error']}"
+
+
 def render_markdown(res: dict[str, Any]) -> str:
     env, cfg = res["env"], res["config"]
     heads = ", ".join(f"{h}/{hkv}" for h, hkv in cfg["heads"])
@@ -581,19 +611,22 @@ def render_markdown(res: dict[str, Any]) -> str:
             "",
             f"Host time per call ({cfg['host_calls']} calls): host = CPU time to issue a call (no sync in the loop), "
             "device = GPU time of a call queued behind a hold so it runs back to back (~: the hold ended before the "
-            "call was issued), wall = the loop's time to its closing sync. Bound: host when host > device.",
+            "call was issued), wall = the loop's time to its closing sync. Bound: host when host > device. "
+            "graph = one fwd+bwd captured in a CUDA graph (torch.cuda.graph), median replay ms: the step with no "
+            "host issue time.",
             "",
             "| H/Hkv | D | causal | mode | N | pass | ours host / device / wall ms | ours bound "
-            "| common host / device / wall ms | common bound |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| common host / device / wall ms | common bound | ours graph ms | common graph ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in hosted:
             for what, label in (("fwd", "fwd"), ("fb", "fwd+bwd")):
                 ours, ob = _host_cell(r["host"].get(f"ours_{what}"))
                 com, cb = _host_cell(r["host"].get(f"common_{what}"))
+                og, cg = (_graph_cell(r["host"].get(f"{who}_{what}_graph")) for who in ("ours", "common"))
                 lines.append(
                     f"| {r['H']}/{r['Hkv']} | {r['D']} | {'yes' if r['causal'] else 'no'} | {r['mode']} "
-                    f"| {fmt_n(r['N'])} | {label} | {ours} | {ob} | {com} | {cb} |"
+                    f"| {fmt_n(r['N'])} | {label} | {ours} | {ob} | {com} | {cb} | {og} | {cg} |"
                 )
     lines += [
         "",
