@@ -95,16 +95,10 @@ def block_forward(
         from .kernels import CSR, block_sparse_forward, default_config
         from .kernels.launch import device_guard
 
+        kmask = _kernel_mask(causal, intervals, q.shape[1], k.shape[1])
+        cfg = default_config(layout.block_size, head_dim=q.shape[-1], banded=kmask.banded)
         with device_guard(q.device):
-            return block_sparse_forward(
-                q,
-                k,
-                v,
-                CSR.from_layout(layout),
-                _kernel_mask(causal, intervals, q.shape[1], k.shape[1]),
-                scale,
-                default_config(layout.block_size),
-            )
+            return block_sparse_forward(q, k, v, CSR.from_layout(layout), kmask, scale, cfg)
     with torch.no_grad():
         return gathered_attention(q, k, v, layout, mask=_token_mask(causal, intervals), softmax_scale=scale)
 
@@ -141,11 +135,13 @@ def block_backward(
         from .kernels import CSR, block_sparse_backward, default_config
         from .kernels.launch import device_guard
 
+        kmask = _kernel_mask(causal, intervals, q.shape[1], k.shape[1])
+        # the tiles (and backward form) block_sparse_attention takes for the same masks
+        cfg = default_config(layout.block_size, head_dim=q.shape[-1], banded=kmask.banded)
         with device_guard(q.device):
             grads = block_sparse_backward(
                 dout.to(q.dtype).contiguous(), q, k, v, out.to(q.dtype), lse.to(torch.float32).contiguous(),
-                CSR.from_layout(layout), _kernel_mask(causal, intervals, q.shape[1], k.shape[1]), scale,
-                default_config(layout.block_size),
+                CSR.from_layout(layout), kmask, scale, cfg,
             )  # fmt: skip
         return grads[0].to(ad), grads[1].to(ad), grads[2].to(ad)
     return _reference_backward(dout, q, k, v, out, lse, layout, _token_mask(causal, intervals), scale)
