@@ -10,6 +10,13 @@ blocks), identical on every rank (checked), or None: the tiles are then derived 
 masks on the global sequence (:meth:`attn_sparse.masks.TokenMask.layout`, tiles of
 :func:`derived_block_size`), the same on every rank.
 
+Token masks (``is_causal``, ``window_size``, ``cu_seqlens``) are those of the whole sequence
+(:class:`attn_sparse.masks.TokenMask`, global positions). A given layout is first intersected
+with the tiles the masks can use, so every planned tile holds a key some of its queries see.
+Inside a step, a causal-only mask is the local step's ``is_causal`` (earlier ranks' keys are all
+visible); windows and documents reach the steps as :class:`attn_sparse.intervals.KeyIntervals`:
+each of this rank's queries' global key interval mapped to the positions of the step's keys.
+
 Schedule: the local step (this rank's queries against its own keys) runs first; then ring step
 s = 1..W-1 receives from rank (b - s) mod W and sends to (b + s) mod W, double buffered (step
 s + 1 is posted before step s is computed). A rank sends a peer only the key blocks that have
@@ -38,11 +45,12 @@ import torch.distributed as dist
 from attn_core.blocks import acc_dtype
 from attn_core.first_order import first_order_only, second_order_error
 from attn_core.merge import merge_into_
-from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
+from attn_core.validation import check_bool, check_qkv, check_window_size, resolve_softmax_scale
 
 try:
     from attn_sparse import BlockLayout, block_backend, block_backward, block_forward
     from attn_sparse.api import DERIVED_BLOCK_SIZE
+    from attn_sparse.intervals import KeyIntervals
     from attn_sparse.layout import MIN_BLOCK_SIZE
     from attn_sparse.masks import TokenMask
 except ModuleNotFoundError as exc:  # the optional extra is absent: say which one
@@ -50,6 +58,7 @@ except ModuleNotFoundError as exc:  # the optional extra is absent: say which on
 
 from .comm import DEFAULT_TIMEOUT_S, PendingTransfer, RingComm, check_timeout, config_hash, dtype_code
 from .exchange import comm_device
+from .ulysses import packed_documents_code
 
 __all__ = ["RingSparsePlan", "derived_block_size", "plan_ring_sparse", "ring_block_sparse_attention"]
 
@@ -161,6 +170,7 @@ class _Step:
     source: int  # rank whose keys this step uses
     layout: BlockLayout  # this rank's query blocks x the received key blocks
     causal: bool
+    intervals: KeyIntervals | None  # windows/documents: each query's keys among the step's (causal folded in)
 
 
 @dataclass
@@ -182,10 +192,19 @@ def _triton_available(q: torch.Tensor, layout: BlockLayout, causal: bool) -> boo
 
 
 def _step_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, causal: bool, call: _Call
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: _Step, call: _Call
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step's (out (B, n, H, D) in q's dtype, lse (B, H, n)) over the step's tiles."""
-    return block_forward(q, k, v, layout, is_causal=causal, softmax_scale=call.scale, backend=call.backend)
+    return block_forward(
+        q,
+        k,
+        v,
+        step.layout,
+        is_causal=step.causal,
+        key_intervals=step.intervals,
+        softmax_scale=call.scale,
+        backend=call.backend,
+    )
 
 
 def _post_step(k: torch.Tensor, v: torch.Tensor, call: _Call, step: int) -> tuple[PendingTransfer, list[int]]:
@@ -218,7 +237,7 @@ class _RingSparseFunction(torch.autograd.Function):
         lse = torch.full((B, H, n), float("-inf"), dtype=ad, device=q.device)
         pending = _post_step(k, v, call, 1) if call.world > 1 else None
         if call.local is not None:
-            o, l = _step_forward(q, k, v, call.local.layout, call.local.causal, call)
+            o, l = _step_forward(q, k, v, call.local, call)
             merge_into_(out, lse, o, l)
         received: dict[int, torch.Tensor] = {}
         for step in range(1, call.world):
@@ -231,7 +250,7 @@ class _RingSparseFunction(torch.autograd.Function):
             for src, buf in zip(sources, bufs):
                 kv = buf.to(q.device).reshape(2, B, -1, Hkv, D)
                 received[src] = kv
-                o, l = _step_forward(q, kv[0], kv[1], call.remote[src].layout, False, call)
+                o, l = _step_forward(q, kv[0], kv[1], call.remote[src], call)
                 merge_into_(out, lse, o, l)
         ctx.call = call
         ctx.sources = sorted(received)
@@ -254,25 +273,26 @@ class _RingSparseFunction(torch.autograd.Function):
         ad = acc_dtype(q.dtype)
 
         def step_grads(
-            kk: torch.Tensor, vv: torch.Tensor, layout: BlockLayout, causal: bool
+            kk: torch.Tensor, vv: torch.Tensor, step: _Step
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             # the step's share of the gradient of the merged output (from the merged out and lse)
             return block_backward(
-                dout, q, kk, vv, out, lse, layout, is_causal=causal, softmax_scale=call.scale, backend=call.backend
-            )
+                dout, q, kk, vv, out, lse, step.layout, is_causal=step.causal, key_intervals=step.intervals,
+                softmax_scale=call.scale, backend=call.backend,
+            )  # fmt: skip
 
         dq = torch.zeros(B, n, H, D, dtype=ad, device=q.device)
         dk = torch.zeros(k.shape, dtype=ad, device=q.device)
         dv = torch.zeros_like(dk)
         if call.local is not None:
-            a, b_, c = step_grads(k, v, call.local.layout, call.local.causal)
+            a, b_, c = step_grads(k, v, call.local)
             dq += a
             dk += b_
             dv += c
         sends: dict[int, torch.Tensor] = {}
         dev = comm_device(call.comm.group, q.device)
         for src, kv in zip(ctx.sources, recv):
-            a, dk_r, dv_r = step_grads(kv[0], kv[1], call.remote[src].layout, False)
+            a, dk_r, dv_r = step_grads(kv[0], kv[1], call.remote[src])
             dq += a
             sends[src] = torch.stack([dk_r, dv_r]).to(dev).contiguous()
         if call.world > 1:
@@ -338,6 +358,8 @@ def ring_block_sparse_attention(
     *,
     group: dist.ProcessGroup | None = None,
     is_causal: bool = False,
+    window_size: tuple[int, int] | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> torch.Tensor:
@@ -345,14 +367,23 @@ def ring_block_sparse_attention(
 
     Every rank passes its shard q (B, n, H, D), k and v (B, n, Hkv, D) (H % Hkv == 0) and the same
     global ``layout`` (ceil(N/Bq) x ceil(N/Bk) blocks for N = n * W, 1 or H heads), with n a
-    multiple of both block sizes; or ``layout=None`` (needs ``is_causal=True``): the tiles are
-    derived from the causal mask on the global sequence (tiles of :func:`derived_block_size`,
-    so n must be a multiple of 16). Returns this rank's shard (B, n, H, D) of
-    ``attn_sparse.block_sparse_attention`` on the gathered sequence (``is_causal`` masks keys
-    after the query, top-left aligned on global positions), with exact gradients. Only key blocks
-    with an active tile for a receiver's queries are sent; a peer that never answers gives
-    TimeoutError after ``timeout_s`` seconds; ranks with different shapes/layouts/options raise
-    ValueError on every rank.
+    multiple of both block sizes; or ``layout=None`` (needs a token mask): the tiles are derived
+    from the token masks on the global sequence (tiles of :func:`derived_block_size`, so n must be
+    a multiple of 16). Returns this rank's shard (B, n, H, D) of
+    ``attn_sparse.block_sparse_attention(..., is_causal=, window_size=, cu_seqlens=)`` on the
+    gathered sequence, with exact gradients.
+
+    Token masks, in global positions: ``is_causal`` masks keys after the query (top-left
+    aligned); ``window_size=(left, right)``: query i sees keys i - left <= j <= i + right
+    (flash-attn's convention, -1 = unbounded on that side); ``cu_seqlens``: int32
+    (num_docs + 1,) offsets of documents packed along the *whole* sequence (B == 1; the same on
+    every rank, on q's device or the CPU): queries see keys of their own document only, which
+    may cross shard boundaries. They intersect the layout.
+
+    Only key blocks with an active tile for a receiver's queries (and a key those queries see)
+    are sent; a peer that never answers gives TimeoutError after ``timeout_s`` seconds; ranks
+    with different shapes/layouts/options (window and documents included) raise ValueError on
+    every rank.
     """
     check_qkv(q, k, v)
     B, n, H, D = q.shape
@@ -361,46 +392,69 @@ def ring_block_sparse_attention(
     if layout is not None and not isinstance(layout, BlockLayout):
         raise TypeError(f"layout must be an attn_sparse.BlockLayout or None, got {type(layout).__name__}")
     causal = check_bool("is_causal", is_causal)
+    window = (-1, -1) if window_size is None else check_window_size(window_size)
+    documents = packed_documents_code(cu_seqlens)  # one host read of the offsets; checked after the handshake
     scale = resolve_softmax_scale(softmax_scale, D)
     timeout_s = check_timeout(timeout_s)
     comm = RingComm(group, timeout_s=timeout_s)
     rank, world = comm.rank, comm.world_size
     N = n * world
-    # a derived layout is a function of (n, is_causal), both in the handshake: -1 stands for it
+    # a derived layout is a function of (n, the masks), all in the handshake: -1 stands for it
     layout_code = -1 if layout is None else _layout_checksum(layout)
     block_code = (0, 0) if layout is None else layout.block_size
     scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
-    signature = [B, n, H, k.shape[2], D, dtype_code(q.dtype), int(causal), *block_code, layout_code, scale_bits]
-    names = (
-        "batch",
-        "shard_len",
-        "num_heads",
-        "num_kv_heads",
-        "head_dim",
-        "dtype",
-        "is_causal",
-        "Bq",
-        "Bk",
-        "layout",
-        "softmax_scale",
-    )
-    comm.handshake(dict(zip(names, signature)), "ring block-sparse attention")
+    descriptor = {
+        "batch": B,
+        "shard_len": n,
+        "num_heads": H,
+        "num_kv_heads": k.shape[2],
+        "head_dim": D,
+        "dtype": dtype_code(q.dtype),
+        "is_causal": int(causal),
+        "window_left": window[0],
+        "window_right": window[1],
+        "cu_seqlens": documents,
+        "Bq": block_code[0],
+        "Bk": block_code[1],
+        "layout": layout_code,
+        "softmax_scale": scale_bits,
+    }
+    comm.handshake(descriptor, "ring block-sparse attention")
     # after the handshake every rank holds the same values, so an error below is raised on every rank
+    mask = TokenMask.build(
+        is_causal=causal, window_size=window, cu_seqlens=cu_seqlens, batch=B, seq_len_q=N, seq_len_k=N, device=q.device
+    )
     if layout is None:
-        if not causal:
+        if not mask.banded:
             raise ValueError(
                 "layout=None derives the tiles from the token masks, but none was given "
-                "(pass a BlockLayout, or is_causal=True)"
+                "(pass a BlockLayout, or is_causal=True, window_size or cu_seqlens)"
             )
-        mask = TokenMask.build(is_causal=causal, batch=B, seq_len_q=N, seq_len_k=N, device=q.device)
         layout = mask.layout(N, N, derived_block_size(n), q.device)
+    else:
+        layout.check_fits(N, N, H)
+        if mask.banded:  # only tiles holding a key some of their queries see: nothing else travels
+            layout = layout & mask.layout(N, N, layout.block_size, layout.device)
     plan = plan_ring_sparse(layout, N, world, is_causal=causal)
-    layout.check_fits(N, N, H)
     bq, bk = layout.block_size
     q_blocks = range(rank * n // bq, (rank + 1) * n // bq)
     own = torch.arange(rank * n // bk, (rank + 1) * n // bk)
+    # windows and documents mask inside the steps through each query's global key interval,
+    # computed once for this rank's rows (a causal-only mask is the local step's is_causal)
+    rows = None
+    if mask.window is not None or mask.cu_seqlens is not None:
+        lo, hi = mask.key_intervals(N, N, q.device)
+        rows = (lo[rank * n : (rank + 1) * n], hi[rank * n : (rank + 1) * n])
+
+    def step(source: int, key_blocks: torch.Tensor, sub: BlockLayout) -> _Step:
+        """The step over global key blocks ``key_blocks`` (sorted, as they sit in its K/V buffer)."""
+        if rows is None:
+            return _Step(source, sub, causal and source == rank, None)
+        positions = (key_blocks.to(q.device)[:, None] * bk + torch.arange(bk, device=q.device)).flatten()
+        return _Step(source, sub, False, KeyIntervals.from_global(rows[0], rows[1], positions))
+
     local_layout = _sub_layout(layout, q_blocks, own)
-    local = None if local_layout is None else _Step(rank, local_layout, causal)
+    local = None if local_layout is None else step(rank, own, local_layout)
     remote = {}
     for a in range(world):
         blocks = plan.blocks.get((a, rank))
@@ -408,7 +462,7 @@ def ring_block_sparse_attention(
             sub = _sub_layout(layout, q_blocks, blocks + a * (n // bk))
             if sub is None:  # unreachable: the plan only lists blocks with an active tile here
                 raise RuntimeError(f"rank {rank}: planned blocks from rank {a} have no active tile")
-            remote[a] = _Step(a, sub, False)
+            remote[a] = step(a, blocks + a * (n // bk), sub)
     call = _Call(
         rank,
         world,

@@ -13,7 +13,12 @@ j // (H // Hkv)); one float dtype and device. ``layout``: a :class:`BlockLayout`
 ceil(Nq/Bq) x ceil(Nk/Bk) blocks (1 or H heads) over this query shard and key range, positions
 counted from the first query and the first key of the range. ``is_causal`` masks key j for
 query i when j > i in those local positions (top-left aligned): a range whose keys all precede
-the shard's queries takes ``is_causal=False``. lse: (B, H, Nq), natural log, in
+the shard's queries takes ``is_causal=False``. ``key_intervals``: a
+:class:`attn_sparse.intervals.KeyIntervals` (Nq queries, at most Nk keys) masking each query to
+its own interval of the range's keys, e.g. windows and documents of the whole sequence mapped to
+this call's keys (:meth:`KeyIntervals.for_shard`); with ``is_causal`` both masks apply. They
+mask inside the active tiles, as the token masks of :func:`attn_sparse.block_sparse_attention`
+do. lse: (B, H, Nq), natural log, in
 ``attn_core.blocks.acc_dtype(q.dtype)`` (float32; float64 for float64 inputs); ``-inf`` for rows
 that see no key in the range (their out is 0).
 
@@ -28,6 +33,8 @@ dtype and head dim and the layout's block size, so one choice serves every key r
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from attn_core.blocks import acc_dtype
@@ -35,8 +42,12 @@ from attn_core.registry import BackendChoice, BackendRegistry
 from attn_core.validation import check_bool, check_qkv, resolve_softmax_scale
 
 from .backends.reference import gathered_attention
+from .intervals import KeyIntervals
 from .layout import BlockLayout
 from .masks import TokenMask
+
+if TYPE_CHECKING:
+    from .kernels import KernelMask
 
 __all__ = ["BLOCK_BACKENDS", "block_backend", "block_backward", "block_forward"]
 
@@ -66,6 +77,7 @@ def block_forward(
     layout: BlockLayout,
     *,
     is_causal: bool = False,
+    key_intervals: KeyIntervals | None = None,
     softmax_scale: float | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,27 +86,21 @@ def block_forward(
     No autograd history: gradients come from :func:`block_backward`. ``softmax_scale`` defaults to
     1/sqrt(D). See the module docstring for shapes, the layout and the backends.
     """
-    layout, causal, scale = _validate(q, k, v, layout, is_causal, softmax_scale)
+    layout, causal, intervals, scale = _validate(q, k, v, layout, is_causal, key_intervals, softmax_scale)
     choice = _choose(q, layout, causal, backend)
     if q.shape[0] == 0:  # an empty batch: nothing to launch (the kernels take no empty grid)
         B, Nq, H, _ = q.shape
         return torch.zeros_like(q), torch.full((B, H, Nq), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
     if choice.backend == "triton":
-        from .kernels import CSR, KernelMask, block_sparse_forward, default_config
+        from .kernels import CSR, block_sparse_forward, default_config
         from .kernels.launch import device_guard
 
+        kmask = _kernel_mask(causal, intervals, q.shape[1], k.shape[1])
+        cfg = default_config(layout.block_size, head_dim=q.shape[-1], banded=kmask.banded)
         with device_guard(q.device):
-            return block_sparse_forward(
-                q,
-                k,
-                v,
-                CSR.from_layout(layout),
-                KernelMask.causal(causal, q.shape[1], k.shape[1]),
-                scale,
-                default_config(layout.block_size),
-            )
+            return block_sparse_forward(q, k, v, CSR.from_layout(layout), kmask, scale, cfg)
     with torch.no_grad():
-        return gathered_attention(q, k, v, layout, mask=TokenMask.causal_only(causal), softmax_scale=scale)
+        return gathered_attention(q, k, v, layout, mask=_token_mask(causal, intervals), softmax_scale=scale)
 
 
 def block_backward(
@@ -107,6 +113,7 @@ def block_backward(
     layout: BlockLayout,
     *,
     is_causal: bool = False,
+    key_intervals: KeyIntervals | None = None,
     softmax_scale: float | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,7 +124,7 @@ def block_backward(
     no key anywhere: zero gradients). dk, dv are summed over each kv head's query heads. Other
     arguments as in :func:`block_forward`, with the same backend choice.
     """
-    layout, causal, scale = _validate(q, k, v, layout, is_causal, softmax_scale)
+    layout, causal, intervals, scale = _validate(q, k, v, layout, is_causal, key_intervals, softmax_scale)
     _check_statistics(dout, out, lse, q)
     ad = acc_dtype(q.dtype)
     choice = _choose(q, layout, causal, backend)
@@ -125,17 +132,35 @@ def block_backward(
         dq, dk, dv = (torch.zeros(t.shape, dtype=ad, device=q.device) for t in (q, k, v))
         return dq, dk, dv
     if choice.backend == "triton":
-        from .kernels import CSR, KernelMask, block_sparse_backward, default_config
+        from .kernels import CSR, block_sparse_backward, default_config
         from .kernels.launch import device_guard
 
+        kmask = _kernel_mask(causal, intervals, q.shape[1], k.shape[1])
+        # the tiles (and backward form) block_sparse_attention takes for the same masks
+        cfg = default_config(layout.block_size, head_dim=q.shape[-1], banded=kmask.banded)
         with device_guard(q.device):
             grads = block_sparse_backward(
                 dout.to(q.dtype).contiguous(), q, k, v, out.to(q.dtype), lse.to(torch.float32).contiguous(),
-                CSR.from_layout(layout), KernelMask.causal(causal, q.shape[1], k.shape[1]), scale,
-                default_config(layout.block_size),
+                CSR.from_layout(layout), kmask, scale, cfg,
             )  # fmt: skip
         return grads[0].to(ad), grads[1].to(ad), grads[2].to(ad)
-    return _reference_backward(dout, q, k, v, out, lse, layout, causal, scale)
+    return _reference_backward(dout, q, k, v, out, lse, layout, _token_mask(causal, intervals), scale)
+
+
+def _token_mask(causal: bool, intervals: KeyIntervals | None) -> TokenMask | KeyIntervals:
+    """The masks inside the tiles as the reference path reads them (intervals: causal folded in)."""
+    return TokenMask.causal_only(causal) if intervals is None else intervals
+
+
+def _kernel_mask(causal: bool, intervals: KeyIntervals | None, seq_len_q: int, seq_len_k: int) -> KernelMask:
+    """The masks inside the tiles as the kernels read them: explicit intervals (causal folded in)
+    as per-row bounds at query rows and, seen from the keys, at key rows; unbounded sides."""
+    from .kernels import KernelMask
+
+    if intervals is None:
+        return KernelMask.causal(causal, seq_len_q, seq_len_k)
+    far = seq_len_q + seq_len_k
+    return KernelMask(True, far, far, intervals.bounds, intervals.query_bounds(seq_len_k))
 
 
 def _reference_backward(
@@ -146,7 +171,7 @@ def _reference_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     layout: BlockLayout,
-    causal: bool,
+    mask: TokenMask | KeyIntervals,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Autograd through this range's partial (out_s, lse_s), driven by the gradient of the merged
@@ -157,7 +182,7 @@ def _reference_backward(
     finite = torch.where(torch.isfinite(lse_a), lse_a, torch.zeros_like(lse_a))
     with torch.enable_grad():
         qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
-        o_s, l_s = gathered_attention(qd, kd, vd, layout, mask=TokenMask.causal_only(causal), softmax_scale=scale)
+        o_s, l_s = gathered_attention(qd, kd, vd, layout, mask=mask, softmax_scale=scale)
         w = torch.exp(l_s.to(ad) - finite)  # (B, H, Nq); 0 where this range saw no key
         g_out = w.transpose(1, 2).unsqueeze(-1) * dout_a
         g_lse = w * (dout_a * (o_s.to(ad) - out_a)).sum(-1).transpose(1, 2)
@@ -171,13 +196,30 @@ def _check_layout(layout: object) -> None:
 
 
 def _validate(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, is_causal: bool, softmax_scale: float | None
-) -> tuple[BlockLayout, bool, float]:
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    is_causal: bool,
+    key_intervals: KeyIntervals | None,
+    softmax_scale: float | None,
+) -> tuple[BlockLayout, bool, KeyIntervals | None, float]:
+    """(layout on q's device, causal, the key intervals on q's device with causal folded in, scale)."""
     _, Nq, H, _, D = check_qkv(q, k, v, same_length=False)
     _check_layout(layout)
     layout.check_fits(Nq, k.shape[1], H)
     causal = check_bool("is_causal", is_causal)
-    return layout.to(q.device), causal, resolve_softmax_scale(softmax_scale, D)
+    intervals = None
+    if key_intervals is not None:
+        if not isinstance(key_intervals, KeyIntervals):
+            raise TypeError(
+                f"key_intervals must be an attn_sparse.intervals.KeyIntervals or None, got {type(key_intervals).__name__}"
+            )
+        key_intervals.check_fits(Nq, k.shape[1])
+        intervals = key_intervals.to(q.device)
+        if causal:
+            intervals = intervals.with_causal()
+    return layout.to(q.device), causal, intervals, resolve_softmax_scale(softmax_scale, D)
 
 
 def _check_statistics(dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from attn_core.blocks import acc_dtype, drop_padded_keys, softmax_with_lse
 
+from ..intervals import KeyIntervals
 from ..layout import BlockLayout
 from ..masks import TokenMask
 
@@ -39,14 +40,15 @@ def gathered_attention(
     v: torch.Tensor,
     layout: BlockLayout,
     *,
-    mask: TokenMask,
+    mask: TokenMask | KeyIntervals,
     softmax_scale: float,
     key_padding_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the active tiles; returns out (B, Nq, H, D) in q's dtype and lse (B, H, Nq).
 
     q: (B, Nq, H, D); k, v: (B, Nk, Hkv, D); ``layout`` fits the call and is on q's device.
-    mask: the token masks inside the tiles (causal, window, documents).
+    mask: the token masks inside the tiles: a TokenMask (causal, window, documents) or explicit
+    per-query key intervals (:class:`attn_sparse.intervals.KeyIntervals` of this call).
     key_padding_mask: optional (B, Nk) bool, True = padding key to ignore. Rows that see no key
     give out 0 and lse -inf.
     """

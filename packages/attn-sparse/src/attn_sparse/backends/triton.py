@@ -68,5 +68,7 @@ def block_sparse_attention(
 
     Nq, Nk = q.shape[1], k.shape[1]
     left, right = mask.kernel_sides(Nq, Nk)
-    kmask = KernelMask(mask.banded, left, right, mask.document_bounds(Nq))
+    docs = mask.document_bounds(Nq)
+    # documents are symmetric (the queries that see key j are j's document): one array, both sides
+    kmask = KernelMask(mask.banded, left, right, docs, docs)
     return block_sparse_attention_csr(q, k, v, CSR.from_layout(layout), mask=kmask, softmax_scale=softmax_scale)

@@ -6,7 +6,9 @@ forming a tail while a head's programs share its tiles in L2. On sm90+ GPUs the 
 (K/V, or Q/dO in the dk/dv kernel) come through TMA tensor descriptors (KernelConfig.tma).
 
 Shapes: q (B, Nq, H, D); k, v (B, Nk, Hkv, D); out like q; lse (B, H, Nq) fp32, natural log,
-``-inf`` for rows that see no key (whose output is 0).
+``-inf`` for rows that see no key (whose output is 0). Token masks (:class:`.planning.KernelMask`):
+the forward, dq and dq-from-dS kernels read the per-row bounds at query rows (``docs``), the dk/dv
+kernel at key rows (``key_docs``).
 """
 
 from __future__ import annotations
@@ -46,9 +48,24 @@ def _last_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _docs(mask: KernelMask, fallback: torch.Tensor) -> torch.Tensor:
-    """The document bounds the kernels read (HAS_DOCS), or any tensor standing in for the unread pointer."""
-    return mask.docs if mask.docs is not None else fallback
+def _docs(bounds: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    """The per-row bounds a kernel reads (HAS_DOCS), or any tensor standing in for the unread pointer."""
+    return bounds if bounds is not None else fallback
+
+
+def _check_mask(mask: KernelMask, seq_len_q: int, seq_len_k: int) -> None:
+    """The bounds arrays have the shapes the kernels index ((2, Nq) query side, (2, Nk) key side),
+    int32 and contiguous: a wrong one would be read out of bounds. No host reads."""
+    if mask.key_docs is not None and mask.docs is None:
+        raise ValueError("KernelMask.key_docs needs docs (the same mask seen from the queries)")
+    for name, bounds, n in (("docs", mask.docs, seq_len_q), ("key_docs", mask.key_side_docs, seq_len_k)):
+        if bounds is None:
+            continue
+        if bounds.dtype != torch.int32 or tuple(bounds.shape) != (2, n) or not bounds.is_contiguous():
+            raise ValueError(
+                f"KernelMask.{name} must be a contiguous int32 tensor of shape (2, {n}), "
+                f"got {bounds.dtype} {tuple(bounds.shape)} (contiguous={bounds.is_contiguous()})"
+            )
 
 
 def block_sparse_forward(
@@ -57,6 +74,7 @@ def block_sparse_forward(
     """out (B, Nq, H, D) in q.dtype and lse (B, H, Nq) fp32 (natural log, -inf for empty rows)."""
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
+    _check_mask(mask, Nq, Nk)
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
@@ -67,7 +85,7 @@ def block_sparse_forward(
     k_src = _tile_descriptor(k, cfg.fwd_n) if use_tma else k
     v_src = _tile_descriptor(v, cfg.fwd_n) if use_tma else v
     fwd_kernel[grid](
-        q, k_src, v_src, out, lse, csr.col, table, _docs(mask, csr.col),
+        q, k_src, v_src, out, lse, csr.col, table, _docs(mask.docs, csr.col),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -119,6 +137,7 @@ def block_sparse_backward(
     """
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
+    _check_mask(mask, Nq, Nk)
     group = H // Hkv
     q, k, v, out, dout = (_last_contig(t) for t in (q, k, v, out, dout))
     delta = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
@@ -133,7 +152,7 @@ def block_sparse_backward(
             q,
             _tile_descriptor(k, cfg.dq_n) if tma_kv else k,
             _tile_descriptor(v, cfg.dq_n) if tma_kv else v,
-            out, dout, dq, lse, delta, csr.col, csr.row_table(B, H), _docs(mask, csr.col),
+            out, dout, dq, lse, delta, csr.col, csr.row_table(B, H), _docs(mask.docs, csr.col),
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -175,7 +194,7 @@ def block_sparse_backward(
         # the buffer holds one unit: batch stride 0, its heads counted from the unit's first
         dq_strides = (0, dq_acc.stride(0), dq_acc.stride(1)) if accumulate else dq.stride()[:3]
         dq_ds_kernel[((c.u1 - c.u0) * group * csr.num_query_blocks * (bq // cfg.dqs_m),)](
-            k_src, ds_src, dq_acc, csr.col, tslot, table, _docs(mask, csr.col),
+            k_src, ds_src, dq_acc, csr.col, tslot, table, _docs(mask.docs, csr.col),
             k.stride(0), k.stride(1), k.stride(2),
             *dq_strides,
             Nq, Nk, H, group, csr.num_query_blocks, c.u0 * group, H if per_head_layout else 1, c.p1 - c.p0,
@@ -240,7 +259,7 @@ def _launch_dkv(
         _tile_descriptor(q, cfg.dkv_m) if tma else q,
         k, v,
         _tile_descriptor(dout, cfg.dkv_m) if tma else dout,
-        dk, dv, lse, delta, csr.ccol, csr.row, order, ds_src, _docs(mask, csr.row),
+        dk, dv, lse, delta, csr.ccol, csr.row, order, ds_src, _docs(mask.key_side_docs, csr.row),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -251,6 +270,6 @@ def _launch_dkv(
         chunk.u0, H if per_head_layout else 1, chunk.p1 - chunk.p0, chunk.p0, mask.left, mask.right,
         scale * LOG2E, scale,
         HEAD_DIM=D, BLOCK_M=cfg.dkv_m, BLOCK_N=cfg.dkv_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, BANDED=mask.banded,
-        HAS_DOCS=mask.docs is not None, TMA=tma, STORE_DS=ds is not None, DS_TMA=ds_tma,
+        HAS_DOCS=mask.key_side_docs is not None, TMA=tma, STORE_DS=ds is not None, DS_TMA=ds_tma,
         num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages,
     )  # fmt: skip

@@ -39,11 +39,11 @@ def _backward(dout: torch.Tensor, q: torch.Tensor, *saved_csr_and_config: Any) -
 
 def _encode(csr: CSR, mask: KernelMask, scale: float, cfg: KernelConfig) -> tuple[Any, ...]:
     # op schemas take no dataclasses: the CSR travels as its tensors and dims, the mask as its
-    # fields, the config as ints
+    # fields (docs: bounds at query rows, key_docs: at key rows, or None), the config as ints
     config_ints = [int(getattr(cfg, f.name)) for f in _CONFIG_FIELDS]
     return (
         csr.crow, csr.col, csr.ccol, csr.row, csr.dims, bool(mask.banded), int(mask.left), int(mask.right), mask.docs,
-        float(scale), config_ints,
+        mask.key_docs, float(scale), config_ints,
     )  # fmt: skip
 
 
@@ -57,6 +57,7 @@ def _decode(
     left: int,
     right: int,
     docs: torch.Tensor | None,
+    key_docs: torch.Tensor | None,
     scale: float,
     config_ints: list[int],
 ) -> tuple[Any, ...]:
@@ -64,7 +65,7 @@ def _decode(
         f.name: bool(v) if f.type in (bool, "bool") else v for f, v in zip(_CONFIG_FIELDS, config_ints)
     }
     cfg = KernelConfig(**values)
-    return CSR.from_tensors(crow, col, ccol, row, dims), KernelMask(banded, left, right, docs), scale, cfg
+    return CSR.from_tensors(crow, col, ccol, row, dims), KernelMask(banded, left, right, docs, key_docs), scale, cfg
 
 
 def _fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *csr_and_config: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +89,7 @@ BLOCK_SPARSE = DifferentiableOp(
     outputs=("out", "lse"),
     args_schema=(
         "Tensor crow, Tensor col, Tensor ccol, Tensor row, int[] dims, bool banded, int left, int right, "
-        "Tensor? docs, float scale, int[] cfg"
+        "Tensor? docs, Tensor? key_docs, float scale, int[] cfg"
     ),
     forward=_forward,
     backward=_backward,

@@ -399,22 +399,38 @@ def transposed_slots(
 class KernelMask(NamedTuple):
     """The token masks as the kernels take them (see :mod:`attn_sparse.masks`).
 
-    Query i sees keys max(i - left, doc_start(i)) <= j <= min(i + right, doc_end(i) - 1, Nk - 1).
-    ``banded``: False when nothing but the key count masks (left/right/docs are then unused);
-    ``left``, ``right``: >= 0 (an unbounded side is Nq + Nk); ``docs``: (2, N) int32 start and end
-    of every token's document (:meth:`TokenMask.document_bounds`), or None.
+    Query i sees keys max(i - left, docs[0, i]) <= j <= min(i + right, docs[1, i] - 1, Nk - 1);
+    the dk/dv kernel reads the same mask from the keys: key j is seen by queries
+    max(j - right, key_docs[0, j]) <= i <= min(j + left, key_docs[1, j] - 1, Nq - 1).
+
+    ``banded``: False when nothing but the key count masks (the other fields are then unused);
+    ``left``, ``right``: >= 0 (an unbounded side is Nq + Nk);
+    ``docs``: (2, Nq) int32 contiguous, [first key, end key) each query may see (documents:
+    :meth:`TokenMask.document_bounds`; any per-query key intervals: :class:`attn_sparse.intervals.KeyIntervals`),
+    or None;
+    ``key_docs``: (2, Nk) int32 contiguous, [first query, end query) that may see each key, the same
+    mask seen from the keys, or None: then ``docs`` serves both sides, which is right only for
+    bounds that are symmetric (documents, where Nq == Nk).
+    Both rows of both arrays must be non-decreasing: the kernels find a tile's skipped, masked
+    and unmasked neighbours from its first and last rows' bounds.
     """
 
     banded: bool
     left: int
     right: int
     docs: torch.Tensor | None
+    key_docs: torch.Tensor | None = None
 
     @classmethod
     def causal(cls, is_causal: bool, seq_len_q: int, seq_len_k: int) -> KernelMask:
         """The mask of a call with at most ``is_causal``."""
         far = seq_len_q + seq_len_k
-        return cls(bool(is_causal), far, 0 if is_causal else far, None)
+        return cls(bool(is_causal), far, 0 if is_causal else far, None, None)
+
+    @property
+    def key_side_docs(self) -> torch.Tensor | None:
+        """The bounds the dk/dv kernel reads at key rows: ``key_docs``, else ``docs`` (symmetric bounds)."""
+        return self.key_docs if self.key_docs is not None else self.docs
 
 
 class DsChunk(NamedTuple):
