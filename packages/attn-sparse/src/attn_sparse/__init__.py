@@ -6,6 +6,7 @@ from ._version import __version__
 from .adaptive import AdaptiveBlockSparseAttention
 from .api import AUTO_ORDER, BACKENDS, BackendChoice, block_sparse_attention, explain, last_backend
 from .blocks import BLOCK_BACKENDS, block_backend, block_backward, block_forward
+from .intervals import KeyIntervals
 from .layout import BlockLayout
 from .library import FORMAT_VERSION, LayoutCache, PatternLibrary
 from .modules import BlockSparseAttention, MultiheadBlockSparseAttention
@@ -32,6 +33,7 @@ __all__ = [
     "BackendChoice",
     "BlockLayout",
     "BlockSparseAttention",
+    "KeyIntervals",
     "LayoutCache",
     "MultiheadBlockSparseAttention",
     "PatternLibrary",
