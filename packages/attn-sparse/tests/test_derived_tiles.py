@@ -104,9 +104,7 @@ def test_derived_tiles_equal_the_definition_on_random_masks() -> None:
     ],
 )
 @pytest.mark.parametrize("bs", [(16, 16), (16, 64), (64, 16)])
-def test_derived_tiles_equal_the_definition_at_the_edges(
-    nq: int, nk: int, masks_kw: dict, bs: tuple[int, int]
-) -> None:
+def test_derived_tiles_equal_the_definition_at_the_edges(nq: int, nk: int, masks_kw: dict, bs: tuple[int, int]) -> None:
     cu = masks_kw.get("cu_seqlens")
     mask = _mask(
         nq,

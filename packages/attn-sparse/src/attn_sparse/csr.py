@@ -96,7 +96,7 @@ def expand_intervals(
         nnz = int(crow[-1])  # the one size the output needs (free on the CPU, one number from a GPU)
     check_tile_count(nnz)
     if nnz == 0:
-        return crow.to(device=out, dtype=torch.int32), torch.zeros(0, dtype=torch.int32, device=out)
+        return _moved(crow.to(torch.int32), out), torch.zeros(0, dtype=torch.int32, device=out)
     flat_len = length.reshape(-1)
     begin = crow[:-1] if length.shape[1] == 1 else torch.cumsum(flat_len, dim=0) - flat_len
     if triton is None:
@@ -116,7 +116,7 @@ def expand_intervals(
     # arithmetic (when every intermediate fits) halves the memory traffic of the O(nnz) part.
     dtype = torch.int32 if nnz * step <= INT32_MAX else torch.int64
     shift = start.reshape(-1) - begin if step == 1 else start.reshape(-1) - begin * step
-    if device is not None:  # one copy of the row-level arrays to ``device`` (crow first: its view starts the buffer)
+    if out != here:  # one copy of the row-level arrays to ``device`` (crow first: its view starts the buffer)
         r, m = num_rows + 1, flat_len.numel()
         pack = _moved(torch.cat([crow, shift, flat_len]).to(dtype), out)
         crow, shift, flat_len = pack[:r], pack[r : r + m], pack[r + m :]

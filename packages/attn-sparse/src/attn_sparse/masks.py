@@ -30,7 +30,7 @@ import torch
 from attn_core.packing import document_positions, host_offsets, host_to_device
 from attn_core.validation import check_bool, check_cu_seqlens, check_window_size
 
-from .csr import band_csr, row_work_device
+from .csr import band_csr
 from .layout import BlockLayout, check_block_size, check_geometry
 from .memo import StorageMemo
 
@@ -135,20 +135,17 @@ class TokenMask:
                 f"cu_seqlens describes one packed sequence for queries and keys; got Nq={seq_len_q}, Nk={seq_len_k}"
             )
 
-        def read() -> tuple[torch.Tensor, torch.Tensor]:
-            on_device = isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device == device and device.type != "cpu"
-            # one device -> host read: the validation's and everything derived from the offsets
-            host = check_cu_seqlens(
-                cu_seqlens.cpu() if on_device else cu_seqlens,  # type: ignore[union-attr]
-                batch=batch,
-                seq_len=seq_len_q,
-                device=device,
-            )
-            return host, (cu_seqlens if on_device else host_to_device(host, device))  # type: ignore[return-value]
+        given = cu_seqlens if isinstance(cu_seqlens, torch.Tensor) else None
+        # offsets already on the inputs' GPU: validated on a host copy (the one device read)
+        on_gpu = given if given is not None and given.device == device and device.type != "cpu" else None
 
-        memo = None
-        if isinstance(cu_seqlens, torch.Tensor):
-            memo = _OFFSETS.memo_for((cu_seqlens,), (batch, seq_len_q, str(device)))
+        def read() -> tuple[torch.Tensor, torch.Tensor]:
+            host = check_cu_seqlens(
+                on_gpu.cpu() if on_gpu is not None else cu_seqlens, batch=batch, seq_len=seq_len_q, device=device
+            )
+            return host, (on_gpu if on_gpu is not None else host_to_device(host, device))
+
+        memo = None if given is None else _OFFSETS.memo_for((given,), (batch, seq_len_q, str(device)))
         host, docs = read() if memo is None else memo("offsets", read)
         return cls(causal, window, docs, host)
 
@@ -255,16 +252,17 @@ class TokenMask:
         """The tiles this mask needs (shared by all heads): per query block the interval of key
         blocks its rows can see, with the transposed CSR (the dk/dv kernels') attached.
 
-        O(blocks) work on the host (:func:`attn_sparse.csr.row_work_device`), then O(tiles) on
-        ``device`` with no read back from it; no sort. Cached per (mask, lengths, block size,
-        device), at most :data:`DERIVED_LAYOUTS` layouts: windows and causal masks depend only on
-        those, so a training run derives them once."""
+        O(blocks) work on the host, then O(tiles) on ``device`` (one copy there, no read back
+        from it, no sort). Cached per (mask, lengths, block size, device), at most
+        :data:`DERIVED_LAYOUTS` layouts: windows and causal masks depend only on those, so a
+        training run derives them once."""
         bs = check_block_size(block_size)
         nqb, nkb = -(-seq_len_q // bs[0]), -(-seq_len_k // bs[1])
         check_geometry(1, nqb, nkb)
 
         def build() -> BlockLayout:
-            lo, hi = self.block_intervals(seq_len_q, seq_len_k, bs, row_work_device(device, nqb + nkb))
+            # on the host even for a GPU layout: 8K blocks a side at 1M tokens, and no read back
+            lo, hi = self.block_intervals(seq_len_q, seq_len_k, bs)
             crow, col, ccol, rows = band_csr(lo, hi, nkb, device=device)
             return BlockLayout.from_valid_csr(crow, col, bs, 1, nqb, nkb).with_transposed_csr(ccol, rows)
 
