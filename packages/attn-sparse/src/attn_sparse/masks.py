@@ -227,9 +227,9 @@ class TokenMask:
         left, right = self.sides()
         lo = torch.zeros_like(first) if left < 0 else (first - left).clamp(min=0)
         hi = torch.full_like(last, seq_len_k - 1) if right < 0 else (last + right).clamp(max=seq_len_k - 1)
-        if self.cu_seqlens is not None:
-            host = device.type == "cpu"
-            offsets = (self.host_cu_seqlens if host else self.cu_seqlens).to(device, torch.int64)  # type: ignore[union-attr]
+        docs = self.host_cu_seqlens if device.type == "cpu" else self.cu_seqlens
+        if docs is not None:
+            offsets = docs.to(device, torch.int64)
             ends = offsets[1:]  # token i is in the document d with offsets[d] <= i < ends[d]
             lo = torch.maximum(lo, offsets[torch.searchsorted(ends, first, right=True)])
             hi = torch.minimum(hi, ends[torch.searchsorted(ends, last, right=True)] - 1)
