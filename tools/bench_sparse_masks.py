@@ -12,9 +12,13 @@ fixed-seed log-normal, mean 4K, clipped to 64..32K). Effective TFLOP/s count 4 *
 (query, key) pair (exact token pairs) for the forward, 3.5x that for forward+backward. Also: the
 tile derivation time of layout=None (uncached) as % of our forward, and bf16 correctness at small N
 against the float64 reference. Writes JSON + markdown + PNG to --out.
+The tile derivation (derive_times): uncached ms (the first layer of a packed-documents step),
+cached ms (the later layers) and the device syncs of one uncached derivation; --derive-only
+times it alone, on the CPU too (a stand-in for the host work), for the first --configs entry.
 
     source tools/srcpath.sh && python tools/bench_sparse_masks.py --out docs/benchmarks
     python tools/bench_sparse_masks.py --quick      # N=8K, two configs, two masks
+    python tools/bench_sparse_masks.py --derive-only --device cpu
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -101,27 +106,104 @@ def bench_ms(fn: Callable[[], object], warmup: int, rep: int, grads: list[torch.
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grads, return_mode="median"))
 
 
-def derive_ms(args: dict[str, Any], n: int, heads: int, reps: int = 5) -> float:
-    """Uncached tile derivation of a layout=None call (layout + launch tables), median ms."""
-    from attn_sparse import masks as masks_mod
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _derive(args: dict[str, Any], n: int, heads: int, kv_heads: int, device: torch.device) -> None:
+    """What a layout=None call derives from its masks before its kernels launch: the validated mask,
+    the layout (with its transposed CSR), the launch tables of the forward / dq kernels (rows) and
+    of the dk/dv kernel (columns; masked calls take the recompute backward: no dS chunk plan), and
+    the per-token document bounds."""
     from attn_sparse.api import DERIVED_BLOCK_SIZE
     from attn_sparse.kernels import CSR
+    from attn_sparse.masks import TokenMask
 
-    times = []
-    for _ in range(reps):
-        masks_mod.clear_derived_layouts()
-        torch.cuda.synchronize()
+    mask = TokenMask.build(
+        is_causal=args["is_causal"], window_size=args.get("window_size"), cu_seqlens=args.get("cu_seqlens"),
+        batch=1, seq_len_q=n, seq_len_k=n, device=device,
+    )  # fmt: skip
+    csr = CSR.from_layout(mask.layout(n, n, DERIVED_BLOCK_SIZE, device))
+    csr.row_table(1, heads)
+    csr.column_order(1, kv_heads, heads // kv_heads)
+    mask.document_bounds(n)
+
+
+def derive_times(
+    args: dict[str, Any], n: int, heads: int, kv_heads: int, device: torch.device, reps: int = 20
+) -> dict[str, Any]:
+    """Host time of the tile derivation of a layout=None call (:func:`_derive`), median ms over reps:
+
+    - derive_ms: uncached (caches cleared and a new cu_seqlens tensor each rep, as at the first
+      layer of a packed-documents step, or the first call with a window);
+    - derive_cached_ms: again with the same arguments (what the later layers of a step pay);
+    - derive_syncs (CUDA): device synchronisations of one uncached derivation, counted by
+      torch.cuda's sync debug mode (each waits for all the work queued before it).
+    """
+    from attn_sparse import masks as masks_mod
+
+    def timed(fresh: bool) -> float:
+        call = {**args, "cu_seqlens": args["cu_seqlens"].clone()} if fresh and "cu_seqlens" in args else args
+        if fresh:
+            masks_mod.clear_derived_layouts()
+        _sync(device)
         t0 = time.perf_counter()
-        mask = masks_mod.TokenMask.build(
-            is_causal=args["is_causal"], window_size=args.get("window_size"), cu_seqlens=args.get("cu_seqlens"),
-            batch=1, seq_len_q=n, seq_len_k=n, device=torch.device("cuda"),
-        )  # fmt: skip
-        layout = mask.layout(n, n, DERIVED_BLOCK_SIZE, torch.device("cuda"))
-        CSR.from_layout(layout).row_table(1, heads)
-        mask.document_bounds(n)
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+        _derive(call, n, heads, kv_heads, device)
+        _sync(device)
+        return (time.perf_counter() - t0) * 1e3
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    timed(True)  # imports, first allocations
+    out: dict[str, Any] = {"derive_ms": median([timed(True) for _ in range(reps)])}
+    out["derive_cached_ms"] = median([timed(False) for _ in range(reps)])
+    if device.type == "cuda":
+        masks_mod.clear_derived_layouts()
+        call = {**args, "cu_seqlens": args["cu_seqlens"].clone()} if "cu_seqlens" in args else args
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _derive(call, n, heads, kv_heads, device)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        out["derive_syncs"] = sum("synchroniz" in str(w.message) for w in caught)
+    return out
+
+
+def derive_table(rows: list[dict]) -> str:
+    head = "| N | H/Hkv | mask | device | nnz tiles | derive ms (uncached) | derive ms (cached) | device syncs |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['n'] // 1024}K | {r['heads']}/{r['kv_heads']} | {r['mask']} | {r['device']} | {r['nnz']} | "
+            f"{r['derive_ms']:.3f} | {r['derive_cached_ms']:.3f} | {r.get('derive_syncs', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def derive_only(seq_lens: list[int], configs: list[tuple[int, ...]], names: list[str], device: torch.device) -> int:
+    """--derive-only: the derivation timings alone, on any device (the CPU stands in for the host)."""
+    from attn_sparse.api import DERIVED_BLOCK_SIZE
+    from attn_sparse.masks import TokenMask
+
+    rows = []
+    for n in seq_lens:
+        for h, hkv, _ in configs:
+            for name in names:
+                args = mask_args(name, n)
+                if "cu_seqlens" in args:
+                    args["cu_seqlens"] = args["cu_seqlens"].to(device)
+                mask = TokenMask.build(**args, batch=1, seq_len_q=n, seq_len_k=n, device=device)
+                nnz = mask.layout(n, n, DERIVED_BLOCK_SIZE, device).nnz
+                row = dict(n=n, heads=h, kv_heads=hkv, mask=name, device=str(device), nnz=nnz)
+                row.update(derive_times(args, n, h, hkv, device))
+                rows.append(row)
+                print(derive_table([row]).splitlines()[-1], flush=True)
+    print(derive_table(rows))
+    return 0
 
 
 def _grads(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], do: torch.Tensor) -> list[torch.Tensor]:
@@ -219,7 +301,7 @@ def measure_point(n: int, cfg: tuple[int, int, int], name: str, warmup: int, rep
 
         row["cudnn_fwd_ms"] = bench_ms(cudnn_fwd, warmup, rep)
         row["cudnn_fb_ms"] = bench_ms(lambda: cudnn_fwd().backward(dot), warmup, rep, [qt, kr, vr])
-    row["derive_ms"] = derive_ms(args, n, h)
+    row.update(derive_times(args, n, h, hkv, torch.device("cuda")))
     for who in ("ours", "flex", "cudnn"):
         if f"{who}_fwd_ms" in row:
             row[f"{who}_fwd_tflops"] = fwd_flop / row[f"{who}_fwd_ms"] / 1e9
@@ -230,6 +312,7 @@ def measure_point(n: int, cfg: tuple[int, int, int], name: str, warmup: int, rep
         row["vs_cudnn_fwd"] = row["cudnn_fwd_ms"] / row["ours_fwd_ms"]
         row["vs_cudnn_fb"] = row["cudnn_fb_ms"] / row["ours_fb_ms"]
     row["derive_pct_of_fwd"] = 100.0 * row["derive_ms"] / row["ours_fwd_ms"]
+    row["derive_cached_pct_of_fwd"] = 100.0 * row["derive_cached_ms"] / row["ours_fwd_ms"]
     return row
 
 
@@ -262,6 +345,7 @@ def summary(rows: list[dict]) -> dict:
         min_vs_flex_fwd=min(fwd),
         min_vs_flex_fb=min(fb),
         max_derive_pct_of_fwd=max(r["derive_pct_of_fwd"] for r in rows),
+        max_derive_cached_pct_of_fwd=max(r.get("derive_cached_pct_of_fwd", 0.0) for r in rows),
     )
     causal = [r for r in rows if "vs_cudnn_fwd" in r]
     if causal:
@@ -328,7 +412,15 @@ def main() -> int:
         default=None,
         help="a JSON of an earlier run on the same GPU: keep its rows, run the rest",
     )
+    ap.add_argument(
+        "--derive-only", action="store_true", help="only the tile derivation timings (runs on the CPU without a GPU)"
+    )
+    ap.add_argument("--device", default=None, help="--derive-only: device (default cuda if available, else cpu)")
     args = ap.parse_args()
+    if args.derive_only:
+        dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        cfgs = [tuple(int(x) for x in c.split("/")) for c in args.configs[:1]]
+        return derive_only(args.seq_lens, cfgs, args.masks, dev)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 2

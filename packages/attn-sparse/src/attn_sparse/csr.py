@@ -10,12 +10,14 @@ from collections.abc import Sequence
 
 import torch
 
+from attn_core.packing import host_to_device
 from attn_core.triton_env import compiled_triton_available
 
 __all__ = [
     "HOST_ROW_WORK",
     "INT32_MAX",
     "aligned_sections",
+    "band_csr",
     "check_tile_count",
     "crow_from_sorted_rows",
     "expand_intervals",
@@ -94,7 +96,7 @@ def expand_intervals(
         nnz = int(crow[-1])  # the one size the output needs (free on the CPU, one number from a GPU)
     check_tile_count(nnz)
     if nnz == 0:
-        return crow.to(device=out, dtype=torch.int32), torch.zeros(0, dtype=torch.int32, device=out)
+        return _moved(crow.to(torch.int32), out), torch.zeros(0, dtype=torch.int32, device=out)
     flat_len = length.reshape(-1)
     begin = crow[:-1] if length.shape[1] == 1 else torch.cumsum(flat_len, dim=0) - flat_len
     if triton is None:
@@ -107,16 +109,16 @@ def expand_intervals(
         pack = torch.empty(at[-1], dtype=torch.int32, device=here)
         for p, a in zip(parts, at):
             pack[a : a + p.numel()] = p
-        pack = pack.to(out)  # one copy when the rows were built on the CPU
+        pack = _moved(pack, out)  # one copy when the rows were built on the CPU
         crow, begin, first, runs = (pack[a : a + p.numel()] for p, a in zip(parts, at))
         return crow, expand_runs(begin, first, runs, step, nnz)
     # col = run start + (position in the flattened output - where the run begins) * step; int32
     # arithmetic (when every intermediate fits) halves the memory traffic of the O(nnz) part.
     dtype = torch.int32 if nnz * step <= INT32_MAX else torch.int64
     shift = start.reshape(-1) - begin if step == 1 else start.reshape(-1) - begin * step
-    if device is not None:  # one copy of the row-level arrays to ``device`` (crow first: its view starts the buffer)
+    if out != here:  # one copy of the row-level arrays to ``device`` (crow first: its view starts the buffer)
         r, m = num_rows + 1, flat_len.numel()
-        pack = torch.cat([crow, shift, flat_len]).to(dtype).to(out)
+        pack = _moved(torch.cat([crow, shift, flat_len]).to(dtype), out)
         crow, shift, flat_len = pack[:r], pack[r : r + m], pack[r + m :]
     else:
         shift = shift.to(dtype)
@@ -127,6 +129,33 @@ def expand_intervals(
     else:
         col.add_(pos, alpha=step)
     return crow.to(torch.int32), col.to(torch.int32)
+
+
+def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``: a host-built tensor goes without waiting for the device's queued work."""
+    return host_to_device(t, device) if t.device.type == "cpu" else t.to(device)
+
+
+def band_csr(
+    lo: torch.Tensor, hi: torch.Tensor, num_cols: int, *, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both CSR orientations of rows that each hold one column interval moving only rightwards.
+
+    lo, hi: (R,) int64, non-decreasing, 0 <= lo <= hi <= num_cols: row r holds columns
+    [lo[r], hi[r]). Then the rows holding column c are one interval too: those with lo <= c (a
+    prefix) minus those with hi <= c (a shorter prefix), two binary searches, no sort.
+    Returns (crow (R + 1,), col (nnz,), ccol (num_cols + 1,), rows (nnz,)), int32 on ``device``
+    (default lo's device; see :func:`expand_intervals`), rows increasing within each column.
+    O(R + num_cols log R + nnz); the size nnz is read from the device once when lo is on a GPU.
+    """
+    cols = torch.arange(num_cols, device=lo.device)
+    first_row = torch.searchsorted(hi, cols, right=True)
+    end_row = torch.searchsorted(lo, cols, right=True)
+    crow, col = expand_intervals(lo[:, None], (hi - lo)[:, None], lo.numel(), device=device)
+    ccol, rows = expand_intervals(
+        first_row[:, None], (end_row - first_row)[:, None], num_cols, nnz=col.numel(), device=device
+    )
+    return crow, col, ccol, rows
 
 
 def crow_from_sorted_rows(rows: torch.Tensor, num_rows: int) -> torch.Tensor:

@@ -23,42 +23,81 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from typing import Any
 
 import torch
 
-from attn_core.packing import document_positions
+from attn_core.packing import document_positions, host_offsets, host_to_device
 from attn_core.validation import check_bool, check_cu_seqlens, check_window_size
 
-from .layout import BlockLayout, check_block_size
+from .csr import band_csr
+from .layout import BlockLayout, check_block_size, check_geometry
+from .memo import StorageMemo
 
-__all__ = ["DERIVED_LAYOUTS", "TokenMask", "clear_derived_layouts"]
+__all__ = ["DERIVED_LAYOUTS", "DOCUMENT_BOUNDS", "TokenMask", "clear_derived_layouts"]
 
 # Layouts derived from token masks (layout=None calls), kept per (mask, lengths, block size, device)
 # so repeated calls reuse the layout and the launch data cached on it.
 DERIVED_LAYOUTS = 16
 _DERIVED: OrderedDict[tuple[object, ...], BlockLayout] = OrderedDict()
 _DERIVED_LOCK = threading.Lock()
+# Per-token document bounds the kernels read, kept per (offsets, length, device): the layers of one
+# step share them. Few: each is (2, N) int32, and packed training changes the offsets every step.
+DOCUMENT_BOUNDS = 4
+_BOUNDS: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
+# The validated offsets of a cu_seqlens tensor (host copy, copy on the inputs' device), kept while
+# the tensor is alive and unmodified: the layers of a step pass the same tensor, so only the first
+# call reads it from the GPU (or copies it there).
+_OFFSETS = StorageMemo(DERIVED_LAYOUTS, 1)
+
+
+def _remember(cache: OrderedDict[tuple[object, ...], Any], limit: int, key: tuple[object, ...], build: Any) -> Any:
+    """cache[key], built by ``build()`` outside the lock on a miss; least recently used dropped past ``limit``."""
+    with _DERIVED_LOCK:
+        hit = cache.get(key)
+        if hit is not None:
+            cache.move_to_end(key)
+            return hit
+    value = build()
+    with _DERIVED_LOCK:
+        value = cache.setdefault(key, value)
+        cache.move_to_end(key)
+        while len(cache) > limit:
+            cache.popitem(last=False)
+    return value
 
 
 def clear_derived_layouts() -> None:
-    """Drop every cached layout derived from token masks (benchmarks time the uncached derivation)."""
+    """Drop every cached layout and document bounds derived from token masks (benchmarks time the
+    uncached derivation)."""
     with _DERIVED_LOCK:
         _DERIVED.clear()
+        _BOUNDS.clear()
 
 
 class TokenMask:
     """The token masks of one call (validated). Build with :meth:`TokenMask.build`.
 
     Attributes: ``causal`` (bool), ``window`` ((left, right) with -1 = unbounded, or None),
-    ``cu_seqlens`` (int32 (num_docs + 1,) on the inputs' device, or None).
+    ``cu_seqlens`` (int32 (num_docs + 1,) on the inputs' device, or None) and ``host_cu_seqlens``
+    (the same offsets on the CPU, read once, or None).
     """
 
-    __slots__ = ("causal", "cu_seqlens", "window")
+    __slots__ = ("causal", "cu_seqlens", "host_cu_seqlens", "window")
 
-    def __init__(self, causal: bool, window: tuple[int, int] | None, cu_seqlens: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        causal: bool,
+        window: tuple[int, int] | None,
+        cu_seqlens: torch.Tensor | None,
+        host_cu_seqlens: torch.Tensor | None = None,
+    ) -> None:
         self.causal = causal
         self.window = window
         self.cu_seqlens = cu_seqlens
+        if cu_seqlens is not None and host_cu_seqlens is None:
+            host_cu_seqlens = cu_seqlens.cpu()
+        self.host_cu_seqlens = host_cu_seqlens
 
     @classmethod
     def causal_only(cls, is_causal: bool) -> TokenMask:
@@ -81,19 +120,34 @@ class TokenMask:
 
         ValueError/TypeError name the bad value: window_size must be (left, right) ints >= -1;
         cu_seqlens int32 (num_docs + 1,) from 0 to N, non-decreasing, with B == 1 and Nq == Nk.
+        Offsets on a GPU are read to the host once per tensor (validated there, then used for the
+        tiles and cache keys without another read; a later call with the same, unmodified tensor
+        reads nothing); offsets on the CPU go to the inputs' device without a wait.
         """
         causal = check_bool("is_causal", is_causal)
         window = None if window_size is None else check_window_size(window_size)
         if window == (-1, -1):
             window = None  # unbounded on both sides: no mask
-        docs = None
-        if cu_seqlens is not None:
-            if seq_len_q != seq_len_k:
-                raise ValueError(
-                    f"cu_seqlens describes one packed sequence for queries and keys; got Nq={seq_len_q}, Nk={seq_len_k}"
-                )
-            docs = check_cu_seqlens(cu_seqlens, batch=batch, seq_len=seq_len_q, device=device).to(device)
-        return cls(causal, window, docs)
+        if cu_seqlens is None:
+            return cls(causal, window, None)
+        if seq_len_q != seq_len_k:
+            raise ValueError(
+                f"cu_seqlens describes one packed sequence for queries and keys; got Nq={seq_len_q}, Nk={seq_len_k}"
+            )
+
+        given = cu_seqlens if isinstance(cu_seqlens, torch.Tensor) else None
+        # offsets already on the inputs' GPU: validated on a host copy (the one device read)
+        on_gpu = given if given is not None and given.device == device and device.type != "cpu" else None
+
+        def read() -> tuple[torch.Tensor, torch.Tensor]:
+            host = check_cu_seqlens(
+                on_gpu.cpu() if on_gpu is not None else cu_seqlens, batch=batch, seq_len=seq_len_q, device=device
+            )
+            return host, (on_gpu if on_gpu is not None else host_to_device(host, device))
+
+        memo = None if given is None else _OFFSETS.memo_for((given,), (batch, seq_len_q, str(device)))
+        host, docs = read() if memo is None else memo("offsets", read)
+        return cls(causal, window, docs, host)
 
     # ------------------------------------------------------------------ the interval form
     @property
@@ -117,12 +171,18 @@ class TokenMask:
 
     def document_bounds(self, seq_len: int) -> torch.Tensor | None:
         """(2, seq_len) int32: the start and the end (exclusive) of every token's document; None
-        without cu_seqlens. Vectorised on cu_seqlens' device, no host reads."""
+        without cu_seqlens. Vectorised on cu_seqlens' device, no host reads; kept for the next
+        calls with these offsets (at most :data:`DOCUMENT_BOUNDS`; shared, do not modify)."""
         if self.cu_seqlens is None:
             return None
-        c = self.cu_seqlens.to(torch.int64)
-        doc, _ = document_positions(c, seq_len)
-        return torch.stack([c[doc], c[doc + 1]]).to(torch.int32)
+        cu = self.cu_seqlens
+
+        def build() -> torch.Tensor:
+            c = cu.to(torch.int64)
+            doc, _ = document_positions(c, seq_len)
+            return torch.stack([c[doc], c[doc + 1]]).to(torch.int32)
+
+        return _remember(_BOUNDS, DOCUMENT_BOUNDS, (self.cache_key(), seq_len, str(cu.device)), build)
 
     def key_intervals(
         self, seq_len_q: int, seq_len_k: int, device: torch.device | None = None
@@ -153,54 +213,61 @@ class TokenMask:
     def block_intervals(
         self, seq_len_q: int, seq_len_k: int, block_size: tuple[int, int], device: torch.device | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lo, hi) int64 (num_query_blocks, 1): query block r needs key blocks [lo[r], hi[r]).
+        """(lo, hi) int64 (num_query_blocks,): query block r needs key blocks lo[r] <= c < hi[r].
 
         From the block's first row's lo and last row's hi (lo, hi never decrease), so it holds
-        every key any row of the block sees; a block whose rows see nothing gets hi == lo.
+        every key any row of the block sees. Both never decrease with r; a block whose rows see
+        nothing (queries past the last key) gets lo == hi == num_key_blocks. O(num_query_blocks)
+        on ``device`` (default the CPU, where it reads nothing from a GPU: the offsets' host copy).
         """
         bq, bk = block_size
-        lo, hi = self.key_intervals(seq_len_q, seq_len_k, device)
-        first = torch.arange(0, seq_len_q, bq, device=lo.device)
-        last = (first + bq).clamp(max=seq_len_q) - 1
-        lo_first, hi_last = lo[first], hi[last]
-        blk_lo = lo_first // bk
-        blk_hi = torch.where(hi_last >= lo_first, hi_last // bk + 1, blk_lo)
-        return blk_lo[:, None], blk_hi[:, None]
+        device = torch.device("cpu") if device is None else device
+        first = torch.arange(0, seq_len_q, bq, device=device)
+        last = (first + (bq - 1)).clamp(max=seq_len_q - 1)
+        left, right = self.sides()
+        lo = torch.zeros_like(first) if left < 0 else (first - left).clamp(min=0)
+        hi = torch.full_like(last, seq_len_k - 1) if right < 0 else (last + right).clamp(max=seq_len_k - 1)
+        docs = self.host_cu_seqlens if device.type == "cpu" else self.cu_seqlens
+        if docs is not None:
+            offsets = docs.to(device, torch.int64)
+            ends = offsets[1:]  # token i is in the document d with offsets[d] <= i < ends[d]
+            lo = torch.maximum(lo, offsets[torch.searchsorted(ends, first, right=True)])
+            hi = torch.minimum(hi, ends[torch.searchsorted(ends, last, right=True)] - 1)
+        # Every token's interval holds it or ends at the last key, so a block sees nothing only
+        # when its first row's lo is past the keys: such blocks are the last ones, and sending
+        # them to num_key_blocks keeps both bounds non-decreasing.
+        nkb = -(-seq_len_k // bk)
+        seen = hi >= lo
+        return torch.where(seen, lo // bk, nkb), torch.where(seen, hi // bk + 1, nkb)
 
     def cache_key(self) -> tuple[object, ...]:
-        """A hashable description (reads cu_seqlens to the host: num_docs + 1 ints)."""
-        docs = None if self.cu_seqlens is None else tuple(self.cu_seqlens.tolist())
-        return (self.causal, self.window, docs)
+        """A hashable description, equal for masks that keep the same tokens: the sides with causal
+        folded in and the offsets' bytes (from their host copy: no device read)."""
+        docs = None if self.host_cu_seqlens is None else host_offsets(self.host_cu_seqlens)
+        return (self.sides(), docs)
 
     def layout(
         self, seq_len_q: int, seq_len_k: int, block_size: int | tuple[int, int], device: torch.device
     ) -> BlockLayout:
         """The tiles this mask needs (shared by all heads): per query block the interval of key
-        blocks its rows can see. O(tiles); cached (at most :data:`DERIVED_LAYOUTS` layouts)."""
+        blocks its rows can see, with the transposed CSR (the dk/dv kernels') attached.
+
+        O(blocks) work on the host, then O(tiles) on ``device`` (one copy there, no read back
+        from it, no sort). Cached per (mask, lengths, block size, device), at most
+        :data:`DERIVED_LAYOUTS` layouts: windows and causal masks depend only on those, so a
+        training run derives them once."""
         bs = check_block_size(block_size)
-        key = (self.cache_key(), seq_len_q, seq_len_k, bs, str(device))
-        with _DERIVED_LOCK:
-            hit = _DERIVED.get(key)
-            if hit is not None:
-                _DERIVED.move_to_end(key)
-                return hit
         nqb, nkb = -(-seq_len_q // bs[0]), -(-seq_len_k // bs[1])
-        lo, hi = self.block_intervals(seq_len_q, seq_len_k, bs, device)
-        built = BlockLayout.from_intervals(
-            lo,
-            hi,
-            block_size=bs,
-            num_heads=1,
-            num_query_blocks=nqb,
-            num_key_blocks=nkb,
-            presorted=True,
-            clipped=True,
-        )
-        with _DERIVED_LOCK:
-            _DERIVED[key] = built
-            while len(_DERIVED) > DERIVED_LAYOUTS:
-                _DERIVED.popitem(last=False)
-        return built
+        check_geometry(1, nqb, nkb)
+
+        def build() -> BlockLayout:
+            # on the host even for a GPU layout: 8K blocks a side at 1M tokens, and no read back
+            lo, hi = self.block_intervals(seq_len_q, seq_len_k, bs)
+            crow, col, ccol, rows = band_csr(lo, hi, nkb, device=device)
+            return BlockLayout.from_valid_csr(crow, col, bs, 1, nqb, nkb).with_transposed_csr(ccol, rows)
+
+        key = (self.cache_key(), seq_len_q, seq_len_k, bs, str(device))
+        return _remember(_DERIVED, DERIVED_LAYOUTS, key, build)
 
     def __repr__(self) -> str:
         docs = None if self.cu_seqlens is None else f"<{self.cu_seqlens.numel() - 1} documents>"
