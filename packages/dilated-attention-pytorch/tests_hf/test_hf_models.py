@@ -134,3 +134,29 @@ def test_bidirectional_config_runs_bidirectional(kind: str, options: dict) -> No
     batch = padded_batch("right")
     res = compare_to(make_model("llama", is_causal=False), name, batch, "sdpa")
     assert_matches(f"bidirectional {kind}", res["ours"], res["ref"], res["base"], batch["attention_mask"].bool())
+
+
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [
+        ("longnet", {"segment_lengths": [8, 16], "dilation_rates": [1, 2]}),
+        ("block_sparse", {}),  # the tiles derived from the model's causal mask
+    ],
+)
+def test_torch_compile_matches_eager(kind: str, options: dict) -> None:
+    # torch.compile as HF training uses it (the whole model): dynamo traces the attention function and
+    # AOT autograd the library's custom ops (aot_eager: the same tracing as inductor, no C++ build)
+    name = hf.register(kind, **options)
+    batch = padded_batch("left")
+    eager = copy_model(make_model("llama", seed=7), name, torch.float32).train()
+    compiled_model = copy_model(make_model("llama", seed=7), name, torch.float32).train()
+    torch._dynamo.reset()
+    compiled_model.forward = torch.compile(compiled_model.forward, backend="aot_eager")
+    want = run(eager, batch)
+    torch._dynamo.utils.counters.clear()
+    for _ in range(2):  # the first call compiles, the second replays the compiled graph
+        got = run(compiled_model, batch)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        for pname, g in want[1].items():
+            torch.testing.assert_close(got[1][pname], g, rtol=1e-5, atol=1e-5, msg=pname)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # something was compiled
