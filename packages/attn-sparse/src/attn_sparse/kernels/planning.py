@@ -354,7 +354,8 @@ def _launch_order(
     counts = counts.long()
     if layout_heads > 1 and group > 1:
         counts = counts.view(layout_heads // group, group, width).sum(1)
-    bucket = torch.where(counts > 0, torch.log2(counts.clamp(min=1).double()).floor().long(), -1)
+    # floor(log2(count)) for count > 0 and -1 for 0, in one op: count = m * 2**e with 0.5 <= m < 1
+    bucket = torch.frexp(counts.double()).exponent - 1
     flat = bucket.expand(heads, width).reshape(1, heads * width).expand(batch, -1).reshape(-1)
     j = torch.argsort(flat, descending=True, stable=True)
     return ((j // width) * num_blocks + block0 + j % width).to(torch.int32)
