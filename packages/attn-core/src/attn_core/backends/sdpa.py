@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .. import packed_views, sdpa_ops, views
+from .. import gathered_groups, packed_views, sdpa_ops, views
 from ..blocks import acc_dtype, drop_padded_keys
 from ..config import DilatedCall, DilatedConfig
 from ..custom_op import DifferentiableOp
@@ -80,8 +80,15 @@ def _forward(
         packed_views.forward_packed(q, k, v, plan, out, lse, key_padding_mask=mask, is_causal=is_causal, scale=scale)
     else:
         tensors = [q, k, v] if mask is None else [q, k, v, mask]
-        pieces = views.plan_pieces((B, N, H, Hkv, D), config, views.batch_mergeable(*tensors))
-        views.forward_pieces(q, k, v, pieces, out, lse, key_padding_mask=mask, is_causal=is_causal, scale=scale)
+        mergeable = views.batch_mergeable(*tensors)
+        plan = gathered_groups.gathered_plan((B, N, H, Hkv, D), config, mergeable, q.device)
+        if plan is not None:
+            gathered_groups.forward_gathered(
+                q, k, v, plan, out, lse, key_padding_mask=mask, is_causal=is_causal, scale=scale
+            )
+        else:
+            pieces = views.plan_pieces((B, N, H, Hkv, D), config, mergeable)
+            views.forward_pieces(q, k, v, pieces, out, lse, key_padding_mask=mask, is_causal=is_causal, scale=scale)
     return out, lse.transpose(1, 2)  # (B, N, H): the storage order, saved and passed back to _backward
 
 
@@ -116,7 +123,15 @@ def _backward(
         )  # fmt: skip
         return dq, dk, dv
     tensors = [q, k, v, dout] if mask is None else [q, k, v, dout, mask]
-    pieces = views.plan_pieces((B, N, H, Hkv, D), config, views.batch_mergeable(*tensors))
+    mergeable = views.batch_mergeable(*tensors)
+    plan = gathered_groups.gathered_plan((B, N, H, Hkv, D), config, mergeable, q.device)
+    if plan is not None:
+        gathered_groups.backward_gathered(
+            dout, q, k, v, out, lse.transpose(1, 2), plan, (dq, dk, dv),
+            key_padding_mask=mask, is_causal=is_causal, scale=scale,
+        )  # fmt: skip
+        return dq, dk, dv
+    pieces = views.plan_pieces((B, N, H, Hkv, D), config, mergeable)
     views.backward_pieces(
         dout, q, k, v, out, lse.transpose(1, 2), pieces, (dq, dk, dv),
         key_padding_mask=mask, is_causal=is_causal, scale=scale,
