@@ -48,6 +48,7 @@ require anyway, fill the cache.
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import threading
@@ -71,6 +72,7 @@ __all__ = [
     "executor_choice",
     "forward_gathered",
     "gathered_plan",
+    "stream_capturing",
 ]
 
 # The gathered executor takes problems with at most this many query elements (B * N * H * D): 2^28
@@ -185,7 +187,7 @@ def gathered_plan(
         if plan is not None:
             _PLANS.move_to_end(key)
             return plan
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if stream_capturing(device):
         return None
     plan = _build_plan(shape, config, mergeable, device)
     with _PLANS_LOCK:
@@ -194,6 +196,11 @@ def gathered_plan(
         while len(_PLANS) > views.PLAN_CACHE_SIZE:
             _PLANS.popitem(last=False)
     return plan
+
+
+def stream_capturing(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` is being captured into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _group_slots(
@@ -207,8 +214,8 @@ def _group_slots(
     """
     per_kv = num_heads // num_kv_heads
     by_pair: dict[tuple[int, int], list[int]] = {}
-    for o, heads in config.heads_by_offset(group, num_heads, seq_len):
-        for h in heads:
+    for o, offset_heads in config.heads_by_offset(group, num_heads, seq_len):
+        for h in offset_heads:
             by_pair.setdefault((o, h // per_kv), []).append(h)
     c = math.gcd(*(len(hs) for hs in by_pair.values()))
     depth = max(len(hs) for hs in by_pair.values()) // c
@@ -218,10 +225,10 @@ def _group_slots(
     for layer in range(depth):
         start = len(slots)
         for pair in sorted(by_pair):
-            heads = by_pair[pair][layer * c : (layer + 1) * c]
-            if heads:
+            slot_heads = by_pair[pair][layer * c : (layer + 1) * c]
+            if slot_heads:
                 slots.append(pair)
-                q_pairs.extend((pair[0], h) for h in heads)
+                q_pairs.extend((pair[0], h) for h in slot_heads)
         layers.append((start, len(slots)))
     return q_pairs, slots, c, layers
 
@@ -229,7 +236,7 @@ def _group_slots(
 def _build_plan(
     shape: tuple[int, int, int, int, int], config: DilatedConfig, mergeable: bool, device: torch.device
 ) -> GatheredPlan:
-    B, N, H, Hkv, D = shape
+    _, N, H, Hkv, _ = shape
     pieces = views.plan_pieces(shape, config, mergeable, call_budget=UNCUT_BUDGET)
     by_group: dict[int, list[Piece]] = {}
     for p in pieces:  # the pieces of a group are adjacent, groups in order of increasing rate
@@ -252,7 +259,7 @@ def _build_plan(
         device_table = host_to_device(torch.tensor(table, dtype=torch.int64), device)
         for g, w, r, c, layers, first, start, n, ns in gathered:
             cut = [start + i * n for i in range(4)] + [start + 3 * n + i * ns for i in range(1, 4)]
-            q_off, q_head, q_col, kv_off, kv_head, kv_col = (device_table[a:b] for a, b in zip(cut[:-1], cut[1:]))
+            q_off, q_head, q_col, kv_off, kv_head, kv_col = (device_table[a:b] for a, b in itertools.pairwise(cut))
             groups[g] = GatheredGroup(
                 N // w, w, r, c, q_off, q_head, q_col, kv_off, kv_head, kv_col, tuple(layers), first
             )

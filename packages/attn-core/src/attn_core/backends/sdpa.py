@@ -57,6 +57,16 @@ def unsupported_reasons(call: DilatedCall) -> list[str]:
     return reasons
 
 
+def executor(call: DilatedCall) -> tuple[str, str]:
+    """(executor, why) this backend runs ``call`` with: "packed" (cu_seqlens), "gathered" (one call
+    per dilated group, :mod:`attn_core.gathered_groups`) or "strided" (one call per group and offset
+    on strided views, :mod:`attn_core.views`), by the rule of
+    :func:`attn_core.gathered_groups.executor_choice`."""
+    if call.cu_seqlens is not None:
+        return "packed", "cu_seqlens given: packed documents (attn_core.packed_views)"
+    return gathered_groups.executor_choice(call.shape)
+
+
 def _forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -81,10 +91,10 @@ def _forward(
     else:
         tensors = [q, k, v] if mask is None else [q, k, v, mask]
         mergeable = views.batch_mergeable(*tensors)
-        plan = gathered_groups.gathered_plan((B, N, H, Hkv, D), config, mergeable, q.device)
-        if plan is not None:
+        gathered = gathered_groups.gathered_plan((B, N, H, Hkv, D), config, mergeable, q.device)
+        if gathered is not None:
             gathered_groups.forward_gathered(
-                q, k, v, plan, out, lse, key_padding_mask=mask, is_causal=is_causal, scale=scale
+                q, k, v, gathered, out, lse, key_padding_mask=mask, is_causal=is_causal, scale=scale
             )
         else:
             pieces = views.plan_pieces((B, N, H, Hkv, D), config, mergeable)
@@ -124,10 +134,10 @@ def _backward(
         return dq, dk, dv
     tensors = [q, k, v, dout] if mask is None else [q, k, v, dout, mask]
     mergeable = views.batch_mergeable(*tensors)
-    plan = gathered_groups.gathered_plan((B, N, H, Hkv, D), config, mergeable, q.device)
-    if plan is not None:
+    gathered = gathered_groups.gathered_plan((B, N, H, Hkv, D), config, mergeable, q.device)
+    if gathered is not None:
         gathered_groups.backward_gathered(
-            dout, q, k, v, out, lse.transpose(1, 2), plan, (dq, dk, dv),
+            dout, q, k, v, out, lse.transpose(1, 2), gathered, (dq, dk, dv),
             key_padding_mask=mask, is_causal=is_causal, scale=scale,
         )  # fmt: skip
         return dq, dk, dv
