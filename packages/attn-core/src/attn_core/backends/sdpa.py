@@ -1,4 +1,5 @@
-"""Dilated attention on torch's fused SDPA ops, reading dilated rows in place through strides.
+"""Dilated attention on torch's fused SDPA ops: dilated rows read in place through strides, or
+gathered into one batch per group on small problems (see "Two executors" below).
 
 For every group g = (w, r) and offset o, the heads of the group that share offset o read the
 positions s + o + t*r of every segment as one strided view (no gathered copies of q, k, v):
@@ -9,6 +10,21 @@ positions s + o + t*r of every segment as one strided view (no gathered copies o
 (:mod:`attn_core.sdpa_ops`: cuDNN on CUDA, the CPU flash kernel on CPU) returning (out_g, lse_g).
 Segment batches are cut into calls of bounded size so temporaries stay a small fraction of q.
 The short last segment (N not a multiple of w) is its own call per offset, never padded.
+
+Two executors run those calls (:func:`executor` says which one a call takes, and why):
+
+* **strided** (:mod:`attn_core.views`, described above and below): one call per (group, offset,
+  head run) on in-place views, no copies. Problems with more than
+  :data:`attn_core.gathered_groups.GATHER_MAX_ELEMS` query elements (B*N*H*D) take it.
+* **gathered** (:mod:`attn_core.gathered_groups`), for smaller problems, whose per-(group, offset)
+  calls are bound by host time per call: each group's full segments are gathered with one
+  indexing op per tensor into one contiguous batch, run as ONE attention call (query heads sharing
+  an (offset, kv head) pair are its GQA heads) and stored or LSE-merged back with one
+  ``index_copy_`` per accumulator; the backward gathers again and adds with one ``index_add_`` per
+  gradient. Short last segments, and groups that are one strided call anyway (r = 1), run as
+  strided pieces inside it. Same results (exact merge, exact backward from the merged statistics).
+  During CUDA graph capture a plan not built before (its device index tables) is not built: that
+  call runs strided.
 
 Forward merges the groups into the output in place by their LSE in fp32 arithmetic, on strided
 views of the output and of a (B, N, H) fp32 LSE buffer: the first group touching a head is stored,
