@@ -268,3 +268,14 @@ def test_plan_cache_is_bounded_and_capture_never_builds(monkeypatch):
 def test_call_budget_is_validated():
     with pytest.raises(ValueError, match="call_budget"):
         views.plan_pieces((1, 8, 2, 2, 4), DilatedConfig([4], [1]), True, call_budget=0)
+
+
+def test_strided_executor_with_chunked_calls(monkeypatch):
+    # small test shapes now take the gathered executor: keep the strided one's chunked calls covered
+    monkeypatch.setattr(gathered_groups, "GATHER_MAX_ELEMS", 0)
+    monkeypatch.setattr(views, "MIN_CALL_ELEMS", 1)
+    monkeypatch.setattr(views, "CALL_FRACTION", 64)
+    pieces = views.plan_pieces((2, 96, 4, 2, 8), DilatedConfig([8, 32], [1, 4]), True)
+    assert any(p.batch is not None and p.nseg < 96 // p.seg_stride for p in pieces)
+    q, k, v = _inputs(2, 96, 4, 2, 8, torch.float64, seed=2)
+    _check(q, k, v, [8, 32], [1, 4], causal=True)
