@@ -129,22 +129,30 @@ def batch_mergeable(*tensors: torch.Tensor) -> bool:
     return all(t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1) for t in tensors)
 
 
-def plan_pieces(shape: tuple[int, int, int, int, int], config: DilatedConfig, mergeable: bool) -> tuple[Piece, ...]:
+def plan_pieces(
+    shape: tuple[int, int, int, int, int],
+    config: DilatedConfig,
+    mergeable: bool,
+    *,
+    call_budget: int | None = None,
+) -> tuple[Piece, ...]:
     """Every kernel call of a dilated attention over q (B, N, H, D) with Hkv kv heads.
 
     shape: (B, N, H, Hkv, D); mergeable: :func:`batch_mergeable` of every tensor the calls view.
     Groups run in order of increasing dilation rate; a piece is ``first`` when no earlier group
     shares a head with it (its result is stored, not merged). Group geometry is clamped to N
     (:meth:`DilatedConfig.group_extent`). Calls over full segments are cut so each reads at most
-    max(q elements / CALL_FRACTION, MIN_CALL_ELEMS) query elements; the short last segment of
-    each group is one call per offset (all batch rows).
+    ``call_budget`` query elements (None: max(q elements / CALL_FRACTION, MIN_CALL_ELEMS)); the
+    short last segment of each group is one call per offset (all batch rows).
 
     Plans are cached (PLAN_CACHE_SIZE, least recently used dropped), keyed on the shape, config,
     mergeability and that call budget: a step's forward and backward, and every layer of a model,
     plan the same calls.
     """
     B, N, H, Hkv, D = shape
-    budget = max(B * N * H * D // CALL_FRACTION, MIN_CALL_ELEMS)
+    budget = max(B * N * H * D // CALL_FRACTION, MIN_CALL_ELEMS) if call_budget is None else call_budget
+    if budget < 1:
+        raise ValueError(f"call_budget must be a positive number of query elements, got {call_budget}")
     return _plan_pieces((B, N, H, Hkv, D), config, mergeable, budget)
 
 

@@ -1,4 +1,5 @@
-"""Dilated attention on torch's fused SDPA ops, reading dilated rows in place through strides.
+"""Dilated attention on torch's fused SDPA ops: dilated rows read in place through strides, or
+gathered into one batch per group on small problems (see "Two executors" below).
 
 For every group g = (w, r) and offset o, the heads of the group that share offset o read the
 positions s + o + t*r of every segment as one strided view (no gathered copies of q, k, v):
@@ -9,6 +10,21 @@ positions s + o + t*r of every segment as one strided view (no gathered copies o
 (:mod:`attn_core.sdpa_ops`: cuDNN on CUDA, the CPU flash kernel on CPU) returning (out_g, lse_g).
 Segment batches are cut into calls of bounded size so temporaries stay a small fraction of q.
 The short last segment (N not a multiple of w) is its own call per offset, never padded.
+
+Two executors run those calls (:func:`executor` says which one a call takes, and why):
+
+* **strided** (:mod:`attn_core.views`, described above and below): one call per (group, offset,
+  head run) on in-place views, no copies. Problems with more than
+  :data:`attn_core.gathered_groups.GATHER_MAX_ELEMS` query elements (B*N*H*D) take it.
+* **gathered** (:mod:`attn_core.gathered_groups`), for smaller problems, whose per-(group, offset)
+  calls are bound by host time per call: each group's full segments are gathered with one
+  indexing op per tensor into one contiguous batch, run as ONE attention call (query heads sharing
+  an (offset, kv head) pair are its GQA heads) and stored or LSE-merged back with one
+  ``index_copy_`` per accumulator; the backward gathers again and adds with one ``index_add_`` per
+  gradient. Short last segments, and groups that are one strided call anyway (r = 1), run as
+  strided pieces inside it. Same results (exact merge, exact backward from the merged statistics).
+  During CUDA graph capture a plan not built before (its device index tables) is not built: that
+  call runs strided.
 
 Forward merges the groups into the output in place by their LSE in fp32 arithmetic, on strided
 views of the output and of a (B, N, H) fp32 LSE buffer: the first group touching a head is stored,
@@ -39,7 +55,7 @@ from typing import Any
 
 import torch
 
-from .. import packed_views, sdpa_ops, views
+from .. import gathered_groups, packed_views, sdpa_ops, views
 from ..blocks import acc_dtype, drop_padded_keys
 from ..config import DilatedCall, DilatedConfig
 from ..custom_op import DifferentiableOp
@@ -55,6 +71,16 @@ def unsupported_reasons(call: DilatedCall) -> list[str]:
         if t.stride(-1) != 1:
             reasons.append(f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")
     return reasons
+
+
+def executor(call: DilatedCall) -> tuple[str, str]:
+    """(executor, why) this backend runs ``call`` with: "packed" (cu_seqlens), "gathered" (one call
+    per dilated group, :mod:`attn_core.gathered_groups`) or "strided" (one call per group and offset
+    on strided views, :mod:`attn_core.views`), by the rule of
+    :func:`attn_core.gathered_groups.executor_choice`."""
+    if call.cu_seqlens is not None:
+        return "packed", "cu_seqlens given: packed documents (attn_core.packed_views)"
+    return gathered_groups.executor_choice(call.shape)
 
 
 def _forward(
@@ -80,8 +106,15 @@ def _forward(
         packed_views.forward_packed(q, k, v, plan, out, lse, key_padding_mask=mask, is_causal=is_causal, scale=scale)
     else:
         tensors = [q, k, v] if mask is None else [q, k, v, mask]
-        pieces = views.plan_pieces((B, N, H, Hkv, D), config, views.batch_mergeable(*tensors))
-        views.forward_pieces(q, k, v, pieces, out, lse, key_padding_mask=mask, is_causal=is_causal, scale=scale)
+        mergeable = views.batch_mergeable(*tensors)
+        gathered = gathered_groups.gathered_plan((B, N, H, Hkv, D), config, mergeable, q.device)
+        if gathered is not None:
+            gathered_groups.forward_gathered(
+                q, k, v, gathered, out, lse, key_padding_mask=mask, is_causal=is_causal, scale=scale
+            )
+        else:
+            pieces = views.plan_pieces((B, N, H, Hkv, D), config, mergeable)
+            views.forward_pieces(q, k, v, pieces, out, lse, key_padding_mask=mask, is_causal=is_causal, scale=scale)
     return out, lse.transpose(1, 2)  # (B, N, H): the storage order, saved and passed back to _backward
 
 
@@ -116,7 +149,15 @@ def _backward(
         )  # fmt: skip
         return dq, dk, dv
     tensors = [q, k, v, dout] if mask is None else [q, k, v, dout, mask]
-    pieces = views.plan_pieces((B, N, H, Hkv, D), config, views.batch_mergeable(*tensors))
+    mergeable = views.batch_mergeable(*tensors)
+    gathered = gathered_groups.gathered_plan((B, N, H, Hkv, D), config, mergeable, q.device)
+    if gathered is not None:
+        gathered_groups.backward_gathered(
+            dout, q, k, v, out, lse.transpose(1, 2), gathered, (dq, dk, dv),
+            key_padding_mask=mask, is_causal=is_causal, scale=scale,
+        )  # fmt: skip
+        return dq, dk, dv
+    pieces = views.plan_pieces((B, N, H, Hkv, D), config, mergeable)
     views.backward_pieces(
         dout, q, k, v, out, lse.transpose(1, 2), pieces, (dq, dk, dv),
         key_padding_mask=mask, is_causal=is_causal, scale=scale,
