@@ -54,6 +54,22 @@ def test_explain_reports_choice_and_every_other_backend():
         assert choice.rejected[name], f"{name} is ahead of {choice.backend} in the auto order but gave no reason"
 
 
+def test_explain_says_how_the_sdpa_backend_runs_the_call(monkeypatch):
+    from attn_core import gathered_groups
+
+    q, k, v = (t.float() for t in _qkv())
+    small = explain(q, k, v, [4, 8], [1, 2], backend="sdpa")
+    assert small.execution.startswith("gathered (")
+    assert "runs as: gathered" in str(small)
+    monkeypatch.setattr(gathered_groups, "GATHER_MAX_ELEMS", 0)
+    assert explain(q, k, v, [4, 8], [1, 2], backend="sdpa").execution.startswith("strided (")
+    packed = explain(
+        q[:1], k[:1], v[:1], [4, 8], [1, 2], backend="sdpa", cu_seqlens=torch.tensor([0, 3, 10], dtype=torch.int32)
+    )
+    assert packed.execution.startswith("packed (")
+    assert explain(q, k, v, [4, 8], [1, 2], backend="reference").execution == ""
+
+
 def test_auto_runs_what_explain_says_and_is_correct():
     q, k, v = _qkv()
     expected = explain(q, k, v, [4, 8], [1, 2]).backend

@@ -10,6 +10,7 @@ call in this thread ran.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -77,7 +78,8 @@ def explain(
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> BackendChoice:
-    """The backend :func:`dilated_attention` would run with these arguments, and why (runs nothing)."""
+    """The backend :func:`dilated_attention` would run with these arguments, and why (runs nothing);
+    ``execution`` says how the sdpa backend runs the call (packed, gathered or strided executor)."""
     call = _make_call(
         q,
         k,
@@ -91,7 +93,12 @@ def explain(
         head_mode=head_mode,
         cu_seqlens=cu_seqlens,
     )
-    return _choose(call, backend, explain_all=True)
+    choice = _choose(call, backend, explain_all=True)
+    executor = getattr(REGISTRY.load(choice.backend), "executor", None)
+    if executor is None:
+        return choice
+    name, why = executor(call)
+    return dataclasses.replace(choice, execution=f"{name} ({why})")
 
 
 def last_backend() -> str | None:

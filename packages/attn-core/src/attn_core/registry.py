@@ -30,15 +30,20 @@ class BackendChoice:
     A backend listed with no reasons could have taken the call but comes later in the auto order.
     ``why`` is one line that also names the backends skipped ahead of the choice, with their
     reasons; ``str()`` is the multi-line report that gives every reason once (per backend).
+    ``execution``: how the chosen backend runs this call, where it has more than one way (e.g. the
+    dilated sdpa backend's executor and why); empty otherwise.
     """
 
     backend: str
     why: str
     rejected: dict[str, tuple[str, ...]]
+    execution: str = ""
 
     def __str__(self) -> str:
         # the skipped backends' reasons follow on their own lines: keep them out of the header
         lines = [f"backend: {self.backend} ({self.why.split(SKIPPED_SEPARATOR, 1)[0]})"]
+        if self.execution:
+            lines.append(f"  runs as: {self.execution}")
         for name, reasons in self.rejected.items():
             lines.append(f"  not {name}: {'; '.join(reasons) if reasons else 'lower in the auto order'}")
         return "\n".join(lines)
