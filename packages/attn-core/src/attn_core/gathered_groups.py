@@ -75,9 +75,12 @@ __all__ = [
     "stream_capturing",
 ]
 
-# The gathered executor takes problems with at most this many query elements (B * N * H * D): 2^28
-# is N = 64K tokens at B = 1, H = 32, D = 128 (16K and 32K gather; 128K and up run strided).
-GATHER_MAX_ELEMS = 1 << 28
+# The gathered executor takes problems with at most this many query elements (B * N * H * D): 2^27
+# is N = 32K tokens at B = 1, H = 32, D = 128 (16K and 32K gather; 64K and up run strided). The
+# strided executor was measured host-bound below 64K tokens on an H100 (docs/benchmarks/dilated_h100.md),
+# where the common algorithm's one-copied-batch-per-group form was faster; at 64K and up its calls
+# keep the device busy and gathering would only add copies.
+GATHER_MAX_ELEMS = 1 << 27
 # The strided pieces of a gathered plan are never cut into chunks: the problem is small.
 UNCUT_BUDGET = sys.maxsize
 
