@@ -2,9 +2,10 @@
 
 CPU: a two-process gloo ring. GPUs: one process per GPU with NCCL (all GPUs of the machine).
 Each rank runs attn_ring.ring_attention forward + backward on its shard of a shared random
-sequence (contiguous and zigzag layouts, causal and not, GQA) and checks out, dq, dk, dv against
-attn_core.reference.dense_attention on the gathered sequence with the project's rule (error <= 2x
-plain PyTorch in the same dtype). The table row reports the worst rank. Also plots how much causal
+sequence (contiguous and zigzag layouts, causal and not, GQA), and ring_block_sparse_attention with
+a causal sliding window over packed documents that cross the shards (tiles derived from the masks),
+and checks out, dq, dk, dv against attn_core.reference.dense_attention with the same masks on the
+gathered sequence with the project's rule (error <= 2x plain PyTorch in the same dtype). The table row reports the worst rank. Also plots how much causal
 work each rank does under both layouts (zigzag balances it).
 """
 
@@ -21,12 +22,35 @@ from typing import Any
 import torch
 from demo import DemoRow
 
-# name, layout, causal, (B, n per rank, H, Hkv, D)
+# name, layout ("sparse": ring_block_sparse_attention, contiguous shards), causal, (B, n per rank, H, Hkv, D),
+# token masks (window_size; cu_seqlens as document lengths, the last one filling N)
 CASES = [
-    ("ring contiguous causal GQA", "contiguous", True, (1, 64, 4, 2, 32)),
-    ("ring zigzag causal GQA", "zigzag", True, (1, 64, 4, 2, 32)),
-    ("ring zigzag non-causal", "zigzag", False, (2, 48, 4, 4, 32)),
+    ("ring contiguous causal GQA", "contiguous", True, (1, 64, 4, 2, 32), {}),
+    ("ring zigzag causal GQA", "zigzag", True, (1, 64, 4, 2, 32), {}),
+    ("ring zigzag non-causal", "zigzag", False, (2, 48, 4, 4, 32), {}),
+    (
+        "ring block-sparse window 24 + packed docs",
+        "sparse",
+        True,
+        (1, 64, 4, 2, 32),
+        {"window_size": (23, 0), "doc_lengths": (1, 50, 37)},
+    ),
 ]
+
+
+def _masks(spec: dict[str, Any], N: int, dev: torch.device) -> dict[str, Any]:
+    """The call's token masks: window_size as given, cu_seqlens from the document lengths (the last
+    document takes the rest of the N tokens)."""
+    out: dict[str, Any] = {}
+    if "window_size" in spec:
+        out["window_size"] = spec["window_size"]
+    if "doc_lengths" in spec:
+        lengths = [*spec["doc_lengths"], N - sum(spec["doc_lengths"])]
+        offsets = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        out["cu_seqlens"] = offsets.to(dev)
+    return out
+
+
 TIMEOUT_S = 120.0
 
 
@@ -43,7 +67,7 @@ def _rank_main(rank: int, world: int, port: int, backend: str, results: Any) -> 
 
     from attn_core import reference
     from attn_core.testing import max_abs_error, tolerance
-    from attn_ring import ring_attention, shard_sequence
+    from attn_ring import ring_attention, ring_block_sparse_attention, shard_sequence
 
     try:
         if backend == "nccl":
@@ -52,25 +76,36 @@ def _rank_main(rank: int, world: int, port: int, backend: str, results: Any) -> 
         dtype = torch.bfloat16 if backend == "nccl" else torch.float32
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
         rows = []
-        for i, (name, layout, causal, (B, n, H, Hkv, D)) in enumerate(CASES):
+        for i, (name, layout, causal, (B, n, H, Hkv, D), spec) in enumerate(CASES):
             g = torch.Generator().manual_seed(100 + i)
             N = n * world
+            masks = _masks(spec, N, dev)
             full = [torch.randn(B, N, h, D, generator=g, dtype=torch.float64).to(dev) for h in (H, Hkv, Hkv, H)]
             ref = _fwd_bwd(
-                lambda a, b, c, causal=causal: reference.dense_attention(a, b, c, is_causal=causal)[0],
+                lambda a, b, c, causal=causal, m=masks: reference.dense_attention(a, b, c, is_causal=causal, **m)[0],
                 full[:3],
                 full[3],
             )
             base = _fwd_bwd(
-                lambda a, b, c, causal=causal: reference.dense_attention(a, b, c, is_causal=causal, dtype=dtype)[0],
+                lambda a, b, c, causal=causal, m=masks: reference.dense_attention(
+                    a, b, c, is_causal=causal, dtype=dtype, **m
+                )[0],
                 [t.to(dtype) for t in full[:3]],
                 full[3],
             )
-            mine = [shard_sequence(t, world, rank, layout=layout).to(dtype).contiguous() for t in full]
+            shard_layout = "contiguous" if layout == "sparse" else layout
+            mine = [shard_sequence(t, world, rank, layout=shard_layout).to(dtype).contiguous() for t in full]
 
             def ring(
-                a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, layout: str = layout, causal: bool = causal
+                a: torch.Tensor,
+                b: torch.Tensor,
+                c: torch.Tensor,
+                layout: str = layout,
+                causal: bool = causal,
+                m: dict[str, Any] = masks,
             ) -> torch.Tensor:
+                if layout == "sparse":  # tiles derived from the masks (layout=None), global positions
+                    return ring_block_sparse_attention(a, b, c, None, is_causal=causal, timeout_s=TIMEOUT_S, **m)
                 return ring_attention(a, b, c, is_causal=causal, layout=layout, timeout_s=TIMEOUT_S)
 
             _fwd_bwd(ring, mine[:3], mine[3])  # warm-up; time the second call
@@ -83,8 +118,8 @@ def _rank_main(rank: int, world: int, port: int, backend: str, results: Any) -> 
             ms = (time.perf_counter() - t0) * 1e3
             errs, tols = [], []
             for j in range(4):
-                r_shard = shard_sequence(ref[j], world, rank, layout=layout)
-                b_shard = shard_sequence(base[j], world, rank, layout=layout)
+                r_shard = shard_sequence(ref[j], world, rank, layout=shard_layout)
+                b_shard = shard_sequence(base[j], world, rank, layout=shard_layout)
                 errs.append(max_abs_error(got[j], r_shard))
                 tols.append(tolerance(got[j], r_shard, b_shard))
             rows.append({"name": name, "errs": errs, "tols": tols, "ms": ms, "dtype": str(dtype).replace("torch.", "")})
@@ -162,7 +197,7 @@ def run(ctx: Any) -> list[DemoRow]:
     world, backend = (gpus, "nccl") if gpus else (2, "gloo")
     per_rank = _spawn(world, backend)
     rows = []
-    for i, (name, layout, _causal, _shape) in enumerate(CASES):
+    for i, (name, layout, _causal, _shape, _masks_spec) in enumerate(CASES):
         case = [r[i] for r in per_rank]
         for label, idx in (("fwd", [0]), ("bwd", [1, 2, 3])):
             ratios = [c["errs"][j] / c["tols"][j] if c["tols"][j] > 0 else float("inf") for c in case for j in idx]
@@ -172,7 +207,12 @@ def run(ctx: Any) -> list[DemoRow]:
                 DemoRow(
                     kind=f"{name} {label}",
                     backend=f"ring/{backend}",
-                    why=f"{world} ranks, {layout}, {c['dtype']}; per-step blocks from attn_core.blocks",
+                    why=(
+                        f"{world} ranks, contiguous, {c['dtype']}; tiles derived from the masks, per-step "
+                        "key intervals into attn_sparse.blocks"
+                        if layout == "sparse"
+                        else f"{world} ranks, {layout}, {c['dtype']}; per-step blocks from attn_core.blocks"
+                    ),
                     max_error=c["errs"][j],
                     tolerance=c["tols"][j],
                     time_ms=max(cc["ms"] for cc in case) if label == "bwd" else None,
