@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_env import cuda_median_ms
 from dilated_baselines import LABEL as COMMON_LABEL
 from dilated_baselines import common_attended_pairs, common_dilated_attention, self_check
 from dilated_targets import (
@@ -63,21 +64,6 @@ from dilated_targets import (
 )
 
 
-def cuda_time(fn: Callable[[], Any], reps: int) -> float:
-    """Median ms of fn() over reps runs after one warm-up (CUDA events)."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def peak_extra(fn: Callable[[], Any], known_bytes: int) -> float:
     """GiB allocated at peak during fn() beyond what was allocated before and the ``known_bytes`` it returns."""
     torch.cuda.synchronize()
@@ -97,7 +83,7 @@ class DeviceHold:
     def __init__(self) -> None:
         self.a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
         self.c = torch.empty_like(self.a)
-        self.ms_each = cuda_time(lambda: torch.mm(self.a, self.a, out=self.c), 3)
+        self.ms_each = cuda_median_ms(lambda: torch.mm(self.a, self.a, out=self.c), 3)
 
     def hold(self, ms: float) -> torch.cuda.Event:
         """Queue about ``ms`` of matmuls; returns an event recorded after them."""
@@ -151,7 +137,7 @@ def graph_replay_ms(fn: Callable[[], Any], reps: int = HOST_CALLS) -> dict[str, 
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
-        ms = cuda_time(graph.replay, reps)
+        ms = cuda_median_ms(graph.replay, reps)
     except RuntimeError as exc:  # capture refused: report why instead of a figure
         torch.cuda.synchronize()
         return {"error": str(exc).splitlines()[0][:160]}
@@ -299,8 +285,8 @@ def sweep_point(
         fl = 4.0 * d * our_pairs(n, h, mode, causal)
         ours = partial(dilated_attention, q, k, v, SEGMENTS, RATES, is_causal=causal, head_mode=mode, backend="sdpa")
         fwd, fb = partial(_pass, ours, (q, k, v), None), partial(_pass, ours, (q, k, v), go)
-        row["ours_fwd_ms"] = cuda_time(fwd, reps)
-        row["ours_fb_ms"] = cuda_time(fb, reps)
+        row["ours_fwd_ms"] = cuda_median_ms(fwd, reps)
+        row["ours_fb_ms"] = cuda_median_ms(fb, reps)
         row["ours_fwd_tflops"] = fl / row["ours_fwd_ms"] / 1e9
         row["ours_fb_tflops"] = 3.5 * fl / row["ours_fb_ms"] / 1e9
         row["ours_fwd_extra_gib"] = peak_extra(fwd, q_bytes)
@@ -322,8 +308,8 @@ def sweep_point(
                 cfl = 4.0 * d * common_attended_pairs(n, h, SEGMENTS, RATES, is_causal=causal)
                 attn = partial(common_dilated_attention, q, k, v, SEGMENTS, RATES, is_causal=causal)
                 fwd, fb = partial(_pass, attn, (q, k, v), None), partial(_pass, attn, (q, k, v), go)
-                rec["common_fwd_ms"] = cuda_time(fwd, reps)
-                rec["common_fb_ms"] = cuda_time(fb, reps)
+                rec["common_fwd_ms"] = cuda_median_ms(fwd, reps)
+                rec["common_fb_ms"] = cuda_median_ms(fb, reps)
                 rec["common_fwd_tflops"] = cfl / rec["common_fwd_ms"] / 1e9
                 rec["common_fb_tflops"] = 3.5 * cfl / rec["common_fb_ms"] / 1e9
                 rec["common_fb_extra_gib"] = peak_extra(fb, out_and_grads)
@@ -347,8 +333,8 @@ def sweep_point(
             god = go.transpose(1, 2).contiguous()
             dfl = 4.0 * d * h * dense_pairs(n, causal)
             attn = partial(dense_cudnn, qd, kd, vd, causal)
-            tf = cuda_time(partial(_pass, attn, (qd, kd, vd), None), reps)
-            tfb = cuda_time(partial(_pass, attn, (qd, kd, vd), god), reps)
+            tf = cuda_median_ms(partial(_pass, attn, (qd, kd, vd), None), reps)
+            tfb = cuda_median_ms(partial(_pass, attn, (qd, kd, vd), god), reps)
             dense[dkey] = dict(fwd_ms=tf, fb_ms=tfb, fwd_tflops=dfl / tf / 1e9, fb_tflops=3.5 * dfl / tfb / 1e9)
             del qd, kd, vd, god
         except torch.cuda.OutOfMemoryError:

@@ -1,4 +1,5 @@
-"""Source revision recorded by the benchmarks in their JSON.
+"""What the GPU benchmarks share: the source revision and environment recorded in their JSON, and
+the CUDA-event timer.
 
 The GPU machines run a copy of the working tree whose .git may be stale, so the command that
 launches a benchmark there passes the revision measured: BENCH_SOURCE_REV="$(git describe --always
@@ -10,6 +11,27 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from collections.abc import Callable
+
+
+def cuda_median_ms(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
+    """Median ms of fn() over ``reps`` runs after ``warmup`` untimed ones, each timed with CUDA events."""
+    import statistics
+
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def source_revision() -> str | None:

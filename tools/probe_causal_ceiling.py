@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,23 +23,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import gpu_env
-
-
-def cuda_ms(fn: Any, reps: int) -> float:
-    """Median ms of fn() over ``reps`` runs after two warm-ups (CUDA events)."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from bench_env import cuda_median_ms, gpu_env
 
 
 def point(tokens: int, seq_len: int, heads: int, head_dim: int, causal: bool, reps: int) -> dict[str, Any]:
@@ -61,8 +44,8 @@ def point(tokens: int, seq_len: int, heads: int, head_dim: int, causal: bool, re
     pairs = batch * heads * (seq_len * (seq_len + 1) // 2 if causal else seq_len * seq_len)
     flop = 4.0 * head_dim * pairs
     with torch.no_grad():
-        fwd_ms = cuda_ms(fwd, reps)
-    fb_ms = cuda_ms(fb, reps)
+        fwd_ms = cuda_median_ms(fwd, reps, warmup=2)
+    fb_ms = cuda_median_ms(fb, reps, warmup=2)
     return dict(
         seq_len=seq_len, batch=batch, causal=causal, fwd_ms=fwd_ms, fb_ms=fb_ms,
         fwd_tflops=flop / fwd_ms / 1e9, fb_tflops=3.5 * flop / fb_ms / 1e9,
