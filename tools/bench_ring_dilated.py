@@ -31,6 +31,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_env import cuda_median_ms
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -77,21 +80,6 @@ def minimum_rows(N: int, W: int, rank: int, H: int, Hkv: int, segs: list[int], r
                     cand = cand[cand <= mine.max()]
                 need[j // (H // Hkv), cand] = True
     return int(need.sum())
-
-
-def cuda_time_ms(fn, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def cpu_time_ms(fn, warmup: int, reps: int) -> float:
@@ -172,7 +160,11 @@ def bench_point(rank: int, world: int, device: torch.device, dtype: torch.dtype,
 
     N = n * world
     segs, rates = longnet_config(N)
-    timer = cuda_time_ms if device.type == "cuda" else cpu_time_ms
+
+    def cuda_timer(fn, warmup: int, reps: int) -> float:
+        return cuda_median_ms(fn, reps, warmup=warmup)
+
+    timer = cuda_timer if device.type == "cuda" else cpu_time_ms
     g = torch.Generator(device=device).manual_seed(rank)
     t = {name: torch.randn(1, n, H, D, generator=g, device=device, dtype=dtype) for name in ("q", "k", "v", "dout")}
     q, k, v = (t[name].requires_grad_() for name in ("q", "k", "v"))
