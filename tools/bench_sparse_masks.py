@@ -76,6 +76,7 @@ def flex_mask_mod(args: dict[str, Any], n: int, device: str) -> Callable[..., An
     cu = args.get("cu_seqlens")
     doc = None
     if cu is not None:
+        cu = cu.cpu()
         doc = torch.repeat_interleave(torch.arange(cu.numel() - 1), (cu[1:] - cu[:-1]).long()).to(device)
 
     def mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:

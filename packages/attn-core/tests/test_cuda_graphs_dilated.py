@@ -57,4 +57,10 @@ def test_captured_step_replays_the_eager_results(head_mode: str, is_causal: bool
         want = step(*x)
         for name, a, b in zip(("out", "dq", "dk", "dv"), captured, want):
             assert not a.isnan().any(), name
-            assert torch.equal(a, b), (seed, name)
+            if name == "out":
+                assert torch.equal(a, b), (seed, name)
+            else:
+                # cuDNN's backward accumulates dq with atomics, so two runs differ in the last bits;
+                # replaying stale inputs or buffers would differ by O(1) relative
+                rel = (a.float() - b.float()).abs().max() / b.float().abs().max()
+                assert rel < 2e-2, (seed, name, rel.item())

@@ -359,3 +359,57 @@ def test_call_size_budget_bounds_temporaries(monkeypatch, mode):
         for j in cfg.heads_for_group(g, H):
             sel = (torch.arange(N) % cfg.dilation_rates[g]) == cfg.head_offset(g, j)
             assert torch.equal(covered[g, :, j], sel.long())
+
+
+@pytest.mark.parametrize("bias", [None, "finite", "masked"])
+def test_one_pair_backward_matches_the_kernel_backward(bias):
+    """cuDNN refuses one query and one key; the closed form must equal the general backward, with
+    a merged lse larger than the pair's own score (the row also saw keys elsewhere), GQA and bias."""
+    g = torch.Generator().manual_seed(3)
+    B, h, hk, D = 2, 6, 3, 8
+    q = torch.randn(B, h, 1, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, hk, 1, D, generator=g, dtype=torch.float64) for _ in range(2))
+    key_bias = None
+    if bias == "finite":
+        key_bias = torch.randn(B, 1, generator=g, dtype=torch.float64)
+    elif bias == "masked":
+        key_bias = torch.tensor([[0.0], [float("-inf")]], dtype=torch.float64)
+    out, lse = sdpa_ops.attention_forward(q, k, v, is_causal=False, scale=0.3, key_bias=key_bias)
+    # merge with another block the row saw: the final statistics differ from this call's own
+    other_out = torch.randn(B, h, 1, D, generator=g, dtype=torch.float64)
+    other_lse = torch.randn(B, h, 1, generator=g, dtype=torch.float64)
+    final_lse = torch.logaddexp(lse, other_lse)
+    w = torch.exp(lse - final_lse).nan_to_num(0.0).unsqueeze(-1)
+    final_out = w * out + (1 - w) * other_out
+    dout = torch.randn(B, h, 1, D, generator=g, dtype=torch.float64)
+    want = sdpa_ops.attention_backward(dout, q, k, v, final_out, final_lse, is_causal=False, scale=0.3, key_bias=key_bias)
+    got = sdpa_ops.one_pair_backward(dout, q, k, v, final_out, final_lse, scale=0.3, key_bias=key_bias)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    if bias == "masked":
+        assert not got[2][1].any()  # the masked key of batch 1 gets no gradient
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_one_token_and_one_token_documents(causal):
+    """One token, and packed documents of one token (1x1 pieces that cuDNN's backward refuses)."""
+    q, k, v = _inputs(1, 1, 8, 4, 64, torch.bfloat16, device="cuda", seed=5)
+    _check(q, k, v, [4, 8], [1, 2], causal=causal)
+    n = 41
+    cu = torch.tensor([0, 1, 2, 19, 20, n], dtype=torch.int32, device="cuda")
+    q, k, v = _inputs(1, n, 8, 2, 64, torch.bfloat16, device="cuda", seed=6)
+    out = dilated_attention(q, k, v, [4, 8], [1, 2], is_causal=causal, cu_seqlens=cu, backend="sdpa")
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    r_out, _ = reference.dilated_attention(*leaves, [4, 8], [1, 2], is_causal=causal, cu_seqlens=cu, dtype=torch.float64)
+    r_grads = torch.autograd.grad(r_out, leaves, go.double())
+    low = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    b_out, _ = reference.dilated_attention(*low, [4, 8], [1, 2], is_causal=causal, cu_seqlens=cu, dtype=torch.bfloat16)
+    b_grads = torch.autograd.grad(b_out, low, go)
+    assert_close_to_reference("out", out, r_out, b_out)
+    for name, a, r, b in zip(("dq", "dk", "dv"), grads, r_grads, b_grads):
+        assert_close_to_reference(name, a, r, b)

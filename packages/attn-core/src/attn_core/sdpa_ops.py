@@ -232,9 +232,11 @@ def attention_backward(
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     if q.device.type == "cuda":
+        nq, nk = q.shape[2], k.shape[2]
+        if nq == 1 and nk == 1:  # cuDNN refuses s_q = s_kv = 1 (1-token documents and tail pieces)
+            return one_pair_backward(dout, q, k, v, out, lse, scale=scale, key_bias=key_bias)
         bias = _bias4(key_bias, q, k)
         seed, offset = _unused_rng_state(q)
-        nq, nk = q.shape[2], k.shape[2]
         dq, dk, dv = _ATEN._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.float().unsqueeze(-1), seed, offset, bias, None, None, nq, nk, 0.0, is_causal,
             scale=scale,
@@ -254,6 +256,41 @@ def attention_backward(
         scale=scale,
     )
     return dq, dk, dv
+
+
+def one_pair_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    scale: float,
+    key_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """attention_backward's gradients in closed form for one query and one key: q (B, h, 1, D), k/v (B, hk, 1, D).
+
+    ``out``/``lse`` are the row's final (merged) statistics, +inf where the row saw no key. With
+    p = exp(s - lse) for the one score s: dv = p * dout, ds = p * (dout . v - dout . out),
+    dq = scale * ds * k, dk = scale * ds * q; dk/dv summed over the query heads of each kv head.
+    """
+    B, h, _, D = q.shape
+    hk = k.shape[1]
+    group = h // hk
+    f = acc_dtype(q.dtype)
+    k_rows = k.to(f).repeat_interleave(group, dim=1)  # (B, h, 1, D): the kv head of each query head
+    v_rows = v.to(f).repeat_interleave(group, dim=1)
+    score = (q.to(f) * k_rows).sum(-1) * scale  # (B, h, 1)
+    if key_bias is not None:
+        score = score + key_bias.to(f)[:, None, :]
+    p = torch.exp(score - lse.to(f))  # -inf bias or +inf lse -> 0
+    do = dout.to(f)
+    ds = p * ((do * v_rows).sum(-1) - (do * out.to(f)).sum(-1)) * scale
+    dq = ds.unsqueeze(-1) * k_rows
+    dk = (ds.unsqueeze(-1) * q.to(f)).view(B, hk, group, 1, D).sum(2)
+    dv = (p.unsqueeze(-1) * do).view(B, hk, group, 1, D).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def strided_head_calls(q_heads: Sequence[int], kv_heads: Sequence[int]) -> list[tuple[int, int, int, int, int, int]]:
