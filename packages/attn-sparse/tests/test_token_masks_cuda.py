@@ -82,3 +82,13 @@ def test_compiled_kernels_match_float64_reference(case) -> None:
     )
     empty_rows = ~seen.expand(h, -1, -1).any(-1)  # (H, N)
     assert bool((out.transpose(1, 2)[0][empty_rows] == 0).all())
+
+
+def test_device_without_index_accepts_offsets_on_that_device() -> None:
+    """torch.device("cuda") names the current device; offsets on cuda:0 must be taken, not refused."""
+    from attn_sparse.masks import TokenMask
+
+    cu = torch.tensor([0, 5, 64], dtype=torch.int32, device="cuda")
+    mask = TokenMask.build(is_causal=True, cu_seqlens=cu, batch=1, seq_len_q=64, seq_len_k=64, device=torch.device("cuda"))
+    dense = mask.dense(64, 64, torch.device("cuda"))
+    assert not dense[10, 4] and dense[10, 5] and not dense[3, 4]

@@ -159,6 +159,14 @@ def check_tensor(name: str, t: object, shape: tuple[int, ...], device: torch.dev
         raise ValueError(f"{name} must be on {device} like q, got {t.device}")
 
 
+def indexed_device(device: torch.device) -> torch.device:
+    """``device`` with its index: torch.device("cuda") names the current CUDA device, but compares
+    unequal to the device of a tensor on it (cuda:0)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def check_cu_seqlens(cu_seqlens: object, *, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
     """Validate packed-document offsets (flash-attn's varlen convention) and return them unchanged.
 
@@ -183,6 +191,7 @@ def check_cu_seqlens(cu_seqlens: object, *, batch: int, seq_len: int, device: to
         raise ValueError(
             f"cu_seqlens must be 1-D of shape (num_docs + 1,) with at least one entry, got shape {tuple(cu_seqlens.shape)}"
         )
+    device = indexed_device(device)
     if cu_seqlens.device != device and cu_seqlens.device.type != "cpu":
         raise ValueError(f"cu_seqlens must be on {device} like q, or on the CPU, got {cu_seqlens.device}")
     if batch != 1:

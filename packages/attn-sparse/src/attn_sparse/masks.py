@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from attn_core.packing import document_positions, host_offsets, host_to_device
-from attn_core.validation import check_bool, check_cu_seqlens, check_window_size
+from attn_core.validation import check_bool, check_cu_seqlens, check_window_size, indexed_device
 
 from .csr import band_csr
 from .layout import BlockLayout, check_block_size, check_geometry
@@ -135,6 +135,7 @@ class TokenMask:
                 f"cu_seqlens describes one packed sequence for queries and keys; got Nq={seq_len_q}, Nk={seq_len_k}"
             )
 
+        device = indexed_device(device)
         given = cu_seqlens if isinstance(cu_seqlens, torch.Tensor) else None
         # offsets already on the inputs' GPU: validated on a host copy (the one device read)
         on_gpu = given if given is not None and given.device == device and device.type != "cpu" else None
