@@ -134,6 +134,12 @@ def test_executors_agree_and_the_threshold_picks(monkeypatch):
         assert ran == (["forward_gathered", "backward_gathered"] if want == "gathered" else [])
     for a, b in zip((results["gathered"][0], *results["gathered"][1]), (results["strided"][0], *results["strided"][1])):
         assert torch.allclose(a, b, atol=1e-12, rtol=0)
+    # "split": the rule counts the largest group's heads (8 heads over 3 groups: 3, 3, 2)
+    monkeypatch.setattr(gathered_groups, "GATHER_MAX_ELEMS", B * N * 3 * D)
+    split = DilatedCall(q, k, v, DilatedConfig(seg, rates, "split"), True, mask, D**-0.5, 0.0)
+    assert sdpa_backend.executor(split)[0] == "gathered"
+    monkeypatch.setattr(gathered_groups, "GATHER_MAX_ELEMS", B * N * 3 * D - 1)
+    assert sdpa_backend.executor(split)[0] == "strided"
     packed = DilatedCall(q[:1], k[:1], v[:1], DilatedConfig(seg, rates), False, None, 1.0, 0.0, torch.tensor([0, N]))
     assert sdpa_backend.executor(packed)[0] == "packed"
 

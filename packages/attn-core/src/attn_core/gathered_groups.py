@@ -33,7 +33,8 @@ call anyway (r = 1 with one head run: no offsets to gather) and every group's sh
 (N not a multiple of w: rows of unequal count per offset) run as strided pieces
 (:func:`attn_core.views.forward_pieces`) inside the same plan, in group order.
 
-Which executor: :func:`gathered_plan` returns a plan when 0 < B*N*H*D <= :data:`GATHER_MAX_ELEMS`
+Which executor: :func:`gathered_plan` returns a plan when the largest group's query elements
+(B*N*heads of the group*D) are between 1 and :data:`GATHER_MAX_ELEMS`
 (the gathered copies are a few times q; on larger problems the strided calls are big enough to
 keep the device busy, and copy nothing); None sends the call to the strided executor.
 
@@ -75,12 +76,13 @@ __all__ = [
     "stream_capturing",
 ]
 
-# The gathered executor takes problems with at most this many query elements (B * N * H * D): 2^27
-# is N = 32K tokens at B = 1, H = 32, D = 128 (16K and 32K gather; 64K and up run strided). The
-# strided executor was measured host-bound below 64K tokens on an H100 (docs/benchmarks/dilated_h100.md),
-# where the common algorithm's one-copied-batch-per-group form was faster; at 64K and up its calls
-# keep the device busy and gathering would only add copies.
-GATHER_MAX_ELEMS = 1 << 27
+# The gathered executor takes calls whose largest group has at most this many query elements
+# (B * N * heads of the group * D). Measured on an H100 (bf16, causal and not, fwd+bwd, segments
+# 2048-16384, rates 1-8; docs/benchmarks/dilated_gather_h100.md): at <= 2^24 gathering won every
+# point (1.1-1.9x: the strided executor's calls are host-bound there); at 2^25 it won half and lost
+# half by up to 12%; at 2^26 and up it lost up to 1.45x (the copies cost more than the launches saved).
+# 2^24 is N = 4K at H = 32 "all", 16K at H = 32 "split" (8 heads per group), D = 128.
+GATHER_MAX_ELEMS = 1 << 24
 # The strided pieces of a gathered plan are never cut into chunks: the problem is small.
 UNCUT_BUDGET = sys.maxsize
 
@@ -152,24 +154,25 @@ _PLANS: OrderedDict[Hashable, GatheredPlan] = OrderedDict()
 _PLANS_LOCK = threading.Lock()
 
 
-def executor_choice(shape: tuple[int, int, int, int, int]) -> tuple[str, str]:
+def executor_choice(shape: tuple[int, int, int, int, int], config: DilatedConfig) -> tuple[str, str]:
     """("gathered" | "strided", why) for q (B, N, H, D) with Hkv kv heads; shape (B, N, H, Hkv, D).
 
-    The size rule of :func:`gathered_plan` (a plan missing from the cache during CUDA graph capture
-    also runs strided; this cannot know about that).
+    The size rule of :func:`gathered_plan` on the largest group's query elements (a plan missing
+    from the cache during CUDA graph capture also runs strided; this cannot know about that).
     """
     B, N, H, _, D = shape
-    elems = B * N * H * D
+    heads = max(len(config.heads_for_group(g, H)) for g in range(config.num_groups))
+    elems = B * N * heads * D
     if elems == 0:
         return "strided", "empty input (nothing to gather)"
     if elems > GATHER_MAX_ELEMS:
         return "strided", (
-            f"B*N*H*D = {elems} > GATHER_MAX_ELEMS = {GATHER_MAX_ELEMS}: one call per (group, offset) on "
-            "strided views, no copies (calls this large keep the device busy)"
+            f"largest group B*N*heads*D = {elems} > GATHER_MAX_ELEMS = {GATHER_MAX_ELEMS}: one call per "
+            "(group, offset) on strided views, no copies (calls this large keep the device busy)"
         )
     return "gathered", (
-        f"B*N*H*D = {elems} <= GATHER_MAX_ELEMS = {GATHER_MAX_ELEMS}: one gathered call per dilated "
-        "group (calls per (group, offset) this small are bound by host time)"
+        f"largest group B*N*heads*D = {elems} <= GATHER_MAX_ELEMS = {GATHER_MAX_ELEMS}: one gathered "
+        "call per dilated group (calls per (group, offset) this small are bound by host time)"
     )
 
 
@@ -182,7 +185,7 @@ def gathered_plan(
 
     mergeable: :func:`attn_core.views.batch_mergeable` of every tensor the strided pieces view.
     """
-    if executor_choice(shape)[0] != "gathered":
+    if executor_choice(shape, config)[0] != "gathered":
         return None
     key = (shape, config, mergeable, device)
     with _PLANS_LOCK:

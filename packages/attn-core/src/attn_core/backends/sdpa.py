@@ -14,8 +14,8 @@ The short last segment (N not a multiple of w) is its own call per offset, never
 Two executors run those calls (:func:`executor` says which one a call takes, and why):
 
 * **strided** (:mod:`attn_core.views`, described above and below): one call per (group, offset,
-  head run) on in-place views, no copies. Problems with more than
-  :data:`attn_core.gathered_groups.GATHER_MAX_ELEMS` query elements (B*N*H*D) take it.
+  head run) on in-place views, no copies. Calls whose largest group has more than
+  :data:`attn_core.gathered_groups.GATHER_MAX_ELEMS` query elements (B*N*heads*D) take it.
 * **gathered** (:mod:`attn_core.gathered_groups`), for smaller problems, whose per-(group, offset)
   calls are bound by host time per call: each group's full segments are gathered with one
   indexing op per tensor into one contiguous batch, run as ONE attention call (query heads sharing
@@ -80,7 +80,7 @@ def executor(call: DilatedCall) -> tuple[str, str]:
     :func:`attn_core.gathered_groups.executor_choice`."""
     if call.cu_seqlens is not None:
         return "packed", "cu_seqlens given: packed documents (attn_core.packed_views)"
-    return gathered_groups.executor_choice(call.shape)
+    return gathered_groups.executor_choice(call.shape, call.config)
 
 
 def _forward(
