@@ -282,6 +282,9 @@ def measure_point(n: int, cfg: tuple[int, int, int], name: str, warmup: int, rep
     block_mask = create_block_mask(flex_mask_mod(args, n, "cuda"), 1, 1, n, n, device="cuda", _compile=True)
     torch.cuda.synchronize()
     row["flex_mask_first_ms"] = (time.perf_counter() - t0) * 1e3
+    # a fresh compile per point: flex_attention's compiled code is cached per function, and past
+    # dynamo's recompile limit a new shape would run flex eagerly (the dense math, N^2 memory)
+    torch._dynamo.reset()
     flex = torch.compile(flex_attention, dynamic=False)
 
     def flex_fwd() -> torch.Tensor:
