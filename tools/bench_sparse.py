@@ -477,9 +477,23 @@ def tune(args: argparse.Namespace) -> list[dict]:
     H, Hkv, D, n = args.heads, args.tune_kv_heads or args.heads, args.head_dim, args.tune_n
     # (BLOCK_M, BLOCK_N, warps, stages); the session's probes (docs/benchmarks/sparse_h100.md) also
     # found 32x128 dk/dv tiles with 4 warps and 3-stage dq loops 2-3x slower (register spills).
-    fwd_cands = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 128, 4, 3)]
-    dq_cands = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2)]
-    dkv_cands = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 2), (32, 64, 4, 3)]
+    fwd_cands = [
+        (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 128, 4, 3),
+        (64, 128, 4, 3), (128, 32, 4, 3),
+    ]  # fmt: skip
+    dq_cands = [
+        (64, 64, 4, 2),
+        (64, 32, 4, 2),
+        (128, 64, 8, 2),
+        (64, 64, 4, 3),
+        (128, 128, 8, 2),
+        (128, 64, 4, 2),
+        (64, 128, 4, 2),
+    ]
+    dkv_cands = [
+        (64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 2), (32, 64, 4, 3),
+        (64, 128, 4, 3), (32, 128, 4, 3), (128, 64, 8, 2),
+    ]  # fmt: skip
     # dq from stored dS (the stored-dS backward); dq_* tiles are timed on the recompute backward
     dqs_cands = [(128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2)]
     res = []
