@@ -431,14 +431,14 @@ def main() -> int:
     if args.quick:
         args.seq_lens, args.configs, args.masks = [8192], ["32/8/128", "16/16/64"], ["causal", "causal+win1024"]
     configs = [tuple(int(x) for x in c.split("/")) for c in args.configs]
-    result: dict[str, Any] = dict(env=gpu_env(dtype="bfloat16", batch=1), rows=[])
-    result["correctness"] = [] if args.skip_correctness else correctness()
+    result: dict[str, Any] = dict(env=gpu_env(dtype="bfloat16", batch=1), rows=[], correctness=[])
     if args.resume is not None:
         earlier = json.loads(args.resume.read_text())
         if earlier["env"]["gpu"] != result["env"]["gpu"]:
             raise ValueError(f"--resume {args.resume} ran on {earlier['env']['gpu']}, not {result['env']['gpu']}")
-        result["rows"] = earlier["rows"]
-        result["correctness"] = earlier["correctness"] + result["correctness"]
+        result["rows"], result["correctness"] = earlier["rows"], earlier["correctness"]
+    if not (args.skip_correctness or result["correctness"]):  # a resumed run keeps the earlier checks
+        result["correctness"] = correctness()
     done = {(r["n"], (r["heads"], r["kv_heads"], r["head_dim"]), r["mask"]) for r in result["rows"]}
     points = [(n, c, m) for n in args.seq_lens for c in configs for m in args.masks if (n, c, m) not in done]
     try:
