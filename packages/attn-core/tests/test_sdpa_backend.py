@@ -382,7 +382,9 @@ def test_one_pair_backward_matches_the_kernel_backward(bias):
     w = torch.exp(lse - final_lse).nan_to_num(0.0).unsqueeze(-1)
     final_out = w * out + (1 - w) * other_out
     dout = torch.randn(B, h, 1, D, generator=g, dtype=torch.float64)
-    want = sdpa_ops.attention_backward(dout, q, k, v, final_out, final_lse, is_causal=False, scale=0.3, key_bias=key_bias)
+    want = sdpa_ops.attention_backward(
+        dout, q, k, v, final_out, final_lse, is_causal=False, scale=0.3, key_bias=key_bias
+    )
     got = sdpa_ops.one_pair_backward(dout, q, k, v, final_out, final_lse, scale=0.3, key_bias=key_bias)
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
         assert a.shape == b.shape, name
@@ -405,7 +407,9 @@ def test_gpu_one_token_and_one_token_documents(causal):
     go = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), go)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    r_out, _ = reference.dilated_attention(*leaves, [4, 8], [1, 2], is_causal=causal, cu_seqlens=cu, dtype=torch.float64)
+    r_out, _ = reference.dilated_attention(
+        *leaves, [4, 8], [1, 2], is_causal=causal, cu_seqlens=cu, dtype=torch.float64
+    )
     r_grads = torch.autograd.grad(r_out, leaves, go.double())
     low = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     b_out, _ = reference.dilated_attention(*low, [4, 8], [1, 2], is_causal=causal, cu_seqlens=cu, dtype=torch.bfloat16)

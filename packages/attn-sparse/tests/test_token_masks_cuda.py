@@ -89,6 +89,8 @@ def test_device_without_index_accepts_offsets_on_that_device() -> None:
     from attn_sparse.masks import TokenMask
 
     cu = torch.tensor([0, 5, 64], dtype=torch.int32, device="cuda")
-    mask = TokenMask.build(is_causal=True, cu_seqlens=cu, batch=1, seq_len_q=64, seq_len_k=64, device=torch.device("cuda"))
+    mask = TokenMask.build(
+        is_causal=True, cu_seqlens=cu, batch=1, seq_len_q=64, seq_len_k=64, device=torch.device("cuda")
+    )
     dense = mask.dense(64, 64, torch.device("cuda"))
     assert not dense[10, 4] and dense[10, 5] and not dense[3, 4]
