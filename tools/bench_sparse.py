@@ -512,14 +512,18 @@ def tune(args: argparse.Namespace) -> list[dict]:
         else:
             flops = 4.0 * attended_pairs(layout, n) * D * H
         point = dict(case=label, block=block, density=density, tma=tma, heads=H, kv_heads=Hkv, head_dim=D)
+        base_grads = block_sparse_backward(do, q, k, v, out, lse, csr, kmask, scale, base)
         for bm, bn, w, s in fwd_cands:
             cfg = replace(base, fwd_m=bm, fwd_n=bn, fwd_warps=w, fwd_stages=s)
             if cfg.check(block):
                 continue
-            ms, err = _time_or_error(
-                lambda cfg=cfg, csr=csr, km=kmask: block_sparse_forward(q, k, v, csr, km, scale, cfg)
+            fn = lambda cfg=cfg, csr=csr, km=kmask: block_sparse_forward(q, k, v, csr, km, scale, cfg)  # noqa: E731
+            ms, err = _time_or_error(fn)
+            diff = _rel_diff(fn()[0], out) if not err else float("nan")
+            res.append(
+                dict(point, kernel="fwd", cfg=(bm, bn, w, s), ms=ms, tflops=flops / ms * 1e-9, err=err, diff=diff)
             )
-            res.append(dict(point, kernel="fwd", cfg=(bm, bn, w, s), ms=ms, tflops=flops / ms * 1e-9, err=err))
+            _print_tune_row(res[-1])
         for kind, cands in (("dq", dq_cands), ("dkv", dkv_cands), ("dqs", dqs_cands)):
             for bm, bn, w, s in cands:
                 cfg = replace(base, **{f"{kind}_m": bm, f"{kind}_n": bn, f"{kind}_warps": w, f"{kind}_stages": s})
@@ -529,11 +533,11 @@ def tune(args: argparse.Namespace) -> list[dict]:
                     continue  # token masks run the recompute backward: no dq from stored dS
                 if cfg.check(block):
                     continue
-                ms, err = _time_or_error(
-                    lambda cfg=cfg, csr=csr, o=out, lse=lse, km=kmask: block_sparse_backward(
-                        do, q, k, v, o, lse, csr, km, scale, cfg
-                    )
+                fn = lambda cfg=cfg, csr=csr, o=out, lse=lse, km=kmask: block_sparse_backward(  # noqa: E731
+                    do, q, k, v, o, lse, csr, km, scale, cfg
                 )
+                ms, err = _time_or_error(fn)
+                diff = max(_rel_diff(a, b) for a, b in zip(fn(), base_grads)) if not err else float("nan")
                 res.append(
                     dict(
                         point,
@@ -542,15 +546,25 @@ def tune(args: argparse.Namespace) -> list[dict]:
                         ms=ms,
                         tflops=2.5 * flops / ms * 1e-9,
                         err=err,
+                        diff=diff,
                     )
                 )
-    print(f"{'kernel':<18}{'case':<24}{'dens':>6} {'tma':<6} {'BM,BN,warps,stages':<20}{'ms':>9}{'TFLOP/s':>9}")
-    for r in res:
-        print(
-            f"{r['kernel']:<18}{r['case']:<24}{r['density']:>6.2f} {r['tma']!s:<6} {r['cfg']!s:<20}"
-            f"{r['ms']:>9.3f}{r['tflops']:>9.1f} {r['err']}"
-        )
+                _print_tune_row(res[-1])
     return res
+
+
+def _print_tune_row(r: dict) -> None:
+    """One line of the --tune table (printed as it is measured: a sweep cut short keeps its lines).
+    diff: max |result - default config's result| / max |default's|, over out or dq, dk, dv."""
+    print(
+        f"{r['kernel']:<18}{r['case']:<16}{r['heads']}/{r['kv_heads']}/{r['head_dim']:<8}{r['density']:>5.2f} "
+        f"{r['tma']!s:<6} {r['cfg']!s:<20}{r['ms']:>9.3f}{r['tflops']:>9.1f} diff {r['diff']:.1e} {r['err']}",
+        flush=True,
+    )
+
+
+def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30))
 
 
 def mask_pairs(kmask: Any, n: int) -> int:
