@@ -560,10 +560,12 @@ def test_token_masks_every_backward_reads_only_written_scratch(monkeypatch: pyte
 
 
 def test_masked_calls_default_to_the_recompute_backward() -> None:
-    # measured faster with token masks (docs/benchmarks/sparse_masks_h100.md); unmasked keep stored dS
-    assert default_config((128, 128), head_dim=128, banded=True).ds_scratch_bytes == 0
-    assert default_config((128, 128), head_dim=128, banded=True).dkv_n == 128
-    assert default_config((128, 128), head_dim=64, banded=True).dkv_n == 64
+    # measured faster with token masks (docs/benchmarks/sparse_tune_masks_h100.md); unmasked keep stored dS
+    banded128 = default_config((128, 128), head_dim=128, banded=True)
+    assert banded128.ds_scratch_bytes == 0
+    assert (banded128.dkv_m, banded128.dkv_n, banded128.dkv_warps, banded128.dkv_stages) == (64, 64, 4, 2)
+    assert banded128.fwd_warps == 8 and default_config((128, 128), head_dim=64, banded=True).fwd_warps == 4
+    assert default_config((128, 128), head_dim=64).fwd_warps == 8  # unmasked layouts: not retuned
     assert default_config((128, 128), head_dim=128).ds_scratch_bytes > 0
     assert default_config((64, 64), head_dim=128, banded=True).dkv_n == 64  # clipped to the block
 

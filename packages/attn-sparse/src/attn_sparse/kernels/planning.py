@@ -117,17 +117,20 @@ def default_config(block_size: tuple[int, int], *, head_dim: int | None = None, 
 
     Clipping (tile = min(preferred, block)) lets 16x16 / 32x32 layouts (CPU tests) run too.
     ``banded`` (token masks: causal, windows, documents): the recompute backward, which measured
-    faster than the stored-dS form there on an H100 (bf16, N=32K, causal window 4096: H=32/Hkv=8,
-    D=128 15.1 ms with 64x128 dk/dv tiles of 8 warps vs 24.2 stored; H=16, D=64 4.75 vs 5.26 ms,
-    its 64x64 tiles kept); the stored form stays the default for unmasked layouts, where it was
-    measured faster (docs/benchmarks/sparse_h100.md).
+    faster than the stored-dS form there, with 64x64 dk/dv tiles of 4 warps and 2 stages; at
+    D <= 64 the forward's 128x128 tiles run with 4 warps. Measured on an H100 (bf16, N=32K, causal
+    window 4096; docs/benchmarks/sparse_tune_masks_h100.md): H=32/Hkv=8, D=128 backward 14.0 ms
+    against 14.9 with 64x128 dk/dv tiles of 8 warps and 3 stages (24.2 stored-dS); H=16, D=64
+    backward 4.59 ms against 4.76 with 3 stages, forward 1.31 ms against 1.72 with 8 warps. The
+    stored form stays the default for unmasked layouts, where it was measured faster
+    (docs/benchmarks/sparse_h100.md).
     """
     bq, bk = block_size
     base = _CONFIG_BK64 if bk == 64 else KernelConfig()
     if banded:
-        base = replace(base, ds_scratch_bytes=0)
-        if head_dim == 128 and bk >= 128:
-            base = replace(base, dkv_n=128, dkv_warps=8)
+        base = replace(base, ds_scratch_bytes=0, dkv_m=64, dkv_n=64, dkv_warps=4, dkv_stages=2)
+        if head_dim is not None and head_dim <= 64:
+            base = replace(base, fwd_warps=4)
     return replace(
         base,
         fwd_m=min(base.fwd_m, bq),
