@@ -39,7 +39,7 @@ from attn_sparse import (
 from attn_sparse import masks as token_masks
 from attn_sparse.api import DERIVED_BLOCK_SIZE
 from attn_sparse.backends import flex as flex_backend
-from attn_sparse.flex_support import tile_mask_mod, token_mask_mod, token_terms
+from attn_sparse.flex_support import tile_mask_mod, token_terms
 from attn_sparse.masks import TokenMask
 
 try:
@@ -379,18 +379,18 @@ def test_flex_block_mask_splits_tiles_exactly_and_attends_like_the_reference(nq:
 
 
 @needs_flex
-def test_token_mask_mod_equals_the_dense_mask() -> None:
+def test_mask_mod_equals_the_dense_mask() -> None:
     for nq, nk, masks in (
         (70, 70, {"is_causal": True, "window_size": (9, 0), "cu_seqlens": _cu(0, 1, 1, 40, 70)}),
         (30, 80, {"window_size": (2, 30)}),
         (80, 30, {"is_causal": True}),
     ):
         mask = TokenMask.build(**masks, batch=1, seq_len_q=nq, seq_len_k=nk, device=torch.device("cpu"))
-        got = flex.create_mask(token_mask_mod(mask, nq, nk), 1, 1, nq, nk, device="cpu")
+        got = flex.create_mask(mask.mask_mod(nq, nk), 1, 1, nq, nk, device="cpu")
         assert torch.equal(got[0, 0], mask.dense(nq, nk))
         # and the tile mask_mod is that AND the tiles
         tiles = _random_tiles(1, -(-nq // 16), -(-nk // 32), 0.5, seed=nq)
-        mod = tile_mask_mod(tiles, (16, 32), token_mask_mod(mask, nq, nk))
+        mod = tile_mask_mod(tiles, (16, 32), mask.mask_mod(nq, nk))
         want = mask.dense(nq, nk) & reference.block_sparse_weights(tiles, (16, 32), nq, nk)[0]
         assert torch.equal(flex.create_mask(mod, 1, 1, nq, nk, device="cpu")[0, 0], want)
 

@@ -6,26 +6,21 @@ assemble their CSR arrays with these; nothing here knows a layout's geometry.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from attn_core.packing import host_to_device
 from attn_core.triton_env import compiled_triton_available
 
+from .tile_index import INT32_MAX, aligned_sections, check_tile_count
+
 __all__ = [
     "HOST_ROW_WORK",
-    "INT32_MAX",
-    "aligned_sections",
     "band_csr",
-    "check_tile_count",
     "crow_from_sorted_rows",
     "expand_intervals",
     "row_ids",
     "row_work_device",
 ]
-
-INT32_MAX = 2**31 - 1
 
 
 def row_ids(crow: torch.Tensor, nnz: int) -> torch.Tensor:
@@ -45,26 +40,6 @@ HOST_ROW_WORK = 1 << 13
 def row_work_device(device: torch.device, entries: int) -> torch.device:
     """Where R x K row-level interval work for a layout on ``device`` runs (see HOST_ROW_WORK)."""
     return torch.device("cpu") if entries <= HOST_ROW_WORK else device
-
-
-# Triton specialises pointer arguments on 16-byte alignment, so a view starting mid-buffer would
-# compile kernel variants: sections the builders pack into one buffer start at 16-byte offsets.
-_INT32_PER_16_BYTES = 4
-
-
-def aligned_sections(sizes: Sequence[int]) -> list[int]:
-    """Start offsets of int32 sections of ``sizes`` in one buffer, each 16-byte aligned, then the total."""
-    starts, pos = [], 0
-    for n in sizes:
-        starts.append(pos)
-        pos += -(-n // _INT32_PER_16_BYTES) * _INT32_PER_16_BYTES
-    return [*starts, pos]
-
-
-def check_tile_count(nnz: int) -> None:
-    """Raise ValueError when a pattern's ``nnz`` active tiles do not fit int32 indices."""
-    if nnz > INT32_MAX:
-        raise ValueError(f"pattern has {nnz} active tiles; at most {INT32_MAX} (int32 indices) are supported")
 
 
 def expand_intervals(

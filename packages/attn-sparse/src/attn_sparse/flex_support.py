@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from attn_core.packing import document_positions
 from attn_core.validation import check_bool, check_cu_seqlens, check_window_size
 
-if TYPE_CHECKING:
-    from .masks import TokenMask
-
-__all__ = ["TokenTerms", "flex_block_mask_class", "tile_mask_mod", "token_mask_mod", "token_terms"]
+__all__ = ["TokenTerms", "flex_block_mask_class", "tile_mask_mod", "token_terms"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -122,15 +119,6 @@ def token_terms(
         ids, _ = document_positions(c if device is None else c.to(device), seq_len_q)
         docs = ids.to(torch.int32)
     return TokenTerms(left, right, docs, seq_len_k)
-
-
-def token_mask_mod(mask: TokenMask, seq_len_q: int, seq_len_k: int) -> Any:
-    """A mask_mod of the token masks alone (no tiles) for q (.., seq_len_q, ..), k (.., seq_len_k, ..):
-    for ``flex_attention.create_block_mask`` (the benchmarks' FlexAttention anchor) or a dense check.
-    Equal to ``mask.dense(seq_len_q, seq_len_k)`` at every (q_idx, kv_idx)."""
-    return token_terms(
-        seq_len_q, seq_len_k, is_causal=mask.causal, window_size=mask.window, cu_seqlens=mask.cu_seqlens
-    ).mask_mod()
 
 
 def tile_mask_mod(tiles: torch.Tensor, block_size: tuple[int, int], token_mod: Any) -> Any:

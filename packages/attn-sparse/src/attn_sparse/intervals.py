@@ -24,10 +24,9 @@ from __future__ import annotations
 import torch
 
 from .masks import TokenMask
+from .tile_index import INT32_MAX
 
 __all__ = ["KeyIntervals"]
-
-_INT32_MAX = 2**31 - 1
 
 
 class KeyIntervals:
@@ -46,7 +45,7 @@ class KeyIntervals:
     num_keys: int
 
     def __init__(self, bounds: torch.Tensor, num_keys: int) -> None:
-        if isinstance(num_keys, bool) or not isinstance(num_keys, int) or not 0 <= num_keys <= _INT32_MAX:
+        if isinstance(num_keys, bool) or not isinstance(num_keys, int) or not 0 <= num_keys <= INT32_MAX:
             raise ValueError(f"num_keys must be an int in [0, 2**31 - 1], got {num_keys!r}")
         if not isinstance(bounds, torch.Tensor):
             raise TypeError(f"bounds must be a (2, Nq) integer torch.Tensor, got {type(bounds).__name__}")
@@ -105,7 +104,7 @@ class KeyIntervals:
             raise ValueError(
                 f"lo and hi must have one entry per query, got shapes {tuple(lo.shape)} and {tuple(hi.shape)}"
             )
-        if key_positions.numel() > _INT32_MAX:
+        if key_positions.numel() > INT32_MAX:
             raise ValueError(f"at most 2**31 - 1 keys per call, got {key_positions.numel()}")
         if not (lo.device == hi.device == key_positions.device):
             raise ValueError(

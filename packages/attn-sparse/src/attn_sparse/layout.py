@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from . import library_format
-from .csr import INT32_MAX, crow_from_sorted_rows, expand_intervals, row_ids
+from .csr import crow_from_sorted_rows, expand_intervals, row_ids
 from .flex_support import flex_block_mask_class, tile_mask_mod, token_terms
 from .memo import MISSING, BoundedMemo
+from .tile_index import INT32_MAX
 
 __all__ = [
     "MAX_BLOCK_SIZE",

@@ -31,6 +31,7 @@ from attn_core.packing import document_positions, host_offsets, host_to_device
 from attn_core.validation import check_bool, check_cu_seqlens, check_window_size, indexed_device
 
 from .csr import band_csr
+from .flex_support import token_terms
 from .layout import BlockLayout, check_block_size, check_geometry
 from .memo import StorageMemo
 
@@ -203,6 +204,14 @@ class TokenMask:
             lo = torch.maximum(lo, bounds[0].long())
             hi = torch.minimum(hi, bounds[1].long() - 1)
         return lo, hi
+
+    def mask_mod(self, seq_len_q: int, seq_len_k: int) -> Any:
+        """A FlexAttention mask_mod of these masks alone (no tiles) for q (.., seq_len_q, ..),
+        k (.., seq_len_k, ..): for ``flex_attention.create_block_mask`` (the benchmarks' anchor) or
+        a dense check. Equal to ``self.dense(seq_len_q, seq_len_k)`` at every (q_idx, kv_idx)."""
+        return token_terms(
+            seq_len_q, seq_len_k, is_causal=self.causal, window_size=self.window, cu_seqlens=self.cu_seqlens
+        ).mask_mod()
 
     def dense(self, seq_len_q: int, seq_len_k: int, device: torch.device | None = None) -> torch.Tensor:
         """(seq_len_q, seq_len_k) bool, True where query i sees key j (tests and small references)."""

@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..csr import aligned_sections, check_tile_count
 from ..hashing import HASH_MUL, HASH_SHIFT, MASK32
+from ..tile_index import aligned_sections, check_tile_count
 from .launch import device_guard
 
 __all__ = ["bigbird_csr", "expand_runs", "window_csr"]
