@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import gpu_env, gpu_tag
+from bench_env import cuda_median_ms, gpu_env, gpu_tag
 
 GIB = 1024**3
 
@@ -94,28 +94,16 @@ def attended_pairs(lengths: list[int], h: int, segments: list[int], rates: list[
     return total
 
 
-def synchronize(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_ms(fn: Any, reps: int, dev: torch.device) -> float:
-    """Median ms of fn() over reps runs after one warm-up (CUDA events on a GPU)."""
+    """Median ms of fn() over reps runs after one warm-up (CUDA events on a GPU, wall clock on the CPU)."""
+    if dev.type == "cuda":
+        return cuda_median_ms(fn, reps)
     fn()
-    synchronize(dev)
     times = []
     for _ in range(reps):
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
