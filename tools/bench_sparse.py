@@ -469,6 +469,9 @@ def tune_cases(args: argparse.Namespace) -> list[tuple[str, Any, Any, float]]:
     return [(args.tune_mask, layout, KernelMask(True, left, right, None), layout.density)]
 
 
+TUNE_KERNELS = ("fwd", "dq", "dkv", "dka", "dqs")
+
+
 def tune(args: argparse.Namespace) -> list[dict]:
     """Time tile configs for fwd, dq and dk/dv (H/Hkv from --heads/--tune-kv-heads, D from --head-dim)
     on --tune-mask's tiles; print the table."""
@@ -494,6 +497,8 @@ def tune(args: argparse.Namespace) -> list[dict]:
         (64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 2), (32, 64, 4, 3),
         (64, 128, 4, 3), (32, 128, 4, 3), (128, 64, 8, 2),
     ]  # fmt: skip
+    # dk/dv tiles of the one-pass backward (dq added with atomics: more registers, so 8 warps too)
+    dka_cands = [*dkv_cands, (64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 3)]
     # dq from stored dS (the stored-dS backward); dq_* tiles are timed on the recompute backward
     dqs_cands = [(128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2)]
     res = []
@@ -513,7 +518,7 @@ def tune(args: argparse.Namespace) -> list[dict]:
             flops = 4.0 * attended_pairs(layout, n) * D * H
         point = dict(case=label, block=block, density=density, tma=tma, heads=H, kv_heads=Hkv, head_dim=D)
         base_grads = block_sparse_backward(do, q, k, v, out, lse, csr, kmask, scale, base)
-        for bm, bn, w, s in fwd_cands:
+        for bm, bn, w, s in fwd_cands if "fwd" in args.tune_kernels else []:
             cfg = replace(base, fwd_m=bm, fwd_n=bn, fwd_warps=w, fwd_stages=s)
             if cfg.check(block):
                 continue
@@ -524,10 +529,13 @@ def tune(args: argparse.Namespace) -> list[dict]:
                 dict(point, kernel="fwd", cfg=(bm, bn, w, s), ms=ms, tflops=flops / ms * 1e-9, err=err, diff=diff)
             )
             _print_tune_row(res[-1])
-        for kind, cands in (("dq", dq_cands), ("dkv", dkv_cands), ("dqs", dqs_cands)):
-            for bm, bn, w, s in cands:
-                cfg = replace(base, **{f"{kind}_m": bm, f"{kind}_n": bn, f"{kind}_warps": w, f"{kind}_stages": s})
-                if kind == "dq":
+        for kind, cands in (("dq", dq_cands), ("dkv", dkv_cands), ("dka", dka_cands), ("dqs", dqs_cands)):
+            for bm, bn, w, s in cands if kind in args.tune_kernels else []:
+                tiles = "dkv" if kind == "dka" else kind
+                cfg = replace(base, **{f"{tiles}_m": bm, f"{tiles}_n": bn, f"{tiles}_warps": w, f"{tiles}_stages": s})
+                if kind == "dka":  # the one-pass backward
+                    cfg = replace(cfg, ds_scratch_bytes=0, dq_atomic=True)
+                elif kind == "dq":
                     cfg = replace(cfg, ds_scratch_bytes=0)  # the recompute backward's dq kernel
                 elif kind == "dqs" and kmask.banded:
                     continue  # token masks run the recompute backward: no dq from stored dS
@@ -754,6 +762,14 @@ def main() -> int:
     ap.add_argument("--tune-densities", type=float, nargs="+", default=[1.0, 0.1])
     ap.add_argument("--tune-mask", choices=TUNE_MASKS, default="none", help="token mask of the tuned tiles")
     ap.add_argument("--tune-kv-heads", type=int, default=None, help="Hkv of the tuned case (default: --heads)")
+    ap.add_argument(
+        "--tune-kernels",
+        nargs="+",
+        choices=TUNE_KERNELS,
+        default=list(TUNE_KERNELS),
+        help="kernels whose tiles --tune varies: fwd, dq (recompute backward), dkv, dka (dk/dv of the one-pass "
+        "backward), dqs (dq from stored dS)",
+    )
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument(
         "--render",

@@ -87,13 +87,17 @@ def run_case(
     )  # fmt: skip
     kmask = KernelMask(tokens.banded, *tokens.kernel_sides(Nq, Nk), tokens.document_bounds(Nq))
 
-    # every backward: stored dS in one chunk, stored dS one unit per chunk, and recompute
+    # every backward: stored dS in one chunk, stored dS one unit per chunk, recompute, one pass
     cfg = config if config is not None else default_config(block_size)
     units = B if mask.shape[0] > 1 else B * Hkv
     unit_bytes = (
         int(mask.sum()) * block_size[0] * block_size[1] * q.element_size() * (1 if mask.shape[0] > 1 else H // Hkv)
     )
-    variants = {"stored dS": cfg, "recompute": replace(cfg, ds_scratch_bytes=0)}
+    variants = {
+        "stored dS": cfg,
+        "recompute": replace(cfg, ds_scratch_bytes=0),
+        "one pass": replace(cfg, ds_scratch_bytes=0, dq_atomic=True),
+    }
     if units > 1:
         variants["stored dS, chunked"] = replace(cfg, ds_scratch_bytes=unit_bytes)
     slot_bytes = block_size[0] * block_size[1] * q.element_size()
@@ -105,7 +109,7 @@ def run_case(
     with mock.patch.object(planning, "DKV_PROGRAMS_PER_SM", 1e-9):
         for name, c in variants.items():
             chunks = stored_ds_chunks(csr, B, Hkv, H // Hkv, q.element_size(), c)
-            if name == "recompute" or unit_bytes == 0:
+            if name in ("recompute", "one pass") or unit_bytes == 0:
                 assert chunks == [], name
             elif "ranges" in name:
                 assert len(chunks) >= 2 * units and all(ch.u1 - ch.u0 == 1 for ch in chunks), (name, chunks)

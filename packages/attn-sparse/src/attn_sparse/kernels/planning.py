@@ -80,6 +80,10 @@ class KernelConfig:
     # ranges of key blocks (see stored_ds_chunks); where one batch of a per-head layout does not
     # fit, the backward recomputes P in a dq kernel.
     ds_scratch_bytes: int = 8 * 2**30
+    # Where the recompute backward would run (no stored-dS chunks): the one-pass backward instead,
+    # whose dk/dv kernel also adds dq = dS @ K into an fp32 buffer with atomics (5 matmuls per tile
+    # instead of 7, no dq kernel; B * Nq * H * D * 4 bytes; dq's fp32 sums in no fixed order).
+    dq_atomic: bool = False
     # Streamed tiles (K/V in the forward and dq kernels, Q/dO in the dk/dv kernel) are loaded
     # through TMA tensor descriptors where the GPU has TMA (sm90+) and the tensors are 16-byte
     # aligned (elsewhere: pointer loads); tools/bench_sparse.py --tune times both.
