@@ -469,7 +469,7 @@ def tune_cases(args: argparse.Namespace) -> list[tuple[str, Any, Any, float]]:
     return [(args.tune_mask, layout, KernelMask(True, left, right, None), layout.density)]
 
 
-TUNE_KERNELS = ("fwd", "dq", "dkv", "dka", "dqs")
+TUNE_KERNELS = ("fwd", "dq", "dkv", "dqs")
 
 
 def tune(args: argparse.Namespace) -> list[dict]:
@@ -497,8 +497,6 @@ def tune(args: argparse.Namespace) -> list[dict]:
         (64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 2), (32, 64, 4, 3),
         (64, 128, 4, 3), (32, 128, 4, 3), (128, 64, 8, 2),
     ]  # fmt: skip
-    # dk/dv tiles of the one-pass backward (dq added with atomics: more registers, so 8 warps too)
-    dka_cands = [*dkv_cands, (64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 3)]
     # dq from stored dS (the stored-dS backward); dq_* tiles are timed on the recompute backward
     dqs_cands = [(128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2)]
     res = []
@@ -529,13 +527,10 @@ def tune(args: argparse.Namespace) -> list[dict]:
                 dict(point, kernel="fwd", cfg=(bm, bn, w, s), ms=ms, tflops=flops / ms * 1e-9, err=err, diff=diff)
             )
             _print_tune_row(res[-1])
-        for kind, cands in (("dq", dq_cands), ("dkv", dkv_cands), ("dka", dka_cands), ("dqs", dqs_cands)):
+        for kind, cands in (("dq", dq_cands), ("dkv", dkv_cands), ("dqs", dqs_cands)):
             for bm, bn, w, s in cands if kind in args.tune_kernels else []:
-                tiles = "dkv" if kind == "dka" else kind
-                cfg = replace(base, **{f"{tiles}_m": bm, f"{tiles}_n": bn, f"{tiles}_warps": w, f"{tiles}_stages": s})
-                if kind == "dka":  # the one-pass backward
-                    cfg = replace(cfg, ds_scratch_bytes=0, dq_atomic=True)
-                elif kind == "dq":
+                cfg = replace(base, **{f"{kind}_m": bm, f"{kind}_n": bn, f"{kind}_warps": w, f"{kind}_stages": s})
+                if kind == "dq":
                     cfg = replace(cfg, ds_scratch_bytes=0)  # the recompute backward's dq kernel
                 elif kind == "dqs" and kmask.banded:
                     continue  # token masks run the recompute backward: no dq from stored dS
@@ -767,8 +762,7 @@ def main() -> int:
         nargs="+",
         choices=TUNE_KERNELS,
         default=list(TUNE_KERNELS),
-        help="kernels whose tiles --tune varies: fwd, dq (recompute backward), dkv, dka (dk/dv of the one-pass "
-        "backward), dqs (dq from stored dS)",
+        help="kernels whose tiles --tune varies: fwd, dq (recompute backward), dkv, dqs (dq from stored dS)",
     )
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument(

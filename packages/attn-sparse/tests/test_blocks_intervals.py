@@ -188,8 +188,7 @@ def test_one_call_with_causal_and_queries_that_see_nothing(backend: str, dtype: 
 @pytest.mark.skipif(not triton_runs_here(), reason="needs triton and TRITON_INTERPRET=1 (CPU interpreter)")
 def test_kernels_read_query_and_key_bounds_in_every_backward_form() -> None:
     """KernelMask with key_docs != docs straight into the launchers: the stored-dS backward (its dq
-    from dS reads docs, the dk/dv kernel key_docs), the recompute one (its dq kernel reads docs) and
-    the one-pass one (dq added by the dk/dv kernel, from key_docs alone)."""
+    from dS reads docs, the dk/dv kernel key_docs) and the recompute one (its dq kernel reads docs)."""
     from attn_sparse.kernels import CSR, KernelMask, block_sparse_backward, block_sparse_forward, default_config
 
     ki, block_mask, tensors = one_call_case()
@@ -204,7 +203,6 @@ def test_kernels_read_query_and_key_bounds_in_every_backward_form() -> None:
     for form, c in (
         ("stored dS", replace(cfg, ds_scratch_bytes=2**20)),
         ("recompute", replace(cfg, ds_scratch_bytes=0)),
-        ("one pass", replace(cfg, ds_scratch_bytes=0, dq_atomic=True)),
     ):
         out, lse = block_sparse_forward(q, k, v, csr, kmask, 0.25, c)
         grads = block_sparse_backward(dout, q, k, v, out, lse, csr, kmask, 0.25, c)

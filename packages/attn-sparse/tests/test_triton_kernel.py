@@ -87,17 +87,13 @@ def run_case(
     )  # fmt: skip
     kmask = KernelMask(tokens.banded, *tokens.kernel_sides(Nq, Nk), tokens.document_bounds(Nq))
 
-    # every backward: stored dS in one chunk, stored dS one unit per chunk, recompute, one pass
+    # every backward: stored dS in one chunk, stored dS one unit per chunk, and recompute
     cfg = config if config is not None else default_config(block_size)
     units = B if mask.shape[0] > 1 else B * Hkv
     unit_bytes = (
         int(mask.sum()) * block_size[0] * block_size[1] * q.element_size() * (1 if mask.shape[0] > 1 else H // Hkv)
     )
-    variants = {
-        "stored dS": cfg,
-        "recompute": replace(cfg, ds_scratch_bytes=0),
-        "one pass": replace(cfg, ds_scratch_bytes=0, dq_atomic=True),
-    }
+    variants = {"stored dS": cfg, "recompute": replace(cfg, ds_scratch_bytes=0)}
     if units > 1:
         variants["stored dS, chunked"] = replace(cfg, ds_scratch_bytes=unit_bytes)
     slot_bytes = block_size[0] * block_size[1] * q.element_size()
@@ -109,7 +105,7 @@ def run_case(
     with mock.patch.object(planning, "DKV_PROGRAMS_PER_SM", 1e-9):
         for name, c in variants.items():
             chunks = stored_ds_chunks(csr, B, Hkv, H // Hkv, q.element_size(), c)
-            if name in ("recompute", "one pass") or unit_bytes == 0:
+            if name == "recompute" or unit_bytes == 0:
                 assert chunks == [], name
             elif "ranges" in name:
                 assert len(chunks) >= 2 * units and all(ch.u1 - ch.u0 == 1 for ch in chunks), (name, chunks)
@@ -568,7 +564,9 @@ def test_masked_calls_default_to_the_recompute_backward() -> None:
     banded128 = default_config((128, 128), head_dim=128, banded=True)
     assert banded128.ds_scratch_bytes == 0
     assert (banded128.dkv_m, banded128.dkv_n, banded128.dkv_warps, banded128.dkv_stages) == (64, 64, 4, 2)
-    assert banded128.fwd_warps == 8 and default_config((128, 128), head_dim=64, banded=True).fwd_warps == 4
+    banded64 = default_config((128, 128), head_dim=64, banded=True)
+    assert banded128.fwd_warps == 8 and banded64.fwd_warps == 4
+    assert (banded64.dkv_m, banded64.dkv_n, banded64.dkv_warps, banded64.dkv_stages) == (32, 128, 4, 3)
     assert default_config((128, 128), head_dim=64).fwd_warps == 8  # unmasked layouts: not retuned
     assert default_config((128, 128), head_dim=128).ds_scratch_bytes > 0
     assert default_config((64, 64), head_dim=128, banded=True).dkv_n == 64  # clipped to the block

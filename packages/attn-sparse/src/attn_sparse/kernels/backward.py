@@ -1,14 +1,12 @@
-"""The backward Triton kernels: dq (recompute), dk/dv (optionally storing dS or adding dq), delta, dq from stored dS.
+"""The backward Triton kernels: dq (recompute), dk/dv (optionally storing dS), delta, dq from stored dS.
 
 Recompute form: :func:`dq_kernel` (row-parallel; recomputes P and dP and writes delta) then
 :func:`dkv_kernel` (column-parallel: BLOCK_N keys of one kv head over the active query blocks of
 that key block for every query head of its GQA group, so dk/dv are written once, no atomics):
 7 matmuls per tile. Stored-dS form: :func:`delta_kernel`, then per chunk :func:`dkv_kernel` with
 STORE_DS (it writes dS, q.dtype, into a scratch slot per tile) and :func:`dq_ds_kernel`
-(dq = dS @ K): 5 matmuls per tile. One-pass form: :func:`delta_kernel`, then :func:`dkv_kernel`
-with ATOMIC_DQ, which also adds dS @ K into an fp32 dq with atomics: 5 matmuls, no scratch, dq
-summed in no fixed order. All forms cast dS to q.dtype before its matmuls, so they give the same
-dq, dk and dv (up to the order of dq's fp32 sums). The launchers are in :mod:`.launch`.
+(dq = dS @ K): 5 matmuls per tile. Both forms cast dS to q.dtype before its matmuls, so they
+give the same dq, dk and dv. The launchers are in :mod:`.launch`.
 """
 
 from __future__ import annotations
@@ -199,9 +197,6 @@ def _dkv_inner(
     qk_scale,
     DS_tile,
     ds_row0,
-    DQ_head,
-    stride_aqn,
-    sm_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     LAYOUT_BQ: tl.constexpr,
@@ -210,13 +205,11 @@ def _dkv_inner(
     TMA: tl.constexpr,
     STORE_DS: tl.constexpr,
     DS_TMA: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
 ):
     """dk/dv over query tiles it_lo..it_hi of one head; with STORE_DS, dS of every tile is also
     written to the scratch: DS_tile is this program's key rows of slot 0 (pointers), or with DS_TMA
     a descriptor over the scratch as (slots * LAYOUT_BK, LAYOUT_BQ) with those rows from ds_row0.
-    With ATOMIC_DQ, dq = sm_scale * dS @ K of every tile is added into the fp32 DQ_head (this
-    head's rows, stride_aqn apart) with atomics. MASKED: key j keeps queries lo[j] <= i <= hi[j]."""
+    MASKED: key j keeps queries lo[j] <= i <= hi[j]."""
     SUB: tl.constexpr = LAYOUT_BQ // BLOCK_M
     offs_mb = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -259,11 +252,6 @@ def _dkv_inner(
                 ds_ptrs = DS_tile + tl.cast(it // SUB, tl.int64) * (LAYOUT_BQ * LAYOUT_BK) + (it % SUB) * BLOCK_M
                 tl.store(ds_ptrs + offs_mb[None, :], ds_t)
         dk += tl.dot(ds_t, tl.trans(q_t))
-        if ATOMIC_DQ:
-            # relaxed: the adds only need to be atomic, not ordered (the buffer is read after the kernel)
-            dq_t = tl.dot(tl.trans(ds_t), k) * sm_scale
-            dq_ptrs = DQ_head + offs_m.to(tl.int64)[:, None] * stride_aqn + offs_d[None, :]
-            tl.atomic_add(dq_ptrs, dq_t, mask=m_ok[:, None], sem="relaxed")
     return dk, dv
 
 
@@ -286,7 +274,6 @@ def dkv_kernel(
     ROW,
     ORDER,
     DS,
-    DQ,
     DOCS,
     stride_qb,
     stride_qn,
@@ -300,9 +287,6 @@ def dkv_kernel(
     stride_db,
     stride_dn,
     stride_dh,
-    stride_aqb,
-    stride_aqn,
-    stride_aqh,
     stride_gkb,
     stride_gkn,
     stride_gkh,
@@ -334,7 +318,6 @@ def dkv_kernel(
     TMA: tl.constexpr,
     STORE_DS: tl.constexpr,
     DS_TMA: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
 ):
     """dk, dv of BLOCK_N keys of one (batch, kv head): UNIT0 + the launch-order entry's unit.
 
@@ -342,9 +325,7 @@ def dkv_kernel(
     SLOT_STRIDE + (the tile's transposed-CSR position) - SLOT_BASE, q_unit = the (batch, query
     head) index counted from this launch's first (SLOT_BASE: the position of the launch's first
     key block, when it covers a range of them); a slot holds (LAYOUT_BK, LAYOUT_BQ) values,
-    key-major. With ATOMIC_DQ, dq (scaled) is also added into DQ (fp32, zeroed, (B, N_Q, H, D)
-    strides stride_aq*): the one-pass backward. BANDED: the token masks as in fwd_kernel, seen
-    from the keys (:func:`.tiles.band_bounds`).
+    key-major. BANDED: the token masks as in fwd_kernel, seen from the keys (:func:`.tiles.band_bounds`).
     """
     SUB: tl.constexpr = LAYOUT_BQ // BLOCK_M
     local_bhk, n_start, _ = ordered_tile(ORDER, NUM_KB, BLOCK_N, LAYOUT_BK, 1)
@@ -382,7 +363,6 @@ def dkv_kernel(
         bh = b * H + h
         LSE_head = LSE + bh.to(tl.int64) * N_Q
         DELTA_head = DELTA + bh.to(tl.int64) * N_Q
-        DQ_head = DQ + b.to(tl.int64) * stride_aqb + h * stride_aqh
         DS_tile = DS
         ds_row0 = 0
         if STORE_DS:
@@ -395,19 +375,19 @@ def dkv_kernel(
         if BANDED:
             dk, dv = _dkv_inner(
                 dk, dv, k, v, Q_src, DO_src, b, h, LSE_head, DELTA_head, ROW, p_a * SUB, p_b * SUB, lo, hi, N_Q,
-                stride_qn, stride_dn, qk_scale, DS_tile, ds_row0, DQ_head, stride_aqn, sm_scale, HEAD_DIM, BLOCK_M,
-                LAYOUT_BQ, LAYOUT_BK, True, TMA, STORE_DS, DS_TMA, ATOMIC_DQ,
+                stride_qn, stride_dn, qk_scale, DS_tile, ds_row0, HEAD_DIM, BLOCK_M, LAYOUT_BQ, LAYOUT_BK, True, TMA,
+                STORE_DS, DS_TMA,
             )  # fmt: skip
         dk, dv = _dkv_inner(
             dk, dv, k, v, Q_src, DO_src, b, h, LSE_head, DELTA_head, ROW, p_b * SUB, p_c * SUB, lo, hi, N_Q,
-            stride_qn, stride_dn, qk_scale, DS_tile, ds_row0, DQ_head, stride_aqn, sm_scale, HEAD_DIM, BLOCK_M,
-            LAYOUT_BQ, LAYOUT_BK, False, TMA, STORE_DS, DS_TMA, ATOMIC_DQ,
+            stride_qn, stride_dn, qk_scale, DS_tile, ds_row0, HEAD_DIM, BLOCK_M, LAYOUT_BQ, LAYOUT_BK, False, TMA,
+            STORE_DS, DS_TMA,
         )  # fmt: skip
         if BANDED:
             dk, dv = _dkv_inner(
                 dk, dv, k, v, Q_src, DO_src, b, h, LSE_head, DELTA_head, ROW, p_c * SUB, p_d * SUB, lo, hi, N_Q,
-                stride_qn, stride_dn, qk_scale, DS_tile, ds_row0, DQ_head, stride_aqn, sm_scale, HEAD_DIM, BLOCK_M,
-                LAYOUT_BQ, LAYOUT_BK, True, TMA, STORE_DS, DS_TMA, ATOMIC_DQ,
+                stride_qn, stride_dn, qk_scale, DS_tile, ds_row0, HEAD_DIM, BLOCK_M, LAYOUT_BQ, LAYOUT_BK, True, TMA,
+                STORE_DS, DS_TMA,
             )  # fmt: skip
     dk = dk * sm_scale
     tl.store(

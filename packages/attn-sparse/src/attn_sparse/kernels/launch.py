@@ -132,9 +132,8 @@ def block_sparse_backward(
 
     Stored dS (when :func:`stored_ds_chunks` gives chunks): delta = rowsum(out * dout), then per
     chunk of (batch, kv head) units the column-parallel dk/dv kernel, which also writes dS, and the
-    row-parallel dq = dS @ K kernel. Otherwise, with ``cfg.dq_atomic`` (one pass): delta, then the
-    dk/dv kernel adding dq into an fp32 buffer. Otherwise (recompute): the row-parallel dq kernel,
-    which recomputes P and dP and stores delta, then the dk/dv kernel.
+    row-parallel dq = dS @ K kernel. Otherwise (recompute): the row-parallel dq kernel, which
+    recomputes P and dP and stores delta, then the dk/dv kernel.
     """
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
@@ -142,19 +141,12 @@ def block_sparse_backward(
     group = H // Hkv
     q, k, v, out, dout = (_last_contig(t) for t in (q, k, v, out, dout))
     delta = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     tma_kv = cfg.tma and _has_tma(k, v)
     chunks = stored_ds_chunks(csr, B, Hkv, group, q.element_size(), cfg)
 
-    everything = DsChunk(0, B * Hkv, 0, csr.num_key_blocks, 0, 0)
-    if not chunks and cfg.dq_atomic:
-        _launch_delta(out, dout, delta)
-        dq_acc = torch.zeros(B, Nq, H, D, device=q.device, dtype=torch.float32)
-        order = csr.column_order(*csr.unit_grid(B * Hkv, Hkv), group)
-        _launch_dkv(q, k, v, dout, dk, dv, lse, delta, None, csr, everything, order, mask, scale, cfg, dq_acc)
-        return dq_acc.to(q.dtype), dk, dv
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     if not chunks:
         dq_kernel[(B * H * csr.num_query_blocks * (csr.block_size[0] // cfg.dq_m),)](
             q,
@@ -172,11 +164,11 @@ def block_sparse_backward(
             LAYOUT_BK=csr.block_size[1], BANDED=mask.banded, HAS_DOCS=mask.docs is not None, TMA=tma_kv,
             num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
         )  # fmt: skip
+        everything = DsChunk(0, B * Hkv, 0, csr.num_key_blocks, 0, 0)
         order = csr.column_order(*csr.unit_grid(B * Hkv, Hkv), group)
         _launch_dkv(q, k, v, dout, dk, dv, lse, delta, None, csr, everything, order, mask, scale, cfg)
         return dq, dk, dv
 
-    _launch_delta(out, dout, delta)
     delta_kernel[(triton.cdiv(Nq, DELTA_ROWS), B * H)](
         out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
         dout.stride(2), Nq, H, HEAD_DIM=D, BLOCK_M=DELTA_ROWS,
@@ -220,15 +212,6 @@ def block_sparse_backward(
 DELTA_ROWS = 64
 
 
-def _launch_delta(out: torch.Tensor, dout: torch.Tensor, delta: torch.Tensor) -> None:
-    """delta (B, H, Nq) fp32 = rowsum(out * dout), for the backwards whose dk/dv kernel runs first."""
-    _, Nq, H, D = out.shape
-    delta_kernel[(triton.cdiv(Nq, DELTA_ROWS), out.shape[0] * H)](
-        out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
-        dout.stride(2), Nq, H, HEAD_DIM=D, BLOCK_M=DELTA_ROWS,
-    )  # fmt: skip
-
-
 def _scratch_descriptor(ds: torch.Tensor, bq: int, rows: int, cols: int) -> Any:
     """A descriptor over the scratch as (slots * Bk, Bq), moving (rows, cols) tiles."""
     ds2 = ds.view(-1, bq)
@@ -256,11 +239,9 @@ def _launch_dkv(
     mask: KernelMask,
     scale: float,
     cfg: KernelConfig,
-    dq_acc: torch.Tensor | None = None,
 ) -> None:
     """The dk/dv kernel over the chunk's (batch, kv head) units and key blocks, taken in ``order``
-    (:meth:`CSR.column_order` of them); writes dS into ``ds`` (at the chunk's slots) unless it is
-    None; adds dq into ``dq_acc`` ((B, Nq, H, D) fp32, zeroed: the one-pass backward) unless it is None."""
+    (:meth:`CSR.column_order` of them); writes dS into ``ds`` (at the chunk's slots) unless it is None."""
     _, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     group = H // Hkv
@@ -274,19 +255,15 @@ def _launch_dkv(
     if ds is not None:
         ds_tma = cfg.tma and _has_tma(ds)
         ds_src = _scratch_descriptor(ds, bq, cfg.dkv_n, cfg.dkv_m) if ds_tma else ds
-    # without the one-pass dq the pointer is never read (ATOMIC_DQ=False); delta stands in for it
-    dq_src = dq_acc if dq_acc is not None else delta
-    dq_strides = dq_acc.stride()[:3] if dq_acc is not None else (0, 0, 0)
     dkv_kernel[(units * (chunk.c1 - chunk.c0) * (bk // cfg.dkv_n),)](
         _tile_descriptor(q, cfg.dkv_m) if tma else q,
         k, v,
         _tile_descriptor(dout, cfg.dkv_m) if tma else dout,
-        dk, dv, lse, delta, csr.ccol, csr.row, order, ds_src, dq_src, _docs(mask.key_side_docs, csr.row),
+        dk, dv, lse, delta, csr.ccol, csr.row, order, ds_src, _docs(mask.key_side_docs, csr.row),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
-        *dq_strides,
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         Nq, Nk, H, Hkv, group, csr.num_key_blocks, csr.num_key_blocks if per_head_layout else 0,
@@ -294,5 +271,5 @@ def _launch_dkv(
         scale * LOG2E, scale,
         HEAD_DIM=D, BLOCK_M=cfg.dkv_m, BLOCK_N=cfg.dkv_n, LAYOUT_BQ=bq, LAYOUT_BK=bk, BANDED=mask.banded,
         HAS_DOCS=mask.key_side_docs is not None, TMA=tma, STORE_DS=ds is not None, DS_TMA=ds_tma,
-        ATOMIC_DQ=dq_acc is not None, num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages,
+        num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages,
     )  # fmt: skip

@@ -80,10 +80,6 @@ class KernelConfig:
     # ranges of key blocks (see stored_ds_chunks); where one batch of a per-head layout does not
     # fit, the backward recomputes P in a dq kernel.
     ds_scratch_bytes: int = 8 * 2**30
-    # Where the recompute backward would run (no stored-dS chunks): the one-pass backward instead,
-    # whose dk/dv kernel also adds dq = dS @ K into an fp32 buffer with atomics (5 matmuls per tile
-    # instead of 7, no dq kernel; B * Nq * H * D * 4 bytes; dq's fp32 sums in no fixed order).
-    dq_atomic: bool = False
     # Streamed tiles (K/V in the forward and dq kernels, Q/dO in the dk/dv kernel) are loaded
     # through TMA tensor descriptors where the GPU has TMA (sm90+) and the tensors are 16-byte
     # aligned (elsewhere: pointer loads); tools/bench_sparse.py --tune times both.
@@ -121,20 +117,22 @@ def default_config(block_size: tuple[int, int], *, head_dim: int | None = None, 
 
     Clipping (tile = min(preferred, block)) lets 16x16 / 32x32 layouts (CPU tests) run too.
     ``banded`` (token masks: causal, windows, documents): the recompute backward, which measured
-    faster than the stored-dS form there, with 64x64 dk/dv tiles of 4 warps and 2 stages; at
-    D <= 64 the forward's 128x128 tiles run with 4 warps. Measured on an H100 (bf16, N=32K, causal
-    window 4096; docs/benchmarks/sparse_tune_masks_h100.md): H=32/Hkv=8, D=128 backward 14.0 ms
-    against 14.9 with 64x128 dk/dv tiles of 8 warps and 3 stages (24.2 stored-dS); H=16, D=64
-    backward 4.59 ms against 4.76 with 3 stages, forward 1.31 ms against 1.72 with 8 warps. The
-    stored form stays the default for unmasked layouts, where it was measured faster
-    (docs/benchmarks/sparse_h100.md).
+    faster than the stored-dS form there, with 64x64 dk/dv tiles of 4 warps and 2 stages (at
+    D <= 64: 32x128 tiles, 3 stages); at D <= 64 the forward's 128x128 tiles run with 4 warps.
+    Measured on an H100 (bf16, N=32K, causal window 4096; docs/benchmarks/sparse_tune_masks_h100.md):
+    H=32/Hkv=8, D=128 backward 14.0 ms against 14.9 with 64x128 dk/dv tiles of 8 warps and 3
+    stages (24.2 stored-dS); H=16, D=64 backward 4.28 ms against 4.58 with 64x64 tiles and 4.76
+    with 3 stages, forward 1.31 ms against 1.72 with 8 warps. A one-pass backward adding dq with
+    fp32 atomics from the dk/dv kernel (5 matmuls per tile) measured 1.2-1.6x slower than this
+    recompute form at every tile config tried, and is not offered. The stored form stays the
+    default for unmasked layouts, where it was measured faster (docs/benchmarks/sparse_h100.md).
     """
     bq, bk = block_size
     base = _CONFIG_BK64 if bk == 64 else KernelConfig()
     if banded:
         base = replace(base, ds_scratch_bytes=0, dkv_m=64, dkv_n=64, dkv_warps=4, dkv_stages=2)
         if head_dim is not None and head_dim <= 64:
-            base = replace(base, fwd_warps=4)
+            base = replace(base, fwd_warps=4, dkv_m=32, dkv_n=128, dkv_stages=3)
     return replace(
         base,
         fwd_m=min(base.fwd_m, bq),
