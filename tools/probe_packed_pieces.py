@@ -1,0 +1,102 @@
+"""Probe: how much of a packed batch's dilated attention should run as strided pieces.
+
+The packed planner (attn_core.packed_views) runs a document's full segments as strided pieces on
+the fused kernels (no copies) when the piece is large enough (STRIDED_MIN_WORK query-key products
+times heads) and at most STRIDED_MAX_PIECES pieces per group; everything else goes through gathered
+varlen calls. This times packed forward+backward (dilated_attention(..., cu_seqlens=cu), sdpa
+backend) of bench_varlen.py's batch (256K tokens, 41 log-normal documents, mean 8K, LongNet
+segments 2048-16384, rates 1-8, D=128, bf16) for several (max pieces, min work) settings, beside
+one unpacked sequence of the same length, and reports each plan (strided pieces / gathered calls
+per group) and the host time per call. One GPU; prints a table and writes JSON to --out.
+
+    source tools/srcpath.sh && python tools/probe_packed_pieces.py --out bench-output
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_varlen
+from bench_env import cuda_median_ms, gpu_env
+from probe_gather_executor import host_ms
+
+CFG: dict[str, Any] = dict(segments=[2048, 4096, 8192, 16384], rates=[1, 2, 4, 8], D=128, dtype=torch.bfloat16)
+# (STRIDED_MAX_PIECES, log2 STRIDED_MIN_WORK)
+SETTINGS = [(16, 25), (64, 25), (256, 25), (256, 23), (4096, 21)]
+POINTS = [((16, 16), "all", False), ((16, 16), "all", True), ((32, 8), "all", False), ((16, 16), "split", False)]
+
+
+def measure(heads: tuple[int, int], mode: str, causal: bool, lengths: list[int], reps: int) -> list[dict[str, Any]]:
+    """One point: the unpacked sequence, then packed under every setting (the defaults restored after)."""
+    from attn_core import packed_views
+
+    dev = torch.device("cuda")
+    (h, hkv), d, n = heads, CFG["D"], sum(lengths)
+    cu = bench_varlen.offsets(lengths, dev)
+    bounds = list(itertools.pairwise([0, *itertools.accumulate(lengths)]))
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(1, n, h, d, device=dev, generator=g).to(CFG["dtype"]).requires_grad_()
+    k, v = (torch.randn(1, n, hkv, d, device=dev, generator=g).to(CFG["dtype"]).requires_grad_() for _ in range(2))
+    go = torch.randn(1, n, h, d, device=dev, generator=g).to(CFG["dtype"])
+    forms = bench_varlen.runners(CFG, cu, bounds, mode, causal)
+
+    def unpacked_step() -> None:
+        bench_varlen.fwd_bwd(forms["unpacked"], [q, k, v], go)
+
+    def packed_step() -> None:
+        bench_varlen.fwd_bwd(forms["packed"], [q, k, v], go)
+
+    unpacked = cuda_median_ms(unpacked_step, reps)
+    defaults = (packed_views.STRIDED_MAX_PIECES, packed_views.STRIDED_MIN_WORK)
+    rows = []
+    try:
+        for pieces, work in SETTINGS:
+            packed_views.STRIDED_MAX_PIECES, packed_views.STRIDED_MIN_WORK = pieces, 1 << work
+            ms = cuda_median_ms(packed_step, reps)
+            plan = bench_varlen.plan_summary(cu, n, h, hkv, d, CFG, mode, dev)
+            row = dict(
+                H=h, Hkv=hkv, mode=mode, causal=causal, unpacked_ms=unpacked, max_pieces=pieces, log2_min_work=work,
+                packed_ms=ms, host_ms=host_ms(packed_step, 2),
+                plan=[(p["strided_pieces"], p["gathered_calls"]) for p in plan],
+            )  # fmt: skip
+            rows.append(row)
+            plan_text = ", ".join(f"{a}/{b}" for a, b in row["plan"])
+            print(
+                f"| {h}/{hkv} | {mode} | {'yes' if causal else 'no'} | {unpacked:.1f} | {pieces} | 2^{work} | "
+                f"{ms:.1f} | {ms / unpacked:.2f} | {row['host_ms']:.1f} | {plan_text} |",
+                flush=True,
+            )
+    finally:
+        packed_views.STRIDED_MAX_PIECES, packed_views.STRIDED_MIN_WORK = defaults
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("bench-output"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("probe_packed_pieces.py needs a CUDA GPU")
+        return 1
+    lengths = bench_varlen.document_lengths(262144, 8192.0, 1.0, 256, 131072, 0)
+    print(
+        "| H/Hkv | mode | causal | unpacked ms | max pieces | min work | packed ms | packed / unpacked | host ms | plan |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = [r for heads, mode, causal in POINTS for r in measure(heads, mode, causal, lengths, args.reps)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "packed_pieces.json").write_text(json.dumps(dict(env=gpu_env(), rows=rows), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
