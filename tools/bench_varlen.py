@@ -19,6 +19,13 @@ against the float64 reference run per document (the 2x rule of attn_core.testing
 scaled-down packing with GQA and key padding.
 
     source tools/srcpath.sh && python tools/bench_varlen.py [--quick] [--out docs/benchmarks]
+    python tools/bench_varlen.py --op ring_dilated   # the same table for the ring's per-rank work
+    python tools/bench_varlen.py --op ring           # ring_attention (dense): packed vs the loop
+
+--op ring_dilated / ring: ring_dilated_attention / ring_attention on a one-rank process group
+(NCCL on the GPU; gloo for --quick on the CPU): the per-rank work of the ring with the whole
+batch on one rank. Dense ring attention has no head mode and no unpacked bar (one unpacked
+sequence computes far more pairs than the documents).
 
 --quick: a small packing (8K tokens, segments [128..1024], D=32, 1 rep) that also runs on the CPU
 (float32) as a smoke test of this script.
@@ -34,6 +41,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +84,13 @@ def offsets(lengths: list[int], device: torch.device) -> torch.Tensor:
     return cu.to(device)
 
 
-def attended_pairs(lengths: list[int], h: int, segments: list[int], rates: list[int], mode: str, causal: bool) -> int:
-    """(query, key) pairs the packed call computes: every document's segments, per group and head."""
+def attended_pairs(
+    lengths: list[int], h: int, segments: list[int], rates: list[int], mode: str, causal: bool, op: str = "dilated"
+) -> int:
+    """(query, key) pairs the packed call computes: every document's segments, per group and head
+    (``op`` "ring": every document as one dense attention)."""
+    if op == "ring":
+        return h * sum(n * (n + 1) // 2 if causal else n * n for n in lengths)
     from attn_core.config import DilatedConfig
     from attn_core.packing import document_segments
 
@@ -126,23 +139,52 @@ def fwd_bwd(fn: Any, leaves: list[torch.Tensor], go: torch.Tensor) -> Any:
     return (out, *torch.autograd.grad(out, leaves, go))
 
 
-def runners(cfg: dict[str, Any], cu: torch.Tensor, bounds: list[tuple[int, int]], mode: str, causal: bool) -> dict:
-    """The three forms timed at one point: fn(q, k, v) -> out."""
-    from attn_core.api import dilated_attention
+OPS = ("dilated", "ring_dilated", "ring")
 
+
+def op_call(cfg: dict[str, Any], mode: str, causal: bool, op: str) -> Callable[..., torch.Tensor]:
+    """attend(q, k, v, **extra) -> out: dilated_attention (sdpa backend), ring_dilated_attention or
+    ring_attention (dense; head mode unused) over the default process group (one rank here: the
+    per-rank work of the ring); ``extra``: cu_seqlens, key_padding_mask (not for ring_attention)."""
     seg, rates = cfg["segments"], cfg["rates"]
-    kw = dict(is_causal=causal, head_mode=mode, backend="sdpa")
+    if op == "dilated":
+        from attn_core.api import dilated_attention
+
+        return lambda q, k, v, **extra: dilated_attention(
+            q, k, v, seg, rates, is_causal=causal, head_mode=mode, backend="sdpa", **extra
+        )
+    if op == "ring_dilated":
+        from attn_ring import ring_dilated_attention
+
+        return lambda q, k, v, **extra: ring_dilated_attention(
+            q, k, v, seg, rates, is_causal=causal, head_mode=mode, **extra
+        )
+    if op == "ring":
+        from attn_ring import ring_attention
+
+        return lambda q, k, v, **extra: ring_attention(q, k, v, is_causal=causal, **extra)
+    raise ValueError(f"op must be one of {OPS}, got {op!r}")
+
+
+def runners(
+    cfg: dict[str, Any], cu: torch.Tensor, bounds: list[tuple[int, int]], mode: str, causal: bool, op: str = "dilated"
+) -> dict:
+    """The forms timed at one point: fn(q, k, v) -> out, of :func:`op_call`'s ``op`` (packed, unpacked
+    and loop; no unpacked for dense ring attention)."""
+    attend = op_call(cfg, mode, causal, op)
 
     def packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return dilated_attention(q, k, v, seg, rates, cu_seqlens=cu, **kw)
+        return attend(q, k, v, cu_seqlens=cu)
 
     def unpacked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return dilated_attention(q, k, v, seg, rates, **kw)
+        return attend(q, k, v)
 
     def loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        parts = [dilated_attention(q[:, s:e], k[:, s:e], v[:, s:e], seg, rates, **kw) for s, e in bounds if e > s]
+        parts = [attend(q[:, s:e], k[:, s:e], v[:, s:e]) for s, e in bounds if e > s]
         return torch.cat(parts, dim=1)
 
+    if op == "ring":  # dense over the whole sequence computes far more pairs than the documents': no bar
+        return {"packed": packed, "loop": loop}
     return {"packed": packed, "unpacked": unpacked, "loop": loop}
 
 
@@ -176,6 +218,7 @@ def bench_point(
     causal: bool,
     reps: int,
     dev: torch.device,
+    op: str = "dilated",
 ) -> dict[str, Any]:
     h, hkv = heads
     d, n = cfg["D"], sum(lengths)
@@ -187,9 +230,10 @@ def bench_point(
     k, v = (torch.randn(1, n, hkv, d, device=dev, generator=g).to(cfg["dtype"]) for _ in range(2))
     go = torch.randn(1, n, h, d, device=dev, generator=g).to(cfg["dtype"])
     leaves = [t.requires_grad_() for t in (q, k, v)]
-    row["plan"] = plan_summary(cu, n, h, hkv, d, cfg, mode, dev)
-    flops = 4.0 * d * attended_pairs(lengths, h, cfg["segments"], cfg["rates"], mode, causal)
-    forms = runners(cfg, cu, bounds, mode, causal)
+    # the ring's packed schedule is its own (attn_ring); the sdpa planner's plan is reported for dilated
+    row["plan"] = plan_summary(cu, n, h, hkv, d, cfg, mode, dev) if op == "dilated" else []
+    flops = 4.0 * d * attended_pairs(lengths, h, cfg["segments"], cfg["rates"], mode, causal, op)
+    forms = runners(cfg, cu, bounds, mode, causal, op)
     for name, fn in forms.items():
         try:
             ms = time_ms(lambda fn=fn: fwd_bwd(fn, leaves, go), reps, dev)
@@ -208,10 +252,10 @@ def bench_point(
     return row
 
 
-def correctness(cfg: dict[str, Any], dev: torch.device) -> list[dict[str, Any]]:
-    """Packed sdpa vs the float64 reference per document (2x rule), scaled-down packing."""
+def correctness(cfg: dict[str, Any], dev: torch.device, op: str = "dilated") -> list[dict[str, Any]]:
+    """The packed ``op`` (see :func:`runners`) vs the float64 reference per document (2x rule),
+    scaled-down packing (ring_attention: no padding, one case per causal flag)."""
     from attn_core import reference
-    from attn_core.api import dilated_attention
     from attn_core.testing import assert_close_to_reference, max_abs_error
 
     seg, rates = cfg["check_segments"], cfg["rates"]
@@ -220,17 +264,16 @@ def correctness(cfg: dict[str, Any], dev: torch.device) -> list[dict[str, Any]]:
     cu = offsets(lengths, dev)
     n, d, dtype = sum(lengths), cfg["check_D"], cfg["dtype"]
     rows = []
-    for h, hkv, mode, causal, pad in (
-        (8, 2, "all", True, False),
-        (8, 8, "split", False, True),
-        (8, 4, "split", True, True),
-    ):
+    cases = [(8, 2, "all", True, False), (8, 8, "split", False, True), (8, 4, "split", True, True)]
+    if op == "ring":
+        cases = [(8, 2, "-", True, False), (8, 8, "-", False, False)]
+    for h, hkv, mode, causal, pad in cases:
         g = torch.Generator(device=dev).manual_seed(len(rows) + 3)
         q, k, v, go = (torch.randn(1, n, x, d, device=dev, generator=g).to(dtype) for x in (h, hkv, hkv, h))
         mask = (torch.rand(1, n, device=dev, generator=g) < 0.2) if pad else None
         leaves = [t.requires_grad_() for t in (q, k, v)]
-        kw = dict(is_causal=causal, head_mode=mode)
-        out = dilated_attention(*leaves, seg, rates, key_padding_mask=mask, cu_seqlens=cu, backend="sdpa", **kw)
+        extra = {"cu_seqlens": cu} if mask is None else {"cu_seqlens": cu, "key_padding_mask": mask}
+        out = op_call(dict(cfg, segments=seg), mode, causal, op)(*leaves, **extra)
         mine = (out, *torch.autograd.grad(out, leaves, go))
         res: dict[str, Any] = dict(H=h, Hkv=hkv, mode=mode, causal=causal, padding=pad, ok=True)
         refs = {}
@@ -239,9 +282,13 @@ def correctness(cfg: dict[str, Any], dev: torch.device) -> list[dict[str, Any]]:
             parts = []
             for s, e in itertools.pairwise(cu.tolist()):
                 m = None if mask is None else mask[:, s:e]
-                o, _ = reference.dilated_attention(
-                    ls[0][:, s:e], ls[1][:, s:e], ls[2][:, s:e], seg, rates, key_padding_mask=m, dtype=cdt, **kw
-                )
+                doc = (ls[0][:, s:e], ls[1][:, s:e], ls[2][:, s:e])
+                if op == "ring":
+                    o, _ = reference.dense_attention(*doc, is_causal=causal, dtype=cdt)
+                else:
+                    o, _ = reference.dilated_attention(
+                        *doc, seg, rates, is_causal=causal, head_mode=mode, key_padding_mask=m, dtype=cdt
+                    )
                 parts.append(o.to(cdt))
             o = torch.cat(parts, dim=1)
             refs[cdt] = (o, *torch.autograd.grad(o, ls, go.to(cdt)))
@@ -263,22 +310,33 @@ def _f(x: Any, spec: str = ".1f") -> str:
 
 def render_markdown(res: dict[str, Any]) -> str:
     env, cfg = res["env"], res["config"]
+    op = cfg.get("op", "dilated")
+    what = {
+        "dilated": "dilated_attention (sdpa backend)",
+        "ring_dilated": "ring_dilated_attention, one rank",
+        "ring": "ring_attention (dense), one rank",
+    }[op]
     lines = [
-        f"# Packed documents (cu_seqlens), {env.get('gpu', env.get('device'))}",
+        f"# Packed documents (cu_seqlens): {what}, {env.get('gpu', env.get('device'))}",
         "",
         f"torch {env['torch']}, python {env['python']}, {env['date']}. {cfg['tokens']} tokens in {cfg['docs']} "
         f"documents (log-normal mean {cfg['mean']}, sigma {cfg['sigma']}, clipped to [{cfg['min_len']}, "
         f"{cfg['max_len']}], seed {cfg['seed']}; lengths min {cfg['shortest']}, median {cfg['median']}, max "
         f"{cfg['longest']}). Segments {cfg['segments']}, rates {cfg['rates']}, D={cfg['D']}, {cfg['dtype']}.",
         "fwd+bwd ms (median of reps). packed = one call with cu_seqlens; unpacked = the same tensors as one "
-        "sequence; loop = dilated_attention per document in a Python loop. Eff. TF/s = 3.5 * 4 * D * pairs computed.",
+        f"sequence; loop = one call per document in a Python loop ({what}). Eff. TF/s = 3.5 * 4 * D * pairs computed"
+        + (
+            " (dense: every document's full attention; one unpacked sequence is not timed, it computes far more pairs)."
+            if op == "ring"
+            else "."
+        ),
         "",
         "| H/Hkv | mode | causal | packed ms (TF/s) | unpacked ms | loop ms | packed / unpacked | loop / packed "
         "| extra GiB packed / unpacked | strided pieces / gathered calls per group |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
-        plan = ", ".join(f"{p['strided_pieces']}/{p['gathered_calls']}" for p in r["plan"])
+        plan = ", ".join(f"{p['strided_pieces']}/{p['gathered_calls']}" for p in r["plan"]) or "-"
         lines.append(
             f"| {r['H']}/{r['Hkv']} | {r['mode']} | {'yes' if r['causal'] else 'no'} "
             f"| {_f(r.get('packed_ms'), '.2f')} ({_f(r.get('packed_tflops'), '.0f')}) "
@@ -287,12 +345,13 @@ def render_markdown(res: dict[str, Any]) -> str:
             f"| {_f(r.get('packed_extra_gib'), '.2f')} / {_f(r.get('unpacked_extra_gib'), '.2f')} | {plan} |"
         )
     impls = sorted({i for r in res["rows"] for p in r["plan"] for i in p["varlen"]})
-    lines += ["", f"Varlen implementations the gathered calls ran: {', '.join(impls) or 'none'}."]
+    if op == "dilated":
+        lines += ["", f"Varlen implementations the gathered calls ran: {', '.join(impls) or 'none'}."]
     if res.get("correctness"):
         ok = sum(c["ok"] for c in res["correctness"])
         lines.append(
             f"Correctness: {ok}/{len(res['correctness'])} packed cases pass the 2x rule (outputs and dq/dk/dv vs "
-            "the float64 reference per document; GQA, causal, padding, both modes)."
+            "the float64 reference per document; GQA, causal" + (")." if op == "ring" else ", padding, both modes).")
         )
     return "\n".join(lines) + "\n"
 
@@ -356,7 +415,16 @@ def main() -> int:
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--quick", action="store_true", help="8K tokens, small segments, D=32, 1 rep; runs on the CPU")
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
-    ap.add_argument("--name", default=None, help="file name stem (default varlen_<gpu>, varlen_quick_cpu)")
+    ap.add_argument(
+        "--op",
+        choices=OPS,
+        default="dilated",
+        help="what is timed: dilated_attention (sdpa), or ring_dilated_attention / ring_attention on a one-rank "
+        "process group (the per-rank work of the ring)",
+    )
+    ap.add_argument(
+        "--name", default=None, help="file name stem (default varlen[_<op>]_<gpu>, varlen[_<op>]_quick_cpu)"
+    )
     args = ap.parse_args()
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -381,7 +449,7 @@ def main() -> int:
             cfg["dtype"] = torch.float32
     lengths = document_lengths(tokens, mean, args.sigma, low, high, args.seed)
     heads = [tuple(int(x) for x in pair.split("/")) for pair in args.heads.split(",")]
-    modes = args.modes.split(",")
+    modes = args.modes.split(",") if args.op != "ring" else ["-"]  # dense ring attention has no head mode
     causals = [{"no": False, "yes": True}[c] for c in args.causal.split(",")]
 
     if dev.type == "cuda":
@@ -399,13 +467,18 @@ def main() -> int:
         segments=cfg["segments"], rates=cfg["rates"], D=cfg["D"], dtype=str(cfg["dtype"]).replace("torch.", ""),
         reps=reps, lengths=lengths,
     )  # fmt: skip
-    result: dict[str, Any] = dict(env=env, config=config)
-    name = args.name or (f"varlen_{gpu_tag(env['gpu'])}" if dev.type == "cuda" else "varlen_quick_cpu")
+    if args.op != "dilated":
+        from bench_ring_dilated import init_group
+
+        init_group()  # a one-rank group (NCCL on the GPU, gloo on the CPU)
+    result: dict[str, Any] = dict(env=env, config=dict(config, op=args.op))
+    stem = "varlen" if args.op == "dilated" else f"varlen_{args.op}"
+    name = args.name or (f"{stem}_{gpu_tag(env['gpu'])}" if dev.type == "cuda" else f"{stem}_quick_cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"{name}.json"
 
     if not args.no_check:
-        checks = correctness(cfg, dev)
+        checks = correctness(cfg, dev, args.op)
         result["correctness"] = checks
         bad = [c for c in checks if not c["ok"]]
         print(f"correctness: {len(checks) - len(bad)}/{len(checks)} pass (packed vs float64 per document, 2x rule)")
@@ -415,7 +488,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     jobs = [(hp, mode, causal) for hp in heads for mode in modes for causal in causals]
     for hp, mode, causal in progress(jobs, "varlen sweep"):
-        rows.append(bench_point(cfg, lengths, hp, mode, causal, reps, dev))
+        rows.append(bench_point(cfg, lengths, hp, mode, causal, reps, dev, args.op))
         result["rows"] = rows  # saved after every point: a late failure keeps what was measured
         json_path.write_text(json.dumps(result, indent=1))
     md = render_markdown(result)
