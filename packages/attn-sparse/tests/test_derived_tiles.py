@@ -10,6 +10,7 @@ by sorting (:meth:`BlockLayout.transposed_csr` of a layout without an attached t
 from __future__ import annotations
 
 import random
+import struct
 
 import pytest
 import torch
@@ -156,9 +157,13 @@ def test_offsets_are_validated_once_per_unmodified_tensor(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(masks, "check_cu_seqlens", counting)
     cu = torch.tensor([0, 10, 64], dtype=torch.int32)
-    for _ in range(3):  # the layers of one step: one read
-        assert torch.equal(_mask(64, 64, cu=cu).host_cu_seqlens, cu)  # type: ignore[arg-type]
+    first = _mask(64, 64, cu=cu)
+    for _ in range(3):  # the layers of one step: one read, and the cache key's bytes made once
+        later = _mask(64, 64, cu=cu)
+        assert torch.equal(later.host_cu_seqlens, cu)  # type: ignore[arg-type]
+        assert later.offsets_key is first.offsets_key
     assert len(calls) == 1
+    assert first.offsets_key == struct.pack("=3q", 0, 10, 64)  # int64 in host byte order
     _mask(32, 32, cu=torch.tensor([0, 10, 32], dtype=torch.int32))
     assert len(calls) == 2
     cu[1] = 70  # modified in place: read and validated again, so the bad offset is caught
@@ -167,6 +172,7 @@ def test_offsets_are_validated_once_per_unmodified_tensor(monkeypatch: pytest.Mo
     cu[1] = 20
     mask = _mask(64, 64, cu=cu)
     assert mask.host_cu_seqlens.tolist() == [0, 20, 64]  # type: ignore[union-attr]
+    assert mask.cache_key() != first.cache_key()  # the key follows the new offsets
     assert len(calls) == 4
 
 

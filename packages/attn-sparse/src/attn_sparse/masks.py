@@ -80,11 +80,12 @@ class TokenMask:
     """The token masks of one call (validated). Build with :meth:`TokenMask.build`.
 
     Attributes: ``causal`` (bool), ``window`` ((left, right) with -1 = unbounded, or None),
-    ``cu_seqlens`` (int32 (num_docs + 1,) on the inputs' device, or None) and ``host_cu_seqlens``
-    (the same offsets on the CPU, read once, or None).
+    ``cu_seqlens`` (int32 (num_docs + 1,) on the inputs' device, or None), ``host_cu_seqlens``
+    (the same offsets on the CPU, read once, or None) and ``offsets_key`` (their int64 bytes, the
+    cache key of what is derived from them, or None).
     """
 
-    __slots__ = ("causal", "cu_seqlens", "host_cu_seqlens", "window")
+    __slots__ = ("causal", "cu_seqlens", "host_cu_seqlens", "offsets_key", "window")
 
     def __init__(
         self,
@@ -92,6 +93,7 @@ class TokenMask:
         window: tuple[int, int] | None,
         cu_seqlens: torch.Tensor | None,
         host_cu_seqlens: torch.Tensor | None = None,
+        offsets_key: bytes | None = None,
     ) -> None:
         self.causal = causal
         self.window = window
@@ -99,6 +101,9 @@ class TokenMask:
         if cu_seqlens is not None and host_cu_seqlens is None:
             host_cu_seqlens = cu_seqlens.cpu()
         self.host_cu_seqlens = host_cu_seqlens
+        if host_cu_seqlens is not None and offsets_key is None:
+            offsets_key = host_offsets(host_cu_seqlens)
+        self.offsets_key = offsets_key
 
     @classmethod
     def causal_only(cls, is_causal: bool) -> TokenMask:
@@ -141,15 +146,16 @@ class TokenMask:
         # offsets already on the inputs' GPU: validated on a host copy (the one device read)
         on_gpu = given if given is not None and given.device == device and device.type != "cpu" else None
 
-        def read() -> tuple[torch.Tensor, torch.Tensor]:
+        def read() -> tuple[torch.Tensor, torch.Tensor, bytes]:
             host = check_cu_seqlens(
                 on_gpu.cpu() if on_gpu is not None else cu_seqlens, batch=batch, seq_len=seq_len_q, device=device
             )
-            return host, (on_gpu if on_gpu is not None else host_to_device(host, device))
+            return host, (on_gpu if on_gpu is not None else host_to_device(host, device)), host_offsets(host)
 
+        # the key bytes are memoised with the copies: the later layers' calls make none of them
         memo = None if given is None else _OFFSETS.memo_for((given,), (batch, seq_len_q, str(device)))
-        host, docs = read() if memo is None else memo("offsets", read)
-        return cls(causal, window, docs, host)
+        host, docs, key = read() if memo is None else memo("offsets", read)
+        return cls(causal, window, docs, host, key)
 
     # ------------------------------------------------------------------ the interval form
     @property
@@ -253,8 +259,7 @@ class TokenMask:
     def cache_key(self) -> tuple[object, ...]:
         """A hashable description, equal for masks that keep the same tokens: the sides with causal
         folded in and the offsets' bytes (from their host copy: no device read)."""
-        docs = None if self.host_cu_seqlens is None else host_offsets(self.host_cu_seqlens)
-        return (self.sides(), docs)
+        return (self.sides(), self.offsets_key)
 
     def layout(
         self, seq_len_q: int, seq_len_k: int, block_size: int | tuple[int, int], device: torch.device
