@@ -3,7 +3,8 @@
 The LLM-shaped companion of tools/bench_sparse.py (which sweeps the non-causal local_window /
 bigbird patterns). One GPU, bf16, B=1; for each N, (H, Hkv, D) and mask, in one process side by side:
   - ours: attn_sparse.block_sparse_attention(q, k, v, None, is_causal=..., window_size=...,
-    cu_seqlens=...) on the "triton" backend (tiles derived from the masks);
+    cu_seqlens=...) with backend="auto" (tiles derived from the masks); the backend it picked is
+    recorded, and where that is not "triton" the Triton kernel is timed too (columns "triton");
   - FlexAttention (the anchor): flex_attention compiled, with a BlockMask from create_block_mask
     (compiled) of the EXACT mask_mod (causal & window & same document);
   - dense SDPA cuDNN, causal (on the fully causal points: the bar for "fully causal").
@@ -223,9 +224,12 @@ def correctness() -> list[dict]:
     from attn_sparse import block_sparse_attention
 
     rows = []
-    n = 1000
-    for (h, hkv, d), name in zip(CONFIGS + CONFIGS[:1], MASKS):
-        args = mask_args(name.replace("4096", "300").replace("1024", "100"), n)
+    # every mask on the triton backend (small windows), then the sdpa backend's two forms
+    cases = [(cfg, name.replace("4096", "300").replace("1024", "100"), 1000, "triton")
+             for cfg, name in zip(CONFIGS + CONFIGS[:1], MASKS)]  # fmt: skip
+    cases += [(CONFIGS[0], "causal", 1000, "sdpa"), (CONFIGS[2], "causal+win2048", 5000, "sdpa")]
+    for (h, hkv, d), name, n, backend in cases:
+        args = mask_args(name, n)
         if "cu_seqlens" in args:  # a 1-token document, one longer than a tile, an odd tail
             args["cu_seqlens"] = torch.tensor([0, 1, 130, 131, 600, n], dtype=torch.int32, device="cuda")
         g = torch.Generator(device="cuda").manual_seed(len(rows))
@@ -233,7 +237,7 @@ def correctness() -> list[dict]:
         k = torch.randn(1, n, hkv, d, device="cuda", generator=g, dtype=torch.bfloat16)
         v = torch.randn(1, n, hkv, d, device="cuda", generator=g, dtype=torch.bfloat16)
         do = torch.randn(1, n, h, d, device="cuda", generator=g, dtype=torch.bfloat16)
-        ours = _grads(partial(block_sparse_attention, layout=None, backend="triton", **args), (q, k, v), do)
+        ours = _grads(partial(block_sparse_attention, layout=None, backend=backend, **args), (q, k, v), do)
         ref = _grads(
             lambda *t, a=args: dense_attention(*t, dtype=torch.float64, **a)[0],
             (q.double(), k.double(), v.double()),
@@ -247,7 +251,7 @@ def correctness() -> list[dict]:
             except AssertionError as e:
                 ok = False
                 print(f"correctness FAILED H={h}/{hkv} D={d}: {e}")
-        rows.append(dict(mask=name, heads=h, kv_heads=hkv, head_dim=d, passed=ok))
+        rows.append(dict(mask=name, n=n, backend=backend, heads=h, kv_heads=hkv, head_dim=d, passed=ok))
     return rows
 
 
@@ -255,7 +259,7 @@ def measure_point(n: int, cfg: tuple[int, int, int], name: str, warmup: int, rep
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from attn_sparse import block_sparse_attention
+    from attn_sparse import block_sparse_attention, explain
 
     h, hkv, d = cfg
     args = mask_args(name, n)
@@ -269,12 +273,17 @@ def measure_point(n: int, cfg: tuple[int, int, int], name: str, warmup: int, rep
     pairs = attended_pairs({**args, "cu_seqlens": args["cu_seqlens"].cpu()} if "cu_seqlens" in args else args, n)
     fwd_flop = 4.0 * d * h * pairs
 
-    def ours() -> torch.Tensor:
-        return block_sparse_attention(q, k, v, None, backend="triton", **args)
+    picked = explain(q, k, v, None, **args).backend
+    row: dict[str, Any] = dict(n=n, heads=h, kv_heads=hkv, head_dim=d, mask=name, pairs=pairs, backend=picked)
+    for who, backend in (("ours", "auto"), ("triton", "triton")):
+        if who == "triton" and picked == "triton":
+            break
 
-    row: dict[str, Any] = dict(n=n, heads=h, kv_heads=hkv, head_dim=d, mask=name, pairs=pairs)
-    row["ours_fwd_ms"] = bench_ms(ours, warmup, rep)
-    row["ours_fb_ms"] = bench_ms(lambda: ours().backward(do), warmup, rep, [q, k, v])
+        def run(backend: str = backend) -> torch.Tensor:
+            return block_sparse_attention(q, k, v, None, backend=backend, **args)
+
+        row[f"{who}_fwd_ms"] = bench_ms(run, warmup, rep)
+        row[f"{who}_fb_ms"] = bench_ms(lambda run=run: run().backward(do), warmup, rep, [q, k, v])
 
     qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
     dot = do.transpose(1, 2).contiguous()
@@ -306,7 +315,7 @@ def measure_point(n: int, cfg: tuple[int, int, int], name: str, warmup: int, rep
         row["cudnn_fwd_ms"] = bench_ms(cudnn_fwd, warmup, rep)
         row["cudnn_fb_ms"] = bench_ms(lambda: cudnn_fwd().backward(dot), warmup, rep, [qt, kr, vr])
     row.update(derive_times(args, n, h, hkv, torch.device("cuda")))
-    for who in ("ours", "flex", "cudnn"):
+    for who in ("ours", "triton", "flex", "cudnn"):
         if f"{who}_fwd_ms" in row:
             row[f"{who}_fwd_tflops"] = fwd_flop / row[f"{who}_fwd_ms"] / 1e9
             row[f"{who}_fb_tflops"] = 3.5 * fwd_flop / row[f"{who}_fb_ms"] / 1e9
@@ -322,17 +331,19 @@ def measure_point(n: int, cfg: tuple[int, int, int], name: str, warmup: int, rep
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| N | H/Hkv | D | mask | ours fwd ms | flex fwd ms | x flex | ours f+b ms | flex f+b ms | x flex | "
-        "ours f+b TFLOP/s | x cuDNN fwd | x cuDNN f+b | derive % fwd |"
+        "| N | H/Hkv | D | mask | backend | ours fwd ms | flex fwd ms | x flex | ours f+b ms | flex f+b ms | x flex | "
+        "ours f+b TFLOP/s | x cuDNN fwd | x cuDNN f+b | triton fwd / f+b ms | derive % fwd |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         cf = f"{r['vs_cudnn_fwd']:.2f}" if "vs_cudnn_fwd" in r else ""
         cb = f"{r['vs_cudnn_fb']:.2f}" if "vs_cudnn_fb" in r else ""
+        tri = f"{r['triton_fwd_ms']:.2f} / {r['triton_fb_ms']:.2f}" if "triton_fwd_ms" in r else ""
         lines.append(
             f"| {r['n'] // 1024}K | {r['heads']}/{r['kv_heads']} | {r['head_dim']} | {r['mask']} | "
+            f"{r.get('backend', 'triton')} | "
             f"{r['ours_fwd_ms']:.2f} | {r['flex_fwd_ms']:.2f} | {r['vs_flex_fwd']:.2f} | {r['ours_fb_ms']:.2f} | "
-            f"{r['flex_fb_ms']:.2f} | {r['vs_flex_fb']:.2f} | {r['ours_fb_tflops']:.0f} | {cf} | {cb} | "
+            f"{r['flex_fb_ms']:.2f} | {r['vs_flex_fb']:.2f} | {r['ours_fb_tflops']:.0f} | {cf} | {cb} | {tri} | "
             f"{r['derive_pct_of_fwd']:.2f} |"
         )
     return "\n".join(lines)
@@ -379,7 +390,8 @@ def write_report(result: dict, out: Path) -> Path:
         "Summary: " + ", ".join(f"{k} {v:.2f}" for k, v in result["summary"].items()),
         "",
         "Correctness (bf16 vs float64, out and grads, 2x rule): "
-        + ", ".join(f"{c['mask']} {c['heads']}/{c['kv_heads']}/{c['head_dim']}: {'ok' if c['passed'] else 'FAIL'}"
+        + ", ".join(f"{c['mask']} {c['heads']}/{c['kv_heads']}/{c['head_dim']} {c.get('backend', 'triton')}: "
+                    f"{'ok' if c['passed'] else 'FAIL'}"
                     for c in result["correctness"]),
     ]  # fmt: skip
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
@@ -388,7 +400,7 @@ def write_report(result: dict, out: Path) -> Path:
     labels = [f"{r['n'] // 1024}K {r['heads']}/{r['kv_heads']}/{r['head_dim']}\n{r['mask']}" for r in rows]
     x = range(len(rows))
     for ax, key, title in ((axes[0], "fwd", "forward"), (axes[1], "fb", "forward + backward")):
-        ax.bar([i - 0.2 for i in x], [r[f"ours_{key}_tflops"] for r in rows], 0.4, label="ours (triton)")
+        ax.bar([i - 0.2 for i in x], [r[f"ours_{key}_tflops"] for r in rows], 0.4, label="ours (auto)")
         ax.bar([i + 0.2 for i in x], [r[f"flex_{key}_tflops"] for r in rows], 0.4, label="FlexAttention")
         ax.set_xticks(list(x), labels, rotation=90, fontsize=6)
         ax.set_ylabel("effective TFLOP/s (attended pairs)")

@@ -2,7 +2,8 @@
 
 Backends live in ``attn_sparse.backends.<name>`` (contract in that package's docstring) and are
 imported lazily; they never import each other. ``backend="auto"`` tries :data:`AUTO_ORDER`
-(triton, then flex, then the pure PyTorch reference) and takes the first that accepts the call;
+(sdpa: causal masks and long causal windows as dense causal calls; then triton, flex and the
+pure PyTorch reference) and takes the first that accepts the call;
 :func:`explain` reports the choice and why every other backend was not taken; a pinned backend
 that cannot take the call raises ValueError with its reasons (never falls back).
 """
@@ -29,7 +30,7 @@ __all__ = [
     "last_backend",
 ]
 
-REGISTRY = BackendRegistry("attn_sparse", ("triton", "flex", "reference"))
+REGISTRY = BackendRegistry("attn_sparse", ("sdpa", "triton", "flex", "reference"))
 REGISTRY.load_all()  # torch.compile cannot import: a first call inside it needs them loaded
 AUTO_ORDER: tuple[str, ...] = REGISTRY.order
 BACKENDS: tuple[str, ...] = REGISTRY.order

@@ -1,7 +1,7 @@
 """Block-sparse attention backends: one module per backend, imported lazily by ``attn_sparse.api``.
 
 Backends never import each other. ``attn_sparse.api`` lists them in :data:`attn_sparse.api.BACKENDS`
-("triton", "flex", "reference"; "auto" tries them in that order) and imports
+("sdpa", "triton", "flex", "reference"; "auto" tries them in that order) and imports
 ``attn_sparse.backends.<name>`` on first use; a module that is absent is reported as
 "not installed" and never picked.
 
