@@ -44,7 +44,9 @@ def check(device: str) -> bool:
             return [out.detach(), *(x.grad for x in leaves)]
 
         ours = grads(lambda *t, a=args: block_sparse_attention(*t, None, backend="sdpa", **a), (q, k, v))
-        ref = grads(lambda *t, a=args: dense_attention(*t, dtype=torch.float64, **a)[0], (q.double(), k.double(), v.double()))
+        ref = grads(
+            lambda *t, a=args: dense_attention(*t, dtype=torch.float64, **a)[0], (q.double(), k.double(), v.double())
+        )
         base = grads(lambda *t, a=args: dense_attention(*t, dtype=torch.bfloat16, **a)[0], (q, k, v))
         for what, a, r, b in zip(("out", "dq", "dk", "dv"), ours, ref, base):
             try:
@@ -53,6 +55,27 @@ def check(device: str) -> bool:
                 ok = False
                 print(f"correctness FAILED: {e}")
     return ok
+
+
+def measure(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, w: int, warmup: int, rep: int) -> dict:
+    """sdpa vs triton, fwd and fwd+bwd, causal with window_size=(w - 1, 0) (w = 0: fully causal)."""
+    from attn_sparse import block_sparse_attention
+
+    _, n, h, d = q.shape
+    mask = {"is_causal": True} if w == 0 else {"is_causal": True, "window_size": (w - 1, 0)}
+    flop = 4.0 * d * h * attended_pairs(mask, n)
+    row: dict = dict(n=n, heads=h, kv_heads=k.shape[2], head_dim=d, window=w or "causal")
+    for backend in ("sdpa", "triton"):
+
+        def run(b: str = backend) -> torch.Tensor:
+            return block_sparse_attention(q, k, v, None, backend=b, **mask)
+
+        row[f"{backend}_fwd_ms"] = bench_ms(run, warmup, rep)
+        row[f"{backend}_fb_ms"] = bench_ms(lambda r=run: r().backward(do), warmup, rep, [q, k, v])
+        row[f"{backend}_fb_tflops"] = 3.5 * flop / row[f"{backend}_fb_ms"] / 1e9
+    row["fwd_speedup"] = row["triton_fwd_ms"] / row["sdpa_fwd_ms"]
+    row["fb_speedup"] = row["triton_fb_ms"] / row["sdpa_fb_ms"]
+    return row
 
 
 def main() -> int:
@@ -65,7 +88,6 @@ def main() -> int:
     ap.add_argument("--rep", type=int, default=20)
     args = ap.parse_args()
 
-    from attn_sparse import block_sparse_attention
     from attn_sparse.backends import sdpa
 
     sdpa.MIN_WINDOW = 1  # the probe decides where the threshold should be
@@ -80,19 +102,7 @@ def main() -> int:
             v = torch.randn(1, n, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
             do = torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
             for w in [*args.windows, 0]:
-                mask = {"is_causal": True} if w == 0 else {"is_causal": True, "window_size": (w - 1, 0)}
-                flop = 4.0 * d * h * attended_pairs(mask, n)
-                row = dict(n=n, heads=h, kv_heads=hkv, head_dim=d, window=w or "causal")
-                for backend in ("sdpa", "triton"):
-
-                    def run(b: str = backend, m: dict = mask) -> torch.Tensor:
-                        return block_sparse_attention(q, k, v, None, backend=b, **m)
-
-                    row[f"{backend}_fwd_ms"] = bench_ms(run, args.warmup, args.rep)
-                    row[f"{backend}_fb_ms"] = bench_ms(lambda r=run: r().backward(do), args.warmup, args.rep, [q, k, v])
-                    row[f"{backend}_fb_tflops"] = 3.5 * flop / row[f"{backend}_fb_ms"] / 1e9
-                row["fwd_speedup"] = row["triton_fwd_ms"] / row["sdpa_fwd_ms"]
-                row["fb_speedup"] = row["triton_fb_ms"] / row["sdpa_fb_ms"]
+                row = measure(q, k, v, do, w, args.warmup, args.rep)
                 rows.append(row)
                 print(row, flush=True)
     env = gpu_env()

@@ -161,7 +161,7 @@ def _backward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of :func:`_forward` from its final out and lse."""
-    B, N, H, D = q.shape
+    B, N, _, D = q.shape
     size, full, rest = _layout(N, left)
     bwd = sdpa_ops.attention_backward
     if size == 0:
@@ -198,9 +198,7 @@ def _backward(
 
 def _fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, scale: float) -> tuple[torch.Tensor, ...]:
     B, N, H, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        (B, H, N), dtype=acc_dtype(q.dtype)
-    )
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=acc_dtype(q.dtype))
 
 
 CAUSAL_CHUNKS = DifferentiableOp(
