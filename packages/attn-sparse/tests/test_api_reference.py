@@ -123,8 +123,9 @@ def test_auto_explains_its_choice_on_cpu() -> None:
     layout = local_window(32, 8, block_size=16)
     choice = explain(q, k, v, layout)
     assert choice.backend in ("triton", "reference")  # triton only under TRITON_INTERPRET=1
-    assert set(choice.rejected) | {choice.backend} == {"triton", "flex", "reference"}
+    assert set(choice.rejected) | {choice.backend} == {"sdpa", "triton", "flex", "reference"}
     assert any("CUDA" in r for r in choice.rejected["flex"])
+    assert any("needs is_causal=True" in r for r in choice.rejected["sdpa"])
     text = str(choice)
     assert "not flex" in text
     with pytest.raises(ValueError, match="backend 'flex' cannot take this input"):

@@ -143,7 +143,9 @@ class BlockLayout:
 
     Attributes: ``crow_indices`` (num_heads * num_query_blocks + 1,) int32, ``col_indices``
     (nnz,) int32, ``block_size`` (Bq, Bk), ``num_heads`` (1 = shared by all query heads),
-    ``num_query_blocks``, ``num_key_blocks``.
+    ``num_query_blocks``, ``num_key_blocks``; ``derived_from``: for a layout derived from token
+    masks (``layout=None`` calls, :meth:`attn_sparse.masks.TokenMask.layout`), the masks and
+    lengths whose tiles it is exactly (:meth:`~attn_sparse.masks.TokenMask.derivation_key`), else None.
     """
 
     __slots__ = (
@@ -151,6 +153,7 @@ class BlockLayout:
         "_col",
         "_crow",
         "block_size",
+        "derived_from",
         "num_heads",
         "num_key_blocks",
         "num_query_blocks",
@@ -173,6 +176,7 @@ class BlockLayout:
         self.num_query_blocks = (crow.numel() - 1) // self.num_heads
         self._crow, self._col = crow, col
         self._cache = BoundedMemo(MAX_DERIVED_ENTRIES)
+        self.derived_from: tuple[object, ...] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -184,9 +188,11 @@ class BlockLayout:
         num_heads: int,
         num_query_blocks: int,
         num_key_blocks: int,
+        derived_from: tuple[object, ...] | None = None,
     ) -> BlockLayout:
         """Wrap CSR arrays that are valid by construction (internal builders only; no checks)."""
         self = cls.__new__(cls)
+        self.derived_from = derived_from
         self._crow, self._col = crow, col
         self.block_size = block_size
         self.num_heads = num_heads
@@ -448,6 +454,7 @@ class BlockLayout:
                 self.num_heads,
                 self.num_query_blocks,
                 self.num_key_blocks,
+                derived_from=self.derived_from,
             )
             known = {key: self._cache.peek(key) for key in ("max_row", "max_col", "transposed")}
             known = {key: value for key, value in known.items() if value is not MISSING}
@@ -747,6 +754,7 @@ class BlockLayout:
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         self._crow, self._col, self.block_size, self.num_heads, self.num_query_blocks, self.num_key_blocks = state
         self._cache = BoundedMemo(MAX_DERIVED_ENTRIES)
+        self.derived_from = None  # a loaded layout is a given one
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, BlockLayout):

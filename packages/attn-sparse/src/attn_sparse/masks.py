@@ -279,22 +279,17 @@ class TokenMask:
             # on the host even for a GPU layout: 8K blocks a side at 1M tokens, and no read back
             lo, hi = self.block_intervals(seq_len_q, seq_len_k, bs)
             crow, col, ccol, rows = band_csr(lo, hi, nkb, device=device)
-            return BlockLayout.from_valid_csr(crow, col, bs, 1, nqb, nkb).with_transposed_csr(ccol, rows)
+            derived = self.derivation_key(seq_len_q, seq_len_k)
+            layout = BlockLayout.from_valid_csr(crow, col, bs, 1, nqb, nkb, derived_from=derived)
+            return layout.with_transposed_csr(ccol, rows)
 
-        return _remember(_DERIVED, DERIVED_LAYOUTS, self._layout_key(seq_len_q, seq_len_k, bs, device), build)
+        key = (self.cache_key(), seq_len_q, seq_len_k, bs, str(device))
+        return _remember(_DERIVED, DERIVED_LAYOUTS, key, build)
 
-    def cached_layout(
-        self, seq_len_q: int, seq_len_k: int, block_size: tuple[int, int], device: torch.device
-    ) -> BlockLayout | None:
-        """The layout :meth:`layout` derived for these arguments while it is cached, else None
-        (builds nothing): tells a backend whether a call's layout is the masks' own."""
-        with _DERIVED_LOCK:
-            return _DERIVED.get(self._layout_key(seq_len_q, seq_len_k, block_size, device))
-
-    def _layout_key(
-        self, seq_len_q: int, seq_len_k: int, block_size: tuple[int, int], device: torch.device
-    ) -> tuple[object, ...]:
-        return (self.cache_key(), seq_len_q, seq_len_k, block_size, str(device))
+    def derivation_key(self, seq_len_q: int, seq_len_k: int) -> tuple[object, ...]:
+        """What a layout :meth:`layout` derived for these lengths records as its
+        ``BlockLayout.derived_from``: its tiles are exactly these masks' at these lengths."""
+        return (self.cache_key(), seq_len_q, seq_len_k)
 
     def __repr__(self) -> str:
         docs = None if self.cu_seqlens is None else f"<{self.cu_seqlens.numel() - 1} documents>"

@@ -56,7 +56,7 @@ def unsupported_reasons(
     left, _ = mask.sides()
     if 0 <= left < min(MIN_WINDOW, n_q - 1):
         reasons.append(f"window left={left} is shorter than {MIN_WINDOW} tokens (the Triton kernel is faster there)")
-    if not reasons and mask.cached_layout(n_q, n_k, layout.block_size, q.device) is not layout:
+    if layout.derived_from != mask.derivation_key(n_q, n_k):
         reasons.append("a layout was given: this backend computes only the token masks (layout=None)")
     return reasons
 

@@ -1,0 +1,154 @@
+"""The "sdpa" backend of block_sparse_attention: causal attention and causal sliding windows as
+dense causal calls on chunks (the second triangle of each chunk on reversed rows), merged by LSE.
+
+Checked against the float64 reference (attn_core.reference.dense_attention with the same masks)
+for out, dq, dk and dv under the 2x-of-plain-PyTorch rule, on the CPU kernels: every chunk
+arrangement (N a multiple of the window, a partial last chunk, a 1-row tail, the window reaching
+the start), GQA, batches, non-contiguous inputs, one token; then how "auto" picks it and why it
+declines, and torch.compile.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attn_core import reference
+from attn_core.testing import assert_close_to_reference
+from attn_sparse import BlockLayout, block_sparse_attention, explain, last_backend
+from attn_sparse.backends import sdpa
+
+D = 16
+
+
+@pytest.fixture(autouse=True)
+def _short_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the production threshold (2048 tokens) is about speed; the arithmetic is the same for short windows
+    monkeypatch.setattr(sdpa, "MIN_WINDOW", 1)
+
+
+def _inputs(batch: int, n: int, heads: int, kv_heads: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, n, heads, D, generator=g).to(dtype)
+    k = torch.randn(batch, n, kv_heads, D, generator=g).to(dtype)
+    v = torch.randn(batch, n, kv_heads, D, generator=g).to(dtype)
+    do = torch.randn(batch, n, heads, D, generator=g).to(dtype)
+    return q, k, v, do
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, masks: dict[str, Any]) -> None:
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = block_sparse_attention(*leaves, None, backend="sdpa", **masks)
+    assert last_backend() == "sdpa"
+    assert out.shape == q.shape and out.dtype == q.dtype
+    grads = torch.autograd.grad(out, leaves, do)
+
+    def ref(dt: torch.dtype) -> tuple[torch.Tensor, ...]:
+        xs = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        o, _ = reference.dense_attention(*xs, dtype=dt, **masks)
+        return (o, *torch.autograd.grad(o, xs, do.to(dt)))
+
+    want = ref(torch.float64)
+    base = ref(q.dtype) if q.dtype != torch.float64 else (None,) * 4
+    for name, got, r, b in zip(("out", "dq", "dk", "dv"), (out, *grads), want, base):
+        assert torch.isfinite(got).all(), name
+        assert_close_to_reference(name, got, r, b)
+
+
+@pytest.mark.parametrize(
+    ("batch", "n", "heads", "kv_heads", "left"),
+    [
+        (1, 37, 4, 2, None),  # fully causal: one call
+        (1, 40, 4, 4, 8),  # N a multiple of the window: no partial chunk
+        (1, 37, 4, 2, 5),  # partial last chunk (2 rows)
+        (1, 36, 4, 1, 5),  # a 1-row last chunk (its diagonal is one query and one key)
+        (2, 37, 6, 3, 5),  # batch > 1 with a partial chunk: the chunk rows are copied, not viewed
+        (1, 41, 2, 2, 39),  # the window reaches the start only for the last row: one partial chunk
+        (1, 41, 2, 2, 40),  # the window never binds: one causal call
+        (1, 9, 2, 2, 1),  # chunks of one token
+        (1, 1, 2, 1, None),  # one token
+        (1, 1, 2, 1, 4),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_float64_reference(
+    batch: int, n: int, heads: int, kv_heads: int, left: int | None, dtype: torch.dtype
+) -> None:
+    q, k, v, do = _inputs(batch, n, heads, kv_heads, dtype, seed=n + heads)
+    masks: dict[str, Any] = {"is_causal": True}
+    if left is not None:
+        masks["window_size"] = (left, 0)
+    _check(q, k, v, do, masks)
+
+
+def test_right_side_of_the_window_is_capped_by_causal_and_scale_is_honoured() -> None:
+    q, k, v, do = _inputs(1, 50, 4, 2, torch.float64, seed=3)
+    _check(q, k, v, do, {"is_causal": True, "window_size": (7, 5), "softmax_scale": 0.3})
+
+
+def test_non_contiguous_inputs() -> None:
+    q, k, v, do = _inputs(1, 45, 4, 2, torch.float32, seed=4)
+    # (B, H, N, D) storage seen as (B, N, H, D): rows are not contiguous
+    qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert not qt.is_contiguous()
+    _check(qt, kt, vt, do, {"is_causal": True, "window_size": (6, 0)})
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 70),
+    left=st.integers(1, 80),
+    group=st.sampled_from([1, 2, 4]),
+    batch=st.integers(1, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_random_lengths_and_windows(n: int, left: int, group: int, batch: int, seed: int) -> None:
+    q, k, v, do = _inputs(batch, n, 2 * group, 2, torch.float64, seed)
+    _check(q, k, v, do, {"is_causal": True, "window_size": (left, 0)})
+
+
+def test_auto_picks_sdpa_for_causal_and_long_windows_and_says_why_not_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sdpa, "MIN_WINDOW", 16)
+    q, k, v, _ = _inputs(1, 64, 4, 2, torch.float32, seed=5)
+    assert explain(q, k, v, None, is_causal=True).backend == "sdpa"
+    assert explain(q, k, v, None, is_causal=True, window_size=(16, 0)).backend == "sdpa"
+    out = block_sparse_attention(q, k, v, None, is_causal=True, window_size=(20, 0))
+    assert last_backend() == "sdpa" and torch.isfinite(out).all()
+
+    def reasons(layout: BlockLayout | None = None, **masks: Any) -> str:
+        return "; ".join(explain(q, k, v, layout, **masks).rejected["sdpa"])
+
+    assert "shorter than 16 tokens" in reasons(is_causal=True, window_size=(15, 0))
+    assert "needs is_causal=True" in reasons(window_size=(20, 20))
+    assert "cu_seqlens" in reasons(is_causal=True, cu_seqlens=torch.tensor([0, 10, 64], dtype=torch.int32))
+    pad = torch.zeros(1, 64, dtype=torch.bool)
+    assert "key_padding_mask" in reasons(is_causal=True, key_padding_mask=pad)
+    given_layout = BlockLayout.from_dense(torch.ones(1, 1, 1, dtype=torch.bool), (64, 64))
+    assert "a layout was given" in reasons(given_layout, is_causal=True)
+    # a pinned backend that cannot take the call raises with its reasons, never falls back
+    with pytest.raises(ValueError, match="a layout was given"):
+        block_sparse_attention(q, k, v, given_layout, is_causal=True, backend="sdpa")
+    k_short = k[:, :32]
+    with pytest.raises(ValueError, match="as many queries as keys"):
+        block_sparse_attention(q, k_short, v[:, :32], None, is_causal=True, backend="sdpa")
+
+
+def test_torch_compile_matches_eager() -> None:
+    q, k, v, do = _inputs(1, 40, 4, 2, torch.float32, seed=6)
+
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return block_sparse_attention(q, k, v, None, is_causal=True, window_size=(7, 0), backend="sdpa")
+
+    results = []
+    for f in (fn, torch.compile(fn, backend="aot_eager")):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = f(*leaves)
+        results.append([out, *torch.autograd.grad(out, leaves, do)])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)
