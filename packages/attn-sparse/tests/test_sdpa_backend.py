@@ -152,3 +152,19 @@ def test_torch_compile_matches_eager() -> None:
         results.append([out, *torch.autograd.grad(out, leaves, do)])
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuDNN attention)")
+@pytest.mark.parametrize("left", [None, 700, 1000])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 2, 128), (4, 4, 64)])
+def test_cudnn_matches_float64_reference(left: int | None, heads: int, kv_heads: int, head_dim: int) -> None:
+    g = torch.Generator(device="cuda").manual_seed(heads + (left or 0))
+    q, k, v = (
+        torch.randn(1, 3001, h, head_dim, device="cuda", generator=g, dtype=torch.bfloat16)
+        for h in (heads, kv_heads, kv_heads)
+    )
+    do = torch.randn(1, 3001, heads, head_dim, device="cuda", generator=g, dtype=torch.bfloat16)
+    masks: dict[str, Any] = {"is_causal": True}
+    if left is not None:
+        masks["window_size"] = (left, 0)
+    _check(q, k, v, do, masks)
