@@ -4,8 +4,8 @@ dense causal calls on chunks (the second triangle of each chunk on reversed rows
 Checked against the float64 reference (attn_core.reference.dense_attention with the same masks)
 for out, dq, dk and dv under the 2x-of-plain-PyTorch rule, on the CPU kernels: every chunk
 arrangement (N a multiple of the window, a partial last chunk, a 1-row tail, the window reaching
-the start), GQA, batches, non-contiguous inputs, one token; then how "auto" picks it and why it
-declines, and torch.compile.
+the start), GQA, batches, key padding (with rows that see no key: 0, never NaN), non-contiguous
+inputs, one token; then how "auto" picks it and why it declines, and torch.compile.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def _inputs(batch: int, n: int, heads: int, kv_heads: int, dtype: torch.dtype, s
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, masks: dict[str, Any]) -> None:
+    """masks: block_sparse_attention's mask keywords (key_padding_mask too)."""
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     out = block_sparse_attention(*leaves, None, backend="sdpa", **masks)
     assert last_backend() == "sdpa"
@@ -57,6 +58,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, 
     for name, got, r, b in zip(("out", "dq", "dk", "dv"), (out, *grads), want, base):
         assert torch.isfinite(got).all(), name
         assert_close_to_reference(name, got, r, b)
+    pad = masks.get("key_padding_mask")
+    if pad is not None:  # padded keys get exactly zero gradient
+        assert not grads[1][pad].any() and not grads[2][pad].any()
 
 
 @pytest.mark.parametrize(
@@ -88,6 +92,20 @@ def test_matches_float64_reference(
 def test_right_side_of_the_window_is_capped_by_causal_and_scale_is_honoured() -> None:
     q, k, v, do = _inputs(1, 50, 4, 2, torch.float64, seed=3)
     _check(q, k, v, do, {"is_causal": True, "window_size": (7, 5), "softmax_scale": 0.3})
+
+
+@pytest.mark.parametrize(("n", "left"), [(37, None), (37, 5), (40, 8), (36, 5)])
+def test_key_padding(n: int, left: int | None) -> None:
+    q, k, v, do = _inputs(2, n, 4, 2, torch.float32, seed=n)
+    pad = torch.rand(2, n, generator=torch.Generator().manual_seed(n)) < 0.3
+    pad[0, :9] = True  # left padding: the first rows of batch row 0 see no key (out 0, not NaN)
+    pad[1, -3:] = True  # right padding
+    k[pad] = float("nan")  # padded keys' values are never read
+    v[pad] = float("nan")
+    masks: dict[str, Any] = {"is_causal": True, "key_padding_mask": pad}
+    if left is not None:
+        masks["window_size"] = (left, 0)
+    _check(q, k, v, do, masks)
 
 
 def test_non_contiguous_inputs() -> None:
@@ -127,8 +145,6 @@ def test_auto_picks_sdpa_for_causal_and_long_windows_and_says_why_not_otherwise(
     assert "shorter than 16 tokens" in reasons(is_causal=True, window_size=(15, 0))
     assert "needs is_causal=True" in reasons(window_size=(20, 20))
     assert "cu_seqlens" in reasons(is_causal=True, cu_seqlens=torch.tensor([0, 10, 64], dtype=torch.int32))
-    pad = torch.zeros(1, 64, dtype=torch.bool)
-    assert "key_padding_mask" in reasons(is_causal=True, key_padding_mask=pad)
     given_layout = BlockLayout.from_dense(torch.ones(1, 1, 1, dtype=torch.bool), (64, 64))
     assert "a layout was given" in reasons(given_layout, is_causal=True)
     # a pinned backend that cannot take the call raises with its reasons, never falls back

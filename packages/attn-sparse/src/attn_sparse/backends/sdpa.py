@@ -2,7 +2,7 @@
 
 It takes the calls whose tiles are the token masks' own (``layout=None``) and whose mask is
 causal, optionally with a window of ``left`` tokens (``window_size=(left, right)``; causal caps
-``right`` at 0), on one sequence per batch row (no ``cu_seqlens``, Nq == Nk, no key padding):
+``right`` at 0), on one sequence per batch row (no ``cu_seqlens``, Nq == Nk; key padding allowed):
 
 * causal without a binding window: one causal call over the whole sequence;
 * a window: query i sees keys i - left .. i. Cut the sequence into chunks of C = left tokens.
@@ -13,6 +13,9 @@ causal, optionally with a window of ``left`` tokens (``window_size=(left, right)
   by their log-sum-exp: about N * left pairs computed, the window's own count, at the rate of
   dense causal attention on C-row sequences. The backward runs both calls' backward from the
   merged out and LSE (:func:`attn_core.sdpa_ops.attention_backward`), exact.
+
+Key padding (``key_padding_mask`` (B, N), True = padding) is an additive -inf bias on the keys of
+every call, sliced and reversed like the keys; padded keys' rows are zeroed first (never read).
 
 Kernels are :mod:`attn_core.sdpa_ops`' (cuDNN on CUDA: fp16/bf16, D % 8 == 0, D <= 128; the CPU
 flash kernel on CPU, any float dtype). Windows shorter than :data:`MIN_WINDOW` are left to the
@@ -27,16 +30,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from attn_core import sdpa_ops
-from attn_core.blocks import acc_dtype
+from attn_core.blocks import acc_dtype, drop_padded_keys
 from attn_core.custom_op import DifferentiableOp
 
 if TYPE_CHECKING:
     from ..layout import BlockLayout
     from ..masks import TokenMask
 
-__all__ = ["MIN_WINDOW", "NAME", "block_sparse_attention", "unsupported_reasons"]
+__all__ = ["MIN_WINDOW", "NAME", "SUPPORTS_KEY_PADDING_MASK", "block_sparse_attention", "unsupported_reasons"]
 
 NAME = "sdpa"
+SUPPORTS_KEY_PADDING_MASK = True
 # The shortest window (left, in tokens) this backend takes: the chunk length of its causal calls.
 MIN_WINDOW = 2048
 
@@ -114,25 +118,41 @@ def _layout(n: int, left: int) -> tuple[int, int, int]:
     return left, full, rest
 
 
+def _bias_chunks(bias: torch.Tensor | None, start: int, count: int, size: int) -> torch.Tensor | None:
+    """Key bias (B, N) of keys start .. start + count * size as (B * count, size)."""
+    return None if bias is None else bias[:, start : start + count * size].reshape(-1, size)
+
+
+def _reversed_bias(bias: torch.Tensor | None, count: int, size: int) -> torch.Tensor | None:
+    """Key bias of the first count * size keys, each chunk reversed: (B * count, size)."""
+    if bias is None:
+        return None
+    return bias[:, : count * size].reshape(bias.shape[0], count, size).flip(2).reshape(-1, size)
+
+
 def _forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, left: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (B, N, H, D) and lse (B, H, N) of causal attention with a window of ``left`` keys back."""
+    """out (B, N, H, D) and lse (B, H, N) of causal attention with a window of ``left`` keys back;
+    bias: (B, N) additive key bias (0 or -inf) or None."""
     B, N, H, D = q.shape
     size, full, rest = _layout(N, left)
     fwd = sdpa_ops.attention_forward
     if size == 0:
-        o, lse = fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale)
+        t = [x.transpose(1, 2) for x in (q, k, v)]
+        o, lse = fwd(*t, is_causal=True, scale=scale, key_bias=bias)
         return o.transpose(1, 2).contiguous(), lse
     out = q.new_empty(B, N, H, D)
     lse = torch.empty(B, H, N, dtype=acc_dtype(q.dtype), device=q.device)
     # each chunk against its own keys (the diagonal triangles), the partial last chunk on its own
     if full:
-        o, lc = fwd(*(_chunks(x, 0, full, size) for x in (q, k, v)), is_causal=True, scale=scale)
+        chunks = [_chunks(x, 0, full, size) for x in (q, k, v)]
+        o, lc = fwd(*chunks, is_causal=True, scale=scale, key_bias=_bias_chunks(bias, 0, full, size))
         out[:, : full * size] = o.transpose(1, 2).reshape(B, full * size, H, D)
         lse[:, :, : full * size] = _lse_of_chunks(lc, B)
     if rest:
-        o, lc = fwd(*(x[:, full * size :].transpose(1, 2) for x in (q, k, v)), is_causal=True, scale=scale)
+        tail = [x[:, full * size :].transpose(1, 2) for x in (q, k, v)]
+        o, lc = fwd(*tail, is_causal=True, scale=scale, key_bias=None if bias is None else bias[:, full * size :])
         out[:, full * size :] = o.transpose(1, 2)
         lse[:, :, full * size :] = lc
     # each chunk after the first against the previous chunk's keys, reversed into causal form
@@ -143,6 +163,7 @@ def _forward(
         _reversed_chunks(v, 0, prev, size),
         is_causal=True,
         scale=scale,
+        key_bias=_reversed_bias(bias, prev, size),
     )
     o_rows = _unreversed(o, B, N - size)
     l_rows = _lse_of_chunks(lc.flip(-1), B)[:, :, : N - size]
@@ -157,6 +178,7 @@ def _backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    bias: torch.Tensor | None,
     left: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -166,17 +188,19 @@ def _backward(
     bwd = sdpa_ops.attention_backward
     if size == 0:
         t = [x.transpose(1, 2) for x in (dout, q, k, v, out)]
-        grads = bwd(*t, lse, is_causal=True, scale=scale)
+        grads = bwd(*t, lse, is_causal=True, scale=scale, key_bias=bias)
         return tuple(g.transpose(1, 2).contiguous() for g in grads)  # type: ignore[return-value]
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     if full:
         lc = _chunk_lse(lse, 0, full, size, reverse=False)
-        gq, gk, gv = bwd(*(_chunks(x, 0, full, size) for x in (dout, q, k, v, out)), lc, is_causal=True, scale=scale)
+        chunks = [_chunks(x, 0, full, size) for x in (dout, q, k, v, out)]
+        gq, gk, gv = bwd(*chunks, lc, is_causal=True, scale=scale, key_bias=_bias_chunks(bias, 0, full, size))
         for grad, g in ((dq, gq), (dk, gk), (dv, gv)):
             grad[:, : full * size] = g.transpose(1, 2).reshape(B, full * size, grad.shape[2], D)
     if rest:
         t = [x[:, full * size :].transpose(1, 2) for x in (dout, q, k, v, out)]
-        gq, gk, gv = bwd(*t, lse[:, :, full * size :], is_causal=True, scale=scale)
+        tail_bias = None if bias is None else bias[:, full * size :]
+        gq, gk, gv = bwd(*t, lse[:, :, full * size :], is_causal=True, scale=scale, key_bias=tail_bias)
         for grad, g in ((dq, gq), (dk, gk), (dv, gv)):
             grad[:, full * size :] = g.transpose(1, 2)
     prev = full + (rest > 0) - 1
@@ -189,6 +213,7 @@ def _backward(
         _chunk_lse(lse, size, prev, size, reverse=True),
         is_causal=True,
         scale=scale,
+        key_bias=_reversed_bias(bias, prev, size),
     )
     dq[:, size:] += _unreversed(gq, B, N - size)
     dk[:, : prev * size] += _unreversed(gk, B, prev * size)
@@ -196,7 +221,9 @@ def _backward(
     return dq, dk, dv
 
 
-def _fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, scale: float) -> tuple[torch.Tensor, ...]:
+def _fake(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, left: int, scale: float
+) -> tuple[torch.Tensor, ...]:
     B, N, H, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=acc_dtype(q.dtype))
 
@@ -205,11 +232,11 @@ CAUSAL_CHUNKS = DifferentiableOp(
     "attn_sparse::causal_chunks",
     inputs=("q", "k", "v"),
     outputs=("out", "lse"),
-    args_schema="int left, float scale",
+    args_schema="Tensor? key_bias, int left, float scale",
     forward=_forward,
     backward=_backward,
-    encode=lambda left, scale: (left, scale),
-    decode=lambda left, scale: (left, scale),
+    encode=lambda bias, left, scale: (bias, left, scale),
+    decode=lambda bias, left, scale: (bias, left, scale),
     fake=_fake,
     second_order_error=(
         "double backward (second-order gradients through create_graph=True) is not supported by the "
@@ -225,7 +252,13 @@ def block_sparse_attention(
     layout: BlockLayout,
     mask: TokenMask,
     softmax_scale: float,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out (B, N, H, D) in q.dtype of causal (windowed) attention; exact gradients in q, k, v."""
+    """out (B, N, H, D) in q.dtype of causal (windowed) attention; exact gradients in q, k, v.
+    key_padding_mask: (B, N) bool, True = padding key."""
     left, _ = mask.sides()
-    return CAUSAL_CHUNKS(q, k, v, int(left), float(softmax_scale))
+    bias = None
+    if key_padding_mask is not None:
+        k, v = drop_padded_keys(k, v, key_padding_mask)
+        bias = sdpa_ops.key_bias_from_mask(key_padding_mask, q.dtype)
+    return CAUSAL_CHUNKS(q, k, v, bias, int(left), float(softmax_scale))
