@@ -208,7 +208,7 @@ def derive_only(seq_lens: list[int], configs: list[tuple[int, ...]], names: list
     return 0
 
 
-def _grads(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], do: torch.Tensor) -> list[torch.Tensor]:
+def grads_of(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], do: torch.Tensor) -> list[torch.Tensor]:
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     out = fn(*leaves)
     out.backward(do.to(out.dtype))
@@ -237,13 +237,13 @@ def correctness() -> list[dict]:
         k = torch.randn(1, n, hkv, d, device="cuda", generator=g, dtype=torch.bfloat16)
         v = torch.randn(1, n, hkv, d, device="cuda", generator=g, dtype=torch.bfloat16)
         do = torch.randn(1, n, h, d, device="cuda", generator=g, dtype=torch.bfloat16)
-        ours = _grads(partial(block_sparse_attention, layout=None, backend=backend, **args), (q, k, v), do)
-        ref = _grads(
+        ours = grads_of(partial(block_sparse_attention, layout=None, backend=backend, **args), (q, k, v), do)
+        ref = grads_of(
             lambda *t, a=args: dense_attention(*t, dtype=torch.float64, **a)[0],
             (q.double(), k.double(), v.double()),
             do,
         )
-        base = _grads(lambda *t, a=args: dense_attention(*t, dtype=torch.bfloat16, **a)[0], (q, k, v), do)
+        base = grads_of(lambda *t, a=args: dense_attention(*t, dtype=torch.bfloat16, **a)[0], (q, k, v), do)
         ok = True
         for what, a, r, b in zip(("out", "dq", "dk", "dv"), ours, ref, base):
             try:

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import gpu_env, gpu_tag
-from bench_sparse_masks import attended_pairs, bench_ms
+from bench_sparse_masks import attended_pairs, bench_ms, grads_of
 
 
 def check(device: str) -> bool:
@@ -36,18 +36,13 @@ def check(device: str) -> bool:
     do = torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16, generator=g)
     ok = True
     for args in ({"is_causal": True}, {"is_causal": True, "window_size": (700, 0)}):
-
-        def grads(fn, xs):  # type: ignore[no-untyped-def]
-            leaves = [x.detach().clone().requires_grad_() for x in xs]
-            out = fn(*leaves)
-            out.backward(do.to(out.dtype))
-            return [out.detach(), *(x.grad for x in leaves)]
-
-        ours = grads(lambda *t, a=args: block_sparse_attention(*t, None, backend="sdpa", **a), (q, k, v))
-        ref = grads(
-            lambda *t, a=args: dense_attention(*t, dtype=torch.float64, **a)[0], (q.double(), k.double(), v.double())
+        ours = grads_of(lambda *t, a=args: block_sparse_attention(*t, None, backend="sdpa", **a), (q, k, v), do)
+        ref = grads_of(
+            lambda *t, a=args: dense_attention(*t, dtype=torch.float64, **a)[0],
+            (q.double(), k.double(), v.double()),
+            do,
         )
-        base = grads(lambda *t, a=args: dense_attention(*t, dtype=torch.bfloat16, **a)[0], (q, k, v))
+        base = grads_of(lambda *t, a=args: dense_attention(*t, dtype=torch.bfloat16, **a)[0], (q, k, v), do)
         for what, a, r, b in zip(("out", "dq", "dk", "dv"), ours, ref, base):
             try:
                 assert_close_to_reference(f"sdpa {args} {what}", a, r, b)
