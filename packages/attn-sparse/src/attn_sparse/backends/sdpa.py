@@ -130,6 +130,20 @@ def _reversed_bias(bias: torch.Tensor | None, count: int, size: int) -> torch.Te
     return bias[:, : count * size].reshape(bias.shape[0], count, size).flip(2).reshape(-1, size)
 
 
+def _causal_fwd(qkv: list[torch.Tensor], bias: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One dense causal call on (batch, heads, n, D) views q, k, v: (out, lse)."""
+    q, k, v = qkv
+    return sdpa_ops.attention_forward(q, k, v, is_causal=True, scale=scale, key_bias=bias)
+
+
+def _causal_bwd(
+    saved: list[torch.Tensor], lse: torch.Tensor, bias: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Its (dq, dk, dv) from saved = (dout, q, k, v, out) views and the rows' final lse."""
+    dout, q, k, v, out = saved
+    return sdpa_ops.attention_backward(dout, q, k, v, out, lse, is_causal=True, scale=scale, key_bias=bias)
+
+
 def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, left: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,34 +151,25 @@ def _forward(
     bias: (B, N) additive key bias (0 or -inf) or None."""
     B, N, H, D = q.shape
     size, full, rest = _layout(N, left)
-    fwd = sdpa_ops.attention_forward
     if size == 0:
-        t = [x.transpose(1, 2) for x in (q, k, v)]
-        o, lse = fwd(*t, is_causal=True, scale=scale, key_bias=bias)
+        o, lse = _causal_fwd([x.transpose(1, 2) for x in (q, k, v)], bias, scale)
         return o.transpose(1, 2).contiguous(), lse
     out = q.new_empty(B, N, H, D)
     lse = torch.empty(B, H, N, dtype=acc_dtype(q.dtype), device=q.device)
     # each chunk against its own keys (the diagonal triangles), the partial last chunk on its own
     if full:
-        chunks = [_chunks(x, 0, full, size) for x in (q, k, v)]
-        o, lc = fwd(*chunks, is_causal=True, scale=scale, key_bias=_bias_chunks(bias, 0, full, size))
+        o, lc = _causal_fwd([_chunks(x, 0, full, size) for x in (q, k, v)], _bias_chunks(bias, 0, full, size), scale)
         out[:, : full * size] = o.transpose(1, 2).reshape(B, full * size, H, D)
         lse[:, :, : full * size] = _lse_of_chunks(lc, B)
     if rest:
         tail = [x[:, full * size :].transpose(1, 2) for x in (q, k, v)]
-        o, lc = fwd(*tail, is_causal=True, scale=scale, key_bias=None if bias is None else bias[:, full * size :])
+        o, lc = _causal_fwd(tail, None if bias is None else bias[:, full * size :], scale)
         out[:, full * size :] = o.transpose(1, 2)
         lse[:, :, full * size :] = lc
     # each chunk after the first against the previous chunk's keys, reversed into causal form
     prev = full + (rest > 0) - 1
-    o, lc = fwd(
-        _reversed_chunks(q, size, prev, size),
-        _reversed_chunks(k, 0, prev, size),
-        _reversed_chunks(v, 0, prev, size),
-        is_causal=True,
-        scale=scale,
-        key_bias=_reversed_bias(bias, prev, size),
-    )
+    reversed_qkv = [_reversed_chunks(q, size, prev, size), *(_reversed_chunks(x, 0, prev, size) for x in (k, v))]
+    o, lc = _causal_fwd(reversed_qkv, _reversed_bias(bias, prev, size), scale)
     o_rows = _unreversed(o, B, N - size)
     l_rows = _lse_of_chunks(lc.flip(-1), B)[:, :, : N - size]
     sdpa_ops.merge_views_(out[:, size:].transpose(1, 2), lse[:, :, size:], o_rows.transpose(1, 2), l_rows)
@@ -185,36 +190,30 @@ def _backward(
     """(dq, dk, dv) of :func:`_forward` from its final out and lse."""
     B, N, _, D = q.shape
     size, full, rest = _layout(N, left)
-    bwd = sdpa_ops.attention_backward
     if size == 0:
-        t = [x.transpose(1, 2) for x in (dout, q, k, v, out)]
-        grads = bwd(*t, lse, is_causal=True, scale=scale, key_bias=bias)
+        grads = _causal_bwd([x.transpose(1, 2) for x in (dout, q, k, v, out)], lse, bias, scale)
         return tuple(g.transpose(1, 2).contiguous() for g in grads)  # type: ignore[return-value]
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     if full:
         lc = _chunk_lse(lse, 0, full, size, reverse=False)
         chunks = [_chunks(x, 0, full, size) for x in (dout, q, k, v, out)]
-        gq, gk, gv = bwd(*chunks, lc, is_causal=True, scale=scale, key_bias=_bias_chunks(bias, 0, full, size))
+        gq, gk, gv = _causal_bwd(chunks, lc, _bias_chunks(bias, 0, full, size), scale)
         for grad, g in ((dq, gq), (dk, gk), (dv, gv)):
             grad[:, : full * size] = g.transpose(1, 2).reshape(B, full * size, grad.shape[2], D)
     if rest:
         t = [x[:, full * size :].transpose(1, 2) for x in (dout, q, k, v, out)]
         tail_bias = None if bias is None else bias[:, full * size :]
-        gq, gk, gv = bwd(*t, lse[:, :, full * size :], is_causal=True, scale=scale, key_bias=tail_bias)
+        gq, gk, gv = _causal_bwd(t, lse[:, :, full * size :], tail_bias, scale)
         for grad, g in ((dq, gq), (dk, gk), (dv, gv)):
             grad[:, full * size :] = g.transpose(1, 2)
     prev = full + (rest > 0) - 1
-    gq, gk, gv = bwd(
-        _reversed_chunks(dout, size, prev, size),
-        _reversed_chunks(q, size, prev, size),
-        _reversed_chunks(k, 0, prev, size),
-        _reversed_chunks(v, 0, prev, size),
+    saved = [
+        *(_reversed_chunks(x, size, prev, size) for x in (dout, q)),
+        *(_reversed_chunks(x, 0, prev, size) for x in (k, v)),
         _reversed_chunks(out, size, prev, size),
-        _chunk_lse(lse, size, prev, size, reverse=True),
-        is_causal=True,
-        scale=scale,
-        key_bias=_reversed_bias(bias, prev, size),
-    )
+    ]
+    lse_rev = _chunk_lse(lse, size, prev, size, reverse=True)
+    gq, gk, gv = _causal_bwd(saved, lse_rev, _reversed_bias(bias, prev, size), scale)
     dq[:, size:] += _unreversed(gq, B, N - size)
     dk[:, : prev * size] += _unreversed(gk, B, prev * size)
     dv[:, : prev * size] += _unreversed(gv, B, prev * size)
