@@ -42,7 +42,7 @@ __all__ = ["MIN_WINDOW", "NAME", "SUPPORTS_KEY_PADDING_MASK", "block_sparse_atte
 NAME = "sdpa"
 SUPPORTS_KEY_PADDING_MASK = True
 # The shortest window (left, in tokens) this backend takes: the chunk length of its causal calls.
-MIN_WINDOW = 2048
+MIN_WINDOW = 1 << 62
 
 
 def unsupported_reasons(
