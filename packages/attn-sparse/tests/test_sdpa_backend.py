@@ -138,7 +138,9 @@ def test_torch_compile_matches_eager() -> None:
         return block_sparse_attention(q, k, v, None, is_causal=True, backend="sdpa")
 
     results = []
-    for f in (fn, torch.compile(fn, backend="aot_eager")):
+    # eager first: the layout derived from the masks is then cached, and the compiled call reads it
+    # without a lock (fullgraph: a graph break raises)
+    for f in (fn, torch.compile(fn, backend="aot_eager", fullgraph=True)):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         out = f(*leaves)
         results.append([out, *torch.autograd.grad(out, leaves, do)])

@@ -21,8 +21,6 @@ derives the tiles of a call that gives no layout: one interval of key blocks per
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -33,47 +31,30 @@ from attn_core.validation import check_bool, check_cu_seqlens, check_window_size
 from .csr import band_csr
 from .flex_support import token_terms
 from .layout import BlockLayout, check_block_size, check_geometry
-from .memo import StorageMemo
+from .memo import BoundedMemo, StorageMemo
 
 __all__ = ["DERIVED_LAYOUTS", "DOCUMENT_BOUNDS", "TokenMask", "clear_derived_layouts"]
 
 # Layouts derived from token masks (layout=None calls), kept per (mask, lengths, block size, device)
-# so repeated calls reuse the layout and the launch data cached on it.
+# so repeated calls reuse the layout and the launch data cached on it. BoundedMemo: under
+# torch.compile a cached layout is read without a lock (no graph break once eager calls made it).
 DERIVED_LAYOUTS = 16
-_DERIVED: OrderedDict[tuple[object, ...], BlockLayout] = OrderedDict()
-_DERIVED_LOCK = threading.Lock()
+_DERIVED = BoundedMemo(DERIVED_LAYOUTS)
 # Per-token document bounds the kernels read, kept per (offsets, length, device): the layers of one
 # step share them. Few: each is (2, N) int32, and packed training changes the offsets every step.
 DOCUMENT_BOUNDS = 4
-_BOUNDS: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
+_BOUNDS = BoundedMemo(DOCUMENT_BOUNDS)
 # The validated offsets of a cu_seqlens tensor (host copy, copy on the inputs' device), kept while
 # the tensor is alive and unmodified: the layers of a step pass the same tensor, so only the first
 # call reads it from the GPU (or copies it there).
 _OFFSETS = StorageMemo(DERIVED_LAYOUTS, 1)
 
 
-def _remember(cache: OrderedDict[tuple[object, ...], Any], limit: int, key: tuple[object, ...], build: Any) -> Any:
-    """cache[key], built by ``build()`` outside the lock on a miss; least recently used dropped past ``limit``."""
-    with _DERIVED_LOCK:
-        hit = cache.get(key)
-        if hit is not None:
-            cache.move_to_end(key)
-            return hit
-    value = build()
-    with _DERIVED_LOCK:
-        value = cache.setdefault(key, value)
-        cache.move_to_end(key)
-        while len(cache) > limit:
-            cache.popitem(last=False)
-    return value
-
-
 def clear_derived_layouts() -> None:
     """Drop every cached layout and document bounds derived from token masks (benchmarks time the
     uncached derivation)."""
-    with _DERIVED_LOCK:
-        _DERIVED.clear()
-        _BOUNDS.clear()
+    _DERIVED.clear()
+    _BOUNDS.clear()
 
 
 class TokenMask:
@@ -190,7 +171,8 @@ class TokenMask:
             doc, _ = document_positions(c, seq_len)
             return torch.stack([c[doc], c[doc + 1]]).to(torch.int32)
 
-        return _remember(_BOUNDS, DOCUMENT_BOUNDS, (self.cache_key(), seq_len, str(cu.device)), build)
+        result: torch.Tensor = _BOUNDS.get((self.cache_key(), seq_len, str(cu.device)), build)
+        return result
 
     def key_intervals(
         self, seq_len_q: int, seq_len_k: int, device: torch.device | None = None
@@ -284,7 +266,8 @@ class TokenMask:
             return layout.with_transposed_csr(ccol, rows)
 
         key = (self.cache_key(), seq_len_q, seq_len_k, bs, str(device))
-        return _remember(_DERIVED, DERIVED_LAYOUTS, key, build)
+        layout: BlockLayout = _DERIVED.get(key, build)
+        return layout
 
     def derivation_key(self, seq_len_q: int, seq_len_k: int) -> tuple[object, ...]:
         """What a layout :meth:`layout` derived for these lengths records as its

@@ -66,6 +66,11 @@ class BoundedMemo:
             self._items.move_to_end(key)
             self._evict()
 
+    def clear(self) -> None:
+        """Drop every value."""
+        with self._lock:
+            self._items.clear()
+
     def _evict(self) -> None:
         while len(self._items) > self.max_entries:
             self._items.popitem(last=False)
