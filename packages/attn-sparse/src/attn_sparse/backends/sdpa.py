@@ -6,7 +6,7 @@ right)`` with left < 0 or left >= N - 1; causal caps right at 0), on one sequenc
 (no ``cu_seqlens``, Nq == Nk), with or without key padding. That is dense causal attention: one
 call of :mod:`attn_core.sdpa_ops` (cuDNN on CUDA: fp16/bf16, D % 8 == 0, D <= 128; the CPU flash
 kernel on the CPU, any float dtype), first in the auto order because it is faster than the Triton
-kernel there (H100, N=32K-128K: fwd+bwd 1.28-1.41x, docs/benchmarks/sparse_masks_h100.md).
+kernel there (H100, N=32K-128K: fwd+bwd 1.24-1.35x, docs/benchmarks/sparse_masks_h100.md).
 
 Windows that bind stay with the Triton kernel. Running them as dense causal calls (chunks of
 ``left`` tokens: each chunk against its own keys causally, and against the previous chunk's keys
