@@ -118,6 +118,7 @@ def block_sparse_attention(
     layout: BlockLayout,
     mask: TokenMask,
     softmax_scale: float,
+    *,
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out (B, N, H, D) in q.dtype of causal attention; exact gradients in q, k, v.
