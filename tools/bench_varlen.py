@@ -13,7 +13,7 @@ not. Per point, forward+backward (median of --reps after a warm-up; CUDA events)
             backward (the bar: packed >= 5x faster).
 
 Effective TFLOP/s = 4 * D * attended (query, key) pairs (x3.5 for fwd+bwd), pairs counted per
-document as computed. The packed plan (strided pieces / gathered varlen calls per group) and the
+document as computed. The packed plan (strided pieces / strided-kernel tables or gathered varlen calls per group) and the
 varlen implementation are recorded. First a correctness check: packed bf16 outputs and gradients
 against the float64 reference run per document (the 2x rule of attn_core.testing), on a
 scaled-down packing with GQA and key padding.
@@ -191,22 +191,31 @@ def runners(
 def plan_summary(
     cu: torch.Tensor, n: int, h: int, hkv: int, d: int, cfg: dict[str, Any], mode: str, dev: torch.device
 ) -> list:
-    """Per group: strided pieces, gathered calls and their varlen implementation."""
+    """Per group: strided pieces, and the rest as strided-kernel tables or gathered varlen calls (with
+    their varlen implementation), as the sdpa backend plans them for this dtype and device."""
     from attn_core import packed_views
     from attn_core.config import DilatedConfig
     from attn_core.varlen import explain_varlen
 
-    plan = packed_views.plan_packed(cu, (n, h, hkv, d), DilatedConfig(cfg["segments"], cfg["rates"], mode), dev)
+    kernel = packed_views.uses_strided_kernel(torch.empty(1, 1, d, device=dev, dtype=cfg["dtype"]))
+    config = DilatedConfig(cfg["segments"], cfg["rates"], mode)
+    plan = packed_views.plan_packed(cu, (n, h, hkv, d), config, dev, kernel=kernel)
     out = []
     for group in plan:
-        impls = []
+        impls = ["strided kernel"] if group.sequences else []
         for c in group.calls:
             rows = n if c.rows is None else c.rows.numel()
             # shapes only (explain reads no data): stride-0 stand-ins of the call's gathered tensors
             q = torch.empty(1, c.q_hn, d, device=dev, dtype=cfg["dtype"]).expand(rows, -1, -1)
             k = torch.empty(1, c.kv_hn, d, device=dev, dtype=cfg["dtype"]).expand(rows, -1, -1)
             impls.append(explain_varlen(q, k, k, c.cu_seqlens, c.cu_seqlens, c.max_seqlen, c.max_seqlen).backend)
-        out.append(dict(strided_pieces=len(group.pieces), gathered_calls=len(group.calls), varlen=sorted(set(impls))))
+        out.append(
+            dict(
+                strided_pieces=len(group.pieces),
+                gathered_calls=len(group.calls) + len(group.sequences),
+                varlen=sorted(set(impls)),
+            )
+        )
     return out
 
 
@@ -332,7 +341,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         ),
         "",
         "| H/Hkv | mode | causal | packed ms (TF/s) | unpacked ms | loop ms | packed / unpacked | loop / packed "
-        "| extra GiB packed / unpacked | strided pieces / gathered calls per group |",
+        "| extra GiB packed / unpacked | strided pieces / other calls per group |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
@@ -346,7 +355,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         )
     impls = sorted({i for r in res["rows"] for p in r["plan"] for i in p["varlen"]})
     if op == "dilated":
-        lines += ["", f"Varlen implementations the gathered calls ran: {', '.join(impls) or 'none'}."]
+        lines += ["", f"What ran the segments off the strided pieces: {', '.join(impls) or 'nothing'}."]
     if res.get("correctness"):
         ok = sum(c["ok"] for c in res["correctness"])
         lines.append(

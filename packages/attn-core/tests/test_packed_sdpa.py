@@ -126,7 +126,9 @@ def test_sdpa_packed_matches_float64_per_document(config, head_mode, causal, pad
     _assert_matches(out, grads, ref_out, ref_grads, base_out, base_grads)
     if padding:
         assert torch.equal(out[0, 8:16], torch.zeros_like(out[0, 8:16]))
-    plan = packed_views.plan_packed(cu, (N, H, Hkv, D), DilatedConfig(seg, rates, head_mode), q.device)
+    plan = packed_views.plan_packed(
+        cu, (N, H, Hkv, D), DilatedConfig(seg, rates, head_mode), q.device, kernel=packed_views.uses_strided_kernel(q)
+    )
     assert any(group.pieces for group in plan) == (route == "strided")
 
 
@@ -151,7 +153,7 @@ def test_strided_pieces_are_capped_largest_documents_first(monkeypatch):
     seg, rates, H, Hkv, D = CONFIGS["classic"]
     cu = _cu(LENGTHS)
     N = int(cu[-1])
-    plan = packed_views.plan_packed(cu, (N, H, Hkv, D), DilatedConfig(seg, rates), torch.device("cpu"))
+    plan = packed_views.plan_packed(cu, (N, H, Hkv, D), DilatedConfig(seg, rates), torch.device("cpu"), kernel=False)
     # group (4, 1): one head run, so the two documents with the most full segments (40 and 19 tokens)
     starts = sorted(p.start for p in plan[0].pieces)
     assert starts == [int(cu[6]), int(cu[9])]
@@ -167,7 +169,7 @@ def test_thousands_of_documents_plan_a_bounded_number_of_calls():
     cu = _cu(lengths)
     N = int(cu[-1])
     seg, rates, H, Hkv, D = [4, 8, 16], [1, 2, 4], 4, 2, 8
-    plan = packed_views.plan_packed(cu, (N, H, Hkv, D), DilatedConfig(seg, rates), torch.device("cpu"))
+    plan = packed_views.plan_packed(cu, (N, H, Hkv, D), DilatedConfig(seg, rates), torch.device("cpu"), kernel=False)
     # per group: <= 2 calls (long / short sequences) per (offset, head run), however many documents
     assert sum(len(group.calls) for group in plan) <= 2 * (1 + 2 + 4)
     q, k, v, dout = _inputs(N, H, Hkv, D, torch.float64, 37)
@@ -187,7 +189,7 @@ def test_thousands_of_documents_plan_a_bounded_number_of_calls():
 def test_rate_one_group_reads_the_packed_tensors_without_a_gather():
     cu = _cu([70, 0, 130, 66])  # every segment at least 64 rows: one call over every position
     N = int(cu[-1])
-    plan = packed_views.plan_packed(cu, (N, 2, 1, 8), DilatedConfig([128], [1]), torch.device("cpu"))
+    plan = packed_views.plan_packed(cu, (N, 2, 1, 8), DilatedConfig([128], [1]), torch.device("cpu"), kernel=False)
     (group,) = plan
     assert [c.rows for c in group.calls] == [None]
     assert group.calls[0].cu_seqlens.tolist() == [0, 70, 198, 200, 266]
@@ -199,7 +201,7 @@ def test_rate_one_group_reads_the_packed_tensors_without_a_gather():
 def test_short_and_long_segments_run_as_separate_calls():
     cu = _cu([3, 100, 2, 1, 5, 2, 4, 1, 1, 3])  # mean rows < 64: the 100-row segment gets its own call
     N = int(cu[-1])
-    plan = packed_views.plan_packed(cu, (N, 2, 2, 8), DilatedConfig([128], [1]), torch.device("cpu"))
+    plan = packed_views.plan_packed(cu, (N, 2, 2, 8), DilatedConfig([128], [1]), torch.device("cpu"), kernel=False)
     lengths = sorted(int(c.cu_seqlens.numel()) - 1 for c in plan[0].calls)
     assert lengths == [1, 9]
     q, k, v, dout = _inputs(N, 2, 2, 8, torch.float64, 43)

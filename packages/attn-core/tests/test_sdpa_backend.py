@@ -333,6 +333,45 @@ def test_fused_merge_triton_interpreter(monkeypatch, dtype):
     assert torch.equal(O[keep], untouched[keep])
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_merge_at_rows(monkeypatch, fused):
+    # rows[t]: block row t merges into accumulator row rows[t] in place; other rows untouched. The fused
+    # kernel (interpreter) and the fallback (index_select / merge_into_ / index_copy_) agree with the math
+    from attn_core.merge import merge_into_
+
+    if fused:
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.Generator().manual_seed(5)
+    O = torch.randn(17, 6, 24, generator=g)  # (N, H, D) accumulator storage
+    L = torch.randn(17, 6, generator=g)
+    L[3, 0] = float("-inf")
+    O[3, 0] = 0.0
+    rows = torch.tensor([3, 16, 0, 9, 4])
+    o_v, l_v = O[:, 1::2], L[:, 1::2]  # (N, 3, D) head-strided views, as packed_views passes them
+    c = torch.randn(5, 3, 24, generator=g)
+    lc = torch.randn(3, 5, generator=g)
+    lc[0, 0] = float("-inf")  # both empty at (row 3, head 1): stays 0 / -inf
+    lc[2, 1] = float("-inf")
+    o_ref, l_ref = O.double().clone(), L.double().clone()
+    acc_o, acc_l = o_ref[rows][:, 1::2], l_ref[rows][:, 1::2]
+    merge_into_(acc_o[None], acc_l.t()[None], c.double()[None], lc.double()[None])
+    o_ref[rows.unsqueeze(1), torch.arange(1, 6, 2)] = acc_o
+    l_ref[rows.unsqueeze(1), torch.arange(1, 6, 2)] = acc_l
+    args = (o_v.transpose(0, 1)[None], l_v.t()[None], c.transpose(0, 1)[None], lc[None], rows)
+    if fused:
+        sdpa_ops.merge_strided_(*args)
+    else:
+        monkeypatch.setattr(sdpa_ops, "triton_installed", lambda: False)
+        sdpa_ops.merge_views_(*args)
+    assert torch.equal(torch.isneginf(L), torch.isneginf(l_ref))
+    fin = torch.isfinite(l_ref)
+    assert torch.allclose(L[fin].double(), l_ref[fin], atol=1e-6)
+    assert torch.allclose(O.double(), o_ref, atol=1e-6)
+    with pytest.raises(ValueError, match="rows"):
+        sdpa_ops.merge_strided_(*args[:4], rows[:3])
+
+
 @pytest.mark.parametrize("mode", ["all", "split"])
 def test_call_size_budget_bounds_temporaries(monkeypatch, mode):
     # every call reads at most max(q elements / CALL_FRACTION, MIN_CALL_ELEMS) query elements (or one segment):

@@ -40,9 +40,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import sdpa_ops, varlen, views
+from . import sdpa_ops, strided_varlen, varlen, views
 from .config import DilatedConfig
 from .packing import document_segments, host_offsets, host_to_device, offsets_from_key, strided_rows
+from .strided_varlen import StridedSequences, strided_sequences
 from .varlen_impls.flash import MIN_MEAN_SEQLEN
 from .views import Piece
 
@@ -55,6 +56,7 @@ __all__ = [
     "backward_packed",
     "forward_packed",
     "plan_packed",
+    "uses_strided_kernel",
 ]
 
 # A document's full segments run as a strided piece when the piece has at least this many
@@ -89,21 +91,39 @@ class GatheredCall:
 
 @dataclass(frozen=True)
 class GroupPlan:
-    """One group's strided pieces and gathered calls (disjoint (position, head) sets)."""
+    """One group's strided pieces and the rest as gathered calls or kernel sequences (disjoint
+    (position, head) sets; a plan has calls or sequences, see :func:`plan_packed`)."""
 
     pieces: tuple[Piece, ...]
     calls: tuple[GatheredCall, ...]
+    sequences: tuple[StridedSequences, ...]
+    first: bool  # no earlier group touches this group's heads: its results are stored, not merged
+
+
+def uses_strided_kernel(q: torch.Tensor) -> bool:
+    """Whether segments off the strided pieces run on :mod:`attn_core.strided_varlen`'s kernels
+    (in place, no gathers) for q; else they run as gathered varlen calls."""
+    return not strided_varlen.unsupported_reasons(q)
 
 
 def plan_packed(
-    cu_seqlens: torch.Tensor, shape: tuple[int, int, int, int], config: DilatedConfig, device: torch.device
+    cu_seqlens: torch.Tensor,
+    shape: tuple[int, int, int, int],
+    config: DilatedConfig,
+    device: torch.device,
+    *,
+    kernel: bool,
 ) -> tuple[GroupPlan, ...]:
     """Every piece and call of a packed dilated attention over q (1, N, H, D) with Hkv kv heads.
 
-    cu_seqlens: valid int32 offsets (num_docs + 1,) (read to the host once); shape: (N, H, Hkv, D).
-    Groups in order of increasing rate; cached per (offsets, shape, config, device, thresholds).
+    cu_seqlens: valid int32 offsets (num_docs + 1,) (read to the host once); shape: (N, H, Hkv, D);
+    kernel: the segments off the strided pieces as :class:`StridedSequences` (one per group and
+    head-call shape, every offset stacked) instead of gathered calls (:func:`uses_strided_kernel`).
+    Groups in order of increasing rate; cached per (offsets, shape, config, device, kernel, thresholds).
     """
-    return _plan_packed(host_offsets(cu_seqlens), shape, config, device, STRIDED_MIN_WORK, STRIDED_MAX_PIECES)
+    return _plan_packed(
+        host_offsets(cu_seqlens), shape, config, device, kernel, STRIDED_MIN_WORK, STRIDED_MAX_PIECES
+    )
 
 
 def _strided_documents(
@@ -134,6 +154,7 @@ def _plan_packed(
     shape: tuple[int, int, int, int],
     config: DilatedConfig,
     device: torch.device,
+    kernel: bool,
     min_work: int,
     max_pieces: int,
 ) -> tuple[GroupPlan, ...]:
@@ -166,6 +187,9 @@ def _plan_packed(
         on_strided[strided] = True
         keep = ~(on_strided[docs] & (seg_len == w))
         seg_start, seg_len = seg_start[keep], seg_len[keep]
+        if kernel:
+            groups.append(GroupPlan(tuple(pieces), (), _kernel_sequences(runs, seg_start, seg_len, r, device), first))
+            continue
         calls: list[GatheredCall] = []
         for o, hc in runs:
             counts = torch.clamp(-(-(seg_len - o) // r), min=0)  # rows o, o + r, ... below the segment's end
@@ -182,8 +206,33 @@ def _plan_packed(
                     cu_rows = host_to_device(cu_rows, device)
                 longest = int(c.max())
                 calls.extend(GatheredCall(*hk, rows, cu_rows, longest, first) for hk in hc)
-        groups.append(GroupPlan(tuple(pieces), tuple(calls)))
+        groups.append(GroupPlan(tuple(pieces), tuple(calls), (), first))
     return tuple(groups)
+
+
+def _kernel_sequences(
+    runs: list[tuple[int, list[tuple[int, int, int, int, int, int]]]],
+    seg_start: torch.Tensor,
+    seg_len: torch.Tensor,
+    r: int,
+    device: torch.device,
+) -> tuple[StridedSequences, ...]:
+    """The segments (seg_start, seg_len) of every offset and head run as kernel sequences: one
+    table per head-call shape (q_hs, q_hn, kv_hs, kv_hn), every offset's rows stacked in it."""
+    parts: dict[tuple[int, int, int, int], list[tuple[torch.Tensor, torch.Tensor, int, int]]] = {}
+    for o, hc in runs:
+        counts = torch.clamp(-(-(seg_len - o) // r), min=0)  # rows o, o + r, ... below the segment's end
+        for q_h0, q_hs, q_hn, kv_h0, kv_hs, kv_hn in hc:
+            parts.setdefault((q_hs, q_hn, kv_hs, kv_hn), []).append((seg_start + o, counts, q_h0, kv_h0))
+    tables = []
+    for heads, items in parts.items():
+        starts = torch.cat([s for s, _, _, _ in items])
+        counts = torch.cat([c for _, c, _, _ in items])
+        q_h0 = torch.cat([torch.full_like(c, a) for _, c, a, _ in items])
+        kv_h0 = torch.cat([torch.full_like(c, b) for _, c, _, b in items])
+        if int(counts.sum()):
+            tables.append(strided_sequences(starts, counts, q_h0, kv_h0, r, heads, device))
+    return tuple(tables)
 
 
 def _head_view(x: torch.Tensor, h0: int, hs: int, hn: int) -> torch.Tensor:
@@ -215,12 +264,8 @@ def _store(
             out.index_copy_(0, rows, out_c)
             lse.index_copy_(0, rows, lse_c.t())
         return
-    acc_o, acc_l = (out, lse) if rows is None else (out.index_select(0, rows), lse.index_select(0, rows))
-    # fused on CUDA: one pass in fp32
-    sdpa_ops.merge_views_(acc_o.transpose(0, 1)[None], acc_l.t()[None], out_c.transpose(0, 1)[None], lse_c[None])
-    if rows is not None:
-        out.index_copy_(0, rows, acc_o)
-        lse.index_copy_(0, rows, acc_l)
+    # fused on CUDA: one pass in fp32 that reads and writes the accumulators at ``rows`` in place
+    sdpa_ops.merge_views_(out.transpose(0, 1)[None], lse.t()[None], out_c.transpose(0, 1)[None], lse_c[None], rows)
 
 
 def _add(grad: torch.Tensor, rows: torch.Tensor | None, part: torch.Tensor) -> None:
@@ -255,6 +300,11 @@ def forward_packed(
         views.forward_pieces(
             q, k, v, group.pieces, out, lse, key_padding_mask=key_padding_mask, is_causal=is_causal, scale=scale
         )
+        for seqs in group.sequences:
+            strided_varlen.forward_(
+                q[0], k[0], v[0], seqs, out[0], lse_rows,
+                key_padding_mask=mask, is_causal=is_causal, scale=scale, first=group.first,
+            )  # fmt: skip
         for c in group.calls:
             kv_heads = (c.kv_h0, c.kv_hs, c.kv_hn)
             out_c, lse_c = varlen.varlen_forward(
@@ -296,11 +346,19 @@ def backward_packed(
     dq, dk, dv = grads
     lse_rows = lse.transpose(1, 2)[0]
     mask = None if key_padding_mask is None else key_padding_mask[0]
+    delta: torch.Tensor | None = None  # rowsum(dout * out) of the final out: one for every group's sequences
     for group in plan:
         views.backward_pieces(
             dout, q, k, v, out, lse, group.pieces, grads,
             key_padding_mask=key_padding_mask, is_causal=is_causal, scale=scale,
         )  # fmt: skip
+        for seqs in group.sequences:
+            if delta is None:
+                delta = strided_varlen.row_delta(dout[0], out[0])
+            strided_varlen.backward_(
+                dout[0], q[0], k[0], v[0], lse_rows, delta, seqs, (dq[0], dk[0], dv[0]),
+                key_padding_mask=mask, is_causal=is_causal, scale=scale,
+            )  # fmt: skip
         for c in group.calls:
             q_heads, kv_heads = (c.q_h0, c.q_hs, c.q_hn), (c.kv_h0, c.kv_hs, c.kv_hn)
             dq_c, dk_c, dv_c = varlen.varlen_backward(

@@ -330,14 +330,29 @@ def key_bias_from_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.T
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
 
 
-def merge_views_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor, lse_blk: torch.Tensor) -> None:
+def merge_views_(
+    out_acc: torch.Tensor,
+    lse_acc: torch.Tensor,
+    out_blk: torch.Tensor,
+    lse_blk: torch.Tensor,
+    rows: torch.Tensor | None = None,
+) -> None:
     """In-place LSE merge on strided (B, h, n, D) / (B, h, n) views: the fused Triton pass on CUDA when
-    triton is installed, else :func:`attn_core.merge.merge_into_` on transposed views (same math)."""
+    triton is installed, else :func:`attn_core.merge.merge_into_` on transposed views (same math).
+
+    rows: None, or int64 (n,) distinct indices into the accumulators' n dim (which may then be longer
+    than the block's): row t of the block merges into accumulator row rows[t].
+    """
     # the fused merge is a Triton kernel; attn-core installed without [triton] merges with merge_into_
     if out_acc.is_cuda and triton_installed():
-        merge_strided_(out_acc, lse_acc, out_blk, lse_blk)
-    else:
+        merge_strided_(out_acc, lse_acc, out_blk, lse_blk, rows)
+    elif rows is None:
         merge_into_(out_acc.transpose(1, 2), lse_acc, out_blk.transpose(1, 2), lse_blk)
+    else:
+        acc_o, acc_l = out_acc.index_select(2, rows), lse_acc.index_select(2, rows)
+        merge_into_(acc_o.transpose(1, 2), acc_l, out_blk.transpose(1, 2), lse_blk)
+        out_acc.index_copy_(2, rows, acc_o)
+        lse_acc.index_copy_(2, rows, acc_l)
 
 
 # Fused LSE merge (Triton): rows per program; the head dim is one power-of-two tile (D <= 256).
@@ -358,10 +373,10 @@ def _merge_kernel() -> object:
 
         @triton.jit
         def _merge(
-            O, L, C, LC,  # accumulator out / lse (strided views), block out / lse
+            O, L, C, LC, ROWS,  # accumulator out / lse (strided views), block out / lse, acc row of each t
             n_rows, nh, n,  # rows are (batch, head, t) flattened; nh heads, n rows per (batch, head)
             s_ob, s_oh, s_on, s_lb, s_lh, s_ln, s_cb, s_ch, s_cn, s_kb, s_kh, s_kn,
-            D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+            D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROWS: tl.constexpr,
         ):  # fmt: skip
             # int64 index math: element offsets exceed 2^31 at N >= 1M (batch stride w*H*D times segments)
             rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -370,7 +385,11 @@ def _merge_kernel() -> object:
             bh = rows // n
             hh = bh % nh
             b = bh // nh
-            l_acc = tl.load(L + b * s_lb + hh * s_lh + t * s_ln, mask=rmask, other=float("-inf"))
+            if HAS_ROWS:
+                t_acc = tl.load(ROWS + t, mask=rmask, other=0).to(tl.int64)
+            else:
+                t_acc = t
+            l_acc = tl.load(L + b * s_lb + hh * s_lh + t_acc * s_ln, mask=rmask, other=float("-inf"))
             l_blk = tl.load(LC + b * s_kb + hh * s_kh + t * s_kn, mask=rmask, other=float("-inf"))
             m = tl.maximum(l_acc, l_blk)
             m_safe = tl.where(m == float("-inf"), 0.0, m)  # both empty: weights 0, lse stays -inf
@@ -384,30 +403,46 @@ def _merge_kernel() -> object:
             w_blk = (e_blk * inv)[:, None]
             d = tl.arange(0, BLOCK_D)
             m2 = rmask[:, None] & (d[None, :] < D)
-            o_ptr = O + (b * s_ob + hh * s_oh + t * s_on)[:, None] + d[None, :]
+            o_ptr = O + (b * s_ob + hh * s_oh + t_acc * s_on)[:, None] + d[None, :]
             c_ptr = C + (b * s_cb + hh * s_ch + t * s_cn)[:, None] + d[None, :]
             o = tl.load(o_ptr, mask=m2, other=0.0).to(tl.float32)
             c = tl.load(c_ptr, mask=m2, other=0.0).to(tl.float32)
             tl.store(o_ptr, (w_acc * o + w_blk * c).to(O.dtype.element_ty), mask=m2)
-            tl.store(L + b * s_lb + hh * s_lh + t * s_ln, new.to(L.dtype.element_ty), mask=rmask)
+            tl.store(L + b * s_lb + hh * s_lh + t_acc * s_ln, new.to(L.dtype.element_ty), mask=rmask)
 
         _MERGE_KERNELS[interpret] = _merge
         return _merge
 
 
-def merge_strided_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor, lse_blk: torch.Tensor) -> None:
+def merge_strided_(
+    out_acc: torch.Tensor,
+    lse_acc: torch.Tensor,
+    out_blk: torch.Tensor,
+    lse_blk: torch.Tensor,
+    rows: torch.Tensor | None = None,
+) -> None:
     """Fused in-place LSE merge on strided views: (out_acc, lse_acc) <- merge(acc, blk), fp32 arithmetic.
 
-    out_acc, out_blk: (B, h, n, D) (any strides, last dim contiguous); lse_acc, lse_blk: (B, h, n).
+    out_blk: (B, h, n, D) (any strides, last dim contiguous); lse_blk: (B, h, n); out_acc (B, h, n_acc, D)
+    and lse_acc (B, h, n_acc) with n_acc == n, or with ``rows`` (int64 (n,) distinct indices below
+    n_acc on the same device): block row t merges into accumulator row rows[t] (no gather or scatter copies).
     One pass, one rounding of out_acc; the same math as :func:`attn_core.merge.merge_into_`
     (weights exp(lse - L), empty rows stay 0 / -inf) without its full-size fp32 temporaries.
     Needs triton (CUDA, or CPU tensors under TRITON_INTERPRET=1).
     """
-    B, h, n, D = out_acc.shape
-    if out_blk.shape != out_acc.shape or lse_acc.shape != (B, h, n) or lse_blk.shape != (B, h, n):
+    B, h, n, D = out_blk.shape
+    n_acc = n if rows is None else out_acc.shape[2]
+    if (
+        out_acc.shape != (B, h, n_acc, D)
+        or lse_acc.shape != (B, h, n_acc)
+        or lse_blk.shape != (B, h, n)
+        or (rows is not None and rows.shape != (n,))
+    ):
         raise ValueError(
             f"merge_strided_: shapes out_acc {tuple(out_acc.shape)}, out_blk {tuple(out_blk.shape)}, "
-            f"lse_acc {tuple(lse_acc.shape)}, lse_blk {tuple(lse_blk.shape)} do not match"
+            f"lse_acc {tuple(lse_acc.shape)}, lse_blk {tuple(lse_blk.shape)}"
+            + ("" if rows is None else f", rows {tuple(rows.shape)}")
+            + " do not match"
         )
     if out_acc.stride(-1) != 1 or out_blk.stride(-1) != 1:
         raise ValueError("merge_strided_ needs a contiguous last dim in out_acc and out_blk")
@@ -419,7 +454,7 @@ def merge_strided_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.
     kernel = _merge_kernel()
     grid = (triton.cdiv(n_rows, MERGE_BLOCK_ROWS),)
     kernel[grid](  # type: ignore[index]
-        out_acc, lse_acc, out_blk, lse_blk, n_rows, h, n,
+        out_acc, lse_acc, out_blk, lse_blk, lse_blk if rows is None else rows, n_rows, h, n,
         *out_acc.stride()[:3], *lse_acc.stride(), *out_blk.stride()[:3], *lse_blk.stride(),
-        D=D, BLOCK_R=MERGE_BLOCK_ROWS, BLOCK_D=triton.next_power_of_2(D),
+        D=D, BLOCK_R=MERGE_BLOCK_ROWS, BLOCK_D=triton.next_power_of_2(D), HAS_ROWS=rows is not None,
     )  # fmt: skip

@@ -102,7 +102,9 @@ def _forward(
     out = torch.zeros(B, N, H, D, dtype=q.dtype, device=q.device)
     lse = views.new_lse(B, N, H, acc_dtype(q.dtype), q.device)
     if cu_seqlens is not None:
-        plan = packed_views.plan_packed(cu_seqlens, (N, H, Hkv, D), config, q.device)
+        plan = packed_views.plan_packed(
+            cu_seqlens, (N, H, Hkv, D), config, q.device, kernel=packed_views.uses_strided_kernel(q)
+        )
         packed_views.forward_packed(q, k, v, plan, out, lse, key_padding_mask=mask, is_causal=is_causal, scale=scale)
     else:
         tensors = [q, k, v] if mask is None else [q, k, v, mask]
@@ -142,7 +144,9 @@ def _backward(
     if mask is not None:  # as in _forward; the kernels give dk = dv = 0 at padded keys
         k, v = drop_padded_keys(k, v, mask)
     if cu_seqlens is not None:
-        plan = packed_views.plan_packed(cu_seqlens, (N, H, Hkv, D), config, q.device)
+        plan = packed_views.plan_packed(
+            cu_seqlens, (N, H, Hkv, D), config, q.device, kernel=packed_views.uses_strided_kernel(q)
+        )
         packed_views.backward_packed(
             dout, q, k, v, out, lse.transpose(1, 2), plan, (dq, dk, dv),
             key_padding_mask=mask, is_causal=is_causal, scale=scale,

@@ -1,0 +1,210 @@
+"""Triton kernels of attention over strided-row sequences, in place (imports triton: see
+:mod:`attn_core.strided_varlen`, the only importer, for the launchers and the contract).
+
+A sequence s is the rows START[s] + t * STRIDE (t < LEN[s]) of packed (N, H, D) tensors, with
+query heads QH0[s] + i * q_hs (i < q_hn) and kv heads KH0[s] + (i // GQA) * kv_hs. A tile table
+(TILE_SEQ, TILE_M0) lists BLOCK rows of one sequence per program. Every (row, head) a launch
+touches belongs to one sequence and one program, so the results are read-modified-written in
+place without atomics. Softmax in base 2, fp32 accumulation; LSE in natural log, -inf for a row
+that sees no key (its output is 0).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["delta_kernel", "dkdv_kernel", "dq_kernel", "fwd_kernel"]
+
+@triton.jit
+def _sequence(TILE_SEQ, TILE_M0, START, LEN, tile):
+    s = tl.load(TILE_SEQ + tile)
+    return s, tl.load(TILE_M0 + tile), tl.load(START + s).to(tl.int64), tl.load(LEN + s)
+
+
+@triton.jit
+def _keep(rows, cols, n, KPAD, kpos, IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr):
+    """(rows, cols) pairs that attend: key inside the sequence, causal within it, key not padding."""
+    keep = (cols < n)[None, :] & (rows >= 0)[:, None]
+    if IS_CAUSAL:
+        keep = keep & (cols[None, :] <= rows[:, None])
+    if HAS_PAD:
+        pad = tl.load(KPAD + kpos, mask=cols < n, other=1)
+        keep = keep & (pad == 0)[None, :]
+    return keep
+
+
+@triton.jit(do_not_specialize=["STRIDE", "q_hs", "kv_hs", "GQA"])
+def fwd_kernel(
+    Q, K, V, O, LSE, KPAD,
+    TILE_SEQ, TILE_M0, START, LEN, QH0, KH0,
+    s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_on, s_oh, s_ln, s_lh,
+    STRIDE, q_hs, kv_hs, GQA, qk_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, FIRST: tl.constexpr,
+):  # fmt: skip
+    """Out and LSE of BLOCK_M query rows of one sequence and head, stored (FIRST) or LSE-merged into O, LSE."""
+    s, m0, start, n = _sequence(TILE_SEQ, TILE_M0, START, LEN, tl.program_id(0))
+    i = tl.program_id(1)
+    qh = (tl.load(QH0 + s) + i * q_hs).to(tl.int64)
+    kh = (tl.load(KH0 + s) + (i // GQA) * kv_hs).to(tl.int64)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < n
+    qpos = start + rows.to(tl.int64) * STRIDE
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q = tl.load(Q + (qpos * s_qn + qh * s_qh)[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    end = tl.minimum(n, m0 + BLOCK_M) if IS_CAUSAL else n
+    for j0 in range(0, end, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        kpos = start + cols.to(tl.int64) * STRIDE
+        kv_ok = (cols < n)[:, None] & d_ok[None, :]
+        k = tl.load(K + (kpos * s_kn + kh * s_kh)[:, None] + d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V + (kpos * s_vn + kh * s_vh)[:, None] + d[None, :], mask=kv_ok, other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = tl.where(_keep(rows, cols, n, KPAD, kpos, IS_CAUSAL, HAS_PAD), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: keep weights 0
+        p = tl.math.exp2(qk - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc * (1.0 / tl.where(empty, 1.0, l_i))[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    o_ptr = O + (qpos * s_on + qh * s_oh)[:, None] + d[None, :]
+    l_ptr = LSE + qpos * s_ln + qh * s_lh
+    o_mask = row_ok[:, None] & d_ok[None, :]
+    if not FIRST:  # merge with what earlier groups left at these rows (weights exp(lse - total))
+        l_acc = tl.load(l_ptr, mask=row_ok, other=float("-inf"))
+        o_acc = tl.load(o_ptr, mask=o_mask, other=0.0).to(tl.float32)
+        mx = tl.maximum(l_acc, lse)
+        mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+        e_acc = tl.exp(l_acc - mx_safe)
+        e_new = tl.exp(lse - mx_safe)
+        tot = tl.maximum(e_acc + e_new, 1.0)  # >= 1 when either side is finite
+        out = (o_acc * (e_acc / tot)[:, None]) + (out * (e_new / tot)[:, None])
+        lse = tl.where(mx == float("-inf"), float("-inf"), mx_safe + tl.log(tot))
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(l_ptr, lse, mask=row_ok)
+
+
+@triton.jit
+def delta_kernel(
+    DO, O, DELTA, n_rows, H, s_dn, s_dh, s_on, s_oh,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """DELTA (N * H,) contiguous fp32 = rowsum(dout * out) over (N, H) rows of strided views."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    ok = r < n_rows
+    pos, h = r // H, r % H
+    d = tl.arange(0, BLOCK_D)
+    m2 = ok[:, None] & (d < D)[None, :]
+    do = tl.load(DO + (pos * s_dn + h * s_dh)[:, None] + d[None, :], mask=m2, other=0.0).to(tl.float32)
+    o = tl.load(O + (pos * s_on + h * s_oh)[:, None] + d[None, :], mask=m2, other=0.0).to(tl.float32)
+    tl.store(DELTA + r, tl.sum(do * o, 1), mask=ok)
+
+
+@triton.jit
+def _probs(q, k, rows, cols, n, lse2, KPAD, kpos, qk_scale, IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr):
+    """P (rows, cols) from the final LSE (base 2; +inf for rows that see no key, so P = 0 there)."""
+    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    p = tl.math.exp2(qk - lse2[:, None])
+    return tl.where(_keep(rows, cols, n, KPAD, kpos, IS_CAUSAL, HAS_PAD), p, 0.0)
+
+
+@triton.jit(do_not_specialize=["STRIDE", "q_hs", "kv_hs", "GQA", "H"])
+def dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, KPAD,
+    TILE_SEQ, TILE_M0, START, LEN, QH0, KH0,
+    s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_dn, s_dh, s_ln, s_lh, s_dkn, s_dkh, s_dvn, s_dvh,
+    STRIDE, q_hs, kv_hs, GQA, H, qk_scale, sm_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+):  # fmt: skip
+    """dK, dV of BLOCK_N key rows of one sequence and kv head (over the GQA query heads that read it),
+    added into DK, DV. LSE: natural log; DELTA (N * H,) fp32."""
+    s, n0, start, n = _sequence(TILE_SEQ, TILE_M0, START, LEN, tl.program_id(0))
+    jk = tl.program_id(1)
+    kh = (tl.load(KH0 + s) + jk * kv_hs).to(tl.int64)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < n
+    kpos = start + cols.to(tl.int64) * STRIDE
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + (kpos * s_kn + kh * s_kh)[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + (kpos * s_vn + kh * s_vh)[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    qh0 = tl.load(QH0 + s)
+    lo = (n0 // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0
+    for g in range(0, GQA):
+        qh = (qh0 + (jk * GQA + g) * q_hs).to(tl.int64)
+        for m0 in range(lo, n, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < n
+            qpos = start + rows.to(tl.int64) * STRIDE
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + (qpos * s_qn + qh * s_qh)[:, None] + d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(DO + (qpos * s_dn + qh * s_dh)[:, None] + d[None, :], mask=q_mask, other=0.0)
+            lse = tl.load(LSE + qpos * s_ln + qh * s_lh, mask=row_ok, other=float("inf"))
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(DELTA + qpos * H + qh, mask=row_ok, other=0.0)
+            p = _probs(q, k, rows, cols, n, lse2, KPAD, kpos, qk_scale, IS_CAUSAL, HAS_PAD)
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
+    dk_ptr = DK + (kpos * s_dkn + kh * s_dkh)[:, None] + d[None, :]
+    dv_ptr = DV + (kpos * s_dvn + kh * s_dvh)[:, None] + d[None, :]
+    dk = dk * sm_scale + tl.load(dk_ptr, mask=kv_mask, other=0.0).to(tl.float32)
+    dv += tl.load(dv_ptr, mask=kv_mask, other=0.0).to(tl.float32)
+    tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit(do_not_specialize=["STRIDE", "q_hs", "kv_hs", "GQA", "H"])
+def dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, KPAD,
+    TILE_SEQ, TILE_M0, START, LEN, QH0, KH0,
+    s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_dn, s_dh, s_ln, s_lh, s_dqn, s_dqh,
+    STRIDE, q_hs, kv_hs, GQA, H, qk_scale, sm_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+):  # fmt: skip
+    """dQ of BLOCK_M query rows of one sequence and head, added into DQ."""
+    s, m0, start, n = _sequence(TILE_SEQ, TILE_M0, START, LEN, tl.program_id(0))
+    i = tl.program_id(1)
+    qh = (tl.load(QH0 + s) + i * q_hs).to(tl.int64)
+    kh = (tl.load(KH0 + s) + (i // GQA) * kv_hs).to(tl.int64)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < n
+    qpos = start + rows.to(tl.int64) * STRIDE
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + (qpos * s_qn + qh * s_qh)[:, None] + d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + (qpos * s_dn + qh * s_dh)[:, None] + d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(LSE + qpos * s_ln + qh * s_lh, mask=row_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + qpos * H + qh, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    end = tl.minimum(n, m0 + BLOCK_M) if IS_CAUSAL else n
+    for j0 in range(0, end, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        kpos = start + cols.to(tl.int64) * STRIDE
+        kv_mask = (cols < n)[:, None] & d_ok[None, :]
+        k = tl.load(K + (kpos * s_kn + kh * s_kh)[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + (kpos * s_vn + kh * s_vh)[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        p = _probs(q, k, rows, cols, n, lse2, KPAD, kpos, qk_scale, IS_CAUSAL, HAS_PAD)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    dq_ptr = DQ + (qpos * s_dqn + qh * s_dqh)[:, None] + d[None, :]
+    dq = dq * sm_scale + tl.load(dq_ptr, mask=q_mask, other=0.0).to(tl.float32)
+    tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=q_mask)

@@ -1,0 +1,231 @@
+"""Attention over strided-row sequences of packed tensors, in place, no copies: the Triton path of
+packed dilated attention (:mod:`attn_core.packed_views`).
+
+A :class:`StridedSequences` lists sequences s of rows ``starts[s] + t * stride`` (t < lengths[s])
+of packed q (N, H, D) and k, v (N, Hkv, D), each with its query heads ``q_head0[s] + i * q_hs``
+(i < q_hn) and kv heads ``kv_head0[s] + (i // (q_hn // kv_hn)) * kv_hs`` (native GQA). Attention runs
+within each sequence (causal by t when asked), keys where ``key_padding_mask`` is True excluded.
+The (row, head) pairs of different sequences must be distinct (what the dilated plan gives: a
+group selects each (position, head) at most once), so every result is read-modified-written by one
+program: :func:`forward_` stores or LSE-merges out / LSE at the rows, :func:`backward_` adds dq,
+dk, dv at them, from the final (merged) out's :func:`row_delta` and LSE (exact for merged groups).
+
+Needs triton: compiled on CUDA, or the interpreter on the CPU (TRITON_INTERPRET=1), see
+:func:`unsupported_reasons`. Sizes are bounded by the tile tables, built once per plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .triton_env import interpret_mode, triton_installed
+
+__all__ = [
+    "BWD_BLOCK",
+    "FWD_BLOCK_M",
+    "FWD_BLOCK_N",
+    "StridedSequences",
+    "backward_",
+    "forward_",
+    "row_delta",
+    "strided_sequences",
+    "unsupported_reasons",
+]
+
+# Query rows per forward program and keys per inner step (D <= 128 on an H100: 8 warps).
+FWD_BLOCK_M = 128
+FWD_BLOCK_N = 64
+# Rows per backward program (key rows for dk/dv, query rows for dq) and per inner step.
+BWD_BLOCK = 64
+DELTA_BLOCK_ROWS = 32
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class StridedSequences:
+    """Sequences of strided rows with their heads, and the tile tables the kernels walk.
+
+    starts: int64 (S,); lengths, q_head0, kv_head0: int32 (S,); fwd_tiles / bwd_tiles: int32 pairs
+    (sequence, first row) per FWD_BLOCK_M / BWD_BLOCK rows, longest sequences first; all on the device.
+    """
+
+    starts: torch.Tensor
+    lengths: torch.Tensor
+    q_head0: torch.Tensor
+    kv_head0: torch.Tensor
+    fwd_tiles: tuple[torch.Tensor, torch.Tensor]
+    bwd_tiles: tuple[torch.Tensor, torch.Tensor]
+    stride: int
+    q_hs: int
+    q_hn: int
+    kv_hs: int
+    kv_hn: int
+
+
+def _tiles(lengths: torch.Tensor, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence, first row) of every ``block`` rows, the longest sequences' tiles first (the
+    programs with the most keys start first, so the last wave is short ones)."""
+    per = -(-lengths.long() // block)
+    order = torch.argsort(lengths.long(), descending=True, stable=True)
+    seq = torch.repeat_interleave(order, per[order])
+    first = torch.cumsum(per[order], 0) - per[order]
+    m0 = (torch.arange(seq.numel()) - torch.repeat_interleave(first, per[order])) * block
+    return seq.to(torch.int32).to(device), m0.to(torch.int32).to(device)
+
+
+def strided_sequences(
+    starts: torch.Tensor,
+    lengths: torch.Tensor,
+    q_head0: torch.Tensor,
+    kv_head0: torch.Tensor,
+    stride: int,
+    heads: tuple[int, int, int, int],
+    device: torch.device,
+) -> StridedSequences:
+    """A :class:`StridedSequences` from host int tensors (S,) (sequences of length 0 are dropped).
+
+    heads: (q_hs, q_hn, kv_hs, kv_hn) with q_hn a multiple of kv_hn.
+    """
+    q_hs, q_hn, kv_hs, kv_hn = heads
+    if stride < 1 or q_hn < 1 or kv_hn < 1 or q_hn % kv_hn:
+        raise ValueError(f"strided_sequences: need stride >= 1 and q_hn a multiple of kv_hn, got {stride}, {heads}")
+    keep = lengths > 0
+    lengths = lengths[keep]
+    return StridedSequences(
+        starts=starts[keep].to(torch.int64).to(device),
+        lengths=lengths.to(torch.int32).to(device),
+        q_head0=q_head0[keep].to(torch.int32).to(device),
+        kv_head0=kv_head0[keep].to(torch.int32).to(device),
+        fwd_tiles=_tiles(lengths, FWD_BLOCK_M, device),
+        bwd_tiles=_tiles(lengths, BWD_BLOCK, device),
+        stride=stride,
+        q_hs=q_hs,
+        q_hn=q_hn,
+        kv_hs=kv_hs,
+        kv_hn=kv_hn,
+    )
+
+
+def unsupported_reasons(q: torch.Tensor) -> list[str]:
+    """Why the kernels cannot take q's device, dtype or head dim (empty: they can)."""
+    reasons = []
+    if not triton_installed():
+        reasons.append("triton is not installed")
+    if q.device.type == "cuda":
+        if interpret_mode():
+            reasons.append("TRITON_INTERPRET is set: the interpreter runs CPU tensors only")
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            reasons.append(f"the CUDA kernels take float16/bfloat16, got {q.dtype}")
+    elif not (q.device.type == "cpu" and interpret_mode()):
+        reasons.append(f"runs on CUDA, or on the CPU under TRITON_INTERPRET=1; got device {q.device}")
+    elif q.dtype not in (torch.float16, torch.float32):
+        reasons.append(f"the interpreter runs float16/float32, got {q.dtype}")
+    D = q.shape[-1]
+    if not 1 <= D <= MAX_HEAD_DIM:
+        reasons.append(f"head dim must be 1..{MAX_HEAD_DIM}, got {D}")
+    return reasons
+
+
+def _block_d(D: int) -> int:
+    return max(16, 1 << (D - 1).bit_length())
+
+
+def _warps(D: int, rows: int) -> int:
+    return 8 if D * rows >= 128 * 128 else 4
+
+
+def _pad_arg(mask: torch.Tensor | None, seqs: StridedSequences) -> torch.Tensor:
+    # uint8 so the kernel compares bytes; an unused pointer (never read) when there is no mask
+    return seqs.lengths if mask is None else mask.contiguous().view(torch.uint8)
+
+
+def forward_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seqs: StridedSequences,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    key_padding_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    first: bool,
+) -> None:
+    """Attention of every sequence, stored (``first``: nothing there yet) or LSE-merged into out, lse.
+
+    q: (N, H, D); k, v: (N, Hkv, D); out: (N, H, D) in q's dtype; lse: (N, H) fp32 (any strides, the
+    last dim of q, k, v, out contiguous); key_padding_mask: (N,) bool (True = padding) or None.
+    """
+    if seqs.fwd_tiles[0].numel() == 0:
+        return
+    from .strided_kernels import fwd_kernel
+
+    D = q.shape[-1]
+    grid = (seqs.fwd_tiles[0].numel(), seqs.q_hn)
+    fwd_kernel[grid](
+        q, k, v, out, lse, _pad_arg(key_padding_mask, seqs),
+        *seqs.fwd_tiles, seqs.starts, seqs.lengths, seqs.q_head0, seqs.kv_head0,
+        *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2], *lse.stride(),
+        seqs.stride, seqs.q_hs, seqs.kv_hs, seqs.q_hn // seqs.kv_hn, scale * 1.4426950408889634,
+        D=D, BLOCK_D=_block_d(D), BLOCK_M=FWD_BLOCK_M, BLOCK_N=FWD_BLOCK_N,
+        IS_CAUSAL=is_causal, HAS_PAD=key_padding_mask is not None, FIRST=first,
+        num_warps=_warps(D, FWD_BLOCK_M), num_stages=2,
+    )  # fmt: skip
+
+
+def row_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """rowsum(dout * out) in fp32: (N, H) contiguous, from (N, H, D) views (last dim contiguous)."""
+    from .strided_kernels import delta_kernel
+
+    N, H, D = out.shape
+    delta = torch.empty(N, H, dtype=torch.float32, device=out.device)
+    if N * H:
+        grid = (-(-(N * H) // DELTA_BLOCK_ROWS),)
+        delta_kernel[grid](
+            dout, out, delta, N * H, H, *dout.stride()[:2], *out.stride()[:2],
+            D=D, BLOCK_D=_block_d(D), BLOCK_R=DELTA_BLOCK_ROWS,
+        )  # fmt: skip
+    return delta
+
+
+def backward_(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    seqs: StridedSequences,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    key_padding_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+) -> None:
+    """Add every sequence's (dq, dk, dv) into grads = (dq (N, H, D), dk, dv (N, Hkv, D)) in place.
+
+    lse: the final (N, H) fp32 LSE; delta: :func:`row_delta` of dout and the final out (N, H, D);
+    other arguments as in :func:`forward_`.
+    """
+    if seqs.bwd_tiles[0].numel() == 0:
+        return
+    from .strided_kernels import dkdv_kernel, dq_kernel
+
+    dq, dk, dv = grads
+    D, H = q.shape[-1], q.shape[1]
+    pad = _pad_arg(key_padding_mask, seqs)
+    tables = (*seqs.bwd_tiles, seqs.starts, seqs.lengths, seqs.q_head0, seqs.kv_head0)
+    strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dout.stride()[:2], *lse.stride())
+    common = (seqs.stride, seqs.q_hs, seqs.kv_hs, seqs.q_hn // seqs.kv_hn, H, scale * 1.4426950408889634, scale)
+    meta = dict(
+        D=D, BLOCK_D=_block_d(D), BLOCK_M=BWD_BLOCK, BLOCK_N=BWD_BLOCK, IS_CAUSAL=is_causal,
+        HAS_PAD=key_padding_mask is not None, num_warps=_warps(D, BWD_BLOCK), num_stages=2,
+    )  # fmt: skip
+    tiles = seqs.bwd_tiles[0].numel()
+    dkdv_kernel[(tiles, seqs.kv_hn)](
+        q, k, v, dout, lse, delta, dk, dv, pad, *tables, *strides, *dk.stride()[:2], *dv.stride()[:2], *common, **meta
+    )
+    dq_kernel[(tiles, seqs.q_hn)](q, k, v, dout, lse, delta, dq, pad, *tables, *strides, *dq.stride()[:2], *common, **meta)

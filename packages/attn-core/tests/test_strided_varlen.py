@@ -1,0 +1,143 @@
+"""The strided-rows Triton kernels (attn_core.strided_varlen) against float64, in the interpreter.
+
+Sequences of strided rows with per-sequence heads, two "groups" (the second merged into the first's
+out / LSE, as packed dilated attention does), causal and not, GQA, key padding with rows that see no
+key, sequences of one row and longer than a tile; outputs, LSE and all gradients (the 2x rule).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attn_core import reference, strided_varlen
+from attn_core.testing import assert_close_to_reference
+
+pytest.importorskip("triton")
+
+# (start, length, stride, q_head0, kv_head0) per sequence; heads (q_hs, q_hn, kv_hs, kv_hn)
+GROUP_A = dict(
+    seqs=[(0, 45, 3, 0, 0), (1, 1, 3, 0, 0), (2, 30, 3, 2, 1), (140, 9, 1, 0, 0), (149, 140, 1, 2, 1)],
+    heads=(1, 2, 1, 1),
+)
+GROUP_B = dict(  # overlaps group A's (row, head) pairs: merged
+    seqs=[(0, 100, 2, 0, 0), (1, 70, 2, 1, 0), (200, 89, 1, 0, 0), (141, 3, 2, 1, 0)],
+    heads=(2, 2, 1, 2),
+)
+N, H, HKV = 289, 4, 2
+
+
+def _rows(start: int, length: int, stride: int) -> torch.Tensor:
+    return start + stride * torch.arange(length)
+
+
+def _reference_group(q, k, v, group, mask, causal, scale, dtype):
+    """out (N, H, D), lse (N, H) of one group in ``dtype`` (0 / -inf where it selects nothing)."""
+    q_hs, q_hn, kv_hs, kv_hn = group["heads"]
+    out = torch.zeros(q.shape, dtype=dtype)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype)
+    for start, length, stride, qh0, kh0 in group["seqs"]:
+        rows = _rows(start, length, stride)
+        for i in range(q_hn):
+            qh, kh = qh0 + i * q_hs, kh0 + (i // (q_hn // kv_hn)) * kv_hs
+            o, lv = reference.dense_attention(
+                q[rows, qh][None, :, None], k[rows, kh][None, :, None], v[rows, kh][None, :, None],
+                is_causal=causal, key_padding_mask=None if mask is None else mask[rows][None],
+                softmax_scale=scale, dtype=dtype,
+            )  # fmt: skip
+            out = out.index_put((rows, torch.full_like(rows, qh)), o[0, :, 0].to(dtype))
+            lse = lse.index_put((rows, torch.full_like(rows, qh)), lv.reshape(-1).to(dtype))
+    return out, lse
+
+
+def _reference(q, k, v, mask, causal, scale, dtype):
+    """Both groups, merged by LSE, in ``dtype``."""
+    oa, la = _reference_group(q, k, v, GROUP_A, mask, causal, scale, dtype)
+    ob, lb = _reference_group(q, k, v, GROUP_B, mask, causal, scale, dtype)
+    m = torch.maximum(la, lb)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    ea, eb = torch.exp(la - m), torch.exp(lb - m)
+    tot = ea + eb
+    safe = torch.where(tot == 0, torch.ones_like(tot), tot)
+    out = (oa * ea[..., None] + ob * eb[..., None]) / safe[..., None]
+    return out, torch.where(tot == 0, torch.full_like(tot, float("-inf")), m + torch.log(safe))
+
+
+def _table(group, device):
+    t = torch.tensor(group["seqs"])
+    return strided_varlen.strided_sequences(t[:, 0], t[:, 1], t[:, 3], t[:, 4], 0, group["heads"], device)
+
+
+def _sequences(group):
+    # one StridedSequences per stride (a table has one stride)
+    out = []
+    for stride in sorted({s[2] for s in group["seqs"]}):
+        seqs = [s for s in group["seqs"] if s[2] == stride]
+        t = torch.tensor(seqs)
+        out.append(
+            strided_varlen.strided_sequences(
+                t[:, 0], t[:, 1], t[:, 3], t[:, 4], stride, group["heads"], torch.device("cpu")
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padding", [False, True])
+def test_strided_kernels_match_float64(monkeypatch, causal, padding):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    D, dtype, scale = 16, torch.float16, 0.3
+    g = torch.Generator().manual_seed(7 + 2 * causal + padding)
+    q = torch.randn(N, H, D, generator=g).to(dtype)
+    k, v = (torch.randn(N, HKV, D, generator=g).to(dtype) for _ in range(2))
+    dout = torch.randn(N, H, D, generator=g).to(dtype)
+    mask = None
+    if padding:
+        mask = torch.rand(N, generator=g) < 0.3
+        mask[0] = True  # the first row of causal sequences starting at 0 sees no key
+        mask[2] = True
+    assert not strided_varlen.unsupported_reasons(q)
+
+    out = torch.zeros(N, H, D, dtype=dtype)
+    lse_store = torch.full((H, N), float("-inf"))  # (N, H) view with strides (1, N), as packed_views passes
+    lse = lse_store.t()
+    for first, group in ((True, GROUP_A), (False, GROUP_B)):
+        for i, seqs in enumerate(_sequences(group)):
+            strided_varlen.forward_(
+                q, k, v, seqs, out, lse, key_padding_mask=mask, is_causal=causal, scale=scale, first=first and i == 0
+            )
+    delta = strided_varlen.row_delta(dout, out)
+    grads = tuple(torch.zeros_like(x) for x in (q, k, v))
+    for group in (GROUP_A, GROUP_B):
+        for seqs in _sequences(group):
+            strided_varlen.backward_(
+                dout, q, k, v, lse, delta, seqs, grads, key_padding_mask=mask, is_causal=causal, scale=scale
+            )
+
+    results = {}
+    for cdt in (torch.float64, torch.float32):
+        leaves = [x.detach().to(cdt).requires_grad_() for x in (q, k, v)]
+        o, lv = _reference(*leaves, mask, causal, scale, cdt)
+        results[cdt] = (o, lv, *torch.autograd.grad(o, leaves, dout.to(cdt)))
+    ref, plain = results[torch.float64], results[torch.float32]
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref[1]))
+    fin = torch.isfinite(ref[1])
+    assert torch.allclose(lse[fin].double(), ref[1][fin], atol=2e-3)
+    for name, mine, r, p in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref[0], *ref[2:]), (plain[0], *plain[2:])):
+        assert not torch.isnan(mine).any(), name
+        # the fp16 baseline is the float32 reference rounded to fp16 (CPU fp16 matmuls are not plain PyTorch's)
+        assert_close_to_reference(name, mine, r, p.to(dtype))
+
+
+def test_tables_and_reasons():
+    t = torch.tensor([[5, 0], [0, 130], [200, 3]])
+    seqs = strided_varlen.strided_sequences(
+        t[:, 0], t[:, 1], torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32), 2, (1, 1, 1, 1),
+        torch.device("cpu"),
+    )  # fmt: skip
+    assert seqs.lengths.tolist() == [130, 3]  # the empty sequence is dropped
+    seq, m0 = seqs.fwd_tiles
+    assert seq.tolist() == [0, 0, 1] and m0.tolist() == [0, strided_varlen.FWD_BLOCK_M, 0]
+    with pytest.raises(ValueError, match="q_hn a multiple of kv_hn"):
+        strided_varlen.strided_sequences(t[:, 0], t[:, 1], t[:, 0], t[:, 0], 1, (1, 3, 1, 2), torch.device("cpu"))
+    assert any("float16/float32" in r for r in strided_varlen.unsupported_reasons(torch.zeros(2, 1, 8).double()))
