@@ -19,8 +19,8 @@ In one process, side by side, on one GPU (H100):
      after the warm-up pass (the documented warm-up-then-consolidate step).
   B2. device buffers on a packed variable-length training trace (tools/packed_memory_trace.py):
      each step packs log-normal document lengths into --packed-tokens tokens; the buffers follow
-     attn-core's packed plan for those documents (strided pieces, gathered varlen calls, tail
-     segments, plan index tensors, cu_seqlens change size every step; q/k/v and activations keep
+     attn-core's packed plan for those documents (strided pieces of long documents, the
+     strided-kernel tables' index tensors, rowsum(dout * out), cu_seqlens change size every step; q/k/v and activations keep
      N). One pass of --packed-steps steps through torch.empty/del and DeviceBufferPool: new device
      allocations per step after --packed-warmup steps, peak reserved / peak allocated, and
      fragmentation at the largest live set.

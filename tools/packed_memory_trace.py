@@ -9,18 +9,17 @@ buffers a step asks for follow the plan attn-core's sdpa backend runs for those 
 while q/k/v and the activations keep the packed size N:
 
 * per step: cu_seqlens (docs + 1,) int32, freed at the end of the step; the plan's index tensors
-  (each gathered call's rows int64 (R,) and, for flash-sized calls, its offsets int32 (S + 1,)),
+  (per strided-kernel table: sequence starts, lengths and head bases (S,), tile tables (T,)),
   held as attn-core's plan cache holds them: until PLAN_CACHE_SIZE newer plans were built;
 * forward, per layer: the input x (N, H*D) and q, k, v, out (1, N, H, D) bf16, lse (1, N, H) fp32,
   all kept for the backward; per strided piece (a long document's full segments) its out
-  (nseg, h, rows, D) and lse (nseg, h, rows) fp32; per gathered varlen call (short documents and
-  every document's tail segment) q/k/v gathered at its R rows (R, h, D), its out (R, h, D) and lse
-  (h, R) fp32, and in merged (non-first) groups the accumulators at those rows (R, h, D),
-  (R, h) fp32 -- all freed after the call; then the layer's output (N, H*D), the next layer's input;
+  (nseg, h, rows, D) and lse (nseg, h, rows) fp32, freed after the piece (the strided-rows kernels
+  that take every other segment write in place); then the layer's output (N, H*D), the next
+  layer's input;
 * backward, last layer first: the output's gradient (N, H*D) at the top, per layer dout, dq, dk, dv
-  (1, N, H, D), per piece its dq/dk/dv, per call its six gathered inputs and three gradients, the
+  (1, N, H, D), rowsum(dout * out) (N, H) fp32 for the kernels, per piece its dq/dk/dv, the
   input's gradient (N, H*D); then the layer's saved tensors and gradients are freed.
-Kernel-internal scratch (cuDNN / flash workspaces) is not modelled: torch allocates it, not a pool.
+Kernel-internal scratch (cuDNN workspaces) is not modelled: torch allocates it, not a pool.
 
 The trace runs once, steps in order, through torch.empty / del (CUDA: the caching allocator) and
 through fresh DeviceBufferPools, counting per step the new device allocations (CUDA: cudaMalloc
@@ -142,47 +141,31 @@ class TraceBuilder:
             self.live -= self.size.pop(i)
 
 
-def plan_index_tensors(plan: Any, min_mean_seqlen: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """Device tensors a packed plan holds: each distinct gathered-rows index (R,) int64 and the
-    offsets (S + 1,) int32 of flash-sized calls (smaller calls keep theirs on the host)."""
-    seen: set[int] = set()
+def plan_index_tensors(plan: Any) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """Device tensors a packed plan holds: per strided-kernel table its starts (S,) int64, lengths
+    and head bases (S,) int32, and its forward and backward tile tables (T,) int32 pairs."""
     out: list[tuple[tuple[int, ...], torch.dtype]] = []
     for group in plan:
-        for c in group.calls:
-            if c.rows is not None and id(c.rows) not in seen:
-                seen.add(id(c.rows))
-                out.append(((c.rows.numel(),), torch.int64))
-            seqs = c.cu_seqlens.numel() - 1
-            if id(c.cu_seqlens) not in seen and int(c.cu_seqlens[-1]) >= min_mean_seqlen * seqs:
-                seen.add(id(c.cu_seqlens))
-                out.append(((seqs + 1,), torch.int32))
+        for seqs in group.sequences:
+            out.append((tuple(seqs.starts.shape), torch.int64))
+            out += [(tuple(t.shape), torch.int32) for t in (seqs.lengths, seqs.q_head0, seqs.kv_head0)]
+            out += [(tuple(t.shape), torch.int32) for t in (*seqs.fwd_tiles, *seqs.bwd_tiles)]
     return out
 
 
 def attention_forward_buffers(b: TraceBuilder, plan: Any, n: int, dim: int, dtype: torch.dtype) -> None:
-    """The temporaries of attn_core.packed_views.forward_packed over one layer (each freed after use)."""
+    """The temporaries of attn_core.packed_views.forward_packed over one layer (each freed after use):
+    the strided pieces' out and lse (the kernel tables write in place)."""
     f32 = torch.float32
     for group in plan:
         for p in group.pieces:
             b.free(b.alloc((p.nseg, p.q_hn, p.rows, dim), dtype), b.alloc((p.nseg, p.q_hn, p.rows), f32))
-        for c in group.calls:
-            r = n if c.rows is None else c.rows.numel()
-            gathered = (
-                []
-                if c.rows is None  # r == 1 with every row: the packed tensors themselves
-                else [
-                    b.alloc((r, c.q_hn, dim), dtype),
-                    b.alloc((r, c.kv_hn, dim), dtype),
-                    b.alloc((r, c.kv_hn, dim), dtype),
-                ]
-            )
-            result = [b.alloc((r, c.q_hn, dim), dtype), b.alloc((c.q_hn, r), f32)]
-            merged = [] if c.first or c.rows is None else [b.alloc((r, c.q_hn, dim), dtype), b.alloc((r, c.q_hn), f32)]
-            b.free(*gathered, *result, *merged)
 
 
-def attention_backward_buffers(b: TraceBuilder, plan: Any, n: int, dim: int, dtype: torch.dtype) -> None:
-    """The temporaries of attn_core.packed_views.backward_packed over one layer."""
+def attention_backward_buffers(b: TraceBuilder, plan: Any, n: int, heads: int, dim: int, dtype: torch.dtype) -> None:
+    """The temporaries of attn_core.packed_views.backward_packed over one layer: the strided pieces'
+    gradients, and rowsum(dout * out) (n, heads) fp32 for the kernel tables (freed with the layer)."""
+    delta = b.alloc((n, heads), torch.float32) if any(group.sequences for group in plan) else None
     for group in plan:
         for p in group.pieces:
             b.free(
@@ -190,23 +173,8 @@ def attention_backward_buffers(b: TraceBuilder, plan: Any, n: int, dim: int, dty
                 b.alloc((p.nseg, p.kv_hn, p.rows, dim), dtype),
                 b.alloc((p.nseg, p.kv_hn, p.rows, dim), dtype),
             )
-        for c in group.calls:
-            r = n if c.rows is None else c.rows.numel()
-            q_shape, kv_shape = (r, c.q_hn, dim), (r, c.kv_hn, dim)
-            gathered = (
-                []
-                if c.rows is None
-                else [
-                    b.alloc(q_shape, dtype),  # dout
-                    b.alloc(q_shape, dtype),  # q
-                    b.alloc(kv_shape, dtype),  # k
-                    b.alloc(kv_shape, dtype),  # v
-                    b.alloc(q_shape, dtype),  # out
-                    b.alloc((r, c.q_hn), torch.float32),  # lse
-                ]
-            )
-            grads = [b.alloc(q_shape, dtype), b.alloc(kv_shape, dtype), b.alloc(kv_shape, dtype)]
-            b.free(*gathered, *grads)
+    if delta is not None:
+        b.free(delta)
 
 
 def packed_training_trace(
@@ -226,7 +194,6 @@ def packed_training_trace(
     """The ops of ``steps`` packed training steps (see the module doc); H = Hkv = ``heads``."""
     from attn_core.config import DilatedConfig
     from attn_core.packed_views import PLAN_CACHE_SIZE, plan_packed
-    from attn_core.varlen_impls.flash import MIN_MEAN_SEQLEN
 
     config = DilatedConfig(PACKED_SEGMENTS, PACKED_RATES, PACKED_HEAD_MODE)
     n, h = tokens, heads
@@ -239,8 +206,9 @@ def packed_training_trace(
         b.trace.docs.append(len(lengths))
         b.trace.longest.append(max(lengths))
         cu = b.alloc((len(lengths) + 1,), torch.int32)
-        plan = plan_packed(offsets(lengths, torch.device("cpu")), (n, h, h, dim), config, torch.device("cpu"))
-        index = plan_index_tensors(plan, MIN_MEAN_SEQLEN)
+        cpu = torch.device("cpu")
+        plan = plan_packed(offsets(lengths, cpu), (n, h, h, dim), config, cpu, kernel=True)
+        index = plan_index_tensors(plan)
         b.trace.plan_bytes.append(sum(math.prod(s) * dt.itemsize for s, dt in index))
         # built by the first layer's forward, shared by every layer and the backward; the cache
         # drops the oldest plan when this one enters it
@@ -260,7 +228,7 @@ def packed_training_trace(
         for layer in reversed(saved):
             dout = b.alloc(big, dtype)
             dq, dk, dv = (b.alloc(big, dtype) for _ in range(3))
-            attention_backward_buffers(b, plan, n, dim, dtype)
+            attention_backward_buffers(b, plan, n, h, dim, dtype)
             grad_in = b.alloc(hidden, dtype)
             b.free(grad, dout, dq, dk, dv, *layer)
             grad = grad_in
@@ -634,8 +602,8 @@ def packed_description(p: dict[str, Any]) -> str:
         f"log-normal lengths (mean {lens['mean']:g}, sigma {lens['sigma']:g}, clipped to [{lens['min']}, "
         f"{lens['max']}], seed per step; {min(docs)}-{max(docs)} documents per step), {p['layers']} attention "
         f"layers, H={p['heads']}, D={p['dim']}, bf16. Buffer sizes follow attn-core's packed plan (segments "
-        f"{p['segments']}, rates {p['rates']}, head mode {p['head_mode']}): strided pieces, gathered varlen calls "
-        f"and their tail segments, the plan's index tensors (kept as the plan cache keeps them) and cu_seqlens "
+        f"{p['segments']}, rates {p['rates']}, head mode {p['head_mode']}): strided pieces (long documents' "
+        f"full segments), the plan's index tensors (kept as the plan cache keeps them) and cu_seqlens "
         f"change size every step ({p['distinct_shapes']} distinct shapes); q/k/v, out, lse and the hidden states "
         f"keep N. Warm-up: the first {p['warmup_steps']} steps; allocations counted per step after them, peaks "
         f"over them (largest live set {p['trace_peak_requested_bytes_after_warmup'] / GIB:.2f} GiB requested, at step "
