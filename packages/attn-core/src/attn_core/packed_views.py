@@ -13,8 +13,13 @@ rows c[i] + s*w + o + t*r inside it. Those rows take one of two routes:
   a call of at least :data:`STRIDED_MIN_WORK` query-key products per head run, and at most
   :data:`STRIDED_MAX_PIECES` pieces per group go this way (the documents with the most full
   segments first), so the number of calls is bounded however many documents there are.
-* **gathered**: every other segment (short documents, last partial segments, full segments of
-  short documents) of an (offset, head run): its rows in one ``index_select`` into a packed
+* **kernel** (:func:`uses_strided_kernel`: CUDA fp16/bf16 with Triton, or the CPU interpreter):
+  every other segment (short documents, last partial segments, full segments of short documents)
+  of every offset, as sequences of rows c[i] + s*w + o + t*r in one
+  :class:`attn_core.strided_varlen.StridedSequences` table per group and head-call shape: the
+  kernels read those rows in place and store or LSE-merge out and LSE there, and the backward
+  adds dq, dk, dv there (one forward and two backward launches per table, no copies);
+* **gathered** (where the kernels cannot run): those segments of an (offset, head run): its rows in one ``index_select`` into a packed
   (rows, heads, D) tensor and one :func:`attn_core.varlen.varlen_forward` call over all those
   segments (flash on CUDA, the bucketed path elsewhere), the result stored or LSE-merged back
   with ``index_copy_``. When the segments are short on average (below the flash path's
