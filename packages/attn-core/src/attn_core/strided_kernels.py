@@ -57,7 +57,9 @@ def fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    end = tl.minimum(n, m0 + BLOCK_M) if IS_CAUSAL else n
+    end = n
+    if IS_CAUSAL:  # keys up to the tile's last row
+        end = tl.minimum(n, m0 + BLOCK_M)
     for j0 in range(0, end, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         kpos = start + cols.to(tl.int64) * STRIDE
@@ -142,7 +144,9 @@ def dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     qh0 = tl.load(QH0 + s)
-    lo = (n0 // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0
+    lo = 0
+    if IS_CAUSAL:  # query tiles from the one holding the first key row
+        lo = (n0 // BLOCK_M) * BLOCK_M
     for g in range(0, GQA):
         qh = (qh0 + (jk * GQA + g) * q_hs).to(tl.int64)
         for m0 in range(lo, n, BLOCK_M):
@@ -194,7 +198,9 @@ def dq_kernel(
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(DELTA + qpos * H + qh, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    end = tl.minimum(n, m0 + BLOCK_M) if IS_CAUSAL else n
+    end = n
+    if IS_CAUSAL:  # keys up to the tile's last row
+        end = tl.minimum(n, m0 + BLOCK_M)
     for j0 in range(0, end, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         kpos = start + cols.to(tl.int64) * STRIDE
