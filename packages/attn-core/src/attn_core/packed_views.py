@@ -126,9 +126,7 @@ def plan_packed(
     head-call shape, every offset stacked) instead of gathered calls (:func:`uses_strided_kernel`).
     Groups in order of increasing rate; cached per (offsets, shape, config, device, kernel, thresholds).
     """
-    return _plan_packed(
-        host_offsets(cu_seqlens), shape, config, device, kernel, STRIDED_MIN_WORK, STRIDED_MAX_PIECES
-    )
+    return _plan_packed(host_offsets(cu_seqlens), shape, config, device, kernel, STRIDED_MIN_WORK, STRIDED_MAX_PIECES)
 
 
 def _strided_documents(
@@ -233,10 +231,10 @@ def _kernel_sequences(
     for heads, items in parts.items():
         starts = torch.cat([s for s, _, _, _ in items])
         counts = torch.cat([c for _, c, _, _ in items])
-        q_h0 = torch.cat([torch.full_like(c, a) for _, c, a, _ in items])
-        kv_h0 = torch.cat([torch.full_like(c, b) for _, c, _, b in items])
+        q_head0 = torch.cat([torch.full_like(c, a) for _, c, a, _ in items])
+        kv_head0 = torch.cat([torch.full_like(c, b) for _, c, _, b in items])
         if int(counts.sum()):
-            tables.append(strided_sequences(starts, counts, q_h0, kv_h0, r, heads, device))
+            tables.append(strided_sequences(starts, counts, q_head0, kv_head0, r, heads, device))
     return tuple(tables)
 
 

@@ -16,6 +16,7 @@ import triton.language as tl
 
 __all__ = ["delta_kernel", "dkdv_kernel", "dq_kernel", "fwd_kernel"]
 
+
 @triton.jit
 def _sequence(TILE_SEQ, TILE_M0, START, LEN, tile):
     s = tl.load(TILE_SEQ + tile)

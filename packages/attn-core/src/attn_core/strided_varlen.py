@@ -228,4 +228,6 @@ def backward_(
     dkdv_kernel[(tiles, seqs.kv_hn)](
         q, k, v, dout, lse, delta, dk, dv, pad, *tables, *strides, *dk.stride()[:2], *dv.stride()[:2], *common, **meta
     )
-    dq_kernel[(tiles, seqs.q_hn)](q, k, v, dout, lse, delta, dq, pad, *tables, *strides, *dq.stride()[:2], *common, **meta)
+    dq_kernel[(tiles, seqs.q_hn)](
+        q, k, v, dout, lse, delta, dq, pad, *tables, *strides, *dq.stride()[:2], *common, **meta
+    )
