@@ -24,6 +24,50 @@ def _sequence(TILE_SEQ, TILE_M0, START, LEN, tile):
 
 
 @triton.jit
+def _query_tile(TILE_SEQ, TILE_M0, START, LEN, QH0, KH0, q_hs, kv_hs, GQA, STRIDE, BLOCK_M: tl.constexpr):
+    """This program's sequence (start, length), first row m0, query head qh (program axis 1), the kv
+    head it reads, and its BLOCK_M rows (sequence-local index, in range, packed position)."""
+    s, m0, start, n = _sequence(TILE_SEQ, TILE_M0, START, LEN, tl.program_id(0))
+    i = tl.program_id(1)
+    qh = (tl.load(QH0 + s) + i * q_hs).to(tl.int64)
+    kh = (tl.load(KH0 + s) + (i // GQA) * kv_hs).to(tl.int64)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    return start, n, m0, qh, kh, rows, rows < n, start + rows.to(tl.int64) * STRIDE
+
+
+@triton.jit
+def _load_rows(X, pos, h, s_n, s_h, d, mask):
+    """X at packed positions ``pos`` (R,), head h, columns d: (R, BLOCK_D), 0 where masked."""
+    return tl.load(X + (pos * s_n + h * s_h)[:, None] + d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _key_end(n, m0, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """One past the last key a query tile starting at m0 reads."""
+    end = n
+    if IS_CAUSAL:  # keys up to the tile's last row
+        end = tl.minimum(n, m0 + BLOCK_M)
+    return end
+
+
+@triton.jit
+def _key_tile(K, V, start, n, j0, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, BLOCK_N: tl.constexpr):
+    """Keys j0 .. j0 + BLOCK_N of the sequence: local index, packed position, K and V (0 past n)."""
+    cols = j0 + tl.arange(0, BLOCK_N)
+    kpos = start + cols.to(tl.int64) * STRIDE
+    mask = (cols < n)[:, None] & d_ok[None, :]
+    return cols, kpos, _load_rows(K, kpos, kh, s_kn, s_kh, d, mask), _load_rows(V, kpos, kh, s_vn, s_vh, d, mask)
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, qpos, qh, row_ok, s_ln, s_lh, H):
+    """The final LSE in base 2 (+inf for rows that see no key, so P = 0 there) and rowsum(dout * out)."""
+    lse = tl.load(LSE + qpos * s_ln + qh * s_lh, mask=row_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return lse2, tl.load(DELTA + qpos * H + qh, mask=row_ok, other=0.0)
+
+
+@triton.jit
 def _keep(rows, cols, n, KPAD, kpos, IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr):
     """(rows, cols) pairs that attend: key inside the sequence, causal within it, key not padding."""
     keep = (cols < n)[None, :] & (rows >= 0)[:, None]
@@ -45,28 +89,17 @@ def fwd_kernel(
     IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, FIRST: tl.constexpr,
 ):  # fmt: skip
     """Out and LSE of BLOCK_M query rows of one sequence and head, stored (FIRST) or LSE-merged into O, LSE."""
-    s, m0, start, n = _sequence(TILE_SEQ, TILE_M0, START, LEN, tl.program_id(0))
-    i = tl.program_id(1)
-    qh = (tl.load(QH0 + s) + i * q_hs).to(tl.int64)
-    kh = (tl.load(KH0 + s) + (i // GQA) * kv_hs).to(tl.int64)
-    rows = m0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < n
-    qpos = start + rows.to(tl.int64) * STRIDE
+    start, n, m0, qh, kh, rows, row_ok, qpos = _query_tile(
+        TILE_SEQ, TILE_M0, START, LEN, QH0, KH0, q_hs, kv_hs, GQA, STRIDE, BLOCK_M
+    )
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    q = tl.load(Q + (qpos * s_qn + qh * s_qh)[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_rows(Q, qpos, qh, s_qn, s_qh, d, row_ok[:, None] & d_ok[None, :])
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    end = n
-    if IS_CAUSAL:  # keys up to the tile's last row
-        end = tl.minimum(n, m0 + BLOCK_M)
-    for j0 in range(0, end, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
-        kpos = start + cols.to(tl.int64) * STRIDE
-        kv_ok = (cols < n)[:, None] & d_ok[None, :]
-        k = tl.load(K + (kpos * s_kn + kh * s_kh)[:, None] + d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(V + (kpos * s_vn + kh * s_vh)[:, None] + d[None, :], mask=kv_ok, other=0.0)
+    for j0 in range(0, _key_end(n, m0, BLOCK_M, IS_CAUSAL), BLOCK_N):
+        cols, kpos, k, v = _key_tile(K, V, start, n, j0, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, BLOCK_N)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         qk = tl.where(_keep(rows, cols, n, KPAD, kpos, IS_CAUSAL, HAS_PAD), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -140,8 +173,8 @@ def dkdv_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + (kpos * s_kn + kh * s_kh)[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + (kpos * s_vn + kh * s_vh)[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    k = _load_rows(K, kpos, kh, s_kn, s_kh, d, kv_mask)
+    v = _load_rows(V, kpos, kh, s_vn, s_vh, d, kv_mask)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     qh0 = tl.load(QH0 + s)
@@ -155,11 +188,9 @@ def dkdv_kernel(
             row_ok = rows < n
             qpos = start + rows.to(tl.int64) * STRIDE
             q_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + (qpos * s_qn + qh * s_qh)[:, None] + d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(DO + (qpos * s_dn + qh * s_dh)[:, None] + d[None, :], mask=q_mask, other=0.0)
-            lse = tl.load(LSE + qpos * s_ln + qh * s_lh, mask=row_ok, other=float("inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(DELTA + qpos * H + qh, mask=row_ok, other=0.0)
+            q = _load_rows(Q, qpos, qh, s_qn, s_qh, d, q_mask)
+            do = _load_rows(DO, qpos, qh, s_dn, s_dh, d, q_mask)
+            lse2, delta = _row_stats(LSE, DELTA, qpos, qh, row_ok, s_ln, s_lh, H)
             p = _probs(q, k, rows, cols, n, lse2, KPAD, kpos, qk_scale, IS_CAUSAL, HAS_PAD)
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
             dp = tl.dot(do, tl.trans(v))
@@ -183,31 +214,18 @@ def dq_kernel(
     IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
 ):  # fmt: skip
     """dQ of BLOCK_M query rows of one sequence and head, added into DQ."""
-    s, m0, start, n = _sequence(TILE_SEQ, TILE_M0, START, LEN, tl.program_id(0))
-    i = tl.program_id(1)
-    qh = (tl.load(QH0 + s) + i * q_hs).to(tl.int64)
-    kh = (tl.load(KH0 + s) + (i // GQA) * kv_hs).to(tl.int64)
-    rows = m0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < n
-    qpos = start + rows.to(tl.int64) * STRIDE
+    start, n, m0, qh, kh, rows, row_ok, qpos = _query_tile(
+        TILE_SEQ, TILE_M0, START, LEN, QH0, KH0, q_hs, kv_hs, GQA, STRIDE, BLOCK_M
+    )
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     q_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + (qpos * s_qn + qh * s_qh)[:, None] + d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + (qpos * s_dn + qh * s_dh)[:, None] + d[None, :], mask=q_mask, other=0.0)
-    lse = tl.load(LSE + qpos * s_ln + qh * s_lh, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + qpos * H + qh, mask=row_ok, other=0.0)
+    q = _load_rows(Q, qpos, qh, s_qn, s_qh, d, q_mask)
+    do = _load_rows(DO, qpos, qh, s_dn, s_dh, d, q_mask)
+    lse2, delta = _row_stats(LSE, DELTA, qpos, qh, row_ok, s_ln, s_lh, H)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    end = n
-    if IS_CAUSAL:  # keys up to the tile's last row
-        end = tl.minimum(n, m0 + BLOCK_M)
-    for j0 in range(0, end, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
-        kpos = start + cols.to(tl.int64) * STRIDE
-        kv_mask = (cols < n)[:, None] & d_ok[None, :]
-        k = tl.load(K + (kpos * s_kn + kh * s_kh)[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + (kpos * s_vn + kh * s_vh)[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    for j0 in range(0, _key_end(n, m0, BLOCK_M, IS_CAUSAL), BLOCK_N):
+        cols, kpos, k, v = _key_tile(K, V, start, n, j0, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, BLOCK_N)
         p = _probs(q, k, rows, cols, n, lse2, KPAD, kpos, qk_scale, IS_CAUSAL, HAS_PAD)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
