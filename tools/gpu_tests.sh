@@ -11,6 +11,7 @@ python -m pytest -q -p no:cacheprovider -rs \
   packages/attn-sparse/tests/test_token_masks_cuda.py \
   packages/attn-sparse/tests/test_sdpa_backend.py \
   packages/attn-core/tests/test_varlen.py \
+  packages/attn-core/tests/test_strided_varlen.py \
   packages/attn-core/tests/test_cuda_graphs_dilated.py \
   packages/attn-core/tests/test_sdpa_backend.py \
   packages/attn-core/tests/test_hostile_inputs_cuda.py \

@@ -34,10 +34,10 @@ def _rows(start: int, length: int, stride: int) -> torch.Tensor:
 def _reference_group(q, k, v, group, mask, causal, scale, dtype):
     """out (N, H, D), lse (N, H) of one group in ``dtype`` (0 / -inf where it selects nothing)."""
     q_hs, q_hn, kv_hs, kv_hn = group["heads"]
-    out = torch.zeros(q.shape, dtype=dtype)
-    lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype)
+    out = torch.zeros(q.shape, dtype=dtype, device=q.device)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype, device=q.device)
     for start, length, stride, qh0, kh0 in group["seqs"]:
-        rows = _rows(start, length, stride)
+        rows = _rows(start, length, stride).to(q.device)
         for i in range(q_hn):
             qh, kh = qh0 + i * q_hs, kh0 + (i // (q_hn // kv_hn)) * kv_hs
             o, lv = reference.dense_attention(
@@ -63,30 +63,19 @@ def _reference(q, k, v, mask, causal, scale, dtype):
     return out, torch.where(tot == 0, torch.full_like(tot, float("-inf")), m + torch.log(safe))
 
 
-def _table(group, device):
-    t = torch.tensor(group["seqs"])
-    return strided_varlen.strided_sequences(t[:, 0], t[:, 1], t[:, 3], t[:, 4], 0, group["heads"], device)
-
-
-def _sequences(group):
+def _sequences(group, device):
     # one StridedSequences per stride (a table has one stride)
     out = []
     for stride in sorted({s[2] for s in group["seqs"]}):
         seqs = [s for s in group["seqs"] if s[2] == stride]
         t = torch.tensor(seqs)
-        out.append(
-            strided_varlen.strided_sequences(
-                t[:, 0], t[:, 1], t[:, 3], t[:, 4], stride, group["heads"], torch.device("cpu")
-            )
-        )
+        out.append(strided_varlen.strided_sequences(t[:, 0], t[:, 1], t[:, 3], t[:, 4], stride, group["heads"], device))
     return out
 
 
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("padding", [False, True])
-def test_strided_kernels_match_float64(monkeypatch, causal, padding):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    D, dtype, scale = 16, torch.float16, 0.3
+def _check(device: torch.device, dtype: torch.dtype, causal: bool, padding: bool) -> None:
+    """Both groups through the kernels on ``device`` against float64 (out, LSE, dq, dk, dv)."""
+    D, scale = 16, 0.3
     g = torch.Generator().manual_seed(7 + 2 * causal + padding)
     q = torch.randn(N, H, D, generator=g).to(dtype)
     k, v = (torch.randn(N, HKV, D, generator=g).to(dtype) for _ in range(2))
@@ -96,37 +85,60 @@ def test_strided_kernels_match_float64(monkeypatch, causal, padding):
         mask = torch.rand(N, generator=g) < 0.3
         mask[0] = True  # the first row of causal sequences starting at 0 sees no key
         mask[2] = True
-    assert not strided_varlen.unsupported_reasons(q)
+    qd, kd, vd, dd = (x.to(device) for x in (q, k, v, dout))
+    md = None if mask is None else mask.to(device)
+    assert not strided_varlen.unsupported_reasons(qd)
 
-    out = torch.zeros(N, H, D, dtype=dtype)
-    lse_store = torch.full((H, N), float("-inf"))  # (N, H) view with strides (1, N), as packed_views passes
+    out = torch.zeros(N, H, D, dtype=dtype, device=device)
+    lse_store = torch.full((H, N), float("-inf"), device=device)  # (N, H) view with strides (1, N)
     lse = lse_store.t()
     for first, group in ((True, GROUP_A), (False, GROUP_B)):
-        for i, seqs in enumerate(_sequences(group)):
+        for i, seqs in enumerate(_sequences(group, device)):
             strided_varlen.forward_(
-                q, k, v, seqs, out, lse, key_padding_mask=mask, is_causal=causal, scale=scale, first=first and i == 0
+                qd, kd, vd, seqs, out, lse, key_padding_mask=md, is_causal=causal, scale=scale, first=first and i == 0
             )
-    delta = strided_varlen.row_delta(dout, out)
-    grads = tuple(torch.zeros_like(x) for x in (q, k, v))
+    delta = strided_varlen.row_delta(dd, out)
+    grads = tuple(torch.zeros_like(x) for x in (qd, kd, vd))
     for group in (GROUP_A, GROUP_B):
-        for seqs in _sequences(group):
+        for seqs in _sequences(group, device):
             strided_varlen.backward_(
-                dout, q, k, v, lse, delta, seqs, grads, key_padding_mask=mask, is_causal=causal, scale=scale
+                dd, qd, kd, vd, lse, delta, seqs, grads, key_padding_mask=md, is_causal=causal, scale=scale
             )
 
+    # the baseline in the same dtype: float32 rounded on the CPU (CPU fp16 matmuls are not plain
+    # PyTorch's), the dtype itself on CUDA
+    plain_dtype = torch.float32 if device.type == "cpu" else dtype
     results = {}
-    for cdt in (torch.float64, torch.float32):
-        leaves = [x.detach().to(cdt).requires_grad_() for x in (q, k, v)]
-        o, lv = _reference(*leaves, mask, causal, scale, cdt)
-        results[cdt] = (o, lv, *torch.autograd.grad(o, leaves, dout.to(cdt)))
-    ref, plain = results[torch.float64], results[torch.float32]
+    for cdt, dev in ((torch.float64, torch.device("cpu")), (plain_dtype, device)):
+        leaves = [x.detach().to(dev, cdt).requires_grad_() for x in (q, k, v)]
+        o, lv = _reference(*leaves, None if mask is None else mask.to(dev), causal, scale, cdt)
+        results[cdt] = (o, lv, *torch.autograd.grad(o, leaves, dout.to(dev, cdt)))
+    ref, plain = results[torch.float64], results[plain_dtype]
+    lse = lse.cpu()
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref[1]))
     fin = torch.isfinite(ref[1])
     assert torch.allclose(lse[fin].double(), ref[1][fin], atol=2e-3)
     for name, mine, r, p in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref[0], *ref[2:]), (plain[0], *plain[2:])):
         assert not torch.isnan(mine).any(), name
-        # the fp16 baseline is the float32 reference rounded to fp16 (CPU fp16 matmuls are not plain PyTorch's)
-        assert_close_to_reference(name, mine, r, p.to(dtype))
+        assert_close_to_reference(name, mine.cpu(), r, p.cpu().to(dtype))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padding", [False, True])
+def test_strided_kernels_match_float64(monkeypatch, causal, padding):
+    if torch.cuda.is_available():  # Triton chose compiled kernels at import: the CUDA variant below runs
+        pytest.skip("the interpreter variant runs on machines without a GPU")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _check(torch.device("cpu"), torch.float16, causal, padding)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("causal", "padding"), [(False, False), (True, True)])
+def test_strided_kernels_cuda(dtype, causal, padding):
+    if strided_varlen.unsupported_reasons(torch.empty(1, 1, 16, device="cuda", dtype=dtype)):
+        pytest.skip("the compiled kernels cannot run here (interpreter set or no triton)")
+    _check(torch.device("cuda"), dtype, causal, padding)
 
 
 def test_tables_and_reasons():
@@ -141,3 +153,4 @@ def test_tables_and_reasons():
     with pytest.raises(ValueError, match="q_hn a multiple of kv_hn"):
         strided_varlen.strided_sequences(t[:, 0], t[:, 1], t[:, 0], t[:, 0], 1, (1, 3, 1, 2), torch.device("cpu"))
     assert any("float16/float32" in r for r in strided_varlen.unsupported_reasons(torch.zeros(2, 1, 8).double()))
+    assert any("head dim" in r for r in strided_varlen.unsupported_reasons(torch.zeros(2, 1, 160)))
