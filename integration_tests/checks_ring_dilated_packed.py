@@ -1,5 +1,6 @@
 """Ring dilated attention over packed documents (cu_seqlens) in real processes vs
-attn_core.reference.dilated_attention(..., cu_seqlens=) on the gathered sequence, in float64.
+attn_core.reference.dilated_attention(..., cu_seqlens=) on the gathered sequence, in float64
+(and float32 on the strided-rows kernels, under the 2x rule, where Triton's interpreter runs).
 
 Every rank builds the same global inputs and offsets from a shared seed, runs
 ring_dilated_attention on its shard and compares its output and q/k/v gradient shards. The
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 from harness import rank_device
 
-from attn_core import reference
+from attn_core import reference, strided_varlen
 from attn_core.testing import assert_close_to_reference
 from attn_ring.hybrid import hybrid_attention, hybrid_mesh
 from attn_ring.modules_dilated import RingDilatedAttention
@@ -74,42 +75,43 @@ def _inputs(case: PackedCase, world_size: int, seed: int):
     return q, k, v, dout, mask
 
 
-def _reference(case: PackedCase, q, k, v, dout, mask, cu):
-    qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+def _reference(case: PackedCase, q, k, v, dout, mask, cu, dtype=torch.float64):
+    qr, kr, vr = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
     out, _ = reference.dilated_attention(
         qr, kr, vr, case.segments, case.rates,
-        is_causal=case.causal, key_padding_mask=mask, head_mode=case.head_mode, cu_seqlens=cu,
+        is_causal=case.causal, key_padding_mask=mask, head_mode=case.head_mode, cu_seqlens=cu, dtype=dtype,
     )  # fmt: skip
-    out.backward(dout)
+    out.backward(dout.to(dtype))
     return out.detach(), qr.grad, kr.grad, vr.grad
 
 
-def _compare(label: str, got, ref, lo: int, hi: int) -> None:
-    for name, actual, want in zip(("out", "dq", "dk", "dv"), got, ref):
+def _compare(label: str, got, ref, lo: int, hi: int, baseline=(None, None, None, None)) -> None:
+    for name, actual, want, base in zip(("out", "dq", "dk", "dv"), got, ref, baseline):
         if actual is None:
             raise AssertionError(f"{label}: no gradient for {name}")
-        assert_close_to_reference(f"{label} {name}", actual, want[:, lo:hi], None)
+        assert_close_to_reference(f"{label} {name}", actual, want[:, lo:hi], None if base is None else base[:, lo:hi])
 
 
-def run_case(case: PackedCase, rank: int, world_size: int, seed: int) -> None:
+def run_case(case: PackedCase, rank: int, world_size: int, seed: int, dtype: torch.dtype = torch.float64) -> None:
     device = rank_device()
     cu = document_offsets(world_size, seed, case.random_documents)
     q, k, v, dout, mask = _inputs(case, world_size, seed)
     lo, hi = rank * SHARD, (rank + 1) * SHARD
-    shard = [t[:, lo:hi].to(device).contiguous().requires_grad_() for t in (q, k, v)]
+    shard = [t[:, lo:hi].to(device, dtype).contiguous().requires_grad_() for t in (q, k, v)]
     out = ring_dilated_attention(
         *shard, case.segments, case.rates,
         is_causal=case.causal, head_mode=case.head_mode, cu_seqlens=cu.to(device),
         key_padding_mask=None if mask is None else mask[:, lo:hi].to(device),
     )  # fmt: skip
-    out.backward(dout[:, lo:hi].to(device))
+    out.backward(dout[:, lo:hi].to(device, dtype))
     got = tuple(None if t is None else t.cpu() for t in (out, shard[0].grad, shard[1].grad, shard[2].grad))
     _compare(
-        f"[{case.name}, W={world_size}, rank {rank}, cu={cu.tolist()}]",
+        f"[{case.name}, {dtype}, W={world_size}, rank {rank}, cu={cu.tolist()}]",
         got,
         _reference(case, q, k, v, dout, mask, cu),
         lo,
         hi,
+        (None,) * 4 if dtype == torch.float64 else _reference(case, q, k, v, dout, mask, cu, dtype),
     )
 
 
@@ -128,6 +130,19 @@ def check_packed_cases(rank: int, world_size: int) -> list[str]:
             done.append(f"{case.name} (gather path)")
     finally:
         rd.view_path_available = view_path
+    probe = torch.empty(1, 1, 1, 8, device=rank_device())
+    if not strided_varlen.unsupported_reasons(probe[0]):  # float32 on the strided-rows kernels
+        built = []
+        tables = rd.local_tables
+        rd.local_tables = lambda plan, device: built.append(1) or tables(plan, device)
+        try:
+            for i, case in enumerate(CASES):
+                run_case(case, rank, world_size, seed=300 * world_size + i, dtype=torch.float32)
+                done.append(f"{case.name} (strided kernels)")
+        finally:
+            rd.local_tables = tables
+        if len(built) != len(CASES):
+            raise AssertionError(f"the strided kernels ran {len(built)} of {len(CASES)} float32 cases")
     return done
 
 

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import checks_ring_dilated_packed as checks
 import pytest
+import torch
 from harness import assert_all_ok, run_world
+
+from attn_core import strided_varlen
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_packed_ring_dilated_matches_reference(world_size: int) -> None:
-    values = assert_all_ok(run_world(checks.check_packed_cases, world_size, timeout=120))
+    values = assert_all_ok(run_world(checks.check_packed_cases, world_size, timeout=240))
     names = [c.name for c in checks.CASES]
-    assert values == [[*names, *(f"{n} (gather path)" for n in names[:4])]] * world_size
+    expected = [*names, *(f"{n} (gather path)" for n in names[:4])]
+    if not strided_varlen.unsupported_reasons(torch.empty(1, 1, 8)):  # the ranks run on the CPU here
+        expected += [f"{n} (strided kernels)" for n in names]  # float32 in Triton's interpreter
+    assert values == [expected] * world_size
 
 
 def test_bad_offsets_raise_on_every_rank() -> None:

@@ -32,7 +32,10 @@ Algorithm (see docs/ring_dilated.md for the derivation of the communicated bytes
 Kernels (:mod:`attn_ring.ring_dilated_exec`): the *view path* (every CPU call; bf16/fp16 CUDA
 calls that cuDNN takes) runs an item's local keys as :mod:`attn_core.views` pieces on strided
 views (no copies of q, k, v; native GQA when the kv heads form a strided set) and adds gradients
-into strided views; the remote keys of crossing segments go through :mod:`attn_core.blocks`. The
+into strided views (with packed documents and B == 1, where Triton runs, on
+:mod:`attn_core.strided_varlen`'s kernels instead: one launch per group and head-call shape
+rather than one call per small item); the remote keys of crossing segments go through
+:mod:`attn_core.blocks`. The
 *gather path* (other CUDA dtypes or head dims) gathers the rows and runs :mod:`attn_core.blocks`
 throughout. Padded keys' values are never read on either path.
 
@@ -49,6 +52,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from attn_core import strided_varlen
 from attn_core.blocks import acc_dtype
 from attn_core.config import DilatedConfig
 from attn_core.first_order import first_order_only, second_order_error
@@ -63,6 +67,7 @@ from .ring_dilated_exec import (
     backward_views,
     forward_gather,
     forward_views,
+    local_tables,
     view_path_available,
 )
 from .ring_dilated_plan import RingDilatedPlan, RingDilatedRankPlan, plan_ring_dilated
@@ -270,6 +275,10 @@ def ring_dilated_attention(
         global_mask = gather_mask(key_padding_mask, comm)
     # the kernels read rows through strides but need a contiguous head dim
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    call = RingDilatedCall(plan.ranks[comm.rank], view_path_available(q), comm, scale, causal)
+    rank_plan, on_views = plan.ranks[comm.rank], view_path_available(q)
+    # packed documents make many small items: their local keys run on the strided-rows kernels
+    on_kernels = on_views and cu_seqlens is not None and q.shape[0] == 1 and not strided_varlen.unsupported_reasons(q)
+    tables = local_tables(rank_plan, q.device) if on_kernels else None
+    call = RingDilatedCall(rank_plan, on_views, comm, scale, causal, tables)
     out: torch.Tensor = _RingDilatedFunction.apply(q, k, v, key_padding_mask, global_mask, call)
     return out

@@ -7,6 +7,11 @@ Two paths compute the same thing (see :mod:`attn_ring.ring_dilated` for the algo
   :func:`attn_core.views.forward_pieces` / :func:`attn_core.views.backward_pieces` (no copies of
   q, k, v; native GQA when the kv heads form a strided set); the received keys of crossing
   segments go through :mod:`attn_core.blocks` on strided views of q and the accumulators.
+  With packed documents (B == 1) where :mod:`attn_core.strided_varlen`'s kernels run (CUDA
+  fp16/bf16 with Triton, or the CPU interpreter), the local keys run on those kernels instead
+  (:func:`local_tables`): every item's segments as sequences of strided rows, one table per
+  (group, head-call shape), read and merged in place; packing makes many small items, which as
+  separate pieces would cost a kernel call each.
 - The *gather path* (other CUDA dtypes or head dims) gathers the rows and runs
   :mod:`attn_core.blocks` throughout.
 
@@ -19,14 +24,17 @@ storage (public primitives see its (B, H, n) transposed view).
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from attn_core import sdpa_ops, views
+from attn_core import sdpa_ops, strided_varlen, views
 from attn_core.blocks import block_backward, block_forward, drop_padded_keys
 from attn_core.merge import merge_into_
+from attn_core.strided_varlen import StridedSequences, strided_sequences
 from attn_core.triton_env import triton_installed
 
 from .comm import RingComm
@@ -42,6 +50,7 @@ __all__ = [
     "forward_views",
     "item_chunks",
     "local_pieces",
+    "local_tables",
     "remote_kv",
     "view_path_available",
 ]
@@ -62,6 +71,7 @@ class RingDilatedCall:
     comm: RingComm
     scale: float
     causal: bool
+    tables: tuple[StridedSequences, ...] | None = None  # view path: the local keys on the strided kernels
 
 
 def view_path_available(q: torch.Tensor) -> bool:
@@ -240,6 +250,50 @@ def local_pieces(items: Sequence[RingItem], batch: int, head_dim: int) -> list[v
     return pieces
 
 
+# Kernel tables per (rank plan, device); the rank plans are cached (ring_dilated_plan), so these
+# are too, bounded, each entry holding its plan so an id is never reused while cached.
+TABLES_CACHE_SIZE = 32
+_TABLES: OrderedDict[tuple[int, torch.device], tuple[RingDilatedRankPlan, tuple[StridedSequences, ...]]] = OrderedDict()
+_TABLES_LOCK = threading.Lock()
+
+
+def local_tables(plan: RingDilatedRankPlan, device: torch.device) -> tuple[StridedSequences, ...]:
+    """The items' local keys as :class:`attn_core.strided_varlen.StridedSequences` (B == 1): segment m
+    of an item is the sequence of rows base + m * seg_stride + t * row_stride, t < rows; one table per
+    (group, row stride, head-call shape), since a group selects each (row, head) once and two groups
+    may select the same one. Cached per (plan, device)."""
+    key = (id(plan), device)
+    with _TABLES_LOCK:
+        hit = _TABLES.get(key)
+        if hit is not None and hit[0] is plan:
+            _TABLES.move_to_end(key)
+            return hit[1]
+    parts: dict[tuple[int, ...], list[tuple[torch.Tensor, int, int, int]]] = {}
+    for it in plan.items:
+        starts = it.base + it.seg_stride * torch.arange(it.count, dtype=torch.int64)
+        for q_h0, q_hs, q_hn, kv_h0, kv_hs, kv_hn in sdpa_ops.strided_head_calls(it.heads, it.kv_heads):
+            parts.setdefault((it.group, it.row_stride, q_hs, q_hn, kv_hs, kv_hn), []).append(
+                (starts, it.rows, q_h0, kv_h0)
+            )
+    tables = []
+    for (_, stride, q_hs, q_hn, kv_hs, kv_hn), runs in parts.items():
+        starts = torch.cat([s for s, _, _, _ in runs])
+        lengths = torch.cat([torch.full_like(s, rows) for s, rows, _, _ in runs])
+        q_head0 = torch.cat([torch.full_like(s, h) for s, _, h, _ in runs])
+        kv_head0 = torch.cat([torch.full_like(s, h) for s, _, _, h in runs])
+        if int(lengths.sum()):
+            tables.append(
+                strided_sequences(starts, lengths, q_head0, kv_head0, stride, (q_hs, q_hn, kv_hs, kv_hn), device)
+            )
+    result = tuple(tables)
+    with _TABLES_LOCK:
+        _TABLES[key] = (plan, result)
+        _TABLES.move_to_end(key)
+        while len(_TABLES) > TABLES_CACHE_SIZE:
+            _TABLES.popitem(last=False)
+    return result
+
+
 def _remote_piece(it: RingItem) -> views.Piece:
     """The item's rows and all its query heads as one piece (a crossing segment: one segment, all batch
     rows); its kv heads are unused: the received keys come gathered (:func:`remote_kv`)."""
@@ -267,6 +321,14 @@ def forward_views(
     if recv is None:
         if local_mask is not None:  # padded keys' values are never read (the -inf bias masks logits only)
             k, v = drop_padded_keys(k, v, local_mask)
+        if call.tables is not None:  # B == 1: the accumulators start empty, so every table merges
+            mask = None if local_mask is None else local_mask[0]
+            for table in call.tables:
+                strided_varlen.forward_(
+                    q[0], k[0], v[0], table, out[0], lse[0],
+                    key_padding_mask=mask, is_causal=call.causal, scale=call.scale, first=False,
+                )  # fmt: skip
+            return
         pieces = local_pieces(call.plan.items, B, D)
         views.forward_pieces(
             q, k, v, pieces, out, lse_bhn, key_padding_mask=local_mask, is_causal=call.causal, scale=call.scale
@@ -305,6 +367,15 @@ def backward_views(
     if recv is None:
         if local_mask is not None:  # as in forward_views; the kernels give dk = dv = 0 at padded keys
             k, v = drop_padded_keys(k, v, local_mask)
+        if call.tables is not None:
+            mask = None if local_mask is None else local_mask[0]
+            delta = strided_varlen.row_delta(dout[0], out[0])
+            for table in call.tables:
+                strided_varlen.backward_(
+                    dout[0], q[0], k[0], v[0], lse[0], delta, table, (dq[0], dk[0], dv[0]),
+                    key_padding_mask=mask, is_causal=call.causal, scale=call.scale,
+                )  # fmt: skip
+            return
         pieces = local_pieces(call.plan.items, B, D)
         views.backward_pieces(
             dout, q, k, v, out, lse_bhn, pieces, (dq, dk, dv),
