@@ -48,7 +48,7 @@ import torch
 from . import sdpa_ops, strided_varlen, varlen, views
 from .config import DilatedConfig
 from .packing import document_segments, host_offsets, host_to_device, offsets_from_key, strided_rows
-from .strided_varlen import StridedSequences, strided_sequences
+from .strided_varlen import StridedSequences, stacked_sequences
 from .varlen_impls.flash import MIN_MEAN_SEQLEN
 from .views import Piece
 
@@ -227,15 +227,8 @@ def _kernel_sequences(
         counts = torch.clamp(-(-(seg_len - o) // r), min=0)  # rows o, o + r, ... below the segment's end
         for q_h0, q_hs, q_hn, kv_h0, kv_hs, kv_hn in hc:
             parts.setdefault((q_hs, q_hn, kv_hs, kv_hn), []).append((seg_start + o, counts, q_h0, kv_h0))
-    tables = []
-    for heads, items in parts.items():
-        starts = torch.cat([s for s, _, _, _ in items])
-        counts = torch.cat([c for _, c, _, _ in items])
-        q_head0 = torch.cat([torch.full_like(c, a) for _, c, a, _ in items])
-        kv_head0 = torch.cat([torch.full_like(c, b) for _, c, _, b in items])
-        if int(counts.sum()):
-            tables.append(strided_sequences(starts, counts, q_head0, kv_head0, r, heads, device))
-    return tuple(tables)
+    tables = (stacked_sequences(items, r, heads, device) for heads, items in parts.items())
+    return tuple(t for t in tables if t is not None)
 
 
 def _head_view(x: torch.Tensor, h0: int, hs: int, hn: int) -> torch.Tensor:

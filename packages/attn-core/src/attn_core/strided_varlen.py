@@ -16,6 +16,7 @@ Needs triton: compiled on CUDA, or the interpreter on the CPU (TRITON_INTERPRET=
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ __all__ = [
     "backward_",
     "forward_",
     "row_delta",
+    "stacked_sequences",
     "strided_sequences",
     "unsupported_reasons",
 ]
@@ -108,6 +110,23 @@ def strided_sequences(
         kv_hs=kv_hs,
         kv_hn=kv_hn,
     )
+
+
+def stacked_sequences(
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor, int, int]],
+    stride: int,
+    heads: tuple[int, int, int, int],
+    device: torch.device,
+) -> StridedSequences | None:
+    """One table of every part's sequences: parts (starts (S_i,), lengths (S_i,), q_head0, kv_head0)
+    on the host sharing ``stride`` and heads (q_hs, q_hn, kv_hs, kv_hn); None when no sequence has rows."""
+    starts = torch.cat([s for s, _, _, _ in parts])
+    lengths = torch.cat([n.expand_as(s) for s, n, _, _ in parts])
+    if not int(lengths.sum()):
+        return None
+    q_head0 = torch.cat([torch.full_like(s, h) for s, _, h, _ in parts])
+    kv_head0 = torch.cat([torch.full_like(s, h) for s, _, _, h in parts])
+    return strided_sequences(starts, lengths, q_head0, kv_head0, stride, heads, device)
 
 
 def unsupported_reasons(q: torch.Tensor) -> list[str]:

@@ -34,7 +34,7 @@ import torch
 from attn_core import sdpa_ops, strided_varlen, views
 from attn_core.blocks import block_backward, block_forward, drop_padded_keys
 from attn_core.merge import merge_into_
-from attn_core.strided_varlen import StridedSequences, strided_sequences
+from attn_core.strided_varlen import StridedSequences, stacked_sequences
 from attn_core.triton_env import triton_installed
 
 from .comm import RingComm
@@ -268,24 +268,15 @@ def local_tables(plan: RingDilatedRankPlan, device: torch.device) -> tuple[Strid
         if hit is not None and hit[0] is plan:
             _TABLES.move_to_end(key)
             return hit[1]
-    parts: dict[tuple[int, ...], list[tuple[torch.Tensor, int, int, int]]] = {}
+    parts: dict[tuple[int, int, tuple[int, int, int, int]], list[tuple[torch.Tensor, torch.Tensor, int, int]]] = {}
     for it in plan.items:
         starts = it.base + it.seg_stride * torch.arange(it.count, dtype=torch.int64)
+        rows = torch.tensor(it.rows, dtype=torch.int64)
         for q_h0, q_hs, q_hn, kv_h0, kv_hs, kv_hn in sdpa_ops.strided_head_calls(it.heads, it.kv_heads):
-            parts.setdefault((it.group, it.row_stride, q_hs, q_hn, kv_hs, kv_hn), []).append(
-                (starts, it.rows, q_h0, kv_h0)
-            )
-    tables = []
-    for (_, stride, q_hs, q_hn, kv_hs, kv_hn), runs in parts.items():
-        starts = torch.cat([s for s, _, _, _ in runs])
-        lengths = torch.cat([torch.full_like(s, rows) for s, rows, _, _ in runs])
-        q_head0 = torch.cat([torch.full_like(s, h) for s, _, h, _ in runs])
-        kv_head0 = torch.cat([torch.full_like(s, h) for s, _, _, h in runs])
-        if int(lengths.sum()):
-            tables.append(
-                strided_sequences(starts, lengths, q_head0, kv_head0, stride, (q_hs, q_hn, kv_hs, kv_hn), device)
-            )
-    result = tuple(tables)
+            shape = (it.group, it.row_stride, (q_hs, q_hn, kv_hs, kv_hn))
+            parts.setdefault(shape, []).append((starts, rows, q_h0, kv_h0))
+    tables = [stacked_sequences(runs, stride, heads, device) for (_, stride, heads), runs in parts.items()]
+    result = tuple(t for t in tables if t is not None)
     with _TABLES_LOCK:
         _TABLES[key] = (plan, result)
         _TABLES.move_to_end(key)
