@@ -141,7 +141,10 @@ def test_executors_agree_and_the_threshold_picks(monkeypatch):
     monkeypatch.setattr(gathered_groups, "GATHER_MAX_ELEMS", B * N * 3 * D - 1)
     assert sdpa_backend.executor(split)[0] == "strided"
     packed = DilatedCall(q[:1], k[:1], v[:1], DilatedConfig(seg, rates), False, None, 1.0, 0.0, torch.tensor([0, N]))
-    assert sdpa_backend.executor(packed)[0] == "packed"
+    name, why = sdpa_backend.executor(packed)
+    assert name == "packed"
+    # which route the other segments take, and why (float64: not the strided-rows kernels)
+    assert "gathered varlen calls" in why and "torch.float64" in why
 
 
 @pytest.mark.parametrize("mode", ["all", "split"])

@@ -61,6 +61,7 @@ __all__ = [
     "backward_packed",
     "forward_packed",
     "plan_packed",
+    "segment_route",
     "uses_strided_kernel",
 ]
 
@@ -109,6 +110,14 @@ def uses_strided_kernel(q: torch.Tensor) -> bool:
     """Whether segments off the strided pieces run on :mod:`attn_core.strided_varlen`'s kernels
     (in place, no gathers) for q; else they run as gathered varlen calls."""
     return not strided_varlen.unsupported_reasons(q)
+
+
+def segment_route(q: torch.Tensor) -> str:
+    """Which route the segments off the strided pieces take for q, and why (for ``explain``)."""
+    reasons = strided_varlen.unsupported_reasons(q)
+    if not reasons:
+        return "other segments on the strided-rows kernels (attn_core.strided_varlen)"
+    return f"other segments as gathered varlen calls (the strided-rows kernels: {'; '.join(reasons)})"
 
 
 def plan_packed(

@@ -79,7 +79,8 @@ def executor(call: DilatedCall) -> tuple[str, str]:
     on strided views, :mod:`attn_core.views`), by the rule of
     :func:`attn_core.gathered_groups.executor_choice`."""
     if call.cu_seqlens is not None:
-        return "packed", "cu_seqlens given: packed documents (attn_core.packed_views)"
+        route = packed_views.segment_route(call.q)
+        return "packed", f"cu_seqlens given: packed documents (attn_core.packed_views); {route}"
     return gathered_groups.executor_choice(call.shape, call.config)
 
 
