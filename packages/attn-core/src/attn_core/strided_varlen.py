@@ -139,10 +139,11 @@ def unsupported_reasons(q: torch.Tensor) -> list[str]:
             reasons.append("TRITON_INTERPRET is set: the interpreter runs CPU tensors only")
         if q.dtype not in (torch.float16, torch.bfloat16):
             reasons.append(f"the CUDA kernels take float16/bfloat16, got {q.dtype}")
-    elif not (q.device.type == "cpu" and interpret_mode()):
-        reasons.append(f"runs on CUDA, or on the CPU under TRITON_INTERPRET=1; got device {q.device}")
-    elif q.dtype not in (torch.float16, torch.float32):
-        reasons.append(f"the interpreter runs float16/float32, got {q.dtype}")
+    else:
+        if not (q.device.type == "cpu" and interpret_mode()):
+            reasons.append(f"runs on CUDA, or on the CPU under TRITON_INTERPRET=1; got device {q.device}")
+        if q.dtype not in (torch.float16, torch.float32):
+            reasons.append(f"the interpreter runs float16/float32, got {q.dtype}")
     D = q.shape[-1]
     if not 1 <= D <= MAX_HEAD_DIM:
         reasons.append(f"head dim must be 1..{MAX_HEAD_DIM}, got {D}")
