@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from attn_core import reference, strided_varlen
-from attn_core.triton_env import interpret_mode
 from attn_core.testing import assert_close_to_reference
+from attn_core.triton_env import interpret_mode
 
 pytest.importorskip("triton")
 
