@@ -3,8 +3,8 @@
 The packed planner (attn_core.packed_views) runs a document's full segments as strided pieces on
 the fused kernels (no copies) when the piece is large enough (STRIDED_MIN_WORK query-key products
 times heads) and at most STRIDED_MAX_PIECES pieces per group; everything else runs on the
-strided-rows kernels (attn_core.strided_varlen; gathered varlen calls where they cannot run). This times packed forward+backward (dilated_attention(..., cu_seqlens=cu), sdpa
-backend) of bench_varlen.py's batch (256K tokens, 41 log-normal documents, mean 8K, LongNet
+strided-rows kernels (attn_core.strided_varlen; gathered varlen calls where they cannot run).
+This times packed forward+backward (dilated_attention(..., cu_seqlens=cu), sdpa backend) of bench_varlen.py's batch (256K tokens, 41 log-normal documents, mean 8K, LongNet
 segments 2048-16384, rates 1-8, D=128, bf16) for several (max pieces, min work) settings, beside
 one unpacked sequence of the same length, and reports each plan (strided pieces / other calls
 per group) and the host time per call. One GPU; prints a table and writes JSON to --out.
