@@ -133,9 +133,10 @@ def plan_packed(
     cu_seqlens: valid int32 offsets (num_docs + 1,) (read to the host once); shape: (N, H, Hkv, D);
     kernel: the segments off the strided pieces as :class:`StridedSequences` (one per group and
     head-call shape, every offset stacked) instead of gathered calls (:func:`uses_strided_kernel`).
-    Groups in order of increasing rate; cached per (offsets, shape, config, device, kernel, thresholds).
+    Groups in order of increasing rate; cached per (offsets, shape, config, device, kernel tile sizes, thresholds).
     """
-    return _plan_packed(host_offsets(cu_seqlens), shape, config, device, kernel, STRIDED_MIN_WORK, STRIDED_MAX_PIECES)
+    tiles = (strided_varlen.FWD_BLOCK_M, strided_varlen.BWD_BLOCK) if kernel else None  # the tables' tile sizes
+    return _plan_packed(host_offsets(cu_seqlens), shape, config, device, tiles, STRIDED_MIN_WORK, STRIDED_MAX_PIECES)
 
 
 def _strided_documents(
@@ -166,7 +167,7 @@ def _plan_packed(
     shape: tuple[int, int, int, int],
     config: DilatedConfig,
     device: torch.device,
-    kernel: bool,
+    tiles: tuple[int, int] | None,
     min_work: int,
     max_pieces: int,
 ) -> tuple[GroupPlan, ...]:
@@ -199,7 +200,7 @@ def _plan_packed(
         on_strided[strided] = True
         keep = ~(on_strided[docs] & (seg_len == w))
         seg_start, seg_len = seg_start[keep], seg_len[keep]
-        if kernel:
+        if tiles is not None:
             groups.append(GroupPlan(tuple(pieces), (), _kernel_sequences(runs, seg_start, seg_len, r, device), first))
             continue
         calls: list[GatheredCall] = []

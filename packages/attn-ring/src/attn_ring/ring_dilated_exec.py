@@ -253,7 +253,8 @@ def local_pieces(items: Sequence[RingItem], batch: int, head_dim: int) -> list[v
 # Kernel tables per (rank plan, device); the rank plans are cached (ring_dilated_plan), so these
 # are too, bounded, each entry holding its plan so an id is never reused while cached.
 TABLES_CACHE_SIZE = 32
-_TABLES: OrderedDict[tuple[int, torch.device], tuple[RingDilatedRankPlan, tuple[StridedSequences, ...]]] = OrderedDict()
+_TABLES: OrderedDict[tuple[int, torch.device, int, int], tuple[RingDilatedRankPlan, tuple[StridedSequences, ...]]]
+_TABLES = OrderedDict()
 _TABLES_LOCK = threading.Lock()
 
 
@@ -261,8 +262,8 @@ def local_tables(plan: RingDilatedRankPlan, device: torch.device) -> tuple[Strid
     """The items' local keys as :class:`attn_core.strided_varlen.StridedSequences` (B == 1): segment m
     of an item is the sequence of rows base + m * seg_stride + t * row_stride, t < rows; one table per
     (group, row stride, head-call shape), since a group selects each (row, head) once and two groups
-    may select the same one. Cached per (plan, device)."""
-    key = (id(plan), device)
+    may select the same one. Cached per (plan, device, tile sizes)."""
+    key = (id(plan), device, strided_varlen.FWD_BLOCK_M, strided_varlen.BWD_BLOCK)
     with _TABLES_LOCK:
         hit = _TABLES.get(key)
         if hit is not None and hit[0] is plan:
