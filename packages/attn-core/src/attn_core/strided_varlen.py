@@ -11,7 +11,8 @@ program: :func:`forward_` stores or LSE-merges out / LSE at the rows, :func:`bac
 dk, dv at them, from the final (merged) out's :func:`row_delta` and LSE (exact for merged groups).
 
 Needs triton: compiled on CUDA, or the interpreter on the CPU (TRITON_INTERPRET=1), see
-:func:`unsupported_reasons`. Sizes are bounded by the tile tables, built once per plan.
+:func:`unsupported_reasons`. The tile tables are built once per plan on the host; a launch is one
+program per (tile, head), so its size follows the rows, not the number of sequences.
 """
 
 from __future__ import annotations
@@ -118,8 +119,9 @@ def stacked_sequences(
     heads: tuple[int, int, int, int],
     device: torch.device,
 ) -> StridedSequences | None:
-    """One table of every part's sequences: parts (starts (S_i,), lengths (S_i,), q_head0, kv_head0)
-    on the host sharing ``stride`` and heads (q_hs, q_hn, kv_hs, kv_hn); None when no sequence has rows."""
+    """One table of every part's sequences: parts (starts (S_i,), lengths (S_i,) or one 0-d length for
+    all, q_head0, kv_head0) on the host sharing ``stride`` and heads (q_hs, q_hn, kv_hs, kv_hn); None
+    when no sequence has rows."""
     starts = torch.cat([s for s, _, _, _ in parts])
     lengths = torch.cat([n.expand_as(s) for s, n, _, _ in parts])
     if not int(lengths.sum()):
