@@ -87,7 +87,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("probe_packed_pieces.py needs a CUDA GPU")
         return 1
-    lengths = bench_varlen.document_lengths(262144, 8192.0, 1.0, 256, 131072, 0)
+    lengths = bench_varlen.default_lengths()
     print(
         "| H/Hkv | mode | causal | unpacked ms | max pieces | min work | packed ms | packed / unpacked | host ms | plan |"
     )

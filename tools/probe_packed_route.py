@@ -122,7 +122,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("probe_packed_route.py needs a CUDA GPU")
         return 1
-    lengths = bench_varlen.document_lengths(262144, 8192.0, 1.0, 256, 131072, 0)
+    lengths = bench_varlen.default_lengths()
     result = dict(env=gpu_env(), routes=routes(lengths, args.reps), blocks=blocks(lengths, args.reps))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "packed_route.json").write_text(json.dumps(result, indent=1))
