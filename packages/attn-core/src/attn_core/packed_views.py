@@ -19,10 +19,11 @@ rows c[i] + s*w + o + t*r inside it. Those rows take one of two routes:
   :class:`attn_core.strided_varlen.StridedSequences` table per group and head-call shape: the
   kernels read those rows in place and store or LSE-merge out and LSE there, and the backward
   adds dq, dk, dv there (one forward and two backward launches per table, no copies);
-* **gathered** (where the kernels cannot run): those segments of an (offset, head run): its rows in one ``index_select`` into a packed
-  (rows, heads, D) tensor and one :func:`attn_core.varlen.varlen_forward` call over all those
-  segments (flash on CUDA, the bucketed path elsewhere), the result stored or LSE-merged back
-  with ``index_copy_``. When the segments are short on average (below the flash path's
+* **gathered** (where the kernels cannot run): those segments of an (offset, head run): their
+  rows in one ``index_select`` into a packed (rows, heads, D) tensor and one
+  :func:`attn_core.varlen.varlen_forward` call over all those segments (flash on CUDA, the
+  bucketed path elsewhere), the result stored with ``index_copy_`` or LSE-merged in place at
+  those rows (:func:`attn_core.sdpa_ops.merge_views_` with ``rows``). When the segments are short on average (below the flash path's
   :data:`attn_core.varlen_impls.flash.MIN_MEAN_SEQLEN` rows) the long and the short ones are two
   calls, so the long ones keep the fused kernel. For r == 1 with every position gathered, the
   rows are the packed tensors themselves (no gather).
@@ -133,7 +134,8 @@ def plan_packed(
     cu_seqlens: valid int32 offsets (num_docs + 1,) (read to the host once); shape: (N, H, Hkv, D);
     kernel: the segments off the strided pieces as :class:`StridedSequences` (one per group and
     head-call shape, every offset stacked) instead of gathered calls (:func:`uses_strided_kernel`).
-    Groups in order of increasing rate; cached per (offsets, shape, config, device, kernel tile sizes, thresholds).
+    Groups in order of increasing rate; cached per (offsets, shape, config, device, kernel tile
+    sizes, thresholds).
     """
     tiles = (strided_varlen.FWD_BLOCK_M, strided_varlen.BWD_BLOCK) if kernel else None  # the tables' tile sizes
     return _plan_packed(host_offsets(cu_seqlens), shape, config, device, tiles, STRIDED_MIN_WORK, STRIDED_MAX_PIECES)
