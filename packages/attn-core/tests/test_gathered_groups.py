@@ -268,7 +268,7 @@ def test_plan_cache_is_bounded_and_capture_never_builds(monkeypatch):
     assert gathered_groups.gathered_plan((1, 32, 4, 2, 8), cfg, True, CPU) is first
     assert gathered_groups.gathered_plan((1, 33, 4, 2, 8), cfg, True, CPU) is None
     monkeypatch.undo()
-    monkeypatch.setattr(views, "PLAN_CACHE_SIZE", 2)
+    monkeypatch.setattr(gathered_groups._PLANS, "max_entries", 2)
     for n in (34, 35, 36):
         gathered_groups.gathered_plan((1, n, 4, 2, 8), cfg, True, CPU)
     assert gathered_groups.gathered_plan((1, 32, 4, 2, 8), cfg, True, CPU) is not first  # dropped, rebuilt

@@ -320,7 +320,7 @@ def test_to_device_carries_the_transposed_csr(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_bounded_memo_builds_once_and_drops_the_least_recent() -> None:
-    from attn_sparse.memo import MISSING, BoundedMemo
+    from attn_core.memo import MISSING, BoundedMemo
 
     memo = BoundedMemo(2)
     calls: list[str] = []

@@ -52,15 +52,13 @@ from __future__ import annotations
 import itertools
 import math
 import sys
-import threading
-from collections import OrderedDict
-from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
 
 from . import sdpa_ops, views
 from .config import DilatedConfig
+from .memo import BoundedMemo
 from .packing import host_to_device
 from .views import Piece
 
@@ -150,8 +148,7 @@ class GatheredPlan:
         return any(step.gathered is not None for step in self.steps)
 
 
-_PLANS: OrderedDict[Hashable, GatheredPlan] = OrderedDict()
-_PLANS_LOCK = threading.Lock()
+_PLANS = BoundedMemo(views.PLAN_CACHE_SIZE)  # GatheredPlan per (shape, config, mergeable, device)
 
 
 def executor_choice(shape: tuple[int, int, int, int, int], config: DilatedConfig) -> tuple[str, str]:
@@ -188,20 +185,9 @@ def gathered_plan(
     if executor_choice(shape, config)[0] != "gathered":
         return None
     key = (shape, config, mergeable, device)
-    with _PLANS_LOCK:
-        plan = _PLANS.get(key)
-        if plan is not None:
-            _PLANS.move_to_end(key)
-            return plan
-    if stream_capturing(device):
+    if key not in _PLANS and stream_capturing(device):
         return None
-    plan = _build_plan(shape, config, mergeable, device)
-    with _PLANS_LOCK:
-        _PLANS[key] = plan
-        _PLANS.move_to_end(key)
-        while len(_PLANS) > views.PLAN_CACHE_SIZE:
-            _PLANS.popitem(last=False)
-    return plan
+    return _PLANS.get(key, lambda: _build_plan(shape, config, mergeable, device))
 
 
 def stream_capturing(device: torch.device) -> bool:

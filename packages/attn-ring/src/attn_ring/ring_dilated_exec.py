@@ -24,8 +24,6 @@ storage (public primitives see its (B, H, n) transposed view).
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +31,7 @@ import torch
 
 from attn_core import sdpa_ops, strided_varlen, views
 from attn_core.blocks import block_backward, block_forward, drop_padded_keys
+from attn_core.memo import BoundedMemo
 from attn_core.merge import merge_into_
 from attn_core.strided_varlen import StridedSequences, stacked_sequences
 from attn_core.triton_env import triton_installed
@@ -253,9 +252,7 @@ def local_pieces(items: Sequence[RingItem], batch: int, head_dim: int) -> list[v
 # Kernel tables per (rank plan, device); the rank plans are cached (ring_dilated_plan), so these
 # are too, bounded, each entry holding its plan so an id is never reused while cached.
 TABLES_CACHE_SIZE = 32
-_TABLES: OrderedDict[tuple[int, torch.device, int, int], tuple[RingDilatedRankPlan, tuple[StridedSequences, ...]]]
-_TABLES = OrderedDict()
-_TABLES_LOCK = threading.Lock()
+_TABLES = BoundedMemo(TABLES_CACHE_SIZE)
 
 
 def local_tables(plan: RingDilatedRankPlan, device: torch.device) -> tuple[StridedSequences, ...]:
@@ -264,11 +261,14 @@ def local_tables(plan: RingDilatedRankPlan, device: torch.device) -> tuple[Strid
     (group, row stride, head-call shape), since a group selects each (row, head) once and two groups
     may select the same one. Cached per (plan, device, tile sizes)."""
     key = (id(plan), device, strided_varlen.FWD_BLOCK_M, strided_varlen.BWD_BLOCK)
-    with _TABLES_LOCK:
-        hit = _TABLES.get(key)
-        if hit is not None and hit[0] is plan:
-            _TABLES.move_to_end(key)
-            return hit[1]
+    hit = _TABLES.get(key, lambda: (plan, _build_tables(plan, device)))
+    if hit[0] is not plan:  # a dropped plan's id reused by a new one
+        hit = (plan, _build_tables(plan, device))
+        _TABLES.put(key, hit)
+    return hit[1]
+
+
+def _build_tables(plan: RingDilatedRankPlan, device: torch.device) -> tuple[StridedSequences, ...]:
     parts: dict[tuple[int, int, tuple[int, int, int, int]], list[tuple[torch.Tensor, torch.Tensor, int, int]]] = {}
     for it in plan.items:
         starts = it.base + it.seg_stride * torch.arange(it.count, dtype=torch.int64)
@@ -277,13 +277,7 @@ def local_tables(plan: RingDilatedRankPlan, device: torch.device) -> tuple[Strid
             shape = (it.group, it.row_stride, (q_hs, q_hn, kv_hs, kv_hn))
             parts.setdefault(shape, []).append((starts, rows, q_h0, kv_h0))
     tables = [stacked_sequences(runs, stride, heads, device) for (_, stride, heads), runs in parts.items()]
-    result = tuple(t for t in tables if t is not None)
-    with _TABLES_LOCK:
-        _TABLES[key] = (plan, result)
-        _TABLES.move_to_end(key)
-        while len(_TABLES) > TABLES_CACHE_SIZE:
-            _TABLES.popitem(last=False)
-    return result
+    return tuple(t for t in tables if t is not None)
 
 
 def _remote_piece(it: RingItem) -> views.Piece:

@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
+from attn_core.memo import MISSING, BoundedMemo
+
 from . import library_format
 from .csr import crow_from_sorted_rows, expand_intervals, row_ids
 from .flex_support import flex_block_mask_class, tile_mask_mod, token_terms
-from .memo import MISSING, BoundedMemo
 from .tile_index import INT32_MAX
 
 __all__ = [
@@ -382,7 +383,7 @@ class BlockLayout:
 
     def cached_derived(self, key: Any, build: Any) -> Any:
         """Derived data (device copies, transposed CSR, flex BlockMasks per sequence length), LRU-bounded
-        (:class:`attn_sparse.memo.BoundedMemo`: under torch.compile a miss is built, not stored)."""
+        (:class:`attn_core.memo.BoundedMemo`: under torch.compile a miss is built, not stored)."""
         return self._cache.get(key, build)
 
     def row_counts(self) -> torch.Tensor:

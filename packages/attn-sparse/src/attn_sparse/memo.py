@@ -1,9 +1,8 @@
-"""Small thread-safe LRU memos of derived data, bounded by their number of entries.
+"""Memos of derived data per set of tensors, found from their storage.
 
-:class:`BoundedMemo`: used by :class:`attn_sparse.layout.BlockLayout` (device copies, transposed
-CSR). :class:`StorageMemo`: one :class:`BoundedMemo` per set of tensors, found from their storage
-(the kernels' launch tables, which eager calls reach through the layout and the custom ops from
-the raw CSR tensors they receive).
+:class:`StorageMemo`: one :class:`attn_core.memo.BoundedMemo` per set of tensors (the kernels'
+launch tables, which eager calls reach through the layout and the custom ops from the raw CSR
+tensors they receive).
 """
 
 from __future__ import annotations
@@ -16,77 +15,9 @@ from typing import Any
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-__all__ = ["MISSING", "BoundedMemo", "StorageMemo"]
+from attn_core.memo import BoundedMemo
 
-# what peek returns for an absent key (None can be a memoised value)
-MISSING = object()
-
-
-class BoundedMemo:
-    """At most ``max_entries`` values, least recently used dropped first.
-
-    :meth:`get` builds a missing value outside the lock (other lookups proceed; when two threads
-    build the same key, the first stored value wins). Under torch.compile, which cannot trace a
-    lock, a hit is read without it (values are only ever replaced whole, under it) and a miss is
-    built in the graph and not stored: eager calls fill the memo.
-    """
-
-    def __init__(self, max_entries: int) -> None:
-        self.max_entries = max_entries
-        self._items: OrderedDict[Any, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any, build: Callable[[], Any]) -> Any:
-        """The value under ``key``, built by ``build()`` and stored on a miss."""
-        if torch.compiler.is_compiling():
-            hit = self._items.get(key, MISSING)
-            return build() if hit is MISSING else hit
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        value = build()
-        with self._lock:
-            value = self._items.setdefault(key, value)
-            self._items.move_to_end(key)
-            self._evict()
-            return value
-
-    def peek(self, key: Any) -> Any:
-        """The value under ``key`` or :data:`MISSING` (nothing built, no LRU update)."""
-        if torch.compiler.is_compiling():
-            return self._items.get(key, MISSING)
-        with self._lock:
-            return self._items.get(key, MISSING)
-
-    def put(self, key: Any, value: Any) -> None:
-        """Store ``value`` under ``key`` (replacing any)."""
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            self._evict()
-
-    def clear(self) -> None:
-        """Drop every value."""
-        with self._lock:
-            self._items.clear()
-
-    def _evict(self) -> None:
-        while len(self._items) > self.max_entries:
-            self._items.popitem(last=False)
-
-    def __contains__(self, key: object) -> bool:
-        return self.peek(key) is not MISSING
-
-    def __getitem__(self, key: Any) -> Any:
-        value = self.peek(key)
-        if value is MISSING:
-            raise KeyError(key)
-        return value
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
+__all__ = ["StorageMemo"]
 
 
 class StorageMemo:
