@@ -6,9 +6,10 @@ On bench_varlen.py's batch (256K tokens, 41 log-normal documents, mean 8K, LongN
 events) of: one unpacked sequence of the same length; packed with the other segments as gathered
 varlen calls (``packed_views.uses_strided_kernel`` forced off); packed on the strided-rows kernels
 (attn_core.strided_varlen, the default); the same with no strided pieces (every segment on the
-kernels); and forward-only times of packed and unpacked. Then a sweep of the kernels' tile sizes
-(FWD_BLOCK_M, FWD_BLOCK_N, BWD_BLOCK) at 16/16 "all", causal and not. One GPU; prints tables and
-writes JSON to --out.
+kernels); and forward-only times of packed and unpacked. Then a sweep of the kernels' launch
+settings (tile sizes and pipelining depth, :data:`SETTINGS`) at 16/16 "all", causal and not, with
+the kernels alone timed on the batch's tables (TFLOP/s of the pairs they compute; no cuDNN pieces).
+One GPU; prints tables and writes JSON to --out.
 
     source tools/srcpath.sh && python tools/probe_packed_route.py --out bench-output
 """
@@ -36,8 +37,19 @@ POINTS = [
     ((32, 8), "all", True),
     ((32, 8), "split", True),
 ]
-# (FWD_BLOCK_M, FWD_BLOCK_N, BWD_BLOCK)
-BLOCKS = [(128, 64, 64), (128, 32, 64), (64, 64, 64), (128, 128, 64), (128, 64, 32), (128, 64, 128)]
+# Overrides of attn_core.strided_varlen's launch constants, each against the defaults (first row).
+SETTINGS: list[dict[str, int]] = [
+    {},
+    dict(FWD_STAGES=3),
+    dict(FWD_BLOCK_N=128),
+    dict(FWD_BLOCK_N=128, FWD_STAGES=3),
+    dict(FWD_BLOCK_M=64, FWD_STAGES=3),
+    dict(BWD_STAGES=3),
+    dict(BWD_BLOCK=128, BWD_STEP=32),
+    dict(BWD_BLOCK=128, BWD_STEP=32, BWD_STAGES=3),
+    dict(BWD_BLOCK=128, BWD_STEP=64),
+    dict(BWD_BLOCK=64, BWD_STEP=32, BWD_STAGES=3),
+]
 
 
 def _tensors(n: int, h: int, hkv: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -90,27 +102,77 @@ def routes(lengths: list[int], reps: int) -> list[dict[str, Any]]:
     return rows
 
 
-def blocks(lengths: list[int], reps: int) -> list[dict[str, Any]]:
+def _kernel_steps(lengths: list[int], leaves: list[torch.Tensor], go: torch.Tensor, causal: bool) -> tuple:
+    """(fwd(), bwd(), pairs): the strided-rows kernels alone over every table of the 16/16 "all"
+    plan (in plan order, as the packed call runs them), and the (query, key, head) pairs they compute."""
+    from attn_core import packed_views, strided_varlen
+    from attn_core.config import DilatedConfig
+
+    q, k, v = (t.detach()[0] for t in leaves)
+    n, h, d = q.shape
+    config = DilatedConfig(CFG["segments"], CFG["rates"], head_mode="all")
+    cu = bench_varlen.offsets(lengths, q.device)
+    plan = packed_views.plan_packed(cu, (n, h, k.shape[1], d), config, q.device, kernel=True)
+    tables = [(group.first, seqs) for group in plan for seqs in group.sequences]
+    out, lse = torch.zeros_like(q), torch.full((n, h), float("-inf"), device=q.device)
+    grads = tuple(torch.zeros_like(t) for t in (q, k, v))
+    scale = d**-0.5
+    common = dict(key_padding_mask=None, is_causal=causal, scale=scale)
+
+    def fwd() -> None:
+        for first, seqs in tables:
+            strided_varlen.forward_(q, k, v, seqs, out, lse, first=first, **common)
+
+    def bwd() -> None:
+        delta = strided_varlen.row_delta(go[0], out)
+        for _, seqs in tables:
+            strided_varlen.backward_(go[0], q, k, v, lse, delta, seqs, grads, **common)
+
+    lens = [seqs.lengths.long() for _, seqs in tables]
+    per = [(n * (n + 1) // 2 if causal else n * n).sum() * seqs.q_hn for n, (_, seqs) in zip(lens, tables)]
+    return fwd, bwd, int(sum(per))
+
+
+def settings(lengths: list[int], reps: int) -> list[dict[str, Any]]:
     from attn_core import strided_varlen
 
     dev = torch.device("cuda")
     cu = bench_varlen.offsets(lengths, dev)
     bounds = list(itertools.pairwise([0, *itertools.accumulate(lengths)]))
-    defaults = (strided_varlen.FWD_BLOCK_M, strided_varlen.FWD_BLOCK_N, strided_varlen.BWD_BLOCK)
+    names = sorted({name for setting in SETTINGS for name in setting})
+    defaults = {name: getattr(strided_varlen, name) for name in names}
     rows = []
-    print("\n| causal | FWD_BLOCK_M, FWD_BLOCK_N, BWD_BLOCK | fwd ms | fwd+bwd ms |\n|---|---|---|---|")
-    try:
-        for causal in (False, True):
-            leaves, go = _tensors(sum(lengths), 16, 16)
-            packed = bench_varlen.runners(CFG, cu, bounds, "all", causal)["packed"]
-            for sizes in BLOCKS:
-                strided_varlen.FWD_BLOCK_M, strided_varlen.FWD_BLOCK_N, strided_varlen.BWD_BLOCK = sizes
+    print(
+        f"\n| causal | setting (defaults {defaults}) | fwd ms | fwd+bwd ms | kernels fwd ms (TFLOP/s) "
+        "| kernels bwd ms (TFLOP/s) |\n|---|---|---|---|---|---|"
+    )
+    d = CFG["D"]
+    for causal in (False, True):
+        leaves, go = _tensors(sum(lengths), 16, 16)
+        packed = bench_varlen.runners(CFG, cu, bounds, "all", causal)["packed"]
+        for setting in SETTINGS:
+            try:
+                for name, value in setting.items():
+                    setattr(strided_varlen, name, value)
                 f = cuda_median_ms(lambda p=packed, x=leaves: p(*(t.detach() for t in x)), reps)
                 fb = cuda_median_ms(lambda p=packed, x=leaves, g=go: bench_varlen.fwd_bwd(p, x, g), reps)
-                rows.append(dict(causal=causal, blocks=sizes, fwd=f, fwd_bwd=fb))
-                print(f"| {'yes' if causal else 'no'} | {sizes} | {f:.1f} | {fb:.1f} |", flush=True)
-    finally:
-        strided_varlen.FWD_BLOCK_M, strided_varlen.FWD_BLOCK_N, strided_varlen.BWD_BLOCK = defaults
+                kfwd, kbwd, pairs = _kernel_steps(lengths, leaves, go, causal)
+                kf, kb = cuda_median_ms(kfwd, reps), cuda_median_ms(kbwd, reps)
+            except Exception as err:  # a setting that does not compile (shared memory) is reported, not fatal
+                print(f"| {'yes' if causal else 'no'} | {setting} | failed: {type(err).__name__} | | | |", flush=True)
+                continue
+            finally:
+                for name, value in defaults.items():
+                    setattr(strided_varlen, name, value)
+            # 2*D flops per pair and matmul: 2 matmuls forward; 7 backward (dk/dv kernel 4, dq kernel 3)
+            tf_f, tf_b = 4 * d * pairs / kf / 1e9, 14 * d * pairs / kb / 1e9
+            rows.append(dict(causal=causal, setting=setting, fwd=f, fwd_bwd=fb, kernel_fwd=kf, kernel_bwd=kb,
+                             kernel_pairs=pairs, kernel_fwd_tflops=tf_f, kernel_bwd_tflops=tf_b))  # fmt: skip
+            print(
+                f"| {'yes' if causal else 'no'} | {setting or 'defaults'} | {f:.1f} | {fb:.1f} "
+                f"| {kf:.2f} ({tf_f:.0f}) | {kb:.2f} ({tf_b:.0f}) |",
+                flush=True,
+            )
     return rows
 
 
@@ -123,7 +185,7 @@ def main() -> int:
         print("probe_packed_route.py needs a CUDA GPU")
         return 1
     lengths = bench_varlen.default_lengths()
-    result = dict(env=gpu_env(), routes=routes(lengths, args.reps), blocks=blocks(lengths, args.reps))
+    result = dict(env=gpu_env(), routes=routes(lengths, args.reps), settings=settings(lengths, args.reps))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "packed_route.json").write_text(json.dumps(result, indent=1))
     return 0

@@ -51,11 +51,25 @@ def _key_end(n, m0, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _key_tile(K, V, start, n, j0, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, BLOCK_N: tl.constexpr):
-    """Keys j0 .. j0 + BLOCK_N of the sequence: local index, packed position, K and V (0 past n)."""
+def _unmasked_key_end(n, m0, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """Key tiles below this (a multiple of BLOCK_N) lie inside the sequence and, causal, at or before
+    the query tile's first row m0: every pair of theirs attends, so they skip the bounds and causal
+    masks (the tiles from here to :func:`_key_end` take them)."""
+    end = n
+    if IS_CAUSAL:
+        end = tl.minimum(n, m0 + 1)
+    return (end // BLOCK_N) * BLOCK_N
+
+
+@triton.jit
+def _key_tile(
+    K, V, start, n, j0, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr
+):
+    """Keys j0 .. j0 + BLOCK_N of the sequence: local index, packed position, K and V (0 past n;
+    BOUNDS False: the caller knows the tile is inside the sequence)."""
     cols = j0 + tl.arange(0, BLOCK_N)
     kpos = start + cols.to(tl.int64) * STRIDE
-    mask = (cols < n)[:, None] & d_ok[None, :]
+    mask = ((cols < n) if BOUNDS else (cols >= 0))[:, None] & d_ok[None, :]
     return cols, kpos, _load_rows(K, kpos, kh, s_kn, s_kh, d, mask), _load_rows(V, kpos, kh, s_vn, s_vh, d, mask)
 
 
@@ -68,15 +82,35 @@ def _row_stats(LSE, DELTA, qpos, qh, row_ok, s_ln, s_lh, H):
 
 
 @triton.jit
-def _keep(rows, cols, n, KPAD, kpos, IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr):
-    """(rows, cols) pairs that attend: key inside the sequence, causal within it, key not padding."""
-    keep = (cols < n)[None, :] & (rows >= 0)[:, None]
+def _keep(rows, cols, n, KPAD, kpos, BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr):
+    """(rows, cols) pairs that attend: key inside the sequence (checked when BOUNDS), causal within
+    it (IS_CAUSAL), key not padding (HAS_PAD)."""
+    keep = ((cols < n) if BOUNDS else (cols >= 0))[None, :] & (rows >= 0)[:, None]
     if IS_CAUSAL:
         keep = keep & (cols[None, :] <= rows[:, None])
     if HAS_PAD:
         pad = tl.load(KPAD + kpos, mask=cols < n, other=1)
         keep = keep & (pad == 0)[None, :]
     return keep
+
+
+@triton.jit
+def _fwd_step(
+    q, acc, m_i, l_i, j0, K, V, KPAD, start, n, rows, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, qk_scale,
+    BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+):  # fmt: skip
+    """The online softmax over key tile j0: (acc, m_i, l_i) updated (masks as in :func:`_keep`)."""
+    cols, kpos, k, v = _key_tile(K, V, start, n, j0, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, BLOCK_N, BOUNDS)
+    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    if BOUNDS or IS_CAUSAL or HAS_PAD:
+        qk = tl.where(_keep(rows, cols, n, KPAD, kpos, BOUNDS, IS_CAUSAL, HAS_PAD), qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: keep weights 0
+    p = tl.math.exp2(qk - m_ref[:, None])
+    alpha = tl.math.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, m_new, l_i
 
 
 @triton.jit(do_not_specialize=["STRIDE", "q_hs", "kv_hs", "GQA"])
@@ -98,17 +132,17 @@ def fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for j0 in range(0, _key_end(n, m0, BLOCK_M, IS_CAUSAL), BLOCK_N):
-        cols, kpos, k, v = _key_tile(K, V, start, n, j0, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, BLOCK_N)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        qk = tl.where(_keep(rows, cols, n, KPAD, kpos, IS_CAUSAL, HAS_PAD), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: keep weights 0
-        p = tl.math.exp2(qk - m_ref[:, None])
-        alpha = tl.math.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+    unmasked_end = _unmasked_key_end(n, m0, BLOCK_N, IS_CAUSAL)
+    for j0 in range(0, unmasked_end, BLOCK_N):
+        acc, m_i, l_i = _fwd_step(
+            q, acc, m_i, l_i, j0, K, V, KPAD, start, n, rows, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, qk_scale,
+            BLOCK_N, False, False, HAS_PAD,
+        )  # fmt: skip
+    for j0 in range(unmasked_end, _key_end(n, m0, BLOCK_M, IS_CAUSAL), BLOCK_N):
+        acc, m_i, l_i = _fwd_step(
+            q, acc, m_i, l_i, j0, K, V, KPAD, start, n, rows, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, qk_scale,
+            BLOCK_N, True, IS_CAUSAL, HAS_PAD,
+        )  # fmt: skip
     empty = l_i == 0.0
     out = acc * (1.0 / tl.where(empty, 1.0, l_i))[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
@@ -146,11 +180,55 @@ def delta_kernel(
 
 
 @triton.jit
-def _probs(q, k, rows, cols, n, lse2, KPAD, kpos, qk_scale, IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr):
-    """P (rows, cols) from the final LSE (base 2; +inf for rows that see no key, so P = 0 there)."""
+def _probs(
+    q, k, rows, cols, n, lse2, KPAD, kpos, qk_scale,
+    BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+):  # fmt: skip
+    """P (rows, cols) from the final LSE (base 2; +inf for rows that see no key or lie past the
+    sequence, so P = 0 there), masked as in :func:`_keep`."""
     qk = tl.dot(q, tl.trans(k)) * qk_scale
     p = tl.math.exp2(qk - lse2[:, None])
-    return tl.where(_keep(rows, cols, n, KPAD, kpos, IS_CAUSAL, HAS_PAD), p, 0.0)
+    if BOUNDS or IS_CAUSAL or HAS_PAD:
+        p = tl.where(_keep(rows, cols, n, KPAD, kpos, BOUNDS, IS_CAUSAL, HAS_PAD), p, 0.0)
+    return p
+
+
+@triton.jit
+def _dkdv_step(
+    dk, dv, k, v, cols, kpos, m0, Q, DO, LSE, DELTA, KPAD, start, n, qh, STRIDE,
+    s_qn, s_qh, s_dn, s_dh, s_ln, s_lh, H, d, d_ok, qk_scale,
+    BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+):  # fmt: skip
+    """(dk, dv) of this program's key tile plus query tile m0's share. No bounds mask: query rows past
+    the sequence have P = 0, and this tile's keys past it only reach their own dk, dv rows, which are
+    not stored."""
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < n
+    qpos = start + rows.to(tl.int64) * STRIDE
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = _load_rows(Q, qpos, qh, s_qn, s_qh, d, q_mask)
+    do = _load_rows(DO, qpos, qh, s_dn, s_dh, d, q_mask)
+    lse2, delta = _row_stats(LSE, DELTA, qpos, qh, row_ok, s_ln, s_lh, H)
+    p = _probs(q, k, rows, cols, n, lse2, KPAD, kpos, qk_scale, False, IS_CAUSAL, HAS_PAD)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _dq_step(
+    dq, q, do, lse2, delta, rows, j0, K, V, KPAD, start, n, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, qk_scale,
+    BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+):  # fmt: skip
+    """dq of this program's query tile plus key tile j0's share (keys past the sequence load as 0, but
+    P there is masked: exp2(-lse) alone may overflow)."""
+    cols, kpos, k, v = _key_tile(K, V, start, n, j0, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, BLOCK_N, BOUNDS)
+    p = _probs(q, k, rows, cols, n, lse2, KPAD, kpos, qk_scale, BOUNDS, IS_CAUSAL, HAS_PAD)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq)
 
 
 @triton.jit(do_not_specialize=["STRIDE", "q_hs", "kv_hs", "GQA", "H"])
@@ -179,23 +257,23 @@ def dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     qh0 = tl.load(QH0 + s)
     lo = 0
-    if IS_CAUSAL:  # query tiles from the one holding the first key row
+    masked_end = 0
+    if IS_CAUSAL:  # query tiles from the one holding the first key row; those before masked_end
+        # hold a row before some key of this tile and take the causal mask
         lo = (n0 // BLOCK_M) * BLOCK_M
+        masked_end = tl.minimum(n, tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M)
     for g in range(0, GQA):
         qh = (qh0 + (jk * GQA + g) * q_hs).to(tl.int64)
-        for m0 in range(lo, n, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < n
-            qpos = start + rows.to(tl.int64) * STRIDE
-            q_mask = row_ok[:, None] & d_ok[None, :]
-            q = _load_rows(Q, qpos, qh, s_qn, s_qh, d, q_mask)
-            do = _load_rows(DO, qpos, qh, s_dn, s_dh, d, q_mask)
-            lse2, delta = _row_stats(LSE, DELTA, qpos, qh, row_ok, s_ln, s_lh, H)
-            p = _probs(q, k, rows, cols, n, lse2, KPAD, kpos, qk_scale, IS_CAUSAL, HAS_PAD)
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
+        for m0 in range(lo, masked_end, BLOCK_M):
+            dk, dv = _dkdv_step(
+                dk, dv, k, v, cols, kpos, m0, Q, DO, LSE, DELTA, KPAD, start, n, qh, STRIDE,
+                s_qn, s_qh, s_dn, s_dh, s_ln, s_lh, H, d, d_ok, qk_scale, BLOCK_M, IS_CAUSAL, HAS_PAD,
+            )  # fmt: skip
+        for m0 in range(masked_end, n, BLOCK_M):
+            dk, dv = _dkdv_step(
+                dk, dv, k, v, cols, kpos, m0, Q, DO, LSE, DELTA, KPAD, start, n, qh, STRIDE,
+                s_qn, s_qh, s_dn, s_dh, s_ln, s_lh, H, d, d_ok, qk_scale, BLOCK_M, False, HAS_PAD,
+            )  # fmt: skip
     dk_ptr = DK + (kpos * s_dkn + kh * s_dkh)[:, None] + d[None, :]
     dv_ptr = DV + (kpos * s_dvn + kh * s_dvh)[:, None] + d[None, :]
     dk = dk * sm_scale + tl.load(dk_ptr, mask=kv_mask, other=0.0).to(tl.float32)
@@ -224,12 +302,17 @@ def dq_kernel(
     do = _load_rows(DO, qpos, qh, s_dn, s_dh, d, q_mask)
     lse2, delta = _row_stats(LSE, DELTA, qpos, qh, row_ok, s_ln, s_lh, H)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for j0 in range(0, _key_end(n, m0, BLOCK_M, IS_CAUSAL), BLOCK_N):
-        cols, kpos, k, v = _key_tile(K, V, start, n, j0, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, BLOCK_N)
-        p = _probs(q, k, rows, cols, n, lse2, KPAD, kpos, qk_scale, IS_CAUSAL, HAS_PAD)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq)
+    unmasked_end = _unmasked_key_end(n, m0, BLOCK_N, IS_CAUSAL)
+    for j0 in range(0, unmasked_end, BLOCK_N):
+        dq = _dq_step(
+            dq, q, do, lse2, delta, rows, j0, K, V, KPAD, start, n, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok,
+            qk_scale, BLOCK_N, False, False, HAS_PAD,
+        )  # fmt: skip
+    for j0 in range(unmasked_end, _key_end(n, m0, BLOCK_M, IS_CAUSAL), BLOCK_N):
+        dq = _dq_step(
+            dq, q, do, lse2, delta, rows, j0, K, V, KPAD, start, n, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok,
+            qk_scale, BLOCK_N, True, IS_CAUSAL, HAS_PAD,
+        )  # fmt: skip
     dq_ptr = DQ + (qpos * s_dqn + qh * s_dqh)[:, None] + d[None, :]
     dq = dq * sm_scale + tl.load(dq_ptr, mask=q_mask, other=0.0).to(tl.float32)
     tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=q_mask)

@@ -26,8 +26,11 @@ from .triton_env import interpret_mode, triton_installed
 
 __all__ = [
     "BWD_BLOCK",
+    "BWD_STAGES",
+    "BWD_STEP",
     "FWD_BLOCK_M",
     "FWD_BLOCK_N",
+    "FWD_STAGES",
     "StridedSequences",
     "backward_",
     "forward_",
@@ -40,8 +43,13 @@ __all__ = [
 # Query rows per forward program and keys per inner step (D <= 128 on an H100: 8 warps).
 FWD_BLOCK_M = 128
 FWD_BLOCK_N = 64
-# Rows per backward program (key rows for dk/dv, query rows for dq) and per inner step.
+# Rows per backward program (key rows for dk/dv, query rows for dq) and per inner step (query
+# rows for dk/dv, key rows for dq).
 BWD_BLOCK = 64
+BWD_STEP = 64
+# Software-pipelining depth of the inner loops' loads.
+FWD_STAGES = 2
+BWD_STAGES = 2
 DELTA_BLOCK_ROWS = 32
 # The tile sizes above fit shared memory up to this head dim (measured on an H100 at 64 and 128);
 # larger head dims take the gathered varlen path.
@@ -196,7 +204,7 @@ def forward_(
         seqs.stride, seqs.q_hs, seqs.kv_hs, seqs.q_hn // seqs.kv_hn, scale * 1.4426950408889634,
         D=D, BLOCK_D=_block_d(D), BLOCK_M=FWD_BLOCK_M, BLOCK_N=FWD_BLOCK_N,
         IS_CAUSAL=is_causal, HAS_PAD=key_padding_mask is not None, FIRST=first,
-        num_warps=_warps(D, FWD_BLOCK_M), num_stages=2,
+        num_warps=_warps(D, FWD_BLOCK_M), num_stages=FWD_STAGES,
     )  # fmt: skip
 
 
@@ -245,13 +253,15 @@ def backward_(
     strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dout.stride()[:2], *lse.stride())
     common = (seqs.stride, seqs.q_hs, seqs.kv_hs, seqs.q_hn // seqs.kv_hn, H, scale * 1.4426950408889634, scale)
     meta = dict(
-        D=D, BLOCK_D=_block_d(D), BLOCK_M=BWD_BLOCK, BLOCK_N=BWD_BLOCK, IS_CAUSAL=is_causal,
-        HAS_PAD=key_padding_mask is not None, num_warps=_warps(D, BWD_BLOCK), num_stages=2,
+        D=D, BLOCK_D=_block_d(D), IS_CAUSAL=is_causal, HAS_PAD=key_padding_mask is not None,
+        num_warps=_warps(D, BWD_BLOCK), num_stages=BWD_STAGES,
     )  # fmt: skip
     tiles = seqs.bwd_tiles[0].numel()
     dkdv_kernel[(tiles, seqs.kv_hn)](
-        q, k, v, dout, lse, delta, dk, dv, pad, *tables, *strides, *dk.stride()[:2], *dv.stride()[:2], *common, **meta
-    )
+        q, k, v, dout, lse, delta, dk, dv, pad, *tables, *strides, *dk.stride()[:2], *dv.stride()[:2], *common,
+        BLOCK_M=BWD_STEP, BLOCK_N=BWD_BLOCK, **meta,
+    )  # fmt: skip
     dq_kernel[(tiles, seqs.q_hn)](
-        q, k, v, dout, lse, delta, dq, pad, *tables, *strides, *dq.stride()[:2], *common, **meta
-    )
+        q, k, v, dout, lse, delta, dq, pad, *tables, *strides, *dq.stride()[:2], *common,
+        BLOCK_M=BWD_BLOCK, BLOCK_N=BWD_STEP, **meta,
+    )  # fmt: skip
