@@ -101,12 +101,16 @@ def _fwd_step(
 ):  # fmt: skip
     """The online softmax over key tile j0: (acc, m_i, l_i) updated (masks as in :func:`_keep`)."""
     cols, kpos, k, v = _key_tile(K, V, start, n, j0, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, BLOCK_N, BOUNDS)
-    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    qk = tl.dot(q, tl.trans(k))
     if BOUNDS or IS_CAUSAL or HAS_PAD:
-        qk = tl.where(_keep(rows, cols, n, KPAD, kpos, BOUNDS, IS_CAUSAL, HAS_PAD), qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: keep weights 0
-    p = tl.math.exp2(qk - m_ref[:, None])
+        qk = tl.where(_keep(rows, cols, n, KPAD, kpos, BOUNDS, IS_CAUSAL, HAS_PAD), qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: keep weights 0
+        p = tl.math.exp2(qk - m_ref[:, None])
+    else:  # every score finite: scale inside the exponent (one fused multiply-add; qk_scale > 0)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_ref = m_new
+        p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
     alpha = tl.math.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
