@@ -30,8 +30,14 @@ from probe_gather_executor import host_ms
 
 CFG: dict[str, Any] = dict(segments=[2048, 4096, 8192, 16384], rates=[1, 2, 4, 8], D=128, dtype=torch.bfloat16)
 # (STRIDED_MAX_PIECES, log2 STRIDED_MIN_WORK)
-SETTINGS = [(16, 25), (64, 25), (256, 25), (256, 23), (4096, 21)]
-POINTS = [((16, 16), "all", False), ((16, 16), "all", True), ((32, 8), "all", False), ((16, 16), "split", False)]
+SETTINGS = [(16, 25), (64, 25), (64, 24), (256, 23), (4096, 21)]
+POINTS = [
+    ((16, 16), "all", False),
+    ((16, 16), "all", True),
+    ((32, 8), "all", False),
+    ((16, 16), "split", False),
+    ((32, 8), "split", True),
+]
 
 
 def measure(heads: tuple[int, int], mode: str, causal: bool, lengths: list[int], reps: int) -> list[dict[str, Any]]:

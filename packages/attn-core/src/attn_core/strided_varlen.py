@@ -17,6 +17,7 @@ program per (tile, head), so its size follows the rows, not the number of sequen
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,15 +41,18 @@ __all__ = [
     "unsupported_reasons",
 ]
 
-# Query rows per forward program and keys per inner step (D <= 128 on an H100: 8 warps).
+# Query rows per forward program and keys per inner step (D <= 128 on an H100: 8 warps), and the
+# software-pipelining depth of its key loads. Measured on an H100 (D=128, bf16, packed LongNet
+# batch, tools/probe_packed_route.py): 128 keys in 3 stages 8.0 ms vs 64 keys in 2 stages 8.9 ms.
+# A device whose shared memory cannot hold them takes fewer stages, then 64 keys (:func:`_fwd_pipeline`).
 FWD_BLOCK_M = 128
-FWD_BLOCK_N = 64
-# Rows per backward program (key rows for dk/dv, query rows for dq) and per inner step (query
-# rows for dk/dv, key rows for dq).
+FWD_BLOCK_N = 128
+FWD_STAGES = 3
+# Rows per backward program (key rows for dk/dv, query rows for dq), per inner step (query rows
+# for dk/dv, key rows for dq), and pipelining depth: larger tiles or 3 stages measured 1.3-2.2x
+# slower on the H100.
 BWD_BLOCK = 64
 BWD_STEP = 64
-# Software-pipelining depth of the inner loops' loads.
-FWD_STAGES = 2
 BWD_STAGES = 2
 DELTA_BLOCK_ROWS = 32
 # The tile sizes above fit shared memory up to this head dim (measured on an H100 at 64 and 128);
@@ -168,6 +172,27 @@ def _warps(D: int, rows: int) -> int:
     return 8 if D * rows >= 128 * 128 else 4
 
 
+def _fwd_pipeline(q: torch.Tensor) -> tuple[int, int]:
+    """(keys per step, stages) of the forward on q's device: FWD_BLOCK_N and FWD_STAGES when the
+    query tile and the staged K/V tiles fit its shared memory, else fewer stages, then fewer keys."""
+    if q.device.type != "cuda":
+        return FWD_BLOCK_N, FWD_STAGES
+    limit = _shared_memory(q.device)
+    row_bytes = _block_d(q.shape[-1]) * q.element_size()
+    for block_n in sorted({FWD_BLOCK_N, min(FWD_BLOCK_N, 64)}, reverse=True):
+        for stages in range(FWD_STAGES, 1, -1):
+            if (FWD_BLOCK_M + 2 * block_n * stages) * row_bytes <= limit:
+                return block_n, stages
+    return min(FWD_BLOCK_N, 32), 1
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_memory(device: torch.device) -> int:
+    """Shared memory one program may use on a CUDA device, bytes (opt-in maximum)."""
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+
+
 def _pad_arg(mask: torch.Tensor | None, seqs: StridedSequences) -> torch.Tensor:
     # uint8 so the kernel compares bytes; an unused pointer (never read) when there is no mask
     return seqs.lengths if mask is None else mask.contiguous().view(torch.uint8)
@@ -196,15 +221,16 @@ def forward_(
     from .strided_kernels import fwd_kernel
 
     D = q.shape[-1]
+    block_n, stages = _fwd_pipeline(q)
     grid = (seqs.fwd_tiles[0].numel(), seqs.q_hn)
     fwd_kernel[grid](
         q, k, v, out, lse, _pad_arg(key_padding_mask, seqs),
         *seqs.fwd_tiles, seqs.starts, seqs.lengths, seqs.q_head0, seqs.kv_head0,
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2], *lse.stride(),
         seqs.stride, seqs.q_hs, seqs.kv_hs, seqs.q_hn // seqs.kv_hn, scale * 1.4426950408889634,
-        D=D, BLOCK_D=_block_d(D), BLOCK_M=FWD_BLOCK_M, BLOCK_N=FWD_BLOCK_N,
+        D=D, BLOCK_D=_block_d(D), BLOCK_M=FWD_BLOCK_M, BLOCK_N=block_n,
         IS_CAUSAL=is_causal, HAS_PAD=key_padding_mask is not None, FIRST=first,
-        num_warps=_warps(D, FWD_BLOCK_M), num_stages=FWD_STAGES,
+        num_warps=_warps(D, FWD_BLOCK_M), num_stages=stages,
     )  # fmt: skip
 
 
