@@ -190,7 +190,7 @@ def _fwd_pipeline(q: torch.Tensor) -> tuple[int, int]:
 def _shared_memory(device: torch.device) -> int:
     """Shared memory one program may use on a CUDA device, bytes (opt-in maximum)."""
     props = torch.cuda.get_device_properties(device)
-    return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_block", 49152))
 
 
 def _pad_arg(mask: torch.Tensor | None, seqs: StridedSequences) -> torch.Tensor:
