@@ -14,6 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .online_softmax import online_softmax_step
+
 __all__ = ["delta_kernel", "dkdv_kernel", "dq_kernel", "fwd_kernel"]
 
 
@@ -108,18 +110,11 @@ def _fwd_step(
     cols, kpos, k, v = _key_tile(K, V, start, n, j0, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, BLOCK_N, BOUNDS)
     qk = tl.dot(q, tl.trans(k))
     if BOUNDS or IS_CAUSAL or HAS_PAD:
-        qk = tl.where(_keep(rows, cols, n, KPAD, kpos, BOUNDS, IS_CAUSAL, HAS_PAD), qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: keep weights 0
-        p = tl.math.exp2(qk - m_ref[:, None])
-    else:  # every score finite: scale inside the exponent (one fused multiply-add; qk_scale > 0)
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_ref = m_new
-        p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
-    alpha = tl.math.exp2(m_i - m_ref)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return acc, m_new, l_i
+        keep = _keep(rows, cols, n, KPAD, kpos, BOUNDS, IS_CAUSAL, HAS_PAD)
+        acc, l_i, m_i = online_softmax_step(qk, keep, m_i, l_i, acc, v, qk_scale, True)
+    else:
+        acc, l_i, m_i = online_softmax_step(qk, None, m_i, l_i, acc, v, qk_scale, False)
+    return acc, m_i, l_i
 
 
 @triton.jit(do_not_specialize=["STRIDE", "q_hs", "kv_hs", "GQA"])

@@ -13,6 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from attn_core.online_softmax import online_softmax_step
+
 from .tiles import head_sources, key_tile, ordered_row, row_band
 
 __all__ = ["fwd_kernel"]
@@ -63,20 +65,9 @@ def _fwd_inner(
         if MASKED:
             cols = (n0 + offs_n)[None, :]
             keep = (cols >= lo[:, None]) & (cols <= hi[:, None])
-            qk = tl.where(keep, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            # a row with every key masked so far keeps m = -inf; use 0 as its reference point
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_ref[:, None])
+            acc, l_i, m_i = online_softmax_step(qk, keep, m_i, l_i, acc, v, qk_scale, True)
         else:
-            # the scale folds into one FMA: exp2(qk * scale - m)
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_ref = m_new
-            p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
-        alpha = tl.math.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+            acc, l_i, m_i = online_softmax_step(qk, None, m_i, l_i, acc, v, qk_scale, False)
     return acc, l_i, m_i
 
 
