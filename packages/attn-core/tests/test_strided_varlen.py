@@ -155,3 +155,13 @@ def test_tables_and_reasons():
         strided_varlen.strided_sequences(t[:, 0], t[:, 1], t[:, 0], t[:, 0], 1, (1, 3, 1, 2), torch.device("cpu"))
     assert any("float16/float32" in r for r in strided_varlen.unsupported_reasons(torch.zeros(2, 1, 8).double()))
     assert any("head dim" in r for r in strided_varlen.unsupported_reasons(torch.zeros(2, 1, 160)))
+
+
+def test_forward_pipeline_fits_shared_memory():
+    # an H100 / H200 (232448 bytes) takes the defaults at D=128 in bf16
+    assert strided_varlen._fwd_pipeline(128, 2, 232448) == (strided_varlen.FWD_BLOCK_N, strided_varlen.FWD_STAGES)
+    for shared in (166912, 101376, 65536, 49152):  # A100, sm_86/89, smaller devices, every CUDA device
+        block_n, stages = strided_varlen._fwd_pipeline(128, 2, shared)
+        assert (strided_varlen.FWD_BLOCK_M + 2 * block_n * stages) * 128 * 2 <= shared
+        assert block_n <= strided_varlen.FWD_BLOCK_N and 1 <= stages <= strided_varlen.FWD_STAGES
+    assert strided_varlen._fwd_pipeline(128, 2, 1024) == (32, 1)  # nothing fits: the smallest

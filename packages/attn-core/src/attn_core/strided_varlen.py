@@ -44,7 +44,7 @@ __all__ = [
 # Query rows per forward program and keys per inner step (D <= 128 on an H100: 8 warps), and the
 # software-pipelining depth of its key loads. Measured on an H100 (D=128, bf16, packed LongNet
 # batch, tools/probe_packed_route.py): 128 keys in 3 stages 8.0 ms vs 64 keys in 2 stages 8.9 ms.
-# A device whose shared memory cannot hold them takes fewer stages, then 64 keys (:func:`_fwd_pipeline`).
+# A device whose shared memory cannot hold them takes fewer stages, then fewer keys (:func:`_fwd_pipeline`).
 FWD_BLOCK_M = 128
 FWD_BLOCK_N = 128
 FWD_STAGES = 3
@@ -172,16 +172,14 @@ def _warps(D: int, rows: int) -> int:
     return 8 if D * rows >= 128 * 128 else 4
 
 
-def _fwd_pipeline(q: torch.Tensor) -> tuple[int, int]:
-    """(keys per step, stages) of the forward on q's device: FWD_BLOCK_N and FWD_STAGES when the
-    query tile and the staged K/V tiles fit its shared memory, else fewer stages, then fewer keys."""
-    if q.device.type != "cuda":
-        return FWD_BLOCK_N, FWD_STAGES
-    limit = _shared_memory(q.device)
-    row_bytes = _block_d(q.shape[-1]) * q.element_size()
-    for block_n in sorted({FWD_BLOCK_N, min(FWD_BLOCK_N, 64)}, reverse=True):
-        for stages in range(FWD_STAGES, 1, -1):
-            if (FWD_BLOCK_M + 2 * block_n * stages) * row_bytes <= limit:
+def _fwd_pipeline(head_dim: int, element_size: int, shared_bytes: int) -> tuple[int, int]:
+    """(keys per step, stages) of the forward: the first of FWD_BLOCK_N, 64, 32 keys (at most
+    FWD_BLOCK_N), with the most stages up to FWD_STAGES, whose query tile and staged K/V tiles fit
+    ``shared_bytes`` (32 keys in 1 stage, the smallest, when none does)."""
+    row_bytes = _block_d(head_dim) * element_size
+    for block_n in sorted({FWD_BLOCK_N, min(FWD_BLOCK_N, 64), min(FWD_BLOCK_N, 32)}, reverse=True):
+        for stages in range(FWD_STAGES, 0, -1):
+            if (FWD_BLOCK_M + 2 * block_n * stages) * row_bytes <= shared_bytes:
                 return block_n, stages
     return min(FWD_BLOCK_N, 32), 1
 
@@ -221,7 +219,9 @@ def forward_(
     from .strided_kernels import fwd_kernel
 
     D = q.shape[-1]
-    block_n, stages = _fwd_pipeline(q)
+    block_n, stages = FWD_BLOCK_N, FWD_STAGES  # the interpreter ignores stages
+    if q.device.type == "cuda":
+        block_n, stages = _fwd_pipeline(D, q.element_size(), _shared_memory(q.device))
     grid = (seqs.fwd_tiles[0].numel(), seqs.q_hn)
     fwd_kernel[grid](
         q, k, v, out, lse, _pad_arg(key_padding_mask, seqs),
