@@ -5,7 +5,8 @@ the fused kernels (no copies) when the piece is large enough (STRIDED_MIN_WORK q
 times heads) and at most STRIDED_MAX_PIECES pieces per group; everything else runs on the
 strided-rows kernels (attn_core.strided_varlen; gathered varlen calls where they cannot run).
 This times packed forward+backward (dilated_attention(..., cu_seqlens=cu), sdpa backend) of bench_varlen.py's batch (256K tokens, 41 log-normal documents, mean 8K, LongNet
-segments 2048-16384, rates 1-8, D=128, bf16) for several (max pieces, min work) settings, beside
+segments 2048-16384, rates 1-8, D=128, bf16) for several (max pieces, min work, streams) settings
+(PACKED_STREAMS: a group's tables and pieces on that many CUDA streams), beside
 one unpacked sequence of the same length, and reports each plan (strided pieces / other calls
 per group) and the host time per call. One GPU; prints a table and writes JSON to --out.
 
@@ -29,8 +30,8 @@ from bench_env import cuda_median_ms, gpu_env
 from probe_gather_executor import host_ms
 
 CFG: dict[str, Any] = dict(segments=[2048, 4096, 8192, 16384], rates=[1, 2, 4, 8], D=128, dtype=torch.bfloat16)
-# (STRIDED_MAX_PIECES, log2 STRIDED_MIN_WORK)
-SETTINGS = [(16, 25), (64, 25), (64, 24), (256, 23), (4096, 21)]
+# (STRIDED_MAX_PIECES, log2 STRIDED_MIN_WORK, PACKED_STREAMS)
+SETTINGS = [(16, 25, 1), (16, 25, 4), (64, 24, 4), (64, 23, 4), (256, 22, 4), (256, 22, 8), (4096, 21, 8)]
 POINTS = [
     ((16, 16), "all", False),
     ((16, 16), "all", True),
@@ -61,27 +62,29 @@ def measure(heads: tuple[int, int], mode: str, causal: bool, lengths: list[int],
         bench_varlen.fwd_bwd(forms["packed"], [q, k, v], go)
 
     unpacked = cuda_median_ms(unpacked_step, reps)
-    defaults = (packed_views.STRIDED_MAX_PIECES, packed_views.STRIDED_MIN_WORK)
+    defaults = (packed_views.STRIDED_MAX_PIECES, packed_views.STRIDED_MIN_WORK, packed_views.PACKED_STREAMS)
     rows = []
     try:
-        for pieces, work in SETTINGS:
+        for pieces, work, streams in SETTINGS:
             packed_views.STRIDED_MAX_PIECES, packed_views.STRIDED_MIN_WORK = pieces, 1 << work
+            packed_views.PACKED_STREAMS = streams
             ms = cuda_median_ms(packed_step, reps)
             plan = bench_varlen.plan_summary(cu, n, h, hkv, d, CFG, mode, dev)
             row = dict(
                 H=h, Hkv=hkv, mode=mode, causal=causal, unpacked_ms=unpacked, max_pieces=pieces, log2_min_work=work,
+                streams=streams,
                 packed_ms=ms, host_ms=host_ms(packed_step, 2),
                 plan=[(p["strided_pieces"], p["gathered_calls"]) for p in plan],
             )  # fmt: skip
             rows.append(row)
             plan_text = ", ".join(f"{a}/{b}" for a, b in row["plan"])
             print(
-                f"| {h}/{hkv} | {mode} | {'yes' if causal else 'no'} | {unpacked:.1f} | {pieces} | 2^{work} | "
+                f"| {h}/{hkv} | {mode} | {'yes' if causal else 'no'} | {unpacked:.1f} | {pieces} | 2^{work} | {streams} | "
                 f"{ms:.1f} | {ms / unpacked:.2f} | {row['host_ms']:.1f} | {plan_text} |",
                 flush=True,
             )
     finally:
-        packed_views.STRIDED_MAX_PIECES, packed_views.STRIDED_MIN_WORK = defaults
+        packed_views.STRIDED_MAX_PIECES, packed_views.STRIDED_MIN_WORK, packed_views.PACKED_STREAMS = defaults
     return rows
 
 
@@ -95,9 +98,10 @@ def main() -> int:
         return 1
     lengths = bench_varlen.default_lengths()
     print(
-        "| H/Hkv | mode | causal | unpacked ms | max pieces | min work | packed ms | packed / unpacked | host ms | plan |"
+        "| H/Hkv | mode | causal | unpacked ms | max pieces | min work | streams | packed ms | packed / unpacked "
+        "| host ms | plan |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = [r for heads, mode, causal in POINTS for r in measure(heads, mode, causal, lengths, args.reps)]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "packed_pieces.json").write_text(json.dumps(dict(env=gpu_env(), rows=rows), indent=1))

@@ -250,3 +250,54 @@ def test_modules_and_lm_run_packed_calls_on_sdpa():
     assert last_backend() == "sdpa"
     per_doc = torch.cat([lm(ids[:, s:e]) for s, e in itertools.pairwise(cu.tolist()) if e > s], 1)
     assert_close_to_reference("logits", logits, per_doc)
+
+
+def test_piece_lanes_keep_shared_rows_together_and_balance_work():
+    from attn_core.views import Piece
+
+    def piece(start, nseg, q_h0):
+        return Piece(0, start, nseg, 8, 4, 2, 0, q_h0, 1, 1, q_h0, 1, 1, True)
+
+    # starts 0 and 50 each carry two head runs (the same rows): they must share a lane
+    pieces = [piece(0, 9, 0), piece(0, 9, 1), piece(50, 1, 0), piece(50, 1, 1), piece(90, 4, 0), piece(130, 3, 0)]
+    for lanes in (0, 1, 2, 3, 8):
+        got = packed_views.piece_lanes(pieces, lanes)
+        assert 1 <= len(got) <= max(lanes, 1) and all(got)
+        assert sorted(itertools.chain.from_iterable(got), key=pieces.index) == pieces  # each piece once
+        for lane in got:
+            assert list(lane) == sorted(lane, key=pieces.index)  # the pieces' order within a lane
+        lane_of = {id(p): i for i, lane in enumerate(got) for p in lane}
+        assert lane_of[id(pieces[0])] == lane_of[id(pieces[1])] and lane_of[id(pieces[2])] == lane_of[id(pieces[3])]
+    # two lanes: the 18-segment start alone, the other 10 segments' worth beside it
+    assert [sorted({p.start for p in lane}) for lane in packed_views.piece_lanes(pieces, 2)] == [[0], [50, 90, 130]]
+    assert packed_views.piece_lanes([], 4) == ()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("head_mode", ["all", "split"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("streams", [1, 4])
+def test_cuda_pieces_beside_kernel_tables_match_float64(head_mode, causal, streams, monkeypatch):
+    """bf16 on CUDA: strided pieces on side streams (PACKED_STREAMS) beside the strided-rows
+    kernels' tables, every document with a full segment on a piece, against float64 per document."""
+    monkeypatch.setattr(packed_views, "STRIDED_MIN_WORK", 0)
+    monkeypatch.setattr(packed_views, "STRIDED_MAX_PIECES", 64)
+    monkeypatch.setattr(packed_views, "PACKED_STREAMS", streams)
+    seg, rates, H, Hkv, D = [64, 128, 256], [1, 2, 4], 8, 2, 64
+    cu = _cu([300, 1, 700, 64, 517, 129, 900, 3, 260])
+    N = int(cu[-1])
+    seed = zlib.crc32(f"streams-{head_mode}-{causal}-{streams}".encode())
+    q, k, v, dout = (t.cuda() for t in _inputs(N, H, Hkv, D, torch.bfloat16, seed))
+    cu = cu.cuda()
+    kw = {"is_causal": causal, "head_mode": head_mode}
+    plan = packed_views.plan_packed(cu, (N, H, Hkv, D), DilatedConfig(seg, rates, head_mode), q.device, kernel=True)
+    if not packed_views.uses_strided_kernel(q):
+        pytest.skip("the strided-rows kernels need Triton on this GPU")
+    # streams 4: the tables on one stream, the pieces of 7 documents over three
+    assert any(group.sequences and len(group.lanes) == (1 if streams == 1 else 3) for group in plan)
+    ref_out, ref_grads = _per_document(seg, rates, q, k, v, dout, cu, None, **kw)
+    base_out, base_grads = _per_document(seg, rates, q, k, v, dout, cu, None, dtype=torch.bfloat16, **kw)
+    for _ in range(3):  # a race shows as a wrong element in some run
+        out, grads = _sdpa(seg, rates, q, k, v, dout, cu, None, **kw)
+        _assert_matches(out, grads, ref_out, ref_grads, base_out, base_grads)

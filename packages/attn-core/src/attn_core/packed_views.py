@@ -41,12 +41,12 @@ LSE layout as in :mod:`attn_core.views`: (B, H, N) views of (B, N, H) storage.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from . import sdpa_ops, strided_varlen, varlen, views
+from . import sdpa_ops, side_streams, strided_varlen, varlen, views
 from .config import DilatedConfig
 from .packing import document_segments, host_offsets, host_to_device, offsets_from_key, strided_rows
 from .strided_varlen import StridedSequences, stacked_sequences
@@ -54,6 +54,7 @@ from .varlen_impls.flash import MIN_MEAN_SEQLEN
 from .views import Piece
 
 __all__ = [
+    "PACKED_STREAMS",
     "PLAN_CACHE_SIZE",
     "STRIDED_MAX_PIECES",
     "STRIDED_MIN_WORK",
@@ -73,6 +74,12 @@ STRIDED_MIN_WORK = 1 << 25
 # At most this many strided pieces per group: each costs ~0.1 ms of host time per pass, which must
 # stay below the kernel time it overlaps (the gathered calls cost a fixed few per group).
 STRIDED_MAX_PIECES = 16
+# One group's work runs on up to this many CUDA streams (:func:`attn_core.side_streams.fork_join`):
+# the kernel tables or gathered calls on one, the strided pieces spread over the others by
+# document (they touch disjoint (position, head) sets). A piece of one short document on one or
+# two heads fills a few SMs; beside others and beside the tables it does not idle the rest.
+# 1: everything in order on the current stream.
+PACKED_STREAMS = 4
 # Distinct (offsets, shape, config, device) plans kept; each holds index tensors on the device.
 PLAN_CACHE_SIZE = 4
 
@@ -99,12 +106,17 @@ class GatheredCall:
 @dataclass(frozen=True)
 class GroupPlan:
     """One group's strided pieces and the rest as gathered calls or kernel sequences (disjoint
-    (position, head) sets; a plan has calls or sequences, see :func:`plan_packed`)."""
+    (position, head) sets; a plan has calls or sequences, see :func:`plan_packed`).
+
+    ``lanes``: the pieces split into sets that can run concurrently with each other and with the
+    calls or sequences (the pieces of one document and offset, which share rows, in one lane).
+    """
 
     pieces: tuple[Piece, ...]
     calls: tuple[GatheredCall, ...]
     sequences: tuple[StridedSequences, ...]
     first: bool  # no earlier group touches this group's heads: its results are stored, not merged
+    lanes: tuple[tuple[Piece, ...], ...]
 
 
 def uses_strided_kernel(q: torch.Tensor) -> bool:
@@ -135,10 +147,11 @@ def plan_packed(
     kernel: the segments off the strided pieces as :class:`StridedSequences` (one per group and
     head-call shape, every offset stacked) instead of gathered calls (:func:`uses_strided_kernel`).
     Groups in order of increasing rate; cached per (offsets, shape, config, device, kernel tile
-    sizes, thresholds).
+    sizes, thresholds, streams).
     """
     tiles = (strided_varlen.FWD_BLOCK_M, strided_varlen.BWD_BLOCK) if kernel else None  # the tables' tile sizes
-    return _plan_packed(host_offsets(cu_seqlens), shape, config, device, tiles, STRIDED_MIN_WORK, STRIDED_MAX_PIECES)
+    limits = (STRIDED_MIN_WORK, STRIDED_MAX_PIECES, PACKED_STREAMS)
+    return _plan_packed(host_offsets(cu_seqlens), shape, config, device, tiles, *limits)
 
 
 def _strided_documents(
@@ -172,6 +185,7 @@ def _plan_packed(
     tiles: tuple[int, int] | None,
     min_work: int,
     max_pieces: int,
+    streams: int,
 ) -> tuple[GroupPlan, ...]:
     cu = offsets_from_key(offsets)
     N, H, Hkv, _ = shape
@@ -203,7 +217,9 @@ def _plan_packed(
         keep = ~(on_strided[docs] & (seg_len == w))
         seg_start, seg_len = seg_start[keep], seg_len[keep]
         if tiles is not None:
-            groups.append(GroupPlan(tuple(pieces), (), _kernel_sequences(runs, seg_start, seg_len, r, device), first))
+            sequences = _kernel_sequences(runs, seg_start, seg_len, r, device)
+            lanes = piece_lanes(pieces, streams - 1 if sequences else streams)
+            groups.append(GroupPlan(tuple(pieces), (), sequences, first, lanes))
             continue
         calls: list[GatheredCall] = []
         for o, hc in runs:
@@ -221,8 +237,32 @@ def _plan_packed(
                     cu_rows = host_to_device(cu_rows, device)
                 longest = int(c.max())
                 calls.extend(GatheredCall(*hk, rows, cu_rows, longest, first) for hk in hc)
-        groups.append(GroupPlan(tuple(pieces), tuple(calls), (), first))
+        groups.append(
+            GroupPlan(tuple(pieces), tuple(calls), (), first, piece_lanes(pieces, streams - 1 if calls else streams))
+        )
     return tuple(groups)
+
+
+def piece_lanes(pieces: Sequence[Piece], lanes: int) -> tuple[tuple[Piece, ...], ...]:
+    """``pieces`` in at most max(lanes, 1) non-empty lanes of about equal work (query-key products
+    times heads), pieces of one start (one document and offset: the same rows) in one lane, each
+    lane in the pieces' order. Pieces of different starts in one group touch disjoint rows."""
+    by_start: dict[int, list[Piece]] = {}
+    for p in pieces:
+        by_start.setdefault(p.start, []).append(p)
+    load = [0] * max(lanes, 1)
+    lane_of: dict[int, int] = {}
+    for start, ps in sorted(by_start.items(), key=lambda item: -sum(_work(p) for p in item[1])):
+        lane_of[start] = min(range(len(load)), key=load.__getitem__)  # the least loaded, largest first
+        load[lane_of[start]] += sum(_work(p) for p in ps)
+    out: list[list[Piece]] = [[] for _ in load]
+    for p in pieces:
+        out[lane_of[p.start]].append(p)
+    return tuple(tuple(lane) for lane in out if lane)
+
+
+def _work(p: Piece) -> int:
+    return p.nseg * p.rows * p.rows * p.q_hn
 
 
 def _kernel_sequences(
@@ -304,10 +344,8 @@ def forward_packed(
     """
     lse_rows = lse.transpose(1, 2)[0]  # (N, H)
     mask = None if key_padding_mask is None else key_padding_mask[0]
-    for group in plan:
-        views.forward_pieces(
-            q, k, v, group.pieces, out, lse, key_padding_mask=key_padding_mask, is_causal=is_causal, scale=scale
-        )
+
+    def rest(group: GroupPlan) -> None:  # a group has sequences or calls
         for seqs in group.sequences:
             strided_varlen.forward_(
                 q[0], k[0], v[0], seqs, out[0], lse_rows,
@@ -330,6 +368,15 @@ def forward_packed(
                 lse_c,
                 c.first,
             )
+
+    pieces = functools.partial(
+        views.forward_pieces, q, k, v, out=out, lse=lse,
+        key_padding_mask=key_padding_mask, is_causal=is_causal, scale=scale,
+    )  # fmt: skip
+    for group in plan:  # one group after another: a later group merges into the earlier ones' rows
+        work: list[Callable[[], None]] = [functools.partial(rest, group)] if group.sequences or group.calls else []
+        work += [functools.partial(pieces, pieces=lane) for lane in group.lanes]
+        side_streams.fork_join(work, q.device, PACKED_STREAMS)
 
 
 def backward_packed(
@@ -354,19 +401,15 @@ def backward_packed(
     dq, dk, dv = grads
     lse_rows = lse.transpose(1, 2)[0]
     mask = None if key_padding_mask is None else key_padding_mask[0]
-    delta: torch.Tensor | None = None  # rowsum(dout * out) of the final out: one for every group's sequences
-    for group in plan:
-        views.backward_pieces(
-            dout, q, k, v, out, lse, group.pieces, grads,
-            key_padding_mask=key_padding_mask, is_causal=is_causal, scale=scale,
-        )  # fmt: skip
+
+    def tables(group: GroupPlan, delta: torch.Tensor) -> None:
         for seqs in group.sequences:
-            if delta is None:
-                delta = strided_varlen.row_delta(dout[0], out[0])
             strided_varlen.backward_(
                 dout[0], q[0], k[0], v[0], lse_rows, delta, seqs, (dq[0], dk[0], dv[0]),
                 key_padding_mask=mask, is_causal=is_causal, scale=scale,
             )  # fmt: skip
+
+    def calls(group: GroupPlan) -> None:
         for c in group.calls:
             q_heads, kv_heads = (c.q_h0, c.q_hs, c.q_hn), (c.kv_h0, c.kv_hs, c.kv_hn)
             dq_c, dk_c, dv_c = varlen.varlen_backward(
@@ -383,6 +426,20 @@ def backward_packed(
             _add(_head_view(dq[0], *q_heads), c.rows, dq_c)
             _add(_head_view(dk[0], *kv_heads), c.rows, dk_c)
             _add(_head_view(dv[0], *kv_heads), c.rows, dv_c)
+
+    pieces = functools.partial(
+        views.backward_pieces, dout, q, k, v, out, lse, grads=grads,
+        key_padding_mask=key_padding_mask, is_causal=is_causal, scale=scale,
+    )  # fmt: skip
+    delta: torch.Tensor | None = None  # rowsum(dout * out) of the final out: one for every group's sequences
+    for group in plan:  # groups in order: two groups may add into the same gradient rows
+        work: list[Callable[[], None]] = [functools.partial(calls, group)] if group.calls else []
+        if group.sequences:
+            if delta is None:  # on the current stream, before the fork
+                delta = strided_varlen.row_delta(dout[0], out[0])
+            work.append(functools.partial(tables, group, delta))
+        work += [functools.partial(pieces, pieces=lane) for lane in group.lanes]
+        side_streams.fork_join(work, q.device, PACKED_STREAMS)
 
 
 def _rows_of(mask: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
