@@ -203,10 +203,9 @@ def _dkdv_step(
     s_qn, s_qh, s_dn, s_dh, s_ln, s_lh, H, d, d_ok, qk_scale,
     BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
 ):  # fmt: skip
-    """(dk, dv) of this program's key tile plus query tile m0's share, in key-major form (P^T and
-    dS^T are computed as (keys, queries), so no register tile is transposed). No bounds mask: query
-    rows past the sequence have P = 0, and this tile's keys past it only reach their own dk, dv
-    rows, which are not stored."""
+    """(dk, dv) of this program's key tile plus query tile m0's share. No bounds mask: query rows past
+    the sequence have P = 0, and this tile's keys past it only reach their own dk, dv rows, which are
+    not stored. (Query-major P: a key-major P^T = exp2(k q^T) form ran 1.25-1.4x slower on an H100.)"""
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < n
     qpos = start + rows.to(tl.int64) * STRIDE
@@ -214,17 +213,11 @@ def _dkdv_step(
     q = _load_rows(Q, qpos, qh, s_qn, s_qh, d, q_mask)
     do = _load_rows(DO, qpos, qh, s_dn, s_dh, d, q_mask)
     lse2, delta = _row_stats(LSE, DELTA, qpos, qh, row_ok, s_ln, s_lh, H)
-    p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
-    if IS_CAUSAL or HAS_PAD:
-        keep = (rows >= 0)[None, :] & (cols >= 0)[:, None]
-        if IS_CAUSAL:
-            keep = keep & (cols[:, None] <= rows[None, :])
-        if HAS_PAD:
-            keep = keep & _unpadded(KPAD, kpos, cols, n)[:, None]
-        p_t = tl.where(keep, p_t, 0.0)
-    dv = tl.dot(p_t.to(do.dtype), do, dv)
-    ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
-    dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    p = _probs(q, k, rows, cols, n, lse2, KPAD, kpos, qk_scale, False, IS_CAUSAL, HAS_PAD)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
     return dk, dv
 
 
