@@ -354,6 +354,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         "ring_dilated": "ring_dilated_attention, one rank",
         "ring": "ring_attention (dense), one rank",
     }[op]
+    one_stream = " packed, one stream ms |" if op == "dilated" else ""
     lines = [
         f"# Packed documents (cu_seqlens): {what}, {env.get('gpu', env.get('device'))}",
         "",
@@ -361,8 +362,13 @@ def render_markdown(res: dict[str, Any]) -> str:
         f"documents (log-normal mean {cfg['mean']}, sigma {cfg['sigma']}, clipped to [{cfg['min_len']}, "
         f"{cfg['max_len']}], seed {cfg['seed']}; lengths min {cfg['shortest']}, median {cfg['median']}, max "
         f"{cfg['longest']}). Segments {cfg['segments']}, rates {cfg['rates']}, D={cfg['D']}, {cfg['dtype']}.",
-        "fwd+bwd ms (median of reps). packed = one call with cu_seqlens (one stream: a group's strided pieces and "
-        "kernel tables in order on one CUDA stream, PACKED_STREAMS=1); unpacked = the same tensors as one "
+        "fwd+bwd ms (median of reps). packed = one call with cu_seqlens"
+        + (
+            " (one stream: a group's strided pieces and kernel tables in order on one CUDA stream, PACKED_STREAMS=1)"
+            if op == "dilated"
+            else ""
+        )
+        + "; unpacked = the same tensors as one "
         f"sequence; loop = one call per document in a Python loop ({what}). Eff. TF/s = 3.5 * 4 * D * pairs computed"
         + (
             " (dense: every document's full attention; one unpacked sequence is not timed, it computes far more pairs)."
@@ -370,16 +376,17 @@ def render_markdown(res: dict[str, Any]) -> str:
             else "."
         ),
         "",
-        "| H/Hkv | mode | causal | packed ms (TF/s) | packed, one stream ms | unpacked ms | loop ms "
-        "| packed / unpacked | loop / packed | extra GiB packed / unpacked | strided pieces / other calls per group |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| H/Hkv | mode | causal | packed ms (TF/s) |{one_stream} unpacked ms | loop ms | packed / unpacked "
+        "| loop / packed | extra GiB packed / unpacked | strided pieces / other calls per group |",
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if one_stream else ""),
     ]
     for r in res["rows"]:
         plan = ", ".join(f"{p['strided_pieces']}/{p['gathered_calls']}" for p in r["plan"]) or "-"
         lines.append(
             f"| {r['H']}/{r['Hkv']} | {r['mode']} | {'yes' if r['causal'] else 'no'} "
             f"| {_f(r.get('packed_ms'), '.2f')} ({_f(r.get('packed_tflops'), '.0f')}) "
-            f"| {_f(r.get('packed_one_stream_ms'), '.2f')} | {_f(r.get('unpacked_ms'), '.2f')} | {_f(r.get('loop_ms'), '.2f')} "
+            + (f"| {_f(r.get('packed_one_stream_ms'), '.2f')} " if one_stream else "")
+            + f"| {_f(r.get('unpacked_ms'), '.2f')} | {_f(r.get('loop_ms'), '.2f')} "
             f"| {_f(r.get('packed_vs_unpacked'), '.2f')} | {_f(r.get('loop_vs_packed'), '.2f')} "
             f"| {_f(r.get('packed_extra_gib'), '.2f')} / {_f(r.get('unpacked_extra_gib'), '.2f')} | {plan} |"
         )

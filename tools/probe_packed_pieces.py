@@ -31,7 +31,7 @@ from probe_gather_executor import host_ms
 
 CFG: dict[str, Any] = dict(segments=[2048, 4096, 8192, 16384], rates=[1, 2, 4, 8], D=128, dtype=torch.bfloat16)
 # (STRIDED_MAX_PIECES, log2 STRIDED_MIN_WORK, PACKED_STREAMS)
-SETTINGS = [(16, 25, 1), (16, 25, 4), (64, 24, 4), (64, 23, 4), (256, 22, 4), (256, 22, 8)]
+SETTINGS = [(16, 25, 1), (16, 25, 2), (16, 25, 4), (64, 24, 4)]
 POINTS = [
     ((16, 16), "all", False),
     ((16, 16), "all", True),

@@ -205,7 +205,7 @@ def _dkdv_step(
 ):  # fmt: skip
     """(dk, dv) of this program's key tile plus query tile m0's share. No bounds mask: query rows past
     the sequence have P = 0, and this tile's keys past it only reach their own dk, dv rows, which are
-    not stored. (Query-major P: a key-major P^T = exp2(k q^T) form ran 1.25-1.4x slower on an H100.)"""
+    not stored. (Query-major P: a key-major P^T = exp2(k q^T) form timed slower on an H100.)"""
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < n
     qpos = start + rows.to(tl.int64) * STRIDE
