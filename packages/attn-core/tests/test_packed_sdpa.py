@@ -301,3 +301,29 @@ def test_cuda_pieces_beside_kernel_tables_match_float64(head_mode, causal, strea
     for _ in range(3):  # a race shows as a wrong element in some run
         out, grads = _sdpa(seg, rates, q, k, v, dout, cu, None, **kw)
         _assert_matches(out, grads, ref_out, ref_grads, base_out, base_grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_packed_step_reads_the_offsets_once():
+    """The layers and the backward of a step pass the same cu_seqlens: after the first call reads
+    it, a packed forward and backward wait for the GPU nowhere (no host synchronisation)."""
+    seg, rates, H, Hkv, D = [64, 128], [1, 2], 4, 2, 64
+    cu = _cu([300, 1, 129, 700]).cuda()
+    N = int(cu[-1])
+    q, k, v, dout = (t.cuda().requires_grad_(i < 3) for i, t in enumerate(_inputs(N, H, Hkv, D, torch.bfloat16, 3)))
+
+    def step():
+        out = dilated_attention(q, k, v, seg, rates, is_causal=True, cu_seqlens=cu, backend="sdpa")
+        return torch.autograd.grad(out, (q, k, v), dout)
+
+    want = step()  # reads cu once, builds and caches the plan
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)

@@ -317,18 +317,3 @@ def test_to_device_carries_the_transposed_csr(monkeypatch: pytest.MonkeyPatch) -
     assert moved.device.type == "meta" and "transposed" in moved._cache
     mc, mr = moved._cache["transposed"]
     assert mc.device.type == mr.device.type == "meta" and mc.shape == ccol.shape and mr.shape == rows.shape
-
-
-def test_bounded_memo_builds_once_and_drops_the_least_recent() -> None:
-    from attn_core.memo import MISSING, BoundedMemo
-
-    memo = BoundedMemo(2)
-    calls: list[str] = []
-    assert memo.get("a", lambda: calls.append("a") or 1) == 1
-    assert memo.get("a", lambda: calls.append("a") or 2) == 1 and calls == ["a"]  # built once
-    memo.put("b", 2)
-    memo.get("a", lambda: 0)  # "a" is now the most recent
-    memo.put("c", 3)  # over the bound: "b" goes
-    assert memo.peek("b") is MISSING and "a" in memo and memo["c"] == 3 and len(memo) == 2
-    with pytest.raises(KeyError):
-        memo["b"]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .validation import check_cu_seqlens
+from .validation import check_cu_seqlens, cu_seqlens_on_host
 
 __all__ = [
     "document_positions",
@@ -59,9 +59,10 @@ def document_segments(cu_seqlens: torch.Tensor, segment_length: int) -> tuple[to
 
 
 def host_offsets(cu_seqlens: torch.Tensor) -> bytes:
-    """The offsets as int64 bytes (one host copy): the cache key of the plans built from them
-    (:func:`offsets_from_key` turns it back into a tensor)."""
-    c = cu_seqlens.to("cpu", torch.int64).contiguous()
+    """The offsets as int64 bytes: the cache key of the plans built from them (:func:`offsets_from_key`
+    turns it back into a tensor). Read from :func:`attn_core.validation.cu_seqlens_on_host`'s copy:
+    no device read for a tensor already read."""
+    c = cu_seqlens_on_host(cu_seqlens).to(torch.int64).contiguous()
     return ctypes.string_at(c.data_ptr(), c.numel() * c.element_size())
 
 

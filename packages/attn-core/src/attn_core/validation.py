@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .memo import StorageMemo
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -167,6 +169,23 @@ def indexed_device(device: torch.device) -> torch.device:
     return device
 
 
+# Host copies of cu_seqlens tensors on a GPU, per storage and version (the layers of a step pass
+# the same tensor; packed training brings new offsets every step, so few are kept)
+HOST_COPIES = 8
+_HOST_COPIES = StorageMemo(HOST_COPIES, 1)
+
+
+def cu_seqlens_on_host(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``cu_seqlens`` on the CPU, as given (dtype and shape unchecked). A tensor on another device is
+    copied once while its storage is alive and unmodified (weak reference, version counter): later
+    calls with it, or with a view of the same storage and geometry, read nothing from the device.
+    A CPU tensor is returned as is."""
+    if cu_seqlens.device.type == "cpu":
+        return cu_seqlens
+    memo = _HOST_COPIES.memo_for((cu_seqlens,), ())
+    return cu_seqlens.cpu() if memo is None else memo("host", cu_seqlens.cpu)
+
+
 def check_cu_seqlens(cu_seqlens: object, *, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
     """Validate packed-document offsets (flash-attn's varlen convention) and return them unchanged.
 
@@ -175,9 +194,9 @@ def check_cu_seqlens(cu_seqlens: object, *, batch: int, seq_len: int, device: to
     Empty documents (equal consecutive offsets) are allowed, as in flash-attn. Documents are
     packed along the sequence, so the batch must be 1.
 
-    Work is one vectorised pass; the values are read to the host once, as four numbers (first,
-    last, minimum and the count of decreasing steps), however many documents there are. Only an
-    error reads more (to name the first offending offset).
+    Work is one vectorised pass on the host copy of :func:`cu_seqlens_on_host`: a tensor on a GPU
+    is read once while it is alive and unmodified, so the layers and the backward of a step, which
+    pass the same tensor, wait for the device once, not once per call.
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(
@@ -196,7 +215,7 @@ def check_cu_seqlens(cu_seqlens: object, *, batch: int, seq_len: int, device: to
         raise ValueError(f"cu_seqlens must be on {device} like q, or on the CPU, got {cu_seqlens.device}")
     if batch != 1:
         raise ValueError(f"cu_seqlens needs batch size B == 1 (documents packed along the sequence), got B={batch}")
-    c = cu_seqlens.to(torch.int64)
+    c = cu_seqlens_on_host(cu_seqlens).to(torch.int64)
     steps = c[1:] - c[:-1]
     first, last, lowest, decreases = torch.stack([c[0], c[-1], c.min(), (steps < 0).sum()]).tolist()
     if lowest < 0:

@@ -25,14 +25,13 @@ from typing import Any
 
 import torch
 
-from attn_core.memo import BoundedMemo
+from attn_core.memo import BoundedMemo, StorageMemo
 from attn_core.packing import document_positions, host_offsets, host_to_device
 from attn_core.validation import check_bool, check_cu_seqlens, check_window_size, indexed_device
 
 from .csr import band_csr
 from .flex_support import token_terms
 from .layout import BlockLayout, check_block_size, check_geometry
-from .memo import StorageMemo
 
 __all__ = ["DERIVED_LAYOUTS", "DOCUMENT_BOUNDS", "TokenMask", "clear_derived_layouts"]
 

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..memo import StorageMemo
+from attn_core.memo import StorageMemo
 
 __all__ = [
     "CSR",
