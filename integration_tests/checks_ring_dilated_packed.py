@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from harness import rank_device
 
-from attn_core import reference, strided_varlen
+from attn_core import packed_views, reference, strided_varlen
 from attn_core.testing import assert_close_to_reference
 from attn_ring.hybrid import hybrid_attention, hybrid_mesh
 from attn_ring.modules_dilated import RingDilatedAttention
@@ -133,16 +133,24 @@ def check_packed_cases(rank: int, world_size: int) -> list[str]:
     probe = torch.empty(1, 1, 1, 8, device=rank_device())
     if not strided_varlen.unsupported_reasons(probe[0]):  # float32 on the strided-rows kernels
         built = []
-        tables = rd.local_tables
-        rd.local_tables = lambda plan, device: built.append(1) or tables(plan, device)
+        groups = rd.local_groups
+        rd.local_groups = lambda plan, device, head_dim: built.append(1) or groups(plan, device, head_dim)
+        limits = (packed_views.STRIDED_MIN_WORK, packed_views.STRIDED_MAX_PIECES)
         try:
             for i, case in enumerate(CASES):
                 run_case(case, rank, world_size, seed=300 * world_size + i, dtype=torch.float32)
                 done.append(f"{case.name} (strided kernels)")
+            # the items with the most work as pieces beside the other items' tables (at most 3 pieces
+            # per group: both kinds in one group)
+            packed_views.STRIDED_MIN_WORK, packed_views.STRIDED_MAX_PIECES = 0, 3
+            for i, case in enumerate(CASES[:4]):
+                run_case(case, rank, world_size, seed=400 * world_size + i, dtype=torch.float32)
+                done.append(f"{case.name} (kernels and pieces)")
         finally:
-            rd.local_tables = tables
-        if len(built) != len(CASES):
-            raise AssertionError(f"the strided kernels ran {len(built)} of {len(CASES)} float32 cases")
+            rd.local_groups = groups
+            packed_views.STRIDED_MIN_WORK, packed_views.STRIDED_MAX_PIECES = limits
+        if len(built) != len(CASES) + 4:
+            raise AssertionError(f"the strided kernels ran {len(built)} of {len(CASES) + 4} float32 cases")
     return done
 
 

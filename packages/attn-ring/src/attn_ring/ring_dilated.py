@@ -67,7 +67,7 @@ from .ring_dilated_exec import (
     backward_views,
     forward_gather,
     forward_views,
-    local_tables,
+    local_groups,
     view_path_available,
 )
 from .ring_dilated_plan import RingDilatedPlan, RingDilatedRankPlan, plan_ring_dilated
@@ -278,7 +278,7 @@ def ring_dilated_attention(
     rank_plan, on_views = plan.ranks[comm.rank], view_path_available(q)
     # packed documents make many small items: their local keys run on the strided-rows kernels
     on_kernels = on_views and cu_seqlens is not None and q.shape[0] == 1 and not strided_varlen.unsupported_reasons(q)
-    tables = local_tables(rank_plan, q.device) if on_kernels else None
-    call = RingDilatedCall(rank_plan, on_views, comm, scale, causal, tables)
+    local = local_groups(rank_plan, q.device, q.shape[-1]) if on_kernels else None
+    call = RingDilatedCall(rank_plan, on_views, comm, scale, causal, local)
     out: torch.Tensor = _RingDilatedFunction.apply(q, k, v, key_padding_mask, global_mask, call)
     return out

@@ -8,10 +8,13 @@ Two paths compute the same thing (see :mod:`attn_ring.ring_dilated` for the algo
   q, k, v; native GQA when the kv heads form a strided set); the received keys of crossing
   segments go through :mod:`attn_core.blocks` on strided views of q and the accumulators.
   With packed documents (B == 1) where :mod:`attn_core.strided_varlen`'s kernels run (CUDA
-  fp16/bf16 with Triton, or the CPU interpreter), the local keys run on those kernels instead
-  (:func:`local_tables`): every item's segments as sequences of strided rows, one table per
-  (group, head-call shape), read and merged in place; packing makes many small items, which as
-  separate pieces would cost a kernel call each.
+  fp16/bf16 with Triton, or the CPU interpreter), the local keys run as :func:`local_groups`
+  instead: per group, the items with the most work (as :mod:`attn_core.packed_views` picks its
+  strided pieces: ``STRIDED_MIN_WORK``, ``STRIDED_MAX_PIECES``) stay pieces on the fused kernels,
+  and every other item's segments are sequences of strided rows on those kernels, one table per
+  (row stride, head-call shape), read and merged in place (packing makes many small items, which
+  as separate pieces would cost a kernel call each). A group's pieces and tables touch disjoint
+  rows and run on side CUDA streams beside each other (``PACKED_STREAMS``); groups run in order.
 - The *gather path* (other CUDA dtypes or head dims) gathers the rows and runs
   :mod:`attn_core.blocks` throughout.
 
@@ -24,12 +27,13 @@ storage (public primitives see its (B, H, n) transposed view).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from attn_core import sdpa_ops, strided_varlen, views
+from attn_core import packed_views, sdpa_ops, side_streams, strided_varlen, views
 from attn_core.blocks import block_backward, block_forward, drop_padded_keys
 from attn_core.memo import BoundedMemo
 from attn_core.merge import merge_into_
@@ -42,14 +46,15 @@ from .ring_dilated_plan import RingDilatedRankPlan, RingItem
 __all__ = [
     "MAX_BLOCK_LOGITS",
     "MAX_GATHER_ELEMENTS",
+    "LocalGroup",
     "RingDilatedCall",
     "backward_gather",
     "backward_views",
     "forward_gather",
     "forward_views",
     "item_chunks",
+    "local_groups",
     "local_pieces",
-    "local_tables",
     "remote_kv",
     "view_path_available",
 ]
@@ -70,7 +75,17 @@ class RingDilatedCall:
     comm: RingComm
     scale: float
     causal: bool
-    tables: tuple[StridedSequences, ...] | None = None  # view path: the local keys on the strided kernels
+    local: tuple[LocalGroup, ...] | None = None  # view path, packed: the local keys per group (local_groups)
+
+
+@dataclass(frozen=True)
+class LocalGroup:
+    """One group's local keys: long items as strided pieces on the fused kernels, split into
+    ``lanes`` that may run concurrently (:func:`attn_core.packed_views.piece_lanes`), and the other
+    items as strided-rows kernel ``tables``; the two touch disjoint (row, head) sets."""
+
+    tables: tuple[StridedSequences, ...]
+    lanes: tuple[tuple[views.Piece, ...], ...]
 
 
 def view_path_available(q: torch.Tensor) -> bool:
@@ -249,34 +264,66 @@ def local_pieces(items: Sequence[RingItem], batch: int, head_dim: int) -> list[v
     return pieces
 
 
-# Kernel tables per (rank plan, device); the rank plans are cached (ring_dilated_plan), so these
-# are too, bounded, each entry holding its plan so an id is never reused while cached.
+# Local work per (rank plan, device, head dim, launch and piece settings); the rank plans are
+# cached (ring_dilated_plan), so these are too, bounded, each entry holding its plan so an id is
+# never reused while cached.
 TABLES_CACHE_SIZE = 32
-_TABLES = BoundedMemo(TABLES_CACHE_SIZE)
+_LOCAL = BoundedMemo(TABLES_CACHE_SIZE)
 
 
-def local_tables(plan: RingDilatedRankPlan, device: torch.device) -> tuple[StridedSequences, ...]:
-    """The items' local keys as :class:`attn_core.strided_varlen.StridedSequences` (B == 1): segment m
-    of an item is the sequence of rows base + m * seg_stride + t * row_stride, t < rows; one table per
-    (group, row stride, head-call shape), since a group selects each (row, head) once and two groups
-    may select the same one. Cached per (plan, device, tile sizes)."""
-    key = (id(plan), device, strided_varlen.FWD_BLOCK_M, strided_varlen.BWD_BLOCK)
-    hit = _TABLES.get(key, lambda: (plan, _build_tables(plan, device)))
+def local_groups(plan: RingDilatedRankPlan, device: torch.device, head_dim: int) -> tuple[LocalGroup, ...]:
+    """The items' local keys (B == 1), per group in the order the plan lists them: the items with
+    at least ``attn_core.packed_views.STRIDED_MIN_WORK`` query-key products times heads, the most
+    first, up to ``STRIDED_MAX_PIECES`` pieces, as :func:`local_pieces`; every other item's segment
+    m as the sequence of rows base + m * seg_stride + t * row_stride, t < rows, in one
+    :class:`attn_core.strided_varlen.StridedSequences` table per (row stride, head-call shape).
+    Cached per (plan, device, head dim, tile sizes, piece settings)."""
+    settings = (packed_views.STRIDED_MIN_WORK, packed_views.STRIDED_MAX_PIECES, packed_views.PACKED_STREAMS)
+    key = (id(plan), device, head_dim, strided_varlen.FWD_BLOCK_M, strided_varlen.BWD_BLOCK, settings)
+    hit = _LOCAL.get(key, lambda: (plan, _build_local(plan, device, head_dim, *settings)))
     if hit[0] is not plan:  # a dropped plan's id reused by a new one
-        hit = (plan, _build_tables(plan, device))
-        _TABLES.put(key, hit)
+        hit = (plan, _build_local(plan, device, head_dim, *settings))
+        _LOCAL.put(key, hit)
     return hit[1]
 
 
-def _build_tables(plan: RingDilatedRankPlan, device: torch.device) -> tuple[StridedSequences, ...]:
-    parts: dict[tuple[int, int, tuple[int, int, int, int]], list[tuple[torch.Tensor, torch.Tensor, int, int]]] = {}
+def _item_work(it: RingItem) -> int:
+    return it.count * it.rows * it.rows * len(it.heads)
+
+
+def _build_local(
+    plan: RingDilatedRankPlan, device: torch.device, head_dim: int, min_work: int, max_pieces: int, streams: int
+) -> tuple[LocalGroup, ...]:
+    by_group: dict[int, list[RingItem]] = {}
     for it in plan.items:
+        by_group.setdefault(it.group, []).append(it)
+    groups = []
+    for items in by_group.values():
+        pieces: list[views.Piece] = []
+        on_pieces: set[int] = set()
+        for i in sorted(range(len(items)), key=lambda i: -_item_work(items[i])):
+            if _item_work(items[i]) < max(min_work, 1):
+                break
+            mine = local_pieces([items[i]], 1, head_dim)
+            if len(pieces) + len(mine) > max_pieces:
+                break
+            pieces += mine
+            on_pieces.add(i)
+        tables = _build_tables([it for i, it in enumerate(items) if i not in on_pieces], device)
+        lanes = packed_views.piece_lanes(pieces, streams - 1 if tables else streams)
+        groups.append(LocalGroup(tables, lanes))
+    return tuple(groups)
+
+
+def _build_tables(items: Sequence[RingItem], device: torch.device) -> tuple[StridedSequences, ...]:
+    parts: dict[tuple[int, tuple[int, int, int, int]], list[tuple[torch.Tensor, torch.Tensor, int, int]]] = {}
+    for it in items:
         starts = it.base + it.seg_stride * torch.arange(it.count, dtype=torch.int64)
         rows = torch.tensor(it.rows, dtype=torch.int64)
         for q_h0, q_hs, q_hn, kv_h0, kv_hs, kv_hn in sdpa_ops.strided_head_calls(it.heads, it.kv_heads):
-            shape = (it.group, it.row_stride, (q_hs, q_hn, kv_hs, kv_hn))
+            shape = (it.row_stride, (q_hs, q_hn, kv_hs, kv_hn))
             parts.setdefault(shape, []).append((starts, rows, q_h0, kv_h0))
-    tables = [stacked_sequences(runs, stride, heads, device) for (_, stride, heads), runs in parts.items()]
+    tables = [stacked_sequences(runs, stride, heads, device) for (stride, heads), runs in parts.items()]
     return tuple(t for t in tables if t is not None)
 
 
@@ -307,13 +354,26 @@ def forward_views(
     if recv is None:
         if local_mask is not None:  # padded keys' values are never read (the -inf bias masks logits only)
             k, v = drop_padded_keys(k, v, local_mask)
-        if call.tables is not None:  # B == 1: the accumulators start empty, so every table merges
+        if call.local is not None:  # B == 1: the accumulators start empty, so everything merges
             mask = None if local_mask is None else local_mask[0]
-            for table in call.tables:
-                strided_varlen.forward_(
-                    q[0], k[0], v[0], table, out[0], lse[0],
-                    key_padding_mask=mask, is_causal=call.causal, scale=call.scale, first=False,
-                )  # fmt: skip
+
+            def tables_forward(tables: tuple[StridedSequences, ...]) -> None:
+                for table in tables:
+                    strided_varlen.forward_(
+                        q[0], k[0], v[0], table, out[0], lse[0],
+                        key_padding_mask=mask, is_causal=call.causal, scale=call.scale, first=False,
+                    )  # fmt: skip
+
+            pieces_forward = functools.partial(
+                views.forward_pieces, q, k, v, out=out, lse=lse_bhn,
+                key_padding_mask=local_mask, is_causal=call.causal, scale=call.scale,
+            )  # fmt: skip
+            for group in call.local:  # in order: two groups may merge into the same rows
+                work: list[Callable[[], None]] = (
+                    [functools.partial(tables_forward, group.tables)] if group.tables else []
+                )
+                work += [functools.partial(pieces_forward, pieces=lane) for lane in group.lanes]
+                side_streams.fork_join(work, q.device, packed_views.PACKED_STREAMS)
             return
         pieces = local_pieces(call.plan.items, B, D)
         views.forward_pieces(
@@ -353,14 +413,27 @@ def backward_views(
     if recv is None:
         if local_mask is not None:  # as in forward_views; the kernels give dk = dv = 0 at padded keys
             k, v = drop_padded_keys(k, v, local_mask)
-        if call.tables is not None:
+        if call.local is not None:
             mask = None if local_mask is None else local_mask[0]
             delta = strided_varlen.row_delta(dout[0], out[0])
-            for table in call.tables:
-                strided_varlen.backward_(
-                    dout[0], q[0], k[0], v[0], lse[0], delta, table, (dq[0], dk[0], dv[0]),
-                    key_padding_mask=mask, is_causal=call.causal, scale=call.scale,
-                )  # fmt: skip
+
+            def tables_backward(tables: tuple[StridedSequences, ...]) -> None:
+                for table in tables:
+                    strided_varlen.backward_(
+                        dout[0], q[0], k[0], v[0], lse[0], delta, table, (dq[0], dk[0], dv[0]),
+                        key_padding_mask=mask, is_causal=call.causal, scale=call.scale,
+                    )  # fmt: skip
+
+            pieces_backward = functools.partial(
+                views.backward_pieces, dout, q, k, v, out, lse_bhn, grads=(dq, dk, dv),
+                key_padding_mask=local_mask, is_causal=call.causal, scale=call.scale,
+            )  # fmt: skip
+            for group in call.local:  # in order: two groups may add into the same gradient rows
+                work: list[Callable[[], None]] = (
+                    [functools.partial(tables_backward, group.tables)] if group.tables else []
+                )
+                work += [functools.partial(pieces_backward, pieces=lane) for lane in group.lanes]
+                side_streams.fork_join(work, q.device, packed_views.PACKED_STREAMS)
             return
         pieces = local_pieces(call.plan.items, B, D)
         views.backward_pieces(
