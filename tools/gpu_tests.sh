@@ -14,6 +14,7 @@ python -m pytest -q -p no:cacheprovider -rs \
   packages/attn-core/tests/test_strided_varlen.py \
   packages/attn-core/tests/test_packed_sdpa.py \
   packages/attn-core/tests/test_side_streams.py \
+  packages/attn-core/tests/test_memo.py \
   packages/attn-core/tests/test_cuda_graphs_dilated.py \
   packages/attn-core/tests/test_sdpa_backend.py \
   packages/attn-core/tests/test_hostile_inputs_cuda.py \
