@@ -141,16 +141,18 @@ def check_packed_cases(rank: int, world_size: int) -> list[str]:
                 run_case(case, rank, world_size, seed=300 * world_size + i, dtype=torch.float32)
                 done.append(f"{case.name} (strided kernels)")
             # the items with the most work as pieces beside the other items' tables (at most 3 pieces
-            # per group: both kinds in one group)
+            # per group: both kinds in one group); W 2 and 3 (documents crossing one and two shard
+            # boundaries) keep CI's time in bounds
             packed_views.STRIDED_MIN_WORK, packed_views.STRIDED_MAX_PIECES = 0, 3
-            for i, case in enumerate(CASES[:4]):
+            for i, case in enumerate(CASES[:4] if world_size in (2, 3) else []):
                 run_case(case, rank, world_size, seed=400 * world_size + i, dtype=torch.float32)
                 done.append(f"{case.name} (kernels and pieces)")
         finally:
             rd.local_groups = groups
             packed_views.STRIDED_MIN_WORK, packed_views.STRIDED_MAX_PIECES = limits
-        if len(built) != len(CASES) + 4:
-            raise AssertionError(f"the strided kernels ran {len(built)} of {len(CASES) + 4} float32 cases")
+        expected = len(CASES) + (4 if world_size in (2, 3) else 0)
+        if len(built) != expected:
+            raise AssertionError(f"the strided kernels ran {len(built)} of {expected} float32 cases")
     return done
 
 
