@@ -43,8 +43,6 @@ POINTS = [
 
 def measure(heads: tuple[int, int], mode: str, causal: bool, lengths: list[int], reps: int) -> list[dict[str, Any]]:
     """One point: the unpacked sequence, then packed under every setting (the defaults restored after)."""
-    from attn_core import packed_views
-
     dev = torch.device("cuda")
     (h, hkv), d, n = heads, CFG["D"], sum(lengths)
     cu = bench_varlen.offsets(lengths, dev)
@@ -62,12 +60,10 @@ def measure(heads: tuple[int, int], mode: str, causal: bool, lengths: list[int],
         bench_varlen.fwd_bwd(forms["packed"], [q, k, v], go)
 
     unpacked = cuda_median_ms(unpacked_step, reps)
-    defaults = (packed_views.STRIDED_MAX_PIECES, packed_views.STRIDED_MIN_WORK, packed_views.PACKED_STREAMS)
     rows = []
-    try:
-        for pieces, work, streams in SETTINGS:
-            packed_views.STRIDED_MAX_PIECES, packed_views.STRIDED_MIN_WORK = pieces, 1 << work
-            packed_views.PACKED_STREAMS = streams
+    for pieces, work, streams in SETTINGS:
+        settings = dict(STRIDED_MAX_PIECES=pieces, STRIDED_MIN_WORK=1 << work, PACKED_STREAMS=streams)
+        with bench_varlen.packed_settings(settings):
             ms = cuda_median_ms(packed_step, reps)
             plan = bench_varlen.plan_summary(cu, n, h, hkv, d, CFG, mode, dev)
             row = dict(
@@ -76,15 +72,13 @@ def measure(heads: tuple[int, int], mode: str, causal: bool, lengths: list[int],
                 packed_ms=ms, host_ms=host_ms(packed_step, 2),
                 plan=[(p["strided_pieces"], p["gathered_calls"]) for p in plan],
             )  # fmt: skip
-            rows.append(row)
-            plan_text = ", ".join(f"{a}/{b}" for a, b in row["plan"])
-            print(
-                f"| {h}/{hkv} | {mode} | {'yes' if causal else 'no'} | {unpacked:.1f} | {pieces} | 2^{work} | {streams} | "
-                f"{ms:.1f} | {ms / unpacked:.2f} | {row['host_ms']:.1f} | {plan_text} |",
-                flush=True,
-            )
-    finally:
-        packed_views.STRIDED_MAX_PIECES, packed_views.STRIDED_MIN_WORK, packed_views.PACKED_STREAMS = defaults
+        rows.append(row)
+        plan_text = ", ".join(f"{a}/{b}" for a, b in row["plan"])
+        print(
+            f"| {h}/{hkv} | {mode} | {'yes' if causal else 'no'} | {unpacked:.1f} | {pieces} | 2^{work} | {streams} | "
+            f"{ms:.1f} | {ms / unpacked:.2f} | {row['host_ms']:.1f} | {plan_text} |",
+            flush=True,
+        )
     return rows
 
 
