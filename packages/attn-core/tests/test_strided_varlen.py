@@ -3,6 +3,8 @@
 Sequences of strided rows with per-sequence heads, two "groups" (the second merged into the first's
 out / LSE, as packed dilated attention does), causal and not, GQA, key padding with rows that see no
 key, sequences of one row and longer than a tile; outputs, LSE and all gradients (the 2x rule).
+Both load paths: tiles inside a sequence through TMA descriptors, and (inputs at a base that is
+not 16-byte aligned) masked pointer loads everywhere.
 """
 
 from __future__ import annotations
@@ -74,8 +76,17 @@ def _sequences(group, device):
     return out
 
 
-def _check(device: torch.device, dtype: torch.dtype, causal: bool, padding: bool) -> None:
-    """Both groups through the kernels on ``device`` against float64 (out, LSE, dq, dk, dv)."""
+def _misaligned(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x whose base is 2 elements past a 16-byte boundary (no TMA descriptor takes it)."""
+    buf = torch.empty(x.numel() + 2, dtype=x.dtype, device=x.device)
+    out = buf[2:].view(x.shape)
+    out.copy_(x)
+    return out
+
+
+def _check(device: torch.device, dtype: torch.dtype, causal: bool, padding: bool, descriptors: bool = True) -> None:
+    """Both groups through the kernels on ``device`` against float64 (out, LSE, dq, dk, dv);
+    ``descriptors`` False: inputs the descriptors cannot take (the pointer loads everywhere)."""
     D, scale = 16, 0.3
     g = torch.Generator().manual_seed(7 + 2 * causal + padding)
     q = torch.randn(N, H, D, generator=g).to(dtype)
@@ -86,9 +97,11 @@ def _check(device: torch.device, dtype: torch.dtype, causal: bool, padding: bool
         mask = torch.rand(N, generator=g) < 0.3
         mask[0] = True  # the first row of causal sequences starting at 0 sees no key
         mask[2] = True
-    qd, kd, vd, dd = (x.to(device) for x in (q, k, v, dout))
+    qd, kd, vd, dd = (x.to(device) if descriptors else _misaligned(x.to(device)) for x in (q, k, v, dout))
     md = None if mask is None else mask.to(device)
     assert not strided_varlen.unsupported_reasons(qd)
+    if device.type == "cpu" or torch.cuda.get_device_capability(device) >= (9, 0):
+        assert (not strided_varlen.descriptor_reasons(qd, kd, vd, dd)) == descriptors
 
     out = torch.zeros(N, H, D, dtype=dtype, device=device)
     lse_store = torch.full((H, N), float("-inf"), device=device)  # (N, H) view with strides (1, N)
@@ -126,19 +139,21 @@ def _check(device: torch.device, dtype: torch.dtype, causal: bool, padding: bool
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("padding", [False, True])
-def test_strided_kernels_match_float64(causal, padding):
+@pytest.mark.parametrize("descriptors", [True, False])
+def test_strided_kernels_match_float64(causal, padding, descriptors):
     if torch.cuda.is_available() or not interpret_mode():  # Triton reads the setting when it loads
         pytest.skip("the interpreter variant needs TRITON_INTERPRET=1 from the start and no GPU (CI sets it)")
-    _check(torch.device("cpu"), torch.float16, causal, padding)
+    _check(torch.device("cpu"), torch.float16, causal, padding, descriptors)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("causal", "padding"), [(False, False), (True, True)])
-def test_strided_kernels_cuda(dtype, causal, padding):
+@pytest.mark.parametrize("descriptors", [True, False])
+def test_strided_kernels_cuda(dtype, causal, padding, descriptors):
     if strided_varlen.unsupported_reasons(torch.empty(1, 1, 16, device="cuda", dtype=dtype)):
         pytest.skip("the compiled kernels cannot run here (interpreter set or no triton)")
-    _check(torch.device("cuda"), dtype, causal, padding)
+    _check(torch.device("cuda"), dtype, causal, padding, descriptors)
 
 
 def test_tables_and_reasons():
@@ -155,6 +170,10 @@ def test_tables_and_reasons():
         strided_varlen.strided_sequences(t[:, 0], t[:, 1], t[:, 0], t[:, 0], 1, (1, 3, 1, 2), torch.device("cpu"))
     assert any("float16/float32" in r for r in strided_varlen.unsupported_reasons(torch.zeros(2, 1, 8).double()))
     assert any("head dim" in r for r in strided_varlen.unsupported_reasons(torch.zeros(2, 1, 160)))
+    x = torch.zeros(4, 2, 16, dtype=torch.float16)
+    assert not strided_varlen.descriptor_reasons(x, x[:, 1:])  # head 1: 32 bytes past an aligned base
+    assert any("16 bytes" in r for r in strided_varlen.descriptor_reasons(x[:, :, 1:]))  # base 2 bytes off
+    assert any("16 bytes" in r for r in strided_varlen.descriptor_reasons(torch.zeros(4, 3, 3)[:, :, :2]))
 
 
 def test_forward_pipeline_fits_shared_memory():
@@ -165,3 +184,9 @@ def test_forward_pipeline_fits_shared_memory():
         assert (strided_varlen.FWD_BLOCK_M + 2 * block_n * stages) * 128 * 2 <= shared
         assert block_n <= strided_varlen.FWD_BLOCK_N and 1 <= stages <= strided_varlen.FWD_STAGES
     assert strided_varlen._fwd_pipeline(128, 2, 1024) == (32, 1)  # nothing fits: the smallest
+
+
+def test_descriptors_need_a_recent_triton(monkeypatch):
+    x = torch.zeros(4, 2, 16, dtype=torch.float16)
+    monkeypatch.setattr(strided_varlen, "_triton_version", lambda: (3, 5))
+    assert any("triton >= 3.6" in r for r in strided_varlen.descriptor_reasons(x))

@@ -7,6 +7,13 @@ query heads QH0[s] + i * q_hs (i < q_hn) and kv heads KH0[s] + (i // GQA) * kv_h
 touches belongs to one sequence and one program, so the results are read-modified-written in
 place without atomics. Softmax in base 2, fp32 accumulation; LSE in natural log, -inf for a row
 that sees no key (its output is 0).
+
+TMA: with descriptors (``TMA`` true) the forward's K/V tiles that lie wholly inside a sequence load
+through tensor descriptors over the packed tensor viewed as (ceil(N / STRIDE), STRIDE, H, D), where
+row t of a sequence starting at a * STRIDE + b is (a + t, b); tiles at a sequence's end keep the
+masked pointer loads, so a descriptor never reads past a sequence (nor past N). The descriptors'
+block shapes are (BLOCK_N, 1, 1, BLOCK_D). The backward kernels take pointer loads: descriptors
+there (dkdv's Q/dO tiles, dq's K/V tiles) timed no faster on an H100.
 """
 
 from __future__ import annotations
@@ -65,14 +72,32 @@ def _unmasked_key_end(n, m0, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
 
 @triton.jit
 def _key_tile(
-    K, V, start, n, j0, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr
-):
+    K, V, KD, VD, start, n, j0, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok,
+    BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
     """Keys j0 .. j0 + BLOCK_N of the sequence: local index, packed position, K and V (0 past n;
-    BOUNDS False: the caller knows the tile is inside the sequence)."""
+    BOUNDS False: the caller knows the tile is inside the sequence, and with TMA it loads through
+    the descriptors KD, VD)."""
     cols = j0 + tl.arange(0, BLOCK_N)
     kpos = start + cols.to(tl.int64) * STRIDE
-    mask = ((cols < n) if BOUNDS else (cols >= 0))[:, None] & d_ok[None, :]
-    return cols, kpos, _load_rows(K, kpos, kh, s_kn, s_kh, d, mask), _load_rows(V, kpos, kh, s_vn, s_vh, d, mask)
+    if TMA and not BOUNDS:
+        k = _tile_of(KD, start, j0, kh, STRIDE, BLOCK_N)
+        v = _tile_of(VD, start, j0, kh, STRIDE, BLOCK_N)
+    else:
+        mask = ((cols < n) if BOUNDS else (cols >= 0))[:, None] & d_ok[None, :]
+        k = _load_rows(K, kpos, kh, s_kn, s_kh, d, mask)
+        v = _load_rows(V, kpos, kh, s_vn, s_vh, d, mask)
+    return cols, kpos, k, v
+
+
+@triton.jit
+def _tile_of(XD, start, t0, h, STRIDE, ROWS: tl.constexpr):
+    """Rows t0 .. t0 + ROWS of the sequence starting at ``start``, head h, through descriptor XD
+    (block (ROWS, 1, 1, BLOCK_D)): (ROWS, BLOCK_D). The caller knows they lie inside the sequence."""
+    a = (start // STRIDE).to(tl.int32) + t0
+    b = (start % STRIDE).to(tl.int32)
+    x = XD.load([a, b, h.to(tl.int32), 0])
+    return tl.reshape(x, [ROWS, x.shape[3]])
 
 
 @triton.jit
@@ -103,11 +128,13 @@ def _keep(rows, cols, n, KPAD, kpos, BOUNDS: tl.constexpr, IS_CAUSAL: tl.constex
 
 @triton.jit
 def _fwd_step(
-    q, acc, m_i, l_i, j0, K, V, KPAD, start, n, rows, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, qk_scale,
-    BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    q, acc, m_i, l_i, j0, K, V, KD, VD, KPAD, start, n, rows, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, qk_scale,
+    BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """The online softmax over key tile j0: (acc, m_i, l_i) updated (masks as in :func:`_keep`)."""
-    cols, kpos, k, v = _key_tile(K, V, start, n, j0, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, BLOCK_N, BOUNDS)
+    cols, kpos, k, v = _key_tile(
+        K, V, KD, VD, start, n, j0, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, BLOCK_N, BOUNDS, TMA
+    )
     qk = tl.dot(q, tl.trans(k))
     if BOUNDS or IS_CAUSAL or HAS_PAD:
         keep = _keep(rows, cols, n, KPAD, kpos, BOUNDS, IS_CAUSAL, HAS_PAD)
@@ -119,14 +146,15 @@ def _fwd_step(
 
 @triton.jit(do_not_specialize=["STRIDE", "q_hs", "kv_hs", "GQA"])
 def fwd_kernel(
-    Q, K, V, O, LSE, KPAD,
+    Q, K, V, KD, VD, O, LSE, KPAD,
     TILE_SEQ, TILE_M0, START, LEN, QH0, KH0,
     s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_on, s_oh, s_ln, s_lh,
     STRIDE, q_hs, kv_hs, GQA, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, FIRST: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, FIRST: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """Out and LSE of BLOCK_M query rows of one sequence and head, stored (FIRST) or LSE-merged into O, LSE."""
+    """Out and LSE of BLOCK_M query rows of one sequence and head, stored (FIRST) or LSE-merged into O,
+    LSE. KD, VD: K, V's descriptors (block (BLOCK_N, 1, 1, BLOCK_D)) when TMA, else unused."""
     start, n, m0, qh, kh, rows, row_ok, qpos = _query_tile(
         TILE_SEQ, TILE_M0, START, LEN, QH0, KH0, q_hs, kv_hs, GQA, STRIDE, BLOCK_M
     )
@@ -139,13 +167,13 @@ def fwd_kernel(
     unmasked_end = _unmasked_key_end(n, m0, BLOCK_N, IS_CAUSAL)
     for j0 in range(0, unmasked_end, BLOCK_N):
         acc, m_i, l_i = _fwd_step(
-            q, acc, m_i, l_i, j0, K, V, KPAD, start, n, rows, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, qk_scale,
-            BLOCK_N, False, False, HAS_PAD,
+            q, acc, m_i, l_i, j0, K, V, KD, VD, KPAD, start, n, rows, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok,
+            qk_scale, BLOCK_N, False, False, HAS_PAD, TMA,
         )  # fmt: skip
     for j0 in range(unmasked_end, _key_end(n, m0, BLOCK_M, IS_CAUSAL), BLOCK_N):
         acc, m_i, l_i = _fwd_step(
-            q, acc, m_i, l_i, j0, K, V, KPAD, start, n, rows, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, qk_scale,
-            BLOCK_N, True, IS_CAUSAL, HAS_PAD,
+            q, acc, m_i, l_i, j0, K, V, KD, VD, KPAD, start, n, rows, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok,
+            qk_scale, BLOCK_N, True, IS_CAUSAL, HAS_PAD, TMA,
         )  # fmt: skip
     empty = l_i == 0.0
     out = acc * (1.0 / tl.where(empty, 1.0, l_i))[:, None]
@@ -228,7 +256,9 @@ def _dq_step(
 ):  # fmt: skip
     """dq of this program's query tile plus key tile j0's share (keys past the sequence load as 0, but
     P there is masked: exp2(-lse) alone may overflow)."""
-    cols, kpos, k, v = _key_tile(K, V, start, n, j0, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, BLOCK_N, BOUNDS)
+    cols, kpos, k, v = _key_tile(
+        K, V, K, V, start, n, j0, kh, STRIDE, s_kn, s_kh, s_vn, s_vh, d, d_ok, BLOCK_N, BOUNDS, False
+    )
     p = _probs(q, k, rows, cols, n, lse2, KPAD, kpos, qk_scale, BOUNDS, IS_CAUSAL, HAS_PAD)
     dp = tl.dot(do, tl.trans(v))
     ds = p * (dp - delta[:, None])

@@ -11,7 +11,9 @@ program: :func:`forward_` stores or LSE-merges out / LSE at the rows, :func:`bac
 dk, dv at them, from the final (merged) out's :func:`row_delta` and LSE (exact for merged groups).
 
 Needs triton: compiled on CUDA, or the interpreter on the CPU (TRITON_INTERPRET=1), see
-:func:`unsupported_reasons`. The tile tables are built once per plan on the host; a launch is one
+:func:`unsupported_reasons`. The forward's key tiles inside a sequence load through TMA tensor descriptors where
+K and V allow them (:func:`descriptor_reasons`: Hopper or newer, 16-byte aligned base and
+strides); otherwise every tile takes masked pointer loads, with the same results. The tile tables are built once per plan on the host; a launch is one
 program per (tile, head), so its size follows the rows, not the number of sequences.
 """
 
@@ -32,8 +34,10 @@ __all__ = [
     "FWD_BLOCK_M",
     "FWD_BLOCK_N",
     "FWD_STAGES",
+    "MIN_DESCRIPTOR_TRITON",
     "StridedSequences",
     "backward_",
+    "descriptor_reasons",
     "forward_",
     "row_delta",
     "stacked_sequences",
@@ -58,6 +62,9 @@ DELTA_BLOCK_ROWS = 32
 # The tile sizes above fit shared memory up to this head dim (measured on an H100 at 64 and 128);
 # larger head dims take the gathered varlen path.
 MAX_HEAD_DIM = 128
+# The oldest triton whose host tensor descriptors (4-d blocks, TMA on Hopper and in the interpreter)
+# these kernels were verified with; older ones take the pointer loads.
+MIN_DESCRIPTOR_TRITON = (3, 6)
 
 
 @dataclass(frozen=True)
@@ -191,6 +198,46 @@ def _shared_memory(device: torch.device) -> int:
     return int(getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_block", 49152))
 
 
+def descriptor_reasons(*tensors: torch.Tensor) -> list[str]:
+    """Why the kernels cannot read these (N, H, D) views through TMA tensor descriptors (empty: they
+    can): a triton before :data:`MIN_DESCRIPTOR_TRITON`, a GPU older than Hopper, a base or a row or
+    head stride that is not a multiple of 16 bytes. The interpreter takes descriptors on any device."""
+    reasons = []
+    if _triton_version() < MIN_DESCRIPTOR_TRITON:
+        reasons.append(f"tensor descriptors need triton >= {'.'.join(map(str, MIN_DESCRIPTOR_TRITON))}")
+    for x in tensors:
+        if x.device.type == "cuda" and not interpret_mode() and _capability(x.device) < (9, 0):
+            reasons.append(f"TMA needs compute capability 9.0 or newer, got {_capability(x.device)}")
+        size = x.element_size()
+        if x.data_ptr() % 16 or any(st * size % 16 for st in x.stride()[:2]):
+            reasons.append(f"base and row/head strides must be multiples of 16 bytes, got {x.stride()} x {size} B")
+    return reasons
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_version() -> tuple[int, int]:
+    import triton
+
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _descriptor(x: torch.Tensor, stride: int, rows: int) -> object:
+    """A descriptor of x (N, Hx, D) seen as (ceil(N / stride), stride, Hx, D): row t of a sequence
+    starting at a * stride + b is (a + t, b); blocks of ``rows`` rows, one head, BLOCK_D columns
+    (zero past D). The kernels read only blocks inside a sequence, never past N."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    N, Hx, D = x.shape
+    s_n, s_h = x.stride()[:2]
+    return TensorDescriptor(x, [-(-N // stride), stride, Hx, D], [stride * s_n, s_n, s_h, 1], [rows, 1, 1, _block_d(D)])
+
+
 def _pad_arg(mask: torch.Tensor | None, seqs: StridedSequences) -> torch.Tensor:
     # uint8 so the kernel compares bytes; an unused pointer (never read) when there is no mask
     return seqs.lengths if mask is None else mask.contiguous().view(torch.uint8)
@@ -223,13 +270,15 @@ def forward_(
     if q.device.type == "cuda":
         block_n, stages = _fwd_pipeline(D, q.element_size(), _shared_memory(q.device))
     grid = (seqs.fwd_tiles[0].numel(), seqs.q_hn)
+    tma = not descriptor_reasons(k, v)
+    kd, vd = (_descriptor(x, seqs.stride, block_n) for x in (k, v)) if tma else (k, v)
     fwd_kernel[grid](
-        q, k, v, out, lse, _pad_arg(key_padding_mask, seqs),
+        q, k, v, kd, vd, out, lse, _pad_arg(key_padding_mask, seqs),
         *seqs.fwd_tiles, seqs.starts, seqs.lengths, seqs.q_head0, seqs.kv_head0,
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2], *lse.stride(),
         seqs.stride, seqs.q_hs, seqs.kv_hs, seqs.q_hn // seqs.kv_hn, scale * 1.4426950408889634,
         D=D, BLOCK_D=_block_d(D), BLOCK_M=FWD_BLOCK_M, BLOCK_N=block_n,
-        IS_CAUSAL=is_causal, HAS_PAD=key_padding_mask is not None, FIRST=first,
+        IS_CAUSAL=is_causal, HAS_PAD=key_padding_mask is not None, FIRST=first, TMA=tma,
         num_warps=_warps(D, FWD_BLOCK_M), num_stages=stages,
     )  # fmt: skip
 
