@@ -94,3 +94,22 @@ def test_device_without_index_accepts_offsets_on_that_device() -> None:
     )
     dense = mask.dense(64, 64, torch.device("cuda"))
     assert not dense[10, 4] and dense[10, 5] and not dense[3, 4]
+
+
+def test_offsets_read_once_across_dilated_and_block_sparse():
+    """A cu_seqlens tensor a packed dilated call has read is validated for a block-sparse call from
+    the same host copy: building the block-sparse token masks waits for the GPU nowhere."""
+    from attn_core import dilated_attention
+    from attn_sparse.masks import TokenMask
+
+    cu = torch.tensor([0, 300, 301, 430, 1000], dtype=torch.int32, device="cuda")
+    q = torch.randn(1, 1000, 4, 64, device="cuda", dtype=torch.bfloat16)
+    dilated_attention(q, q, q, [64, 128], [1, 2], cu_seqlens=cu, backend="sdpa")  # reads cu once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mask = TokenMask.build(cu_seqlens=cu, batch=1, seq_len_q=1000, seq_len_k=1000, device=q.device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert mask.host_cu_seqlens.tolist() == [0, 300, 301, 430, 1000]
+    assert mask.cu_seqlens is cu

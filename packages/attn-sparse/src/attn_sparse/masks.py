@@ -27,7 +27,7 @@ import torch
 
 from attn_core.memo import BoundedMemo, StorageMemo
 from attn_core.packing import document_positions, host_offsets, host_to_device
-from attn_core.validation import check_bool, check_cu_seqlens, check_window_size, indexed_device
+from attn_core.validation import check_bool, check_cu_seqlens, check_window_size, cu_seqlens_on_host, indexed_device
 
 from .csr import band_csr
 from .flex_support import token_terms
@@ -124,14 +124,14 @@ class TokenMask:
 
         device = indexed_device(device)
         given = cu_seqlens if isinstance(cu_seqlens, torch.Tensor) else None
-        # offsets already on the inputs' GPU: validated on a host copy (the one device read)
-        on_gpu = given if given is not None and given.device == device and device.type != "cpu" else None
 
         def read() -> tuple[torch.Tensor, torch.Tensor, bytes]:
-            host = check_cu_seqlens(
-                on_gpu.cpu() if on_gpu is not None else cu_seqlens, batch=batch, seq_len=seq_len_q, device=device
-            )
-            return host, (on_gpu if on_gpu is not None else host_to_device(host, device)), host_offsets(host)
+            # validated on the host copy attn_core keeps per tensor (a GPU tensor is read once, also
+            # across dilated and block-sparse calls); offsets on the CPU go to the inputs' device
+            checked = check_cu_seqlens(cu_seqlens, batch=batch, seq_len=seq_len_q, device=device)
+            host = cu_seqlens_on_host(checked)
+            docs = checked if checked.device == device else host_to_device(host, device)
+            return host, docs, host_offsets(host)
 
         # the key bytes are memoised with the copies: the later layers' calls make none of them
         memo = None if given is None else _OFFSETS.memo_for((given,), (batch, seq_len_q, str(device)))
