@@ -7,7 +7,8 @@ events) of: one unpacked sequence of the same length; packed with the other segm
 varlen calls (``packed_views.uses_strided_kernel`` forced off); packed on the strided-rows kernels
 (attn_core.strided_varlen, the default); the same with no strided pieces (every segment on the
 kernels); and forward-only times of packed and unpacked. Then a sweep of the kernels' launch
-settings (tile sizes and pipelining depth, :data:`SETTINGS`) at 16/16 "all", causal and not, with
+settings (tile sizes and pipelining depth, :data:`SETTINGS`; and the forward's TMA descriptors
+off, every tile on pointer loads) at 16/16 "all", causal and not, with
 the kernels alone timed on the batch's tables (TFLOP/s of the pairs they compute; no cuDNN pieces).
 One GPU; prints tables and writes JSON to --out.
 
@@ -37,7 +38,9 @@ POINTS = [
     ((32, 8), "all", True),
     ((32, 8), "split", True),
 ]
-# Overrides of attn_core.strided_varlen's launch constants, each against the defaults (first row).
+# Overrides of attn_core.strided_varlen's launch constants, each against the defaults (first row);
+# DESCRIPTORS 0: the kernels told that no view takes a TMA descriptor (pointer loads everywhere).
+DESCRIPTORS = "descriptors"
 SETTINGS: list[dict[str, int]] = [
     {},
     dict(FWD_STAGES=3),
@@ -49,6 +52,7 @@ SETTINGS: list[dict[str, int]] = [
     dict(BWD_BLOCK=128, BWD_STEP=32, BWD_STAGES=3),
     dict(BWD_BLOCK=128, BWD_STEP=64),
     dict(BWD_BLOCK=64, BWD_STEP=32, BWD_STAGES=3),
+    {DESCRIPTORS: 0},
 ]
 
 
@@ -139,8 +143,9 @@ def settings(lengths: list[int], reps: int) -> list[dict[str, Any]]:
     dev = torch.device("cuda")
     cu = bench_varlen.offsets(lengths, dev)
     bounds = list(itertools.pairwise([0, *itertools.accumulate(lengths)]))
-    names = sorted({name for setting in SETTINGS for name in setting})
+    names = sorted({name for setting in SETTINGS for name in setting} - {DESCRIPTORS})
     defaults = {name: getattr(strided_varlen, name) for name in names}
+    real_reasons = strided_varlen.descriptor_reasons
     rows = []
     print(
         f"\n| causal | setting (defaults {defaults}) | fwd ms | fwd+bwd ms | kernels fwd ms (TFLOP/s) "
@@ -153,7 +158,12 @@ def settings(lengths: list[int], reps: int) -> list[dict[str, Any]]:
         for setting in SETTINGS:
             try:
                 for name, value in setting.items():
-                    setattr(strided_varlen, name, value)
+                    if name == DESCRIPTORS:
+                        strided_varlen.descriptor_reasons = lambda *xs, on=value: (
+                            real_reasons(*xs) if on else ["off in this probe"]
+                        )
+                    else:
+                        setattr(strided_varlen, name, value)
                 f = cuda_median_ms(lambda p=packed, x=leaves: p(*(t.detach() for t in x)), reps)
                 fb = cuda_median_ms(lambda p=packed, x=leaves, g=go: bench_varlen.fwd_bwd(p, x, g), reps)
                 kfwd, kbwd, pairs = _kernel_steps(lengths, leaves, go, causal)
@@ -162,6 +172,7 @@ def settings(lengths: list[int], reps: int) -> list[dict[str, Any]]:
                 print(f"| {'yes' if causal else 'no'} | {setting} | failed: {type(err).__name__} | | | |", flush=True)
                 continue
             finally:
+                strided_varlen.descriptor_reasons = real_reasons
                 for name, value in defaults.items():
                     setattr(strided_varlen, name, value)
             # 2*D flops per pair and matmul, counted as usual: 2 matmuls forward, 5 backward (the
