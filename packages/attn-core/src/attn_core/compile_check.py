@@ -30,7 +30,9 @@ constexprs = spec["constexprs"]
 signature = {n: "constexpr" if n in constexprs else spec["types"].get(n, "i32") for n in inspect.signature(kernel.fn).parameters}
 built = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"]))
-print(json.dumps(dict(cubin_bytes=len(built.asm["cubin"]), wgmma="wgmma" in built.asm["ptx"], shared=built.metadata.shared)))
+ptx = built.asm["ptx"]
+print(json.dumps(dict(cubin_bytes=len(built.asm["cubin"]), wgmma="wgmma" in ptx, tma="cp.async.bulk.tensor" in ptx,
+                      shared=built.metadata.shared)))
 """
 
 
@@ -53,8 +55,9 @@ def compile_for_sm90(
     """Compile ``kernel`` ("module:name" of a ``triton.jit`` function) for sm_90 in a child process.
 
     constexprs: the constexpr arguments' values; types: Triton types of the other arguments by
-    name ("*bf16", "*i32", "fp32", ...; unnamed ones are "i32"). Returns cubin_bytes, wgmma (the
-    PTX uses Hopper's wgmma) and shared (bytes of shared memory per program). Raises RuntimeError
+    name ("*bf16", "*i32", "fp32", "tensordesc<bf16[64, 128]>", ...; unnamed ones are "i32").
+    Returns cubin_bytes, wgmma (the PTX uses Hopper's wgmma), tma (it loads through TMA: bulk
+    tensor copies) and shared (bytes of shared memory per program). Raises RuntimeError
     with the child's error output when the compile fails.
     """
     spec = json.dumps(
