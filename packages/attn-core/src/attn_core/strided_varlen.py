@@ -11,10 +11,11 @@ program: :func:`forward_` stores or LSE-merges out / LSE at the rows, :func:`bac
 dk, dv at them, from the final (merged) out's :func:`row_delta` and LSE (exact for merged groups).
 
 Needs triton: compiled on CUDA, or the interpreter on the CPU (TRITON_INTERPRET=1), see
-:func:`unsupported_reasons`. The forward's key tiles inside a sequence load through TMA tensor descriptors where
-K and V allow them (:func:`descriptor_reasons`: Hopper or newer, 16-byte aligned base and
-strides); otherwise every tile takes masked pointer loads, with the same results. The tile tables are built once per plan on the host; a launch is one
-program per (tile, head), so its size follows the rows, not the number of sequences.
+:func:`unsupported_reasons`. The tile tables are built once per plan on the host; a launch is one
+program per (tile, head), so its size follows the rows, not the number of sequences. The
+forward's key tiles inside a sequence load through TMA tensor descriptors where K and V allow
+them (:func:`descriptor_reasons`: Hopper or newer, 16-byte aligned base and strides); otherwise
+every tile takes masked pointer loads, with the same results.
 """
 
 from __future__ import annotations
