@@ -184,6 +184,7 @@ def test_tables_and_reasons():
     assert not strided_varlen.descriptor_reasons(x, x[:, 1:])  # head 1: 32 bytes past an aligned base
     assert any("16 bytes" in r for r in strided_varlen.descriptor_reasons(x[:, :, 1:]))  # base 2 bytes off
     assert any("16 bytes" in r for r in strided_varlen.descriptor_reasons(torch.zeros(4, 3, 3)[:, :, :2]))
+    assert any("16 bytes" in r for r in strided_varlen.descriptor_reasons(x[:, :1].expand(4, 2, 16)))  # stride 0
 
 
 def test_forward_pipeline_fits_shared_memory():

@@ -202,7 +202,7 @@ def _shared_memory(device: torch.device) -> int:
 def descriptor_reasons(*tensors: torch.Tensor) -> list[str]:
     """Why the kernels cannot read these (N, H, D) views through TMA tensor descriptors (empty: they
     can): a triton before :data:`MIN_DESCRIPTOR_TRITON`, a GPU older than Hopper, a base or a row or
-    head stride that is not a multiple of 16 bytes. The interpreter takes descriptors on any device."""
+    head stride that is not a positive multiple of 16 bytes (expanded views have stride 0). The interpreter takes descriptors on any device."""
     reasons = []
     if _triton_version() < MIN_DESCRIPTOR_TRITON:
         reasons.append(f"tensor descriptors need triton >= {'.'.join(map(str, MIN_DESCRIPTOR_TRITON))}")
@@ -210,8 +210,10 @@ def descriptor_reasons(*tensors: torch.Tensor) -> list[str]:
         if x.device.type == "cuda" and not interpret_mode() and _capability(x.device) < (9, 0):
             reasons.append(f"TMA needs compute capability 9.0 or newer, got {_capability(x.device)}")
         size = x.element_size()
-        if x.data_ptr() % 16 or any(st * size % 16 for st in x.stride()[:2]):
-            reasons.append(f"base and row/head strides must be multiples of 16 bytes, got {x.stride()} x {size} B")
+        if x.data_ptr() % 16 or any(st * size % 16 or st <= 0 for st in x.stride()[:2]):
+            reasons.append(
+                f"base and row/head strides must be positive multiples of 16 bytes, got {x.stride()} x {size} B"
+            )
     return reasons
 
 
