@@ -42,7 +42,7 @@ import torch.distributed as dist
 from attn_core.blocks import acc_dtype, block_backward, block_forward
 from attn_core.first_order import first_order_only, second_order_error
 from attn_core.merge import merge_into_
-from attn_core.validation import check_bool, check_cu_seqlens, check_qkv, resolve_softmax_scale
+from attn_core.validation import check_bool, check_cu_seqlens, check_qkv, cu_seqlens_on_host, resolve_softmax_scale
 
 from .comm import DEFAULT_TIMEOUT_S, BufferProvider, RingComm, check_timeout, config_hash, dtype_code
 from .ring_packed import PackedBlock, packed_backward, packed_forward, packed_ring_plan
@@ -223,7 +223,7 @@ def ring_attention(
     scale = resolve_softmax_scale(softmax_scale, D)
     timeout = check_timeout(timeout_s)
     # one host copy of the offsets serves the handshake's hash and the plan
-    offsets_on_host = cu_seqlens.cpu() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
+    offsets_on_host = cu_seqlens_on_host(cu_seqlens) if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
     documents = packed_documents_code(offsets_on_host)
     comm = RingComm(group, timeout_s=timeout)
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))

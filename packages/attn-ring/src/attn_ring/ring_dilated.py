@@ -56,7 +56,7 @@ from attn_core import strided_varlen
 from attn_core.blocks import acc_dtype
 from attn_core.config import DilatedConfig
 from attn_core.first_order import first_order_only, second_order_error
-from attn_core.validation import check_bool, check_cu_seqlens, check_qkv, resolve_softmax_scale
+from attn_core.validation import check_bool, check_cu_seqlens, check_qkv, cu_seqlens_on_host, resolve_softmax_scale
 
 from .comm import DEFAULT_TIMEOUT_S, RingComm, check_timeout, config_hash, dtype_code
 from .head_range import check_head_range
@@ -242,7 +242,7 @@ def ring_dilated_attention(
     scale = resolve_softmax_scale(softmax_scale, D)
     timeout_s = check_timeout(timeout_s)
     # one host copy of the offsets serves the handshake's hash and the plan
-    offsets_on_host = cu_seqlens.cpu() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
+    offsets_on_host = cu_seqlens_on_host(cu_seqlens) if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
     documents = packed_documents_code(offsets_on_host)
     comm = RingComm(group, timeout_s=timeout_s)
     comm.handshake(

@@ -48,6 +48,7 @@ from attn_core.validation import (
     check_cu_seqlens,
     check_qkv,
     check_window_size,
+    cu_seqlens_on_host,
     resolve_softmax_scale,
 )
 
@@ -151,7 +152,9 @@ def gather_padding_mask(mask: torch.Tensor | None, comm: AllToAllComm, *, chunks
 
 
 def packed_documents_code(cu_seqlens: object) -> int:
-    """A hash of cu_seqlens (dtype, shape, values: one host read) for the handshake; -1 for None.
+    """A hash of cu_seqlens (dtype, shape, values) for the handshake; -1 for None. The values come
+    from :func:`attn_core.validation.cu_seqlens_on_host`: a tensor on a GPU is read once while it is
+    alive and unmodified, so the layers and steps that pass it again wait for the device nowhere.
 
     Its checks against the sequence (:meth:`InnerAttention.check_token_masks`) run after the
     handshake, when every rank holds the same offsets and so raises the same error.
@@ -162,7 +165,7 @@ def packed_documents_code(cu_seqlens: object) -> int:
         raise TypeError(
             f"cu_seqlens must be a torch.Tensor of dtype torch.int32 (num_docs + 1,), got {type(cu_seqlens).__name__}"
         )
-    return config_hash((str(cu_seqlens.dtype), tuple(cu_seqlens.shape), cu_seqlens.tolist()))
+    return config_hash((str(cu_seqlens.dtype), tuple(cu_seqlens.shape), cu_seqlens_on_host(cu_seqlens).tolist()))
 
 
 def check_attention_kind(attention: object) -> str:
