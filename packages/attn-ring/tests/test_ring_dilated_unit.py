@@ -18,6 +18,7 @@ from attn_core.testing import assert_close_to_reference
 from attn_ring.exchange import exchange_rows, last_stats, reset_stats
 from attn_ring.modules_dilated import RingDilatedAttention, RingMultiheadDilatedAttention
 from attn_ring.ring_dilated import plan_ring_dilated, ring_dilated_attention
+from attn_ring.ring_dilated_exec import local_pieces, storing_groups
 
 # (N, W, H, Hkv, segments, rates, causal, head_mode)
 GEOMETRIES = [
@@ -576,10 +577,12 @@ def test_local_groups_split_each_group_into_pieces_and_tables(geom, min_work, ma
         for it in rp.items:
             items_by_group.setdefault(it.group, []).append(it)
         assert len(groups) == len(items_by_group)
-        for group, items in zip(groups, items_by_group.values()):
+        storing = storing_groups(rp.items)
+        for group, (g, items) in zip(groups, items_by_group.items()):
             want = sorted(p for it in items for p in _item_pairs(it, 0, 0))
             got = []
             pieces = [p for lane in group.lanes for p in lane]
+            assert group.first == (g in storing) and all(p.first == group.first for p in pieces)
             assert len(pieces) <= max_pieces and (min_work == 0 or not pieces)  # 2^25: these items are tiny
             for p in pieces:
                 rows = [p.start + m * p.seg_stride + t * p.row_stride for m in range(p.nseg) for t in range(p.rows)]
@@ -592,6 +595,20 @@ def test_local_groups_split_each_group_into_pieces_and_tables(geom, min_work, ma
             assert all(lane_of[p.start] == i for i, lane in enumerate(group.lanes) for p in lane)
     if geom is PACKED_GEOMETRIES[0] and (min_work, max_pieces) == (0, 2):
         assert mixed > 0  # the case the executor's concurrency is for
+
+
+@pytest.mark.parametrize("geom", PACKED_GEOMETRIES)
+def test_storing_groups_are_those_whose_heads_no_earlier_group_touches(geom) -> None:
+    """Head mode "split": every group's heads are its own, so every group stores its local results;
+    "all": each later group merges into the heads the first one stored."""
+    mode = geom[7]
+    _, plan = _packed_plan(*geom)
+    for rp in plan.ranks:
+        groups = sorted({it.group for it in rp.items})
+        assert storing_groups(rp.items) == frozenset(groups if mode == "split" else groups[:1])
+        pieces = local_pieces(rp.items, 1, 8, storing_groups(rp.items))
+        assert {p.group for p in pieces if p.first} == storing_groups(rp.items)
+        assert all(p.first == (p.group in storing_groups(rp.items)) for p in pieces)
 
 
 def test_packed_plan_validation() -> None:

@@ -134,11 +134,14 @@ def _backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Remote keys first, post the dK/dV return, local keys meanwhile; (dq, dk, dv) in the inputs' dtypes."""
     ad = acc_dtype(q.dtype)
+    # the view path adds each call's gradients in place in the inputs' dtype (as attn_core's sdpa
+    # backend does): fp32 buffers would cost three more passes over q, k, v and their conversion
+    gd = q.dtype if call.views else ad
     grads = (
-        torch.zeros(q.shape, dtype=ad, device=q.device),
-        torch.zeros(k.shape, dtype=ad, device=q.device),
-        torch.zeros(v.shape, dtype=ad, device=q.device),
-        torch.zeros(recv.shape, dtype=ad, device=q.device),
+        torch.zeros(q.shape, dtype=gd, device=q.device),
+        torch.zeros(k.shape, dtype=gd, device=q.device),
+        torch.zeros(v.shape, dtype=gd, device=q.device),
+        torch.zeros(recv.shape, dtype=ad, device=q.device),  # fp32 across items and on the wire
     )
     dq, dk, dv, drecv = grads
     B, n, Hkv, D = k.shape

@@ -50,16 +50,16 @@ def post_kv_grads(drecv: torch.Tensor, dk: torch.Tensor, plan: RingDilatedRankPl
             sends[a] = drecv[:, :, start : start + cnt].to(dev).contiguous()
             start += cnt
     B, D = dk.shape[0], dk.shape[-1]
-    recvs = {b: torch.empty(2, B, idx.numel(), D, dtype=dk.dtype, device=dev) for b, idx in plan.send_index.items()}
+    recvs = {b: torch.empty(2, B, idx.numel(), D, dtype=drecv.dtype, device=dev) for b, idx in plan.send_index.items()}
     return comm.exchange(sends, recvs, f"ring dilated dK/dV exchange of rank {comm.rank}")
 
 
 def finish_kv_grads(pending: PendingTransfer, dk: torch.Tensor, dv: torch.Tensor, plan: RingDilatedRankPlan) -> None:
-    """Wait for the reverse exchange and add the returned gradients into dk, dv (B, n*Hkv, D)."""
+    """Wait for the reverse exchange and add the returned (fp32) gradients into dk, dv (B, n*Hkv, D)."""
     for b, buf in zip(sorted(plan.send_index), pending.wait()):
         i = plan.send_index[b].to(dk.device)
-        dk.index_add_(1, i, buf[0].to(dk.device))
-        dv.index_add_(1, i, buf[1].to(dk.device))
+        dk.index_add_(1, i, buf[0].to(device=dk.device, dtype=dk.dtype))
+        dv.index_add_(1, i, buf[1].to(device=dk.device, dtype=dv.dtype))
 
 
 def gather_mask(mask: torch.Tensor, comm: RingComm) -> torch.Tensor:

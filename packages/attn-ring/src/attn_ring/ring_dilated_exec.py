@@ -20,6 +20,8 @@ Two paths compute the same thing (see :mod:`attn_ring.ring_dilated` for the algo
 
 Each phase (``recv`` None: local keys; else the received keys) merges straight into the
 accumulators: one item per (position, head) per group, so this is the LSE merge of the groups.
+The local keys of a group whose heads no earlier group touches (:func:`storing_groups`) are
+stored instead (merging into empty rows would only cost a pass).
 Backward uses the final out and LSE of the rows, which makes the per-item gradients sum exactly.
 Shapes: q (B, n, H, D), k, v (B, n, Hkv, D); the LSE accumulator is (B, n, H) token-major
 storage (public primitives see its (B, H, n) transposed view).
@@ -56,6 +58,7 @@ __all__ = [
     "local_groups",
     "local_pieces",
     "remote_kv",
+    "storing_groups",
     "view_path_available",
 ]
 
@@ -82,10 +85,12 @@ class RingDilatedCall:
 class LocalGroup:
     """One group's local keys: long items as strided pieces on the fused kernels, split into
     ``lanes`` that may run concurrently (:func:`attn_core.packed_views.piece_lanes`), and the other
-    items as strided-rows kernel ``tables``; the two touch disjoint (row, head) sets."""
+    items as strided-rows kernel ``tables``; the two touch disjoint (row, head) sets. ``first``: the
+    results are stored, not merged (:func:`storing_groups`)."""
 
     tables: tuple[StridedSequences, ...]
     lanes: tuple[tuple[views.Piece, ...], ...]
+    first: bool
 
 
 def view_path_available(q: torch.Tensor) -> bool:
@@ -245,11 +250,28 @@ def _head_run(item: RingItem) -> tuple[int, int, int]:
     return heads[0], (heads[1] - heads[0] if len(heads) > 1 else 1), len(heads)
 
 
-def local_pieces(items: Sequence[RingItem], batch: int, head_dim: int) -> list[views.Piece]:
+def storing_groups(items: Sequence[RingItem]) -> frozenset[int]:
+    """The groups whose query heads no earlier group touches (items come group by group, ascending,
+    and run in that order). Their local results are stored into the empty accumulators rather than
+    LSE-merged: within a group each (position, head) is in one item. Head mode "split" stores every
+    group; "all" stores the first."""
+    touched: set[int] = set()
+    first = set()
+    for g in sorted({it.group for it in items}):
+        heads = {h for it in items if it.group == g for h in it.heads}
+        if touched.isdisjoint(heads):
+            first.add(g)
+        touched |= heads
+    return frozenset(first)
+
+
+def local_pieces(
+    items: Sequence[RingItem], batch: int, head_dim: int, storing: frozenset[int] = frozenset()
+) -> list[views.Piece]:
     """The kernel calls of the items' local keys: runs cut so a call reads at most MAX_GATHER_ELEMENTS
     query elements (bounding its out / dq, dk, dv temporaries); batch None folds batch and segments
     into one strided dim (one batch row, or one segment); one call per strided kv-head set.
-    Every piece merges (``first`` False): the accumulators start empty."""
+    Pieces of the ``storing`` groups (:func:`storing_groups`) store their results; the others merge."""
     pieces = []
     for it in items:
         fold = batch == 1 or it.count == 1
@@ -258,9 +280,10 @@ def local_pieces(items: Sequence[RingItem], batch: int, head_dim: int) -> list[v
             start = it.base + m0 * it.seg_stride
             for b in [None] if fold else range(batch):
                 for hk in calls:
-                    pieces.append(
-                        views.Piece(it.group, start, m1 - m0, it.seg_stride, it.rows, it.row_stride, b, *hk, False)
+                    piece = views.Piece(
+                        it.group, start, m1 - m0, it.seg_stride, it.rows, it.row_stride, b, *hk, it.group in storing
                     )
+                    pieces.append(piece)
     return pieces
 
 
@@ -297,21 +320,22 @@ def _build_local(
     by_group: dict[int, list[RingItem]] = {}
     for it in plan.items:
         by_group.setdefault(it.group, []).append(it)
+    storing = storing_groups(plan.items)
     groups = []
-    for items in by_group.values():
+    for g, items in by_group.items():
         pieces: list[views.Piece] = []
         on_pieces: set[int] = set()
         for i in sorted(range(len(items)), key=lambda i: -_item_work(items[i])):
             if _item_work(items[i]) < max(min_work, 1):
                 break
-            mine = local_pieces([items[i]], 1, head_dim)
+            mine = local_pieces([items[i]], 1, head_dim, storing)
             if len(pieces) + len(mine) > max_pieces:
                 break
             pieces += mine
             on_pieces.add(i)
         tables = _build_tables([it for i, it in enumerate(items) if i not in on_pieces], device)
         lanes = packed_views.piece_lanes(pieces, streams - 1 if tables else streams)
-        groups.append(LocalGroup(tables, lanes))
+        groups.append(LocalGroup(tables, lanes, g in storing))
     return tuple(groups)
 
 
@@ -354,14 +378,14 @@ def forward_views(
     if recv is None:
         if local_mask is not None:  # padded keys' values are never read (the -inf bias masks logits only)
             k, v = drop_padded_keys(k, v, local_mask)
-        if call.local is not None:  # B == 1: the accumulators start empty, so everything merges
+        if call.local is not None:  # B == 1
             mask = None if local_mask is None else local_mask[0]
 
-            def tables_forward(tables: tuple[StridedSequences, ...]) -> None:
+            def tables_forward(tables: tuple[StridedSequences, ...], first: bool) -> None:
                 for table in tables:
                     strided_varlen.forward_(
                         q[0], k[0], v[0], table, out[0], lse[0],
-                        key_padding_mask=mask, is_causal=call.causal, scale=call.scale, first=False,
+                        key_padding_mask=mask, is_causal=call.causal, scale=call.scale, first=first,
                     )  # fmt: skip
 
             pieces_forward = functools.partial(
@@ -370,12 +394,12 @@ def forward_views(
             )  # fmt: skip
             for group in call.local:  # in order: two groups may merge into the same rows
                 work: list[Callable[[], None]] = (
-                    [functools.partial(tables_forward, group.tables)] if group.tables else []
+                    [functools.partial(tables_forward, group.tables, group.first)] if group.tables else []
                 )
                 work += [functools.partial(pieces_forward, pieces=lane) for lane in group.lanes]
                 side_streams.fork_join(work, q.device, packed_views.PACKED_STREAMS)
             return
-        pieces = local_pieces(call.plan.items, B, D)
+        pieces = local_pieces(call.plan.items, B, D, storing_groups(call.plan.items))
         views.forward_pieces(
             q, k, v, pieces, out, lse_bhn, key_padding_mask=local_mask, is_causal=call.causal, scale=call.scale
         )
