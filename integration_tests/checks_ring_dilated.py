@@ -64,6 +64,29 @@ def fixed_cases(world_size: int) -> list[Case]:
         Case("one token per rank", 1, (2, 4), (1, 2), heads=2, kv_heads=1),
         # float32 under the project's tolerance rule (2x plain PyTorch fp32 error)
         Case("float32 long segments", 8, (4, 16), (1, 4), heads=4, kv_heads=2, dtype=torch.float32),
+        # bf16: the view path adds gradients in bf16; received rows' dK/dV come back in fp32
+        Case(
+            "bfloat16 long segments causal gqa",
+            8,
+            (4, 16),
+            (1, 2),
+            heads=4,
+            kv_heads=2,
+            causal=True,
+            dtype=torch.bfloat16,
+            head_dim=16,
+        ),
+        Case(
+            "bfloat16 split heads",
+            6,
+            (3, 8, 6 * W),
+            (1, 2, 2 if (6 * W) % 2 == 0 else 1),
+            heads=6,
+            kv_heads=3,
+            head_mode="split",
+            dtype=torch.bfloat16,
+            head_dim=16,
+        ),
     ]
 
 
