@@ -135,7 +135,7 @@ def _backward(
     """Remote keys first, post the dK/dV return, local keys meanwhile; (dq, dk, dv) in the inputs' dtypes."""
     ad = acc_dtype(q.dtype)
     # the view path adds each call's gradients in place in the inputs' dtype (as attn_core's sdpa
-    # backend does): fp32 buffers would cost three more passes over q, k, v and their conversion
+    # backend does): fp32 buffers cost a fill and adds twice as wide, and a conversion pass
     gd = q.dtype if call.views else ad
     grads = (
         torch.zeros(q.shape, dtype=gd, device=q.device),
