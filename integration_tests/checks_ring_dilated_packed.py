@@ -1,6 +1,7 @@
 """Ring dilated attention over packed documents (cu_seqlens) in real processes vs
 attn_core.reference.dilated_attention(..., cu_seqlens=) on the gathered sequence, in float64
-(and float32 on the strided-rows kernels, under the 2x rule, where Triton's interpreter runs).
+(and float32 and float16 on the strided-rows kernels, under the 2x rule, where Triton's
+interpreter runs).
 
 Every rank builds the same global inputs and offsets from a shared seed, runs
 ring_dilated_attention on its shard and compares its output and q/k/v gradient shards. The
@@ -147,10 +148,15 @@ def check_packed_cases(rank: int, world_size: int) -> list[str]:
             for i, case in enumerate(CASES[:4] if world_size in (2, 3) else []):
                 run_case(case, rank, world_size, seed=400 * world_size + i, dtype=torch.float32)
                 done.append(f"{case.name} (kernels and pieces)")
+            # float16: gradients added in the inputs' dtype by the kernels and the pieces, received
+            # rows' dK/dV back in fp32
+            for i, case in enumerate(CASES[:4] if world_size in (2, 3) else []):
+                run_case(case, rank, world_size, seed=500 * world_size + i, dtype=torch.float16)
+                done.append(f"{case.name} (kernels and pieces, float16)")
         finally:
             rd.local_groups = groups
             packed_views.STRIDED_MIN_WORK, packed_views.STRIDED_MAX_PIECES = limits
-        expected = len(CASES) + (4 if world_size in (2, 3) else 0)
+        expected = len(CASES) + (8 if world_size in (2, 3) else 0)
         if len(built) != expected:
             raise AssertionError(f"the strided kernels ran {len(built)} of {expected} float32 cases")
     return done
