@@ -219,17 +219,19 @@ def runners(
 def plan_summary(
     cu: torch.Tensor, n: int, h: int, hkv: int, d: int, cfg: dict[str, Any], mode: str, dev: torch.device
 ) -> list:
-    """Per group: strided pieces, and the rest as strided-kernel tables or gathered varlen calls (with
-    their varlen implementation), as the sdpa backend plans them for this dtype and device."""
+    """Per group: the forward's and the backward's strided pieces, and the rest (the backward's) as
+    strided-kernel tables or gathered varlen calls (with their varlen implementation), as the sdpa
+    backend plans them for this dtype and device."""
     from attn_core import packed_views
     from attn_core.config import DilatedConfig
     from attn_core.varlen import explain_varlen
 
     kernel = packed_views.uses_strided_kernel(torch.empty(1, 1, d, device=dev, dtype=cfg["dtype"]))
     config = DilatedConfig(cfg["segments"], cfg["rates"], mode)
-    plan = packed_views.plan_packed(cu, (n, h, hkv, d), config, dev, kernel=kernel)
+    forward = packed_views.plan_packed(cu, (n, h, hkv, d), config, dev, kernel=kernel, backward=False)
+    plan = packed_views.plan_packed(cu, (n, h, hkv, d), config, dev, kernel=kernel, backward=True)
     out = []
-    for group in plan:
+    for forward_group, group in zip(forward, plan, strict=True):
         impls = ["strided kernel"] if group.sequences else []
         for c in group.calls:
             rows = n if c.rows is None else c.rows.numel()
@@ -239,12 +241,20 @@ def plan_summary(
             impls.append(explain_varlen(q, k, k, c.cu_seqlens, c.cu_seqlens, c.max_seqlen, c.max_seqlen).backend)
         out.append(
             dict(
+                forward_pieces=len(forward_group.pieces),
                 strided_pieces=len(group.pieces),
                 gathered_calls=len(group.calls) + len(group.sequences),
                 varlen=sorted(set(impls)),
             )
         )
     return out
+
+
+def plan_text(group: dict[str, Any]) -> str:
+    """One group of :func:`plan_summary` as "forward pieces/backward pieces/other calls" (rows written
+    before the passes' pieces differed have no forward count: "pieces/other calls")."""
+    pieces = f"{group['forward_pieces']}/" if "forward_pieces" in group else ""
+    return f"{pieces}{group['strided_pieces']}/{group['gathered_calls']}"
 
 
 def bench_point(
@@ -377,11 +387,11 @@ def render_markdown(res: dict[str, Any]) -> str:
         ),
         "",
         f"| H/Hkv | mode | causal | packed ms (TF/s) |{one_stream} unpacked ms | loop ms | packed / unpacked "
-        "| loop / packed | extra GiB packed / unpacked | strided pieces / other calls per group |",
+        "| loop / packed | extra GiB packed / unpacked | strided pieces fwd / bwd, other calls per group |",
         "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if one_stream else ""),
     ]
     for r in res["rows"]:
-        plan = ", ".join(f"{p['strided_pieces']}/{p['gathered_calls']}" for p in r["plan"]) or "-"
+        plan = ", ".join(plan_text(p) for p in r["plan"]) or "-"
         lines.append(
             f"| {r['H']}/{r['Hkv']} | {r['mode']} | {'yes' if r['causal'] else 'no'} "
             f"| {_f(r.get('packed_ms'), '.2f')} ({_f(r.get('packed_tflops'), '.0f')}) "

@@ -8,9 +8,10 @@ buffers a step asks for follow the plan attn-core's sdpa backend runs for those 
 [1, 2, 4, 8], head mode "all"), so the sizes that depend on the document mix change every step
 while q/k/v and the activations keep the packed size N:
 
-* per step: cu_seqlens (docs + 1,) int32, freed at the end of the step; the plan's index tensors
-  (per strided-kernel table: sequence starts, lengths and head bases (S,), tile tables (T,)),
-  held as attn-core's plan cache holds them: until PLAN_CACHE_SIZE newer plans were built;
+* per step: cu_seqlens (docs + 1,) int32, freed at the end of the step; the index tensors of the
+  step's two plans, the forward's and the backward's (per strided-kernel table: sequence starts,
+  lengths and head bases (S,), tile tables (T,)), held as attn-core's plan cache holds them:
+  until PLAN_CACHE_SIZE newer plans were built;
 * forward, per layer: the input x (N, H*D) and q, k, v, out (1, N, H, D) bf16, lse (1, N, H) fp32,
   all kept for the backward; per strided piece (a long document's full segments) its out
   (nseg, h, rows, D) and lse (nseg, h, rows) fp32, freed after the piece (the strided-rows kernels
@@ -207,28 +208,38 @@ def packed_training_trace(
         b.trace.longest.append(max(lengths))
         cu = b.alloc((len(lengths) + 1,), torch.int32)
         cpu = torch.device("cpu")
-        plan = plan_packed(offsets(lengths, cpu), (n, h, h, dim), config, cpu, kernel=True)
-        index = plan_index_tensors(plan)
-        b.trace.plan_bytes.append(sum(math.prod(s) * dt.itemsize for s, dt in index))
-        # built by the first layer's forward, shared by every layer and the backward; the cache
-        # drops the oldest plan when this one enters it
-        cached_plans.append([b.alloc(shape, dt, long_lived=True) for shape, dt in index])
-        if len(cached_plans) > PLAN_CACHE_SIZE:
-            b.free(*cached_plans.popleft())
+        plans = {
+            backward: plan_packed(offsets(lengths, cpu), (n, h, h, dim), config, cpu, kernel=True, backward=backward)
+            for backward in (False, True)
+        }
+        index_bytes = sum(
+            math.prod(shape) * dt.itemsize for plan in plans.values() for shape, dt in plan_index_tensors(plan)
+        )
+        b.trace.plan_bytes.append(index_bytes)
+
+        def enter_cache(plan: Any) -> None:
+            # the forward's plan is built by the first layer's forward, the backward's by the last
+            # layer's backward; each is shared by every layer, and the cache drops its oldest plan
+            cached_plans.append([b.alloc(shape, dt, long_lived=True) for shape, dt in plan_index_tensors(plan)])
+            if len(cached_plans) > PLAN_CACHE_SIZE:
+                b.free(*cached_plans.popleft())
+
+        enter_cache(plans[False])
         x = b.alloc(hidden, dtype)  # the embedding output
         saved: list[list[int]] = []
         for _ in range(layers):
             q, k, v = (b.alloc(big, dtype) for _ in range(3))
             out, lse = b.alloc(big, dtype), b.alloc(lse_shape, torch.float32)
-            attention_forward_buffers(b, plan, n, dim, dtype)
+            attention_forward_buffers(b, plans[False], n, dim, dtype)
             saved.append([x, q, k, v, out, lse])
             x = b.alloc(hidden, dtype)  # the layer's output, the next layer's input
         grad = b.alloc(hidden, dtype)  # of the last output, from the loss
         b.free(x)
+        enter_cache(plans[True])
         for layer in reversed(saved):
             dout = b.alloc(big, dtype)
             dq, dk, dv = (b.alloc(big, dtype) for _ in range(3))
-            attention_backward_buffers(b, plan, n, h, dim, dtype)
+            attention_backward_buffers(b, plans[True], n, h, dim, dtype)
             grad_in = b.alloc(hidden, dtype)
             b.free(grad, dout, dq, dk, dv, *layer)
             grad = grad_in

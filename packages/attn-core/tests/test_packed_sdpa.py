@@ -99,24 +99,27 @@ def _assert_matches(out, grads, ref_out, ref_grads, base_out=None, base_grads=(N
 
 
 # (route, causal, padding): strided pieces and gathered calls in float64 (the gathered executor),
-# the strided-rows kernels in float32 under the Triton interpreter (slow there: two combinations)
+# the strided-rows kernels in float32 under the Triton interpreter (slow there: two combinations;
+# in "kernel_pieces" the backward runs the documents' full segments as strided pieces beside the
+# kernels while the forward runs every segment on the kernels: the passes' plans differ)
 ROUTES = [(r, c, p) for r in ("gathered", "strided") for c in (False, True) for p in (False, True)]
-ROUTES += [("kernel", False, False), ("kernel", True, True)]
+ROUTES += [("kernel", False, False), ("kernel_pieces", True, True)]
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("head_mode", ["all", "split"])
 @pytest.mark.parametrize(("route", "causal", "padding"), ROUTES)
 def test_sdpa_packed_matches_float64_per_document(config, head_mode, causal, padding, route, monkeypatch):
-    if route == "strided":  # every document with a full segment takes a strided piece
-        monkeypatch.setattr(packed_views, "STRIDED_MIN_WORK", 0)
+    if route in ("strided", "kernel_pieces"):  # every document with a full segment takes a strided piece
+        monkeypatch.setattr(packed_views, "STRIDED_MIN_WORK", 0)  # (on the kernels: in the backward only)
     seg, rates, H, Hkv, D = CONFIGS[config]
     cu = _cu(LENGTHS)
     N = int(cu[-1])
     seed = zlib.crc32(f"{config}-{head_mode}-{causal}-{padding}-{route}".encode())
-    dtype = torch.float32 if route == "kernel" else torch.float64
+    on_kernels = route.startswith("kernel")
+    dtype = torch.float32 if on_kernels else torch.float64
     q, k, v, dout = _inputs(N, H, Hkv, D, dtype, seed)
-    if packed_views.uses_strided_kernel(q) != (route == "kernel"):
+    if packed_views.uses_strided_kernel(q) != on_kernels:
         pytest.skip("the kernel route needs triton's CPU interpreter (TRITON_INTERPRET=1)")
     mask = None
     if padding:
@@ -132,11 +135,11 @@ def test_sdpa_packed_matches_float64_per_document(config, head_mode, causal, pad
     _assert_matches(out, grads, ref_out, ref_grads, base_out, base_grads)
     if padding:
         assert torch.equal(out[0, 8:16], torch.zeros_like(out[0, 8:16]))
-    plan = packed_views.plan_packed(
-        cu, (N, H, Hkv, D), DilatedConfig(seg, rates, head_mode), q.device, kernel=packed_views.uses_strided_kernel(q)
-    )
-    assert any(group.pieces for group in plan) == (route == "strided")
-    assert any(group.sequences for group in plan) == (route == "kernel")
+    dilated = DilatedConfig(seg, rates, head_mode)
+    for backward in (False, True):
+        plan = packed_views.plan_packed(cu, (N, H, Hkv, D), dilated, q.device, kernel=on_kernels, backward=backward)
+        assert any(group.pieces for group in plan) == (route == "strided" or (route == "kernel_pieces" and backward))
+        assert any(group.sequences for group in plan) == on_kernels
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -160,7 +163,9 @@ def test_strided_pieces_are_capped_largest_documents_first(monkeypatch):
     seg, rates, H, Hkv, D = CONFIGS["classic"]
     cu = _cu(LENGTHS)
     N = int(cu[-1])
-    plan = packed_views.plan_packed(cu, (N, H, Hkv, D), DilatedConfig(seg, rates), torch.device("cpu"), kernel=False)
+    plan = packed_views.plan_packed(
+        cu, (N, H, Hkv, D), DilatedConfig(seg, rates), torch.device("cpu"), kernel=False, backward=False
+    )
     # group (4, 1): one head run, so the two documents with the most full segments (40 and 19 tokens)
     starts = sorted(p.start for p in plan[0].pieces)
     assert starts == [int(cu[6]), int(cu[9])]
@@ -176,7 +181,9 @@ def test_thousands_of_documents_plan_a_bounded_number_of_calls():
     cu = _cu(lengths)
     N = int(cu[-1])
     seg, rates, H, Hkv, D = [4, 8, 16], [1, 2, 4], 4, 2, 8
-    plan = packed_views.plan_packed(cu, (N, H, Hkv, D), DilatedConfig(seg, rates), torch.device("cpu"), kernel=False)
+    plan = packed_views.plan_packed(
+        cu, (N, H, Hkv, D), DilatedConfig(seg, rates), torch.device("cpu"), kernel=False, backward=False
+    )
     # per group: <= 2 calls (long / short sequences) per (offset, head run), however many documents
     assert sum(len(group.calls) for group in plan) <= 2 * (1 + 2 + 4)
     q, k, v, dout = _inputs(N, H, Hkv, D, torch.float64, 37)
@@ -196,7 +203,9 @@ def test_thousands_of_documents_plan_a_bounded_number_of_calls():
 def test_rate_one_group_reads_the_packed_tensors_without_a_gather():
     cu = _cu([70, 0, 130, 66])  # every segment at least 64 rows: one call over every position
     N = int(cu[-1])
-    plan = packed_views.plan_packed(cu, (N, 2, 1, 8), DilatedConfig([128], [1]), torch.device("cpu"), kernel=False)
+    plan = packed_views.plan_packed(
+        cu, (N, 2, 1, 8), DilatedConfig([128], [1]), torch.device("cpu"), kernel=False, backward=False
+    )
     (group,) = plan
     assert [c.rows for c in group.calls] == [None]
     assert group.calls[0].cu_seqlens.tolist() == [0, 70, 198, 200, 266]
@@ -208,7 +217,9 @@ def test_rate_one_group_reads_the_packed_tensors_without_a_gather():
 def test_short_and_long_segments_run_as_separate_calls():
     cu = _cu([3, 100, 2, 1, 5, 2, 4, 1, 1, 3])  # mean rows < 64: the 100-row segment gets its own call
     N = int(cu[-1])
-    plan = packed_views.plan_packed(cu, (N, 2, 2, 8), DilatedConfig([128], [1]), torch.device("cpu"), kernel=False)
+    plan = packed_views.plan_packed(
+        cu, (N, 2, 2, 8), DilatedConfig([128], [1]), torch.device("cpu"), kernel=False, backward=False
+    )
     lengths = sorted(int(c.cu_seqlens.numel()) - 1 for c in plan[0].calls)
     assert lengths == [1, 9]
     q, k, v, dout = _inputs(N, 2, 2, 8, torch.float64, 43)
@@ -282,6 +293,7 @@ def test_cuda_pieces_beside_kernel_tables_match_float64(head_mode, causal, strea
     """bf16 on CUDA: strided pieces on side streams (PACKED_STREAMS) beside the strided-rows
     kernels' tables, every document with a full segment on a piece, against float64 per document."""
     monkeypatch.setattr(packed_views, "STRIDED_MIN_WORK", 0)
+    monkeypatch.setattr(packed_views, "STRIDED_MIN_WORK_KERNEL_FORWARD", 0)
     monkeypatch.setattr(packed_views, "STRIDED_MAX_PIECES", 64)
     monkeypatch.setattr(packed_views, "PACKED_STREAMS", streams)
     seg, rates, H, Hkv, D = [64, 128, 256], [1, 2, 4], 8, 2, 64
@@ -291,7 +303,8 @@ def test_cuda_pieces_beside_kernel_tables_match_float64(head_mode, causal, strea
     q, k, v, dout = (t.cuda() for t in _inputs(N, H, Hkv, D, torch.bfloat16, seed))
     cu = cu.cuda()
     kw = {"is_causal": causal, "head_mode": head_mode}
-    plan = packed_views.plan_packed(cu, (N, H, Hkv, D), DilatedConfig(seg, rates, head_mode), q.device, kernel=True)
+    config = DilatedConfig(seg, rates, head_mode)
+    plan = packed_views.plan_packed(cu, (N, H, Hkv, D), config, q.device, kernel=True, backward=False)
     if not packed_views.uses_strided_kernel(q):
         pytest.skip("the strided-rows kernels need Triton on this GPU")
     # streams 4: the tables on one stream, the pieces of 7 documents over three

@@ -558,41 +558,50 @@ def test_packed_items_cover_and_receive_exactly_the_minimum(geom) -> None:
         assert rp.needed.numel() == len(got) and got == need
 
 
+def _covered_pairs(group) -> list[tuple[int, int]]:
+    """The (row, query head) pairs a LocalGroup's pieces and tables compute, with repeats."""
+    got = []
+    for p in (p for lane in group.lanes for p in lane):
+        rows = [p.start + m * p.seg_stride + t * p.row_stride for m in range(p.nseg) for t in range(p.rows)]
+        got += [(r, p.q_h0 + i * p.q_hs) for r in rows for i in range(p.q_hn)]
+    for t in group.tables:
+        for start, length, h0 in zip(t.starts.tolist(), t.lengths.tolist(), t.q_head0.tolist()):
+            got += [(start + j * t.stride, h0 + i * t.q_hs) for j in range(length) for i in range(t.q_hn)]
+    return sorted(got)
+
+
 @pytest.mark.parametrize("geom", PACKED_GEOMETRIES)
 @pytest.mark.parametrize(("min_work", "max_pieces"), [(1 << 25, 16), (0, 2), (0, 64)])
 def test_local_groups_split_each_group_into_pieces_and_tables(geom, min_work, max_pieces, monkeypatch) -> None:
-    """Per group, the local pieces and the kernel tables together cover each item's local (row, query
-    head) pairs once; pieces of one start (shared rows) share a lane; at most max_pieces pieces."""
+    """Per group and pass, the local pieces and the kernel tables together cover each item's local
+    (row, query head) pairs once; pieces of one start (shared rows) share a lane; at most max_pieces
+    pieces. The forward's threshold is set apart (tables only): the passes' groups differ."""
     from attn_core import packed_views
     from attn_ring.ring_dilated_exec import local_groups
 
-    monkeypatch.setattr(packed_views, "STRIDED_MIN_WORK", min_work)
+    monkeypatch.setattr(packed_views, "STRIDED_MIN_WORK", min_work)  # the backward's
+    monkeypatch.setattr(packed_views, "STRIDED_MIN_WORK_KERNEL_FORWARD", 1 << 62)  # the forward's
     monkeypatch.setattr(packed_views, "STRIDED_MAX_PIECES", max_pieces)
     _, plan = _packed_plan(*geom)
     mixed = 0  # groups with both pieces and tables
     for rp in plan.ranks:
-        groups = local_groups(rp, torch.device("cpu"), 8)
-        mixed += sum(bool(g.lanes) and bool(g.tables) for g in groups)
         items_by_group: dict[int, list] = {}
         for it in rp.items:
             items_by_group.setdefault(it.group, []).append(it)
-        assert len(groups) == len(items_by_group)
         storing = storing_groups(rp.items)
-        for group, (g, items) in zip(groups, items_by_group.items()):
+        forward = local_groups(rp, torch.device("cpu"), 8, backward=False)
+        backward = local_groups(rp, torch.device("cpu"), 8, backward=True)
+        assert len(forward) == len(backward) == len(items_by_group)
+        assert all(not group.lanes for group in forward)
+        mixed += sum(bool(g.lanes) and bool(g.tables) for g in backward)
+        for fwd, bwd, (g, items) in zip(forward, backward, items_by_group.items()):
             want = sorted(p for it in items for p in _item_pairs(it, 0, 0))
-            got = []
-            pieces = [p for lane in group.lanes for p in lane]
-            assert group.first == (g in storing) and all(p.first == group.first for p in pieces)
+            pieces = [p for lane in bwd.lanes for p in lane]
+            assert fwd.first == bwd.first == (g in storing) and all(p.first == bwd.first for p in pieces)
             assert len(pieces) <= max_pieces and (min_work == 0 or not pieces)  # 2^25: these items are tiny
-            for p in pieces:
-                rows = [p.start + m * p.seg_stride + t * p.row_stride for m in range(p.nseg) for t in range(p.rows)]
-                got += [(r, p.q_h0 + i * p.q_hs) for r in rows for i in range(p.q_hn)]
-            for t in group.tables:
-                for start, length, h0 in zip(t.starts.tolist(), t.lengths.tolist(), t.q_head0.tolist()):
-                    got += [(start + j * t.stride, h0 + i * t.q_hs) for j in range(length) for i in range(t.q_hn)]
-            assert sorted(got) == want
-            lane_of = {p.start: i for i, lane in enumerate(group.lanes) for p in lane}
-            assert all(lane_of[p.start] == i for i, lane in enumerate(group.lanes) for p in lane)
+            assert _covered_pairs(fwd) == want and _covered_pairs(bwd) == want
+            lane_of = {p.start: i for i, lane in enumerate(bwd.lanes) for p in lane}
+            assert all(lane_of[p.start] == i for i, lane in enumerate(bwd.lanes) for p in lane)
     if geom is PACKED_GEOMETRIES[0] and (min_work, max_pieces) == (0, 2):
         assert mixed > 0  # the case the executor's concurrency is for
 

@@ -10,7 +10,7 @@ rows c[i] + s*w + o + t*r inside it. Those rows take one of two routes:
 * **strided**: the full segments of a long document are one :class:`attn_core.views.Piece`
   (start c[i] + o, stride w) run by :func:`attn_core.views.forward_pieces` / ``backward_pieces``:
   the fused kernels on strided views, no copies. A document takes it when its full segments give
-  a call of at least :data:`STRIDED_MIN_WORK` query-key products per head run, and at most
+  a call of at least :func:`strided_min_work` query-key products per head run, and at most
   :data:`STRIDED_MAX_PIECES` pieces per group go this way (the documents with the most full
   segments first), so the number of calls is bounded however many documents there are.
 * **kernel** (:func:`uses_strided_kernel`: CUDA fp16/bf16 with Triton, or the CPU interpreter):
@@ -31,9 +31,10 @@ rows c[i] + s*w + o + t*r inside it. Those rows take one of two routes:
 Geometry is computed vectorised over documents and segments (:func:`attn_core.packing.document_segments`,
 :func:`attn_core.packing.strided_rows`) on the host from the offsets read once; plans are cached
 (:data:`PLAN_CACHE_SIZE`) per (offsets, shape, config, device): a step's forward and backward and
-every layer share one. The backward runs the same pieces and calls with the merged out and LSE
-(exact: the contract of :mod:`attn_core.varlen` and :mod:`attn_core.sdpa_ops`) and adds the
-gradients into strided views (``add_``) or at the gathered rows (``index_add_``).
+every layer share one per direction. The backward runs its plan's pieces and calls with the merged
+out and LSE (exact: the contract of :mod:`attn_core.varlen` and :mod:`attn_core.sdpa_ops`; the
+forward's pieces may be fewer, :func:`strided_min_work`) and adds the gradients into strided views
+(``add_``) or at the gathered rows (``index_add_``).
 
 LSE layout as in :mod:`attn_core.views`: (B, H, N) views of (B, N, H) storage.
 """
@@ -58,12 +59,14 @@ __all__ = [
     "PLAN_CACHE_SIZE",
     "STRIDED_MAX_PIECES",
     "STRIDED_MIN_WORK",
+    "STRIDED_MIN_WORK_KERNEL_FORWARD",
     "GatheredCall",
     "GroupPlan",
     "backward_packed",
     "forward_packed",
     "plan_packed",
     "segment_route",
+    "strided_min_work",
     "uses_strided_kernel",
 ]
 
@@ -71,6 +74,12 @@ __all__ = [
 # query-key products times heads (one 2048-row segment with 8 heads): smaller pieces cost about
 # as much host time as kernel time and are gathered into the group's varlen call instead.
 STRIDED_MIN_WORK = 1 << 25
+# The same threshold for the forward on the strided-rows kernels (:func:`uses_strided_kernel`):
+# their forward runs a pair about as fast as cuDNN's, while a piece costs ~0.2 ms of host time,
+# so with 1 << 25 a packed forward waits on the host (the backward, where cuDNN is faster and
+# the kernels leave host time to spare, keeps STRIDED_MIN_WORK). Both directions use the final
+# out and LSE, so their pieces need not match. (docs/benchmarks/packed_pieces_h100.md)
+STRIDED_MIN_WORK_KERNEL_FORWARD = 1 << 27
 # At most this many strided pieces per group: each costs ~0.1 ms of host time per pass, which must
 # stay below the kernel time it overlaps (the gathered calls cost a fixed few per group).
 STRIDED_MAX_PIECES = 16
@@ -80,8 +89,9 @@ STRIDED_MAX_PIECES = 16
 # two heads fills a few SMs; beside others and beside the tables it does not idle the rest.
 # 1: everything in order on the current stream.
 PACKED_STREAMS = 4
-# Distinct (offsets, shape, config, device) plans kept; each holds index tensors on the device.
-PLAN_CACHE_SIZE = 4
+# Plans kept (a forward and a backward per (offsets, shape, config, device)); each holds index
+# tensors on the device.
+PLAN_CACHE_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -133,6 +143,12 @@ def segment_route(q: torch.Tensor) -> str:
     return f"other segments as gathered varlen calls (the strided-rows kernels: {'; '.join(reasons)})"
 
 
+def strided_min_work(*, kernel: bool, backward: bool) -> int:
+    """The work (query-key products times heads) a strided piece needs: :data:`STRIDED_MIN_WORK_KERNEL_FORWARD`
+    for a forward whose other segments run on the strided-rows kernels, else :data:`STRIDED_MIN_WORK`."""
+    return STRIDED_MIN_WORK_KERNEL_FORWARD if kernel and not backward else STRIDED_MIN_WORK
+
+
 def plan_packed(
     cu_seqlens: torch.Tensor,
     shape: tuple[int, int, int, int],
@@ -140,17 +156,19 @@ def plan_packed(
     device: torch.device,
     *,
     kernel: bool,
+    backward: bool,
 ) -> tuple[GroupPlan, ...]:
     """Every piece and call of a packed dilated attention over q (1, N, H, D) with Hkv kv heads.
 
     cu_seqlens: valid int32 offsets (num_docs + 1,) (read to the host once); shape: (N, H, Hkv, D);
     kernel: the segments off the strided pieces as :class:`StridedSequences` (one per group and
-    head-call shape, every offset stacked) instead of gathered calls (:func:`uses_strided_kernel`).
+    head-call shape, every offset stacked) instead of gathered calls (:func:`uses_strided_kernel`);
+    backward: the plan of the backward pass (its pieces may differ, :func:`strided_min_work`).
     Groups in order of increasing rate; cached per (offsets, shape, config, device, kernel tile
     sizes, thresholds, streams).
     """
     tiles = (strided_varlen.FWD_BLOCK_M, strided_varlen.BWD_BLOCK) if kernel else None  # the tables' tile sizes
-    limits = (STRIDED_MIN_WORK, STRIDED_MAX_PIECES, PACKED_STREAMS)
+    limits = (strided_min_work(kernel=kernel, backward=backward), STRIDED_MAX_PIECES, PACKED_STREAMS)
     return _plan_packed(host_offsets(cu_seqlens), shape, config, device, tiles, *limits)
 
 

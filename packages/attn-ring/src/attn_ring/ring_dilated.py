@@ -281,7 +281,9 @@ def ring_dilated_attention(
     rank_plan, on_views = plan.ranks[comm.rank], view_path_available(q)
     # packed documents make many small items: their local keys run on the strided-rows kernels
     on_kernels = on_views and cu_seqlens is not None and q.shape[0] == 1 and not strided_varlen.unsupported_reasons(q)
-    local = local_groups(rank_plan, q.device, q.shape[-1]) if on_kernels else None
-    call = RingDilatedCall(rank_plan, on_views, comm, scale, causal, local)
+    local = local_backward = None
+    if on_kernels:  # the passes pick their pieces apart (attn_core.packed_views.strided_min_work)
+        local, local_backward = (local_groups(rank_plan, q.device, q.shape[-1], backward=b) for b in (False, True))
+    call = RingDilatedCall(rank_plan, on_views, comm, scale, causal, local, local_backward)
     out: torch.Tensor = _RingDilatedFunction.apply(q, k, v, key_padding_mask, global_mask, call)
     return out

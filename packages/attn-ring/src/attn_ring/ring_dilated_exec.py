@@ -10,7 +10,7 @@ Two paths compute the same thing (see :mod:`attn_ring.ring_dilated` for the algo
   With packed documents (B == 1) where :mod:`attn_core.strided_varlen`'s kernels run (CUDA
   fp16/bf16 with Triton, or the CPU interpreter), the local keys run as :func:`local_groups`
   instead: per group, the items with the most work (as :mod:`attn_core.packed_views` picks its
-  strided pieces: ``STRIDED_MIN_WORK``, ``STRIDED_MAX_PIECES``) stay pieces on the fused kernels,
+  strided pieces per direction: ``strided_min_work``, ``STRIDED_MAX_PIECES``) stay pieces on the fused kernels,
   and every other item's segments are sequences of strided rows on those kernels, one table per
   (row stride, head-call shape), read and merged in place (packing makes many small items, which
   as separate pieces would cost a kernel call each). A group's pieces and tables touch disjoint
@@ -78,7 +78,9 @@ class RingDilatedCall:
     comm: RingComm
     scale: float
     causal: bool
-    local: tuple[LocalGroup, ...] | None = None  # view path, packed: the local keys per group (local_groups)
+    # view path, packed: the local keys per group (local_groups), of the forward and of the backward
+    local: tuple[LocalGroup, ...] | None = None
+    local_backward: tuple[LocalGroup, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -287,21 +289,24 @@ def local_pieces(
     return pieces
 
 
-# Local work per (rank plan, device, head dim, launch and piece settings); the rank plans are
-# cached (ring_dilated_plan), so these are too, bounded, each entry holding its plan so an id is
-# never reused while cached.
-TABLES_CACHE_SIZE = 32
+# Local work per (rank plan, device, head dim, launch and piece settings): a forward's and a
+# backward's per plan; the rank plans are cached (ring_dilated_plan, 32), so these are too,
+# bounded, each entry holding its plan so an id is never reused while cached.
+TABLES_CACHE_SIZE = 64
 _LOCAL = BoundedMemo(TABLES_CACHE_SIZE)
 
 
-def local_groups(plan: RingDilatedRankPlan, device: torch.device, head_dim: int) -> tuple[LocalGroup, ...]:
-    """The items' local keys (B == 1), per group in the order the plan lists them: the items with
-    at least ``attn_core.packed_views.STRIDED_MIN_WORK`` query-key products times heads, the most
-    first, up to ``STRIDED_MAX_PIECES`` pieces, as :func:`local_pieces`; every other item's segment
-    m as the sequence of rows base + m * seg_stride + t * row_stride, t < rows, in one
-    :class:`attn_core.strided_varlen.StridedSequences` table per (row stride, head-call shape).
-    Cached per (plan, device, head dim, tile sizes, piece settings)."""
-    settings = (packed_views.STRIDED_MIN_WORK, packed_views.STRIDED_MAX_PIECES, packed_views.PACKED_STREAMS)
+def local_groups(
+    plan: RingDilatedRankPlan, device: torch.device, head_dim: int, *, backward: bool
+) -> tuple[LocalGroup, ...]:
+    """The items' local keys (B == 1) for the forward or the backward pass, per group in the order
+    the plan lists them: the items with at least ``attn_core.packed_views.strided_min_work``
+    query-key products times heads, the most first, up to ``STRIDED_MAX_PIECES`` pieces, as
+    :func:`local_pieces`; every other item's segment m as the sequence of rows base + m * seg_stride
+    + t * row_stride, t < rows, in one :class:`attn_core.strided_varlen.StridedSequences` table per
+    (row stride, head-call shape). Cached per (plan, device, head dim, tile sizes, piece settings)."""
+    min_work = packed_views.strided_min_work(kernel=True, backward=backward)
+    settings = (min_work, packed_views.STRIDED_MAX_PIECES, packed_views.PACKED_STREAMS)
     key = (id(plan), device, head_dim, strided_varlen.FWD_BLOCK_M, strided_varlen.BWD_BLOCK, settings)
     hit = _LOCAL.get(key, lambda: (plan, _build_local(plan, device, head_dim, *settings)))
     if hit[0] is not plan:  # a dropped plan's id reused by a new one
@@ -437,7 +442,7 @@ def backward_views(
     if recv is None:
         if local_mask is not None:  # as in forward_views; the kernels give dk = dv = 0 at padded keys
             k, v = drop_padded_keys(k, v, local_mask)
-        if call.local is not None:
+        if call.local_backward is not None:
             mask = None if local_mask is None else local_mask[0]
             delta = strided_varlen.row_delta(dout[0], out[0])
 
@@ -452,7 +457,7 @@ def backward_views(
                 views.backward_pieces, dout, q, k, v, out, lse_bhn, grads=(dq, dk, dv),
                 key_padding_mask=local_mask, is_causal=call.causal, scale=call.scale,
             )  # fmt: skip
-            for group in call.local:  # in order: two groups may add into the same gradient rows
+            for group in call.local_backward:  # in order: two groups may add into the same gradient rows
                 work: list[Callable[[], None]] = (
                     [functools.partial(tables_backward, group.tables)] if group.tables else []
                 )

@@ -104,7 +104,7 @@ def _forward(
     lse = views.new_lse(B, N, H, acc_dtype(q.dtype), q.device)
     if cu_seqlens is not None:
         plan = packed_views.plan_packed(
-            cu_seqlens, (N, H, Hkv, D), config, q.device, kernel=packed_views.uses_strided_kernel(q)
+            cu_seqlens, (N, H, Hkv, D), config, q.device, kernel=packed_views.uses_strided_kernel(q), backward=False
         )
         packed_views.forward_packed(q, k, v, plan, out, lse, key_padding_mask=mask, is_causal=is_causal, scale=scale)
     else:
@@ -146,7 +146,7 @@ def _backward(
         k, v = drop_padded_keys(k, v, mask)
     if cu_seqlens is not None:
         plan = packed_views.plan_packed(
-            cu_seqlens, (N, H, Hkv, D), config, q.device, kernel=packed_views.uses_strided_kernel(q)
+            cu_seqlens, (N, H, Hkv, D), config, q.device, kernel=packed_views.uses_strided_kernel(q), backward=True
         )
         packed_views.backward_packed(
             dout, q, k, v, out, lse.transpose(1, 2), plan, (dq, dk, dv),
