@@ -108,7 +108,8 @@ def routes(lengths: list[int], reps: int) -> list[dict[str, Any]]:
 
 def _kernel_steps(lengths: list[int], leaves: list[torch.Tensor], go: torch.Tensor, causal: bool) -> tuple:
     """(fwd(), bwd(), pairs): the strided-rows kernels alone over every table of the 16/16 "all"
-    plan (in plan order, as the packed call runs them), and the (query, key, head) pairs they compute."""
+    backward's plan (in plan order, as the packed call runs them; the forward's plan has fewer
+    pieces, so more rows in its tables), and the (query, key, head) pairs they compute."""
     from attn_core import packed_views, strided_varlen
     from attn_core.config import DilatedConfig
 
@@ -116,7 +117,7 @@ def _kernel_steps(lengths: list[int], leaves: list[torch.Tensor], go: torch.Tens
     n, h, d = q.shape
     config = DilatedConfig(CFG["segments"], CFG["rates"], head_mode="all")
     cu = bench_varlen.offsets(lengths, q.device)
-    plan = packed_views.plan_packed(cu, (n, h, k.shape[1], d), config, q.device, kernel=True)
+    plan = packed_views.plan_packed(cu, (n, h, k.shape[1], d), config, q.device, kernel=True, backward=True)
     tables = [(group.first, seqs) for group in plan for seqs in group.sequences]
     out, lse = torch.zeros_like(q), torch.full((n, h), float("-inf"), device=q.device)
     grads = tuple(torch.zeros_like(t) for t in (q, k, v))
