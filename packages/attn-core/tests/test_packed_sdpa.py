@@ -289,26 +289,31 @@ def test_piece_lanes_keep_shared_rows_together_and_balance_work():
 @pytest.mark.parametrize("head_mode", ["all", "split"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("streams", [1, 4])
-def test_cuda_pieces_beside_kernel_tables_match_float64(head_mode, causal, streams, monkeypatch):
+@pytest.mark.parametrize("forward_pieces", [True, False])
+def test_cuda_pieces_beside_kernel_tables_match_float64(head_mode, causal, streams, forward_pieces, monkeypatch):
     """bf16 on CUDA: strided pieces on side streams (PACKED_STREAMS) beside the strided-rows
-    kernels' tables, every document with a full segment on a piece, against float64 per document."""
+    kernels' tables, every document with a full segment on a piece in the backward (and in the
+    forward, or there every segment on the kernels), against float64 per document."""
     monkeypatch.setattr(packed_views, "STRIDED_MIN_WORK", 0)
-    monkeypatch.setattr(packed_views, "STRIDED_MIN_WORK_KERNEL_FORWARD", 0)
+    monkeypatch.setattr(packed_views, "STRIDED_MIN_WORK_KERNEL_FORWARD", 0 if forward_pieces else 1 << 62)
     monkeypatch.setattr(packed_views, "STRIDED_MAX_PIECES", 64)
     monkeypatch.setattr(packed_views, "PACKED_STREAMS", streams)
     seg, rates, H, Hkv, D = [64, 128, 256], [1, 2, 4], 8, 2, 64
     cu = _cu([300, 1, 700, 64, 517, 129, 900, 3, 260])
     N = int(cu[-1])
-    seed = zlib.crc32(f"streams-{head_mode}-{causal}-{streams}".encode())
+    seed = zlib.crc32(f"streams-{head_mode}-{causal}-{streams}-{forward_pieces}".encode())
     q, k, v, dout = (t.cuda() for t in _inputs(N, H, Hkv, D, torch.bfloat16, seed))
     cu = cu.cuda()
     kw = {"is_causal": causal, "head_mode": head_mode}
     config = DilatedConfig(seg, rates, head_mode)
-    plan = packed_views.plan_packed(cu, (N, H, Hkv, D), config, q.device, kernel=True, backward=False)
     if not packed_views.uses_strided_kernel(q):
         pytest.skip("the strided-rows kernels need Triton on this GPU")
-    # streams 4: the tables on one stream, the pieces of 7 documents over three
-    assert any(group.sequences and len(group.lanes) == (1 if streams == 1 else 3) for group in plan)
+    for backward in (False, True):
+        plan = packed_views.plan_packed(cu, (N, H, Hkv, D), config, q.device, kernel=True, backward=backward)
+        if backward or forward_pieces:  # streams 4: the tables on one stream, the pieces of 7 documents over three
+            assert any(group.sequences and len(group.lanes) == (1 if streams == 1 else 3) for group in plan)
+        else:
+            assert all(not group.pieces for group in plan)
     ref_out, ref_grads = _per_document(seg, rates, q, k, v, dout, cu, None, **kw)
     base_out, base_grads = _per_document(seg, rates, q, k, v, dout, cu, None, dtype=torch.bfloat16, **kw)
     for _ in range(3):  # a race shows as a wrong element in some run
