@@ -80,7 +80,7 @@ STRIDED_MIN_WORK = 1 << 25
 # the kernels leave host time to spare, keeps STRIDED_MIN_WORK). Both directions use the final
 # out and LSE, so their pieces need not match. (docs/benchmarks/packed_pieces_h100.md)
 STRIDED_MIN_WORK_KERNEL_FORWARD = 1 << 27
-# At most this many strided pieces per group: each costs ~0.1 ms of host time per pass, which must
+# At most this many strided pieces per group: each costs ~0.1-0.2 ms of host time per pass, which must
 # stay below the kernel time it overlaps (the gathered calls cost a fixed few per group).
 STRIDED_MAX_PIECES = 16
 # One group's work runs on up to this many CUDA streams (:func:`attn_core.side_streams.fork_join`):
